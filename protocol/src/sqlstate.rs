@@ -1,0 +1,46 @@
+//! SQLSTATE codes the proxy produces or reacts to (see PostgreSQL's errcodes.txt).
+
+/// successful_completion
+pub const SUCCESSFUL_COMPLETION: &str = "00000";
+/// connection_exception
+pub const CONNECTION_EXCEPTION: &str = "08000";
+/// sqlclient_unable_to_establish_sqlconnection
+pub const CANNOT_CONNECT_NOW_CLIENT: &str = "08001";
+/// connection_failure
+pub const CONNECTION_FAILURE: &str = "08006";
+/// protocol_violation
+pub const PROTOCOL_VIOLATION: &str = "08P01";
+/// feature_not_supported
+pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+/// invalid_authorization_specification
+pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
+/// invalid_password
+pub const INVALID_PASSWORD: &str = "28P01";
+/// invalid_catalog_name (unknown database)
+pub const INVALID_CATALOG_NAME: &str = "3D000";
+/// read_only_sql_transaction
+pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+/// too_many_connections
+pub const TOO_MANY_CONNECTIONS: &str = "53300";
+/// program_limit_exceeded
+pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+/// query_canceled
+pub const QUERY_CANCELED: &str = "57014";
+/// admin_shutdown
+pub const ADMIN_SHUTDOWN: &str = "57P01";
+/// crash_shutdown
+pub const CRASH_SHUTDOWN: &str = "57P02";
+/// cannot_connect_now
+pub const CANNOT_CONNECT_NOW: &str = "57P03";
+/// internal_error
+pub const INTERNAL_ERROR: &str = "XX000";
+
+/// The two-character class of a SQLSTATE (`"28P01"` → `"28"`), or `"??"` for a code that
+/// is not five ASCII characters. Used as a bounded metric label.
+pub fn class(code: &str) -> &str {
+    if code.len() == 5 && code.is_ascii() {
+        &code[..2]
+    } else {
+        "??"
+    }
+}
