@@ -1,1 +1,152 @@
-//! placeholder
+//! handoff: a failover-safe PostgreSQL proxy and connection pooler.
+//!
+//! [`Proxy::start`] binds the client and admin listeners from a [`Config`] and runs
+//! until [`Proxy::shutdown`]. The binary (`src/main.rs`) reads the configuration from
+//! `HANDOFF_*` environment variables and shuts down on SIGTERM/SIGINT.
+//!
+//! Layout: [`config`] (environment) · `listener` (accept, limits) · `session` (one
+//! client: startup, auth, connect, relay) · `client_auth` / `server` (both logins) ·
+//! `relay` (bytes both ways) · `cancel` (CancelRequest routing) · `admin` (HTTP API) ·
+//! [`metrics`] (names and the Prometheus recorder) · [`shutdown`] (phases).
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod cancel;
+mod client_auth;
+pub mod config;
+mod conn;
+mod listener;
+pub mod metrics;
+mod relay;
+mod server;
+mod session;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff_protocol::auth::ScramVerifier;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+pub use config::{Config, ConfigError};
+use shutdown::{Phase, Trigger};
+
+/// State every session shares. Passed by `Arc`; there is no global mutable state.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Arc<Config>,
+    pub cancels: Arc<cancel::Registry>,
+    /// Verifier used for unknown users so they fail exactly like wrong passwords.
+    pub decoy: ScramVerifier,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} (HANDOFF_LISTEN): {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} (HANDOFF_ADMIN_LISTEN): {source}")]
+    AdminListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create the decoy SCRAM verifier: {0}")]
+    Random(#[from] handoff_protocol::auth::AuthError),
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    listen_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    trigger: Trigger,
+    /// Closes when the listener and every session have ended.
+    done: mpsc::Receiver<()>,
+    shutdown_timeout: Duration,
+}
+
+impl Proxy {
+    /// Binds both listeners and starts serving. Port 0 picks a free port; see
+    /// [`Proxy::listen_addr`] and [`Proxy::admin_addr`].
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let prometheus = metrics::install();
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::AdminListen {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let listen_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|source| StartError::AdminListen {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let (trigger, signal) = shutdown::channel();
+        let shutdown_timeout = config.shutdown_timeout;
+        let admin_state = Arc::new(admin::AdminState {
+            token: config.admin_token.clone(),
+            prometheus,
+            shutdown: signal.clone(),
+        });
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            cancels: Arc::new(cancel::Registry::default()),
+            decoy: ScramVerifier::from_password("")?,
+        });
+        let (tracker, done) = mpsc::channel(1);
+        tokio::spawn(listener::run(listener, shared, signal, tracker));
+        tokio::spawn(admin::serve(admin, admin_state));
+        tracing::info!(%listen_addr, %admin_addr, "handoff is listening");
+        Ok(Self {
+            listen_addr,
+            admin_addr,
+            trigger,
+            done,
+            shutdown_timeout,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Stops accepting and lets sessions end at their next transaction boundary, up to
+    /// `HANDOFF_SHUTDOWN_TIMEOUT`; then closes the rest. Returns when all have ended.
+    pub async fn shutdown(mut self) {
+        self.trigger.advance(Phase::Draining);
+        tracing::info!(timeout = ?self.shutdown_timeout, "shutting down: draining sessions");
+        if tokio::time::timeout(self.shutdown_timeout, self.done.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown timeout passed: closing the remaining sessions");
+        }
+        self.trigger.advance(Phase::Closing);
+        let _ = self.done.recv().await;
+        tracing::info!("shutdown complete");
+    }
+}

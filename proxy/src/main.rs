@@ -1,1 +1,79 @@
-fn main() {}
+//! The `handoff` binary: configuration from the environment, run until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use handoff::{Config, Proxy};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        None => {}
+        Some("-h" | "--help" | "help") => {
+            print!("{}", Config::help());
+            return ExitCode::SUCCESS;
+        }
+        Some("-V" | "--version") => {
+            println!("handoff {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => {
+            eprintln!("handoff: unknown argument '{other}' (see handoff --help)");
+            return ExitCode::from(2);
+        }
+    }
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("handoff: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("handoff: configuration error: HANDOFF_LOG: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("handoff: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let proxy = match Proxy::start(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("handoff: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    wait_for_signal().await;
+    proxy.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        r = tokio::signal::ctrl_c() => {
+            if r.is_ok() {
+                tracing::info!("SIGINT received");
+            }
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Cancel requests: the proxy hands each client its own backend key data and remembers
+//! which server connection serves that client, so a CancelRequest reaches the right
+//! server and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use handoff_protocol::auth::secrets_equal;
+use handoff_protocol::framing::StartupPacket;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Where a client's cancel request must go.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    /// The secret key handed to the client.
+    key: i32,
+    server: SocketAddr,
+    server_pid: i32,
+    server_key: i32,
+}
+
+/// Every live session's proxy-issued key, by proxy-issued process id.
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: DashMap<i32, Target>,
+}
+
+/// Keeps a session's key registered; dropping it unregisters.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    pub pid: i32,
+    pub key: i32,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry.map.remove(&self.pid);
+    }
+}
+
+fn random_i32() -> i32 {
+    let mut b = [0u8; 4];
+    // getrandom only fails when the OS has no entropy source at all.
+    getrandom::getrandom(&mut b).expect("OS randomness is available");
+    i32::from_be_bytes(b)
+}
+
+impl Registry {
+    /// Issues fresh key data for a session served by the given server connection.
+    pub fn register(
+        self: &Arc<Self>,
+        server: SocketAddr,
+        server_pid: i32,
+        server_key: i32,
+    ) -> Registration {
+        loop {
+            // Positive pids, like PostgreSQL's, so tools that print them are not confused.
+            let pid = random_i32() & 0x7fff_ffff;
+            if pid == 0 {
+                continue;
+            }
+            if let Entry::Vacant(v) = self.map.entry(pid) {
+                let key = random_i32();
+                v.insert(Target {
+                    key,
+                    server,
+                    server_pid,
+                    server_key,
+                });
+                return Registration {
+                    registry: Arc::clone(self),
+                    pid,
+                    key,
+                };
+            }
+        }
+    }
+
+    /// Number of sessions that can be cancelled now.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Forwards a cancel request if `(pid, key)` matches a live session. Returns whether
+    /// it was forwarded. A wrong key is ignored, as PostgreSQL does, without saying so.
+    pub async fn forward(&self, pid: i32, key: i32, timeout: Duration) -> bool {
+        let Some(target) = self.map.get(&pid).map(|t| *t) else {
+            return false;
+        };
+        if !secrets_equal(&target.key.to_be_bytes(), &key.to_be_bytes()) {
+            return false;
+        }
+        let mut buf = BytesMut::new();
+        StartupPacket::Cancel {
+            pid: target.server_pid,
+            key: target.server_key,
+        }
+        .encode(&mut buf);
+        let send = async {
+            let mut s = TcpStream::connect(target.server).await?;
+            s.write_all(&buf).await?;
+            s.shutdown().await
+        };
+        match tokio::time::timeout(timeout, send).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(server = %target.server, error = %e, "could not forward cancel request");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(server = %target.server, "timed out forwarding cancel request");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn forwards_only_matching_keys_to_the_registered_server() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let reg = Arc::new(Registry::default());
+        let a = reg.register(addr, 111, 222);
+        let b = reg.register(addr, 333, 444);
+        assert_ne!(a.pid, b.pid);
+        assert!(a.pid > 0);
+        assert_eq!(reg.len(), 2);
+        let t = Duration::from_secs(5);
+        assert!(
+            !reg.forward(a.pid, a.key.wrapping_add(1), t).await,
+            "wrong key"
+        );
+        let unknown = (1..).find(|p| *p != a.pid && *p != b.pid).unwrap();
+        assert!(!reg.forward(unknown, a.key, t).await, "unknown pid");
+        assert!(reg.forward(b.pid, b.key, t).await);
+        let (mut s, _) = server.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        let mut want = BytesMut::new();
+        StartupPacket::Cancel { pid: 333, key: 444 }.encode(&mut want);
+        assert_eq!(got, want.to_vec(), "the server's own key data is sent");
+        drop(a);
+        assert_eq!(reg.len(), 1);
+        drop(b);
+        assert!(reg.is_empty());
+    }
+}

@@ -1,0 +1,491 @@
+//! Configuration from `HANDOFF_*` environment variables, parsed into typed structs.
+//!
+//! Every variable is listed in [`VARIABLES`] with its default and meaning; `handoff
+//! --help` prints that table and the README repeats it. An unknown `HANDOFF_*` variable or
+//! a bad value is a startup error that names the variable.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use handoff_protocol::auth::ScramVerifier;
+
+/// One documented variable: name, default (as written in the environment), meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every variable handoff reads. Anything else starting with `HANDOFF_` is refused.
+pub const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "HANDOFF_LISTEN",
+        default: "127.0.0.1:6432",
+        help: "address clients connect to",
+    },
+    Variable {
+        name: "HANDOFF_ADMIN_LISTEN",
+        default: "127.0.0.1:6480",
+        help: "address of the admin HTTP API (/healthz, /readyz, /metrics)",
+    },
+    Variable {
+        name: "HANDOFF_ADMIN_TOKEN",
+        default: "(unset)",
+        help: "bearer token for the admin API; required when HANDOFF_ADMIN_LISTEN is not loopback",
+    },
+    Variable {
+        name: "HANDOFF_SHARDS",
+        default: "main=127.0.0.1:5432",
+        help: "name=host:port[,host:port...][;name=...]; the first host is the primary",
+    },
+    Variable {
+        name: "HANDOFF_DATABASES",
+        default: "(every database to the only shard)",
+        help: "clientdb=shard[/serverdb][;...]; '*' matches any other database",
+    },
+    Variable {
+        name: "HANDOFF_USERS",
+        default: "(unset: no client password, loopback listen only)",
+        help: "user=password or user=SCRAM-SHA-256$... verifier, comma separated",
+    },
+    Variable {
+        name: "HANDOFF_MAX_CLIENT_CONN",
+        default: "1000",
+        help: "most client connections at once; beyond it clients get SQLSTATE 53300",
+    },
+    Variable {
+        name: "HANDOFF_POOL_MODE",
+        default: "session",
+        help: "pooling mode; only 'session' for now",
+    },
+    Variable {
+        name: "HANDOFF_CONNECT_TIMEOUT",
+        default: "5s",
+        help: "longest wait for a server connection to be established and authenticated",
+    },
+    Variable {
+        name: "HANDOFF_CLIENT_LOGIN_TIMEOUT",
+        default: "15s",
+        help: "longest a client may take from connecting to being authenticated",
+    },
+    Variable {
+        name: "HANDOFF_SHUTDOWN_TIMEOUT",
+        default: "30s",
+        help: "on SIGTERM/SIGINT, longest wait for sessions to finish before closing them",
+    },
+    Variable {
+        name: "HANDOFF_LOG",
+        default: "info",
+        help: "log filter (tracing EnvFilter syntax, e.g. 'info,handoff=debug')",
+    },
+];
+
+/// Why the configuration was refused. The message always names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is not a known variable (see `handoff --help` for the list)")]
+    Unknown(String),
+    #[error("{var}: {reason}")]
+    Invalid { var: &'static str, reason: String },
+}
+
+fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var,
+        reason: reason.into(),
+    }
+}
+
+/// How server connections are shared between clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// One server connection per client session.
+    Session,
+}
+
+/// A server address as configured (host names are resolved when connecting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl HostPort {
+    fn parse(var: &'static str, s: &str) -> Result<Self, ConfigError> {
+        let s = s.trim();
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| invalid(var, format!("'{s}' is not host:port")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(invalid(var, format!("'{s}' has an empty host")));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid(var, format!("'{s}' has an invalid port")))?;
+        Ok(Self {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+/// One shard: its name and its hosts, the first being the initial primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardConfig {
+    pub name: String,
+    pub hosts: Vec<HostPort>,
+}
+
+/// Where one client database goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseRoute {
+    /// Index into [`Config::shards`].
+    pub shard: usize,
+    /// The database name on the server; `None` keeps the client's name.
+    pub server_db: Option<String>,
+}
+
+/// A client user's credentials.
+#[derive(Debug, Clone)]
+pub struct UserSecret {
+    /// What the client must prove knowledge of.
+    pub verifier: ScramVerifier,
+    /// The plain password, when configured as one: also used to log in to servers.
+    pub password: Option<String>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<String>,
+    pub shards: Vec<ShardConfig>,
+    /// Explicit routes by client database name.
+    pub databases: HashMap<String, DatabaseRoute>,
+    /// The route for any database not listed (the only shard by default, or `*=`).
+    pub default_route: Option<DatabaseRoute>,
+    /// `None`: clients are not asked for a password (loopback listen only).
+    pub users: Option<HashMap<String, UserSecret>>,
+    pub max_client_conn: usize,
+    pub pool_mode: PoolMode,
+    pub connect_timeout: Duration,
+    pub client_login_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub log: String,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let vars = std::env::vars_os().filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            k.starts_with("HANDOFF_")
+                .then(|| (k, v.to_string_lossy().into_owned()))
+        });
+        Self::from_vars(vars)
+    }
+
+    /// Parses the given `HANDOFF_*` variables (others are ignored); missing ones take
+    /// their defaults.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut env = HashMap::new();
+        for (k, v) in vars {
+            let k = k.into();
+            if !k.starts_with("HANDOFF_") {
+                continue;
+            }
+            if !VARIABLES.iter().any(|var| var.name == k) {
+                return Err(ConfigError::Unknown(k));
+            }
+            env.insert(k, v.into());
+        }
+        let get = |name: &str| env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+
+        let listen = parse_addr(
+            "HANDOFF_LISTEN",
+            get("HANDOFF_LISTEN").unwrap_or("127.0.0.1:6432"),
+        )?;
+        let admin_listen = parse_addr(
+            "HANDOFF_ADMIN_LISTEN",
+            get("HANDOFF_ADMIN_LISTEN").unwrap_or("127.0.0.1:6480"),
+        )?;
+        let admin_token = get("HANDOFF_ADMIN_TOKEN").map(str::to_string);
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            return Err(invalid(
+                "HANDOFF_ADMIN_TOKEN",
+                format!(
+                    "must be set because HANDOFF_ADMIN_LISTEN={admin_listen} is not a loopback address"
+                ),
+            ));
+        }
+        let shards = parse_shards(get("HANDOFF_SHARDS").unwrap_or("main=127.0.0.1:5432"))?;
+        let (databases, default_route) = parse_databases(get("HANDOFF_DATABASES"), &shards)?;
+        let users = get("HANDOFF_USERS").map(parse_users).transpose()?;
+        if users.is_none() && !listen.ip().is_loopback() {
+            return Err(invalid(
+                "HANDOFF_USERS",
+                format!(
+                    "must be set because HANDOFF_LISTEN={listen} is not a loopback address \
+                     (clients without a password are allowed on loopback only)"
+                ),
+            ));
+        }
+        let max_client_conn = match get("HANDOFF_MAX_CLIENT_CONN") {
+            None => 1000,
+            Some(s) => s.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                invalid(
+                    "HANDOFF_MAX_CLIENT_CONN",
+                    format!("'{s}' is not a positive integer"),
+                )
+            })?,
+        };
+        let pool_mode = match get("HANDOFF_POOL_MODE").unwrap_or("session") {
+            "session" => PoolMode::Session,
+            "transaction" => {
+                return Err(invalid(
+                    "HANDOFF_POOL_MODE",
+                    "'transaction' is not available yet; use 'session'",
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    "HANDOFF_POOL_MODE",
+                    format!("'{other}' is not a pool mode (expected 'session')"),
+                ))
+            }
+        };
+        let duration = |name: &'static str, default: &str| {
+            parse_duration(get(name).unwrap_or(default)).map_err(|r| invalid(name, r))
+        };
+        let connect_timeout = duration("HANDOFF_CONNECT_TIMEOUT", "5s")?;
+        let client_login_timeout = duration("HANDOFF_CLIENT_LOGIN_TIMEOUT", "15s")?;
+        let shutdown_timeout = duration("HANDOFF_SHUTDOWN_TIMEOUT", "30s")?;
+        for (name, d) in [
+            ("HANDOFF_CONNECT_TIMEOUT", connect_timeout),
+            ("HANDOFF_CLIENT_LOGIN_TIMEOUT", client_login_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(name, "must be greater than zero"));
+            }
+        }
+        Ok(Self {
+            listen,
+            admin_listen,
+            admin_token,
+            shards,
+            databases,
+            default_route,
+            users,
+            max_client_conn,
+            pool_mode,
+            connect_timeout,
+            client_login_timeout,
+            shutdown_timeout,
+            log: get("HANDOFF_LOG").unwrap_or("info").to_string(),
+        })
+    }
+
+    /// The route for a client database, if any.
+    pub fn route(&self, database: &str) -> Option<&DatabaseRoute> {
+        self.databases.get(database).or(self.default_route.as_ref())
+    }
+
+    /// The help text listing every variable.
+    pub fn help() -> String {
+        let mut s = String::from(
+            "handoff: a failover-safe PostgreSQL proxy.\n\n\
+             Usage: handoff            run the proxy (configured by the environment)\n       \
+             handoff --help     print this help\n       \
+             handoff --version  print the version\n\n\
+             Environment variables:\n",
+        );
+        for v in VARIABLES {
+            s.push_str(&format!(
+                "  {:<30} default {}\n      {}\n",
+                v.name, v.default, v.help
+            ));
+        }
+        s.push_str("\nDurations are written 250ms, 10s, 1m, 1h.\n");
+        s
+    }
+}
+
+fn parse_addr(var: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        invalid(
+            var,
+            format!("'{s}' is not an IP address and port, e.g. 127.0.0.1:6432"),
+        )
+    })
+}
+
+/// Parses `250ms`, `10s`, `1m`, `1h` (and `0`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 250ms, 10s, 1m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("'{s}' has no unit: write e.g. 250ms, 10s, 1m, 1h")),
+    };
+    Ok(d)
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_shards(s: &str) -> Result<Vec<ShardConfig>, ConfigError> {
+    const VAR: &str = "HANDOFF_SHARDS";
+    let mut shards: Vec<ShardConfig> = Vec::new();
+    for entry in s.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, hosts) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid(VAR, format!("'{entry}' is not name=host:port[,host:port]")))?;
+        let name = name.trim();
+        if !valid_name(name) {
+            return Err(invalid(VAR, format!("'{name}' is not a valid shard name")));
+        }
+        if shards.iter().any(|s| s.name == name) {
+            return Err(invalid(VAR, format!("shard '{name}' is listed twice")));
+        }
+        let hosts = hosts
+            .split(',')
+            .filter(|h| !h.trim().is_empty())
+            .map(|h| HostPort::parse(VAR, h))
+            .collect::<Result<Vec<_>, _>>()?;
+        if hosts.is_empty() {
+            return Err(invalid(VAR, format!("shard '{name}' has no hosts")));
+        }
+        shards.push(ShardConfig {
+            name: name.to_string(),
+            hosts,
+        });
+    }
+    if shards.is_empty() {
+        return Err(invalid(VAR, "no shard is configured"));
+    }
+    Ok(shards)
+}
+
+type Routes = (HashMap<String, DatabaseRoute>, Option<DatabaseRoute>);
+
+fn parse_databases(s: Option<&str>, shards: &[ShardConfig]) -> Result<Routes, ConfigError> {
+    const VAR: &str = "HANDOFF_DATABASES";
+    let Some(s) = s else {
+        if shards.len() > 1 {
+            return Err(invalid(
+                VAR,
+                "must be set when HANDOFF_SHARDS lists more than one shard",
+            ));
+        }
+        let only = DatabaseRoute {
+            shard: 0,
+            server_db: None,
+        };
+        return Ok((HashMap::new(), Some(only)));
+    };
+    let mut routes = HashMap::new();
+    let mut default = None;
+    for entry in s.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (db, target) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid(VAR, format!("'{entry}' is not clientdb=shard[/serverdb]")))?;
+        let (shard, server_db) = match target.split_once('/') {
+            Some((sh, sdb)) if !sdb.trim().is_empty() => (sh.trim(), Some(sdb.trim().to_string())),
+            Some(_) => {
+                return Err(invalid(
+                    VAR,
+                    format!("'{entry}' has an empty server database"),
+                ))
+            }
+            None => (target.trim(), None),
+        };
+        let shard = shards
+            .iter()
+            .position(|s| s.name == shard)
+            .ok_or_else(|| invalid(VAR, format!("'{entry}' names unknown shard '{shard}'")))?;
+        let route = DatabaseRoute { shard, server_db };
+        let db = db.trim();
+        if db == "*" {
+            default = Some(route);
+        } else if db.is_empty() || routes.insert(db.to_string(), route).is_some() {
+            return Err(invalid(
+                VAR,
+                format!("database '{db}' is empty or listed twice"),
+            ));
+        }
+    }
+    Ok((routes, default))
+}
+
+fn parse_users(s: &str) -> Result<HashMap<String, UserSecret>, ConfigError> {
+    const VAR: &str = "HANDOFF_USERS";
+    let mut users = HashMap::new();
+    for entry in s.split(',').filter(|e| !e.trim().is_empty()) {
+        let (user, secret) = entry.split_once('=').ok_or_else(|| {
+            invalid(
+                VAR,
+                "entries must be user=password or user=SCRAM-SHA-256$...",
+            )
+        })?;
+        let user = user.trim();
+        if user.is_empty() {
+            return Err(invalid(VAR, "an entry has an empty user name"));
+        }
+        let secret = if secret.starts_with("SCRAM-SHA-256$") {
+            let verifier = ScramVerifier::parse(secret)
+                .map_err(|e| invalid(VAR, format!("user '{user}': {e}")))?;
+            UserSecret {
+                verifier,
+                password: None,
+            }
+        } else {
+            let verifier = ScramVerifier::from_password(secret)
+                .map_err(|e| invalid(VAR, format!("user '{user}': {e}")))?;
+            UserSecret {
+                verifier,
+                password: Some(secret.to_string()),
+            }
+        };
+        if users.insert(user.to_string(), secret).is_some() {
+            return Err(invalid(VAR, format!("user '{user}' is listed twice")));
+        }
+    }
+    Ok(users)
+}
+
+#[cfg(test)]
+mod tests;

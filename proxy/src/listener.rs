@@ -1,0 +1,119 @@
+//! The client listener: a permit per connection (`HANDOFF_MAX_CLIENT_CONN`), back-off on
+//! accept errors, and a tracing span per client carrying `client.addr`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::framing::StartupPacket;
+use handoff_protocol::sqlstate;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::Instrument;
+
+use crate::conn::Conn;
+use crate::metrics as m;
+use crate::shutdown::{Phase, Signal};
+use crate::{session, Shared};
+
+/// Most over-limit connections being answered at once; beyond that they are just closed.
+const MAX_REJECTING: usize = 256;
+/// How long an over-limit client has to send its startup packet before we answer anyway.
+const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Accepts clients until shutdown starts. Each session holds a clone of `tracker`, so
+/// the proxy knows when the last one ended.
+pub(crate) async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: Signal,
+    tracker: mpsc::Sender<()>,
+) {
+    let permits = Arc::new(Semaphore::new(shared.config.max_client_conn));
+    let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.reached(Phase::Draining) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(ok) => {
+                backoff = Duration::from_millis(5);
+                ok
+            }
+            Err(e) => {
+                // Usually EMFILE/ENFILE: wait for connections to close instead of spinning.
+                tracing::warn!(error = %e, backoff = ?backoff, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => {
+                let span = tracing::info_span!(
+                    "client",
+                    client.addr = %peer,
+                    user = tracing::field::Empty,
+                    database = tracing::field::Empty
+                );
+                let shared = Arc::clone(&shared);
+                let signal = shutdown.clone();
+                let tracker = tracker.clone();
+                tokio::spawn(
+                    async move {
+                        session::run(stream, shared, signal).await;
+                        drop(permit);
+                        drop(tracker);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => {
+                metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_client_conn")
+                    .increment(1);
+                if let Ok(slot) = Arc::clone(&rejecting).try_acquire_owned() {
+                    let limit = shared.config.max_client_conn;
+                    tokio::spawn(async move {
+                        reject_over_limit(stream, peer, limit).await;
+                        drop(slot);
+                    });
+                }
+            }
+        }
+    }
+    tracing::info!("listener stopped accepting");
+}
+
+/// Tells an over-limit client why it is refused. The startup packet is read first (with
+/// a short timeout) so the client is reading when the error arrives.
+async fn reject_over_limit(stream: TcpStream, peer: SocketAddr, limit: usize) {
+    let mut conn = Conn::new(stream);
+    let read = async {
+        loop {
+            match conn.read_startup().await {
+                Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
+                    if conn.send_raw(b"N").await.is_err() {
+                        return false;
+                    }
+                }
+                Ok(Some(StartupPacket::Startup { .. })) => return true,
+                _ => return false,
+            }
+        }
+    };
+    if !matches!(
+        tokio::time::timeout(REJECT_READ_TIMEOUT, read).await,
+        Ok(true)
+    ) {
+        return;
+    }
+    tracing::info!(client.addr = %peer, limit, "client refused: too many connections");
+    let err = ProxyError::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        format!("sorry, too many clients already (HANDOFF_MAX_CLIENT_CONN={limit})"),
+    );
+    session::send_error(&mut conn.stream, &err).await;
+}

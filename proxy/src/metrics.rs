@@ -1,0 +1,89 @@
+//! Metric names (one place), their descriptions, and the Prometheus recorder behind
+//! `GET /metrics`. Labels are bounded: direction, SQLSTATE class, reason, source.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Client connections open now (gauge).
+pub const CLIENT_CONNECTIONS: &str = "handoff_client_connections";
+/// Client connections accepted (counter).
+pub const CLIENT_CONNECTIONS_TOTAL: &str = "handoff_client_connections_total";
+/// Client connections refused, by `reason` (counter).
+pub const CLIENT_REJECTED_TOTAL: &str = "handoff_client_connections_rejected_total";
+/// Failed client logins (counter).
+pub const AUTH_FAILURES_TOTAL: &str = "handoff_auth_failures_total";
+/// Server connections open now (gauge).
+pub const SERVER_CONNECTIONS: &str = "handoff_server_connections";
+/// Server connection attempts that failed (counter).
+pub const SERVER_CONNECT_ERRORS_TOTAL: &str = "handoff_server_connect_errors_total";
+/// Bytes relayed, by `direction` (`client_to_server`, `server_to_client`) (counter).
+pub const BYTES_TOTAL: &str = "handoff_bytes_total";
+/// From a client's request to the server's ReadyForQuery (histogram, seconds).
+pub const QUERY_DURATION: &str = "handoff_query_duration_seconds";
+/// From the first request after ReadyForQuery `I` to the next `I` (histogram, seconds).
+pub const TRANSACTION_DURATION: &str = "handoff_transaction_duration_seconds";
+/// ErrorResponses sent to clients, by `source` (`server`, `proxy`) and SQLSTATE `class`.
+pub const ERRORS_TOTAL: &str = "handoff_errors_total";
+/// Cancel requests, by `result` (`forwarded`, `unknown`) (counter).
+pub const CANCEL_REQUESTS_TOTAL: &str = "handoff_cancel_requests_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Installs the global Prometheus recorder once per process and returns its handle.
+///
+/// Later calls (several proxies in one test process) share the same recorder.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (e.g. by an embedding program); we
+            // then render what ours saw, which is nothing, rather than fail.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
+    describe_counter!(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted");
+    describe_counter!(
+        CLIENT_REJECTED_TOTAL,
+        "Client connections refused, by reason"
+    );
+    describe_counter!(AUTH_FAILURES_TOTAL, "Failed client logins");
+    describe_gauge!(SERVER_CONNECTIONS, "Server connections open now");
+    describe_counter!(
+        SERVER_CONNECT_ERRORS_TOTAL,
+        "Failed server connection attempts"
+    );
+    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes relayed, by direction");
+    describe_histogram!(QUERY_DURATION, Unit::Seconds, "Request to ReadyForQuery");
+    describe_histogram!(TRANSACTION_DURATION, Unit::Seconds, "Transaction duration");
+    describe_counter!(
+        ERRORS_TOTAL,
+        "ErrorResponses sent to clients, by source and SQLSTATE class"
+    );
+    describe_counter!(CANCEL_REQUESTS_TOTAL, "Cancel requests, by result");
+    // Series that should exist at zero from startup.
+    metrics::gauge!(CLIENT_CONNECTIONS).set(0.0);
+    metrics::gauge!(SERVER_CONNECTIONS).set(0.0);
+    metrics::counter!(CLIENT_CONNECTIONS_TOTAL).absolute(0);
+}
+
+/// Counts an ErrorResponse sent to a client.
+pub fn count_error(source: &'static str, code: &str) {
+    let class = handoff_protocol::sqlstate::class(code).to_string();
+    metrics::counter!(ERRORS_TOTAL, "source" => source, "class" => class).increment(1);
+}

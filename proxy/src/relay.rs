@@ -1,0 +1,307 @@
+//! The relay phase of a session: bytes flow both ways through reusable buffers, and the
+//! proxy looks only at what it must — message boundaries from the client, ReadyForQuery
+//! and ErrorResponse from the server. DataRow and CopyData payloads are neither copied
+//! nor parsed, so a message of any size streams through in bounded memory.
+
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use handoff_protocol::backend::{ready_status, tag as btag, TransactionStatus};
+use handoff_protocol::error::{ErrorFields, ProxyError};
+use handoff_protocol::frontend::tag as ftag;
+use handoff_protocol::scan::{Scanner, Step};
+use handoff_protocol::{sqlstate, FrameError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::WriteHalf;
+
+use crate::conn::Conn;
+use crate::metrics as m;
+use crate::shutdown::{Phase, Signal};
+
+/// Bytes read per socket read.
+const READ_CHUNK: usize = 32 * 1024;
+/// Largest server message buffered whole for inspection (ErrorResponse, ReadyForQuery).
+const MAX_INSPECT: usize = 64 * 1024;
+/// Largest message accepted from a client (PostgreSQL's own limit is 1 GB).
+pub const MAX_CLIENT_MESSAGE: usize = 1 << 30;
+/// Largest message accepted from a server.
+const MAX_SERVER_MESSAGE: usize = i32::MAX as usize;
+
+/// Why a relay ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client's socket closed or failed.
+    ClientGone,
+    /// The server closed (after sending a FATAL, or unexpectedly).
+    ServerGone,
+    /// The client broke the protocol; it was told so.
+    ClientProtocol,
+    /// The server broke the protocol; the client was told so.
+    ServerProtocol,
+    /// The proxy is shutting down; the client was told so.
+    Shutdown,
+}
+
+/// What the relay tracks about the conversation: transaction status and timings.
+#[derive(Debug)]
+struct Txn {
+    /// Status from the last ReadyForQuery.
+    status: TransactionStatus,
+    /// When the oldest request not yet answered by ReadyForQuery was sent.
+    request_started: Option<Instant>,
+    /// When the current transaction's first request was sent.
+    txn_started: Option<Instant>,
+    /// A FATAL error came from the server: its closing is expected.
+    server_fatal: bool,
+    /// The client sent Terminate.
+    terminated: bool,
+    /// Bytes relayed since they were last added to the counters.
+    up: u64,
+    down: u64,
+}
+
+impl Txn {
+    /// Between transactions, with nothing outstanding: a session may end here.
+    fn at_boundary(&self, client_scan: &Scanner) -> bool {
+        self.status == TransactionStatus::Idle
+            && self.request_started.is_none()
+            && client_scan.at_boundary()
+    }
+
+    fn on_request(&mut self, now: Instant) {
+        if self.request_started.is_none() {
+            self.request_started = Some(now);
+        }
+        if self.txn_started.is_none() {
+            self.txn_started = Some(now);
+        }
+    }
+
+    fn on_ready(&mut self, status: TransactionStatus, now: Instant) {
+        if let Some(t) = self.request_started.take() {
+            metrics::histogram!(m::QUERY_DURATION).record(now - t);
+        }
+        self.status = status;
+        if status == TransactionStatus::Idle {
+            if let Some(t) = self.txn_started.take() {
+                metrics::histogram!(m::TRANSACTION_DURATION).record(now - t);
+            }
+        }
+        self.flush_bytes();
+    }
+
+    fn flush_bytes(&mut self) {
+        if self.up > 0 {
+            metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server").increment(self.up);
+            self.up = 0;
+        }
+        if self.down > 0 {
+            metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client")
+                .increment(self.down);
+            self.down = 0;
+        }
+    }
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+/// Relays between a logged-in client and its server until one side ends.
+pub async fn run(client: Conn, server: Conn, shard: &str, mut shutdown: Signal) -> End {
+    let Conn {
+        stream: mut client_stream,
+        rbuf: mut cbuf,
+        ..
+    } = client;
+    let Conn {
+        stream: mut server_stream,
+        rbuf: mut sbuf,
+        ..
+    } = server;
+    let (mut cr, mut cw) = client_stream.split();
+    let (mut sr, mut sw) = server_stream.split();
+    let mut cscan = Scanner::new(0, MAX_CLIENT_MESSAGE);
+    let mut sscan = Scanner::new(MAX_INSPECT, MAX_SERVER_MESSAGE);
+    let mut txn = Txn {
+        status: TransactionStatus::Idle,
+        request_started: None,
+        txn_started: None,
+        server_fatal: false,
+        terminated: false,
+        up: 0,
+        down: 0,
+    };
+
+    let end = loop {
+        // Bytes the client sent right behind its startup, or left from the last read.
+        if !cbuf.is_empty() {
+            if let Err(end) = client_bytes(&mut cbuf, &mut cscan, &mut sw, &mut cw, &mut txn).await
+            {
+                break end;
+            }
+            if txn.terminated {
+                break End::Terminated;
+            }
+        }
+        let phase = shutdown.phase();
+        if phase == Phase::Closing || (phase == Phase::Draining && txn.at_boundary(&cscan)) {
+            let err = ProxyError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because handoff is shutting down",
+            );
+            crate::session::send_error(&mut cw, &err).await;
+            break End::Shutdown;
+        }
+        let next_phase = if phase == Phase::Running {
+            Phase::Draining
+        } else {
+            Phase::Closing
+        };
+        reserve(&mut cbuf);
+        reserve(&mut sbuf);
+        // Both reads are `read_buf` into our own buffers, which is cancel-safe: a read that
+        // loses the race has consumed nothing.
+        tokio::select! {
+            r = cr.read_buf(&mut cbuf) => match r {
+                Ok(0) | Err(_) => break End::ClientGone,
+                Ok(_) => {}
+            },
+            r = sr.read_buf(&mut sbuf) => match r {
+                Ok(0) | Err(_) => {
+                    if !txn.server_fatal {
+                        let err = ProxyError::fatal(
+                            sqlstate::CONNECTION_FAILURE,
+                            format!("lost the connection to the primary of shard \"{shard}\""),
+                        );
+                        crate::session::send_error(&mut cw, &err).await;
+                    }
+                    break End::ServerGone;
+                }
+                Ok(_) => {
+                    if let Err(end) = server_bytes(&mut sbuf, &mut sscan, &mut cw, &mut txn).await {
+                        break end;
+                    }
+                }
+            },
+            _ = shutdown.reached(next_phase), if phase != Phase::Closing => {}
+        }
+    };
+    txn.flush_bytes();
+    end
+}
+
+/// Forwards every complete run of client bytes in `buf` to the server.
+async fn client_bytes(
+    buf: &mut BytesMut,
+    scan: &mut Scanner,
+    server: &mut WriteHalf<'_>,
+    client: &mut WriteHalf<'_>,
+    txn: &mut Txn,
+) -> Result<(), End> {
+    let now = Instant::now();
+    let mut pos = 0;
+    loop {
+        match scan.step(&buf[pos..], |_| false) {
+            Ok(Step::Pass { len, tag }) => {
+                match tag {
+                    Some(ftag::TERMINATE) => txn.terminated = true,
+                    Some(_) => txn.on_request(now),
+                    None => {}
+                }
+                pos += len;
+            }
+            Ok(Step::Message { len, .. }) => pos += len,
+            Ok(Step::NeedMore) => break,
+            Err(e) => {
+                forward(server, buf, pos, &mut txn.up).await?;
+                protocol_error(client, &e).await;
+                return Err(End::ClientProtocol);
+            }
+        }
+    }
+    forward(server, buf, pos, &mut txn.up).await
+}
+
+async fn protocol_error(client: &mut WriteHalf<'_>, e: &FrameError) {
+    let err = ProxyError::fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("invalid frontend message: {e}"),
+    );
+    crate::session::send_error(client, &err).await;
+}
+
+/// Forwards every complete run of server bytes in `buf` to the client, inspecting
+/// ReadyForQuery and ErrorResponse on the way.
+async fn server_bytes(
+    buf: &mut BytesMut,
+    scan: &mut Scanner,
+    client: &mut WriteHalf<'_>,
+    txn: &mut Txn,
+) -> Result<(), End> {
+    let mut pos = 0;
+    let inspect = |t: u8| t == btag::READY_FOR_QUERY || t == btag::ERROR_RESPONSE;
+    loop {
+        match scan.step(&buf[pos..], inspect) {
+            Ok(Step::Pass { len, .. }) => pos += len,
+            Ok(Step::Message { tag, len }) => {
+                let body = &buf[pos + 5..pos + len];
+                if tag == btag::READY_FOR_QUERY {
+                    match ready_status(body) {
+                        Ok(s) => txn.on_ready(s, Instant::now()),
+                        Err(e) => return server_protocol_error(client, &e).await,
+                    }
+                } else {
+                    let mut b = bytes::Bytes::copy_from_slice(body);
+                    match ErrorFields::parse(&mut b) {
+                        Ok(fields) => {
+                            let code = fields.code().unwrap_or("?????");
+                            m::count_error("server", code);
+                            if matches!(fields.severity(), Some("FATAL" | "PANIC")) {
+                                txn.server_fatal = true;
+                            }
+                        }
+                        Err(e) => return server_protocol_error(client, &e).await,
+                    }
+                }
+                pos += len;
+            }
+            Ok(Step::NeedMore) => break,
+            Err(e) => return server_protocol_error(client, &e).await,
+        }
+    }
+    forward(client, buf, pos, &mut txn.down).await
+}
+
+async fn server_protocol_error(client: &mut WriteHalf<'_>, e: &FrameError) -> Result<(), End> {
+    tracing::warn!(error = %e, "protocol error from server");
+    let err = ProxyError::fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("invalid message from server: {e}"),
+    );
+    crate::session::send_error(client, &err).await;
+    Err(End::ServerProtocol)
+}
+
+/// Writes `buf[..len]` to `to` and drops it from the buffer.
+async fn forward(
+    to: &mut WriteHalf<'_>,
+    buf: &mut BytesMut,
+    len: usize,
+    count: &mut u64,
+) -> Result<(), End> {
+    if len == 0 {
+        return Ok(());
+    }
+    // Either side failing ends the session; which one does not matter to the caller.
+    to.write_all(&buf[..len])
+        .await
+        .map_err(|_| End::ClientGone)?;
+    buf.advance(len);
+    *count += len as u64;
+    Ok(())
+}

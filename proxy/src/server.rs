@@ -1,0 +1,210 @@
+//! Server connections: connect to a PostgreSQL server, log in (trust, cleartext, MD5 or
+//! SCRAM-SHA-256), and collect its parameters and backend key data.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use handoff_protocol::auth::{md5_response, AuthError, ScramClient, SCRAM_SHA_256};
+use handoff_protocol::backend::{Authentication, BackendMessage};
+use handoff_protocol::error::ErrorFields;
+use handoff_protocol::framing::StartupPacket;
+use handoff_protocol::frontend::{encode_password, encode_sasl_initial, encode_sasl_response};
+use tokio::net::TcpStream;
+
+use crate::config::HostPort;
+use crate::conn::{Conn, ConnError, MAX_STARTUP_MESSAGE};
+
+/// What a server login needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Login<'a> {
+    pub addr: &'a HostPort,
+    pub user: &'a str,
+    pub database: &'a str,
+    /// Further startup parameters to pass on (application_name, options, …).
+    pub params: &'a [(String, String)],
+    pub password: Option<&'a str>,
+    pub timeout: Duration,
+}
+
+/// An authenticated server connection, ready for queries.
+#[derive(Debug)]
+pub struct ServerConn {
+    pub conn: Conn,
+    /// ParameterStatus values the server reported at startup.
+    pub params: Vec<(String, String)>,
+    /// The server's backend key data, for forwarding cancel requests.
+    pub pid: i32,
+    pub key: i32,
+    /// The resolved address, for cancel requests.
+    pub peer: SocketAddr,
+}
+
+/// Why a server connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server {addr} did not complete the login within {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("server {addr} refused the login: {}", .fields.message().unwrap_or("no message"))]
+    Rejected { addr: String, fields: ErrorFields },
+    #[error("server {addr} asks user \"{user}\" for a password, but HANDOFF_USERS has none for that user")]
+    NoPassword { addr: String, user: String },
+    #[error("server {addr} asks for an authentication method handoff does not support ({what})")]
+    Unsupported { addr: String, what: String },
+    #[error("SCRAM authentication with server {addr} failed: {source}")]
+    Scram { addr: String, source: AuthError },
+    #[error("protocol error from server {addr}: {source}")]
+    Protocol { addr: String, source: ConnError },
+}
+
+/// Connects and logs in, within `login.timeout`.
+pub async fn connect(login: Login<'_>) -> Result<ServerConn, ServerError> {
+    let addr = login.addr.to_string();
+    match tokio::time::timeout(login.timeout, connect_inner(login, &addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(ServerError::Timeout {
+            addr,
+            after: login.timeout,
+        }),
+    }
+}
+
+async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, ServerError> {
+    let stream = TcpStream::connect((login.addr.host.as_str(), login.addr.port))
+        .await
+        .map_err(|source| ServerError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().map_err(|source| ServerError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let mut conn = Conn::new(stream);
+    let proto = |source: ConnError| ServerError::Protocol {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut params = vec![
+        ("user".to_string(), login.user.to_string()),
+        ("database".to_string(), login.database.to_string()),
+    ];
+    params.extend(login.params.iter().cloned());
+    let startup = StartupPacket::Startup { minor: 0, params };
+    conn.send(|b| startup.encode(b))
+        .await
+        .map_err(|e| proto(e.into()))?;
+
+    let mut scram: Option<ScramClient> = None;
+    let mut server = ServerConn {
+        conn,
+        params: Vec::new(),
+        pid: 0,
+        key: 0,
+        peer,
+    };
+    loop {
+        let frame = server
+            .conn
+            .read_frame(MAX_STARTUP_MESSAGE)
+            .await
+            .map_err(proto)?;
+        let msg = BackendMessage::parse(frame).map_err(|e| proto(e.into()))?;
+        match msg {
+            BackendMessage::Authentication(auth) => {
+                authenticate(&mut server.conn, &mut scram, auth, login, addr).await?
+            }
+            BackendMessage::ParameterStatus { name, value } => server.params.push((name, value)),
+            BackendMessage::BackendKeyData { pid, key } => {
+                server.pid = pid;
+                server.key = key;
+            }
+            BackendMessage::ReadyForQuery(_) => return Ok(server),
+            BackendMessage::ErrorResponse(fields) => {
+                return Err(ServerError::Rejected {
+                    addr: addr.to_string(),
+                    fields,
+                })
+            }
+            BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion { .. } => {
+            }
+            other => {
+                tracing::debug!(?other, "unexpected message during server login");
+                return Err(proto(ConnError::Frame(
+                    handoff_protocol::FrameError::Malformed("unexpected message during login"),
+                )));
+            }
+        }
+    }
+}
+
+/// Answers one Authentication request from the server.
+async fn authenticate(
+    conn: &mut Conn,
+    scram: &mut Option<ScramClient>,
+    auth: Authentication,
+    login: Login<'_>,
+    addr: &str,
+) -> Result<(), ServerError> {
+    let io = |e: std::io::Error| ServerError::Protocol {
+        addr: addr.to_string(),
+        source: e.into(),
+    };
+    let scram_err = |source| ServerError::Scram {
+        addr: addr.to_string(),
+        source,
+    };
+    let password = || {
+        login.password.ok_or_else(|| ServerError::NoPassword {
+            addr: addr.to_string(),
+            user: login.user.to_string(),
+        })
+    };
+    match auth {
+        Authentication::Ok => Ok(()),
+        Authentication::CleartextPassword => {
+            let pw = password()?;
+            conn.send(|b| encode_password(pw, b)).await.map_err(io)
+        }
+        Authentication::Md5Password { salt } => {
+            let answer = md5_response(login.user, password()?, salt);
+            conn.send(|b| encode_password(&answer, b)).await.map_err(io)
+        }
+        Authentication::Sasl { mechanisms } => {
+            if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                return Err(ServerError::Unsupported {
+                    addr: addr.to_string(),
+                    what: format!("SASL mechanisms {mechanisms:?}"),
+                });
+            }
+            let (client, first) = ScramClient::new(password()?).map_err(scram_err)?;
+            *scram = Some(client);
+            conn.send(|b| encode_sasl_initial(SCRAM_SHA_256, &first, b))
+                .await
+                .map_err(io)
+        }
+        Authentication::SaslContinue { data } => {
+            let client = scram
+                .as_mut()
+                .ok_or(scram_err(AuthError::Malformed("SASLContinue before SASL")))?;
+            let fin = client.handle_server_first(&data).map_err(scram_err)?;
+            conn.send(|b| encode_sasl_response(&fin, b))
+                .await
+                .map_err(io)
+        }
+        Authentication::SaslFinal { data } => scram
+            .as_ref()
+            .ok_or(scram_err(AuthError::Malformed("SASLFinal before SASL")))?
+            .verify_server_final(&data)
+            .map_err(scram_err),
+        Authentication::Unsupported { code } => Err(ServerError::Unsupported {
+            addr: addr.to_string(),
+            what: format!("authentication request code {code}"),
+        }),
+    }
+}

@@ -1,0 +1,312 @@
+//! One client session, as an explicit sequence of phases:
+//! Startup (SSL/GSS negotiation, cancel requests, the StartupMessage) → Auth → Connect
+//! (the shard primary, session pooling) → Relay → Terminating.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatus};
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::framing::StartupPacket;
+use handoff_protocol::sqlstate;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::client_auth::{self, Failure};
+use crate::config::{Config, UserSecret};
+use crate::conn::{Conn, ConnError};
+use crate::metrics as m;
+use crate::relay;
+use crate::server::{self, ServerError};
+use crate::shutdown::Signal;
+use crate::Shared;
+
+/// What the client asked for in its StartupMessage.
+#[derive(Debug)]
+struct Startup {
+    user: String,
+    database: String,
+    /// Everything else (application_name, options, …), passed on to the server.
+    params: Vec<(String, String)>,
+}
+
+/// Keeps a gauge up while alive.
+struct GaugeGuard(&'static str);
+
+impl GaugeGuard {
+    fn new(name: &'static str) -> Self {
+        metrics::gauge!(name).increment(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
+    }
+}
+
+/// Sends a proxy-generated error and counts it.
+pub(crate) async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, err: &ProxyError) {
+    let mut buf = BytesMut::new();
+    err.encode(&mut buf);
+    m::count_error("proxy", err.code);
+    let _ = stream.write_all(&buf).await;
+    let _ = stream.flush().await;
+}
+
+/// Runs a client session to its end.
+pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal) {
+    let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
+    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
+    let _ = stream.set_nodelay(true);
+    let mut client = Conn::new(stream);
+    let cfg = &shared.config;
+
+    let login = tokio::time::timeout(cfg.client_login_timeout, login(&mut client, &shared));
+    let (startup, secret) = match login.await {
+        Ok(Ok(Some(ok))) => ok,
+        Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return,
+        Ok(Err(Failure::Refuse(err))) => {
+            if err.code == sqlstate::INVALID_PASSWORD {
+                metrics::counter!(m::AUTH_FAILURES_TOTAL).increment(1);
+                tracing::info!(code = err.code, "client login refused");
+            } else {
+                tracing::info!(code = err.code, error = %err.message, "client login refused");
+            }
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+        Err(_) => {
+            let err = ProxyError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!(
+                    "client did not complete the login within HANDOFF_CLIENT_LOGIN_TIMEOUT ({:?})",
+                    cfg.client_login_timeout
+                ),
+            );
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+    };
+    tracing::Span::current().record("user", startup.user.as_str());
+    tracing::Span::current().record("database", startup.database.as_str());
+    connect_and_relay(client, &shared, startup, secret, shutdown).await;
+}
+
+/// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel
+/// request, or a client that closed before logging in).
+async fn login<'a>(
+    client: &mut Conn,
+    shared: &'a Shared,
+) -> Result<Option<(Startup, Option<&'a UserSecret>)>, Failure> {
+    let Some(startup) = read_startup(client, shared).await? else {
+        return Ok(None);
+    };
+    let cfg = &shared.config;
+    let secret = match &cfg.users {
+        None => None,
+        Some(users) => {
+            let secret = users.get(&startup.user);
+            client_auth::scram(client, &startup.user, secret, &shared.decoy).await?;
+            secret
+        }
+    };
+    if cfg.route(&startup.database).is_none() {
+        return Err(Failure::Refuse(
+            ProxyError::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!(
+                    "database \"{}\" is not configured in handoff",
+                    startup.database
+                ),
+            )
+            .hint("add it to HANDOFF_DATABASES (or a '*' entry)"),
+        ));
+    }
+    Ok(Some((startup, secret)))
+}
+
+/// Reads packets until a StartupMessage, answering SSL and GSS requests with `N` and
+/// forwarding cancel requests.
+async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Startup>, Failure> {
+    let mut negotiated = false;
+    loop {
+        let packet = match client.read_startup().await {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match packet {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                // One negotiation only, and nothing may be pipelined behind it: bytes sent
+                // before our answer would be read as if they had been encrypted.
+                if negotiated || !client.rbuf.is_empty() {
+                    return Err(Failure::Refuse(ProxyError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "unexpected data or repeated encryption request during negotiation",
+                    )));
+                }
+                negotiated = true;
+                client.send_raw(b"N").await.map_err(ConnError::from)?;
+            }
+            StartupPacket::Cancel { pid, key } => {
+                let forwarded = shared
+                    .cancels
+                    .forward(pid, key, shared.config.connect_timeout)
+                    .await;
+                let result = if forwarded { "forwarded" } else { "unknown" };
+                metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
+                return Ok(None);
+            }
+            StartupPacket::Startup { minor, params } => {
+                return startup_from_params(client, minor, params).await.map(Some)
+            }
+        }
+    }
+}
+
+async fn startup_from_params(
+    client: &mut Conn,
+    minor: u16,
+    params: Vec<(String, String)>,
+) -> Result<Startup, Failure> {
+    let mut user = String::new();
+    let mut database = None;
+    let mut rest = Vec::new();
+    let mut unrecognized = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = v,
+            "database" => database = Some(v),
+            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
+                return Err(Failure::Refuse(ProxyError::fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "replication connections are not supported through handoff",
+                )))
+            }
+            _ if k.starts_with("_pq_.") => unrecognized.push(k),
+            _ => rest.push((k, v)),
+        }
+    }
+    if user.is_empty() {
+        return Err(Failure::Refuse(ProxyError::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        )));
+    }
+    if minor > 0 || !unrecognized.is_empty() {
+        let msg = BackendMessage::NegotiateProtocolVersion {
+            newest_minor: 0,
+            unrecognized,
+        };
+        client
+            .send(|b| msg.encode(b))
+            .await
+            .map_err(ConnError::from)?;
+    }
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    Ok(Startup {
+        user,
+        database,
+        params: rest,
+    })
+}
+
+/// The error a client sees when its server connection cannot be made.
+fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyError {
+    match err {
+        ServerError::Rejected { fields, .. } => {
+            let code = fields.code().unwrap_or(sqlstate::CONNECTION_FAILURE);
+            // Keep the server's SQLSTATE so clients see the real cause (3D000, 28P01…).
+            let code: &'static str = match code {
+                sqlstate::INVALID_CATALOG_NAME => sqlstate::INVALID_CATALOG_NAME,
+                sqlstate::INVALID_PASSWORD => sqlstate::INVALID_PASSWORD,
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION => {
+                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
+                }
+                sqlstate::TOO_MANY_CONNECTIONS => sqlstate::TOO_MANY_CONNECTIONS,
+                sqlstate::CANNOT_CONNECT_NOW => sqlstate::CANNOT_CONNECT_NOW,
+                _ => sqlstate::CONNECTION_FAILURE,
+            };
+            let msg = fields.message().unwrap_or("login refused").to_string();
+            ProxyError::fatal(code, msg)
+                .detail(format!("reported by the primary of shard \"{shard}\""))
+        }
+        ServerError::NoPassword { .. }
+        | ServerError::Unsupported { .. }
+        | ServerError::Scram { .. } => ProxyError::fatal(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            format!("shard \"{shard}\": {err}"),
+        ),
+        ServerError::Connect { .. }
+        | ServerError::Timeout { .. }
+        | ServerError::Protocol { .. } => ProxyError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("shard \"{shard}\": {err}"),
+        ),
+    }
+}
+
+async fn connect_and_relay(
+    mut client: Conn,
+    shared: &Shared,
+    startup: Startup,
+    secret: Option<&UserSecret>,
+    shutdown: Signal,
+) {
+    let cfg: &Config = &shared.config;
+    let route = cfg
+        .route(&startup.database)
+        .expect("login checked the route");
+    let shard = &cfg.shards[route.shard];
+    let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
+    let login = server::Login {
+        addr: &shard.hosts[0],
+        user: &startup.user,
+        database: server_db,
+        params: &startup.params,
+        password: secret.and_then(|s| s.password.as_deref()),
+        timeout: cfg.connect_timeout,
+    };
+    let server = match server::connect(login).await {
+        Ok(s) => s,
+        Err(err) => {
+            metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
+            tracing::warn!(shard = %shard.name, error = %err, "server login failed");
+            send_error(
+                &mut client.stream,
+                &server_error_to_client(&err, &shard.name),
+            )
+            .await;
+            return;
+        }
+    };
+    let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+    let registration = shared.cancels.register(server.peer, server.pid, server.key);
+
+    let mut hello = BytesMut::with_capacity(512);
+    BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
+    for (name, value) in &server.params {
+        BackendMessage::ParameterStatus {
+            name: name.clone(),
+            value: value.clone(),
+        }
+        .encode(&mut hello);
+    }
+    BackendMessage::BackendKeyData {
+        pid: registration.pid,
+        key: registration.key,
+    }
+    .encode(&mut hello);
+    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
+    if client.send_raw(&hello).await.is_err() {
+        return;
+    }
+    tracing::debug!(shard = %shard.name, server = %server.peer, "session relaying");
+    let end = relay::run(client, server.conn, &shard.name, shutdown).await;
+    tracing::debug!(?end, "session ended");
+    drop(registration);
+}

@@ -1,0 +1,377 @@
+//! PostgreSQL clusters for tests: find the binaries, initdb, configure, start a primary
+//! and streaming standbys, run SQL with psql, stop and clean up.
+
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Roles whose pg_hba.conf line asks for a specific method (create them in a test).
+pub const MD5_USER: &str = "md5_user";
+pub const SCRAM_USER: &str = "scram_user";
+pub const PASSWORD_USER: &str = "password_user";
+
+/// The installed PostgreSQL binaries and the user to run servers as.
+#[derive(Debug, Clone)]
+pub struct PgBin {
+    pub dir: PathBuf,
+    /// uid/gid to run server processes as, when the tests run as root.
+    run_as: Option<(u32, u32)>,
+}
+
+fn version_key(p: &Path) -> Vec<u32> {
+    p.iter().filter_map(|c| c.to_str()?.parse().ok()).collect()
+}
+
+impl PgBin {
+    /// Finds `initdb`: on `PATH`, then `pg_config --bindir`, then the newest
+    /// `/usr/lib/postgresql/*/bin`.
+    pub fn find() -> Result<Self> {
+        let dir = Self::find_dir().ok_or_else(|| {
+            anyhow!(
+                "PostgreSQL server binaries (initdb) not found on PATH, via pg_config, or in \
+                 /usr/lib/postgresql/*/bin; install postgresql (e.g. apt-get install postgresql)"
+            )
+        })?;
+        let run_as = if current_euid()? == 0 {
+            let user = std::env::var("HANDOFF_TEST_PG_USER").unwrap_or_else(|_| "postgres".into());
+            Some(lookup_user(&user)?)
+        } else {
+            None
+        };
+        Ok(Self { dir, run_as })
+    }
+
+    fn find_dir() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("PATH") {
+            for d in std::env::split_paths(&path) {
+                // PATH may hold symlinks (e.g. /usr/local/bin/initdb): use the real
+                // directory, where the other server tools live too.
+                let Ok(initdb) = std::fs::canonicalize(d.join("initdb")) else {
+                    continue;
+                };
+                if let Some(real) = initdb.parent() {
+                    if real.join("pg_basebackup").is_file() {
+                        return Some(real.to_path_buf());
+                    }
+                }
+            }
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if d.join("initdb").is_file() {
+                return Some(d);
+            }
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| Some(e.ok()?.path().join("bin")))
+            .filter(|d| d.join("initdb").is_file())
+            .collect();
+        found.sort_by_key(|p| version_key(p));
+        found.pop()
+    }
+
+    /// The path of one binary (`psql`, `pgbench`, …).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A command for a server-side tool, run as the unprivileged user when needed.
+    fn server_cmd(&self, name: &str, cwd: &Path) -> Command {
+        let mut c = Command::new(self.bin(name));
+        c.current_dir(cwd).env("HOME", cwd).env_remove("PGDATA");
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid);
+        }
+        c
+    }
+
+    fn chown(&self, path: &Path) -> Result<()> {
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn current_euid() -> Result<u32> {
+    // /proc/self is owned by the effective uid of the process reading it.
+    Ok(std::fs::metadata("/proc/self")
+        .context("reading /proc/self to learn the effective uid")?
+        .uid())
+}
+
+fn lookup_user(name: &str) -> Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() > 3 && f[0] == name {
+            return Ok((f[2].parse()?, f[3].parse()?));
+        }
+    }
+    bail!("tests run as root, and user '{name}' (to run PostgreSQL as) does not exist; create it or set HANDOFF_TEST_PG_USER")
+}
+
+/// A free loopback TCP port (bound and released; PostgreSQL binds it next).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn check(out: Output, what: &str) -> Result<Output> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// One PostgreSQL server.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub port: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    bin: PgBin,
+    root: PathBuf,
+    running: bool,
+}
+
+impl Node {
+    /// `127.0.0.1:port`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&mut self) -> Result<()> {
+        let out = self
+            .bin
+            .server_cmd("pg_ctl", &self.root)
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "start"])
+            .output()?;
+        check(out, &format!("pg_ctl start ({})", self.name)).map_err(|e| {
+            anyhow!(
+                "{e:#}\n--- server log ---\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops the server (`fast` or `immediate`).
+    pub fn stop(&mut self, mode: &str) -> Result<()> {
+        if !self.running {
+            return Ok(());
+        }
+        let out = self
+            .bin
+            .server_cmd("pg_ctl", &self.root)
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", mode, "-w", "-t", "60", "stop"])
+            .output()?;
+        self.running = false;
+        check(out, &format!("pg_ctl stop ({})", self.name)).map(|_| ())
+    }
+
+    /// Runs SQL with psql as the `postgres` superuser; returns unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        let out = Command::new(self.bin.bin("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
+            .output()?;
+        let out = check(out, &format!("psql on {}: {sql}", self.name))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn append_conf(&self, text: &str) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))?;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// A primary and its streaming standbys in one temp directory.
+#[derive(Debug)]
+pub struct Cluster {
+    pub primary: Node,
+    pub standbys: Vec<Node>,
+    pub bin: PgBin,
+    dir: Option<tempfile::TempDir>,
+}
+
+const HBA: &str = "\
+local all all trust
+host replication all 127.0.0.1/32 trust
+host all md5_user 127.0.0.1/32 md5
+host all scram_user 127.0.0.1/32 scram-sha-256
+host all password_user 127.0.0.1/32 password
+host all all 127.0.0.1/32 trust
+";
+
+impl Cluster {
+    /// Starts a primary with `standbys` streaming standbys and waits until every standby
+    /// is streaming.
+    pub fn start(standbys: usize) -> Result<Self> {
+        let bin = PgBin::find()?;
+        let dir = tempfile::Builder::new().prefix("handoff-pg-").tempdir()?;
+        let root = dir.path().to_path_buf();
+        bin.chown(&root)?;
+        let node = |name: &str| -> Result<Node> {
+            Ok(Node {
+                name: name.to_string(),
+                port: free_port()?,
+                data: root.join(name),
+                log: root.join(format!("{name}.log")),
+                bin: bin.clone(),
+                root: root.clone(),
+                running: false,
+            })
+        };
+        let primary = node("primary")?;
+        let out = bin
+            .server_cmd("initdb", &root)
+            .arg("-D")
+            .arg(&primary.data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
+            .output()?;
+        check(out, "initdb")?;
+        std::fs::write(primary.data.join("pg_hba.conf"), HBA)?;
+        primary.append_conf(&format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
+             fsync = off\nwal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
+             max_connections = 100\nshared_buffers = 32MB\nwal_keep_size = 128MB\n\
+             log_line_prefix = '%m [%p] %q%u@%d '\n",
+            primary.port,
+            root.display()
+        ))?;
+        let mut cluster = Cluster {
+            primary,
+            standbys: Vec::new(),
+            bin: bin.clone(),
+            dir: Some(dir),
+        };
+        cluster.primary.start()?;
+        for i in 0..standbys {
+            let mut s = node(&format!("standby{}", i + 1))?;
+            let out = bin
+                .server_cmd("pg_basebackup", &root)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &cluster.primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .arg("-D")
+                .arg(&s.data)
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+                .output()?;
+            check(out, "pg_basebackup")?;
+            s.append_conf(&format!("\nport = {}\n", s.port))?;
+            s.start()?;
+            cluster.standbys.push(s);
+        }
+        let want = standbys.to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while cluster
+            .primary
+            .psql("select count(*) from pg_stat_replication where state = 'streaming'")?
+            != want
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("standbys did not start streaming within 30s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(cluster)
+    }
+
+    /// The directory holding data directories and logs.
+    pub fn dir(&self) -> &Path {
+        self.primary.root.as_path()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in std::iter::once(&self.primary).chain(&self.standbys) {
+            let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let _ = writeln!(
+                s,
+                "--- {} ({}) log, last lines ---",
+                n.name,
+                n.log.display()
+            );
+            for l in tail.iter().rev() {
+                let _ = writeln!(s, "{l}");
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in self
+            .standbys
+            .iter_mut()
+            .chain(std::iter::once(&mut self.primary))
+        {
+            let _ = n.stop("immediate");
+        }
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                let kept = dir.keep();
+                eprintln!(
+                    "test failed: PostgreSQL files kept in {}\n{}",
+                    kept.display(),
+                    self.logs()
+                );
+            }
+        }
+    }
+}
