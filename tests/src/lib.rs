@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod pg;
+pub mod raw;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
