@@ -1,0 +1,143 @@
+//! Bad input and limits: each offending connection gets a precise error and is closed;
+//! every other client is unaffected. Also the admin API.
+
+use std::time::Duration;
+
+use handoff_tests::raw::{http, RawClient};
+use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+async fn connect(proxy: &handoff::Proxy) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(
+        &conn_str(&proxy.listen_addr(), "postgres", "postgres", None),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn still_works(c: &Client, n: i32) {
+    let got: i32 = c.query_one("select $1::int", &[&n]).await.unwrap().get(0);
+    assert_eq!(got, n);
+}
+
+#[tokio::test]
+async fn malformed_input_closes_only_the_offender() {
+    let cluster = Cluster::start(0).unwrap();
+    // No HANDOFF_USERS: loopback clients log in without a password.
+    let proxy = start_proxy(&cluster, &[]).await.unwrap();
+    let good = connect(&proxy).await.unwrap();
+    good.batch_execute("begin").await.unwrap();
+    still_works(&good, 1).await;
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("length below 8", vec![0, 0, 0, 3]),
+        ("negative length", vec![0xff, 0xff, 0xff, 0xf0]),
+        ("length over 10000", 20_000i32.to_be_bytes().to_vec()),
+        ("protocol 2.0", vec![0, 0, 0, 9, 0, 2, 0, 0, 0]),
+        ("no user", vec![0, 0, 0, 13, 0, 3, 0, 0, b'a', 0, b'b', 0, 0]),
+        ("invalid utf-8", vec![0, 0, 0, 15, 0, 3, 0, 0, b'u', b's', b'e', b'r', 0, 0xff, 0]),
+    ];
+    for (what, bytes) in cases {
+        let mut raw = RawClient::connect(proxy.listen_addr()).await.unwrap();
+        raw.send(&bytes).await.unwrap();
+        let err = raw.expect_error_then_close().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(err.code(), Some("08P01"), "{what}: {:?}", err.message());
+        still_works(&good, 2).await;
+    }
+
+    // SSLRequest twice: the first is declined with 'N', the second is a violation.
+    let mut raw = RawClient::connect(proxy.listen_addr()).await.unwrap();
+    let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    raw.send(&ssl).await.unwrap();
+    let mut n = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut n).await.unwrap();
+    assert_eq!(&n, b"N");
+    raw.send(&ssl).await.unwrap();
+    let err = raw.expect_error_then_close().await.unwrap();
+    assert_eq!(err.code(), Some("08P01"));
+
+    // Garbage after login: a tagged message with length 1.
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres").await.unwrap();
+    raw.send(&[b'Q', 0, 0, 0, 1]).await.unwrap();
+    let err = raw.expect_error_then_close().await.unwrap();
+    assert_eq!(err.code(), Some("08P01"));
+    assert!(err.message().unwrap().contains("invalid message length"), "{:?}", err.message());
+
+    // An unknown message type is the server's to reject, and it does (08P01) and closes.
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres").await.unwrap();
+    raw.send(&[b'!', 0, 0, 0, 4]).await.unwrap();
+    let err = raw.expect_error_then_close().await.unwrap();
+    assert_eq!(err.code(), Some("08P01"));
+
+    // The well-behaved client's transaction is intact.
+    still_works(&good, 3).await;
+    good.batch_execute("commit").await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_connection_limit() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_MAX_CLIENT_CONN", "2")]).await.unwrap();
+    let a = connect(&proxy).await.unwrap();
+    let b = connect(&proxy).await.unwrap();
+    let err = connect(&proxy).await.err().unwrap();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("HANDOFF_MAX_CLIENT_CONN=2"), "{msg}");
+    still_works(&a, 1).await;
+    still_works(&b, 2).await;
+    drop(a);
+    // Once a client leaves, a new one gets in.
+    eventually(Duration::from_secs(10), "a free client slot", || async {
+        Ok(connect(&proxy).await.is_ok())
+    })
+    .await
+    .unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_ADMIN_TOKEN", "tok")]).await.unwrap();
+    let admin = proxy.admin_addr();
+    let c = connect(&proxy).await.unwrap();
+    still_works(&c, 5).await;
+    let _ = c.simple_query("selec 1").await.unwrap_err();
+
+    let (status, body) = http(admin, "GET", "/healthz", None).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+    let (status, body) = http(admin, "GET", "/readyz", None).await.unwrap();
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ready"}"#));
+
+    let (status, body) = http(admin, "GET", "/metrics", None).await.unwrap();
+    assert_eq!(status, 401);
+    assert!(body.contains(r#""error""#), "{body}");
+    let (status, _) = http(admin, "GET", "/metrics", Some("wrong")).await.unwrap();
+    assert_eq!(status, 401);
+    let (status, body) = http(admin, "GET", "/metrics", Some("tok")).await.unwrap();
+    assert_eq!(status, 200);
+    for series in [
+        "handoff_client_connections ",
+        "handoff_server_connections ",
+        "handoff_client_connections_total ",
+        "handoff_query_duration_seconds_bucket",
+        "handoff_transaction_duration_seconds_count",
+        "handoff_bytes_total{direction=\"server_to_client\"}",
+        "handoff_errors_total{source=\"server\",class=\"42\"}",
+    ] {
+        assert!(body.contains(series), "/metrics lacks {series}:\n{body}");
+    }
+
+    let (status, body) = http(admin, "GET", "/nope", Some("tok")).await.unwrap();
+    assert_eq!(status, 404);
+    assert!(body.contains("no such endpoint: GET /nope"), "{body}");
+    let (status, body) = http(admin, "POST", "/healthz", None).await.unwrap();
+    assert_eq!(status, 405);
+    assert!(body.contains("not allowed"), "{body}");
+    proxy.shutdown().await;
+}
