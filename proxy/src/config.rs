@@ -316,6 +316,7 @@ impl Config {
         let mut s = String::from(
             "handoff: a failover-safe PostgreSQL proxy.\n\n\
              Usage: handoff            run the proxy (configured by the environment)\n       \
+             handoff healthcheck  exit 0 if the admin API answers GET /healthz\n       \
              handoff --help     print this help\n       \
              handoff --version  print the version\n\n\
              Environment variables:\n",

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
             print!("{}", Config::help());
             return ExitCode::SUCCESS;
         }
+        Some("healthcheck") => return healthcheck(),
         Some("-V" | "--version") => {
             println!("handoff {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
@@ -50,6 +51,42 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(config))
+}
+
+/// `handoff healthcheck`: GET /healthz on the admin address (for container health
+/// checks, so the image needs no HTTP client). Exit 0 when it answers 200.
+fn healthcheck() -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = std::env::var("HANDOFF_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:6480".into());
+    let Ok(mut addr) = addr.parse::<std::net::SocketAddr>() else {
+        eprintln!("healthcheck: HANDOFF_ADMIN_LISTEN '{addr}' is not an address");
+        return ExitCode::FAILURE;
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let timeout = std::time::Duration::from_secs(3);
+    let result = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: handoff\r\nConnection: close\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        Ok(resp)
+    });
+    match result {
+        Ok(resp) if resp.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(resp) => {
+            eprintln!(
+                "healthcheck: {}",
+                resp.lines().next().unwrap_or("no response")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("healthcheck: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(config: Config) -> ExitCode {

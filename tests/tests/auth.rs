@@ -5,7 +5,12 @@ use handoff_tests::{conn_str, start_proxy, Cluster};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
-async fn try_connect(proxy: &handoff::Proxy, user: &str, db: &str, pw: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+async fn try_connect(
+    proxy: &handoff::Proxy,
+    user: &str,
+    db: &str,
+    pw: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) =
         tokio_postgres::connect(&conn_str(&proxy.listen_addr(), user, db, Some(pw)), NoTls).await?;
     tokio::spawn(conn);
@@ -32,24 +37,48 @@ async fn client_auth_right_wrong_unknown() {
     .await
     .unwrap();
 
-    let c = try_connect(&proxy, "postgres", "postgres", "secret").await.unwrap();
-    let who: String = c.query_one("select current_user", &[]).await.unwrap().get(0);
+    let c = try_connect(&proxy, "postgres", "postgres", "secret")
+        .await
+        .unwrap();
+    let who: String = c
+        .query_one("select current_user", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(who, "postgres");
 
     // A routed alias reaches the server database it names.
-    let c = try_connect(&proxy, "postgres", "app", "secret").await.unwrap();
-    let db: String = c.query_one("select current_database()", &[]).await.unwrap().get(0);
+    let c = try_connect(&proxy, "postgres", "app", "secret")
+        .await
+        .unwrap();
+    let db: String = c
+        .query_one("select current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(db, "postgres");
 
-    let err = try_connect(&proxy, "postgres", "postgres", "wrong").await.err().unwrap();
+    let err = try_connect(&proxy, "postgres", "postgres", "wrong")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
-    assert!(msg(&err).contains("password authentication failed for user \"postgres\""), "{err}");
+    assert!(
+        msg(&err).contains("password authentication failed for user \"postgres\""),
+        "{err}"
+    );
 
     // Unknown users fail exactly like wrong passwords.
-    let err = try_connect(&proxy, "mallory", "postgres", "secret").await.err().unwrap();
+    let err = try_connect(&proxy, "mallory", "postgres", "secret")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
 
-    let err = try_connect(&proxy, "postgres", "nosuchdb", "secret").await.err().unwrap();
+    let err = try_connect(&proxy, "postgres", "nosuchdb", "secret")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{err}");
     assert!(msg(&err).contains("not configured in handoff"), "{err}");
     proxy.shutdown().await;
@@ -67,12 +96,14 @@ async fn server_auth_methods_and_server_errors() {
              create role {PASSWORD_USER} login password 'pw-clear'"
         ))
         .unwrap();
-    let users = format!(
-        "postgres=secret,{MD5_USER}=pw-md5,{SCRAM_USER}=pw-scram,{PASSWORD_USER}=pw-clear"
-    );
-    let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", &users), ("HANDOFF_DATABASES", "*=main")])
-        .await
-        .unwrap();
+    let users =
+        format!("postgres=secret,{MD5_USER}=pw-md5,{SCRAM_USER}=pw-scram,{PASSWORD_USER}=pw-clear");
+    let proxy = start_proxy(
+        &cluster,
+        &[("HANDOFF_USERS", &users), ("HANDOFF_DATABASES", "*=main")],
+    )
+    .await
+    .unwrap();
 
     // pg_hba.conf makes the server demand md5, scram-sha-256 and cleartext from these
     // roles; trust for postgres.
@@ -82,13 +113,22 @@ async fn server_auth_methods_and_server_errors() {
         (SCRAM_USER, "pw-scram"),
         (PASSWORD_USER, "pw-clear"),
     ] {
-        let c = try_connect(&proxy, user, "postgres", pw).await.unwrap_or_else(|e| panic!("{user}: {e}"));
-        let who: String = c.query_one("select current_user", &[]).await.unwrap().get(0);
+        let c = try_connect(&proxy, user, "postgres", pw)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
+        let who: String = c
+            .query_one("select current_user", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(who, user);
     }
 
     // A database that is routed but missing on the server: the server's 3D000 reaches the client.
-    let err = try_connect(&proxy, "postgres", "missing_db", "secret").await.err().unwrap();
+    let err = try_connect(&proxy, "postgres", "missing_db", "secret")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{err}");
     assert!(msg(&err).contains("missing_db"), "{err}");
     proxy.shutdown().await;
@@ -99,12 +139,19 @@ async fn server_rejecting_the_proxys_password_is_reported() {
     let cluster = Cluster::start(0).unwrap();
     cluster
         .primary
-        .psql(&format!("create role {SCRAM_USER} login password 'server-side'"))
+        .psql(&format!(
+            "create role {SCRAM_USER} login password 'server-side'"
+        ))
         .unwrap();
     // The proxy accepts the client with 'proxy-side' but the server wants another password.
     let users = format!("{SCRAM_USER}=proxy-side");
-    let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", &users)]).await.unwrap();
-    let err = try_connect(&proxy, SCRAM_USER, "postgres", "proxy-side").await.err().unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", &users)])
+        .await
+        .unwrap();
+    let err = try_connect(&proxy, SCRAM_USER, "postgres", "proxy-side")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
     assert!(msg(&err).contains(SCRAM_USER), "{err}");
     proxy.shutdown().await;

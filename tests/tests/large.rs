@@ -21,7 +21,9 @@ fn peak_rss_kib() -> u64 {
 async fn hundred_megabytes_each_way_in_bounded_memory() {
     let cluster = Cluster::start(0).unwrap();
     let proxy = start_proxy(&cluster, &[]).await.unwrap();
-    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres").await.unwrap();
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
     let before = peak_rss_kib();
 
     // Client to server: a Query whose text carries a 100 MB literal, written in 1 MB

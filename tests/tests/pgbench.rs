@@ -10,8 +10,14 @@ async fn pgbench_select_only_has_no_failures() {
         .args(["-p", &cluster.primary.port.to_string(), "postgres"])
         .output()
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
-    let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", "postgres=secret")]).await.unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", "postgres=secret")])
+        .await
+        .unwrap();
     let port = proxy.listen_addr().port().to_string();
     let bin = cluster.bin.bin("pgbench");
     let out = tokio::task::spawn_blocking(move || {
@@ -25,12 +31,16 @@ async fn pgbench_select_only_has_no_failures() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let field = |name: &str| -> u64 {
         stdout
             .lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().split_whitespace().next()?.parse().ok())
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or_else(|| panic!("no '{name}' in pgbench output:\n{stdout}"))
     };
     assert_eq!(field("number of failed transactions:"), 0, "{stdout}");

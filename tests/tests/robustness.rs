@@ -37,13 +37,22 @@ async fn malformed_input_closes_only_the_offender() {
         ("negative length", vec![0xff, 0xff, 0xff, 0xf0]),
         ("length over 10000", 20_000i32.to_be_bytes().to_vec()),
         ("protocol 2.0", vec![0, 0, 0, 9, 0, 2, 0, 0, 0]),
-        ("no user", vec![0, 0, 0, 13, 0, 3, 0, 0, b'a', 0, b'b', 0, 0]),
-        ("invalid utf-8", vec![0, 0, 0, 15, 0, 3, 0, 0, b'u', b's', b'e', b'r', 0, 0xff, 0]),
+        (
+            "no user",
+            vec![0, 0, 0, 13, 0, 3, 0, 0, b'a', 0, b'b', 0, 0],
+        ),
+        (
+            "invalid utf-8",
+            vec![0, 0, 0, 15, 0, 3, 0, 0, b'u', b's', b'e', b'r', 0, 0xff, 0],
+        ),
     ];
     for (what, bytes) in cases {
         let mut raw = RawClient::connect(proxy.listen_addr()).await.unwrap();
         raw.send(&bytes).await.unwrap();
-        let err = raw.expect_error_then_close().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let err = raw
+            .expect_error_then_close()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(err.code(), Some("08P01"), "{what}: {:?}", err.message());
         still_works(&good, 2).await;
     }
@@ -53,21 +62,31 @@ async fn malformed_input_closes_only_the_offender() {
     let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
     raw.send(&ssl).await.unwrap();
     let mut n = [0u8; 1];
-    tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut n).await.unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut raw.stream, &mut n)
+        .await
+        .unwrap();
     assert_eq!(&n, b"N");
     raw.send(&ssl).await.unwrap();
     let err = raw.expect_error_then_close().await.unwrap();
     assert_eq!(err.code(), Some("08P01"));
 
     // Garbage after login: a tagged message with length 1.
-    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres").await.unwrap();
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
     raw.send(&[b'Q', 0, 0, 0, 1]).await.unwrap();
     let err = raw.expect_error_then_close().await.unwrap();
     assert_eq!(err.code(), Some("08P01"));
-    assert!(err.message().unwrap().contains("invalid message length"), "{:?}", err.message());
+    assert!(
+        err.message().unwrap().contains("invalid message length"),
+        "{:?}",
+        err.message()
+    );
 
     // An unknown message type is the server's to reject, and it does (08P01) and closes.
-    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres").await.unwrap();
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
     raw.send(&[b'!', 0, 0, 0, 4]).await.unwrap();
     let err = raw.expect_error_then_close().await.unwrap();
     assert_eq!(err.code(), Some("08P01"));
@@ -81,7 +100,9 @@ async fn malformed_input_closes_only_the_offender() {
 #[tokio::test]
 async fn client_connection_limit() {
     let cluster = Cluster::start(0).unwrap();
-    let proxy = start_proxy(&cluster, &[("HANDOFF_MAX_CLIENT_CONN", "2")]).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_MAX_CLIENT_CONN", "2")])
+        .await
+        .unwrap();
     let a = connect(&proxy).await.unwrap();
     let b = connect(&proxy).await.unwrap();
     let err = connect(&proxy).await.err().unwrap();
@@ -103,7 +124,9 @@ async fn client_connection_limit() {
 #[tokio::test]
 async fn admin_endpoints() {
     let cluster = Cluster::start(0).unwrap();
-    let proxy = start_proxy(&cluster, &[("HANDOFF_ADMIN_TOKEN", "tok")]).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_ADMIN_TOKEN", "tok")])
+        .await
+        .unwrap();
     let admin = proxy.admin_addr();
     let c = connect(&proxy).await.unwrap();
     still_works(&c, 5).await;

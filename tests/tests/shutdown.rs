@@ -10,7 +10,9 @@ use tokio_postgres::NoTls;
 #[tokio::test]
 async fn drains_sessions_at_transaction_boundaries() {
     let cluster = Cluster::start(0).unwrap();
-    let proxy = start_proxy(&cluster, &[("HANDOFF_SHUTDOWN_TIMEOUT", "20s")]).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_SHUTDOWN_TIMEOUT", "20s")])
+        .await
+        .unwrap();
     let addr = proxy.listen_addr();
     let url = conn_str(&addr, "postgres", "postgres", None);
 
@@ -25,7 +27,10 @@ async fn drains_sessions_at_transaction_boundaries() {
     let shutdown = tokio::spawn(proxy.shutdown());
 
     // The idle session is closed with 57P01.
-    let res = tokio::time::timeout(Duration::from_secs(10), idle_task).await.unwrap().unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), idle_task)
+        .await
+        .unwrap()
+        .unwrap();
     let err = res.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
     assert!(idle.is_closed());
@@ -39,26 +44,46 @@ async fn drains_sessions_at_transaction_boundaries() {
     assert!(!shutdown.is_finished());
 
     // The transaction in flight finishes and commits, then that session is closed too.
-    busy.batch_execute("insert into kept values (2); commit").await.unwrap();
-    let res = tokio::time::timeout(Duration::from_secs(10), busy_task).await.unwrap().unwrap();
+    busy.batch_execute("insert into kept values (2); commit")
+        .await
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), busy_task)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(res.unwrap_err().code(), Some(&SqlState::ADMIN_SHUTDOWN));
-    tokio::time::timeout(Duration::from_secs(10), shutdown).await.unwrap().unwrap();
-    assert_eq!(cluster.primary.psql("select count(*) from kept").unwrap(), "2");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        cluster.primary.psql("select count(*) from kept").unwrap(),
+        "2"
+    );
 }
 
 #[tokio::test]
 async fn timeout_closes_sessions_stuck_in_a_transaction() {
     let cluster = Cluster::start(0).unwrap();
-    let proxy = start_proxy(&cluster, &[("HANDOFF_SHUTDOWN_TIMEOUT", "300ms")]).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_SHUTDOWN_TIMEOUT", "300ms")])
+        .await
+        .unwrap();
     let url = conn_str(&proxy.listen_addr(), "postgres", "postgres", None);
     let (busy, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     let task = tokio::spawn(conn);
-    busy.batch_execute("create table lost (id int)").await.unwrap();
+    busy.batch_execute("create table lost (id int)")
+        .await
+        .unwrap();
     busy.batch_execute("begin; insert into lost values (1)")
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown()).await.unwrap();
-    let res = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), proxy.shutdown())
+        .await
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(res.unwrap_err().code(), Some(&SqlState::ADMIN_SHUTDOWN));
     // The unfinished transaction was rolled back by the server.
     let primary = &cluster.primary;
