@@ -60,6 +60,28 @@ struct Txn {
     /// Bytes relayed since they were last added to the counters.
     up: u64,
     down: u64,
+    /// Metric handles, looked up once per session rather than once per transaction.
+    handles: Handles,
+}
+
+/// The session's metric handles.
+#[derive(Debug)]
+struct Handles {
+    query: metrics::Histogram,
+    transaction: metrics::Histogram,
+    up: metrics::Counter,
+    down: metrics::Counter,
+}
+
+impl Handles {
+    fn new() -> Self {
+        Self {
+            query: metrics::histogram!(m::QUERY_DURATION),
+            transaction: metrics::histogram!(m::TRANSACTION_DURATION),
+            up: metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server"),
+            down: metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client"),
+        }
+    }
 }
 
 impl Txn {
@@ -81,12 +103,12 @@ impl Txn {
 
     fn on_ready(&mut self, status: TransactionStatus, now: Instant) {
         if let Some(t) = self.request_started.take() {
-            metrics::histogram!(m::QUERY_DURATION).record(now - t);
+            self.handles.query.record(now - t);
         }
         self.status = status;
         if status == TransactionStatus::Idle {
             if let Some(t) = self.txn_started.take() {
-                metrics::histogram!(m::TRANSACTION_DURATION).record(now - t);
+                self.handles.transaction.record(now - t);
             }
         }
         self.flush_bytes();
@@ -94,12 +116,11 @@ impl Txn {
 
     fn flush_bytes(&mut self) {
         if self.up > 0 {
-            metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server").increment(self.up);
+            self.handles.up.increment(self.up);
             self.up = 0;
         }
         if self.down > 0 {
-            metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client")
-                .increment(self.down);
+            self.handles.down.increment(self.down);
             self.down = 0;
         }
     }
@@ -112,7 +133,7 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 /// Relays between a logged-in client and its server until one side ends.
-pub async fn run(client: Conn, server: Conn, shard: &str, mut shutdown: Signal) -> End {
+pub async fn run(client: Conn, server: Conn, shard: &str, shutdown: Signal) -> End {
     let Conn {
         stream: mut client_stream,
         rbuf: mut cbuf,
@@ -135,8 +156,13 @@ pub async fn run(client: Conn, server: Conn, shard: &str, mut shutdown: Signal) 
         terminated: false,
         up: 0,
         down: 0,
+        handles: Handles::new(),
     };
 
+    // One long-lived future per phase to wait for, rather than a new one (and a new
+    // waiter registration) on every pass through the loop.
+    let mut watched = Phase::Draining;
+    let mut phase_change = Box::pin(reach(shutdown.clone(), Phase::Draining));
     let end = loop {
         // Bytes the client sent right behind its startup, or left from the last read.
         if !cbuf.is_empty() {
@@ -157,11 +183,6 @@ pub async fn run(client: Conn, server: Conn, shard: &str, mut shutdown: Signal) 
             crate::session::send_error(&mut cw, &err).await;
             break End::Shutdown;
         }
-        let next_phase = if phase == Phase::Running {
-            Phase::Draining
-        } else {
-            Phase::Closing
-        };
         reserve(&mut cbuf);
         reserve(&mut sbuf);
         // Both reads are `read_buf` into our own buffers, which is cancel-safe: a read that
@@ -188,11 +209,20 @@ pub async fn run(client: Conn, server: Conn, shard: &str, mut shutdown: Signal) 
                     }
                 }
             },
-            _ = shutdown.reached(next_phase), if phase != Phase::Closing => {}
+            _ = &mut phase_change, if phase < watched => {
+                // Watch for the next phase with a new long-lived future.
+                watched = Phase::Closing;
+                phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
+            }
         }
     };
     txn.flush_bytes();
     end
+}
+
+/// Resolves when `signal` reaches `phase`.
+async fn reach(mut signal: Signal, phase: Phase) {
+    signal.reached(phase).await
 }
 
 /// Forwards every complete run of client bytes in `buf` to the server.
