@@ -63,6 +63,7 @@ async fn hundred_megabytes_each_way_in_bounded_memory() {
     assert_eq!(row_bytes as usize, 2 + 4 + SIZE);
 
     let grown_mib = (peak_rss_kib() - before) / 1024;
+    eprintln!("peak RSS grew by {grown_mib} MiB while relaying 2 x 100 MiB");
     assert!(
         grown_mib < 32,
         "peak memory grew by {grown_mib} MiB while relaying 2 x 100 MiB"

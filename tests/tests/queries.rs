@@ -151,8 +151,14 @@ async fn listen_notify_and_cancel() {
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
         while let Some(Ok(m)) = messages.next().await {
-            if let AsyncMessage::Notification(n) = m {
-                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            match m {
+                AsyncMessage::Notification(n) => {
+                    let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+                }
+                AsyncMessage::Notice(n) => {
+                    let _ = tx.send(("notice".to_string(), n.message().to_string()));
+                }
+                _ => {}
             }
         }
     });

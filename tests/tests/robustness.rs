@@ -164,3 +164,43 @@ async fn admin_endpoints() {
     assert!(body.contains("not allowed"), "{body}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn unreachable_primary_and_slow_login_get_clear_errors() {
+    // No PostgreSQL needed: the shard points at a port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = handoff::Config::from_vars([
+        ("HANDOFF_LISTEN", "127.0.0.1:0".to_string()),
+        ("HANDOFF_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("HANDOFF_SHARDS", format!("orders={closed}")),
+        ("HANDOFF_CLIENT_LOGIN_TIMEOUT", "300ms".to_string()),
+    ])
+    .unwrap();
+    let proxy = handoff::Proxy::start(config).await.unwrap();
+    let err = connect(&proxy).await.err().unwrap();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err:?}");
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(
+        msg.contains("shard \"orders\"") && msg.contains(&closed.to_string()),
+        "{msg}"
+    );
+
+    // A client that connects and says nothing is dropped after the login timeout.
+    let mut raw = RawClient::connect(proxy.listen_addr()).await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), raw.expect_error_then_close())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(err.code(), Some("08P01"));
+    assert!(
+        err.message()
+            .unwrap()
+            .contains("HANDOFF_CLIENT_LOGIN_TIMEOUT"),
+        "{:?}",
+        err.message()
+    );
+    proxy.shutdown().await;
+}
