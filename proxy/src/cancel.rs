@@ -14,14 +14,21 @@ use handoff_protocol::framing::StartupPacket;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+/// A server connection's cancel data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerKey {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub key: i32,
+}
+
 /// Where a client's cancel request must go.
 #[derive(Debug, Clone, Copy)]
 struct Target {
     /// The secret key handed to the client.
     key: i32,
-    server: SocketAddr,
-    server_pid: i32,
-    server_key: i32,
+    /// The server connection serving the client now, if any (transaction mode detaches).
+    server: Option<ServerKey>,
 }
 
 /// Every live session's proxy-issued key, by proxy-issued process id.
@@ -52,13 +59,8 @@ fn random_i32() -> i32 {
 }
 
 impl Registry {
-    /// Issues fresh key data for a session served by the given server connection.
-    pub fn register(
-        self: &Arc<Self>,
-        server: SocketAddr,
-        server_pid: i32,
-        server_key: i32,
-    ) -> Registration {
+    /// Issues fresh key data for a session, served now by `server` (if any).
+    pub fn register(self: &Arc<Self>, server: Option<ServerKey>) -> Registration {
         loop {
             // Positive pids, like PostgreSQL's, so tools that print them are not confused.
             let pid = random_i32() & 0x7fff_ffff;
@@ -67,18 +69,20 @@ impl Registry {
             }
             if let Entry::Vacant(v) = self.map.entry(pid) {
                 let key = random_i32();
-                v.insert(Target {
-                    key,
-                    server,
-                    server_pid,
-                    server_key,
-                });
+                v.insert(Target { key, server });
                 return Registration {
                     registry: Arc::clone(self),
                     pid,
                     key,
                 };
             }
+        }
+    }
+
+    /// Points a session's cancel requests at another server connection (or at none).
+    pub fn set_server(&self, pid: i32, server: Option<ServerKey>) {
+        if let Some(mut t) = self.map.get_mut(&pid) {
+            t.server = server;
         }
     }
 
@@ -102,25 +106,29 @@ impl Registry {
         if !secrets_equal(&target.key.to_be_bytes(), &key.to_be_bytes()) {
             return false;
         }
+        // Between transactions nothing runs for this client: nothing to cancel.
+        let Some(server) = target.server else {
+            return false;
+        };
         let mut buf = BytesMut::new();
         StartupPacket::Cancel {
-            pid: target.server_pid,
-            key: target.server_key,
+            pid: server.pid,
+            key: server.key,
         }
         .encode(&mut buf);
         let send = async {
-            let mut s = TcpStream::connect(target.server).await?;
+            let mut s = TcpStream::connect(server.addr).await?;
             s.write_all(&buf).await?;
             s.shutdown().await
         };
         match tokio::time::timeout(timeout, send).await {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                tracing::warn!(server = %target.server, error = %e, "could not forward cancel request");
+                tracing::warn!(server = %server.addr, error = %e, "could not forward cancel request");
                 false
             }
             Err(_) => {
-                tracing::warn!(server = %target.server, "timed out forwarding cancel request");
+                tracing::warn!(server = %server.addr, "timed out forwarding cancel request");
                 false
             }
         }
@@ -138,12 +146,16 @@ mod tests {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
         let reg = Arc::new(Registry::default());
-        let a = reg.register(addr, 111, 222);
-        let b = reg.register(addr, 333, 444);
+        let key = |pid, key| Some(ServerKey { addr, pid, key });
+        let a = reg.register(key(111, 222));
+        let b = reg.register(key(333, 444));
+        let c = reg.register(None);
         assert_ne!(a.pid, b.pid);
         assert!(a.pid > 0);
-        assert_eq!(reg.len(), 2);
+        assert_eq!(reg.len(), 3);
         let t = Duration::from_secs(5);
+        assert!(!reg.forward(c.pid, c.key, t).await, "no server attached");
+        drop(c);
         assert!(
             !reg.forward(a.pid, a.key.wrapping_add(1), t).await,
             "wrong key"

@@ -57,8 +57,38 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "HANDOFF_POOL_MODE",
-        default: "session",
-        help: "pooling mode; only 'session' for now",
+        default: "transaction",
+        help: "'transaction' (server connection per transaction) or 'session' (per client)",
+    },
+    Variable {
+        name: "HANDOFF_POOL_SIZE",
+        default: "20",
+        help: "most server connections per pool (user, database, shard primary)",
+    },
+    Variable {
+        name: "HANDOFF_POOL_MIN_IDLE",
+        default: "0",
+        help: "idle server connections each pool keeps open once it exists",
+    },
+    Variable {
+        name: "HANDOFF_QUERY_WAIT_TIMEOUT",
+        default: "120s",
+        help: "longest a client waits for a free server connection before an error (53300)",
+    },
+    Variable {
+        name: "HANDOFF_SERVER_IDLE_TIMEOUT",
+        default: "10m",
+        help: "idle server connections older than this in the pool are closed (0: never)",
+    },
+    Variable {
+        name: "HANDOFF_SERVER_LIFETIME",
+        default: "1h",
+        help: "server connections are closed at checkin once this old (0: never)",
+    },
+    Variable {
+        name: "HANDOFF_MAX_PREPARED_STATEMENTS",
+        default: "200",
+        help: "prepared statements cached per server connection (LRU) in transaction mode",
     },
     Variable {
         name: "HANDOFF_CONNECT_TIMEOUT",
@@ -103,10 +133,25 @@ fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
 pub enum PoolMode {
     /// One server connection per client session.
     Session,
+    /// A pooled server connection per transaction.
+    Transaction,
+}
+
+/// Pool sizes and timeouts (transaction mode).
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub size: usize,
+    pub min_idle: usize,
+    pub query_wait_timeout: Duration,
+    /// `ZERO`: never.
+    pub idle_timeout: Duration,
+    /// `ZERO`: never.
+    pub lifetime: Duration,
+    pub max_prepared: usize,
 }
 
 /// A server address as configured (host names are resolved when connecting).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HostPort {
     pub host: String,
     pub port: u16,
@@ -184,6 +229,7 @@ pub struct Config {
     pub users: Option<HashMap<String, UserSecret>>,
     pub max_client_conn: usize,
     pub pool_mode: PoolMode,
+    pub pool: PoolSettings,
     pub connect_timeout: Duration,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -260,30 +306,57 @@ impl Config {
                 )
             })?,
         };
-        let pool_mode = match get("HANDOFF_POOL_MODE").unwrap_or("session") {
+        let pool_mode = match get("HANDOFF_POOL_MODE").unwrap_or("transaction") {
             "session" => PoolMode::Session,
-            "transaction" => {
-                return Err(invalid(
-                    "HANDOFF_POOL_MODE",
-                    "'transaction' is not available yet; use 'session'",
-                ))
-            }
+            "transaction" => PoolMode::Transaction,
             other => {
                 return Err(invalid(
                     "HANDOFF_POOL_MODE",
-                    format!("'{other}' is not a pool mode (expected 'session')"),
+                    format!("'{other}' is not a pool mode (expected 'transaction' or 'session')"),
                 ))
             }
         };
+        let count =
+            |name: &'static str, default: usize, min: usize| -> Result<usize, ConfigError> {
+                match get(name) {
+                    None => Ok(default),
+                    Some(s) => s
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| *n >= min)
+                        .ok_or_else(|| {
+                            invalid(name, format!("'{s}' is not an integer of at least {min}"))
+                        }),
+                }
+            };
+        let pool_size = count("HANDOFF_POOL_SIZE", 20, 1)?;
+        let min_idle = count("HANDOFF_POOL_MIN_IDLE", 0, 0)?;
+        if min_idle > pool_size {
+            return Err(invalid(
+                "HANDOFF_POOL_MIN_IDLE",
+                format!("{min_idle} is more than HANDOFF_POOL_SIZE ({pool_size})"),
+            ));
+        }
+        let max_prepared = count("HANDOFF_MAX_PREPARED_STATEMENTS", 200, 1)?;
         let duration = |name: &'static str, default: &str| {
             parse_duration(get(name).unwrap_or(default)).map_err(|r| invalid(name, r))
         };
         let connect_timeout = duration("HANDOFF_CONNECT_TIMEOUT", "5s")?;
         let client_login_timeout = duration("HANDOFF_CLIENT_LOGIN_TIMEOUT", "15s")?;
         let shutdown_timeout = duration("HANDOFF_SHUTDOWN_TIMEOUT", "30s")?;
+        let query_wait_timeout = duration("HANDOFF_QUERY_WAIT_TIMEOUT", "120s")?;
+        let pool = PoolSettings {
+            size: pool_size,
+            min_idle,
+            query_wait_timeout,
+            idle_timeout: duration("HANDOFF_SERVER_IDLE_TIMEOUT", "10m")?,
+            lifetime: duration("HANDOFF_SERVER_LIFETIME", "1h")?,
+            max_prepared,
+        };
         for (name, d) in [
             ("HANDOFF_CONNECT_TIMEOUT", connect_timeout),
             ("HANDOFF_CLIENT_LOGIN_TIMEOUT", client_login_timeout),
+            ("HANDOFF_QUERY_WAIT_TIMEOUT", query_wait_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(name, "must be greater than zero"));
@@ -299,6 +372,7 @@ impl Config {
             users,
             max_client_conn,
             pool_mode,
+            pool,
             connect_timeout,
             client_login_timeout,
             shutdown_timeout,

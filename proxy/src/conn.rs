@@ -36,12 +36,21 @@ impl Conn {
     pub fn new(stream: TcpStream) -> Self {
         Self {
             stream,
-            rbuf: BytesMut::with_capacity(1024),
-            wbuf: BytesMut::with_capacity(1024),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
         }
     }
 
+    /// Frees both buffers if they hold nothing (an idle client costs almost nothing).
+    pub fn release_buffers(&mut self) {
+        if self.rbuf.is_empty() {
+            self.rbuf = BytesMut::new();
+        }
+        self.wbuf = BytesMut::new();
+    }
+
     async fn fill(&mut self) -> Result<(), ConnError> {
+        self.rbuf.reserve(4096);
         if self.stream.read_buf(&mut self.rbuf).await? == 0 {
             return Err(ConnError::Eof);
         }

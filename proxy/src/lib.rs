@@ -18,10 +18,13 @@ pub mod config;
 mod conn;
 mod listener;
 pub mod metrics;
+mod pool;
+mod prepared;
 mod relay;
 mod server;
 mod session;
 pub mod shutdown;
+mod txn;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,6 +42,8 @@ use shutdown::{Phase, Trigger};
 pub(crate) struct Shared {
     pub config: Arc<Config>,
     pub cancels: Arc<cancel::Registry>,
+    /// Server connection pools (transaction mode).
+    pub pools: pool::Pools,
     /// Verifier used for unknown users so they fail exactly like wrong passwords.
     pub decoy: ScramVerifier,
 }
@@ -106,7 +111,9 @@ impl Proxy {
             prometheus,
             shutdown: signal.clone(),
         });
+        let pools = pool::Pools::new(config.pool.clone(), config.connect_timeout);
         let shared = Arc::new(Shared {
+            pools,
             config: Arc::new(config),
             cancels: Arc::new(cancel::Registry::default()),
             decoy: ScramVerifier::from_password("")?,

@@ -28,6 +28,17 @@ pub const ERRORS_TOTAL: &str = "handoff_errors_total";
 /// Cancel requests, by `result` (`forwarded`, `unknown`) (counter).
 pub const CANCEL_REQUESTS_TOTAL: &str = "handoff_cancel_requests_total";
 
+/// Server connections in use by clients, per `pool` (gauge).
+pub const POOL_ACTIVE: &str = "handoff_pool_active_connections";
+/// Idle server connections, per `pool` (gauge).
+pub const POOL_IDLE: &str = "handoff_pool_idle_connections";
+/// Clients waiting for a server connection, per `pool` (gauge).
+pub const POOL_WAITING: &str = "handoff_pool_waiting_clients";
+/// Time to get a server connection from the pool (histogram, seconds).
+pub const POOL_WAIT: &str = "handoff_pool_checkout_wait_seconds";
+/// Prepared-statement cache outcomes, by `result` (`hit`, `miss`, `eviction`) (counter).
+pub const PREPARED_TOTAL: &str = "handoff_prepared_statements_total";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,
@@ -76,6 +87,24 @@ fn describe() {
         "ErrorResponses sent to clients, by source and SQLSTATE class"
     );
     describe_counter!(CANCEL_REQUESTS_TOTAL, "Cancel requests, by result");
+    describe_gauge!(POOL_ACTIVE, "Server connections in use, per pool");
+    describe_gauge!(POOL_IDLE, "Idle server connections, per pool");
+    describe_gauge!(
+        POOL_WAITING,
+        "Clients waiting for a server connection, per pool"
+    );
+    describe_histogram!(
+        POOL_WAIT,
+        Unit::Seconds,
+        "Time to check out a server connection"
+    );
+    describe_counter!(
+        PREPARED_TOTAL,
+        "Prepared-statement cache hits, misses and evictions"
+    );
+    for result in ["hit", "miss", "eviction"] {
+        metrics::counter!(PREPARED_TOTAL, "result" => result).absolute(0);
+    }
     // Series that should exist at zero from startup.
     metrics::gauge!(CLIENT_CONNECTIONS).set(0.0);
     metrics::gauge!(SERVER_CONNECTIONS).set(0.0);

@@ -13,12 +13,16 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::client_auth::{self, Failure};
-use crate::config::{Config, UserSecret};
+use std::collections::HashMap;
+
+use crate::config::{Config, PoolMode, UserSecret};
 use crate::conn::{Conn, ConnError};
 use crate::metrics as m;
+use crate::pool::PoolKey;
 use crate::relay;
 use crate::server::{self, ServerError};
 use crate::shutdown::Signal;
+use crate::txn;
 use crate::Shared;
 
 /// What the client asked for in its StartupMessage.
@@ -91,7 +95,74 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
     };
     tracing::Span::current().record("user", startup.user.as_str());
     tracing::Span::current().record("database", startup.database.as_str());
-    connect_and_relay(client, &shared, startup, secret, shutdown).await;
+    match cfg.pool_mode {
+        PoolMode::Session => connect_and_relay(client, &shared, startup, secret, shutdown).await,
+        PoolMode::Transaction => transaction_mode(client, &shared, startup, secret, shutdown).await,
+    }
+}
+
+/// Transaction mode: a pooled server connection per transaction.
+async fn transaction_mode(
+    mut client: Conn,
+    shared: &Shared,
+    startup: Startup,
+    secret: Option<&UserSecret>,
+    shutdown: Signal,
+) {
+    let cfg: &Config = &shared.config;
+    let route = cfg
+        .route(&startup.database)
+        .expect("login checked the route");
+    let shard = &cfg.shards[route.shard];
+    let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
+    let mut desired = HashMap::new();
+    for (k, v) in &startup.params {
+        if k == "options" {
+            tracing::debug!("startup parameter 'options' is ignored in transaction mode");
+            continue;
+        }
+        if !txn::valid_param_name(k) {
+            let err = ProxyError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid startup parameter name \"{k}\""),
+            );
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+        desired.insert(k.clone(), v.clone());
+    }
+    let key = PoolKey {
+        user: startup.user.clone(),
+        database: server_db.to_string(),
+        addr: shard.hosts[0].clone(),
+    };
+    let password = secret.and_then(|s| s.password.as_deref());
+    let pool = shared.pools.get(&key, password, &shard.name);
+    let registration = shared.cancels.register(None);
+    let (pid, key) = (registration.pid, registration.key);
+    let mut session = txn::Txn::new(shared, pool, &shard.name, registration, desired);
+    // Log in on a real server connection now, so that a bad database, role or parameter
+    // is reported at connect time and the client sees the server's parameters.
+    if let Err(e) = session.attach().await {
+        let err = txn::attach_error(&e, &shard.name);
+        tracing::warn!(shard = %shard.name, error = %err, "server login failed");
+        send_error(&mut client.stream, &err).await;
+        session.detach(true);
+        return;
+    }
+    let mut hello = BytesMut::with_capacity(512);
+    BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
+    for (name, value) in session.startup_params() {
+        BackendMessage::ParameterStatus { name, value }.encode(&mut hello);
+    }
+    BackendMessage::BackendKeyData { pid, key }.encode(&mut hello);
+    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
+    session.detach(false);
+    if client.send_raw(&hello).await.is_err() {
+        return;
+    }
+    let end = txn::run(client, session, shutdown).await;
+    tracing::debug!(?end, "session ended");
 }
 
 /// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel
@@ -216,7 +287,7 @@ async fn startup_from_params(
 }
 
 /// The error a client sees when its server connection cannot be made.
-fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyError {
+pub(crate) fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyError {
     match err {
         ServerError::Rejected { fields, .. } => {
             let code = fields.code().unwrap_or(sqlstate::CONNECTION_FAILURE);
@@ -285,7 +356,11 @@ async fn connect_and_relay(
         }
     };
     let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let registration = shared.cancels.register(server.peer, server.pid, server.key);
+    let registration = shared.cancels.register(Some(crate::cancel::ServerKey {
+        addr: server.peer,
+        pid: server.pid,
+        key: server.key,
+    }));
 
     let mut hello = BytesMut::with_capacity(512);
     BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);

@@ -136,9 +136,12 @@ async fn copy_in_and_out_and_a_10mb_value() {
 }
 
 #[tokio::test]
-async fn listen_notify_and_cancel() {
+async fn listen_notify_and_cancel_in_session_mode() {
     let cluster = Cluster::start(0).unwrap();
-    let proxy = start_proxy(&cluster, &[USERS]).await.unwrap();
+    // LISTEN needs the same server connection for the whole session.
+    let proxy = start_proxy(&cluster, &[USERS, ("HANDOFF_POOL_MODE", "session")])
+        .await
+        .unwrap();
 
     // A listener whose connection task forwards notifications to a channel.
     let (listener, mut conn) = tokio_postgres::connect(

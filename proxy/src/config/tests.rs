@@ -23,7 +23,15 @@ fn defaults() {
     assert_eq!(c.route("anything").unwrap().shard, 0);
     assert!(c.users.is_none());
     assert_eq!(c.max_client_conn, 1000);
-    assert_eq!(c.pool_mode, PoolMode::Session);
+    assert_eq!(c.pool_mode, PoolMode::Transaction);
+    assert_eq!(c.pool.size, 20);
+    assert_eq!(c.pool.min_idle, 0);
+    assert_eq!(c.pool.query_wait_timeout, Duration::from_secs(120));
+    assert_eq!(c.pool.idle_timeout, Duration::from_secs(600));
+    assert_eq!(c.pool.lifetime, Duration::from_secs(3600));
+    assert_eq!(c.pool.max_prepared, 200);
+    let s = cfg(&[("HANDOFF_POOL_MODE", "session")]).unwrap();
+    assert_eq!(s.pool_mode, PoolMode::Session);
     assert_eq!(c.connect_timeout, Duration::from_secs(5));
     assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
 }
@@ -52,9 +60,22 @@ fn bad_values_name_their_variable() {
         err_var(&[("HANDOFF_MAX_CLIENT_CONN", "-3")]),
         "HANDOFF_MAX_CLIENT_CONN"
     );
+    assert_eq!(err_var(&[("HANDOFF_POOL_SIZE", "0")]), "HANDOFF_POOL_SIZE");
     assert_eq!(
-        err_var(&[("HANDOFF_POOL_MODE", "transaction")]),
-        "HANDOFF_POOL_MODE"
+        err_var(&[("HANDOFF_POOL_MIN_IDLE", "30")]),
+        "HANDOFF_POOL_MIN_IDLE"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_MAX_PREPARED_STATEMENTS", "x")]),
+        "HANDOFF_MAX_PREPARED_STATEMENTS"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_QUERY_WAIT_TIMEOUT", "0")]),
+        "HANDOFF_QUERY_WAIT_TIMEOUT"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_SERVER_LIFETIME", "1y")]),
+        "HANDOFF_SERVER_LIFETIME"
     );
     assert_eq!(
         err_var(&[("HANDOFF_POOL_MODE", "statement")]),

@@ -1,0 +1,388 @@
+//! Server connection pools for transaction mode, one per (user, server database, shard
+//! primary): bounded size, FIFO-fair waiting with a timeout, idle connections checked so
+//! that any byte or EOF from the server evicts them, idle timeout, lifetime, min idle.
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use lru::LruCache;
+use tokio::sync::oneshot;
+
+use crate::config::{HostPort, PoolSettings};
+use crate::conn::Conn;
+use crate::metrics as m;
+use crate::server::{self, ServerConn, ServerError};
+
+/// Which pool a connection belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub user: String,
+    pub database: String,
+    pub addr: HostPort,
+}
+
+/// A pooled server connection and what the proxy knows of its session state.
+#[derive(Debug)]
+pub struct Backend {
+    pub conn: Conn,
+    pub pid: i32,
+    pub key: i32,
+    pub peer: std::net::SocketAddr,
+    /// ParameterStatus values as the server last reported them.
+    pub params: HashMap<String, String>,
+    /// Startup parameters the proxy SET on this connection (None: at the server default).
+    pub applied: HashMap<String, String>,
+    /// Server-side names of the prepared statements this connection holds.
+    pub prepared: LruCache<Bytes, ()>,
+    created: Instant,
+}
+
+impl Backend {
+    fn new(s: ServerConn, max_prepared: usize) -> Self {
+        Self {
+            conn: s.conn,
+            pid: s.pid,
+            key: s.key,
+            peer: s.peer,
+            params: s.params.into_iter().collect(),
+            applied: HashMap::new(),
+            prepared: LruCache::new(NonZeroUsize::new(max_prepared.max(1)).expect("at least 1")),
+            created: Instant::now(),
+        }
+    }
+
+    /// True if the server has said nothing since the connection went idle: any byte or
+    /// EOF means it is not safe to hand out.
+    fn is_quiet(&self) -> bool {
+        if !self.conn.rbuf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection became free within HANDOFF_QUERY_WAIT_TIMEOUT ({0:?}); HANDOFF_POOL_SIZE is {1}")]
+    WaitTimeout(Duration, usize),
+    #[error(transparent)]
+    Connect(#[from] ServerError),
+}
+
+/// What a waiting client is handed.
+#[derive(Debug)]
+enum Grant {
+    /// An idle connection (boxed: only the waiting path moves it through a channel).
+    Conn(Box<Backend>),
+    /// Permission to open a new connection (a slot freed up).
+    Slot,
+}
+
+#[derive(Debug)]
+struct Idle {
+    backend: Backend,
+    since: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Idle connections; the most recently used at the back.
+    idle: Vec<Idle>,
+    /// Connections open or being opened, idle or not.
+    total: usize,
+    /// Clients waiting, oldest first.
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+/// The metric handles of one pool.
+#[derive(Debug)]
+struct Gauges {
+    active: metrics::Gauge,
+    idle: metrics::Gauge,
+    waiting: metrics::Gauge,
+    wait: metrics::Histogram,
+}
+
+/// One pool.
+#[derive(Debug)]
+pub struct Pool {
+    key: PoolKey,
+    password: Option<String>,
+    settings: PoolSettings,
+    connect_timeout: Duration,
+    state: Mutex<State>,
+    gauges: Gauges,
+}
+
+impl Pool {
+    fn new(
+        key: PoolKey,
+        password: Option<String>,
+        settings: PoolSettings,
+        connect_timeout: Duration,
+        shard: &str,
+    ) -> Self {
+        let label = format!("{}@{}/{}", key.user, key.database, shard);
+        let gauges = Gauges {
+            active: metrics::gauge!(m::POOL_ACTIVE, "pool" => label.clone()),
+            idle: metrics::gauge!(m::POOL_IDLE, "pool" => label.clone()),
+            waiting: metrics::gauge!(m::POOL_WAITING, "pool" => label.clone()),
+            wait: metrics::histogram!(m::POOL_WAIT, "pool" => label),
+        };
+        Self {
+            key,
+            password,
+            settings,
+            connect_timeout,
+            state: Mutex::new(State::default()),
+            gauges,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves consistent counts (no awaits inside).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, st: &State) {
+        self.gauges.active.set((st.total - st.idle.len()) as f64);
+        self.gauges.idle.set(st.idle.len() as f64);
+        self.gauges.waiting.set(st.waiters.len() as f64);
+    }
+
+    async fn open(&self) -> Result<Backend, ServerError> {
+        let login = server::Login {
+            addr: &self.key.addr,
+            user: &self.key.user,
+            database: &self.key.database,
+            params: &[],
+            password: self.password.as_deref(),
+            timeout: self.connect_timeout,
+        };
+        match server::connect(login).await {
+            Ok(s) => {
+                metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
+                Ok(Backend::new(s, self.settings.max_prepared))
+            }
+            Err(e) => {
+                metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes an idle connection, opens a new one if the pool has room, or waits (FIFO)
+    /// up to `HANDOFF_QUERY_WAIT_TIMEOUT`.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: a dropped wait leaves the queue; a grant sent to it is passed on.
+    pub async fn checkout(&self) -> Result<Backend, PoolError> {
+        let started = Instant::now();
+        let wait = {
+            let mut st = self.lock();
+            let mut got = None;
+            while let Some(idle) = st.idle.pop() {
+                if idle.backend.is_quiet() {
+                    got = Some(Grant::Conn(Box::new(idle.backend)));
+                    break;
+                }
+                st.total -= 1;
+                drop_backend(idle.backend);
+            }
+            let r = match got {
+                Some(g) => Ok(g),
+                None if st.total < self.settings.size => {
+                    st.total += 1;
+                    Ok(Grant::Slot)
+                }
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.push_back(tx);
+                    Err(rx)
+                }
+            };
+            self.publish(&st);
+            r
+        };
+        let grant = match wait {
+            Ok(g) => g,
+            Err(rx) => match tokio::time::timeout(self.settings.query_wait_timeout, rx).await {
+                Ok(Ok(g)) => g,
+                // Timed out (or the pool is gone): our sender is dropped from the queue by
+                // the next hand-over, which skips closed waiters.
+                _ => {
+                    self.prune_waiters();
+                    return Err(PoolError::WaitTimeout(
+                        self.settings.query_wait_timeout,
+                        self.settings.size,
+                    ));
+                }
+            },
+        };
+        let backend = match grant {
+            Grant::Conn(b) => *b,
+            Grant::Slot => match self.open().await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.release_slot();
+                    return Err(e.into());
+                }
+            },
+        };
+        self.gauges.wait.record(started.elapsed());
+        Ok(backend)
+    }
+
+    fn prune_waiters(&self) {
+        let mut st = self.lock();
+        st.waiters.retain(|w| !w.is_closed());
+        self.publish(&st);
+    }
+
+    /// Returns a clean connection (ReadyForQuery `I`, nothing owed) to the pool.
+    pub fn checkin(&self, backend: Backend) {
+        if !self.settings.lifetime.is_zero() && backend.created.elapsed() >= self.settings.lifetime
+        {
+            self.discard(backend);
+            return;
+        }
+        let mut st = self.lock();
+        let mut grant = Grant::Conn(Box::new(backend));
+        while let Some(w) = st.waiters.pop_front() {
+            match w.send(grant) {
+                Ok(()) => {
+                    self.publish(&st);
+                    return;
+                }
+                Err(g) => grant = g,
+            }
+        }
+        if let Grant::Conn(backend) = grant {
+            st.idle.push(Idle {
+                backend: *backend,
+                since: Instant::now(),
+            });
+        }
+        self.publish(&st);
+    }
+
+    /// Closes a connection that must not be reused (dirty, broken or too old).
+    pub fn discard(&self, backend: Backend) {
+        drop_backend(backend);
+        self.release_slot();
+    }
+
+    /// Gives a freed slot to the first live waiter, or shrinks the pool.
+    fn release_slot(&self) {
+        let mut st = self.lock();
+        while let Some(w) = st.waiters.pop_front() {
+            if w.send(Grant::Slot).is_ok() {
+                self.publish(&st);
+                return;
+            }
+        }
+        st.total -= 1;
+        self.publish(&st);
+    }
+
+    /// Evicts idle connections that spoke, closed, idled or lived too long, and tops the
+    /// pool up to `HANDOFF_POOL_MIN_IDLE`.
+    async fn maintain(self: &Arc<Self>) {
+        let now = Instant::now();
+        let missing = {
+            let mut st = self.lock();
+            let (idle_timeout, lifetime) = (self.settings.idle_timeout, self.settings.lifetime);
+            let before = st.idle.len();
+            let mut evicted = Vec::new();
+            st.idle.retain_mut(|i| {
+                let stale = (!idle_timeout.is_zero() && now - i.since >= idle_timeout)
+                    || (!lifetime.is_zero() && i.backend.created.elapsed() >= lifetime);
+                let keep = !stale && i.backend.is_quiet();
+                if !keep {
+                    evicted.push(i.backend.pid);
+                }
+                keep
+            });
+            let gone = before - st.idle.len();
+            st.total -= gone;
+            // Dropping happened inside retain via the Vec; count what went.
+            metrics::gauge!(m::SERVER_CONNECTIONS).decrement(gone as f64);
+            let missing = self.settings.min_idle.saturating_sub(st.idle.len());
+            let room = self.settings.size - st.total;
+            let n = missing.min(room);
+            st.total += n;
+            self.publish(&st);
+            if !evicted.is_empty() {
+                tracing::debug!(count = evicted.len(), "evicted idle server connections");
+            }
+            n
+        };
+        for _ in 0..missing {
+            match self.open().await {
+                Ok(b) => self.checkin(b),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not open a min-idle server connection");
+                    self.release_slot();
+                }
+            }
+        }
+    }
+}
+
+fn drop_backend(b: Backend) {
+    metrics::gauge!(m::SERVER_CONNECTIONS).decrement(1.0);
+    drop(b);
+}
+
+/// Every pool, created on first use.
+#[derive(Debug)]
+pub struct Pools {
+    map: DashMap<PoolKey, Arc<Pool>>,
+    settings: PoolSettings,
+    connect_timeout: Duration,
+}
+
+impl Pools {
+    pub fn new(settings: PoolSettings, connect_timeout: Duration) -> Self {
+        Self {
+            map: DashMap::new(),
+            settings,
+            connect_timeout,
+        }
+    }
+
+    /// The pool for `key`, created (with its maintenance task) on first use.
+    pub fn get(&self, key: &PoolKey, password: Option<&str>, shard: &str) -> Arc<Pool> {
+        if let Some(p) = self.map.get(key) {
+            return Arc::clone(&p);
+        }
+        let entry = self.map.entry(key.clone()).or_insert_with(|| {
+            let pool = Arc::new(Pool::new(
+                key.clone(),
+                password.map(str::to_string),
+                self.settings.clone(),
+                self.connect_timeout,
+                shard,
+            ));
+            tokio::spawn(maintain_forever(Arc::downgrade(&pool)));
+            pool
+        });
+        Arc::clone(&entry)
+    }
+}
+
+async fn maintain_forever(pool: Weak<Pool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.maintain().await;
+    }
+}

@@ -1,0 +1,833 @@
+//! The transaction-mode relay: a client holds a pooled server connection only from the
+//! first message of a transaction until ReadyForQuery `I` with nothing more owed, and
+//! named prepared statements and startup parameters follow it from one server
+//! connection to the next.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use handoff_protocol::backend::{tag as btag, BackendMessage, TransactionStatus};
+use handoff_protocol::error::{ErrorFields, ProxyError};
+use handoff_protocol::frontend::{tag as ftag, FrontendMessage, Target};
+use handoff_protocol::scan::{Scanner, Step};
+use handoff_protocol::{sqlstate, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cancel::{Registration, ServerKey};
+use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
+use crate::metrics as m;
+use crate::pool::{Backend, Pool, PoolError};
+use crate::prepared::{Reply, StmtDef, NOOP_NAME};
+use crate::relay::{End, MAX_CLIENT_MESSAGE};
+use crate::session::send_error;
+use crate::shutdown::{Phase, Signal};
+use crate::Shared;
+
+const READ_CHUNK: usize = 16 * 1024;
+const MAX_INSPECT: usize = 64 * 1024;
+
+/// Parameters the server reports with ParameterStatus: a client's own SET of one of
+/// these is remembered and follows the client to its next server connection.
+pub const TRACKED_PARAMS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "search_path",
+];
+
+/// Why a server connection could not be prepared for a client.
+#[derive(Debug)]
+pub(crate) enum AttachError {
+    Pool(PoolError),
+    /// The server refused a parameter the client asked for.
+    Rejected(ErrorFields),
+    Io,
+}
+
+/// The client's side of a transaction-mode session.
+pub(crate) struct Txn<'a> {
+    pub shared: &'a Shared,
+    pub pool: Arc<Pool>,
+    pub shard: &'a str,
+    pub registration: Registration,
+    /// Startup parameters the client asked for (absent: the server default); applied
+    /// with SET to whichever server connection serves it.
+    pub desired: HashMap<String, String>,
+    /// The client's named statements.
+    stmts: HashMap<Bytes, StmtDef>,
+    /// Client statements whose Parse was sent but not yet answered: a Parse the server
+    /// skips after an error must not define the name.
+    defining: HashMap<Bytes, StmtDef>,
+    backend: Option<Backend>,
+    /// Server-side names sent in a Parse whose ParseComplete has not arrived.
+    preparing: HashSet<Bytes>,
+    replies: VecDeque<Reply>,
+    /// ReadyForQuery messages the server still owes.
+    pending: usize,
+    /// Extended-protocol messages sent since the last Sync.
+    in_extended: bool,
+    status: TransactionStatus,
+    server_fatal: bool,
+    request_started: Option<Instant>,
+    txn_started: Option<Instant>,
+    out: BytesMut,
+}
+
+impl<'a> Txn<'a> {
+    pub fn new(
+        shared: &'a Shared,
+        pool: Arc<Pool>,
+        shard: &'a str,
+        registration: Registration,
+        desired: HashMap<String, String>,
+    ) -> Self {
+        Self {
+            shared,
+            pool,
+            shard,
+            registration,
+            desired,
+            stmts: HashMap::new(),
+            defining: HashMap::new(),
+            backend: None,
+            preparing: HashSet::new(),
+            replies: VecDeque::new(),
+            pending: 0,
+            in_extended: false,
+            status: TransactionStatus::Idle,
+            server_fatal: false,
+            request_started: None,
+            txn_started: None,
+            out: BytesMut::new(),
+        }
+    }
+
+    /// Checks a connection out and brings its parameters in line with the client's.
+    pub async fn attach(&mut self) -> Result<(), AttachError> {
+        if self.backend.is_some() {
+            return Ok(());
+        }
+        let mut b = self.pool.checkout().await.map_err(AttachError::Pool)?;
+        match sync_params(&mut b, &self.desired).await {
+            Ok(()) => {}
+            Err(e) => {
+                self.pool.discard(b);
+                return Err(e);
+            }
+        }
+        self.shared.cancels.set_server(
+            self.registration.pid,
+            Some(ServerKey {
+                addr: b.peer,
+                pid: b.pid,
+                key: b.key,
+            }),
+        );
+        self.backend = Some(b);
+        Ok(())
+    }
+
+    /// The server's parameters as the client should see them at startup.
+    pub fn startup_params(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .backend
+            .as_ref()
+            .map(|b| {
+                b.params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    fn clean(&self) -> bool {
+        self.status == TransactionStatus::Idle
+            && self.pending == 0
+            && !self.in_extended
+            && self.replies.is_empty()
+            && !self.server_fatal
+    }
+
+    /// Returns the connection to the pool if the transaction is over, else closes it
+    /// when `force` (the client is gone): a dirty connection is never reused.
+    pub fn detach(&mut self, force: bool) {
+        if !(self.clean() || force) {
+            return;
+        }
+        let Some(b) = self.backend.take() else { return };
+        self.shared.cancels.set_server(self.registration.pid, None);
+        self.preparing.clear();
+        self.defining.clear();
+        if self.clean() && b.conn.rbuf.is_empty() {
+            self.pool.checkin(b);
+        } else {
+            self.pool.discard(b);
+        }
+        self.replies.clear();
+        self.pending = 0;
+        self.in_extended = false;
+        self.status = TransactionStatus::Idle;
+    }
+
+    fn ensure_prepared(&mut self, def: &StmtDef) {
+        let b = self.backend.as_mut().expect("attached");
+        if b.prepared.get(&def.server_name).is_some() {
+            metrics::counter!(m::PREPARED_TOTAL, "result" => "hit").increment(1);
+            return;
+        }
+        if self.preparing.contains(&def.server_name) {
+            return;
+        }
+        metrics::counter!(m::PREPARED_TOTAL, "result" => "miss").increment(1);
+        self.evict_for_one();
+        FrontendMessage::Parse {
+            name: def.server_name.clone(),
+            sql: def.sql.clone(),
+            param_types: def.param_types.clone(),
+        }
+        .encode(&mut self.out);
+        self.preparing.insert(def.server_name.clone());
+        self.replies.push_back(Reply::Swallow {
+            register: Some(def.server_name.clone()),
+        });
+    }
+
+    /// Makes room in the connection's statement cache for one more statement.
+    fn evict_for_one(&mut self) {
+        let b = self.backend.as_mut().expect("attached");
+        let cap = b.prepared.cap().get();
+        while b.prepared.len() + self.preparing.len() >= cap {
+            let Some((victim, ())) = b.prepared.pop_lru() else {
+                break;
+            };
+            metrics::counter!(m::PREPARED_TOTAL, "result" => "eviction").increment(1);
+            FrontendMessage::Close {
+                target: Target::Statement,
+                name: victim,
+            }
+            .encode(&mut self.out);
+            self.replies.push_back(Reply::Swallow { register: None });
+        }
+    }
+
+    /// Translates one whole inspected client message (Parse, Bind, Describe, Close).
+    fn translate(&mut self, frame: Frame) -> Result<(), handoff_protocol::FrameError> {
+        self.in_extended = true;
+        let raw = frame.clone();
+        match FrontendMessage::parse(frame)? {
+            FrontendMessage::Parse {
+                name,
+                sql,
+                param_types,
+            } if !name.is_empty() => {
+                let def = StmtDef::new(sql, param_types);
+                let b = self.backend.as_mut().expect("attached");
+                if b.prepared.get(&def.server_name).is_some() {
+                    metrics::counter!(m::PREPARED_TOTAL, "result" => "hit").increment(1);
+                    noop_close(&mut self.out);
+                    self.replies.push_back(Reply::AsParseComplete {
+                        define: name.clone(),
+                    });
+                } else if self.preparing.contains(&def.server_name) {
+                    noop_close(&mut self.out);
+                    self.replies.push_back(Reply::AsParseComplete {
+                        define: name.clone(),
+                    });
+                } else {
+                    metrics::counter!(m::PREPARED_TOTAL, "result" => "miss").increment(1);
+                    self.evict_for_one();
+                    FrontendMessage::Parse {
+                        name: def.server_name.clone(),
+                        sql: def.sql.clone(),
+                        param_types: def.param_types.clone(),
+                    }
+                    .encode(&mut self.out);
+                    self.preparing.insert(def.server_name.clone());
+                    self.replies.push_back(Reply::Pass {
+                        register: Some(def.server_name.clone()),
+                        define: Some(name.clone()),
+                    });
+                }
+                self.defining.insert(name, def);
+            }
+            FrontendMessage::Parse { .. } => {
+                raw.encode(&mut self.out);
+                self.replies.push_back(Reply::Pass {
+                    register: None,
+                    define: None,
+                });
+            }
+            FrontendMessage::Bind {
+                portal,
+                statement,
+                rest,
+            } => match self.lookup(&statement) {
+                Some(def) => {
+                    self.ensure_prepared(&def);
+                    FrontendMessage::Bind {
+                        portal,
+                        statement: def.server_name,
+                        rest,
+                    }
+                    .encode(&mut self.out);
+                }
+                None => raw.encode(&mut self.out),
+            },
+            FrontendMessage::Describe {
+                target: Target::Statement,
+                name,
+            } if !name.is_empty() => match self.lookup(&name) {
+                Some(def) => {
+                    self.ensure_prepared(&def);
+                    FrontendMessage::Describe {
+                        target: Target::Statement,
+                        name: def.server_name,
+                    }
+                    .encode(&mut self.out);
+                }
+                None => raw.encode(&mut self.out),
+            },
+            FrontendMessage::Close {
+                target: Target::Statement,
+                name,
+            } if !name.is_empty() => {
+                // The server copy stays cached for other clients; the client's name goes.
+                self.stmts.remove(&name);
+                self.defining.remove(&name);
+                noop_close(&mut self.out);
+                self.replies.push_back(Reply::Pass {
+                    register: None,
+                    define: None,
+                });
+            }
+            FrontendMessage::Close { .. } => {
+                raw.encode(&mut self.out);
+                self.replies.push_back(Reply::Pass {
+                    register: None,
+                    define: None,
+                });
+            }
+            _ => raw.encode(&mut self.out),
+        }
+        Ok(())
+    }
+
+    /// The client's statement by name: one being defined in flight wins.
+    fn lookup(&self, name: &Bytes) -> Option<StmtDef> {
+        self.defining
+            .get(name)
+            .or_else(|| self.stmts.get(name))
+            .cloned()
+    }
+
+    /// A client Parse succeeded: its name is now defined.
+    fn define(&mut self, name: Bytes) {
+        if let Some(def) = self.defining.remove(&name) {
+            self.stmts.insert(name, def);
+        }
+    }
+
+    fn on_request(&mut self, now: Instant) {
+        if self.request_started.is_none() {
+            self.request_started = Some(now);
+        }
+        if self.txn_started.is_none() {
+            self.txn_started = Some(now);
+        }
+    }
+
+    fn on_ready(&mut self, status: TransactionStatus) {
+        let now = Instant::now();
+        self.pending = self.pending.saturating_sub(1);
+        self.status = status;
+        while let Some(r) = self.replies.pop_front() {
+            if r == Reply::SyncMark {
+                break;
+            }
+        }
+        if self.pending == 0 {
+            if let Some(t) = self.request_started.take() {
+                metrics::histogram!(m::QUERY_DURATION).record(now - t);
+            }
+        }
+        if status == TransactionStatus::Idle {
+            if let Some(t) = self.txn_started.take() {
+                metrics::histogram!(m::TRANSACTION_DURATION).record(now - t);
+            }
+        }
+    }
+
+    /// After an ErrorResponse the server skips to the next Sync: the replies promised
+    /// for the skipped messages will never come.
+    fn on_error(&mut self) {
+        while let Some(r) = self.replies.front() {
+            match r {
+                Reply::SyncMark => break,
+                Reply::Pass { register, define } => {
+                    if let Some(n) = register {
+                        self.preparing.remove(n);
+                    }
+                    if let Some(d) = define {
+                        self.defining.remove(d);
+                    }
+                    self.replies.pop_front();
+                }
+                Reply::Swallow { register } => {
+                    if let Some(n) = register {
+                        self.preparing.remove(n);
+                    }
+                    self.replies.pop_front();
+                }
+                Reply::AsParseComplete { define } => {
+                    self.defining.remove(define);
+                    self.replies.pop_front();
+                }
+            }
+        }
+    }
+
+    /// What to do with a ParseComplete/CloseComplete: `Some(tag)` to forward it with
+    /// that tag, `None` to drop it.
+    fn on_complete(&mut self, tag: u8) -> Option<u8> {
+        let reply = match self.replies.front() {
+            Some(Reply::SyncMark) | None => return Some(tag),
+            Some(_) => self.replies.pop_front().expect("front exists"),
+        };
+        let confirm = |this: &mut Self, name: Option<Bytes>| {
+            if let Some(n) = name {
+                this.preparing.remove(&n);
+                if tag == btag::PARSE_COMPLETE {
+                    if let Some(b) = this.backend.as_mut() {
+                        b.prepared.put(n, ());
+                    }
+                }
+            }
+        };
+        match reply {
+            Reply::Pass { register, define } => {
+                confirm(self, register);
+                if let Some(d) = define {
+                    if tag == btag::PARSE_COMPLETE {
+                        self.define(d);
+                    }
+                }
+                Some(tag)
+            }
+            Reply::Swallow { register } => {
+                confirm(self, register);
+                None
+            }
+            Reply::AsParseComplete { define } => {
+                self.define(define);
+                Some(btag::PARSE_COMPLETE)
+            }
+            Reply::SyncMark => unreachable!("handled above"),
+        }
+    }
+}
+
+fn noop_close(out: &mut BytesMut) {
+    FrontendMessage::Close {
+        target: Target::Statement,
+        name: Bytes::from_static(NOOP_NAME),
+    }
+    .encode(out);
+}
+
+fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+/// True for a parameter name that can be written into SET unquoted.
+pub fn valid_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// Runs SET/RESET so the connection's startup parameters match the client's.
+async fn sync_params(
+    b: &mut Backend,
+    desired: &HashMap<String, String>,
+) -> Result<(), AttachError> {
+    let mut sql = String::new();
+    let mut names: Vec<&String> = desired.keys().chain(b.applied.keys()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let want = desired.get(name);
+        if want == b.applied.get(name) {
+            continue;
+        }
+        match want {
+            Some(v) => sql.push_str(&format!("SET {name} = {};", quote_literal(v))),
+            None => sql.push_str(&format!("RESET {name};")),
+        }
+    }
+    if sql.is_empty() {
+        return Ok(());
+    }
+    let mut buf = BytesMut::new();
+    FrontendMessage::Query {
+        sql: Bytes::from(sql),
+    }
+    .encode(&mut buf);
+    b.conn.send_raw(&buf).await.map_err(|_| AttachError::Io)?;
+    let mut error = None;
+    loop {
+        let frame = b
+            .conn
+            .read_frame(MAX_STARTUP_MESSAGE)
+            .await
+            .map_err(|_| AttachError::Io)?;
+        match BackendMessage::parse(frame).map_err(|_| AttachError::Io)? {
+            BackendMessage::ParameterStatus { name, value } => {
+                b.params.insert(name, value);
+            }
+            BackendMessage::ErrorResponse(f) => error = Some(f),
+            BackendMessage::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    if let Some(f) = error {
+        return Err(AttachError::Rejected(f));
+    }
+    b.applied = desired.clone();
+    Ok(())
+}
+
+/// The error a client gets when no connection could be prepared for it.
+pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
+    match e {
+        AttachError::Pool(PoolError::WaitTimeout(..)) => ProxyError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            format!(
+                "shard \"{shard}\": {}",
+                match e {
+                    AttachError::Pool(p) => p.to_string(),
+                    _ => String::new(),
+                }
+            ),
+        ),
+        AttachError::Pool(PoolError::Connect(se)) => {
+            crate::session::server_error_to_client(se, shard)
+        }
+        AttachError::Rejected(f) => {
+            let msg = f.message().unwrap_or("parameter rejected").to_string();
+            ProxyError::fatal(sqlstate::CONNECTION_FAILURE, msg).detail(format!(
+                "a startup parameter was refused by the primary of shard \"{shard}\""
+            ))
+        }
+        AttachError::Io => ProxyError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("lost the connection to the primary of shard \"{shard}\""),
+        ),
+    }
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+fn inspect_client(t: u8) -> bool {
+    matches!(t, ftag::PARSE | ftag::BIND | ftag::DESCRIBE | ftag::CLOSE)
+}
+
+fn inspect_server(t: u8) -> bool {
+    matches!(
+        t,
+        btag::READY_FOR_QUERY
+            | btag::ERROR_RESPONSE
+            | btag::PARSE_COMPLETE
+            | btag::CLOSE_COMPLETE
+            | btag::PARAMETER_STATUS
+    )
+}
+
+/// Relays a logged-in transaction-mode client until it leaves.
+pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) -> End {
+    let mut cscan = Scanner::new(MAX_CLIENT_MESSAGE, MAX_CLIENT_MESSAGE);
+    let mut sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
+    let mut sbuf = BytesMut::new();
+    let mut watched = Phase::Draining;
+    let mut phase_change = Box::pin(reach(shutdown.clone(), Phase::Draining));
+    let end = loop {
+        if !client.rbuf.is_empty() {
+            match client_bytes(&mut client, &mut cscan, &mut txn).await {
+                Ok(true) => {}
+                Ok(false) => break End::Terminated,
+                Err(end) => break end,
+            }
+        }
+        let phase = shutdown.phase();
+        let idle = txn.backend.is_none() && cscan.at_boundary() && client.rbuf.is_empty();
+        if phase == Phase::Closing || (phase == Phase::Draining && idle) {
+            let err = ProxyError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because handoff is shutting down",
+            );
+            send_error(&mut client.stream, &err).await;
+            break End::Shutdown;
+        }
+        let attached = txn.backend.is_some();
+        if attached {
+            reserve(&mut sbuf);
+        } else if client.rbuf.is_empty() && sbuf.is_empty() {
+            // An idle client holds no read buffers: they are allocated when bytes arrive.
+            client.release_buffers();
+            sbuf = BytesMut::new();
+            txn.out = BytesMut::new();
+        }
+        // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
+        // consumed nothing.
+        tokio::select! {
+            r = client.stream.readable() => {
+                if r.is_err() {
+                    break End::ClientGone;
+                }
+                reserve(&mut client.rbuf);
+                match client.stream.try_read_buf(&mut client.rbuf) {
+                    Ok(0) => break End::ClientGone,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break End::ClientGone,
+                }
+            },
+            r = async {
+                let b = txn.backend.as_mut().expect("guarded by `attached`");
+                b.conn.stream.read_buf(&mut sbuf).await
+            }, if attached => match r {
+                Ok(0) | Err(_) => {
+                    if !txn.server_fatal {
+                        let err = ProxyError::fatal(
+                            sqlstate::CONNECTION_FAILURE,
+                            format!("lost the connection to the primary of shard \"{}\"", txn.shard),
+                        );
+                        send_error(&mut client.stream, &err).await;
+                    }
+                    break End::ServerGone;
+                }
+                Ok(_) => {
+                    if let Err(end) = server_bytes(&mut sbuf, &mut sscan, &mut client, &mut txn).await {
+                        break end;
+                    }
+                    if txn.clean() && sscan.at_boundary() && sbuf.is_empty() {
+                        txn.detach(false);
+                    }
+                }
+            },
+            _ = &mut phase_change, if phase < watched => {
+                watched = Phase::Closing;
+                phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
+            }
+        }
+    };
+    txn.detach(true);
+    end
+}
+
+async fn reach(mut signal: Signal, phase: Phase) {
+    signal.reached(phase).await
+}
+
+/// Forwards the client's complete messages, attaching a server connection at the start
+/// of a transaction. `Ok(false)`: the client sent Terminate.
+async fn client_bytes(
+    client: &mut Conn,
+    scan: &mut Scanner,
+    txn: &mut Txn<'_>,
+) -> Result<bool, End> {
+    let now = Instant::now();
+    let mut pos = 0;
+    let mut keep_going = true;
+    txn.out.clear();
+    loop {
+        let step = match scan.step(&client.rbuf[pos..], inspect_client) {
+            Ok(s) => s,
+            Err(e) => {
+                flush_to_server(txn).await?;
+                let err = ProxyError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("invalid frontend message: {e}"),
+                );
+                send_error(&mut client.stream, &err).await;
+                return Err(End::ClientProtocol);
+            }
+        };
+        let (tag, len, whole) = match step {
+            Step::NeedMore => break,
+            Step::Pass { len, tag } => (tag, len, false),
+            Step::Message { tag, len } => (Some(tag), len, true),
+        };
+        if let Some(t) = tag {
+            if t == ftag::TERMINATE {
+                pos += len;
+                keep_going = false;
+                break;
+            }
+            if txn.backend.is_none() {
+                if let Err(e) = txn.attach().await {
+                    let err = attach_error(&e, txn.shard);
+                    tracing::warn!(error = %err, "no server connection for client");
+                    send_error(&mut client.stream, &err).await;
+                    return Err(End::ServerGone);
+                }
+            }
+            txn.on_request(now);
+            match t {
+                ftag::QUERY | ftag::FUNCTION_CALL => {
+                    txn.pending += 1;
+                    txn.replies.push_back(Reply::SyncMark);
+                }
+                ftag::SYNC => {
+                    txn.pending += 1;
+                    txn.in_extended = false;
+                    txn.replies.push_back(Reply::SyncMark);
+                }
+                ftag::EXECUTE | ftag::FLUSH => txn.in_extended = true,
+                _ => {}
+            }
+        }
+        if whole {
+            let mut msg = Bytes::copy_from_slice(&client.rbuf[pos..pos + len]);
+            let tag = msg[0];
+            msg.advance(5);
+            if let Err(e) = txn.translate(Frame { tag, body: msg }) {
+                flush_to_server(txn).await?;
+                let err = ProxyError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("invalid frontend message: {e}"),
+                );
+                send_error(&mut client.stream, &err).await;
+                return Err(End::ClientProtocol);
+            }
+        } else {
+            txn.out.extend_from_slice(&client.rbuf[pos..pos + len]);
+        }
+        pos += len;
+    }
+    client.rbuf.advance(pos);
+    flush_to_server(txn).await?;
+    Ok(keep_going)
+}
+
+async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
+    if txn.out.is_empty() {
+        return Ok(());
+    }
+    let Some(b) = txn.backend.as_mut() else {
+        txn.out.clear();
+        return Ok(());
+    };
+    let r = b.conn.stream.write_all(&txn.out).await;
+    txn.out.clear();
+    r.map_err(|_| End::ServerGone)
+}
+
+/// Forwards the server's messages to the client, handling the replies to the proxy's
+/// own messages and tracking ReadyForQuery, errors and parameter changes.
+async fn server_bytes(
+    buf: &mut BytesMut,
+    scan: &mut Scanner,
+    client: &mut Conn,
+    txn: &mut Txn<'_>,
+) -> Result<(), End> {
+    let mut pos = 0;
+    let mut run = 0;
+    loop {
+        let step = match scan.step(&buf[pos..], inspect_server) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "protocol error from server");
+                let err = ProxyError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("invalid message from server: {e}"),
+                );
+                send_error(&mut client.stream, &err).await;
+                txn.server_fatal = true;
+                return Err(End::ServerProtocol);
+            }
+        };
+        match step {
+            Step::NeedMore => break,
+            Step::Pass { len, .. } => pos += len,
+            Step::Message { tag, len } => {
+                let body = &buf[pos + 5..pos + len];
+                match tag {
+                    btag::PARSE_COMPLETE | btag::CLOSE_COMPLETE => match txn.on_complete(tag) {
+                        Some(t) => buf[pos] = t,
+                        None => {
+                            write_client(client, &buf[run..pos]).await?;
+                            run = pos + len;
+                        }
+                    },
+                    btag::READY_FOR_QUERY => {
+                        let status = handoff_protocol::backend::ready_status(body)
+                            .map_err(|_| End::ServerProtocol)?;
+                        txn.on_ready(status);
+                    }
+                    btag::ERROR_RESPONSE => {
+                        let mut b = Bytes::copy_from_slice(body);
+                        if let Ok(f) = ErrorFields::parse(&mut b) {
+                            m::count_error("server", f.code().unwrap_or("?????"));
+                            if matches!(f.severity(), Some("FATAL" | "PANIC")) {
+                                txn.server_fatal = true;
+                            }
+                        }
+                        txn.on_error();
+                    }
+                    btag::PARAMETER_STATUS => {
+                        let mut b = Bytes::copy_from_slice(body);
+                        if let (Ok(name), Ok(value)) = (take(&mut b), take(&mut b)) {
+                            // A client's own SET of a tracked parameter sticks to it.
+                            if TRACKED_PARAMS.contains(&name.as_str()) {
+                                txn.desired.insert(name.clone(), value.clone());
+                                if let Some(bk) = txn.backend.as_mut() {
+                                    bk.applied.insert(name.clone(), value.clone());
+                                }
+                            }
+                            if let Some(bk) = txn.backend.as_mut() {
+                                bk.params.insert(name, value);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                pos += len;
+            }
+        }
+    }
+    write_client(client, &buf[run..pos]).await?;
+    buf.advance(pos);
+    Ok(())
+}
+
+fn take(b: &mut Bytes) -> Result<String, ()> {
+    let end = b.iter().position(|&c| c == 0).ok_or(())?;
+    let s = String::from_utf8(b.split_to(end).to_vec()).map_err(|_| ())?;
+    b.advance(1);
+    Ok(s)
+}
+
+async fn write_client(client: &mut Conn, bytes: &[u8]) -> Result<(), End> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    client
+        .stream
+        .write_all(bytes)
+        .await
+        .map_err(|_| End::ClientGone)
+}

@@ -1,0 +1,516 @@
+//! Transaction pooling: many clients share few server connections, with prepared
+//! statements, startup parameters and cancel following each client.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use handoff_protocol::backend::BackendMessage;
+use handoff_protocol::frontend::{FrontendMessage, Target};
+use handoff_tests::raw::{http, RawClient};
+use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+async fn connect_with(
+    proxy: &handoff::Proxy,
+    extra: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let url = format!(
+        "{} {extra}",
+        conn_str(&proxy.listen_addr(), "postgres", "postgres", None)
+    );
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn connect(proxy: &handoff::Proxy) -> Client {
+    connect_with(proxy, "").await.unwrap()
+}
+
+fn pgbench(cluster: &Cluster, port: u16, mode: &str) -> String {
+    let out = std::process::Command::new(cluster.bin.bin("pgbench"))
+        .args(["-S", "-c", "64", "-j", "2", "-T", "5", "-n", "-M", mode])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "-M {mode}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_64_clients_every_query_mode() {
+    let cluster = Cluster::start(0).unwrap();
+    let init = std::process::Command::new(cluster.bin.bin("pgbench"))
+        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-U", "postgres"])
+        .args(["-p", &cluster.primary.port.to_string(), "postgres"])
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "10")])
+        .await
+        .unwrap();
+    let port = proxy.listen_addr().port();
+    for mode in ["simple", "extended", "prepared"] {
+        let out = tokio::task::block_in_place(|| pgbench(&cluster, port, mode));
+        let field = |name: &str| -> u64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or_else(|| panic!("no '{name}' in:\n{out}"))
+        };
+        assert_eq!(
+            field("number of failed transactions:"),
+            0,
+            "-M {mode}:\n{out}"
+        );
+        assert!(
+            field("number of transactions actually processed:") > 500,
+            "-M {mode}:\n{out}"
+        );
+    }
+    // 64 clients never had more than the pool's 10 server connections.
+    let n: i64 = cluster
+        .primary
+        .psql("select count(*) from pg_stat_activity where backend_type = 'client backend' and application_name = ''")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n <= 11, "{n} server connections");
+    let (_, metrics) = http(proxy.admin_addr(), "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("handoff_prepared_statements_total{result=\"hit\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("handoff_pool_idle_connections{pool=\"postgres@postgres/main\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("handoff_pool_checkout_wait_seconds_count"),
+        "{metrics}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_share_ten_connections_with_prepared_statements() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "10")])
+        .await
+        .unwrap();
+    let setup = connect(&proxy).await;
+    setup
+        .batch_execute("create table kv (k int primary key, v int); insert into kv select g, g * 10 from generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200i32 {
+        let addr = proxy.listen_addr();
+        tasks.push(tokio::spawn(async move {
+            let (c, conn) =
+                tokio_postgres::connect(&conn_str(&addr, "postgres", "postgres", None), NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let get = c
+                .prepare("select v, pg_backend_pid() from kv where k = $1")
+                .await
+                .unwrap();
+            let add = c.prepare("select $1::int + $2::int").await.unwrap();
+            let mut pids = HashSet::new();
+            for j in 0..20i32 {
+                let k = (i * 7 + j) % 1000 + 1;
+                let row = c.query_one(&get, &[&k]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), k * 10);
+                pids.insert(row.get::<_, i32>(1));
+                let sum: i32 = c.query_one(&add, &[&i, &j]).await.unwrap().get(0);
+                assert_eq!(sum, i + j);
+                tokio::task::yield_now().await;
+            }
+            pids
+        }));
+    }
+    let mut all = HashSet::new();
+    let mut moved = 0;
+    for t in tasks {
+        let pids = t.await.unwrap();
+        if pids.len() > 1 {
+            moved += 1;
+        }
+        all.extend(pids);
+    }
+    assert!(all.len() <= 10, "{} server connections used", all.len());
+    assert!(
+        moved > 0,
+        "no client's statements ever ran on a second server connection"
+    );
+    proxy.shutdown().await;
+}
+
+/// Sends `msgs` and collects replies until `syncs` ReadyForQuery messages arrived.
+async fn exchange(raw: &mut RawClient, msgs: &[FrontendMessage], syncs: usize) -> Vec<String> {
+    let mut buf = BytesMut::new();
+    for m in msgs {
+        m.encode(&mut buf);
+    }
+    raw.send(&buf).await.unwrap();
+    let mut seen = Vec::new();
+    let mut ready = 0;
+    while ready < syncs {
+        let m = tokio::time::timeout(Duration::from_secs(10), raw.read_message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(match m {
+            BackendMessage::ParseComplete => "ParseComplete".to_string(),
+            BackendMessage::BindComplete => "BindComplete".to_string(),
+            BackendMessage::CloseComplete => "CloseComplete".to_string(),
+            BackendMessage::CommandComplete { tag } => format!("Complete {tag}"),
+            BackendMessage::ErrorResponse(e) => format!("Error {}", e.code().unwrap_or("")),
+            BackendMessage::ReadyForQuery(s) => {
+                ready += 1;
+                format!("Ready {}", s.as_byte() as char)
+            }
+            BackendMessage::Other(f) if f.tag == b'D' => {
+                format!("Row {}", String::from_utf8_lossy(&f.body[6..]))
+            }
+            other => format!("{other:?}"),
+        });
+    }
+    seen
+}
+
+fn parse(name: &str, sql: &str) -> FrontendMessage {
+    FrontendMessage::Parse {
+        name: name.as_bytes().to_vec().into(),
+        sql: sql.as_bytes().to_vec().into(),
+        param_types: vec![],
+    }
+}
+
+fn bind(stmt: &str) -> FrontendMessage {
+    FrontendMessage::Bind {
+        portal: bytes::Bytes::new(),
+        statement: stmt.as_bytes().to_vec().into(),
+        rest: bytes::Bytes::from_static(&[0, 0, 0, 0, 0, 0]),
+    }
+}
+
+fn execute() -> FrontendMessage {
+    FrontendMessage::Execute {
+        portal: bytes::Bytes::new(),
+        max_rows: 0,
+    }
+}
+
+#[tokio::test]
+async fn statement_names_pipelines_and_errors() {
+    let cluster = Cluster::start(0).unwrap();
+    // One server connection: every client's statements land on the same one.
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let addr = proxy.listen_addr();
+    let mut a = RawClient::login_trust(addr, "postgres", "postgres")
+        .await
+        .unwrap();
+    let mut b = RawClient::login_trust(addr, "postgres", "postgres")
+        .await
+        .unwrap();
+    use FrontendMessage::Sync;
+
+    // Same name, different SQL, two clients.
+    let got = exchange(&mut a, &[parse("st", "select 'from a'"), Sync], 1).await;
+    assert_eq!(got, ["ParseComplete", "Ready I"]);
+    let got = exchange(&mut b, &[parse("st", "select 'from b'"), Sync], 1).await;
+    assert_eq!(got, ["ParseComplete", "Ready I"]);
+    let got = exchange(&mut a, &[bind("st"), execute(), Sync], 1).await;
+    assert_eq!(
+        got,
+        ["BindComplete", "Row from a", "Complete SELECT 1", "Ready I"]
+    );
+    let got = exchange(&mut b, &[bind("st"), execute(), Sync], 1).await;
+    assert_eq!(
+        got,
+        ["BindComplete", "Row from b", "Complete SELECT 1", "Ready I"]
+    );
+
+    // Close, then Parse the same name with new SQL.
+    let close = FrontendMessage::Close {
+        target: Target::Statement,
+        name: "st".as_bytes().to_vec().into(),
+    };
+    let got = exchange(
+        &mut a,
+        &[
+            close.clone(),
+            Sync,
+            parse("st", "select 'again'"),
+            bind("st"),
+            execute(),
+            Sync,
+        ],
+        2,
+    )
+    .await;
+    assert_eq!(
+        got,
+        [
+            "CloseComplete",
+            "Ready I",
+            "ParseComplete",
+            "BindComplete",
+            "Row again",
+            "Complete SELECT 1",
+            "Ready I"
+        ]
+    );
+    // After Close the name is gone for that client: the server reports it unknown.
+    let got = exchange(&mut a, &[close, bind("st"), execute(), Sync], 1).await;
+    assert_eq!(got, ["CloseComplete", "Error 26000", "Ready I"]);
+
+    // An error mid-pipeline: the rest up to Sync is skipped, the next Sync recovers.
+    let got = exchange(
+        &mut b,
+        &[
+            parse("ok1", "select 1"),
+            bind("ok1"),
+            execute(),
+            parse("bad", "selec 2"),
+            bind("bad"),
+            execute(),
+            parse("never", "select 3"),
+            Sync,
+            parse("ok2", "select 4"),
+            bind("ok2"),
+            execute(),
+            Sync,
+        ],
+        2,
+    )
+    .await;
+    assert_eq!(
+        got,
+        [
+            "ParseComplete",
+            "BindComplete",
+            "Row 1",
+            "Complete SELECT 1",
+            "Error 42601",
+            "Ready I",
+            "ParseComplete",
+            "BindComplete",
+            "Row 4",
+            "Complete SELECT 1",
+            "Ready I"
+        ]
+    );
+    // 'never' was skipped by the server, so it was never prepared: using it re-prepares it.
+    let got = exchange(&mut b, &[bind("never"), execute(), Sync], 1).await;
+    assert_eq!(
+        got,
+        ["Error 26000", "Ready I"],
+        "a skipped Parse must not define the name"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn prepared_statement_cache_evicts_lru() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "1"),
+            ("HANDOFF_MAX_PREPARED_STATEMENTS", "3"),
+        ],
+    )
+    .await
+    .unwrap();
+    let c = connect(&proxy).await;
+    let mut stmts = Vec::new();
+    for i in 0..6 {
+        stmts.push(c.prepare(&format!("select {i}::int")).await.unwrap());
+    }
+    for _ in 0..3 {
+        for (i, s) in stmts.iter().enumerate() {
+            let v: i32 = c.query_one(s, &[]).await.unwrap().get(0);
+            assert_eq!(v, i as i32);
+        }
+    }
+    // Through the proxy this runs on the pool's only server connection.
+    let held: i64 = c
+        .query_one("select count(*) from pg_prepared_statements", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        held <= 3,
+        "{held} statements held on a connection capped at 3"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_and_dirty_connections() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+
+    // Cancel in transaction mode reaches the connection running the query.
+    let sleeper = connect(&proxy).await;
+    let token = sleeper.cancel_token();
+    // Nothing runs yet: a cancel now is harmless.
+    token.cancel_query(NoTls).await.unwrap();
+    let one: i32 = sleeper.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let running = tokio::spawn(async move {
+        sleeper
+            .simple_query("select pg_sleep(60)")
+            .await
+            .map(|_| ())
+    });
+    let primary = &cluster.primary;
+    eventually(Duration::from_secs(10), "pg_sleep to run", || async {
+        Ok(primary.psql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)' and state = 'active'")? == "1")
+    })
+    .await
+    .unwrap();
+    token.cancel_query(NoTls).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.unwrap_err().code(), Some(&SqlState::QUERY_CANCELED));
+
+    // A client killed mid-transaction: its connection is not handed to anyone else dirty.
+    let setup = connect(&proxy).await;
+    setup
+        .batch_execute("create table dirt (id int)")
+        .await
+        .unwrap();
+    drop(setup);
+    let (victim, conn) = tokio_postgres::connect(
+        &conn_str(&proxy.listen_addr(), "postgres", "postgres", None),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    let task = tokio::spawn(conn);
+    victim
+        .batch_execute("begin; insert into dirt values (1); select pg_advisory_xact_lock(9)")
+        .await
+        .unwrap();
+    task.abort();
+    drop(victim);
+    let next = connect(&proxy).await;
+    let row = next
+        .query_one("select pg_try_advisory_lock(9), (select count(*) from dirt), now() = statement_timestamp()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "lock left behind");
+    assert_eq!(row.get::<_, i64>(1), 0, "uncommitted row visible");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn pool_exhaustion_waits_then_times_out() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "1"),
+            ("HANDOFF_QUERY_WAIT_TIMEOUT", "1s"),
+        ],
+    )
+    .await
+    .unwrap();
+    let holder = connect(&proxy).await;
+    holder.batch_execute("begin").await.unwrap();
+    let waiter = connect_with(&proxy, "").await;
+    // Login itself needs a connection: it waits, then times out with a clear error.
+    let err = waiter.err().unwrap();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("HANDOFF_QUERY_WAIT_TIMEOUT"), "{msg}");
+    holder.batch_execute("commit").await.unwrap();
+
+    // A waiting client gets the connection as soon as the holder's transaction ends.
+    let second = connect(&proxy).await;
+    holder.batch_execute("begin; select 1").await.unwrap();
+    let q = tokio::spawn(async move {
+        second
+            .query_one("select 42", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!q.is_finished(), "the second client should be waiting");
+    holder.batch_execute("commit").await.unwrap();
+    assert_eq!(q.await.unwrap().unwrap(), 42);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn startup_parameters_follow_each_client() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let a = connect_with(&proxy, "application_name=alpha options='-c TimeZone=UTC'")
+        .await
+        .unwrap();
+    let b = connect_with(&proxy, "application_name=beta").await.unwrap();
+    b.batch_execute("set timezone = 'America/New_York'")
+        .await
+        .unwrap();
+    let c = connect(&proxy).await;
+    for _ in 0..3 {
+        let row = a
+            .query_one(
+                "select current_setting('application_name'), pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "alpha");
+        let pid_a: i32 = row.get(1);
+        let row = b
+            .query_one("select current_setting('application_name'), current_setting('TimeZone'), pg_backend_pid()", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "beta");
+        assert_eq!(
+            row.get::<_, String>(1),
+            "America/New_York",
+            "a client's own SET of a reported parameter sticks"
+        );
+        assert_eq!(row.get::<_, i32>(2), pid_a, "one shared server connection");
+        let app: String = c
+            .query_one("select current_setting('application_name')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(app, "", "a client that set nothing gets the server default");
+    }
+    proxy.shutdown().await;
+}
