@@ -10,12 +10,18 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use handoff_tests::{start_proxy, Cluster};
 
+mod idle;
+
 const USAGE: &str = "\
 Usage: handoff-bench demo [--seconds N] [--clients N] [--jobs N] [--scale N] [--mode select|tpcb]
+       handoff-bench idle [--clients N] [--pool-mode transaction|session]
 
   demo    start a local primary + standby, handoff in front of it, and run pgbench
           direct and through handoff; prints tps, latency, failures and the ratio.
           Defaults: --seconds 10 --clients 16 --jobs 2 --scale 10 --mode select
+  idle    start handoff (the release binary) and hold N idle logged-in clients;
+          prints its resident memory per client. Defaults: --clients 10000
+          --pool-mode transaction
 ";
 
 #[derive(Debug, Clone)]
@@ -210,6 +216,29 @@ async fn main() -> ExitCode {
             Ok(a) => demo(a).await,
             Err(e) => Err(e),
         },
+        Some("idle") => {
+            let mut clients = 10_000usize;
+            let mut mode = "transaction".to_string();
+            let rest: Vec<String> = args.collect();
+            let mut it = rest.iter();
+            let mut bad = None;
+            while let Some(flag) = it.next() {
+                match (flag.as_str(), it.next()) {
+                    ("--clients", Some(v)) => match v.parse() {
+                        Ok(n) if n > 0 => clients = n,
+                        _ => bad = Some(format!("--clients: '{v}' is not a positive number")),
+                    },
+                    ("--pool-mode", Some(v)) if v == "transaction" || v == "session" => {
+                        mode = v.clone()
+                    }
+                    _ => bad = Some(format!("bad option '{flag}'\n\n{USAGE}")),
+                }
+            }
+            match bad {
+                Some(b) => Err(anyhow::anyhow!(b)),
+                None => idle::run(clients, &mode).await,
+            }
+        }
         Some("-h" | "--help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -165,7 +165,8 @@ impl Pool {
             password: self.password.as_deref(),
             timeout: self.connect_timeout,
         };
-        match server::connect(login).await {
+        // Boxed: a login's state is large and rare; checkout's future stays small.
+        match Box::pin(server::connect(login)).await {
             Ok(s) => {
                 metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
                 Ok(Backend::new(s, self.settings.max_prepared))
@@ -212,18 +213,21 @@ impl Pool {
         };
         let grant = match wait {
             Ok(g) => g,
-            Err(rx) => match tokio::time::timeout(self.settings.query_wait_timeout, rx).await {
-                Ok(Ok(g)) => g,
-                // Timed out (or the pool is gone): our sender is dropped from the queue by
-                // the next hand-over, which skips closed waiters.
-                _ => {
-                    self.prune_waiters();
-                    return Err(PoolError::WaitTimeout(
-                        self.settings.query_wait_timeout,
-                        self.settings.size,
-                    ));
+            // Boxed: only the waiting path pays for the timer's state.
+            Err(rx) => {
+                match Box::pin(tokio::time::timeout(self.settings.query_wait_timeout, rx)).await {
+                    Ok(Ok(g)) => g,
+                    // Timed out (or the pool is gone): our sender is dropped from the queue by
+                    // the next hand-over, which skips closed waiters.
+                    _ => {
+                        self.prune_waiters();
+                        return Err(PoolError::WaitTimeout(
+                            self.settings.query_wait_timeout,
+                            self.settings.size,
+                        ));
+                    }
                 }
-            },
+            }
         };
         let backend = match grant {
             Grant::Conn(b) => *b,

@@ -66,15 +66,15 @@ struct Txn {
 
 /// The session's metric handles.
 #[derive(Debug)]
-struct Handles {
-    query: metrics::Histogram,
-    transaction: metrics::Histogram,
-    up: metrics::Counter,
-    down: metrics::Counter,
+pub(crate) struct Handles {
+    pub query: metrics::Histogram,
+    pub transaction: metrics::Histogram,
+    pub up: metrics::Counter,
+    pub down: metrics::Counter,
 }
 
 impl Handles {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             query: metrics::histogram!(m::QUERY_DURATION),
             transaction: metrics::histogram!(m::TRANSACTION_DURATION),

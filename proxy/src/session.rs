@@ -67,7 +67,12 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
     let mut client = Conn::new(stream);
     let cfg = &shared.config;
 
-    let login = tokio::time::timeout(cfg.client_login_timeout, login(&mut client, &shared));
+    // Boxed: the login's state is large and only needed once, so the session's own
+    // future (which an idle client keeps alive) stays small.
+    let login = tokio::time::timeout(
+        cfg.client_login_timeout,
+        Box::pin(login(&mut client, &shared)),
+    );
     let (startup, secret) = match login.await {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return,
@@ -96,7 +101,12 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
     tracing::Span::current().record("user", startup.user.as_str());
     tracing::Span::current().record("database", startup.database.as_str());
     match cfg.pool_mode {
-        PoolMode::Session => connect_and_relay(client, &shared, startup, secret, shutdown).await,
+        PoolMode::Session => {
+            Box::pin(connect_and_relay(
+                client, &shared, startup, secret, shutdown,
+            ))
+            .await
+        }
         PoolMode::Transaction => transaction_mode(client, &shared, startup, secret, shutdown).await,
     }
 }
@@ -140,10 +150,18 @@ async fn transaction_mode(
     let pool = shared.pools.get(&key, password, &shard.name);
     let registration = shared.cancels.register(None);
     let (pid, key) = (registration.pid, registration.key);
-    let mut session = txn::Txn::new(shared, pool, &shard.name, registration, desired);
+    // Boxed, as is the relay below (built in a plain function): an async fn keeps room
+    // for every local it ever held, and an idle client keeps this future alive.
+    let mut session = Box::new(txn::Txn::new(
+        shared,
+        pool,
+        &shard.name,
+        registration,
+        desired,
+    ));
     // Log in on a real server connection now, so that a bad database, role or parameter
     // is reported at connect time and the client sees the server's parameters.
-    if let Err(e) = session.attach().await {
+    if let Err(e) = Box::pin(session.attach()).await {
         let err = txn::attach_error(&e, &shard.name);
         tracing::warn!(shard = %shard.name, error = %err, "server login failed");
         send_error(&mut client.stream, &err).await;
@@ -161,7 +179,9 @@ async fn transaction_mode(
     if client.send_raw(&hello).await.is_err() {
         return;
     }
-    let end = txn::run(client, session, shutdown).await;
+    // Boxed so that the task's own allocation does not also reserve room for the
+    // login phase's locals: an idle client's footprint is this future plus its socket.
+    let end = txn::run_boxed(client, session, shutdown).await;
     tracing::debug!(?end, "session ended");
 }
 
@@ -342,7 +362,7 @@ async fn connect_and_relay(
         password: secret.and_then(|s| s.password.as_deref()),
         timeout: cfg.connect_timeout,
     };
-    let server = match server::connect(login).await {
+    let server = match Box::pin(server::connect(login)).await {
         Ok(s) => s,
         Err(err) => {
             metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);

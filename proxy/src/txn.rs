@@ -76,6 +76,10 @@ pub(crate) struct Txn<'a> {
     request_started: Option<Instant>,
     txn_started: Option<Instant>,
     out: BytesMut,
+    /// Bytes relayed since the counters were last updated (once per ReadyForQuery).
+    up: u64,
+    down: u64,
+    handles: crate::relay::Handles,
 }
 
 impl<'a> Txn<'a> {
@@ -104,6 +108,18 @@ impl<'a> Txn<'a> {
             request_started: None,
             txn_started: None,
             out: BytesMut::new(),
+            up: 0,
+            down: 0,
+            handles: crate::relay::Handles::new(),
+        }
+    }
+
+    fn flush_bytes(&mut self) {
+        if self.up > 0 {
+            self.handles.up.increment(std::mem::take(&mut self.up));
+        }
+        if self.down > 0 {
+            self.handles.down.increment(std::mem::take(&mut self.down));
         }
     }
 
@@ -113,7 +129,8 @@ impl<'a> Txn<'a> {
             return Ok(());
         }
         let mut b = self.pool.checkout().await.map_err(AttachError::Pool)?;
-        match sync_params(&mut b, &self.desired).await {
+        // Boxed: rare (only when parameters differ) and not small.
+        match Box::pin(sync_params(&mut b, &self.desired)).await {
             Ok(()) => {}
             Err(e) => {
                 self.pool.discard(b);
@@ -355,14 +372,15 @@ impl<'a> Txn<'a> {
         }
         if self.pending == 0 {
             if let Some(t) = self.request_started.take() {
-                metrics::histogram!(m::QUERY_DURATION).record(now - t);
+                self.handles.query.record(now - t);
             }
         }
         if status == TransactionStatus::Idle {
             if let Some(t) = self.txn_started.take() {
-                metrics::histogram!(m::TRANSACTION_DURATION).record(now - t);
+                self.handles.transaction.record(now - t);
             }
         }
+        self.flush_bytes();
     }
 
     /// After an ErrorResponse the server skips to the next Sync: the replies promised
@@ -556,6 +574,15 @@ fn inspect_server(t: u8) -> bool {
     )
 }
 
+/// [`run`], boxed from a plain function so the caller's future holds only a pointer.
+pub(crate) fn run_boxed<'a>(
+    client: Conn,
+    txn: Box<Txn<'a>>,
+    shutdown: Signal,
+) -> std::pin::Pin<Box<impl std::future::Future<Output = End> + 'a>> {
+    Box::pin(run(client, *txn, shutdown))
+}
+
 /// Relays a logged-in transaction-mode client until it leaves.
 pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) -> End {
     let mut cscan = Scanner::new(MAX_CLIENT_MESSAGE, MAX_CLIENT_MESSAGE);
@@ -635,6 +662,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         }
     };
     txn.detach(true);
+    txn.flush_bytes();
     end
 }
 
@@ -732,6 +760,7 @@ async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
         return Ok(());
     };
     let r = b.conn.stream.write_all(&txn.out).await;
+    txn.up += txn.out.len() as u64;
     txn.out.clear();
     r.map_err(|_| End::ServerGone)
 }
@@ -810,6 +839,7 @@ async fn server_bytes(
         }
     }
     write_client(client, &buf[run..pos]).await?;
+    txn.down += pos as u64;
     buf.advance(pos);
     Ok(())
 }
