@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Direct vs PgBouncer vs handoff, both poolers in session mode, same pgbench run.
-# A stopgap until `handoff-bench compare` exists. Needs pgbouncer and the PostgreSQL
-# server binaries; runs PostgreSQL and PgBouncer as the postgres user when run as root.
+# Direct vs PgBouncer vs handoff on one PostgreSQL server, same pgbench runs, same machine.
+# A stopgap until `handoff-bench compare` exists. Installs pgbouncer with apt-get when it
+# is missing (as root); runs PostgreSQL and PgBouncer as the postgres user when root.
+#
 # Usage: benches/compare-pgbouncer.sh [seconds] [rounds]
+# Environment: POOL_MODE (transaction|session, default transaction), CLIENTS (64),
+#              QUERY_MODES ("simple extended prepared"), POOL_SIZE (20)
 set -euo pipefail
 secs=${1:-10}
-rounds=${2:-2}
+rounds=${2:-1}
+pool_mode=${POOL_MODE:-transaction}
+clients=${CLIENTS:-64}
+query_modes=${QUERY_MODES:-simple extended prepared}
+pool_size=${POOL_SIZE:-20}
 top=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
+if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
+    [ "$(id -u)" -eq 0 ] || { echo "pgbouncer is not installed" >&2; exit 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends pgbouncer >/dev/null
+fi
 pgbouncer=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 work=$(mktemp -d /tmp/handoff-compare-XXXXXX)
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -22,7 +33,7 @@ listen_addresses='127.0.0.1'
 port=$pg_port
 unix_socket_directories='$work'
 fsync=off
-max_connections=100
+max_connections=200
 shared_buffers=32MB
 CONF
 as_pg "$bin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
@@ -33,6 +44,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$bin/pgbench" -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
+ulimit -n 10000 2>/dev/null || true
 cat >"$work/pgbouncer.ini" <<INI
 [databases]
 * = host=127.0.0.1 port=$pg_port
@@ -41,9 +53,9 @@ listen_addr = 127.0.0.1
 listen_port = $pgb_port
 auth_type = trust
 auth_file = $work/users.txt
-pool_mode = session
+pool_mode = $pool_mode
 max_client_conn = 1000
-default_pool_size = 20
+default_pool_size = $pool_size
 unix_socket_dir =
 logfile = $work/pgbouncer.log
 INI
@@ -52,14 +64,22 @@ echo '"postgres" ""' >"$work/users.txt"
 as_pg "$pgbouncer" "$work/pgbouncer.ini" >/dev/null 2>&1 &
 pgb_pid=$!
 env -u HANDOFF_LOG HANDOFF_SHARDS="main=127.0.0.1:$pg_port" HANDOFF_LISTEN="127.0.0.1:$ho_port" \
-    HANDOFF_ADMIN_LISTEN="127.0.0.1:$admin_port" HANDOFF_LOG=warn "$top/target/release/handoff" &
+    HANDOFF_ADMIN_LISTEN="127.0.0.1:$admin_port" HANDOFF_POOL_MODE="$pool_mode" \
+    HANDOFF_POOL_SIZE="$pool_size" HANDOFF_LOG=warn "$top/target/release/handoff" &
 ho_pid=$!
 sleep 1
-printf '%-6s %-10s %12s\n' round target tps
+echo "pgbench -S -c $clients -j 2 -T $secs, pool mode $pool_mode, pool size $pool_size"
+printf '%-6s %-9s %-10s %12s %8s %8s\n' round mode target tps failed aborted
 for r in $(seq "$rounds"); do
-    for t in "direct:$pg_port" "pgbouncer:$pgb_port" "handoff:$ho_port"; do
-        tps=$("$bin/pgbench" -n -S -c 16 -j 2 -T "$secs" -h 127.0.0.1 -p "${t#*:}" -U postgres postgres 2>/dev/null |
-            awk '/^tps/ {print $3}')
-        printf '%-6s %-10s %12.1f\n' "$r" "${t%%:*}" "$tps"
+    for qm in $query_modes; do
+        for t in "direct:$pg_port" "pgbouncer:$pgb_port" "handoff:$ho_port"; do
+            out=$("$bin/pgbench" -n -S -M "$qm" -c "$clients" -j 2 -T "$secs" \
+                -h 127.0.0.1 -p "${t#*:}" -U postgres postgres 2>&1 || true)
+            tps=$(awk '/^tps/ {print $3}' <<<"$out")
+            failed=$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' <<<"$out")
+            aborted=$(grep -c 'aborted in command' <<<"$out" || true)
+            [ -z "$tps" ] && tps=0
+            printf '%-6s %-9s %-10s %12.1f %8s %8s\n' "$r" "$qm" "${t%%:*}" "$tps" "${failed:-?}" "$aborted"
+        done
     done
 done

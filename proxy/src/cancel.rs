@@ -22,13 +22,17 @@ pub struct ServerKey {
     pub key: i32,
 }
 
+/// The server connection serving a client now, if any (transaction mode attaches and
+/// detaches per transaction). Shared between the session and the registry so that the
+/// session updates it with an uncontended lock instead of a map write.
+type Slot = Arc<std::sync::Mutex<Option<ServerKey>>>;
+
 /// Where a client's cancel request must go.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Target {
     /// The secret key handed to the client.
     key: i32,
-    /// The server connection serving the client now, if any (transaction mode detaches).
-    server: Option<ServerKey>,
+    server: Slot,
 }
 
 /// Every live session's proxy-issued key, by proxy-issued process id.
@@ -41,8 +45,16 @@ pub struct Registry {
 #[derive(Debug)]
 pub struct Registration {
     registry: Arc<Registry>,
+    server: Slot,
     pub pid: i32,
     pub key: i32,
+}
+
+impl Registration {
+    /// Points the session's cancel requests at another server connection (or at none).
+    pub fn set_server(&self, server: Option<ServerKey>) {
+        *self.server.lock().unwrap_or_else(|p| p.into_inner()) = server;
+    }
 }
 
 impl Drop for Registration {
@@ -69,20 +81,18 @@ impl Registry {
             }
             if let Entry::Vacant(v) = self.map.entry(pid) {
                 let key = random_i32();
-                v.insert(Target { key, server });
+                let server = Arc::new(std::sync::Mutex::new(server));
+                v.insert(Target {
+                    key,
+                    server: Arc::clone(&server),
+                });
                 return Registration {
                     registry: Arc::clone(self),
+                    server,
                     pid,
                     key,
                 };
             }
-        }
-    }
-
-    /// Points a session's cancel requests at another server connection (or at none).
-    pub fn set_server(&self, pid: i32, server: Option<ServerKey>) {
-        if let Some(mut t) = self.map.get_mut(&pid) {
-            t.server = server;
         }
     }
 
@@ -100,14 +110,14 @@ impl Registry {
     /// Forwards a cancel request if `(pid, key)` matches a live session. Returns whether
     /// it was forwarded. A wrong key is ignored, as PostgreSQL does, without saying so.
     pub async fn forward(&self, pid: i32, key: i32, timeout: Duration) -> bool {
-        let Some(target) = self.map.get(&pid).map(|t| *t) else {
+        let Some(target) = self.map.get(&pid).map(|t| t.clone()) else {
             return false;
         };
         if !secrets_equal(&target.key.to_be_bytes(), &key.to_be_bytes()) {
             return false;
         }
         // Between transactions nothing runs for this client: nothing to cancel.
-        let Some(server) = target.server else {
+        let Some(server) = *target.server.lock().unwrap_or_else(|p| p.into_inner()) else {
             return false;
         };
         let mut buf = BytesMut::new();

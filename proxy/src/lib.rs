@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod bufpool;
 mod cancel;
 mod client_auth;
 pub mod config;
@@ -44,6 +45,7 @@ pub(crate) struct Shared {
     pub cancels: Arc<cancel::Registry>,
     /// Server connection pools (transaction mode).
     pub pools: pool::Pools,
+    pub prepared: metrics::PreparedCounters,
     /// Verifier used for unknown users so they fail exactly like wrong passwords.
     pub decoy: ScramVerifier,
 }
@@ -114,6 +116,7 @@ impl Proxy {
         let pools = pool::Pools::new(config.pool.clone(), config.connect_timeout);
         let shared = Arc::new(Shared {
             pools,
+            prepared: metrics::PreparedCounters::new(),
             config: Arc::new(config),
             cancels: Arc::new(cancel::Registry::default()),
             decoy: ScramVerifier::from_password("")?,

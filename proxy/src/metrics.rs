@@ -116,3 +116,28 @@ pub fn count_error(source: &'static str, code: &str) {
     let class = handoff_protocol::sqlstate::class(code).to_string();
     metrics::counter!(ERRORS_TOTAL, "source" => source, "class" => class).increment(1);
 }
+
+/// Prepared-statement cache counters, looked up once per proxy (they are bumped on the
+/// hot path of every Bind).
+#[derive(Debug)]
+pub struct PreparedCounters {
+    pub hit: metrics::Counter,
+    pub miss: metrics::Counter,
+    pub eviction: metrics::Counter,
+}
+
+impl PreparedCounters {
+    pub fn new() -> Self {
+        Self {
+            hit: metrics::counter!(PREPARED_TOTAL, "result" => "hit"),
+            miss: metrics::counter!(PREPARED_TOTAL, "result" => "miss"),
+            eviction: metrics::counter!(PREPARED_TOTAL, "result" => "eviction"),
+        }
+    }
+}
+
+impl Default for PreparedCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}

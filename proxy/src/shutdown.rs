@@ -1,5 +1,8 @@
 //! Graceful shutdown signalling: one watch channel from the proxy handle to every task.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 /// The phases of a shutdown, in order.
@@ -13,18 +16,30 @@ pub enum Phase {
     Closing,
 }
 
+impl Phase {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Phase::Running,
+            1 => Phase::Draining,
+            _ => Phase::Closing,
+        }
+    }
+}
+
 /// The sending side, owned by the proxy handle.
 #[derive(Debug)]
-pub struct Trigger(watch::Sender<Phase>);
+pub struct Trigger(watch::Sender<Phase>, Arc<AtomicU8>);
 
-/// A task's view of the shutdown phase.
+/// A task's view of the shutdown phase. [`Signal::phase`] is a plain atomic load (every
+/// session checks it on every pass of its loop); waiting uses the watch channel.
 #[derive(Debug, Clone)]
-pub struct Signal(watch::Receiver<Phase>);
+pub struct Signal(watch::Receiver<Phase>, Arc<AtomicU8>);
 
 /// A new trigger and its first signal.
 pub fn channel() -> (Trigger, Signal) {
     let (tx, rx) = watch::channel(Phase::Running);
-    (Trigger(tx), Signal(rx))
+    let phase = Arc::new(AtomicU8::new(Phase::Running as u8));
+    (Trigger(tx, Arc::clone(&phase)), Signal(rx, phase))
 }
 
 impl Trigger {
@@ -34,6 +49,7 @@ impl Trigger {
             let later = phase > *p;
             if later {
                 *p = phase;
+                self.1.store(phase as u8, Ordering::Release);
             }
             later
         });
@@ -46,7 +62,7 @@ impl Trigger {
 
 impl Signal {
     pub fn phase(&self) -> Phase {
-        *self.0.borrow()
+        Phase::from_u8(self.1.load(Ordering::Acquire))
     }
 
     /// Resolves when the phase reaches at least `phase`.

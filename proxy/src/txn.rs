@@ -15,6 +15,7 @@ use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{sqlstate, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::bufpool;
 use crate::cancel::{Registration, ServerKey};
 use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
 use crate::metrics as m;
@@ -25,7 +26,6 @@ use crate::session::send_error;
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
 
-const READ_CHUNK: usize = 16 * 1024;
 const MAX_INSPECT: usize = 64 * 1024;
 
 /// Parameters the server reports with ParameterStatus: a client's own SET of one of
@@ -137,14 +137,11 @@ impl<'a> Txn<'a> {
                 return Err(e);
             }
         }
-        self.shared.cancels.set_server(
-            self.registration.pid,
-            Some(ServerKey {
-                addr: b.peer,
-                pid: b.pid,
-                key: b.key,
-            }),
-        );
+        self.registration.set_server(Some(ServerKey {
+            addr: b.peer,
+            pid: b.pid,
+            key: b.key,
+        }));
         self.backend = Some(b);
         Ok(())
     }
@@ -180,7 +177,7 @@ impl<'a> Txn<'a> {
             return;
         }
         let Some(b) = self.backend.take() else { return };
-        self.shared.cancels.set_server(self.registration.pid, None);
+        self.registration.set_server(None);
         self.preparing.clear();
         self.defining.clear();
         if self.clean() && b.conn.rbuf.is_empty() {
@@ -197,13 +194,13 @@ impl<'a> Txn<'a> {
     fn ensure_prepared(&mut self, def: &StmtDef) {
         let b = self.backend.as_mut().expect("attached");
         if b.prepared.get(&def.server_name).is_some() {
-            metrics::counter!(m::PREPARED_TOTAL, "result" => "hit").increment(1);
+            self.shared.prepared.hit.increment(1);
             return;
         }
         if self.preparing.contains(&def.server_name) {
             return;
         }
-        metrics::counter!(m::PREPARED_TOTAL, "result" => "miss").increment(1);
+        self.shared.prepared.miss.increment(1);
         self.evict_for_one();
         FrontendMessage::Parse {
             name: def.server_name.clone(),
@@ -225,7 +222,7 @@ impl<'a> Txn<'a> {
             let Some((victim, ())) = b.prepared.pop_lru() else {
                 break;
             };
-            metrics::counter!(m::PREPARED_TOTAL, "result" => "eviction").increment(1);
+            self.shared.prepared.eviction.increment(1);
             FrontendMessage::Close {
                 target: Target::Statement,
                 name: victim,
@@ -248,7 +245,7 @@ impl<'a> Txn<'a> {
                 let def = StmtDef::new(sql, param_types);
                 let b = self.backend.as_mut().expect("attached");
                 if b.prepared.get(&def.server_name).is_some() {
-                    metrics::counter!(m::PREPARED_TOTAL, "result" => "hit").increment(1);
+                    self.shared.prepared.hit.increment(1);
                     noop_close(&mut self.out);
                     self.replies.push_back(Reply::AsParseComplete {
                         define: name.clone(),
@@ -259,7 +256,7 @@ impl<'a> Txn<'a> {
                         define: name.clone(),
                     });
                 } else {
-                    metrics::counter!(m::PREPARED_TOTAL, "result" => "miss").increment(1);
+                    self.shared.prepared.miss.increment(1);
                     self.evict_for_one();
                     FrontendMessage::Parse {
                         name: def.server_name.clone(),
@@ -553,12 +550,6 @@ pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
     }
 }
 
-fn reserve(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-}
-
 fn inspect_client(t: u8) -> bool {
     matches!(t, ftag::PARSE | ftag::BIND | ftag::DESCRIBE | ftag::CLOSE)
 }
@@ -585,6 +576,7 @@ pub(crate) fn run_boxed<'a>(
 
 /// Relays a logged-in transaction-mode client until it leaves.
 pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) -> End {
+    client.release_buffers();
     let mut cscan = Scanner::new(MAX_CLIENT_MESSAGE, MAX_CLIENT_MESSAGE);
     let mut sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
     let mut sbuf = BytesMut::new();
@@ -610,12 +602,12 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         }
         let attached = txn.backend.is_some();
         if attached {
-            reserve(&mut sbuf);
-        } else if client.rbuf.is_empty() && sbuf.is_empty() {
-            // An idle client holds no read buffers: they are allocated when bytes arrive.
-            client.release_buffers();
-            sbuf = BytesMut::new();
-            txn.out = BytesMut::new();
+            bufpool::ready(&mut sbuf);
+        } else {
+            // An idle client holds no buffers: they come from the pool when bytes arrive.
+            bufpool::release(&mut client.rbuf);
+            bufpool::release(&mut sbuf);
+            bufpool::release(&mut txn.out);
         }
         // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
         // consumed nothing.
@@ -624,12 +616,10 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                 if r.is_err() {
                     break End::ClientGone;
                 }
-                reserve(&mut client.rbuf);
-                match client.stream.try_read_buf(&mut client.rbuf) {
-                    Ok(0) => break End::ClientGone,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => break End::ClientGone,
+                bufpool::ready(&mut client.rbuf);
+                match read_now(&mut client.stream, &mut client.rbuf).await {
+                    Some(Ok(0)) | Some(Err(_)) => break End::ClientGone,
+                    Some(Ok(_)) | None => {}
                 }
             },
             r = async {
@@ -650,7 +640,9 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                     if let Err(end) = server_bytes(&mut sbuf, &mut sscan, &mut client, &mut txn).await {
                         break end;
                     }
-                    if txn.clean() && sscan.at_boundary() && sbuf.is_empty() {
+                    // Only between messages in both directions: a client half-way
+                    // through sending a message stays on this server connection.
+                    if txn.clean() && sscan.at_boundary() && sbuf.is_empty() && cscan.at_boundary() {
                         txn.detach(false);
                     }
                 }
@@ -664,6 +656,25 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
     txn.detach(true);
     txn.flush_bytes();
     end
+}
+
+/// Reads what the socket has now without waiting: `None` if nothing is there after all.
+/// Unlike `try_read_buf` this goes through `poll_read`, which marks the socket drained
+/// after a short read, so the next wait does not start with a read that finds nothing.
+async fn read_now(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut BytesMut,
+) -> Option<std::io::Result<usize>> {
+    use std::future::Future;
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        let read = std::pin::pin!(stream.read_buf(buf));
+        match read.poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => Poll::Ready(None),
+        }
+    })
+    .await
 }
 
 async fn reach(mut signal: Signal, phase: Phase) {
