@@ -514,3 +514,151 @@ async fn startup_parameters_follow_each_client() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn flush_without_sync_keeps_the_connection() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let mut a = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
+    let other = connect(&proxy).await;
+    // Parse/Bind/Execute/Flush: results come back, but the batch is still open.
+    let mut buf = BytesMut::new();
+    for m in [
+        parse("", "select 7"),
+        bind(""),
+        execute(),
+        FrontendMessage::Flush,
+    ] {
+        m.encode(&mut buf);
+    }
+    a.send(&buf).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let m = tokio::time::timeout(Duration::from_secs(10), a.read_message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(format!("{m:?}"));
+    }
+    assert!(got[3].contains("SELECT 1"), "{got:?}");
+    // The only server connection stays with `a` until its Sync: `other` must wait.
+    let q = tokio::spawn(async move {
+        other
+            .query_one("select 8", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!q.is_finished(), "the connection was released before Sync");
+    let got = exchange(&mut a, &[FrontendMessage::Sync], 1).await;
+    assert_eq!(got, ["Ready I"]);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), q)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        8
+    );
+    proxy.shutdown().await;
+}
+
+/// Server-side pids of the proxy's connections (they carry no application_name).
+fn proxy_backends(cluster: &Cluster) -> Vec<i32> {
+    let out = cluster
+        .primary
+        .psql("select pid from pg_stat_activity where backend_type = 'client backend' and application_name = '' order by pid")
+        .unwrap();
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+#[tokio::test]
+async fn pool_maintenance_min_idle_eviction_and_lifetime() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "4"),
+            ("HANDOFF_POOL_MIN_IDLE", "2"),
+            ("HANDOFF_SERVER_LIFETIME", "2s"),
+        ],
+    )
+    .await
+    .unwrap();
+    let c = connect(&proxy).await;
+    let first: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The pool tops itself up to two idle connections.
+    eventually(
+        Duration::from_secs(10),
+        "two pooled server connections",
+        || async { Ok(proxy_backends(&cluster).len() >= 2) },
+    )
+    .await
+    .unwrap();
+    // An idle connection whose server goes away is evicted, never handed out.
+    let victims = proxy_backends(&cluster);
+    cluster
+        .primary
+        .psql(&format!(
+            "select pg_terminate_backend(pid) from pg_stat_activity where pid in ({})",
+            victims
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .unwrap();
+    for _ in 0..5 {
+        let pid: i32 = c
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            !victims.contains(&pid),
+            "a terminated connection was reused"
+        );
+    }
+    // Past HANDOFF_SERVER_LIFETIME the connection that served `first` is gone.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let _ = c.query_one("select 1", &[]).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "old connections to be retired",
+        || async { Ok(!proxy_backends(&cluster).contains(&first)) },
+    )
+    .await
+    .unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_pooled_connections() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_SERVER_IDLE_TIMEOUT", "1s")])
+        .await
+        .unwrap();
+    let c = connect(&proxy).await;
+    let _ = c.query_one("select 1", &[]).await.unwrap();
+    assert_eq!(proxy_backends(&cluster).len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "the idle server connection to close",
+        || async { Ok(proxy_backends(&cluster).is_empty()) },
+    )
+    .await
+    .unwrap();
+    // The client is unaffected: its next transaction gets a new connection.
+    let v: i32 = c.query_one("select 5", &[]).await.unwrap().get(0);
+    assert_eq!(v, 5);
+    proxy.shutdown().await;
+}
