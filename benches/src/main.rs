@@ -14,11 +14,13 @@ mod idle;
 
 const USAGE: &str = "\
 Usage: handoff-bench demo [--seconds N] [--clients N] [--jobs N] [--scale N] [--mode select|tpcb]
+                          [--pool-mode transaction|session]
        handoff-bench idle [--clients N] [--pool-mode transaction|session]
 
   demo    start a local primary + standby, handoff in front of it, and run pgbench
           direct and through handoff; prints tps, latency, failures and the ratio.
           Defaults: --seconds 10 --clients 16 --jobs 2 --scale 10 --mode select
+          --pool-mode transaction
   idle    start handoff (the release binary) and hold N idle logged-in clients;
           prints its resident memory per client. Defaults: --clients 10000
           --pool-mode transaction
@@ -31,6 +33,7 @@ struct DemoArgs {
     jobs: u32,
     scale: u32,
     tpcb: bool,
+    pool_mode: String,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<DemoArgs> {
@@ -40,6 +43,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<DemoArgs> {
         jobs: 2,
         scale: 10,
         tpcb: false,
+        pool_mode: "transaction".to_string(),
     };
     while let Some(flag) = args.next() {
         let mut value = || -> Result<u32> {
@@ -59,6 +63,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<DemoArgs> {
             "--clients" => a.clients = value()?,
             "--jobs" => a.jobs = value()?,
             "--scale" => a.scale = value()?,
+            "--pool-mode" => match args.next().as_deref() {
+                Some(m @ ("transaction" | "session")) => a.pool_mode = m.to_string(),
+                other => bail!("--pool-mode must be transaction or session, not {other:?}"),
+            },
             "--mode" => match args.next().as_deref() {
                 Some("select") => a.tpcb = false,
                 Some("tpcb") => a.tpcb = true,

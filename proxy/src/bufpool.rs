@@ -8,7 +8,7 @@ use bytes::BytesMut;
 /// Capacity of a pooled buffer.
 pub const SIZE: usize = 16 * 1024;
 /// Most free buffers kept per thread.
-const KEEP: usize = 256;
+const KEEP: usize = 32;
 
 thread_local! {
     static FREE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
