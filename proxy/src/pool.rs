@@ -78,7 +78,7 @@ pub enum PoolError {
 /// What a waiting client is handed.
 #[derive(Debug)]
 enum Grant {
-    /// An idle connection (boxed: only the waiting path moves it through a channel).
+    /// An idle connection.
     Conn(Box<Backend>),
     /// Permission to open a new connection (a slot freed up).
     Slot,
@@ -86,7 +86,7 @@ enum Grant {
 
 #[derive(Debug)]
 struct Idle {
-    backend: Backend,
+    backend: Box<Backend>,
     since: Instant,
 }
 
@@ -156,7 +156,7 @@ impl Pool {
         self.gauges.waiting.set(st.waiters.len() as f64);
     }
 
-    async fn open(&self) -> Result<Backend, ServerError> {
+    async fn open(&self) -> Result<Box<Backend>, ServerError> {
         let login = server::Login {
             addr: &self.key.addr,
             user: &self.key.user,
@@ -169,7 +169,7 @@ impl Pool {
         match Box::pin(server::connect(login)).await {
             Ok(s) => {
                 metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
-                Ok(Backend::new(s, self.settings.max_prepared))
+                Ok(Box::new(Backend::new(s, self.settings.max_prepared)))
             }
             Err(e) => {
                 metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
@@ -183,14 +183,17 @@ impl Pool {
     ///
     /// # Cancel safety
     /// Cancel-safe: a dropped wait leaves the queue; a grant sent to it is passed on.
-    pub async fn checkout(&self) -> Result<Backend, PoolError> {
+    ///
+    /// Connections live in a `Box` from when they are opened, so handing one out moves
+    /// a pointer and allocates nothing.
+    pub async fn checkout(&self) -> Result<Box<Backend>, PoolError> {
         let started = Instant::now();
         let wait = {
             let mut st = self.lock();
             let mut got = None;
             while let Some(idle) = st.idle.pop() {
                 if idle.backend.is_quiet() {
-                    got = Some(Grant::Conn(Box::new(idle.backend)));
+                    got = Some(Grant::Conn(idle.backend));
                     break;
                 }
                 st.total -= 1;
@@ -230,7 +233,7 @@ impl Pool {
             }
         };
         let backend = match grant {
-            Grant::Conn(b) => *b,
+            Grant::Conn(b) => b,
             Grant::Slot => match self.open().await {
                 Ok(b) => b,
                 Err(e) => {
@@ -250,14 +253,14 @@ impl Pool {
     }
 
     /// Returns a clean connection (ReadyForQuery `I`, nothing owed) to the pool.
-    pub fn checkin(&self, backend: Backend) {
+    pub fn checkin(&self, backend: Box<Backend>) {
         if !self.settings.lifetime.is_zero() && backend.created.elapsed() >= self.settings.lifetime
         {
             self.discard(backend);
             return;
         }
         let mut st = self.lock();
-        let mut grant = Grant::Conn(Box::new(backend));
+        let mut grant = Grant::Conn(backend);
         while let Some(w) = st.waiters.pop_front() {
             match w.send(grant) {
                 Ok(()) => {
@@ -269,7 +272,7 @@ impl Pool {
         }
         if let Grant::Conn(backend) = grant {
             st.idle.push(Idle {
-                backend: *backend,
+                backend,
                 since: Instant::now(),
             });
         }
@@ -277,7 +280,7 @@ impl Pool {
     }
 
     /// Closes a connection that must not be reused (dirty, broken or too old).
-    pub fn discard(&self, backend: Backend) {
+    pub fn discard(&self, backend: Box<Backend>) {
         drop_backend(backend);
         self.release_slot();
     }
@@ -339,7 +342,7 @@ impl Pool {
     }
 }
 
-fn drop_backend(b: Backend) {
+fn drop_backend(b: Box<Backend>) {
     metrics::gauge!(m::SERVER_CONNECTIONS).decrement(1.0);
     drop(b);
 }

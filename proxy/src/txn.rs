@@ -63,7 +63,7 @@ pub(crate) struct Txn<'a> {
     /// Client statements whose Parse was sent but not yet answered: a Parse the server
     /// skips after an error must not define the name.
     defining: HashMap<Bytes, StmtDef>,
-    backend: Option<Backend>,
+    backend: Option<Box<Backend>>,
     /// Server-side names sent in a Parse whose ParseComplete has not arrived.
     preparing: HashSet<Bytes>,
     replies: VecDeque<Reply>,
