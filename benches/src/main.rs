@@ -11,11 +11,14 @@ use anyhow::{bail, Context, Result};
 use handoff_tests::{start_proxy, Cluster};
 
 mod idle;
+mod run;
 
 const USAGE: &str = "\
 Usage: handoff-bench demo [--seconds N] [--clients N] [--jobs N] [--scale N] [--mode select|tpcb]
                           [--pool-mode transaction|session]
        handoff-bench idle [--clients N] [--pool-mode transaction|session]
+       handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
+                         [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 
   demo    start a local primary + standby, handoff in front of it, and run pgbench
           direct and through handoff; prints tps, latency, failures and the ratio.
@@ -224,6 +227,18 @@ async fn main() -> ExitCode {
             Ok(a) => demo(a).await,
             Err(e) => Err(e),
         },
+        Some("run") => {
+            use clap::Parser;
+            match run::RunArgs::try_parse_from(
+                std::iter::once("handoff-bench run".to_string()).chain(args),
+            ) {
+                Ok(a) => run::run(a).await.map(|_| ()),
+                Err(e) => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+            }
+        }
         Some("idle") => {
             let mut clients = 10_000usize;
             let mut mode = "transaction".to_string();

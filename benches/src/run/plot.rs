@@ -1,0 +1,96 @@
+//! The run's timeline as an SVG: per target, throughput (errors marked in red) and p99 /
+//! max latency per 100 ms, with events shaded.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+
+use super::TargetResult;
+
+pub fn svg(path: &Path, results: &[TargetResult], duration: f64) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let n = results.len().max(1);
+    let root = SVGBackend::new(path, (1200, 360 * n as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let rows = root.split_evenly((n * 2, 1));
+    let shade = RGBColor(255, 170, 0).mix(0.25);
+    for (i, r) in results.iter().enumerate() {
+        let tl = &r.summary.timeline;
+        let tps_max = tl.iter().map(|p| p.txns as f64 * 10.0).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&rows[2 * i])
+            .caption(
+                format!("{}: transactions/s per 100 ms (errors in red)", r.name),
+                ("sans-serif", 16),
+            )
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..duration, 0f64..tps_max)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("s")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for e in &r.events {
+            let end = e.ended.max(e.started + 0.1);
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(e.started, 0.0), (end, tps_max)],
+                    shade.filled(),
+                )))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                tl.iter().map(|p| (p.t, p.txns as f64 * 10.0)),
+                &BLUE,
+            ))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(
+                tl.iter()
+                    .filter(|p| p.errors > 0)
+                    .map(|p| Circle::new((p.t, p.errors as f64 * 10.0), 3, RED.filled())),
+            )
+            .map_err(|e| err(&e))?;
+
+        let lat_max = tl.iter().map(|p| p.max).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&rows[2 * i + 1])
+            .caption(
+                format!("{}: latency ms per 100 ms (p99 blue, max grey)", r.name),
+                ("sans-serif", 16),
+            )
+            .margin(8)
+            .x_label_area_size(28)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..duration, 0f64..lat_max)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("s")
+            .draw()
+            .map_err(|e| err(&e))?;
+        for e in &r.events {
+            let end = e.ended.max(e.started + 0.1);
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(e.started, 0.0), (end, lat_max)],
+                    shade.filled(),
+                )))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                tl.iter().map(|p| (p.t, p.max)),
+                &RGBColor(150, 150, 150),
+            ))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(LineSeries::new(tl.iter().map(|p| (p.t, p.p99)), &BLUE))
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

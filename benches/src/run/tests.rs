@@ -1,0 +1,109 @@
+//! `run` against a real cluster through handoff, and the lost-write checker on real rows.
+
+use std::time::Duration;
+
+use clap::Parser;
+use handoff_tests::{start_proxy, Cluster};
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_second_run_through_handoff_writes_complete_json() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(0)).unwrap();
+    let proxy = start_proxy(&cluster, &[]).await.unwrap();
+    let out = std::env::temp_dir().join(format!("handoff-bench-test-{}", std::process::id()));
+    let url = format!("postgres://postgres@{}/postgres", proxy.listen_addr());
+    let args = RunArgs::try_parse_from([
+        "run",
+        "--target",
+        &format!("handoff={url}"),
+        "--workload",
+        "tpcb",
+        "--clients",
+        "4",
+        "--duration",
+        "2s",
+        "--accounts",
+        "1000",
+        "--event",
+        "1s:echo event-ran",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ])
+    .unwrap();
+    let results = run(args).await.unwrap();
+    assert_eq!(results.len(), 1);
+    let json_path = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let t = &doc["targets"][0];
+    assert_eq!(t["name"], "handoff");
+    let txns = t["transactions"].as_u64().unwrap();
+    assert!(txns > 100, "{txns} transactions in 2 s");
+    assert_eq!(t["errors"], 0, "{}", t["errors_by_kind"]);
+    assert_eq!(
+        t["acknowledged_writes"].as_u64().unwrap(),
+        txns,
+        "every tpcb transaction writes"
+    );
+    assert_eq!(t["lost_writes"], 0);
+    let timeline = t["timeline"].as_array().unwrap();
+    assert!(
+        (20..=21).contains(&timeline.len()),
+        "{} points",
+        timeline.len()
+    );
+    let summed: u64 = timeline.iter().map(|p| p["txns"].as_u64().unwrap()).sum();
+    assert_eq!(summed, txns, "the timeline accounts for every transaction");
+    assert!(t["latency_ms"]["p99"].as_f64().unwrap() >= t["latency_ms"]["p50"].as_f64().unwrap());
+    assert_eq!(t["events"][0]["exit_code"], 0);
+    assert_eq!(
+        t["events"][0]["output"].as_str().unwrap().trim(),
+        "event-ran"
+    );
+    let started = t["events"][0]["started_s"].as_f64().unwrap();
+    assert!((1.0..1.5).contains(&started), "event started at {started}");
+    let svg = std::fs::read_to_string(json_path.with_extension("svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("polyline"),
+        "not a plot"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
+    // The lost-write checker reports an acknowledged row that disappeared.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let ids: Vec<i64> = client
+        .query(
+            &format!("select id from {} order by id limit 50", workload::WRITES),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids.len(), 50);
+    assert!(workload::find_lost(&client, &ids).await.unwrap().is_empty());
+    client
+        .execute(
+            &format!("delete from {} where id = $1", workload::WRITES),
+            &[&ids[17]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        workload::find_lost(&client, &ids).await.unwrap(),
+        vec![ids[17]]
+    );
+    tokio::time::timeout(Duration::from_secs(30), proxy.shutdown())
+        .await
+        .unwrap();
+}
