@@ -1,28 +1,37 @@
 //! `handoff-bench`: the load harness.
 //!
-//! `handoff-bench demo` starts a local primary + standby (through the test harness),
-//! handoff in front of the primary, and runs `pgbench` directly against PostgreSQL and
-//! then through handoff, printing both results and their ratio.
+//! - `run`: a workload against one or more targets, with events, timeline, JSON and plot;
+//! - `compare`: direct / PgBouncer / handoff on a local cluster, one table with ratios;
+//! - `demo`: the README's main job: a local primary + standby, handoff in front, the
+//!   harness run direct and through handoff;
+//! - `idle`: handoff's memory with many idle clients.
 
-use std::process::{Command, ExitCode};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use handoff_tests::{start_proxy, Cluster};
+use run::workload::Workload;
+use run::RunArgs;
 
+mod compare;
 mod idle;
 mod run;
 
 const USAGE: &str = "\
-Usage: handoff-bench demo [--seconds N] [--clients N] [--jobs N] [--scale N] [--mode select|tpcb]
+Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select|tpcb]
                           [--pool-mode transaction|session]
        handoff-bench idle [--clients N] [--pool-mode transaction|session]
+       handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
+                             [--pool-size 20]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 
-  demo    start a local primary + standby, handoff in front of it, and run pgbench
-          direct and through handoff; prints tps, latency, failures and the ratio.
-          Defaults: --seconds 10 --clients 16 --jobs 2 --scale 10 --mode select
+  demo    start a local primary + standby, handoff in front of it, and run the load
+          harness direct and through handoff; prints throughput, latency percentiles,
+          errors, the longest stall, the ratio, and the paths of the JSON and the plot.
+          Defaults: --seconds 10 --clients 16 --scale 1 (100,000 accounts) --mode select
           --pool-mode transaction
   idle    start handoff (the release binary) and hold N idle logged-in clients;
           prints its resident memory per client. Defaults: --clients 10000
@@ -33,7 +42,6 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--jobs N] [--scale N] [--
 struct DemoArgs {
     seconds: u32,
     clients: u32,
-    jobs: u32,
     scale: u32,
     tpcb: bool,
     pool_mode: String,
@@ -43,8 +51,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<DemoArgs> {
     let mut a = DemoArgs {
         seconds: 10,
         clients: 16,
-        jobs: 2,
-        scale: 10,
+        scale: 1,
         tpcb: false,
         pool_mode: "transaction".to_string(),
     };
@@ -64,7 +71,6 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<DemoArgs> {
         match flag.as_str() {
             "--seconds" => a.seconds = value()?,
             "--clients" => a.clients = value()?,
-            "--jobs" => a.jobs = value()?,
             "--scale" => a.scale = value()?,
             "--pool-mode" => match args.next().as_deref() {
                 Some(m @ ("transaction" | "session")) => a.pool_mode = m.to_string(),
@@ -81,68 +87,6 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<DemoArgs> {
     Ok(a)
 }
 
-/// What one pgbench run reported.
-#[derive(Debug, Clone, Copy)]
-struct PgbenchResult {
-    tps: f64,
-    latency_ms: f64,
-    transactions: u64,
-    failed: u64,
-}
-
-fn parse_pgbench(stdout: &str) -> Result<PgbenchResult> {
-    let find = |prefix: &str| -> Result<&str> {
-        stdout
-            .lines()
-            .find_map(|l| l.trim().strip_prefix(prefix))
-            .map(str::trim)
-            .with_context(|| format!("pgbench output has no '{prefix}':\n{stdout}"))
-    };
-    let first = |s: &str| s.split_whitespace().next().unwrap_or("").to_string();
-    Ok(PgbenchResult {
-        tps: first(find("tps =")?).parse()?,
-        latency_ms: first(find("latency average =")?).parse()?,
-        transactions: first(find("number of transactions actually processed:")?).parse()?,
-        failed: first(find("number of failed transactions:")?).parse()?,
-    })
-}
-
-fn pgbench(cluster: &Cluster, port: u16, args: &DemoArgs) -> Result<PgbenchResult> {
-    let mut cmd = Command::new(cluster.bin.bin("pgbench"));
-    if !args.tpcb {
-        cmd.arg("-S");
-    }
-    let out = cmd
-        .args([
-            "-n",
-            "-c",
-            &args.clients.to_string(),
-            "-j",
-            &args.jobs.to_string(),
-        ])
-        .args(["-T", &args.seconds.to_string()])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .env("PGPASSWORD", "demo")
-        .output()
-        .context("running pgbench")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "pgbench failed: {}\n{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    parse_pgbench(&stdout)
-}
-
 async fn demo(args: DemoArgs) -> Result<()> {
     println!("starting a PostgreSQL primary and one streaming standby...");
     let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
@@ -152,69 +96,54 @@ async fn demo(args: DemoArgs) -> Result<()> {
         cluster.standbys[0].addr(),
         cluster.dir().display()
     );
-    println!("initialising pgbench tables (scale {})...", args.scale);
-    let init = Command::new(cluster.bin.bin("pgbench"))
-        .args([
-            "-i",
-            "-q",
-            "-s",
-            &args.scale.to_string(),
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .args(["-p", &cluster.primary.port.to_string(), "postgres"])
-        .output()?;
-    if !init.status.success() {
-        bail!(
-            "pgbench -i failed: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-    }
     let proxy = start_proxy(
         &cluster,
-        &[("HANDOFF_USERS", "postgres=demo"), ("HANDOFF_LOG", "warn")],
+        &[
+            ("HANDOFF_USERS", "postgres=demo"),
+            ("HANDOFF_LOG", "warn"),
+            ("HANDOFF_POOL_MODE", &args.pool_mode),
+        ],
     )
     .await?;
     println!(
-        "handoff listening on {} (admin {})",
+        "handoff listening on {} (admin {}), {} pooling",
         proxy.listen_addr(),
-        proxy.admin_addr()
+        proxy.admin_addr(),
+        args.pool_mode
     );
-    let mode = if args.tpcb {
-        "TPC-B-like"
+    let workload = if args.tpcb {
+        Workload::Tpcb
     } else {
-        "select-only (-S)"
+        Workload::Select
     };
-    println!(
-        "running pgbench {mode}, {} clients, {} threads, {} s: direct, then through handoff...",
-        args.clients, args.jobs, args.seconds
-    );
-    let a = args.clone();
-    let port = cluster.primary.port;
-    let direct = tokio::task::block_in_place(|| pgbench(&cluster, port, &a))?;
-    let port = proxy.listen_addr().port();
-    let via = tokio::task::block_in_place(|| pgbench(&cluster, port, &a))?;
-
+    let run_args = RunArgs {
+        targets: vec![
+            (
+                "direct".into(),
+                format!("postgres://postgres@{}/postgres", cluster.primary.addr()),
+            ),
+            (
+                "handoff".into(),
+                format!("postgres://postgres:demo@{}/postgres", proxy.listen_addr()),
+            ),
+        ],
+        workload,
+        clients: args.clients as usize,
+        duration: Duration::from_secs(u64::from(args.seconds)),
+        rate: None,
+        events: Vec::new(),
+        accounts: (args.scale * 100_000) as i32,
+        out: PathBuf::from("handoff-bench-results"),
+        quiet: false,
+    };
+    let results = run::run(run_args).await?;
     println!();
-    println!(
-        "{:<10} {:>12} {:>16} {:>14} {:>8}",
-        "target", "tps", "avg latency ms", "transactions", "failed"
-    );
-    for (name, r) in [("direct", direct), ("handoff", via)] {
-        println!(
-            "{:<10} {:>12.1} {:>16.3} {:>14} {:>8}",
-            name, r.tps, r.latency_ms, r.transactions, r.failed
-        );
-    }
-    println!(
-        "\nhandoff / direct throughput ratio: {:.2}",
-        via.tps / direct.tps
-    );
+    print!("{}", compare::ratio_table(&results));
     tokio::time::timeout(Duration::from_secs(30), proxy.shutdown()).await?;
-    if direct.failed + via.failed > 0 {
-        bail!("{} transactions failed", direct.failed + via.failed);
+    let errors: u64 = results.iter().map(|r| r.summary.errors).sum();
+    let lost: usize = results.iter().map(|r| r.lost_writes.len()).sum();
+    if errors > 0 || lost > 0 {
+        bail!("{errors} transactions failed and {lost} acknowledged writes were lost");
     }
     Ok(())
 }
@@ -233,6 +162,18 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench run".to_string()).chain(args),
             ) {
                 Ok(a) => run::run(a).await.map(|_| ()),
+                Err(e) => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Some("compare") => {
+            use clap::Parser;
+            match compare::CompareArgs::try_parse_from(
+                std::iter::once("handoff-bench compare".to_string()).chain(args),
+            ) {
+                Ok(a) => compare::compare(a).await,
                 Err(e) => {
                     let _ = e.print();
                     return ExitCode::from(2);
@@ -283,30 +224,6 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_pgbench_15_output() {
-        let out = "\
-transaction type: <builtin: select only>
-scaling factor: 10
-query mode: simple
-number of clients: 16
-number of threads: 2
-maximum number of tries: 1
-duration: 10 s
-number of transactions actually processed: 171234
-number of failed transactions: 0 (0.000%)
-latency average = 0.934 ms
-initial connection time = 21.456 ms
-tps = 17125.123456 (without initial connection time)
-";
-        let r = parse_pgbench(out).unwrap();
-        assert_eq!(r.transactions, 171_234);
-        assert_eq!(r.failed, 0);
-        assert!((r.tps - 17125.123456).abs() < 1e-6);
-        assert!((r.latency_ms - 0.934).abs() < 1e-9);
-        assert!(parse_pgbench("garbage").is_err());
-    }
 
     #[test]
     fn parses_arguments() {

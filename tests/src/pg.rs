@@ -81,6 +81,22 @@ impl PgBin {
         self.dir.join(name)
     }
 
+    /// A command for any program (e.g. pgbouncer), run as the unprivileged server user
+    /// when the tests run as root.
+    pub fn command_as_server_user(&self, program: &Path, cwd: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.current_dir(cwd).env("HOME", cwd);
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid);
+        }
+        c
+    }
+
+    /// Hands a file or directory to the server user (when running as root).
+    pub fn give_to_server_user(&self, path: &Path) -> Result<()> {
+        self.chown(path)
+    }
+
     /// A command for a server-side tool, run as the unprivileged user when needed.
     fn server_cmd(&self, name: &str, cwd: &Path) -> Command {
         let mut c = Command::new(self.bin(name));

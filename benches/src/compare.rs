@@ -1,0 +1,204 @@
+//! `handoff-bench compare`: one command that starts a local primary + standby, handoff
+//! (the release binary, as its own process) and, when installed, PgBouncer in
+//! transaction mode, then runs the same workload directly, through PgBouncer and through
+//! handoff, and prints one table with ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use handoff_tests::pg::free_port;
+use handoff_tests::Cluster;
+
+use crate::run::{self, workload::Workload, RunArgs, TargetResult};
+
+/// Options of `handoff-bench compare`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "handoff-bench compare")]
+pub struct CompareArgs {
+    #[arg(long, value_enum, default_value = "select")]
+    pub workload: Workload,
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    #[arg(long, default_value = "10s", value_parser = run::events::parse_duration)]
+    pub duration: Duration,
+    /// Server connections per pool, for both poolers.
+    #[arg(long, default_value_t = 20)]
+    pub pool_size: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub accounts: i32,
+    #[arg(long, default_value = "handoff-bench-results")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn pgbouncer_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            if d.join("pgbouncer").is_file() {
+                return Some(d.join("pgbouncer"));
+            }
+        }
+    }
+    let sbin = Path::new("/usr/sbin/pgbouncer");
+    sbin.is_file().then(|| sbin.to_path_buf())
+}
+
+async fn wait_listening(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("{what} did not start listening on port {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -> Result<Kill> {
+    let dir = cluster.dir();
+    let ini = dir.join("pgbouncer.ini");
+    let users = dir.join("pgbouncer-users.txt");
+    std::fs::write(&users, "\"postgres\" \"\"\n")?;
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {port}\nauth_type = trust\nauth_file = {}\npool_mode = transaction\n\
+             max_client_conn = 2000\ndefault_pool_size = {pool_size}\nunix_socket_dir =\n\
+             logfile = {}\n",
+            cluster.primary.port,
+            users.display(),
+            dir.join("pgbouncer.log").display()
+        ),
+    )?;
+    cluster.bin.give_to_server_user(&ini)?;
+    cluster.bin.give_to_server_user(&users)?;
+    let child = cluster
+        .bin
+        .command_as_server_user(bin, dir)
+        .arg(&ini)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting pgbouncer")?;
+    Ok(Kill(child))
+}
+
+fn start_handoff(cluster: &Cluster, port: u16, pool_size: usize) -> Result<Kill> {
+    let bin = std::env::current_exe()?.with_file_name("handoff");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p handoff)",
+            bin.display()
+        );
+    }
+    let admin = free_port()?;
+    let child = Command::new(bin)
+        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("HANDOFF_POOL_SIZE", pool_size.to_string())
+        .env("HANDOFF_MAX_CLIENT_CONN", "5000")
+        .env("HANDOFF_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting handoff")?;
+    Ok(Kill(child))
+}
+
+/// The comparison table: every target with its ratio to direct and to PgBouncer.
+pub fn ratio_table(results: &[TargetResult]) -> String {
+    let tps = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.name == name)
+            .map(|r| r.summary.tps)
+    };
+    let direct = tps("direct");
+    let pgbouncer = tps("pgbouncer");
+    let mut s = format!(
+        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10} {:>12}\n",
+        "target", "tps", "p50 ms", "p99 ms", "max ms", "errors", "/ direct", "/ pgbouncer"
+    );
+    for r in results {
+        let m = &r.summary;
+        let ratio = |base: Option<f64>| match base {
+            Some(b) if b > 0.0 => format!("{:.2}", m.tps / b),
+            _ => "-".to_string(),
+        };
+        s.push_str(&format!(
+            "{:<10} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10} {:>12}\n",
+            r.name,
+            m.tps,
+            m.p50,
+            m.p99,
+            m.max,
+            m.errors,
+            ratio(direct),
+            ratio(pgbouncer)
+        ));
+    }
+    s
+}
+
+pub async fn compare(args: CompareArgs) -> Result<()> {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
+    let mut targets = vec![(
+        "direct".to_string(),
+        format!("postgres://postgres@{}/postgres", cluster.primary.addr()),
+    )];
+    let _pgbouncer = match pgbouncer_binary() {
+        Some(bin) => {
+            let port = free_port()?;
+            let child = start_pgbouncer(&cluster, &bin, port, args.pool_size)?;
+            wait_listening(port, "pgbouncer").await?;
+            targets.push((
+                "pgbouncer".into(),
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            ));
+            Some(child)
+        }
+        None => {
+            eprintln!("pgbouncer is not installed: comparing direct and handoff only (apt-get install pgbouncer)");
+            None
+        }
+    };
+    let port = free_port()?;
+    let _handoff = start_handoff(&cluster, port, args.pool_size)?;
+    wait_listening(port, "handoff").await?;
+    targets.push((
+        "handoff".into(),
+        format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    ));
+
+    let run_args = RunArgs {
+        targets,
+        workload: args.workload,
+        clients: args.clients,
+        duration: args.duration,
+        rate: None,
+        events: Vec::new(),
+        accounts: args.accounts,
+        out: args.out.clone(),
+        quiet: args.quiet,
+    };
+    let results = run::run(run_args).await?;
+    println!();
+    print!("{}", ratio_table(&results));
+    Ok(())
+}
