@@ -92,5 +92,76 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// A Bind with `n` text parameters of 8 bytes each, as a driver sends it.
+fn bind_with_params(n: usize) -> BytesMut {
+    let mut body = Vec::new();
+    body.extend_from_slice(b"\0stmt_1\0");
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&(n as i16).to_be_bytes());
+    for i in 0..n {
+        body.extend_from_slice(&8i32.to_be_bytes());
+        body.extend_from_slice(format!("{i:08}").as_bytes());
+    }
+    body.extend_from_slice(&0i16.to_be_bytes());
+    let mut buf = BytesMut::new();
+    message(&mut buf, b'B', &body);
+    buf
+}
+
+fn bench_frontend(c: &mut Criterion) {
+    use handoff_protocol::frontend::FrontendMessage;
+    let mut g = c.benchmark_group("frontend");
+    for n in [10usize, 1000] {
+        let data = bind_with_params(n);
+        g.throughput(Throughput::Bytes(data.len() as u64));
+        g.bench_function(format!("parse_bind_{n}_params"), |b| {
+            b.iter(|| {
+                let mut buf = data.clone();
+                let f = decode_frame(&mut buf, 1 << 30).unwrap().unwrap();
+                match FrontendMessage::parse(f).unwrap() {
+                    FrontendMessage::Bind { statement, .. } => black_box(statement.len()),
+                    _ => unreachable!(),
+                }
+            })
+        });
+    }
+    g.finish();
+
+    // Encoding: what the proxy writes itself (rewritten Binds, errors, ReadyForQuery).
+    let mut g = c.benchmark_group("encode");
+    let bind = FrontendMessage::Bind {
+        portal: bytes::Bytes::new(),
+        statement: bytes::Bytes::from_static(b"handoff_0123456789abcdef01234567"),
+        rest: bytes::Bytes::from(vec![7u8; 200]),
+    };
+    let mut one = BytesMut::new();
+    bind.encode(&mut one);
+    g.throughput(Throughput::Bytes(one.len() as u64 * 1000));
+    g.bench_function("bind_x1000", |b| {
+        let mut out = BytesMut::with_capacity(one.len() * 1000);
+        b.iter(|| {
+            out.clear();
+            for _ in 0..1000 {
+                bind.encode(&mut out);
+            }
+            black_box(out.len())
+        })
+    });
+    g.finish();
+    let mut g = c.benchmark_group("encode_error");
+    let err =
+        handoff_protocol::error::ProxyError::fatal("53300", "sorry, too many clients already")
+            .hint("raise HANDOFF_MAX_CLIENT_CONN");
+    g.bench_function("error_response", |b| {
+        let mut out = BytesMut::new();
+        b.iter(|| {
+            out.clear();
+            err.encode(&mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, bench_frontend);
 criterion_main!(benches);
