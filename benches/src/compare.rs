@@ -202,3 +202,110 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
     print!("{}", ratio_table(&results));
     Ok(())
 }
+
+/// Options of `handoff-bench pgbouncer-switchover`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "handoff-bench pgbouncer-switchover")]
+pub struct SwitchoverArgs {
+    #[arg(long, value_enum, default_value = "tpcb")]
+    pub workload: Workload,
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    #[arg(long, default_value = "12s", value_parser = run::events::parse_duration)]
+    pub duration: Duration,
+    /// When the switchover starts.
+    #[arg(long, default_value = "4s", value_parser = run::events::parse_duration)]
+    pub at: Duration,
+    #[arg(long, default_value = "handoff-bench-results")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The reference for later issues: a planned switchover behind PgBouncer the way it is
+/// done by hand — PAUSE, stop the primary, promote the standby, point PgBouncer at it,
+/// RELOAD, RESUME — injected with `--event` into a load run.
+pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
+    let Some(bin) = pgbouncer_binary() else {
+        bail!("pgbouncer is not installed (apt-get install pgbouncer)");
+    };
+    let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
+    let port = free_port()?;
+    let _pgb = start_pgbouncer(&cluster, &bin, port, 20)?;
+    // The admin console needs an admin user.
+    let ini = cluster.dir().join("pgbouncer.ini");
+    let text = std::fs::read_to_string(&ini)?
+        .replace("[pgbouncer]\n", "[pgbouncer]\nadmin_users = postgres\n");
+    std::fs::write(&ini, text)?;
+    let console = format!(
+        "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
+        cluster.bin.bin("psql").display()
+    );
+    psql_ok(&format!("{console} RELOAD"))?;
+    wait_listening(port, "pgbouncer").await?;
+    let as_pg = if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(1)
+        == 0
+    {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
+    let pg_ctl = cluster.bin.bin("pg_ctl");
+    let script = format!(
+        "set -e; {console} PAUSE; \
+         {as_pg}{pg_ctl} -D {primary} -m fast -w stop; \
+         {as_pg}{pg_ctl} -D {standby} -w promote; \
+         sed -i 's/port={old}/port={new}/' {ini}; \
+         {console} RELOAD; {console} RESUME",
+        pg_ctl = pg_ctl.display(),
+        primary = cluster.primary.data.display(),
+        standby = cluster.standbys[0].data.display(),
+        old = cluster.primary.port,
+        new = cluster.standbys[0].port,
+        ini = ini.display(),
+    );
+    let run_args = RunArgs {
+        targets: vec![(
+            "pgbouncer".into(),
+            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        )],
+        workload: args.workload,
+        clients: args.clients,
+        duration: args.duration,
+        rate: None,
+        events: vec![run::events::Event {
+            at: args.at,
+            command: script,
+        }],
+        accounts: 100_000,
+        out: args.out,
+        quiet: args.quiet,
+    };
+    let results = run::run(run_args).await?;
+    for r in &results {
+        for e in &r.events {
+            println!(
+                "switchover ran {:.2}s..{:.2}s (exit {:?}){}",
+                e.started,
+                e.ended,
+                e.exit_code,
+                if e.exit_code == Some(0) {
+                    String::new()
+                } else {
+                    format!(": {}", e.output)
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn psql_ok(cmd: &str) -> Result<()> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    if !out.status.success() {
+        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

@@ -25,6 +25,7 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
        handoff-bench idle [--clients N] [--pool-mode transaction|session]
        handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
                              [--pool-size 20]
+       handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 
@@ -174,6 +175,18 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench compare".to_string()).chain(args),
             ) {
                 Ok(a) => compare::compare(a).await,
+                Err(e) => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Some("pgbouncer-switchover") => {
+            use clap::Parser;
+            match compare::SwitchoverArgs::try_parse_from(
+                std::iter::once("handoff-bench pgbouncer-switchover".to_string()).chain(args),
+            ) {
+                Ok(a) => compare::pgbouncer_switchover(a).await,
                 Err(e) => {
                     let _ = e.print();
                     return ExitCode::from(2);
