@@ -53,8 +53,9 @@ async fn two_second_run_through_handoff_writes_complete_json() {
     );
     assert_eq!(t["lost_writes"], 0);
     let timeline = t["timeline"].as_array().unwrap();
+    // 20 buckets for 2 s, plus any for transactions that finished after the deadline.
     assert!(
-        (20..=21).contains(&timeline.len()),
+        (20..=40).contains(&timeline.len()),
         "{} points",
         timeline.len()
     );
