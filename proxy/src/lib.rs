@@ -19,7 +19,7 @@ pub mod config;
 mod conn;
 mod listener;
 pub mod metrics;
-mod pool;
+pub mod pool;
 mod prepared;
 mod relay;
 mod server;
