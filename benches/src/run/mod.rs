@@ -387,12 +387,15 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
         serde_json::to_string_pretty(&to_json(&args, &results))?,
     )?;
     plot::svg(&svg_path, &results, args.duration.as_secs_f64())?;
+    let png_path = svg_path.with_extension("png");
+    plot::png(&png_path, &results, args.duration.as_secs_f64())?;
     print!("{}", table(&results));
     println!(
         "results: {}\nplot:    {}",
         json_path.display(),
         svg_path.display()
     );
+    println!("         {}", png_path.display());
     Ok(results)
 }
 

@@ -1,17 +1,56 @@
-//! The run's timeline as an SVG: per target, throughput (errors marked in red) and p99 /
-//! max latency per 100 ms, with events shaded.
+//! The run's timeline as SVG and PNG: per target, throughput (errors marked in red) and
+//! p99 / max latency per 100 ms, with events shaded.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::TargetResult;
 
+fn size(results: &[TargetResult]) -> (u32, u32) {
+    (1200, 360 * results.len().max(1) as u32)
+}
+
+/// Registers the bundled DejaVu Sans font for the plots' text (once per process), so
+/// plotting needs no system fonts.
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(anyhow!("the bundled plot font could not be loaded"))
+    }
+}
+
+/// Writes the SVG plot.
 pub fn svg(path: &Path, results: &[TargetResult], duration: f64) -> Result<()> {
+    ensure_font()?;
+    let root = SVGBackend::new(path, size(results)).into_drawing_area();
+    draw(root, path, results, duration)
+}
+
+/// Writes the PNG plot.
+pub fn png(path: &Path, results: &[TargetResult], duration: f64) -> Result<()> {
+    ensure_font()?;
+    let root = BitMapBackend::new(path, size(results)).into_drawing_area();
+    draw(root, path, results, duration)
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    path: &Path,
+    results: &[TargetResult],
+    duration: f64,
+) -> Result<()> {
     let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
     let n = results.len().max(1);
-    let root = SVGBackend::new(path, (1200, 360 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let rows = root.split_evenly((n * 2, 1));
     let shade = RGBColor(255, 170, 0).mix(0.25);

@@ -74,6 +74,11 @@ async fn two_second_run_through_handoff_writes_complete_json() {
         svg.starts_with("<svg") && svg.contains("polyline"),
         "not a plot"
     );
+    let png = std::fs::read(json_path.with_extension("png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "not a PNG plot"
+    );
     let _ = std::fs::remove_dir_all(&out);
 
     // The lost-write checker reports an acknowledged row that disappeared.
