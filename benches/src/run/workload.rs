@@ -8,15 +8,24 @@ use tokio_postgres::{Client, Statement};
 
 /// Accounts table read and updated by the workloads.
 pub const ACCOUNTS: &str = "handoff_bench_accounts";
-/// One row per acknowledged write, keyed by a run-unique id.
+/// One row per acknowledged write, keyed by a run-unique id (pgbench's history table).
 pub const WRITES: &str = "handoff_bench_writes";
+/// Tellers (10 per branch) and branches (one per 100,000 accounts), as in pgbench.
+pub const TELLERS: &str = "handoff_bench_tellers";
+pub const BRANCHES: &str = "handoff_bench_branches";
+
+/// Branches for a number of accounts: pgbench's scale.
+pub fn branches(accounts: i32) -> i32 {
+    (accounts / 100_000).max(1)
+}
 
 /// What a transaction does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
     /// pgbench -S-like: one point read, simple query protocol.
     Select,
-    /// pgbench's TPC-B-like write transaction (update, read, insert) plus a unique write.
+    /// pgbench's TPC-B-like write transaction: update an account, read it, update a
+    /// teller and a branch, insert a history row (with a unique id).
     Tpcb,
     /// Point reads through a named prepared statement.
     Prepared,
@@ -35,6 +44,8 @@ pub async fn setup(client: &Client, accounts: i32) -> Result<()> {
     client
         .batch_execute(&format!(
             "create table if not exists {ACCOUNTS} (aid int primary key, abalance int not null default 0);
+             create table if not exists {TELLERS} (tid int primary key, tbalance int not null default 0);
+             create table if not exists {BRANCHES} (bid int primary key, bbalance int not null default 0);
              create table if not exists {WRITES} (id bigint primary key, aid int not null, delta int not null,
                                                   at timestamptz not null default now());"
         ))
@@ -44,6 +55,15 @@ pub async fn setup(client: &Client, accounts: i32) -> Result<()> {
         .query_one(&format!("select count(*) from {ACCOUNTS}"), &[])
         .await?
         .get(0);
+    let b = branches(accounts);
+    client
+        .batch_execute(&format!(
+            "insert into {BRANCHES} (bid) select g from generate_series(1, {b}) g on conflict do nothing;
+             insert into {TELLERS} (tid) select g from generate_series(1, {t}) g on conflict do nothing;",
+            t = b * 10
+        ))
+        .await
+        .context("filling the branches and tellers tables")?;
     if n < i64::from(accounts) {
         client
             .batch_execute(&format!(
@@ -148,11 +168,15 @@ impl Session {
             }
             Workload::Tpcb => {
                 let delta = (self.rng.next() % 10_001) as i32 - 5000;
+                let bid = self.rng.upto(branches(self.accounts));
+                let tid = self.rng.upto(branches(self.accounts) * 10);
                 self.client
                     .batch_execute(&format!(
                         "begin;
                          update {ACCOUNTS} set abalance = abalance + {delta} where aid = {aid};
                          select abalance from {ACCOUNTS} where aid = {aid};
+                         update {TELLERS} set tbalance = tbalance + {delta} where tid = {tid};
+                         update {BRANCHES} set bbalance = bbalance + {delta} where bid = {bid};
                          insert into {WRITES} (id, aid, delta) values ({id}, {aid}, {delta});
                          commit;"
                     ))
