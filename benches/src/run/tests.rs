@@ -81,6 +81,34 @@ async fn two_second_run_through_handoff_writes_complete_json() {
     );
     let _ = std::fs::remove_dir_all(&out);
 
+    // Open loop: --rate sets the arrival rate whatever the latency.
+    let args = RunArgs::try_parse_from([
+        "run",
+        "--target",
+        &format!("handoff={url}"),
+        "--workload",
+        "select",
+        "--clients",
+        "4",
+        "--duration",
+        "2s",
+        "--rate",
+        "200",
+        "--accounts",
+        "1000",
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ])
+    .unwrap();
+    let r = run(args).await.unwrap();
+    let n = r[0].summary.txns;
+    assert!(
+        (360..=410).contains(&n),
+        "{n} transactions at 200/s for 2 s"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+
     // The lost-write checker reports an acknowledged row that disappeared.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
