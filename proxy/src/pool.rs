@@ -306,28 +306,23 @@ impl Pool {
             let mut st = self.lock();
             let (idle_timeout, lifetime) = (self.settings.idle_timeout, self.settings.lifetime);
             let before = st.idle.len();
-            let mut evicted = Vec::new();
-            st.idle.retain_mut(|i| {
+            // Dropping a `Box<Backend>` closes its socket.
+            st.idle.retain(|i| {
                 let stale = (!idle_timeout.is_zero() && now - i.since >= idle_timeout)
                     || (!lifetime.is_zero() && i.backend.created.elapsed() >= lifetime);
-                let keep = !stale && i.backend.is_quiet();
-                if !keep {
-                    evicted.push(i.backend.pid);
-                }
-                keep
+                !stale && i.backend.is_quiet()
             });
             let gone = before - st.idle.len();
-            st.total -= gone;
-            // Dropping happened inside retain via the Vec; count what went.
-            metrics::gauge!(m::SERVER_CONNECTIONS).decrement(gone as f64);
+            if gone > 0 {
+                st.total -= gone;
+                metrics::gauge!(m::SERVER_CONNECTIONS).decrement(gone as f64);
+                tracing::debug!(count = gone, "evicted idle server connections");
+            }
             let missing = self.settings.min_idle.saturating_sub(st.idle.len());
             let room = self.settings.size - st.total;
             let n = missing.min(room);
             st.total += n;
             self.publish(&st);
-            if !evicted.is_empty() {
-                tracing::debug!(count = evicted.len(), "evicted idle server connections");
-            }
             n
         };
         for _ in 0..missing {
