@@ -165,7 +165,7 @@ async fn transaction_mode(
         let err = txn::attach_error(&e, &shard.name);
         tracing::warn!(shard = %shard.name, error = %err, "server login failed");
         send_error(&mut client.stream, &err).await;
-        session.detach(true);
+        session.detach(true, true);
         return;
     }
     let mut hello = BytesMut::with_capacity(512);
@@ -175,7 +175,7 @@ async fn transaction_mode(
     }
     BackendMessage::BackendKeyData { pid, key }.encode(&mut hello);
     BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
-    session.detach(false);
+    session.detach(false, true);
     if client.send_raw(&hello).await.is_err() {
         return;
     }

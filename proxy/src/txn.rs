@@ -172,7 +172,8 @@ impl<'a> Txn<'a> {
 
     /// Returns the connection to the pool if the transaction is over, else closes it
     /// when `force` (the client is gone): a dirty connection is never reused.
-    pub fn detach(&mut self, force: bool) {
+    /// `stream_clean`: the relay holds no unprocessed bytes read from this connection.
+    pub fn detach(&mut self, force: bool, stream_clean: bool) {
         if !(self.clean() || force) {
             return;
         }
@@ -180,7 +181,7 @@ impl<'a> Txn<'a> {
         self.registration.set_server(None);
         self.preparing.clear();
         self.defining.clear();
-        if self.clean() && b.conn.rbuf.is_empty() {
+        if self.clean() && stream_clean && b.conn.rbuf.is_empty() {
             self.pool.checkin(b);
         } else {
             self.pool.discard(b);
@@ -643,7 +644,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                     // Only between messages in both directions: a client half-way
                     // through sending a message stays on this server connection.
                     if txn.clean() && sscan.at_boundary() && sbuf.is_empty() && cscan.at_boundary() {
-                        txn.detach(false);
+                        txn.detach(false, true);
                     }
                 }
             },
@@ -653,7 +654,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
             }
         }
     };
-    txn.detach(true);
+    txn.detach(true, sbuf.is_empty() && sscan.at_boundary());
     txn.flush_bytes();
     end
 }
