@@ -568,3 +568,158 @@ fn config_validation_names_variables() {
         "HANDOFF_BUFFER_SHARDS"
     );
 }
+
+#[derive(Debug, Clone)]
+enum Op {
+    Arrive(usize),
+    Cancel(usize),
+    Finish(usize),
+    Start,
+    Stop(bool),
+    Advance(u64),
+    Shutdown,
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (1usize..8).prop_map(Op::Arrive),
+        2 => any::<usize>().prop_map(Op::Cancel),
+        2 => any::<usize>().prop_map(Op::Finish),
+        2 => Just(Op::Start),
+        2 => any::<bool>().prop_map(Op::Stop),
+        3 => (0u64..3000).prop_map(Op::Advance),
+        1 => Just(Op::Shutdown),
+    ]
+}
+
+/// Lets every runnable task run.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+fn check_interleaving(ops: Vec<Op>) {
+    run(|m| async move {
+        let cfg = BufferConfig {
+            size: 4,
+            max_bytes: 20,
+            window: Duration::from_secs(2),
+            max_failover_duration: Duration::from_secs(5),
+            drain_concurrency: 2,
+            ..Default::default()
+        };
+        let b = Buffer::new(cfg, &["a"]).unwrap();
+        let (tx, mut outcomes) = mpsc::unbounded_channel::<(usize, bool)>();
+        let mut tasks = Vec::new();
+        let mut finishers: Vec<Option<tokio::sync::oneshot::Sender<()>>> = Vec::new();
+        let mut cancelled = Vec::new();
+        let mut epoch = 0;
+        for op in ops {
+            match op {
+                Op::Arrive(bytes) => {
+                    let i = tasks.len();
+                    let (fin_tx, fin_rx) = tokio::sync::oneshot::channel::<()>();
+                    let (b, tx) = (b.clone(), tx.clone());
+                    tasks.push(tokio::spawn(async move {
+                        match b.wait("a", bytes).await {
+                            Ok(Admission::Released(r)) => {
+                                let _ = tx.send((i, true));
+                                let _ = fin_rx.await;
+                                drop(r);
+                            }
+                            _ => {
+                                let _ = tx.send((i, false));
+                            }
+                        }
+                    }));
+                    finishers.push(Some(fin_tx));
+                }
+                Op::Cancel(k) if !tasks.is_empty() => {
+                    let k = k % tasks.len();
+                    if !tasks[k].is_finished() {
+                        tasks[k].abort();
+                        cancelled.push(k);
+                    }
+                }
+                Op::Finish(k) if !finishers.is_empty() => {
+                    let k = k % finishers.len();
+                    finishers[k].take();
+                }
+                Op::Start => {
+                    epoch += 1;
+                    b.start("a", epoch, "prop");
+                }
+                Op::Stop(new_primary) => {
+                    let reason = if new_primary {
+                        StopReason::NewPrimary
+                    } else {
+                        StopReason::Aborted
+                    };
+                    b.stop("a", epoch, reason);
+                }
+                Op::Advance(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                Op::Shutdown => b.shutdown(),
+                _ => {}
+            }
+            settle().await;
+            assert!(b.depth("a") <= 4, "count bound exceeded");
+            assert!(b.bytes() <= 20, "byte bound exceeded: {}", b.bytes());
+        }
+        // End everything: shutdown fails what is held; finishing lets releases go.
+        b.shutdown();
+        finishers.clear();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        settle().await;
+        for t in tasks.iter() {
+            assert!(t.is_finished(), "a request was left waiting");
+        }
+        drop(tx);
+        let mut seen = vec![0u32; tasks.len()];
+        let mut released = Vec::new();
+        while let Some((i, ok)) = outcomes.recv().await {
+            seen[i] += 1;
+            if ok {
+                released.push(i);
+            }
+        }
+        for (i, n) in seen.iter().enumerate() {
+            let expected = if cancelled.contains(&i) {
+                [0, 1].contains(n)
+            } else {
+                *n == 1
+            };
+            assert!(expected, "request {i} got {n} outcomes");
+        }
+        assert!(
+            released.windows(2).all(|w| w[0] < w[1]),
+            "releases out of FIFO order: {released:?}"
+        );
+        assert_eq!(b.depth("a"), 0);
+        assert_eq!(b.bytes(), 0);
+        let evicted: u64 = [
+            "WindowExceeded",
+            "BufferFull",
+            "ContextDone",
+            "MaxDuration",
+            "Shutdown",
+        ]
+        .iter()
+        .map(|r| m.counter(metric::EVICTED, &reason(r)))
+        .sum();
+        assert_eq!(
+            m.counter(metric::BUFFERED, A),
+            m.counter(metric::DRAINED, A) + evicted,
+            "buffered = drained + evicted"
+        );
+    });
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    #[test]
+    fn s16_random_interleavings_keep_every_invariant(ops in proptest::collection::vec(op(), 1..50)) {
+        check_interleaving(ops);
+    }
+}
