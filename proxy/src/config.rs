@@ -106,6 +106,51 @@ pub const VARIABLES: &[Variable] = &[
         help: "on SIGTERM/SIGINT, longest wait for sessions to finish before closing them",
     },
     Variable {
+        name: "HANDOFF_BUFFER_ENABLED",
+        default: "true",
+        help: "hold new transactions of a shard whose primary is changing",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_DRY_RUN",
+        default: "false",
+        help: "run the buffer's state machine and count, but hold nothing",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_SIZE",
+        default: "1000",
+        help: "requests held per shard; a full shard evicts its oldest",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_MAX_BYTES",
+        default: "64MB",
+        help: "request bytes held across all shards",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_WINDOW",
+        default: "10s",
+        help: "longest one request stays held",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_MAX_FAILOVER_DURATION",
+        default: "20s",
+        help: "longest a buffering cycle lasts",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_MIN_TIME_BETWEEN_FAILOVERS",
+        default: "0s",
+        help: "optional throttle between buffering cycles of a shard",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_DRAIN_CONCURRENCY",
+        default: "(HANDOFF_POOL_SIZE)",
+        help: "held requests released to the new primary at once",
+    },
+    Variable {
+        name: "HANDOFF_BUFFER_SHARDS",
+        default: "(all)",
+        help: "comma list of the shards to buffer",
+    },
+    Variable {
         name: "HANDOFF_LOG",
         default: "info",
         help: "log filter (tracing EnvFilter syntax, e.g. 'info,handoff=debug')",
@@ -230,6 +275,8 @@ pub struct Config {
     pub max_client_conn: usize,
     pub pool_mode: PoolMode,
     pub pool: PoolSettings,
+    /// The failover buffer's settings (`HANDOFF_BUFFER_*`).
+    pub buffer: handoff_buffer::BufferConfig,
     pub connect_timeout: Duration,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -362,6 +409,7 @@ impl Config {
                 return Err(invalid(name, "must be greater than zero"));
             }
         }
+        let buffer = parse_buffer(&env, &shards, pool.size)?;
         Ok(Self {
             listen,
             admin_listen,
@@ -373,6 +421,7 @@ impl Config {
             max_client_conn,
             pool_mode,
             pool,
+            buffer,
             connect_timeout,
             client_login_timeout,
             shutdown_timeout,
@@ -413,6 +462,83 @@ fn parse_addr(var: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
             format!("'{s}' is not an IP address and port, e.g. 127.0.0.1:6432"),
         )
     })
+}
+
+fn parse_bool(var: &'static str, s: &str) -> Result<bool, ConfigError> {
+    match s {
+        "true" | "on" | "1" | "yes" => Ok(true),
+        "false" | "off" | "0" | "no" => Ok(false),
+        _ => Err(invalid(var, format!("'{s}' is not true or false"))),
+    }
+}
+
+/// Parses sizes: `65536`, `64kB`, `64MB`, `1GB` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 64MB"))?;
+    let mult = match unit {
+        "" | "B" => 1,
+        "kB" | "KB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return Err(format!("'{s}': the unit must be B, kB, MB or GB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_buffer(
+    env: &HashMap<String, String>,
+    shards: &[ShardConfig],
+    pool_size: usize,
+) -> Result<handoff_buffer::BufferConfig, ConfigError> {
+    let get = |name: &str| env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
+    let d = handoff_buffer::BufferConfig::default();
+    let dur = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+        get(name).map_or(Ok(default), |s| {
+            parse_duration(s).map_err(|r| invalid(name, r))
+        })
+    };
+    let int = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
+        get(name).map_or(Ok(default), |s| {
+            s.parse::<usize>()
+                .map_err(|_| invalid(name, format!("'{s}' is not a whole number")))
+        })
+    };
+    let cfg = handoff_buffer::BufferConfig {
+        enabled: get("HANDOFF_BUFFER_ENABLED")
+            .map_or(Ok(d.enabled), |s| parse_bool("HANDOFF_BUFFER_ENABLED", s))?,
+        dry_run: get("HANDOFF_BUFFER_DRY_RUN")
+            .map_or(Ok(d.dry_run), |s| parse_bool("HANDOFF_BUFFER_DRY_RUN", s))?,
+        size: int("HANDOFF_BUFFER_SIZE", d.size)?,
+        max_bytes: get("HANDOFF_BUFFER_MAX_BYTES").map_or(Ok(d.max_bytes), |s| {
+            parse_size(s).map_err(|r| invalid("HANDOFF_BUFFER_MAX_BYTES", r))
+        })?,
+        window: dur("HANDOFF_BUFFER_WINDOW", d.window)?,
+        max_failover_duration: dur(
+            "HANDOFF_BUFFER_MAX_FAILOVER_DURATION",
+            d.max_failover_duration,
+        )?,
+        min_time_between_failovers: dur(
+            "HANDOFF_BUFFER_MIN_TIME_BETWEEN_FAILOVERS",
+            d.min_time_between_failovers,
+        )?,
+        drain_concurrency: int("HANDOFF_BUFFER_DRAIN_CONCURRENCY", pool_size)?,
+        shards: get("HANDOFF_BUFFER_SHARDS").map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        }),
+    };
+    let names: Vec<&str> = shards.iter().map(|s| s.name.as_str()).collect();
+    cfg.validate(&names).map_err(|e| invalid(e.var, e.reason))?;
+    Ok(cfg)
 }
 
 /// Parses `250ms`, `10s`, `1m`, `1h` (and `0`).

@@ -200,3 +200,59 @@ fn help_and_readme_list_every_variable() {
         );
     }
 }
+
+#[test]
+fn buffer_settings() {
+    let c = cfg(&[]).unwrap();
+    assert!(c.buffer.enabled && !c.buffer.dry_run);
+    assert_eq!(c.buffer.size, 1000);
+    assert_eq!(c.buffer.max_bytes, 64 << 20);
+    assert_eq!(c.buffer.window, Duration::from_secs(10));
+    assert_eq!(c.buffer.max_failover_duration, Duration::from_secs(20));
+    assert_eq!(
+        c.buffer.drain_concurrency, c.pool.size,
+        "defaults to the pool size"
+    );
+    assert_eq!(c.buffer.shards, None);
+    let c = cfg(&[
+        ("HANDOFF_SHARDS", "a=h:1;b=h:2"),
+        ("HANDOFF_DATABASES", "*=a"),
+        ("HANDOFF_BUFFER_SHARDS", "b"),
+        ("HANDOFF_BUFFER_MAX_BYTES", "1kB"),
+        ("HANDOFF_BUFFER_DRY_RUN", "on"),
+    ])
+    .unwrap();
+    assert_eq!(c.buffer.shards, Some(vec!["b".to_string()]));
+    assert_eq!(c.buffer.max_bytes, 1024);
+    assert!(c.buffer.dry_run);
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_ENABLED", "maybe")]),
+        "HANDOFF_BUFFER_ENABLED"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_SIZE", "0")]),
+        "HANDOFF_BUFFER_SIZE"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_MAX_BYTES", "64XB")]),
+        "HANDOFF_BUFFER_MAX_BYTES"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_WINDOW", "0")]),
+        "HANDOFF_BUFFER_WINDOW"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_WINDOW", "30s")]),
+        "HANDOFF_BUFFER_WINDOW"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_DRAIN_CONCURRENCY", "0")]),
+        "HANDOFF_BUFFER_DRAIN_CONCURRENCY"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_BUFFER_SHARDS", "nope")]),
+        "HANDOFF_BUFFER_SHARDS"
+    );
+    assert_eq!(parse_size("64MB"), Ok(64 << 20));
+    assert!(parse_size("MB").is_err());
+}
