@@ -16,9 +16,12 @@
 //!
 //!   Dropping the future (the client went away) removes the request at once.
 //! - **The shard state machine** calls [`Buffer::start`] (revocation) and
-//!   [`Buffer::stop`] (establishment, abort) with the shard's epoch. A start for an epoch
-//!   at or below the last completed cycle's is ignored; a stop for another epoch than
-//!   the current cycle's is ignored. [`Buffer::shutdown`] ends everything.
+//!   [`Buffer::stop`] (establishment, abort) with the shard's epoch, from within a tokio
+//!   runtime (a start arms the cycle's time limit). A start for an epoch at or below the
+//!   last completed cycle's is ignored; a stop for another epoch than the current
+//!   cycle's is ignored. A start while the last cycle is still draining holds what is
+//!   left of its queue again (back-to-back switchovers). [`Buffer::shutdown`] ends
+//!   everything.
 //! - No lock is held across an `.await`, and no caller code runs under the buffer's
 //!   locks: outcomes are delivered through channels.
 
@@ -423,14 +426,27 @@ impl Buffer {
         if epoch <= g.completed {
             return StartOutcome::StaleEpoch;
         }
-        if g.state != State::Idle {
-            g.epoch = g.epoch.max(epoch);
-            return StartOutcome::AlreadyBuffering;
-        }
-        let min = self.inner.cfg.min_time_between_failovers;
-        if !min.is_zero() && g.last_end.is_some_and(|t| t.elapsed() < min) {
-            s.count_reason(metric::STARTS_SKIPPED, "LastFailoverTooRecent");
-            return StartOutcome::LastFailoverTooRecent;
+        match g.state {
+            State::Buffering if epoch <= g.epoch => return StartOutcome::AlreadyBuffering,
+            State::Buffering => {
+                // A newer revocation during the cycle: it continues under the new epoch
+                // (only a stop for that epoch ends it), with its own time limit.
+                g.epoch = epoch;
+                g.reason = reason.to_string();
+                drop(g);
+                self.arm_timer(shard, epoch);
+                return StartOutcome::AlreadyBuffering;
+            }
+            // Back-to-back switchovers: what is still queued from the last cycle is held
+            // again, for the new primary.
+            State::Draining => {}
+            State::Idle => {
+                let min = self.inner.cfg.min_time_between_failovers;
+                if !min.is_zero() && g.last_end.is_some_and(|t| t.elapsed() < min) {
+                    s.count_reason(metric::STARTS_SKIPPED, "LastFailoverTooRecent");
+                    return StartOutcome::LastFailoverTooRecent;
+                }
+            }
         }
         g.state = State::Buffering;
         g.epoch = epoch;
@@ -439,6 +455,13 @@ impl Buffer {
         g.reason = reason.to_string();
         s.count(metric::STARTS);
         drop(g);
+        self.arm_timer(shard, epoch);
+        StartOutcome::Started
+    }
+
+    /// Ends the cycle of `epoch` after `HANDOFF_BUFFER_MAX_FAILOVER_DURATION` if it is
+    /// still running then. Needs a tokio runtime.
+    fn arm_timer(&self, shard: &str, epoch: u64) {
         let me = self.clone();
         let name = shard.to_string();
         let max = self.inner.cfg.max_failover_duration;
@@ -446,7 +469,6 @@ impl Buffer {
             tokio::time::sleep(max).await;
             me.stop(&name, epoch, StopReason::MaxDurationExceeded);
         });
-        StartOutcome::Started
     }
 
     /// Establishment or abort (or the end of the cycle's time): stop buffering `shard`

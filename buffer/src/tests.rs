@@ -233,6 +233,44 @@ fn s05_stale_epochs_are_ignored() {
 }
 
 #[test]
+fn s05b_back_to_back_switchovers_hold_the_rest_again() {
+    run(|m| async move {
+        let b = buffer(BufferConfig {
+            drain_concurrency: 1,
+            ..Default::default()
+        });
+        b.start("a", 1, "first");
+        let mut rx = waiters(&b, 3, Duration::from_secs(1)).await;
+        b.stop("a", 1, StopReason::NewPrimary);
+        assert_eq!(rx.recv().await.unwrap(), (0, Ok(())));
+        // The next switchover starts while two requests still wait to be drained.
+        assert_eq!(b.start("a", 2, "second"), StartOutcome::Started);
+        assert_eq!(b.state("a"), Some(State::Buffering));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            b.depth("a"),
+            2,
+            "held again, not released to the old primary"
+        );
+        assert!(
+            !b.stop("a", 1, StopReason::NewPrimary),
+            "the old epoch's stop is stale"
+        );
+        assert!(b.stop("a", 2, StopReason::NewPrimary));
+        assert_eq!(rx.recv().await.unwrap(), (1, Ok(())));
+        assert_eq!(rx.recv().await.unwrap(), (2, Ok(())));
+        assert_eq!(m.counter(metric::STARTS, A), 2);
+        assert_eq!(m.counter(metric::DRAINED, A), 3);
+        // A newer start during a cycle keeps it going under that epoch.
+        b.start("a", 3, "third");
+        assert_eq!(b.start("a", 4, "fourth"), StartOutcome::AlreadyBuffering);
+        assert!(!b.stop("a", 3, StopReason::NewPrimary));
+        assert!(b.stop("a", 4, StopReason::NewPrimary));
+        assert_eq!(b.state("a"), Some(State::Idle));
+    });
+}
+
+#[test]
 fn s06_min_time_between_failovers() {
     run(|m| async move {
         let b = buffer(BufferConfig {
