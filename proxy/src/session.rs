@@ -120,11 +120,7 @@ async fn transaction_mode(
     shutdown: Signal,
 ) {
     let cfg: &Config = &shared.config;
-    let route = cfg
-        .route(&startup.database)
-        .expect("login checked the route");
-    let shard = &cfg.shards[route.shard];
-    let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
+    let (shard, server_db) = route(cfg, &startup);
     let mut desired = HashMap::new();
     for (k, v) in &startup.params {
         if k == "options" {
@@ -168,13 +164,7 @@ async fn transaction_mode(
         session.detach(true, true);
         return;
     }
-    let mut hello = BytesMut::with_capacity(512);
-    BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
-    for (name, value) in session.startup_params() {
-        BackendMessage::ParameterStatus { name, value }.encode(&mut hello);
-    }
-    BackendMessage::BackendKeyData { pid, key }.encode(&mut hello);
-    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
+    let hello = hello(session.startup_params(), pid, key);
     session.detach(false, true);
     if client.send_raw(&hello).await.is_err() {
         return;
@@ -306,6 +296,28 @@ async fn startup_from_params(
     })
 }
 
+/// The shard and server database a logged-in client's database routes to.
+fn route<'a>(cfg: &'a Config, startup: &'a Startup) -> (&'a crate::config::ShardConfig, &'a str) {
+    let route = cfg
+        .route(&startup.database)
+        .expect("login checked the route");
+    let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
+    (&cfg.shards[route.shard], server_db)
+}
+
+/// What a client receives once logged in: AuthenticationOk, the server's parameters,
+/// handoff's own backend key data, ReadyForQuery.
+fn hello(params: impl IntoIterator<Item = (String, String)>, pid: i32, key: i32) -> BytesMut {
+    let mut hello = BytesMut::with_capacity(512);
+    BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
+    for (name, value) in params {
+        BackendMessage::ParameterStatus { name, value }.encode(&mut hello);
+    }
+    BackendMessage::BackendKeyData { pid, key }.encode(&mut hello);
+    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
+    hello
+}
+
 /// The error a client sees when its server connection cannot be made.
 pub(crate) fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyError {
     match err {
@@ -349,11 +361,7 @@ async fn connect_and_relay(
     shutdown: Signal,
 ) {
     let cfg: &Config = &shared.config;
-    let route = cfg
-        .route(&startup.database)
-        .expect("login checked the route");
-    let shard = &cfg.shards[route.shard];
-    let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
+    let (shard, server_db) = route(cfg, &startup);
     let login = server::Login {
         addr: &shard.hosts[0],
         user: &startup.user,
@@ -382,21 +390,7 @@ async fn connect_and_relay(
         key: server.key,
     }));
 
-    let mut hello = BytesMut::with_capacity(512);
-    BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
-    for (name, value) in &server.params {
-        BackendMessage::ParameterStatus {
-            name: name.clone(),
-            value: value.clone(),
-        }
-        .encode(&mut hello);
-    }
-    BackendMessage::BackendKeyData {
-        pid: registration.pid,
-        key: registration.key,
-    }
-    .encode(&mut hello);
-    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
+    let hello = hello(server.params.clone(), registration.pid, registration.key);
     if client.send_raw(&hello).await.is_err() {
         return;
     }

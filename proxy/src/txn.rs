@@ -201,6 +201,17 @@ impl<'a> Txn<'a> {
         if self.preparing.contains(&def.server_name) {
             return;
         }
+        self.send_parse(
+            def,
+            Reply::Swallow {
+                register: Some(def.server_name.clone()),
+            },
+        );
+    }
+
+    /// Prepares `def` on the connection under its server name (a cache miss), making
+    /// room first; `reply` says what to do with the ParseComplete.
+    fn send_parse(&mut self, def: &StmtDef, reply: Reply) {
         self.shared.prepared.miss.increment(1);
         self.evict_for_one();
         FrontendMessage::Parse {
@@ -210,9 +221,7 @@ impl<'a> Txn<'a> {
         }
         .encode(&mut self.out);
         self.preparing.insert(def.server_name.clone());
-        self.replies.push_back(Reply::Swallow {
-            register: Some(def.server_name.clone()),
-        });
+        self.replies.push_back(reply);
     }
 
     /// Makes room in the connection's statement cache for one more statement.
@@ -257,19 +266,11 @@ impl<'a> Txn<'a> {
                         define: name.clone(),
                     });
                 } else {
-                    self.shared.prepared.miss.increment(1);
-                    self.evict_for_one();
-                    FrontendMessage::Parse {
-                        name: def.server_name.clone(),
-                        sql: def.sql.clone(),
-                        param_types: def.param_types.clone(),
-                    }
-                    .encode(&mut self.out);
-                    self.preparing.insert(def.server_name.clone());
-                    self.replies.push_back(Reply::Pass {
+                    let reply = Reply::Pass {
                         register: Some(def.server_name.clone()),
                         define: Some(name.clone()),
-                    });
+                    };
+                    self.send_parse(&def, reply);
                 }
                 self.defining.insert(name, def);
             }

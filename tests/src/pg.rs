@@ -346,6 +346,24 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Creates pgbench's tables on the primary (`pgbench -i -s scale`).
+    pub fn pgbench_init(&self, scale: u32) -> Result<()> {
+        let out = Command::new(self.bin.bin("pgbench"))
+            .args([
+                "-i",
+                "-q",
+                "-s",
+                &scale.to_string(),
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .args(["-p", &self.primary.port.to_string(), "postgres"])
+            .output()?;
+        check(out, "pgbench -i").map(|_| ())
+    }
+
     /// The directory holding data directories and logs.
     pub fn dir(&self) -> &Path {
         self.primary.root.as_path()

@@ -5,16 +5,7 @@ use handoff_tests::{start_proxy, Cluster};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_select_only_has_no_failures() {
     let cluster = Cluster::start(0).unwrap();
-    let init = std::process::Command::new(cluster.bin.bin("pgbench"))
-        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-U", "postgres"])
-        .args(["-p", &cluster.primary.port.to_string(), "postgres"])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    cluster.pgbench_init(1).unwrap();
     let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", "postgres=secret")])
         .await
         .unwrap();

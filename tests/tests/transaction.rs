@@ -55,12 +55,7 @@ fn pgbench(cluster: &Cluster, port: u16, mode: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_64_clients_every_query_mode() {
     let cluster = Cluster::start(0).unwrap();
-    let init = std::process::Command::new(cluster.bin.bin("pgbench"))
-        .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-U", "postgres"])
-        .args(["-p", &cluster.primary.port.to_string(), "postgres"])
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    cluster.pgbench_init(1).unwrap();
     let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "10")])
         .await
         .unwrap();

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, Result};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -43,6 +44,42 @@ pub fn png(path: &Path, results: &[TargetResult], duration: f64) -> Result<()> {
     draw(root, path, results, duration)
 }
 
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// One panel: title, axes over the run, events shaded; series are drawn by the caller.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: String,
+    duration: f64,
+    ymax: f64,
+    events: &[super::events::EventRecord],
+) -> Result<Chart<'a, DB>> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("plotting: {e}");
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 16))
+        .margin(8)
+        .x_label_area_size(28)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..duration, 0f64..ymax)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("s")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let shade = RGBColor(255, 170, 0).mix(0.25);
+    for e in events {
+        let end = e.ended.max(e.started + 0.1);
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(e.started, 0.0), (end, ymax)],
+                shade.filled(),
+            )))
+            .map_err(|e| err(&e))?;
+    }
+    Ok(chart)
+}
+
 fn draw<DB: DrawingBackend>(
     root: DrawingArea<DB, Shift>,
     path: &Path,
@@ -53,34 +90,11 @@ fn draw<DB: DrawingBackend>(
     let n = results.len().max(1);
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let rows = root.split_evenly((n * 2, 1));
-    let shade = RGBColor(255, 170, 0).mix(0.25);
     for (i, r) in results.iter().enumerate() {
         let tl = &r.summary.timeline;
         let tps_max = tl.iter().map(|p| p.txns as f64 * 10.0).fold(1.0, f64::max) * 1.1;
-        let mut chart = ChartBuilder::on(&rows[2 * i])
-            .caption(
-                format!("{}: transactions/s per 100 ms (errors in red)", r.name),
-                ("sans-serif", 16),
-            )
-            .margin(8)
-            .x_label_area_size(28)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0f64..duration, 0f64..tps_max)
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("s")
-            .draw()
-            .map_err(|e| err(&e))?;
-        for e in &r.events {
-            let end = e.ended.max(e.started + 0.1);
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(e.started, 0.0), (end, tps_max)],
-                    shade.filled(),
-                )))
-                .map_err(|e| err(&e))?;
-        }
+        let title = format!("{}: transactions/s per 100 ms (errors in red)", r.name);
+        let mut chart = panel(&rows[2 * i], title, duration, tps_max, &r.events)?;
         chart
             .draw_series(LineSeries::new(
                 tl.iter().map(|p| (p.t, p.txns as f64 * 10.0)),
@@ -96,30 +110,8 @@ fn draw<DB: DrawingBackend>(
             .map_err(|e| err(&e))?;
 
         let lat_max = tl.iter().map(|p| p.max).fold(1.0, f64::max) * 1.1;
-        let mut chart = ChartBuilder::on(&rows[2 * i + 1])
-            .caption(
-                format!("{}: latency ms per 100 ms (p99 blue, max grey)", r.name),
-                ("sans-serif", 16),
-            )
-            .margin(8)
-            .x_label_area_size(28)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0f64..duration, 0f64..lat_max)
-            .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("s")
-            .draw()
-            .map_err(|e| err(&e))?;
-        for e in &r.events {
-            let end = e.ended.max(e.started + 0.1);
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(e.started, 0.0), (end, lat_max)],
-                    shade.filled(),
-                )))
-                .map_err(|e| err(&e))?;
-        }
+        let title = format!("{}: latency ms per 100 ms (p99 blue, max grey)", r.name);
+        let mut chart = panel(&rows[2 * i + 1], title, duration, lat_max, &r.events)?;
         chart
             .draw_series(LineSeries::new(
                 tl.iter().map(|p| (p.t, p.max)),
