@@ -257,7 +257,12 @@ async fn client_bytes(
     forward(server, buf, pos, &mut txn.up).await
 }
 
-async fn protocol_error(client: &mut WriteHalf<'_>, e: &FrameError) {
+/// Tells a client its message broke the protocol (the session then ends). Shared by
+/// both pool modes.
+pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
+    client: &mut W,
+    e: &FrameError,
+) {
     let err = ProxyError::fatal(
         sqlstate::PROTOCOL_VIOLATION,
         format!("invalid frontend message: {e}"),

@@ -21,7 +21,7 @@ use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
 use crate::metrics as m;
 use crate::pool::{Backend, Pool, PoolError};
 use crate::prepared::{Reply, StmtDef, NOOP_NAME};
-use crate::relay::{End, MAX_CLIENT_MESSAGE};
+use crate::relay::{protocol_error, End, MAX_CLIENT_MESSAGE};
 use crate::session::send_error;
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
@@ -699,11 +699,7 @@ async fn client_bytes(
             Ok(s) => s,
             Err(e) => {
                 flush_to_server(txn).await?;
-                let err = ProxyError::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!("invalid frontend message: {e}"),
-                );
-                send_error(&mut client.stream, &err).await;
+                protocol_error(&mut client.stream, &e).await;
                 return Err(End::ClientProtocol);
             }
         };
@@ -742,21 +738,21 @@ async fn client_bytes(
             }
         }
         if whole {
-            let mut msg = Bytes::copy_from_slice(&client.rbuf[pos..pos + len]);
+            // Everything before it is already copied into `out`: take the message off
+            // the buffer without copying it (Binds carry parameter values).
+            client.rbuf.advance(pos);
+            pos = 0;
+            let mut msg = client.rbuf.split_to(len).freeze();
             let tag = msg[0];
             msg.advance(5);
             if let Err(e) = txn.translate(Frame { tag, body: msg }) {
                 flush_to_server(txn).await?;
-                let err = ProxyError::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!("invalid frontend message: {e}"),
-                );
-                send_error(&mut client.stream, &err).await;
+                protocol_error(&mut client.stream, &e).await;
                 return Err(End::ClientProtocol);
             }
-        } else {
-            txn.out.extend_from_slice(&client.rbuf[pos..pos + len]);
+            continue;
         }
+        txn.out.extend_from_slice(&client.rbuf[pos..pos + len]);
         pos += len;
     }
     client.rbuf.advance(pos);
