@@ -34,6 +34,10 @@ pub const CRASH_SHUTDOWN: &str = "57P02";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 /// internal_error
 pub const INTERNAL_ERROR: &str = "XX000";
+/// in_failed_sql_transaction
+pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+/// object_in_use
+pub const OBJECT_IN_USE: &str = "55006";
 
 /// The two-character class of a SQLSTATE (`"28P01"` → `"28"`), or `"??"` for a code that
 /// is not five ASCII characters. Used as a bounded metric label.

@@ -1,4 +1,7 @@
-//! The admin HTTP API (hyper + tower): `/healthz`, `/readyz` and `/metrics`.
+//! The admin HTTP API (hyper + tower): `/healthz`, `/readyz`, `/metrics`, and the shard
+//! endpoints under `/v1/shards`: state, switchover run by handoff, and the two-step API
+//! for external orchestrators (`buffer` = revoke, `primary` = establish, `resume` =
+//! abort).
 //!
 //! The tower stack bounds concurrency and time per request; every error is a JSON body
 //! with a message. When `HANDOFF_ADMIN_TOKEN` is set every endpoint but the two health
@@ -24,14 +27,18 @@ use crate::shutdown::{Phase, Signal};
 
 /// Most admin requests handled at once.
 const MAX_CONCURRENT: usize = 32;
-/// Longest an admin request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an admin request may take. A switchover is bounded by its own settings and
+/// runs in its own task, so it finishes even if its caller goes away.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
 
 /// What the handlers need.
 pub(crate) struct AdminState {
     pub token: Option<String>,
     pub prometheus: PrometheusHandle,
     pub shutdown: Signal,
+    pub shared: Arc<crate::Shared>,
 }
 
 type Body = Full<Bytes>;
@@ -64,30 +71,39 @@ fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
     secrets_equal(given.trim().as_bytes(), token.as_bytes())
 }
 
+fn method_not_allowed(method: &Method, path: &str, allowed: &'static str) -> Response<Body> {
+    let mut r = json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &format!("method {method} is not allowed on {path}; use {allowed}"),
+    );
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allowed));
+    r
+}
+
 /// Routes one request.
 pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let (needs_auth, allowed) = match path.as_str() {
-        "/healthz" | "/readyz" => (false, Method::GET),
-        "/metrics" => (true, Method::GET),
+    let method = req.method().clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (needs_auth, allowed) = match segments.as_slice() {
+        ["healthz"] | ["readyz"] => (false, Method::GET),
+        ["metrics"] | ["v1", "shards"] => (true, Method::GET),
+        ["v1", "shards", _, "switchover" | "buffer" | "primary" | "resume"] => (true, Method::POST),
         _ => {
             return json_error(
                 StatusCode::NOT_FOUND,
-                &format!("no such endpoint: {} {path}", req.method()),
+                &format!("no such endpoint: {method} {path}"),
             )
         }
     };
-    if req.method() != allowed {
-        let mut r = json_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!(
-                "method {} is not allowed on {path}; use {allowed}",
-                req.method()
-            ),
-        );
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
-        return r;
+    if method != allowed {
+        let name = if allowed == Method::GET {
+            "GET"
+        } else {
+            "POST"
+        };
+        return method_not_allowed(&method, &path, name);
     }
     if needs_auth && !authorized(&state, &req) {
         let mut r = json_error(StatusCode::UNAUTHORIZED, "missing or invalid bearer token");
@@ -95,9 +111,9 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
-    match path.as_str() {
-        "/healthz" => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-        "/readyz" => {
+    match segments.as_slice() {
+        ["healthz"] => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        ["readyz"] => {
             if state.shutdown.phase() == Phase::Running {
                 json(StatusCode::OK, serde_json::json!({"status": "ready"}))
             } else {
@@ -107,13 +123,266 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
                 )
             }
         }
-        _ => {
+        ["metrics"] => {
             let mut r = Response::new(Full::new(Bytes::from(state.prometheus.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),
             );
             r
+        }
+        ["v1", "shards"] => json(StatusCode::OK, shards_json(&state.shared)),
+        ["v1", "shards", name, action] => {
+            let name = name.to_string();
+            let action = action.to_string();
+            let body = match read_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            shard_action(&state, &name, &action, body).await
+        }
+        _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// Reads a JSON object body (an empty body is `{}`).
+async fn read_json(
+    req: Request<Incoming>,
+) -> Result<serde_json::Map<String, serde_json::Value>, Response<Body>> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            return Err(json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+            ))
+        }
+    };
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(serde_json::Map::new());
+    }
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("the request body is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// Every shard's state.
+pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = shared
+        .shards
+        .iter()
+        .map(|s| {
+            let snap = s.snapshot(shared.buffer_idle(&s.name));
+            let buffer_state = match shared.buffer.state(&s.name) {
+                Some(handoff_buffer::State::Idle) | None => "idle",
+                Some(handoff_buffer::State::Buffering) => "buffering",
+                Some(handoff_buffer::State::Draining) => "draining",
+            };
+            serde_json::json!({
+                "name": s.name,
+                "state": snap.state.as_str(),
+                "epoch": snap.epoch,
+                "primary": snap.primary.to_string(),
+                "hosts": s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "in_flight": snap.inflight,
+                "buffer": {
+                    "state": buffer_state,
+                    "depth": shared.buffer.depth(&s.name),
+                },
+                "since_ms": snap.since.elapsed().as_millis() as u64,
+                "reason": snap.reason,
+            })
+        })
+        .collect();
+    serde_json::json!({ "shards": list })
+}
+
+fn field_str<'a>(
+    body: &'a serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<&'a str>, Response<Body>> {
+    match body.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("\"{name}\" must be a string"),
+        )),
+    }
+}
+
+fn field_addr(
+    body: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<crate::config::HostPort, Response<Body>> {
+    let Some(s) = field_str(body, name)? else {
+        return Err(json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("missing \"{name}\": the target as \"host:port\""),
+        ));
+    };
+    crate::config::HostPort::parse_any(s)
+        .map_err(|e| json_error(StatusCode::BAD_REQUEST, &format!("\"{name}\": {e}")))
+}
+
+fn field_epoch(
+    body: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Option<u64>, Response<Body>> {
+    match body.get("epoch") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            json_error(
+                StatusCode::BAD_REQUEST,
+                "\"epoch\" must be a non-negative integer",
+            )
+        }),
+    }
+}
+
+fn event_error(e: &crate::shard::EventError) -> Response<Body> {
+    json_error(StatusCode::CONFLICT, &e.to_string())
+}
+
+async fn shard_action(
+    state: &Arc<AdminState>,
+    name: &str,
+    action: &str,
+    body: serde_json::Map<String, serde_json::Value>,
+) -> Response<Body> {
+    let shared = Arc::clone(&state.shared);
+    let Some(shard) = crate::control::find(&shared, name).cloned() else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            &format!("no shard named \"{name}\" (see GET /v1/shards)"),
+        );
+    };
+    let allowed: &[&str] = match action {
+        "switchover" => &["to"],
+        "buffer" => &["epoch", "reason"],
+        "primary" => &["addr", "epoch"],
+        _ => &["epoch"],
+    };
+    if let Some(k) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown field \"{k}\" (expected: {})", allowed.join(", ")),
+        );
+    }
+    match action {
+        "switchover" => {
+            let to = match field_addr(&body, "to") {
+                Ok(a) => a,
+                Err(r) => return r,
+            };
+            // Its own task: it completes (or rolls back) even if the caller goes away.
+            let task = tokio::spawn(crate::switchover::run(Arc::clone(&shared), shard, to));
+            match task.await {
+                Ok(report) => {
+                    let status = match report.outcome {
+                        crate::switchover::Outcome::Completed => StatusCode::OK,
+                        crate::switchover::Outcome::Refused
+                        | crate::switchover::Outcome::RolledBack => StatusCode::CONFLICT,
+                        crate::switchover::Outcome::Failed => StatusCode::BAD_GATEWAY,
+                    };
+                    json(status, report.to_json())
+                }
+                Err(e) => json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the switchover task failed: {e}"),
+                ),
+            }
+        }
+        "buffer" => {
+            let epoch = match field_epoch(&body) {
+                Ok(e) => e,
+                Err(r) => return r,
+            };
+            let reason = match field_str(&body, "reason") {
+                Ok(r) => r.unwrap_or("admin API").to_string(),
+                Err(r) => return r,
+            };
+            let Ok(_op) = shard.op.try_lock() else {
+                return json_error(
+                    StatusCode::CONFLICT,
+                    "a switchover of this shard is in progress",
+                );
+            };
+            let revoked = match crate::control::revoke(&shared, &shard, epoch, &reason) {
+                Ok(r) => r,
+                Err(e) => return event_error(&e),
+            };
+            let ld = crate::control::lameduck(&revoked.gen, shared.config.drain_timeout).await;
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "shard": shard.name,
+                    "state": "buffering",
+                    "epoch": revoked.gen.epoch,
+                    "old_primary": revoked.gen.primary.to_string(),
+                    "lameduck_ms": ld.waited.as_millis() as u64,
+                    "lameduck_cancelled": ld.cancelled,
+                }),
+            )
+        }
+        "primary" => {
+            let (addr, epoch) = match (field_addr(&body, "addr"), field_epoch(&body)) {
+                (Ok(a), Ok(e)) => (a, e),
+                (Err(r), _) | (_, Err(r)) => return r,
+            };
+            let Ok(_op) = shard.op.try_lock() else {
+                return json_error(
+                    StatusCode::CONFLICT,
+                    "a switchover of this shard is in progress",
+                );
+            };
+            match crate::control::establish(&shared, &shard, epoch, addr.clone()).await {
+                Ok(est) => json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "shard": shard.name,
+                        "state": "draining",
+                        "epoch": est.epoch,
+                        "primary": addr.to_string(),
+                        "prewarmed_connections": est.prewarmed,
+                        "prewarm_error": est.prewarm_error,
+                    }),
+                ),
+                Err(e) => event_error(&e),
+            }
+        }
+        _ => {
+            let epoch = match field_epoch(&body) {
+                Ok(e) => e,
+                Err(r) => return r,
+            };
+            let Ok(_op) = shard.op.try_lock() else {
+                return json_error(
+                    StatusCode::CONFLICT,
+                    "a switchover of this shard is in progress",
+                );
+            };
+            match crate::control::abort(&shared, &shard, epoch) {
+                Ok(epoch) => json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "shard": shard.name,
+                        "state": "draining",
+                        "epoch": epoch,
+                        "primary": shard.current().primary.to_string(),
+                    }),
+                ),
+                Err(e) => event_error(&e),
+            }
         }
     }
 }

@@ -120,27 +120,32 @@ impl Registry {
         let Some(server) = *target.server.lock().unwrap_or_else(|p| p.into_inner()) else {
             return false;
         };
-        let mut buf = BytesMut::new();
-        StartupPacket::Cancel {
-            pid: server.pid,
-            key: server.key,
+        cancel_server(server, timeout).await
+    }
+}
+
+/// Sends a CancelRequest for `server`'s current query. True if it was delivered.
+pub async fn cancel_server(server: ServerKey, timeout: Duration) -> bool {
+    let mut buf = BytesMut::new();
+    StartupPacket::Cancel {
+        pid: server.pid,
+        key: server.key,
+    }
+    .encode(&mut buf);
+    let send = async {
+        let mut s = TcpStream::connect(server.addr).await?;
+        s.write_all(&buf).await?;
+        s.shutdown().await
+    };
+    match tokio::time::timeout(timeout, send).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(server = %server.addr, error = %e, "could not forward cancel request");
+            false
         }
-        .encode(&mut buf);
-        let send = async {
-            let mut s = TcpStream::connect(server.addr).await?;
-            s.write_all(&buf).await?;
-            s.shutdown().await
-        };
-        match tokio::time::timeout(timeout, send).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(server = %server.addr, error = %e, "could not forward cancel request");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(server = %server.addr, "timed out forwarding cancel request");
-                false
-            }
+        Err(_) => {
+            tracing::warn!(server = %server.addr, "timed out forwarding cancel request");
+            false
         }
     }
 }

@@ -151,6 +151,41 @@ pub const VARIABLES: &[Variable] = &[
         help: "comma list of the shards to buffer",
     },
     Variable {
+        name: "HANDOFF_DRAIN_TIMEOUT",
+        default: "5s",
+        help: "lameduck: how long transactions on a revoked primary may run before they are cancelled (57P01)",
+    },
+    Variable {
+        name: "HANDOFF_SWITCHOVER_MAX_LAG",
+        default: "16MB",
+        help: "a switchover is refused when the target's replay lag is above this",
+    },
+    Variable {
+        name: "HANDOFF_SWITCHOVER_TIMEOUT",
+        default: "10s",
+        help: "longest the target may take to catch up to the fence LSN, and then to promote",
+    },
+    Variable {
+        name: "HANDOFF_SWITCHOVER_TERMINATE",
+        default: "true",
+        help: "terminate the old primary's remaining client backends when revoking it",
+    },
+    Variable {
+        name: "HANDOFF_ADMIN_DB_USER",
+        default: "(the first user of HANDOFF_USERS with a password, else postgres)",
+        help: "server role handoff uses to run switchovers (superuser, or the grants in README)",
+    },
+    Variable {
+        name: "HANDOFF_ADMIN_DB_PASSWORD",
+        default: "(that user's password, if any)",
+        help: "password of HANDOFF_ADMIN_DB_USER",
+    },
+    Variable {
+        name: "HANDOFF_ADMIN_DB_NAME",
+        default: "postgres",
+        help: "database handoff connects to for switchover SQL",
+    },
+    Variable {
         name: "HANDOFF_LOG",
         default: "info",
         help: "log filter (tracing EnvFilter syntax, e.g. 'info,handoff=debug')",
@@ -213,6 +248,14 @@ impl std::fmt::Display for HostPort {
 }
 
 impl HostPort {
+    /// Parses `host:port` (`[v6]:port`), outside of the configuration.
+    pub fn parse_any(s: &str) -> Result<Self, String> {
+        Self::parse("address", s).map_err(|e| match e {
+            ConfigError::Invalid { reason, .. } => reason,
+            other => other.to_string(),
+        })
+    }
+
     fn parse(var: &'static str, s: &str) -> Result<Self, ConfigError> {
         let s = s.trim();
         let (host, port) = s
@@ -280,7 +323,21 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// Planned switchovers and lameduck.
+    pub switchover: SwitchoverSettings,
+    pub drain_timeout: Duration,
     pub log: String,
+}
+
+/// How handoff runs a switchover itself.
+#[derive(Debug, Clone)]
+pub struct SwitchoverSettings {
+    pub max_lag: u64,
+    pub timeout: Duration,
+    pub terminate: bool,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
 }
 
 impl Config {
@@ -410,6 +467,43 @@ impl Config {
             }
         }
         let buffer = parse_buffer(&env, &shards, pool.size)?;
+        let drain_timeout = duration("HANDOFF_DRAIN_TIMEOUT", "5s")?;
+        let switchover_timeout = duration("HANDOFF_SWITCHOVER_TIMEOUT", "10s")?;
+        if switchover_timeout.is_zero() {
+            return Err(invalid(
+                "HANDOFF_SWITCHOVER_TIMEOUT",
+                "must be greater than zero",
+            ));
+        }
+        let max_lag = parse_size(get("HANDOFF_SWITCHOVER_MAX_LAG").unwrap_or("16MB"))
+            .map_err(|r| invalid("HANDOFF_SWITCHOVER_MAX_LAG", r))? as u64;
+        let terminate = get("HANDOFF_SWITCHOVER_TERMINATE")
+            .map_or(Ok(true), |s| parse_bool("HANDOFF_SWITCHOVER_TERMINATE", s))?;
+        // The admin role falls back to the first (by name) client user with a password.
+        let fallback = users.as_ref().and_then(|u| {
+            let mut names: Vec<&String> = u.keys().filter(|n| u[*n].password.is_some()).collect();
+            names.sort();
+            names
+                .first()
+                .map(|n| (n.to_string(), u[*n].password.clone()))
+        });
+        let (user, password) = match get("HANDOFF_ADMIN_DB_USER") {
+            Some(u) => (u.to_string(), None),
+            None => fallback.unwrap_or_else(|| ("postgres".to_string(), None)),
+        };
+        let password = get("HANDOFF_ADMIN_DB_PASSWORD")
+            .map(str::to_string)
+            .or(password);
+        let switchover = SwitchoverSettings {
+            max_lag,
+            timeout: switchover_timeout,
+            terminate,
+            user,
+            password,
+            database: get("HANDOFF_ADMIN_DB_NAME")
+                .unwrap_or("postgres")
+                .to_string(),
+        };
         Ok(Self {
             listen,
             admin_listen,
@@ -425,6 +519,8 @@ impl Config {
             connect_timeout,
             client_login_timeout,
             shutdown_timeout,
+            switchover,
+            drain_timeout,
             log: get("HANDOFF_LOG").unwrap_or("info").to_string(),
         })
     }
@@ -440,6 +536,8 @@ impl Config {
             "handoff: a failover-safe PostgreSQL proxy.\n\n\
              Usage: handoff            run the proxy (configured by the environment)\n       \
              handoff healthcheck  exit 0 if the admin API answers GET /healthz\n       \
+             handoff switchover --shard NAME --to HOST:PORT   run a planned switchover\n       \
+             handoff status     print every shard's state\n       \
              handoff --help     print this help\n       \
              handoff --version  print the version\n\n\
              Environment variables:\n",

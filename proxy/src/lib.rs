@@ -17,6 +17,7 @@ mod cancel;
 mod client_auth;
 pub mod config;
 mod conn;
+mod control;
 mod listener;
 pub mod metrics;
 pub mod pool;
@@ -24,7 +25,9 @@ mod prepared;
 mod relay;
 mod server;
 mod session;
+pub mod shard;
 pub mod shutdown;
+mod switchover;
 mod txn;
 
 use std::net::SocketAddr;
@@ -48,6 +51,20 @@ pub(crate) struct Shared {
     pub prepared: metrics::PreparedCounters,
     /// Verifier used for unknown users so they fail exactly like wrong passwords.
     pub decoy: ScramVerifier,
+    /// Each shard's state machine, in `config.shards` order.
+    pub shards: Vec<Arc<shard::Shard>>,
+    /// The failover buffer of every shard.
+    pub buffer: handoff_buffer::Buffer,
+}
+
+impl Shared {
+    /// True when `shard`'s buffer holds nothing and no cycle runs.
+    pub fn buffer_idle(&self, shard: &str) -> bool {
+        matches!(
+            self.buffer.state(shard),
+            None | Some(handoff_buffer::State::Idle)
+        )
+    }
 }
 
 /// Why the proxy could not start.
@@ -65,6 +82,8 @@ pub enum StartError {
     },
     #[error("cannot create the decoy SCRAM verifier: {0}")]
     Random(#[from] handoff_protocol::auth::AuthError),
+    #[error("failover buffer: {0}")]
+    Buffer(#[from] handoff_buffer::ConfigError),
 }
 
 /// A running proxy.
@@ -73,6 +92,7 @@ pub struct Proxy {
     listen_addr: SocketAddr,
     admin_addr: SocketAddr,
     trigger: Trigger,
+    buffer: handoff_buffer::Buffer,
     /// Closes when the listener and every session have ended.
     done: mpsc::Receiver<()>,
     shutdown_timeout: Duration,
@@ -108,20 +128,31 @@ impl Proxy {
             })?;
         let (trigger, signal) = shutdown::channel();
         let shutdown_timeout = config.shutdown_timeout;
-        let admin_state = Arc::new(admin::AdminState {
-            token: config.admin_token.clone(),
-            prometheus,
-            shutdown: signal.clone(),
-        });
         let pools = pool::Pools::new(config.pool.clone(), config.connect_timeout);
+        let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
+        let buffer = handoff_buffer::Buffer::new(config.buffer.clone(), &names)?;
+        let shards = config
+            .shards
+            .iter()
+            .map(|s| Arc::new(shard::Shard::new(&s.name, s.hosts.clone())))
+            .collect();
         let shared = Arc::new(Shared {
             pools,
             prepared: metrics::PreparedCounters::new(),
             config: Arc::new(config),
             cancels: Arc::new(cancel::Registry::default()),
             decoy: ScramVerifier::from_password("")?,
+            shards,
+            buffer,
+        });
+        let admin_state = Arc::new(admin::AdminState {
+            token: shared.config.admin_token.clone(),
+            prometheus,
+            shutdown: signal.clone(),
+            shared: Arc::clone(&shared),
         });
         let (tracker, done) = mpsc::channel(1);
+        let buffer = shared.buffer.clone();
         tokio::spawn(listener::run(listener, shared, signal, tracker));
         tokio::spawn(admin::serve(admin, admin_state));
         tracing::info!(%listen_addr, %admin_addr, "handoff is listening");
@@ -129,6 +160,7 @@ impl Proxy {
             listen_addr,
             admin_addr,
             trigger,
+            buffer,
             done,
             shutdown_timeout,
         })
@@ -148,6 +180,8 @@ impl Proxy {
     /// `HANDOFF_SHUTDOWN_TIMEOUT`; then closes the rest. Returns when all have ended.
     pub async fn shutdown(mut self) {
         self.trigger.advance(Phase::Draining);
+        // Held requests end now (57P01); later ones pass through to the drain.
+        self.buffer.shutdown();
         tracing::info!(timeout = ?self.shutdown_timeout, "shutting down: draining sessions");
         if tokio::time::timeout(self.shutdown_timeout, self.done.recv())
             .await

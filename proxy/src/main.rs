@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use handoff::{Config, Proxy};
 
+mod cli;
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
@@ -13,6 +15,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("healthcheck") => return healthcheck(),
+        Some("switchover") => return cli::switchover(args.collect()),
+        Some("status") => return cli::status(args.collect()),
         Some("-V" | "--version") => {
             println!("handoff {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;

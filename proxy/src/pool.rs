@@ -118,6 +118,8 @@ pub struct Pool {
     connect_timeout: Duration,
     state: Mutex<State>,
     gauges: Gauges,
+    /// Its server is no longer the primary: connections are closed, not returned.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -142,6 +144,7 @@ impl Pool {
             connect_timeout,
             state: Mutex::new(State::default()),
             gauges,
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -254,7 +257,9 @@ impl Pool {
 
     /// Returns a clean connection (ReadyForQuery `I`, nothing owed) to the pool.
     pub fn checkin(&self, backend: Box<Backend>) {
-        if !self.settings.lifetime.is_zero() && backend.created.elapsed() >= self.settings.lifetime
+        if self.is_retired()
+            || (!self.settings.lifetime.is_zero()
+                && backend.created.elapsed() >= self.settings.lifetime)
         {
             self.discard(backend);
             return;
@@ -277,6 +282,59 @@ impl Pool {
             });
         }
         self.publish(&st);
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The server stopped being the primary: close the idle connections now, and the
+    /// others as they come back.
+    fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Release);
+        let idle = {
+            let mut st = self.lock();
+            let idle = std::mem::take(&mut st.idle);
+            st.total -= idle.len();
+            self.publish(&st);
+            idle
+        };
+        for i in idle {
+            drop_backend(i.backend);
+        }
+    }
+
+    /// Opens up to `n` connections at once (within the pool's size) and keeps them idle.
+    /// Returns how many were opened, and the first error.
+    pub async fn prewarm(self: &Arc<Self>, n: usize) -> (usize, Option<ServerError>) {
+        let n = {
+            let mut st = self.lock();
+            let n = n.min(self.settings.size - st.total);
+            st.total += n;
+            self.publish(&st);
+            n
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let pool = Arc::clone(self);
+            set.spawn(async move { pool.open().await });
+        }
+        let (mut opened, mut first_err) = (0, None);
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(b)) => {
+                    opened += 1;
+                    self.checkin(b);
+                }
+                Ok(Err(e)) => {
+                    self.release_slot();
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => self.release_slot(),
+            }
+        }
+        (opened, first_err)
     }
 
     /// Closes a connection that must not be reused (dirty, broken or too old).
@@ -318,7 +376,11 @@ impl Pool {
                 metrics::gauge!(m::SERVER_CONNECTIONS).decrement(gone as f64);
                 tracing::debug!(count = gone, "evicted idle server connections");
             }
-            let missing = self.settings.min_idle.saturating_sub(st.idle.len());
+            let missing = if self.is_retired() {
+                0
+            } else {
+                self.settings.min_idle.saturating_sub(st.idle.len())
+            };
             let room = self.settings.size - st.total;
             let n = missing.min(room);
             st.total += n;
@@ -376,6 +438,60 @@ impl Pools {
             pool
         });
         Arc::clone(&entry)
+    }
+}
+
+impl Pools {
+    /// `addr` is no longer a primary: its pools close their connections.
+    pub fn retire(&self, addr: &HostPort) {
+        for p in self.map.iter().filter(|p| &p.key().addr == addr) {
+            p.retire();
+        }
+    }
+
+    /// `addr` is the primary (again): its pools keep connections.
+    pub fn activate(&self, addr: &HostPort) {
+        for p in self.map.iter().filter(|p| &p.key().addr == addr) {
+            p.retired.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Opens up to `n` connections per (user, database) known on `from` to `to`, in
+    /// parallel. Returns the connections opened and the first error.
+    pub async fn prewarm(
+        &self,
+        from: &HostPort,
+        to: &HostPort,
+        n: usize,
+        shard: &str,
+    ) -> (usize, Option<ServerError>) {
+        // Collected first: creating a pool while iterating the map would deadlock.
+        let known: Vec<(PoolKey, Option<String>)> = self
+            .map
+            .iter()
+            .filter(|p| &p.key().addr == from)
+            .map(|p| {
+                let key = PoolKey {
+                    addr: to.clone(),
+                    ..p.key().clone()
+                };
+                (key, p.password.clone())
+            })
+            .collect();
+        let pools: Vec<Arc<Pool>> = known
+            .iter()
+            .map(|(key, password)| self.get(key, password.as_deref(), shard))
+            .collect();
+        let mut total = 0;
+        let mut first = None;
+        for pool in pools {
+            let (opened, err) = pool.prewarm(n).await;
+            total += opened;
+            if first.is_none() {
+                first = err;
+            }
+        }
+        (total, first)
     }
 }
 

@@ -18,7 +18,6 @@ use std::collections::HashMap;
 use crate::config::{Config, PoolMode, UserSecret};
 use crate::conn::{Conn, ConnError};
 use crate::metrics as m;
-use crate::pool::PoolKey;
 use crate::relay;
 use crate::server::{self, ServerError};
 use crate::shutdown::Signal;
@@ -137,27 +136,20 @@ async fn transaction_mode(
         }
         desired.insert(k.clone(), v.clone());
     }
-    let key = PoolKey {
+    let target = txn::PoolTarget {
         user: startup.user.clone(),
         database: server_db.to_string(),
-        addr: shard.hosts[0].clone(),
+        password: secret.and_then(|s| s.password.clone()),
     };
-    let password = secret.and_then(|s| s.password.as_deref());
-    let pool = shared.pools.get(&key, password, &shard.name);
+    let state = &shared.shards[shard_index(cfg, &startup)];
     let registration = shared.cancels.register(None);
     let (pid, key) = (registration.pid, registration.key);
     // Boxed, as is the relay below (built in a plain function): an async fn keeps room
     // for every local it ever held, and an idle client keeps this future alive.
-    let mut session = Box::new(txn::Txn::new(
-        shared,
-        pool,
-        &shard.name,
-        registration,
-        desired,
-    ));
+    let mut session = Box::new(txn::Txn::new(shared, state, target, registration, desired));
     // Log in on a real server connection now, so that a bad database, role or parameter
     // is reported at connect time and the client sees the server's parameters.
-    if let Err(e) = Box::pin(session.attach()).await {
+    if let Err(e) = Box::pin(session.attach(0)).await {
         let err = txn::attach_error(&e, &shard.name);
         tracing::warn!(shard = %shard.name, error = %err, "server login failed");
         send_error(&mut client.stream, &err).await;
@@ -303,6 +295,12 @@ fn route<'a>(cfg: &'a Config, startup: &'a Startup) -> (&'a crate::config::Shard
         .expect("login checked the route");
     let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
     (&cfg.shards[route.shard], server_db)
+}
+
+fn shard_index(cfg: &Config, startup: &Startup) -> usize {
+    cfg.route(&startup.database)
+        .expect("login checked the route")
+        .shard
 }
 
 /// What a client receives once logged in: AuthenticationOk, the server's parameters,

@@ -19,12 +19,14 @@ use crate::bufpool;
 use crate::cancel::{Registration, ServerKey};
 use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
 use crate::metrics as m;
-use crate::pool::{Backend, Pool, PoolError};
+use crate::pool::{Backend, Pool, PoolError, PoolKey};
 use crate::prepared::{Reply, StmtDef, NOOP_NAME};
 use crate::relay::{protocol_error, End, MAX_CLIENT_MESSAGE};
 use crate::session::send_error;
+use crate::shard::{Generation, Shard};
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
+use handoff_buffer::{Admission, BufferError, Release};
 
 const MAX_INSPECT: usize = 64 * 1024;
 
@@ -47,6 +49,40 @@ pub(crate) enum AttachError {
     /// The server refused a parameter the client asked for.
     Rejected(ErrorFields),
     Io,
+    /// The failover buffer gave up on the request (its own SQLSTATE).
+    Buffer(BufferError),
+    /// The shard has no primary to take new transactions and the buffer did not hold
+    /// the request (buffering disabled or dry run, or the cycle already timed out).
+    NoPrimary,
+}
+
+impl AttachError {
+    /// An error that ends the request, not the session.
+    fn is_refusal(&self) -> bool {
+        matches!(self, AttachError::Buffer(_) | AttachError::NoPrimary)
+    }
+}
+
+/// Requests the proxy answers itself instead of relaying.
+#[derive(Debug, Default)]
+pub(crate) enum Local {
+    #[default]
+    None,
+    /// The request that was starting a transaction is refused with this error: skip
+    /// it up to its Query or Sync, answer the error and ReadyForQuery `I`.
+    Refuse(ProxyError),
+    /// Lameduck cancelled the client's transaction: answer ROLLBACK, and everything
+    /// else with an error, until the transaction ends. `first`: the cancellation error,
+    /// not yet delivered.
+    Aborted { first: Option<ProxyError> },
+}
+
+/// Which pool a client's transactions use: the user and server database are fixed,
+/// the address follows the shard's primary.
+pub(crate) struct PoolTarget {
+    pub user: String,
+    pub database: String,
+    pub password: Option<String>,
 }
 
 /// The client's side of a transaction-mode session.
@@ -54,6 +90,13 @@ pub(crate) struct Txn<'a> {
     pub shared: &'a Shared,
     pub pool: Arc<Pool>,
     pub shard: &'a str,
+    state: &'a Arc<Shard>,
+    target: PoolTarget,
+    /// The generation `pool` belongs to; a transaction is registered on it while attached.
+    gen: Arc<Generation>,
+    /// Held while a released request's transaction runs (drain concurrency).
+    release: Option<Release>,
+    local: Local,
     pub registration: Registration,
     /// Startup parameters the client asked for (absent: the server default); applied
     /// with SET to whichever server connection serves it.
@@ -85,15 +128,22 @@ pub(crate) struct Txn<'a> {
 impl<'a> Txn<'a> {
     pub fn new(
         shared: &'a Shared,
-        pool: Arc<Pool>,
-        shard: &'a str,
+        state: &'a Arc<Shard>,
+        target: PoolTarget,
         registration: Registration,
         desired: HashMap<String, String>,
     ) -> Self {
+        let gen = state.current();
+        let pool = pool_for(shared, &target, &gen, &state.name);
         Self {
             shared,
             pool,
-            shard,
+            shard: &state.name,
+            state,
+            target,
+            gen,
+            release: None,
+            local: Local::None,
             registration,
             desired,
             stmts: HashMap::new(),
@@ -123,17 +173,27 @@ impl<'a> Txn<'a> {
         }
     }
 
-    /// Checks a connection out and brings its parameters in line with the client's.
-    pub async fn attach(&mut self) -> Result<(), AttachError> {
+    /// Passes the shard's gate (waiting in the failover buffer while the primary
+    /// changes), then checks a connection out of the serving primary's pool and brings
+    /// its parameters in line with the client's. `bytes`: the request's size so far.
+    pub async fn attach(&mut self, bytes: usize) -> Result<(), AttachError> {
         if self.backend.is_some() {
             return Ok(());
         }
-        let mut b = self.pool.checkout().await.map_err(AttachError::Pool)?;
+        self.enter(bytes).await?;
+        let mut b = match self.pool.checkout().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.leave();
+                return Err(AttachError::Pool(e));
+            }
+        };
         // Boxed: rare (only when parameters differ) and not small.
         match Box::pin(sync_params(&mut b, &self.desired)).await {
             Ok(()) => {}
             Err(e) => {
                 self.pool.discard(b);
+                self.leave();
                 return Err(e);
             }
         }
@@ -144,6 +204,45 @@ impl<'a> Txn<'a> {
         }));
         self.backend = Some(b);
         Ok(())
+    }
+
+    /// The gate: registers the transaction on the serving generation. While Serving
+    /// this is the buffer's atomic load plus the shard's; otherwise the request waits
+    /// in the buffer and follows the primary to its new generation.
+    async fn enter(&mut self, bytes: usize) -> Result<(), AttachError> {
+        // A released request re-buffered by a back-to-back revocation goes round again;
+        // the bound only guards against a bug turning this into a spin.
+        for _ in 0..1000 {
+            let admission = self
+                .shared
+                .buffer
+                .wait(self.shard, bytes)
+                .await
+                .map_err(AttachError::Buffer)?;
+            if self.state.enter(&self.gen) {
+                if let Admission::Released(r) = admission {
+                    self.release = Some(r);
+                }
+                return Ok(());
+            }
+            match self.state.serving() {
+                Some(gen) => {
+                    if gen.primary != self.gen.primary {
+                        self.pool = pool_for(self.shared, &self.target, &gen, self.shard);
+                    }
+                    self.gen = gen;
+                }
+                None if matches!(admission, Admission::Released(_)) => {}
+                None => return Err(AttachError::NoPrimary),
+            }
+        }
+        Err(AttachError::NoPrimary)
+    }
+
+    /// Ends the transaction's registration on its generation.
+    fn leave(&mut self) {
+        self.gen.leave();
+        self.release = None;
     }
 
     /// The server's parameters as the client should see them at startup.
@@ -178,6 +277,7 @@ impl<'a> Txn<'a> {
             return;
         }
         let Some(b) = self.backend.take() else { return };
+        self.leave();
         self.registration.set_server(None);
         self.preparing.clear();
         self.defining.clear();
@@ -451,6 +551,16 @@ impl<'a> Txn<'a> {
     }
 }
 
+/// The pool of `target` on `gen`'s primary.
+fn pool_for(shared: &Shared, target: &PoolTarget, gen: &Generation, shard: &str) -> Arc<Pool> {
+    let key = PoolKey {
+        user: target.user.clone(),
+        database: target.database.clone(),
+        addr: gen.primary.clone(),
+    };
+    shared.pools.get(&key, target.password.as_deref(), shard)
+}
+
 fn noop_close(out: &mut BytesMut) {
     FrontendMessage::Close {
         target: Target::Statement,
@@ -549,6 +659,16 @@ pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
             sqlstate::CONNECTION_FAILURE,
             format!("lost the connection to the primary of shard \"{shard}\""),
         ),
+        AttachError::Buffer(b) => ProxyError::error(
+            b.sqlstate(),
+            format!("shard \"{shard}\" is changing its primary: {b}"),
+        )
+        .hint("the request was not run; retry it"),
+        AttachError::NoPrimary => ProxyError::error(
+            sqlstate::CANNOT_CONNECT_NOW,
+            format!("shard \"{shard}\" has no primary taking new transactions"),
+        )
+        .hint("the request was not run; retry it once a primary is established"),
     }
 }
 
@@ -584,6 +704,9 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
     let mut sbuf = BytesMut::new();
     let mut watched = Phase::Draining;
     let mut phase_change = Box::pin(reach(shutdown.clone(), Phase::Draining));
+    // Lameduck's cancellation of the generation this session's transaction runs on;
+    // made again only when the session moves to another generation.
+    let mut killed: Option<(u64, KillFuture)> = None;
     let end = loop {
         if !client.rbuf.is_empty() {
             match client_bytes(&mut client, &mut cscan, &mut txn).await {
@@ -605,6 +728,9 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         let attached = txn.backend.is_some();
         if attached {
             bufpool::ready(&mut sbuf);
+            if killed.as_ref().map(|k| k.0) != Some(txn.gen.id) {
+                killed = Some((txn.gen.id, Box::pin(txn.gen.killed())));
+            }
         } else {
             // An idle client holds no buffers: they come from the pool when bytes arrive.
             bufpool::release(&mut client.rbuf);
@@ -653,12 +779,22 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                 watched = Phase::Closing;
                 phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
             }
+            _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached => {
+                let server_clean = sscan.at_boundary();
+                sbuf.clear();
+                sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
+                if let Err(end) = txn.cancelled_by_lameduck(&mut client, server_clean, cscan.at_boundary()).await {
+                    break end;
+                }
+            }
         }
     };
     txn.detach(true, sbuf.is_empty() && sscan.at_boundary());
     txn.flush_bytes();
     end
 }
+
+type KillFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Reads what the socket has now without waiting: `None` if nothing is there after all.
 /// Unlike `try_read_buf` this goes through `poll_read`, which marks the socket drained
@@ -684,7 +820,7 @@ async fn reach(mut signal: Signal, phase: Phase) {
 }
 
 /// Forwards the client's complete messages, attaching a server connection at the start
-/// of a transaction. `Ok(false)`: the client sent Terminate.
+/// of a transaction (through the shard's gate). `Ok(false)`: the client sent Terminate.
 async fn client_bytes(
     client: &mut Conn,
     scan: &mut Scanner,
@@ -693,12 +829,21 @@ async fn client_bytes(
     let now = Instant::now();
     let mut pos = 0;
     let mut keep_going = true;
+    let mut answers = BytesMut::new();
     txn.out.clear();
     loop {
-        let step = match scan.step(&client.rbuf[pos..], inspect_client) {
+        let local = !matches!(txn.local, Local::None);
+        let step = match scan.step(&client.rbuf[pos..], |t| {
+            if local {
+                t == ftag::QUERY
+            } else {
+                inspect_client(t)
+            }
+        }) {
             Ok(s) => s,
             Err(e) => {
                 flush_to_server(txn).await?;
+                write_client(client, &answers).await?;
                 protocol_error(&mut client.stream, &e).await;
                 return Err(End::ClientProtocol);
             }
@@ -714,14 +859,36 @@ async fn client_bytes(
                 keep_going = false;
                 break;
             }
-            if txn.backend.is_none() {
-                if let Err(e) = txn.attach().await {
-                    let err = attach_error(&e, txn.shard);
-                    tracing::warn!(error = %err, "no server connection for client");
-                    send_error(&mut client.stream, &err).await;
-                    return Err(End::ServerGone);
+            if txn.backend.is_none() && matches!(txn.local, Local::None) {
+                match txn.attach(client.rbuf.len() - pos).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_refusal() => {
+                        let err = attach_error(&e, txn.shard);
+                        tracing::info!(shard = txn.shard, error = %err, "request refused");
+                        txn.local = Local::Refuse(err);
+                    }
+                    Err(e) => {
+                        let err = attach_error(&e, txn.shard);
+                        tracing::warn!(error = %err, "no server connection for client");
+                        write_client(client, &answers).await?;
+                        send_error(&mut client.stream, &err).await;
+                        return Err(End::ServerGone);
+                    }
                 }
             }
+        }
+        if !matches!(txn.local, Local::None) {
+            // Answered here, never relayed.
+            if whole {
+                let body = &client.rbuf[pos + 5..pos + len];
+                txn.answer_locally(tag.expect("a whole message has a tag"), body, &mut answers);
+            } else if let Some(t) = tag {
+                txn.answer_locally(t, &[], &mut answers);
+            }
+            pos += len;
+            continue;
+        }
+        if let Some(t) = tag {
             txn.on_request(now);
             match t {
                 ftag::QUERY | ftag::FUNCTION_CALL => {
@@ -757,7 +924,170 @@ async fn client_bytes(
     }
     client.rbuf.advance(pos);
     flush_to_server(txn).await?;
+    write_client(client, &answers).await?;
     Ok(keep_going)
+}
+
+/// What the first word of a simple query says about ending a transaction.
+fn ends_transaction(sql: &[u8]) -> Option<bool> {
+    let text = std::str::from_utf8(sql).ok()?.trim_start();
+    let word: String = text
+        .chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    match word.as_str() {
+        "ROLLBACK" | "ABORT" => Some(false),
+        "COMMIT" | "END" => Some(true),
+        _ => None,
+    }
+}
+
+fn encode_ready(out: &mut BytesMut, status: TransactionStatus) {
+    BackendMessage::ReadyForQuery(status).encode(out);
+}
+
+impl Txn<'_> {
+    /// Answers one client message while the proxy speaks for the server ([`Local`]).
+    /// `body` is the whole message for a Query, empty otherwise.
+    fn answer_locally(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) {
+        let ends_request = tag == ftag::QUERY || tag == ftag::SYNC;
+        match std::mem::take(&mut self.local) {
+            Local::None => {}
+            Local::Refuse(err) => {
+                if ends_request {
+                    err.encode(out);
+                    m::count_error("proxy", err.code);
+                    encode_ready(out, TransactionStatus::Idle);
+                } else {
+                    self.local = Local::Refuse(err);
+                }
+            }
+            Local::Aborted { mut first } => {
+                if !ends_request {
+                    self.local = Local::Aborted { first };
+                    return;
+                }
+                let verdict = if tag == ftag::QUERY {
+                    ends_transaction(body.strip_suffix(&[0]).unwrap_or(body))
+                } else {
+                    None
+                };
+                match verdict {
+                    Some(false) => {
+                        BackendMessage::CommandComplete {
+                            tag: "ROLLBACK".into(),
+                        }
+                        .encode(out);
+                        encode_ready(out, TransactionStatus::Idle);
+                    }
+                    Some(true) => {
+                        // COMMIT of a transaction that was cancelled: say so once, as the
+                        // transaction is over either way.
+                        match first.take() {
+                            Some(err) => {
+                                err.encode(out);
+                                m::count_error("proxy", err.code);
+                            }
+                            None => BackendMessage::CommandComplete {
+                                tag: "ROLLBACK".into(),
+                            }
+                            .encode(out),
+                        }
+                        encode_ready(out, TransactionStatus::Idle);
+                    }
+                    None => {
+                        let err = first.take().unwrap_or_else(|| {
+                            ProxyError::error(
+                                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                                "current transaction is aborted, commands ignored until end of transaction block",
+                            )
+                        });
+                        err.encode(out);
+                        m::count_error("proxy", err.code);
+                        encode_ready(out, TransactionStatus::Failed);
+                        self.local = Local::Aborted { first: None };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lameduck gave up on this transaction: cancel it on the old primary, drop that
+    /// connection, and tell the client (57P01). `server_clean`: no server message was
+    /// half-forwarded; `client_clean`: the client is between messages.
+    async fn cancelled_by_lameduck(
+        &mut self,
+        client: &mut Conn,
+        server_clean: bool,
+        client_clean: bool,
+    ) -> Result<(), End> {
+        metrics::counter!(crate::shard::metric::LAMEDUCK_CANCELLED, "shard" => self.shard.to_string())
+            .increment(1);
+        if let Some(b) = self.backend.take() {
+            let key = ServerKey {
+                addr: b.peer,
+                pid: b.pid,
+                key: b.key,
+            };
+            let timeout = self.shared.config.connect_timeout;
+            tokio::spawn(crate::cancel::cancel_server(key, timeout));
+            self.pool.discard(b);
+            self.leave();
+        }
+        self.registration.set_server(None);
+        let err = ProxyError::error(
+            sqlstate::ADMIN_SHUTDOWN,
+            format!(
+                "transaction cancelled: the primary of shard \"{}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({:?})",
+                self.shard, self.shared.config.drain_timeout
+            ),
+        )
+        .hint("the transaction was rolled back; retry it");
+        tracing::info!(shard = self.shard, "lameduck cancelled a transaction");
+        let pending = std::mem::take(&mut self.pending);
+        let status = self.status;
+        self.replies.clear();
+        self.preparing.clear();
+        self.defining.clear();
+        self.in_extended = false;
+        self.status = TransactionStatus::Idle;
+        self.server_fatal = false;
+        if !server_clean {
+            return Err(End::ServerGone);
+        }
+        if !client_clean {
+            let fatal = ProxyError::fatal(err.code, err.message.clone());
+            send_error(&mut client.stream, &fatal).await;
+            return Err(End::ServerGone);
+        }
+        let mut out = BytesMut::new();
+        if pending == 0 {
+            // Idle in a transaction: the next request hears of it.
+            self.local = Local::Aborted { first: Some(err) };
+            return Ok(());
+        }
+        let after = if status == TransactionStatus::Idle {
+            TransactionStatus::Idle
+        } else {
+            self.local = Local::Aborted { first: None };
+            TransactionStatus::Failed
+        };
+        for i in 0..pending {
+            if i == 0 {
+                err.encode(&mut out);
+            } else {
+                ProxyError::error(
+                    sqlstate::IN_FAILED_SQL_TRANSACTION,
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                )
+                .encode(&mut out);
+            }
+            encode_ready(&mut out, after);
+        }
+        m::count_error("proxy", err.code);
+        write_client(client, &out).await
+    }
 }
 
 async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {

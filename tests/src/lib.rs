@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod load;
 pub mod pg;
 pub mod raw;
 

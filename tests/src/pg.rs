@@ -298,7 +298,7 @@ impl Cluster {
         primary.append_conf(&format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
              fsync = off\nwal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
-             max_connections = 100\nshared_buffers = 32MB\nwal_keep_size = 128MB\n\
+             max_connections = 100\nshared_buffers = 32MB\nwal_keep_size = 128MB\nwal_log_hints = on\n\
              log_line_prefix = '%m [%p] %q%u@%d '\n",
             primary.port,
             root.display()
@@ -344,6 +344,63 @@ impl Cluster {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         Ok(cluster)
+    }
+
+    /// Promotes `standbys[i]` (`pg_ctl promote`, waiting until it accepts writes)
+    /// without touching the primary: the test plays the HA system.
+    pub fn promote(&self, i: usize) -> Result<()> {
+        let s = &self.standbys[i];
+        let out = self
+            .bin
+            .server_cmd("pg_ctl", &s.root)
+            .arg("-D")
+            .arg(&s.data)
+            .args(["-w", "-t", "60", "promote"])
+            .output()?;
+        check(out, &format!("pg_ctl promote ({})", s.name)).map(|_| ())
+    }
+
+    /// Records that `standbys[i]` is now the primary and the old primary a standby
+    /// (roles only: run [`Cluster::rejoin`] to make the old primary replicate).
+    pub fn swap(&mut self, i: usize) {
+        std::mem::swap(&mut self.primary, &mut self.standbys[i]);
+    }
+
+    /// Makes `standbys[i]` — an old primary after a switchover — a streaming standby of
+    /// the current primary: stop, `pg_rewind`, recovery settings, start, wait until it
+    /// streams.
+    pub fn rejoin(&mut self, i: usize) -> Result<()> {
+        let source = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.primary.port
+        );
+        let node = &mut self.standbys[i];
+        node.stop("fast")?;
+        let out = self
+            .bin
+            .server_cmd("pg_rewind", &node.root)
+            .arg("-D")
+            .arg(&node.data)
+            .arg(format!("--source-server={source}"))
+            .args(["-R", "--no-sync"])
+            .output()?;
+        check(out, &format!("pg_rewind ({})", node.name))?;
+        // pg_rewind copies the source's configuration files: restore this node's port.
+        node.append_conf(&format!("\nport = {}\n", node.port))?;
+        node.start()?;
+        let want = self.standbys.len().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while self
+            .primary
+            .psql("select count(*) from pg_stat_replication where state = 'streaming'")?
+            != want
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("the rejoined standby did not start streaming within 30s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Creates pgbench's tables on the primary (`pgbench -i -s scale`).

@@ -131,12 +131,24 @@ pub async fn http(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, String)> {
+    http_body(addr, method, path, token, "").await
+}
+
+/// Like [`http`], with a request body.
+pub async fn http_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(addr).await?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     s.write_all(req.as_bytes()).await?;
     let mut resp = Vec::new();

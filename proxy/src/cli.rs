@@ -1,0 +1,256 @@
+//! `handoff switchover` and `handoff status`: small clients of the admin API.
+//!
+//! Both read the admin address from `--admin` or `HANDOFF_ADMIN_LISTEN` and the token
+//! from `--token` or `HANDOFF_ADMIN_TOKEN`, as the proxy itself does.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::Value;
+
+struct Common {
+    admin: SocketAddr,
+    token: Option<String>,
+    json: bool,
+}
+
+const USAGE_SWITCHOVER: &str = "usage: handoff switchover --shard NAME --to HOST:PORT \
+     [--admin ADDR] [--token TOKEN] [--json]";
+const USAGE_STATUS: &str = "usage: handoff status [--admin ADDR] [--token TOKEN] [--json]";
+
+/// Splits `--name value` pairs; `--json` is a flag.
+fn parse(
+    args: Vec<String>,
+    known: &[&str],
+    usage: &str,
+) -> Result<(Common, Vec<(String, String)>), String> {
+    let mut admin =
+        std::env::var("HANDOFF_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:6480".into());
+    let mut token = std::env::var("HANDOFF_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let mut json = false;
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--json" {
+            json = true;
+            continue;
+        }
+        let Some(name) = a.strip_prefix("--") else {
+            return Err(format!("unexpected argument '{a}'\n{usage}"));
+        };
+        let (name, value) = match name.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| format!("--{name} needs a value\n{usage}"))?;
+                (name.to_string(), v)
+            }
+        };
+        match name.as_str() {
+            "admin" => admin = value,
+            "token" => token = Some(value),
+            n if known.contains(&n) => rest.push((name, value)),
+            _ => return Err(format!("unknown option --{name}\n{usage}")),
+        }
+    }
+    let mut admin: SocketAddr = admin
+        .parse()
+        .map_err(|_| format!("admin address '{admin}' is not IP:port"))?;
+    if admin.ip().is_unspecified() {
+        admin.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok((Common { admin, token, json }, rest))
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
+fn request(
+    c: &Common,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(u16, Value), String> {
+    let mut s = TcpStream::connect_timeout(&c.admin, Duration::from_secs(5))
+        .map_err(|e| format!("cannot reach the admin API at {}: {e}", c.admin))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        c.admin,
+        payload.len()
+    );
+    if body.is_some() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    if let Some(t) = &c.token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(&payload);
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)
+        .map_err(|e| format!("no answer from the admin API: {e}"))?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response from the admin API")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("malformed HTTP status line from the admin API")?;
+    let json = serde_json::from_str(body.trim()).unwrap_or(Value::String(body.to_string()));
+    Ok((status, json))
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("handoff: {msg}");
+    ExitCode::from(2)
+}
+
+/// `handoff switchover --shard main --to host:port`.
+pub fn switchover(args: Vec<String>) -> ExitCode {
+    let (common, opts) = match parse(args, &["shard", "to"], USAGE_SWITCHOVER) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let (Some(shard), Some(to)) = (get("shard"), get("to")) else {
+        return fail(USAGE_SWITCHOVER);
+    };
+    let body = serde_json::json!({ "to": to });
+    let path = format!("/v1/shards/{shard}/switchover");
+    match request(
+        &common,
+        "POST",
+        &path,
+        Some(&body),
+        Duration::from_secs(130),
+    ) {
+        Err(e) => fail(&e),
+        Ok((status, v)) => {
+            if common.json {
+                println!("{v}");
+            } else {
+                print_switchover(status, &v);
+            }
+            if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn print_switchover(status: u16, v: &Value) {
+    if v.get("outcome").is_none() {
+        println!(
+            "switchover failed (HTTP {status}): {}",
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+        );
+        return;
+    }
+    let s = |k: &str| {
+        v.get(k)
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| x.to_string())
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "shard {}: {} -> {}: {}",
+        s("shard"),
+        s("from"),
+        s("to"),
+        s("outcome")
+    );
+    if let Some(steps) = v.get("steps").and_then(Value::as_array) {
+        for st in steps {
+            let name = st.get("step").and_then(Value::as_str).unwrap_or("?");
+            let ms = st.get("ms").and_then(Value::as_f64).unwrap_or(0.0);
+            let err = st.get("error").and_then(Value::as_str);
+            match err {
+                None => println!("  {name:<10} {ms:>9.1} ms  ok"),
+                Some(e) => println!("  {name:<10} {ms:>9.1} ms  {e}"),
+            }
+        }
+    }
+    println!(
+        "  total      {:>9.1} ms",
+        v.get("total_ms").and_then(Value::as_f64).unwrap_or(0.0)
+    );
+    if let Some(lsn) = v.get("fence_lsn").and_then(Value::as_str) {
+        println!("  fence LSN {lsn}, epoch {}", s("epoch"));
+    }
+    let cancelled = v
+        .get("lameduck_cancelled")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if cancelled > 0 {
+        println!("  {cancelled} transaction(s) outlived HANDOFF_DRAIN_TIMEOUT and were cancelled");
+    }
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        println!("  error: {e}");
+    }
+}
+
+/// `handoff status`.
+pub fn status(args: Vec<String>) -> ExitCode {
+    let (common, _) = match parse(args, &[], USAGE_STATUS) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    match request(&common, "GET", "/v1/shards", None, Duration::from_secs(10)) {
+        Err(e) => fail(&e),
+        Ok((200, v)) => {
+            if common.json {
+                println!("{v}");
+                return ExitCode::SUCCESS;
+            }
+            println!(
+                "{:<12} {:<12} {:>6} {:<22} {:>9} {:>7}  reason",
+                "SHARD", "STATE", "EPOCH", "PRIMARY", "IN-FLIGHT", "HELD"
+            );
+            for s in v
+                .get("shards")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let t = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let held = s
+                    .pointer("/buffer/depth")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                println!(
+                    "{:<12} {:<12} {:>6} {:<22} {:>9} {:>7}  {}",
+                    t("name"),
+                    t("state"),
+                    n("epoch"),
+                    t("primary"),
+                    n("in_flight"),
+                    held,
+                    t("reason")
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, v)) => fail(&format!(
+            "admin API answered HTTP {status}: {}",
+            v.get("error").and_then(Value::as_str).unwrap_or("")
+        )),
+    }
+}

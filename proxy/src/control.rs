@@ -1,0 +1,128 @@
+//! Applying revocation and establishment events: the shard state machine, the failover
+//! buffer and the pools move together here, whatever the source of the event (handoff's
+//! own switchover, the admin API, later the failure detector).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use handoff_buffer::{StartOutcome, StopReason};
+
+use crate::config::HostPort;
+use crate::shard::{EventError, Generation, Revoked, Shard, StateKind};
+use crate::Shared;
+
+/// The shard named `name`.
+pub(crate) fn find<'a>(shared: &'a Shared, name: &str) -> Option<&'a Arc<Shard>> {
+    shared.shards.iter().find(|s| s.name == name)
+}
+
+/// Revocation: new transactions of `shard` are held, idle connections to its primary
+/// closed.
+pub(crate) fn revoke(
+    shared: &Shared,
+    shard: &Shard,
+    epoch: Option<u64>,
+    reason: &str,
+) -> Result<Revoked, EventError> {
+    let r = shard.revoke(epoch, reason)?;
+    match shared.buffer.start(&shard.name, r.cycle, reason) {
+        StartOutcome::Started | StartOutcome::AlreadyBuffering => {}
+        other => {
+            tracing::warn!(shard = %shard.name, outcome = ?other, "the buffer did not start: new transactions get an error until a primary is established")
+        }
+    }
+    shared.pools.retire(&r.gen.primary);
+    Ok(r)
+}
+
+/// What lameduck did.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lameduck {
+    pub waited: Duration,
+    /// Transactions still running at the drain timeout, then cancelled.
+    pub cancelled: usize,
+}
+
+/// Waits for the transactions running on `gen` to end, up to `timeout`; then cancels
+/// the rest and waits (briefly) for their sessions to let go.
+pub(crate) async fn lameduck(gen: &Generation, timeout: Duration) -> Lameduck {
+    let started = Instant::now();
+    if gen.wait_idle(timeout).await {
+        return Lameduck {
+            waited: started.elapsed(),
+            cancelled: 0,
+        };
+    }
+    let cancelled = gen.inflight();
+    gen.kill();
+    if !gen.wait_idle(Duration::from_secs(2)).await {
+        tracing::warn!(
+            remaining = gen.inflight(),
+            "sessions did not let go of the revoked primary after cancellation"
+        );
+    }
+    Lameduck {
+        waited: started.elapsed(),
+        cancelled,
+    }
+}
+
+/// What an establishment did.
+#[derive(Debug)]
+pub(crate) struct Established {
+    pub epoch: u64,
+    pub prewarmed: usize,
+    pub prewarm_error: Option<String>,
+}
+
+/// Establishment: `primary` serves `shard` from the next epoch. Its pools are opened
+/// first, then held transactions are released to it in FIFO order.
+pub(crate) async fn establish(
+    shared: &Shared,
+    shard: &Shard,
+    epoch: Option<u64>,
+    primary: HostPort,
+) -> Result<Established, EventError> {
+    let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+    if !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable) {
+        return Err(EventError::WrongState {
+            shard: shard.name.clone(),
+            state: snap.state.as_str(),
+            expected: "buffering",
+        });
+    }
+    if let Some(e) = epoch.filter(|e| *e != snap.epoch) {
+        return Err(EventError::StaleEpoch {
+            shard: shard.name.clone(),
+            given: e,
+            current: snap.epoch,
+        });
+    }
+    shared.pools.activate(&primary);
+    let n = shared
+        .config
+        .pool
+        .size
+        .min(shared.config.buffer.drain_concurrency.max(1));
+    let (prewarmed, err) = shared
+        .pools
+        .prewarm(&snap.primary, &primary, n, &shard.name)
+        .await;
+    let (gen, cycle) = shard.establish(epoch, primary)?;
+    shared
+        .buffer
+        .stop(&shard.name, cycle, StopReason::NewPrimary);
+    Ok(Established {
+        epoch: gen.epoch,
+        prewarmed,
+        prewarm_error: err.map(|e| e.to_string()),
+    })
+}
+
+/// Abort: the revoked primary serves again and held transactions go to it.
+pub(crate) fn abort(shared: &Shared, shard: &Shard, epoch: Option<u64>) -> Result<u64, EventError> {
+    let (gen, cycle) = shard.abort(epoch)?;
+    shared.pools.activate(&gen.primary);
+    shared.buffer.stop(&shard.name, cycle, StopReason::Aborted);
+    Ok(gen.epoch)
+}
