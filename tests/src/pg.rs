@@ -374,6 +374,9 @@ impl Cluster {
             "host=127.0.0.1 port={} user=postgres dbname=postgres",
             self.primary.port
         );
+        // A just-promoted server's control file names its new timeline only after a
+        // checkpoint, and pg_rewind reads the timeline from there.
+        self.primary.psql("CHECKPOINT")?;
         let node = &mut self.standbys[i];
         node.stop("fast")?;
         let out = self

@@ -30,6 +30,12 @@ async fn switchover(proxy: &handoff::Proxy, to: &str) -> (u16, Value) {
     (status, v)
 }
 
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default()
+}
+
 async fn shard_state(proxy: &handoff::Proxy) -> Value {
     let (status, body) = http(proxy.admin_addr(), "GET", "/v1/shards", None)
         .await
@@ -141,5 +147,526 @@ async fn switchover_under_load_has_no_client_errors_and_loses_no_write() {
     );
     let old_lsn = cluster.primary.psql("select pg_current_wal_lsn()").unwrap();
     assert!(!fence.is_empty() && !old_lsn.is_empty());
+    proxy.shutdown().await;
+}
+
+async fn metric(proxy: &handoff::Proxy, prefix: &str) -> f64 {
+    let (_, text) = http(proxy.admin_addr(), "GET", "/metrics", None)
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_switchovers_back_and_forth_under_load() {
+    let mut cluster = Cluster::start(1).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "8")])
+        .await
+        .unwrap();
+    let starts_before = metric(&proxy, "handoff_buffer_starts_total{shard=\"main\"}").await;
+    let load = Load::start(proxy.listen_addr(), 16).await.unwrap();
+    for round in 1..=10u64 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let target = cluster.standbys[0].addr();
+        let (status, report) = switchover(&proxy, &target).await;
+        assert_eq!(status, 200, "round {round}: {report:#}");
+        assert_eq!(report["epoch"], round + 1, "round {round}: {report:#}");
+        cluster.swap(0);
+        // The harness re-joins the old primary as a standby (pg_rewind) while the
+        // load keeps running against the new one.
+        cluster.rejoin(0).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = load.stop().await;
+    assert!(out.errors.is_empty(), "client errors: {:?}", out.errors);
+    let starts = metric(&proxy, "handoff_buffer_starts_total{shard=\"main\"}").await;
+    assert_eq!(starts - starts_before, 10.0, "every switchover buffered");
+    let state = shard_state(&proxy).await;
+    assert_eq!(state["epoch"], 11);
+    assert_eq!(state["primary"], cluster.primary.addr().as_str());
+    let now = ids(&server(&cluster.primary)).await.unwrap();
+    let missing: Vec<_> = out.acked.iter().filter(|i| !now.contains(i)).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    proxy.shutdown().await;
+}
+
+/// A switchover that must not happen: refused or rolled back, with clients unharmed
+/// and the old primary still serving (and writable).
+async fn assert_not_switched(proxy: &handoff::Proxy, cluster: &Cluster, load: Load) {
+    let state = shard_state(proxy).await;
+    assert_eq!(state["state"], "serving", "{state:#}");
+    assert_eq!(state["primary"], cluster.primary.addr().as_str());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = load.stop().await;
+    assert!(out.errors.is_empty(), "client errors: {:?}", out.errors);
+    assert!(out.ok > 0);
+    assert_eq!(
+        cluster
+            .primary
+            .psql("show default_transaction_read_only")
+            .unwrap(),
+        "off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
+    let cluster = Cluster::start(1).unwrap();
+    let other = Cluster::start(0).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    // A role with every grant a switchover needs except pg_promote.
+    cluster
+        .primary
+        .psql(
+            "CREATE ROLE switcher LOGIN; \
+             GRANT pg_monitor TO switcher; \
+             GRANT ALTER SYSTEM ON PARAMETER default_transaction_read_only TO switcher; \
+             GRANT EXECUTE ON FUNCTION pg_reload_conf() TO switcher",
+        )
+        .unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "8"),
+            ("HANDOFF_SWITCHOVER_MAX_LAG", "64kB"),
+        ],
+    )
+    .await
+    .unwrap();
+
+    // Not a standby (another cluster's primary).
+    let load = Load::start(proxy.listen_addr(), 8).await.unwrap();
+    let (status, r) = switchover(&proxy, &other.primary.addr()).await;
+    assert_eq!(
+        (status, r["outcome"].as_str()),
+        (409, Some("refused")),
+        "{r:#}"
+    );
+    assert!(
+        r["error"].as_str().unwrap().contains("not a standby"),
+        "{r:#}"
+    );
+    // Unreachable.
+    let nowhere = format!("127.0.0.1:{}", handoff_tests::pg::free_port().unwrap());
+    let (status, r) = switchover(&proxy, &nowhere).await;
+    assert_eq!(
+        (status, r["outcome"].as_str()),
+        (409, Some("refused")),
+        "{r:#}"
+    );
+    assert!(
+        r["error"].as_str().unwrap().contains("cannot connect"),
+        "{r:#}"
+    );
+    assert_not_switched(&proxy, &cluster, load).await;
+
+    // Lag above HANDOFF_SWITCHOVER_MAX_LAG: replay paused on the standby, 1 MB written.
+    cluster.standbys[0]
+        .psql("select pg_wal_replay_pause()")
+        .unwrap();
+    cluster
+        .primary
+        .psql("create table bulk as select repeat('x', 1000) as v from generate_series(1, 2000)")
+        .unwrap();
+    let load = Load::start(proxy.listen_addr(), 8).await.unwrap();
+    let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
+    assert_eq!(
+        (status, r["outcome"].as_str()),
+        (409, Some("refused")),
+        "{r:#}"
+    );
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("HANDOFF_SWITCHOVER_MAX_LAG"),
+        "{r:#}"
+    );
+    assert_not_switched(&proxy, &cluster, load).await;
+    cluster.standbys[0]
+        .psql("select pg_wal_replay_resume()")
+        .unwrap();
+    proxy.shutdown().await;
+
+    // The promotion step fails (the admin role may not call pg_promote): rolled back
+    // after buffering, lameduck and revocation, clients unharmed.
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "8"),
+            ("HANDOFF_ADMIN_DB_USER", "switcher"),
+            ("HANDOFF_SWITCHOVER_TERMINATE", "false"),
+        ],
+    )
+    .await
+    .unwrap();
+    let load = Load::start(proxy.listen_addr(), 8).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
+    assert_eq!(
+        (status, r["outcome"].as_str()),
+        (409, Some("rolled_back")),
+        "{r:#}"
+    );
+    let failed: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["ok"] == false)
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["promote"], "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains("pg_promote"), "{r:#}");
+    assert_eq!(
+        cluster.standbys[0]
+            .psql("select pg_is_in_recovery()")
+            .unwrap(),
+        "t"
+    );
+    assert_not_switched(&proxy, &cluster, load).await;
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_transaction_longer_than_the_drain_timeout_is_cancelled() {
+    let cluster = Cluster::start(1).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "8"),
+            ("HANDOFF_DRAIN_TIMEOUT", "300ms"),
+        ],
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        proxy.listen_addr().port()
+    );
+    let (idle_in_tx, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (sleeper, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let load = Load::start(proxy.listen_addr(), 16).await.unwrap();
+    // One client idles inside a transaction, another runs a long statement.
+    idle_in_tx
+        .batch_execute("BEGIN; INSERT INTO handoff_load (client, seq) VALUES (-1, -1)")
+        .await
+        .unwrap();
+    let long = tokio::spawn(async move {
+        let r = sleeper.simple_query("SELECT pg_sleep(30)").await;
+        (r.map(|_| ()), sleeper)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
+    assert_eq!(status, 200, "{r:#}");
+    assert_eq!(r["lameduck_cancelled"], 2, "{r:#}");
+
+    // The long statement was answered with 57P01 and its session goes on.
+    let (res, sleeper) = long.await.unwrap();
+    let e = res.expect_err("the long statement is cancelled");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{e}"
+    );
+    sleeper.simple_query("SELECT 1").await.unwrap();
+    // The idle transaction hears of it at its next statement; ROLLBACK then works and
+    // the session carries on, on the new primary.
+    let e = idle_in_tx.batch_execute("COMMIT").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{e}"
+    );
+    idle_in_tx.batch_execute("SELECT 1").await.unwrap();
+    let row = idle_in_tx
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), cluster.standbys[0].port as i32);
+
+    let out = load.stop().await;
+    assert!(out.errors.is_empty(), "client errors: {:?}", out.errors);
+    let new_ids = ids(&server(&cluster.standbys[0])).await.unwrap();
+    assert!(out.acked.iter().all(|i| new_ids.contains(i)));
+    let orphan = cluster.standbys[0]
+        .psql("select count(*) from handoff_load where client = -1")
+        .unwrap();
+    assert_eq!(orphan, "0", "the cancelled transaction must not commit");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_bounds_give_the_documented_errors() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_BUFFER_SIZE", "2"),
+            ("HANDOFF_BUFFER_WINDOW", "3s"),
+        ],
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        proxy.listen_addr().port()
+    );
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        clients.push(c);
+    }
+    let (status, body) = http(proxy.admin_addr(), "POST", "/v1/shards/main/buffer", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Three requests for a buffer of two: the oldest is evicted with 53300.
+    let mut held = Vec::new();
+    for c in clients {
+        held.push(tokio::spawn(async move {
+            let r = c.simple_query("SELECT 1").await.map(|_| ());
+            (r, c)
+        }));
+        handoff_tests::eventually(Duration::from_secs(5), "request held", || async {
+            Ok(shard_state(&proxy).await["buffer"]["depth"].as_u64() >= Some(1))
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (first, c0) = held.remove(0).await.unwrap();
+    let e = first.expect_err("the oldest held request is evicted");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{e}"
+    );
+    assert!(db_message(&e).contains("HANDOFF_BUFFER_SIZE"), "{e:?}");
+    let (status, body) = http(proxy.admin_addr(), "POST", "/v1/shards/main/resume", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    for h in held {
+        let (r, _) = h.await.unwrap();
+        r.expect("released after resume");
+    }
+    // The evicted client's session is intact.
+    c0.simple_query("SELECT 1").await.unwrap();
+
+    // A stuck revocation: after HANDOFF_BUFFER_WINDOW the request gets 57P03.
+    let (status, body) = http(proxy.admin_addr(), "POST", "/v1/shards/main/buffer", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let e = c0.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(db_message(&e).contains("HANDOFF_BUFFER_WINDOW"), "{e:?}");
+    let (status, _) = http(proxy.admin_addr(), "POST", "/v1/shards/main/resume", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    c0.simple_query("SELECT 1").await.unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_orchestrator_drives_the_switchover() {
+    let mut cluster = Cluster::start(1).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "8")])
+        .await
+        .unwrap();
+    let load = Load::start(proxy.listen_addr(), 32).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 1. Revoke: buffering and lameduck, answered once nothing runs on the old primary.
+    let (status, body) = http_body(
+        proxy.admin_addr(),
+        "POST",
+        "/v1/shards/main/buffer",
+        None,
+        r#"{"epoch": 1, "reason": "test orchestrator"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(shard_state(&proxy).await["in_flight"], 0);
+    // 2. The orchestrator's own work: stop the old primary, promote the standby.
+    cluster.primary.stop("fast").unwrap();
+    cluster.promote(0).unwrap();
+    // A stale establishment is refused.
+    let addr = cluster.standbys[0].addr();
+    let (status, body) = http_body(
+        proxy.admin_addr(),
+        "POST",
+        "/v1/shards/main/primary",
+        None,
+        &format!(r#"{{"addr": "{addr}", "epoch": 7}}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 409, "{body}");
+    // 3. Establish.
+    let (status, body) = http_body(
+        proxy.admin_addr(),
+        "POST",
+        "/v1/shards/main/primary",
+        None,
+        &format!(r#"{{"addr": "{addr}", "epoch": 1}}"#),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = load.stop().await;
+    assert!(out.errors.is_empty(), "client errors: {:?}", out.errors);
+    let state = shard_state(&proxy).await;
+    assert_eq!(
+        (state["epoch"].as_u64(), state["state"].as_str()),
+        (Some(2), Some("serving"))
+    );
+    let new_ids = ids(&server(&cluster.standbys[0])).await.unwrap();
+    assert!(out.acked.iter().all(|i| new_ids.contains(i)));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_rejects_bad_requests_with_json_errors() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_ADMIN_TOKEN", "s3cret")])
+        .await
+        .unwrap();
+    let admin = proxy.admin_addr();
+    let cases: &[(&str, &str, Option<&str>, &str, u16, &str)] = &[
+        ("GET", "/v1/shards", None, "", 401, "bearer token"),
+        ("GET", "/v1/shards", Some("wrong"), "", 401, "bearer token"),
+        (
+            "POST",
+            "/v1/shards/main/switchover",
+            Some("s3cret"),
+            "{not json",
+            400,
+            "not valid JSON",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/switchover",
+            Some("s3cret"),
+            "[1]",
+            400,
+            "JSON object",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/switchover",
+            Some("s3cret"),
+            "{}",
+            400,
+            "missing \"to\"",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/switchover",
+            Some("s3cret"),
+            r#"{"to": "nohost"}"#,
+            400,
+            "host:port",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/primary",
+            Some("s3cret"),
+            r#"{"addr": 5}"#,
+            400,
+            "must be a string",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/buffer",
+            Some("s3cret"),
+            r#"{"epoch": -1}"#,
+            400,
+            "epoch",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/buffer",
+            Some("s3cret"),
+            r#"{"bogus": 1}"#,
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/shards/nope/buffer",
+            Some("s3cret"),
+            "",
+            404,
+            "no shard named",
+        ),
+        (
+            "GET",
+            "/v1/shards/main/buffer",
+            Some("s3cret"),
+            "",
+            405,
+            "use POST",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/resume",
+            Some("s3cret"),
+            "",
+            409,
+            "not buffering",
+        ),
+        (
+            "POST",
+            "/v1/shards/main/frobnicate",
+            Some("s3cret"),
+            "",
+            404,
+            "no such endpoint",
+        ),
+    ];
+    for (method, path, token, body, want, text) in cases {
+        let (status, resp) = http_body(admin, method, path, *token, body).await.unwrap();
+        assert_eq!(status, *want, "{method} {path} {body}: {resp}");
+        let v: Value = serde_json::from_str(&resp).unwrap_or_else(|_| panic!("not JSON: {resp}"));
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {resp}"));
+        assert!(msg.contains(text), "{method} {path} {body}: {msg}");
+    }
+    // The shard is untouched by all of that.
+    let (status, resp) = http(admin, "GET", "/v1/shards", Some("s3cret"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&resp).unwrap();
+    assert_eq!(v["shards"][0]["state"], "serving");
     proxy.shutdown().await;
 }
