@@ -210,42 +210,31 @@ pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
 fn field_str<'a>(
     body: &'a serde_json::Map<String, serde_json::Value>,
     name: &str,
-) -> Result<Option<&'a str>, Response<Body>> {
+) -> Result<Option<&'a str>, String> {
     match body.get(name) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(json_error(
-            StatusCode::BAD_REQUEST,
-            &format!("\"{name}\" must be a string"),
-        )),
+        Some(_) => Err(format!("\"{name}\" must be a string")),
     }
 }
 
 fn field_addr(
     body: &serde_json::Map<String, serde_json::Value>,
     name: &str,
-) -> Result<crate::config::HostPort, Response<Body>> {
+) -> Result<crate::config::HostPort, String> {
     let Some(s) = field_str(body, name)? else {
-        return Err(json_error(
-            StatusCode::BAD_REQUEST,
-            &format!("missing \"{name}\": the target as \"host:port\""),
-        ));
+        return Err(format!("missing \"{name}\": the target as \"host:port\""));
     };
-    crate::config::HostPort::parse_any(s)
-        .map_err(|e| json_error(StatusCode::BAD_REQUEST, &format!("\"{name}\": {e}")))
+    crate::config::HostPort::parse_any(s).map_err(|e| format!("\"{name}\": {e}"))
 }
 
-fn field_epoch(
-    body: &serde_json::Map<String, serde_json::Value>,
-) -> Result<Option<u64>, Response<Body>> {
+fn field_epoch(body: &serde_json::Map<String, serde_json::Value>) -> Result<Option<u64>, String> {
     match body.get("epoch") {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            json_error(
-                StatusCode::BAD_REQUEST,
-                "\"epoch\" must be a non-negative integer",
-            )
-        }),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| "\"epoch\" must be a non-negative integer".to_string()),
     }
 }
 
@@ -282,7 +271,7 @@ async fn shard_action(
         "switchover" => {
             let to = match field_addr(&body, "to") {
                 Ok(a) => a,
-                Err(r) => return r,
+                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
             };
             // Its own task: it completes (or rolls back) even if the caller goes away.
             let task = tokio::spawn(crate::switchover::run(Arc::clone(&shared), shard, to));
@@ -305,11 +294,11 @@ async fn shard_action(
         "buffer" => {
             let epoch = match field_epoch(&body) {
                 Ok(e) => e,
-                Err(r) => return r,
+                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
             };
             let reason = match field_str(&body, "reason") {
                 Ok(r) => r.unwrap_or("admin API").to_string(),
-                Err(r) => return r,
+                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
             };
             let Ok(_op) = shard.op.try_lock() else {
                 return json_error(
@@ -337,7 +326,7 @@ async fn shard_action(
         "primary" => {
             let (addr, epoch) = match (field_addr(&body, "addr"), field_epoch(&body)) {
                 (Ok(a), Ok(e)) => (a, e),
-                (Err(r), _) | (_, Err(r)) => return r,
+                (Err(m), _) | (_, Err(m)) => return json_error(StatusCode::BAD_REQUEST, &m),
             };
             let Ok(_op) = shard.op.try_lock() else {
                 return json_error(
@@ -363,7 +352,7 @@ async fn shard_action(
         _ => {
             let epoch = match field_epoch(&body) {
                 Ok(e) => e,
-                Err(r) => return r,
+                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
             };
             let Ok(_op) = shard.op.try_lock() else {
                 return json_error(

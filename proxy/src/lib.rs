@@ -25,6 +25,7 @@ mod prepared;
 mod relay;
 mod server;
 mod session;
+mod session_move;
 pub mod shard;
 pub mod shutdown;
 mod switchover;

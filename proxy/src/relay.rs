@@ -42,6 +42,8 @@ pub enum End {
     ServerProtocol,
     /// The proxy is shutting down; the client was told so.
     Shutdown,
+    /// The primary was revoked and the session is between transactions: it may move.
+    Revoked,
 }
 
 /// What the relay tracks about the conversation: transaction status and timings.
@@ -132,20 +134,22 @@ fn reserve(buf: &mut BytesMut) {
     }
 }
 
-/// Relays between a logged-in client and its server until one side ends.
-pub async fn run(client: Conn, server: Conn, shard: &str, shutdown: Signal) -> End {
-    let Conn {
-        stream: mut client_stream,
-        rbuf: mut cbuf,
-        ..
-    } = client;
-    let Conn {
-        stream: mut server_stream,
-        rbuf: mut sbuf,
-        ..
-    } = server;
-    let (mut cr, mut cw) = client_stream.split();
-    let (mut sr, mut sw) = server_stream.split();
+/// Relays between a logged-in client and its server until one side ends, or (with
+/// `gen`) until that generation is revoked and the session is between transactions.
+pub async fn run(
+    client: &mut Conn,
+    server: &mut Conn,
+    shard: &str,
+    shutdown: Signal,
+    gen: &crate::shard::Generation,
+) -> End {
+    let cbuf = &mut client.rbuf;
+    let sbuf = &mut server.rbuf;
+    let (mut cr, mut cw) = client.stream.split();
+    let (mut sr, mut sw) = server.stream.split();
+    let mut revoked = false;
+    let mut revocation = Box::pin(gen.revoked());
+    let mut killed = Box::pin(gen.killed());
     let mut cscan = Scanner::new(0, MAX_CLIENT_MESSAGE);
     let mut sscan = Scanner::new(MAX_INSPECT, MAX_SERVER_MESSAGE);
     let mut txn = Txn {
@@ -166,8 +170,7 @@ pub async fn run(client: Conn, server: Conn, shard: &str, shutdown: Signal) -> E
     let end = loop {
         // Bytes the client sent right behind its startup, or left from the last read.
         if !cbuf.is_empty() {
-            if let Err(end) = client_bytes(&mut cbuf, &mut cscan, &mut sw, &mut cw, &mut txn).await
-            {
+            if let Err(end) = client_bytes(cbuf, &mut cscan, &mut sw, &mut cw, &mut txn).await {
                 break end;
             }
             if txn.terminated {
@@ -183,16 +186,19 @@ pub async fn run(client: Conn, server: Conn, shard: &str, shutdown: Signal) -> E
             crate::session::send_error(&mut cw, &err).await;
             break End::Shutdown;
         }
-        reserve(&mut cbuf);
-        reserve(&mut sbuf);
+        if revoked && txn.at_boundary(&cscan) && cbuf.is_empty() {
+            break End::Revoked;
+        }
+        reserve(cbuf);
+        reserve(sbuf);
         // Both reads are `read_buf` into our own buffers, which is cancel-safe: a read that
         // loses the race has consumed nothing.
         tokio::select! {
-            r = cr.read_buf(&mut cbuf) => match r {
+            r = cr.read_buf(cbuf) => match r {
                 Ok(0) | Err(_) => break End::ClientGone,
                 Ok(_) => {}
             },
-            r = sr.read_buf(&mut sbuf) => match r {
+            r = sr.read_buf(sbuf) => match r {
                 Ok(0) | Err(_) => {
                     if !txn.server_fatal {
                         let err = ProxyError::fatal(
@@ -204,7 +210,7 @@ pub async fn run(client: Conn, server: Conn, shard: &str, shutdown: Signal) -> E
                     break End::ServerGone;
                 }
                 Ok(_) => {
-                    if let Err(end) = server_bytes(&mut sbuf, &mut sscan, &mut cw, &mut txn).await {
+                    if let Err(end) = server_bytes(sbuf, &mut sscan, &mut cw, &mut txn).await {
                         break end;
                     }
                 }
@@ -213,6 +219,19 @@ pub async fn run(client: Conn, server: Conn, shard: &str, shutdown: Signal) -> E
                 // Watch for the next phase with a new long-lived future.
                 watched = Phase::Closing;
                 phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
+            }
+            _ = &mut revocation, if !revoked => revoked = true,
+            _ = &mut killed => {
+                metrics::counter!(crate::shard::metric::LAMEDUCK_CANCELLED, "shard" => shard.to_string())
+                    .increment(1);
+                let err = ProxyError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    format!(
+                        "terminating connection: the primary of shard \"{shard}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT"
+                    ),
+                );
+                crate::session::send_error(&mut cw, &err).await;
+                break End::ServerGone;
             }
         }
     };

@@ -351,6 +351,37 @@ pub(crate) fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyErr
     }
 }
 
+/// Session mode's gate: waits in the failover buffer while the shard has no primary,
+/// then registers the session on the serving generation (held while it has a server
+/// connection there, so lameduck waits for it to move).
+async fn session_gate(
+    shared: &Shared,
+    state: &crate::shard::Shard,
+    bytes: usize,
+) -> Result<Arc<crate::shard::Generation>, ProxyError> {
+    let fatal = |e: txn::AttachError| {
+        let mut err = txn::attach_error(&e, &state.name);
+        err.severity = handoff_protocol::error::Severity::Fatal;
+        err
+    };
+    for _ in 0..1000 {
+        let admission = shared
+            .buffer
+            .wait(&state.name, bytes)
+            .await
+            .map_err(|e| fatal(txn::AttachError::Buffer(e)))?;
+        match state.serving() {
+            Some(gen) if state.enter(&gen) => return Ok(gen),
+            Some(_) => {}
+            None if matches!(admission, handoff_buffer::Admission::Released(_)) => {}
+            None => return Err(fatal(txn::AttachError::NoPrimary)),
+        }
+    }
+    Err(fatal(txn::AttachError::NoPrimary))
+}
+
+/// Session mode: one server connection per client, moved to the new primary at a
+/// transaction boundary when the shard's primary changes.
 async fn connect_and_relay(
     mut client: Conn,
     shared: &Shared,
@@ -360,17 +391,35 @@ async fn connect_and_relay(
 ) {
     let cfg: &Config = &shared.config;
     let (shard, server_db) = route(cfg, &startup);
-    let login = server::Login {
-        addr: &shard.hosts[0],
-        user: &startup.user,
-        database: server_db,
-        params: &startup.params,
-        password: secret.and_then(|s| s.password.as_deref()),
-        timeout: cfg.connect_timeout,
+    let state = &shared.shards[shard_index(cfg, &startup)];
+    let password = secret.and_then(|s| s.password.as_deref());
+    let connect = |addr: crate::config::HostPort| {
+        let params = startup.params.clone();
+        let user = startup.user.clone();
+        let database = server_db.to_string();
+        async move {
+            let login = server::Login {
+                addr: &addr,
+                user: &user,
+                database: &database,
+                params: &params,
+                password,
+                timeout: cfg.connect_timeout,
+            };
+            Box::pin(server::connect(login)).await
+        }
     };
-    let server = match Box::pin(server::connect(login)).await {
+    let mut gen = match session_gate(shared, state, 0).await {
+        Ok(g) => g,
+        Err(err) => {
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+    };
+    let mut server = match connect(gen.primary.clone()).await {
         Ok(s) => s,
         Err(err) => {
+            gen.leave();
             metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
             tracing::warn!(shard = %shard.name, error = %err, "server login failed");
             send_error(
@@ -381,7 +430,7 @@ async fn connect_and_relay(
             return;
         }
     };
-    let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+    let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
     let registration = shared.cancels.register(Some(crate::cancel::ServerKey {
         addr: server.peer,
         pid: server.pid,
@@ -390,10 +439,121 @@ async fn connect_and_relay(
 
     let hello = hello(server.params.clone(), registration.pid, registration.key);
     if client.send_raw(&hello).await.is_err() {
+        gen.leave();
         return;
     }
     tracing::debug!(shard = %shard.name, server = %server.peer, "session relaying");
-    let end = relay::run(client, server.conn, &shard.name, shutdown).await;
-    tracing::debug!(?end, "session ended");
+    loop {
+        let end = relay::run(
+            &mut client,
+            &mut server.conn,
+            &shard.name,
+            shutdown.clone(),
+            &gen,
+        )
+        .await;
+        if end != relay::End::Revoked {
+            tracing::debug!(?end, "session ended");
+            break;
+        }
+        // Between transactions on a revoked primary: take the session's state off it,
+        // let it go, and follow the shard to its next primary.
+        let captured = crate::session_move::capture(&mut server.conn).await;
+        drop(server);
+        drop(server_gauge);
+        gen.leave();
+        registration.set_server(None);
+        let moving = match captured {
+            Ok(st) if st.blockers.is_empty() => st,
+            Ok(st) => {
+                let err = ProxyError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    format!(
+                        "terminating connection: the primary of shard \"{}\" is being replaced and this session holds state that cannot move to the new primary ({})",
+                        shard.name,
+                        st.blockers.join(", ")
+                    ),
+                )
+                .hint("release advisory locks, drop temporary tables, UNLISTEN and close held cursors between transactions, or use transaction mode");
+                tracing::info!(shard = %shard.name, blockers = ?st.blockers, "session cannot move");
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+            Err(e) => {
+                let err = ProxyError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    format!(
+                        "terminating connection: the primary of shard \"{}\" is being replaced and the session's state could not be read: {e}",
+                        shard.name
+                    ),
+                );
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+        };
+        // Wait for the client's next request (or its leaving) before taking a slot in
+        // the buffer: an idle session is not a request.
+        if client.rbuf.is_empty() {
+            tokio::select! {
+                r = tokio::io::AsyncReadExt::read_buf(&mut client.stream, &mut client.rbuf) => {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        return;
+                    }
+                }
+                _ = wait_phase(shutdown.clone()) => {
+                    let err = ProxyError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection because handoff is shutting down",
+                    );
+                    send_error(&mut client.stream, &err).await;
+                    return;
+                }
+            }
+        }
+        gen = match session_gate(shared, state, client.rbuf.len()).await {
+            Ok(g) => g,
+            Err(err) => {
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+        };
+        server = match connect(gen.primary.clone()).await {
+            Ok(s) => s,
+            Err(err) => {
+                gen.leave();
+                send_error(
+                    &mut client.stream,
+                    &server_error_to_client(&err, &shard.name),
+                )
+                .await;
+                return;
+            }
+        };
+        server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+        if let Err(e) = crate::session_move::restore(&mut server.conn, &moving).await {
+            gen.leave();
+            let err = ProxyError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "terminating connection: the session could not be re-created on the new primary of shard \"{}\": {e}",
+                    shard.name
+                ),
+            );
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+        registration.set_server(Some(crate::cancel::ServerKey {
+            addr: server.peer,
+            pid: server.pid,
+            key: server.key,
+        }));
+        tracing::info!(shard = %shard.name, server = %server.peer, "session moved to the new primary");
+    }
+    gen.leave();
+    drop(server_gauge);
     drop(registration);
+}
+
+async fn wait_phase(mut s: Signal) {
+    s.reached(crate::shutdown::Phase::Draining).await
 }

@@ -80,6 +80,8 @@ pub struct Generation {
     idle: Notify,
     /// Set when lameduck gives up on the transactions still running.
     kill: watch::Sender<bool>,
+    /// Set when the generation is revoked (session-mode sessions then move).
+    revoked: watch::Sender<bool>,
 }
 
 impl Generation {
@@ -91,6 +93,7 @@ impl Generation {
             inflight: AtomicUsize::new(0),
             idle: Notify::new(),
             kill: watch::channel(false).0,
+            revoked: watch::channel(false).0,
         })
     }
 
@@ -109,6 +112,14 @@ impl Generation {
     /// Resolves once lameduck cancels this generation's remaining transactions.
     pub fn killed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut rx = self.kill.subscribe();
+        async move {
+            let _ = rx.wait_for(|k| *k).await;
+        }
+    }
+
+    /// Resolves once this generation is revoked.
+    pub fn revoked(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.revoked.subscribe();
         async move {
             let _ = rx.wait_for(|k| *k).await;
         }
@@ -312,6 +323,7 @@ impl Shard {
         }
         // Close the gate first, then (the caller) counts what is in flight.
         self.gate.store(0, SeqCst);
+        g.gen.revoked.send_replace(true);
         g.kind = StateKind::Buffering;
         g.cycle += 1;
         g.since = Instant::now();

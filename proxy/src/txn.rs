@@ -569,7 +569,7 @@ fn noop_close(out: &mut BytesMut) {
     .encode(out);
 }
 
-fn quote_literal(v: &str) -> String {
+pub(crate) fn quote_literal(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
 }
 

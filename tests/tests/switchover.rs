@@ -560,7 +560,8 @@ async fn admin_api_rejects_bad_requests_with_json_errors() {
         .await
         .unwrap();
     let admin = proxy.admin_addr();
-    let cases: &[(&str, &str, Option<&str>, &str, u16, &str)] = &[
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, &'a str, u16, &'a str);
+    let cases: &[Case] = &[
         ("GET", "/v1/shards", None, "", 401, "bearer token"),
         ("GET", "/v1/shards", Some("wrong"), "", 401, "bearer token"),
         (
@@ -668,5 +669,84 @@ async fn admin_api_rejects_bad_requests_with_json_errors() {
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&resp).unwrap();
     assert_eq!(v["shards"][0]["state"], "serving");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_clients_move_with_their_state() {
+    let cluster = Cluster::start(1).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_MODE", "session")])
+        .await
+        .unwrap();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=mover",
+        proxy.listen_addr().port()
+    );
+    let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    mover
+        .batch_execute("SET statement_timeout = '42s'; PREPARE by_sql AS SELECT 7")
+        .await
+        .unwrap();
+    let stmt = mover.prepare("SELECT $1::int + 1").await.unwrap();
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let locker_conn = tokio::spawn(conn);
+    locker
+        .query_one("SELECT pg_advisory_lock(1)", &[])
+        .await
+        .unwrap();
+
+    let load = Load::start(proxy.listen_addr(), 16).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
+    assert_eq!(status, 200, "{r:#}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = load.stop().await;
+    assert!(out.errors.is_empty(), "client errors: {:?}", out.errors);
+
+    // The session is on the new primary with its parameters and statements.
+    let port: i32 = mover
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port, cluster.standbys[0].port as i32);
+    let row = mover.query_one(&stmt, &[&41i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    let rows = mover.simple_query("SHOW statement_timeout").await.unwrap();
+    let shown = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(shown.as_deref(), Some("42s"));
+    let app: String = mover
+        .query_one("SELECT current_setting('application_name')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(app, "mover");
+    let seven = mover.simple_query("EXECUTE by_sql").await.unwrap();
+    assert!(seven.iter().any(|m| matches!(m,
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("7"))));
+
+    // The session holding an advisory lock could not move: it was told why (a FATAL
+    // its connection received) and closed.
+    let e = tokio::time::timeout(Duration::from_secs(5), locker_conn)
+        .await
+        .expect("the locker's connection ends")
+        .unwrap()
+        .expect_err("ended by an error");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN),
+        "{e:?}"
+    );
+    assert!(db_message(&e).contains("1 advisory locks"), "{e:?}");
+    assert!(locker.simple_query("SELECT 1").await.is_err());
     proxy.shutdown().await;
 }

@@ -1,0 +1,223 @@
+//! Moving a session-mode client to a new primary: at a transaction boundary, ask the old
+//! server what the session holds, and re-create what can move (settings made with SET,
+//! prepared statements) on a new server connection. State that cannot move — advisory
+//! locks, temporary tables, LISTEN, cursors WITH HOLD — makes the move fail with a
+//! clear error instead of silently losing it.
+
+use bytes::{Buf, Bytes, BytesMut};
+use handoff_protocol::backend::{tag as btag, BackendMessage};
+use handoff_protocol::frontend::FrontendMessage;
+
+use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
+use crate::txn::quote_literal;
+
+/// What a session holds on its server.
+#[derive(Debug, Default)]
+pub(crate) struct SessionState {
+    /// Settings the session changed with SET.
+    settings: Vec<(String, String)>,
+    /// Protocol-level prepared statements: name, SQL, parameter type OIDs.
+    statements: Vec<(String, String, Vec<u32>)>,
+    /// `PREPARE ... AS ...` statements, re-run as written.
+    sql_prepares: Vec<String>,
+    /// What cannot move, described for the client.
+    pub blockers: Vec<String>,
+}
+
+type Rows = Vec<Vec<Option<String>>>;
+
+fn data_row(mut body: Bytes) -> Option<Vec<Option<String>>> {
+    if body.len() < 2 {
+        return None;
+    }
+    let n = body.get_i16();
+    let mut row = Vec::new();
+    for _ in 0..n {
+        if body.len() < 4 {
+            return None;
+        }
+        let len = body.get_i32();
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if body.len() < len {
+                return None;
+            }
+            row.push(Some(
+                String::from_utf8_lossy(&body.split_to(len)).into_owned(),
+            ));
+        }
+    }
+    Some(row)
+}
+
+/// Runs one simple query on a server connection at a transaction boundary.
+async fn query(server: &mut Conn, sql: &str) -> Result<Rows, String> {
+    let mut buf = BytesMut::new();
+    FrontendMessage::Query {
+        sql: Bytes::from(sql.to_string()),
+    }
+    .encode(&mut buf);
+    server.send_raw(&buf).await.map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let frame = server
+            .read_frame(MAX_STARTUP_MESSAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        let tag = frame.tag;
+        if tag == btag::DATA_ROW {
+            rows.push(data_row(frame.body).ok_or("malformed DataRow")?);
+            continue;
+        }
+        match BackendMessage::parse(frame).map_err(|e| e.to_string())? {
+            BackendMessage::ErrorResponse(f) => {
+                error = Some(f.message().unwrap_or("error").to_string());
+            }
+            BackendMessage::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(rows),
+    }
+}
+
+fn count(rows: &Rows, col: usize) -> u64 {
+    rows.first()
+        .and_then(|r| r.get(col).cloned().flatten())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn oids(text: &str) -> Vec<u32> {
+    text.trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+/// Asks the old server what the session holds.
+pub(crate) async fn capture(server: &mut Conn) -> Result<SessionState, String> {
+    let mut st = SessionState::default();
+    let held = query(
+        server,
+        "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
+                (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()), \
+                (SELECT count(*) FROM pg_listening_channels()), \
+                (SELECT count(*) FROM pg_cursors WHERE is_holdable)",
+    )
+    .await?;
+    for (col, what) in [
+        (0, "advisory locks"),
+        (1, "temporary tables"),
+        (2, "LISTEN channels"),
+        (3, "cursors WITH HOLD"),
+    ] {
+        let n = count(&held, col);
+        if n > 0 {
+            st.blockers.push(format!("{n} {what}"));
+        }
+    }
+    for row in query(
+        server,
+        "SELECT name, setting FROM pg_settings WHERE source = 'session' ORDER BY name",
+    )
+    .await?
+    {
+        if let [Some(n), Some(v)] = row.as_slice() {
+            st.settings.push((n.clone(), v.clone()));
+        }
+    }
+    for row in query(
+        server,
+        "SELECT name, statement, parameter_types::oid[]::text, from_sql FROM pg_prepared_statements",
+    )
+    .await?
+    {
+        if let [Some(name), Some(sql), types, Some(from_sql)] = row.as_slice() {
+            if from_sql == "t" {
+                st.sql_prepares.push(sql.clone());
+            } else {
+                let types = types.as_deref().map(oids).unwrap_or_default();
+                st.statements.push((name.clone(), sql.clone(), types));
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// Re-creates the movable state on a new server connection.
+pub(crate) async fn restore(server: &mut Conn, st: &SessionState) -> Result<(), String> {
+    let mut sql = String::new();
+    for (name, value) in &st.settings {
+        sql.push_str(&format!(
+            "SELECT set_config({}, {}, false);",
+            quote_literal(name),
+            quote_literal(value)
+        ));
+    }
+    for p in &st.sql_prepares {
+        sql.push_str(p.trim_end_matches(';'));
+        sql.push(';');
+    }
+    if !sql.is_empty() {
+        query(server, &sql).await?;
+    }
+    if st.statements.is_empty() {
+        return Ok(());
+    }
+    let mut buf = BytesMut::new();
+    for (name, sql, types) in &st.statements {
+        FrontendMessage::Parse {
+            name: Bytes::from(name.clone()),
+            sql: Bytes::from(sql.clone()),
+            param_types: types.clone(),
+        }
+        .encode(&mut buf);
+    }
+    FrontendMessage::Sync.encode(&mut buf);
+    server.send_raw(&buf).await.map_err(|e| e.to_string())?;
+    let mut error = None;
+    loop {
+        let frame = server
+            .read_frame(MAX_STARTUP_MESSAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        match BackendMessage::parse(frame).map_err(|e| e.to_string())? {
+            BackendMessage::ErrorResponse(f) => {
+                error = Some(f.message().unwrap_or("error").to_string())
+            }
+            BackendMessage::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(format!("re-preparing statements: {e}")),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rows_and_oid_arrays() {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&2i16.to_be_bytes());
+        b.extend_from_slice(&2i32.to_be_bytes());
+        b.extend_from_slice(b"ab");
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(
+            data_row(b.freeze()),
+            Some(vec![Some("ab".to_string()), None])
+        );
+        assert_eq!(data_row(Bytes::from_static(&[0, 1, 0, 0, 0, 9])), None);
+        assert_eq!(oids("{23,25}"), vec![23, 25]);
+        assert_eq!(oids("{}"), Vec::<u32>::new());
+    }
+}
