@@ -34,7 +34,13 @@ pub struct CompareArgs {
     pub quiet: bool,
 }
 
-struct Kill(Child);
+pub struct Kill(Child);
+
+impl Kill {
+    pub fn new(c: Child) -> Self {
+        Self(c)
+    }
+}
 
 impl Drop for Kill {
     fn drop(&mut self) {
@@ -55,7 +61,7 @@ fn pgbouncer_binary() -> Option<PathBuf> {
     sbin.is_file().then(|| sbin.to_path_buf())
 }
 
-async fn wait_listening(port: u16, what: &str) -> Result<()> {
+pub async fn wait_listening(port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -196,6 +202,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         accounts: args.accounts,
         out: args.out.clone(),
         quiet: args.quiet,
+        target_events: Vec::new(),
     };
     let results = run::run(run_args).await?;
     println!();
@@ -226,12 +233,54 @@ pub struct SwitchoverArgs {
 /// done by hand — PAUSE, stop the primary, promote the standby, point PgBouncer at it,
 /// RELOAD, RESUME — injected with `--event` into a load run.
 pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
+    let port = free_port()?;
+    let (_pgb, script) = pgbouncer_for_switchover(&cluster, port).await?;
+    let run_args = RunArgs {
+        targets: vec![(
+            "pgbouncer".into(),
+            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        )],
+        workload: args.workload,
+        clients: args.clients,
+        duration: args.duration,
+        rate: None,
+        events: vec![run::events::Event {
+            at: args.at,
+            command: script,
+        }],
+        accounts: 100_000,
+        out: args.out,
+        quiet: args.quiet,
+        target_events: Vec::new(),
+    };
+    let results = run::run(run_args).await?;
+    for r in &results {
+        for e in &r.events {
+            println!(
+                "switchover ran {:.2}s..{:.2}s (exit {:?}){}",
+                e.started,
+                e.ended,
+                e.exit_code,
+                if e.exit_code == Some(0) {
+                    String::new()
+                } else {
+                    format!(": {}", e.output)
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// PgBouncer in front of `cluster`'s primary on `port`, with its admin console, and the
+/// shell script of a manual switchover behind it: PAUSE, stop the primary, promote the
+/// standby, point PgBouncer at it, RELOAD, RESUME.
+pub async fn pgbouncer_for_switchover(cluster: &Cluster, port: u16) -> Result<(Kill, String)> {
     let Some(bin) = pgbouncer_binary() else {
         bail!("pgbouncer is not installed (apt-get install pgbouncer)");
     };
-    let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
-    let port = free_port()?;
-    let _pgb = start_pgbouncer(&cluster, &bin, port, 20)?;
+    let pgb = start_pgbouncer(cluster, &bin, port, 20)?;
     // The admin console needs an admin user.
     let ini = cluster.dir().join("pgbouncer.ini");
     let text = std::fs::read_to_string(&ini)?
@@ -241,8 +290,8 @@ pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
         "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
         cluster.bin.bin("psql").display()
     );
-    psql_ok(&format!("{console} RELOAD"))?;
     wait_listening(port, "pgbouncer").await?;
+    psql_ok(&format!("{console} RELOAD"))?;
     let as_pg = if std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap_or(1)
@@ -266,40 +315,7 @@ pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
         new = cluster.standbys[0].port,
         ini = ini.display(),
     );
-    let run_args = RunArgs {
-        targets: vec![(
-            "pgbouncer".into(),
-            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        )],
-        workload: args.workload,
-        clients: args.clients,
-        duration: args.duration,
-        rate: None,
-        events: vec![run::events::Event {
-            at: args.at,
-            command: script,
-        }],
-        accounts: 100_000,
-        out: args.out,
-        quiet: args.quiet,
-    };
-    let results = run::run(run_args).await?;
-    for r in &results {
-        for e in &r.events {
-            println!(
-                "switchover ran {:.2}s..{:.2}s (exit {:?}){}",
-                e.started,
-                e.ended,
-                e.exit_code,
-                if e.exit_code == Some(0) {
-                    String::new()
-                } else {
-                    format!(": {}", e.output)
-                }
-            );
-        }
-    }
-    Ok(())
+    Ok((pgb, script))
 }
 
 fn psql_ok(cmd: &str) -> Result<()> {

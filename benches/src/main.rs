@@ -18,6 +18,7 @@ use run::RunArgs;
 mod compare;
 mod idle;
 mod run;
+mod switchover;
 
 const USAGE: &str = "\
 Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select|tpcb]
@@ -25,6 +26,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
        handoff-bench idle [--clients N] [--pool-mode transaction|session]
        handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
                              [--pool-size 20]
+       handoff-bench switchover [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
+                                [--targets handoff,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
@@ -117,6 +120,16 @@ async fn demo(args: DemoArgs) -> Result<()> {
     } else {
         Workload::Select
     };
+    // Half-way through handoff's run, a planned switchover to the standby.
+    let at = Duration::from_millis(u64::from(args.seconds) * 500);
+    let switch = run::events::Event {
+        at,
+        command: format!(
+            "POST http://{}/v1/shards/main/switchover {{\"to\": \"{}\"}}",
+            proxy.admin_addr(),
+            cluster.standbys[0].addr()
+        ),
+    };
     let run_args = RunArgs {
         targets: vec![
             (
@@ -136,10 +149,49 @@ async fn demo(args: DemoArgs) -> Result<()> {
         accounts: (args.scale * 100_000) as i32,
         out: PathBuf::from("handoff-bench-results"),
         quiet: false,
+        target_events: vec![("handoff".into(), switch)],
     };
+    println!(
+        "direct: no switchover; handoff: a switchover to the standby {:.1}s into the run",
+        at.as_secs_f64()
+    );
     let results = run::run(run_args).await?;
     println!();
     print!("{}", compare::ratio_table(&results));
+    for r in results.iter().filter(|r| r.name == "handoff") {
+        for e in &r.events {
+            println!(
+                "\nswitchover through handoff ({:.2}s..{:.2}s into the run):",
+                e.started, e.ended
+            );
+            match serde_json::from_str::<serde_json::Value>(&e.output) {
+                Ok(v) => {
+                    println!(
+                        "  outcome {}, {} -> {}, {} ms in all",
+                        v["outcome"], v["from"], v["to"], v["total_ms"]
+                    );
+                    for st in v["steps"].as_array().into_iter().flatten() {
+                        println!(
+                            "    {:<10} {:>8} ms",
+                            st["step"].as_str().unwrap_or("?"),
+                            st["ms"]
+                        );
+                    }
+                }
+                Err(_) => println!("  {}", e.output.trim()),
+            }
+            println!(
+                "  clients saw {} errors; longest stall {:.0} ms; max latency {:.0} ms; lost writes {}",
+                r.summary.errors,
+                r.summary.stall_ms,
+                r.summary.max,
+                r.lost_writes.len()
+            );
+            if e.exit_code != Some(0) {
+                bail!("the switchover did not complete: {}", e.output.trim());
+            }
+        }
+    }
     tokio::time::timeout(Duration::from_secs(30), proxy.shutdown()).await?;
     let errors: u64 = results.iter().map(|r| r.summary.errors).sum();
     let lost: usize = results.iter().map(|r| r.lost_writes.len()).sum();
@@ -187,6 +239,18 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench pgbouncer-switchover".to_string()).chain(args),
             ) {
                 Ok(a) => compare::pgbouncer_switchover(a).await,
+                Err(e) => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Some("switchover") => {
+            use clap::Parser;
+            match switchover::Args::try_parse_from(
+                std::iter::once("handoff-bench switchover".to_string()).chain(args),
+            ) {
+                Ok(a) => switchover::run(a).await,
                 Err(e) => {
                     let _ = e.print();
                     return ExitCode::from(2);

@@ -66,6 +66,20 @@ pub async fn run_all(events: Vec<Event>, start: tokio::time::Instant) -> Vec<Eve
     for e in schedule(events) {
         tokio::time::sleep_until(start + e.at).await;
         let started = start.elapsed().as_secs_f64();
+        if let Some(rest) = e.command.strip_prefix("POST ") {
+            let (exit_code, output) = match post(rest).await {
+                Ok((status, body)) => (Some(i32::from(!(200..300).contains(&status))), body),
+                Err(err) => (None, format!("{err:#}")),
+            };
+            records.push(EventRecord {
+                command: e.command.clone(),
+                started,
+                ended: start.elapsed().as_secs_f64(),
+                exit_code,
+                output: output.chars().take(4000).collect(),
+            });
+            continue;
+        }
         let out = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(&e.command)
@@ -92,6 +106,20 @@ pub async fn run_all(events: Vec<Event>, start: tokio::time::Instant) -> Vec<Eve
         });
     }
     records
+}
+
+/// An event written `POST http://host:port/path <JSON body>`: an HTTP request made by
+/// the harness itself (e.g. handoff's admin API), so no HTTP client needs installing.
+async fn post(spec: &str) -> Result<(u16, String)> {
+    let (url, body) = spec.trim().split_once(' ').unwrap_or((spec.trim(), ""));
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("'{url}' is not an http:// URL"))?;
+    let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .with_context(|| format!("'{addr}' is not IP:port"))?;
+    handoff_tests::raw::http_body(addr, "POST", &format!("/{path}"), None, body.trim()).await
 }
 
 #[cfg(test)]

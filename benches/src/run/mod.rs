@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Events for one target only (by target name), besides `events`.
+    #[arg(skip)]
+    pub target_events: Vec<(String, Event)>,
 }
 
 fn parse_target(s: &str) -> Result<(String, String)> {
@@ -223,7 +226,13 @@ pub async fn run_target(name: &str, url: &str, args: Arc<RunArgs>) -> Result<Tar
         });
         Arc::new(tokio::sync::Mutex::new(rx))
     });
-    let events = tokio::spawn(events::run_all(args.events.clone(), start));
+    let mine = args.events.iter().cloned().chain(
+        args.target_events
+            .iter()
+            .filter(|(t, _)| t == name)
+            .map(|(_, e)| e.clone()),
+    );
+    let events = tokio::spawn(events::run_all(mine.collect(), start));
     let ticker = (!args.quiet).then(|| {
         let progress = Arc::clone(&progress);
         let name = name.to_string();
