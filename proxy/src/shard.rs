@@ -260,6 +260,11 @@ impl Shard {
         false
     }
 
+    /// True while `gen` takes new transactions (one atomic load).
+    pub fn is_serving(&self, gen: &Generation) -> bool {
+        self.gate.load(SeqCst) == open(gen.id)
+    }
+
     /// The generation new transactions go to, if any.
     pub fn serving(&self) -> Option<Arc<Generation>> {
         let g = self.lock();

@@ -421,27 +421,31 @@ async fn promote(
     db.query_one("SELECT pg_reload_conf()", &[])
         .await
         .map_err(not)?;
-    let wait = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
-    let promoted: bool = match db.query_one("SELECT pg_promote(true, $1)", &[&wait]).await {
+    // pg_promote(wait => true) polls every 100 ms; asking without waiting and polling
+    // here ends the promotion step sooner.
+    let promoted: bool = match db.query_one("SELECT pg_promote(false)", &[]).await {
         Ok(row) => row.get(0),
-        Err(e) => {
-            // Did it promote anyway?
-            let still = db
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(false);
-            return Err(if still {
-                Promotion::NotPromoted(sql_error(addr, e))
-            } else {
-                Promotion::Unconfirmed(sql_error(addr, e))
-            });
-        }
+        Err(e) => return Err(Promotion::NotPromoted(sql_error(addr, e))),
     };
     if !promoted {
-        return Err(Promotion::Unconfirmed(format!(
-            "{addr}: pg_promote did not finish within {wait}s"
+        return Err(Promotion::NotPromoted(format!(
+            "{addr}: pg_promote() could not signal the promotion"
         )));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        match db.query_one("SELECT pg_is_in_recovery()", &[]).await {
+            Ok(row) if !row.get::<_, bool>(0) => break,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Ok(_) => {
+                return Err(Promotion::Unconfirmed(format!(
+                    "{addr}: still in recovery {timeout:?} after pg_promote()"
+                )))
+            }
+            Err(e) => return Err(Promotion::Unconfirmed(sql_error(addr, e))),
+        }
     }
     // A new session sees the reloaded configuration: confirm the target is writable.
     let deadline = Instant::now() + timeout;

@@ -180,13 +180,22 @@ impl<'a> Txn<'a> {
         if self.backend.is_some() {
             return Ok(());
         }
-        self.enter(bytes).await?;
-        let mut b = match self.pool.checkout().await {
-            Ok(b) => b,
-            Err(e) => {
-                self.leave();
-                return Err(AttachError::Pool(e));
+        let mut b = loop {
+            self.enter(bytes).await?;
+            let b = match self.pool.checkout().await {
+                Ok(b) => b,
+                Err(e) => {
+                    self.leave();
+                    return Err(AttachError::Pool(e));
+                }
+            };
+            // Revoked while waiting for a connection: nothing was sent yet, so wait in
+            // the buffer instead of starting a transaction lameduck must wait for.
+            if self.state.is_serving(&self.gen) {
+                break b;
             }
+            self.pool.checkin(b);
+            self.leave();
         };
         // Boxed: rare (only when parameters differ) and not small.
         match Box::pin(sync_params(&mut b, &self.desired)).await {
