@@ -24,13 +24,14 @@ pub(crate) fn revoke(
     epoch: Option<u64>,
     reason: &str,
 ) -> Result<Revoked, EventError> {
-    let r = shard.revoke(epoch, reason)?;
-    match shared.buffer.start(&shard.name, r.cycle, reason) {
-        StartOutcome::Started | StartOutcome::AlreadyBuffering => {}
-        other => {
-            tracing::warn!(shard = %shard.name, outcome = ?other, "the buffer did not start: new transactions get an error until a primary is established")
+    let r = shard.revoke(epoch, reason, |r| {
+        match shared.buffer.start(&shard.name, r.cycle, reason) {
+            StartOutcome::Started | StartOutcome::AlreadyBuffering => {}
+            other => {
+                tracing::warn!(shard = %shard.name, outcome = ?other, "the buffer did not start: new transactions get an error until a primary is established")
+            }
         }
-    }
+    })?;
     shared.pools.retire(&r.gen.primary);
     Ok(r)
 }

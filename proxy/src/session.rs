@@ -373,7 +373,8 @@ async fn session_gate(
         match state.serving() {
             Some(gen) if state.enter(&gen) => return Ok(gen),
             Some(_) => {}
-            None if matches!(admission, handoff_buffer::Admission::Released(_)) => {}
+            None if matches!(admission, handoff_buffer::Admission::Released(_))
+                || !shared.buffer_idle(&state.name) => {}
             None => return Err(fatal(txn::AttachError::NoPrimary)),
         }
     }

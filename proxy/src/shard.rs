@@ -312,7 +312,16 @@ impl Shard {
 
     /// Revocation: no new transaction may go to the current primary. `epoch` (when
     /// given) must be the current one; a duplicate while buffering is refused.
-    pub fn revoke(&self, epoch: Option<u64>, reason: &str) -> Result<Revoked, EventError> {
+    ///
+    /// `then` runs under the state machine's lock once the gate is closed (the buffer is
+    /// started there): whoever sees the shard not serving through [`Shard::serving`]
+    /// also sees what `then` did.
+    pub fn revoke(
+        &self,
+        epoch: Option<u64>,
+        reason: &str,
+        then: impl FnOnce(&Revoked),
+    ) -> Result<Revoked, EventError> {
         let mut g = self.lock();
         if let Err(e) = self.check_epoch(&g, epoch) {
             self.event("revoke", "stale");
@@ -336,10 +345,12 @@ impl Shard {
         self.publish(g.kind, g.gen.epoch);
         self.event("revoke", "applied");
         tracing::info!(shard = %self.name, epoch = g.gen.epoch, primary = %g.gen.primary, reason, "shard revoked: buffering new transactions");
-        Ok(Revoked {
+        let r = Revoked {
             gen: Arc::clone(&g.gen),
             cycle: g.cycle,
-        })
+        };
+        then(&r);
+        Ok(r)
     }
 
     /// Establishment: `primary` serves from the next epoch. Returns the new generation
@@ -424,7 +435,7 @@ mod tests {
         let g1 = s.current();
         assert!(s.enter(&g1));
         assert_eq!(g1.inflight(), 1);
-        let r = s.revoke(Some(1), "test").unwrap();
+        let r = s.revoke(Some(1), "test", |_| {}).unwrap();
         assert_eq!(r.cycle, 1);
         // The gate is closed: a new transaction is refused and leaves nothing behind.
         assert!(!s.enter(&g1));
@@ -440,13 +451,13 @@ mod tests {
     fn events_carry_epochs_and_stale_ones_are_refused() {
         let s = Shard::new("main", vec![hp(1), hp(2)]);
         assert!(matches!(
-            s.revoke(Some(7), "x"),
+            s.revoke(Some(7), "x", |_| {}),
             Err(EventError::StaleEpoch { .. })
         ));
-        s.revoke(None, "x").unwrap();
+        s.revoke(None, "x", |_| {}).unwrap();
         // A duplicate revocation is ignored.
         assert!(matches!(
-            s.revoke(None, "x"),
+            s.revoke(None, "x", |_| {}),
             Err(EventError::WrongState { .. })
         ));
         let (g2, cycle) = s.establish(Some(1), hp(2)).unwrap();
@@ -461,7 +472,7 @@ mod tests {
         assert_eq!(s.snapshot(false).state, StateKind::Draining);
         assert_eq!(s.snapshot(true).state, StateKind::Serving);
         // The next cycle gets the next buffer epoch.
-        let r = s.revoke(Some(2), "again").unwrap();
+        let r = s.revoke(Some(2), "again", |_| {}).unwrap();
         assert_eq!(r.cycle, 2);
         let (g3, _) = s.abort(Some(2)).unwrap();
         assert_eq!((g3.epoch, g3.primary.port), (2, 2));
@@ -475,7 +486,7 @@ mod tests {
         let s = Arc::new(Shard::new("main", vec![hp(1)]));
         let g = s.current();
         assert!(s.enter(&g));
-        let r = s.revoke(None, "t").unwrap();
+        let r = s.revoke(None, "t", |_| {}).unwrap();
         assert!(!r.gen.wait_idle(Duration::from_millis(20)).await);
         let g2 = Arc::clone(&g);
         let waiter = tokio::spawn(async move { g2.wait_idle(Duration::from_secs(5)).await });

@@ -241,7 +241,9 @@ impl<'a> Txn<'a> {
                     }
                     self.gen = gen;
                 }
-                None if matches!(admission, Admission::Released(_)) => {}
+                // Passed the buffer just before it started holding: go round again.
+                None if matches!(admission, Admission::Released(_))
+                    || !self.shared.buffer_idle(self.shard) => {}
                 None => return Err(AttachError::NoPrimary),
             }
         }
