@@ -108,3 +108,94 @@ fn sigterm_shuts_down_cleanly() {
         "{rest:?}"
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn status_and_switchover_commands_talk_to_the_admin_api() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut proxy = handoff()
+        .env("HANDOFF_LISTEN", "127.0.0.1:0")
+        .env("HANDOFF_ADMIN_LISTEN", &admin)
+        .env("HANDOFF_SHARDS", format!("main=127.0.0.1:{}", free_port()))
+        .env("HANDOFF_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let out = handoff()
+            .args(["status", "--admin", &admin])
+            .output()
+            .unwrap();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(status.status.success(), "{text}");
+    assert!(
+        text.contains("SHARD") && text.contains("main") && text.contains("serving"),
+        "{text}"
+    );
+
+    let usage = handoff()
+        .args(["switchover", "--shard", "main"])
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("--to HOST:PORT"));
+
+    let unknown = handoff()
+        .args([
+            "switchover",
+            "--shard",
+            "nope",
+            "--to",
+            "127.0.0.1:1",
+            "--admin",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&unknown.stdout).into_owned();
+    assert!(text.contains("no shard named \"nope\""), "{text}");
+
+    // The target is unreachable: refused, and the shard keeps serving.
+    let refused = handoff()
+        .args([
+            "switchover",
+            "--shard",
+            "main",
+            "--to",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin",
+            &admin,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&refused.stdout).into_owned();
+    assert_eq!(refused.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("refused") && text.contains("precheck"),
+        "{text}"
+    );
+
+    let nowhere = handoff()
+        .args(["status", "--admin", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert_eq!(nowhere.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&nowhere.stderr).contains("cannot reach the admin API"));
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
