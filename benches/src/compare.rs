@@ -36,12 +36,6 @@ pub struct CompareArgs {
 
 pub struct Kill(Child);
 
-impl Kill {
-    pub fn new(c: Child) -> Self {
-        Self(c)
-    }
-}
-
 impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -105,17 +99,22 @@ fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -
     Ok(Kill(child))
 }
 
-fn start_handoff(cluster: &Cluster, port: u16, pool_size: usize) -> Result<Kill> {
+/// The release `handoff` binary in front of `cluster`: its primary, then its standbys
+/// (candidates for a switchover); clients on `port`, the admin API on `admin`.
+pub fn start_handoff(cluster: &Cluster, port: u16, admin: u16, pool_size: usize) -> Result<Kill> {
     let bin = std::env::current_exe()?.with_file_name("handoff");
     if !bin.is_file() {
         bail!(
-            "{} not found: build it first (cargo build --release -p handoff)",
+            "{} not found: build it first (cargo build --release -p handoff -p handoff-bench)",
             bin.display()
         );
     }
-    let admin = free_port()?;
+    let hosts: Vec<String> = std::iter::once(&cluster.primary)
+        .chain(&cluster.standbys)
+        .map(|n| n.addr())
+        .collect();
     let child = Command::new(bin)
-        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
+        .env("HANDOFF_SHARDS", format!("main={}", hosts.join(",")))
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("HANDOFF_POOL_SIZE", pool_size.to_string())
@@ -185,7 +184,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         }
     };
     let port = free_port()?;
-    let _handoff = start_handoff(&cluster, port, args.pool_size)?;
+    let _handoff = start_handoff(&cluster, port, free_port()?, args.pool_size)?;
     wait_listening(port, "handoff").await?;
     targets.push((
         "handoff".into(),
@@ -292,15 +291,7 @@ pub async fn pgbouncer_for_switchover(cluster: &Cluster, port: u16) -> Result<(K
     );
     wait_listening(port, "pgbouncer").await?;
     psql_ok(&format!("{console} RELOAD"))?;
-    let as_pg = if std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(1)
-        == 0
-    {
-        "runuser -u postgres -- "
-    } else {
-        ""
-    };
+    let as_pg = crate::switchover::as_server_user();
     let pg_ctl = cluster.bin.bin("pg_ctl");
     let script = format!(
         "set -e; {console} PAUSE; \

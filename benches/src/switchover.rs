@@ -9,14 +9,13 @@
 //! 90% of the throughput before the switchover; writes one JSON and one plot.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use handoff_tests::pg::free_port;
 use handoff_tests::Cluster;
 
-use crate::compare::{pgbouncer_for_switchover, wait_listening, Kill};
+use crate::compare::{pgbouncer_for_switchover, start_handoff, wait_listening};
 use crate::run::events::Event;
 use crate::run::workload::Workload;
 use crate::run::{self, RunArgs, TargetResult};
@@ -45,7 +44,9 @@ pub struct Args {
     pub quiet: bool,
 }
 
-fn as_server_user() -> &'static str {
+/// The prefix that runs a server command as the `postgres` user when we are root (the
+/// harness's clusters belong to it).
+pub fn as_server_user() -> &'static str {
     let root = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap_or(1)
@@ -55,34 +56,6 @@ fn as_server_user() -> &'static str {
     } else {
         ""
     }
-}
-
-fn start_handoff(cluster: &Cluster, port: u16, admin: u16, pool_size: usize) -> Result<Kill> {
-    let bin = std::env::current_exe()?.with_file_name("handoff");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p handoff -p handoff-bench)",
-            bin.display()
-        );
-    }
-    let child = Command::new(bin)
-        .env(
-            "HANDOFF_SHARDS",
-            format!(
-                "main={},{}",
-                cluster.primary.addr(),
-                cluster.standbys[0].addr()
-            ),
-        )
-        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
-        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("HANDOFF_POOL_SIZE", pool_size.to_string())
-        .env("HANDOFF_MAX_CLIENT_CONN", "5000")
-        .env("HANDOFF_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting handoff")?;
-    Ok(Kill::new(child))
 }
 
 /// Seconds from the event's start until a 0.5 s window reaches 90% of the throughput

@@ -5,15 +5,53 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use handoff_buffer::{StartOutcome, StopReason};
+use handoff_buffer::{Admission, Release, StartOutcome, StopReason};
 
 use crate::config::HostPort;
 use crate::shard::{EventError, Generation, Revoked, Shard, StateKind};
+use crate::txn::AttachError;
 use crate::Shared;
 
 /// The shard named `name`.
 pub(crate) fn find<'a>(shared: &'a Shared, name: &str) -> Option<&'a Arc<Shard>> {
     shared.shards.iter().find(|s| s.name == name)
+}
+
+/// The gate at the start of a transaction, for both pool modes: waits in the failover
+/// buffer while the shard has no primary, then registers the transaction on the serving
+/// generation, moving `gen` to it if the primary changed. While the shard serves this is
+/// the buffer's atomic load plus the shard's. Returns the buffer's release when the
+/// request was held (keep it until the transaction ends: it counts against the drain
+/// concurrency).
+pub(crate) async fn admit(
+    shared: &Shared,
+    shard: &Shard,
+    gen: &mut Arc<Generation>,
+    bytes: usize,
+) -> Result<Option<Release>, AttachError> {
+    // A released request re-buffered by a back-to-back revocation goes round again; the
+    // bound only guards against a bug turning this into a spin.
+    for _ in 0..1000 {
+        let admission = shared
+            .buffer
+            .wait(&shard.name, bytes)
+            .await
+            .map_err(AttachError::Buffer)?;
+        if shard.enter(gen) {
+            return Ok(match admission {
+                Admission::Released(r) => Some(r),
+                Admission::Passed => None,
+            });
+        }
+        match shard.serving() {
+            Some(g) => *gen = g,
+            // Passed the buffer just before it started holding: go round again.
+            None if matches!(admission, Admission::Released(_))
+                || !shared.buffer_idle(&shard.name) => {}
+            None => return Err(AttachError::NoPrimary),
+        }
+    }
+    Err(AttachError::NoPrimary)
 }
 
 /// Revocation: new transactions of `shard` are held, idle connections to its primary

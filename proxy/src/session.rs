@@ -359,26 +359,15 @@ async fn session_gate(
     state: &crate::shard::Shard,
     bytes: usize,
 ) -> Result<Arc<crate::shard::Generation>, ProxyError> {
-    let fatal = |e: txn::AttachError| {
-        let mut err = txn::attach_error(&e, &state.name);
-        err.severity = handoff_protocol::error::Severity::Fatal;
-        err
-    };
-    for _ in 0..1000 {
-        let admission = shared
-            .buffer
-            .wait(&state.name, bytes)
-            .await
-            .map_err(|e| fatal(txn::AttachError::Buffer(e)))?;
-        match state.serving() {
-            Some(gen) if state.enter(&gen) => return Ok(gen),
-            Some(_) => {}
-            None if matches!(admission, handoff_buffer::Admission::Released(_))
-                || !shared.buffer_idle(&state.name) => {}
-            None => return Err(fatal(txn::AttachError::NoPrimary)),
-        }
-    }
-    Err(fatal(txn::AttachError::NoPrimary))
+    let mut gen = state.current();
+    crate::control::admit(shared, state, &mut gen, bytes)
+        .await
+        .map_err(|e| {
+            let mut err = txn::attach_error(&e, &state.name);
+            err.severity = handoff_protocol::error::Severity::Fatal;
+            err
+        })?;
+    Ok(gen)
 }
 
 /// Session mode: one server connection per client, moved to the new primary at a
@@ -467,11 +456,10 @@ async fn connect_and_relay(
         let moving = match captured {
             Ok(st) if st.blockers.is_empty() => st,
             Ok(st) => {
-                let err = ProxyError::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
+                let err = cannot_move(
+                    &shard.name,
                     format!(
-                        "terminating connection: the primary of shard \"{}\" is being replaced and this session holds state that cannot move to the new primary ({})",
-                        shard.name,
+                        "this session holds state that cannot move to the new primary ({})",
                         st.blockers.join(", ")
                     ),
                 )
@@ -481,12 +469,9 @@ async fn connect_and_relay(
                 return;
             }
             Err(e) => {
-                let err = ProxyError::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    format!(
-                        "terminating connection: the primary of shard \"{}\" is being replaced and the session's state could not be read: {e}",
-                        shard.name
-                    ),
+                let err = cannot_move(
+                    &shard.name,
+                    format!("the session's state could not be read: {e}"),
                 );
                 send_error(&mut client.stream, &err).await;
                 return;
@@ -533,12 +518,9 @@ async fn connect_and_relay(
         server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
         if let Err(e) = crate::session_move::restore(&mut server.conn, &moving).await {
             gen.leave();
-            let err = ProxyError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                format!(
-                    "terminating connection: the session could not be re-created on the new primary of shard \"{}\": {e}",
-                    shard.name
-                ),
+            let err = cannot_move(
+                &shard.name,
+                format!("the session could not be re-created on the new primary: {e}"),
             );
             send_error(&mut client.stream, &err).await;
             return;
@@ -553,6 +535,16 @@ async fn connect_and_relay(
     gen.leave();
     drop(server_gauge);
     drop(registration);
+}
+
+/// The FATAL a session-mode client gets when it cannot follow its shard's new primary.
+fn cannot_move(shard: &str, why: String) -> ProxyError {
+    ProxyError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        format!(
+            "terminating connection: the primary of shard \"{shard}\" is being replaced and {why}"
+        ),
+    )
 }
 
 async fn wait_phase(mut s: Signal) {

@@ -52,6 +52,33 @@ fn data_row(mut body: Bytes) -> Option<Vec<Option<String>>> {
     Some(row)
 }
 
+/// Reads the server's answers up to ReadyForQuery, handing DataRows to `row`. The
+/// first error's message, if any, is the result.
+async fn read_until_ready(
+    server: &mut Conn,
+    mut row: impl FnMut(Bytes) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut error = None;
+    loop {
+        let frame = server
+            .read_frame(MAX_STARTUP_MESSAGE)
+            .await
+            .map_err(|e| e.to_string())?;
+        if frame.tag == btag::DATA_ROW {
+            row(frame.body)?;
+            continue;
+        }
+        match BackendMessage::parse(frame).map_err(|e| e.to_string())? {
+            BackendMessage::ErrorResponse(f) => {
+                error.get_or_insert_with(|| f.message().unwrap_or("error").to_string());
+            }
+            BackendMessage::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    error.map_or(Ok(()), Err)
+}
+
 /// Runs one simple query on a server connection at a transaction boundary.
 async fn query(server: &mut Conn, sql: &str) -> Result<Rows, String> {
     let mut buf = BytesMut::new();
@@ -61,29 +88,12 @@ async fn query(server: &mut Conn, sql: &str) -> Result<Rows, String> {
     .encode(&mut buf);
     server.send_raw(&buf).await.map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
-    let mut error = None;
-    loop {
-        let frame = server
-            .read_frame(MAX_STARTUP_MESSAGE)
-            .await
-            .map_err(|e| e.to_string())?;
-        let tag = frame.tag;
-        if tag == btag::DATA_ROW {
-            rows.push(data_row(frame.body).ok_or("malformed DataRow")?);
-            continue;
-        }
-        match BackendMessage::parse(frame).map_err(|e| e.to_string())? {
-            BackendMessage::ErrorResponse(f) => {
-                error = Some(f.message().unwrap_or("error").to_string());
-            }
-            BackendMessage::ReadyForQuery(_) => break,
-            _ => {}
-        }
-    }
-    match error {
-        Some(e) => Err(e),
-        None => Ok(rows),
-    }
+    read_until_ready(server, |body| {
+        rows.push(data_row(body).ok_or("malformed DataRow")?);
+        Ok(())
+    })
+    .await?;
+    Ok(rows)
 }
 
 fn count(rows: &Rows, col: usize) -> u64 {
@@ -181,24 +191,9 @@ pub(crate) async fn restore(server: &mut Conn, st: &SessionState) -> Result<(), 
     }
     FrontendMessage::Sync.encode(&mut buf);
     server.send_raw(&buf).await.map_err(|e| e.to_string())?;
-    let mut error = None;
-    loop {
-        let frame = server
-            .read_frame(MAX_STARTUP_MESSAGE)
-            .await
-            .map_err(|e| e.to_string())?;
-        match BackendMessage::parse(frame).map_err(|e| e.to_string())? {
-            BackendMessage::ErrorResponse(f) => {
-                error = Some(f.message().unwrap_or("error").to_string())
-            }
-            BackendMessage::ReadyForQuery(_) => break,
-            _ => {}
-        }
-    }
-    match error {
-        Some(e) => Err(format!("re-preparing statements: {e}")),
-        None => Ok(()),
-    }
+    read_until_ready(server, |_| Ok(()))
+        .await
+        .map_err(|e| format!("re-preparing statements: {e}"))
 }
 
 #[cfg(test)]

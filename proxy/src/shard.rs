@@ -360,42 +360,30 @@ impl Shard {
         epoch: Option<u64>,
         primary: HostPort,
     ) -> Result<(Arc<Generation>, u64), EventError> {
-        let mut g = self.lock();
-        if let Err(e) = self.check_epoch(&g, epoch) {
-            self.event("establish", "stale");
-            return Err(e);
-        }
-        if g.kind != StateKind::Buffering {
-            self.event("establish", "ignored");
-            return Err(EventError::WrongState {
-                shard: self.name.clone(),
-                state: g.kind.as_str(),
-                expected: "buffering",
-            });
-        }
-        let id = g.next_gen;
-        g.next_gen += 1;
-        let gen = Generation::new(id, g.gen.epoch + 1, primary);
-        g.gen = Arc::clone(&gen);
-        g.kind = StateKind::Draining;
-        g.since = Instant::now();
-        g.reason = "new primary established".into();
-        self.gate.store(open(id), SeqCst);
-        self.publish(g.kind, gen.epoch);
-        self.event("establish", "applied");
-        tracing::info!(shard = %self.name, epoch = gen.epoch, primary = %gen.primary, "new primary established: releasing held transactions");
-        Ok((gen, g.cycle))
+        self.serve_again(epoch, "establish", Some(primary))
     }
 
     /// Abort: the revoked primary serves again, at the same epoch.
     pub fn abort(&self, epoch: Option<u64>) -> Result<(Arc<Generation>, u64), EventError> {
+        self.serve_again(epoch, "abort", None)
+    }
+
+    /// Ends a revocation: a fresh generation serves — on `primary` at the next epoch, or
+    /// (`None`) on the revoked primary at the same epoch, since the revoked generation
+    /// may have been told to cancel its transactions.
+    fn serve_again(
+        &self,
+        epoch: Option<u64>,
+        event: &'static str,
+        primary: Option<HostPort>,
+    ) -> Result<(Arc<Generation>, u64), EventError> {
         let mut g = self.lock();
         if let Err(e) = self.check_epoch(&g, epoch) {
-            self.event("abort", "stale");
+            self.event(event, "stale");
             return Err(e);
         }
         if g.kind != StateKind::Buffering {
-            self.event("abort", "ignored");
+            self.event(event, "ignored");
             return Err(EventError::WrongState {
                 shard: self.name.clone(),
                 state: g.kind.as_str(),
@@ -404,16 +392,19 @@ impl Shard {
         }
         let id = g.next_gen;
         g.next_gen += 1;
-        // A fresh generation: the revoked one may have been told to cancel.
-        let gen = Generation::new(id, g.gen.epoch, g.gen.primary.clone());
+        let (new_epoch, primary, reason) = match primary {
+            Some(p) => (g.gen.epoch + 1, p, "new primary established"),
+            None => (g.gen.epoch, g.gen.primary.clone(), "switchover aborted"),
+        };
+        let gen = Generation::new(id, new_epoch, primary);
         g.gen = Arc::clone(&gen);
         g.kind = StateKind::Draining;
         g.since = Instant::now();
-        g.reason = "switchover aborted".into();
+        g.reason = reason.into();
         self.gate.store(open(id), SeqCst);
         self.publish(g.kind, gen.epoch);
-        self.event("abort", "applied");
-        tracing::info!(shard = %self.name, epoch = gen.epoch, primary = %gen.primary, "revocation aborted: releasing held transactions to the same primary");
+        self.event(event, "applied");
+        tracing::info!(shard = %self.name, epoch = gen.epoch, primary = %gen.primary, reason, "releasing held transactions");
         Ok((gen, g.cycle))
     }
 }

@@ -26,7 +26,7 @@ use crate::session::send_error;
 use crate::shard::{Generation, Shard};
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
-use handoff_buffer::{Admission, BufferError, Release};
+use handoff_buffer::{BufferError, Release};
 
 const MAX_INSPECT: usize = 64 * 1024;
 
@@ -215,39 +215,14 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    /// The gate: registers the transaction on the serving generation. While Serving
-    /// this is the buffer's atomic load plus the shard's; otherwise the request waits
-    /// in the buffer and follows the primary to its new generation.
+    /// The gate ([`crate::control::admit`]); the pool follows the generation.
     async fn enter(&mut self, bytes: usize) -> Result<(), AttachError> {
-        // A released request re-buffered by a back-to-back revocation goes round again;
-        // the bound only guards against a bug turning this into a spin.
-        for _ in 0..1000 {
-            let admission = self
-                .shared
-                .buffer
-                .wait(self.shard, bytes)
-                .await
-                .map_err(AttachError::Buffer)?;
-            if self.state.enter(&self.gen) {
-                if let Admission::Released(r) = admission {
-                    self.release = Some(r);
-                }
-                return Ok(());
-            }
-            match self.state.serving() {
-                Some(gen) => {
-                    if gen.primary != self.gen.primary {
-                        self.pool = pool_for(self.shared, &self.target, &gen, self.shard);
-                    }
-                    self.gen = gen;
-                }
-                // Passed the buffer just before it started holding: go round again.
-                None if matches!(admission, Admission::Released(_))
-                    || !self.shared.buffer_idle(self.shard) => {}
-                None => return Err(AttachError::NoPrimary),
-            }
+        let before = self.gen.id;
+        self.release = crate::control::admit(self.shared, self.state, &mut self.gen, bytes).await?;
+        if self.gen.id != before {
+            self.pool = pool_for(self.shared, &self.target, &self.gen, self.shard);
         }
-        Err(AttachError::NoPrimary)
+        Ok(())
     }
 
     /// Ends the transaction's registration on its generation.
@@ -954,6 +929,14 @@ fn ends_transaction(sql: &[u8]) -> Option<bool> {
     }
 }
 
+/// What PostgreSQL answers in a failed transaction block (25P02).
+fn aborted_error() -> ProxyError {
+    ProxyError::error(
+        sqlstate::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
 fn encode_ready(out: &mut BytesMut, status: TransactionStatus) {
     BackendMessage::ReadyForQuery(status).encode(out);
 }
@@ -1008,12 +991,7 @@ impl Txn<'_> {
                         encode_ready(out, TransactionStatus::Idle);
                     }
                     None => {
-                        let err = first.take().unwrap_or_else(|| {
-                            ProxyError::error(
-                                sqlstate::IN_FAILED_SQL_TRANSACTION,
-                                "current transaction is aborted, commands ignored until end of transaction block",
-                            )
-                        });
+                        let err = first.take().unwrap_or_else(aborted_error);
                         err.encode(out);
                         m::count_error("proxy", err.code);
                         encode_ready(out, TransactionStatus::Failed);
@@ -1088,11 +1066,7 @@ impl Txn<'_> {
             if i == 0 {
                 err.encode(&mut out);
             } else {
-                ProxyError::error(
-                    sqlstate::IN_FAILED_SQL_TRANSACTION,
-                    "current transaction is aborted, commands ignored until end of transaction block",
-                )
-                .encode(&mut out);
+                aborted_error().encode(&mut out);
             }
             encode_ready(&mut out, after);
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use handoff_tests::load::{ids, Load};
 use handoff_tests::raw::{http, http_body};
-use handoff_tests::{start_proxy, Cluster};
+use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
 use serde_json::Value;
 
 fn server(node: &handoff_tests::Node) -> String {
@@ -28,6 +28,20 @@ async fn switchover(proxy: &handoff::Proxy, to: &str) -> (u16, Value) {
     .unwrap();
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
     (status, v)
+}
+
+/// A client of the proxy (`extra`: more connection parameters); its connection runs in
+/// a task.
+async fn client(proxy: &handoff::Proxy, extra: &str) -> tokio_postgres::Client {
+    let url = format!(
+        "{} {extra}",
+        conn_str(&proxy.listen_addr(), "postgres", "postgres", None)
+    );
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {
@@ -194,6 +208,17 @@ async fn ten_switchovers_back_and_forth_under_load() {
     proxy.shutdown().await;
 }
 
+/// The steps of a switchover report that failed.
+fn failed_steps(r: &Value) -> Vec<&str> {
+    r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["ok"] == false)
+        .map(|s| s["step"].as_str().unwrap())
+        .collect()
+}
+
 /// A switchover that must not happen: refused or rolled back, with clients unharmed
 /// and the old primary still serving (and writable).
 async fn assert_not_switched(proxy: &handoff::Proxy, cluster: &Cluster, load: Load) {
@@ -292,6 +317,46 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
         .unwrap();
     proxy.shutdown().await;
 
+    // The target does not replay up to the fence within HANDOFF_SWITCHOVER_TIMEOUT
+    // (replay paused after the pre-check's lag was measured small): rolled back at the
+    // catch-up step.
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_SIZE", "8"),
+            ("HANDOFF_SWITCHOVER_TIMEOUT", "1s"),
+        ],
+    )
+    .await
+    .unwrap();
+    let load = Load::start(proxy.listen_addr(), 8).await.unwrap();
+    cluster.standbys[0]
+        .psql("select pg_wal_replay_pause()")
+        .unwrap();
+    cluster
+        .primary
+        .psql("create table after_pause (x int)")
+        .unwrap();
+    let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
+    assert_eq!(
+        (status, r["outcome"].as_str()),
+        (409, Some("rolled_back")),
+        "{r:#}"
+    );
+    assert_eq!(failed_steps(&r), ["catch_up"], "{r:#}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("HANDOFF_SWITCHOVER_TIMEOUT"),
+        "{r:#}"
+    );
+    assert_not_switched(&proxy, &cluster, load).await;
+    cluster.standbys[0]
+        .psql("select pg_wal_replay_resume()")
+        .unwrap();
+    proxy.shutdown().await;
+
     // The promotion step fails (the admin role may not call pg_promote): rolled back
     // after buffering, lameduck and revocation, clients unharmed.
     let proxy = start_proxy(
@@ -312,14 +377,7 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
         (409, Some("rolled_back")),
         "{r:#}"
     );
-    let failed: Vec<&str> = r["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["ok"] == false)
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
-    assert_eq!(failed, ["promote"], "{r:#}");
+    assert_eq!(failed_steps(&r), ["promote"], "{r:#}");
     assert!(r["error"].as_str().unwrap().contains("pg_promote"), "{r:#}");
     assert_eq!(
         cluster.standbys[0]
@@ -344,18 +402,8 @@ async fn only_a_transaction_longer_than_the_drain_timeout_is_cancelled() {
     )
     .await
     .unwrap();
-    let url = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        proxy.listen_addr().port()
-    );
-    let (idle_in_tx, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let (sleeper, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let idle_in_tx = client(&proxy, "").await;
+    let sleeper = client(&proxy, "").await;
     let load = Load::start(proxy.listen_addr(), 16).await.unwrap();
     // One client idles inside a transaction, another runs a long statement.
     idle_in_tx
@@ -418,17 +466,9 @@ async fn buffer_bounds_give_the_documented_errors() {
     )
     .await
     .unwrap();
-    let url = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        proxy.listen_addr().port()
-    );
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        clients.push(c);
+        clients.push(client(&proxy, "").await);
     }
     let (status, body) = http(proxy.admin_addr(), "POST", "/v1/shards/main/buffer", None)
         .await
@@ -441,7 +481,7 @@ async fn buffer_bounds_give_the_documented_errors() {
             let r = c.simple_query("SELECT 1").await.map(|_| ());
             (r, c)
         }));
-        handoff_tests::eventually(Duration::from_secs(5), "request held", || async {
+        eventually(Duration::from_secs(5), "request held", || async {
             Ok(shard_state(&proxy).await["buffer"]["depth"].as_u64() >= Some(1))
         })
         .await
@@ -680,13 +720,10 @@ async fn session_mode_clients_move_with_their_state() {
         .await
         .unwrap();
     let url = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=mover",
-        proxy.listen_addr().port()
+        "{} application_name=mover",
+        conn_str(&proxy.listen_addr(), "postgres", "postgres", None)
     );
-    let (mover, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mover = client(&proxy, "application_name=mover").await;
     mover
         .batch_execute("SET statement_timeout = '42s'; PREPARE by_sql AS SELECT 7")
         .await
@@ -748,5 +785,121 @@ async fn session_mode_clients_move_with_their_state() {
     );
     assert!(db_message(&e).contains("1 advisory locks"), "{e:?}");
     assert!(locker.simple_query("SELECT 1").await.is_err());
+    proxy.shutdown().await;
+}
+
+/// Runs `sql` on a new client in the background; resolves to the result.
+fn spawn_query(
+    proxy: &handoff::Proxy,
+    sql: String,
+) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
+    let addr = proxy.listen_addr();
+    tokio::spawn(async move {
+        let url = conn_str(&addr, "postgres", "postgres", None);
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.simple_query(&sql).await.map(|_| ())
+    })
+}
+
+async fn post(proxy: &handoff::Proxy, action: &str) {
+    let (status, body) = http(
+        proxy.admin_addr(),
+        "POST",
+        &format!("/v1/shards/main/{action}"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{action}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_cap_failover_duration_and_disabled_buffering_give_their_errors() {
+    let cluster = Cluster::start(0).unwrap();
+
+    // HANDOFF_BUFFER_MAX_BYTES: a request bigger than the cap is refused at once (53300)
+    // while a small one stays held and runs after the resume.
+    let proxy = start_proxy(&cluster, &[("HANDOFF_BUFFER_MAX_BYTES", "1kB")])
+        .await
+        .unwrap();
+    let c = client(&proxy, "").await;
+    post(&proxy, "buffer").await;
+    let small = spawn_query(&proxy, "SELECT 1".into());
+    eventually(Duration::from_secs(5), "the small request held", || async {
+        Ok(shard_state(&proxy).await["buffer"]["depth"] == 1)
+    })
+    .await
+    .unwrap();
+    let big = format!("SELECT '{}'", "x".repeat(2000));
+    let e = c.simple_query(&big).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{e:?}"
+    );
+    assert!(db_message(&e).contains("HANDOFF_BUFFER_MAX_BYTES"), "{e:?}");
+    assert!(!small.is_finished(), "the small request is still held");
+    post(&proxy, "resume").await;
+    small.await.unwrap().expect("released after the resume");
+    c.simple_query(&big).await.expect("the session goes on");
+    proxy.shutdown().await;
+
+    // HANDOFF_BUFFER_MAX_FAILOVER_DURATION: held requests get 57P03, the shard reads
+    // unavailable and refuses new requests at once, and recovers on resume.
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_BUFFER_MAX_FAILOVER_DURATION", "600ms"),
+            ("HANDOFF_BUFFER_WINDOW", "600ms"),
+        ],
+    )
+    .await
+    .unwrap();
+    let c = client(&proxy, "").await;
+    post(&proxy, "buffer").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{e:?}"
+    );
+    assert!(
+        db_message(&e).contains("HANDOFF_BUFFER_MAX_FAILOVER_DURATION"),
+        "{e:?}"
+    );
+    assert_eq!(shard_state(&proxy).await["state"], "unavailable");
+    let started = std::time::Instant::now();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{e:?}"
+    );
+    assert!(db_message(&e).contains("no primary"), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "refused at once"
+    );
+    post(&proxy, "resume").await;
+    c.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(shard_state(&proxy).await["state"], "serving");
+    proxy.shutdown().await;
+
+    // Buffering off: while the shard has no primary, requests get 57P03 at once.
+    let proxy = start_proxy(&cluster, &[("HANDOFF_BUFFER_ENABLED", "false")])
+        .await
+        .unwrap();
+    let c = client(&proxy, "").await;
+    post(&proxy, "buffer").await;
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
+        "{e:?}"
+    );
+    post(&proxy, "resume").await;
+    c.simple_query("SELECT 1").await.unwrap();
     proxy.shutdown().await;
 }

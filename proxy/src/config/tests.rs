@@ -256,3 +256,52 @@ fn buffer_settings() {
     assert_eq!(parse_size("64MB"), Ok(64 << 20));
     assert!(parse_size("MB").is_err());
 }
+
+#[test]
+fn switchover_settings() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.drain_timeout, Duration::from_secs(5));
+    assert_eq!(c.switchover.max_lag, 16 << 20);
+    assert_eq!(c.switchover.timeout, Duration::from_secs(10));
+    assert!(c.switchover.terminate);
+    assert_eq!(
+        (c.switchover.user.as_str(), c.switchover.password.as_deref()),
+        ("postgres", None)
+    );
+    assert_eq!(c.switchover.database, "postgres");
+    // The admin role falls back to the first client user (by name) with a password.
+    let c = cfg(&[("HANDOFF_USERS", "zed=z,amy=a")]).unwrap();
+    assert_eq!(
+        (c.switchover.user.as_str(), c.switchover.password.as_deref()),
+        ("amy", Some("a"))
+    );
+    let c = cfg(&[
+        ("HANDOFF_USERS", "amy=a"),
+        ("HANDOFF_ADMIN_DB_USER", "ops"),
+        ("HANDOFF_ADMIN_DB_PASSWORD", "pw"),
+        ("HANDOFF_ADMIN_DB_NAME", "admin"),
+        ("HANDOFF_SWITCHOVER_MAX_LAG", "1MB"),
+        ("HANDOFF_SWITCHOVER_TERMINATE", "off"),
+        ("HANDOFF_DRAIN_TIMEOUT", "250ms"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (
+            c.switchover.user.as_str(),
+            c.switchover.password.as_deref(),
+            c.switchover.database.as_str()
+        ),
+        ("ops", Some("pw"), "admin")
+    );
+    assert_eq!(c.switchover.max_lag, 1 << 20);
+    assert!(!c.switchover.terminate);
+    assert_eq!(c.drain_timeout, Duration::from_millis(250));
+    for (var, bad) in [
+        ("HANDOFF_DRAIN_TIMEOUT", "soon"),
+        ("HANDOFF_SWITCHOVER_MAX_LAG", "lots"),
+        ("HANDOFF_SWITCHOVER_TIMEOUT", "0"),
+        ("HANDOFF_SWITCHOVER_TERMINATE", "maybe"),
+    ] {
+        assert_eq!(err_var(&[(var, bad)]), var);
+    }
+}
