@@ -156,6 +156,21 @@ pub const VARIABLES: &[Variable] = &[
         help: "lameduck: how long transactions on a revoked primary may run before they are cancelled (57P01)",
     },
     Variable {
+        name: "HANDOFF_HEALTH_CHECK_INTERVAL",
+        default: "1s",
+        help: "how often each shard's primary is probed (connect, not in recovery, writable)",
+    },
+    Variable {
+        name: "HANDOFF_HEALTH_CHECK_TIMEOUT",
+        default: "2s",
+        help: "longest a health check or discovery probe may take before the host counts as unreachable",
+    },
+    Variable {
+        name: "HANDOFF_DISCOVERY_INTERVAL",
+        default: "100ms",
+        help: "while a failed primary is being replaced, how often every host of the shard is probed",
+    },
+    Variable {
         name: "HANDOFF_SWITCHOVER_MAX_LAG",
         default: "16MB",
         help: "a switchover is refused when the target's replay lag is above this",
@@ -326,6 +341,8 @@ pub struct Config {
     /// Planned switchovers and lameduck.
     pub switchover: SwitchoverSettings,
     pub drain_timeout: Duration,
+    /// Health checks and discovery (unplanned failover).
+    pub health: crate::failover::HealthSettings,
     pub log: String,
 }
 
@@ -468,6 +485,20 @@ impl Config {
         }
         let buffer = parse_buffer(&env, &shards, pool.size)?;
         let drain_timeout = duration("HANDOFF_DRAIN_TIMEOUT", "5s")?;
+        let health = crate::failover::HealthSettings {
+            interval: duration("HANDOFF_HEALTH_CHECK_INTERVAL", "1s")?,
+            timeout: duration("HANDOFF_HEALTH_CHECK_TIMEOUT", "2s")?,
+            discovery_interval: duration("HANDOFF_DISCOVERY_INTERVAL", "100ms")?,
+        };
+        for (name, d) in [
+            ("HANDOFF_HEALTH_CHECK_INTERVAL", health.interval),
+            ("HANDOFF_HEALTH_CHECK_TIMEOUT", health.timeout),
+            ("HANDOFF_DISCOVERY_INTERVAL", health.discovery_interval),
+        ] {
+            if d < Duration::from_millis(1) {
+                return Err(invalid(name, "must be at least 1ms"));
+            }
+        }
         let switchover_timeout = duration("HANDOFF_SWITCHOVER_TIMEOUT", "10s")?;
         if switchover_timeout.is_zero() {
             return Err(invalid(
@@ -521,6 +552,7 @@ impl Config {
             shutdown_timeout,
             switchover,
             drain_timeout,
+            health,
             log: get("HANDOFF_LOG").unwrap_or("info").to_string(),
         })
     }

@@ -18,6 +18,7 @@ mod client_auth;
 pub mod config;
 mod conn;
 mod control;
+mod failover;
 mod listener;
 pub mod metrics;
 pub mod pool;
@@ -132,11 +133,23 @@ impl Proxy {
         let pools = pool::Pools::new(config.pool.clone(), config.connect_timeout);
         let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
         let buffer = handoff_buffer::Buffer::new(config.buffer.clone(), &names)?;
-        let shards = config
-            .shards
-            .iter()
-            .map(|s| Arc::new(shard::Shard::new(&s.name, s.hosts.clone())))
-            .collect();
+        // Startup discovery: the first host listed is only a hint.
+        let mut shards = Vec::new();
+        let mut missing = Vec::new();
+        for s in &config.shards {
+            match failover::initial_primary(&config.switchover, &config.health, &s.hosts).await {
+                Ok((primary, timeline)) => {
+                    tracing::info!(shard = %s.name, %primary, timeline, "initial primary");
+                    let sh = shard::Shard::with_primary(&s.name, s.hosts.clone(), primary);
+                    sh.health.saw_timeline(timeline);
+                    shards.push(Arc::new(sh));
+                }
+                Err(why) => {
+                    missing.push((shards.len(), why));
+                    shards.push(Arc::new(shard::Shard::new(&s.name, s.hosts.clone())));
+                }
+            }
+        }
         let shared = Arc::new(Shared {
             pools,
             prepared: metrics::PreparedCounters::new(),
@@ -152,6 +165,23 @@ impl Proxy {
             shutdown: signal.clone(),
             shared: Arc::clone(&shared),
         });
+        for (i, why) in missing {
+            let sh = &shared.shards[i];
+            tracing::warn!(shard = %sh.name, reason = %why, "no primary found at startup: buffering until discovery finds one");
+            failover::revoke(
+                &shared,
+                sh,
+                1,
+                &format!("no primary found at startup: {why}"),
+            );
+        }
+        for sh in &shared.shards {
+            tokio::spawn(failover::monitor(
+                Arc::clone(&shared),
+                Arc::clone(sh),
+                signal.clone(),
+            ));
+        }
         let (tracker, done) = mpsc::channel(1);
         let buffer = shared.buffer.clone();
         tokio::spawn(listener::run(listener, shared, signal, tracker));

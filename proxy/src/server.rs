@@ -61,6 +61,24 @@ pub enum ServerError {
     Protocol { addr: String, source: ConnError },
 }
 
+impl ServerError {
+    /// True when the failure says the server may be down or changing role (refused,
+    /// reset, timed out, or `57P01`/`57P02`/`57P03` at login) rather than that this
+    /// login is wrong (password, database, role).
+    pub fn primary_may_be_gone(&self) -> bool {
+        match self {
+            ServerError::Connect { .. } | ServerError::Timeout { .. } => true,
+            ServerError::Rejected { fields, .. } => {
+                fields.code().is_some_and(|c| c.starts_with("57P"))
+            }
+            ServerError::Protocol { source, .. } => {
+                matches!(source, ConnError::Io(_) | ConnError::Eof)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Connects and logs in, within `login.timeout`.
 pub async fn connect(login: Login<'_>) -> Result<ServerConn, ServerError> {
     let addr = login.addr.to_string();

@@ -399,25 +399,41 @@ async fn connect_and_relay(
             Box::pin(server::connect(login)).await
         }
     };
-    let mut gen = match session_gate(shared, state, 0).await {
-        Ok(g) => g,
-        Err(err) => {
-            send_error(&mut client.stream, &err).await;
-            return;
-        }
-    };
-    let mut server = match connect(gen.primary.clone()).await {
-        Ok(s) => s,
-        Err(err) => {
-            gen.leave();
-            metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
-            tracing::warn!(shard = %shard.name, error = %err, "server login failed");
-            send_error(
-                &mut client.stream,
-                &server_error_to_client(&err, &shard.name),
-            )
-            .await;
-            return;
+    let (mut gen, mut server) = loop {
+        let gen = match session_gate(shared, state, 0).await {
+            Ok(g) => g,
+            Err(err) => {
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+        };
+        match connect(gen.primary.clone()).await {
+            Ok(s) => break (gen, s),
+            Err(err) => {
+                gen.leave();
+                metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
+                // Nothing was sent: if the primary is gone, wait for the next one.
+                if err.primary_may_be_gone()
+                    && crate::failover::suspect(
+                        shared,
+                        state,
+                        &gen,
+                        crate::failover::Report::ConnectFailed,
+                    )
+                    .await
+                {
+                    metrics::counter!(crate::failover::metric::RETRIES, "shard" => shard.name.clone(), "reason" => "connect_failed")
+                        .increment(1);
+                    continue;
+                }
+                tracing::warn!(shard = %shard.name, error = %err, "server login failed");
+                send_error(
+                    &mut client.stream,
+                    &server_error_to_client(&err, &shard.name),
+                )
+                .await;
+                return;
+            }
         }
     };
     let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
@@ -444,6 +460,9 @@ async fn connect_and_relay(
         .await;
         if end != relay::End::Revoked {
             tracing::debug!(?end, "session ended");
+            if end == relay::End::ServerGone {
+                crate::failover::report(state, crate::failover::Report::ConnectionLost);
+            }
             break;
         }
         // Between transactions on a revoked primary: take the session's state off it,

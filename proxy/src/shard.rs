@@ -82,6 +82,8 @@ pub struct Generation {
     kill: watch::Sender<bool>,
     /// Set when the generation is revoked (session-mode sessions then move).
     revoked: watch::Sender<bool>,
+    /// Why the primary was given up as failed (unplanned revocations only).
+    lost: Mutex<Option<String>>,
 }
 
 impl Generation {
@@ -94,7 +96,18 @@ impl Generation {
             idle: Notify::new(),
             kill: watch::channel(false).0,
             revoked: watch::channel(false).0,
+            lost: Mutex::new(None),
         })
+    }
+
+    /// Records that this generation's primary was revoked because it failed.
+    pub fn mark_lost(&self, reason: &str) {
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+    }
+
+    /// Why this generation's primary was given up as failed, if it was.
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A transaction on this generation ended (or never started).
@@ -187,6 +200,8 @@ pub struct Shard {
     inner: Mutex<Inner>,
     /// One switchover (or external revocation) at a time.
     pub op: tokio::sync::Mutex<()>,
+    /// Failure detection and discovery ([`crate::failover`]).
+    pub health: crate::failover::Health,
 }
 
 /// A snapshot for the admin API.
@@ -216,7 +231,13 @@ fn open(id: u64) -> u64 {
 
 impl Shard {
     pub fn new(name: &str, hosts: Vec<HostPort>) -> Self {
-        let gen = Generation::new(1, 1, hosts[0].clone());
+        let first = hosts[0].clone();
+        Self::with_primary(name, hosts, first)
+    }
+
+    /// A shard serving `primary` (one of `hosts`, found by startup discovery) at epoch 1.
+    pub fn with_primary(name: &str, hosts: Vec<HostPort>, primary: HostPort) -> Self {
+        let gen = Generation::new(1, 1, primary);
         let s = Self {
             name: name.to_string(),
             hosts,
@@ -230,6 +251,7 @@ impl Shard {
                 reason: "startup".into(),
             }),
             op: tokio::sync::Mutex::new(()),
+            health: Default::default(),
         };
         s.publish(StateKind::Serving, 1);
         s

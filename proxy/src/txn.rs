@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::bufpool;
 use crate::cancel::{Registration, ServerKey};
 use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
+use crate::failover::Report;
 use crate::metrics as m;
 use crate::pool::{Backend, Pool, PoolError, PoolKey};
 use crate::prepared::{Reply, StmtDef, NOOP_NAME};
@@ -71,10 +72,142 @@ pub(crate) enum Local {
     /// The request that was starting a transaction is refused with this error: skip
     /// it up to its Query or Sync, answer the error and ReadyForQuery `I`.
     Refuse(ProxyError),
-    /// Lameduck cancelled the client's transaction: answer ROLLBACK, and everything
-    /// else with an error, until the transaction ends. `first`: the cancellation error,
-    /// not yet delivered.
-    Aborted { first: Option<ProxyError> },
+    /// The client's transaction was lost with its server connection (lameduck, or a
+    /// failed primary): answer ROLLBACK, and everything else with an error, until the
+    /// transaction ends.
+    Aborted(Aborted),
+}
+
+/// A transaction the proxy answers for after losing its server connection.
+#[derive(Debug, Default)]
+pub(crate) struct Aborted {
+    /// The error that ended the transaction, not yet delivered.
+    first: Option<ProxyError>,
+    /// This extended-protocol batch already got its error (the rest is skipped to Sync).
+    errored: bool,
+    /// This batch runs a transaction-control statement: `Some(true)` COMMIT/END,
+    /// `Some(false)` ROLLBACK/ABORT.
+    ending: Option<bool>,
+    /// It ran: the Sync ends the transaction.
+    ended: bool,
+}
+
+impl Aborted {
+    fn new(first: Option<ProxyError>) -> Self {
+        Self {
+            first,
+            ..Self::default()
+        }
+    }
+
+    /// Answers a statement in the failed transaction: the cancellation the first time,
+    /// then 25P02 as PostgreSQL does; once per extended-protocol batch.
+    fn fail(&mut self, out: &mut BytesMut) {
+        if self.errored {
+            return;
+        }
+        let err = self.first.take().unwrap_or_else(aborted_error);
+        err.encode(out);
+        m::count_error("proxy", err.code);
+        self.errored = true;
+    }
+}
+
+/// The SQL text of a Parse message's body.
+fn parse_sql(body: &[u8]) -> Option<&[u8]> {
+    let name_end = body.iter().position(|&c| c == 0)?;
+    let rest = &body[name_end + 1..];
+    let sql_end = rest.iter().position(|&c| c == 0)?;
+    Some(&rest[..sql_end])
+}
+
+/// The statement name of a Bind message's body.
+fn bind_statement(body: &[u8]) -> Option<&[u8]> {
+    let portal_end = body.iter().position(|&c| c == 0)?;
+    let rest = &body[portal_end + 1..];
+    let end = rest.iter().position(|&c| c == 0)?;
+    Some(&rest[..end])
+}
+
+/// How often one request may be re-sent after a retriable refusal.
+const MAX_RETRIES: u8 = 3;
+
+/// A request kept for retry larger than this is not kept (it is relayed as usual).
+const MAX_RETRY_BYTES: usize = 256 * 1024;
+
+/// Retry rules (DESIGN.md): the first request of a transaction, while it is not known
+/// whether anything of it ran. Its bytes are kept as the client sent them, and the
+/// server's side-effect-free answers (ParseComplete, BindComplete, RowDescription, …)
+/// are held back until a CommandComplete, DataRow, COPY response or any other answer
+/// shows that the request ran — or until a `25006`/`57P03` error shows that its first
+/// statement was refused, in which case it may go to the next primary.
+#[derive(Debug, Default)]
+struct Probation {
+    /// Holding: the outcome is not known yet.
+    active: bool,
+    /// The request's bytes, as the client sent them.
+    raw: BytesMut,
+    /// The request's last message (Query, Sync) has been sent: no more client bytes are
+    /// read until the outcome is known.
+    complete: bool,
+    /// Server bytes held back from the client.
+    held: BytesMut,
+    /// The first statement was refused with this retriable reason.
+    refused: Option<&'static str>,
+    /// ReadyForQuery arrived after the refusal: the request may be re-sent.
+    ready: bool,
+}
+
+impl Probation {
+    fn begin(&mut self) {
+        self.active = true;
+        self.raw.clear();
+        self.held.clear();
+        self.complete = false;
+        self.refused = None;
+        self.ready = false;
+    }
+
+    /// Sending the request, message by message (or part by part).
+    fn record(&mut self, bytes: &[u8]) {
+        if self.active && !self.complete {
+            if self.raw.len() + bytes.len() > MAX_RETRY_BYTES {
+                self.active = false;
+            } else {
+                self.raw.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    /// Waiting for the outcome: the client's further bytes stay unread.
+    fn waiting(&self) -> bool {
+        self.active && self.complete
+    }
+
+    /// Stops holding; returns what was held (to go to the client first).
+    fn release(&mut self) -> BytesMut {
+        self.active = false;
+        self.refused = None;
+        self.ready = false;
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Server messages that show a request ran (or began to).
+fn shows_execution(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'C' | b'D' | b'G' | b'H' | b'W' | b'I' | b's' | b'V' | b'A'
+    )
+}
+
+/// The retry reason for a refusal of a first statement, if it is retriable.
+fn retriable(code: &str) -> Option<&'static str> {
+    match code {
+        sqlstate::READ_ONLY_SQL_TRANSACTION => Some("read_only"),
+        sqlstate::CANNOT_CONNECT_NOW => Some("cannot_connect_now"),
+        _ => None,
+    }
 }
 
 /// Which pool a client's transactions use: the user and server database are fixed,
@@ -116,6 +249,16 @@ pub(crate) struct Txn<'a> {
     in_extended: bool,
     status: TransactionStatus,
     server_fatal: bool,
+    /// The FATAL the server sent before closing (SQLSTATE, message), kept from the
+    /// client until the connection is gone.
+    fatal: Option<(String, String)>,
+    /// The first request of the current transaction, while it may still be re-sent.
+    probe: Probation,
+    /// How many more times a refused first request may be re-sent.
+    retries_left: u8,
+    /// A request in flight ends the transaction block (COMMIT, ROLLBACK, …): if the
+    /// server is lost under it, the client is outside a transaction afterwards.
+    ending: bool,
     request_started: Option<Instant>,
     txn_started: Option<Instant>,
     out: BytesMut,
@@ -155,6 +298,10 @@ impl<'a> Txn<'a> {
             in_extended: false,
             status: TransactionStatus::Idle,
             server_fatal: false,
+            fatal: None,
+            probe: Probation::default(),
+            retries_left: MAX_RETRIES,
+            ending: false,
             request_started: None,
             txn_started: None,
             out: BytesMut::new(),
@@ -184,6 +331,24 @@ impl<'a> Txn<'a> {
             self.enter(bytes).await?;
             let b = match self.pool.checkout().await {
                 Ok(b) => b,
+                Err(PoolError::Connect(e)) if e.primary_may_be_gone() => {
+                    self.leave();
+                    // Nothing was sent: if the primary is indeed gone, wait in the
+                    // buffer for the next one instead of failing the request.
+                    let gen = Arc::clone(&self.gen);
+                    if crate::failover::suspect(
+                        self.shared,
+                        self.state,
+                        &gen,
+                        Report::ConnectFailed,
+                    )
+                    .await
+                    {
+                        count_retry(self.shard, "connect_failed");
+                        continue;
+                    }
+                    return Err(AttachError::Pool(PoolError::Connect(e)));
+                }
                 Err(e) => {
                     self.leave();
                     return Err(AttachError::Pool(e));
@@ -229,6 +394,13 @@ impl<'a> Txn<'a> {
     fn leave(&mut self) {
         self.gen.leave();
         self.release = None;
+    }
+
+    /// The first request's outcome is known (or it can no longer be re-sent): returns
+    /// the server bytes held back, which go to the client before anything else.
+    fn end_probe(&mut self) -> BytesMut {
+        self.retries_left = MAX_RETRIES;
+        self.probe.release()
     }
 
     /// The server's parameters as the client should see them at startup.
@@ -338,6 +510,7 @@ impl<'a> Txn<'a> {
                 sql,
                 param_types,
             } if !name.is_empty() => {
+                self.ending |= ends_transaction(&sql).is_some();
                 let def = StmtDef::new(sql, param_types);
                 let b = self.backend.as_mut().expect("attached");
                 if b.prepared.get(&def.server_name).is_some() {
@@ -360,7 +533,8 @@ impl<'a> Txn<'a> {
                 }
                 self.defining.insert(name, def);
             }
-            FrontendMessage::Parse { .. } => {
+            FrontendMessage::Parse { sql, .. } => {
+                self.ending |= ends_transaction(&sql).is_some();
                 raw.encode(&mut self.out);
                 self.replies.push_back(Reply::Pass {
                     register: None,
@@ -373,6 +547,7 @@ impl<'a> Txn<'a> {
                 rest,
             } => match self.lookup(&statement) {
                 Some(def) => {
+                    self.ending |= ends_transaction(&def.sql).is_some();
                     self.ensure_prepared(&def);
                     FrontendMessage::Bind {
                         portal,
@@ -449,6 +624,9 @@ impl<'a> Txn<'a> {
     fn on_ready(&mut self, status: TransactionStatus) {
         let now = Instant::now();
         self.pending = self.pending.saturating_sub(1);
+        if self.pending == 0 {
+            self.ending = false;
+        }
         self.status = status;
         while let Some(r) = self.replies.pop_front() {
             if r == Reply::SyncMark {
@@ -658,6 +836,12 @@ pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
     }
 }
 
+/// Counts a request sent again to the next primary.
+fn count_retry(shard: &str, reason: &'static str) {
+    metrics::counter!(crate::failover::metric::RETRIES, "shard" => shard.to_string(), "reason" => reason)
+        .increment(1);
+}
+
 fn inspect_client(t: u8) -> bool {
     matches!(t, ftag::PARSE | ftag::BIND | ftag::DESCRIBE | ftag::CLOSE)
 }
@@ -694,7 +878,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
     // made again only when the session moves to another generation.
     let mut killed: Option<(u64, KillFuture)> = None;
     let end = loop {
-        if !client.rbuf.is_empty() {
+        if !client.rbuf.is_empty() && !txn.probe.waiting() {
             match client_bytes(&mut client, &mut cscan, &mut txn).await {
                 Ok(true) => {}
                 Ok(false) => break End::Terminated,
@@ -725,8 +909,9 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         }
         // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
         // consumed nothing.
+        let reading = !txn.probe.waiting();
         tokio::select! {
-            r = client.stream.readable() => {
+            r = client.stream.readable(), if reading => {
                 if r.is_err() {
                     break End::ClientGone;
                 }
@@ -741,18 +926,26 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                 b.conn.stream.read_buf(&mut sbuf).await
             }, if attached => match r {
                 Ok(0) | Err(_) => {
-                    if !txn.server_fatal {
-                        let err = ProxyError::fatal(
-                            sqlstate::CONNECTION_FAILURE,
-                            format!("lost the connection to the primary of shard \"{}\"", txn.shard),
-                        );
-                        send_error(&mut client.stream, &err).await;
+                    // The primary went away under a request: an error for that request
+                    // (it may have committed), and the session goes on.
+                    let server_clean = sscan.at_boundary();
+                    sbuf.clear();
+                    sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
+                    let err = txn.lost_error();
+                    tracing::info!(shard = txn.shard, error = %err.message, "server connection lost under a request");
+                    if let Err(end) = txn.abandon(&mut client, err, false, server_clean, cscan.at_boundary()).await {
+                        break end;
                     }
-                    break End::ServerGone;
                 }
                 Ok(_) => {
                     if let Err(end) = server_bytes(&mut sbuf, &mut sscan, &mut client, &mut txn).await {
                         break end;
+                    }
+                    if txn.probe.ready {
+                        let stream_clean = sbuf.is_empty() && sscan.at_boundary();
+                        if let Err(end) = txn.settle_refusal(&mut client, stream_clean).await {
+                            break end;
+                        }
                     }
                     // Only between messages in both directions: a client half-way
                     // through sending a message stays on this server connection.
@@ -818,10 +1011,15 @@ async fn client_bytes(
     let mut answers = BytesMut::new();
     txn.out.clear();
     loop {
+        // The transaction's first request is complete and may yet be re-sent: what the
+        // client sends next waits until its outcome is known.
+        if txn.probe.waiting() {
+            break;
+        }
         let local = !matches!(txn.local, Local::None);
         let step = match scan.step(&client.rbuf[pos..], |t| {
             if local {
-                t == ftag::QUERY
+                matches!(t, ftag::QUERY | ftag::PARSE | ftag::BIND)
             } else {
                 inspect_client(t)
             }
@@ -847,7 +1045,11 @@ async fn client_bytes(
             }
             if txn.backend.is_none() && matches!(txn.local, Local::None) {
                 match txn.attach(client.rbuf.len() - pos).await {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        if txn.retries_left > 0 {
+                            txn.probe.begin();
+                        }
+                    }
                     Err(e) if e.is_refusal() => {
                         let err = attach_error(&e, txn.shard);
                         tracing::info!(shard = txn.shard, error = %err, "request refused");
@@ -874,8 +1076,29 @@ async fn client_bytes(
             pos += len;
             continue;
         }
+        if txn.probe.active {
+            txn.probe.record(&client.rbuf[pos..pos + len]);
+            match tag {
+                Some(ftag::QUERY | ftag::SYNC | ftag::FUNCTION_CALL) => txn.probe.complete = true,
+                // A client that flushes waits for answers before it finishes the
+                // request; COPY data means the request already ran.
+                Some(ftag::FLUSH | ftag::COPY_DATA | ftag::COPY_DONE | ftag::COPY_FAIL) => {
+                    txn.probe.active = false;
+                }
+                _ => {}
+            }
+            if !txn.probe.active {
+                let held = txn.end_probe();
+                answers.extend_from_slice(&held);
+            }
+        }
         if let Some(t) = tag {
             txn.on_request(now);
+            if t == ftag::QUERY {
+                let head = &client.rbuf[pos..pos + len];
+                let head = &head[5.min(head.len())..head.len().min(5 + 32)];
+                txn.ending |= ends_transaction(head).is_some();
+            }
             match t {
                 ftag::QUERY | ftag::FUNCTION_CALL => {
                     txn.pending += 1;
@@ -943,7 +1166,7 @@ fn encode_ready(out: &mut BytesMut, status: TransactionStatus) {
 
 impl Txn<'_> {
     /// Answers one client message while the proxy speaks for the server ([`Local`]).
-    /// `body` is the whole message for a Query, empty otherwise.
+    /// `body` is the whole message for a Query, Parse or Bind, empty otherwise.
     fn answer_locally(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) {
         let ends_request = tag == ftag::QUERY || tag == ftag::SYNC;
         match std::mem::take(&mut self.local) {
@@ -957,54 +1180,104 @@ impl Txn<'_> {
                     self.local = Local::Refuse(err);
                 }
             }
-            Local::Aborted { mut first } => {
-                if !ends_request {
-                    self.local = Local::Aborted { first };
+            Local::Aborted(mut a) => {
+                if tag == ftag::QUERY {
+                    let verdict = ends_transaction(body.strip_suffix(&[0]).unwrap_or(body));
+                    match verdict {
+                        // ROLLBACK, or COMMIT of a transaction that was cancelled: the
+                        // transaction is over either way; COMMIT hears of the
+                        // cancellation once.
+                        Some(commit) => {
+                            match a.first.take().filter(|_| commit) {
+                                Some(err) => {
+                                    err.encode(out);
+                                    m::count_error("proxy", err.code);
+                                }
+                                None => BackendMessage::CommandComplete {
+                                    tag: "ROLLBACK".into(),
+                                }
+                                .encode(out),
+                            }
+                            encode_ready(out, TransactionStatus::Idle);
+                        }
+                        None => {
+                            a.fail(out);
+                            encode_ready(out, TransactionStatus::Failed);
+                            a.errored = false;
+                            self.local = Local::Aborted(a);
+                        }
+                    }
                     return;
                 }
-                let verdict = if tag == ftag::QUERY {
-                    ends_transaction(body.strip_suffix(&[0]).unwrap_or(body))
-                } else {
-                    None
-                };
-                match verdict {
-                    Some(false) => {
-                        BackendMessage::CommandComplete {
-                            tag: "ROLLBACK".into(),
+                // The extended protocol, as PostgreSQL answers it in a failed
+                // transaction: transaction control goes through, Close and Sync are
+                // answered, anything else is an error (once per batch).
+                match tag {
+                    ftag::PARSE => match parse_sql(body).and_then(ends_transaction) {
+                        Some(commit) if !a.errored => {
+                            a.ending = Some(commit);
+                            BackendMessage::ParseComplete.encode(out);
                         }
-                        .encode(out);
-                        encode_ready(out, TransactionStatus::Idle);
+                        _ => a.fail(out),
+                    },
+                    ftag::BIND => {
+                        let named = bind_statement(body)
+                            .filter(|n| !n.is_empty())
+                            .and_then(|n| self.stmts.get(n))
+                            .and_then(|d| ends_transaction(&d.sql));
+                        if let Some(commit) = named.filter(|_| !a.errored) {
+                            a.ending = Some(commit);
+                        }
+                        if a.ending.is_some() && !a.errored {
+                            BackendMessage::BindComplete.encode(out);
+                        } else {
+                            a.fail(out);
+                        }
                     }
-                    Some(true) => {
-                        // COMMIT of a transaction that was cancelled: say so once, as the
-                        // transaction is over either way.
-                        match first.take() {
+                    ftag::DESCRIBE if a.ending.is_some() && !a.errored => {
+                        BackendMessage::NoData.encode(out)
+                    }
+                    ftag::EXECUTE if a.ending.is_some() && !a.errored => {
+                        match a.first.take().filter(|_| a.ending == Some(true)) {
                             Some(err) => {
                                 err.encode(out);
                                 m::count_error("proxy", err.code);
+                                a.errored = true;
                             }
                             None => BackendMessage::CommandComplete {
                                 tag: "ROLLBACK".into(),
                             }
                             .encode(out),
                         }
-                        encode_ready(out, TransactionStatus::Idle);
+                        a.ended = true;
                     }
-                    None => {
-                        let err = first.take().unwrap_or_else(aborted_error);
-                        err.encode(out);
-                        m::count_error("proxy", err.code);
+                    ftag::CLOSE if !a.errored => BackendMessage::CloseComplete.encode(out),
+                    ftag::CLOSE | ftag::FLUSH => {}
+                    ftag::SYNC => {
+                        if a.ended {
+                            encode_ready(out, TransactionStatus::Idle);
+                            return;
+                        }
                         encode_ready(out, TransactionStatus::Failed);
-                        self.local = Local::Aborted { first: None };
+                        a.errored = false;
+                        a.ending = None;
                     }
+                    ftag::FUNCTION_CALL => {
+                        a.fail(out);
+                        encode_ready(out, TransactionStatus::Failed);
+                        a.errored = false;
+                    }
+                    _ => a.fail(out),
                 }
+                self.local = Local::Aborted(a);
             }
         }
     }
 
     /// Lameduck gave up on this transaction: cancel it on the old primary, drop that
-    /// connection, and tell the client (57P01). `server_clean`: no server message was
-    /// half-forwarded; `client_clean`: the client is between messages.
+    /// connection, and tell the client (57P01; 08006 when the primary had failed).
+    /// `server_clean`: no server message was half-forwarded; `client_clean`: the client
+    /// is between messages.
     async fn cancelled_by_lameduck(
         &mut self,
         client: &mut Conn,
@@ -1013,27 +1286,93 @@ impl Txn<'_> {
     ) -> Result<(), End> {
         metrics::counter!(crate::shard::metric::LAMEDUCK_CANCELLED, "shard" => self.shard.to_string())
             .increment(1);
+        let timeout = self.shared.config.drain_timeout;
+        let err = match self.gen.lost() {
+            Some(why) => ProxyError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "lost the primary of shard \"{}\" ({why}) and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({timeout:?}); it may or may not have taken effect",
+                    self.shard
+                ),
+            )
+            .hint("check whether it took effect before running it again"),
+            None => ProxyError::error(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "transaction cancelled: the primary of shard \"{}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({timeout:?})",
+                    self.shard
+                ),
+            )
+            .hint("the transaction was rolled back; retry it"),
+        };
+        tracing::info!(shard = self.shard, "lameduck cancelled a transaction");
+        self.abandon(client, err, true, server_clean, client_clean)
+            .await
+    }
+
+    /// The error for a server connection that closed under a request: the primary was
+    /// lost, and what was running may or may not have committed.
+    fn lost_error(&mut self) -> ProxyError {
+        let (code, what) = match self.fatal.take() {
+            Some((code, msg)) => (
+                code,
+                format!(
+                    "the primary of shard \"{}\" ended the connection while a request ran ({msg})",
+                    self.shard
+                ),
+            ),
+            None => {
+                crate::failover::report(self.state, Report::ConnectionLost);
+                (
+                    sqlstate::CONNECTION_FAILURE.to_string(),
+                    format!(
+                        "lost the connection to the primary of shard \"{}\" while a request ran",
+                        self.shard
+                    ),
+                )
+            }
+        };
+        let code: &'static str = match code.as_str() {
+            "57P01" => sqlstate::ADMIN_SHUTDOWN,
+            "57P02" => sqlstate::CRASH_SHUTDOWN,
+            "57P03" => sqlstate::CANNOT_CONNECT_NOW,
+            _ => sqlstate::CONNECTION_FAILURE,
+        };
+        ProxyError::error(code, format!("{what}; it may or may not have taken effect")).hint(
+            "the session goes on; check whether the request took effect before running it again",
+        )
+    }
+
+    /// Gives up the server connection under a running request and answers the client
+    /// with `err` in its place (a CancelRequest first when `cancel`). Inside a
+    /// transaction block the proxy then answers for the rolled-back transaction until
+    /// the client ends it.
+    async fn abandon(
+        &mut self,
+        client: &mut Conn,
+        err: ProxyError,
+        cancel: bool,
+        server_clean: bool,
+        client_clean: bool,
+    ) -> Result<(), End> {
+        // Nothing of a held-back answer reached the client.
+        let server_clean = server_clean || self.probe.active;
         if let Some(b) = self.backend.take() {
-            let key = ServerKey {
-                addr: b.peer,
-                pid: b.pid,
-                key: b.key,
-            };
-            let timeout = self.shared.config.connect_timeout;
-            tokio::spawn(crate::cancel::cancel_server(key, timeout));
+            if cancel {
+                let key = ServerKey {
+                    addr: b.peer,
+                    pid: b.pid,
+                    key: b.key,
+                };
+                let timeout = self.shared.config.connect_timeout;
+                tokio::spawn(crate::cancel::cancel_server(key, timeout));
+            }
             self.pool.discard(b);
             self.leave();
         }
         self.registration.set_server(None);
-        let err = ProxyError::error(
-            sqlstate::ADMIN_SHUTDOWN,
-            format!(
-                "transaction cancelled: the primary of shard \"{}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({:?})",
-                self.shard, self.shared.config.drain_timeout
-            ),
-        )
-        .hint("the transaction was rolled back; retry it");
-        tracing::info!(shard = self.shard, "lameduck cancelled a transaction");
+        drop(self.end_probe());
+        self.fatal = None;
         let pending = std::mem::take(&mut self.pending);
         let status = self.status;
         self.replies.clear();
@@ -1052,26 +1391,59 @@ impl Txn<'_> {
         }
         let mut out = BytesMut::new();
         if pending == 0 {
-            // Idle in a transaction: the next request hears of it.
-            self.local = Local::Aborted { first: Some(err) };
+            // Idle in a transaction, or half-way through sending a request: the end of
+            // the next request hears of it.
+            self.local = if status == TransactionStatus::Idle {
+                Local::Refuse(err)
+            } else {
+                Local::Aborted(Aborted::new(Some(err)))
+            };
             return Ok(());
         }
-        let after = if status == TransactionStatus::Idle {
+        let ending = std::mem::take(&mut self.ending);
+        let after = if status == TransactionStatus::Idle || ending {
             TransactionStatus::Idle
         } else {
-            self.local = Local::Aborted { first: None };
+            self.local = Local::Aborted(Aborted::new(None));
             TransactionStatus::Failed
         };
-        for i in 0..pending {
-            if i == 0 {
-                err.encode(&mut out);
-            } else {
-                aborted_error().encode(&mut out);
-            }
+        // Every request still owed an answer was lost with the connection.
+        for _ in 0..pending {
+            err.encode(&mut out);
             encode_ready(&mut out, after);
         }
         m::count_error("proxy", err.code);
         write_client(client, &out).await
+    }
+}
+
+impl Txn<'_> {
+    /// The first statement of the transaction's first request was refused with
+    /// `25006`/`57P03` and nothing of it ran. If the primary is indeed being replaced,
+    /// the request goes again, through the buffer, to the next primary; otherwise the
+    /// client gets the server's answer.
+    async fn settle_refusal(&mut self, client: &mut Conn, stream_clean: bool) -> Result<(), End> {
+        let reason = self.probe.refused.unwrap_or("read_only");
+        let what = if reason == "read_only" {
+            Report::ReadOnly
+        } else {
+            Report::CannotConnectNow
+        };
+        let gen = Arc::clone(&self.gen);
+        let gone = crate::failover::suspect(self.shared, self.state, &gen, what).await;
+        if gone && self.clean() && stream_clean && self.retries_left > 0 {
+            self.retries_left -= 1;
+            count_retry(self.shard, reason);
+            tracing::info!(shard = self.shard, reason, "first statement refused by a primary being replaced: sending the request to the next one");
+            let mut again = std::mem::take(&mut self.probe.raw);
+            self.probe.release();
+            self.detach(false, true);
+            again.extend_from_slice(&client.rbuf);
+            client.rbuf = again;
+            return Ok(());
+        }
+        let held = self.end_probe();
+        write_client(client, &held).await
     }
 }
 
@@ -1090,7 +1462,9 @@ async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
 }
 
 /// Forwards the server's messages to the client, handling the replies to the proxy's
-/// own messages and tracking ReadyForQuery, errors and parameter changes.
+/// own messages and tracking ReadyForQuery, errors and parameter changes. While the
+/// transaction's first request may still be re-sent ([`Probation`]) its answers are held
+/// back instead.
 async fn server_bytes(
     buf: &mut BytesMut,
     scan: &mut Scanner,
@@ -1113,59 +1487,121 @@ async fn server_bytes(
                 return Err(End::ServerProtocol);
             }
         };
-        match step {
+        let (tag, len, whole) = match step {
             Step::NeedMore => break,
-            Step::Pass { len, .. } => pos += len,
-            Step::Message { tag, len } => {
-                let body = &buf[pos + 5..pos + len];
-                match tag {
-                    btag::PARSE_COMPLETE | btag::CLOSE_COMPLETE => match txn.on_complete(tag) {
-                        Some(t) => buf[pos] = t,
-                        None => {
-                            write_client(client, &buf[run..pos]).await?;
-                            run = pos + len;
-                        }
-                    },
-                    btag::READY_FOR_QUERY => {
-                        let status = handoff_protocol::backend::ready_status(body)
-                            .map_err(|_| End::ServerProtocol)?;
-                        txn.on_ready(status);
-                    }
-                    btag::ERROR_RESPONSE => {
-                        let mut b = Bytes::copy_from_slice(body);
-                        if let Ok(f) = ErrorFields::parse(&mut b) {
-                            m::count_error("server", f.code().unwrap_or("?????"));
-                            if matches!(f.severity(), Some("FATAL" | "PANIC")) {
-                                txn.server_fatal = true;
-                            }
-                        }
-                        txn.on_error();
-                    }
-                    btag::PARAMETER_STATUS => {
-                        let mut b = Bytes::copy_from_slice(body);
-                        if let (Ok(name), Ok(value)) = (take(&mut b), take(&mut b)) {
-                            // A client's own SET of a tracked parameter sticks to it.
-                            if TRACKED_PARAMS.contains(&name.as_str()) {
-                                txn.desired.insert(name.clone(), value.clone());
-                                if let Some(bk) = txn.backend.as_mut() {
-                                    bk.applied.insert(name.clone(), value.clone());
-                                }
-                            }
-                            if let Some(bk) = txn.backend.as_mut() {
-                                bk.params.insert(name, value);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-                pos += len;
+            Step::Pass { len, tag } => (tag, len, false),
+            Step::Message { tag, len } => (Some(tag), len, true),
+        };
+        let Some(tag) = tag else {
+            pos += len;
+            continue;
+        };
+        let fields = if tag == btag::ERROR_RESPONSE && whole {
+            let mut b = Bytes::copy_from_slice(&buf[pos + 5..pos + len]);
+            ErrorFields::parse(&mut b).ok()
+        } else {
+            None
+        };
+        let refusal = fields.as_ref().and_then(|f| {
+            (f.severity() == Some("ERROR"))
+                .then(|| f.code().and_then(retriable))
+                .flatten()
+        });
+        if txn.probe.active && txn.probe.refused.is_none() {
+            if refusal.is_some() {
+                txn.probe.refused = refusal;
+            } else if shows_execution(tag)
+                || tag == btag::ERROR_RESPONSE
+                || tag == btag::READY_FOR_QUERY
+            {
+                // The request ran (or nothing in it could have side effects): let
+                // the held answers go, in order.
+                let held = txn.end_probe();
+                write_client(client, &held).await?;
             }
         }
+        if !whole {
+            pos += len;
+            continue;
+        }
+        let body = &buf[pos + 5..pos + len];
+        match tag {
+            btag::PARSE_COMPLETE | btag::CLOSE_COMPLETE => match txn.on_complete(tag) {
+                Some(t) => buf[pos] = t,
+                None => {
+                    emit(client, txn, &buf[run..pos]).await?;
+                    run = pos + len;
+                }
+            },
+            btag::READY_FOR_QUERY => {
+                let status = handoff_protocol::backend::ready_status(body)
+                    .map_err(|_| End::ServerProtocol)?;
+                txn.on_ready(status);
+                if txn.probe.active && txn.probe.refused.is_some() {
+                    txn.probe.ready = true;
+                }
+            }
+            btag::ERROR_RESPONSE => {
+                if let Some(f) = &fields {
+                    let code = f.code().unwrap_or("?????");
+                    m::count_error("server", code);
+                    if matches!(f.severity(), Some("FATAL" | "PANIC")) {
+                        // The connection is about to close: the client hears of it
+                        // then, as an error for its request, and keeps its session.
+                        txn.server_fatal = true;
+                        txn.fatal = Some((
+                            code.to_string(),
+                            f.message().unwrap_or("no message").to_string(),
+                        ));
+                        crate::failover::report(txn.state, Report::ServerFatal);
+                        emit(client, txn, &buf[run..pos]).await?;
+                        run = pos + len;
+                    } else if refusal.is_some() && !txn.probe.active {
+                        crate::failover::report(
+                            txn.state,
+                            if refusal == Some("read_only") {
+                                Report::ReadOnly
+                            } else {
+                                Report::CannotConnectNow
+                            },
+                        );
+                    }
+                }
+                txn.on_error();
+            }
+            btag::PARAMETER_STATUS => {
+                let mut b = Bytes::copy_from_slice(body);
+                if let (Ok(name), Ok(value)) = (take(&mut b), take(&mut b)) {
+                    // A client's own SET of a tracked parameter sticks to it.
+                    if TRACKED_PARAMS.contains(&name.as_str()) {
+                        txn.desired.insert(name.clone(), value.clone());
+                        if let Some(bk) = txn.backend.as_mut() {
+                            bk.applied.insert(name.clone(), value.clone());
+                        }
+                    }
+                    if let Some(bk) = txn.backend.as_mut() {
+                        bk.params.insert(name, value);
+                    }
+                }
+            }
+            _ => {}
+        }
+        pos += len;
     }
-    write_client(client, &buf[run..pos]).await?;
+    emit(client, txn, &buf[run..pos]).await?;
     txn.down += pos as u64;
     buf.advance(pos);
     Ok(())
+}
+
+/// Server bytes on their way to the client: held back while the first request's outcome
+/// is unknown.
+async fn emit(client: &mut Conn, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), End> {
+    if txn.probe.active {
+        txn.probe.held.extend_from_slice(bytes);
+        return Ok(());
+    }
+    write_client(client, bytes).await
 }
 
 fn take(b: &mut Bytes) -> Result<String, ()> {

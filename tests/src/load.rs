@@ -22,6 +22,8 @@ pub struct Outcome {
     pub errors: Vec<String>,
     /// Ids of rows whose insert was acknowledged (committed).
     pub acked: Vec<i64>,
+    /// The most errors any one client saw.
+    pub max_client_errors: usize,
 }
 
 /// Clients running until [`Load::stop`].
@@ -153,6 +155,7 @@ impl Load {
         for t in self.tasks {
             if let Ok(Ok(o)) = tokio::time::timeout(Duration::from_secs(30), t).await {
                 total.ok += o.ok;
+                total.max_client_errors = total.max_client_errors.max(o.errors.len());
                 total.errors.extend(o.errors);
                 total.acked.extend(o.acked);
             } else {

@@ -210,6 +210,89 @@ impl Node {
         check(out, &format!("pg_ctl stop ({})", self.name)).map(|_| ())
     }
 
+    /// The postmaster's pid and its children's (from `postmaster.pid` and `/proc`).
+    pub fn pids(&self) -> Result<Vec<u32>> {
+        let pidfile = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .with_context(|| format!("reading {}'s postmaster.pid", self.name))?;
+        let pm: u32 = pidfile
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .context("postmaster.pid's first line")?;
+        let mut pids = vec![pm];
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pm) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
+    /// Sends `signal` (e.g. `KILL`, `STOP`, `CONT`) to the postmaster and every backend
+    /// at once (one `kill` call).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pids = self.pids()?;
+        let out = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(pids.iter().map(|p| p.to_string()))
+            .output()?;
+        // A backend may exit between the scan and the kill; the others still get the
+        // signal. Only a missing postmaster is an error.
+        if !out.status.success() && !Path::new(&format!("/proc/{}", pids[0])).exists() {
+            bail!(
+                "kill -{signal} ({}): {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// A crash: `kill -9` of the postmaster and all its processes. [`Node::start`]
+    /// brings it back (crash recovery).
+    pub fn crash(&mut self) -> Result<()> {
+        let pids = self.pids()?;
+        self.signal("KILL")?;
+        self.running = false;
+        // Wait until every process is gone (or a zombie): a restart refuses to start
+        // while the old shared memory is still attached.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let alive = |p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .is_some_and(|zombie| !zombie)
+        };
+        while pids.iter().any(alive) {
+            if std::time::Instant::now() > deadline {
+                bail!("{}: processes outlived kill -9", self.name);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A dead (zombie) postmaster's pid still exists, and PostgreSQL would take the
+        // lock file for a live server's: remove it, as a reboot would make it stale.
+        let _ = std::fs::remove_file(self.data.join("postmaster.pid"));
+        let _ = std::fs::remove_file(self.root.join(format!(".s.PGSQL.{}.lock", self.port)));
+        let _ = std::fs::remove_file(self.root.join(format!(".s.PGSQL.{}", self.port)));
+        Ok(())
+    }
+
     /// Runs SQL with psql as the `postgres` superuser; returns unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
         let out = Command::new(self.bin.bin("psql"))
@@ -358,6 +441,27 @@ impl Cluster {
             .args(["-w", "-t", "60", "promote"])
             .output()?;
         check(out, &format!("pg_ctl promote ({})", s.name)).map(|_| ())
+    }
+
+    /// Makes commits on the primary wait until a standby has flushed them
+    /// (`synchronous_standby_names = '*'`), so an acknowledged write survives a crash of
+    /// the primary. Set on the primary only: a promoted standby does not wait.
+    pub fn make_synchronous(&self) -> Result<()> {
+        self.primary
+            .psql("ALTER SYSTEM SET synchronous_standby_names = '*'")?;
+        self.primary.psql("SELECT pg_reload_conf()")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self
+            .primary
+            .psql("select count(*) from pg_stat_replication where sync_state = 'sync'")?
+            == "0"
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("no standby became synchronous within 10s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Records that `standbys[i]` is now the primary and the old primary a standby

@@ -177,15 +177,23 @@ async fn unreachable_primary_and_slow_login_get_clear_errors() {
         ("HANDOFF_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
         ("HANDOFF_SHARDS", format!("orders={closed}")),
         ("HANDOFF_CLIENT_LOGIN_TIMEOUT", "300ms".to_string()),
+        ("HANDOFF_BUFFER_WINDOW", "200ms".to_string()),
     ])
     .unwrap();
+    // No primary at startup: the shard buffers while discovery looks for one, and a
+    // client that waited the window gets 57P03 naming the shard.
     let proxy = handoff::Proxy::start(config).await.unwrap();
     let err = connect(&proxy).await.err().unwrap();
-    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err:?}");
+    assert_eq!(err.code(), Some(&SqlState::CANNOT_CONNECT_NOW), "{err:?}");
     let msg = err.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("shard \"orders\""), "{msg}");
+    let (status, body) = handoff_tests::raw::http(proxy.admin_addr(), "GET", "/v1/shards", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
     assert!(
-        msg.contains("shard \"orders\"") && msg.contains(&closed.to_string()),
-        "{msg}"
+        body.contains("no primary found at startup") && body.contains(&closed.to_string()),
+        "{body}"
     );
 
     // A client that connects and says nothing is dropped after the login timeout.

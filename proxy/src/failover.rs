@@ -1,0 +1,554 @@
+//! Unplanned failover (DESIGN.md, "Unplanned failover"): noticing that a shard's primary
+//! is gone, finding the new one, and telling sessions whether a request that failed may
+//! be sent again.
+//!
+//! - **Detection.** Sessions report what they see on server connections (connect
+//!   failures, lost connections, `57P01`/`57P02`/`57P03` FATALs, `25006`/`57P03` answers)
+//!   and each shard's monitor task checks its primary every
+//!   `HANDOFF_HEALTH_CHECK_INTERVAL`. A report is never taken on trust: it triggers a
+//!   probe of the primary (one at a time per shard, and one probe answers every report
+//!   made before it started), and only a probe that finds the primary unreachable, in
+//!   recovery or read-only revokes it, with the epoch it was made for.
+//! - **Discovery.** After such a revocation (or at startup when no configured host is a
+//!   primary) the monitor probes every configured host every `HANDOFF_DISCOVERY_INTERVAL`,
+//!   never more than one probe per host at a time, and establishes the first host that is
+//!   writable and on the highest timeline seen for the shard. It keeps going after the
+//!   buffer gives up (Unavailable), so the shard recovers by itself. Revocations made
+//!   through the admin API or by a switchover are left to their owner: discovery does not
+//!   run for them, so an explicit establishment always wins.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_postgres::NoTls;
+
+use crate::config::{HostPort, SwitchoverSettings};
+use crate::shard::{Generation, Shard, StateKind};
+use crate::shutdown::{Phase, Signal};
+use crate::Shared;
+
+/// Metric names of detection, discovery and retries.
+pub mod metric {
+    /// Failure reports by `signal` (counter, per shard).
+    pub const SIGNALS: &str = "handoff_failure_signals_total";
+    /// Probes of the serving primary by `result` (counter).
+    pub const HEALTH_CHECKS: &str = "handoff_health_checks_total";
+    /// Discovery probes by `result` (counter).
+    pub const DISCOVERY_PROBES: &str = "handoff_discovery_probes_total";
+    /// Requests sent again to a new primary, by `reason` (counter).
+    pub const RETRIES: &str = "handoff_retries_total";
+    /// From the revocation of a failed primary to the establishment of the next one
+    /// (histogram, seconds).
+    pub const FAILOVER_SECONDS: &str = "handoff_failover_seconds";
+    /// Unplanned failovers, by `result` (`established`) (counter).
+    pub const FAILOVERS: &str = "handoff_failovers_total";
+}
+
+/// What a session saw that may mean the primary is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Connecting to the primary failed (refused, reset, timed out, 57P0x at login).
+    ConnectFailed,
+    /// A server connection closed without a FATAL.
+    ConnectionLost,
+    /// A FATAL (`57P01`, `57P02`, `57P03`, or any other) on a pooled connection.
+    ServerFatal,
+    /// `25006`: the primary took a write as read-only.
+    ReadOnly,
+    /// `57P03` answered to a statement.
+    CannotConnectNow,
+}
+
+impl Report {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Report::ConnectFailed => "connect_failed",
+            Report::ConnectionLost => "connection_lost",
+            Report::ServerFatal => "server_fatal",
+            Report::ReadOnly => "read_only",
+            Report::CannotConnectNow => "cannot_connect_now",
+        }
+    }
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Writable, on this timeline.
+    Primary {
+        timeline: u32,
+    },
+    /// Not in recovery, but `transaction_read_only` is on (demoted or fenced).
+    ReadOnly {
+        timeline: u32,
+    },
+    InRecovery,
+    /// No answer: refused, reset, timed out, or the server is starting or stopping.
+    Unreachable(String),
+    /// The server answered but refused the probe (authentication, too many
+    /// connections, …): it is up, its role unknown.
+    Refused(String),
+}
+
+impl Probe {
+    fn label(&self) -> &'static str {
+        match self {
+            Probe::Primary { .. } => "primary",
+            Probe::ReadOnly { .. } => "read_only",
+            Probe::InRecovery => "in_recovery",
+            Probe::Unreachable(_) => "unreachable",
+            Probe::Refused(_) => "refused",
+        }
+    }
+
+    /// Why this host cannot serve as primary, if it cannot.
+    fn failure(&self) -> Option<String> {
+        match self {
+            Probe::Primary { .. } | Probe::Refused(_) => None,
+            Probe::ReadOnly { .. } => Some("the primary is read-only".into()),
+            Probe::InRecovery => Some("the primary is in recovery".into()),
+            Probe::Unreachable(e) => Some(format!("the primary is unreachable: {e}")),
+        }
+    }
+}
+
+const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END";
+
+/// Connects to `addr` as the admin role and asks what it is, within `timeout`.
+pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration) -> Probe {
+    let mut c = tokio_postgres::Config::new();
+    c.host(&addr.host)
+        .port(addr.port)
+        .user(&cfg.user)
+        .dbname(&cfg.database)
+        .application_name("handoff-probe")
+        .connect_timeout(timeout);
+    if let Some(p) = &cfg.password {
+        c.password(p);
+    }
+    let work = async {
+        let (client, conn) = c.connect(NoTls).await?;
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let row = client.query_one(PROBE_SQL, &[]).await;
+        drop(client);
+        task.abort();
+        row
+    };
+    let row = match tokio::time::timeout(timeout, work).await {
+        Err(_) => return Probe::Unreachable(format!("{addr}: no answer within {timeout:?}")),
+        Ok(Err(e)) => {
+            return match e.as_db_error() {
+                Some(db) if db.code().code().starts_with("57P") => {
+                    Probe::Unreachable(format!("{addr}: {}", db.message()))
+                }
+                Some(db) => {
+                    Probe::Refused(format!("{addr}: {} ({})", db.message(), db.code().code()))
+                }
+                None => Probe::Unreachable(format!("{addr}: {e}")),
+            }
+        }
+        Ok(Ok(row)) => row,
+    };
+    let in_recovery: bool = row.get(0);
+    let read_only: String = row.get(1);
+    let wal: Option<String> = row.get(2);
+    if in_recovery {
+        return Probe::InRecovery;
+    }
+    // The WAL file name starts with the timeline (8 hex digits).
+    let timeline = wal
+        .as_deref()
+        .and_then(|w| w.get(..8))
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
+        .unwrap_or(0);
+    if read_only == "on" {
+        Probe::ReadOnly { timeline }
+    } else {
+        Probe::Primary { timeline }
+    }
+}
+
+/// The last probe of a shard's serving primary.
+#[derive(Debug, Clone, Copy)]
+struct Checked {
+    gen: u64,
+    started: Instant,
+    ok: bool,
+}
+
+/// A shard's failure detector and discovery state.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// One probe of the serving primary at a time; the last result.
+    last: tokio::sync::Mutex<Option<Checked>>,
+    /// Wakes the monitor (a report, or a revocation that needs discovery).
+    wake: Notify,
+    /// The buffer cycle whose revocation discovery must resolve (0: none).
+    discover_cycle: AtomicU64,
+    /// The highest timeline a writable host of this shard was seen on.
+    max_timeline: AtomicU32,
+}
+
+impl Health {
+    pub(crate) fn saw_timeline(&self, t: u32) {
+        self.max_timeline.fetch_max(t, SeqCst);
+    }
+}
+
+/// A session's report about `gen`'s primary: counts it and wakes the monitor, which
+/// checks the primary at once. For sessions that do not need the verdict.
+pub fn report(shard: &Shard, what: Report) {
+    count_signal(shard, what);
+    shard.health.wake.notify_one();
+}
+
+fn count_signal(shard: &Shard, what: Report) {
+    metrics::counter!(metric::SIGNALS, "shard" => shard.name.clone(), "signal" => what.as_str())
+        .increment(1);
+}
+
+/// A session's report about `gen`'s primary when it must know the verdict: probes the
+/// primary (or reuses a probe that started after the report) and revokes it if it is
+/// gone. True when `gen` no longer takes new transactions — what was refused may then go
+/// to the next primary.
+pub async fn suspect(shared: &Shared, shard: &Shard, gen: &Generation, what: Report) -> bool {
+    count_signal(shard, what);
+    check(shared, shard, gen, Instant::now(), what.as_str()).await
+}
+
+/// Probes `gen`'s primary unless a probe started at or after `since` already answered;
+/// revokes it when it fails. True when `gen` no longer serves.
+async fn check(
+    shared: &Shared,
+    shard: &Shard,
+    gen: &Generation,
+    since: Instant,
+    source: &'static str,
+) -> bool {
+    if !shard.is_serving(gen) {
+        return true;
+    }
+    let mut last = shard.health.last.lock().await;
+    if !shard.is_serving(gen) {
+        return true;
+    }
+    if let Some(c) = *last {
+        if c.gen == gen.id && c.started >= since {
+            return !c.ok || !shard.is_serving(gen);
+        }
+    }
+    let started = Instant::now();
+    let cfg = &shared.config;
+    let result = probe(&cfg.switchover, &gen.primary, cfg.health.timeout).await;
+    metrics::counter!(metric::HEALTH_CHECKS, "shard" => shard.name.clone(), "result" => result.label())
+        .increment(1);
+    if let Probe::Primary { timeline } | Probe::ReadOnly { timeline } = result {
+        shard.health.saw_timeline(timeline);
+    }
+    if let Probe::Refused(e) = &result {
+        tracing::warn!(shard = %shard.name, error = %e, "health check refused by the primary (it is up; check HANDOFF_ADMIN_DB_USER)");
+    }
+    let failure = result.failure();
+    *last = Some(Checked {
+        gen: gen.id,
+        started,
+        ok: failure.is_none(),
+    });
+    drop(last);
+    match failure {
+        None => !shard.is_serving(gen),
+        Some(why) => {
+            let reason = format!("{why} ({source})");
+            revoke(shared, shard, gen.epoch, &reason);
+            true
+        }
+    }
+}
+
+/// Revokes the shard's primary at `epoch` because it failed, and hands the shard to
+/// discovery. Transactions still running on it get `HANDOFF_DRAIN_TIMEOUT` to finish.
+pub(crate) fn revoke(shared: &Shared, shard: &Shard, epoch: u64, reason: &str) {
+    match crate::control::revoke(shared, shard, Some(epoch), reason) {
+        Ok(r) => {
+            r.gen.mark_lost(reason);
+            shard.health.discover_cycle.store(r.cycle, SeqCst);
+            shard.health.wake.notify_one();
+            let gen = Arc::clone(&r.gen);
+            let timeout = shared.config.drain_timeout;
+            tokio::spawn(async move {
+                let l = crate::control::lameduck(&gen, timeout).await;
+                if l.cancelled > 0 {
+                    tracing::warn!(
+                        cancelled = l.cancelled,
+                        "transactions on the failed primary cancelled after HANDOFF_DRAIN_TIMEOUT"
+                    );
+                }
+            });
+        }
+        // Someone else revoked first (a duplicate report): nothing to do.
+        Err(e) => tracing::debug!(shard = %shard.name, error = %e, "failure report ignored"),
+    }
+}
+
+/// Settings of the failure detector.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub discovery_interval: Duration,
+}
+
+/// Startup: the configured hosts are probed and the writable one on the highest timeline
+/// becomes the initial primary (the first host listed is only a hint, used when a host
+/// is up but refuses the probe and none qualifies). `Err(reason)`: no primary now.
+pub async fn initial_primary(
+    cfg: &SwitchoverSettings,
+    health: &HealthSettings,
+    hosts: &[HostPort],
+) -> Result<(HostPort, u32), String> {
+    let handles: Vec<JoinHandle<Probe>> = hosts
+        .iter()
+        .map(|h| {
+            let (cfg, h, t) = (cfg.clone(), h.clone(), health.timeout);
+            tokio::spawn(async move { probe(&cfg, &h, t).await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(hosts.len());
+    for h in handles {
+        results.push(
+            h.await
+                .unwrap_or_else(|e| Probe::Unreachable(format!("probe failed: {e}"))),
+        );
+    }
+    if let Some((h, t)) = choose(hosts, &results, 0) {
+        return Ok((h, t));
+    }
+    if results.iter().any(|r| matches!(r, Probe::Refused(_))) {
+        return Ok((hosts[0].clone(), 0));
+    }
+    Err(results
+        .iter()
+        .zip(hosts)
+        .map(|(r, h)| match r {
+            Probe::Unreachable(e) => e.clone(),
+            other => format!("{h}: {}", other.label().replace('_', " ")),
+        })
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+/// The writable host on the highest timeline, at least `min_timeline`; ties go to the
+/// earlier host in configuration order.
+fn choose(hosts: &[HostPort], results: &[Probe], min_timeline: u32) -> Option<(HostPort, u32)> {
+    let mut best: Option<(usize, u32)> = None;
+    for (i, r) in results.iter().enumerate() {
+        if let Probe::Primary { timeline } = r {
+            if *timeline >= min_timeline && best.is_none_or(|(_, t)| *timeline > t) {
+                best = Some((i, *timeline));
+            }
+        }
+    }
+    best.map(|(i, t)| (hosts[i].clone(), t))
+}
+
+/// The shard's monitor: health checks while it serves, discovery while a failure
+/// revocation is unresolved. Ends at shutdown.
+pub(crate) async fn monitor(shared: Arc<Shared>, shard: Arc<Shard>, shutdown: Signal) {
+    let settings = shared.config.health.clone();
+    let mut was_unavailable = false;
+    loop {
+        if shutdown.phase() >= Phase::Draining {
+            return;
+        }
+        let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+        let discovering = matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
+            && shard.health.discover_cycle.load(SeqCst) == snap.cycle;
+        if snap.state == StateKind::Unavailable && !was_unavailable {
+            tracing::warn!(shard = %shard.name, reason = %snap.reason, "shard unavailable: no primary within HANDOFF_BUFFER_MAX_FAILOVER_DURATION; requests get 57P03 while discovery goes on");
+        }
+        was_unavailable = snap.state == StateKind::Unavailable;
+        if discovering {
+            discover(
+                &shared, &shard, snap.epoch, snap.cycle, snap.since, &shutdown,
+            )
+            .await;
+            continue;
+        }
+        let wait = if matches!(snap.state, StateKind::Serving | StateKind::Draining) {
+            settings.interval
+        } else {
+            settings.discovery_interval
+        };
+        let since = Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shard.health.wake.notified() => {}
+            _ = reach(shutdown.clone()) => return,
+        }
+        if let Some(gen) = shard.serving() {
+            // A report wakes us: a probe that starts now answers it.
+            check(&shared, &shard, &gen, since, "health_check").await;
+        }
+    }
+}
+
+async fn reach(mut s: Signal) {
+    s.reached(Phase::Draining).await
+}
+
+/// Probes every host of the shard until one qualifies, then establishes it. Returns
+/// when it did, when someone else ended the revocation, or at shutdown.
+async fn discover(
+    shared: &Arc<Shared>,
+    shard: &Arc<Shard>,
+    epoch: u64,
+    cycle: u64,
+    since: Instant,
+    shutdown: &Signal,
+) {
+    let settings = shared.config.health.clone();
+    let hosts = shard.hosts.clone();
+    let mut running: Vec<Option<JoinHandle<Probe>>> = (0..hosts.len()).map(|_| None).collect();
+    let mut last: Vec<Option<Probe>> = vec![None; hosts.len()];
+    let mut tick = tokio::time::interval(settings.discovery_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(shard = %shard.name, epoch, "discovering the new primary");
+    let abort_all = |running: &mut Vec<Option<JoinHandle<Probe>>>| {
+        for h in running.iter_mut().flatten() {
+            h.abort();
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = reach(shutdown.clone()) => { abort_all(&mut running); return; }
+        }
+        let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+        if snap.cycle != cycle
+            || !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
+        {
+            tracing::info!(shard = %shard.name, state = snap.state.as_str(), "discovery stopped: the revocation was resolved by another event");
+            abort_all(&mut running);
+            return;
+        }
+        // Collect finished probes, start new ones for idle hosts.
+        let mut fresh = false;
+        for (i, slot) in running.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|h| h.is_finished()) {
+                let h = slot.take().expect("checked");
+                if let Ok(p) = h.await {
+                    metrics::counter!(metric::DISCOVERY_PROBES, "shard" => shard.name.clone(), "result" => p.label())
+                        .increment(1);
+                    if let Probe::Primary { timeline } = p {
+                        shard.health.saw_timeline(timeline);
+                    }
+                    last[i] = Some(p);
+                    fresh = true;
+                }
+            }
+            if slot.is_none() {
+                let cfg = shared.config.switchover.clone();
+                let addr = hosts[i].clone();
+                let timeout = settings.timeout;
+                *slot = Some(tokio::spawn(
+                    async move { probe(&cfg, &addr, timeout).await },
+                ));
+            }
+        }
+        if !fresh {
+            continue;
+        }
+        let results: Vec<Probe> = last
+            .iter()
+            .map(|p| {
+                p.clone()
+                    .unwrap_or(Probe::Unreachable("not probed yet".into()))
+            })
+            .collect();
+        let min = shard.health.max_timeline.load(SeqCst);
+        let Some((primary, timeline)) = choose(&hosts, &results, min) else {
+            continue;
+        };
+        abort_all(&mut running);
+        // Forget this cycle before establishing, so the monitor does not start again.
+        shard.health.discover_cycle.store(0, SeqCst);
+        match crate::control::establish(shared, shard, Some(epoch), primary.clone()).await {
+            Ok(e) => {
+                let took = since.elapsed();
+                metrics::histogram!(metric::FAILOVER_SECONDS, "shard" => shard.name.clone())
+                    .record(took.as_secs_f64());
+                metrics::counter!(metric::FAILOVERS, "shard" => shard.name.clone(), "result" => "established")
+                    .increment(1);
+                tracing::info!(shard = %shard.name, %primary, timeline, epoch = e.epoch, failover_ms = took.as_millis() as u64, prewarmed = e.prewarmed, "discovery established the new primary");
+            }
+            Err(e) => {
+                tracing::info!(shard = %shard.name, error = %e, "discovery's establishment was refused (another event won)");
+            }
+        }
+        return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hp(port: u16) -> HostPort {
+        HostPort {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn choose_takes_the_highest_writable_timeline_never_a_lower_one() {
+        let hosts = [hp(1), hp(2), hp(3)];
+        let r = [
+            Probe::Primary { timeline: 1 },
+            Probe::Primary { timeline: 2 },
+            Probe::InRecovery,
+        ];
+        assert_eq!(choose(&hosts, &r, 0), Some((hp(2), 2)));
+        // A returning old primary on timeline 1 never wins once timeline 2 was seen.
+        let r = [
+            Probe::Primary { timeline: 1 },
+            Probe::Unreachable("x".into()),
+            Probe::InRecovery,
+        ];
+        assert_eq!(choose(&hosts, &r, 2), None);
+        // Read-only and refused hosts never qualify; ties go to configuration order.
+        let r = [
+            Probe::ReadOnly { timeline: 3 },
+            Probe::Refused("auth".into()),
+            Probe::Primary { timeline: 2 },
+        ];
+        assert_eq!(choose(&hosts, &r, 2), Some((hp(3), 2)));
+        let r = [
+            Probe::Primary { timeline: 2 },
+            Probe::Primary { timeline: 2 },
+            Probe::InRecovery,
+        ];
+        assert_eq!(choose(&hosts, &r, 0), Some((hp(1), 2)));
+    }
+
+    #[test]
+    fn only_reachable_writable_hosts_pass_a_health_check() {
+        assert_eq!(Probe::Primary { timeline: 1 }.failure(), None);
+        assert_eq!(Probe::Refused("53300".into()).failure(), None);
+        assert!(Probe::ReadOnly { timeline: 1 }
+            .failure()
+            .unwrap()
+            .contains("read-only"));
+        assert!(Probe::InRecovery.failure().unwrap().contains("recovery"));
+        assert!(Probe::Unreachable("refused".into())
+            .failure()
+            .unwrap()
+            .contains("unreachable"));
+    }
+}
