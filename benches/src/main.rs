@@ -28,6 +28,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                              [--pool-size 20]
        handoff-bench switchover [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
                                 [--targets handoff,pgbouncer,direct]
+       handoff-bench failover   [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
+                                [--promote-after 1s] [--targets handoff,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
@@ -245,10 +247,13 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Some("switchover") => {
+        Some(cmd @ ("switchover" | "failover")) => {
             use clap::Parser;
+            let crash = (cmd == "failover").then(|| "--crash".to_string());
             match switchover::Args::try_parse_from(
-                std::iter::once("handoff-bench switchover".to_string()).chain(args),
+                std::iter::once("handoff-bench switchover".to_string())
+                    .chain(crash)
+                    .chain(args),
             ) {
                 Ok(a) => switchover::run(a).await,
                 Err(e) => {

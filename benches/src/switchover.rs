@@ -5,6 +5,13 @@
 //! - `direct`: clients with a multi-host connection string
 //!   (`target_session_attrs=read-write`), the primary stopped and the standby promoted.
 //!
+//! With `--crash` (`handoff-bench failover`) the event is an unplanned failover instead:
+//! the primary's processes are killed with `kill -9`, and the standby is promoted
+//! `--promote-after` later, as an HA system would. handoff finds the new primary itself;
+//! PgBouncer is pointed at it (RELOAD) right after the promotion; direct clients
+//! reconnect through their multi-host connection string. The primary replicates
+//! synchronously, so an acknowledged write must survive.
+//!
 //! Prints errors, the longest stall, p99.9 and max latency, and the time to get back to
 //! 90% of the throughput before the switchover; writes one JSON and one plot.
 
@@ -42,6 +49,21 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long)]
     pub quiet: bool,
+    /// An unplanned failover (kill -9 of the primary, then promotion) instead of a
+    /// planned switchover.
+    #[arg(long)]
+    pub crash: bool,
+    /// With --crash: how long after the crash the standby is promoted.
+    #[arg(long, default_value = "1s", value_parser = run::events::parse_duration)]
+    pub promote_after: Duration,
+}
+
+/// Shell commands that crash `node` (kill -9 of the postmaster and all its children).
+fn crash_command(node: &handoff_tests::Node) -> String {
+    format!(
+        "pm=$(head -1 {d}/postmaster.pid); kill -9 $pm $(pgrep -P $pm)",
+        d = node.data.display()
+    )
 }
 
 /// The prefix that runs a server command as the `postgres` user when we are root (the
@@ -58,9 +80,10 @@ pub fn as_server_user() -> &'static str {
     }
 }
 
-/// Seconds from the event's start until a 0.5 s window reaches 90% of the throughput
-/// of the 2 s before it. `None` if it never does within the run.
-pub fn recovery(r: &TargetResult) -> Option<f64> {
+/// Seconds from the event's start plus `after` (the promotion, for a crash) until a
+/// 0.5 s window reaches 90% of the throughput of the 2 s before the event. `None` if it
+/// never does within the run.
+pub fn recovery(r: &TargetResult, after: f64) -> Option<f64> {
     let e = r.events.first()?;
     let tl = &r.summary.timeline;
     let bucket = tl.get(1).map(|p| p.t - tl[0].t).unwrap_or(0.1).max(1e-3);
@@ -77,10 +100,11 @@ pub fn recovery(r: &TargetResult) -> Option<f64> {
         return None;
     }
     let last = tl.last()?.t;
-    let mut t = e.started;
+    let from = e.started + after;
+    let mut t = from;
     while t + 0.5 <= last + bucket {
         if per_s(t, t + 0.5) >= 0.9 * before {
-            return Some(t - e.started);
+            return Some(t - from);
         }
         t += bucket;
     }
@@ -100,8 +124,23 @@ pub async fn run(args: Args) -> Result<()> {
     let mut events = Vec::new();
     let pg_ctl = |c: &Cluster| c.bin.bin("pg_ctl").display().to_string();
     for name in &wanted {
-        let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
+        let cluster = tokio::task::block_in_place(|| -> Result<Cluster> {
+            let c = Cluster::start(1)?;
+            if args.crash {
+                c.make_synchronous()?;
+            }
+            Ok(c)
+        })?;
         let port = free_port()?;
+        let as_pg = as_server_user();
+        // Crash, wait as an HA system would, promote.
+        let crash_promote = format!(
+            "{crash}; sleep {delay}; {as_pg}{ctl} -D {s} -w promote",
+            crash = crash_command(&cluster.primary),
+            delay = args.promote_after.as_secs_f64(),
+            ctl = pg_ctl(&cluster),
+            s = cluster.standbys[0].data.display(),
+        );
         match *name {
             "handoff" => {
                 let admin = free_port()?;
@@ -112,18 +151,35 @@ pub async fn run(args: Args) -> Result<()> {
                     format!("postgres://postgres@127.0.0.1:{port}/postgres"),
                 ));
                 let body = format!("{{\"to\": \"{}\"}}", cluster.standbys[0].addr());
+                let command = if args.crash {
+                    crash_promote.clone()
+                } else {
+                    format!("POST http://127.0.0.1:{admin}/v1/shards/main/switchover {body}")
+                };
                 events.push((
                     "handoff".to_string(),
                     Event {
                         at: args.at,
-                        command: format!(
-                            "POST http://127.0.0.1:{admin}/v1/shards/main/switchover {body}"
-                        ),
+                        command,
                     },
                 ));
             }
             "pgbouncer" => {
-                let (pgb, script) = pgbouncer_for_switchover(&cluster, port).await?;
+                let (pgb, mut script) = pgbouncer_for_switchover(&cluster, port).await?;
+                if args.crash {
+                    // No PAUSE: nobody knew in advance. Repoint after the promotion.
+                    let ini = cluster.dir().join("pgbouncer.ini");
+                    let console = format!(
+                        "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
+                        cluster.bin.bin("psql").display()
+                    );
+                    script = format!(
+                        "{crash_promote}; sed -i 's/port={old}/port={new}/' {ini}; {console} RELOAD",
+                        old = cluster.primary.port,
+                        new = cluster.standbys[0].port,
+                        ini = ini.display(),
+                    );
+                }
                 keep.push(pgb);
                 targets.push((
                     "pgbouncer".to_string(),
@@ -146,17 +202,21 @@ pub async fn run(args: Args) -> Result<()> {
                         cluster.standbys[0].addr()
                     ),
                 ));
-                let as_pg = as_server_user();
+                let command = if args.crash {
+                    crash_promote.clone()
+                } else {
+                    format!(
+                        "set -e; {as_pg}{ctl} -D {p} -m fast -w stop; {as_pg}{ctl} -D {s} -w promote",
+                        ctl = pg_ctl(&cluster),
+                        p = cluster.primary.data.display(),
+                        s = cluster.standbys[0].data.display(),
+                    )
+                };
                 events.push((
                     "direct".to_string(),
                     Event {
                         at: args.at,
-                        command: format!(
-                            "set -e; {as_pg}{ctl} -D {p} -m fast -w stop; {as_pg}{ctl} -D {s} -w promote",
-                            ctl = pg_ctl(&cluster),
-                            p = cluster.primary.data.display(),
-                            s = cluster.standbys[0].data.display(),
-                        ),
+                        command,
                     },
                 ));
             }
@@ -178,8 +238,24 @@ pub async fn run(args: Args) -> Result<()> {
     let results = run::run(run_args).await?;
     println!();
     println!(
-        "{:<10} {:>8} {:>7} {:>10} {:>9} {:>9} {:>11} {:>9}  switchover",
-        "target", "tps", "errors", "stall ms", "p99.9 ms", "max ms", "recover s", "lost"
+        "{:<10} {:>8} {:>7} {:>10} {:>9} {:>9} {:>11} {:>9}  {}",
+        "target",
+        "tps",
+        "errors",
+        "stall ms",
+        "p99.9 ms",
+        "max ms",
+        if args.crash {
+            "recover s*"
+        } else {
+            "recover s"
+        },
+        "lost",
+        if args.crash {
+            "crash and promotion"
+        } else {
+            "switchover"
+        }
     );
     for r in &results {
         let ev = r.events.first();
@@ -191,7 +267,15 @@ pub async fn run(args: Args) -> Result<()> {
             r.summary.stall_ms,
             r.summary.p999,
             r.summary.max,
-            recovery(r).map_or("never".to_string(), |s| format!("{s:.2}")),
+            recovery(
+                r,
+                if args.crash {
+                    args.promote_after.as_secs_f64()
+                } else {
+                    0.0
+                }
+            )
+            .map_or("never".to_string(), |s| format!("{s:.2}")),
             r.lost_writes.len(),
             ev.map_or(String::new(), |e| format!(
                 "{:.2}s..{:.2}s ({:.0} ms, exit {:?})",
@@ -203,7 +287,7 @@ pub async fn run(args: Args) -> Result<()> {
         );
     }
     for r in &results {
-        if r.name == "handoff" {
+        if r.name == "handoff" && !args.crash {
             if let Some(e) = r.events.first() {
                 println!("\nhandoff's switchover report:\n{}", e.output.trim());
             }
@@ -211,6 +295,12 @@ pub async fn run(args: Args) -> Result<()> {
         for (k, n) in &r.errors {
             println!("  {}: {n} × {k}", r.name);
         }
+    }
+    if args.crash {
+        println!(
+            "\n* recover s: from the promotion ({:?} after the crash) to 90% of the throughput before the crash",
+            args.promote_after
+        );
     }
     drop(keep);
     drop(clusters);

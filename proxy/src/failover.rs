@@ -150,7 +150,10 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
                 Some(db) => {
                     Probe::Refused(format!("{addr}: {} ({})", db.message(), db.code().code()))
                 }
-                None => Probe::Unreachable(format!("{addr}: {e}")),
+                None => Probe::Unreachable(match std::error::Error::source(&e) {
+                    Some(cause) => format!("{addr}: {e}: {cause}"),
+                    None => format!("{addr}: {e}"),
+                }),
             }
         }
         Ok(Ok(row)) => row,
@@ -193,6 +196,8 @@ pub struct Health {
     discover_cycle: AtomicU64,
     /// The highest timeline a writable host of this shard was seen on.
     max_timeline: AtomicU32,
+    /// The last health check was refused (warned once).
+    refused: std::sync::atomic::AtomicBool,
 }
 
 impl Health {
@@ -251,8 +256,15 @@ async fn check(
     if let Probe::Primary { timeline } | Probe::ReadOnly { timeline } = result {
         shard.health.saw_timeline(timeline);
     }
+    let refused = matches!(result, Probe::Refused(_));
     if let Probe::Refused(e) = &result {
-        tracing::warn!(shard = %shard.name, error = %e, "health check refused by the primary (it is up; check HANDOFF_ADMIN_DB_USER)");
+        // Once per run of refusals, not every interval.
+        if !shard.health.refused.swap(true, SeqCst) {
+            tracing::warn!(shard = %shard.name, error = %e, "health check refused by the primary (it is up; check HANDOFF_ADMIN_DB_USER)");
+        }
+    }
+    if !refused {
+        shard.health.refused.store(false, SeqCst);
     }
     let failure = result.failure();
     *last = Some(Checked {
@@ -263,6 +275,9 @@ async fn check(
     drop(last);
     match failure {
         None => !shard.is_serving(gen),
+        // Only the generation that was probed is revoked: a switchover may have
+        // replaced it (even at the same epoch, after a rollback) while the probe ran.
+        Some(_) if !shard.is_serving(gen) => true,
         Some(why) => {
             let reason = format!("{why} ({source})");
             revoke(shared, shard, gen.epoch, &reason);

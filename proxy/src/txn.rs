@@ -168,9 +168,10 @@ impl Probation {
         self.ready = false;
     }
 
-    /// Sending the request, message by message (or part by part).
+    /// Sending the request, message by message (or part by part, up to the end of its
+    /// last message).
     fn record(&mut self, bytes: &[u8]) {
-        if self.active && !self.complete {
+        if self.active {
             if self.raw.len() + bytes.len() > MAX_RETRY_BYTES {
                 self.active = false;
             } else {
@@ -179,9 +180,10 @@ impl Probation {
         }
     }
 
-    /// Waiting for the outcome: the client's further bytes stay unread.
-    fn waiting(&self) -> bool {
-        self.active && self.complete
+    /// Waiting for the outcome once the request's last message is through
+    /// (`at_boundary`): the client's further bytes stay unread.
+    fn waiting(&self, at_boundary: bool) -> bool {
+        self.active && self.complete && at_boundary
     }
 
     /// Stops holding; returns what was held (to go to the client first).
@@ -878,7 +880,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
     // made again only when the session moves to another generation.
     let mut killed: Option<(u64, KillFuture)> = None;
     let end = loop {
-        if !client.rbuf.is_empty() && !txn.probe.waiting() {
+        if !client.rbuf.is_empty() && !txn.probe.waiting(cscan.at_boundary()) {
             match client_bytes(&mut client, &mut cscan, &mut txn).await {
                 Ok(true) => {}
                 Ok(false) => break End::Terminated,
@@ -909,7 +911,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         }
         // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
         // consumed nothing.
-        let reading = !txn.probe.waiting();
+        let reading = !txn.probe.waiting(cscan.at_boundary());
         tokio::select! {
             r = client.stream.readable(), if reading => {
                 if r.is_err() {
@@ -925,6 +927,10 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                 let b = txn.backend.as_mut().expect("guarded by `attached`");
                 b.conn.stream.read_buf(&mut sbuf).await
             }, if attached => match r {
+                Ok(0) | Err(_) if txn.server_fatal && txn.fatal.is_none() => {
+                    // The server ended the connection with a FATAL the client has seen.
+                    break End::ServerGone;
+                }
                 Ok(0) | Err(_) => {
                     // The primary went away under a request: an error for that request
                     // (it may have committed), and the session goes on.
@@ -1013,7 +1019,7 @@ async fn client_bytes(
     loop {
         // The transaction's first request is complete and may yet be re-sent: what the
         // client sends next waits until its outcome is known.
-        if txn.probe.waiting() {
+        if txn.probe.waiting(scan.at_boundary()) {
             break;
         }
         let local = !matches!(txn.local, Local::None);
@@ -1546,16 +1552,21 @@ async fn server_bytes(
                     let code = f.code().unwrap_or("?????");
                     m::count_error("server", code);
                     if matches!(f.severity(), Some("FATAL" | "PANIC")) {
-                        // The connection is about to close: the client hears of it
-                        // then, as an error for its request, and keeps its session.
                         txn.server_fatal = true;
-                        txn.fatal = Some((
-                            code.to_string(),
-                            f.message().unwrap_or("no message").to_string(),
-                        ));
                         crate::failover::report(txn.state, Report::ServerFatal);
-                        emit(client, txn, &buf[run..pos]).await?;
-                        run = pos + len;
+                        if code.starts_with("57P") {
+                            // The server is going away (shutdown, crash, terminate):
+                            // the client hears of it when the connection closes, as an
+                            // error for its request, and keeps its session. Any other
+                            // FATAL (e.g. the client's own protocol violation) is the
+                            // client's, and ends it.
+                            txn.fatal = Some((
+                                code.to_string(),
+                                f.message().unwrap_or("no message").to_string(),
+                            ));
+                            emit(client, txn, &buf[run..pos]).await?;
+                            run = pos + len;
+                        }
                     } else if refusal.is_some() && !txn.probe.active {
                         crate::failover::report(
                             txn.state,
