@@ -534,3 +534,64 @@ async fn a_read_only_refusal_is_retried_outside_a_transaction_and_never_inside_o
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_establishment_wins_over_discovery() {
+    let mut cluster = Cluster::start(1).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    // Discovery probes once at the start of the failover, then not for an hour.
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_HEALTH_CHECK_INTERVAL", "200ms"),
+            ("HANDOFF_DISCOVERY_INTERVAL", "1h"),
+        ],
+    )
+    .await
+    .unwrap();
+    let c = client(&proxy).await;
+    cluster.primary.crash().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the crash to be detected",
+        || async { Ok(shard_state(&proxy).await["state"] == "buffering") },
+    )
+    .await
+    .unwrap();
+    let held = tokio::spawn(async move {
+        c.execute("INSERT INTO handoff_load (client, seq) VALUES (9, 9)", &[])
+            .await
+    });
+    cluster.promote(0).unwrap();
+    // The operator says where the primary is, with the epoch it saw.
+    let standby = cluster.standbys[0].addr();
+    let (status, body) = handoff_tests::raw::http_body(
+        proxy.admin_addr(),
+        "POST",
+        "/v1/shards/main/primary",
+        None,
+        &format!("{{\"addr\": \"{standby}\", \"epoch\": 1}}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    held.await
+        .unwrap()
+        .expect("the held insert runs on the new primary");
+    let s = shard_state(&proxy).await;
+    assert_eq!(
+        (s["primary"].as_str(), s["epoch"].as_u64()),
+        (Some(standby.as_str()), Some(2))
+    );
+    // Discovery did not establish anything.
+    assert_eq!(
+        metric(
+            &proxy,
+            "handoff_failovers_total",
+            &["result=\"established\""]
+        )
+        .await,
+        0.0
+    );
+    proxy.shutdown().await;
+}
