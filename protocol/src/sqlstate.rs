@@ -24,6 +24,10 @@ pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 /// program_limit_exceeded
 pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+/// A client idle inside a transaction for too long.
+pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
+/// A client idle outside a transaction for too long.
+pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
 /// query_canceled
 pub const QUERY_CANCELED: &str = "57014";
 /// admin_shutdown

@@ -56,6 +56,31 @@ pub const VARIABLES: &[Variable] = &[
         help: "most client connections at once; beyond it clients get SQLSTATE 53300",
     },
     Variable {
+        name: "HANDOFF_MAX_USER_CLIENT_CONN",
+        default: "0",
+        help: "most client connections per user at once (0: no limit); beyond it 53300",
+    },
+    Variable {
+        name: "HANDOFF_MAX_DB_CLIENT_CONN",
+        default: "0",
+        help: "most client connections per client database at once (0: no limit); beyond it 53300",
+    },
+    Variable {
+        name: "HANDOFF_CLIENT_IDLE_TIMEOUT",
+        default: "0",
+        help: "a client idle outside a transaction this long is disconnected with 57P05 (0: never)",
+    },
+    Variable {
+        name: "HANDOFF_IDLE_TRANSACTION_TIMEOUT",
+        default: "0",
+        help: "a client idle inside a transaction this long is disconnected with 25P03 and its transaction rolled back (0: never)",
+    },
+    Variable {
+        name: "HANDOFF_MAX_MESSAGE_SIZE",
+        default: "64MB",
+        help: "largest client message handoff must parse whole (Parse, Bind, Describe, Close); larger ones get 54000 and the connection is closed",
+    },
+    Variable {
         name: "HANDOFF_POOL_MODE",
         default: "transaction",
         help: "'transaction' (server connection per transaction) or 'session' (per client)",
@@ -331,6 +356,14 @@ pub struct Config {
     /// `None`: clients are not asked for a password (loopback listen only).
     pub users: Option<HashMap<String, UserSecret>>,
     pub max_client_conn: usize,
+    /// Client connections per user and per client database (0: no limit).
+    pub max_user_client_conn: usize,
+    pub max_db_client_conn: usize,
+    /// Idle limits for clients (zero: none).
+    pub client_idle_timeout: Duration,
+    pub idle_transaction_timeout: Duration,
+    /// Largest client message the proxy parses whole.
+    pub max_message_size: usize,
     pub pool_mode: PoolMode,
     pub pool: PoolSettings,
     /// The failover buffer's settings (`HANDOFF_BUFFER_*`).
@@ -451,6 +484,16 @@ impl Config {
                 }
             };
         let pool_size = count("HANDOFF_POOL_SIZE", 20, 1)?;
+        let max_user_client_conn = count("HANDOFF_MAX_USER_CLIENT_CONN", 0, 0)?;
+        let max_db_client_conn = count("HANDOFF_MAX_DB_CLIENT_CONN", 0, 0)?;
+        let max_message_size = parse_size(get("HANDOFF_MAX_MESSAGE_SIZE").unwrap_or("64MB"))
+            .map_err(|r| invalid("HANDOFF_MAX_MESSAGE_SIZE", r))?;
+        if !(1024..=1 << 30).contains(&max_message_size) {
+            return Err(invalid(
+                "HANDOFF_MAX_MESSAGE_SIZE",
+                "must be between 1kB and 1GB",
+            ));
+        }
         let min_idle = count("HANDOFF_POOL_MIN_IDLE", 0, 0)?;
         if min_idle > pool_size {
             return Err(invalid(
@@ -485,6 +528,8 @@ impl Config {
         }
         let buffer = parse_buffer(&env, &shards, pool.size)?;
         let drain_timeout = duration("HANDOFF_DRAIN_TIMEOUT", "5s")?;
+        let client_idle_timeout = duration("HANDOFF_CLIENT_IDLE_TIMEOUT", "0")?;
+        let idle_transaction_timeout = duration("HANDOFF_IDLE_TRANSACTION_TIMEOUT", "0")?;
         let health = crate::failover::HealthSettings {
             interval: duration("HANDOFF_HEALTH_CHECK_INTERVAL", "1s")?,
             timeout: duration("HANDOFF_HEALTH_CHECK_TIMEOUT", "2s")?,
@@ -544,6 +589,11 @@ impl Config {
             default_route,
             users,
             max_client_conn,
+            max_user_client_conn,
+            max_db_client_conn,
+            client_idle_timeout,
+            idle_transaction_timeout,
+            max_message_size,
             pool_mode,
             pool,
             buffer,

@@ -19,6 +19,7 @@ pub mod config;
 mod conn;
 mod control;
 mod failover;
+mod limits;
 mod listener;
 pub mod metrics;
 pub mod pool;
@@ -57,6 +58,8 @@ pub(crate) struct Shared {
     pub shards: Vec<Arc<shard::Shard>>,
     /// The failover buffer of every shard.
     pub buffer: handoff_buffer::Buffer,
+    /// Client connections per user and database.
+    pub limits: limits::Limits,
 }
 
 impl Shared {
@@ -158,6 +161,7 @@ impl Proxy {
             decoy: ScramVerifier::from_password("")?,
             shards,
             buffer,
+            limits: limits::Limits::default(),
         });
         let admin_state = Arc::new(admin::AdminState {
             token: shared.config.admin_token.clone(),

@@ -13,6 +13,10 @@ pub const CLIENT_CONNECTIONS_TOTAL: &str = "handoff_client_connections_total";
 pub const CLIENT_REJECTED_TOTAL: &str = "handoff_client_connections_rejected_total";
 /// Failed client logins (counter).
 pub const AUTH_FAILURES_TOTAL: &str = "handoff_auth_failures_total";
+/// Clients disconnected by an idle timeout, by `kind` (`client_idle`, `idle_transaction`).
+pub const CLIENT_TIMEOUTS_TOTAL: &str = "handoff_client_timeouts_total";
+/// Client messages refused for exceeding HANDOFF_MAX_MESSAGE_SIZE.
+pub const MESSAGES_TOO_LARGE_TOTAL: &str = "handoff_messages_too_large_total";
 /// Server connections open now (gauge).
 pub const SERVER_CONNECTIONS: &str = "handoff_server_connections";
 /// Server connection attempts that failed (counter).

@@ -44,6 +44,10 @@ pub enum End {
     Shutdown,
     /// The primary was revoked and the session is between transactions: it may move.
     Revoked,
+    /// The client was idle longer than a configured timeout; it was told so.
+    Timeout,
+    /// The client sent a message larger than the proxy parses; it was told so.
+    TooLarge,
 }
 
 /// What the relay tracks about the conversation: transaction status and timings.

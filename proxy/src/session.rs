@@ -97,6 +97,19 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
             return;
         }
     };
+    let _slot = match shared.limits.admit(
+        &startup.user,
+        &startup.database,
+        cfg.max_user_client_conn,
+        cfg.max_db_client_conn,
+    ) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::info!(error = %err.message, "client refused");
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+    };
     tracing::Span::current().record("user", startup.user.as_str());
     tracing::Span::current().record("database", startup.database.as_str());
     match cfg.pool_mode {

@@ -871,7 +871,11 @@ pub(crate) fn run_boxed<'a>(
 /// Relays a logged-in transaction-mode client until it leaves.
 pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) -> End {
     client.release_buffers();
-    let mut cscan = Scanner::new(MAX_CLIENT_MESSAGE, MAX_CLIENT_MESSAGE);
+    let mut cscan = Scanner::new(txn.shared.config.max_message_size, MAX_CLIENT_MESSAGE);
+    let (client_idle_timeout, idle_transaction_timeout) = (
+        txn.shared.config.client_idle_timeout,
+        txn.shared.config.idle_transaction_timeout,
+    );
     let mut sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
     let mut sbuf = BytesMut::new();
     let mut watched = Phase::Draining;
@@ -912,6 +916,28 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
         // consumed nothing.
         let reading = !txn.probe.waiting(cscan.at_boundary());
+        // Idle limits (off by default: no timer on the hot path then).
+        let quiet = cscan.at_boundary() && client.rbuf.is_empty();
+        let in_txn_idle = quiet
+            && match txn.backend {
+                Some(_) => {
+                    txn.pending == 0 && !txn.in_extended && txn.status != TransactionStatus::Idle
+                }
+                None => matches!(txn.local, Local::Aborted(_)),
+            };
+        let limit = if idle && matches!(txn.local, Local::None) && !client_idle_timeout.is_zero() {
+            Some((client_idle_timeout, "client_idle"))
+        } else if in_txn_idle && !idle_transaction_timeout.is_zero() {
+            Some((idle_transaction_timeout, "idle_transaction"))
+        } else {
+            None
+        };
+        let idle_timer = async move {
+            match limit {
+                Some((d, _)) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = client.stream.readable(), if reading => {
                 if r.is_err() {
@@ -963,6 +989,24 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
             _ = &mut phase_change, if phase < watched => {
                 watched = Phase::Closing;
                 phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
+            }
+            _ = idle_timer => {
+                let kind = limit.map_or("", |l| l.1);
+                metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, "kind" => kind).increment(1);
+                let err = if kind == "client_idle" {
+                    ProxyError::fatal(
+                        sqlstate::IDLE_SESSION_TIMEOUT,
+                        format!("terminating connection due to idle-session timeout (HANDOFF_CLIENT_IDLE_TIMEOUT is {client_idle_timeout:?})"),
+                    )
+                } else {
+                    ProxyError::fatal(
+                        sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                        format!("terminating connection due to idle-in-transaction timeout (HANDOFF_IDLE_TRANSACTION_TIMEOUT is {idle_transaction_timeout:?}); the transaction was rolled back"),
+                    )
+                };
+                tracing::info!(kind, "client idle timeout");
+                send_error(&mut client.stream, &err).await;
+                break End::Timeout;
             }
             _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached => {
                 let server_clean = sscan.at_boundary();
@@ -1043,6 +1087,25 @@ async fn client_bytes(
             Step::Pass { len, tag } => (tag, len, false),
             Step::Message { tag, len } => (Some(tag), len, true),
         };
+        if let (Some(t), false) = (tag, whole) {
+            if !local && inspect_client(t) {
+                // A message the proxy must parse whole, over the limit: the stream
+                // cannot be followed past it.
+                metrics::counter!(m::MESSAGES_TOO_LARGE_TOTAL).increment(1);
+                flush_to_server(txn).await?;
+                write_client(client, &answers).await?;
+                let max = txn.shared.config.max_message_size;
+                let err = ProxyError::fatal(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!(
+                        "a '{}' message larger than HANDOFF_MAX_MESSAGE_SIZE ({max} bytes) cannot be relayed",
+                        t as char
+                    ),
+                );
+                send_error(&mut client.stream, &err).await;
+                return Err(End::TooLarge);
+            }
+        }
         if let Some(t) = tag {
             if t == ftag::TERMINATE {
                 pos += len;

@@ -212,3 +212,165 @@ async fn unreachable_primary_and_slow_login_get_clear_errors() {
     );
     proxy.shutdown().await;
 }
+
+fn msg(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default()
+}
+
+/// A simple Query message.
+fn query(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+#[tokio::test]
+async fn connection_limits_and_message_size_give_precise_errors() {
+    let cluster = Cluster::start(0).unwrap();
+    cluster.primary.psql("CREATE ROLE other LOGIN").unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_MAX_USER_CLIENT_CONN", "2"),
+            ("HANDOFF_MAX_DB_CLIENT_CONN", "3"),
+            ("HANDOFF_MAX_MESSAGE_SIZE", "1kB"),
+        ],
+    )
+    .await
+    .unwrap();
+    let as_user = |user: &'static str| {
+        let url = conn_str(&proxy.listen_addr(), user, "postgres", None);
+        async move {
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            tokio::spawn(conn);
+            Ok::<Client, tokio_postgres::Error>(c)
+        }
+    };
+    let a = as_user("postgres").await.unwrap();
+    let b = as_user("postgres").await.unwrap();
+    let err = as_user("postgres").await.err().unwrap();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    assert!(
+        msg(&err).contains("HANDOFF_MAX_USER_CLIENT_CONN"),
+        "{err:?}"
+    );
+    // The database's limit (3) counts every user.
+    let o = as_user("other").await.unwrap();
+    let err = as_user("other").await.err().unwrap();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{err:?}");
+    assert!(msg(&err).contains("HANDOFF_MAX_DB_CLIENT_CONN"), "{err:?}");
+    // A slot frees when its client leaves.
+    drop(b);
+    let b = eventually_connect(|| as_user("postgres")).await;
+    still_works(&b, 1).await;
+    still_works(&o, 2).await;
+
+    // A message the proxy must parse (Parse) over HANDOFF_MAX_MESSAGE_SIZE: 54000 and
+    // that client is closed; a long simple Query is relayed, not parsed.
+    let long = format!("select '{}'::text", "x".repeat(2000));
+    let rows = a.simple_query(&long).await.unwrap();
+    let values: Vec<usize> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::len),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, [2000]);
+    let err = b.prepare(&long).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::PROGRAM_LIMIT_EXCEEDED),
+        "{err:?}"
+    );
+    assert!(msg(&err).contains("HANDOFF_MAX_MESSAGE_SIZE"), "{err:?}");
+    assert!(b.is_closed() || b.simple_query("select 1").await.is_err());
+    still_works(&a, 3).await;
+    proxy.shutdown().await;
+}
+
+async fn eventually_connect<F, Fut>(f: F) -> Client
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Client, tokio_postgres::Error>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match f().await {
+            Ok(c) => return c,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no slot freed: {e:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_clients_and_idle_transactions_time_out() {
+    let cluster = Cluster::start(0).unwrap();
+    cluster.primary.psql("CREATE TABLE idle_t (n int)").unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_CLIENT_IDLE_TIMEOUT", "1s"),
+            ("HANDOFF_IDLE_TRANSACTION_TIMEOUT", "300ms"),
+        ],
+    )
+    .await
+    .unwrap();
+    // Idle in a transaction: 25P03, and the transaction is rolled back.
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    raw.send(&query("BEGIN; INSERT INTO idle_t VALUES (1)"))
+        .await
+        .unwrap();
+    raw.drain_until_ready().await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), raw.expect_error_then_close())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(err.code(), Some("25P03"), "{:?}", err.message());
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(err
+        .message()
+        .unwrap()
+        .contains("HANDOFF_IDLE_TRANSACTION_TIMEOUT"));
+    eventually(Duration::from_secs(5), "the rollback", || async {
+        Ok(cluster.primary.psql("select count(*) from idle_t")? == "0"
+            && cluster.primary.psql(
+                "select count(*) from pg_stat_activity where state like 'idle in transaction%'",
+            )? == "0")
+    })
+    .await
+    .unwrap();
+
+    // Idle outside a transaction: 57P05 after HANDOFF_CLIENT_IDLE_TIMEOUT; a busy client
+    // is not affected.
+    let mut idle = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
+    let busy = connect(&proxy).await.unwrap();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        still_works(&busy, 7).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = tokio::time::timeout(Duration::from_secs(5), idle.expect_error_then_close())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(err.code(), Some("57P05"), "{:?}", err.message());
+    assert!(err
+        .message()
+        .unwrap()
+        .contains("HANDOFF_CLIENT_IDLE_TIMEOUT"));
+    proxy.shutdown().await;
+}

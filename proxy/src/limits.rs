@@ -1,0 +1,122 @@
+//! Per-user and per-database client connection limits (`HANDOFF_MAX_USER_CLIENT_CONN`,
+//! `HANDOFF_MAX_DB_CLIENT_CONN`). A logged-in client holds a [`Slot`] for its whole
+//! session; the counts go down when it is dropped.
+
+use dashmap::DashMap;
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::sqlstate;
+
+use crate::metrics as m;
+
+/// Client connections by user and by client database.
+#[derive(Debug, Default)]
+pub struct Limits {
+    users: DashMap<String, usize>,
+    databases: DashMap<String, usize>,
+}
+
+/// One client's place in the counts.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    limits: &'a Limits,
+    user: String,
+    database: String,
+}
+
+fn take(map: &DashMap<String, usize>, key: &str, max: usize) -> bool {
+    let mut n = map.entry(key.to_string()).or_insert(0);
+    if max > 0 && *n >= max {
+        return false;
+    }
+    *n += 1;
+    true
+}
+
+fn give_back(map: &DashMap<String, usize>, key: &str) {
+    map.remove_if_mut(key, |_, n| {
+        *n = n.saturating_sub(1);
+        *n == 0
+    });
+}
+
+impl Limits {
+    /// Counts a client of `user` on `database`, or refuses it (53300 naming the limit).
+    pub fn admit(
+        &self,
+        user: &str,
+        database: &str,
+        max_user: usize,
+        max_db: usize,
+    ) -> Result<Slot<'_>, ProxyError> {
+        if !take(&self.users, user, max_user) {
+            metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_user_client_conn")
+                .increment(1);
+            return Err(ProxyError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections for role \"{user}\" (HANDOFF_MAX_USER_CLIENT_CONN is {max_user})"
+                ),
+            ));
+        }
+        if !take(&self.databases, database, max_db) {
+            give_back(&self.users, user);
+            metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_db_client_conn")
+                .increment(1);
+            return Err(ProxyError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "too many connections for database \"{database}\" (HANDOFF_MAX_DB_CLIENT_CONN is {max_db})"
+                ),
+            ));
+        }
+        Ok(Slot {
+            limits: self,
+            user: user.to_string(),
+            database: database.to_string(),
+        })
+    }
+
+    /// Client connections of `user` now.
+    #[cfg(test)]
+    fn user_count(&self, user: &str) -> usize {
+        self.users.get(user).map_or(0, |n| *n)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        give_back(&self.limits.users, &self.user);
+        give_back(&self.limits.databases, &self.database);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_count_per_user_and_database_and_free_on_drop() {
+        let l = Limits::default();
+        let a = l.admit("app", "db1", 2, 0).unwrap();
+        let b = l.admit("app", "db2", 2, 0).unwrap();
+        let e = l.admit("app", "db1", 2, 0).unwrap_err();
+        assert_eq!(e.code, "53300");
+        assert!(e.message.contains("HANDOFF_MAX_USER_CLIENT_CONN"));
+        drop(a);
+        let c = l.admit("app", "db1", 2, 1).unwrap();
+        // db1 is full (1); the refused client does not keep a user slot.
+        let e = l.admit("other", "db1", 2, 1).unwrap_err();
+        assert!(
+            e.message.contains("HANDOFF_MAX_DB_CLIENT_CONN"),
+            "{}",
+            e.message
+        );
+        assert_eq!(l.user_count("other"), 0);
+        drop((b, c));
+        assert_eq!(l.user_count("app"), 0);
+        // 0 means no limit.
+        let many: Vec<_> = (0..50).map(|_| l.admit("x", "y", 0, 0).unwrap()).collect();
+        assert_eq!(l.user_count("x"), 50);
+        drop(many);
+    }
+}
