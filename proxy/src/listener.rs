@@ -33,10 +33,26 @@ pub(crate) async fn run(
     let permits = Arc::new(Semaphore::new(shared.config.max_client_conn));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let mut backoff = Duration::from_millis(5);
+    let mut tracker = Some(tracker);
     loop {
+        // While draining, new clients are still answered (57P01), not left to time out
+        // in the backlog; the listener itself does not keep the drain waiting.
+        let draining = tracker.is_none();
+        let next = if draining {
+            Phase::Closing
+        } else {
+            Phase::Draining
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.reached(Phase::Draining) => break,
+            _ = shutdown.reached(next) => {
+                if draining {
+                    break;
+                }
+                tracing::info!("listener refusing new clients: shutting down");
+                tracker = None;
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(ok) => {
@@ -50,6 +66,23 @@ pub(crate) async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
+        };
+        if draining {
+            metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "shutdown").increment(1);
+            if let Ok(slot) = Arc::clone(&rejecting).try_acquire_owned() {
+                tokio::spawn(async move {
+                    let err = ProxyError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "handoff is shutting down: connect to another instance",
+                    );
+                    refuse(stream, peer, err).await;
+                    drop(slot);
+                });
+            }
+            continue;
+        }
+        let Some(tracker) = tracker.as_ref() else {
+            continue;
         };
         match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
@@ -77,7 +110,14 @@ pub(crate) async fn run(
                 if let Ok(slot) = Arc::clone(&rejecting).try_acquire_owned() {
                     let limit = shared.config.max_client_conn;
                     tokio::spawn(async move {
-                        reject_over_limit(stream, peer, limit).await;
+                        tracing::info!(client.addr = %peer, limit, "client refused: too many connections");
+                        let err = ProxyError::fatal(
+                            sqlstate::TOO_MANY_CONNECTIONS,
+                            format!(
+                                "sorry, too many clients already (HANDOFF_MAX_CLIENT_CONN={limit})"
+                            ),
+                        );
+                        refuse(stream, peer, err).await;
                         drop(slot);
                     });
                 }
@@ -87,9 +127,10 @@ pub(crate) async fn run(
     tracing::info!("listener stopped accepting");
 }
 
-/// Tells an over-limit client why it is refused. The startup packet is read first (with
-/// a short timeout) so the client is reading when the error arrives.
-async fn reject_over_limit(stream: TcpStream, peer: SocketAddr, limit: usize) {
+/// Tells a client why it is refused (over the limit, or shutting down). The startup
+/// packet is read first (with a short timeout) so the client is reading when the error
+/// arrives.
+async fn refuse(stream: TcpStream, peer: SocketAddr, err: ProxyError) {
     let mut conn = Conn::new(stream);
     let read = async {
         loop {
@@ -110,10 +151,6 @@ async fn reject_over_limit(stream: TcpStream, peer: SocketAddr, limit: usize) {
     ) {
         return;
     }
-    tracing::info!(client.addr = %peer, limit, "client refused: too many connections");
-    let err = ProxyError::fatal(
-        sqlstate::TOO_MANY_CONNECTIONS,
-        format!("sorry, too many clients already (HANDOFF_MAX_CLIENT_CONN={limit})"),
-    );
+    tracing::debug!(client.addr = %peer, code = err.code, "client refused");
     session::send_error(&mut conn.stream, &err).await;
 }

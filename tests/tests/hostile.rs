@@ -147,16 +147,36 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
     let mut cases: Vec<(String, Vec<u8>, &[&str])> = vec![
         ("startup length 0".into(), vec![0, 0, 0, 0], &["08P01"]),
         ("startup length 3".into(), vec![0, 0, 0, 3], &["08P01"]),
-        ("startup length 7".into(), vec![0, 0, 0, 7, 0, 3, 0], &["08P01"]),
-        ("startup length 2^31-1".into(), vec![0x7f, 0xff, 0xff, 0xff], &["08P01"]),
-        ("startup length -1".into(), vec![0xff, 0xff, 0xff, 0xff], &["08P01"]),
-        ("startup length i32::MIN".into(), vec![0x80, 0, 0, 0], &["08P01"]),
+        (
+            "startup length 7".into(),
+            vec![0, 0, 0, 7, 0, 3, 0],
+            &["08P01"],
+        ),
+        (
+            "startup length 2^31-1".into(),
+            vec![0x7f, 0xff, 0xff, 0xff],
+            &["08P01"],
+        ),
+        (
+            "startup length -1".into(),
+            vec![0xff, 0xff, 0xff, 0xff],
+            &["08P01"],
+        ),
+        (
+            "startup length i32::MIN".into(),
+            vec![0x80, 0, 0, 0],
+            &["08P01"],
+        ),
         (
             "protocol 4.0".into(),
             startup_bytes(&[user], 0x0004_0000, true),
             &["08P01", "0A000"],
         ),
-        ("no user".into(), startup_bytes(&[(b"database", b"postgres")], 196608, true), &["08P01"]),
+        (
+            "no user".into(),
+            startup_bytes(&[(b"database", b"postgres")], 196608, true),
+            &["08P01"],
+        ),
         (
             "invalid UTF-8 value".into(),
             startup_bytes(&[(b"user", b"\xff\xfe")], 196608, true),
@@ -188,7 +208,11 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
     let mut rng = Rng(0x5eed_cafe);
     for i in 0..30 {
         let n = 1 + (rng.next() % 300) as usize;
-        cases.push((format!("random startup bytes #{i} ({n} bytes)"), rng.bytes(n), &[]));
+        cases.push((
+            format!("random startup bytes #{i} ({n} bytes)"),
+            rng.bytes(n),
+            &[],
+        ));
     }
     // Each case on its own connection; the count is reported by the test output.
     let mut run = 0;
@@ -213,10 +237,22 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
     let after_login: Vec<(String, Vec<u8>, Option<&str>)> = vec![
         ("length 0".into(), vec![b'Q', 0, 0, 0, 0], Some("08P01")),
         ("length 3".into(), vec![b'Q', 0, 0, 0, 3], Some("08P01")),
-        ("length 2^31-1".into(), vec![b'Q', 0x7f, 0xff, 0xff, 0xff], Some("08P01")),
-        ("length -1".into(), vec![b'P', 0xff, 0xff, 0xff, 0xff], Some("08P01")),
+        (
+            "length 2^31-1".into(),
+            vec![b'Q', 0x7f, 0xff, 0xff, 0xff],
+            Some("08P01"),
+        ),
+        (
+            "length -1".into(),
+            vec![b'P', 0xff, 0xff, 0xff, 0xff],
+            Some("08P01"),
+        ),
         ("unknown tag".into(), vec![b'!', 0, 0, 0, 4], Some("08P01")),
-        ("unknown tag with a body".into(), vec![0xee, 0, 0, 0, 6, 1, 2], Some("08P01")),
+        (
+            "unknown tag with a body".into(),
+            vec![0xee, 0, 0, 0, 6, 1, 2],
+            Some("08P01"),
+        ),
         (
             "Parse without its fields".into(),
             vec![b'P', 0, 0, 0, 5, b'x'],
@@ -289,7 +325,9 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
     // request, and the session goes on (as with PostgreSQL directly).
     let mut batch = vec![b'P', 0, 0, 0, 16, 0];
     batch.extend_from_slice(b"select 1\0\0\0");
-    batch.extend_from_slice(&[b'B', 0, 0, 0, 11, 0, 0, 0, 0, 0x7f, 0xff, 0, b'S', 0, 0, 0, 4]);
+    batch.extend_from_slice(&[
+        b'B', 0, 0, 0, 11, 0, 0, 0, 0, 0x7f, 0xff, 0, b'S', 0, 0, 0, 4,
+    ]);
     raw.send(&batch).await.unwrap();
     let mut code = None;
     loop {
@@ -301,9 +339,11 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
         }
     }
     assert_eq!(code.as_deref(), Some("08P01"));
-    raw.send(&[b'Q', 0, 0, 0, 13, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1', 0])
-        .await
-        .unwrap();
+    raw.send(&[
+        b'Q', 0, 0, 0, 13, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1', 0,
+    ])
+    .await
+    .unwrap();
     raw.drain_until_ready().await.unwrap();
     run += 1;
 
@@ -332,16 +372,20 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
     // second storm does not grow memory (no leak per connection).
     let baseline = gauge(&proxy, "handoff_client_connections").await;
     storm(addr, 2000, 1).await;
-    eventually(Duration::from_secs(15), "storm connections to close", || async {
-        Ok(gauge(&proxy, "handoff_client_connections").await <= baseline)
-    })
+    eventually(
+        Duration::from_secs(15),
+        "storm connections to close",
+        || async { Ok(gauge(&proxy, "handoff_client_connections").await <= baseline) },
+    )
     .await
     .unwrap();
     let after_first = rss_kib();
     storm(addr, 2000, 2).await;
-    eventually(Duration::from_secs(15), "storm connections to close", || async {
-        Ok(gauge(&proxy, "handoff_client_connections").await <= baseline)
-    })
+    eventually(
+        Duration::from_secs(15),
+        "storm connections to close",
+        || async { Ok(gauge(&proxy, "handoff_client_connections").await <= baseline) },
+    )
     .await
     .unwrap();
     let after_second = rss_kib();
@@ -357,7 +401,10 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
 
     stop.store(true, Ordering::Relaxed);
     let good = worker.await.unwrap().unwrap();
-    assert!(done.load(Ordering::Relaxed) > 50, "the good client barely ran");
+    assert!(
+        done.load(Ordering::Relaxed) > 50,
+        "the good client barely ran"
+    );
     good.simple_query("select 1").await.unwrap();
     assert!(run >= 70);
     proxy.shutdown().await;

@@ -93,3 +93,145 @@ async fn timeout_closes_sessions_stuck_in_a_transaction() {
     .await
     .unwrap();
 }
+
+/// The `handoff` binary next to this test binary (built if it is not there yet).
+fn handoff_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("handoff");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-p", "handoff", "--bin", "handoff"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "building the handoff binary failed");
+    }
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_64_clients_finishes_transactions_and_refuses_new_clients() {
+    let cluster = Cluster::start(0).unwrap();
+    cluster
+        .primary
+        .psql("CREATE TABLE term_t (id bigserial PRIMARY KEY, client int)")
+        .unwrap();
+    let port = handoff_tests::pg::free_port().unwrap();
+    let admin = handoff_tests::pg::free_port().unwrap();
+    let mut child = std::process::Command::new(handoff_binary())
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
+        .env("HANDOFF_POOL_SIZE", "16")
+        .env("HANDOFF_SHUTDOWN_TIMEOUT", "10s")
+        .env("HANDOFF_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let url = conn_str(&addr, "postgres", "postgres", None);
+    eventually(Duration::from_secs(20), "handoff to listen", || {
+        let url = url.clone();
+        async move { Ok(tokio_postgres::connect(&url, NoTls).await.is_ok()) }
+    })
+    .await
+    .unwrap();
+
+    // 64 clients in explicit transactions that take a while (sleep inside).
+    let mut tasks = Vec::new();
+    for c in 0..64i32 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            let mut acked = Vec::new();
+            loop {
+                // Between transactions the session may be closed (57P01, or the
+                // socket closing right after it): that is the end of this client.
+                let tx = match client.transaction().await {
+                    Ok(tx) => tx,
+                    Err(e) => return (acked, e.code().cloned(), None),
+                };
+                let r: Result<i64, tokio_postgres::Error> = async {
+                    let id: i64 = tx
+                        .query_one(
+                            "INSERT INTO term_t (client) VALUES ($1) RETURNING id",
+                            &[&c],
+                        )
+                        .await?
+                        .get(0);
+                    tx.batch_execute("SELECT pg_sleep(0.05)").await?;
+                    tx.commit().await?;
+                    Ok(id)
+                }
+                .await;
+                match r {
+                    Ok(id) => acked.push(id),
+                    // Inside a transaction: must not happen.
+                    Err(e) => return (acked, e.code().cloned(), Some(format!("{e:?}"))),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = std::time::Instant::now();
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // New clients are refused with 57P01 while the others finish.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = tokio_postgres::connect(&url, NoTls).await.err();
+    if let Some(e) = &refused {
+        // Refused by the proxy (57P01), or the listener is already gone.
+        assert!(
+            e.code() == Some(&SqlState::ADMIN_SHUTDOWN) || e.code().is_none(),
+            "{e:?}"
+        );
+    } else {
+        panic!("a new client was accepted during shutdown");
+    }
+    let mut acked = Vec::new();
+    let mut told = 0;
+    for t in tasks {
+        let (ids, code, mid_transaction) = tokio::time::timeout(Duration::from_secs(20), t)
+            .await
+            .unwrap()
+            .unwrap();
+        acked.extend(ids);
+        // Each client ends between transactions, told 57P01 (or seeing the close that
+        // follows it); none lost a transaction mid-way.
+        assert_eq!(
+            mid_transaction, None,
+            "a transaction failed during shutdown"
+        );
+        assert!(
+            code.is_none() || code == Some(SqlState::ADMIN_SHUTDOWN),
+            "{code:?}"
+        );
+        told += usize::from(code.is_some());
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let took = sent.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(10), "exit took {took:?}");
+    // Every acknowledged commit is there.
+    let count: usize = cluster
+        .primary
+        .psql("select count(*) from term_t")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(count >= acked.len() && !acked.is_empty());
+    assert!(told > 0, "no client was told 57P01");
+    eprintln!(
+        "{} transactions acknowledged; exit {took:?} after SIGTERM",
+        acked.len()
+    );
+}
