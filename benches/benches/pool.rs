@@ -57,7 +57,11 @@ fn bench(c: &mut Criterion) {
             lifetime: Duration::ZERO,
             max_prepared: 16,
         };
-        let pools = Box::leak(Box::new(Pools::new(settings, Duration::from_secs(5))));
+        let pools = Box::leak(Box::new(Pools::new(
+            settings,
+            Duration::from_secs(5),
+            Default::default(),
+        )));
         let key = PoolKey {
             user: "bench".into(),
             database: "bench".into(),

@@ -56,6 +56,31 @@ pub const VARIABLES: &[Variable] = &[
         help: "most client connections at once; beyond it clients get SQLSTATE 53300",
     },
     Variable {
+        name: "HANDOFF_TLS_MODE",
+        default: "disable",
+        help: "TLS for clients: disable (SSLRequest answered N), allow (TLS when asked), require (plaintext clients refused with 28000)",
+    },
+    Variable {
+        name: "HANDOFF_TLS_CERT",
+        default: "unset",
+        help: "PEM certificate chain for client TLS (read again on SIGHUP)",
+    },
+    Variable {
+        name: "HANDOFF_TLS_KEY",
+        default: "unset",
+        help: "PEM private key for client TLS (read again on SIGHUP)",
+    },
+    Variable {
+        name: "HANDOFF_SERVER_TLS",
+        default: "disable",
+        help: "TLS to PostgreSQL servers, as libpq's sslmode: disable, prefer, require, verify-ca, verify-full",
+    },
+    Variable {
+        name: "HANDOFF_SERVER_TLS_CA",
+        default: "unset",
+        help: "PEM CA certificates that server certificates must chain to (verify-ca, verify-full)",
+    },
+    Variable {
         name: "HANDOFF_MAX_USER_CLIENT_CONN",
         default: "0",
         help: "most client connections per user at once (0: no limit); beyond it 53300",
@@ -364,6 +389,7 @@ pub struct Config {
     pub idle_transaction_timeout: Duration,
     /// Largest client message the proxy parses whole.
     pub max_message_size: usize,
+    pub tls: TlsSettings,
     pub pool_mode: PoolMode,
     pub pool: PoolSettings,
     /// The failover buffer's settings (`HANDOFF_BUFFER_*`).
@@ -379,9 +405,51 @@ pub struct Config {
     pub log: String,
 }
 
+/// TLS towards clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTlsMode {
+    Disable,
+    Allow,
+    Require,
+}
+
+/// TLS towards servers (libpq's `sslmode` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerTlsMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl ServerTlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// TLS settings (files are read at startup and, for clients, on SIGHUP).
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub client_mode: ClientTlsMode,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    pub server_mode: ServerTlsMode,
+    pub server_ca: Option<std::path::PathBuf>,
+}
+
 /// How handoff runs a switchover itself.
 #[derive(Debug, Clone)]
 pub struct SwitchoverSettings {
+    /// TLS for these connections (set from `HANDOFF_SERVER_TLS*` at startup).
+    pub tls: crate::tls::ServerTls,
     pub max_lag: u64,
     pub timeout: Duration,
     pub terminate: bool,
@@ -529,6 +597,63 @@ impl Config {
         let buffer = parse_buffer(&env, &shards, pool.size)?;
         let drain_timeout = duration("HANDOFF_DRAIN_TIMEOUT", "5s")?;
         let client_idle_timeout = duration("HANDOFF_CLIENT_IDLE_TIMEOUT", "0")?;
+        let client_mode = match get("HANDOFF_TLS_MODE").unwrap_or("disable") {
+            "disable" => ClientTlsMode::Disable,
+            "allow" => ClientTlsMode::Allow,
+            "require" => ClientTlsMode::Require,
+            other => {
+                return Err(invalid(
+                    "HANDOFF_TLS_MODE",
+                    format!("'{other}' is not one of disable, allow, require"),
+                ))
+            }
+        };
+        let server_mode = match get("HANDOFF_SERVER_TLS").unwrap_or("disable") {
+            "disable" => ServerTlsMode::Disable,
+            "prefer" => ServerTlsMode::Prefer,
+            "require" => ServerTlsMode::Require,
+            "verify-ca" => ServerTlsMode::VerifyCa,
+            "verify-full" => ServerTlsMode::VerifyFull,
+            other => {
+                return Err(invalid(
+                    "HANDOFF_SERVER_TLS",
+                    format!(
+                        "'{other}' is not one of disable, prefer, require, verify-ca, verify-full"
+                    ),
+                ))
+            }
+        };
+        let path = |name: &str| get(name).map(std::path::PathBuf::from);
+        let tls = TlsSettings {
+            client_mode,
+            cert: path("HANDOFF_TLS_CERT"),
+            key: path("HANDOFF_TLS_KEY"),
+            server_mode,
+            server_ca: path("HANDOFF_SERVER_TLS_CA"),
+        };
+        if client_mode != ClientTlsMode::Disable {
+            for (name, v) in [
+                ("HANDOFF_TLS_CERT", &tls.cert),
+                ("HANDOFF_TLS_KEY", &tls.key),
+            ] {
+                if v.is_none() {
+                    return Err(invalid(
+                        name,
+                        "required when HANDOFF_TLS_MODE is not disable",
+                    ));
+                }
+            }
+        }
+        if matches!(
+            server_mode,
+            ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull
+        ) && tls.server_ca.is_none()
+        {
+            return Err(invalid(
+                "HANDOFF_SERVER_TLS_CA",
+                "required with HANDOFF_SERVER_TLS=verify-ca or verify-full",
+            ));
+        }
         let idle_transaction_timeout = duration("HANDOFF_IDLE_TRANSACTION_TIMEOUT", "0")?;
         let health = crate::failover::HealthSettings {
             interval: duration("HANDOFF_HEALTH_CHECK_INTERVAL", "1s")?,
@@ -571,6 +696,7 @@ impl Config {
             .map(str::to_string)
             .or(password);
         let switchover = SwitchoverSettings {
+            tls: Default::default(),
             max_lag,
             timeout: switchover_timeout,
             terminate,
@@ -594,6 +720,7 @@ impl Config {
             client_idle_timeout,
             idle_transaction_timeout,
             max_message_size,
+            tls,
             pool_mode,
             pool,
             buffer,

@@ -2,11 +2,120 @@
 //! phases of both client and server connections. The relay phase does not use it: it
 //! takes the socket and the buffered leftover bytes and streams from there.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::BytesMut;
 use handoff_protocol::framing::{decode_frame, decode_startup, StartupPacket};
 use handoff_protocol::{Frame, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+/// A connection's byte stream: plain TCP, or TLS over it (to a client, where handoff is
+/// the TLS server, or to a PostgreSQL server, where it is the TLS client).
+#[derive(Debug)]
+pub enum Stream {
+    /// Only while a connection is being upgraded to TLS (or after that failed).
+    Closed,
+    Plain(TcpStream),
+    ToClient(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    ToServer(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::ToClient(_) | Stream::ToServer(_))
+    }
+
+    /// True when the peer has sent nothing (no bytes, no close) that is waiting to be
+    /// read. Never blocks; may consume a byte that is there (the caller then discards
+    /// the connection anyway).
+    pub fn is_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        match self {
+            Stream::Plain(s) => {
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Stream::Closed => false,
+            other => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = ReadBuf::new(&mut probe);
+                matches!(Pin::new(other).poll_read(&mut cx, &mut buf), Poll::Pending)
+            }
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Closed => Poll::Ready(Ok(())),
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::ToClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::ToServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::ToClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::ToServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Closed => Poll::Ready(Ok(())),
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::ToClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::ToServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Closed => Poll::Ready(Ok(())),
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::ToClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::ToServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::ToClient(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::ToServer(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Closed => false,
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::ToClient(s) => s.is_write_vectored(),
+            Stream::ToServer(s) => s.is_write_vectored(),
+        }
+    }
+}
 
 /// Largest message accepted during startup and authentication.
 pub const MAX_STARTUP_MESSAGE: usize = 64 * 1024;
@@ -25,7 +134,7 @@ pub enum ConnError {
 /// A socket and what has been read from it but not consumed yet.
 #[derive(Debug)]
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read but not yet decoded; handed to the relay when startup ends.
     pub rbuf: BytesMut,
     /// Scratch space for encoding outgoing messages.
@@ -34,10 +143,29 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: TcpStream) -> Self {
+        Self::with_stream(Stream::Plain(stream))
+    }
+
+    pub fn with_stream(stream: Stream) -> Self {
         Self {
             stream,
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
+        }
+    }
+
+    /// Upgrades a plain client connection to TLS (handoff is the TLS server).
+    pub async fn accept_tls(&mut self, acceptor: tokio_rustls::TlsAcceptor) -> io::Result<()> {
+        match std::mem::replace(&mut self.stream, Stream::Closed) {
+            Stream::Plain(tcp) => {
+                let tls = acceptor.accept(tcp).await?;
+                self.stream = Stream::ToClient(Box::new(tls));
+                Ok(())
+            }
+            other => {
+                self.stream = other;
+                Err(io::Error::other("the connection is not plain TCP"))
+            }
         }
     }
 

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tokio_postgres::NoTls;
 
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::shard::{Generation, Shard, StateKind};
@@ -131,10 +130,7 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
         c.password(p);
     }
     let work = async {
-        let (client, conn) = c.connect(NoTls).await?;
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let (client, task) = cfg.tls.pg_connect(&mut c).await?;
         let row = client.query_one(PROBE_SQL, &[]).await;
         drop(client);
         task.abort();
@@ -150,11 +146,14 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
                 Some(db) => {
                     Probe::Refused(format!("{addr}: {} ({})", db.message(), db.code().code()))
                 }
+                // A TLS failure is the server answering with a certificate (or a
+                // refusal) handoff does not accept: it is up, the setting is wrong.
+                None if e.to_string().contains("TLS") => Probe::Refused(format!("{addr}: {e}")),
                 None => Probe::Unreachable(match std::error::Error::source(&e) {
                     Some(cause) => format!("{addr}: {e}: {cause}"),
                     None => format!("{addr}: {e}"),
                 }),
-            }
+            };
         }
         Ok(Ok(row)) => row,
     };

@@ -31,6 +31,7 @@ mod session_move;
 pub mod shard;
 pub mod shutdown;
 mod switchover;
+pub mod tls;
 mod txn;
 
 use std::net::SocketAddr;
@@ -60,6 +61,9 @@ pub(crate) struct Shared {
     pub buffer: handoff_buffer::Buffer,
     /// Client connections per user and database.
     pub limits: limits::Limits,
+    /// TLS towards clients (reloadable) and towards servers.
+    pub client_tls: tls::ClientTls,
+    pub server_tls: tls::ServerTls,
 }
 
 impl Shared {
@@ -89,11 +93,14 @@ pub enum StartError {
     Random(#[from] handoff_protocol::auth::AuthError),
     #[error("failover buffer: {0}")]
     Buffer(#[from] handoff_buffer::ConfigError),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
+    shared: Arc<Shared>,
     listen_addr: SocketAddr,
     admin_addr: SocketAddr,
     trigger: Trigger,
@@ -106,7 +113,17 @@ pub struct Proxy {
 impl Proxy {
     /// Binds both listeners and starts serving. Port 0 picks a free port; see
     /// [`Proxy::listen_addr`] and [`Proxy::admin_addr`].
-    pub async fn start(config: Config) -> Result<Self, StartError> {
+    pub async fn start(mut config: Config) -> Result<Self, StartError> {
+        let client_tls = tls::ClientTls::new(
+            config.tls.client_mode,
+            config.tls.cert.as_deref(),
+            config.tls.key.as_deref(),
+        )
+        .map_err(StartError::Tls)?;
+        let server_tls =
+            tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())
+                .map_err(StartError::Tls)?;
+        config.switchover.tls = server_tls.clone();
         let prometheus = metrics::install();
         let listener =
             TcpListener::bind(config.listen)
@@ -133,7 +150,11 @@ impl Proxy {
             })?;
         let (trigger, signal) = shutdown::channel();
         let shutdown_timeout = config.shutdown_timeout;
-        let pools = pool::Pools::new(config.pool.clone(), config.connect_timeout);
+        let pools = pool::Pools::new(
+            config.pool.clone(),
+            config.connect_timeout,
+            server_tls.clone(),
+        );
         let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
         let buffer = handoff_buffer::Buffer::new(config.buffer.clone(), &names)?;
         // Startup discovery: the first host listed is only a hint.
@@ -162,6 +183,8 @@ impl Proxy {
             shards,
             buffer,
             limits: limits::Limits::default(),
+            client_tls,
+            server_tls,
         });
         let admin_state = Arc::new(admin::AdminState {
             token: shared.config.admin_token.clone(),
@@ -186,12 +209,14 @@ impl Proxy {
                 signal.clone(),
             ));
         }
+        let shared_for_reload = Arc::clone(&shared);
         let (tracker, done) = mpsc::channel(1);
         let buffer = shared.buffer.clone();
         tokio::spawn(listener::run(listener, shared, signal, tracker));
         tokio::spawn(admin::serve(admin, admin_state));
         tracing::info!(%listen_addr, %admin_addr, "handoff is listening");
         Ok(Self {
+            shared: Arc::clone(&shared_for_reload),
             listen_addr,
             admin_addr,
             trigger,
@@ -199,6 +224,19 @@ impl Proxy {
             done,
             shutdown_timeout,
         })
+    }
+
+    /// Reads the client TLS certificate and key again (SIGHUP): new connections use
+    /// the new ones, established ones keep theirs. On error the old ones stay.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let r = self.shared.client_tls.reload();
+        match &r {
+            Ok(()) => tracing::info!("TLS certificate reloaded"),
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS certificate reload failed: the old one stays")
+            }
+        }
+        r
     }
 
     /// Where clients connect.

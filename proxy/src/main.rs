@@ -101,19 +101,31 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
+    wait_for_signal(&proxy).await;
     proxy.shutdown().await;
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the client TLS certificate.
+async fn wait_for_signal(proxy: &Proxy) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        r = tokio::signal::ctrl_c() => {
-            if r.is_ok() {
-                tracing::info!("SIGINT received");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler can be installed");
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received");
+                return;
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the TLS certificate");
+                let _ = proxy.reload_tls();
+            }
+            r = tokio::signal::ctrl_c() => {
+                if r.is_ok() {
+                    tracing::info!("SIGINT received");
+                }
+                return;
             }
         }
     }

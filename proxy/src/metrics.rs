@@ -15,6 +15,8 @@ pub const CLIENT_REJECTED_TOTAL: &str = "handoff_client_connections_rejected_tot
 pub const AUTH_FAILURES_TOTAL: &str = "handoff_auth_failures_total";
 /// Clients disconnected by an idle timeout, by `kind` (`client_idle`, `idle_transaction`).
 pub const CLIENT_TIMEOUTS_TOTAL: &str = "handoff_client_timeouts_total";
+/// Client TLS handshakes that failed.
+pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "handoff_tls_handshake_failures_total";
 /// Client messages refused for exceeding HANDOFF_MAX_MESSAGE_SIZE.
 pub const MESSAGES_TOO_LARGE_TOTAL: &str = "handoff_messages_too_large_total";
 /// Server connections open now (gauge).

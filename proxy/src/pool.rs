@@ -57,12 +57,11 @@ impl Backend {
 
     /// True if the server has said nothing since the connection went idle: any byte or
     /// EOF means it is not safe to hand out.
-    fn is_quiet(&self) -> bool {
+    fn is_quiet(&mut self) -> bool {
         if !self.conn.rbuf.is_empty() {
             return false;
         }
-        let mut probe = [0u8; 1];
-        matches!(self.conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.conn.stream.is_quiet()
     }
 }
 
@@ -116,6 +115,7 @@ pub struct Pool {
     password: Option<String>,
     settings: PoolSettings,
     connect_timeout: Duration,
+    tls: crate::tls::ServerTls,
     state: Mutex<State>,
     gauges: Gauges,
     /// Its server is no longer the primary: connections are closed, not returned.
@@ -128,6 +128,7 @@ impl Pool {
         password: Option<String>,
         settings: PoolSettings,
         connect_timeout: Duration,
+        tls: crate::tls::ServerTls,
         shard: &str,
     ) -> Self {
         let label = format!("{}@{}/{}", key.user, key.database, shard);
@@ -142,6 +143,7 @@ impl Pool {
             password,
             settings,
             connect_timeout,
+            tls,
             state: Mutex::new(State::default()),
             gauges,
             retired: std::sync::atomic::AtomicBool::new(false),
@@ -167,6 +169,7 @@ impl Pool {
             params: &[],
             password: self.password.as_deref(),
             timeout: self.connect_timeout,
+            tls: &self.tls,
         };
         // Boxed: a login's state is large and rare; checkout's future stays small.
         match Box::pin(server::connect(login)).await {
@@ -194,7 +197,7 @@ impl Pool {
         let wait = {
             let mut st = self.lock();
             let mut got = None;
-            while let Some(idle) = st.idle.pop() {
+            while let Some(mut idle) = st.idle.pop() {
                 if idle.backend.is_quiet() {
                     got = Some(Grant::Conn(idle.backend));
                     break;
@@ -365,7 +368,7 @@ impl Pool {
             let (idle_timeout, lifetime) = (self.settings.idle_timeout, self.settings.lifetime);
             let before = st.idle.len();
             // Dropping a `Box<Backend>` closes its socket.
-            st.idle.retain(|i| {
+            st.idle.retain_mut(|i| {
                 let stale = (!idle_timeout.is_zero() && now - i.since >= idle_timeout)
                     || (!lifetime.is_zero() && i.backend.created.elapsed() >= lifetime);
                 !stale && i.backend.is_quiet()
@@ -410,14 +413,20 @@ pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
     settings: PoolSettings,
     connect_timeout: Duration,
+    tls: crate::tls::ServerTls,
 }
 
 impl Pools {
-    pub fn new(settings: PoolSettings, connect_timeout: Duration) -> Self {
+    pub fn new(
+        settings: PoolSettings,
+        connect_timeout: Duration,
+        tls: crate::tls::ServerTls,
+    ) -> Self {
         Self {
             map: DashMap::new(),
             settings,
             connect_timeout,
+            tls,
         }
     }
 
@@ -432,6 +441,7 @@ impl Pools {
                 password.map(str::to_string),
                 self.settings.clone(),
                 self.connect_timeout,
+                self.tls.clone(),
                 shard,
             ));
             tokio::spawn(maintain_forever(Arc::downgrade(&pool)));

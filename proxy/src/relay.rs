@@ -11,8 +11,7 @@ use handoff_protocol::error::{ErrorFields, ProxyError};
 use handoff_protocol::frontend::tag as ftag;
 use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{sqlstate, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::WriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::conn::Conn;
 use crate::metrics as m;
@@ -147,10 +146,40 @@ pub async fn run(
     shutdown: Signal,
     gen: &crate::shard::Generation,
 ) -> End {
-    let cbuf = &mut client.rbuf;
-    let sbuf = &mut server.rbuf;
-    let (mut cr, mut cw) = client.stream.split();
-    let (mut sr, mut sw) = server.stream.split();
+    use crate::conn::Stream;
+    let bufs = (&mut client.rbuf, &mut server.rbuf);
+    match (&mut client.stream, &mut server.stream) {
+        // Plain TCP on both sides: the sockets' own borrowed halves, no locking.
+        (Stream::Plain(c), Stream::Plain(s)) => {
+            let (cr, cw) = c.split();
+            let (sr, sw) = s.split();
+            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen).await
+        }
+        (c, s) => {
+            let (cr, cw) = tokio::io::split(c);
+            let (sr, sw) = tokio::io::split(s);
+            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_loop<CR, CW, SR, SW>(
+    mut cr: CR,
+    mut cw: CW,
+    mut sr: SR,
+    mut sw: SW,
+    (cbuf, sbuf): (&mut BytesMut, &mut BytesMut),
+    shard: &str,
+    shutdown: Signal,
+    gen: &crate::shard::Generation,
+) -> End
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
+{
     let mut revoked = false;
     let mut revocation = Box::pin(gen.revoked());
     let mut killed = Box::pin(gen.killed());
@@ -252,8 +281,8 @@ async fn reach(mut signal: Signal, phase: Phase) {
 async fn client_bytes(
     buf: &mut BytesMut,
     scan: &mut Scanner,
-    server: &mut WriteHalf<'_>,
-    client: &mut WriteHalf<'_>,
+    server: &mut (impl AsyncWrite + Unpin),
+    client: &mut (impl AsyncWrite + Unpin),
     txn: &mut Txn,
 ) -> Result<(), End> {
     let now = Instant::now();
@@ -298,7 +327,7 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
 async fn server_bytes(
     buf: &mut BytesMut,
     scan: &mut Scanner,
-    client: &mut WriteHalf<'_>,
+    client: &mut (impl AsyncWrite + Unpin),
     txn: &mut Txn,
 ) -> Result<(), End> {
     let mut pos = 0;
@@ -335,7 +364,10 @@ async fn server_bytes(
     forward(client, buf, pos, &mut txn.down).await
 }
 
-async fn server_protocol_error(client: &mut WriteHalf<'_>, e: &FrameError) -> Result<(), End> {
+async fn server_protocol_error(
+    client: &mut (impl AsyncWrite + Unpin),
+    e: &FrameError,
+) -> Result<(), End> {
     tracing::warn!(error = %e, "protocol error from server");
     let err = ProxyError::fatal(
         sqlstate::PROTOCOL_VIOLATION,
@@ -347,7 +379,7 @@ async fn server_protocol_error(client: &mut WriteHalf<'_>, e: &FrameError) -> Re
 
 /// Writes `buf[..len]` to `to` and drops it from the buffer.
 async fn forward(
-    to: &mut WriteHalf<'_>,
+    to: &mut (impl AsyncWrite + Unpin),
     buf: &mut BytesMut,
     len: usize,
     count: &mut u64,

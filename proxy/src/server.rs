@@ -24,6 +24,8 @@ pub struct Login<'a> {
     pub params: &'a [(String, String)],
     pub password: Option<&'a str>,
     pub timeout: Duration,
+    /// TLS towards the server (`HANDOFF_SERVER_TLS`).
+    pub tls: &'a crate::tls::ServerTls,
 }
 
 /// An authenticated server connection, ready for queries.
@@ -59,6 +61,8 @@ pub enum ServerError {
     Scram { addr: String, source: AuthError },
     #[error("protocol error from server {addr}: {source}")]
     Protocol { addr: String, source: ConnError },
+    #[error("TLS with server {addr} failed: {message}")]
+    Tls { addr: String, message: String },
 }
 
 impl ServerError {
@@ -103,7 +107,15 @@ async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, Serve
         addr: addr.to_string(),
         source,
     })?;
-    let mut conn = Conn::new(stream);
+    let stream = login
+        .tls
+        .negotiate(stream, &login.addr.host)
+        .await
+        .map_err(|e| ServerError::Tls {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
+    let mut conn = Conn::with_stream(stream);
     let proto = |source: ConnError| ServerError::Protocol {
         addr: addr.to_string(),
         source,

@@ -224,7 +224,7 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
             Err(e) => return Err(e.into()),
         };
         match packet {
-            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+            p @ (StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
                 // One negotiation only, and nothing may be pipelined behind it: bytes sent
                 // before our answer would be read as if they had been encrypted.
                 if negotiated || !client.rbuf.is_empty() {
@@ -234,7 +234,21 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
                     )));
                 }
                 negotiated = true;
-                client.send_raw(b"N").await.map_err(ConnError::from)?;
+                let acceptor = match p {
+                    StartupPacket::SslRequest => shared.client_tls.acceptor(),
+                    _ => None,
+                };
+                match acceptor {
+                    Some(acceptor) => {
+                        client.send_raw(b"S").await.map_err(ConnError::from)?;
+                        if let Err(e) = client.accept_tls(acceptor).await {
+                            metrics::counter!(m::TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
+                            tracing::info!(error = %e, "client TLS handshake failed");
+                            return Err(Failure::Gone);
+                        }
+                    }
+                    None => client.send_raw(b"N").await.map_err(ConnError::from)?,
+                }
             }
             StartupPacket::Cancel { pid, key } => {
                 let forwarded = shared
@@ -246,7 +260,20 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
                 return Ok(None);
             }
             StartupPacket::Startup { minor, params } => {
-                return startup_from_params(client, minor, params).await.map(Some)
+                if shared.client_tls.mode == crate::config::ClientTlsMode::Require
+                    && !client.stream.is_tls()
+                {
+                    metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "tls_required")
+                        .increment(1);
+                    return Err(Failure::Refuse(
+                        ProxyError::fatal(
+                            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                            "handoff accepts only TLS connections (HANDOFF_TLS_MODE=require)",
+                        )
+                        .hint("connect with sslmode=require (or verify-ca, verify-full)"),
+                    ));
+                }
+                return startup_from_params(client, minor, params).await.map(Some);
             }
         }
     }
@@ -357,7 +384,8 @@ pub(crate) fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyErr
         ),
         ServerError::Connect { .. }
         | ServerError::Timeout { .. }
-        | ServerError::Protocol { .. } => ProxyError::fatal(
+        | ServerError::Protocol { .. }
+        | ServerError::Tls { .. } => ProxyError::fatal(
             sqlstate::CONNECTION_FAILURE,
             format!("shard \"{shard}\": {err}"),
         ),
@@ -408,6 +436,7 @@ async fn connect_and_relay(
                 params: &params,
                 password,
                 timeout: cfg.connect_timeout,
+                tls: &shared.server_tls,
             };
             Box::pin(server::connect(login)).await
         }

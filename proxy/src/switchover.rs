@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::control;
@@ -114,13 +114,8 @@ async fn connect(
     if let Some(p) = &cfg.password {
         c.password(p);
     }
-    match tokio::time::timeout(timeout, c.connect(NoTls)).await {
-        Ok(Ok((client, conn))) => {
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            Ok(client)
-        }
+    match tokio::time::timeout(timeout, cfg.tls.pg_connect(&mut c)).await {
+        Ok(Ok((client, _task))) => Ok(client),
         Ok(Err(e)) => Err(format!("cannot connect to {addr} as {}: {e}", cfg.user)),
         Err(_) => Err(format!(
             "cannot connect to {addr}: timed out after {timeout:?}"

@@ -939,15 +939,9 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
             }
         };
         tokio::select! {
-            r = client.stream.readable(), if reading => {
-                if r.is_err() {
-                    break End::ClientGone;
-                }
-                bufpool::ready(&mut client.rbuf);
-                match read_now(&mut client.stream, &mut client.rbuf).await {
-                    Some(Ok(0)) | Some(Err(_)) => break End::ClientGone,
-                    Some(Ok(_)) | None => {}
-                }
+            r = client_read(&mut client), if reading => match r {
+                Some(Ok(0)) | Some(Err(_)) => break End::ClientGone,
+                Some(Ok(_)) | None => {}
             },
             r = async {
                 let b = txn.backend.as_mut().expect("guarded by `attached`");
@@ -1024,6 +1018,26 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
 }
 
 type KillFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Waits for client bytes and reads them into `client.rbuf`: `None` if the socket
+/// turned out to have nothing after all. A plain socket is waited on without a buffer
+/// (an idle client holds none); a TLS stream is read into a buffer directly, since
+/// decrypted bytes may already wait inside the TLS session. Cancel-safe.
+async fn client_read(client: &mut Conn) -> Option<std::io::Result<usize>> {
+    match &mut client.stream {
+        crate::conn::Stream::Plain(s) => {
+            if let Err(e) = s.readable().await {
+                return Some(Err(e));
+            }
+            bufpool::ready(&mut client.rbuf);
+            read_now(s, &mut client.rbuf).await
+        }
+        other => {
+            bufpool::ready(&mut client.rbuf);
+            Some(other.read_buf(&mut client.rbuf).await)
+        }
+    }
+}
 
 /// Reads what the socket has now without waiting: `None` if nothing is there after all.
 /// Unlike `try_read_buf` this goes through `poll_read`, which marks the socket drained

@@ -12,6 +12,7 @@
 pub mod load;
 pub mod pg;
 pub mod raw;
+pub mod tls;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -1,0 +1,225 @@
+//! TLS on both sides: clients to handoff (`HANDOFF_TLS_*`, with a reload of the
+//! certificate) and handoff to a PostgreSQL server running with `ssl=on`
+//! (`HANDOFF_SERVER_TLS*`), with certificates from a CA made in the test.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use handoff_tests::tls::{MakeRustls, TestCa};
+use handoff_tests::{conn_str, start_proxy, Cluster};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Turns on `ssl` on the primary with a certificate from `ca` for `names`.
+fn enable_server_ssl(cluster: &Cluster, ca: &TestCa, names: &[&str]) {
+    let (cert, key) = ca.issue(names).unwrap();
+    let dir = cluster.dir();
+    let cert = write(dir, "server.crt", &cert);
+    let key = write(dir, "server.key", &key);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for p in [&cert, &key] {
+        cluster.bin.give_to_server_user(p).unwrap();
+    }
+    let p = &cluster.primary;
+    p.psql(&format!(
+        "ALTER SYSTEM SET ssl_cert_file = '{}'",
+        cert.display()
+    ))
+    .unwrap();
+    p.psql(&format!(
+        "ALTER SYSTEM SET ssl_key_file = '{}'",
+        key.display()
+    ))
+    .unwrap();
+    p.psql("ALTER SYSTEM SET ssl = on").unwrap();
+    p.psql("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+async fn tls_client(
+    proxy: &handoff::Proxy,
+    ca_pem: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    // The proxy's certificate is for "localhost": connect by that name.
+    let url = format!(
+        "host=localhost port={} user=postgres dbname=postgres sslmode=require connect_timeout=10",
+        proxy.listen_addr().port()
+    );
+    let (c, conn) = tokio_postgres::connect(&url, MakeRustls::trusting(ca_pem).unwrap()).await?;
+    tokio::spawn(conn);
+    Ok(c)
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_clients_and_servers_with_a_certificate_reload() {
+    let cluster = Cluster::start(0).unwrap();
+    let ca = TestCa::new("handoff test CA").unwrap();
+    enable_server_ssl(&cluster, &ca, &["localhost", "127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.cert_pem);
+    let (cert, key) = ca.issue(&["localhost"]).unwrap();
+    let cert_file = write(dir.path(), "proxy.crt", &cert);
+    let key_file = write(dir.path(), "proxy.key", &key);
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_TLS_MODE", "require"),
+            ("HANDOFF_TLS_CERT", cert_file.to_str().unwrap()),
+            ("HANDOFF_TLS_KEY", key_file.to_str().unwrap()),
+            ("HANDOFF_SERVER_TLS", "verify-full"),
+            ("HANDOFF_SERVER_TLS_CA", ca_file.to_str().unwrap()),
+        ],
+    )
+    .await
+    .unwrap();
+
+    // TLS client → handoff → TLS server: the server sees its connection encrypted.
+    let c = tls_client(&proxy, &ca.cert_pem).await.unwrap();
+    let row = c
+        .query_one(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        row.get::<_, bool>(0),
+        "handoff's server connection is not TLS"
+    );
+    // Prepared statements and a 1 MB result through both TLS layers.
+    let stmt = c.prepare("select repeat('x', $1)").await.unwrap();
+    for n in [1i32, 100_000, 1_000_000] {
+        let s: String = c.query_one(&stmt, &[&n]).await.unwrap().get(0);
+        assert_eq!(s.len(), n as usize);
+    }
+
+    // A plaintext client is refused with a clear error.
+    let plain = conn_str(&proxy.listen_addr(), "postgres", "postgres", None);
+    let err = tokio_postgres::connect(&format!("{plain} sslmode=disable"), NoTls)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err:?}"
+    );
+    assert!(
+        db_message(&err).contains("HANDOFF_TLS_MODE=require"),
+        "{err:?}"
+    );
+
+    // psql with sslmode=require.
+    let out = std::process::Command::new(cluster.bin.bin("psql"))
+        .args(["-X", "-A", "-t", "-c", "select 40 + 2"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+            proxy.listen_addr().port()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+
+    // A new certificate from another CA, installed by reload: new clients see it, the
+    // established one goes on.
+    let ca2 = TestCa::new("handoff test CA 2").unwrap();
+    assert!(tls_client(&proxy, &ca2.cert_pem).await.is_err());
+    let (cert2, key2) = ca2.issue(&["localhost"]).unwrap();
+    std::fs::write(&cert_file, cert2).unwrap();
+    std::fs::write(&key_file, key2).unwrap();
+    proxy.reload_tls().unwrap();
+    let c2 = tls_client(&proxy, &ca2.cert_pem).await.unwrap();
+    c2.simple_query("select 1").await.unwrap();
+    assert!(tls_client(&proxy, &ca.cert_pem).await.is_err());
+    c.simple_query("select 1").await.unwrap();
+    // A broken file is refused and the working certificate stays.
+    std::fs::write(&key_file, "not a key").unwrap();
+    let e = proxy.reload_tls().unwrap_err();
+    assert!(e.contains("HANDOFF_TLS_KEY"), "{e}");
+    tls_client(&proxy, &ca2.cert_pem)
+        .await
+        .unwrap()
+        .simple_query("select 1")
+        .await
+        .unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_tls_modes_verify_what_they_say() {
+    let cluster = Cluster::start(0).unwrap();
+    let ca = TestCa::new("server CA").unwrap();
+    let other = TestCa::new("someone else").unwrap();
+    // The server's certificate names "localhost" only; handoff connects to 127.0.0.1.
+    enable_server_ssl(&cluster, &ca, &["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.cert_pem);
+    let other_file = write(dir.path(), "other.pem", &other.cert_pem);
+    let login = |mode: &'static str, ca: Option<PathBuf>| {
+        let cluster = &cluster;
+        async move {
+            let ca = ca.map(|p| p.to_str().unwrap().to_string());
+            let mut vars = vec![("HANDOFF_SERVER_TLS", mode)];
+            if let Some(ca) = ca.as_deref() {
+                vars.push(("HANDOFF_SERVER_TLS_CA", ca));
+            }
+            let proxy = start_proxy(cluster, &vars).await.unwrap();
+            let url = conn_str(&proxy.listen_addr(), "postgres", "postgres", None);
+            let r = match tokio_postgres::connect(&url, NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(conn);
+                    let ssl: bool = c
+                        .query_one(
+                            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+                            &[],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    Ok(ssl)
+                }
+                Err(e) => Err(db_message(&e)),
+            };
+            proxy.shutdown().await;
+            r
+        }
+    };
+    // The chain is right but the name is not: verify-ca passes, verify-full does not.
+    assert_eq!(login("verify-ca", Some(ca_file.clone())).await, Ok(true));
+    let e = login("verify-full", Some(ca_file.clone()))
+        .await
+        .unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+    // Another CA: refused even by verify-ca.
+    let e = login("verify-ca", Some(other_file)).await.unwrap_err();
+    assert!(e.contains("TLS"), "{e}");
+    // require encrypts without verifying; prefer too.
+    assert_eq!(login("require", None).await, Ok(true));
+    assert_eq!(login("prefer", None).await, Ok(true));
+    // A server without TLS: prefer falls back to plain, require refuses.
+    cluster.primary.psql("ALTER SYSTEM SET ssl = off").unwrap();
+    cluster.primary.psql("SELECT pg_reload_conf()").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(login("prefer", None).await, Ok(false));
+    let e = login("require", None).await.unwrap_err();
+    assert!(e.contains("does not accept TLS"), "{e}");
+    assert_eq!(login("disable", None).await, Ok(false));
+}
