@@ -32,6 +32,10 @@ pub struct CompareArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub quiet: bool,
+    /// Also run handoff with TLS to its clients (`handoff-tls`, a certificate from a CA
+    /// made for the run): the price of TLS.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 pub struct Kill(Child);
@@ -102,6 +106,17 @@ fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -
 /// The release `handoff` binary in front of `cluster`: its primary, then its standbys
 /// (candidates for a switchover); clients on `port`, the admin API on `admin`.
 pub fn start_handoff(cluster: &Cluster, port: u16, admin: u16, pool_size: usize) -> Result<Kill> {
+    start_handoff_with(cluster, port, admin, pool_size, &[])
+}
+
+/// [`start_handoff`] with more `HANDOFF_*` variables.
+pub fn start_handoff_with(
+    cluster: &Cluster,
+    port: u16,
+    admin: u16,
+    pool_size: usize,
+    extra: &[(&str, String)],
+) -> Result<Kill> {
     let bin = std::env::current_exe()?.with_file_name("handoff");
     if !bin.is_file() {
         bail!(
@@ -120,6 +135,7 @@ pub fn start_handoff(cluster: &Cluster, port: u16, admin: u16, pool_size: usize)
         .env("HANDOFF_POOL_SIZE", pool_size.to_string())
         .env("HANDOFF_MAX_CLIENT_CONN", "5000")
         .env("HANDOFF_LOG", "warn")
+        .envs(extra.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .spawn()
         .context("starting handoff")?;
@@ -190,6 +206,42 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         "handoff".into(),
         format!("postgres://postgres@127.0.0.1:{port}/postgres"),
     ));
+    let _handoff_tls = if args.tls {
+        let ca = handoff_tests::tls::TestCa::new("handoff-bench CA")?;
+        let (cert, key) = ca.issue(&["localhost"])?;
+        let dir = cluster.dir();
+        let (ca_file, cert_file, key_file) = (
+            dir.join("bench-ca.pem"),
+            dir.join("bench.crt"),
+            dir.join("bench.key"),
+        );
+        std::fs::write(&ca_file, &ca.cert_pem)?;
+        std::fs::write(&cert_file, cert)?;
+        std::fs::write(&key_file, key)?;
+        let port = free_port()?;
+        let child = start_handoff_with(
+            &cluster,
+            port,
+            free_port()?,
+            args.pool_size,
+            &[
+                ("HANDOFF_TLS_MODE", "require".into()),
+                ("HANDOFF_TLS_CERT", cert_file.display().to_string()),
+                ("HANDOFF_TLS_KEY", key_file.display().to_string()),
+            ],
+        )?;
+        wait_listening(port, "handoff (TLS)").await?;
+        targets.push((
+            "handoff-tls".into(),
+            format!(
+                "postgres://postgres@localhost:{port}/postgres?sslmode=require&sslrootcert={}",
+                ca_file.display()
+            ),
+        ));
+        Some(child)
+    } else {
+        None
+    };
 
     let run_args = RunArgs {
         targets,

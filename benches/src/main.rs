@@ -25,7 +25,7 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                           [--pool-mode transaction|session]
        handoff-bench idle [--clients N] [--pool-mode transaction|session]
        handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
-                             [--pool-size 20]
+                             [--pool-size 20] [--tls]
        handoff-bench switchover [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
                                 [--targets handoff,pgbouncer,direct]
        handoff-bench failover   [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]

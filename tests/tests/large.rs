@@ -126,7 +126,9 @@ async fn a_stalled_reader_on_either_side_keeps_memory_bounded() {
             .await
             .unwrap();
         locker
-            .send(&query_msg("BEGIN; LOCK TABLE sink IN ACCESS EXCLUSIVE MODE"))
+            .send(&query_msg(
+                "BEGIN; LOCK TABLE sink IN ACCESS EXCLUSIVE MODE",
+            ))
             .await
             .unwrap();
         locker.drain_until_ready().await.unwrap();
@@ -173,7 +175,10 @@ async fn a_stalled_reader_on_either_side_keeps_memory_bounded() {
             }
             sent = now;
         }
-        assert!(!writer.is_finished(), "{mode}: 64 MB of COPY went into a server that reads nothing");
+        assert!(
+            !writer.is_finished(),
+            "{mode}: 64 MB of COPY went into a server that reads nothing"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let grown = rss_kib().saturating_sub(before) / 1024;
         eprintln!(
@@ -181,7 +186,10 @@ async fn a_stalled_reader_on_either_side_keeps_memory_bounded() {
             sent >> 20
         );
         assert!(grown < 64, "{mode}: memory grew by {grown} MiB");
-        assert!(sent < 64 << 20, "{mode}: {sent} bytes went in before the stall");
+        assert!(
+            sent < 64 << 20,
+            "{mode}: {sent} bytes went in before the stall"
+        );
 
         // Unblock: the COPY completes; the lazy client's connection is dropped.
         locker.send(&query_msg("COMMIT")).await.unwrap();

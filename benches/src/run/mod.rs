@@ -93,10 +93,36 @@ fn error_key(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Connects; a URL with `sslrootcert=<CA file>` (and `sslmode=require`) connects over
+/// TLS trusting that CA (rustls), checking the host name.
 async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    if let Some((base, ca)) = split_rootcert(url) {
+        let pem = std::fs::read_to_string(&ca).unwrap_or_else(|e| panic!("sslrootcert {ca}: {e}"));
+        let tls = handoff_tests::tls::MakeRustls::trusting(&pem)
+            .unwrap_or_else(|e| panic!("sslrootcert {ca}: {e}"));
+        let (client, conn) = tokio_postgres::connect(&base, tls).await?;
+        tokio::spawn(conn);
+        return Ok(client);
+    }
     let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// `url` without its `sslrootcert=` parameter, and that parameter's value.
+fn split_rootcert(url: &str) -> Option<(String, String)> {
+    let start = url.find("sslrootcert=")?;
+    let value_start = start + "sslrootcert=".len();
+    let end = url[value_start..]
+        .find('&')
+        .map_or(url.len(), |i| value_start + i);
+    let ca = url[value_start..end].to_string();
+    let mut base = format!("{}{}", &url[..start], &url[end..]);
+    base = base.replace("?&", "?").replace("&&", "&");
+    if base.ends_with('&') || base.ends_with('?') {
+        base.pop();
+    }
+    Some((base, ca))
 }
 
 struct Progress {
@@ -410,3 +436,27 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod rootcert_tests {
+    use super::split_rootcert;
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_the_url() {
+        assert_eq!(
+            split_rootcert("postgres://u@h:1/db?sslmode=require&sslrootcert=/tmp/ca.pem"),
+            Some((
+                "postgres://u@h:1/db?sslmode=require".to_string(),
+                "/tmp/ca.pem".to_string()
+            ))
+        );
+        assert_eq!(
+            split_rootcert("postgres://u@h:1/db?sslrootcert=/c.pem&sslmode=require"),
+            Some((
+                "postgres://u@h:1/db?sslmode=require".to_string(),
+                "/c.pem".to_string()
+            ))
+        );
+        assert_eq!(split_rootcert("postgres://u@h:1/db"), None);
+    }
+}
