@@ -156,3 +156,43 @@ async fn server_rejecting_the_proxys_password_is_reported() {
     assert!(msg(&err).contains(SCRAM_USER), "{err}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stored_scram_verifier_needs_no_plaintext_password_and_failures_are_counted() {
+    let cluster = Cluster::start(0).unwrap();
+    let verifier =
+        handoff_protocol::auth::ScramVerifier::derive("s3cret", b"salt-for-test-01".to_vec(), 4096)
+            .to_postgres_string();
+    let users = format!("postgres={verifier}");
+    assert!(!users.contains("s3cret"));
+    let proxy = start_proxy(&cluster, &[("HANDOFF_USERS", &users)])
+        .await
+        .unwrap();
+    let c = try_connect(&proxy, "postgres", "postgres", "s3cret")
+        .await
+        .unwrap();
+    c.simple_query("select 1").await.unwrap();
+    let failures = |proxy: &handoff::Proxy| {
+        let admin = proxy.admin_addr();
+        async move {
+            let (_, body) = handoff_tests::raw::http(admin, "GET", "/metrics", None)
+                .await
+                .unwrap();
+            body.lines()
+                .find(|l| l.starts_with("handoff_auth_failures_total "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    let before = failures(&proxy).await;
+    for _ in 0..3 {
+        let err = try_connect(&proxy, "postgres", "postgres", "S3cret")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+    }
+    // (At least: other tests in this binary share the process-wide metrics.)
+    assert!(failures(&proxy).await - before >= 3.0);
+    proxy.shutdown().await;
+}
