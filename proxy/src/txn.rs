@@ -1012,7 +1012,11 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
             }
         }
     };
-    txn.detach(true, sbuf.is_empty() && sscan.at_boundary());
+    // A message half-forwarded in either direction makes the connection unusable.
+    txn.detach(
+        true,
+        sbuf.is_empty() && sscan.at_boundary() && cscan.at_boundary(),
+    );
     txn.flush_bytes();
     end
 }

@@ -374,3 +374,36 @@ async fn idle_clients_and_idle_transactions_time_out() {
         .contains("HANDOFF_CLIENT_IDLE_TIMEOUT"));
     proxy.shutdown().await;
 }
+
+/// Found by the `session` fuzz target: a client that leaves half-way through sending a
+/// message must not leave its server connection in the pool with that half message in
+/// it (the next client's query would be read as the rest of it).
+#[tokio::test]
+async fn a_client_leaving_mid_message_does_not_poison_the_pool() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let good = connect(&proxy).await.unwrap();
+    for tag in [b'd', b'Q'] {
+        let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+            .await
+            .unwrap();
+        // A message that says 100 bytes, 10 of them sent, then the client goes.
+        raw.send(&[
+            tag, 0, 0, 0, 100, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1', b'2', b'3',
+        ])
+        .await
+        .unwrap();
+        drop(raw);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got: i32 =
+            tokio::time::timeout(Duration::from_secs(5), good.query_one("select 7", &[]))
+                .await
+                .expect("the pooled connection was left with a half message in it")
+                .unwrap()
+                .get(0);
+        assert_eq!(got, 7);
+    }
+    proxy.shutdown().await;
+}
