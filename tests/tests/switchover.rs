@@ -198,7 +198,10 @@ async fn ten_switchovers_back_and_forth_under_load() {
     let out = load.stop().await;
     assert!(out.errors.is_empty(), "client errors: {:?}", out.errors);
     let starts = metric(&proxy, "handoff_buffer_starts_total{shard=\"main\"}").await;
-    assert_eq!(starts - starts_before, 10.0, "every switchover buffered");
+    // At least: the metric is process-wide and other tests in this binary buffer too;
+    // the epoch below is this proxy's own count.
+    eprintln!("buffer starts during the test: {}", starts - starts_before);
+    assert!(starts - starts_before >= 10.0, "every switchover buffered");
     let state = shard_state(&proxy).await;
     assert_eq!(state["epoch"], 11);
     assert_eq!(state["primary"], cluster.primary.addr().as_str());

@@ -223,3 +223,89 @@ async fn server_tls_modes_verify_what_they_say() {
     assert!(e.contains("does not accept TLS"), "{e}");
     assert_eq!(login("disable", None).await, Ok(false));
 }
+
+/// The `handoff` binary next to this test binary (built if it is not there yet).
+fn handoff_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("handoff");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-p", "handoff", "--bin", "handoff"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "building the handoff binary failed");
+    }
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_of_the_running_binary() {
+    let cluster = Cluster::start(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca1, ca2) = (
+        TestCa::new("first").unwrap(),
+        TestCa::new("second").unwrap(),
+    );
+    let (cert, key) = ca1.issue(&["localhost"]).unwrap();
+    let cert_file = write(dir.path(), "proxy.crt", &cert);
+    let key_file = write(dir.path(), "proxy.key", &key);
+    let port = handoff_tests::pg::free_port().unwrap();
+    let mut child = std::process::Command::new(handoff_binary())
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "HANDOFF_ADMIN_LISTEN",
+            format!("127.0.0.1:{}", handoff_tests::pg::free_port().unwrap()),
+        )
+        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
+        .env("HANDOFF_TLS_MODE", "require")
+        .env("HANDOFF_TLS_CERT", &cert_file)
+        .env("HANDOFF_TLS_KEY", &key_file)
+        .env("HANDOFF_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let connect = |ca: String| async move {
+        let url = format!(
+            "host=localhost port={port} user=postgres dbname=postgres sslmode=require connect_timeout=5"
+        );
+        match tokio_postgres::connect(&url, MakeRustls::trusting(&ca).unwrap()).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                c.simple_query("select 1").await.is_ok()
+            }
+            Err(_) => false,
+        }
+    };
+    handoff_tests::eventually(Duration::from_secs(20), "handoff to serve TLS", || {
+        let ca = ca1.cert_pem.clone();
+        async move { Ok(connect(ca).await) }
+    })
+    .await
+    .unwrap();
+    assert!(!connect(ca2.cert_pem.clone()).await);
+    let (cert2, key2) = ca2.issue(&["localhost"]).unwrap();
+    std::fs::write(&cert_file, cert2).unwrap();
+    std::fs::write(&key_file, key2).unwrap();
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    handoff_tests::eventually(Duration::from_secs(10), "the new certificate", || {
+        let ca = ca2.cert_pem.clone();
+        async move { Ok(connect(ca).await) }
+    })
+    .await
+    .unwrap();
+    assert!(!connect(ca1.cert_pem.clone()).await);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = child.wait();
+}
