@@ -458,6 +458,29 @@ pub struct SwitchoverSettings {
     pub database: String,
 }
 
+impl SwitchoverSettings {
+    /// A tokio-postgres configuration for the admin role on `addr` (connect with
+    /// `self.tls.pg_connect`).
+    pub fn pg_config(
+        &self,
+        addr: &HostPort,
+        application: &str,
+        timeout: Duration,
+    ) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&addr.host)
+            .port(addr.port)
+            .user(&self.user)
+            .dbname(&self.database)
+            .application_name(application)
+            .connect_timeout(timeout);
+        if let Some(p) = &self.password {
+            c.password(p);
+        }
+        c
+    }
+}
+
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {

@@ -119,16 +119,7 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), current_setting('transactio
 
 /// Connects to `addr` as the admin role and asks what it is, within `timeout`.
 pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration) -> Probe {
-    let mut c = tokio_postgres::Config::new();
-    c.host(&addr.host)
-        .port(addr.port)
-        .user(&cfg.user)
-        .dbname(&cfg.database)
-        .application_name("handoff-probe")
-        .connect_timeout(timeout);
-    if let Some(p) = &cfg.password {
-        c.password(p);
-    }
+    let mut c = cfg.pg_config(addr, "handoff-probe", timeout);
     let work = async {
         let (client, task) = cfg.tls.pg_connect(&mut c).await?;
         let row = client.query_one(PROBE_SQL, &[]).await;

@@ -104,16 +104,7 @@ async fn connect(
     addr: &HostPort,
     timeout: Duration,
 ) -> Result<Client, String> {
-    let mut c = tokio_postgres::Config::new();
-    c.host(&addr.host)
-        .port(addr.port)
-        .user(&cfg.user)
-        .dbname(&cfg.database)
-        .application_name("handoff-switchover")
-        .connect_timeout(timeout);
-    if let Some(p) = &cfg.password {
-        c.password(p);
-    }
+    let mut c = cfg.pg_config(addr, "handoff-switchover", timeout);
     match tokio::time::timeout(timeout, cfg.tls.pg_connect(&mut c)).await {
         Ok(Ok((client, _task))) => Ok(client),
         Ok(Err(e)) => Err(format!("cannot connect to {addr} as {}: {e}", cfg.user)),

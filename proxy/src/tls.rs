@@ -302,9 +302,10 @@ impl ServerTls {
     }
 }
 
-/// tokio-postgres over the same TLS settings, for the admin role's connections
-/// (switchover SQL, health checks, discovery probes).
-mod pg {
+/// tokio-postgres over rustls: the admin role's connections (switchover SQL, health
+/// checks, discovery probes) use it with [`ServerTls`]'s settings; the test harness and
+/// the bench with their own.
+pub mod pg {
     use std::future::Future;
     use std::io;
     use std::pin::Pin;
@@ -315,6 +316,7 @@ mod pg {
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
+    /// Connects tokio-postgres over TLS with this rustls configuration.
     #[derive(Clone)]
     pub struct MakeRustls(pub Arc<rustls::ClientConfig>);
 

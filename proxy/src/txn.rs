@@ -1226,16 +1226,21 @@ async fn client_bytes(
 
 /// What the first word of a simple query says about ending a transaction.
 fn ends_transaction(sql: &[u8]) -> Option<bool> {
-    let text = std::str::from_utf8(sql).ok()?.trim_start();
-    let word: String = text
-        .chars()
-        .take_while(|c| c.is_ascii_alphabetic())
-        .collect::<String>()
-        .to_ascii_uppercase();
-    match word.as_str() {
-        "ROLLBACK" | "ABORT" => Some(false),
-        "COMMIT" | "END" => Some(true),
-        _ => None,
+    // Runs for every simple query: bytes only, no allocation.
+    let start = sql.iter().position(|c| !c.is_ascii_whitespace())?;
+    let rest = &sql[start..];
+    let len = rest
+        .iter()
+        .position(|c| !c.is_ascii_alphabetic())
+        .unwrap_or(rest.len());
+    let word = &rest[..len];
+    let is = |w: &str| word.eq_ignore_ascii_case(w.as_bytes());
+    if is("ROLLBACK") || is("ABORT") {
+        Some(false)
+    } else if is("COMMIT") || is("END") {
+        Some(true)
+    } else {
+        None
     }
 }
 
@@ -1712,4 +1717,29 @@ async fn write_client(client: &mut Conn, bytes: &[u8]) -> Result<(), End> {
         .write_all(bytes)
         .await
         .map_err(|_| End::ClientGone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_control_is_recognised_by_its_first_word() {
+        assert_eq!(ends_transaction(b"  rollback;"), Some(false));
+        assert_eq!(ends_transaction(b"ABORT"), Some(false));
+        assert_eq!(ends_transaction(b"\ncommit\0"), Some(true));
+        assert_eq!(ends_transaction(b"End"), Some(true));
+        assert_eq!(ends_transaction(b"COMMITTED"), None);
+        assert_eq!(ends_transaction(b"select 'commit'"), None);
+        assert_eq!(ends_transaction(b"   "), None);
+        assert_eq!(ends_transaction(b"\xff\xfe"), None);
+    }
+
+    #[test]
+    fn parse_and_bind_bodies_give_up_their_names() {
+        assert_eq!(parse_sql(b"s1\0select 1\0\0\0"), Some(&b"select 1"[..]));
+        assert_eq!(parse_sql(b"s1\0select 1"), None);
+        assert_eq!(bind_statement(b"\0s1\0\0\0"), Some(&b"s1"[..]));
+        assert_eq!(bind_statement(b"portal"), None);
+    }
 }

@@ -46,6 +46,27 @@ pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<ha
     Ok(handoff::Proxy::start(config).await?)
 }
 
+/// The `handoff` binary next to the running test binary, built first if it is not there
+/// (tests that need the real process: signals, exit codes).
+pub fn handoff_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("handoff");
+    if !bin.is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-p", "handoff", "--bin", "handoff"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "building the handoff binary failed");
+    }
+    bin
+}
+
 /// Polls `check` every 20 ms until it returns `Ok(true)` or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

@@ -59,6 +59,15 @@ async fn wait_serving(proxy: &handoff::Proxy, primary: &str, within: Duration) {
     .unwrap();
 }
 
+/// Waits until the shard has noticed the failure (`what`) and buffers.
+async fn wait_buffering(proxy: &handoff::Proxy, what: &str) {
+    eventually(Duration::from_secs(10), what, || async {
+        Ok(shard_state(proxy).await["state"] == "buffering")
+    })
+    .await
+    .unwrap();
+}
+
 /// Errors a client whose request was running when its primary failed may get: the
 /// connection was lost (08006), or the server said FATAL as it went (57P01, 57P02).
 fn documented_lost_error(e: &str) -> bool {
@@ -124,13 +133,7 @@ async fn crash_of_the_primary_under_load_costs_clients_between_transactions_noth
     // Clients that were between transactions at the crash start one now: held.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = idle_inserts(idle, 5000);
-    eventually(
-        Duration::from_secs(10),
-        "the crash to be detected",
-        || async { Ok(shard_state(&proxy).await["state"] == "buffering") },
-    )
-    .await
-    .unwrap();
+    wait_buffering(&proxy, "the crash to be detected").await;
     // The HA system promotes the standby 1.5 s after the crash.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     cluster.promote(0).unwrap();
@@ -224,13 +227,7 @@ async fn discovery_picks_the_promoted_standby_and_never_a_returning_old_primary(
 
     // The primary crashes; the HA system promotes the *second* standby.
     cluster.primary.crash().unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the crash to be detected",
-        || async { Ok(shard_state(&proxy).await["state"] == "buffering") },
-    )
-    .await
-    .unwrap();
+    wait_buffering(&proxy, "the crash to be detected").await;
     cluster.promote(1).unwrap();
     let mut seen = HashSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -406,13 +403,7 @@ async fn a_frozen_primary_is_detected_by_timeouts_and_stays_out_after_it_thaws()
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     cluster.primary.signal("STOP").unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the freeze to be detected",
-        || async { Ok(shard_state(&proxy).await["state"] == "buffering") },
-    )
-    .await
-    .unwrap();
+    wait_buffering(&proxy, "the freeze to be detected").await;
     // Clients between transactions start one now: held until the promotion.
     let held = idle_inserts(idle, 7000);
     let reason = shard_state(&proxy).await["reason"].to_string();
@@ -551,13 +542,7 @@ async fn an_explicit_establishment_wins_over_discovery() {
     .unwrap();
     let c = client(&proxy).await;
     cluster.primary.crash().unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the crash to be detected",
-        || async { Ok(shard_state(&proxy).await["state"] == "buffering") },
-    )
-    .await
-    .unwrap();
+    wait_buffering(&proxy, "the crash to be detected").await;
     let held = tokio::spawn(async move {
         c.execute("INSERT INTO handoff_load (client, seq) VALUES (9, 9)", &[])
             .await

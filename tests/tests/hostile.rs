@@ -66,6 +66,20 @@ async fn outcome(raw: &mut RawClient) -> Result<Option<String>, String> {
         .map_err(|_| "the connection stayed open".to_string())
 }
 
+/// Reads up to ReadyForQuery (the session must stay open); returns the SQLSTATE of the
+/// ErrorResponse on the way, if any.
+async fn error_then_ready(raw: &mut RawClient, what: &str) -> Option<String> {
+    let mut code = None;
+    loop {
+        match raw.read_message().await.unwrap() {
+            Some(BackendMessage::ErrorResponse(f)) => code = f.code().map(str::to_string),
+            Some(BackendMessage::ReadyForQuery(_)) => return code,
+            Some(_) => {}
+            None => panic!("closed after {what}"),
+        }
+    }
+}
+
 async fn gauge(proxy: &handoff::Proxy, name: &str) -> f64 {
     let (_, body) = http(proxy.admin_addr(), "GET", "/metrics", None)
         .await
@@ -311,16 +325,12 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
     bind.extend_from_slice(body);
     bind.extend_from_slice(&[b'S', 0, 0, 0, 4]);
     raw.send(&bind).await.unwrap();
-    let mut code = None;
-    loop {
-        match raw.read_message().await.unwrap() {
-            Some(BackendMessage::ErrorResponse(f)) => code = f.code().map(str::to_string),
-            Some(BackendMessage::ReadyForQuery(_)) => break,
-            Some(_) => {}
-            None => panic!("closed after a Bind to an unknown statement"),
-        }
-    }
-    assert_eq!(code.as_deref(), Some("26000"));
+    assert_eq!(
+        error_then_ready(&mut raw, "a Bind to an unknown statement")
+            .await
+            .as_deref(),
+        Some("26000")
+    );
     // A Bind whose parameter count runs past its end: the server's own 08P01 for that
     // request, and the session goes on (as with PostgreSQL directly).
     let mut batch = vec![b'P', 0, 0, 0, 16, 0];
@@ -329,16 +339,10 @@ async fn hostile_input_gets_precise_errors_and_harms_nobody_else() {
         b'B', 0, 0, 0, 11, 0, 0, 0, 0, 0x7f, 0xff, 0, b'S', 0, 0, 0, 4,
     ]);
     raw.send(&batch).await.unwrap();
-    let mut code = None;
-    loop {
-        match raw.read_message().await.unwrap() {
-            Some(BackendMessage::ErrorResponse(f)) => code = f.code().map(str::to_string),
-            Some(BackendMessage::ReadyForQuery(_)) => break,
-            Some(_) => {}
-            None => panic!("closed after a short Bind"),
-        }
-    }
-    assert_eq!(code.as_deref(), Some("08P01"));
+    assert_eq!(
+        error_then_ready(&mut raw, "a short Bind").await.as_deref(),
+        Some("08P01")
+    );
     raw.send(&[
         b'Q', 0, 0, 0, 13, b's', b'e', b'l', b'e', b'c', b't', b' ', b'1', 0,
     ])

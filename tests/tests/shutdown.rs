@@ -94,23 +94,6 @@ async fn timeout_closes_sessions_stuck_in_a_transaction() {
     .unwrap();
 }
 
-/// The `handoff` binary next to this test binary (built if it is not there yet).
-fn handoff_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("handoff");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "-p", "handoff", "--bin", "handoff"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "building the handoff binary failed");
-    }
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_64_clients_finishes_transactions_and_refuses_new_clients() {
     let cluster = Cluster::start(0).unwrap();
@@ -120,7 +103,7 @@ async fn sigterm_under_64_clients_finishes_transactions_and_refuses_new_clients(
         .unwrap();
     let port = handoff_tests::pg::free_port().unwrap();
     let admin = handoff_tests::pg::free_port().unwrap();
-    let mut child = std::process::Command::new(handoff_binary())
+    let mut child = std::process::Command::new(handoff_tests::handoff_binary())
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))

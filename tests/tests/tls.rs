@@ -224,22 +224,6 @@ async fn server_tls_modes_verify_what_they_say() {
     assert_eq!(login("disable", None).await, Ok(false));
 }
 
-/// The `handoff` binary next to this test binary (built if it is not there yet).
-fn handoff_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("handoff");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "-p", "handoff", "--bin", "handoff"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "building the handoff binary failed");
-    }
-    bin
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_certificate_of_the_running_binary() {
     let cluster = Cluster::start(0).unwrap();
@@ -252,7 +236,7 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     let cert_file = write(dir.path(), "proxy.crt", &cert);
     let key_file = write(dir.path(), "proxy.key", &key);
     let port = handoff_tests::pg::free_port().unwrap();
-    let mut child = std::process::Command::new(handoff_binary())
+    let mut child = std::process::Command::new(handoff_tests::handoff_binary())
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "HANDOFF_ADMIN_LISTEN",
