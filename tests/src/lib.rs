@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod bypass;
 pub mod load;
 pub mod pg;
 pub mod raw;
@@ -23,7 +25,16 @@ pub use pg::{Cluster, Node, PgBin};
 
 /// Starts handoff in-process in front of `cluster`'s primary, listening on free loopback
 /// ports. `extra` adds or overrides `HANDOFF_*` variables.
+///
+/// With `HANDOFF_TEST_LOG` set (a `tracing` filter such as `handoff=debug`), the
+/// proxy's logs go to the test's stderr.
 pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<handoff::Proxy> {
+    if let Ok(filter) = std::env::var("HANDOFF_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
     let shards = format!(
         "main={}",
         std::iter::once(&cluster.primary)

@@ -170,8 +170,13 @@ impl Load {
 
 /// The ids in the load table of the server at `server`.
 pub async fn ids(server: &str) -> Result<std::collections::HashSet<i64>> {
+    ids_in(server, TABLE).await
+}
+
+/// The `id` column of `table` on the server at `server`.
+pub async fn ids_in(server: &str, table: &str) -> Result<std::collections::HashSet<i64>> {
     let (c, conn) = tokio_postgres::connect(server, NoTls).await?;
     tokio::spawn(conn);
-    let rows = c.query(&format!("SELECT id FROM {TABLE}"), &[]).await?;
+    let rows = c.query(&format!("SELECT id FROM {table}"), &[]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

@@ -194,9 +194,14 @@ impl Node {
         Ok(())
     }
 
-    /// Stops the server (`fast` or `immediate`).
+    /// Stops the server (`fast` or `immediate`). A server something else already
+    /// stopped (a demote command, say) counts as stopped.
     pub fn stop(&mut self, mode: &str) -> Result<()> {
         if !self.running {
+            return Ok(());
+        }
+        if !self.data.join("postmaster.pid").exists() {
+            self.running = false;
             return Ok(());
         }
         let out = self
@@ -293,24 +298,74 @@ impl Node {
         Ok(())
     }
 
+    /// Opens every database again by hand after handoff fenced this server, as an
+    /// operator would: stop it, turn `datallowconn` back on in single-user mode (no
+    /// connection can log in while the fence holds), start it.
+    pub fn lift_fence_by_hand(&mut self) -> Result<()> {
+        self.stop("fast")?;
+        let mut child = self
+            .bin
+            .server_cmd("postgres", &self.root)
+            .arg("--single")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("postgres")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().context("single-user stdin")?;
+            stdin.write_all(
+                b"UPDATE pg_database SET datallowconn = true WHERE datname <> 'template0'\n",
+            )?;
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() || text.contains("ERROR") {
+            bail!("single-user mode on {} failed: {text}", self.name);
+        }
+        self.start()
+    }
+
+    /// Whether a new session of `user` can log in to `db`: `Ok(())`, or the server's
+    /// refusal.
+    pub fn try_login(&self, user: &str, db: &str) -> std::result::Result<(), String> {
+        let out = self
+            .psql_as(user, db, "select 1")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
     /// Runs SQL with psql as the `postgres` superuser; returns unaligned, tuples-only output.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        let out = Command::new(self.bin.bin("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
-            .output()?;
+        let out = self.psql_as("postgres", "postgres", sql).output()?;
         let out = check(out, &format!("psql on {}: {sql}", self.name))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// psql running `sql` as `user` in `db`, stopping at the first error.
+    fn psql_as(&self, user: &str, db: &str, sql: &str) -> Command {
+        let mut c = Command::new(self.bin.bin("psql"));
+        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                user,
+                "-d",
+                db,
+                "-c",
+                sql,
+            ]);
+        c
     }
 
     fn append_conf(&self, text: &str) -> Result<()> {
