@@ -201,10 +201,32 @@ pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
                 },
                 "since_ms": snap.since.elapsed().as_millis() as u64,
                 "reason": snap.reason,
+                "split_brain": s.watch.view().iter().filter(|v| v.split_brain.is_some()).map(|v| v.host.to_string()).collect::<Vec<_>>(),
+                "watched": s.watch.view().iter().map(watched_json).collect::<Vec<_>>(),
             })
         })
         .collect();
     serde_json::json!({ "shards": list })
+}
+
+fn watched_json(v: &crate::watchdog::View) -> serde_json::Value {
+    let since = v
+        .since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    serde_json::json!({
+        "host": v.host.to_string(),
+        "why": v.why.as_str(),
+        "replaced_at_epoch": v.epoch,
+        "since_unix": since,
+        "state": v.seen.as_str(),
+        "fenced_by_handoff": v.fenced_by_handoff,
+        "fence_lsn": v.fence_lsn,
+        "wal_bytes_past_fence": v.wal_past_fence,
+        "split_brain": v.split_brain,
+        "detail": v.detail,
+    })
 }
 
 fn field_str<'a>(
@@ -334,6 +356,15 @@ async fn shard_action(
                     "a switchover of this shard is in progress",
                 );
             };
+            if shard.watch.is_watched(&addr) {
+                return json_error(
+                    StatusCode::CONFLICT,
+                    &format!(
+                        "{addr} is a replaced primary of shard \"{}\" watched for split brain (GET /v1/shards shows why); it serves again only once it has rejoined as a standby",
+                        shard.name
+                    ),
+                );
+            }
             match crate::control::establish(&shared, &shard, epoch, addr.clone()).await {
                 Ok(est) => json(
                     StatusCode::OK,

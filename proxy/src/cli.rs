@@ -206,6 +206,50 @@ fn print_switchover(status: u16, v: &Value) {
     }
 }
 
+/// The replaced primaries each shard watches, and any split brain.
+fn print_watched(v: &Value) {
+    for s in v
+        .get("shards")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let shard = s.get("name").and_then(Value::as_str).unwrap_or("");
+        for w in s
+            .get("watched")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let t = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            match w.get("split_brain").and_then(Value::as_str) {
+                Some(why) => println!(
+                    "SPLIT BRAIN  shard {shard}: {} ({}, replaced at epoch {}): {why}; now {}",
+                    t("host"),
+                    t("why"),
+                    w.get("replaced_at_epoch")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    t("state")
+                ),
+                None => println!(
+                    "watched      shard {shard}: {} ({}, replaced at epoch {}): {}{}",
+                    t("host"),
+                    t("why"),
+                    w.get("replaced_at_epoch")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    t("state"),
+                    match t("detail") {
+                        d if d.is_empty() => String::new(),
+                        d => format!(" ({d})"),
+                    }
+                ),
+            }
+        }
+    }
+}
+
 /// `handoff status`.
 pub fn status(args: Vec<String>) -> ExitCode {
     let (common, _) = match parse(args, &[], USAGE_STATUS) {
@@ -246,6 +290,7 @@ pub fn status(args: Vec<String>) -> ExitCode {
                     t("reason")
                 );
             }
+            print_watched(&v);
             ExitCode::SUCCESS
         }
         Ok((status, v)) => fail(&format!(

@@ -233,7 +233,22 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "HANDOFF_SWITCHOVER_TERMINATE",
         default: "true",
-        help: "terminate the old primary's remaining client backends when revoking it",
+        help: "fence: terminate the old primary's remaining sessions (false: wait up to HANDOFF_SWITCHOVER_TIMEOUT for them to leave, else roll back)",
+    },
+    Variable {
+        name: "HANDOFF_SWITCHOVER_DEMOTE_COMMAND",
+        default: "(unset)",
+        help: "shell command run after a completed switchover to stop or rejoin the old primary (env: HANDOFF_SHARD, HANDOFF_OLD_PRIMARY, HANDOFF_NEW_PRIMARY, ...)",
+    },
+    Variable {
+        name: "HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT",
+        default: "60s",
+        help: "longest the demote command may run before it is killed",
+    },
+    Variable {
+        name: "HANDOFF_WATCHDOG_INTERVAL",
+        default: "250ms",
+        help: "how often every replaced primary is checked for split brain (fenced, down, or back as a standby)",
     },
     Variable {
         name: "HANDOFF_ADMIN_DB_USER",
@@ -402,6 +417,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Health checks and discovery (unplanned failover).
     pub health: crate::failover::HealthSettings,
+    /// How often the split-brain watchdog looks at replaced primaries.
+    pub watchdog_interval: Duration,
     pub log: String,
 }
 
@@ -453,6 +470,9 @@ pub struct SwitchoverSettings {
     pub max_lag: u64,
     pub timeout: Duration,
     pub terminate: bool,
+    /// Run after a completed switchover (`HANDOFF_SWITCHOVER_DEMOTE_COMMAND`).
+    pub demote_command: Option<String>,
+    pub demote_timeout: Duration,
     pub user: String,
     pub password: Option<String>,
     pub database: String,
@@ -703,6 +723,18 @@ impl Config {
             .map_err(|r| invalid("HANDOFF_SWITCHOVER_MAX_LAG", r))? as u64;
         let terminate = get("HANDOFF_SWITCHOVER_TERMINATE")
             .map_or(Ok(true), |s| parse_bool("HANDOFF_SWITCHOVER_TERMINATE", s))?;
+        let demote_command = get("HANDOFF_SWITCHOVER_DEMOTE_COMMAND").map(str::to_string);
+        let demote_timeout = duration("HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT", "60s")?;
+        if demote_timeout.is_zero() {
+            return Err(invalid(
+                "HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT",
+                "must be greater than zero",
+            ));
+        }
+        let watchdog_interval = duration("HANDOFF_WATCHDOG_INTERVAL", "250ms")?;
+        if watchdog_interval < Duration::from_millis(1) {
+            return Err(invalid("HANDOFF_WATCHDOG_INTERVAL", "must be at least 1ms"));
+        }
         // The admin role falls back to the first (by name) client user with a password.
         let fallback = users.as_ref().and_then(|u| {
             let mut names: Vec<&String> = u.keys().filter(|n| u[*n].password.is_some()).collect();
@@ -723,6 +755,8 @@ impl Config {
             max_lag,
             timeout: switchover_timeout,
             terminate,
+            demote_command,
+            demote_timeout,
             user,
             password,
             database: get("HANDOFF_ADMIN_DB_NAME")
@@ -753,6 +787,7 @@ impl Config {
             switchover,
             drain_timeout,
             health,
+            watchdog_interval,
             log: get("HANDOFF_LOG").unwrap_or("info").to_string(),
         })
     }

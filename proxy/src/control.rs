@@ -115,7 +115,8 @@ pub(crate) struct Established {
 }
 
 /// Establishment: `primary` serves `shard` from the next epoch. Its pools are opened
-/// first, then held transactions are released to it in FIFO order.
+/// first, then held transactions are released to it in FIFO order. The replaced
+/// primary, if another host, is then watched for split brain ([`crate::watchdog`]).
 pub(crate) async fn establish(
     shared: &Shared,
     shard: &Shard,
@@ -137,6 +138,7 @@ pub(crate) async fn establish(
             current: snap.epoch,
         });
     }
+    let old = shard.current();
     shared.pools.activate(&primary);
     let n = shared
         .config
@@ -151,6 +153,17 @@ pub(crate) async fn establish(
     shared
         .buffer
         .stop(&shard.name, cycle, StopReason::NewPrimary);
+    if old.primary != gen.primary {
+        let why = if old.lost().is_some() {
+            crate::watchdog::Why::Failed
+        } else {
+            crate::watchdog::Why::Replaced
+        };
+        shard
+            .watch
+            .add(&shard.name, old.primary.clone(), why, old.epoch, None)
+            .await;
+    }
     Ok(Established {
         epoch: gen.epoch,
         prewarmed,

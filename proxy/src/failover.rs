@@ -85,6 +85,8 @@ pub enum Probe {
         timeline: u32,
     },
     InRecovery,
+    /// Its databases refuse connections: fenced (by a switchover or the watchdog).
+    Fenced(String),
     /// No answer: refused, reset, timed out, or the server is starting or stopping.
     Unreachable(String),
     /// The server answered but refused the probe (authentication, too many
@@ -98,6 +100,7 @@ impl Probe {
             Probe::Primary { .. } => "primary",
             Probe::ReadOnly { .. } => "read_only",
             Probe::InRecovery => "in_recovery",
+            Probe::Fenced(_) => "fenced",
             Probe::Unreachable(_) => "unreachable",
             Probe::Refused(_) => "refused",
         }
@@ -109,6 +112,9 @@ impl Probe {
             Probe::Primary { .. } | Probe::Refused(_) => None,
             Probe::ReadOnly { .. } => Some("the primary is read-only".into()),
             Probe::InRecovery => Some("the primary is in recovery".into()),
+            Probe::Fenced(_) => {
+                Some("the primary is fenced (its databases refuse connections)".into())
+            }
             Probe::Unreachable(e) => Some(format!("the primary is unreachable: {e}")),
         }
     }
@@ -131,6 +137,9 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
         Err(_) => return Probe::Unreachable(format!("{addr}: no answer within {timeout:?}")),
         Ok(Err(e)) => {
             return match e.as_db_error() {
+                Some(db) if crate::fence::is_fence_refusal(db.code().code(), db.message()) => {
+                    Probe::Fenced(format!("{addr}: {}", db.message()))
+                }
                 Some(db) if db.code().code().starts_with("57P") => {
                     Probe::Unreachable(format!("{addr}: {}", db.message()))
                 }
@@ -154,17 +163,20 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
     if in_recovery {
         return Probe::InRecovery;
     }
-    // The WAL file name starts with the timeline (8 hex digits).
-    let timeline = wal
-        .as_deref()
-        .and_then(|w| w.get(..8))
-        .and_then(|t| u32::from_str_radix(t, 16).ok())
-        .unwrap_or(0);
+    let timeline = timeline_of(wal.as_deref());
     if read_only == "on" {
         Probe::ReadOnly { timeline }
     } else {
         Probe::Primary { timeline }
     }
+}
+
+/// The timeline in a WAL file name (its first 8 hex digits); 0 when unknown.
+pub(crate) fn timeline_of(walfile: Option<&str>) -> u32 {
+    walfile
+        .and_then(|w| w.get(..8))
+        .and_then(|t| u32::from_str_radix(t, 16).ok())
+        .unwrap_or(0)
 }
 
 /// The last probe of a shard's serving primary.
@@ -309,6 +321,16 @@ pub struct HealthSettings {
     pub discovery_interval: Duration,
 }
 
+/// What startup discovery found for a shard.
+#[derive(Debug, Clone)]
+pub struct Initial {
+    pub primary: HostPort,
+    pub timeline: u32,
+    /// Other hosts the split-brain watchdog must watch: fenced ones, and writable ones
+    /// on a lower timeline than the primary's.
+    pub watch: Vec<(HostPort, crate::watchdog::Why)>,
+}
+
 /// Startup: the configured hosts are probed and the writable one on the highest timeline
 /// becomes the initial primary (the first host listed is only a hint, used when a host
 /// is up but refuses the probe and none qualifies). `Err(reason)`: no primary now.
@@ -316,7 +338,7 @@ pub async fn initial_primary(
     cfg: &SwitchoverSettings,
     health: &HealthSettings,
     hosts: &[HostPort],
-) -> Result<(HostPort, u32), String> {
+) -> Result<Initial, String> {
     let handles: Vec<JoinHandle<Probe>> = hosts
         .iter()
         .map(|h| {
@@ -331,11 +353,33 @@ pub async fn initial_primary(
                 .unwrap_or_else(|e| Probe::Unreachable(format!("probe failed: {e}"))),
         );
     }
-    if let Some((h, t)) = choose(hosts, &results, 0) {
-        return Ok((h, t));
+    let all = vec![true; hosts.len()];
+    if let Some((primary, timeline)) = choose(hosts, &results, 0, &all) {
+        use crate::watchdog::Why;
+        let watch = hosts
+            .iter()
+            .zip(&results)
+            .filter(|(h, _)| **h != primary)
+            .filter_map(|(h, r)| match r {
+                Probe::Fenced(_) => Some((h.clone(), Why::FoundFenced)),
+                Probe::Primary { timeline: t } if *t < timeline => {
+                    Some((h.clone(), Why::LowerTimeline))
+                }
+                _ => None,
+            })
+            .collect();
+        return Ok(Initial {
+            primary,
+            timeline,
+            watch,
+        });
     }
     if results.iter().any(|r| matches!(r, Probe::Refused(_))) {
-        return Ok((hosts[0].clone(), 0));
+        return Ok(Initial {
+            primary: hosts[0].clone(),
+            timeline: 0,
+            watch: Vec::new(),
+        });
     }
     Err(results
         .iter()
@@ -348,11 +392,19 @@ pub async fn initial_primary(
         .join("; "))
 }
 
-/// The writable host on the highest timeline, at least `min_timeline`; ties go to the
-/// earlier host in configuration order.
-fn choose(hosts: &[HostPort], results: &[Probe], min_timeline: u32) -> Option<(HostPort, u32)> {
+/// The writable host on the highest timeline, at least `min_timeline`, among the
+/// `eligible` ones; ties go to the earlier host in configuration order.
+fn choose(
+    hosts: &[HostPort],
+    results: &[Probe],
+    min_timeline: u32,
+    eligible: &[bool],
+) -> Option<(HostPort, u32)> {
     let mut best: Option<(usize, u32)> = None;
     for (i, r) in results.iter().enumerate() {
+        if !eligible[i] {
+            continue;
+        }
         if let Probe::Primary { timeline } = r {
             if *timeline >= min_timeline && best.is_none_or(|(_, t)| *timeline > t) {
                 best = Some((i, *timeline));
@@ -477,7 +529,9 @@ async fn discover(
             })
             .collect();
         let min = shard.health.max_timeline.load(SeqCst);
-        let Some((primary, timeline)) = choose(&hosts, &results, min) else {
+        // A host the watchdog watches (a replaced primary) is never chosen.
+        let eligible: Vec<bool> = hosts.iter().map(|h| !shard.watch.is_watched(h)).collect();
+        let Some((primary, timeline)) = choose(&hosts, &results, min, &eligible) else {
             continue;
         };
         abort_all(&mut running);
@@ -519,27 +573,40 @@ mod tests {
             Probe::Primary { timeline: 2 },
             Probe::InRecovery,
         ];
-        assert_eq!(choose(&hosts, &r, 0), Some((hp(2), 2)));
+        let all = [true; 3];
+        assert_eq!(choose(&hosts, &r, 0, &all), Some((hp(2), 2)));
+        // A watched host is skipped even when it would win.
+        assert_eq!(
+            choose(&hosts, &r, 0, &[true, false, true]),
+            Some((hp(1), 1))
+        );
         // A returning old primary on timeline 1 never wins once timeline 2 was seen.
         let r = [
             Probe::Primary { timeline: 1 },
             Probe::Unreachable("x".into()),
             Probe::InRecovery,
         ];
-        assert_eq!(choose(&hosts, &r, 2), None);
+        assert_eq!(choose(&hosts, &r, 2, &all), None);
         // Read-only and refused hosts never qualify; ties go to configuration order.
         let r = [
             Probe::ReadOnly { timeline: 3 },
             Probe::Refused("auth".into()),
             Probe::Primary { timeline: 2 },
         ];
-        assert_eq!(choose(&hosts, &r, 2), Some((hp(3), 2)));
+        assert_eq!(choose(&hosts, &r, 2, &all), Some((hp(3), 2)));
         let r = [
             Probe::Primary { timeline: 2 },
             Probe::Primary { timeline: 2 },
             Probe::InRecovery,
         ];
-        assert_eq!(choose(&hosts, &r, 0), Some((hp(1), 2)));
+        assert_eq!(choose(&hosts, &r, 0, &all), Some((hp(1), 2)));
+        // A fenced host never qualifies.
+        let r = [
+            Probe::Fenced("x".into()),
+            Probe::InRecovery,
+            Probe::Primary { timeline: 1 },
+        ];
+        assert_eq!(choose(&hosts, &r, 0, &all), Some((hp(3), 1)));
     }
 
     #[test]
@@ -551,6 +618,10 @@ mod tests {
             .unwrap()
             .contains("read-only"));
         assert!(Probe::InRecovery.failure().unwrap().contains("recovery"));
+        assert!(Probe::Fenced("x".into())
+            .failure()
+            .unwrap()
+            .contains("fenced"));
         assert!(Probe::Unreachable("refused".into())
             .failure()
             .unwrap()

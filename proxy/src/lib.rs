@@ -18,7 +18,9 @@ mod client_auth;
 pub mod config;
 mod conn;
 mod control;
+mod demote;
 mod failover;
+mod fence;
 mod limits;
 mod listener;
 pub mod metrics;
@@ -33,6 +35,7 @@ pub mod shutdown;
 mod switchover;
 pub mod tls;
 mod txn;
+mod watchdog;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -160,12 +163,17 @@ impl Proxy {
         // Startup discovery: the first host listed is only a hint.
         let mut shards = Vec::new();
         let mut missing = Vec::new();
+        let mut watch = Vec::new();
         for s in &config.shards {
             match failover::initial_primary(&config.switchover, &config.health, &s.hosts).await {
-                Ok((primary, timeline)) => {
+                Ok(found) => {
+                    let (primary, timeline) = (found.primary, found.timeline);
                     tracing::info!(shard = %s.name, %primary, timeline, "initial primary");
                     let sh = shard::Shard::with_primary(&s.name, s.hosts.clone(), primary);
                     sh.health.saw_timeline(timeline);
+                    for (host, why) in found.watch {
+                        watch.push((shards.len(), host, why));
+                    }
                     shards.push(Arc::new(sh));
                 }
                 Err(why) => {
@@ -202,8 +210,20 @@ impl Proxy {
                 &format!("no primary found at startup: {why}"),
             );
         }
+        for (i, host, why) in watch {
+            let sh = &shared.shards[i];
+            if why == watchdog::Why::LowerTimeline {
+                tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
+            }
+            sh.watch.add(&sh.name, host, why, 1, None).await;
+        }
         for sh in &shared.shards {
             tokio::spawn(failover::monitor(
+                Arc::clone(&shared),
+                Arc::clone(sh),
+                signal.clone(),
+            ));
+            tokio::spawn(watchdog::run(
                 Arc::clone(&shared),
                 Arc::clone(sh),
                 signal.clone(),

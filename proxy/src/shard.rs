@@ -202,6 +202,8 @@ pub struct Shard {
     pub op: tokio::sync::Mutex<()>,
     /// Failure detection and discovery ([`crate::failover`]).
     pub health: crate::failover::Health,
+    /// Replaced primaries watched for split brain ([`crate::watchdog`]).
+    pub watch: crate::watchdog::Watch,
 }
 
 /// A snapshot for the admin API.
@@ -252,6 +254,7 @@ impl Shard {
             }),
             op: tokio::sync::Mutex::new(()),
             health: Default::default(),
+            watch: Default::default(),
         };
         s.publish(StateKind::Serving, 1);
         s

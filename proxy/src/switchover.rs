@@ -1,7 +1,9 @@
-//! A planned switchover run by handoff (DESIGN.md steps 1–7), over SQL on the old
-//! primary and the target standby: pre-check, buffer, lameduck, revoke (read-only and
-//! fence LSN), catch up, promote, flush. Any failure before the promotion rolls back to
-//! the old primary; clients see a pause either way.
+//! A planned switchover run by handoff (docs/switchover.md), over SQL on the old
+//! primary and the target standby: pre-check, buffer, lameduck, revoke (the fence, and
+//! its LSN), catch up, promote, flush, and optionally the demote command. Any failure
+//! before the promotion rolls back to the old primary, lifting exactly what the fence
+//! changed; clients see a pause either way. After a completed switchover the old primary
+//! stays fenced and is watched for split brain ([`crate::watchdog`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +13,9 @@ use tokio_postgres::Client;
 
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::control;
+use crate::fence::{self, Fence, Session};
 use crate::shard::{metric, Shard, StateKind};
+use crate::watchdog;
 use crate::Shared;
 
 /// How a switchover ended.
@@ -56,9 +60,14 @@ pub(crate) struct Report {
     pub outcome: Outcome,
     steps: Vec<Step>,
     fence_lsn: Option<String>,
+    /// Databases the fence closed on the old primary.
+    fenced_databases: Vec<String>,
+    /// Sessions the fence terminated on the old primary.
+    fence_terminated: u64,
     epoch: u64,
     lameduck_cancelled: usize,
     prewarmed: usize,
+    demote: Option<crate::demote::Outcome>,
     error: Option<String>,
 }
 
@@ -83,10 +92,16 @@ impl Report {
             "outcome": self.outcome.as_str(),
             "epoch": self.epoch,
             "fence_lsn": self.fence_lsn,
+            "fence": {
+                "lsn": self.fence_lsn,
+                "databases": self.fenced_databases,
+                "terminated_sessions": self.fence_terminated,
+            },
             "lameduck_cancelled": self.lameduck_cancelled,
             "prewarmed_connections": self.prewarmed,
             "total_ms": (self.steps.iter().map(|s| s.duration.as_secs_f64()).sum::<f64>() * 1000.0 * 1000.0).round() / 1000.0,
             "steps": steps,
+            "demote": self.demote.as_ref().map(|d| d.to_json()),
             "error": self.error,
         })
     }
@@ -103,15 +118,10 @@ async fn connect(
     cfg: &SwitchoverSettings,
     addr: &HostPort,
     timeout: Duration,
-) -> Result<Client, String> {
-    let mut c = cfg.pg_config(addr, "handoff-switchover", timeout);
-    match tokio::time::timeout(timeout, cfg.tls.pg_connect(&mut c)).await {
-        Ok(Ok((client, _task))) => Ok(client),
-        Ok(Err(e)) => Err(format!("cannot connect to {addr} as {}: {e}", cfg.user)),
-        Err(_) => Err(format!(
-            "cannot connect to {addr}: timed out after {timeout:?}"
-        )),
-    }
+) -> Result<Session, String> {
+    Session::open(cfg, addr, &cfg.database, "handoff-switchover", timeout)
+        .await
+        .map_err(|e| format!("cannot connect to {addr} as {}: {}", cfg.user, e.message()))
 }
 
 fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> String {
@@ -166,9 +176,12 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
             outcome: Outcome::Refused,
             steps: Vec::new(),
             fence_lsn: None,
+            fenced_databases: Vec::new(),
+            fence_terminated: 0,
             epoch: snap.epoch,
             lameduck_cancelled: 0,
             prewarmed: 0,
+            demote: None,
             error: None,
         },
     };
@@ -188,9 +201,19 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
     let t = Instant::now();
     let checked = precheck(cfg, &snap.state, &old, &to, timeout).await;
     let (old_db, target_db) = match checked {
-        Ok(ok) => {
+        Ok((old_db, target_db, system)) => {
+            shard.watch.set_system(&system);
+            // A standby of the same system: if it was a replaced primary, it rejoined.
+            shard
+                .watch
+                .remove(
+                    &shard.name,
+                    &to,
+                    "it is a standby, and the switchover's target",
+                )
+                .await;
             run.step("precheck", t, None);
-            ok
+            (old_db, target_db)
         }
         Err(e) => {
             run.step("precheck", t, Some(e.clone()));
@@ -217,42 +240,50 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
     run.report.lameduck_cancelled = ld.cancelled;
     run.step("lameduck", t, None);
 
-    // 4. Revoke on the old primary: read-only, its clients gone, the fence LSN.
+    // 4. Revoke on the old primary: the fence, then its LSN.
     let t = Instant::now();
-    match revoke_old(cfg, &old_db, &old).await {
-        Ok(lsn) => {
-            run.report.fence_lsn = Some(lsn);
+    let mut fence = Fence::new(old.clone(), old_db);
+    let opts = fence::Apply {
+        terminate: cfg.terminate,
+        timeout,
+    };
+    let fenced = fence.apply(cfg, opts).await;
+    run.report.fenced_databases = fence.databases.clone();
+    run.report.fence_terminated = fence.terminated;
+    metrics::counter!(watchdog::metric::FENCES, "shard" => shard.name.clone(), "source" => "switchover", "result" => if fenced.is_ok() { "ok" } else { "error" })
+        .increment(1);
+    match fenced {
+        Ok(()) => {
+            run.report.fence_lsn = fence.lsn.clone();
             run.step("revoke", t, None);
         }
         Err(e) => {
-            run.step("revoke", t, Some(e.clone()));
-            return rollback(run, &old, snap.epoch, e).await;
+            run.step("revoke", t, Some(e.to_string()));
+            return rollback(run, fence, snap.epoch, e.to_string()).await;
         }
     }
 
     // 5. Catch up.
     let t = Instant::now();
-    let fence = run
-        .report
-        .fence_lsn
-        .clone()
-        .expect("set by the revoke step");
-    if let Err(e) = catch_up(&target_db, &to, &fence, timeout).await {
+    let lsn = fence.lsn.clone().expect("set by a successful fence");
+    if let Err(e) = catch_up(&target_db.client, &to, &lsn, timeout).await {
         run.step("catch_up", t, Some(e.clone()));
-        return rollback(run, &old, snap.epoch, e).await;
+        return rollback(run, fence, snap.epoch, e).await;
     }
     run.step("catch_up", t, None);
 
     // 6. Establish on the target: writable, promoted, confirmed.
     let t = Instant::now();
-    match promote(cfg, &target_db, &to, timeout).await {
+    match promote(cfg, &target_db.client, &to, timeout, &fence.databases).await {
         Ok(()) => run.step("promote", t, None),
         Err(Promotion::NotPromoted(e)) => {
             run.step("promote", t, Some(e.clone()));
-            return rollback(run, &old, snap.epoch, e).await;
+            return rollback(run, fence, snap.epoch, e).await;
         }
         Err(Promotion::Unconfirmed(e)) => {
             run.step("promote", t, Some(e.clone()));
+            // The old primary stays fenced; the watchdog keeps its sessions.
+            keep_fenced(&shard, &old, snap.epoch, fence).await;
             let msg = format!(
                 "{e}; the target may be promoted: shard \"{}\" stays buffering until POST /v1/shards/{}/primary or /resume",
                 shard.name, shard.name
@@ -263,18 +294,51 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
 
     // 7. Flush.
     let t = Instant::now();
-    match control::establish(&shared, &shard, Some(snap.epoch), to.clone()).await {
-        Ok(est) => {
-            run.report.epoch = est.epoch;
-            run.report.prewarmed = est.prewarmed;
-            run.step("flush", t, est.prewarm_error);
-            run.finish(Outcome::Completed, None)
-        }
-        Err(e) => {
-            run.step("flush", t, Some(e.to_string()));
-            run.finish(Outcome::Failed, Some(e.to_string()))
-        }
+    let established = control::establish(&shared, &shard, Some(snap.epoch), to.clone()).await;
+    match &established {
+        Ok(est) => run.step("flush", t, est.prewarm_error.clone()),
+        Err(e) => run.step("flush", t, Some(e.to_string())),
     }
+    // The old primary stays fenced, and watched, until it rejoins as a standby.
+    keep_fenced(&shard, &old, snap.epoch, fence).await;
+    let est = match established {
+        Ok(est) => est,
+        Err(e) => return run.finish(Outcome::Failed, Some(e.to_string())),
+    };
+    run.report.epoch = est.epoch;
+    run.report.prewarmed = est.prewarmed;
+
+    // 8. The demote command, if any: its outcome is reported, never undone.
+    if let Some(command) = &cfg.demote_command {
+        let env = [
+            ("HANDOFF_SHARD", shard.name.clone()),
+            ("HANDOFF_OLD_PRIMARY", old.to_string()),
+            ("HANDOFF_OLD_PRIMARY_HOST", old.host.clone()),
+            ("HANDOFF_OLD_PRIMARY_PORT", old.port.to_string()),
+            ("HANDOFF_NEW_PRIMARY", to.to_string()),
+            ("HANDOFF_NEW_PRIMARY_HOST", to.host.clone()),
+            ("HANDOFF_NEW_PRIMARY_PORT", to.port.to_string()),
+            ("HANDOFF_EPOCH", est.epoch.to_string()),
+            ("HANDOFF_FENCE_LSN", lsn),
+        ];
+        run.report.demote =
+            Some(crate::demote::run(command, &env, cfg.demote_timeout, &shard.name).await);
+    }
+    run.finish(Outcome::Completed, None)
+}
+
+/// Hands the fenced old primary, with the sessions the fence kept, to the watchdog.
+async fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
+    shard
+        .watch
+        .add(
+            &shard.name,
+            old.clone(),
+            watchdog::Why::Switchover,
+            epoch,
+            Some(fence),
+        )
+        .await;
 }
 
 async fn precheck(
@@ -283,7 +347,7 @@ async fn precheck(
     old: &HostPort,
     to: &HostPort,
     timeout: Duration,
-) -> Result<(Client, Client), String> {
+) -> Result<(Session, Session, String), String> {
     if *state != StateKind::Serving {
         return Err(format!("the shard is {}, not serving", state.as_str()));
     }
@@ -292,6 +356,7 @@ async fn precheck(
     }
     let target = connect(cfg, to, timeout).await?;
     let row = target
+        .client
         .query_one(
             "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
              (SELECT system_identifier FROM pg_control_system())::text",
@@ -311,6 +376,7 @@ async fn precheck(
     };
     let old_db = connect(cfg, old, timeout).await?;
     let row = old_db
+        .client
         .query_one(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8, \
              (SELECT system_identifier FROM pg_control_system())::text",
@@ -330,34 +396,7 @@ async fn precheck(
             cfg.max_lag
         ));
     }
-    Ok((old_db, target))
-}
-
-async fn revoke_old(
-    cfg: &SwitchoverSettings,
-    db: &Client,
-    addr: &HostPort,
-) -> Result<String, String> {
-    db.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
-        .await
-        .map_err(|e| sql_error(addr, e))?;
-    db.query_one("SELECT pg_reload_conf()", &[])
-        .await
-        .map_err(|e| sql_error(addr, e))?;
-    if cfg.terminate {
-        db.query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .map_err(|e| sql_error(addr, e))?;
-    }
-    let row = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(|e| sql_error(addr, e))?;
-    Ok(row.get(0))
+    Ok((old_db, target, old_system))
 }
 
 async fn catch_up(
@@ -399,14 +438,8 @@ async fn promote(
     db: &Client,
     addr: &HostPort,
     timeout: Duration,
+    fenced: &[String],
 ) -> Result<(), Promotion> {
-    let not = |e| Promotion::NotPromoted(sql_error(addr, e));
-    db.batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
-        .await
-        .map_err(not)?;
-    db.query_one("SELECT pg_reload_conf()", &[])
-        .await
-        .map_err(not)?;
     // pg_promote(wait => true) polls every 100 ms; asking without waiting and polling
     // here ends the promotion step sooner.
     let promoted: bool = match db.query_one("SELECT pg_promote(false)", &[]).await {
@@ -433,12 +466,17 @@ async fn promote(
             Err(e) => return Err(Promotion::Unconfirmed(sql_error(addr, e))),
         }
     }
-    // A new session sees the reloaded configuration: confirm the target is writable.
+    // The target replayed the fence: its databases accept connections again.
+    fence::restore(db, addr, fenced)
+        .await
+        .map_err(|e| Promotion::Unconfirmed(e.to_string()))?;
+    // A new session gets in and can write.
     let deadline = Instant::now() + timeout;
     loop {
         let check = async {
             let c = connect(cfg, addr, timeout).await?;
             let row = c
+                .client
                 .query_one(
                     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')",
                     &[],
@@ -460,40 +498,26 @@ async fn promote(
     }
 }
 
-/// Undoes the revocation: the old primary writable again, then the shard serving from
-/// it with the held transactions released to it.
-async fn rollback(mut run: Run<'_>, old: &HostPort, epoch: u64, cause: String) -> Report {
+/// Undoes the revocation: the fence lifted (exactly what it changed, confirmed from a
+/// new session), then the shard serving from the old primary again with the held
+/// transactions released to it. If the fence cannot be lifted the shard stays buffering
+/// (releasing clients to a server that refuses every login would fail them all).
+async fn rollback(mut run: Run<'_>, fence: Fence, epoch: u64, cause: String) -> Report {
     let t = Instant::now();
-    let undo = async {
-        let db = connect(run.cfg, old, Duration::from_secs(5)).await?;
-        db.batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
-            .await
-            .map_err(|e| sql_error(old, e))?;
-        db.query_one("SELECT pg_reload_conf()", &[])
-            .await
-            .map_err(|e| sql_error(old, e))?;
-        // New sessions must see the reloaded setting before clients are released.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let c = connect(run.cfg, old, Duration::from_secs(5)).await?;
-            let ro: String = c
-                .query_one("SELECT current_setting('transaction_read_only')", &[])
-                .await
-                .map_err(|e| sql_error(old, e))?
-                .get(0);
-            if ro == "off" || Instant::now() >= deadline {
-                return Ok::<_, String>(());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    let undo_err = undo.await.err();
+    let lifted = fence.lift(run.cfg, Duration::from_secs(5)).await;
+    if let Err(e) = lifted {
+        let err = format!("could not lift the fence on {}: {e}", fence.addr);
+        run.step("rollback", t, Some(err.clone()));
+        let msg = format!(
+            "{cause}; rollback: {err}; shard \"{}\" stays buffering: open the databases {} again by hand (docs/fence.md) and POST /v1/shards/{}/resume",
+            run.shard.name,
+            fence.databases.join(", "),
+            run.shard.name
+        );
+        return run.finish(Outcome::Failed, Some(msg));
+    }
     let aborted = control::abort(run.shared, run.shard, Some(epoch));
-    let err = match (&undo_err, &aborted) {
-        (None, Ok(_)) => None,
-        (Some(u), _) => Some(format!("could not make {old} writable again: {u}")),
-        (None, Err(e)) => Some(e.to_string()),
-    };
+    let err = aborted.err().map(|e| e.to_string());
     run.step("rollback", t, err.clone());
     let msg = match err {
         None => cause,

@@ -5,18 +5,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use handoff_tests::admin::{metric, server, shard_state, watched};
 use handoff_tests::load::{ids, Load};
-use handoff_tests::raw::http;
 use handoff_tests::{conn_str, eventually, start_proxy, Cluster, Node};
-use serde_json::Value;
 use tokio_postgres::error::SqlState;
-
-fn server(node: &Node) -> String {
-    format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        node.port
-    )
-}
 
 async fn client(proxy: &handoff::Proxy) -> tokio_postgres::Client {
     let url = conn_str(&proxy.listen_addr(), "postgres", "postgres", None);
@@ -27,26 +19,34 @@ async fn client(proxy: &handoff::Proxy) -> tokio_postgres::Client {
     c
 }
 
-async fn shard_state(proxy: &handoff::Proxy) -> Value {
-    let (status, body) = http(proxy.admin_addr(), "GET", "/v1/shards", None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    v["shards"][0].clone()
+/// A new session on `node` is refused because its databases do not accept connections.
+fn refused_login(node: &Node) {
+    let e = node
+        .try_login("postgres", "postgres")
+        .expect_err("the fenced server let a session in");
+    assert!(e.contains("not currently accepting connections"), "{e}");
 }
 
-/// The sum of a metric's series whose labels include every one of `labels`.
-async fn metric(proxy: &handoff::Proxy, name: &str, labels: &[&str]) -> f64 {
-    let (status, body) = http(proxy.admin_addr(), "GET", "/metrics", None)
-        .await
-        .unwrap();
-    assert_eq!(status, 200);
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// Waits until the watchdog has fenced `node` (a replaced primary that took logins)
+/// and reports the split brain.
+async fn fenced(proxy: &handoff::Proxy, node: &Node) {
+    let host = node.addr();
+    eventually(
+        Duration::from_secs(10),
+        "the watchdog to fence the replaced primary",
+        || async {
+            let s = shard_state(proxy).await;
+            let fenced = watched(&s, &host)
+                .is_some_and(|w| w["state"] == "fenced" && w["fenced_by_handoff"] == true);
+            Ok(fenced
+                && s["split_brain"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|h| h == host.as_str())))
+        },
+    )
+    .await
+    .unwrap();
+    refused_login(node);
 }
 
 /// Waits until the shard serves `primary`.
@@ -251,12 +251,10 @@ async fn discovery_picks_the_promoted_standby_and_never_a_returning_old_primary(
         .await
         .unwrap();
 
-    // The old primary comes back as it was (writable, on the old timeline).
+    // The old primary comes back as it was (writable, on the old timeline): the
+    // watchdog raises the split-brain alarm and fences it.
     cluster.primary.start().unwrap();
-    assert_eq!(
-        cluster.primary.psql("select pg_is_in_recovery()").unwrap(),
-        "f"
-    );
+    fenced(&proxy, &cluster.primary).await;
     for i in 0..10 {
         c.execute(
             "INSERT INTO handoff_load (client, seq) VALUES (2, $1)",
@@ -267,14 +265,8 @@ async fn discovery_picks_the_promoted_standby_and_never_a_returning_old_primary(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(shard_state(&proxy).await["primary"], s2.as_str());
-    assert_eq!(
-        cluster
-            .primary
-            .psql("select count(*) from handoff_load where client = 2")
-            .unwrap(),
-        "0",
-        "a write reached the returning old primary"
-    );
+    // Every write went to the new primary (each ran once, so none reached the old
+    // one, which refuses every login anyway).
     assert_eq!(
         cluster.standbys[1]
             .psql("select count(*) from handoff_load where client = 2")
@@ -328,12 +320,13 @@ async fn discovery_picks_the_promoted_standby_and_never_a_returning_old_primary(
         "1"
     );
     assert_eq!(
-        cluster
-            .primary
+        cluster.standbys[1]
             .psql("select count(*) from handoff_load where client in (3, 4)")
             .unwrap(),
-        "0"
+        "1",
+        "only the insert after the recovery ran (the one that got 57P03 did not)"
     );
+    refused_login(&cluster.primary);
     assert_eq!(shard_state(&proxy).await["epoch"], 3);
     proxy.shutdown().await;
 }
@@ -517,12 +510,14 @@ async fn a_read_only_refusal_is_retried_outside_a_transaction_and_never_inside_o
         .await
         .unwrap();
     assert_eq!(
-        cluster
-            .primary
-            .psql("select count(*) from handoff_load where client = 2")
+        cluster.standbys[0]
+            .psql("select count(*) from handoff_load where client = 2 and seq = 2")
             .unwrap(),
-        "0"
+        "1"
     );
+    // The demoted old primary was replaced while it still took logins: the watchdog
+    // fenced it, so nothing can reach it any more.
+    fenced(&proxy, &cluster.primary).await;
     proxy.shutdown().await;
 }
 

@@ -301,7 +301,34 @@ fn switchover_settings() {
         ("HANDOFF_SWITCHOVER_MAX_LAG", "lots"),
         ("HANDOFF_SWITCHOVER_TIMEOUT", "0"),
         ("HANDOFF_SWITCHOVER_TERMINATE", "maybe"),
+        ("HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT", "0"),
+        ("HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT", "a while"),
+        ("HANDOFF_WATCHDOG_INTERVAL", "0"),
+        ("HANDOFF_WATCHDOG_INTERVAL", "often"),
     ] {
         assert_eq!(err_var(&[(var, bad)]), var);
     }
+}
+
+#[test]
+fn fence_and_watchdog_settings() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(c.switchover.demote_command, None);
+    assert_eq!(c.switchover.demote_timeout, Duration::from_secs(60));
+    assert_eq!(c.watchdog_interval, Duration::from_millis(250));
+    let c = cfg(&[
+        (
+            "HANDOFF_SWITCHOVER_DEMOTE_COMMAND",
+            "pg_ctl -D /data stop -m fast",
+        ),
+        ("HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT", "2m"),
+        ("HANDOFF_WATCHDOG_INTERVAL", "1s"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.switchover.demote_command.as_deref(),
+        Some("pg_ctl -D /data stop -m fast")
+    );
+    assert_eq!(c.switchover.demote_timeout, Duration::from_secs(120));
+    assert_eq!(c.watchdog_interval, Duration::from_secs(1));
 }
