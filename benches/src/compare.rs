@@ -118,6 +118,18 @@ pub fn start_handoff_with(
     extra: &[(&str, String)],
 ) -> Result<Kill> {
     let bin = std::env::current_exe()?.with_file_name("handoff");
+    start_handoff_bin(&bin, cluster, port, admin, pool_size, extra)
+}
+
+/// [`start_handoff_with`] with a given binary (e.g. an older build).
+pub fn start_handoff_bin(
+    bin: &std::path::Path,
+    cluster: &Cluster,
+    port: u16,
+    admin: u16,
+    pool_size: usize,
+    extra: &[(&str, String)],
+) -> Result<Kill> {
     if !bin.is_file() {
         bail!(
             "{} not found: build it first (cargo build --release -p handoff -p handoff-bench)",
@@ -254,6 +266,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         out: args.out.clone(),
         quiet: args.quiet,
         target_events: Vec::new(),
+        bypass: Vec::new(),
     };
     let results = run::run(run_args).await?;
     println!();
@@ -304,6 +317,7 @@ pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
         out: args.out,
         quiet: args.quiet,
         target_events: Vec::new(),
+        bypass: Vec::new(),
     };
     let results = run::run(run_args).await?;
     for r in &results {

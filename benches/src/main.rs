@@ -152,6 +152,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         out: PathBuf::from("handoff-bench-results"),
         quiet: false,
         target_events: vec![("handoff".into(), switch)],
+        bypass: Vec::new(),
     };
     println!(
         "direct: no switchover; handoff: a switchover to the standby {:.1}s into the run",

@@ -56,6 +56,17 @@ pub struct Args {
     /// With --crash: how long after the crash the standby is promoted.
     #[arg(long, default_value = "1s", value_parser = run::events::parse_duration)]
     pub promote_after: Duration,
+    /// Writers that bypass the proxy: this many clients connected straight to the old
+    /// primary, each overriding the read-only default (`BEGIN READ WRITE`, `SET SESSION
+    /// CHARACTERISTICS … READ WRITE`, `SET transaction_read_only = off` in turn) and
+    /// committing one insert per transaction, reconnecting on any error. Their
+    /// acknowledged commits are checked against the new primary.
+    #[arg(long, default_value_t = 0)]
+    pub bypass_writers: usize,
+    /// The handoff binary to run (default: the one next to this binary), e.g. an older
+    /// build to compare with.
+    #[arg(long)]
+    pub handoff_bin: Option<PathBuf>,
 }
 
 /// Shell commands that crash `node` (kill -9 of the postmaster and all its children).
@@ -122,6 +133,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mut keep = Vec::new();
     let mut targets = Vec::new();
     let mut events = Vec::new();
+    let mut bypass = Vec::new();
     let pg_ctl = |c: &Cluster| c.bin.bin("pg_ctl").display().to_string();
     for name in &wanted {
         let cluster = tokio::task::block_in_place(|| -> Result<Cluster> {
@@ -144,7 +156,17 @@ pub async fn run(args: Args) -> Result<()> {
         match *name {
             "handoff" => {
                 let admin = free_port()?;
-                keep.push(start_handoff(&cluster, port, admin, args.pool_size)?);
+                keep.push(match &args.handoff_bin {
+                    Some(bin) => crate::compare::start_handoff_bin(
+                        bin,
+                        &cluster,
+                        port,
+                        admin,
+                        args.pool_size,
+                        &[],
+                    )?,
+                    None => start_handoff(&cluster, port, admin, args.pool_size)?,
+                });
                 wait_listening(port, "handoff").await?;
                 targets.push((
                     "handoff".to_string(),
@@ -221,6 +243,18 @@ pub async fn run(args: Args) -> Result<()> {
                 ));
             }
         }
+        if args.bypass_writers > 0 {
+            let primary = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                cluster.primary.port
+            );
+            handoff_tests::bypass::prepare(&primary, None).await?;
+            bypass.push((
+                name.to_string(),
+                cluster.primary.addr(),
+                args.bypass_writers,
+            ));
+        }
         clusters.push(cluster);
     }
     let run_args = RunArgs {
@@ -234,6 +268,7 @@ pub async fn run(args: Args) -> Result<()> {
         out: args.out,
         quiet: args.quiet,
         target_events: events,
+        bypass,
     };
     let results = run::run(run_args).await?;
     println!();
@@ -294,6 +329,38 @@ pub async fn run(args: Args) -> Result<()> {
         }
         for (k, n) in &r.errors {
             println!("  {}: {n} × {k}", r.name);
+        }
+    }
+    if args.bypass_writers > 0 {
+        println!(
+            "\nwriters bypassing the proxy ({} straight to the old primary):",
+            args.bypass_writers
+        );
+        println!(
+            "{:<10} {:>14} {:>9}  per writer (acknowledged / missing)",
+            "target", "acknowledged", "missing"
+        );
+        for (r, c) in results.iter().zip(&clusters) {
+            let new = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                c.standbys[0].port
+            );
+            let on_new = handoff_tests::bypass::ids(&new).await?;
+            let mut per = Vec::new();
+            let (mut acked, mut missing) = (0, 0);
+            for w in &r.bypass {
+                let m = w.acks.iter().filter(|a| !on_new.contains(&a.id)).count();
+                acked += w.acks.len();
+                missing += m;
+                per.push(format!("{}: {}/{}", w.mode.name(), w.acks.len(), m));
+            }
+            println!(
+                "{:<10} {:>14} {:>9}  {}",
+                r.name,
+                acked,
+                missing,
+                per.join(", ")
+            );
         }
     }
     if args.crash {

@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// Events for one target only (by target name), besides `events`.
     #[arg(skip)]
     pub target_events: Vec<(String, Event)>,
+    /// Writers that bypass the target, straight to a server: (target name, server
+    /// host:port, how many), running during that target's run.
+    #[arg(skip)]
+    pub bypass: Vec<(String, String, usize)>,
 }
 
 fn parse_target(s: &str) -> Result<(String, String)> {
@@ -78,6 +82,8 @@ pub struct TargetResult {
     pub events: Vec<EventRecord>,
     pub acknowledged_writes: usize,
     pub lost_writes: Vec<i64>,
+    /// What the bypassing writers saw (see [`RunArgs::bypass`]).
+    pub bypass: Vec<handoff_tests::bypass::WriterOutcome>,
 }
 
 fn error_key(e: &tokio_postgres::Error) -> String {
@@ -321,6 +327,7 @@ pub async fn run_target(name: &str, url: &str, args: Arc<RunArgs>) -> Result<Tar
         events,
         acknowledged_writes: acked.len(),
         lost_writes,
+        bypass: Vec::new(),
     })
 }
 
@@ -407,7 +414,21 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
                 args.workload, args.clients, args.duration
             );
         }
-        results.push(run_target(name, url, Arc::clone(&args)).await?);
+        let writers = args
+            .bypass
+            .iter()
+            .find(|(t, _, _)| t == name)
+            .map(|(_, addr, n)| {
+                use handoff_tests::bypass::{Mode, Writers};
+                let kinds: Vec<(Mode, &str)> =
+                    (0..*n).map(|i| (Mode::ALL[i % 3], "postgres")).collect();
+                Writers::start(addr, &kinds)
+            });
+        let mut r = run_target(name, url, Arc::clone(&args)).await?;
+        if let Some(w) = writers {
+            r.bypass = w.stop().await;
+        }
+        results.push(r);
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
