@@ -13,9 +13,9 @@
 //!    session's own database;
 //! 2. every other backend attached to a database (client sessions, background workers,
 //!    logical walsenders, and backends that were logging in when step 1 committed,
-//!    found through their virtual-transaction locks) is terminated with
-//!    `pg_terminate_backend(pid, timeout)` and waited for, until two scans in a row find
-//!    none. A backend that starts logging in later reads the new `datallowconn` and is
+//!    found through their virtual-transaction locks) is sent `pg_terminate_backend` and
+//!    waited for, until two scans in a row find none (a backend leaves
+//!    `pg_stat_activity` only after its transaction has ended). A backend that starts logging in later reads the new `datallowconn` and is
 //!    refused, so a storm of reconnecting clients cannot keep the fence from closing;
 //! 3. a tiny transaction of handoff's own flushes the WAL, and only then is the flush
 //!    LSN read: every commit anyone was told about lies below it.
@@ -389,11 +389,12 @@ impl Fence {
             if others.is_empty() {
                 clean_scans += 1;
                 if clean_scans < 2 {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 continue;
             }
             clean_scans = 0;
+            tracing::debug!(%addr, sessions = ?others, "fence: sessions left on the fenced server");
             let now = Instant::now();
             if now >= deadline {
                 let list: Vec<String> = others
@@ -414,20 +415,22 @@ impl Fence {
                 });
             }
             if opts.terminate {
+                // Signal them all at once, then wait by scanning until they are gone:
+                // pg_terminate_backend's own wait sleeps 100 ms between checks and takes
+                // one backend at a time.
                 let pids: Vec<i32> = others.iter().map(|(p, _)| *p).collect();
-                let wait_ms = (deadline - now).as_millis().clamp(1, 2000) as i64;
                 let done = main
                     .query_one(
-                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, $2)) \
+                        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
                          FROM unnest($1::int4[]) AS pid",
-                        &[&pids, &wait_ms],
+                        &[&pids],
                     )
                     .await
                     .map_err(|e| sql(&addr, e))?;
                 self.terminated += done.get::<_, i64>(0) as u64;
-            } else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tracing::debug!(%addr, terminated = self.terminated, ms = started.elapsed().as_millis() as u64, "fence: signalled");
             }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
 
         // 3. The fence LSN, read only now: a transaction of our own flushes everything
