@@ -161,8 +161,7 @@ pub(crate) async fn establish(
         };
         shard
             .watch
-            .add(&shard.name, old.primary.clone(), why, old.epoch, None)
-            .await;
+            .add(&shard.name, old.primary.clone(), why, old.epoch, None);
     }
     Ok(Established {
         epoch: gen.epoch,

@@ -215,7 +215,7 @@ impl Proxy {
             if why == watchdog::Why::LowerTimeline {
                 tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
             }
-            sh.watch.add(&sh.name, host, why, 1, None).await;
+            sh.watch.add(&sh.name, host, why, 1, None);
         }
         for sh in &shared.shards {
             tokio::spawn(failover::monitor(

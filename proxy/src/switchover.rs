@@ -204,14 +204,11 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
         Ok((old_db, target_db, system)) => {
             shard.watch.set_system(&system);
             // A standby of the same system: if it was a replaced primary, it rejoined.
-            shard
-                .watch
-                .remove(
-                    &shard.name,
-                    &to,
-                    "it is a standby, and the switchover's target",
-                )
-                .await;
+            shard.watch.remove(
+                &shard.name,
+                &to,
+                "it is a standby, and the switchover's target",
+            );
             run.step("precheck", t, None);
             (old_db, target_db)
         }
@@ -283,7 +280,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
         Err(Promotion::Unconfirmed(e)) => {
             run.step("promote", t, Some(e.clone()));
             // The old primary stays fenced; the watchdog keeps its sessions.
-            keep_fenced(&shard, &old, snap.epoch, fence).await;
+            keep_fenced(&shard, &old, snap.epoch, fence);
             let msg = format!(
                 "{e}; the target may be promoted: shard \"{}\" stays buffering until POST /v1/shards/{}/primary or /resume",
                 shard.name, shard.name
@@ -300,7 +297,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
         Err(e) => run.step("flush", t, Some(e.to_string())),
     }
     // The old primary stays fenced, and watched, until it rejoins as a standby.
-    keep_fenced(&shard, &old, snap.epoch, fence).await;
+    keep_fenced(&shard, &old, snap.epoch, fence);
     let est = match established {
         Ok(est) => est,
         Err(e) => return run.finish(Outcome::Failed, Some(e.to_string())),
@@ -328,17 +325,14 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
 }
 
 /// Hands the fenced old primary, with the sessions the fence kept, to the watchdog.
-async fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
-    shard
-        .watch
-        .add(
-            &shard.name,
-            old.clone(),
-            watchdog::Why::Switchover,
-            epoch,
-            Some(fence),
-        )
-        .await;
+fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
+    shard.watch.add(
+        &shard.name,
+        old.clone(),
+        watchdog::Why::Switchover,
+        epoch,
+        Some(fence),
+    );
 }
 
 async fn precheck(

@@ -120,46 +120,57 @@ struct Entry {
     fence: Option<Fence>,
 }
 
-/// A shard's watched hosts.
+/// The entries not being looked at right now, and what happened to the others meanwhile.
+#[derive(Debug, Default)]
+struct Inner {
+    entries: Vec<Entry>,
+    /// Hosts removed while a round had their entries out: dropped when the round ends.
+    removed: Vec<HostPort>,
+}
+
+/// A shard's watched hosts. A round of the watchdog takes the entries out and puts them
+/// back when done, so adding or removing a host never waits for a slow look; the view
+/// (what the admin API shows, and what [`Watch::is_watched`] reads) always lists every
+/// watched host.
 #[derive(Debug, Default)]
 pub struct Watch {
-    entries: tokio::sync::Mutex<Vec<Entry>>,
+    inner: Mutex<Inner>,
     view: Mutex<Vec<View>>,
+    /// Hosts whose entry holds a fence (the admin sessions a switchover kept).
+    fenced: Mutex<Vec<HostPort>>,
     wake: Notify,
     /// The cluster's `system_identifier`, once known.
     system: Mutex<Option<String>>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Watch {
     /// What the admin API shows.
     pub fn view(&self) -> Vec<View> {
-        self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.view).clone()
     }
 
     /// True while `host` is watched: it must not be routed to.
     pub fn is_watched(&self, host: &HostPort) -> bool {
-        self.view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|v| &v.host == host)
+        lock(&self.view).iter().any(|v| &v.host == host)
     }
 
     /// Records the cluster's `system_identifier` (from a switchover's pre-check).
     pub fn set_system(&self, id: &str) {
-        *self.system.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.to_string());
+        *lock(&self.system) = Some(id.to_string());
     }
 
     fn system(&self) -> Option<String> {
-        self.system
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.system).clone()
     }
 
     /// Starts watching `host` (replacing an older entry for it), with the fence a
-    /// switchover left on it, if any.
-    pub(crate) async fn add(
+    /// switchover left on it, if any. An entry that holds a fence is not replaced by
+    /// one that holds none (an establishment right after the switchover that fenced it).
+    pub(crate) fn add(
         &self,
         shard: &str,
         host: HostPort,
@@ -167,25 +178,25 @@ impl Watch {
         epoch: u64,
         fence: Option<Fence>,
     ) {
-        let mut entries = self.entries.lock().await;
-        // An entry that holds a fence is not replaced by one that holds none (an
-        // establishment after a switchover that fenced the host).
-        if fence.is_none()
-            && entries
-                .iter()
-                .any(|e| e.view.host == host && e.fence.is_some())
-        {
+        let mut inner = lock(&self.inner);
+        let mut fenced = lock(&self.fenced);
+        if fence.is_none() && fenced.contains(&host) {
             return;
         }
-        let old_alarm = entries
+        fenced.retain(|h| *h != host);
+        if fence.is_some() {
+            fenced.push(host.clone());
+        }
+        drop(fenced);
+        let mut view = lock(&self.view);
+        let old_alarm = view
             .iter()
-            .find(|e| e.view.host == host)
-            .and_then(|e| e.view.split_brain.clone());
-        entries.retain(|e| e.view.host != host);
+            .find(|v| v.host == host)
+            .and_then(|v| v.split_brain.clone());
         tracing::info!(shard, %host, why = why.as_str(), epoch, fenced = fence.is_some(), "watching the replaced primary for split brain");
-        entries.push(Entry {
+        let entry = Entry {
             view: View {
-                host,
+                host: host.clone(),
                 why,
                 epoch,
                 since: SystemTime::now(),
@@ -201,34 +212,82 @@ impl Watch {
                 fenced_by_handoff: fence.is_some(),
             },
             fence,
-        });
-        self.publish(shard, &entries);
-        drop(entries);
+        };
+        // A round that has the old entry out drops it when it ends: the new one wins.
+        inner.entries.retain(|e| e.view.host != host);
+        inner.removed.retain(|h| *h != host);
+        view.retain(|v| v.host != host);
+        view.push(entry.view.clone());
+        inner.entries.push(entry);
+        publish_gauges(shard, &view);
+        drop(view);
+        drop(inner);
         self.wake.notify_one();
     }
 
     /// Stops watching `host` (it rejoined as a standby, or a switchover made it a
     /// target after checking it is one). Clears its alarm.
-    pub(crate) async fn remove(&self, shard: &str, host: &HostPort, why: &str) {
-        let mut entries = self.entries.lock().await;
-        let before = entries.len();
-        entries.retain(|e| &e.view.host != host);
-        if entries.len() != before {
-            tracing::info!(shard, %host, why, "no longer watching the host");
-            metrics::gauge!(metric::SPLIT_BRAIN, "shard" => shard.to_string(), "host" => host.to_string())
-                .set(0.0);
-            self.publish(shard, &entries);
+    pub(crate) fn remove(&self, shard: &str, host: &HostPort, why: &str) {
+        let mut inner = lock(&self.inner);
+        let mut view = lock(&self.view);
+        if !view.iter().any(|v| &v.host == host) {
+            return;
         }
+        tracing::info!(shard, %host, why, "no longer watching the host");
+        inner.entries.retain(|e| &e.view.host != host);
+        inner.removed.push(host.clone());
+        lock(&self.fenced).retain(|h| h != host);
+        view.retain(|v| &v.host != host);
+        metrics::gauge!(metric::SPLIT_BRAIN, "shard" => shard.to_string(), "host" => host.to_string())
+            .set(0.0);
+        publish_gauges(shard, &view);
     }
 
-    fn publish(&self, shard: &str, entries: &[Entry]) {
-        let views: Vec<View> = entries.iter().map(|e| e.view.clone()).collect();
-        metrics::gauge!(metric::WATCHED, "shard" => shard.to_string()).set(views.len() as f64);
-        for v in &views {
-            metrics::gauge!(metric::SPLIT_BRAIN, "shard" => shard.to_string(), "host" => v.host.to_string())
-                .set(if v.split_brain.is_some() { 1.0 } else { 0.0 });
+    /// Takes the entries out for a round.
+    fn take(&self) -> Vec<Entry> {
+        let mut inner = lock(&self.inner);
+        inner.removed.clear();
+        std::mem::take(&mut inner.entries)
+    }
+
+    /// Puts back what a round looked at (`gone`: hosts no longer watched), unless the
+    /// host was removed or added again meanwhile.
+    fn put_back(&self, shard: &str, looked: Vec<Entry>, gone: Vec<HostPort>) {
+        let mut inner = lock(&self.inner);
+        let mut view = lock(&self.view);
+        for host in gone {
+            if !inner.entries.iter().any(|e| e.view.host == host) {
+                view.retain(|v| v.host != host);
+                lock(&self.fenced).retain(|h| *h != host);
+                metrics::gauge!(metric::SPLIT_BRAIN, "shard" => shard.to_string(), "host" => host.to_string())
+                    .set(0.0);
+            }
         }
-        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = views;
+        for e in looked {
+            let host = e.view.host.clone();
+            if inner.removed.contains(&host) || inner.entries.iter().any(|x| x.view.host == host) {
+                continue;
+            }
+            match view.iter_mut().find(|v| v.host == host) {
+                Some(v) => *v = e.view.clone(),
+                None => view.push(e.view.clone()),
+            }
+            inner.entries.push(e);
+        }
+        inner.removed.clear();
+        publish_gauges(shard, &view);
+    }
+
+    fn is_empty(&self) -> bool {
+        lock(&self.inner).entries.is_empty()
+    }
+}
+
+fn publish_gauges(shard: &str, views: &[View]) {
+    metrics::gauge!(metric::WATCHED, "shard" => shard.to_string()).set(views.len() as f64);
+    for v in views {
+        metrics::gauge!(metric::SPLIT_BRAIN, "shard" => shard.to_string(), "host" => v.host.to_string())
+            .set(if v.split_brain.is_some() { 1.0 } else { 0.0 });
     }
 }
 
@@ -500,7 +559,7 @@ async fn check(shared: &Shared, shard: &Shard, e: &mut Entry) -> bool {
 pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, shutdown: Signal) {
     let interval = shared.config.watchdog_interval;
     loop {
-        let idle = shard.watch.entries.lock().await.is_empty();
+        let idle = shard.watch.is_empty();
         let wait = async {
             if idle {
                 shard.watch.wake.notified().await
@@ -513,17 +572,76 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, shutdown: Signal
             _ = wait => {}
             _ = s.reached(Phase::Draining) => return,
         }
-        let mut entries = shard.watch.entries.lock().await;
-        let mut keep = Vec::with_capacity(entries.len());
-        for mut e in std::mem::take(&mut *entries) {
+        let batch = shard.watch.take();
+        let mut keep = Vec::with_capacity(batch.len());
+        let mut gone = Vec::new();
+        for mut e in batch {
             if check(&shared, &shard, &mut e).await {
                 keep.push(e);
             } else {
-                metrics::gauge!(metric::SPLIT_BRAIN, "shard" => shard.name.clone(), "host" => e.view.host.to_string())
-                    .set(0.0);
+                gone.push(e.view.host.clone());
             }
         }
-        *entries = keep;
-        shard.watch.publish(&shard.name, &entries);
+        shard.watch.put_back(&shard.name, keep, gone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hp(port: u16) -> HostPort {
+        HostPort {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn hosts_stay_watched_while_a_round_has_them_out() {
+        let w = Watch::default();
+        w.add("main", hp(1), Why::Failed, 1, None);
+        w.add("main", hp(2), Why::Replaced, 2, None);
+        let batch = w.take();
+        assert_eq!(batch.len(), 2);
+        // Out for a round, still watched: discovery must keep skipping them.
+        assert!(w.is_watched(&hp(1)) && w.is_watched(&hp(2)));
+        // Meanwhile host 1 rejoins (a switchover's pre-check saw it as a standby) and
+        // host 3 is added.
+        w.remove("main", &hp(1), "test");
+        w.add("main", hp(3), Why::Failed, 3, None);
+        assert!(!w.is_watched(&hp(1)));
+        w.put_back("main", batch, Vec::new());
+        assert!(
+            !w.is_watched(&hp(1)),
+            "a removed host came back with the round"
+        );
+        assert!(w.is_watched(&hp(2)) && w.is_watched(&hp(3)));
+        // A host the round found gone (a standby now) is dropped.
+        let batch = w.take();
+        let (gone, keep): (Vec<Entry>, Vec<Entry>) =
+            batch.into_iter().partition(|e| e.view.host == hp(2));
+        w.put_back(
+            "main",
+            keep,
+            gone.into_iter().map(|e| e.view.host).collect(),
+        );
+        assert!(!w.is_watched(&hp(2)));
+        assert_eq!(
+            w.view().iter().map(|v| v.host.port).collect::<Vec<_>>(),
+            [3]
+        );
+    }
+
+    #[test]
+    fn a_host_added_again_during_a_round_keeps_the_new_entry() {
+        let w = Watch::default();
+        w.add("main", hp(1), Why::Failed, 1, None);
+        let batch = w.take();
+        w.add("main", hp(1), Why::Replaced, 5, None);
+        w.put_back("main", batch, Vec::new());
+        let v = w.view();
+        assert_eq!(v.len(), 1);
+        assert_eq!((v[0].why, v[0].epoch), (Why::Replaced, 5));
     }
 }
