@@ -357,7 +357,7 @@ pub async fn pgbouncer_for_switchover(cluster: &Cluster, port: u16) -> Result<(K
     );
     wait_listening(port, "pgbouncer").await?;
     psql_ok(&format!("{console} RELOAD"))?;
-    let as_pg = crate::switchover::as_server_user();
+    let as_pg = as_server_user();
     let pg_ctl = cluster.bin.bin("pg_ctl");
     let script = format!(
         "set -e; {console} PAUSE; \
@@ -381,4 +381,18 @@ fn psql_ok(cmd: &str) -> Result<()> {
         bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
+}
+
+/// The prefix that runs a server command as the `postgres` user when we are root (the
+/// harness's clusters belong to it).
+pub fn as_server_user() -> &'static str {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(1)
+        == 0;
+    if root {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    }
 }

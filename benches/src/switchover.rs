@@ -22,7 +22,7 @@ use anyhow::{bail, Result};
 use handoff_tests::pg::free_port;
 use handoff_tests::Cluster;
 
-use crate::compare::{pgbouncer_for_switchover, start_handoff, wait_listening};
+use crate::compare::{as_server_user, pgbouncer_for_switchover, start_handoff, wait_listening};
 use crate::run::events::Event;
 use crate::run::workload::Workload;
 use crate::run::{self, RunArgs, TargetResult};
@@ -75,20 +75,6 @@ fn crash_command(node: &handoff_tests::Node) -> String {
         "pm=$(head -1 {d}/postmaster.pid); kill -9 $pm $(pgrep -P $pm)",
         d = node.data.display()
     )
-}
-
-/// The prefix that runs a server command as the `postgres` user when we are root (the
-/// harness's clusters belong to it).
-pub fn as_server_user() -> &'static str {
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(1)
-        == 0;
-    if root {
-        "runuser -u postgres -- "
-    } else {
-        ""
-    }
 }
 
 /// Seconds from the event's start plus `after` (the promotion, for a crash) until a

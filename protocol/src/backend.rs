@@ -4,36 +4,11 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::{put_cstr, put_tagged, take_cstr, take_i32, take_str, take_u8};
-use crate::error::ErrorFields;
+use crate::error::{ErrorFields, ProxyError};
 use crate::framing::{Frame, FrameError};
 
 /// Type bytes of backend messages.
-pub mod tag {
-    pub const AUTHENTICATION: u8 = b'R';
-    pub const BACKEND_KEY_DATA: u8 = b'K';
-    pub const BIND_COMPLETE: u8 = b'2';
-    pub const CLOSE_COMPLETE: u8 = b'3';
-    pub const COMMAND_COMPLETE: u8 = b'C';
-    pub const COPY_BOTH_RESPONSE: u8 = b'W';
-    pub const COPY_DATA: u8 = b'd';
-    pub const COPY_DONE: u8 = b'c';
-    pub const COPY_IN_RESPONSE: u8 = b'G';
-    pub const COPY_OUT_RESPONSE: u8 = b'H';
-    pub const DATA_ROW: u8 = b'D';
-    pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
-    pub const ERROR_RESPONSE: u8 = b'E';
-    pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
-    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
-    pub const NO_DATA: u8 = b'n';
-    pub const NOTICE_RESPONSE: u8 = b'N';
-    pub const NOTIFICATION_RESPONSE: u8 = b'A';
-    pub const PARAMETER_DESCRIPTION: u8 = b't';
-    pub const PARAMETER_STATUS: u8 = b'S';
-    pub const PARSE_COMPLETE: u8 = b'1';
-    pub const PORTAL_SUSPENDED: u8 = b's';
-    pub const READY_FOR_QUERY: u8 = b'Z';
-    pub const ROW_DESCRIPTION: u8 = b'T';
-}
+pub use crate::tag::backend as tag;
 
 /// The transaction status carried by ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,6 +293,13 @@ pub fn ready_status(body: &[u8]) -> Result<TransactionStatus, FrameError> {
     match body {
         [s] => TransactionStatus::from_byte(*s),
         _ => Err(FrameError::Malformed("ReadyForQuery body must be one byte")),
+    }
+}
+
+impl From<&ProxyError> for BackendMessage {
+    /// The proxy's own error as a typed ErrorResponse.
+    fn from(e: &ProxyError) -> Self {
+        BackendMessage::ErrorResponse(e.fields())
     }
 }
 

@@ -1,8 +1,31 @@
-//! Small helpers shared by the decoders and encoders: C strings and length back-filling.
+//! The ground floor of the crate: the error every decoder reports, the size of a
+//! message header, and small helpers shared by the decoders and encoders (C strings,
+//! length back-filling).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::framing::FrameError;
+/// A tagged message's header on the wire: the type byte and the 4-byte length.
+pub const HEADER_LEN: usize = 5;
+
+/// Why a byte stream could not be framed or a message body could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length field is below its minimum (4, or 8 for startup packets) or negative.
+    #[error("invalid message length {0}")]
+    BadLength(i32),
+    /// The length field is over the limit the caller allows.
+    #[error("message length {len} exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    /// A startup packet asks for a protocol version we do not speak.
+    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
+    UnsupportedProtocol { major: u16, minor: u16 },
+    /// The message's contents do not match its type.
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    /// A tag that is not valid at this point of the conversation.
+    #[error("unexpected message type 0x{0:02x}")]
+    UnexpectedTag(u8),
+}
 
 /// Reads a NUL-terminated string from the front of `buf`, returning it without the NUL.
 pub(crate) fn take_cstr(buf: &mut Bytes) -> Result<Bytes, FrameError> {

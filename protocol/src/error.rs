@@ -3,9 +3,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::backend::{tag, BackendMessage};
 use crate::codec::{put_cstr, put_tagged, take_cstr, take_u8};
 use crate::framing::FrameError;
+use crate::tag::backend as tag;
 
 /// Field codes of an ErrorResponse/NoticeResponse.
 pub mod field {
@@ -17,21 +17,41 @@ pub mod field {
     pub const HINT: u8 = b'H';
 }
 
-/// The severity of an error the proxy sends.
+/// The severity of an error: what the proxy sends (`Error`, `Fatal`), and what it reads
+/// in a server's ErrorResponse (`Panic` too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
     /// The statement failed; the session continues.
     Error,
     /// The session ends after this message.
     Fatal,
+    /// The server ends every session (it is restarting).
+    Panic,
 }
 
 impl Severity {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Severity::Error => "ERROR",
             Severity::Fatal => "FATAL",
+            Severity::Panic => "PANIC",
         }
+    }
+
+    /// The severity a field value names (`ERROR`, `FATAL`, `PANIC`); `None` for the
+    /// severities of notices.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ERROR" => Some(Severity::Error),
+            "FATAL" => Some(Severity::Fatal),
+            "PANIC" => Some(Severity::Panic),
+            _ => None,
+        }
+    }
+
+    /// True when the session ends with the message.
+    pub fn ends_session(self) -> bool {
+        matches!(self, Severity::Fatal | Severity::Panic)
     }
 }
 
@@ -77,6 +97,16 @@ impl ErrorFields {
     pub fn severity(&self) -> Option<&str> {
         self.get(field::SEVERITY_NONLOCALIZED)
             .or_else(|| self.get(field::SEVERITY))
+    }
+
+    /// The severity, typed: `None` for a notice's (or an unknown) severity.
+    pub fn level(&self) -> Option<Severity> {
+        self.severity().and_then(Severity::parse)
+    }
+
+    /// True for a FATAL or PANIC: the server ends the session with it.
+    pub fn ends_session(&self) -> bool {
+        self.level().is_some_and(Severity::ends_session)
     }
 
     /// Appends the body (without tag and length) to `buf`.
@@ -162,11 +192,6 @@ impl ProxyError {
     pub fn encode(&self, buf: &mut BytesMut) {
         let fields = self.fields();
         put_tagged(buf, tag::ERROR_RESPONSE, |b| fields.encode(b));
-    }
-
-    /// The same error as a typed backend message.
-    pub fn to_message(&self) -> BackendMessage {
-        BackendMessage::ErrorResponse(self.fields())
     }
 }
 

@@ -7,6 +7,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::codec::{put_cstr, put_untagged, take_cstr, take_i32};
+pub use crate::codec::{FrameError, HEADER_LEN};
 
 /// PostgreSQL's own limit on a startup packet (`MAX_STARTUP_PACKET_LENGTH`).
 pub const MAX_STARTUP_PACKET: usize = 10_000;
@@ -18,26 +19,6 @@ pub const SSL_REQUEST_CODE: i32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 /// The request code of a CancelRequest.
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
-
-/// Why a byte stream could not be framed or a message body could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
-    /// The length field is below its minimum (4, or 8 for startup packets) or negative.
-    #[error("invalid message length {0}")]
-    BadLength(i32),
-    /// The length field is over the limit the caller allows.
-    #[error("message length {len} exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
-    /// A startup packet asks for a protocol version we do not speak.
-    #[error("unsupported frontend protocol {major}.{minor}: server supports 3.0")]
-    UnsupportedProtocol { major: u16, minor: u16 },
-    /// The message's contents do not match its type.
-    #[error("malformed message: {0}")]
-    Malformed(&'static str),
-    /// A tag that is not valid at this point of the conversation.
-    #[error("unexpected message type 0x{0:02x}")]
-    UnexpectedTag(u8),
-}
 
 /// One tagged message: its type byte and its body (without tag and length).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +40,7 @@ impl Frame {
 /// `None` when fewer than 5 bytes are buffered. A length below 4 is an error; so is one
 /// above `max_len` (measured as the length field itself).
 pub fn peek_header(buf: &[u8], max_len: usize) -> Result<Option<(u8, usize)>, FrameError> {
-    if buf.len() < 5 {
+    if buf.len() < HEADER_LEN {
         return Ok(None);
     }
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);

@@ -7,23 +7,7 @@ use crate::codec::{put_cstr, put_tagged, take_cstr, take_i16, take_i32, take_str
 use crate::framing::{Frame, FrameError};
 
 /// Type bytes of frontend messages.
-pub mod tag {
-    pub const BIND: u8 = b'B';
-    pub const CLOSE: u8 = b'C';
-    pub const COPY_DATA: u8 = b'd';
-    pub const COPY_DONE: u8 = b'c';
-    pub const COPY_FAIL: u8 = b'f';
-    pub const DESCRIBE: u8 = b'D';
-    pub const EXECUTE: u8 = b'E';
-    pub const FLUSH: u8 = b'H';
-    pub const FUNCTION_CALL: u8 = b'F';
-    pub const PARSE: u8 = b'P';
-    /// PasswordMessage, SASLInitialResponse and SASLResponse share this tag.
-    pub const PASSWORD: u8 = b'p';
-    pub const QUERY: u8 = b'Q';
-    pub const SYNC: u8 = b'S';
-    pub const TERMINATE: u8 = b'X';
-}
+pub use crate::tag::frontend as tag;
 
 /// What a Describe or Close refers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,18 +9,24 @@
 //! - [`frontend`] and [`backend`] hold the typed messages of each direction, their tag
 //!   constants, decoders and encoders.
 //! - [`scan`] walks a relayed stream message by message without copying payloads.
+//! - [`tag`] names every message type byte; [`body`] reads the few bodies the proxy
+//!   looks into without building a message.
 //! - [`error`] builds ErrorResponse/NoticeResponse bodies; [`sqlstate`] names codes.
+//! - [`sql`] holds the bits of SQL text the proxy writes or recognises.
 //! - [`auth`] implements SCRAM-SHA-256 (client and server), MD5 and cleartext.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod backend;
+pub mod body;
 mod codec;
 pub mod error;
 pub mod framing;
 pub mod frontend;
 pub mod scan;
+pub mod sql;
 pub mod sqlstate;
+pub mod tag;
 
 pub use framing::{Frame, FrameError};

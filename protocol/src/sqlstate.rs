@@ -42,6 +42,46 @@ pub const INTERNAL_ERROR: &str = "XX000";
 pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
 /// object_in_use
 pub const OBJECT_IN_USE: &str = "55006";
+/// object_not_in_prerequisite_state (e.g. a login to a database that does not accept
+/// connections)
+pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+
+/// Class 57P, operator intervention: the server is ending the session or refusing it
+/// (admin shutdown, crash shutdown, cannot connect now, database dropped, idle-session
+/// timeout).
+pub fn is_operator_intervention(code: &str) -> bool {
+    code.starts_with("57P")
+}
+
+/// The constant for a code the proxy knows, so that a code read from a server can be
+/// passed on as `&'static str`.
+pub fn known(code: &str) -> Option<&'static str> {
+    const ALL: &[&str] = &[
+        SUCCESSFUL_COMPLETION,
+        CONNECTION_EXCEPTION,
+        CANNOT_CONNECT_NOW_CLIENT,
+        CONNECTION_FAILURE,
+        PROTOCOL_VIOLATION,
+        FEATURE_NOT_SUPPORTED,
+        INVALID_AUTHORIZATION_SPECIFICATION,
+        INVALID_PASSWORD,
+        INVALID_CATALOG_NAME,
+        READ_ONLY_SQL_TRANSACTION,
+        TOO_MANY_CONNECTIONS,
+        PROGRAM_LIMIT_EXCEEDED,
+        IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+        IDLE_SESSION_TIMEOUT,
+        QUERY_CANCELED,
+        ADMIN_SHUTDOWN,
+        CRASH_SHUTDOWN,
+        CANNOT_CONNECT_NOW,
+        INTERNAL_ERROR,
+        IN_FAILED_SQL_TRANSACTION,
+        OBJECT_IN_USE,
+        OBJECT_NOT_IN_PREREQUISITE_STATE,
+    ];
+    ALL.iter().copied().find(|c| *c == code)
+}
 
 /// The two-character class of a SQLSTATE (`"28P01"` → `"28"`), or `"??"` for a code that
 /// is not five ASCII characters. Used as a bounded metric label.
@@ -50,5 +90,21 @@ pub fn class(code: &str) -> &str {
         &code[..2]
     } else {
         "??"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_and_known_codes() {
+        assert_eq!(class("28P01"), "28");
+        assert_eq!(class("x"), "??");
+        assert!(is_operator_intervention(ADMIN_SHUTDOWN));
+        assert!(is_operator_intervention(CANNOT_CONNECT_NOW));
+        assert!(!is_operator_intervention(QUERY_CANCELED));
+        assert_eq!(known("57P02"), Some(CRASH_SHUTDOWN));
+        assert_eq!(known("99999"), None);
     }
 }

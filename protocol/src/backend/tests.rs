@@ -43,7 +43,10 @@ fn typed_messages_round_trip() {
     ] {
         round_trip(BackendMessage::ReadyForQuery(s));
     }
-    round_trip(ProxyError::fatal(sqlstate::INVALID_PASSWORD, "nope").to_message());
+    round_trip(BackendMessage::from(&ProxyError::fatal(
+        sqlstate::INVALID_PASSWORD,
+        "nope",
+    )));
     round_trip(BackendMessage::NotificationResponse {
         pid: 1,
         channel: "ch".into(),
