@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use handoff::backend::pool::{PoolKey, Pools};
 use handoff::config::{HostPort, PoolSettings};
-use handoff::pool::{PoolKey, Pools};
 use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatus};
 use handoff_protocol::framing::decode_startup;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

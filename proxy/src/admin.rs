@@ -209,7 +209,7 @@ pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
     serde_json::json!({ "shards": list })
 }
 
-fn watched_json(v: &crate::watchdog::View) -> serde_json::Value {
+fn watched_json(v: &crate::shard::watchdog::View) -> serde_json::Value {
     let since = v
         .since
         .duration_since(std::time::UNIX_EPOCH)
@@ -271,7 +271,7 @@ async fn shard_action(
     body: serde_json::Map<String, serde_json::Value>,
 ) -> Response<Body> {
     let shared = Arc::clone(&state.shared);
-    let Some(shard) = crate::control::find(&shared, name).cloned() else {
+    let Some(shard) = crate::shard::control::find(&shared, name).cloned() else {
         return json_error(
             StatusCode::NOT_FOUND,
             &format!("no shard named \"{name}\" (see GET /v1/shards)"),
@@ -296,14 +296,18 @@ async fn shard_action(
                 Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
             };
             // Its own task: it completes (or rolls back) even if the caller goes away.
-            let task = tokio::spawn(crate::switchover::run(Arc::clone(&shared), shard, to));
+            let task = tokio::spawn(crate::shard::switchover::run(
+                Arc::clone(&shared),
+                shard,
+                to,
+            ));
             match task.await {
                 Ok(report) => {
                     let status = match report.outcome {
-                        crate::switchover::Outcome::Completed => StatusCode::OK,
-                        crate::switchover::Outcome::Refused
-                        | crate::switchover::Outcome::RolledBack => StatusCode::CONFLICT,
-                        crate::switchover::Outcome::Failed => StatusCode::BAD_GATEWAY,
+                        crate::shard::switchover::Outcome::Completed => StatusCode::OK,
+                        crate::shard::switchover::Outcome::Refused
+                        | crate::shard::switchover::Outcome::RolledBack => StatusCode::CONFLICT,
+                        crate::shard::switchover::Outcome::Failed => StatusCode::BAD_GATEWAY,
                     };
                     json(status, report.to_json())
                 }
@@ -328,11 +332,12 @@ async fn shard_action(
                     "a switchover of this shard is in progress",
                 );
             };
-            let revoked = match crate::control::revoke(&shared, &shard, epoch, &reason) {
+            let revoked = match crate::shard::control::revoke(&shared, &shard, epoch, &reason) {
                 Ok(r) => r,
                 Err(e) => return event_error(&e),
             };
-            let ld = crate::control::lameduck(&revoked.gen, shared.config.drain_timeout).await;
+            let ld =
+                crate::shard::control::lameduck(&revoked.gen, shared.config.drain_timeout).await;
             json(
                 StatusCode::OK,
                 serde_json::json!({
@@ -365,7 +370,7 @@ async fn shard_action(
                     ),
                 );
             }
-            match crate::control::establish(&shared, &shard, epoch, addr.clone()).await {
+            match crate::shard::control::establish(&shared, &shard, epoch, addr.clone()).await {
                 Ok(est) => json(
                     StatusCode::OK,
                     serde_json::json!({
@@ -391,7 +396,7 @@ async fn shard_action(
                     "a switchover of this shard is in progress",
                 );
             };
-            match crate::control::abort(&shared, &shard, epoch) {
+            match crate::shard::control::abort(&shared, &shard, epoch) {
                 Ok(epoch) => json(
                     StatusCode::OK,
                     serde_json::json!({

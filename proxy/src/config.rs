@@ -416,7 +416,7 @@ pub struct Config {
     pub switchover: SwitchoverSettings,
     pub drain_timeout: Duration,
     /// Health checks and discovery (unplanned failover).
-    pub health: crate::failover::HealthSettings,
+    pub health: crate::shard::health::HealthSettings,
     /// How often the split-brain watchdog looks at replaced primaries.
     pub watchdog_interval: Duration,
     pub log: String,
@@ -466,7 +466,7 @@ pub struct TlsSettings {
 #[derive(Debug, Clone)]
 pub struct SwitchoverSettings {
     /// TLS for these connections (set from `HANDOFF_SERVER_TLS*` at startup).
-    pub tls: crate::tls::ServerTls,
+    pub tls: crate::net::tls::ServerTls,
     pub max_lag: u64,
     pub timeout: Duration,
     pub terminate: bool,
@@ -698,7 +698,7 @@ impl Config {
             ));
         }
         let idle_transaction_timeout = duration("HANDOFF_IDLE_TRANSACTION_TIMEOUT", "0")?;
-        let health = crate::failover::HealthSettings {
+        let health = crate::shard::health::HealthSettings {
             interval: duration("HANDOFF_HEALTH_CHECK_INTERVAL", "1s")?,
             timeout: duration("HANDOFF_HEALTH_CHECK_TIMEOUT", "2s")?,
             discovery_interval: duration("HANDOFF_DISCOVERY_INTERVAL", "100ms")?,

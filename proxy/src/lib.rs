@@ -12,30 +12,15 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod bufpool;
-mod cancel;
-mod client_auth;
+pub mod backend;
 pub mod config;
-mod conn;
-mod control;
-mod demote;
-mod failover;
-mod fence;
+mod frontend;
 mod limits;
-mod listener;
 pub mod metrics;
-pub mod pool;
-mod prepared;
+pub mod net;
 mod relay;
-mod server;
-mod session;
-mod session_move;
 pub mod shard;
 pub mod shutdown;
-mod switchover;
-pub mod tls;
-mod txn;
-mod watchdog;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,9 +37,9 @@ use shutdown::{Phase, Trigger};
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub config: Arc<Config>,
-    pub cancels: Arc<cancel::Registry>,
+    pub cancels: Arc<backend::cancel::Registry>,
     /// Server connection pools (transaction mode).
-    pub pools: pool::Pools,
+    pub pools: backend::pool::Pools,
     pub prepared: metrics::PreparedCounters,
     /// Verifier used for unknown users so they fail exactly like wrong passwords.
     pub decoy: ScramVerifier,
@@ -65,8 +50,8 @@ pub(crate) struct Shared {
     /// Client connections per user and database.
     pub limits: limits::Limits,
     /// TLS towards clients (reloadable) and towards servers.
-    pub client_tls: tls::ClientTls,
-    pub server_tls: tls::ServerTls,
+    pub client_tls: net::tls::ClientTls,
+    pub server_tls: net::tls::ServerTls,
 }
 
 impl Shared {
@@ -117,14 +102,14 @@ impl Proxy {
     /// Binds both listeners and starts serving. Port 0 picks a free port; see
     /// [`Proxy::listen_addr`] and [`Proxy::admin_addr`].
     pub async fn start(mut config: Config) -> Result<Self, StartError> {
-        let client_tls = tls::ClientTls::new(
+        let client_tls = net::tls::ClientTls::new(
             config.tls.client_mode,
             config.tls.cert.as_deref(),
             config.tls.key.as_deref(),
         )
         .map_err(StartError::Tls)?;
         let server_tls =
-            tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())
+            net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())
                 .map_err(StartError::Tls)?;
         config.switchover.tls = server_tls.clone();
         let prometheus = metrics::install();
@@ -153,7 +138,7 @@ impl Proxy {
             })?;
         let (trigger, signal) = shutdown::channel();
         let shutdown_timeout = config.shutdown_timeout;
-        let pools = pool::Pools::new(
+        let pools = backend::pool::Pools::new(
             config.pool.clone(),
             config.connect_timeout,
             server_tls.clone(),
@@ -165,7 +150,8 @@ impl Proxy {
         let mut missing = Vec::new();
         let mut watch = Vec::new();
         for s in &config.shards {
-            match failover::initial_primary(&config.switchover, &config.health, &s.hosts).await {
+            match shard::health::initial_primary(&config.switchover, &config.health, &s.hosts).await
+            {
                 Ok(found) => {
                     let (primary, timeline) = (found.primary, found.timeline);
                     tracing::info!(shard = %s.name, %primary, timeline, "initial primary");
@@ -186,7 +172,7 @@ impl Proxy {
             pools,
             prepared: metrics::PreparedCounters::new(),
             config: Arc::new(config),
-            cancels: Arc::new(cancel::Registry::default()),
+            cancels: Arc::new(backend::cancel::Registry::default()),
             decoy: ScramVerifier::from_password("")?,
             shards,
             buffer,
@@ -203,7 +189,7 @@ impl Proxy {
         for (i, why) in missing {
             let sh = &shared.shards[i];
             tracing::warn!(shard = %sh.name, reason = %why, "no primary found at startup: buffering until discovery finds one");
-            failover::revoke(
+            shard::health::revoke(
                 &shared,
                 sh,
                 1,
@@ -212,18 +198,18 @@ impl Proxy {
         }
         for (i, host, why) in watch {
             let sh = &shared.shards[i];
-            if why == watchdog::Why::LowerTimeline {
+            if why == shard::watchdog::Why::LowerTimeline {
                 tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
             }
             sh.watch.add(&sh.name, host, why, 1, None);
         }
         for sh in &shared.shards {
-            tokio::spawn(failover::monitor(
+            tokio::spawn(shard::health::monitor(
                 Arc::clone(&shared),
                 Arc::clone(sh),
                 signal.clone(),
             ));
-            tokio::spawn(watchdog::run(
+            tokio::spawn(shard::watchdog::run(
                 Arc::clone(&shared),
                 Arc::clone(sh),
                 signal.clone(),
@@ -232,7 +218,7 @@ impl Proxy {
         let shared_for_reload = Arc::clone(&shared);
         let (tracker, done) = mpsc::channel(1);
         let buffer = shared.buffer.clone();
-        tokio::spawn(listener::run(listener, shared, signal, tracker));
+        tokio::spawn(frontend::listener::run(listener, shared, signal, tracker));
         tokio::spawn(admin::serve(admin, admin_state));
         tracing::info!(%listen_addr, %admin_addr, "handoff is listening");
         Ok(Self {

@@ -46,7 +46,7 @@ impl TestCa {
 pub struct MakeRustls;
 
 impl MakeRustls {
-    pub fn trusting(ca_pem: &str) -> Result<handoff::tls::pg::MakeRustls> {
+    pub fn trusting(ca_pem: &str) -> Result<handoff::net::tls::pg::MakeRustls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -56,6 +56,6 @@ impl MakeRustls {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(handoff::tls::pg::MakeRustls(Arc::new(config)))
+        Ok(handoff::net::tls::pg::MakeRustls(Arc::new(config)))
     }
 }

@@ -15,19 +15,21 @@ use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{sqlstate, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::bufpool;
-use crate::cancel::{Registration, ServerKey};
-use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
-use crate::failover::Report;
+use crate::backend::cancel::{Registration, ServerKey};
+use crate::backend::pool::{Backend, Pool, PoolError, PoolKey};
+use crate::frontend::session::send_error;
 use crate::metrics as m;
-use crate::pool::{Backend, Pool, PoolError, PoolKey};
-use crate::prepared::{Reply, StmtDef, NOOP_NAME};
-use crate::relay::{protocol_error, End, MAX_CLIENT_MESSAGE};
-use crate::session::send_error;
+use crate::net::buffers;
+use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
+use crate::relay::session_mode::{protocol_error, End, MAX_CLIENT_MESSAGE};
+use crate::shard::health::Report;
 use crate::shard::{Generation, Shard};
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
 use handoff_buffer::{BufferError, Release};
+use prepared::{Reply, StmtDef, NOOP_NAME};
+
+pub(crate) mod prepared;
 
 const MAX_INSPECT: usize = 64 * 1024;
 
@@ -267,7 +269,7 @@ pub(crate) struct Txn<'a> {
     /// Bytes relayed since the counters were last updated (once per ReadyForQuery).
     up: u64,
     down: u64,
-    handles: crate::relay::Handles,
+    handles: crate::relay::session_mode::Handles,
 }
 
 impl<'a> Txn<'a> {
@@ -309,7 +311,7 @@ impl<'a> Txn<'a> {
             out: BytesMut::new(),
             up: 0,
             down: 0,
-            handles: crate::relay::Handles::new(),
+            handles: crate::relay::session_mode::Handles::new(),
         }
     }
 
@@ -338,7 +340,7 @@ impl<'a> Txn<'a> {
                     // Nothing was sent: if the primary is indeed gone, wait in the
                     // buffer for the next one instead of failing the request.
                     let gen = Arc::clone(&self.gen);
-                    if crate::failover::suspect(
+                    if crate::shard::health::suspect(
                         self.shared,
                         self.state,
                         &gen,
@@ -382,10 +384,11 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
-    /// The gate ([`crate::control::admit`]); the pool follows the generation.
+    /// The gate ([`crate::shard::control::admit`]); the pool follows the generation.
     async fn enter(&mut self, bytes: usize) -> Result<(), AttachError> {
         let before = self.gen.id;
-        self.release = crate::control::admit(self.shared, self.state, &mut self.gen, bytes).await?;
+        self.release =
+            crate::shard::control::admit(self.shared, self.state, &mut self.gen, bytes).await?;
         if self.gen.id != before {
             self.pool = pool_for(self.shared, &self.target, &self.gen, self.shard);
         }
@@ -813,7 +816,7 @@ pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
             ),
         ),
         AttachError::Pool(PoolError::Connect(se)) => {
-            crate::session::server_error_to_client(se, shard)
+            crate::frontend::session::server_error_to_client(se, shard)
         }
         AttachError::Rejected(f) => {
             let msg = f.message().unwrap_or("parameter rejected").to_string();
@@ -840,7 +843,7 @@ pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
 
 /// Counts a request sent again to the next primary.
 fn count_retry(shard: &str, reason: &'static str) {
-    metrics::counter!(crate::failover::metric::RETRIES, "shard" => shard.to_string(), "reason" => reason)
+    metrics::counter!(crate::shard::health::metric::RETRIES, "shard" => shard.to_string(), "reason" => reason)
         .increment(1);
 }
 
@@ -903,15 +906,15 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         }
         let attached = txn.backend.is_some();
         if attached {
-            bufpool::ready(&mut sbuf);
+            buffers::ready(&mut sbuf);
             if killed.as_ref().map(|k| k.0) != Some(txn.gen.id) {
                 killed = Some((txn.gen.id, Box::pin(txn.gen.killed())));
             }
         } else {
             // An idle client holds no buffers: they come from the pool when bytes arrive.
-            bufpool::release(&mut client.rbuf);
-            bufpool::release(&mut sbuf);
-            bufpool::release(&mut txn.out);
+            buffers::release(&mut client.rbuf);
+            buffers::release(&mut sbuf);
+            buffers::release(&mut txn.out);
         }
         // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
         // consumed nothing.
@@ -1029,15 +1032,15 @@ type KillFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>
 /// decrypted bytes may already wait inside the TLS session. Cancel-safe.
 async fn client_read(client: &mut Conn) -> Option<std::io::Result<usize>> {
     match &mut client.stream {
-        crate::conn::Stream::Plain(s) => {
+        crate::net::stream::Stream::Plain(s) => {
             if let Err(e) = s.readable().await {
                 return Some(Err(e));
             }
-            bufpool::ready(&mut client.rbuf);
+            buffers::ready(&mut client.rbuf);
             read_now(s, &mut client.rbuf).await
         }
         other => {
-            bufpool::ready(&mut client.rbuf);
+            buffers::ready(&mut client.rbuf);
             Some(other.read_buf(&mut client.rbuf).await)
         }
     }
@@ -1414,7 +1417,7 @@ impl Txn<'_> {
                 ),
             ),
             None => {
-                crate::failover::report(self.state, Report::ConnectionLost);
+                crate::shard::health::report(self.state, Report::ConnectionLost);
                 (
                     sqlstate::CONNECTION_FAILURE.to_string(),
                     format!(
@@ -1457,7 +1460,7 @@ impl Txn<'_> {
                     key: b.key,
                 };
                 let timeout = self.shared.config.connect_timeout;
-                tokio::spawn(crate::cancel::cancel_server(key, timeout));
+                tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));
             }
             self.pool.discard(b);
             self.leave();
@@ -1522,7 +1525,7 @@ impl Txn<'_> {
             Report::CannotConnectNow
         };
         let gen = Arc::clone(&self.gen);
-        let gone = crate::failover::suspect(self.shared, self.state, &gen, what).await;
+        let gone = crate::shard::health::suspect(self.shared, self.state, &gen, what).await;
         if gone && self.clean() && stream_clean && self.retries_left > 0 {
             self.retries_left -= 1;
             count_retry(self.shard, reason);
@@ -1639,7 +1642,7 @@ async fn server_bytes(
                     m::count_error("server", code);
                     if matches!(f.severity(), Some("FATAL" | "PANIC")) {
                         txn.server_fatal = true;
-                        crate::failover::report(txn.state, Report::ServerFatal);
+                        crate::shard::health::report(txn.state, Report::ServerFatal);
                         if code.starts_with("57P") {
                             // The server is going away (shutdown, crash, terminate):
                             // the client hears of it when the connection closes, as an
@@ -1654,7 +1657,7 @@ async fn server_bytes(
                             run = pos + len;
                         }
                     } else if refusal.is_some() && !txn.probe.active {
-                        crate::failover::report(
+                        crate::shard::health::report(
                             txn.state,
                             if refusal == Some("read_only") {
                                 Report::ReadOnly

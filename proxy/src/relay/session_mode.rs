@@ -13,8 +13,8 @@ use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{sqlstate, FrameError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::conn::Conn;
 use crate::metrics as m;
+use crate::net::stream::Conn;
 use crate::shutdown::{Phase, Signal};
 
 /// Bytes read per socket read.
@@ -146,7 +146,7 @@ pub async fn run(
     shutdown: Signal,
     gen: &crate::shard::Generation,
 ) -> End {
-    use crate::conn::Stream;
+    use crate::net::stream::Stream;
     let bufs = (&mut client.rbuf, &mut server.rbuf);
     match (&mut client.stream, &mut server.stream) {
         // Plain TCP on both sides: the sockets' own borrowed halves, no locking.
@@ -216,7 +216,7 @@ where
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection because handoff is shutting down",
             );
-            crate::session::send_error(&mut cw, &err).await;
+            crate::frontend::session::send_error(&mut cw, &err).await;
             break End::Shutdown;
         }
         if revoked && txn.at_boundary(&cscan) && cbuf.is_empty() {
@@ -238,7 +238,7 @@ where
                             sqlstate::CONNECTION_FAILURE,
                             format!("lost the connection to the primary of shard \"{shard}\""),
                         );
-                        crate::session::send_error(&mut cw, &err).await;
+                        crate::frontend::session::send_error(&mut cw, &err).await;
                     }
                     break End::ServerGone;
                 }
@@ -263,7 +263,7 @@ where
                         "terminating connection: the primary of shard \"{shard}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT"
                     ),
                 );
-                crate::session::send_error(&mut cw, &err).await;
+                crate::frontend::session::send_error(&mut cw, &err).await;
                 break End::ServerGone;
             }
         }
@@ -319,7 +319,7 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
         sqlstate::PROTOCOL_VIOLATION,
         format!("invalid frontend message: {e}"),
     );
-    crate::session::send_error(client, &err).await;
+    crate::frontend::session::send_error(client, &err).await;
 }
 
 /// Forwards every complete run of server bytes in `buf` to the client, inspecting
@@ -373,7 +373,7 @@ async fn server_protocol_error(
         sqlstate::PROTOCOL_VIOLATION,
         format!("invalid message from server: {e}"),
     );
-    crate::session::send_error(client, &err).await;
+    crate::frontend::session::send_error(client, &err).await;
     Err(End::ServerProtocol)
 }
 

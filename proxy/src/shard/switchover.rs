@@ -3,7 +3,7 @@
 //! its LSN), catch up, promote, flush, and optionally the demote command. Any failure
 //! before the promotion rolls back to the old primary, lifting exactly what the fence
 //! changed; clients see a pause either way. After a completed switchover the old primary
-//! stays fenced and is watched for split brain ([`crate::watchdog`]).
+//! stays fenced and is watched for split brain ([`crate::shard::watchdog`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use crate::config::{HostPort, SwitchoverSettings};
-use crate::control;
-use crate::fence::{self, Fence, Session};
+use crate::shard::control;
+use crate::shard::fence::{self, Fence, Session};
+use crate::shard::watchdog;
 use crate::shard::{metric, Shard, StateKind};
-use crate::watchdog;
 use crate::Shared;
 
 /// How a switchover ended.
@@ -67,7 +67,7 @@ pub(crate) struct Report {
     epoch: u64,
     lameduck_cancelled: usize,
     prewarmed: usize,
-    demote: Option<crate::demote::Outcome>,
+    demote: Option<crate::shard::demote::Outcome>,
     error: Option<String>,
 }
 
@@ -319,7 +319,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
             ("HANDOFF_FENCE_LSN", lsn),
         ];
         run.report.demote =
-            Some(crate::demote::run(command, &env, cfg.demote_timeout, &shard.name).await);
+            Some(crate::shard::demote::run(command, &env, cfg.demote_timeout, &shard.name).await);
     }
     run.finish(Outcome::Completed, None)
 }

@@ -12,16 +12,16 @@ use handoff_protocol::sqlstate;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::client_auth::{self, Failure};
+use crate::frontend::client_auth::{self, Failure};
 use std::collections::HashMap;
 
+use crate::backend::login::{self, ServerError};
 use crate::config::{Config, PoolMode, UserSecret};
-use crate::conn::{Conn, ConnError};
 use crate::metrics as m;
-use crate::relay;
-use crate::server::{self, ServerError};
+use crate::net::stream::{Conn, ConnError};
+use crate::relay::session_mode as relay;
+use crate::relay::txn;
 use crate::shutdown::Signal;
-use crate::txn;
 use crate::Shared;
 
 /// What the client asked for in its StartupMessage.
@@ -401,7 +401,7 @@ async fn session_gate(
     bytes: usize,
 ) -> Result<Arc<crate::shard::Generation>, ProxyError> {
     let mut gen = state.current();
-    crate::control::admit(shared, state, &mut gen, bytes)
+    crate::shard::control::admit(shared, state, &mut gen, bytes)
         .await
         .map_err(|e| {
             let mut err = txn::attach_error(&e, &state.name);
@@ -429,7 +429,7 @@ async fn connect_and_relay(
         let user = startup.user.clone();
         let database = server_db.to_string();
         async move {
-            let login = server::Login {
+            let login = login::Login {
                 addr: &addr,
                 user: &user,
                 database: &database,
@@ -438,7 +438,7 @@ async fn connect_and_relay(
                 timeout: cfg.connect_timeout,
                 tls: &shared.server_tls,
             };
-            Box::pin(server::connect(login)).await
+            Box::pin(login::connect(login)).await
         }
     };
     let (mut gen, mut server) = loop {
@@ -456,15 +456,15 @@ async fn connect_and_relay(
                 metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
                 // Nothing was sent: if the primary is gone, wait for the next one.
                 if err.primary_may_be_gone()
-                    && crate::failover::suspect(
+                    && crate::shard::health::suspect(
                         shared,
                         state,
                         &gen,
-                        crate::failover::Report::ConnectFailed,
+                        crate::shard::health::Report::ConnectFailed,
                     )
                     .await
                 {
-                    metrics::counter!(crate::failover::metric::RETRIES, "shard" => shard.name.clone(), "reason" => "connect_failed")
+                    metrics::counter!(crate::shard::health::metric::RETRIES, "shard" => shard.name.clone(), "reason" => "connect_failed")
                         .increment(1);
                     continue;
                 }
@@ -479,11 +479,13 @@ async fn connect_and_relay(
         }
     };
     let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let registration = shared.cancels.register(Some(crate::cancel::ServerKey {
-        addr: server.peer,
-        pid: server.pid,
-        key: server.key,
-    }));
+    let registration = shared
+        .cancels
+        .register(Some(crate::backend::cancel::ServerKey {
+            addr: server.peer,
+            pid: server.pid,
+            key: server.key,
+        }));
 
     let hello = hello(server.params.clone(), registration.pid, registration.key);
     if client.send_raw(&hello).await.is_err() {
@@ -503,13 +505,13 @@ async fn connect_and_relay(
         if end != relay::End::Revoked {
             tracing::debug!(?end, "session ended");
             if end == relay::End::ServerGone {
-                crate::failover::report(state, crate::failover::Report::ConnectionLost);
+                crate::shard::health::report(state, crate::shard::health::Report::ConnectionLost);
             }
             break;
         }
         // Between transactions on a revoked primary: take the session's state off it,
         // let it go, and follow the shard to its next primary.
-        let captured = crate::session_move::capture(&mut server.conn).await;
+        let captured = crate::relay::session_move::capture(&mut server.conn).await;
         drop(server);
         drop(server_gauge);
         gen.leave();
@@ -577,7 +579,7 @@ async fn connect_and_relay(
             }
         };
         server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-        if let Err(e) = crate::session_move::restore(&mut server.conn, &moving).await {
+        if let Err(e) = crate::relay::session_move::restore(&mut server.conn, &moving).await {
             gen.leave();
             let err = cannot_move(
                 &shard.name,
@@ -586,7 +588,7 @@ async fn connect_and_relay(
             send_error(&mut client.stream, &err).await;
             return;
         }
-        registration.set_server(Some(crate::cancel::ServerKey {
+        registration.set_server(Some(crate::backend::cancel::ServerKey {
             addr: server.peer,
             pid: server.pid,
             key: server.key,

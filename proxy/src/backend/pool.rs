@@ -12,10 +12,10 @@ use dashmap::DashMap;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
+use crate::backend::login::{self, ServerConn, ServerError};
 use crate::config::{HostPort, PoolSettings};
-use crate::conn::Conn;
 use crate::metrics as m;
-use crate::server::{self, ServerConn, ServerError};
+use crate::net::stream::Conn;
 
 /// Which pool a connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -115,7 +115,7 @@ pub struct Pool {
     password: Option<String>,
     settings: PoolSettings,
     connect_timeout: Duration,
-    tls: crate::tls::ServerTls,
+    tls: crate::net::tls::ServerTls,
     state: Mutex<State>,
     gauges: Gauges,
     /// Its server is no longer the primary: connections are closed, not returned.
@@ -128,7 +128,7 @@ impl Pool {
         password: Option<String>,
         settings: PoolSettings,
         connect_timeout: Duration,
-        tls: crate::tls::ServerTls,
+        tls: crate::net::tls::ServerTls,
         shard: &str,
     ) -> Self {
         let label = format!("{}@{}/{}", key.user, key.database, shard);
@@ -162,7 +162,7 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<Box<Backend>, ServerError> {
-        let login = server::Login {
+        let login = login::Login {
             addr: &self.key.addr,
             user: &self.key.user,
             database: &self.key.database,
@@ -172,7 +172,7 @@ impl Pool {
             tls: &self.tls,
         };
         // Boxed: a login's state is large and rare; checkout's future stays small.
-        match Box::pin(server::connect(login)).await {
+        match Box::pin(login::connect(login)).await {
             Ok(s) => {
                 metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
                 Ok(Box::new(Backend::new(s, self.settings.max_prepared)))
@@ -413,14 +413,14 @@ pub struct Pools {
     map: DashMap<PoolKey, Arc<Pool>>,
     settings: PoolSettings,
     connect_timeout: Duration,
-    tls: crate::tls::ServerTls,
+    tls: crate::net::tls::ServerTls,
 }
 
 impl Pools {
     pub fn new(
         settings: PoolSettings,
         connect_timeout: Duration,
-        tls: crate::tls::ServerTls,
+        tls: crate::net::tls::ServerTls,
     ) -> Self {
         Self {
             map: DashMap::new(),

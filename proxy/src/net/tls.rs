@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{ClientTlsMode, ServerTlsMode};
-use crate::conn::Stream;
+use crate::net::stream::Stream;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use crate::config::{HostPort, SwitchoverSettings};
-use crate::fence::{self, ConnectError, Fence, Session};
+use crate::shard::fence::{self, ConnectError, Fence, Session};
 use crate::shard::Shard;
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
@@ -371,7 +371,7 @@ async fn look(cfg: &SwitchoverSettings, e: &mut Entry, timeout: Duration) -> Loo
                         let wal: Option<String> = row.get(1);
                         Look::Open {
                             in_recovery: row.get(0),
-                            timeline: crate::failover::timeline_of(wal.as_deref()),
+                            timeline: crate::shard::health::timeline_of(wal.as_deref()),
                             system: row.get(2),
                             session,
                         }

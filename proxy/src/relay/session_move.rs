@@ -8,8 +8,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use handoff_protocol::backend::{tag as btag, BackendMessage};
 use handoff_protocol::frontend::FrontendMessage;
 
-use crate::conn::{Conn, MAX_STARTUP_MESSAGE};
-use crate::txn::quote_literal;
+use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
+use crate::relay::txn::quote_literal;
 
 /// What a session holds on its server.
 #[derive(Debug, Default)]

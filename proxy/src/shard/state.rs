@@ -200,10 +200,10 @@ pub struct Shard {
     inner: Mutex<Inner>,
     /// One switchover (or external revocation) at a time.
     pub op: tokio::sync::Mutex<()>,
-    /// Failure detection and discovery ([`crate::failover`]).
-    pub health: crate::failover::Health,
-    /// Replaced primaries watched for split brain ([`crate::watchdog`]).
-    pub watch: crate::watchdog::Watch,
+    /// Failure detection and discovery ([`crate::shard::health`]).
+    pub health: crate::shard::health::Health,
+    /// Replaced primaries watched for split brain ([`crate::shard::watchdog`]).
+    pub watch: crate::shard::watchdog::Watch,
 }
 
 /// A snapshot for the admin API.

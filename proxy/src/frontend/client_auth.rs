@@ -8,7 +8,7 @@ use handoff_protocol::frontend::{parse_sasl_initial, tag};
 use handoff_protocol::sqlstate;
 
 use crate::config::UserSecret;
-use crate::conn::{Conn, ConnError, MAX_STARTUP_MESSAGE};
+use crate::net::stream::{Conn, ConnError, MAX_STARTUP_MESSAGE};
 
 /// How a login attempt ended, when it did not succeed.
 #[derive(Debug)]

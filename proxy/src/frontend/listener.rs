@@ -12,10 +12,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
 
-use crate::conn::Conn;
+use crate::frontend::session;
 use crate::metrics as m;
+use crate::net::stream::Conn;
 use crate::shutdown::{Phase, Signal};
-use crate::{session, Shared};
+use crate::Shared;
 
 /// Most over-limit connections being answered at once; beyond that they are just closed.
 const MAX_REJECTING: usize = 256;

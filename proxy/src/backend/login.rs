@@ -12,7 +12,7 @@ use handoff_protocol::frontend::{encode_password, encode_sasl_initial, encode_sa
 use tokio::net::TcpStream;
 
 use crate::config::HostPort;
-use crate::conn::{Conn, ConnError, MAX_STARTUP_MESSAGE};
+use crate::net::stream::{Conn, ConnError, MAX_STARTUP_MESSAGE};
 
 /// What a server login needs.
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +25,7 @@ pub struct Login<'a> {
     pub password: Option<&'a str>,
     pub timeout: Duration,
     /// TLS towards the server (`HANDOFF_SERVER_TLS`).
-    pub tls: &'a crate::tls::ServerTls,
+    pub tls: &'a crate::net::tls::ServerTls,
 }
 
 /// An authenticated server connection, ready for queries.

@@ -137,7 +137,9 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
         Err(_) => return Probe::Unreachable(format!("{addr}: no answer within {timeout:?}")),
         Ok(Err(e)) => {
             return match e.as_db_error() {
-                Some(db) if crate::fence::is_fence_refusal(db.code().code(), db.message()) => {
+                Some(db)
+                    if crate::shard::fence::is_fence_refusal(db.code().code(), db.message()) =>
+                {
                     Probe::Fenced(format!("{addr}: {}", db.message()))
                 }
                 Some(db) if db.code().code().starts_with("57P") => {
@@ -291,7 +293,7 @@ async fn check(
 /// Revokes the shard's primary at `epoch` because it failed, and hands the shard to
 /// discovery. Transactions still running on it get `HANDOFF_DRAIN_TIMEOUT` to finish.
 pub(crate) fn revoke(shared: &Shared, shard: &Shard, epoch: u64, reason: &str) {
-    match crate::control::revoke(shared, shard, Some(epoch), reason) {
+    match crate::shard::control::revoke(shared, shard, Some(epoch), reason) {
         Ok(r) => {
             r.gen.mark_lost(reason);
             shard.health.discover_cycle.store(r.cycle, SeqCst);
@@ -299,7 +301,7 @@ pub(crate) fn revoke(shared: &Shared, shard: &Shard, epoch: u64, reason: &str) {
             let gen = Arc::clone(&r.gen);
             let timeout = shared.config.drain_timeout;
             tokio::spawn(async move {
-                let l = crate::control::lameduck(&gen, timeout).await;
+                let l = crate::shard::control::lameduck(&gen, timeout).await;
                 if l.cancelled > 0 {
                     tracing::warn!(
                         cancelled = l.cancelled,
@@ -328,7 +330,7 @@ pub struct Initial {
     pub timeline: u32,
     /// Other hosts the split-brain watchdog must watch: fenced ones, and writable ones
     /// on a lower timeline than the primary's.
-    pub watch: Vec<(HostPort, crate::watchdog::Why)>,
+    pub watch: Vec<(HostPort, crate::shard::watchdog::Why)>,
 }
 
 /// Startup: the configured hosts are probed and the writable one on the highest timeline
@@ -355,7 +357,7 @@ pub async fn initial_primary(
     }
     let all = vec![true; hosts.len()];
     if let Some((primary, timeline)) = choose(hosts, &results, 0, &all) {
-        use crate::watchdog::Why;
+        use crate::shard::watchdog::Why;
         let watch = hosts
             .iter()
             .zip(&results)
@@ -537,7 +539,7 @@ async fn discover(
         abort_all(&mut running);
         // Forget this cycle before establishing, so the monitor does not start again.
         shard.health.discover_cycle.store(0, SeqCst);
-        match crate::control::establish(shared, shard, Some(epoch), primary.clone()).await {
+        match crate::shard::control::establish(shared, shard, Some(epoch), primary.clone()).await {
             Ok(e) => {
                 let took = since.elapsed();
                 metrics::histogram!(metric::FAILOVER_SECONDS, "shard" => shard.name.clone())

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use handoff_buffer::{Admission, Release, StartOutcome, StopReason};
 
 use crate::config::HostPort;
+use crate::relay::txn::AttachError;
 use crate::shard::{EventError, Generation, Revoked, Shard, StateKind};
-use crate::txn::AttachError;
 use crate::Shared;
 
 /// The shard named `name`.
@@ -116,7 +116,7 @@ pub(crate) struct Established {
 
 /// Establishment: `primary` serves `shard` from the next epoch. Its pools are opened
 /// first, then held transactions are released to it in FIFO order. The replaced
-/// primary, if another host, is then watched for split brain ([`crate::watchdog`]).
+/// primary, if another host, is then watched for split brain ([`crate::shard::watchdog`]).
 pub(crate) async fn establish(
     shared: &Shared,
     shard: &Shard,
@@ -155,9 +155,9 @@ pub(crate) async fn establish(
         .stop(&shard.name, cycle, StopReason::NewPrimary);
     if old.primary != gen.primary {
         let why = if old.lost().is_some() {
-            crate::watchdog::Why::Failed
+            crate::shard::watchdog::Why::Failed
         } else {
-            crate::watchdog::Why::Replaced
+            crate::shard::watchdog::Why::Replaced
         };
         shard
             .watch

@@ -1,0 +1,7 @@
+//! Bytes on the wire: one stream type for plain and TLS connections (with the read
+//! buffer of the startup phase), TLS towards clients and servers, and the relay buffers
+//! recycled per thread.
+
+pub(crate) mod buffers;
+pub(crate) mod stream;
+pub mod tls;
