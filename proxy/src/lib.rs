@@ -14,6 +14,7 @@
 mod admin;
 pub mod backend;
 pub mod config;
+mod error;
 mod frontend;
 mod limits;
 pub mod metrics;

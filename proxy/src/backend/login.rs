@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use handoff_protocol::auth::{md5_response, AuthError, ScramClient, SCRAM_SHA_256};
 use handoff_protocol::backend::{Authentication, BackendMessage};
-use handoff_protocol::error::ErrorFields;
 use handoff_protocol::framing::StartupPacket;
 use handoff_protocol::frontend::{encode_password, encode_sasl_initial, encode_sasl_response};
 use tokio::net::TcpStream;
 
 use crate::config::HostPort;
-use crate::net::stream::{Conn, ConnError, MAX_STARTUP_MESSAGE};
+use crate::error::{ConnError, ServerError};
+use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
 
 /// What a server login needs.
 #[derive(Debug, Clone, Copy)]
@@ -39,48 +39,6 @@ pub struct ServerConn {
     pub key: i32,
     /// The resolved address, for cancel requests.
     pub peer: SocketAddr,
-}
-
-/// Why a server connection could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error("could not connect to server {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("server {addr} did not complete the login within {after:?}")]
-    Timeout { addr: String, after: Duration },
-    #[error("server {addr} refused the login: {}", .fields.message().unwrap_or("no message"))]
-    Rejected { addr: String, fields: ErrorFields },
-    #[error("server {addr} asks user \"{user}\" for a password, but HANDOFF_USERS has none for that user")]
-    NoPassword { addr: String, user: String },
-    #[error("server {addr} asks for an authentication method handoff does not support ({what})")]
-    Unsupported { addr: String, what: String },
-    #[error("SCRAM authentication with server {addr} failed: {source}")]
-    Scram { addr: String, source: AuthError },
-    #[error("protocol error from server {addr}: {source}")]
-    Protocol { addr: String, source: ConnError },
-    #[error("TLS with server {addr} failed: {message}")]
-    Tls { addr: String, message: String },
-}
-
-impl ServerError {
-    /// True when the failure says the server may be down or changing role (refused,
-    /// reset, timed out, or `57P01`/`57P02`/`57P03` at login) rather than that this
-    /// login is wrong (password, database, role).
-    pub fn primary_may_be_gone(&self) -> bool {
-        match self {
-            ServerError::Connect { .. } | ServerError::Timeout { .. } => true,
-            ServerError::Rejected { fields, .. } => {
-                fields.code().is_some_and(|c| c.starts_with("57P"))
-            }
-            ServerError::Protocol { source, .. } => {
-                matches!(source, ConnError::Io(_) | ConnError::Eof)
-            }
-            _ => false,
-        }
-    }
 }
 
 /// Connects and logs in, within `login.timeout`.

@@ -12,8 +12,9 @@ use dashmap::DashMap;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::backend::login::{self, ServerConn, ServerError};
+use crate::backend::login::{self, ServerConn};
 use crate::config::{HostPort, PoolSettings};
+use crate::error::{PoolError, ServerError};
 use crate::metrics as m;
 use crate::net::stream::Conn;
 
@@ -63,15 +64,6 @@ impl Backend {
         }
         self.conn.stream.is_quiet()
     }
-}
-
-/// Why no connection could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum PoolError {
-    #[error("no server connection became free within HANDOFF_QUERY_WAIT_TIMEOUT ({0:?}); HANDOFF_POOL_SIZE is {1}")]
-    WaitTimeout(Duration, usize),
-    #[error(transparent)]
-    Connect(#[from] ServerError),
 }
 
 /// What a waiting client is handed.

@@ -8,7 +8,8 @@ use handoff_protocol::frontend::{parse_sasl_initial, tag};
 use handoff_protocol::sqlstate;
 
 use crate::config::UserSecret;
-use crate::net::stream::{Conn, ConnError, MAX_STARTUP_MESSAGE};
+use crate::error::ConnError;
+use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
 
 /// How a login attempt ended, when it did not succeed.
 #[derive(Debug)]

@@ -153,5 +153,5 @@ async fn refuse(stream: TcpStream, peer: SocketAddr, err: ProxyError) {
         return;
     }
     tracing::debug!(client.addr = %peer, code = err.code, "client refused");
-    session::send_error(&mut conn.stream, &err).await;
+    crate::error::send_error(&mut conn.stream, &err).await;
 }

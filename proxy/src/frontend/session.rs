@@ -9,16 +9,17 @@ use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatu
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::framing::StartupPacket;
 use handoff_protocol::sqlstate;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::frontend::client_auth::{self, Failure};
 use std::collections::HashMap;
 
-use crate::backend::login::{self, ServerError};
+use crate::backend::login;
 use crate::config::{Config, PoolMode, UserSecret};
+use crate::error::send_error;
+use crate::error::ConnError;
 use crate::metrics as m;
-use crate::net::stream::{Conn, ConnError};
+use crate::net::stream::Conn;
 use crate::relay::session_mode as relay;
 use crate::relay::txn;
 use crate::shutdown::Signal;
@@ -47,15 +48,6 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         metrics::gauge!(self.0).decrement(1.0);
     }
-}
-
-/// Sends a proxy-generated error and counts it.
-pub(crate) async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, err: &ProxyError) {
-    let mut buf = BytesMut::new();
-    err.encode(&mut buf);
-    m::count_error("proxy", err.code);
-    let _ = stream.write_all(&buf).await;
-    let _ = stream.flush().await;
 }
 
 /// Runs a client session to its end.
@@ -163,7 +155,7 @@ async fn transaction_mode(
     // Log in on a real server connection now, so that a bad database, role or parameter
     // is reported at connect time and the client sees the server's parameters.
     if let Err(e) = Box::pin(session.attach(0)).await {
-        let err = txn::attach_error(&e, &shard.name);
+        let err = e.to_client(&shard.name);
         tracing::warn!(shard = %shard.name, error = %err, "server login failed");
         send_error(&mut client.stream, &err).await;
         session.detach(true, true);
@@ -356,42 +348,6 @@ fn hello(params: impl IntoIterator<Item = (String, String)>, pid: i32, key: i32)
     hello
 }
 
-/// The error a client sees when its server connection cannot be made.
-pub(crate) fn server_error_to_client(err: &ServerError, shard: &str) -> ProxyError {
-    match err {
-        ServerError::Rejected { fields, .. } => {
-            let code = fields.code().unwrap_or(sqlstate::CONNECTION_FAILURE);
-            // Keep the server's SQLSTATE so clients see the real cause (3D000, 28P01…).
-            let code: &'static str = match code {
-                sqlstate::INVALID_CATALOG_NAME => sqlstate::INVALID_CATALOG_NAME,
-                sqlstate::INVALID_PASSWORD => sqlstate::INVALID_PASSWORD,
-                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION => {
-                    sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
-                }
-                sqlstate::TOO_MANY_CONNECTIONS => sqlstate::TOO_MANY_CONNECTIONS,
-                sqlstate::CANNOT_CONNECT_NOW => sqlstate::CANNOT_CONNECT_NOW,
-                _ => sqlstate::CONNECTION_FAILURE,
-            };
-            let msg = fields.message().unwrap_or("login refused").to_string();
-            ProxyError::fatal(code, msg)
-                .detail(format!("reported by the primary of shard \"{shard}\""))
-        }
-        ServerError::NoPassword { .. }
-        | ServerError::Unsupported { .. }
-        | ServerError::Scram { .. } => ProxyError::fatal(
-            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
-            format!("shard \"{shard}\": {err}"),
-        ),
-        ServerError::Connect { .. }
-        | ServerError::Timeout { .. }
-        | ServerError::Protocol { .. }
-        | ServerError::Tls { .. } => ProxyError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            format!("shard \"{shard}\": {err}"),
-        ),
-    }
-}
-
 /// Session mode's gate: waits in the failover buffer while the shard has no primary,
 /// then registers the session on the serving generation (held while it has a server
 /// connection there, so lameduck waits for it to move).
@@ -403,11 +359,7 @@ async fn session_gate(
     let mut gen = state.current();
     crate::shard::control::admit(shared, state, &mut gen, bytes)
         .await
-        .map_err(|e| {
-            let mut err = txn::attach_error(&e, &state.name);
-            err.severity = handoff_protocol::error::Severity::Fatal;
-            err
-        })?;
+        .map_err(|e| e.to_client_fatal(&state.name))?;
     Ok(gen)
 }
 
@@ -469,11 +421,7 @@ async fn connect_and_relay(
                     continue;
                 }
                 tracing::warn!(shard = %shard.name, error = %err, "server login failed");
-                send_error(
-                    &mut client.stream,
-                    &server_error_to_client(&err, &shard.name),
-                )
-                .await;
+                send_error(&mut client.stream, &err.to_client(&shard.name)).await;
                 return;
             }
         }
@@ -550,10 +498,7 @@ async fn connect_and_relay(
                     }
                 }
                 _ = wait_phase(shutdown.clone()) => {
-                    let err = ProxyError::fatal(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        "terminating connection because handoff is shutting down",
-                    );
+                    let err = crate::error::shutting_down();
                     send_error(&mut client.stream, &err).await;
                     return;
                 }
@@ -570,11 +515,7 @@ async fn connect_and_relay(
             Ok(s) => s,
             Err(err) => {
                 gen.leave();
-                send_error(
-                    &mut client.stream,
-                    &server_error_to_client(&err, &shard.name),
-                )
-                .await;
+                send_error(&mut client.stream, &err.to_client(&shard.name)).await;
                 return;
             }
         };

@@ -8,7 +8,9 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use handoff_protocol::framing::{decode_frame, decode_startup, StartupPacket};
-use handoff_protocol::{Frame, FrameError};
+use handoff_protocol::Frame;
+
+use crate::error::ConnError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -119,17 +121,6 @@ impl AsyncWrite for Stream {
 
 /// Largest message accepted during startup and authentication.
 pub const MAX_STARTUP_MESSAGE: usize = 64 * 1024;
-
-/// Why a startup-phase read failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnError {
-    #[error("connection closed by peer")]
-    Eof,
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-}
 
 /// A socket and what has been read from it but not consumed yet.
 #[derive(Debug)]

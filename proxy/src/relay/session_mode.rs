@@ -212,11 +212,8 @@ where
         }
         let phase = shutdown.phase();
         if phase == Phase::Closing || (phase == Phase::Draining && txn.at_boundary(&cscan)) {
-            let err = ProxyError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection because handoff is shutting down",
-            );
-            crate::frontend::session::send_error(&mut cw, &err).await;
+            let err = crate::error::shutting_down();
+            crate::error::send_error(&mut cw, &err).await;
             break End::Shutdown;
         }
         if revoked && txn.at_boundary(&cscan) && cbuf.is_empty() {
@@ -234,11 +231,8 @@ where
             r = sr.read_buf(sbuf) => match r {
                 Ok(0) | Err(_) => {
                     if !txn.server_fatal {
-                        let err = ProxyError::fatal(
-                            sqlstate::CONNECTION_FAILURE,
-                            format!("lost the connection to the primary of shard \"{shard}\""),
-                        );
-                        crate::frontend::session::send_error(&mut cw, &err).await;
+                        let err = crate::error::lost_connection(shard);
+                        crate::error::send_error(&mut cw, &err).await;
                     }
                     break End::ServerGone;
                 }
@@ -263,7 +257,7 @@ where
                         "terminating connection: the primary of shard \"{shard}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT"
                     ),
                 );
-                crate::frontend::session::send_error(&mut cw, &err).await;
+                crate::error::send_error(&mut cw, &err).await;
                 break End::ServerGone;
             }
         }
@@ -315,11 +309,8 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
     client: &mut W,
     e: &FrameError,
 ) {
-    let err = ProxyError::fatal(
-        sqlstate::PROTOCOL_VIOLATION,
-        format!("invalid frontend message: {e}"),
-    );
-    crate::frontend::session::send_error(client, &err).await;
+    let err = crate::error::client_protocol_error(e);
+    crate::error::send_error(client, &err).await;
 }
 
 /// Forwards every complete run of server bytes in `buf` to the client, inspecting
@@ -369,11 +360,8 @@ async fn server_protocol_error(
     e: &FrameError,
 ) -> Result<(), End> {
     tracing::warn!(error = %e, "protocol error from server");
-    let err = ProxyError::fatal(
-        sqlstate::PROTOCOL_VIOLATION,
-        format!("invalid message from server: {e}"),
-    );
-    crate::frontend::session::send_error(client, &err).await;
+    let err = crate::error::server_protocol_error(e);
+    crate::error::send_error(client, &err).await;
     Err(End::ServerProtocol)
 }
 

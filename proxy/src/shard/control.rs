@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use handoff_buffer::{Admission, Release, StartOutcome, StopReason};
 
 use crate::config::HostPort;
-use crate::relay::txn::AttachError;
+use crate::error::AttachError;
 use crate::shard::{EventError, Generation, Revoked, Shard, StateKind};
 use crate::Shared;
 

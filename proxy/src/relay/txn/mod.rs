@@ -16,8 +16,8 @@ use handoff_protocol::{sqlstate, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::cancel::{Registration, ServerKey};
-use crate::backend::pool::{Backend, Pool, PoolError, PoolKey};
-use crate::frontend::session::send_error;
+use crate::backend::pool::{Backend, Pool, PoolKey};
+use crate::error::{send_error, AttachError, PoolError};
 use crate::metrics as m;
 use crate::net::buffers;
 use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
@@ -26,7 +26,7 @@ use crate::shard::health::Report;
 use crate::shard::{Generation, Shard};
 use crate::shutdown::{Phase, Signal};
 use crate::Shared;
-use handoff_buffer::{BufferError, Release};
+use handoff_buffer::Release;
 use prepared::{Reply, StmtDef, NOOP_NAME};
 
 pub(crate) mod prepared;
@@ -44,27 +44,6 @@ pub const TRACKED_PARAMS: &[&str] = &[
     "standard_conforming_strings",
     "search_path",
 ];
-
-/// Why a server connection could not be prepared for a client.
-#[derive(Debug)]
-pub(crate) enum AttachError {
-    Pool(PoolError),
-    /// The server refused a parameter the client asked for.
-    Rejected(ErrorFields),
-    Io,
-    /// The failover buffer gave up on the request (its own SQLSTATE).
-    Buffer(BufferError),
-    /// The shard has no primary to take new transactions and the buffer did not hold
-    /// the request (buffering disabled or dry run, or the cycle already timed out).
-    NoPrimary,
-}
-
-impl AttachError {
-    /// An error that ends the request, not the session.
-    fn is_refusal(&self) -> bool {
-        matches!(self, AttachError::Buffer(_) | AttachError::NoPrimary)
-    }
-}
 
 /// Requests the proxy answers itself instead of relaying.
 #[derive(Debug, Default)]
@@ -778,15 +757,18 @@ async fn sync_params(
         sql: Bytes::from(sql),
     }
     .encode(&mut buf);
-    b.conn.send_raw(&buf).await.map_err(|_| AttachError::Io)?;
+    b.conn
+        .send_raw(&buf)
+        .await
+        .map_err(|e| AttachError::Io(e.into()))?;
     let mut error = None;
     loop {
         let frame = b
             .conn
             .read_frame(MAX_STARTUP_MESSAGE)
             .await
-            .map_err(|_| AttachError::Io)?;
-        match BackendMessage::parse(frame).map_err(|_| AttachError::Io)? {
+            .map_err(AttachError::Io)?;
+        match BackendMessage::parse(frame).map_err(|e| AttachError::Io(e.into()))? {
             BackendMessage::ParameterStatus { name, value } => {
                 b.params.insert(name, value);
             }
@@ -800,45 +782,6 @@ async fn sync_params(
     }
     b.applied = desired.clone();
     Ok(())
-}
-
-/// The error a client gets when no connection could be prepared for it.
-pub(crate) fn attach_error(e: &AttachError, shard: &str) -> ProxyError {
-    match e {
-        AttachError::Pool(PoolError::WaitTimeout(..)) => ProxyError::fatal(
-            sqlstate::TOO_MANY_CONNECTIONS,
-            format!(
-                "shard \"{shard}\": {}",
-                match e {
-                    AttachError::Pool(p) => p.to_string(),
-                    _ => String::new(),
-                }
-            ),
-        ),
-        AttachError::Pool(PoolError::Connect(se)) => {
-            crate::frontend::session::server_error_to_client(se, shard)
-        }
-        AttachError::Rejected(f) => {
-            let msg = f.message().unwrap_or("parameter rejected").to_string();
-            ProxyError::fatal(sqlstate::CONNECTION_FAILURE, msg).detail(format!(
-                "a startup parameter was refused by the primary of shard \"{shard}\""
-            ))
-        }
-        AttachError::Io => ProxyError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            format!("lost the connection to the primary of shard \"{shard}\""),
-        ),
-        AttachError::Buffer(b) => ProxyError::error(
-            b.sqlstate(),
-            format!("shard \"{shard}\" is changing its primary: {b}"),
-        )
-        .hint("the request was not run; retry it"),
-        AttachError::NoPrimary => ProxyError::error(
-            sqlstate::CANNOT_CONNECT_NOW,
-            format!("shard \"{shard}\" has no primary taking new transactions"),
-        )
-        .hint("the request was not run; retry it once a primary is established"),
-    }
 }
 
 /// Counts a request sent again to the next primary.
@@ -897,10 +840,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         let phase = shutdown.phase();
         let idle = txn.backend.is_none() && cscan.at_boundary() && client.rbuf.is_empty();
         if phase == Phase::Closing || (phase == Phase::Draining && idle) {
-            let err = ProxyError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection because handoff is shutting down",
-            );
+            let err = crate::error::shutting_down();
             send_error(&mut client.stream, &err).await;
             break End::Shutdown;
         }
@@ -1141,12 +1081,12 @@ async fn client_bytes(
                         }
                     }
                     Err(e) if e.is_refusal() => {
-                        let err = attach_error(&e, txn.shard);
+                        let err = e.to_client(txn.shard);
                         tracing::info!(shard = txn.shard, error = %err, "request refused");
                         txn.local = Local::Refuse(err);
                     }
                     Err(e) => {
-                        let err = attach_error(&e, txn.shard);
+                        let err = e.to_client(txn.shard);
                         tracing::warn!(error = %err, "no server connection for client");
                         write_client(client, &answers).await?;
                         send_error(&mut client.stream, &err).await;
@@ -1573,10 +1513,7 @@ async fn server_bytes(
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "protocol error from server");
-                let err = ProxyError::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!("invalid message from server: {e}"),
-                );
+                let err = crate::error::server_protocol_error(&e);
                 send_error(&mut client.stream, &err).await;
                 txn.server_fatal = true;
                 return Err(End::ServerProtocol);
