@@ -38,7 +38,7 @@ pub(crate) struct AdminState {
     pub token: Option<String>,
     pub prometheus: PrometheusHandle,
     pub shutdown: Signal,
-    pub shared: Arc<crate::Shared>,
+    pub shared: Arc<crate::shared::Shared>,
 }
 
 type Body = Full<Bytes>;
@@ -177,13 +177,13 @@ async fn read_json(
 }
 
 /// Every shard's state.
-pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
+pub(crate) fn shards_json(shared: &crate::shared::Shared) -> serde_json::Value {
     let list: Vec<serde_json::Value> = shared
         .shards
         .iter()
         .map(|s| {
-            let snap = s.snapshot(shared.buffer_idle(&s.name));
-            let buffer_state = match shared.buffer.state(&s.name) {
+            let snap = s.snapshot(shared.ctx.buffer_idle(&s.name));
+            let buffer_state = match shared.ctx.buffer.state(&s.name) {
                 Some(handoff_buffer::State::Idle) | None => "idle",
                 Some(handoff_buffer::State::Buffering) => "buffering",
                 Some(handoff_buffer::State::Draining) => "draining",
@@ -197,7 +197,7 @@ pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
                 "in_flight": snap.inflight,
                 "buffer": {
                     "state": buffer_state,
-                    "depth": shared.buffer.depth(&s.name),
+                    "depth": shared.ctx.buffer.depth(&s.name),
                 },
                 "since_ms": snap.since.elapsed().as_millis() as u64,
                 "reason": snap.reason,
@@ -209,7 +209,7 @@ pub(crate) fn shards_json(shared: &crate::Shared) -> serde_json::Value {
     serde_json::json!({ "shards": list })
 }
 
-fn watched_json(v: &crate::shard::watchdog::View) -> serde_json::Value {
+fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
     let since = v
         .since
         .duration_since(std::time::UNIX_EPOCH)
@@ -271,7 +271,7 @@ async fn shard_action(
     body: serde_json::Map<String, serde_json::Value>,
 ) -> Response<Body> {
     let shared = Arc::clone(&state.shared);
-    let Some(shard) = crate::shard::control::find(&shared, name).cloned() else {
+    let Some(shard) = shared.shard(name).cloned() else {
         return json_error(
             StatusCode::NOT_FOUND,
             &format!("no shard named \"{name}\" (see GET /v1/shards)"),
@@ -297,7 +297,7 @@ async fn shard_action(
             };
             // Its own task: it completes (or rolls back) even if the caller goes away.
             let task = tokio::spawn(crate::shard::switchover::run(
-                Arc::clone(&shared),
+                Arc::clone(&shared.ctx),
                 shard,
                 to,
             ));
@@ -332,12 +332,13 @@ async fn shard_action(
                     "a switchover of this shard is in progress",
                 );
             };
-            let revoked = match crate::shard::control::revoke(&shared, &shard, epoch, &reason) {
+            let revoked = match crate::shard::control::revoke(&shared.ctx, &shard, epoch, &reason) {
                 Ok(r) => r,
                 Err(e) => return event_error(&e),
             };
             let ld =
-                crate::shard::control::lameduck(&revoked.gen, shared.config.drain_timeout).await;
+                crate::shard::control::lameduck(&revoked.gen, shared.ctx.settings.drain_timeout)
+                    .await;
             json(
                 StatusCode::OK,
                 serde_json::json!({
@@ -370,7 +371,7 @@ async fn shard_action(
                     ),
                 );
             }
-            match crate::shard::control::establish(&shared, &shard, epoch, addr.clone()).await {
+            match crate::shard::control::establish(&shared.ctx, &shard, epoch, addr.clone()).await {
                 Ok(est) => json(
                     StatusCode::OK,
                     serde_json::json!({
@@ -396,7 +397,7 @@ async fn shard_action(
                     "a switchover of this shard is in progress",
                 );
             };
-            match crate::shard::control::abort(&shared, &shard, epoch) {
+            match crate::shard::control::abort(&shared.ctx, &shard, epoch) {
                 Ok(epoch) => json(
                     StatusCode::OK,
                     serde_json::json!({

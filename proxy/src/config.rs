@@ -415,8 +415,10 @@ pub struct Config {
     /// Planned switchovers and lameduck.
     pub switchover: SwitchoverSettings,
     pub drain_timeout: Duration,
+    /// The role for switchover SQL, health checks and discovery.
+    pub admin_db: AdminDbSettings,
     /// Health checks and discovery (unplanned failover).
-    pub health: crate::shard::health::HealthSettings,
+    pub health: HealthSettings,
     /// How often the split-brain watchdog looks at replaced primaries.
     pub watchdog_interval: Duration,
     pub log: String,
@@ -465,40 +467,29 @@ pub struct TlsSettings {
 /// How handoff runs a switchover itself.
 #[derive(Debug, Clone)]
 pub struct SwitchoverSettings {
-    /// TLS for these connections (set from `HANDOFF_SERVER_TLS*` at startup).
-    pub tls: crate::net::tls::ServerTls,
     pub max_lag: u64,
     pub timeout: Duration,
     pub terminate: bool,
     /// Run after a completed switchover (`HANDOFF_SWITCHOVER_DEMOTE_COMMAND`).
     pub demote_command: Option<String>,
     pub demote_timeout: Duration,
+}
+
+/// The admin role handoff logs in to servers as, for switchovers, the fence, health
+/// checks, discovery and the watchdog (`HANDOFF_ADMIN_DB_*`).
+#[derive(Debug, Clone)]
+pub struct AdminDbSettings {
     pub user: String,
     pub password: Option<String>,
     pub database: String,
 }
 
-impl SwitchoverSettings {
-    /// A tokio-postgres configuration for the admin role on `addr` (connect with
-    /// `self.tls.pg_connect`).
-    pub fn pg_config(
-        &self,
-        addr: &HostPort,
-        application: &str,
-        timeout: Duration,
-    ) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        c.host(&addr.host)
-            .port(addr.port)
-            .user(&self.user)
-            .dbname(&self.database)
-            .application_name(application)
-            .connect_timeout(timeout);
-        if let Some(p) = &self.password {
-            c.password(p);
-        }
-        c
-    }
+/// The failure detector's settings.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub discovery_interval: Duration,
 }
 
 impl Config {
@@ -698,7 +689,7 @@ impl Config {
             ));
         }
         let idle_transaction_timeout = duration("HANDOFF_IDLE_TRANSACTION_TIMEOUT", "0")?;
-        let health = crate::shard::health::HealthSettings {
+        let health = HealthSettings {
             interval: duration("HANDOFF_HEALTH_CHECK_INTERVAL", "1s")?,
             timeout: duration("HANDOFF_HEALTH_CHECK_TIMEOUT", "2s")?,
             discovery_interval: duration("HANDOFF_DISCOVERY_INTERVAL", "100ms")?,
@@ -751,12 +742,13 @@ impl Config {
             .map(str::to_string)
             .or(password);
         let switchover = SwitchoverSettings {
-            tls: Default::default(),
             max_lag,
             timeout: switchover_timeout,
             terminate,
             demote_command,
             demote_timeout,
+        };
+        let admin_db = AdminDbSettings {
             user,
             password,
             database: get("HANDOFF_ADMIN_DB_NAME")
@@ -786,6 +778,7 @@ impl Config {
             shutdown_timeout,
             switchover,
             drain_timeout,
+            admin_db,
             health,
             watchdog_interval,
             log: get("HANDOFF_LOG").unwrap_or("info").to_string(),

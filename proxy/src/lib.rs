@@ -4,10 +4,13 @@
 //! until [`Proxy::shutdown`]. The binary (`src/main.rs`) reads the configuration from
 //! `HANDOFF_*` environment variables and shuts down on SIGTERM/SIGINT.
 //!
-//! Layout: [`config`] (environment) · `listener` (accept, limits) · `session` (one
-//! client: startup, auth, connect, relay) · `client_auth` / `server` (both logins) ·
-//! `relay` (bytes both ways) · `cancel` (CancelRequest routing) · `admin` (HTTP API) ·
-//! [`metrics`] (names and the Prometheus recorder) · [`shutdown`] (phases).
+//! This file only wires the layers together (docs/architecture.md). From the top:
+//! `admin` (HTTP API) · `frontend` (listener, startup, client authentication) · `relay`
+//! (session and transaction mode) · `shared` (what every session shares) · [`shard`]
+//! (state machine, switchover, fence, failure detection, watchdog) · [`backend`] (server
+//! logins, pools, cancel, the admin role's connections) · [`net`] (streams, TLS,
+//! buffers). On the ground floor, usable by all: [`config`], [`metrics`], `error`,
+//! `limits`, [`shutdown`].
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +24,7 @@ pub mod metrics;
 pub mod net;
 mod relay;
 pub mod shard;
+mod shared;
 pub mod shutdown;
 
 use std::net::SocketAddr;
@@ -28,42 +32,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use handoff_protocol::auth::ScramVerifier;
+use shared::Shared;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub use config::{Config, ConfigError};
 use shutdown::{Phase, Trigger};
-
-/// State every session shares. Passed by `Arc`; there is no global mutable state.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub config: Arc<Config>,
-    pub cancels: Arc<backend::cancel::Registry>,
-    /// Server connection pools (transaction mode).
-    pub pools: backend::pool::Pools,
-    pub prepared: metrics::PreparedCounters,
-    /// Verifier used for unknown users so they fail exactly like wrong passwords.
-    pub decoy: ScramVerifier,
-    /// Each shard's state machine, in `config.shards` order.
-    pub shards: Vec<Arc<shard::Shard>>,
-    /// The failover buffer of every shard.
-    pub buffer: handoff_buffer::Buffer,
-    /// Client connections per user and database.
-    pub limits: limits::Limits,
-    /// TLS towards clients (reloadable) and towards servers.
-    pub client_tls: net::tls::ClientTls,
-    pub server_tls: net::tls::ServerTls,
-}
-
-impl Shared {
-    /// True when `shard`'s buffer holds nothing and no cycle runs.
-    pub fn buffer_idle(&self, shard: &str) -> bool {
-        matches!(
-            self.buffer.state(shard),
-            None | Some(handoff_buffer::State::Idle)
-        )
-    }
-}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +76,7 @@ pub struct Proxy {
 impl Proxy {
     /// Binds both listeners and starts serving. Port 0 picks a free port; see
     /// [`Proxy::listen_addr`] and [`Proxy::admin_addr`].
-    pub async fn start(mut config: Config) -> Result<Self, StartError> {
+    pub async fn start(config: Config) -> Result<Self, StartError> {
         let client_tls = net::tls::ClientTls::new(
             config.tls.client_mode,
             config.tls.cert.as_deref(),
@@ -112,7 +86,6 @@ impl Proxy {
         let server_tls =
             net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())
                 .map_err(StartError::Tls)?;
-        config.switchover.tls = server_tls.clone();
         let prometheus = metrics::install();
         let listener =
             TcpListener::bind(config.listen)
@@ -139,20 +112,29 @@ impl Proxy {
             })?;
         let (trigger, signal) = shutdown::channel();
         let shutdown_timeout = config.shutdown_timeout;
-        let pools = backend::pool::Pools::new(
-            config.pool.clone(),
-            config.connect_timeout,
-            server_tls.clone(),
-        );
         let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
-        let buffer = handoff_buffer::Buffer::new(config.buffer.clone(), &names)?;
+        let ctx = Arc::new(shard::Ctx {
+            buffer: handoff_buffer::Buffer::new(config.buffer.clone(), &names)?,
+            pools: Arc::new(backend::pool::Pools::new(
+                config.pool.clone(),
+                config.connect_timeout,
+                server_tls.clone(),
+            )),
+            admin: backend::admin::AdminDb::new(config.admin_db.clone(), server_tls.clone()),
+            settings: shard::Settings {
+                switchover: config.switchover.clone(),
+                health: config.health.clone(),
+                drain_timeout: config.drain_timeout,
+                watchdog_interval: config.watchdog_interval,
+                prewarm: config.pool.size.min(config.buffer.drain_concurrency.max(1)),
+            },
+        });
         // Startup discovery: the first host listed is only a hint.
         let mut shards = Vec::new();
         let mut missing = Vec::new();
         let mut watch = Vec::new();
         for s in &config.shards {
-            match shard::health::initial_primary(&config.switchover, &config.health, &s.hosts).await
-            {
+            match shard::health::initial_primary(&ctx.admin, &config.health, &s.hosts).await {
                 Ok(found) => {
                     let (primary, timeline) = (found.primary, found.timeline);
                     tracing::info!(shard = %s.name, %primary, timeline, "initial primary");
@@ -170,13 +152,12 @@ impl Proxy {
             }
         }
         let shared = Arc::new(Shared {
-            pools,
             prepared: metrics::PreparedCounters::new(),
             config: Arc::new(config),
             cancels: Arc::new(backend::cancel::Registry::default()),
             decoy: ScramVerifier::from_password("")?,
             shards,
-            buffer,
+            ctx: Arc::clone(&ctx),
             limits: limits::Limits::default(),
             client_tls,
             server_tls,
@@ -190,35 +171,30 @@ impl Proxy {
         for (i, why) in missing {
             let sh = &shared.shards[i];
             tracing::warn!(shard = %sh.name, reason = %why, "no primary found at startup: buffering until discovery finds one");
-            shard::health::revoke(
-                &shared,
-                sh,
-                1,
-                &format!("no primary found at startup: {why}"),
-            );
+            shard::health::revoke(&ctx, sh, 1, &format!("no primary found at startup: {why}"));
         }
         for (i, host, why) in watch {
             let sh = &shared.shards[i];
-            if why == shard::watchdog::Why::LowerTimeline {
+            if why == shard::watch::Why::LowerTimeline {
                 tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
             }
             sh.watch.add(&sh.name, host, why, 1, None);
         }
         for sh in &shared.shards {
             tokio::spawn(shard::health::monitor(
-                Arc::clone(&shared),
+                Arc::clone(&ctx),
                 Arc::clone(sh),
                 signal.clone(),
             ));
             tokio::spawn(shard::watchdog::run(
-                Arc::clone(&shared),
+                Arc::clone(&ctx),
                 Arc::clone(sh),
                 signal.clone(),
             ));
         }
         let shared_for_reload = Arc::clone(&shared);
         let (tracker, done) = mpsc::channel(1);
-        let buffer = shared.buffer.clone();
+        let buffer = ctx.buffer.clone();
         tokio::spawn(frontend::listener::run(listener, shared, signal, tracker));
         tokio::spawn(admin::serve(admin, admin_state));
         tracing::info!(%listen_addr, %admin_addr, "handoff is listening");

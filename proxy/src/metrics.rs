@@ -1,5 +1,6 @@
-//! Metric names (one place), their descriptions, and the Prometheus recorder behind
-//! `GET /metrics`. Labels are bounded: direction, SQLSTATE class, reason, source.
+//! Every metric name of the proxy (one place), their descriptions, and the Prometheus
+//! recorder behind `GET /metrics`. (The failover buffer's own series are named in
+//! `handoff-buffer`.) Labels are bounded: direction, SQLSTATE class, reason, source.
 
 use std::sync::OnceLock;
 
@@ -44,6 +45,47 @@ pub const POOL_WAITING: &str = "handoff_pool_waiting_clients";
 pub const POOL_WAIT: &str = "handoff_pool_checkout_wait_seconds";
 /// Prepared-statement cache outcomes, by `result` (`hit`, `miss`, `eviction`) (counter).
 pub const PREPARED_TOTAL: &str = "handoff_prepared_statements_total";
+
+// The shard state machine and switchovers.
+
+/// 0 Serving, 1 Buffering, 2 Draining, 3 Unavailable (gauge, per shard).
+pub const SHARD_STATE: &str = "handoff_shard_state";
+/// The shard's leadership epoch (gauge).
+pub const SHARD_EPOCH: &str = "handoff_shard_epoch";
+/// Events applied or ignored, by `event` and `result` (counter).
+pub const SHARD_EVENTS: &str = "handoff_shard_events_total";
+/// Transactions cancelled because they outlived HANDOFF_DRAIN_TIMEOUT (counter).
+pub const LAMEDUCK_CANCELLED: &str = "handoff_lameduck_cancelled_total";
+/// Switchovers run by handoff, by `outcome` (counter).
+pub const SWITCHOVERS: &str = "handoff_switchovers_total";
+/// Duration of each switchover step, by `step` (histogram, seconds).
+pub const SWITCHOVER_STEP: &str = "handoff_switchover_step_seconds";
+
+// Failure detection, discovery and retries.
+
+/// Failure reports by `signal` (counter, per shard).
+pub const FAILURE_SIGNALS: &str = "handoff_failure_signals_total";
+/// Probes of the serving primary by `result` (counter).
+pub const HEALTH_CHECKS: &str = "handoff_health_checks_total";
+/// Discovery probes by `result` (counter).
+pub const DISCOVERY_PROBES: &str = "handoff_discovery_probes_total";
+/// Requests sent again to a new primary, by `reason` (counter).
+pub const RETRIES: &str = "handoff_retries_total";
+/// From the revocation of a failed primary to the establishment of the next one
+/// (histogram, seconds).
+pub const FAILOVER_SECONDS: &str = "handoff_failover_seconds";
+/// Unplanned failovers, by `result` (`established`) (counter).
+pub const FAILOVERS: &str = "handoff_failovers_total";
+
+// The fence and the split-brain watchdog.
+
+/// 1 while a watched host was found accepting connections outside recovery (gauge,
+/// per `shard` and `host`).
+pub const SPLIT_BRAIN: &str = "handoff_split_brain";
+/// Hosts being watched (gauge, per shard).
+pub const WATCHED_HOSTS: &str = "handoff_watched_hosts";
+/// Fences applied, by `source` (`switchover`, `watchdog`) and `result` (counter).
+pub const FENCES: &str = "handoff_fences_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -145,5 +187,21 @@ impl PreparedCounters {
 impl Default for PreparedCounters {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Keeps a gauge up while alive.
+pub(crate) struct GaugeGuard(&'static str);
+
+impl GaugeGuard {
+    pub fn new(name: &'static str) -> Self {
+        metrics::gauge!(name).increment(1.0);
+        Self(name)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
     }
 }

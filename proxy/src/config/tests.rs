@@ -265,14 +265,14 @@ fn switchover_settings() {
     assert_eq!(c.switchover.timeout, Duration::from_secs(10));
     assert!(c.switchover.terminate);
     assert_eq!(
-        (c.switchover.user.as_str(), c.switchover.password.as_deref()),
+        (c.admin_db.user.as_str(), c.admin_db.password.as_deref()),
         ("postgres", None)
     );
-    assert_eq!(c.switchover.database, "postgres");
+    assert_eq!(c.admin_db.database, "postgres");
     // The admin role falls back to the first client user (by name) with a password.
     let c = cfg(&[("HANDOFF_USERS", "zed=z,amy=a")]).unwrap();
     assert_eq!(
-        (c.switchover.user.as_str(), c.switchover.password.as_deref()),
+        (c.admin_db.user.as_str(), c.admin_db.password.as_deref()),
         ("amy", Some("a"))
     );
     let c = cfg(&[
@@ -287,9 +287,9 @@ fn switchover_settings() {
     .unwrap();
     assert_eq!(
         (
-            c.switchover.user.as_str(),
-            c.switchover.password.as_deref(),
-            c.switchover.database.as_str()
+            c.admin_db.user.as_str(),
+            c.admin_db.password.as_deref(),
+            c.admin_db.database.as_str()
         ),
         ("ops", Some("pw"), "admin")
     );

@@ -16,7 +16,7 @@ use crate::frontend::session;
 use crate::metrics as m;
 use crate::net::stream::Conn;
 use crate::shutdown::{Phase, Signal};
-use crate::Shared;
+use crate::shared::Shared;
 
 /// Most over-limit connections being answered at once; beyond that they are just closed.
 const MAX_REJECTING: usize = 256;

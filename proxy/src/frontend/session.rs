@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatus};
+use handoff_protocol::backend::BackendMessage;
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::framing::StartupPacket;
 use handoff_protocol::sqlstate;
@@ -14,16 +13,16 @@ use tokio::net::TcpStream;
 use crate::frontend::client_auth::{self, Failure};
 use std::collections::HashMap;
 
-use crate::backend::login;
 use crate::config::{Config, PoolMode, UserSecret};
 use crate::error::send_error;
 use crate::error::ConnError;
-use crate::metrics as m;
+use crate::metrics::{self as m, GaugeGuard};
 use crate::net::stream::Conn;
-use crate::relay::session_mode as relay;
+use crate::relay::common::hello;
+use crate::relay::session_mode;
 use crate::relay::txn;
 use crate::shutdown::Signal;
-use crate::Shared;
+use crate::shared::Shared;
 
 /// What the client asked for in its StartupMessage.
 #[derive(Debug)]
@@ -32,22 +31,6 @@ struct Startup {
     database: String,
     /// Everything else (application_name, options, …), passed on to the server.
     params: Vec<(String, String)>,
-}
-
-/// Keeps a gauge up while alive.
-struct GaugeGuard(&'static str);
-
-impl GaugeGuard {
-    fn new(name: &'static str) -> Self {
-        metrics::gauge!(name).increment(1.0);
-        Self(name)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        metrics::gauge!(self.0).decrement(1.0);
-    }
 }
 
 /// Runs a client session to its end.
@@ -106,10 +89,15 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
     tracing::Span::current().record("database", startup.database.as_str());
     match cfg.pool_mode {
         PoolMode::Session => {
-            Box::pin(connect_and_relay(
-                client, &shared, startup, secret, shutdown,
-            ))
-            .await
+            let (_, server_db) = route(cfg, &startup);
+            let login = session_mode::ServerLogin {
+                user: startup.user.clone(),
+                database: server_db.to_string(),
+                params: startup.params.clone(),
+                password: secret.and_then(|s| s.password.clone()),
+            };
+            let shard = &shared.shards[shard_index(cfg, &startup)];
+            Box::pin(session_mode::serve(client, &shared, shard, login, shutdown)).await
         }
         PoolMode::Transaction => transaction_mode(client, &shared, startup, secret, shutdown).await,
     }
@@ -333,224 +321,4 @@ fn shard_index(cfg: &Config, startup: &Startup) -> usize {
     cfg.route(&startup.database)
         .expect("login checked the route")
         .shard
-}
-
-/// What a client receives once logged in: AuthenticationOk, the server's parameters,
-/// handoff's own backend key data, ReadyForQuery.
-fn hello(params: impl IntoIterator<Item = (String, String)>, pid: i32, key: i32) -> BytesMut {
-    let mut hello = BytesMut::with_capacity(512);
-    BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
-    for (name, value) in params {
-        BackendMessage::ParameterStatus { name, value }.encode(&mut hello);
-    }
-    BackendMessage::BackendKeyData { pid, key }.encode(&mut hello);
-    BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
-    hello
-}
-
-/// Session mode's gate: waits in the failover buffer while the shard has no primary,
-/// then registers the session on the serving generation (held while it has a server
-/// connection there, so lameduck waits for it to move).
-async fn session_gate(
-    shared: &Shared,
-    state: &crate::shard::Shard,
-    bytes: usize,
-) -> Result<Arc<crate::shard::Generation>, ProxyError> {
-    let mut gen = state.current();
-    crate::shard::control::admit(shared, state, &mut gen, bytes)
-        .await
-        .map_err(|e| e.to_client_fatal(&state.name))?;
-    Ok(gen)
-}
-
-/// Session mode: one server connection per client, moved to the new primary at a
-/// transaction boundary when the shard's primary changes.
-async fn connect_and_relay(
-    mut client: Conn,
-    shared: &Shared,
-    startup: Startup,
-    secret: Option<&UserSecret>,
-    shutdown: Signal,
-) {
-    let cfg: &Config = &shared.config;
-    let (shard, server_db) = route(cfg, &startup);
-    let state = &shared.shards[shard_index(cfg, &startup)];
-    let password = secret.and_then(|s| s.password.as_deref());
-    let connect = |addr: crate::config::HostPort| {
-        let params = startup.params.clone();
-        let user = startup.user.clone();
-        let database = server_db.to_string();
-        async move {
-            let login = login::Login {
-                addr: &addr,
-                user: &user,
-                database: &database,
-                params: &params,
-                password,
-                timeout: cfg.connect_timeout,
-                tls: &shared.server_tls,
-            };
-            Box::pin(login::connect(login)).await
-        }
-    };
-    let (mut gen, mut server) = loop {
-        let gen = match session_gate(shared, state, 0).await {
-            Ok(g) => g,
-            Err(err) => {
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
-        };
-        match connect(gen.primary.clone()).await {
-            Ok(s) => break (gen, s),
-            Err(err) => {
-                gen.leave();
-                metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
-                // Nothing was sent: if the primary is gone, wait for the next one.
-                if err.primary_may_be_gone()
-                    && crate::shard::health::suspect(
-                        shared,
-                        state,
-                        &gen,
-                        crate::shard::health::Report::ConnectFailed,
-                    )
-                    .await
-                {
-                    metrics::counter!(crate::shard::health::metric::RETRIES, "shard" => shard.name.clone(), "reason" => "connect_failed")
-                        .increment(1);
-                    continue;
-                }
-                tracing::warn!(shard = %shard.name, error = %err, "server login failed");
-                send_error(&mut client.stream, &err.to_client(&shard.name)).await;
-                return;
-            }
-        }
-    };
-    let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let registration = shared
-        .cancels
-        .register(Some(crate::backend::cancel::ServerKey {
-            addr: server.peer,
-            pid: server.pid,
-            key: server.key,
-        }));
-
-    let hello = hello(server.params.clone(), registration.pid, registration.key);
-    if client.send_raw(&hello).await.is_err() {
-        gen.leave();
-        return;
-    }
-    tracing::debug!(shard = %shard.name, server = %server.peer, "session relaying");
-    loop {
-        let end = relay::run(
-            &mut client,
-            &mut server.conn,
-            &shard.name,
-            shutdown.clone(),
-            &gen,
-        )
-        .await;
-        if end != relay::End::Revoked {
-            tracing::debug!(?end, "session ended");
-            if end == relay::End::ServerGone {
-                crate::shard::health::report(state, crate::shard::health::Report::ConnectionLost);
-            }
-            break;
-        }
-        // Between transactions on a revoked primary: take the session's state off it,
-        // let it go, and follow the shard to its next primary.
-        let captured = crate::relay::session_move::capture(&mut server.conn).await;
-        drop(server);
-        drop(server_gauge);
-        gen.leave();
-        registration.set_server(None);
-        let moving = match captured {
-            Ok(st) if st.blockers.is_empty() => st,
-            Ok(st) => {
-                let err = cannot_move(
-                    &shard.name,
-                    format!(
-                        "this session holds state that cannot move to the new primary ({})",
-                        st.blockers.join(", ")
-                    ),
-                )
-                .hint("release advisory locks, drop temporary tables, UNLISTEN and close held cursors between transactions, or use transaction mode");
-                tracing::info!(shard = %shard.name, blockers = ?st.blockers, "session cannot move");
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
-            Err(e) => {
-                let err = cannot_move(
-                    &shard.name,
-                    format!("the session's state could not be read: {e}"),
-                );
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
-        };
-        // Wait for the client's next request (or its leaving) before taking a slot in
-        // the buffer: an idle session is not a request.
-        if client.rbuf.is_empty() {
-            tokio::select! {
-                r = tokio::io::AsyncReadExt::read_buf(&mut client.stream, &mut client.rbuf) => {
-                    if matches!(r, Ok(0) | Err(_)) {
-                        return;
-                    }
-                }
-                _ = wait_phase(shutdown.clone()) => {
-                    let err = crate::error::shutting_down();
-                    send_error(&mut client.stream, &err).await;
-                    return;
-                }
-            }
-        }
-        gen = match session_gate(shared, state, client.rbuf.len()).await {
-            Ok(g) => g,
-            Err(err) => {
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
-        };
-        server = match connect(gen.primary.clone()).await {
-            Ok(s) => s,
-            Err(err) => {
-                gen.leave();
-                send_error(&mut client.stream, &err.to_client(&shard.name)).await;
-                return;
-            }
-        };
-        server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-        if let Err(e) = crate::relay::session_move::restore(&mut server.conn, &moving).await {
-            gen.leave();
-            let err = cannot_move(
-                &shard.name,
-                format!("the session could not be re-created on the new primary: {e}"),
-            );
-            send_error(&mut client.stream, &err).await;
-            return;
-        }
-        registration.set_server(Some(crate::backend::cancel::ServerKey {
-            addr: server.peer,
-            pid: server.pid,
-            key: server.key,
-        }));
-        tracing::info!(shard = %shard.name, server = %server.peer, "session moved to the new primary");
-    }
-    gen.leave();
-    drop(server_gauge);
-    drop(registration);
-}
-
-/// The FATAL a session-mode client gets when it cannot follow its shard's new primary.
-fn cannot_move(shard: &str, why: String) -> ProxyError {
-    ProxyError::fatal(
-        sqlstate::ADMIN_SHUTDOWN,
-        format!(
-            "terminating connection: the primary of shard \"{shard}\" is being replaced and {why}"
-        ),
-    )
-}
-
-async fn wait_phase(mut s: Signal) {
-    s.reached(crate::shutdown::Phase::Draining).await
 }

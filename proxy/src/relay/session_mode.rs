@@ -13,41 +13,26 @@ use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{sqlstate, FrameError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::metrics as m;
+use std::sync::Arc;
+
+use crate::backend::cancel::ServerKey;
+use crate::backend::login as backend_login;
+use crate::config::HostPort;
+use crate::error::send_error;
+use crate::metrics::{self as m, GaugeGuard};
 use crate::net::stream::Conn;
+use crate::relay::common::hello;
+use crate::relay::common::{
+    protocol_error, reach, End, Handles, MAX_CLIENT_MESSAGE, MAX_INSPECT, MAX_SERVER_MESSAGE,
+    READ_CHUNK,
+};
+use crate::relay::session_move;
+use crate::shard::control::{self, Admitted};
+use crate::shard::failure::{Report, RetryReason};
+use crate::shard::health;
+use crate::shard::{Entered, Shard};
+use crate::shared::Shared;
 use crate::shutdown::{Phase, Signal};
-
-/// Bytes read per socket read.
-const READ_CHUNK: usize = 32 * 1024;
-/// Largest server message buffered whole for inspection (ErrorResponse, ReadyForQuery).
-const MAX_INSPECT: usize = 64 * 1024;
-/// Largest message accepted from a client (PostgreSQL's own limit is 1 GB).
-pub const MAX_CLIENT_MESSAGE: usize = 1 << 30;
-/// Largest message accepted from a server.
-const MAX_SERVER_MESSAGE: usize = i32::MAX as usize;
-
-/// Why a relay ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum End {
-    /// The client sent Terminate.
-    Terminated,
-    /// The client's socket closed or failed.
-    ClientGone,
-    /// The server closed (after sending a FATAL, or unexpectedly).
-    ServerGone,
-    /// The client broke the protocol; it was told so.
-    ClientProtocol,
-    /// The server broke the protocol; the client was told so.
-    ServerProtocol,
-    /// The proxy is shutting down; the client was told so.
-    Shutdown,
-    /// The primary was revoked and the session is between transactions: it may move.
-    Revoked,
-    /// The client was idle longer than a configured timeout; it was told so.
-    Timeout,
-    /// The client sent a message larger than the proxy parses; it was told so.
-    TooLarge,
-}
 
 /// What the relay tracks about the conversation: transaction status and timings.
 #[derive(Debug)]
@@ -67,26 +52,6 @@ struct Txn {
     down: u64,
     /// Metric handles, looked up once per session rather than once per transaction.
     handles: Handles,
-}
-
-/// The session's metric handles.
-#[derive(Debug)]
-pub(crate) struct Handles {
-    pub query: metrics::Histogram,
-    pub transaction: metrics::Histogram,
-    pub up: metrics::Counter,
-    pub down: metrics::Counter,
-}
-
-impl Handles {
-    pub(crate) fn new() -> Self {
-        Self {
-            query: metrics::histogram!(m::QUERY_DURATION),
-            transaction: metrics::histogram!(m::TRANSACTION_DURATION),
-            up: metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server"),
-            down: metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client"),
-        }
-    }
 }
 
 impl Txn {
@@ -249,7 +214,7 @@ where
             }
             _ = &mut revocation, if !revoked => revoked = true,
             _ = &mut killed => {
-                metrics::counter!(crate::shard::metric::LAMEDUCK_CANCELLED, "shard" => shard.to_string())
+                metrics::counter!(crate::metrics::LAMEDUCK_CANCELLED, "shard" => shard.to_string())
                     .increment(1);
                 let err = ProxyError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
@@ -264,11 +229,6 @@ where
     };
     txn.flush_bytes();
     end
-}
-
-/// Resolves when `signal` reaches `phase`.
-async fn reach(mut signal: Signal, phase: Phase) {
-    signal.reached(phase).await
 }
 
 /// Forwards every complete run of client bytes in `buf` to the server.
@@ -301,16 +261,6 @@ async fn client_bytes(
         }
     }
     forward(server, buf, pos, &mut txn.up).await
-}
-
-/// Tells a client its message broke the protocol (the session then ends). Shared by
-/// both pool modes.
-pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
-    client: &mut W,
-    e: &FrameError,
-) {
-    let err = crate::error::client_protocol_error(e);
-    crate::error::send_error(client, &err).await;
 }
 
 /// Forwards every complete run of server bytes in `buf` to the client, inspecting
@@ -382,4 +332,193 @@ async fn forward(
     buf.advance(len);
     *count += len as u64;
     Ok(())
+}
+
+/// Who a session-mode client is on the server.
+#[derive(Debug)]
+pub(crate) struct ServerLogin {
+    pub user: String,
+    /// The database on the server (after `HANDOFF_DATABASES` routing).
+    pub database: String,
+    /// The client's other startup parameters, passed on.
+    pub params: Vec<(String, String)>,
+    pub password: Option<String>,
+}
+
+/// Session mode's gate: waits in the failover buffer while the shard has no primary,
+/// then registers the session on the serving generation while it has a server
+/// connection there (lameduck waits for it to move). The buffer's release is not kept:
+/// a session is not a held request once it runs.
+async fn gate(shared: &Shared, shard: &Shard, bytes: usize) -> Result<Entered, ProxyError> {
+    let mut gen = shard.current();
+    control::admit(&shared.ctx, shard, &mut gen, bytes)
+        .await
+        .map(Admitted::into_entered)
+        .map_err(|e| e.to_client_fatal(&shard.name))
+}
+
+/// Session mode: one server connection per client, moved to the new primary at a
+/// transaction boundary when the shard's primary changes.
+pub(crate) async fn serve(
+    mut client: Conn,
+    shared: &Shared,
+    shard: &Arc<Shard>,
+    login: ServerLogin,
+    shutdown: Signal,
+) {
+    let cfg = &shared.config;
+    let name = shard.name.as_str();
+    let connect = |addr: HostPort| {
+        let login = &login;
+        async move {
+            let l = backend_login::Login {
+                addr: &addr,
+                user: &login.user,
+                database: &login.database,
+                params: &login.params,
+                password: login.password.as_deref(),
+                timeout: cfg.connect_timeout,
+                tls: &shared.server_tls,
+            };
+            Box::pin(backend_login::connect(l)).await
+        }
+    };
+    let (mut entered, mut server) = loop {
+        let entered = match gate(shared, shard, 0).await {
+            Ok(e) => e,
+            Err(err) => {
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+        };
+        match connect(entered.generation().primary.clone()).await {
+            Ok(s) => break (entered, s),
+            Err(err) => {
+                let gen = Arc::clone(entered.generation());
+                drop(entered);
+                metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
+                // Nothing was sent: if the primary is gone, wait for the next one.
+                if err.primary_may_be_gone()
+                    && health::suspect(&shared.ctx, shard, &gen, Report::ConnectFailed).await
+                {
+                    RetryReason::ConnectFailed.count(name);
+                    continue;
+                }
+                tracing::warn!(shard = name, error = %err, "server login failed");
+                send_error(&mut client.stream, &err.to_client(name)).await;
+                return;
+            }
+        }
+    };
+    let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+    let registration = shared.cancels.register(Some(ServerKey {
+        addr: server.peer,
+        pid: server.pid,
+        key: server.key,
+    }));
+
+    let greeting = hello(server.params.clone(), registration.pid, registration.key);
+    if client.send_raw(&greeting).await.is_err() {
+        return;
+    }
+    tracing::debug!(shard = name, server = %server.peer, "session relaying");
+    loop {
+        let end = run(
+            &mut client,
+            &mut server.conn,
+            name,
+            shutdown.clone(),
+            entered.generation(),
+        )
+        .await;
+        if end != End::Revoked {
+            tracing::debug!(?end, "session ended");
+            if end == End::ServerGone {
+                health::report(shard, Report::ConnectionLost);
+            }
+            break;
+        }
+        // Between transactions on a revoked primary: take the session's state off it,
+        // let it go, and follow the shard to its next primary.
+        let captured = session_move::capture(&mut server.conn).await;
+        drop(server);
+        drop(server_gauge);
+        drop(entered);
+        registration.set_server(None);
+        let moving = match captured {
+            Ok(st) if st.blockers.is_empty() => st,
+            Ok(st) => {
+                let err = cannot_move(
+                    name,
+                    format!(
+                        "this session holds state that cannot move to the new primary ({})",
+                        st.blockers.join(", ")
+                    ),
+                )
+                .hint("release advisory locks, drop temporary tables, UNLISTEN and close held cursors between transactions, or use transaction mode");
+                tracing::info!(shard = name, blockers = ?st.blockers, "session cannot move");
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+            Err(e) => {
+                let err = cannot_move(name, format!("the session's state could not be read: {e}"));
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+        };
+        // Wait for the client's next request (or its leaving) before taking a slot in
+        // the buffer: an idle session is not a request.
+        if client.rbuf.is_empty() {
+            tokio::select! {
+                r = client.stream.read_buf(&mut client.rbuf) => {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        return;
+                    }
+                }
+                _ = reach(shutdown.clone(), Phase::Draining) => {
+                    send_error(&mut client.stream, &crate::error::shutting_down()).await;
+                    return;
+                }
+            }
+        }
+        entered = match gate(shared, shard, client.rbuf.len()).await {
+            Ok(e) => e,
+            Err(err) => {
+                send_error(&mut client.stream, &err).await;
+                return;
+            }
+        };
+        server = match connect(entered.generation().primary.clone()).await {
+            Ok(s) => s,
+            Err(err) => {
+                send_error(&mut client.stream, &err.to_client(name)).await;
+                return;
+            }
+        };
+        server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+        if let Err(e) = session_move::restore(&mut server.conn, &moving).await {
+            let err = cannot_move(
+                name,
+                format!("the session could not be re-created on the new primary: {e}"),
+            );
+            send_error(&mut client.stream, &err).await;
+            return;
+        }
+        registration.set_server(Some(ServerKey {
+            addr: server.peer,
+            pid: server.pid,
+            key: server.key,
+        }));
+        tracing::info!(shard = name, server = %server.peer, "session moved to the new primary");
+    }
+}
+
+/// The FATAL a session-mode client gets when it cannot follow its shard's new primary.
+fn cannot_move(shard: &str, why: String) -> ProxyError {
+    ProxyError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        format!(
+            "terminating connection: the primary of shard \"{shard}\" is being replaced and {why}"
+        ),
+    )
 }

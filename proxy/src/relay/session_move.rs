@@ -9,7 +9,7 @@ use handoff_protocol::backend::{tag as btag, BackendMessage};
 use handoff_protocol::frontend::FrontendMessage;
 
 use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
-use crate::relay::txn::quote_literal;
+use handoff_protocol::sql::quote_literal;
 
 /// What a session holds on its server.
 #[derive(Debug, Default)]

@@ -1,53 +1,62 @@
 //! Applying revocation and establishment events: the shard state machine, the failover
 //! buffer and the pools move together here, whatever the source of the event (handoff's
-//! own switchover, the admin API, later the failure detector).
+//! own switchover, the admin API, the failure detector).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use handoff_buffer::{Admission, Release, StartOutcome, StopReason};
+use tokio::time::Instant;
 
 use crate::config::HostPort;
 use crate::error::AttachError;
-use crate::shard::{EventError, Generation, Revoked, Shard, StateKind};
-use crate::Shared;
+use crate::shard::{Ctx, Entered, EventError, Generation, Revoked, Shard, StateKind};
 
-/// The shard named `name`.
-pub(crate) fn find<'a>(shared: &'a Shared, name: &str) -> Option<&'a Arc<Shard>> {
-    shared.shards.iter().find(|s| s.name == name)
+/// A request let through the gate: registered on the serving generation (lameduck waits
+/// for it) and, when it was held in the buffer, holding the buffer's release (it counts
+/// against the drain concurrency). Dropping it ends both.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    entered: Entered,
+    _release: Option<Release>,
+}
+
+impl Admitted {
+    /// Keeps the registration, lets the buffer's release go (session mode: a session is
+    /// not a held request once it runs).
+    pub fn into_entered(self) -> Entered {
+        self.entered
+    }
 }
 
 /// The gate at the start of a transaction, for both pool modes: waits in the failover
 /// buffer while the shard has no primary, then registers the transaction on the serving
 /// generation, moving `gen` to it if the primary changed. While the shard serves this is
-/// the buffer's atomic load plus the shard's. Returns the buffer's release when the
-/// request was held (keep it until the transaction ends: it counts against the drain
-/// concurrency).
+/// the buffer's atomic load plus the shard's.
 pub(crate) async fn admit(
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Shard,
     gen: &mut Arc<Generation>,
     bytes: usize,
-) -> Result<Option<Release>, AttachError> {
+) -> Result<Admitted, AttachError> {
     // A released request re-buffered by a back-to-back revocation goes round again; the
     // bound only guards against a bug turning this into a spin.
     for _ in 0..1000 {
-        let admission = shared
-            .buffer
-            .wait(&shard.name, bytes)
-            .await
-            .map_err(AttachError::Buffer)?;
-        if shard.enter(gen) {
-            return Ok(match admission {
-                Admission::Released(r) => Some(r),
-                Admission::Passed => None,
+        let admission = ctx.buffer.wait(&shard.name, bytes).await?;
+        if let Some(entered) = shard.enter(gen) {
+            return Ok(Admitted {
+                entered,
+                _release: match admission {
+                    Admission::Released(r) => Some(r),
+                    Admission::Passed => None,
+                },
             });
         }
         match shard.serving() {
             Some(g) => *gen = g,
             // Passed the buffer just before it started holding: go round again.
             None if matches!(admission, Admission::Released(_))
-                || !shared.buffer_idle(&shard.name) => {}
+                || !ctx.buffer_idle(&shard.name) => {}
             None => return Err(AttachError::NoPrimary),
         }
     }
@@ -57,20 +66,20 @@ pub(crate) async fn admit(
 /// Revocation: new transactions of `shard` are held, idle connections to its primary
 /// closed.
 pub(crate) fn revoke(
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Shard,
     epoch: Option<u64>,
     reason: &str,
 ) -> Result<Revoked, EventError> {
     let r = shard.revoke(epoch, reason, |r| {
-        match shared.buffer.start(&shard.name, r.cycle, reason) {
+        match ctx.buffer.start(&shard.name, r.cycle, reason) {
             StartOutcome::Started | StartOutcome::AlreadyBuffering => {}
             other => {
                 tracing::warn!(shard = %shard.name, outcome = ?other, "the buffer did not start: new transactions get an error until a primary is established")
             }
         }
     })?;
-    shared.pools.retire(&r.gen.primary);
+    ctx.pools.retire(&r.gen.primary);
     Ok(r)
 }
 
@@ -81,6 +90,9 @@ pub(crate) struct Lameduck {
     /// Transactions still running at the drain timeout, then cancelled.
     pub cancelled: usize,
 }
+
+/// How long cancelled sessions get to let go of a revoked generation.
+const LET_GO: Duration = Duration::from_secs(2);
 
 /// Waits for the transactions running on `gen` to end, up to `timeout`; then cancels
 /// the rest and waits (briefly) for their sessions to let go.
@@ -94,7 +106,7 @@ pub(crate) async fn lameduck(gen: &Generation, timeout: Duration) -> Lameduck {
     }
     let cancelled = gen.inflight();
     gen.kill();
-    if !gen.wait_idle(Duration::from_secs(2)).await {
+    if !gen.wait_idle(LET_GO).await {
         tracing::warn!(
             remaining = gen.inflight(),
             "sessions did not let go of the revoked primary after cancellation"
@@ -111,6 +123,7 @@ pub(crate) async fn lameduck(gen: &Generation, timeout: Duration) -> Lameduck {
 pub(crate) struct Established {
     pub epoch: u64,
     pub prewarmed: usize,
+    /// Why a pre-warmed connection could not be opened (the flush goes on).
     pub prewarm_error: Option<String>,
 }
 
@@ -118,12 +131,12 @@ pub(crate) struct Established {
 /// first, then held transactions are released to it in FIFO order. The replaced
 /// primary, if another host, is then watched for split brain ([`crate::shard::watchdog`]).
 pub(crate) async fn establish(
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Shard,
     epoch: Option<u64>,
     primary: HostPort,
 ) -> Result<Established, EventError> {
-    let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+    let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
     if !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable) {
         return Err(EventError::WrongState {
             shard: shard.name.clone(),
@@ -139,25 +152,18 @@ pub(crate) async fn establish(
         });
     }
     let old = shard.current();
-    shared.pools.activate(&primary);
-    let n = shared
-        .config
-        .pool
-        .size
-        .min(shared.config.buffer.drain_concurrency.max(1));
-    let (prewarmed, err) = shared
+    ctx.pools.activate(&primary);
+    let (prewarmed, err) = ctx
         .pools
-        .prewarm(&snap.primary, &primary, n, &shard.name)
+        .prewarm(&snap.primary, &primary, ctx.settings.prewarm, &shard.name)
         .await;
     let (gen, cycle) = shard.establish(epoch, primary)?;
-    shared
-        .buffer
-        .stop(&shard.name, cycle, StopReason::NewPrimary);
+    ctx.buffer.stop(&shard.name, cycle, StopReason::NewPrimary);
     if old.primary != gen.primary {
         let why = if old.lost().is_some() {
-            crate::shard::watchdog::Why::Failed
+            crate::shard::watch::Why::Failed
         } else {
-            crate::shard::watchdog::Why::Replaced
+            crate::shard::watch::Why::Replaced
         };
         shard
             .watch
@@ -171,9 +177,9 @@ pub(crate) async fn establish(
 }
 
 /// Abort: the revoked primary serves again and held transactions go to it.
-pub(crate) fn abort(shared: &Shared, shard: &Shard, epoch: Option<u64>) -> Result<u64, EventError> {
+pub(crate) fn abort(ctx: &Ctx, shard: &Shard, epoch: Option<u64>) -> Result<u64, EventError> {
     let (gen, cycle) = shard.abort(epoch)?;
-    shared.pools.activate(&gen.primary);
-    shared.buffer.stop(&shard.name, cycle, StopReason::Aborted);
+    ctx.pools.activate(&gen.primary);
+    ctx.buffer.stop(&shard.name, cycle, StopReason::Aborted);
     Ok(gen.epoch)
 }

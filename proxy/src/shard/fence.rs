@@ -27,11 +27,11 @@
 
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
-use crate::config::{HostPort, SwitchoverSettings};
+use crate::backend::admin::{AdminDb, AdminSession};
+use crate::config::HostPort;
 
 /// Why a fence could not be applied or lifted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,108 +74,21 @@ pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// An admin session kept open on a fenced server, with its connection task.
-#[derive(Debug)]
-pub(crate) struct Session {
-    pub client: Client,
-    pub database: String,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Session {
-    /// Opens an admin session to `database` on `addr`.
-    pub async fn open(
-        cfg: &SwitchoverSettings,
-        addr: &HostPort,
-        database: &str,
-        application: &str,
-        timeout: Duration,
-    ) -> Result<Self, ConnectError> {
-        let mut c = cfg.pg_config(addr, application, timeout);
-        c.dbname(database);
-        match tokio::time::timeout(timeout, cfg.tls.pg_connect(&mut c)).await {
-            Ok(Ok((client, task))) => Ok(Self {
-                client,
-                database: database.to_string(),
-                task,
-            }),
-            Ok(Err(e)) => Err(ConnectError::from_pg(addr, &cfg.user, &e)),
-            Err(_) => Err(ConnectError::Unreachable(format!(
-                "{addr}: no answer within {timeout:?}"
-            ))),
-        }
-    }
-
-    /// [`Session::open`] for the fence's own work, its error a [`FenceError`].
-    async fn open_for_fence(
-        cfg: &SwitchoverSettings,
-        addr: &HostPort,
-        database: &str,
-        timeout: Duration,
-    ) -> Result<Self, FenceError> {
-        Self::open(cfg, addr, database, "handoff-fence", timeout)
-            .await
-            .map_err(|e| FenceError::Connect {
-                addr: addr.to_string(),
-                user: cfg.user.clone(),
-                message: e.message().to_string(),
-            })
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.client.is_closed()
-    }
-}
-
-/// Why an admin session could not be opened.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ConnectError {
-    /// The server refused because the database does not accept connections: fenced.
-    Fenced(String),
-    /// No answer, or the server is starting or shutting down.
-    Unreachable(String),
-    /// It answered and refused for another reason (authentication, too many
-    /// connections, …).
-    Refused(String),
-}
-
-impl ConnectError {
-    fn from_pg(addr: &HostPort, user: &str, e: &tokio_postgres::Error) -> Self {
-        match e.as_db_error() {
-            Some(db) if is_fence_refusal(db.code().code(), db.message()) => {
-                ConnectError::Fenced(format!("{addr}: {}", db.message()))
-            }
-            Some(db) if db.code().code().starts_with("57P") => {
-                ConnectError::Unreachable(format!("{addr}: {}", db.message()))
-            }
-            Some(db) => ConnectError::Refused(format!(
-                "{addr} (as {user}): {} ({})",
-                db.message(),
-                db.code().code()
-            )),
-            None => ConnectError::Unreachable(match std::error::Error::source(e) {
-                Some(cause) => format!("{addr}: {e}: {cause}"),
-                None => format!("{addr}: {e}"),
-            }),
-        }
-    }
-
-    pub fn message(&self) -> &str {
-        match self {
-            ConnectError::Fenced(m) | ConnectError::Unreachable(m) | ConnectError::Refused(m) => m,
-        }
-    }
-}
-
-/// True for the server's answer to a login into a database with `datallowconn` off.
-pub(crate) fn is_fence_refusal(code: &str, message: &str) -> bool {
-    code == "55000" && message.contains("not currently accepting connections")
+/// Logs in for the fence's own work, the error a [`FenceError`].
+async fn login(
+    admin: &AdminDb,
+    addr: &HostPort,
+    database: &str,
+    timeout: Duration,
+) -> Result<AdminSession, FenceError> {
+    admin
+        .open(addr, database, "handoff-fence", timeout)
+        .await
+        .map_err(|e| FenceError::Connect {
+            addr: addr.to_string(),
+            user: admin.user().to_string(),
+            message: e.to_string(),
+        })
 }
 
 /// A fence applied to one server, and what it changed.
@@ -192,7 +105,7 @@ pub(crate) struct Fence {
     pub pids: Vec<i32>,
     /// handoff's own sessions on the fenced server: the main one, then (when the main
     /// one's database had to be fenced) a helper in another database.
-    pub sessions: Vec<Session>,
+    pub sessions: Vec<AdminSession>,
 }
 
 /// Sessions that could commit a write: every backend attached to a database except
@@ -233,7 +146,7 @@ pub(crate) struct Apply {
 
 impl Fence {
     /// A fence on `addr` that has changed nothing yet, run through `main`.
-    pub fn new(addr: HostPort, main: Session) -> Self {
+    pub fn new(addr: HostPort, main: AdminSession) -> Self {
         Self {
             addr,
             databases: Vec::new(),
@@ -254,14 +167,14 @@ impl Fence {
 
     /// Fences the server. On error, what was changed so far is recorded in `self`, so
     /// [`Fence::lift`] undoes exactly that.
-    pub async fn apply(&mut self, cfg: &SwitchoverSettings, opts: Apply) -> Result<(), FenceError> {
+    pub async fn apply(&mut self, admin: &AdminDb, opts: Apply) -> Result<(), FenceError> {
         let deadline = Instant::now() + opts.timeout;
         let addr = self.addr.clone();
         self.sessions.retain(|s| !s.is_closed());
         if self.sessions.is_empty() {
             return Err(FenceError::Connect {
                 addr: addr.to_string(),
-                user: cfg.user.clone(),
+                user: admin.user().to_string(),
                 message: "handoff's sessions on the server were closed".into(),
             });
         }
@@ -294,13 +207,8 @@ impl Fence {
                 if !self.sessions.iter().any(|s| s.database != main_db) {
                     let helper_db = others[0].clone();
                     let left = deadline.saturating_duration_since(Instant::now());
-                    let helper = Session::open_for_fence(
-                        cfg,
-                        &addr,
-                        &helper_db,
-                        left.max(Duration::from_secs(1)),
-                    )
-                    .await?;
+                    let helper =
+                        login(admin, &addr, &helper_db, left.max(Duration::from_secs(1))).await?;
                     helper
                         .client
                         .batch_execute(SESSION_SETUP)
@@ -451,11 +359,7 @@ impl Fence {
     /// Undoes the fence: the databases it turned off accept connections again. Runs
     /// through a session the fence kept (a new one cannot log in while the fence holds),
     /// then confirms from a new session.
-    pub async fn lift(
-        &self,
-        cfg: &SwitchoverSettings,
-        timeout: Duration,
-    ) -> Result<(), FenceError> {
+    pub async fn lift(&self, admin: &AdminDb, timeout: Duration) -> Result<(), FenceError> {
         if self.databases.is_empty() {
             return Ok(());
         }
@@ -466,7 +370,7 @@ impl Fence {
             None => {
                 // Every kept session is gone: a new one only works if the admin
                 // database was not fenced yet.
-                fresh = Session::open_for_fence(cfg, addr, &cfg.database, timeout).await?;
+                fresh = login(admin, addr, admin.database(), timeout).await?;
                 &fresh.client
             }
         };
@@ -475,7 +379,7 @@ impl Fence {
         let deadline = Instant::now() + timeout;
         loop {
             let check = async {
-                let s = Session::open_for_fence(cfg, addr, &cfg.database, timeout).await?;
+                let s = login(admin, addr, admin.database(), timeout).await?;
                 let closed: Vec<String> = s
                     .client
                     .query(
@@ -535,18 +439,5 @@ mod tests {
         assert_eq!(quote_ident("app"), "\"app\"");
         assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(quote_ident("back\\slash"), "\"back\\slash\"");
-    }
-
-    #[test]
-    fn only_the_datallowconn_refusal_counts_as_fenced() {
-        assert!(is_fence_refusal(
-            "55000",
-            "database \"postgres\" is not currently accepting connections"
-        ));
-        assert!(!is_fence_refusal("55000", "something else"));
-        assert!(!is_fence_refusal(
-            "57P03",
-            "the database system is starting up"
-        ));
     }
 }

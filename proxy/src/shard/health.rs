@@ -17,61 +17,21 @@
 //!   through the admin API or by a switchover are left to their owner: discovery does not
 //!   run for them, so an explicit establishment always wins.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::time::Instant;
+
 use tokio::task::JoinHandle;
 
-use crate::config::{HostPort, SwitchoverSettings};
-use crate::shard::{Generation, Shard, StateKind};
+use handoff_protocol::sqlstate;
+
+use crate::backend::admin::{AdminConnectError, AdminDb};
+use crate::config::{HealthSettings, HostPort};
+use crate::shard::failure::{timeline_of, Checked, Report};
+use crate::shard::{Ctx, Generation, Shard, StateKind};
 use crate::shutdown::{Phase, Signal};
-use crate::Shared;
-
-/// Metric names of detection, discovery and retries.
-pub mod metric {
-    /// Failure reports by `signal` (counter, per shard).
-    pub const SIGNALS: &str = "handoff_failure_signals_total";
-    /// Probes of the serving primary by `result` (counter).
-    pub const HEALTH_CHECKS: &str = "handoff_health_checks_total";
-    /// Discovery probes by `result` (counter).
-    pub const DISCOVERY_PROBES: &str = "handoff_discovery_probes_total";
-    /// Requests sent again to a new primary, by `reason` (counter).
-    pub const RETRIES: &str = "handoff_retries_total";
-    /// From the revocation of a failed primary to the establishment of the next one
-    /// (histogram, seconds).
-    pub const FAILOVER_SECONDS: &str = "handoff_failover_seconds";
-    /// Unplanned failovers, by `result` (`established`) (counter).
-    pub const FAILOVERS: &str = "handoff_failovers_total";
-}
-
-/// What a session saw that may mean the primary is gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Report {
-    /// Connecting to the primary failed (refused, reset, timed out, 57P0x at login).
-    ConnectFailed,
-    /// A server connection closed without a FATAL.
-    ConnectionLost,
-    /// A FATAL (`57P01`, `57P02`, `57P03`, or any other) on a pooled connection.
-    ServerFatal,
-    /// `25006`: the primary took a write as read-only.
-    ReadOnly,
-    /// `57P03` answered to a statement.
-    CannotConnectNow,
-}
-
-impl Report {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Report::ConnectFailed => "connect_failed",
-            Report::ConnectionLost => "connection_lost",
-            Report::ServerFatal => "server_fatal",
-            Report::ReadOnly => "read_only",
-            Report::CannotConnectNow => "cannot_connect_now",
-        }
-    }
-}
 
 /// What a probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,39 +84,33 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(), current_setting('transactio
      CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END";
 
 /// Connects to `addr` as the admin role and asks what it is, within `timeout`.
-pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration) -> Probe {
-    let mut c = cfg.pg_config(addr, "handoff-probe", timeout);
+pub async fn probe(admin: &AdminDb, addr: &HostPort, timeout: Duration) -> Probe {
     let work = async {
-        let (client, task) = cfg.tls.pg_connect(&mut c).await?;
-        let row = client.query_one(PROBE_SQL, &[]).await;
-        drop(client);
-        task.abort();
-        row
-    };
-    let row = match tokio::time::timeout(timeout, work).await {
-        Err(_) => return Probe::Unreachable(format!("{addr}: no answer within {timeout:?}")),
-        Ok(Err(e)) => {
-            return match e.as_db_error() {
-                Some(db)
-                    if crate::shard::fence::is_fence_refusal(db.code().code(), db.message()) =>
-                {
-                    Probe::Fenced(format!("{addr}: {}", db.message()))
-                }
-                Some(db) if db.code().code().starts_with("57P") => {
+        let session = admin
+            .open(addr, admin.database(), "handoff-probe", timeout)
+            .await
+            .map_err(|e| match e {
+                AdminConnectError::Fenced(m) => Probe::Fenced(m),
+                AdminConnectError::Unreachable(m) => Probe::Unreachable(m),
+                AdminConnectError::Refused(m) => Probe::Refused(m),
+            })?;
+        session
+            .client
+            .query_one(PROBE_SQL, &[])
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) if sqlstate::is_operator_intervention(db.code().code()) => {
                     Probe::Unreachable(format!("{addr}: {}", db.message()))
                 }
                 Some(db) => {
                     Probe::Refused(format!("{addr}: {} ({})", db.message(), db.code().code()))
                 }
-                // A TLS failure is the server answering with a certificate (or a
-                // refusal) handoff does not accept: it is up, the setting is wrong.
-                None if e.to_string().contains("TLS") => Probe::Refused(format!("{addr}: {e}")),
-                None => Probe::Unreachable(match std::error::Error::source(&e) {
-                    Some(cause) => format!("{addr}: {e}: {cause}"),
-                    None => format!("{addr}: {e}"),
-                }),
-            };
-        }
+                None => Probe::Unreachable(format!("{addr}: {e}")),
+            })
+    };
+    let row = match tokio::time::timeout(timeout, work).await {
+        Err(_) => return Probe::Unreachable(format!("{addr}: no answer within {timeout:?}")),
+        Ok(Err(p)) => return p,
         Ok(Ok(row)) => row,
     };
     let in_recovery: bool = row.get(0);
@@ -173,43 +127,6 @@ pub async fn probe(cfg: &SwitchoverSettings, addr: &HostPort, timeout: Duration)
     }
 }
 
-/// The timeline in a WAL file name (its first 8 hex digits); 0 when unknown.
-pub(crate) fn timeline_of(walfile: Option<&str>) -> u32 {
-    walfile
-        .and_then(|w| w.get(..8))
-        .and_then(|t| u32::from_str_radix(t, 16).ok())
-        .unwrap_or(0)
-}
-
-/// The last probe of a shard's serving primary.
-#[derive(Debug, Clone, Copy)]
-struct Checked {
-    gen: u64,
-    started: Instant,
-    ok: bool,
-}
-
-/// A shard's failure detector and discovery state.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// One probe of the serving primary at a time; the last result.
-    last: tokio::sync::Mutex<Option<Checked>>,
-    /// Wakes the monitor (a report, or a revocation that needs discovery).
-    wake: Notify,
-    /// The buffer cycle whose revocation discovery must resolve (0: none).
-    discover_cycle: AtomicU64,
-    /// The highest timeline a writable host of this shard was seen on.
-    max_timeline: AtomicU32,
-    /// The last health check was refused (warned once).
-    refused: std::sync::atomic::AtomicBool,
-}
-
-impl Health {
-    pub(crate) fn saw_timeline(&self, t: u32) {
-        self.max_timeline.fetch_max(t, SeqCst);
-    }
-}
-
 /// A session's report about `gen`'s primary: counts it and wakes the monitor, which
 /// checks the primary at once. For sessions that do not need the verdict.
 pub fn report(shard: &Shard, what: Report) {
@@ -218,7 +135,7 @@ pub fn report(shard: &Shard, what: Report) {
 }
 
 fn count_signal(shard: &Shard, what: Report) {
-    metrics::counter!(metric::SIGNALS, "shard" => shard.name.clone(), "signal" => what.as_str())
+    metrics::counter!(crate::metrics::FAILURE_SIGNALS, "shard" => shard.name.clone(), "signal" => what.as_str())
         .increment(1);
 }
 
@@ -226,15 +143,15 @@ fn count_signal(shard: &Shard, what: Report) {
 /// primary (or reuses a probe that started after the report) and revokes it if it is
 /// gone. True when `gen` no longer takes new transactions — what was refused may then go
 /// to the next primary.
-pub async fn suspect(shared: &Shared, shard: &Shard, gen: &Generation, what: Report) -> bool {
+pub async fn suspect(ctx: &Ctx, shard: &Shard, gen: &Generation, what: Report) -> bool {
     count_signal(shard, what);
-    check(shared, shard, gen, Instant::now(), what.as_str()).await
+    check(ctx, shard, gen, Instant::now(), what.as_str()).await
 }
 
 /// Probes `gen`'s primary unless a probe started at or after `since` already answered;
 /// revokes it when it fails. True when `gen` no longer serves.
 async fn check(
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Shard,
     gen: &Generation,
     since: Instant,
@@ -253,9 +170,8 @@ async fn check(
         }
     }
     let started = Instant::now();
-    let cfg = &shared.config;
-    let result = probe(&cfg.switchover, &gen.primary, cfg.health.timeout).await;
-    metrics::counter!(metric::HEALTH_CHECKS, "shard" => shard.name.clone(), "result" => result.label())
+    let result = probe(&ctx.admin, &gen.primary, ctx.settings.health.timeout).await;
+    metrics::counter!(crate::metrics::HEALTH_CHECKS, "shard" => shard.name.clone(), "result" => result.label())
         .increment(1);
     if let Probe::Primary { timeline } | Probe::ReadOnly { timeline } = result {
         shard.health.saw_timeline(timeline);
@@ -284,7 +200,7 @@ async fn check(
         Some(_) if !shard.is_serving(gen) => true,
         Some(why) => {
             let reason = format!("{why} ({source})");
-            revoke(shared, shard, gen.epoch, &reason);
+            revoke(ctx, shard, gen.epoch, &reason);
             true
         }
     }
@@ -292,14 +208,14 @@ async fn check(
 
 /// Revokes the shard's primary at `epoch` because it failed, and hands the shard to
 /// discovery. Transactions still running on it get `HANDOFF_DRAIN_TIMEOUT` to finish.
-pub(crate) fn revoke(shared: &Shared, shard: &Shard, epoch: u64, reason: &str) {
-    match crate::shard::control::revoke(shared, shard, Some(epoch), reason) {
+pub(crate) fn revoke(ctx: &Ctx, shard: &Shard, epoch: u64, reason: &str) {
+    match crate::shard::control::revoke(ctx, shard, Some(epoch), reason) {
         Ok(r) => {
             r.gen.mark_lost(reason);
             shard.health.discover_cycle.store(r.cycle, SeqCst);
             shard.health.wake.notify_one();
             let gen = Arc::clone(&r.gen);
-            let timeout = shared.config.drain_timeout;
+            let timeout = ctx.settings.drain_timeout;
             tokio::spawn(async move {
                 let l = crate::shard::control::lameduck(&gen, timeout).await;
                 if l.cancelled > 0 {
@@ -315,14 +231,6 @@ pub(crate) fn revoke(shared: &Shared, shard: &Shard, epoch: u64, reason: &str) {
     }
 }
 
-/// Settings of the failure detector.
-#[derive(Debug, Clone)]
-pub struct HealthSettings {
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub discovery_interval: Duration,
-}
-
 /// What startup discovery found for a shard.
 #[derive(Debug, Clone)]
 pub struct Initial {
@@ -330,22 +238,22 @@ pub struct Initial {
     pub timeline: u32,
     /// Other hosts the split-brain watchdog must watch: fenced ones, and writable ones
     /// on a lower timeline than the primary's.
-    pub watch: Vec<(HostPort, crate::shard::watchdog::Why)>,
+    pub watch: Vec<(HostPort, crate::shard::watch::Why)>,
 }
 
 /// Startup: the configured hosts are probed and the writable one on the highest timeline
 /// becomes the initial primary (the first host listed is only a hint, used when a host
 /// is up but refuses the probe and none qualifies). `Err(reason)`: no primary now.
 pub async fn initial_primary(
-    cfg: &SwitchoverSettings,
+    admin: &AdminDb,
     health: &HealthSettings,
     hosts: &[HostPort],
 ) -> Result<Initial, String> {
     let handles: Vec<JoinHandle<Probe>> = hosts
         .iter()
         .map(|h| {
-            let (cfg, h, t) = (cfg.clone(), h.clone(), health.timeout);
-            tokio::spawn(async move { probe(&cfg, &h, t).await })
+            let (admin, h, t) = (admin.clone(), h.clone(), health.timeout);
+            tokio::spawn(async move { probe(&admin, &h, t).await })
         })
         .collect();
     let mut results = Vec::with_capacity(hosts.len());
@@ -357,7 +265,7 @@ pub async fn initial_primary(
     }
     let all = vec![true; hosts.len()];
     if let Some((primary, timeline)) = choose(hosts, &results, 0, &all) {
-        use crate::shard::watchdog::Why;
+        use crate::shard::watch::Why;
         let watch = hosts
             .iter()
             .zip(&results)
@@ -418,14 +326,14 @@ fn choose(
 
 /// The shard's monitor: health checks while it serves, discovery while a failure
 /// revocation is unresolved. Ends at shutdown.
-pub(crate) async fn monitor(shared: Arc<Shared>, shard: Arc<Shard>, shutdown: Signal) {
-    let settings = shared.config.health.clone();
+pub(crate) async fn monitor(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
+    let settings = ctx.settings.health.clone();
     let mut was_unavailable = false;
     loop {
         if shutdown.phase() >= Phase::Draining {
             return;
         }
-        let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+        let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
         let discovering = matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
             && shard.health.discover_cycle.load(SeqCst) == snap.cycle;
         if snap.state == StateKind::Unavailable && !was_unavailable {
@@ -433,10 +341,7 @@ pub(crate) async fn monitor(shared: Arc<Shared>, shard: Arc<Shard>, shutdown: Si
         }
         was_unavailable = snap.state == StateKind::Unavailable;
         if discovering {
-            discover(
-                &shared, &shard, snap.epoch, snap.cycle, snap.since, &shutdown,
-            )
-            .await;
+            discover(&ctx, &shard, snap.epoch, snap.cycle, snap.since, &shutdown).await;
             continue;
         }
         let wait = if matches!(snap.state, StateKind::Serving | StateKind::Draining) {
@@ -452,7 +357,7 @@ pub(crate) async fn monitor(shared: Arc<Shared>, shard: Arc<Shard>, shutdown: Si
         }
         if let Some(gen) = shard.serving() {
             // A report wakes us: a probe that starts now answers it.
-            check(&shared, &shard, &gen, since, "health_check").await;
+            check(&ctx, &shard, &gen, since, "health_check").await;
         }
     }
 }
@@ -464,14 +369,14 @@ async fn reach(mut s: Signal) {
 /// Probes every host of the shard until one qualifies, then establishes it. Returns
 /// when it did, when someone else ended the revocation, or at shutdown.
 async fn discover(
-    shared: &Arc<Shared>,
+    ctx: &Arc<Ctx>,
     shard: &Arc<Shard>,
     epoch: u64,
     cycle: u64,
     since: Instant,
     shutdown: &Signal,
 ) {
-    let settings = shared.config.health.clone();
+    let settings = ctx.settings.health.clone();
     let hosts = shard.hosts.clone();
     let mut running: Vec<Option<JoinHandle<Probe>>> = (0..hosts.len()).map(|_| None).collect();
     let mut last: Vec<Option<Probe>> = vec![None; hosts.len()];
@@ -488,7 +393,7 @@ async fn discover(
             _ = tick.tick() => {}
             _ = reach(shutdown.clone()) => { abort_all(&mut running); return; }
         }
-        let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+        let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
         if snap.cycle != cycle
             || !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
         {
@@ -502,7 +407,7 @@ async fn discover(
             if slot.as_ref().is_some_and(|h| h.is_finished()) {
                 let h = slot.take().expect("checked");
                 if let Ok(p) = h.await {
-                    metrics::counter!(metric::DISCOVERY_PROBES, "shard" => shard.name.clone(), "result" => p.label())
+                    metrics::counter!(crate::metrics::DISCOVERY_PROBES, "shard" => shard.name.clone(), "result" => p.label())
                         .increment(1);
                     if let Probe::Primary { timeline } = p {
                         shard.health.saw_timeline(timeline);
@@ -512,11 +417,11 @@ async fn discover(
                 }
             }
             if slot.is_none() {
-                let cfg = shared.config.switchover.clone();
+                let admin = ctx.admin.clone();
                 let addr = hosts[i].clone();
                 let timeout = settings.timeout;
                 *slot = Some(tokio::spawn(
-                    async move { probe(&cfg, &addr, timeout).await },
+                    async move { probe(&admin, &addr, timeout).await },
                 ));
             }
         }
@@ -539,12 +444,12 @@ async fn discover(
         abort_all(&mut running);
         // Forget this cycle before establishing, so the monitor does not start again.
         shard.health.discover_cycle.store(0, SeqCst);
-        match crate::shard::control::establish(shared, shard, Some(epoch), primary.clone()).await {
+        match crate::shard::control::establish(ctx, shard, Some(epoch), primary.clone()).await {
             Ok(e) => {
                 let took = since.elapsed();
-                metrics::histogram!(metric::FAILOVER_SECONDS, "shard" => shard.name.clone())
+                metrics::histogram!(crate::metrics::FAILOVER_SECONDS, "shard" => shard.name.clone())
                     .record(took.as_secs_f64());
-                metrics::counter!(metric::FAILOVERS, "shard" => shard.name.clone(), "result" => "established")
+                metrics::counter!(crate::metrics::FAILOVERS, "shard" => shard.name.clone(), "result" => "established")
                     .increment(1);
                 tracing::info!(shard = %shard.name, %primary, timeline, epoch = e.epoch, failover_ms = took.as_millis() as u64, prewarmed = e.prewarmed, "discovery established the new primary");
             }

@@ -5,10 +5,54 @@
 
 pub(crate) mod control;
 pub(crate) mod demote;
+pub(crate) mod failure;
 pub(crate) mod fence;
 pub(crate) mod health;
 mod state;
 pub(crate) mod switchover;
+pub(crate) mod watch;
 pub(crate) mod watchdog;
 
 pub use state::*;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::admin::AdminDb;
+use crate::backend::pool::Pools;
+use crate::config::{HealthSettings, SwitchoverSettings};
+
+/// What the shard layer needs from the rest of the proxy, and nothing more: the failover
+/// buffer, the pools (retired, pre-warmed and activated as primaries change), the admin
+/// role's connections, and its settings. Every shard operation takes this instead of the
+/// proxy's whole shared state.
+#[derive(Debug)]
+pub struct Ctx {
+    pub buffer: handoff_buffer::Buffer,
+    pub pools: Arc<Pools>,
+    pub admin: AdminDb,
+    pub settings: Settings,
+}
+
+/// The settings of the shard layer.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub switchover: SwitchoverSettings,
+    pub health: HealthSettings,
+    /// Lameduck: how long transactions on a revoked primary may run.
+    pub drain_timeout: Duration,
+    pub watchdog_interval: Duration,
+    /// Connections opened per pool on a new primary before held requests are released:
+    /// `min(HANDOFF_POOL_SIZE, HANDOFF_BUFFER_DRAIN_CONCURRENCY)`.
+    pub prewarm: usize,
+}
+
+impl Ctx {
+    /// True when `shard`'s buffer holds nothing and no cycle runs.
+    pub fn buffer_idle(&self, shard: &str) -> bool {
+        matches!(
+            self.buffer.state(shard),
+            None | Some(handoff_buffer::State::Idle)
+        )
+    }
+}

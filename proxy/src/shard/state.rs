@@ -17,27 +17,13 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{watch, Notify};
 
 use crate::config::HostPort;
-
-/// Metric names of the state machine.
-pub mod metric {
-    /// 0 Serving, 1 Buffering, 2 Draining, 3 Unavailable (gauge, per shard).
-    pub const STATE: &str = "handoff_shard_state";
-    /// The shard's leadership epoch (gauge).
-    pub const EPOCH: &str = "handoff_shard_epoch";
-    /// Events applied or ignored, by `event` and `result` (counter).
-    pub const EVENTS: &str = "handoff_shard_events_total";
-    /// Transactions cancelled because they outlived HANDOFF_DRAIN_TIMEOUT (counter).
-    pub const LAMEDUCK_CANCELLED: &str = "handoff_lameduck_cancelled_total";
-    /// Switchovers run by handoff, by `outcome` (counter).
-    pub const SWITCHOVERS: &str = "handoff_switchovers_total";
-    /// Duration of each switchover step, by `step` (histogram, seconds).
-    pub const SWITCHOVER_STEP: &str = "handoff_switchover_step_seconds";
-}
 
 /// What the state machine says about a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,8 +96,9 @@ impl Generation {
         self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// A transaction on this generation ended (or never started).
-    pub fn leave(&self) {
+    /// A transaction on this generation ended (or never started): only through
+    /// [`Entered`]'s drop.
+    fn leave(&self) {
         if self.inflight.fetch_sub(1, SeqCst) == 1 {
             self.idle.notify_waiters();
         }
@@ -160,6 +147,26 @@ impl Generation {
     }
 }
 
+/// A transaction (or a session-mode session with a server connection) registered on a
+/// generation: lameduck waits until every one is dropped.
+#[derive(Debug)]
+pub struct Entered {
+    gen: Arc<Generation>,
+}
+
+impl Entered {
+    /// The generation it is registered on.
+    pub fn generation(&self) -> &Arc<Generation> {
+        &self.gen
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.gen.leave();
+    }
+}
+
 /// Why an event was not applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -201,9 +208,9 @@ pub struct Shard {
     /// One switchover (or external revocation) at a time.
     pub op: tokio::sync::Mutex<()>,
     /// Failure detection and discovery ([`crate::shard::health`]).
-    pub health: crate::shard::health::Health,
+    pub health: crate::shard::failure::Health,
     /// Replaced primaries watched for split brain ([`crate::shard::watchdog`]).
-    pub watch: crate::shard::watchdog::Watch,
+    pub watch: crate::shard::watch::Watch,
 }
 
 /// A snapshot for the admin API.
@@ -265,24 +272,28 @@ impl Shard {
     }
 
     fn publish(&self, kind: StateKind, epoch: u64) {
-        metrics::gauge!(metric::STATE, "shard" => self.name.clone()).set(kind.gauge());
-        metrics::gauge!(metric::EPOCH, "shard" => self.name.clone()).set(epoch as f64);
+        metrics::gauge!(crate::metrics::SHARD_STATE, "shard" => self.name.clone())
+            .set(kind.gauge());
+        metrics::gauge!(crate::metrics::SHARD_EPOCH, "shard" => self.name.clone())
+            .set(epoch as f64);
     }
 
     fn event(&self, event: &'static str, result: &'static str) {
-        metrics::counter!(metric::EVENTS, "shard" => self.name.clone(), "event" => event, "result" => result)
+        metrics::counter!(crate::metrics::SHARD_EVENTS, "shard" => self.name.clone(), "event" => event, "result" => result)
             .increment(1);
     }
 
     /// The hot path, at the start of every transaction: registers a transaction on
-    /// `gen` if `gen` still serves. On `false` nothing stays registered.
-    pub fn enter(&self, gen: &Generation) -> bool {
+    /// `gen` if `gen` still serves. On `None` nothing stays registered.
+    pub fn enter(&self, gen: &Arc<Generation>) -> Option<Entered> {
         gen.inflight.fetch_add(1, SeqCst);
         if self.gate.load(SeqCst) == open(gen.id) {
-            return true;
+            return Some(Entered {
+                gen: Arc::clone(gen),
+            });
         }
         gen.leave();
-        false
+        None
     }
 
     /// True while `gen` takes new transactions (one atomic load).
@@ -449,14 +460,14 @@ mod tests {
     fn a_transaction_never_slips_past_a_revocation() {
         let s = Shard::new("main", vec![hp(1), hp(2)]);
         let g1 = s.current();
-        assert!(s.enter(&g1));
+        let t = s.enter(&g1).expect("serving");
         assert_eq!(g1.inflight(), 1);
         let r = s.revoke(Some(1), "test", |_| {}).unwrap();
         assert_eq!(r.cycle, 1);
         // The gate is closed: a new transaction is refused and leaves nothing behind.
-        assert!(!s.enter(&g1));
+        assert!(s.enter(&g1).is_none());
         assert_eq!(g1.inflight(), 1);
-        g1.leave();
+        drop(t);
         assert_eq!(g1.inflight(), 0);
         assert!(s.serving().is_none());
         assert_eq!(s.snapshot(false).state, StateKind::Buffering);
@@ -478,8 +489,8 @@ mod tests {
         ));
         let (g2, cycle) = s.establish(Some(1), hp(2)).unwrap();
         assert_eq!((g2.epoch, cycle), (2, 1));
-        assert!(s.enter(&g2));
-        g2.leave();
+        drop(s.enter(&g2).expect("serving"));
+        assert_eq!(g2.inflight(), 0);
         // An establishment for the old epoch after the fact is stale.
         assert!(matches!(
             s.establish(Some(1), hp(1)),
@@ -493,21 +504,24 @@ mod tests {
         let (g3, _) = s.abort(Some(2)).unwrap();
         assert_eq!((g3.epoch, g3.primary.port), (2, 2));
         assert_ne!(g3.id, g2.id);
-        assert!(!s.enter(&g2), "the revoked generation stays closed");
-        assert!(s.enter(&g3));
+        assert!(
+            s.enter(&g2).is_none(),
+            "the revoked generation stays closed"
+        );
+        assert!(s.enter(&g3).is_some());
     }
 
     #[tokio::test]
     async fn lameduck_waits_for_the_last_transaction() {
         let s = Arc::new(Shard::new("main", vec![hp(1)]));
         let g = s.current();
-        assert!(s.enter(&g));
+        let t = s.enter(&g).expect("serving");
         let r = s.revoke(None, "t", |_| {}).unwrap();
         assert!(!r.gen.wait_idle(Duration::from_millis(20)).await);
         let g2 = Arc::clone(&g);
         let waiter = tokio::spawn(async move { g2.wait_idle(Duration::from_secs(5)).await });
         tokio::task::yield_now().await;
-        g.leave();
+        drop(t);
         assert!(waiter.await.unwrap());
         let killed = g.killed();
         g.kill();

@@ -6,17 +6,19 @@
 //! stays fenced and is watched for split brain ([`crate::shard::watchdog`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
+use crate::backend::admin::{AdminDb, AdminSession};
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::shard::control;
-use crate::shard::fence::{self, Fence, Session};
-use crate::shard::watchdog;
-use crate::shard::{metric, Shard, StateKind};
-use crate::Shared;
+use crate::shard::fence::{self, Fence};
+use crate::shard::watch::Why;
+use crate::shard::{Ctx, Shard, StateKind};
 
 /// How a switchover ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,20 +110,20 @@ impl Report {
 }
 
 struct Run<'a> {
-    shared: &'a Shared,
+    ctx: &'a Ctx,
     shard: &'a Shard,
-    cfg: &'a SwitchoverSettings,
     report: Report,
 }
 
 async fn connect(
-    cfg: &SwitchoverSettings,
+    admin: &AdminDb,
     addr: &HostPort,
     timeout: Duration,
-) -> Result<Session, String> {
-    Session::open(cfg, addr, &cfg.database, "handoff-switchover", timeout)
+) -> Result<AdminSession, String> {
+    admin
+        .open(addr, admin.database(), "handoff-switchover", timeout)
         .await
-        .map_err(|e| format!("cannot connect to {addr} as {}: {}", cfg.user, e.message()))
+        .map_err(|e| format!("cannot connect to {addr} as {}: {e}", admin.user()))
 }
 
 fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> String {
@@ -134,7 +136,7 @@ fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> String {
 impl Run<'_> {
     fn step(&mut self, name: &'static str, started: Instant, error: Option<String>) {
         let duration = started.elapsed();
-        metrics::histogram!(metric::SWITCHOVER_STEP, "shard" => self.shard.name.clone(), "step" => name)
+        metrics::histogram!(crate::metrics::SWITCHOVER_STEP, "shard" => self.shard.name.clone(), "step" => name)
             .record(duration);
         match &error {
             None => {
@@ -154,7 +156,7 @@ impl Run<'_> {
     fn finish(mut self, outcome: Outcome, error: Option<String>) -> Report {
         self.report.outcome = outcome;
         self.report.error = error;
-        metrics::counter!(metric::SWITCHOVERS, "shard" => self.shard.name.clone(), "outcome" => outcome.as_str())
+        metrics::counter!(crate::metrics::SWITCHOVERS, "shard" => self.shard.name.clone(), "outcome" => outcome.as_str())
             .increment(1);
         tracing::info!(shard = %self.shard.name, outcome = outcome.as_str(), from = %self.report.from, to = %self.report.to, "switchover finished");
         self.report
@@ -162,13 +164,12 @@ impl Run<'_> {
 }
 
 /// Runs a switchover of `shard` to `to`. Holds the shard's operation lock throughout.
-pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) -> Report {
-    let cfg = &shared.config.switchover;
-    let snap = shard.snapshot(shared.buffer_idle(&shard.name));
+pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Report {
+    let cfg = &ctx.settings.switchover;
+    let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
     let mut run = Run {
-        shared: &shared,
+        ctx: &ctx,
         shard: &shard,
-        cfg,
         report: Report {
             shard: shard.name.clone(),
             from: snap.primary.to_string(),
@@ -194,12 +195,12 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
             )),
         );
     };
-    let timeout = shared.config.switchover.timeout;
+    let timeout = cfg.timeout;
     let old = snap.primary.clone();
 
     // 1. Pre-check.
     let t = Instant::now();
-    let checked = precheck(cfg, &snap.state, &old, &to, timeout).await;
+    let checked = precheck(&ctx.admin, cfg, &snap.state, &old, &to, timeout).await;
     let (old_db, target_db) = match checked {
         Ok((old_db, target_db, system)) => {
             shard.watch.set_system(&system);
@@ -220,7 +221,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
 
     // 2. Buffer.
     let t = Instant::now();
-    let revoked = match control::revoke(&shared, &shard, Some(snap.epoch), "switchover") {
+    let revoked = match control::revoke(&ctx, &shard, Some(snap.epoch), "switchover") {
         Ok(r) => {
             run.step("buffer", t, None);
             r
@@ -233,7 +234,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
 
     // 3. Lameduck.
     let t = Instant::now();
-    let ld = control::lameduck(&revoked.gen, shared.config.drain_timeout).await;
+    let ld = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
     run.report.lameduck_cancelled = ld.cancelled;
     run.step("lameduck", t, None);
 
@@ -244,10 +245,10 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
         terminate: cfg.terminate,
         timeout,
     };
-    let fenced = fence.apply(cfg, opts).await;
+    let fenced = fence.apply(&ctx.admin, opts).await;
     run.report.fenced_databases = fence.databases.clone();
     run.report.fence_terminated = fence.terminated;
-    metrics::counter!(watchdog::metric::FENCES, "shard" => shard.name.clone(), "source" => "switchover", "result" => if fenced.is_ok() { "ok" } else { "error" })
+    metrics::counter!(crate::metrics::FENCES, "shard" => shard.name.clone(), "source" => "switchover", "result" => if fenced.is_ok() { "ok" } else { "error" })
         .increment(1);
     match fenced {
         Ok(()) => {
@@ -271,7 +272,15 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
 
     // 6. Establish on the target: writable, promoted, confirmed.
     let t = Instant::now();
-    match promote(cfg, &target_db.client, &to, timeout, &fence.databases).await {
+    match promote(
+        &ctx.admin,
+        &target_db.client,
+        &to,
+        timeout,
+        &fence.databases,
+    )
+    .await
+    {
         Ok(()) => run.step("promote", t, None),
         Err(Promotion::NotPromoted(e)) => {
             run.step("promote", t, Some(e.clone()));
@@ -291,7 +300,7 @@ pub(crate) async fn run(shared: Arc<Shared>, shard: Arc<Shard>, to: HostPort) ->
 
     // 7. Flush.
     let t = Instant::now();
-    let established = control::establish(&shared, &shard, Some(snap.epoch), to.clone()).await;
+    let established = control::establish(&ctx, &shard, Some(snap.epoch), to.clone()).await;
     match &established {
         Ok(est) => run.step("flush", t, est.prewarm_error.clone()),
         Err(e) => run.step("flush", t, Some(e.to_string())),
@@ -329,26 +338,27 @@ fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
     shard.watch.add(
         &shard.name,
         old.clone(),
-        watchdog::Why::Switchover,
+        Why::Switchover,
         epoch,
         Some(fence),
     );
 }
 
 async fn precheck(
+    admin: &AdminDb,
     cfg: &SwitchoverSettings,
     state: &StateKind,
     old: &HostPort,
     to: &HostPort,
     timeout: Duration,
-) -> Result<(Session, Session, String), String> {
+) -> Result<(AdminSession, AdminSession, String), String> {
     if *state != StateKind::Serving {
         return Err(format!("the shard is {}, not serving", state.as_str()));
     }
     if old == to {
         return Err(format!("{to} is already the primary"));
     }
-    let target = connect(cfg, to, timeout).await?;
+    let target = connect(admin, to, timeout).await?;
     let row = target
         .client
         .query_one(
@@ -368,7 +378,7 @@ async fn precheck(
     let Some(replay) = replay else {
         return Err(format!("{to} has not replayed any WAL yet"));
     };
-    let old_db = connect(cfg, old, timeout).await?;
+    let old_db = connect(admin, old, timeout).await?;
     let row = old_db
         .client
         .query_one(
@@ -428,7 +438,7 @@ enum Promotion {
 }
 
 async fn promote(
-    cfg: &SwitchoverSettings,
+    admin: &AdminDb,
     db: &Client,
     addr: &HostPort,
     timeout: Duration,
@@ -468,7 +478,7 @@ async fn promote(
     let deadline = Instant::now() + timeout;
     loop {
         let check = async {
-            let c = connect(cfg, addr, timeout).await?;
+            let c = connect(admin, addr, timeout).await?;
             let row = c
                 .client
                 .query_one(
@@ -498,7 +508,7 @@ async fn promote(
 /// (releasing clients to a server that refuses every login would fail them all).
 async fn rollback(mut run: Run<'_>, fence: Fence, epoch: u64, cause: String) -> Report {
     let t = Instant::now();
-    let lifted = fence.lift(run.cfg, Duration::from_secs(5)).await;
+    let lifted = fence.lift(&run.ctx.admin, Duration::from_secs(5)).await;
     if let Err(e) = lifted {
         let err = format!("could not lift the fence on {}: {e}", fence.addr);
         run.step("rollback", t, Some(err.clone()));
@@ -510,7 +520,7 @@ async fn rollback(mut run: Run<'_>, fence: Fence, epoch: u64, cause: String) -> 
         );
         return run.finish(Outcome::Failed, Some(msg));
     }
-    let aborted = control::abort(run.shared, run.shard, Some(epoch));
+    let aborted = control::abort(run.ctx, run.shard, Some(epoch));
     let err = aborted.err().map(|e| e.to_string());
     run.step("rollback", t, err.clone());
     let msg = match err {

@@ -1,0 +1,236 @@
+//! The client's side of the transaction-mode relay: waiting for its bytes without
+//! holding a buffer, the gate at a transaction's first message, and forwarding its
+//! messages (rewriting statement names) to the server connection.
+
+use bytes::{Buf, BytesMut};
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::framing::HEADER_LEN;
+use handoff_protocol::frontend::tag as ftag;
+use handoff_protocol::scan::{Scanner, Step};
+use handoff_protocol::{sql, sqlstate, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::local::Local;
+use super::prepared::Reply;
+use super::Txn;
+use crate::error::send_error;
+use crate::metrics as m;
+use crate::net::buffers;
+use crate::net::stream::Conn;
+use crate::relay::common::{protocol_error, write_client, End};
+
+fn inspect_client(t: u8) -> bool {
+    matches!(t, ftag::PARSE | ftag::BIND | ftag::DESCRIBE | ftag::CLOSE)
+}
+
+/// Waits for client bytes and reads them into `client.rbuf`: `None` if the socket
+/// turned out to have nothing after all. A plain socket is waited on without a buffer
+/// (an idle client holds none); a TLS stream is read into a buffer directly, since
+/// decrypted bytes may already wait inside the TLS session. Cancel-safe.
+pub(super) async fn client_read(client: &mut Conn) -> Option<std::io::Result<usize>> {
+    match &mut client.stream {
+        crate::net::stream::Stream::Plain(s) => {
+            if let Err(e) = s.readable().await {
+                return Some(Err(e));
+            }
+            buffers::ready(&mut client.rbuf);
+            read_now(s, &mut client.rbuf).await
+        }
+        other => {
+            buffers::ready(&mut client.rbuf);
+            Some(other.read_buf(&mut client.rbuf).await)
+        }
+    }
+}
+
+/// Reads what the socket has now without waiting: `None` if nothing is there after all.
+/// Unlike `try_read_buf` this goes through `poll_read`, which marks the socket drained
+/// after a short read, so the next wait does not start with a read that finds nothing.
+async fn read_now(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut BytesMut,
+) -> Option<std::io::Result<usize>> {
+    use std::future::Future;
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        let read = std::pin::pin!(stream.read_buf(buf));
+        match read.poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending => Poll::Ready(None),
+        }
+    })
+    .await
+}
+
+/// Forwards the client's complete messages, attaching a server connection at the start
+/// of a transaction (through the shard's gate). `Ok(false)`: the client sent Terminate.
+pub(super) async fn client_bytes(
+    client: &mut Conn,
+    scan: &mut Scanner,
+    txn: &mut Txn<'_>,
+) -> Result<bool, End> {
+    let now = Instant::now();
+    let mut pos = 0;
+    let mut keep_going = true;
+    let mut answers = BytesMut::new();
+    txn.out.clear();
+    loop {
+        // The transaction's first request is complete and may yet be re-sent: what the
+        // client sends next waits until its outcome is known.
+        if txn.probe.waiting(scan.at_boundary()) {
+            break;
+        }
+        let local = !matches!(txn.local, Local::None);
+        let step = match scan.step(&client.rbuf[pos..], |t| {
+            if local {
+                matches!(t, ftag::QUERY | ftag::PARSE | ftag::BIND)
+            } else {
+                inspect_client(t)
+            }
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                flush_to_server(txn).await?;
+                write_client(client, &answers).await?;
+                protocol_error(&mut client.stream, &e).await;
+                return Err(End::ClientProtocol);
+            }
+        };
+        let (tag, len, whole) = match step {
+            Step::NeedMore => break,
+            Step::Pass { len, tag } => (tag, len, false),
+            Step::Message { tag, len } => (Some(tag), len, true),
+        };
+        if let (Some(t), false) = (tag, whole) {
+            if !local && inspect_client(t) {
+                // A message the proxy must parse whole, over the limit: the stream
+                // cannot be followed past it.
+                metrics::counter!(m::MESSAGES_TOO_LARGE_TOTAL).increment(1);
+                flush_to_server(txn).await?;
+                write_client(client, &answers).await?;
+                let max = txn.shared.config.max_message_size;
+                let err = ProxyError::fatal(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!(
+                        "a '{}' message larger than HANDOFF_MAX_MESSAGE_SIZE ({max} bytes) cannot be relayed",
+                        t as char
+                    ),
+                );
+                send_error(&mut client.stream, &err).await;
+                return Err(End::TooLarge);
+            }
+        }
+        if let Some(t) = tag {
+            if t == ftag::TERMINATE {
+                pos += len;
+                keep_going = false;
+                break;
+            }
+            if txn.backend.is_none() && matches!(txn.local, Local::None) {
+                match txn.attach(client.rbuf.len() - pos).await {
+                    Ok(()) => {
+                        if txn.retries_left > 0 {
+                            txn.probe.begin();
+                        }
+                    }
+                    Err(e) if e.is_refusal() => {
+                        let err = e.to_client(txn.shard);
+                        tracing::info!(shard = txn.shard, error = %err, "request refused");
+                        txn.local = Local::Refuse(err);
+                    }
+                    Err(e) => {
+                        let err = e.to_client(txn.shard);
+                        tracing::warn!(error = %err, "no server connection for client");
+                        write_client(client, &answers).await?;
+                        send_error(&mut client.stream, &err).await;
+                        return Err(End::ServerGone);
+                    }
+                }
+            }
+        }
+        if !matches!(txn.local, Local::None) {
+            // Answered here, never relayed.
+            if whole {
+                let body = &client.rbuf[pos + HEADER_LEN..pos + len];
+                txn.answer_locally(tag.expect("a whole message has a tag"), body, &mut answers);
+            } else if let Some(t) = tag {
+                txn.answer_locally(t, &[], &mut answers);
+            }
+            pos += len;
+            continue;
+        }
+        if txn.probe.active {
+            txn.probe.record(&client.rbuf[pos..pos + len]);
+            match tag {
+                Some(ftag::QUERY | ftag::SYNC | ftag::FUNCTION_CALL) => txn.probe.complete = true,
+                // A client that flushes waits for answers before it finishes the
+                // request; COPY data means the request already ran.
+                Some(ftag::FLUSH | ftag::COPY_DATA | ftag::COPY_DONE | ftag::COPY_FAIL) => {
+                    txn.probe.active = false;
+                }
+                _ => {}
+            }
+            if !txn.probe.active {
+                let held = txn.end_probe();
+                answers.extend_from_slice(&held);
+            }
+        }
+        if let Some(t) = tag {
+            txn.on_request(now);
+            if t == ftag::QUERY {
+                let head = &client.rbuf[pos..pos + len];
+                let head = &head[HEADER_LEN.min(head.len())..head.len().min(HEADER_LEN + 32)];
+                txn.ending |= sql::ends_transaction(head).is_some();
+            }
+            match t {
+                ftag::QUERY | ftag::FUNCTION_CALL => {
+                    txn.pending += 1;
+                    txn.replies.push_back(Reply::SyncMark);
+                }
+                ftag::SYNC => {
+                    txn.pending += 1;
+                    txn.in_extended = false;
+                    txn.replies.push_back(Reply::SyncMark);
+                }
+                ftag::EXECUTE | ftag::FLUSH => txn.in_extended = true,
+                _ => {}
+            }
+        }
+        if whole {
+            // Everything before it is already copied into `out`: take the message off
+            // the buffer without copying it (Binds carry parameter values).
+            client.rbuf.advance(pos);
+            pos = 0;
+            let mut msg = client.rbuf.split_to(len).freeze();
+            let tag = msg[0];
+            msg.advance(HEADER_LEN);
+            if let Err(e) = txn.translate(Frame { tag, body: msg }) {
+                flush_to_server(txn).await?;
+                protocol_error(&mut client.stream, &e).await;
+                return Err(End::ClientProtocol);
+            }
+            continue;
+        }
+        txn.out.extend_from_slice(&client.rbuf[pos..pos + len]);
+        pos += len;
+    }
+    client.rbuf.advance(pos);
+    flush_to_server(txn).await?;
+    write_client(client, &answers).await?;
+    Ok(keep_going)
+}
+
+pub(super) async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
+    if txn.out.is_empty() {
+        return Ok(());
+    }
+    let Some(b) = txn.backend.as_mut() else {
+        txn.out.clear();
+        return Ok(());
+    };
+    let r = b.conn.stream.write_all(&txn.out).await;
+    txn.up += txn.out.len() as u64;
+    txn.out.clear();
+    r.map_err(|_| End::ServerGone)
+}

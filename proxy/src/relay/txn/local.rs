@@ -1,0 +1,330 @@
+//! Answers the proxy gives a client itself instead of relaying: a request refused at
+//! the gate (the buffer gave up, or there is no primary), and a transaction lost with its
+//! server connection (lameduck, or a failed primary), answered as PostgreSQL would
+//! answer a failed transaction block until the client ends it.
+
+use bytes::BytesMut;
+use handoff_protocol::backend::{BackendMessage, TransactionStatus};
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::frontend::tag as ftag;
+use handoff_protocol::{body, sql, sqlstate};
+
+use super::Txn;
+use crate::backend::cancel::ServerKey;
+use crate::error::send_error;
+use crate::metrics as m;
+use crate::net::stream::Conn;
+use crate::relay::common::{write_client, End};
+use crate::shard::failure::Report;
+use crate::shard::health;
+
+/// Requests the proxy answers itself instead of relaying.
+#[derive(Debug, Default)]
+pub(super) enum Local {
+    #[default]
+    None,
+    /// The request that was starting a transaction is refused with this error: skip
+    /// it up to its Query or Sync, answer the error and ReadyForQuery `I`.
+    Refuse(ProxyError),
+    /// The client's transaction was lost with its server connection (lameduck, or a
+    /// failed primary): answer ROLLBACK, and everything else with an error, until the
+    /// transaction ends.
+    Aborted(Aborted),
+}
+
+/// A transaction the proxy answers for after losing its server connection.
+#[derive(Debug, Default)]
+pub(super) struct Aborted {
+    /// The error that ended the transaction, not yet delivered.
+    first: Option<ProxyError>,
+    /// This extended-protocol batch already got its error (the rest is skipped to Sync).
+    errored: bool,
+    /// This batch runs a transaction-control statement: `Some(true)` COMMIT/END,
+    /// `Some(false)` ROLLBACK/ABORT.
+    ending: Option<bool>,
+    /// It ran: the Sync ends the transaction.
+    ended: bool,
+}
+
+impl Aborted {
+    pub(super) fn new(first: Option<ProxyError>) -> Self {
+        Self {
+            first,
+            ..Self::default()
+        }
+    }
+
+    /// Answers a statement in the failed transaction: the cancellation the first time,
+    /// then 25P02 as PostgreSQL does; once per extended-protocol batch.
+    fn fail(&mut self, out: &mut BytesMut) {
+        if self.errored {
+            return;
+        }
+        let err = self.first.take().unwrap_or_else(aborted_error);
+        err.encode(out);
+        m::count_error("proxy", err.code);
+        self.errored = true;
+    }
+}
+
+/// What PostgreSQL answers in a failed transaction block (25P02).
+fn aborted_error() -> ProxyError {
+    ProxyError::error(
+        sqlstate::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
+pub(super) fn encode_ready(out: &mut BytesMut, status: TransactionStatus) {
+    BackendMessage::ReadyForQuery(status).encode(out);
+}
+
+impl Txn<'_> {
+    /// Answers one client message while the proxy speaks for the server ([`Local`]).
+    /// `body` is the whole message for a Query, Parse or Bind, empty otherwise.
+    pub(super) fn answer_locally(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) {
+        let ends_request = tag == ftag::QUERY || tag == ftag::SYNC;
+        match std::mem::take(&mut self.local) {
+            Local::None => {}
+            Local::Refuse(err) => {
+                if ends_request {
+                    err.encode(out);
+                    m::count_error("proxy", err.code);
+                    encode_ready(out, TransactionStatus::Idle);
+                } else {
+                    self.local = Local::Refuse(err);
+                }
+            }
+            Local::Aborted(mut a) => {
+                if tag == ftag::QUERY {
+                    let verdict = sql::ends_transaction(body.strip_suffix(&[0]).unwrap_or(body));
+                    match verdict {
+                        // ROLLBACK, or COMMIT of a transaction that was cancelled: the
+                        // transaction is over either way; COMMIT hears of the
+                        // cancellation once.
+                        Some(commit) => {
+                            match a.first.take().filter(|_| commit) {
+                                Some(err) => {
+                                    err.encode(out);
+                                    m::count_error("proxy", err.code);
+                                }
+                                None => BackendMessage::CommandComplete {
+                                    tag: "ROLLBACK".into(),
+                                }
+                                .encode(out),
+                            }
+                            encode_ready(out, TransactionStatus::Idle);
+                        }
+                        None => {
+                            a.fail(out);
+                            encode_ready(out, TransactionStatus::Failed);
+                            a.errored = false;
+                            self.local = Local::Aborted(a);
+                        }
+                    }
+                    return;
+                }
+                // The extended protocol, as PostgreSQL answers it in a failed
+                // transaction: transaction control goes through, Close and Sync are
+                // answered, anything else is an error (once per batch).
+                match tag {
+                    ftag::PARSE => match body::parse_sql(body).and_then(sql::ends_transaction) {
+                        Some(commit) if !a.errored => {
+                            a.ending = Some(commit);
+                            BackendMessage::ParseComplete.encode(out);
+                        }
+                        _ => a.fail(out),
+                    },
+                    ftag::BIND => {
+                        let named = body::bind_statement(body)
+                            .filter(|n| !n.is_empty())
+                            .and_then(|n| self.stmts.get(n))
+                            .and_then(|d| sql::ends_transaction(&d.sql));
+                        if let Some(commit) = named.filter(|_| !a.errored) {
+                            a.ending = Some(commit);
+                        }
+                        if a.ending.is_some() && !a.errored {
+                            BackendMessage::BindComplete.encode(out);
+                        } else {
+                            a.fail(out);
+                        }
+                    }
+                    ftag::DESCRIBE if a.ending.is_some() && !a.errored => {
+                        BackendMessage::NoData.encode(out)
+                    }
+                    ftag::EXECUTE if a.ending.is_some() && !a.errored => {
+                        match a.first.take().filter(|_| a.ending == Some(true)) {
+                            Some(err) => {
+                                err.encode(out);
+                                m::count_error("proxy", err.code);
+                                a.errored = true;
+                            }
+                            None => BackendMessage::CommandComplete {
+                                tag: "ROLLBACK".into(),
+                            }
+                            .encode(out),
+                        }
+                        a.ended = true;
+                    }
+                    ftag::CLOSE if !a.errored => BackendMessage::CloseComplete.encode(out),
+                    ftag::CLOSE | ftag::FLUSH => {}
+                    ftag::SYNC => {
+                        if a.ended {
+                            encode_ready(out, TransactionStatus::Idle);
+                            return;
+                        }
+                        encode_ready(out, TransactionStatus::Failed);
+                        a.errored = false;
+                        a.ending = None;
+                    }
+                    ftag::FUNCTION_CALL => {
+                        a.fail(out);
+                        encode_ready(out, TransactionStatus::Failed);
+                        a.errored = false;
+                    }
+                    _ => a.fail(out),
+                }
+                self.local = Local::Aborted(a);
+            }
+        }
+    }
+
+    /// Lameduck gave up on this transaction: cancel it on the old primary, drop that
+    /// connection, and tell the client (57P01; 08006 when the primary had failed).
+    /// `server_clean`: no server message was half-forwarded; `client_clean`: the client
+    /// is between messages.
+    pub(super) async fn cancelled_by_lameduck(
+        &mut self,
+        client: &mut Conn,
+        server_clean: bool,
+        client_clean: bool,
+    ) -> Result<(), End> {
+        metrics::counter!(crate::metrics::LAMEDUCK_CANCELLED, "shard" => self.shard.to_string())
+            .increment(1);
+        let timeout = self.shared.config.drain_timeout;
+        let err = match self.gen.lost() {
+            Some(why) => ProxyError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "lost the primary of shard \"{}\" ({why}) and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({timeout:?}); it may or may not have taken effect",
+                    self.shard
+                ),
+            )
+            .hint("check whether it took effect before running it again"),
+            None => ProxyError::error(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "transaction cancelled: the primary of shard \"{}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({timeout:?})",
+                    self.shard
+                ),
+            )
+            .hint("the transaction was rolled back; retry it"),
+        };
+        tracing::info!(shard = self.shard, "lameduck cancelled a transaction");
+        self.abandon(client, err, true, server_clean, client_clean)
+            .await
+    }
+
+    /// The error for a server connection that closed under a request: the primary was
+    /// lost, and what was running may or may not have committed.
+    pub(super) fn lost_error(&mut self) -> ProxyError {
+        let (code, what) = match self.fatal.take() {
+            Some((code, msg)) => (
+                code,
+                format!(
+                    "the primary of shard \"{}\" ended the connection while a request ran ({msg})",
+                    self.shard
+                ),
+            ),
+            None => {
+                health::report(self.state, Report::ConnectionLost);
+                (
+                    sqlstate::CONNECTION_FAILURE.to_string(),
+                    format!(
+                        "lost the connection to the primary of shard \"{}\" while a request ran",
+                        self.shard
+                    ),
+                )
+            }
+        };
+        let code = sqlstate::known(&code)
+            .filter(|c| sqlstate::is_operator_intervention(c))
+            .unwrap_or(sqlstate::CONNECTION_FAILURE);
+        ProxyError::error(code, format!("{what}; it may or may not have taken effect")).hint(
+            "the session goes on; check whether the request took effect before running it again",
+        )
+    }
+
+    /// Gives up the server connection under a running request and answers the client
+    /// with `err` in its place (a CancelRequest first when `cancel`). Inside a
+    /// transaction block the proxy then answers for the rolled-back transaction until
+    /// the client ends it.
+    pub(super) async fn abandon(
+        &mut self,
+        client: &mut Conn,
+        err: ProxyError,
+        cancel: bool,
+        server_clean: bool,
+        client_clean: bool,
+    ) -> Result<(), End> {
+        // Nothing of a held-back answer reached the client.
+        let server_clean = server_clean || self.probe.active;
+        if let Some(b) = self.backend.take() {
+            if cancel {
+                let key = ServerKey {
+                    addr: b.peer,
+                    pid: b.pid,
+                    key: b.key,
+                };
+                let timeout = self.shared.config.connect_timeout;
+                tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));
+            }
+            self.pool.discard(b);
+            self.leave();
+        }
+        self.registration.set_server(None);
+        drop(self.end_probe());
+        self.fatal = None;
+        let pending = std::mem::take(&mut self.pending);
+        let status = self.status;
+        self.replies.clear();
+        self.preparing.clear();
+        self.defining.clear();
+        self.in_extended = false;
+        self.status = TransactionStatus::Idle;
+        self.server_fatal = false;
+        if !server_clean {
+            return Err(End::ServerGone);
+        }
+        if !client_clean {
+            let fatal = ProxyError::fatal(err.code, err.message.clone());
+            send_error(&mut client.stream, &fatal).await;
+            return Err(End::ServerGone);
+        }
+        let mut out = BytesMut::new();
+        if pending == 0 {
+            // Idle in a transaction, or half-way through sending a request: the end of
+            // the next request hears of it.
+            self.local = if status == TransactionStatus::Idle {
+                Local::Refuse(err)
+            } else {
+                Local::Aborted(Aborted::new(Some(err)))
+            };
+            return Ok(());
+        }
+        let ending = std::mem::take(&mut self.ending);
+        let after = if status == TransactionStatus::Idle || ending {
+            TransactionStatus::Idle
+        } else {
+            self.local = Local::Aborted(Aborted::new(None));
+            TransactionStatus::Failed
+        };
+        // Every request still owed an answer was lost with the connection.
+        for _ in 0..pending {
+            err.encode(&mut out);
+            encode_ready(&mut out, after);
+        }
+        m::count_error("proxy", err.code);
+        write_client(client, &out).await
+    }
+}

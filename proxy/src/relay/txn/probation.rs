@@ -1,0 +1,126 @@
+//! The retry rules for a transaction's first request: kept as the client sent it, with
+//! the server's side-effect-free answers held back, until it is known whether anything of
+//! it ran — or whether its first statement was refused by a primary being replaced, in
+//! which case it goes again to the next primary (docs/switchover.md, "Retry rules").
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use handoff_protocol::backend::tag as btag;
+
+use super::Txn;
+use crate::net::stream::Conn;
+use crate::relay::common::{write_client, End};
+use crate::shard::failure::RetryReason;
+use crate::shard::health;
+
+/// How often one request may be re-sent after a retriable refusal.
+pub(super) const MAX_RETRIES: u8 = 3;
+
+/// A request kept for retry larger than this is not kept (it is relayed as usual).
+const MAX_RETRY_BYTES: usize = 256 * 1024;
+
+/// Retry rules: the first request of a transaction, while it is not known
+/// whether anything of it ran. Its bytes are kept as the client sent them, and the
+/// server's side-effect-free answers (ParseComplete, BindComplete, RowDescription, …)
+/// are held back until a CommandComplete, DataRow, COPY response or any other answer
+/// shows that the request ran — or until a `25006`/`57P03` error shows that its first
+/// statement was refused, in which case it may go to the next primary.
+#[derive(Debug, Default)]
+pub(super) struct Probation {
+    /// Holding: the outcome is not known yet.
+    pub(super) active: bool,
+    /// The request's bytes, as the client sent them.
+    pub(super) raw: BytesMut,
+    /// The request's last message (Query, Sync) has been sent: no more client bytes are
+    /// read until the outcome is known.
+    pub(super) complete: bool,
+    /// Server bytes held back from the client.
+    pub(super) held: BytesMut,
+    /// The first statement was refused with this retriable reason.
+    pub(super) refused: Option<RetryReason>,
+    /// ReadyForQuery arrived after the refusal: the request may be re-sent.
+    pub(super) ready: bool,
+}
+
+impl Probation {
+    pub(super) fn begin(&mut self) {
+        self.active = true;
+        self.raw.clear();
+        self.held.clear();
+        self.complete = false;
+        self.refused = None;
+        self.ready = false;
+    }
+
+    /// Sending the request, message by message (or part by part, up to the end of its
+    /// last message).
+    pub(super) fn record(&mut self, bytes: &[u8]) {
+        if self.active {
+            if self.raw.len() + bytes.len() > MAX_RETRY_BYTES {
+                self.active = false;
+            } else {
+                self.raw.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    /// Waiting for the outcome once the request's last message is through
+    /// (`at_boundary`): the client's further bytes stay unread.
+    pub(super) fn waiting(&self, at_boundary: bool) -> bool {
+        self.active && self.complete && at_boundary
+    }
+
+    /// Stops holding; returns what was held (to go to the client first).
+    pub(super) fn release(&mut self) -> BytesMut {
+        self.active = false;
+        self.refused = None;
+        self.ready = false;
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// Server messages that show a request ran (or began to).
+pub(super) fn shows_execution(tag: u8) -> bool {
+    matches!(
+        tag,
+        btag::COMMAND_COMPLETE
+            | btag::DATA_ROW
+            | btag::COPY_IN_RESPONSE
+            | btag::COPY_OUT_RESPONSE
+            | btag::COPY_BOTH_RESPONSE
+            | btag::EMPTY_QUERY_RESPONSE
+            | btag::PORTAL_SUSPENDED
+            | btag::FUNCTION_CALL_RESPONSE
+            | btag::NOTIFICATION_RESPONSE
+    )
+}
+
+impl Txn<'_> {
+    /// The first statement of the transaction's first request was refused with
+    /// `25006`/`57P03` and nothing of it ran. If the primary is indeed being replaced,
+    /// the request goes again, through the buffer, to the next primary; otherwise the
+    /// client gets the server's answer.
+    pub(super) async fn settle_refusal(
+        &mut self,
+        client: &mut Conn,
+        stream_clean: bool,
+    ) -> Result<(), End> {
+        let reason = self.probe.refused.unwrap_or(RetryReason::ReadOnly);
+        let gen = Arc::clone(&self.gen);
+        let gone = health::suspect(&self.shared.ctx, self.state, &gen, reason.report()).await;
+        if gone && self.clean() && stream_clean && self.retries_left > 0 {
+            self.retries_left -= 1;
+            reason.count(self.shard);
+            tracing::info!(shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
+            let mut again = std::mem::take(&mut self.probe.raw);
+            self.probe.release();
+            self.detach(false, true);
+            again.extend_from_slice(&client.rbuf);
+            client.rbuf = again;
+            return Ok(());
+        }
+        let held = self.end_probe();
+        write_client(client, &held).await
+    }
+}

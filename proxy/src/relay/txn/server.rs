@@ -1,0 +1,170 @@
+//! The server's side of the transaction-mode relay: forwarding its messages to the
+//! client while settling the replies owed to the proxy's own messages, tracking
+//! ReadyForQuery, errors and parameter changes, and holding answers back while a first
+//! request is on probation.
+
+use bytes::{Buf, Bytes, BytesMut};
+use handoff_protocol::backend::tag as btag;
+use handoff_protocol::error::{ErrorFields, Severity};
+use handoff_protocol::framing::HEADER_LEN;
+use handoff_protocol::scan::{Scanner, Step};
+use handoff_protocol::{body, sqlstate};
+
+use super::params::TRACKED_PARAMS;
+use super::probation::shows_execution;
+use super::Txn;
+use crate::error::send_error;
+use crate::metrics as m;
+use crate::net::stream::Conn;
+use crate::relay::common::{write_client, End};
+use crate::shard::failure::{Report, RetryReason};
+use crate::shard::health;
+
+pub(super) fn inspect_server(t: u8) -> bool {
+    matches!(
+        t,
+        btag::READY_FOR_QUERY
+            | btag::ERROR_RESPONSE
+            | btag::PARSE_COMPLETE
+            | btag::CLOSE_COMPLETE
+            | btag::PARAMETER_STATUS
+    )
+}
+
+/// Forwards the server's messages to the client, handling the replies to the proxy's
+/// own messages and tracking ReadyForQuery, errors and parameter changes. While the
+/// transaction's first request may still be re-sent ([`Probation`]) its answers are held
+/// back instead.
+pub(super) async fn server_bytes(
+    buf: &mut BytesMut,
+    scan: &mut Scanner,
+    client: &mut Conn,
+    txn: &mut Txn<'_>,
+) -> Result<(), End> {
+    let mut pos = 0;
+    let mut run = 0;
+    loop {
+        let step = match scan.step(&buf[pos..], inspect_server) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "protocol error from server");
+                let err = crate::error::server_protocol_error(&e);
+                send_error(&mut client.stream, &err).await;
+                txn.server_fatal = true;
+                return Err(End::ServerProtocol);
+            }
+        };
+        let (tag, len, whole) = match step {
+            Step::NeedMore => break,
+            Step::Pass { len, tag } => (tag, len, false),
+            Step::Message { tag, len } => (Some(tag), len, true),
+        };
+        let Some(tag) = tag else {
+            pos += len;
+            continue;
+        };
+        let fields = if tag == btag::ERROR_RESPONSE && whole {
+            let mut b = Bytes::copy_from_slice(&buf[pos + HEADER_LEN..pos + len]);
+            ErrorFields::parse(&mut b).ok()
+        } else {
+            None
+        };
+        let refusal = fields.as_ref().and_then(|f| {
+            (f.level() == Some(Severity::Error))
+                .then(|| f.code().and_then(RetryReason::of_refusal))
+                .flatten()
+        });
+        if txn.probe.active && txn.probe.refused.is_none() {
+            if refusal.is_some() {
+                txn.probe.refused = refusal;
+            } else if shows_execution(tag)
+                || tag == btag::ERROR_RESPONSE
+                || tag == btag::READY_FOR_QUERY
+            {
+                // The request ran (or nothing in it could have side effects): let
+                // the held answers go, in order.
+                let held = txn.end_probe();
+                write_client(client, &held).await?;
+            }
+        }
+        if !whole {
+            pos += len;
+            continue;
+        }
+        let body = &buf[pos + HEADER_LEN..pos + len];
+        match tag {
+            btag::PARSE_COMPLETE | btag::CLOSE_COMPLETE => match txn.on_complete(tag) {
+                Some(t) => buf[pos] = t,
+                None => {
+                    emit(client, txn, &buf[run..pos]).await?;
+                    run = pos + len;
+                }
+            },
+            btag::READY_FOR_QUERY => {
+                let status = handoff_protocol::backend::ready_status(body)
+                    .map_err(|_| End::ServerProtocol)?;
+                txn.on_ready(status);
+                if txn.probe.active && txn.probe.refused.is_some() {
+                    txn.probe.ready = true;
+                }
+            }
+            btag::ERROR_RESPONSE => {
+                if let Some(f) = &fields {
+                    let code = f.code().unwrap_or("?????");
+                    m::count_error("server", code);
+                    if f.ends_session() {
+                        txn.server_fatal = true;
+                        health::report(txn.state, Report::ServerFatal);
+                        if sqlstate::is_operator_intervention(code) {
+                            // The server is going away (shutdown, crash, terminate):
+                            // the client hears of it when the connection closes, as an
+                            // error for its request, and keeps its session. Any other
+                            // FATAL (e.g. the client's own protocol violation) is the
+                            // client's, and ends it.
+                            txn.fatal = Some((
+                                code.to_string(),
+                                f.message().unwrap_or("no message").to_string(),
+                            ));
+                            emit(client, txn, &buf[run..pos]).await?;
+                            run = pos + len;
+                        }
+                    } else if let Some(r) = refusal.filter(|_| !txn.probe.active) {
+                        health::report(txn.state, r.report());
+                    }
+                }
+                txn.on_error();
+            }
+            btag::PARAMETER_STATUS => {
+                if let Some((name, value)) = body::parameter_status(body) {
+                    let (name, value) = (name.to_string(), value.to_string());
+                    // A client's own SET of a tracked parameter sticks to it.
+                    if TRACKED_PARAMS.contains(&name.as_str()) {
+                        txn.desired.insert(name.clone(), value.clone());
+                        if let Some(bk) = txn.backend.as_mut() {
+                            bk.applied.insert(name.clone(), value.clone());
+                        }
+                    }
+                    if let Some(bk) = txn.backend.as_mut() {
+                        bk.params.insert(name, value);
+                    }
+                }
+            }
+            _ => {}
+        }
+        pos += len;
+    }
+    emit(client, txn, &buf[run..pos]).await?;
+    txn.down += pos as u64;
+    buf.advance(pos);
+    Ok(())
+}
+
+/// Server bytes on their way to the client: held back while the first request's outcome
+/// is unknown.
+async fn emit(client: &mut Conn, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), End> {
+    if txn.probe.active {
+        txn.probe.held.extend_from_slice(bytes);
+        return Ok(());
+    }
+    write_client(client, bytes).await
+}
