@@ -38,7 +38,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "HANDOFF_SHARDS",
         default: "main=127.0.0.1:5432",
-        help: "name=host:port[,host:port...][;name=...]; the first host is the primary",
+        help: "name=host:port[,host:port...][;name=...]: every host that may be the shard's primary; at startup the writable one on the highest timeline is chosen (the first listed wins ties)",
     },
     Variable {
         name: "HANDOFF_DATABASES",
@@ -62,12 +62,12 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "HANDOFF_TLS_CERT",
-        default: "unset",
+        default: "(unset)",
         help: "PEM certificate chain for client TLS (read again on SIGHUP)",
     },
     Variable {
         name: "HANDOFF_TLS_KEY",
-        default: "unset",
+        default: "(unset)",
         help: "PEM private key for client TLS (read again on SIGHUP)",
     },
     Variable {
@@ -77,7 +77,7 @@ pub const VARIABLES: &[Variable] = &[
     },
     Variable {
         name: "HANDOFF_SERVER_TLS_CA",
-        default: "unset",
+        default: "(unset)",
         help: "PEM CA certificates that server certificates must chain to (verify-ca, verify-full)",
     },
     Variable {
@@ -504,287 +504,53 @@ impl Config {
     }
 
     /// Parses the given `HANDOFF_*` variables (others are ignored); missing ones take
-    /// their defaults.
+    /// the defaults declared in [`VARIABLES`].
     pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = (K, V)>,
         K: Into<String>,
         V: Into<String>,
     {
-        let mut env = HashMap::new();
-        for (k, v) in vars {
-            let k = k.into();
-            if !k.starts_with("HANDOFF_") {
-                continue;
-            }
-            if !VARIABLES.iter().any(|var| var.name == k) {
-                return Err(ConfigError::Unknown(k));
-            }
-            env.insert(k, v.into());
-        }
-        let get = |name: &str| env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
-
-        let listen = parse_addr(
-            "HANDOFF_LISTEN",
-            get("HANDOFF_LISTEN").unwrap_or("127.0.0.1:6432"),
-        )?;
-        let admin_listen = parse_addr(
-            "HANDOFF_ADMIN_LISTEN",
-            get("HANDOFF_ADMIN_LISTEN").unwrap_or("127.0.0.1:6480"),
-        )?;
-        let admin_token = get("HANDOFF_ADMIN_TOKEN").map(str::to_string);
-        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
-            return Err(invalid(
-                "HANDOFF_ADMIN_TOKEN",
-                format!(
-                    "must be set because HANDOFF_ADMIN_LISTEN={admin_listen} is not a loopback address"
-                ),
-            ));
-        }
-        let shards = parse_shards(get("HANDOFF_SHARDS").unwrap_or("main=127.0.0.1:5432"))?;
-        let (databases, default_route) = parse_databases(get("HANDOFF_DATABASES"), &shards)?;
-        let users = get("HANDOFF_USERS").map(parse_users).transpose()?;
-        if users.is_none() && !listen.ip().is_loopback() {
-            return Err(invalid(
-                "HANDOFF_USERS",
-                format!(
-                    "must be set because HANDOFF_LISTEN={listen} is not a loopback address \
-                     (clients without a password are allowed on loopback only)"
-                ),
-            ));
-        }
-        let max_client_conn = match get("HANDOFF_MAX_CLIENT_CONN") {
-            None => 1000,
-            Some(s) => s.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                invalid(
-                    "HANDOFF_MAX_CLIENT_CONN",
-                    format!("'{s}' is not a positive integer"),
-                )
-            })?,
-        };
-        let pool_mode = match get("HANDOFF_POOL_MODE").unwrap_or("transaction") {
-            "session" => PoolMode::Session,
-            "transaction" => PoolMode::Transaction,
-            other => {
-                return Err(invalid(
-                    "HANDOFF_POOL_MODE",
-                    format!("'{other}' is not a pool mode (expected 'transaction' or 'session')"),
-                ))
-            }
-        };
-        let count =
-            |name: &'static str, default: usize, min: usize| -> Result<usize, ConfigError> {
-                match get(name) {
-                    None => Ok(default),
-                    Some(s) => s
-                        .parse::<usize>()
-                        .ok()
-                        .filter(|n| *n >= min)
-                        .ok_or_else(|| {
-                            invalid(name, format!("'{s}' is not an integer of at least {min}"))
-                        }),
-                }
-            };
-        let pool_size = count("HANDOFF_POOL_SIZE", 20, 1)?;
-        let max_user_client_conn = count("HANDOFF_MAX_USER_CLIENT_CONN", 0, 0)?;
-        let max_db_client_conn = count("HANDOFF_MAX_DB_CLIENT_CONN", 0, 0)?;
-        let max_message_size = parse_size(get("HANDOFF_MAX_MESSAGE_SIZE").unwrap_or("64MB"))
-            .map_err(|r| invalid("HANDOFF_MAX_MESSAGE_SIZE", r))?;
-        if !(1024..=1 << 30).contains(&max_message_size) {
-            return Err(invalid(
-                "HANDOFF_MAX_MESSAGE_SIZE",
-                "must be between 1kB and 1GB",
-            ));
-        }
-        let min_idle = count("HANDOFF_POOL_MIN_IDLE", 0, 0)?;
-        if min_idle > pool_size {
-            return Err(invalid(
-                "HANDOFF_POOL_MIN_IDLE",
-                format!("{min_idle} is more than HANDOFF_POOL_SIZE ({pool_size})"),
-            ));
-        }
-        let max_prepared = count("HANDOFF_MAX_PREPARED_STATEMENTS", 200, 1)?;
-        let duration = |name: &'static str, default: &str| {
-            parse_duration(get(name).unwrap_or(default)).map_err(|r| invalid(name, r))
-        };
-        let connect_timeout = duration("HANDOFF_CONNECT_TIMEOUT", "5s")?;
-        let client_login_timeout = duration("HANDOFF_CLIENT_LOGIN_TIMEOUT", "15s")?;
-        let shutdown_timeout = duration("HANDOFF_SHUTDOWN_TIMEOUT", "30s")?;
-        let query_wait_timeout = duration("HANDOFF_QUERY_WAIT_TIMEOUT", "120s")?;
-        let pool = PoolSettings {
-            size: pool_size,
-            min_idle,
-            query_wait_timeout,
-            idle_timeout: duration("HANDOFF_SERVER_IDLE_TIMEOUT", "10m")?,
-            lifetime: duration("HANDOFF_SERVER_LIFETIME", "1h")?,
-            max_prepared,
-        };
-        for (name, d) in [
-            ("HANDOFF_CONNECT_TIMEOUT", connect_timeout),
-            ("HANDOFF_CLIENT_LOGIN_TIMEOUT", client_login_timeout),
-            ("HANDOFF_QUERY_WAIT_TIMEOUT", query_wait_timeout),
-        ] {
-            if d.is_zero() {
-                return Err(invalid(name, "must be greater than zero"));
-            }
-        }
-        let buffer = parse_buffer(&env, &shards, pool.size)?;
-        let drain_timeout = duration("HANDOFF_DRAIN_TIMEOUT", "5s")?;
-        let client_idle_timeout = duration("HANDOFF_CLIENT_IDLE_TIMEOUT", "0")?;
-        let client_mode = match get("HANDOFF_TLS_MODE").unwrap_or("disable") {
-            "disable" => ClientTlsMode::Disable,
-            "allow" => ClientTlsMode::Allow,
-            "require" => ClientTlsMode::Require,
-            other => {
-                return Err(invalid(
-                    "HANDOFF_TLS_MODE",
-                    format!("'{other}' is not one of disable, allow, require"),
-                ))
-            }
-        };
-        let server_mode = match get("HANDOFF_SERVER_TLS").unwrap_or("disable") {
-            "disable" => ServerTlsMode::Disable,
-            "prefer" => ServerTlsMode::Prefer,
-            "require" => ServerTlsMode::Require,
-            "verify-ca" => ServerTlsMode::VerifyCa,
-            "verify-full" => ServerTlsMode::VerifyFull,
-            other => {
-                return Err(invalid(
-                    "HANDOFF_SERVER_TLS",
-                    format!(
-                        "'{other}' is not one of disable, prefer, require, verify-ca, verify-full"
-                    ),
-                ))
-            }
-        };
-        let path = |name: &str| get(name).map(std::path::PathBuf::from);
-        let tls = TlsSettings {
-            client_mode,
-            cert: path("HANDOFF_TLS_CERT"),
-            key: path("HANDOFF_TLS_KEY"),
-            server_mode,
-            server_ca: path("HANDOFF_SERVER_TLS_CA"),
-        };
-        if client_mode != ClientTlsMode::Disable {
-            for (name, v) in [
-                ("HANDOFF_TLS_CERT", &tls.cert),
-                ("HANDOFF_TLS_KEY", &tls.key),
-            ] {
-                if v.is_none() {
-                    return Err(invalid(
-                        name,
-                        "required when HANDOFF_TLS_MODE is not disable",
-                    ));
-                }
-            }
-        }
-        if matches!(
-            server_mode,
-            ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull
-        ) && tls.server_ca.is_none()
-        {
-            return Err(invalid(
-                "HANDOFF_SERVER_TLS_CA",
-                "required with HANDOFF_SERVER_TLS=verify-ca or verify-full",
-            ));
-        }
-        let idle_transaction_timeout = duration("HANDOFF_IDLE_TRANSACTION_TIMEOUT", "0")?;
-        let health = HealthSettings {
-            interval: duration("HANDOFF_HEALTH_CHECK_INTERVAL", "1s")?,
-            timeout: duration("HANDOFF_HEALTH_CHECK_TIMEOUT", "2s")?,
-            discovery_interval: duration("HANDOFF_DISCOVERY_INTERVAL", "100ms")?,
-        };
-        for (name, d) in [
-            ("HANDOFF_HEALTH_CHECK_INTERVAL", health.interval),
-            ("HANDOFF_HEALTH_CHECK_TIMEOUT", health.timeout),
-            ("HANDOFF_DISCOVERY_INTERVAL", health.discovery_interval),
-        ] {
-            if d < Duration::from_millis(1) {
-                return Err(invalid(name, "must be at least 1ms"));
-            }
-        }
-        let switchover_timeout = duration("HANDOFF_SWITCHOVER_TIMEOUT", "10s")?;
-        if switchover_timeout.is_zero() {
-            return Err(invalid(
-                "HANDOFF_SWITCHOVER_TIMEOUT",
-                "must be greater than zero",
-            ));
-        }
-        let max_lag = parse_size(get("HANDOFF_SWITCHOVER_MAX_LAG").unwrap_or("16MB"))
-            .map_err(|r| invalid("HANDOFF_SWITCHOVER_MAX_LAG", r))? as u64;
-        let terminate = get("HANDOFF_SWITCHOVER_TERMINATE")
-            .map_or(Ok(true), |s| parse_bool("HANDOFF_SWITCHOVER_TERMINATE", s))?;
-        let demote_command = get("HANDOFF_SWITCHOVER_DEMOTE_COMMAND").map(str::to_string);
-        let demote_timeout = duration("HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT", "60s")?;
-        if demote_timeout.is_zero() {
-            return Err(invalid(
-                "HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT",
-                "must be greater than zero",
-            ));
-        }
-        let watchdog_interval = duration("HANDOFF_WATCHDOG_INTERVAL", "250ms")?;
-        if watchdog_interval < Duration::from_millis(1) {
-            return Err(invalid("HANDOFF_WATCHDOG_INTERVAL", "must be at least 1ms"));
-        }
-        // The admin role falls back to the first (by name) client user with a password.
-        let fallback = users.as_ref().and_then(|u| {
-            let mut names: Vec<&String> = u.keys().filter(|n| u[*n].password.is_some()).collect();
-            names.sort();
-            names
-                .first()
-                .map(|n| (n.to_string(), u[*n].password.clone()))
-        });
-        let (user, password) = match get("HANDOFF_ADMIN_DB_USER") {
-            Some(u) => (u.to_string(), None),
-            None => fallback.unwrap_or_else(|| ("postgres".to_string(), None)),
-        };
-        let password = get("HANDOFF_ADMIN_DB_PASSWORD")
-            .map(str::to_string)
-            .or(password);
-        let switchover = SwitchoverSettings {
-            max_lag,
-            timeout: switchover_timeout,
-            terminate,
-            demote_command,
-            demote_timeout,
-        };
-        let admin_db = AdminDbSettings {
-            user,
-            password,
-            database: get("HANDOFF_ADMIN_DB_NAME")
-                .unwrap_or("postgres")
-                .to_string(),
-        };
+        let vars = Vars::collect(vars)?;
+        let listeners = parse_listeners(&vars)?;
+        let shards = parse_shards(vars.get("HANDOFF_SHARDS").unwrap_or_default())?;
+        let (databases, default_route) = parse_databases(vars.get("HANDOFF_DATABASES"), &shards)?;
+        let users = parse_client_users(&vars, listeners.listen)?;
+        let limits = parse_limits(&vars)?;
+        let tls = parse_tls(&vars)?;
+        let (pool_mode, pool) = parse_pool(&vars)?;
+        let buffer = parse_buffer(&vars, &shards, pool.size)?;
+        let (switchover, drain_timeout) = parse_switchover(&vars)?;
+        let (health, watchdog_interval) = parse_health(&vars)?;
         Ok(Self {
-            listen,
-            admin_listen,
-            admin_token,
+            listen: listeners.listen,
+            admin_listen: listeners.admin_listen,
+            admin_token: listeners.admin_token,
             shards,
             databases,
             default_route,
+            admin_db: parse_admin_db(&vars, users.as_ref()),
             users,
-            max_client_conn,
-            max_user_client_conn,
-            max_db_client_conn,
-            client_idle_timeout,
-            idle_transaction_timeout,
-            max_message_size,
+            max_client_conn: limits.max_client_conn,
+            max_user_client_conn: limits.max_user_client_conn,
+            max_db_client_conn: limits.max_db_client_conn,
+            client_idle_timeout: limits.client_idle_timeout,
+            idle_transaction_timeout: limits.idle_transaction_timeout,
+            max_message_size: limits.max_message_size,
             tls,
             pool_mode,
             pool,
             buffer,
-            connect_timeout,
-            client_login_timeout,
-            shutdown_timeout,
+            connect_timeout: vars.positive_duration("HANDOFF_CONNECT_TIMEOUT")?,
+            client_login_timeout: vars.positive_duration("HANDOFF_CLIENT_LOGIN_TIMEOUT")?,
+            shutdown_timeout: vars.duration("HANDOFF_SHUTDOWN_TIMEOUT")?,
             switchover,
             drain_timeout,
-            admin_db,
             health,
             watchdog_interval,
-            log: get("HANDOFF_LOG").unwrap_or("info").to_string(),
+            log: vars.get("HANDOFF_LOG").unwrap_or_default().to_string(),
         })
     }
-
     /// The route for a client database, if any.
     pub fn route(&self, database: &str) -> Option<&DatabaseRoute> {
         self.databases.get(database).or(self.default_route.as_ref())
@@ -849,44 +615,281 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// The `HANDOFF_*` variables given, and the declared defaults of the others: the one
+/// place a default is read, so `--help` and the parser cannot disagree.
+struct Vars {
+    env: HashMap<String, String>,
+}
+
+impl Vars {
+    /// Keeps the `HANDOFF_*` variables, refusing any not in [`VARIABLES`].
+    fn collect<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut env = HashMap::new();
+        for (k, v) in vars {
+            let k = k.into();
+            if !k.starts_with("HANDOFF_") {
+                continue;
+            }
+            if !VARIABLES.iter().any(|var| var.name == k) {
+                return Err(ConfigError::Unknown(k));
+            }
+            env.insert(k, v.into());
+        }
+        Ok(Self { env })
+    }
+
+    /// The value given (trimmed, empty counts as not given).
+    fn given(&self, name: &'static str) -> Option<&str> {
+        self.env
+            .get(name)
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The value given, else the declared default; `None` for a variable left unset
+    /// whose default is a description (written in parentheses).
+    fn get(&self, name: &'static str) -> Option<&str> {
+        if let Some(v) = self.given(name) {
+            return Some(v);
+        }
+        let var = VARIABLES
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("{name} is read but not declared in VARIABLES"));
+        (!var.default.starts_with('(')).then_some(var.default)
+    }
+
+    fn duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        parse_duration(self.get(name).unwrap_or("0")).map_err(|r| invalid(name, r))
+    }
+
+    fn positive_duration(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let d = self.duration(name)?;
+        if d.is_zero() {
+            return Err(invalid(name, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn at_least_1ms(&self, name: &'static str) -> Result<Duration, ConfigError> {
+        let d = self.duration(name)?;
+        if d < Duration::from_millis(1) {
+            return Err(invalid(name, "must be at least 1ms"));
+        }
+        Ok(d)
+    }
+
+    /// A whole number of at least `min`.
+    fn count(&self, name: &'static str, min: usize) -> Result<usize, ConfigError> {
+        let s = self.get(name).unwrap_or("0");
+        s.parse::<usize>()
+            .ok()
+            .filter(|n| *n >= min)
+            .ok_or_else(|| invalid(name, format!("'{s}' is not an integer of at least {min}")))
+    }
+
+    fn size(&self, name: &'static str) -> Result<usize, ConfigError> {
+        parse_size(self.get(name).unwrap_or("0")).map_err(|r| invalid(name, r))
+    }
+
+    fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {
+        parse_bool(name, self.get(name).unwrap_or("false"))
+    }
+
+    /// One of `choices` (by name).
+    fn choice<T: Copy>(&self, name: &'static str, choices: &[(&str, T)]) -> Result<T, ConfigError> {
+        let s = self.get(name).unwrap_or_default();
+        choices
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+                invalid(name, format!("'{s}' is not one of {}", names.join(", ")))
+            })
+    }
+}
+
+struct Listeners {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    admin_token: Option<String>,
+}
+
+fn parse_listeners(vars: &Vars) -> Result<Listeners, ConfigError> {
+    let listen = parse_addr(
+        "HANDOFF_LISTEN",
+        vars.get("HANDOFF_LISTEN").unwrap_or_default(),
+    )?;
+    let admin_listen = parse_addr(
+        "HANDOFF_ADMIN_LISTEN",
+        vars.get("HANDOFF_ADMIN_LISTEN").unwrap_or_default(),
+    )?;
+    let admin_token = vars.get("HANDOFF_ADMIN_TOKEN").map(str::to_string);
+    if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+        return Err(invalid(
+            "HANDOFF_ADMIN_TOKEN",
+            format!(
+                "must be set because HANDOFF_ADMIN_LISTEN={admin_listen} is not a loopback address"
+            ),
+        ));
+    }
+    Ok(Listeners {
+        listen,
+        admin_listen,
+        admin_token,
+    })
+}
+
+fn parse_client_users(
+    vars: &Vars,
+    listen: SocketAddr,
+) -> Result<Option<HashMap<String, UserSecret>>, ConfigError> {
+    let users = vars.get("HANDOFF_USERS").map(parse_users).transpose()?;
+    if users.is_none() && !listen.ip().is_loopback() {
+        return Err(invalid(
+            "HANDOFF_USERS",
+            format!(
+                "must be set because HANDOFF_LISTEN={listen} is not a loopback address \
+                 (clients without a password are allowed on loopback only)"
+            ),
+        ));
+    }
+    Ok(users)
+}
+
+struct Limits {
+    max_client_conn: usize,
+    max_user_client_conn: usize,
+    max_db_client_conn: usize,
+    client_idle_timeout: Duration,
+    idle_transaction_timeout: Duration,
+    max_message_size: usize,
+}
+
+fn parse_limits(vars: &Vars) -> Result<Limits, ConfigError> {
+    let max_message_size = vars.size("HANDOFF_MAX_MESSAGE_SIZE")?;
+    if !(1024..=1 << 30).contains(&max_message_size) {
+        return Err(invalid(
+            "HANDOFF_MAX_MESSAGE_SIZE",
+            "must be between 1kB and 1GB",
+        ));
+    }
+    Ok(Limits {
+        max_client_conn: vars.count("HANDOFF_MAX_CLIENT_CONN", 1)?,
+        max_user_client_conn: vars.count("HANDOFF_MAX_USER_CLIENT_CONN", 0)?,
+        max_db_client_conn: vars.count("HANDOFF_MAX_DB_CLIENT_CONN", 0)?,
+        client_idle_timeout: vars.duration("HANDOFF_CLIENT_IDLE_TIMEOUT")?,
+        idle_transaction_timeout: vars.duration("HANDOFF_IDLE_TRANSACTION_TIMEOUT")?,
+        max_message_size,
+    })
+}
+
+fn parse_tls(vars: &Vars) -> Result<TlsSettings, ConfigError> {
+    let client_mode = vars.choice(
+        "HANDOFF_TLS_MODE",
+        &[
+            ("disable", ClientTlsMode::Disable),
+            ("allow", ClientTlsMode::Allow),
+            ("require", ClientTlsMode::Require),
+        ],
+    )?;
+    let server_mode = vars.choice(
+        "HANDOFF_SERVER_TLS",
+        &[
+            ("disable", ServerTlsMode::Disable),
+            ("prefer", ServerTlsMode::Prefer),
+            ("require", ServerTlsMode::Require),
+            ("verify-ca", ServerTlsMode::VerifyCa),
+            ("verify-full", ServerTlsMode::VerifyFull),
+        ],
+    )?;
+    let path = |name: &'static str| vars.get(name).map(std::path::PathBuf::from);
+    let tls = TlsSettings {
+        client_mode,
+        cert: path("HANDOFF_TLS_CERT"),
+        key: path("HANDOFF_TLS_KEY"),
+        server_mode,
+        server_ca: path("HANDOFF_SERVER_TLS_CA"),
+    };
+    if client_mode != ClientTlsMode::Disable {
+        for (name, v) in [
+            ("HANDOFF_TLS_CERT", &tls.cert),
+            ("HANDOFF_TLS_KEY", &tls.key),
+        ] {
+            if v.is_none() {
+                return Err(invalid(
+                    name,
+                    "required when HANDOFF_TLS_MODE is not disable",
+                ));
+            }
+        }
+    }
+    if matches!(
+        server_mode,
+        ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull
+    ) && tls.server_ca.is_none()
+    {
+        return Err(invalid(
+            "HANDOFF_SERVER_TLS_CA",
+            "required with HANDOFF_SERVER_TLS=verify-ca or verify-full",
+        ));
+    }
+    Ok(tls)
+}
+
+fn parse_pool(vars: &Vars) -> Result<(PoolMode, PoolSettings), ConfigError> {
+    let mode = vars.choice(
+        "HANDOFF_POOL_MODE",
+        &[
+            ("transaction", PoolMode::Transaction),
+            ("session", PoolMode::Session),
+        ],
+    )?;
+    let size = vars.count("HANDOFF_POOL_SIZE", 1)?;
+    let min_idle = vars.count("HANDOFF_POOL_MIN_IDLE", 0)?;
+    if min_idle > size {
+        return Err(invalid(
+            "HANDOFF_POOL_MIN_IDLE",
+            format!("{min_idle} is more than HANDOFF_POOL_SIZE ({size})"),
+        ));
+    }
+    Ok((
+        mode,
+        PoolSettings {
+            size,
+            min_idle,
+            query_wait_timeout: vars.positive_duration("HANDOFF_QUERY_WAIT_TIMEOUT")?,
+            idle_timeout: vars.duration("HANDOFF_SERVER_IDLE_TIMEOUT")?,
+            lifetime: vars.duration("HANDOFF_SERVER_LIFETIME")?,
+            max_prepared: vars.count("HANDOFF_MAX_PREPARED_STATEMENTS", 1)?,
+        },
+    ))
+}
+
 fn parse_buffer(
-    env: &HashMap<String, String>,
+    vars: &Vars,
     shards: &[ShardConfig],
     pool_size: usize,
 ) -> Result<handoff_buffer::BufferConfig, ConfigError> {
-    let get = |name: &str| env.get(name).map(|s| s.trim()).filter(|s| !s.is_empty());
-    let d = handoff_buffer::BufferConfig::default();
-    let dur = |name: &'static str, default: Duration| -> Result<Duration, ConfigError> {
-        get(name).map_or(Ok(default), |s| {
-            parse_duration(s).map_err(|r| invalid(name, r))
-        })
-    };
-    let int = |name: &'static str, default: usize| -> Result<usize, ConfigError> {
-        get(name).map_or(Ok(default), |s| {
-            s.parse::<usize>()
-                .map_err(|_| invalid(name, format!("'{s}' is not a whole number")))
-        })
-    };
     let cfg = handoff_buffer::BufferConfig {
-        enabled: get("HANDOFF_BUFFER_ENABLED")
-            .map_or(Ok(d.enabled), |s| parse_bool("HANDOFF_BUFFER_ENABLED", s))?,
-        dry_run: get("HANDOFF_BUFFER_DRY_RUN")
-            .map_or(Ok(d.dry_run), |s| parse_bool("HANDOFF_BUFFER_DRY_RUN", s))?,
-        size: int("HANDOFF_BUFFER_SIZE", d.size)?,
-        max_bytes: get("HANDOFF_BUFFER_MAX_BYTES").map_or(Ok(d.max_bytes), |s| {
-            parse_size(s).map_err(|r| invalid("HANDOFF_BUFFER_MAX_BYTES", r))
-        })?,
-        window: dur("HANDOFF_BUFFER_WINDOW", d.window)?,
-        max_failover_duration: dur(
-            "HANDOFF_BUFFER_MAX_FAILOVER_DURATION",
-            d.max_failover_duration,
-        )?,
-        min_time_between_failovers: dur(
-            "HANDOFF_BUFFER_MIN_TIME_BETWEEN_FAILOVERS",
-            d.min_time_between_failovers,
-        )?,
-        drain_concurrency: int("HANDOFF_BUFFER_DRAIN_CONCURRENCY", pool_size)?,
-        shards: get("HANDOFF_BUFFER_SHARDS").map(|s| {
+        enabled: vars.flag("HANDOFF_BUFFER_ENABLED")?,
+        dry_run: vars.flag("HANDOFF_BUFFER_DRY_RUN")?,
+        size: vars.count("HANDOFF_BUFFER_SIZE", 0)?,
+        max_bytes: vars.size("HANDOFF_BUFFER_MAX_BYTES")?,
+        window: vars.duration("HANDOFF_BUFFER_WINDOW")?,
+        max_failover_duration: vars.duration("HANDOFF_BUFFER_MAX_FAILOVER_DURATION")?,
+        min_time_between_failovers: vars.duration("HANDOFF_BUFFER_MIN_TIME_BETWEEN_FAILOVERS")?,
+        drain_concurrency: match vars.get("HANDOFF_BUFFER_DRAIN_CONCURRENCY") {
+            None => pool_size,
+            Some(_) => vars.count("HANDOFF_BUFFER_DRAIN_CONCURRENCY", 0)?,
+        },
+        shards: vars.get("HANDOFF_BUFFER_SHARDS").map(|s| {
             s.split(',')
                 .map(str::trim)
                 .filter(|x| !x.is_empty())
@@ -899,6 +902,56 @@ fn parse_buffer(
     Ok(cfg)
 }
 
+/// Planned switchovers, and lameduck's drain timeout.
+fn parse_switchover(vars: &Vars) -> Result<(SwitchoverSettings, Duration), ConfigError> {
+    let settings = SwitchoverSettings {
+        max_lag: vars.size("HANDOFF_SWITCHOVER_MAX_LAG")? as u64,
+        timeout: vars.positive_duration("HANDOFF_SWITCHOVER_TIMEOUT")?,
+        terminate: vars.flag("HANDOFF_SWITCHOVER_TERMINATE")?,
+        demote_command: vars
+            .get("HANDOFF_SWITCHOVER_DEMOTE_COMMAND")
+            .map(str::to_string),
+        demote_timeout: vars.positive_duration("HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT")?,
+    };
+    Ok((settings, vars.duration("HANDOFF_DRAIN_TIMEOUT")?))
+}
+
+/// The failure detector's settings, and the watchdog's interval.
+fn parse_health(vars: &Vars) -> Result<(HealthSettings, Duration), ConfigError> {
+    let health = HealthSettings {
+        interval: vars.at_least_1ms("HANDOFF_HEALTH_CHECK_INTERVAL")?,
+        timeout: vars.at_least_1ms("HANDOFF_HEALTH_CHECK_TIMEOUT")?,
+        discovery_interval: vars.at_least_1ms("HANDOFF_DISCOVERY_INTERVAL")?,
+    };
+    Ok((health, vars.at_least_1ms("HANDOFF_WATCHDOG_INTERVAL")?))
+}
+
+/// The admin role: `HANDOFF_ADMIN_DB_USER`, else the first client user (by name) with a
+/// password, else `postgres`.
+fn parse_admin_db(vars: &Vars, users: Option<&HashMap<String, UserSecret>>) -> AdminDbSettings {
+    let fallback = users.and_then(|u| {
+        let mut names: Vec<&String> = u.keys().filter(|n| u[*n].password.is_some()).collect();
+        names.sort();
+        names
+            .first()
+            .map(|n| (n.to_string(), u[*n].password.clone()))
+    });
+    let (user, password) = match vars.given("HANDOFF_ADMIN_DB_USER") {
+        Some(u) => (u.to_string(), None),
+        None => fallback.unwrap_or_else(|| ("postgres".to_string(), None)),
+    };
+    AdminDbSettings {
+        user,
+        password: vars
+            .given("HANDOFF_ADMIN_DB_PASSWORD")
+            .map(str::to_string)
+            .or(password),
+        database: vars
+            .get("HANDOFF_ADMIN_DB_NAME")
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
 /// Parses `250ms`, `10s`, `1m`, `1h` (and `0`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

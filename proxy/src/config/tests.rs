@@ -332,3 +332,21 @@ fn fence_and_watchdog_settings() {
     assert_eq!(c.switchover.demote_timeout, Duration::from_secs(120));
     assert_eq!(c.watchdog_interval, Duration::from_secs(1));
 }
+
+#[test]
+fn the_declared_defaults_are_the_ones_parsed() {
+    // Every default written in VARIABLES (not a description in parentheses), given
+    // explicitly, yields exactly the configuration of an empty environment: the parser
+    // has no default of its own.
+    let explicit: Vec<(&str, &str)> = VARIABLES
+        .iter()
+        .filter(|v| !v.default.starts_with('('))
+        .map(|v| (v.name, v.default))
+        .collect();
+    assert!(explicit.len() > 30, "{explicit:?}");
+    let implicit = cfg(&[]).unwrap();
+    let given = cfg(&explicit).unwrap();
+    assert_eq!(format!("{implicit:?}"), format!("{given:?}"));
+    // And the help text says what the README says about the first host.
+    assert!(!Config::help().contains("the first host is the primary"));
+}

@@ -15,8 +15,8 @@ use tracing::Instrument;
 use crate::frontend::session;
 use crate::metrics as m;
 use crate::net::stream::Conn;
-use crate::shutdown::{Phase, Signal};
 use crate::shared::Shared;
+use crate::shutdown::{Phase, Signal};
 
 /// Most over-limit connections being answered at once; beyond that they are just closed.
 const MAX_REJECTING: usize = 256;

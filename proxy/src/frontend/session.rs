@@ -21,8 +21,8 @@ use crate::net::stream::Conn;
 use crate::relay::common::hello;
 use crate::relay::session_mode;
 use crate::relay::txn;
-use crate::shutdown::Signal;
 use crate::shared::Shared;
+use crate::shutdown::Signal;
 
 /// What the client asked for in its StartupMessage.
 #[derive(Debug)]
