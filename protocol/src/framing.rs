@@ -19,6 +19,11 @@ pub const SSL_REQUEST_CODE: i32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: i32 = 80_877_104;
 /// The request code of a CancelRequest.
 pub const CANCEL_REQUEST_CODE: i32 = 80_877_102;
+/// The one-byte answer to an SSLRequest (or GSSENCRequest) that accepts it: the
+/// handshake follows.
+pub const ENCRYPTION_ACCEPTED: u8 = b'S';
+/// The one-byte answer that declines it: the connection goes on in plaintext.
+pub const ENCRYPTION_DECLINED: u8 = b'N';
 
 /// One tagged message: its type byte and its body (without tag and length).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,6 +23,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 
+use crate::shard::control;
+use crate::shard::switchover::{self, Outcome};
+use crate::shard::{Ctx, Shard};
 use crate::shutdown::{Phase, Signal};
 
 /// Most admin requests handled at once.
@@ -89,7 +92,7 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
     let (needs_auth, allowed) = match segments.as_slice() {
         ["healthz"] | ["readyz"] => (false, Method::GET),
         ["metrics"] | ["v1", "shards"] => (true, Method::GET),
-        ["v1", "shards", _, "switchover" | "buffer" | "primary" | "resume"] => (true, Method::POST),
+        ["v1", "shards", _, a] if Action::parse(a).is_some() => (true, Method::POST),
         _ => {
             return json_error(
                 StatusCode::NOT_FOUND,
@@ -134,12 +137,12 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
         ["v1", "shards"] => json(StatusCode::OK, shards_json(&state.shared)),
         ["v1", "shards", name, action] => {
             let name = name.to_string();
-            let action = action.to_string();
+            let action = Action::parse(action).expect("routed above");
             let body = match read_json(req).await {
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            shard_action(&state, &name, &action, body).await
+            shard_action(&state, &name, action, body).await
         }
         _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
     }
@@ -229,46 +232,101 @@ fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
     })
 }
 
-fn field_str<'a>(
-    body: &'a serde_json::Map<String, serde_json::Value>,
-    name: &str,
-) -> Result<Option<&'a str>, String> {
+/// What can be done to a shard through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// A switchover run by handoff.
+    Switchover,
+    /// Revoke: hold new transactions, lameduck.
+    Buffer,
+    /// Establish a primary and release held transactions to it.
+    Primary,
+    /// Abort: release held transactions to the revoked primary.
+    Resume,
+}
+
+impl Action {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "switchover" => Some(Action::Switchover),
+            "buffer" => Some(Action::Buffer),
+            "primary" => Some(Action::Primary),
+            "resume" => Some(Action::Resume),
+            _ => None,
+        }
+    }
+
+    /// The body fields the action accepts; any other is refused.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Action::Switchover => &["to"],
+            Action::Buffer => &["epoch", "reason"],
+            Action::Primary => &["addr", "epoch"],
+            Action::Resume => &["epoch"],
+        }
+    }
+}
+
+/// A request body that does not say what its action needs (400).
+#[derive(Debug, thiserror::Error)]
+enum FieldError {
+    #[error("\"{0}\" must be a string")]
+    NotString(&'static str),
+    #[error("missing \"{0}\": the target as \"host:port\"")]
+    MissingAddr(&'static str),
+    #[error("\"{name}\": {reason}")]
+    BadAddr {
+        name: &'static str,
+        reason: crate::config::InvalidValue,
+    },
+    #[error("\"epoch\" must be a non-negative integer")]
+    BadEpoch,
+    #[error("unknown field \"{field}\" (expected: {expected})")]
+    Unknown { field: String, expected: String },
+}
+
+type Fields = serde_json::Map<String, serde_json::Value>;
+
+fn field_str<'a>(body: &'a Fields, name: &'static str) -> Result<Option<&'a str>, FieldError> {
     match body.get(name) {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(format!("\"{name}\" must be a string")),
+        Some(_) => Err(FieldError::NotString(name)),
     }
 }
 
-fn field_addr(
-    body: &serde_json::Map<String, serde_json::Value>,
-    name: &str,
-) -> Result<crate::config::HostPort, String> {
-    let Some(s) = field_str(body, name)? else {
-        return Err(format!("missing \"{name}\": the target as \"host:port\""));
-    };
-    crate::config::HostPort::parse_any(s).map_err(|e| format!("\"{name}\": {e}"))
+fn field_addr(body: &Fields, name: &'static str) -> Result<crate::config::HostPort, FieldError> {
+    let s = field_str(body, name)?.ok_or(FieldError::MissingAddr(name))?;
+    crate::config::HostPort::parse_any(s).map_err(|reason| FieldError::BadAddr { name, reason })
 }
 
-fn field_epoch(body: &serde_json::Map<String, serde_json::Value>) -> Result<Option<u64>, String> {
+fn field_epoch(body: &Fields) -> Result<Option<u64>, FieldError> {
     match body.get("epoch") {
         None | Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| "\"epoch\" must be a non-negative integer".to_string()),
+        Some(v) => v.as_u64().map(Some).ok_or(FieldError::BadEpoch),
     }
+}
+
+fn bad_request(e: FieldError) -> Response<Body> {
+    json_error(StatusCode::BAD_REQUEST, &e.to_string())
 }
 
 fn event_error(e: &crate::shard::EventError) -> Response<Body> {
     json_error(StatusCode::CONFLICT, &e.to_string())
 }
 
+fn busy() -> Response<Body> {
+    json_error(
+        StatusCode::CONFLICT,
+        "a switchover of this shard is in progress",
+    )
+}
+
 async fn shard_action(
     state: &Arc<AdminState>,
     name: &str,
-    action: &str,
-    body: serde_json::Map<String, serde_json::Value>,
+    action: Action,
+    body: Fields,
 ) -> Response<Body> {
     let shared = Arc::clone(&state.shared);
     let Some(shard) = shared.shard(name).cloned() else {
@@ -277,142 +335,124 @@ async fn shard_action(
             &format!("no shard named \"{name}\" (see GET /v1/shards)"),
         );
     };
-    let allowed: &[&str] = match action {
-        "switchover" => &["to"],
-        "buffer" => &["epoch", "reason"],
-        "primary" => &["addr", "epoch"],
-        _ => &["epoch"],
-    };
+    let allowed = action.fields();
     if let Some(k) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return json_error(
-            StatusCode::BAD_REQUEST,
-            &format!("unknown field \"{k}\" (expected: {})", allowed.join(", ")),
-        );
+        return bad_request(FieldError::Unknown {
+            field: k.clone(),
+            expected: allowed.join(", "),
+        });
     }
+    let ctx = Arc::clone(&shared.ctx);
     match action {
-        "switchover" => {
-            let to = match field_addr(&body, "to") {
-                Ok(a) => a,
-                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
-            };
-            // Its own task: it completes (or rolls back) even if the caller goes away.
-            let task = tokio::spawn(crate::shard::switchover::run(
-                Arc::clone(&shared.ctx),
-                shard,
-                to,
-            ));
-            match task.await {
-                Ok(report) => {
-                    let status = match report.outcome {
-                        crate::shard::switchover::Outcome::Completed => StatusCode::OK,
-                        crate::shard::switchover::Outcome::Refused
-                        | crate::shard::switchover::Outcome::RolledBack => StatusCode::CONFLICT,
-                        crate::shard::switchover::Outcome::Failed => StatusCode::BAD_GATEWAY,
-                    };
-                    json(status, report.to_json())
-                }
-                Err(e) => json_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("the switchover task failed: {e}"),
-                ),
-            }
-        }
-        "buffer" => {
-            let epoch = match field_epoch(&body) {
-                Ok(e) => e,
-                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
-            };
-            let reason = match field_str(&body, "reason") {
-                Ok(r) => r.unwrap_or("admin API").to_string(),
-                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
-            };
-            let Ok(_op) = shard.op.try_lock() else {
-                return json_error(
-                    StatusCode::CONFLICT,
-                    "a switchover of this shard is in progress",
-                );
-            };
-            let revoked = match crate::shard::control::revoke(&shared.ctx, &shard, epoch, &reason) {
-                Ok(r) => r,
-                Err(e) => return event_error(&e),
-            };
-            let ld =
-                crate::shard::control::lameduck(&revoked.gen, shared.ctx.settings.drain_timeout)
-                    .await;
-            json(
-                StatusCode::OK,
-                serde_json::json!({
-                    "shard": shard.name,
-                    "state": "buffering",
-                    "epoch": revoked.gen.epoch,
-                    "old_primary": revoked.gen.primary.to_string(),
-                    "lameduck_ms": ld.waited.as_millis() as u64,
-                    "lameduck_cancelled": ld.cancelled,
-                }),
-            )
-        }
-        "primary" => {
-            let (addr, epoch) = match (field_addr(&body, "addr"), field_epoch(&body)) {
-                (Ok(a), Ok(e)) => (a, e),
-                (Err(m), _) | (_, Err(m)) => return json_error(StatusCode::BAD_REQUEST, &m),
-            };
-            let Ok(_op) = shard.op.try_lock() else {
-                return json_error(
-                    StatusCode::CONFLICT,
-                    "a switchover of this shard is in progress",
-                );
-            };
-            if shard.watch.is_watched(&addr) {
-                return json_error(
-                    StatusCode::CONFLICT,
-                    &format!(
-                        "{addr} is a replaced primary of shard \"{}\" watched for split brain (GET /v1/shards shows why); it serves again only once it has rejoined as a standby",
-                        shard.name
-                    ),
-                );
-            }
-            match crate::shard::control::establish(&shared.ctx, &shard, epoch, addr.clone()).await {
-                Ok(est) => json(
-                    StatusCode::OK,
-                    serde_json::json!({
-                        "shard": shard.name,
-                        "state": "draining",
-                        "epoch": est.epoch,
-                        "primary": addr.to_string(),
-                        "prewarmed_connections": est.prewarmed,
-                        "prewarm_error": est.prewarm_error,
-                    }),
-                ),
-                Err(e) => event_error(&e),
-            }
-        }
-        _ => {
-            let epoch = match field_epoch(&body) {
-                Ok(e) => e,
-                Err(m) => return json_error(StatusCode::BAD_REQUEST, &m),
-            };
-            let Ok(_op) = shard.op.try_lock() else {
-                return json_error(
-                    StatusCode::CONFLICT,
-                    "a switchover of this shard is in progress",
-                );
-            };
-            match crate::shard::control::abort(&shared.ctx, &shard, epoch) {
-                Ok(epoch) => json(
-                    StatusCode::OK,
-                    serde_json::json!({
-                        "shard": shard.name,
-                        "state": "draining",
-                        "epoch": epoch,
-                        "primary": shard.current().primary.to_string(),
-                    }),
-                ),
-                Err(e) => event_error(&e),
-            }
-        }
+        Action::Switchover => switchover(ctx, shard, &body).await,
+        Action::Buffer => buffer(&ctx, &shard, &body).await,
+        Action::Primary => primary(&ctx, &shard, &body).await,
+        Action::Resume => resume(&ctx, &shard, &body),
     }
 }
 
+async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, body: &Fields) -> Response<Body> {
+    let to = match field_addr(body, "to") {
+        Ok(a) => a,
+        Err(e) => return bad_request(e),
+    };
+    // Its own task: it completes (or rolls back) even if the caller goes away.
+    match tokio::spawn(switchover::run(ctx, shard, to)).await {
+        Ok(report) => {
+            let status = match report.outcome {
+                Outcome::Completed => StatusCode::OK,
+                Outcome::Refused | Outcome::RolledBack => StatusCode::CONFLICT,
+                Outcome::Failed => StatusCode::BAD_GATEWAY,
+            };
+            json(status, report.to_json())
+        }
+        Err(e) => json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the switchover task failed: {e}"),
+        ),
+    }
+}
+
+async fn buffer(ctx: &Ctx, shard: &Shard, body: &Fields) -> Response<Body> {
+    let (epoch, reason) = match (field_epoch(body), field_str(body, "reason")) {
+        (Ok(e), Ok(r)) => (e, r.unwrap_or("admin API").to_string()),
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
+    };
+    let Ok(_op) = shard.op.try_lock() else {
+        return busy();
+    };
+    let revoked = match control::revoke(ctx, shard, epoch, &reason) {
+        Ok(r) => r,
+        Err(e) => return event_error(&e),
+    };
+    let ld = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
+    json(
+        StatusCode::OK,
+        serde_json::json!({
+            "shard": shard.name,
+            "state": "buffering",
+            "epoch": revoked.gen.epoch,
+            "old_primary": revoked.gen.primary.to_string(),
+            "lameduck_ms": ld.waited.as_millis() as u64,
+            "lameduck_cancelled": ld.cancelled,
+        }),
+    )
+}
+
+async fn primary(ctx: &Ctx, shard: &Shard, body: &Fields) -> Response<Body> {
+    let (addr, epoch) = match (field_addr(body, "addr"), field_epoch(body)) {
+        (Ok(a), Ok(e)) => (a, e),
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
+    };
+    let Ok(_op) = shard.op.try_lock() else {
+        return busy();
+    };
+    if shard.watch.is_watched(&addr) {
+        return json_error(
+            StatusCode::CONFLICT,
+            &format!(
+                "{addr} is a replaced primary of shard \"{}\" watched for split brain (GET /v1/shards shows why); it serves again only once it has rejoined as a standby",
+                shard.name
+            ),
+        );
+    }
+    match control::establish(ctx, shard, epoch, addr.clone()).await {
+        Ok(est) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "shard": shard.name,
+                "state": "draining",
+                "epoch": est.epoch,
+                "primary": addr.to_string(),
+                "prewarmed_connections": est.prewarmed,
+                "prewarm_error": est.prewarm_error,
+            }),
+        ),
+        Err(e) => event_error(&e),
+    }
+}
+
+fn resume(ctx: &Ctx, shard: &Shard, body: &Fields) -> Response<Body> {
+    let epoch = match field_epoch(body) {
+        Ok(e) => e,
+        Err(e) => return bad_request(e),
+    };
+    let Ok(_op) = shard.op.try_lock() else {
+        return busy();
+    };
+    match control::abort(ctx, shard, epoch) {
+        Ok(epoch) => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "shard": shard.name,
+                "state": "draining",
+                "epoch": epoch,
+                "primary": shard.current().primary.to_string(),
+            }),
+        ),
+        Err(e) => event_error(&e),
+    }
+}
 /// Turns a tower error (timeout, overload) into a JSON response.
 fn recover(r: Result<Response<Body>, tower::BoxError>) -> Result<Response<Body>, tower::BoxError> {
     Ok(r.unwrap_or_else(|e| {

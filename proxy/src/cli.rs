@@ -25,7 +25,7 @@ fn parse(
     args: Vec<String>,
     known: &[&str],
     usage: &str,
-) -> Result<(Common, Vec<(String, String)>), String> {
+) -> Result<(Common, Vec<(String, String)>), CliError> {
     let mut admin =
         std::env::var("HANDOFF_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:6480".into());
     let mut token = std::env::var("HANDOFF_ADMIN_TOKEN")
@@ -40,14 +40,16 @@ fn parse(
             continue;
         }
         let Some(name) = a.strip_prefix("--") else {
-            return Err(format!("unexpected argument '{a}'\n{usage}"));
+            return Err(CliError::Usage(format!(
+                "unexpected argument '{a}'\n{usage}"
+            )));
         };
         let (name, value) = match name.split_once('=') {
             Some((n, v)) => (n.to_string(), v.to_string()),
             None => {
                 let v = it
                     .next()
-                    .ok_or_else(|| format!("--{name} needs a value\n{usage}"))?;
+                    .ok_or_else(|| CliError::Usage(format!("--{name} needs a value\n{usage}")))?;
                 (name.to_string(), v)
             }
         };
@@ -55,16 +57,33 @@ fn parse(
             "admin" => admin = value,
             "token" => token = Some(value),
             n if known.contains(&n) => rest.push((name, value)),
-            _ => return Err(format!("unknown option --{name}\n{usage}")),
+            _ => return Err(CliError::Usage(format!("unknown option --{name}\n{usage}"))),
         }
     }
     let mut admin: SocketAddr = admin
         .parse()
-        .map_err(|_| format!("admin address '{admin}' is not IP:port"))?;
+        .map_err(|_| CliError::Usage(format!("admin address '{admin}' is not IP:port")))?;
     if admin.ip().is_unspecified() {
         admin.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     Ok((Common { admin, token, json }, rest))
+}
+
+/// Why the admin API could not be asked.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot reach the admin API at {addr}: {source}")]
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no answer from the admin API: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed {0} from the admin API")]
+    Malformed(&'static str),
+    /// The command line itself is wrong (with the usage).
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
@@ -74,11 +93,14 @@ fn request(
     path: &str,
     body: Option<&Value>,
     timeout: Duration,
-) -> Result<(u16, Value), String> {
-    let mut s = TcpStream::connect_timeout(&c.admin, Duration::from_secs(5))
-        .map_err(|e| format!("cannot reach the admin API at {}: {e}", c.admin))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+) -> Result<(u16, Value), CliError> {
+    let mut s = TcpStream::connect_timeout(&c.admin, Duration::from_secs(5)).map_err(|source| {
+        CliError::Unreachable {
+            addr: c.admin,
+            source,
+        }
+    })?;
+    s.set_read_timeout(Some(timeout))?;
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -93,24 +115,23 @@ fn request(
     }
     req.push_str("\r\n");
     req.push_str(&payload);
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(req.as_bytes())?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp)
-        .map_err(|e| format!("no answer from the admin API: {e}"))?;
+    s.read_to_end(&mut resp)?;
     let text = String::from_utf8_lossy(&resp);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response from the admin API")?;
+        .ok_or(CliError::Malformed("HTTP response"))?;
     let status: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or("malformed HTTP status line from the admin API")?;
+        .ok_or(CliError::Malformed("HTTP status line"))?;
     let json = serde_json::from_str(body.trim()).unwrap_or(Value::String(body.to_string()));
     Ok((status, json))
 }
 
-fn fail(msg: &str) -> ExitCode {
+fn fail(msg: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("handoff: {msg}");
     ExitCode::from(2)
 }
@@ -123,7 +144,7 @@ pub fn switchover(args: Vec<String>) -> ExitCode {
     };
     let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let (Some(shard), Some(to)) = (get("shard"), get("to")) else {
-        return fail(USAGE_SWITCHOVER);
+        return fail(&USAGE_SWITCHOVER);
     };
     let body = serde_json::json!({ "to": to });
     let path = format!("/v1/shards/{shard}/switchover");

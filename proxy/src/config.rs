@@ -281,10 +281,10 @@ pub enum ConfigError {
     Invalid { var: &'static str, reason: String },
 }
 
-fn invalid(var: &'static str, reason: impl Into<String>) -> ConfigError {
+fn invalid(var: &'static str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         var,
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
 }
 
@@ -327,12 +327,17 @@ impl std::fmt::Display for HostPort {
     }
 }
 
+/// A value that does not parse (the caller names the variable or field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidValue(pub String);
+
 impl HostPort {
     /// Parses `host:port` (`[v6]:port`), outside of the configuration.
-    pub fn parse_any(s: &str) -> Result<Self, String> {
+    pub fn parse_any(s: &str) -> Result<Self, InvalidValue> {
         Self::parse("address", s).map_err(|e| match e {
-            ConfigError::Invalid { reason, .. } => reason,
-            other => other.to_string(),
+            ConfigError::Invalid { reason, .. } => InvalidValue(reason),
+            other => InvalidValue(other.to_string()),
         })
     }
 
@@ -597,22 +602,26 @@ fn parse_bool(var: &'static str, s: &str) -> Result<bool, ConfigError> {
 }
 
 /// Parses sizes: `65536`, `64kB`, `64MB`, `1GB` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<usize, String> {
+pub fn parse_size(s: &str) -> Result<usize, InvalidValue> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: usize = num
         .parse()
-        .map_err(|_| format!("'{s}' is not a size like 64MB"))?;
+        .map_err(|_| InvalidValue(format!("'{s}' is not a size like 64MB")))?;
     let mult = match unit {
         "" | "B" => 1,
         "kB" | "KB" => 1 << 10,
         "MB" => 1 << 20,
         "GB" => 1 << 30,
-        _ => return Err(format!("'{s}': the unit must be B, kB, MB or GB")),
+        _ => {
+            return Err(InvalidValue(format!(
+                "'{s}': the unit must be B, kB, MB or GB"
+            )))
+        }
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+        .ok_or_else(|| InvalidValue(format!("'{s}' is too large")))
 }
 
 /// The `HANDOFF_*` variables given, and the declared defaults of the others: the one
@@ -953,7 +962,7 @@ fn parse_admin_db(vars: &Vars, users: Option<&HashMap<String, UserSecret>>) -> A
     }
 }
 /// Parses `250ms`, `10s`, `1m`, `1h` (and `0`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, InvalidValue> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -962,13 +971,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 250ms, 10s, 1m"))?;
+        .map_err(|_| InvalidValue(format!("'{s}' is not a duration like 250ms, 10s, 1m")))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("'{s}' has no unit: write e.g. 250ms, 10s, 1m, 1h")),
+        _ => {
+            return Err(InvalidValue(format!(
+                "'{s}' has no unit: write e.g. 250ms, 10s, 1m, 1h"
+            )))
+        }
     };
     Ok(d)
 }

@@ -228,12 +228,13 @@ pub async fn send_error<W: AsyncWrite + Unpin>(stream: &mut W, err: &ProxyError)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use handoff_protocol::error::field;
 
     fn rejected(code: &str) -> ServerError {
         ServerError::Rejected {
             addr: "db:5432".into(),
             fields: ErrorFields {
-                fields: vec![(b'C', code.into()), (b'M', "nope".into())],
+                fields: vec![(field::CODE, code.into()), (field::MESSAGE, "nope".into())],
             },
         }
     }

@@ -56,8 +56,8 @@ pub enum StartError {
     Random(#[from] handoff_protocol::auth::AuthError),
     #[error("failover buffer: {0}")]
     Buffer(#[from] handoff_buffer::ConfigError),
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] net::tls::TlsSetupError),
 }
 
 /// A running proxy.
@@ -211,7 +211,7 @@ impl Proxy {
 
     /// Reads the client TLS certificate and key again (SIGHUP): new connections use
     /// the new ones, established ones keep theirs. On error the old ones stay.
-    pub fn reload_tls(&self) -> Result<(), String> {
+    pub fn reload_tls(&self) -> Result<(), net::tls::TlsSetupError> {
         let r = self.shared.client_tls.reload();
         match &r {
             Ok(()) => tracing::info!("TLS certificate reloaded"),

@@ -153,7 +153,7 @@ async fn tls_to_clients_and_servers_with_a_certificate_reload() {
     // A broken file is refused and the working certificate stays.
     std::fs::write(&key_file, "not a key").unwrap();
     let e = proxy.reload_tls().unwrap_err();
-    assert!(e.contains("HANDOFF_TLS_KEY"), "{e}");
+    assert!(e.to_string().contains("HANDOFF_TLS_KEY"), "{e}");
     tls_client(&proxy, &ca2.cert_pem)
         .await
         .unwrap()

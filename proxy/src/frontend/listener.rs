@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use handoff_protocol::error::ProxyError;
-use handoff_protocol::framing::StartupPacket;
+use handoff_protocol::framing::{StartupPacket, ENCRYPTION_DECLINED};
 use handoff_protocol::sqlstate;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -137,7 +137,7 @@ async fn refuse(stream: TcpStream, peer: SocketAddr, err: ProxyError) {
         loop {
             match conn.read_startup().await {
                 Ok(Some(StartupPacket::SslRequest | StartupPacket::GssEncRequest)) => {
-                    if conn.send_raw(b"N").await.is_err() {
+                    if conn.send_raw(&[ENCRYPTION_DECLINED]).await.is_err() {
                         return false;
                     }
                 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use handoff_protocol::backend::BackendMessage;
 use handoff_protocol::error::ProxyError;
-use handoff_protocol::framing::StartupPacket;
+use handoff_protocol::framing::{StartupPacket, ENCRYPTION_ACCEPTED, ENCRYPTION_DECLINED};
 use handoff_protocol::sqlstate;
 use tokio::net::TcpStream;
 
@@ -220,14 +220,20 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
                 };
                 match acceptor {
                     Some(acceptor) => {
-                        client.send_raw(b"S").await.map_err(ConnError::from)?;
+                        client
+                            .send_raw(&[ENCRYPTION_ACCEPTED])
+                            .await
+                            .map_err(ConnError::from)?;
                         if let Err(e) = client.accept_tls(acceptor).await {
                             metrics::counter!(m::TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
                             tracing::info!(error = %e, "client TLS handshake failed");
                             return Err(Failure::Gone);
                         }
                     }
-                    None => client.send_raw(b"N").await.map_err(ConnError::from)?,
+                    None => client
+                        .send_raw(&[ENCRYPTION_DECLINED])
+                        .await
+                        .map_err(ConnError::from)?,
                 }
             }
             StartupPacket::Cancel { pid, key } => {

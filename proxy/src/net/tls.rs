@@ -9,6 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use handoff_protocol::framing::{StartupPacket, ENCRYPTION_ACCEPTED, ENCRYPTION_DECLINED};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -26,18 +27,44 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &Path, var: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Why TLS could not be set up (at startup, or on a reload): names the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{var}: cannot read {}: {message}", path.display())]
+    Read {
+        var: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{var}: no certificate in {}", path.display())]
+    NoCertificate { var: &'static str, path: PathBuf },
+    #[error("{var}: {source}")]
+    Rustls { var: &'static str, source: TlsError },
+    #[error("{var}: required with HANDOFF_SERVER_TLS={mode}")]
+    Missing {
+        var: &'static str,
+        mode: &'static str,
+    },
+}
+
+fn read_certs(
+    path: &Path,
+    var: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let read = |message: String| TlsSetupError::Read {
+        var,
+        path: path.to_path_buf(),
+        message,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{var}: cannot read {}: {e}", path.display()))?
+        .map_err(|e| read(e.to_string()))?
         .collect::<Result<_, _>>()
-        .map_err(|e| {
-            format!(
-                "{var}: {} is not a PEM certificate file: {e}",
-                path.display()
-            )
-        })?;
+        .map_err(|e| read(format!("not a PEM certificate file: {e}")))?;
     if certs.is_empty() {
-        return Err(format!("{var}: no certificate in {}", path.display()));
+        return Err(TlsSetupError::NoCertificate {
+            var,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
@@ -57,7 +84,7 @@ impl ClientTls {
         mode: ClientTlsMode,
         cert: Option<&Path>,
         key: Option<&Path>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TlsSetupError> {
         let t = Self {
             mode,
             cert: cert.map(Path::to_path_buf).unwrap_or_default(),
@@ -70,25 +97,28 @@ impl ClientTls {
         Ok(t)
     }
 
-    fn load(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+    fn load(&self) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
         let certs = read_certs(&self.cert, "HANDOFF_TLS_CERT")?;
-        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
-            format!(
-                "HANDOFF_TLS_KEY: cannot read a private key from {}: {e}",
-                self.key.display()
-            )
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| TlsSetupError::Read {
+            var: "HANDOFF_TLS_KEY",
+            path: self.key.clone(),
+            message: format!("no private key: {e}"),
         })?;
+        let rustls = |source| TlsSetupError::Rustls {
+            var: "HANDOFF_TLS_CERT/HANDOFF_TLS_KEY",
+            source,
+        };
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?
+            .map_err(rustls)?
             .with_no_client_auth()
             .with_single_cert(certs, key)
-            .map_err(|e| format!("HANDOFF_TLS_CERT/HANDOFF_TLS_KEY: {e}"))?;
+            .map_err(rustls)?;
         Ok(Arc::new(config))
     }
 
     /// Reads the certificate and key again; on error the old ones stay in use.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsSetupError> {
         if self.mode == ClientTlsMode::Disable {
             return Ok(());
         }
@@ -222,32 +252,36 @@ impl Default for ServerTls {
 }
 
 impl ServerTls {
-    pub fn new(mode: ServerTlsMode, ca: Option<&Path>) -> Result<Self, String> {
+    pub fn new(mode: ServerTlsMode, ca: Option<&Path>) -> Result<Self, TlsSetupError> {
         if mode == ServerTlsMode::Disable {
             return Ok(Self { mode, config: None });
         }
         let provider = provider();
+        let rustls = |source| TlsSetupError::Rustls {
+            var: "HANDOFF_SERVER_TLS_CA",
+            source,
+        };
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(rustls)?;
         let verifier: Arc<dyn ServerCertVerifier> = match mode {
             ServerTlsMode::Prefer | ServerTlsMode::Require => Arc::new(AcceptAny(provider)),
             ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull => {
-                let path = ca.ok_or_else(|| {
-                    format!(
-                        "HANDOFF_SERVER_TLS_CA: required with HANDOFF_SERVER_TLS={}",
-                        mode.as_str()
-                    )
+                let path = ca.ok_or(TlsSetupError::Missing {
+                    var: "HANDOFF_SERVER_TLS_CA",
+                    mode: mode.as_str(),
                 })?;
                 let mut roots = rustls::RootCertStore::empty();
                 for c in read_certs(path, "HANDOFF_SERVER_TLS_CA")? {
-                    roots
-                        .add(c)
-                        .map_err(|e| format!("HANDOFF_SERVER_TLS_CA: {e}"))?;
+                    roots.add(c).map_err(rustls)?;
                 }
                 let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
-                    .map_err(|e| format!("HANDOFF_SERVER_TLS_CA: {e}"))?;
+                    .map_err(|e| {
+                        rustls(TlsError::General(format!(
+                            "cannot build the certificate verifier: {e}"
+                        )))
+                    })?;
                 if mode == ServerTlsMode::VerifyCa {
                     Arc::new(ChainOnly(webpki))
                 } else {
@@ -273,11 +307,13 @@ impl ServerTls {
             return Ok(Stream::Plain(tcp));
         };
         let connector = TlsConnector::from(Arc::clone(config));
-        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+        let mut request = bytes::BytesMut::with_capacity(8);
+        StartupPacket::SslRequest.encode(&mut request);
+        tcp.write_all(&request).await?;
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
-            b'S' => {
+            ENCRYPTION_ACCEPTED => {
                 let name = ServerName::try_from(host.to_string())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 let tls = connector
@@ -286,8 +322,8 @@ impl ServerTls {
                     .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake failed: {e}")))?;
                 Ok(Stream::ToServer(Box::new(tls)))
             }
-            b'N' if self.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
-            b'N' => Err(io::Error::new(
+            ENCRYPTION_DECLINED if self.mode == ServerTlsMode::Prefer => Ok(Stream::Plain(tcp)),
+            ENCRYPTION_DECLINED => Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!(
                     "the server does not accept TLS (HANDOFF_SERVER_TLS={})",

@@ -8,6 +8,7 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use handoff_protocol::backend::{ready_status, tag as btag, TransactionStatus};
 use handoff_protocol::error::{ErrorFields, ProxyError};
+use handoff_protocol::framing::HEADER_LEN;
 use handoff_protocol::frontend::tag as ftag;
 use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{sqlstate, FrameError};
@@ -277,7 +278,7 @@ async fn server_bytes(
         match scan.step(&buf[pos..], inspect) {
             Ok(Step::Pass { len, .. }) => pos += len,
             Ok(Step::Message { tag, len }) => {
-                let body = &buf[pos + 5..pos + len];
+                let body = &buf[pos + HEADER_LEN..pos + len];
                 if tag == btag::READY_FOR_QUERY {
                     match ready_status(body) {
                         Ok(s) => txn.on_ready(s, Instant::now()),
@@ -289,7 +290,7 @@ async fn server_bytes(
                         Ok(fields) => {
                             let code = fields.code().unwrap_or("?????");
                             m::count_error("server", code);
-                            if matches!(fields.severity(), Some("FATAL" | "PANIC")) {
+                            if fields.ends_session() {
                                 txn.server_fatal = true;
                             }
                         }

@@ -4,12 +4,14 @@
 //! locks, temporary tables, LISTEN, cursors WITH HOLD — makes the move fail with a
 //! clear error instead of silently losing it.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::{tag as btag, BackendMessage};
 use handoff_protocol::frontend::FrontendMessage;
 
-use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
 use handoff_protocol::sql::quote_literal;
+
+use crate::error::ConnError;
+use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
 
 /// What a session holds on its server.
 #[derive(Debug, Default)]
@@ -26,49 +28,44 @@ pub(crate) struct SessionState {
 
 type Rows = Vec<Vec<Option<String>>>;
 
-fn data_row(mut body: Bytes) -> Option<Vec<Option<String>>> {
-    if body.len() < 2 {
-        return None;
-    }
-    let n = body.get_i16();
-    let mut row = Vec::new();
-    for _ in 0..n {
-        if body.len() < 4 {
-            return None;
-        }
-        let len = body.get_i32();
-        if len < 0 {
-            row.push(None);
-        } else {
-            let len = len as usize;
-            if body.len() < len {
-                return None;
-            }
-            row.push(Some(
-                String::from_utf8_lossy(&body.split_to(len)).into_owned(),
-            ));
-        }
-    }
-    Some(row)
+/// Why a session's state could not be read or re-created.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MoveError {
+    #[error("{0}")]
+    Connection(#[from] ConnError),
+    /// The server refused a statement (its message).
+    #[error("{0}")]
+    Refused(String),
+    #[error("malformed DataRow from the server")]
+    MalformedRow,
+    #[error("re-preparing statements: {0}")]
+    Prepare(Box<MoveError>),
+}
+
+/// A DataRow's columns as text (`None` for NULL).
+fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    Some(
+        handoff_protocol::body::data_row(body)?
+            .into_iter()
+            .map(|c| c.map(|v| String::from_utf8_lossy(v).into_owned()))
+            .collect(),
+    )
 }
 
 /// Reads the server's answers up to ReadyForQuery, handing DataRows to `row`. The
-/// first error's message, if any, is the result.
+/// first error the server sent, if any, is the result.
 async fn read_until_ready(
     server: &mut Conn,
-    mut row: impl FnMut(Bytes) -> Result<(), String>,
-) -> Result<(), String> {
+    mut row: impl FnMut(&[u8]) -> Result<(), MoveError>,
+) -> Result<(), MoveError> {
     let mut error = None;
     loop {
-        let frame = server
-            .read_frame(MAX_STARTUP_MESSAGE)
-            .await
-            .map_err(|e| e.to_string())?;
+        let frame = server.read_frame(MAX_STARTUP_MESSAGE).await?;
         if frame.tag == btag::DATA_ROW {
-            row(frame.body)?;
+            row(&frame.body)?;
             continue;
         }
-        match BackendMessage::parse(frame).map_err(|e| e.to_string())? {
+        match BackendMessage::parse(frame).map_err(ConnError::from)? {
             BackendMessage::ErrorResponse(f) => {
                 error.get_or_insert_with(|| f.message().unwrap_or("error").to_string());
             }
@@ -76,20 +73,20 @@ async fn read_until_ready(
             _ => {}
         }
     }
-    error.map_or(Ok(()), Err)
+    error.map_or(Ok(()), |e| Err(MoveError::Refused(e)))
 }
 
 /// Runs one simple query on a server connection at a transaction boundary.
-async fn query(server: &mut Conn, sql: &str) -> Result<Rows, String> {
+async fn query(server: &mut Conn, sql: &str) -> Result<Rows, MoveError> {
     let mut buf = BytesMut::new();
     FrontendMessage::Query {
         sql: Bytes::from(sql.to_string()),
     }
     .encode(&mut buf);
-    server.send_raw(&buf).await.map_err(|e| e.to_string())?;
+    server.send_raw(&buf).await.map_err(ConnError::from)?;
     let mut rows = Vec::new();
     read_until_ready(server, |body| {
-        rows.push(data_row(body).ok_or("malformed DataRow")?);
+        rows.push(data_row(body).ok_or(MoveError::MalformedRow)?);
         Ok(())
     })
     .await?;
@@ -111,7 +108,7 @@ fn oids(text: &str) -> Vec<u32> {
 }
 
 /// Asks the old server what the session holds.
-pub(crate) async fn capture(server: &mut Conn) -> Result<SessionState, String> {
+pub(crate) async fn capture(server: &mut Conn) -> Result<SessionState, MoveError> {
     let mut st = SessionState::default();
     let held = query(
         server,
@@ -161,7 +158,7 @@ pub(crate) async fn capture(server: &mut Conn) -> Result<SessionState, String> {
 }
 
 /// Re-creates the movable state on a new server connection.
-pub(crate) async fn restore(server: &mut Conn, st: &SessionState) -> Result<(), String> {
+pub(crate) async fn restore(server: &mut Conn, st: &SessionState) -> Result<(), MoveError> {
     let mut sql = String::new();
     for (name, value) in &st.settings {
         sql.push_str(&format!(
@@ -190,10 +187,10 @@ pub(crate) async fn restore(server: &mut Conn, st: &SessionState) -> Result<(), 
         .encode(&mut buf);
     }
     FrontendMessage::Sync.encode(&mut buf);
-    server.send_raw(&buf).await.map_err(|e| e.to_string())?;
+    server.send_raw(&buf).await.map_err(ConnError::from)?;
     read_until_ready(server, |_| Ok(()))
         .await
-        .map_err(|e| format!("re-preparing statements: {e}"))
+        .map_err(|e| MoveError::Prepare(Box::new(e)))
 }
 
 #[cfg(test)]
@@ -207,11 +204,8 @@ mod tests {
         b.extend_from_slice(&2i32.to_be_bytes());
         b.extend_from_slice(b"ab");
         b.extend_from_slice(&(-1i32).to_be_bytes());
-        assert_eq!(
-            data_row(b.freeze()),
-            Some(vec![Some("ab".to_string()), None])
-        );
-        assert_eq!(data_row(Bytes::from_static(&[0, 1, 0, 0, 0, 9])), None);
+        assert_eq!(data_row(&b), Some(vec![Some("ab".to_string()), None]));
+        assert_eq!(data_row(&[0, 1, 0, 0, 0, 9]), None);
         assert_eq!(oids("{23,25}"), vec![23, 25]);
         assert_eq!(oids("{}"), Vec::<u32>::new());
     }

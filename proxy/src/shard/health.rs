@@ -248,7 +248,7 @@ pub async fn initial_primary(
     admin: &AdminDb,
     health: &HealthSettings,
     hosts: &[HostPort],
-) -> Result<Initial, String> {
+) -> Result<Initial, NoPrimary> {
     let handles: Vec<JoinHandle<Probe>> = hosts
         .iter()
         .map(|h| {
@@ -291,16 +291,22 @@ pub async fn initial_primary(
             watch: Vec::new(),
         });
     }
-    Err(results
-        .iter()
-        .zip(hosts)
-        .map(|(r, h)| match r {
-            Probe::Unreachable(e) => e.clone(),
-            other => format!("{h}: {}", other.label().replace('_', " ")),
-        })
-        .collect::<Vec<_>>()
-        .join("; "))
+    Err(NoPrimary(
+        results
+            .iter()
+            .zip(hosts)
+            .map(|(r, h)| match r {
+                Probe::Unreachable(e) => e.clone(),
+                other => format!("{h}: {}", other.label().replace('_', " ")),
+            })
+            .collect(),
+    ))
 }
+
+/// No configured host qualified as the primary: what each host answered.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct NoPrimary(pub Vec<String>);
 
 /// The writable host on the highest timeline, at least `min_timeline`, among the
 /// `eligible` ones; ties go to the earlier host in configuration order.

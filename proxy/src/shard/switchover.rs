@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
-use crate::backend::admin::{AdminDb, AdminSession};
+use crate::backend::admin::{AdminConnectError, AdminDb, AdminSession};
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::shard::control;
 use crate::shard::fence::{self, Fence};
@@ -115,21 +115,81 @@ struct Run<'a> {
     report: Report,
 }
 
+/// Why a step of a switchover failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StepError {
+    #[error("cannot connect to {addr} as {user}: {source}")]
+    Connect {
+        addr: HostPort,
+        user: String,
+        source: AdminConnectError,
+    },
+    #[error("{addr}: {message}")]
+    Sql { addr: HostPort, message: String },
+    #[error("the shard is {0}, not serving")]
+    NotServing(&'static str),
+    #[error("{0} is already the primary")]
+    AlreadyPrimary(HostPort),
+    #[error("{0} is not a standby (pg_is_in_recovery() is false)")]
+    NotStandby(HostPort),
+    #[error("{0} has not replayed any WAL yet")]
+    NoReplay(HostPort),
+    #[error("{to} is not a standby of {old} (system identifiers {target_system} and {old_system} differ)")]
+    OtherSystem {
+        to: HostPort,
+        old: HostPort,
+        target_system: String,
+        old_system: String,
+    },
+    #[error("{to} replays {lag:.0} bytes behind {old}, more than HANDOFF_SWITCHOVER_MAX_LAG ({max} bytes)")]
+    Lag {
+        to: HostPort,
+        old: HostPort,
+        lag: f64,
+        max: u64,
+    },
+    #[error(transparent)]
+    Fence(#[from] fence::FenceError),
+    #[error("{addr} did not replay up to the fence LSN {lsn} within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?})")]
+    CatchUp {
+        addr: HostPort,
+        lsn: String,
+        timeout: Duration,
+    },
+    #[error("{0}: pg_promote() could not signal the promotion")]
+    PromoteNotSignalled(HostPort),
+    #[error("{addr}: still in recovery {timeout:?} after pg_promote()")]
+    StillInRecovery { addr: HostPort, timeout: Duration },
+    #[error("{addr}: after promotion pg_is_in_recovery() = {in_recovery}, transaction_read_only = {read_only}")]
+    NotWritable {
+        addr: HostPort,
+        in_recovery: bool,
+        read_only: String,
+    },
+}
+
 async fn connect(
     admin: &AdminDb,
     addr: &HostPort,
     timeout: Duration,
-) -> Result<AdminSession, String> {
+) -> Result<AdminSession, StepError> {
     admin
         .open(addr, admin.database(), "handoff-switchover", timeout)
         .await
-        .map_err(|e| format!("cannot connect to {addr} as {}: {e}", admin.user()))
+        .map_err(|source| StepError::Connect {
+            addr: addr.clone(),
+            user: admin.user().to_string(),
+            source,
+        })
 }
 
-fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{addr}: {} ({})", db.message(), db.code().code()),
-        None => format!("{addr}: {e}"),
+fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> StepError {
+    StepError::Sql {
+        addr: addr.clone(),
+        message: match e.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => e.to_string(),
+        },
     }
 }
 
@@ -214,8 +274,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Repor
             (old_db, target_db)
         }
         Err(e) => {
-            run.step("precheck", t, Some(e.clone()));
-            return run.finish(Outcome::Refused, Some(e));
+            run.step("precheck", t, Some(e.to_string()));
+            return run.finish(Outcome::Refused, Some(e.to_string()));
         }
     };
 
@@ -265,8 +325,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Repor
     let t = Instant::now();
     let lsn = fence.lsn.clone().expect("set by a successful fence");
     if let Err(e) = catch_up(&target_db.client, &to, &lsn, timeout).await {
-        run.step("catch_up", t, Some(e.clone()));
-        return rollback(run, fence, snap.epoch, e).await;
+        run.step("catch_up", t, Some(e.to_string()));
+        return rollback(run, fence, snap.epoch, e.to_string()).await;
     }
     run.step("catch_up", t, None);
 
@@ -283,11 +343,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Repor
     {
         Ok(()) => run.step("promote", t, None),
         Err(Promotion::NotPromoted(e)) => {
-            run.step("promote", t, Some(e.clone()));
-            return rollback(run, fence, snap.epoch, e).await;
+            run.step("promote", t, Some(e.to_string()));
+            return rollback(run, fence, snap.epoch, e.to_string()).await;
         }
         Err(Promotion::Unconfirmed(e)) => {
-            run.step("promote", t, Some(e.clone()));
+            run.step("promote", t, Some(e.to_string()));
             // The old primary stays fenced; the watchdog keeps its sessions.
             keep_fenced(&shard, &old, snap.epoch, fence);
             let msg = format!(
@@ -351,12 +411,12 @@ async fn precheck(
     old: &HostPort,
     to: &HostPort,
     timeout: Duration,
-) -> Result<(AdminSession, AdminSession, String), String> {
+) -> Result<(AdminSession, AdminSession, String), StepError> {
     if *state != StateKind::Serving {
-        return Err(format!("the shard is {}, not serving", state.as_str()));
+        return Err(StepError::NotServing(state.as_str()));
     }
     if old == to {
-        return Err(format!("{to} is already the primary"));
+        return Err(StepError::AlreadyPrimary(to.clone()));
     }
     let target = connect(admin, to, timeout).await?;
     let row = target
@@ -371,12 +431,10 @@ async fn precheck(
     let (in_recovery, replay, target_system): (bool, Option<String>, String) =
         (row.get(0), row.get(1), row.get(2));
     if !in_recovery {
-        return Err(format!(
-            "{to} is not a standby (pg_is_in_recovery() is false)"
-        ));
+        return Err(StepError::NotStandby(to.clone()));
     }
     let Some(replay) = replay else {
-        return Err(format!("{to} has not replayed any WAL yet"));
+        return Err(StepError::NoReplay(to.clone()));
     };
     let old_db = connect(admin, old, timeout).await?;
     let row = old_db
@@ -390,15 +448,20 @@ async fn precheck(
         .map_err(|e| sql_error(old, e))?;
     let (lag, old_system): (f64, String) = (row.get(0), row.get(1));
     if old_system != target_system {
-        return Err(format!(
-            "{to} is not a standby of {old} (system identifiers {target_system} and {old_system} differ)"
-        ));
+        return Err(StepError::OtherSystem {
+            to: to.clone(),
+            old: old.clone(),
+            target_system,
+            old_system,
+        });
     }
     if lag > cfg.max_lag as f64 {
-        return Err(format!(
-            "{to} replays {lag:.0} bytes behind {old}, more than HANDOFF_SWITCHOVER_MAX_LAG ({} bytes)",
-            cfg.max_lag
-        ));
+        return Err(StepError::Lag {
+            to: to.clone(),
+            old: old.clone(),
+            lag,
+            max: cfg.max_lag,
+        });
     }
     Ok((old_db, target, old_system))
 }
@@ -408,7 +471,7 @@ async fn catch_up(
     addr: &HostPort,
     fence: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     let deadline = Instant::now() + timeout;
     loop {
         let row = db
@@ -422,9 +485,11 @@ async fn catch_up(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "{addr} did not replay up to the fence LSN {fence} within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?})"
-            ));
+            return Err(StepError::CatchUp {
+                addr: addr.clone(),
+                lsn: fence.to_string(),
+                timeout,
+            });
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -432,9 +497,9 @@ async fn catch_up(
 
 enum Promotion {
     /// The target is still a standby: safe to roll back.
-    NotPromoted(String),
+    NotPromoted(StepError),
     /// The target may be a primary now.
-    Unconfirmed(String),
+    Unconfirmed(StepError),
 }
 
 async fn promote(
@@ -451,8 +516,8 @@ async fn promote(
         Err(e) => return Err(Promotion::NotPromoted(sql_error(addr, e))),
     };
     if !promoted {
-        return Err(Promotion::NotPromoted(format!(
-            "{addr}: pg_promote() could not signal the promotion"
+        return Err(Promotion::NotPromoted(StepError::PromoteNotSignalled(
+            addr.clone(),
         )));
     }
     let deadline = Instant::now() + timeout;
@@ -463,9 +528,10 @@ async fn promote(
                 tokio::time::sleep(Duration::from_millis(5)).await
             }
             Ok(_) => {
-                return Err(Promotion::Unconfirmed(format!(
-                    "{addr}: still in recovery {timeout:?} after pg_promote()"
-                )))
+                return Err(Promotion::Unconfirmed(StepError::StillInRecovery {
+                    addr: addr.clone(),
+                    timeout,
+                }))
             }
             Err(e) => return Err(Promotion::Unconfirmed(sql_error(addr, e))),
         }
@@ -473,7 +539,7 @@ async fn promote(
     // The target replayed the fence: its databases accept connections again.
     fence::restore(db, addr, fenced)
         .await
-        .map_err(|e| Promotion::Unconfirmed(e.to_string()))?;
+        .map_err(|e| Promotion::Unconfirmed(e.into()))?;
     // A new session gets in and can write.
     let deadline = Instant::now() + timeout;
     loop {
@@ -487,14 +553,16 @@ async fn promote(
                 )
                 .await
                 .map_err(|e| sql_error(addr, e))?;
-            Ok::<_, String>((row.get::<_, bool>(0), row.get::<_, String>(1)))
+            Ok::<_, StepError>((row.get::<_, bool>(0), row.get::<_, String>(1)))
         };
         match check.await {
             Ok((false, ro)) if ro == "off" => return Ok(()),
-            Ok((rec, ro)) if Instant::now() >= deadline => {
-                return Err(Promotion::Unconfirmed(format!(
-                    "{addr}: after promotion pg_is_in_recovery() = {rec}, transaction_read_only = {ro}"
-                )))
+            Ok((in_recovery, read_only)) if Instant::now() >= deadline => {
+                return Err(Promotion::Unconfirmed(StepError::NotWritable {
+                    addr: addr.clone(),
+                    in_recovery,
+                    read_only,
+                }))
             }
             Err(e) if Instant::now() >= deadline => return Err(Promotion::Unconfirmed(e)),
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
