@@ -2,7 +2,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 fn handoff() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_handoff"));

@@ -1,7 +1,8 @@
 //! Bytes on the wire: one stream type for plain and TLS connections (with the read
 //! buffer of the startup phase), TLS towards clients and servers, and the relay buffers
-//! recycled per thread.
+//! recycled per thread, and a writer that counts what went through it.
 
 pub(crate) mod buffers;
+pub(crate) mod metered;
 pub(crate) mod stream;
 pub mod tls;

@@ -1,11 +1,13 @@
 //! What both relays share: why a relay ended, the greeting a logged-in client gets,
-//! the limits on the messages relayed, and the per-session metric handles.
+//! the limits on the messages relayed, writing to the client, and the session's metering.
 
 use bytes::BytesMut;
 use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatus};
 use handoff_protocol::FrameError;
 
 use tokio::io::AsyncWriteExt;
+
+use tokio::time::Instant;
 
 use crate::metrics as m;
 use crate::net::stream::Conn;
@@ -41,26 +43,6 @@ pub enum End {
     Timeout,
     /// The client sent a message larger than the proxy parses; it was told so.
     TooLarge,
-}
-
-/// The session's metric handles.
-#[derive(Debug)]
-pub(crate) struct Handles {
-    pub query: metrics::Histogram,
-    pub transaction: metrics::Histogram,
-    pub up: metrics::Counter,
-    pub down: metrics::Counter,
-}
-
-impl Handles {
-    pub(crate) fn new() -> Self {
-        Self {
-            query: metrics::histogram!(m::QUERY_DURATION),
-            transaction: metrics::histogram!(m::TRANSACTION_DURATION),
-            up: metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server"),
-            down: metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client"),
-        }
-    }
 }
 
 /// Resolves when `signal` reaches `phase`.
@@ -105,4 +87,81 @@ pub(crate) async fn write_client(client: &mut Conn, bytes: &[u8]) -> Result<(), 
         .write_all(bytes)
         .await
         .map_err(|_| End::ClientGone)
+}
+
+/// A session's metering, the same for both relays: bytes relayed each way, and the
+/// duration of each request (to its ReadyForQuery) and of each transaction (to
+/// ReadyForQuery `I`). Recorded once per ReadyForQuery, not per message; the metric
+/// handles are looked up once per session.
+#[derive(Debug)]
+pub(crate) struct Meter {
+    query: metrics::Histogram,
+    transaction: metrics::Histogram,
+    up_total: metrics::Counter,
+    down_total: metrics::Counter,
+    /// When the oldest request not yet answered by ReadyForQuery was sent.
+    request_started: Option<Instant>,
+    /// When the current transaction's first request was sent.
+    txn_started: Option<Instant>,
+    /// Bytes relayed since they were last added to the counters.
+    up: u64,
+    down: u64,
+}
+
+impl Meter {
+    pub fn new() -> Self {
+        Self {
+            query: metrics::histogram!(m::QUERY_DURATION),
+            transaction: metrics::histogram!(m::TRANSACTION_DURATION),
+            up_total: metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server"),
+            down_total: metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client"),
+            request_started: None,
+            txn_started: None,
+            up: 0,
+            down: 0,
+        }
+    }
+
+    /// A client message that asks for an answer was sent.
+    pub fn on_request(&mut self, now: Instant) {
+        self.request_started.get_or_insert(now);
+        self.txn_started.get_or_insert(now);
+    }
+
+    /// True while a request waits for its ReadyForQuery.
+    pub fn request_pending(&self) -> bool {
+        self.request_started.is_some()
+    }
+
+    /// A ReadyForQuery: `answered` when no request is left outstanding, `idle` when it
+    /// says `I` (the transaction is over).
+    pub fn on_ready(&mut self, now: Instant, answered: bool, idle: bool) {
+        if answered {
+            if let Some(t) = self.request_started.take() {
+                self.query.record(now - t);
+            }
+        }
+        if idle {
+            if let Some(t) = self.txn_started.take() {
+                self.transaction.record(now - t);
+            }
+        }
+        self.flush_bytes();
+    }
+
+    /// Bytes relayed towards the server and towards the client.
+    pub fn add(&mut self, up: u64, down: u64) {
+        self.up += up;
+        self.down += down;
+    }
+
+    /// Adds the bytes counted so far to the metrics.
+    pub fn flush_bytes(&mut self) {
+        if self.up > 0 {
+            self.up_total.increment(std::mem::take(&mut self.up));
+        }
+        if self.down > 0 {
+            self.down_total.increment(std::mem::take(&mut self.down));
+        }
+    }
 }

@@ -3,7 +3,7 @@
 //! and ErrorResponse from the server. DataRow and CopyData payloads are neither copied
 //! nor parsed, so a message of any size streams through in bounded memory.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use handoff_protocol::backend::{ready_status, tag as btag, TransactionStatus};
@@ -21,10 +21,11 @@ use crate::backend::login as backend_login;
 use crate::config::HostPort;
 use crate::error::send_error;
 use crate::metrics::{self as m, GaugeGuard};
+use crate::net::metered::Metered;
 use crate::net::stream::Conn;
 use crate::relay::common::hello;
 use crate::relay::common::{
-    protocol_error, reach, End, Handles, MAX_CLIENT_MESSAGE, MAX_INSPECT, MAX_SERVER_MESSAGE,
+    protocol_error, reach, End, Meter, MAX_CLIENT_MESSAGE, MAX_INSPECT, MAX_SERVER_MESSAGE,
     READ_CHUNK,
 };
 use crate::relay::session_move;
@@ -35,65 +36,28 @@ use crate::shard::{Entered, Shard};
 use crate::shared::Shared;
 use crate::shutdown::{Phase, Signal};
 
-/// What the relay tracks about the conversation: transaction status and timings.
-#[derive(Debug)]
 struct Txn {
     /// Status from the last ReadyForQuery.
     status: TransactionStatus,
-    /// When the oldest request not yet answered by ReadyForQuery was sent.
-    request_started: Option<Instant>,
-    /// When the current transaction's first request was sent.
-    txn_started: Option<Instant>,
     /// A FATAL error came from the server: its closing is expected.
     server_fatal: bool,
     /// The client sent Terminate.
     terminated: bool,
-    /// Bytes relayed since they were last added to the counters.
-    up: u64,
-    down: u64,
-    /// Metric handles, looked up once per session rather than once per transaction.
-    handles: Handles,
+    meter: Meter,
 }
 
 impl Txn {
     /// Between transactions, with nothing outstanding: a session may end here.
     fn at_boundary(&self, client_scan: &Scanner) -> bool {
         self.status == TransactionStatus::Idle
-            && self.request_started.is_none()
+            && !self.meter.request_pending()
             && client_scan.at_boundary()
     }
 
-    fn on_request(&mut self, now: Instant) {
-        if self.request_started.is_none() {
-            self.request_started = Some(now);
-        }
-        if self.txn_started.is_none() {
-            self.txn_started = Some(now);
-        }
-    }
-
     fn on_ready(&mut self, status: TransactionStatus, now: Instant) {
-        if let Some(t) = self.request_started.take() {
-            self.handles.query.record(now - t);
-        }
         self.status = status;
-        if status == TransactionStatus::Idle {
-            if let Some(t) = self.txn_started.take() {
-                self.handles.transaction.record(now - t);
-            }
-        }
-        self.flush_bytes();
-    }
-
-    fn flush_bytes(&mut self) {
-        if self.up > 0 {
-            self.handles.up.increment(self.up);
-            self.up = 0;
-        }
-        if self.down > 0 {
-            self.handles.down.increment(self.down);
-            self.down = 0;
-        }
+        self.meter
+            .on_ready(now, true, status == TransactionStatus::Idle);
     }
 }
 
@@ -132,9 +96,9 @@ pub async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn relay_loop<CR, CW, SR, SW>(
     mut cr: CR,
-    mut cw: CW,
+    cw: CW,
     mut sr: SR,
-    mut sw: SW,
+    sw: SW,
     (cbuf, sbuf): (&mut BytesMut, &mut BytesMut),
     shard: &str,
     shutdown: Signal,
@@ -153,14 +117,13 @@ where
     let mut sscan = Scanner::new(MAX_INSPECT, MAX_SERVER_MESSAGE);
     let mut txn = Txn {
         status: TransactionStatus::Idle,
-        request_started: None,
-        txn_started: None,
         server_fatal: false,
         terminated: false,
-        up: 0,
-        down: 0,
-        handles: Handles::new(),
+        meter: Meter::new(),
     };
+    // The byte counts of both directions, taken into the meter after each batch.
+    let mut cw = Metered::new(cw);
+    let mut sw = Metered::new(sw);
 
     // One long-lived future per phase to wait for, rather than a new one (and a new
     // waiter registration) on every pass through the loop.
@@ -203,7 +166,9 @@ where
                     break End::ServerGone;
                 }
                 Ok(_) => {
-                    if let Err(end) = server_bytes(sbuf, &mut sscan, &mut cw, &mut txn).await {
+                    let r = server_bytes(sbuf, &mut sscan, &mut cw, &mut txn).await;
+                    txn.meter.add(sw.take(), cw.take());
+                    if let Err(end) = r {
                         break end;
                     }
                 }
@@ -228,7 +193,8 @@ where
             }
         }
     };
-    txn.flush_bytes();
+    txn.meter.add(sw.take(), cw.take());
+    txn.meter.flush_bytes();
     end
 }
 
@@ -247,7 +213,7 @@ async fn client_bytes(
             Ok(Step::Pass { len, tag }) => {
                 match tag {
                     Some(ftag::TERMINATE) => txn.terminated = true,
-                    Some(_) => txn.on_request(now),
+                    Some(_) => txn.meter.on_request(now),
                     None => {}
                 }
                 pos += len;
@@ -255,13 +221,13 @@ async fn client_bytes(
             Ok(Step::Message { len, .. }) => pos += len,
             Ok(Step::NeedMore) => break,
             Err(e) => {
-                forward(server, buf, pos, &mut txn.up).await?;
+                forward(server, buf, pos).await?;
                 protocol_error(client, &e).await;
                 return Err(End::ClientProtocol);
             }
         }
     }
-    forward(server, buf, pos, &mut txn.up).await
+    forward(server, buf, pos).await
 }
 
 /// Forwards every complete run of server bytes in `buf` to the client, inspecting
@@ -303,7 +269,7 @@ async fn server_bytes(
             Err(e) => return server_protocol_error(client, &e).await,
         }
     }
-    forward(client, buf, pos, &mut txn.down).await
+    forward(client, buf, pos).await
 }
 
 async fn server_protocol_error(
@@ -321,7 +287,6 @@ async fn forward(
     to: &mut (impl AsyncWrite + Unpin),
     buf: &mut BytesMut,
     len: usize,
-    count: &mut u64,
 ) -> Result<(), End> {
     if len == 0 {
         return Ok(());
@@ -331,7 +296,6 @@ async fn forward(
         .await
         .map_err(|_| End::ClientGone)?;
     buf.advance(len);
-    *count += len as u64;
     Ok(())
 }
 

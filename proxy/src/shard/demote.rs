@@ -203,7 +203,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("handoff-demote-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let pidfile = dir.join("child.pid");
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let hung = run(
             &format!("sleep 30 & echo $! > {}; sleep 30", pidfile.display()),
             &[],
@@ -231,8 +231,8 @@ mod tests {
                 })
                 .unwrap_or(false)
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while alive() && std::time::Instant::now() < deadline {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while alive() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(!alive(), "the command's child survived the timeout");

@@ -177,7 +177,7 @@ pub(super) async fn client_bytes(
             }
         }
         if let Some(t) = tag {
-            txn.on_request(now);
+            txn.meter.on_request(now);
             if t == ftag::QUERY {
                 let head = &client.rbuf[pos..pos + len];
                 let head = &head[HEADER_LEN.min(head.len())..head.len().min(HEADER_LEN + 32)];
@@ -230,7 +230,7 @@ pub(super) async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
         return Ok(());
     };
     let r = b.conn.stream.write_all(&txn.out).await;
-    txn.up += txn.out.len() as u64;
+    txn.meter.add(txn.out.len() as u64, 0);
     txn.out.clear();
     r.map_err(|_| End::ServerGone)
 }

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::backend::cancel::{Registration, ServerKey};
 use crate::backend::pool::{Backend, Pool, PoolKey};
 use crate::error::{AttachError, PoolError};
-use crate::relay::common::Handles;
+use crate::relay::common::Meter;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
 use crate::shard::health;
@@ -96,13 +96,9 @@ pub(crate) struct Txn<'a> {
     /// A request in flight ends the transaction block (COMMIT, ROLLBACK, …): if the
     /// server is lost under it, the client is outside a transaction afterwards.
     ending: bool,
-    request_started: Option<Instant>,
-    txn_started: Option<Instant>,
     out: BytesMut,
-    /// Bytes relayed since the counters were last updated (once per ReadyForQuery).
-    up: u64,
-    down: u64,
-    handles: Handles,
+    /// Bytes relayed, request and transaction durations.
+    meter: Meter,
 }
 
 impl<'a> Txn<'a> {
@@ -139,21 +135,8 @@ impl<'a> Txn<'a> {
             probe: Probation::default(),
             retries_left: MAX_RETRIES,
             ending: false,
-            request_started: None,
-            txn_started: None,
             out: BytesMut::new(),
-            up: 0,
-            down: 0,
-            handles: Handles::new(),
-        }
-    }
-
-    fn flush_bytes(&mut self) {
-        if self.up > 0 {
-            self.handles.up.increment(std::mem::take(&mut self.up));
-        }
-        if self.down > 0 {
-            self.handles.down.increment(std::mem::take(&mut self.down));
+            meter: Meter::new(),
         }
     }
 
@@ -282,15 +265,6 @@ impl<'a> Txn<'a> {
         self.status = TransactionStatus::Idle;
     }
 
-    fn on_request(&mut self, now: Instant) {
-        if self.request_started.is_none() {
-            self.request_started = Some(now);
-        }
-        if self.txn_started.is_none() {
-            self.txn_started = Some(now);
-        }
-    }
-
     fn on_ready(&mut self, status: TransactionStatus) {
         let now = Instant::now();
         self.pending = self.pending.saturating_sub(1);
@@ -303,17 +277,8 @@ impl<'a> Txn<'a> {
                 break;
             }
         }
-        if self.pending == 0 {
-            if let Some(t) = self.request_started.take() {
-                self.handles.query.record(now - t);
-            }
-        }
-        if status == TransactionStatus::Idle {
-            if let Some(t) = self.txn_started.take() {
-                self.handles.transaction.record(now - t);
-            }
-        }
-        self.flush_bytes();
+        self.meter
+            .on_ready(now, self.pending == 0, status == TransactionStatus::Idle);
     }
 }
 

@@ -175,7 +175,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         true,
         sbuf.is_empty() && sscan.at_boundary() && cscan.at_boundary(),
     );
-    txn.flush_bytes();
+    txn.meter.flush_bytes();
     end
 }
 

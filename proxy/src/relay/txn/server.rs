@@ -154,7 +154,7 @@ pub(super) async fn server_bytes(
         pos += len;
     }
     emit(client, txn, &buf[run..pos]).await?;
-    txn.down += pos as u64;
+    txn.meter.add(0, pos as u64);
     buf.advance(pos);
     Ok(())
 }
