@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Settings, with the defaults of BUFFER_SPEC.md.
+/// Settings, with the defaults docs/buffer.md lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BufferConfig {
     pub enabled: bool,

@@ -1,4 +1,4 @@
-//! The per-shard failover buffer (`BUFFER_SPEC.md`): while a shard's primary changes,
+//! The per-shard failover buffer (docs/buffer.md): while a shard's primary changes,
 //! requests that start a new transaction wait here, bounded by count per shard and by
 //! bytes across shards, and are released in FIFO order to the new primary.
 //!
@@ -121,7 +121,7 @@ pub enum BufferError {
 }
 
 impl BufferError {
-    /// The SQLSTATE the proxy sends (DESIGN.md, "Errors sent to clients").
+    /// The SQLSTATE the proxy sends for it (docs/buffer.md, "What a held request gets").
     pub fn sqlstate(self) -> &'static str {
         match self {
             BufferError::Evicted | BufferError::BufferFull => "53300",

@@ -1,4 +1,4 @@
-//! The acceptance scenarios of BUFFER_SPEC.md, under paused tokio time, with exact
+//! The buffer's acceptance scenarios (docs/buffer.md, "How it is tested"), under paused tokio time, with exact
 //! counter and gauge assertions read through a debugging recorder.
 
 use std::future::Future;

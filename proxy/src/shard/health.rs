@@ -1,4 +1,4 @@
-//! Unplanned failover (DESIGN.md, "Unplanned failover"): noticing that a shard's primary
+//! Unplanned failover (docs/switchover.md, "An unplanned failover"): noticing that a shard's primary
 //! is gone, finding the new one, and telling sessions whether a request that failed may
 //! be sent again.
 //!

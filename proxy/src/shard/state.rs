@@ -1,4 +1,4 @@
-//! The per-shard state machine (DESIGN.md, "Shard state machine"): which server is a
+//! The per-shard state machine (docs/architecture.md, "The shard state machine"): which server is a
 //! shard's primary, whether new transactions may go to it, and the one place where
 //! revocation and establishment events from every source are applied.
 //!
