@@ -26,6 +26,8 @@ mod relay;
 pub mod shard;
 mod shared;
 pub mod shutdown;
+#[cfg(test)]
+mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,23 +114,7 @@ impl Proxy {
             })?;
         let (trigger, signal) = shutdown::channel();
         let shutdown_timeout = config.shutdown_timeout;
-        let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
-        let ctx = Arc::new(shard::Ctx {
-            buffer: handoff_buffer::Buffer::new(config.buffer.clone(), &names)?,
-            pools: Arc::new(backend::pool::Pools::new(
-                config.pool.clone(),
-                config.connect_timeout,
-                server_tls.clone(),
-            )),
-            admin: backend::admin::AdminDb::new(config.admin_db.clone(), server_tls.clone()),
-            settings: shard::Settings {
-                switchover: config.switchover.clone(),
-                health: config.health.clone(),
-                drain_timeout: config.drain_timeout,
-                watchdog_interval: config.watchdog_interval,
-                prewarm: config.pool.size.min(config.buffer.drain_concurrency.max(1)),
-            },
-        });
+        let ctx = Arc::new(shard::Ctx::new(&config, server_tls.clone())?);
         // Startup discovery: the first host listed is only a hint.
         let mut shards = Vec::new();
         let mut missing = Vec::new();

@@ -196,3 +196,67 @@ async fn authenticate(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::tls::ServerTls;
+    use crate::testing::{Answer, StandIn};
+    use handoff_protocol::error::ProxyError;
+
+    fn login<'a>(addr: &'a HostPort, tls: &'a ServerTls, password: Option<&'a str>) -> Login<'a> {
+        Login {
+            addr,
+            user: "app",
+            database: "app",
+            params: &[],
+            password,
+            timeout: Duration::from_secs(2),
+            tls,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_trusting_server_gives_its_parameters_and_key() {
+        let server = StandIn::start(Answer::Ok).await;
+        let tls = ServerTls::default();
+        let s = connect(login(&server.addr, &tls, None)).await.unwrap();
+        assert_eq!((s.pid, s.key), (1, 7));
+        assert_eq!(
+            s.params,
+            vec![("server_version".to_string(), "15.0".to_string())]
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_keep_the_servers_code_and_missing_passwords_are_named() {
+        let refused = StandIn::start(Answer::Refuse(ProxyError::fatal(
+            "3D000",
+            "database \"app\" does not exist",
+        )))
+        .await;
+        let tls = ServerTls::default();
+        match connect(login(&refused.addr, &tls, None)).await {
+            Err(e @ ServerError::Rejected { .. }) => {
+                assert!(!e.primary_may_be_gone());
+                assert_eq!(e.to_client("main").code, "3D000");
+            }
+            other => panic!("{other:?}"),
+        }
+        let asks = StandIn::start(Answer::AskPassword).await;
+        let e = connect(login(&asks.addr, &tls, None)).await.unwrap_err();
+        assert!(matches!(e, ServerError::NoPassword { .. }), "{e:?}");
+        assert!(e.to_string().contains("HANDOFF_USERS"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_and_may_be_gone() {
+        let silent = StandIn::start(Answer::Silent).await;
+        let tls = ServerTls::default();
+        let mut l = login(&silent.addr, &tls, None);
+        l.timeout = Duration::from_millis(200);
+        let e = connect(l).await.unwrap_err();
+        assert!(matches!(e, ServerError::Timeout { .. }), "{e:?}");
+        assert!(e.primary_may_be_gone());
+    }
+}

@@ -328,3 +328,69 @@ fn shard_index(cfg: &Config, startup: &Startup) -> usize {
         .expect("login checked the route")
         .shard
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::socket_pair;
+    use bytes::BytesMut;
+    use handoff_protocol::backend::tag as btag;
+    use handoff_protocol::framing::decode_frame;
+    use tokio::io::AsyncReadExt;
+
+    fn params(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn unknown_protocol_options_are_listed_back_and_the_rest_passed_on() {
+        let (ours, mut theirs) = socket_pair().await;
+        let mut client = Conn::new(ours);
+        let startup = startup_from_params(
+            &mut client,
+            0,
+            params(&[
+                ("user", "app"),
+                ("application_name", "psql"),
+                ("_pq_.test_option", "1"),
+            ]),
+        )
+        .await
+        .map_err(|_| "refused")
+        .unwrap();
+        assert_eq!(
+            (startup.user.as_str(), startup.database.as_str()),
+            ("app", "app"),
+            "the database defaults to the user"
+        );
+        assert_eq!(startup.params, params(&[("application_name", "psql")]));
+        let mut buf = BytesMut::new();
+        theirs.read_buf(&mut buf).await.unwrap();
+        let f = decode_frame(&mut buf, 1 << 16).unwrap().unwrap();
+        assert_eq!(f.tag, btag::NEGOTIATE_PROTOCOL_VERSION);
+    }
+
+    #[tokio::test]
+    async fn replication_and_a_missing_user_are_refused_with_their_codes() {
+        let (ours, _theirs) = socket_pair().await;
+        let mut client = Conn::new(ours);
+        for (p, code) in [
+            (
+                params(&[("user", "app"), ("replication", "true")]),
+                sqlstate::FEATURE_NOT_SUPPORTED,
+            ),
+            (
+                params(&[("database", "app")]),
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            ),
+        ] {
+            match startup_from_params(&mut client, 0, p).await {
+                Err(Failure::Refuse(e)) => assert_eq!(e.code, code),
+                Err(Failure::Gone) => panic!("gone"),
+                Ok(s) => panic!("accepted {s:?}"),
+            }
+        }
+    }
+}

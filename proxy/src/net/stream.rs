@@ -211,3 +211,64 @@ impl Conn {
         self.stream.write_all(bytes).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::socket_pair;
+    use handoff_protocol::FrameError;
+
+    #[tokio::test]
+    async fn a_peer_that_closes_before_a_byte_is_no_error() {
+        let (ours, theirs) = socket_pair().await;
+        drop(theirs);
+        let mut c = Conn::new(ours);
+        assert!(matches!(c.read_startup().await, Ok(None)));
+    }
+
+    #[tokio::test]
+    async fn packets_arriving_a_byte_at_a_time_are_put_together() {
+        let (ours, mut theirs) = socket_pair().await;
+        let mut bytes = BytesMut::new();
+        StartupPacket::SslRequest.encode(&mut bytes);
+        StartupPacket::Startup {
+            minor: 0,
+            params: vec![("user".into(), "app".into())],
+        }
+        .encode(&mut bytes);
+        let writer = tokio::spawn(async move {
+            for b in bytes.iter() {
+                theirs.write_all(&[*b]).await.unwrap();
+                theirs.flush().await.unwrap();
+            }
+            theirs
+        });
+        let mut c = Conn::new(ours);
+        assert_eq!(
+            c.read_startup().await.unwrap(),
+            Some(StartupPacket::SslRequest)
+        );
+        match c.read_startup().await.unwrap() {
+            Some(StartupPacket::Startup { params, .. }) => {
+                assert_eq!(params, vec![("user".to_string(), "app".to_string())])
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_is_refused_from_its_header() {
+        let (ours, mut theirs) = socket_pair().await;
+        // A header claiming 1 GB, and no body: the read must fail at once, not wait
+        // for (or allocate) the body.
+        theirs.write_all(&[b'Q', 0x40, 0, 0, 0]).await.unwrap();
+        let mut c = Conn::new(ours);
+        let e = c.read_frame(MAX_STARTUP_MESSAGE).await.unwrap_err();
+        assert!(
+            matches!(e, ConnError::Frame(FrameError::TooLarge { .. })),
+            "{e:?}"
+        );
+        assert!(c.rbuf.capacity() < 1 << 20, "nothing was reserved for it");
+    }
+}

@@ -183,3 +183,93 @@ pub(crate) fn abort(ctx: &Ctx, shard: &Shard, epoch: Option<u64>) -> Result<u64,
     ctx.buffer.stop(&shard.name, cycle, StopReason::Aborted);
     Ok(gen.epoch)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn hp(port: u16) -> HostPort {
+        HostPort {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    fn ctx() -> Ctx {
+        let config =
+            Config::from_vars([("HANDOFF_SHARDS", "main=127.0.0.1:1,127.0.0.1:2")]).expect("valid");
+        Ctx::new(&config, Default::default()).expect("valid")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lameduck_waits_for_the_last_transaction_and_no_longer() {
+        let shard = Shard::new("main", vec![hp(1), hp(2)]);
+        let gen = shard.current();
+        let running = shard.enter(&gen).expect("serving");
+        shard.revoke(None, "test", |_| {}).unwrap();
+        let ends = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(running);
+        });
+        let ld = lameduck(&gen, Duration::from_secs(5)).await;
+        ends.await.unwrap();
+        assert_eq!(ld.cancelled, 0);
+        assert!(ld.waited >= Duration::from_secs(1) && ld.waited < Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lameduck_cancels_what_outlives_the_drain_timeout() {
+        let shard = Shard::new("main", vec![hp(1), hp(2)]);
+        let gen = shard.current();
+        let running = shard.enter(&gen).expect("serving");
+        shard.revoke(None, "test", |_| {}).unwrap();
+        // The session lets go once it is told to cancel.
+        let killed = gen.killed();
+        let session = tokio::spawn(async move {
+            killed.await;
+            drop(running);
+        });
+        let ld = lameduck(&gen, Duration::from_secs(5)).await;
+        session.await.unwrap();
+        assert_eq!(ld.cancelled, 1);
+        assert!(ld.waited >= Duration::from_secs(5) && ld.waited < Duration::from_secs(6));
+        assert_eq!(gen.inflight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_held_at_the_gate_runs_on_the_next_primary() {
+        let ctx = ctx();
+        let shard = Shard::new("main", vec![hp(1), hp(2)]);
+        // Serving: the gate lets a request through at once.
+        let mut gen = shard.current();
+        let a = admit(&ctx, &shard, &mut gen, 10).await.unwrap();
+        assert_eq!(gen.inflight(), 1);
+        drop(a);
+        assert_eq!(gen.inflight(), 0);
+        // Revoked: the next one waits in the buffer until a primary is established.
+        let revoked = revoke(&ctx, &shard, Some(1), "test").unwrap();
+        let held = {
+            let shard = &shard;
+            let ctx = &ctx;
+            let mut gen = Arc::clone(&revoked.gen);
+            async move {
+                let a = admit(ctx, shard, &mut gen, 10).await;
+                (a, gen)
+            }
+        };
+        let establish_later = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            establish(&ctx, &shard, Some(1), hp(2)).await.unwrap()
+        };
+        let ((admitted, gen2), est) = tokio::join!(held, establish_later);
+        assert_eq!(est.epoch, 2);
+        let admitted = admitted.expect("released to the new primary");
+        assert_eq!((gen2.epoch, gen2.primary.port), (2, 2));
+        assert_eq!(gen2.inflight(), 1, "registered on the new generation");
+        drop(admitted);
+        assert_eq!(gen2.inflight(), 0);
+        // The replaced primary is now watched for split brain.
+        assert!(shard.watch.is_watched(&hp(1)));
+    }
+}

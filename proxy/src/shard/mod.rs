@@ -48,6 +48,30 @@ pub struct Settings {
 }
 
 impl Ctx {
+    /// The shard layer's part of the configuration, with the server TLS settings.
+    pub fn new(
+        config: &crate::config::Config,
+        server_tls: crate::net::tls::ServerTls,
+    ) -> Result<Self, handoff_buffer::ConfigError> {
+        let names: Vec<&str> = config.shards.iter().map(|s| s.name.as_str()).collect();
+        Ok(Self {
+            buffer: handoff_buffer::Buffer::new(config.buffer.clone(), &names)?,
+            pools: Arc::new(Pools::new(
+                config.pool.clone(),
+                config.connect_timeout,
+                server_tls.clone(),
+            )),
+            admin: AdminDb::new(config.admin_db.clone(), server_tls),
+            settings: Settings {
+                switchover: config.switchover.clone(),
+                health: config.health.clone(),
+                drain_timeout: config.drain_timeout,
+                watchdog_interval: config.watchdog_interval,
+                prewarm: config.pool.size.min(config.buffer.drain_concurrency.max(1)),
+            },
+        })
+    }
+
     /// True when `shard`'s buffer holds nothing and no cycle runs.
     pub fn buffer_idle(&self, shard: &str) -> bool {
         matches!(

@@ -2,6 +2,8 @@
 //! waiting on the client, the server connection while a transaction holds one,
 //! shutdown, lameduck's cancellation and the idle limits.
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use handoff_protocol::backend::TransactionStatus;
 use handoff_protocol::error::ProxyError;
@@ -29,16 +31,150 @@ pub(crate) fn run_boxed<'a>(
     Box::pin(run(client, *txn, shutdown))
 }
 
+/// Which idle limit applies to a quiet client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum IdleKind {
+    /// Outside a transaction (`HANDOFF_CLIENT_IDLE_TIMEOUT`).
+    Client,
+    /// Inside a transaction (`HANDOFF_IDLE_TRANSACTION_TIMEOUT`).
+    Transaction,
+}
+
+/// The idle limits of a session (zero: none); off by default, so no timer runs on the
+/// hot path.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IdleLimits {
+    pub client: Duration,
+    pub transaction: Duration,
+}
+
+impl IdleLimits {
+    /// The limit for a client that is quiet outside a transaction (`outside`) or inside
+    /// one (`inside`), if any.
+    pub fn pick(&self, outside: bool, inside: bool) -> Option<(Duration, IdleKind)> {
+        if outside && !self.client.is_zero() {
+            Some((self.client, IdleKind::Client))
+        } else if inside && !self.transaction.is_zero() {
+            Some((self.transaction, IdleKind::Transaction))
+        } else {
+            None
+        }
+    }
+
+    /// The FATAL a client gets when `kind` expires.
+    pub fn error(&self, kind: IdleKind) -> ProxyError {
+        match kind {
+            IdleKind::Client => ProxyError::fatal(
+                sqlstate::IDLE_SESSION_TIMEOUT,
+                format!(
+                    "terminating connection due to idle-session timeout (HANDOFF_CLIENT_IDLE_TIMEOUT is {:?})",
+                    self.client
+                ),
+            ),
+            IdleKind::Transaction => ProxyError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (HANDOFF_IDLE_TRANSACTION_TIMEOUT is {:?}); the transaction was rolled back",
+                    self.transaction
+                ),
+            ),
+        }
+    }
+}
+
+impl IdleKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            IdleKind::Client => "client_idle",
+            IdleKind::Transaction => "idle_transaction",
+        }
+    }
+}
+
+/// Resolves when `limit` passes; never without one. Cancel-safe (a timer).
+async fn expire(limit: Option<(Duration, IdleKind)>) {
+    match limit {
+        Some((d, _)) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The server side of the loop: scanning where its messages are, and the buffer they
+/// are read into.
+struct ServerSide {
+    scan: Scanner,
+    buf: BytesMut,
+}
+
+impl ServerSide {
+    fn new() -> Self {
+        Self {
+            scan: Scanner::new(MAX_INSPECT, i32::MAX as usize),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// No server message is half-read or half-forwarded.
+    fn clean(&self) -> bool {
+        self.buf.is_empty() && self.scan.at_boundary()
+    }
+
+    /// Forgets a connection that was given up: returns whether it was at a message
+    /// boundary.
+    fn reset(&mut self) -> bool {
+        let was_clean = self.scan.at_boundary();
+        self.buf.clear();
+        self.scan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
+        was_clean
+    }
+}
+
+/// What the server connection's read brought.
+async fn on_server_read(
+    r: std::io::Result<usize>,
+    server: &mut ServerSide,
+    client: &mut Conn,
+    cscan: &Scanner,
+    txn: &mut Txn<'_>,
+) -> Result<(), End> {
+    match r {
+        Ok(0) | Err(_) if txn.server_fatal && txn.fatal.is_none() => {
+            // The server ended the connection with a FATAL the client has seen.
+            Err(End::ServerGone)
+        }
+        Ok(0) | Err(_) => {
+            // The primary went away under a request: an error for that request (it may
+            // have committed), and the session goes on.
+            let server_clean = server.reset();
+            let err = txn.lost_error();
+            tracing::info!(shard = txn.shard, error = %err.message, "server connection lost under a request");
+            txn.abandon(client, err, false, server_clean, cscan.at_boundary())
+                .await
+        }
+        Ok(_) => {
+            server_bytes(&mut server.buf, &mut server.scan, client, txn).await?;
+            if txn.probe.ready {
+                txn.settle_refusal(client, server.clean()).await?;
+            }
+            // Only between messages in both directions: a client half-way through
+            // sending a message stays on this server connection.
+            if txn.clean() && server.clean() && cscan.at_boundary() {
+                txn.detach(false, true);
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Relays a logged-in transaction-mode client until it leaves.
 pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) -> End {
     client.release_buffers();
     let mut cscan = Scanner::new(txn.shared.config.max_message_size, MAX_CLIENT_MESSAGE);
-    let (client_idle_timeout, idle_transaction_timeout) = (
-        txn.shared.config.client_idle_timeout,
-        txn.shared.config.idle_transaction_timeout,
-    );
-    let mut sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
-    let mut sbuf = BytesMut::new();
+    let limits = IdleLimits {
+        client: txn.shared.config.client_idle_timeout,
+        transaction: txn.shared.config.idle_transaction_timeout,
+    };
+    let mut server = ServerSide::new();
     let mut watched = Phase::Draining;
     let mut phase_change = Box::pin(reach(shutdown.clone(), Phase::Draining));
     // Lameduck's cancellation of the generation this session's transaction runs on;
@@ -55,26 +191,22 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         let phase = shutdown.phase();
         let idle = txn.backend.is_none() && cscan.at_boundary() && client.rbuf.is_empty();
         if phase == Phase::Closing || (phase == Phase::Draining && idle) {
-            let err = crate::error::shutting_down();
-            send_error(&mut client.stream, &err).await;
+            send_error(&mut client.stream, &crate::error::shutting_down()).await;
             break End::Shutdown;
         }
         let attached = txn.backend.is_some();
         if attached {
-            buffers::ready(&mut sbuf);
+            buffers::ready(&mut server.buf);
             if killed.as_ref().map(|k| k.0) != Some(txn.gen.id) {
                 killed = Some((txn.gen.id, Box::pin(txn.gen.killed())));
             }
         } else {
             // An idle client holds no buffers: they come from the pool when bytes arrive.
             buffers::release(&mut client.rbuf);
-            buffers::release(&mut sbuf);
+            buffers::release(&mut server.buf);
             buffers::release(&mut txn.out);
         }
-        // `readable()` and `read_buf` are cancel-safe: a branch that loses the race has
-        // consumed nothing.
         let reading = !txn.probe.waiting(cscan.at_boundary());
-        // Idle limits (off by default: no timer on the hot path then).
         let quiet = cscan.at_boundary() && client.rbuf.is_empty();
         let in_txn_idle = quiet
             && match txn.backend {
@@ -83,19 +215,9 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                 }
                 None => matches!(txn.local, Local::Aborted(_)),
             };
-        let limit = if idle && matches!(txn.local, Local::None) && !client_idle_timeout.is_zero() {
-            Some((client_idle_timeout, "client_idle"))
-        } else if in_txn_idle && !idle_transaction_timeout.is_zero() {
-            Some((idle_transaction_timeout, "idle_transaction"))
-        } else {
-            None
-        };
-        let idle_timer = async move {
-            match limit {
-                Some((d, _)) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
+        let limit = limits.pick(idle && matches!(txn.local, Local::None), in_txn_idle);
+        // `readable()`, `read_buf`, timers and signals are cancel-safe: a branch that
+        // loses the race has consumed nothing.
         tokio::select! {
             r = client_read(&mut client), if reading => match r {
                 Some(Ok(0)) | Some(Err(_)) => break End::ClientGone,
@@ -103,67 +225,25 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
             },
             r = async {
                 let b = txn.backend.as_mut().expect("guarded by `attached`");
-                b.conn.stream.read_buf(&mut sbuf).await
-            }, if attached => match r {
-                Ok(0) | Err(_) if txn.server_fatal && txn.fatal.is_none() => {
-                    // The server ended the connection with a FATAL the client has seen.
-                    break End::ServerGone;
-                }
-                Ok(0) | Err(_) => {
-                    // The primary went away under a request: an error for that request
-                    // (it may have committed), and the session goes on.
-                    let server_clean = sscan.at_boundary();
-                    sbuf.clear();
-                    sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
-                    let err = txn.lost_error();
-                    tracing::info!(shard = txn.shard, error = %err.message, "server connection lost under a request");
-                    if let Err(end) = txn.abandon(&mut client, err, false, server_clean, cscan.at_boundary()).await {
-                        break end;
-                    }
-                }
-                Ok(_) => {
-                    if let Err(end) = server_bytes(&mut sbuf, &mut sscan, &mut client, &mut txn).await {
-                        break end;
-                    }
-                    if txn.probe.ready {
-                        let stream_clean = sbuf.is_empty() && sscan.at_boundary();
-                        if let Err(end) = txn.settle_refusal(&mut client, stream_clean).await {
-                            break end;
-                        }
-                    }
-                    // Only between messages in both directions: a client half-way
-                    // through sending a message stays on this server connection.
-                    if txn.clean() && sscan.at_boundary() && sbuf.is_empty() && cscan.at_boundary() {
-                        txn.detach(false, true);
-                    }
+                b.conn.stream.read_buf(&mut server.buf).await
+            }, if attached => {
+                if let Err(end) = on_server_read(r, &mut server, &mut client, &cscan, &mut txn).await {
+                    break end;
                 }
             },
             _ = &mut phase_change, if phase < watched => {
                 watched = Phase::Closing;
                 phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
             }
-            _ = idle_timer => {
-                let kind = limit.map_or("", |l| l.1);
-                metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, "kind" => kind).increment(1);
-                let err = if kind == "client_idle" {
-                    ProxyError::fatal(
-                        sqlstate::IDLE_SESSION_TIMEOUT,
-                        format!("terminating connection due to idle-session timeout (HANDOFF_CLIENT_IDLE_TIMEOUT is {client_idle_timeout:?})"),
-                    )
-                } else {
-                    ProxyError::fatal(
-                        sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                        format!("terminating connection due to idle-in-transaction timeout (HANDOFF_IDLE_TRANSACTION_TIMEOUT is {idle_transaction_timeout:?}); the transaction was rolled back"),
-                    )
-                };
-                tracing::info!(kind, "client idle timeout");
-                send_error(&mut client.stream, &err).await;
+            _ = expire(limit) => {
+                let kind = limit.expect("a limit expired").1;
+                metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, "kind" => kind.as_str()).increment(1);
+                tracing::info!(kind = kind.as_str(), "client idle timeout");
+                send_error(&mut client.stream, &limits.error(kind)).await;
                 break End::Timeout;
             }
             _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached => {
-                let server_clean = sscan.at_boundary();
-                sbuf.clear();
-                sscan = Scanner::new(MAX_INSPECT, i32::MAX as usize);
+                let server_clean = server.reset();
                 if let Err(end) = txn.cancelled_by_lameduck(&mut client, server_clean, cscan.at_boundary()).await {
                     break end;
                 }
@@ -171,12 +251,52 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         }
     };
     // A message half-forwarded in either direction makes the connection unusable.
-    txn.detach(
-        true,
-        sbuf.is_empty() && sscan.at_boundary() && cscan.at_boundary(),
-    );
+    txn.detach(true, server.clean() && cscan.at_boundary());
     txn.meter.flush_bytes();
     end
 }
 
 type KillFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: IdleLimits = IdleLimits {
+        client: Duration::from_secs(30),
+        transaction: Duration::from_secs(5),
+    };
+
+    #[test]
+    fn the_limit_follows_where_the_client_is_quiet() {
+        assert_eq!(
+            LIMITS.pick(true, false),
+            Some((Duration::from_secs(30), IdleKind::Client))
+        );
+        assert_eq!(
+            LIMITS.pick(false, true),
+            Some((Duration::from_secs(5), IdleKind::Transaction))
+        );
+        assert_eq!(LIMITS.pick(false, false), None);
+        let off = IdleLimits {
+            client: Duration::ZERO,
+            transaction: Duration::ZERO,
+        };
+        assert_eq!(off.pick(true, true), None, "zero means no limit");
+        assert_eq!(LIMITS.error(IdleKind::Client).code, "57P05");
+        assert_eq!(LIMITS.error(IdleKind::Transaction).code, "25P03");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_expires_exactly_when_due_and_no_limit_never() {
+        let started = tokio::time::Instant::now();
+        expire(LIMITS.pick(false, true)).await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5002),
+            "{waited:?}"
+        );
+        let never = tokio::time::timeout(Duration::from_secs(3600), expire(None)).await;
+        assert!(never.is_err(), "no limit: the timer never fires");
+    }
+}
