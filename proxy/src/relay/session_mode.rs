@@ -17,9 +17,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use std::sync::Arc;
 
 use crate::backend::cancel::ServerKey;
-use crate::backend::login as backend_login;
+use crate::backend::login::{self as backend_login, ServerConn};
 use crate::config::HostPort;
-use crate::error::send_error;
+use crate::error::{send_error, ServerError};
 use crate::metrics::{self as m, GaugeGuard};
 use crate::net::metered::Metered;
 use crate::net::stream::Conn;
@@ -331,56 +331,16 @@ pub(crate) async fn serve(
     login: ServerLogin,
     shutdown: Signal,
 ) {
-    let cfg = &shared.config;
     let name = shard.name.as_str();
-    let connect = |addr: HostPort| {
-        let login = &login;
-        async move {
-            let l = backend_login::Login {
-                addr: &addr,
-                user: &login.user,
-                database: &login.database,
-                params: &login.params,
-                password: login.password.as_deref(),
-                timeout: cfg.connect_timeout,
-                tls: &shared.server_tls,
-            };
-            Box::pin(backend_login::connect(l)).await
-        }
-    };
-    let (mut entered, mut server) = loop {
-        let entered = match gate(shared, shard, 0).await {
-            Ok(e) => e,
-            Err(err) => {
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
-        };
-        match connect(entered.generation().primary.clone()).await {
-            Ok(s) => break (entered, s),
-            Err(err) => {
-                let gen = Arc::clone(entered.generation());
-                drop(entered);
-                metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
-                // Nothing was sent: if the primary is gone, wait for the next one.
-                if err.primary_may_be_gone()
-                    && health::suspect(&shared.ctx, shard, &gen, Report::ConnectFailed).await
-                {
-                    RetryReason::ConnectFailed.count(name);
-                    continue;
-                }
-                tracing::warn!(shard = name, error = %err, "server login failed");
-                send_error(&mut client.stream, &err.to_client(name)).await;
-                return;
-            }
+    let (mut entered, mut server) = match attach(shared, shard, &login).await {
+        Ok(attached) => attached,
+        Err(err) => {
+            send_error(&mut client.stream, &err).await;
+            return;
         }
     };
     let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let registration = shared.cancels.register(Some(ServerKey {
-        addr: server.peer,
-        pid: server.pid,
-        key: server.key,
-    }));
+    let registration = shared.cancels.register(Some(server_key(&server)));
 
     let greeting = hello(server.params.clone(), registration.pid, registration.key);
     if client.send_raw(&greeting).await.is_err() {
@@ -401,7 +361,7 @@ pub(crate) async fn serve(
             if end == End::ServerGone {
                 health::report(shard, Report::ConnectionLost);
             }
-            break;
+            return;
         }
         // Between transactions on a revoked primary: take the session's state off it,
         // let it go, and follow the shard to its next primary.
@@ -410,72 +370,129 @@ pub(crate) async fn serve(
         drop(server_gauge);
         drop(entered);
         registration.set_server(None);
-        let moving = match captured {
-            Ok(st) if st.blockers.is_empty() => st,
-            Ok(st) => {
-                let err = cannot_move(
-                    name,
-                    format!(
-                        "this session holds state that cannot move to the new primary ({})",
-                        st.blockers.join(", ")
-                    ),
-                )
-                .hint("release advisory locks, drop temporary tables, UNLISTEN and close held cursors between transactions, or use transaction mode");
-                tracing::info!(shard = name, blockers = ?st.blockers, "session cannot move");
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
-            Err(e) => {
-                let err = cannot_move(name, format!("the session's state could not be read: {e}"));
-                send_error(&mut client.stream, &err).await;
-                return;
-            }
+        let moved = match captured {
+            Ok(state) => follow(&mut client, shared, shard, &login, &state, shutdown.clone()).await,
+            Err(e) => Err(cannot_move(
+                name,
+                format!("the session's state could not be read: {e}"),
+            )),
         };
-        // Wait for the client's next request (or its leaving) before taking a slot in
-        // the buffer: an idle session is not a request.
-        if client.rbuf.is_empty() {
-            tokio::select! {
-                r = client.stream.read_buf(&mut client.rbuf) => {
-                    if matches!(r, Ok(0) | Err(_)) {
-                        return;
-                    }
-                }
-                _ = reach(shutdown.clone(), Phase::Draining) => {
-                    send_error(&mut client.stream, &crate::error::shutting_down()).await;
-                    return;
-                }
-            }
-        }
-        entered = match gate(shared, shard, client.rbuf.len()).await {
-            Ok(e) => e,
+        (entered, server) = match moved {
+            Ok(Some(attached)) => attached,
+            Ok(None) => return,
             Err(err) => {
                 send_error(&mut client.stream, &err).await;
-                return;
-            }
-        };
-        server = match connect(entered.generation().primary.clone()).await {
-            Ok(s) => s,
-            Err(err) => {
-                send_error(&mut client.stream, &err.to_client(name)).await;
                 return;
             }
         };
         server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-        if let Err(e) = session_move::restore(&mut server.conn, &moving).await {
-            let err = cannot_move(
-                name,
-                format!("the session could not be re-created on the new primary: {e}"),
-            );
-            send_error(&mut client.stream, &err).await;
-            return;
-        }
-        registration.set_server(Some(ServerKey {
-            addr: server.peer,
-            pid: server.pid,
-            key: server.key,
-        }));
+        registration.set_server(Some(server_key(&server)));
         tracing::info!(shard = name, server = %server.peer, "session moved to the new primary");
     }
+}
+
+fn server_key(server: &ServerConn) -> ServerKey {
+    ServerKey {
+        addr: server.peer,
+        pid: server.pid,
+        key: server.key,
+    }
+}
+
+/// Logs in to `addr` as the session's user.
+async fn connect(
+    shared: &Shared,
+    login: &ServerLogin,
+    addr: &HostPort,
+) -> Result<ServerConn, ServerError> {
+    let l = backend_login::Login {
+        addr,
+        user: &login.user,
+        database: &login.database,
+        params: &login.params,
+        password: login.password.as_deref(),
+        timeout: shared.config.connect_timeout,
+        tls: &shared.server_tls,
+    };
+    Box::pin(backend_login::connect(l)).await
+}
+
+/// The session's first server connection: through the gate, then a login to the
+/// serving primary. A login the primary's loss refused (nothing was sent yet) waits
+/// for the next primary instead of failing the client.
+async fn attach(
+    shared: &Shared,
+    shard: &Shard,
+    login: &ServerLogin,
+) -> Result<(Entered, ServerConn), ProxyError> {
+    let name = shard.name.as_str();
+    loop {
+        let entered = gate(shared, shard, 0).await?;
+        let err = match connect(shared, login, &entered.generation().primary).await {
+            Ok(server) => return Ok((entered, server)),
+            Err(err) => err,
+        };
+        let gen = Arc::clone(entered.generation());
+        drop(entered);
+        metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
+        if err.primary_may_be_gone()
+            && health::suspect(&shared.ctx, shard, &gen, Report::ConnectFailed).await
+        {
+            RetryReason::ConnectFailed.count(name);
+            continue;
+        }
+        tracing::warn!(shard = name, error = %err, "server login failed");
+        return Err(err.to_client(name));
+    }
+}
+
+/// Moves a session whose primary was revoked to the shard's next primary: waits for
+/// the client's next request (an idle session is not a request, so it takes no slot in
+/// the buffer until then), passes the gate, logs in and re-creates the session's
+/// state. `None` when the client left while waiting.
+async fn follow(
+    client: &mut Conn,
+    shared: &Shared,
+    shard: &Shard,
+    login: &ServerLogin,
+    state: &session_move::SessionState,
+    shutdown: Signal,
+) -> Result<Option<(Entered, ServerConn)>, ProxyError> {
+    let name = shard.name.as_str();
+    if !state.blockers.is_empty() {
+        tracing::info!(shard = name, blockers = ?state.blockers, "session cannot move");
+        return Err(cannot_move(
+            name,
+            format!(
+                "this session holds state that cannot move to the new primary ({})",
+                state.blockers.join(", ")
+            ),
+        )
+        .hint("release advisory locks, drop temporary tables, UNLISTEN and close held cursors between transactions, or use transaction mode"));
+    }
+    if client.rbuf.is_empty() {
+        tokio::select! {
+            r = client.stream.read_buf(&mut client.rbuf) => {
+                if matches!(r, Ok(0) | Err(_)) {
+                    return Ok(None);
+                }
+            }
+            _ = reach(shutdown, Phase::Draining) => {
+                return Err(crate::error::shutting_down());
+            }
+        }
+    }
+    let entered = gate(shared, shard, client.rbuf.len()).await?;
+    let mut server = connect(shared, login, &entered.generation().primary)
+        .await
+        .map_err(|err| err.to_client(name))?;
+    if let Err(e) = session_move::restore(&mut server.conn, state).await {
+        return Err(cannot_move(
+            name,
+            format!("the session could not be re-created on the new primary: {e}"),
+        ));
+    }
+    Ok(Some((entered, server)))
 }
 
 /// The FATAL a session-mode client gets when it cannot follow its shard's new primary.

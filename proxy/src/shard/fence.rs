@@ -169,24 +169,33 @@ impl Fence {
     /// [`Fence::lift`] undoes exactly that.
     pub async fn apply(&mut self, admin: &AdminDb, opts: Apply) -> Result<(), FenceError> {
         let deadline = Instant::now() + opts.timeout;
-        let addr = self.addr.clone();
         self.sessions.retain(|s| !s.is_closed());
         if self.sessions.is_empty() {
             return Err(FenceError::Connect {
-                addr: addr.to_string(),
+                addr: self.addr.to_string(),
                 user: admin.user().to_string(),
                 message: "handoff's sessions on the server were closed".into(),
             });
         }
-        let main_db = self.sessions[0].database.clone();
         self.sessions[0]
             .client
             .batch_execute(SESSION_SETUP)
             .await
-            .map_err(|e| sql(&addr, e))?;
+            .map_err(|e| sql(&self.addr, e))?;
+        self.close_databases(admin, deadline).await?;
+        self.end_sessions(opts, deadline).await?;
+        self.read_lsn().await
+    }
 
-        // 1. No new session: every database that accepts connections stops accepting
-        //    them. The main session's own database is done from a helper session.
+    /// Step 1, no new session: every database that accepts connections stops accepting
+    /// them. The main session's own database is closed from a helper session.
+    async fn close_databases(
+        &mut self,
+        admin: &AdminDb,
+        deadline: Instant,
+    ) -> Result<(), FenceError> {
+        let addr = self.addr.clone();
+        let main_db = self.sessions[0].database.clone();
         for _ in 0..3 {
             let open: Vec<String> = self.sessions[0]
                 .client
@@ -205,10 +214,9 @@ impl Fence {
             let others: Vec<&String> = open.iter().filter(|d| **d != main_db).collect();
             if !others.is_empty() {
                 if !self.sessions.iter().any(|s| s.database != main_db) {
-                    let helper_db = others[0].clone();
                     let left = deadline.saturating_duration_since(Instant::now());
                     let helper =
-                        login(admin, &addr, &helper_db, left.max(Duration::from_secs(1))).await?;
+                        login(admin, &addr, others[0], left.max(Duration::from_secs(1))).await?;
                     helper
                         .client
                         .batch_execute(SESSION_SETUP)
@@ -249,10 +257,40 @@ impl Fence {
                 self.databases.push(main_db.clone());
             }
         }
+        Ok(())
+    }
 
-        // 2. No other session: terminated and waited for (or, without terminating,
-        //    waited for) until two scans in a row find none. Backends still logging in
-        //    count only if they were already there when step 1 committed.
+    /// The sessions that could still commit a write: everything in `pg_stat_activity`
+    /// but ours, and the backends of `starting_then` still logging in.
+    async fn others(&self, starting_then: &[i32]) -> Result<Vec<(i32, String)>, FenceError> {
+        let main = &self.sessions[0].client;
+        let mut others: Vec<(i32, String)> = main
+            .query(SESSIONS_SQL, &[&self.pids])
+            .await
+            .map_err(|e| sql(&self.addr, e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if !starting_then.is_empty() {
+            for r in main
+                .query(STARTING_SQL, &[&self.pids])
+                .await
+                .map_err(|e| sql(&self.addr, e))?
+            {
+                let pid: i32 = r.get(0);
+                if starting_then.contains(&pid) {
+                    others.push((pid, "backend logging in".into()));
+                }
+            }
+        }
+        Ok(others)
+    }
+
+    /// Step 2, no other session: terminated (or, without terminating, left to leave)
+    /// and waited for until two scans in a row find none. Backends still logging in
+    /// count only if they were already there when step 1 committed.
+    async fn end_sessions(&mut self, opts: Apply, deadline: Instant) -> Result<(), FenceError> {
+        let addr = self.addr.clone();
         let mut ours = Vec::new();
         for s in &self.sessions {
             let pid: i32 = s
@@ -263,10 +301,10 @@ impl Fence {
                 .get(0);
             ours.push(pid);
         }
-        self.pids = ours.clone();
-        let main = &self.sessions[0].client;
-        let starting_then: Vec<i32> = main
-            .query(STARTING_SQL, &[&ours])
+        self.pids = ours;
+        let starting_then: Vec<i32> = self.sessions[0]
+            .client
+            .query(STARTING_SQL, &[&self.pids])
             .await
             .map_err(|e| sql(&addr, e))?
             .iter()
@@ -275,25 +313,7 @@ impl Fence {
         let started = Instant::now();
         let mut clean_scans = 0;
         while clean_scans < 2 {
-            let mut others: Vec<(i32, String)> = main
-                .query(SESSIONS_SQL, &[&ours])
-                .await
-                .map_err(|e| sql(&addr, e))?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            if !starting_then.is_empty() {
-                for r in main
-                    .query(STARTING_SQL, &[&ours])
-                    .await
-                    .map_err(|e| sql(&addr, e))?
-                {
-                    let pid: i32 = r.get(0);
-                    if starting_then.contains(&pid) {
-                        others.push((pid, "backend logging in".into()));
-                    }
-                }
-            }
+            let others = self.others(&starting_then).await?;
             if others.is_empty() {
                 clean_scans += 1;
                 if clean_scans < 2 {
@@ -327,7 +347,8 @@ impl Fence {
                 // pg_terminate_backend's own wait sleeps 100 ms between checks and takes
                 // one backend at a time.
                 let pids: Vec<i32> = others.iter().map(|(p, _)| *p).collect();
-                let done = main
+                let done = self.sessions[0]
+                    .client
                     .query_one(
                         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) \
                          FROM unnest($1::int4[]) AS pid",
@@ -336,26 +357,27 @@ impl Fence {
                     .await
                     .map_err(|e| sql(&addr, e))?;
                 self.terminated += done.get::<_, i64>(0) as u64;
-                tracing::debug!(%addr, terminated = self.terminated, ms = started.elapsed().as_millis() as u64, "fence: signalled");
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        Ok(())
+    }
 
-        // 3. The fence LSN, read only now: a transaction of our own flushes everything
-        //    committed before it (asynchronous commits included).
+    /// Step 3, the fence LSN, read only now: a transaction of our own flushes
+    /// everything committed before it (asynchronous commits included).
+    async fn read_lsn(&mut self) -> Result<(), FenceError> {
         let main = &self.sessions[0].client;
         main.batch_execute("BEGIN READ WRITE; SELECT pg_current_xact_id(); COMMIT")
             .await
-            .map_err(|e| sql(&addr, e))?;
+            .map_err(|e| sql(&self.addr, e))?;
         let lsn: String = main
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
             .await
-            .map_err(|e| sql(&addr, e))?
+            .map_err(|e| sql(&self.addr, e))?
             .get(0);
         self.lsn = Some(lsn);
         Ok(())
     }
-
     /// Undoes the fence: the databases it turned off accept connections again. Runs
     /// through a session the fence kept (a new one cannot log in while the fence holds),
     /// then confirms from a new session.

@@ -18,7 +18,7 @@ use crate::config::{HostPort, SwitchoverSettings};
 use crate::shard::control;
 use crate::shard::fence::{self, Fence};
 use crate::shard::watch::Why;
-use crate::shard::{Ctx, Shard, StateKind};
+use crate::shard::{Ctx, Revoked, Shard, Snapshot, StateKind};
 
 /// How a switchover ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,9 +223,25 @@ impl Run<'_> {
     }
 }
 
+/// How a switchover stops short of completing.
+enum Stop {
+    /// Refused before anything changed.
+    Refused(String),
+    /// Failed before the promotion: lift the fence and serve from the old primary.
+    RollBack(Box<Fence>, String),
+    /// The target may be promoted but could not be confirmed.
+    Failed(String),
+}
+
+/// What a completed switchover hands to the demote command.
+struct Done {
+    old: HostPort,
+    epoch: u64,
+    lsn: String,
+}
+
 /// Runs a switchover of `shard` to `to`. Holds the shard's operation lock throughout.
 pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Report {
-    let cfg = &ctx.settings.switchover;
     let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
     let mut run = Run {
         ctx: &ctx,
@@ -255,144 +271,223 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Repor
             )),
         );
     };
-    let timeout = cfg.timeout;
-    let old = snap.primary.clone();
+    match run.switch(&snap, &to).await {
+        Ok(done) => {
+            run.demote(&done, &to).await;
+            run.finish(Outcome::Completed, None)
+        }
+        Err(Stop::Refused(e)) => run.finish(Outcome::Refused, Some(e)),
+        Err(Stop::RollBack(fence, e)) => rollback(run, *fence, snap.epoch, e).await,
+        Err(Stop::Failed(e)) => run.finish(Outcome::Failed, Some(e)),
+    }
+}
 
-    // 1. Pre-check.
-    let t = Instant::now();
-    let checked = precheck(&ctx.admin, cfg, &snap.state, &old, &to, timeout).await;
-    let (old_db, target_db) = match checked {
-        Ok((old_db, target_db, system)) => {
-            shard.watch.set_system(&system);
-            // A standby of the same system: if it was a replaced primary, it rejoined.
-            shard.watch.remove(
-                &shard.name,
-                &to,
-                "it is a standby, and the switchover's target",
-            );
-            run.step("precheck", t, None);
-            (old_db, target_db)
-        }
-        Err(e) => {
-            run.step("precheck", t, Some(e.to_string()));
-            return run.finish(Outcome::Refused, Some(e.to_string()));
-        }
-    };
+impl Run<'_> {
+    /// Steps 1 to 7.
+    async fn switch(&mut self, snap: &Snapshot, to: &HostPort) -> Result<Done, Stop> {
+        let old = snap.primary.clone();
+        let (old_db, target_db) = self.precheck(snap, to).await?;
+        let revoked = self.buffer(snap)?;
+        let t = Instant::now();
+        let ld = control::lameduck(&revoked.gen, self.ctx.settings.drain_timeout).await;
+        self.report.lameduck_cancelled = ld.cancelled;
+        self.step("lameduck", t, None);
+        let fence = self.fence(&old, old_db).await?;
+        let lsn = fence.lsn.clone().expect("set by a successful fence");
+        let fence = self.catch_up(&target_db, to, &lsn, fence).await?;
+        let fence = self
+            .promote(&target_db, to, &old, snap.epoch, fence)
+            .await?;
+        let epoch = self.flush(to, &old, snap.epoch, fence).await?;
+        Ok(Done { old, epoch, lsn })
+    }
 
-    // 2. Buffer.
-    let t = Instant::now();
-    let revoked = match control::revoke(&ctx, &shard, Some(snap.epoch), "switchover") {
-        Ok(r) => {
-            run.step("buffer", t, None);
-            r
-        }
-        Err(e) => {
-            run.step("buffer", t, Some(e.to_string()));
-            return run.finish(Outcome::Refused, Some(e.to_string()));
-        }
-    };
-
-    // 3. Lameduck.
-    let t = Instant::now();
-    let ld = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
-    run.report.lameduck_cancelled = ld.cancelled;
-    run.step("lameduck", t, None);
-
-    // 4. Revoke on the old primary: the fence, then its LSN.
-    let t = Instant::now();
-    let mut fence = Fence::new(old.clone(), old_db);
-    let opts = fence::Apply {
-        terminate: cfg.terminate,
-        timeout,
-    };
-    let fenced = fence.apply(&ctx.admin, opts).await;
-    run.report.fenced_databases = fence.databases.clone();
-    run.report.fence_terminated = fence.terminated;
-    metrics::counter!(crate::metrics::FENCES, "shard" => shard.name.clone(), "source" => "switchover", "result" => if fenced.is_ok() { "ok" } else { "error" })
-        .increment(1);
-    match fenced {
-        Ok(()) => {
-            run.report.fence_lsn = fence.lsn.clone();
-            run.step("revoke", t, None);
-        }
-        Err(e) => {
-            run.step("revoke", t, Some(e.to_string()));
-            return rollback(run, fence, snap.epoch, e.to_string()).await;
+    /// 1. The target is a standby of the same cluster, close enough behind.
+    async fn precheck(
+        &mut self,
+        snap: &Snapshot,
+        to: &HostPort,
+    ) -> Result<(AdminSession, AdminSession), Stop> {
+        let t = Instant::now();
+        let cfg = &self.ctx.settings.switchover;
+        match precheck(
+            &self.ctx.admin,
+            cfg,
+            &snap.state,
+            &snap.primary,
+            to,
+            cfg.timeout,
+        )
+        .await
+        {
+            Ok((old_db, target_db, system)) => {
+                self.shard.watch.set_system(&system);
+                // A standby of the same system: if it was a replaced primary, it rejoined.
+                self.shard.watch.remove(
+                    &self.shard.name,
+                    to,
+                    "it is a standby, and the switchover's target",
+                );
+                self.step("precheck", t, None);
+                Ok((old_db, target_db))
+            }
+            Err(e) => {
+                self.step("precheck", t, Some(e.to_string()));
+                Err(Stop::Refused(e.to_string()))
+            }
         }
     }
 
-    // 5. Catch up.
-    let t = Instant::now();
-    let lsn = fence.lsn.clone().expect("set by a successful fence");
-    if let Err(e) = catch_up(&target_db.client, &to, &lsn, timeout).await {
-        run.step("catch_up", t, Some(e.to_string()));
-        return rollback(run, fence, snap.epoch, e.to_string()).await;
-    }
-    run.step("catch_up", t, None);
-
-    // 6. Establish on the target: writable, promoted, confirmed.
-    let t = Instant::now();
-    match promote(
-        &ctx.admin,
-        &target_db.client,
-        &to,
-        timeout,
-        &fence.databases,
-    )
-    .await
-    {
-        Ok(()) => run.step("promote", t, None),
-        Err(Promotion::NotPromoted(e)) => {
-            run.step("promote", t, Some(e.to_string()));
-            return rollback(run, fence, snap.epoch, e.to_string()).await;
-        }
-        Err(Promotion::Unconfirmed(e)) => {
-            run.step("promote", t, Some(e.to_string()));
-            // The old primary stays fenced; the watchdog keeps its sessions.
-            keep_fenced(&shard, &old, snap.epoch, fence);
-            let msg = format!(
-                "{e}; the target may be promoted: shard \"{}\" stays buffering until POST /v1/shards/{}/primary or /resume",
-                shard.name, shard.name
-            );
-            return run.finish(Outcome::Failed, Some(msg));
+    /// 2. New transactions of the shard are held.
+    fn buffer(&mut self, snap: &Snapshot) -> Result<Revoked, Stop> {
+        let t = Instant::now();
+        match control::revoke(self.ctx, self.shard, Some(snap.epoch), "switchover") {
+            Ok(r) => {
+                self.step("buffer", t, None);
+                Ok(r)
+            }
+            Err(e) => {
+                self.step("buffer", t, Some(e.to_string()));
+                Err(Stop::Refused(e.to_string()))
+            }
         }
     }
 
-    // 7. Flush.
-    let t = Instant::now();
-    let established = control::establish(&ctx, &shard, Some(snap.epoch), to.clone()).await;
-    match &established {
-        Ok(est) => run.step("flush", t, est.prewarm_error.clone()),
-        Err(e) => run.step("flush", t, Some(e.to_string())),
+    /// 4. The fence on the old primary, and its LSN.
+    async fn fence(&mut self, old: &HostPort, old_db: AdminSession) -> Result<Fence, Stop> {
+        let t = Instant::now();
+        let cfg = &self.ctx.settings.switchover;
+        let mut fence = Fence::new(old.clone(), old_db);
+        let opts = fence::Apply {
+            terminate: cfg.terminate,
+            timeout: cfg.timeout,
+        };
+        let fenced = fence.apply(&self.ctx.admin, opts).await;
+        self.report.fenced_databases = fence.databases.clone();
+        self.report.fence_terminated = fence.terminated;
+        let result = if fenced.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::metrics::FENCES, "shard" => self.shard.name.clone(), "source" => "switchover", "result" => result)
+            .increment(1);
+        self.report.fence_lsn = fence.lsn.clone();
+        self.step_or_roll_back("revoke", t, fenced, fence)
     }
-    // The old primary stays fenced, and watched, until it rejoins as a standby.
-    keep_fenced(&shard, &old, snap.epoch, fence);
-    let est = match established {
-        Ok(est) => est,
-        Err(e) => return run.finish(Outcome::Failed, Some(e.to_string())),
-    };
-    run.report.epoch = est.epoch;
-    run.report.prewarmed = est.prewarmed;
 
-    // 8. The demote command, if any: its outcome is reported, never undone.
-    if let Some(command) = &cfg.demote_command {
+    /// 5. The target replays up to the fence LSN.
+    async fn catch_up(
+        &mut self,
+        target_db: &AdminSession,
+        to: &HostPort,
+        lsn: &str,
+        fence: Fence,
+    ) -> Result<Fence, Stop> {
+        let t = Instant::now();
+        let timeout = self.ctx.settings.switchover.timeout;
+        let caught_up = catch_up(&target_db.client, to, lsn, timeout).await;
+        self.step_or_roll_back("catch_up", t, caught_up, fence)
+    }
+
+    /// Records a step that runs behind the fence: done, or the switchover rolls back.
+    fn step_or_roll_back<E: std::fmt::Display>(
+        &mut self,
+        name: &'static str,
+        t: Instant,
+        result: Result<(), E>,
+        fence: Fence,
+    ) -> Result<Fence, Stop> {
+        match result {
+            Ok(()) => {
+                self.step(name, t, None);
+                Ok(fence)
+            }
+            Err(e) => {
+                self.step(name, t, Some(e.to_string()));
+                Err(Stop::RollBack(Box::new(fence), e.to_string()))
+            }
+        }
+    }
+
+    /// 6. The target promoted, its databases open, confirmed writable.
+    async fn promote(
+        &mut self,
+        target_db: &AdminSession,
+        to: &HostPort,
+        old: &HostPort,
+        epoch: u64,
+        fence: Fence,
+    ) -> Result<Fence, Stop> {
+        let t = Instant::now();
+        let timeout = self.ctx.settings.switchover.timeout;
+        let promoted = promote(
+            &self.ctx.admin,
+            &target_db.client,
+            to,
+            timeout,
+            &fence.databases,
+        )
+        .await;
+        match promoted {
+            Ok(()) => {
+                self.step("promote", t, None);
+                Ok(fence)
+            }
+            Err(Promotion::NotPromoted(e)) => self.step_or_roll_back("promote", t, Err(e), fence),
+            Err(Promotion::Unconfirmed(e)) => {
+                self.step("promote", t, Some(e.to_string()));
+                // The old primary stays fenced; the watchdog keeps its sessions.
+                keep_fenced(self.shard, old, epoch, fence);
+                Err(Stop::Failed(format!(
+                    "{e}; the target may be promoted: shard \"{0}\" stays buffering until POST /v1/shards/{0}/primary or /resume",
+                    self.shard.name
+                )))
+            }
+        }
+    }
+
+    /// 7. The target serves; held transactions are released to it. Returns the new epoch.
+    async fn flush(
+        &mut self,
+        to: &HostPort,
+        old: &HostPort,
+        epoch: u64,
+        fence: Fence,
+    ) -> Result<u64, Stop> {
+        let t = Instant::now();
+        let established = control::establish(self.ctx, self.shard, Some(epoch), to.clone()).await;
+        match &established {
+            Ok(est) => self.step("flush", t, est.prewarm_error.clone()),
+            Err(e) => self.step("flush", t, Some(e.to_string())),
+        }
+        // The old primary stays fenced, and watched, until it rejoins as a standby.
+        keep_fenced(self.shard, old, epoch, fence);
+        let est = established.map_err(|e| Stop::Failed(e.to_string()))?;
+        self.report.epoch = est.epoch;
+        self.report.prewarmed = est.prewarmed;
+        Ok(est.epoch)
+    }
+
+    /// 8. The demote command, if any: its outcome is reported, never undone.
+    async fn demote(&mut self, done: &Done, to: &HostPort) {
+        let cfg = &self.ctx.settings.switchover;
+        let Some(command) = &cfg.demote_command else {
+            return;
+        };
+        let old = &done.old;
         let env = [
-            ("HANDOFF_SHARD", shard.name.clone()),
+            ("HANDOFF_SHARD", self.shard.name.clone()),
             ("HANDOFF_OLD_PRIMARY", old.to_string()),
             ("HANDOFF_OLD_PRIMARY_HOST", old.host.clone()),
             ("HANDOFF_OLD_PRIMARY_PORT", old.port.to_string()),
             ("HANDOFF_NEW_PRIMARY", to.to_string()),
             ("HANDOFF_NEW_PRIMARY_HOST", to.host.clone()),
             ("HANDOFF_NEW_PRIMARY_PORT", to.port.to_string()),
-            ("HANDOFF_EPOCH", est.epoch.to_string()),
-            ("HANDOFF_FENCE_LSN", lsn),
+            ("HANDOFF_EPOCH", done.epoch.to_string()),
+            ("HANDOFF_FENCE_LSN", done.lsn.clone()),
         ];
-        run.report.demote =
-            Some(crate::shard::demote::run(command, &env, cfg.demote_timeout, &shard.name).await);
+        self.report.demote = Some(
+            crate::shard::demote::run(command, &env, cfg.demote_timeout, &self.shard.name).await,
+        );
     }
-    run.finish(Outcome::Completed, None)
 }
-
 /// Hands the fenced old primary, with the sessions the fence kept, to the watchdog.
 fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
     shard.watch.add(

@@ -104,98 +104,35 @@ pub(super) async fn client_bytes(
         };
         if let (Some(t), false) = (tag, whole) {
             if !local && inspect_client(t) {
-                // A message the proxy must parse whole, over the limit: the stream
-                // cannot be followed past it.
-                metrics::counter!(m::MESSAGES_TOO_LARGE_TOTAL).increment(1);
                 flush_to_server(txn).await?;
                 write_client(client, &answers).await?;
-                let max = txn.shared.config.max_message_size;
-                let err = ProxyError::fatal(
-                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                    format!(
-                        "a '{}' message larger than HANDOFF_MAX_MESSAGE_SIZE ({max} bytes) cannot be relayed",
-                        t as char
-                    ),
-                );
-                send_error(&mut client.stream, &err).await;
-                return Err(End::TooLarge);
+                return Err(too_large(client, txn, t).await);
             }
         }
-        if let Some(t) = tag {
-            if t == ftag::TERMINATE {
-                pos += len;
-                keep_going = false;
-                break;
-            }
-            if txn.backend.is_none() && matches!(txn.local, Local::None) {
-                match txn.attach(client.rbuf.len() - pos).await {
-                    Ok(()) => {
-                        if txn.retries_left > 0 {
-                            txn.probe.begin();
-                        }
-                    }
-                    Err(e) if e.is_refusal() => {
-                        let err = e.to_client(txn.shard);
-                        tracing::info!(shard = txn.shard, error = %err, "request refused");
-                        txn.local = Local::Refuse(err);
-                    }
-                    Err(e) => {
-                        let err = e.to_client(txn.shard);
-                        tracing::warn!(error = %err, "no server connection for client");
-                        write_client(client, &answers).await?;
-                        send_error(&mut client.stream, &err).await;
-                        return Err(End::ServerGone);
-                    }
-                }
-            }
+        if tag == Some(ftag::TERMINATE) {
+            pos += len;
+            keep_going = false;
+            break;
+        }
+        if tag.is_some() && txn.backend.is_none() && matches!(txn.local, Local::None) {
+            gate(client, txn, &answers, pos).await?;
         }
         if !matches!(txn.local, Local::None) {
             // Answered here, never relayed.
-            if whole {
-                let body = &client.rbuf[pos + HEADER_LEN..pos + len];
-                txn.answer_locally(tag.expect("a whole message has a tag"), body, &mut answers);
-            } else if let Some(t) = tag {
-                txn.answer_locally(t, &[], &mut answers);
+            if let Some(t) = tag {
+                let body = if whole {
+                    &client.rbuf[pos + HEADER_LEN..pos + len]
+                } else {
+                    &[][..]
+                };
+                txn.answer_locally(t, body, &mut answers);
             }
             pos += len;
             continue;
         }
-        if txn.probe.active {
-            txn.probe.record(&client.rbuf[pos..pos + len]);
-            match tag {
-                Some(ftag::QUERY | ftag::SYNC | ftag::FUNCTION_CALL) => txn.probe.complete = true,
-                // A client that flushes waits for answers before it finishes the
-                // request; COPY data means the request already ran.
-                Some(ftag::FLUSH | ftag::COPY_DATA | ftag::COPY_DONE | ftag::COPY_FAIL) => {
-                    txn.probe.active = false;
-                }
-                _ => {}
-            }
-            if !txn.probe.active {
-                let held = txn.end_probe();
-                answers.extend_from_slice(&held);
-            }
-        }
+        txn.on_probation(tag, &client.rbuf[pos..pos + len], &mut answers);
         if let Some(t) = tag {
-            txn.meter.on_request(now);
-            if t == ftag::QUERY {
-                let head = &client.rbuf[pos..pos + len];
-                let head = &head[HEADER_LEN.min(head.len())..head.len().min(HEADER_LEN + 32)];
-                txn.ending |= sql::ends_transaction(head).is_some();
-            }
-            match t {
-                ftag::QUERY | ftag::FUNCTION_CALL => {
-                    txn.pending += 1;
-                    txn.replies.push_back(Reply::SyncMark);
-                }
-                ftag::SYNC => {
-                    txn.pending += 1;
-                    txn.in_extended = false;
-                    txn.replies.push_back(Reply::SyncMark);
-                }
-                ftag::EXECUTE | ftag::FLUSH => txn.in_extended = true,
-                _ => {}
-            }
+            txn.note_request(t, &client.rbuf[pos..pos + len], now);
         }
         if whole {
             // Everything before it is already copied into `out`: take the message off
@@ -221,6 +158,97 @@ pub(super) async fn client_bytes(
     Ok(keep_going)
 }
 
+/// A message the proxy must parse whole is over `HANDOFF_MAX_MESSAGE_SIZE`: the stream
+/// cannot be followed past it, so the session ends.
+async fn too_large(client: &mut Conn, txn: &Txn<'_>, tag: u8) -> End {
+    metrics::counter!(m::MESSAGES_TOO_LARGE_TOTAL).increment(1);
+    let max = txn.shared.config.max_message_size;
+    let err = ProxyError::fatal(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!(
+            "a '{}' message larger than HANDOFF_MAX_MESSAGE_SIZE ({max} bytes) cannot be relayed",
+            tag as char
+        ),
+    );
+    send_error(&mut client.stream, &err).await;
+    End::TooLarge
+}
+
+/// The first message of a transaction: through the shard's gate to a server connection.
+/// A refusal (the buffer gave up, no primary) is answered locally; any other failure
+/// ends the session (the answers owed so far go first).
+async fn gate(client: &mut Conn, txn: &mut Txn<'_>, answers: &[u8], pos: usize) -> Result<(), End> {
+    match txn.attach(client.rbuf.len() - pos).await {
+        Ok(()) => {
+            if txn.retries_left > 0 {
+                txn.probe.begin();
+            }
+            Ok(())
+        }
+        Err(e) if e.is_refusal() => {
+            let err = e.to_client(txn.shard);
+            tracing::info!(shard = txn.shard, error = %err, "request refused");
+            txn.local = Local::Refuse(err);
+            Ok(())
+        }
+        Err(e) => {
+            let err = e.to_client(txn.shard);
+            tracing::warn!(error = %err, "no server connection for client");
+            write_client(client, answers).await?;
+            send_error(&mut client.stream, &err).await;
+            Err(End::ServerGone)
+        }
+    }
+}
+
+impl Txn<'_> {
+    /// While the first request is on probation its bytes are kept; a message that ends
+    /// it completes the request, one that cannot be re-sent (Flush, COPY data) ends the
+    /// probation and lets the held answers go (into `answers`).
+    fn on_probation(&mut self, tag: Option<u8>, bytes: &[u8], answers: &mut BytesMut) {
+        if !self.probe.active {
+            return;
+        }
+        self.probe.record(bytes);
+        match tag {
+            Some(ftag::QUERY | ftag::SYNC | ftag::FUNCTION_CALL) => self.probe.complete = true,
+            // A client that flushes waits for answers before it finishes the request;
+            // COPY data means the request already ran.
+            Some(ftag::FLUSH | ftag::COPY_DATA | ftag::COPY_DONE | ftag::COPY_FAIL) => {
+                self.probe.active = false;
+            }
+            _ => {}
+        }
+        if !self.probe.active {
+            let held = self.end_probe();
+            answers.extend_from_slice(&held);
+        }
+    }
+
+    /// Keeps count of what a message owes: a ReadyForQuery for each Query, Sync and
+    /// FunctionCall; an open batch after Execute or Flush; whether the request ends the
+    /// transaction block.
+    fn note_request(&mut self, tag: u8, message: &[u8], now: Instant) {
+        self.meter.on_request(now);
+        if tag == ftag::QUERY {
+            let head = &message[HEADER_LEN.min(message.len())..message.len().min(HEADER_LEN + 32)];
+            self.ending |= sql::ends_transaction(head).is_some();
+        }
+        match tag {
+            ftag::QUERY | ftag::FUNCTION_CALL => {
+                self.pending += 1;
+                self.replies.push_back(Reply::SyncMark);
+            }
+            ftag::SYNC => {
+                self.pending += 1;
+                self.in_extended = false;
+                self.replies.push_back(Reply::SyncMark);
+            }
+            ftag::EXECUTE | ftag::FLUSH => self.in_extended = true,
+            _ => {}
+        }
+    }
+}
 pub(super) async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
     if txn.out.is_empty() {
         return Ok(());

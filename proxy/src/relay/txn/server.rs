@@ -74,18 +74,11 @@ pub(super) async fn server_bytes(
                 .then(|| f.code().and_then(RetryReason::of_refusal))
                 .flatten()
         });
-        if txn.probe.active && txn.probe.refused.is_none() {
-            if refusal.is_some() {
-                txn.probe.refused = refusal;
-            } else if shows_execution(tag)
-                || tag == btag::ERROR_RESPONSE
-                || tag == btag::READY_FOR_QUERY
-            {
-                // The request ran (or nothing in it could have side effects): let
-                // the held answers go, in order.
-                let held = txn.end_probe();
-                write_client(client, &held).await?;
-            }
+        if txn.probe_sees(tag, refusal) {
+            // The request ran (or nothing in it could have side effects): the held
+            // answers go, in order.
+            let held = txn.end_probe();
+            write_client(client, &held).await?;
         }
         if !whole {
             pos += len;
@@ -110,43 +103,17 @@ pub(super) async fn server_bytes(
             }
             btag::ERROR_RESPONSE => {
                 if let Some(f) = &fields {
-                    let code = f.code().unwrap_or("?????");
-                    m::count_error("server", code);
-                    if f.ends_session() {
-                        txn.server_fatal = true;
-                        health::report(txn.state, Report::ServerFatal);
-                        if sqlstate::is_operator_intervention(code) {
-                            // The server is going away (shutdown, crash, terminate):
-                            // the client hears of it when the connection closes, as an
-                            // error for its request, and keeps its session. Any other
-                            // FATAL (e.g. the client's own protocol violation) is the
-                            // client's, and ends it.
-                            txn.fatal = Some((
-                                code.to_string(),
-                                f.message().unwrap_or("no message").to_string(),
-                            ));
-                            emit(client, txn, &buf[run..pos]).await?;
-                            run = pos + len;
-                        }
-                    } else if let Some(r) = refusal.filter(|_| !txn.probe.active) {
-                        health::report(txn.state, r.report());
+                    if txn.on_server_error(f, refusal) {
+                        // Kept from the client until the connection closes.
+                        emit(client, txn, &buf[run..pos]).await?;
+                        run = pos + len;
                     }
                 }
                 txn.on_error();
             }
             btag::PARAMETER_STATUS => {
                 if let Some((name, value)) = body::parameter_status(body) {
-                    let (name, value) = (name.to_string(), value.to_string());
-                    // A client's own SET of a tracked parameter sticks to it.
-                    if TRACKED_PARAMS.contains(&name.as_str()) {
-                        txn.desired.insert(name.clone(), value.clone());
-                        if let Some(bk) = txn.backend.as_mut() {
-                            bk.applied.insert(name.clone(), value.clone());
-                        }
-                    }
-                    if let Some(bk) = txn.backend.as_mut() {
-                        bk.params.insert(name, value);
-                    }
+                    txn.on_parameter(name, value);
                 }
             }
             _ => {}
@@ -157,6 +124,60 @@ pub(super) async fn server_bytes(
     txn.meter.add(0, pos as u64);
     buf.advance(pos);
     Ok(())
+}
+
+impl Txn<'_> {
+    /// A server message while the first request is on probation: a retriable refusal
+    /// of its first statement is noted; anything that shows the request ran (or an
+    /// error, or ReadyForQuery) ends the probation. True when it ends now.
+    fn probe_sees(&mut self, tag: u8, refusal: Option<RetryReason>) -> bool {
+        if !self.probe.active || self.probe.refused.is_some() {
+            return false;
+        }
+        if refusal.is_some() {
+            self.probe.refused = refusal;
+            return false;
+        }
+        shows_execution(tag) || tag == btag::ERROR_RESPONSE || tag == btag::READY_FOR_QUERY
+    }
+
+    /// An ErrorResponse from the server (`refusal`: a retriable refusal of a first
+    /// statement). True when it is a FATAL of a server going away (shutdown, crash,
+    /// terminate): the client hears of it when the connection closes, as an error for
+    /// its request, and keeps its session. Any other FATAL (e.g. the client's own
+    /// protocol violation) is the client's, and ends it.
+    fn on_server_error(&mut self, f: &ErrorFields, refusal: Option<RetryReason>) -> bool {
+        let code = f.code().unwrap_or("?????");
+        m::count_error("server", code);
+        if f.ends_session() {
+            self.server_fatal = true;
+            health::report(self.state, Report::ServerFatal);
+            if sqlstate::is_operator_intervention(code) {
+                self.fatal = Some((
+                    code.to_string(),
+                    f.message().unwrap_or("no message").to_string(),
+                ));
+                return true;
+            }
+        } else if let Some(r) = refusal.filter(|_| !self.probe.active) {
+            health::report(self.state, r.report());
+        }
+        false
+    }
+
+    /// A ParameterStatus: the connection's parameters, and a client's own SET of a
+    /// tracked parameter, which sticks to the client.
+    fn on_parameter(&mut self, name: &str, value: &str) {
+        if TRACKED_PARAMS.contains(&name) {
+            self.desired.insert(name.to_string(), value.to_string());
+            if let Some(bk) = self.backend.as_mut() {
+                bk.applied.insert(name.to_string(), value.to_string());
+            }
+        }
+        if let Some(bk) = self.backend.as_mut() {
+            bk.params.insert(name.to_string(), value.to_string());
+        }
+    }
 }
 
 /// Server bytes on their way to the client: held back while the first request's outcome
