@@ -136,6 +136,18 @@ pub(crate) async fn establish(
     epoch: Option<u64>,
     primary: HostPort,
 ) -> Result<Established, EventError> {
+    establish_at(ctx, shard, epoch, primary, None).await
+}
+
+/// [`establish`], at epoch `at` instead of the next one when given (a proxy following
+/// the epoch its coordination recorded).
+pub(crate) async fn establish_at(
+    ctx: &Ctx,
+    shard: &Shard,
+    epoch: Option<u64>,
+    primary: HostPort,
+    at: Option<u64>,
+) -> Result<Established, EventError> {
     let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
     if !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable) {
         return Err(EventError::WrongState {
@@ -157,7 +169,10 @@ pub(crate) async fn establish(
         .pools
         .prewarm(&snap.primary, &primary, ctx.settings.prewarm, &shard.name)
         .await;
-    let (gen, cycle) = shard.establish(epoch, primary)?;
+    let (gen, cycle) = match at {
+        Some(at) => shard.establish_at(epoch, primary, at)?,
+        None => shard.establish(epoch, primary)?,
+    };
     ctx.buffer.stop(&shard.name, cycle, StopReason::NewPrimary);
     if old.primary != gen.primary {
         let why = if old.lost().is_some() {

@@ -96,6 +96,15 @@ pub(crate) struct Checked {
     pub(crate) ok: bool,
 }
 
+/// A primary that this proxy's discovery established after a failure: the proxies'
+/// coordination publishes it so the others need not find it themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    pub primary: crate::config::HostPort,
+    pub epoch: u64,
+    pub timeline: u32,
+}
+
 /// A shard's failure detector and discovery state.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -109,6 +118,8 @@ pub struct Health {
     pub(crate) max_timeline: AtomicU32,
     /// The last health check was refused (warned once).
     pub(crate) refused: AtomicBool,
+    /// The last primary discovery established here.
+    pub discovered: tokio::sync::watch::Sender<Option<Discovered>>,
 }
 
 impl Health {

@@ -106,6 +106,9 @@ pub(crate) struct Fence {
     /// handoff's own sessions on the fenced server: the main one, then (when the main
     /// one's database had to be fenced) a helper in another database.
     pub sessions: Vec<AdminSession>,
+    /// Backends of the other proxies of a coordinated switchover, left alone: each keeps
+    /// an admin session open so that it can lift the fence if this proxy dies.
+    pub spared: Vec<i32>,
 }
 
 /// Sessions that could commit a write: every backend attached to a database except
@@ -154,6 +157,7 @@ impl Fence {
             terminated: 0,
             pids: Vec::new(),
             sessions: vec![main],
+            spared: Vec::new(),
         }
     }
 
@@ -197,17 +201,7 @@ impl Fence {
         let addr = self.addr.clone();
         let main_db = self.sessions[0].database.clone();
         for _ in 0..3 {
-            let open: Vec<String> = self.sessions[0]
-                .client
-                .query(
-                    "SELECT datname::text FROM pg_database WHERE datallowconn ORDER BY datname",
-                    &[],
-                )
-                .await
-                .map_err(|e| sql(&addr, e))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let open = open_databases(&self.sessions[0].client, &addr).await?;
             if open.is_empty() {
                 break;
             }
@@ -301,6 +295,7 @@ impl Fence {
                 .get(0);
             ours.push(pid);
         }
+        ours.extend(&self.spared);
         self.pids = ours;
         let starting_then: Vec<i32> = self.sessions[0]
             .client
@@ -429,6 +424,24 @@ impl Fence {
             }
         }
     }
+}
+
+/// The databases of the server behind `client` that accept connections: what a fence
+/// applied now would close.
+pub(crate) async fn open_databases(
+    client: &Client,
+    addr: &HostPort,
+) -> Result<Vec<String>, FenceError> {
+    Ok(client
+        .query(
+            "SELECT datname::text FROM pg_database WHERE datallowconn ORDER BY datname",
+            &[],
+        )
+        .await
+        .map_err(|e| sql(addr, e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Turns connections back on for `databases` through `client` (one transaction).

@@ -458,6 +458,14 @@ async fn discover(
                 metrics::counter!(crate::metrics::FAILOVERS, "shard" => shard.name.clone(), "result" => "established")
                     .increment(1);
                 tracing::info!(shard = %shard.name, %primary, timeline, epoch = e.epoch, failover_ms = took.as_millis() as u64, prewarmed = e.prewarmed, "discovery established the new primary");
+                shard
+                    .health
+                    .discovered
+                    .send_replace(Some(crate::shard::failure::Discovered {
+                        primary,
+                        epoch: e.epoch,
+                        timeline,
+                    }));
             }
             Err(e) => {
                 tracing::info!(shard = %shard.name, error = %e, "discovery's establishment was refused (another event won)");

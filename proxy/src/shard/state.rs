@@ -246,7 +246,18 @@ impl Shard {
 
     /// A shard serving `primary` (one of `hosts`, found by startup discovery) at epoch 1.
     pub fn with_primary(name: &str, hosts: Vec<HostPort>, primary: HostPort) -> Self {
-        let gen = Generation::new(1, 1, primary);
+        Self::with_primary_at(name, hosts, primary, 1)
+    }
+
+    /// A shard serving `primary` at `epoch` (the epoch recorded for the shard by the
+    /// proxies' coordination, when there is one).
+    pub fn with_primary_at(
+        name: &str,
+        hosts: Vec<HostPort>,
+        primary: HostPort,
+        epoch: u64,
+    ) -> Self {
+        let gen = Generation::new(1, epoch, primary);
         let s = Self {
             name: name.to_string(),
             hosts,
@@ -263,7 +274,7 @@ impl Shard {
             health: Default::default(),
             watch: Default::default(),
         };
-        s.publish(StateKind::Serving, 1);
+        s.publish(StateKind::Serving, epoch);
         s
     }
 
@@ -396,7 +407,19 @@ impl Shard {
         epoch: Option<u64>,
         primary: HostPort,
     ) -> Result<(Arc<Generation>, u64), EventError> {
-        self.serve_again(epoch, "establish", Some(primary))
+        self.serve_again(epoch, "establish", Some((primary, None)))
+    }
+
+    /// Establishment at a given epoch instead of the next one: the proxies'
+    /// coordination numbers epochs for all of them, and a proxy following it takes the
+    /// recorded one.
+    pub fn establish_at(
+        &self,
+        epoch: Option<u64>,
+        primary: HostPort,
+        new_epoch: u64,
+    ) -> Result<(Arc<Generation>, u64), EventError> {
+        self.serve_again(epoch, "establish", Some((primary, Some(new_epoch))))
     }
 
     /// Abort: the revoked primary serves again, at the same epoch.
@@ -404,14 +427,14 @@ impl Shard {
         self.serve_again(epoch, "abort", None)
     }
 
-    /// Ends a revocation: a fresh generation serves — on `primary` at the next epoch, or
-    /// (`None`) on the revoked primary at the same epoch, since the revoked generation
-    /// may have been told to cancel its transactions.
+    /// Ends a revocation: a fresh generation serves — on `primary` at the next epoch (or
+    /// the one given with it), or (`None`) on the revoked primary at the same epoch, since
+    /// the revoked generation may have been told to cancel its transactions.
     fn serve_again(
         &self,
         epoch: Option<u64>,
         event: &'static str,
-        primary: Option<HostPort>,
+        primary: Option<(HostPort, Option<u64>)>,
     ) -> Result<(Arc<Generation>, u64), EventError> {
         let mut g = self.lock();
         if let Err(e) = self.check_epoch(&g, epoch) {
@@ -429,7 +452,7 @@ impl Shard {
         let id = g.next_gen;
         g.next_gen += 1;
         let (new_epoch, primary, reason) = match primary {
-            Some(p) => (g.gen.epoch + 1, p, "new primary established"),
+            Some((p, at)) => (at.unwrap_or(g.gen.epoch + 1), p, "new primary established"),
             None => (g.gen.epoch, g.gen.primary.clone(), "switchover aborted"),
         };
         let gen = Generation::new(id, new_epoch, primary);

@@ -5,6 +5,7 @@
 //! changed; clients see a pause either way. After a completed switchover the old primary
 //! stays fenced and is watched for split brain ([`crate::shard::watchdog`]).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
             Outcome::Refused => "refused",
@@ -70,7 +71,7 @@ pub(crate) struct Report {
     lameduck_cancelled: usize,
     prewarmed: usize,
     demote: Option<crate::shard::demote::Outcome>,
-    error: Option<String>,
+    pub error: Option<String>,
 }
 
 impl Report {
@@ -240,8 +241,68 @@ struct Done {
     lsn: String,
 }
 
+/// What the proxies' coordination does between the steps of a switchover it runs for
+/// all of them (`crate::coord`): tell the others to hold, wait for them, publish each
+/// point passed. A hook's error before the promotion rolls the switchover back. The
+/// `()` hooks do nothing: a switchover of this proxy alone.
+pub(crate) trait Hooks: Send {
+    /// After this proxy's buffer step: the others are told to hold too.
+    fn holding(&mut self) -> impl Future<Output = Result<(), String>> + Send;
+    /// After this proxy's lameduck (what it did is given): waits for the others to
+    /// hold. Returns the backend pids of their sessions on the old primary, which the
+    /// fence leaves alone.
+    fn held(
+        &mut self,
+        lameduck: control::Lameduck,
+    ) -> impl Future<Output = Result<Vec<i32>, String>> + Send;
+    /// Before the fence, with the databases it is about to close.
+    fn fencing(&mut self, databases: &[String]) -> impl Future<Output = Result<(), String>> + Send;
+    /// After the fence, once the target has replayed up to its LSN, before the
+    /// promotion: past this point the switchover rolls forward, whoever finishes it.
+    fn promoting(
+        &mut self,
+        lsn: &str,
+        databases: &[String],
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// The target is a writable primary; this proxy establishes it next at `epoch`.
+    fn promoted(&mut self, to: &HostPort, epoch: u64) -> impl Future<Output = ()> + Send;
+    /// How the switchover ended (not called when it was refused before holding).
+    fn finished(
+        &mut self,
+        outcome: Outcome,
+        error: Option<&str>,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+impl Hooks for () {
+    async fn holding(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    async fn held(&mut self, _: control::Lameduck) -> Result<Vec<i32>, String> {
+        Ok(Vec::new())
+    }
+    async fn fencing(&mut self, _: &[String]) -> Result<(), String> {
+        Ok(())
+    }
+    async fn promoting(&mut self, _: &str, _: &[String]) -> Result<(), String> {
+        Ok(())
+    }
+    async fn promoted(&mut self, _: &HostPort, _: u64) {}
+    async fn finished(&mut self, _: Outcome, _: Option<&str>) {}
+}
+
 /// Runs a switchover of `shard` to `to`. Holds the shard's operation lock throughout.
 pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Report {
+    run_with(ctx, shard, to, &mut ()).await
+}
+
+/// [`run`], calling `hooks` between the steps.
+pub(crate) async fn run_with(
+    ctx: Arc<Ctx>,
+    shard: Arc<Shard>,
+    to: HostPort,
+    hooks: &mut impl Hooks,
+) -> Report {
     let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
     let mut run = Run {
         ctx: &ctx,
@@ -271,33 +332,67 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, to: HostPort) -> Repor
             )),
         );
     };
-    match run.switch(&snap, &to).await {
+    let report = match run.switch(&snap, &to, hooks).await {
         Ok(done) => {
             run.demote(&done, &to).await;
             run.finish(Outcome::Completed, None)
         }
-        Err(Stop::Refused(e)) => run.finish(Outcome::Refused, Some(e)),
+        Err(Stop::Refused(e)) => return run.finish(Outcome::Refused, Some(e)),
         Err(Stop::RollBack(fence, e)) => rollback(run, *fence, snap.epoch, e).await,
         Err(Stop::Failed(e)) => run.finish(Outcome::Failed, Some(e)),
-    }
+    };
+    hooks
+        .finished(report.outcome, report.error.as_deref())
+        .await;
+    report
 }
 
 impl Run<'_> {
     /// Steps 1 to 7.
-    async fn switch(&mut self, snap: &Snapshot, to: &HostPort) -> Result<Done, Stop> {
+    async fn switch(
+        &mut self,
+        snap: &Snapshot,
+        to: &HostPort,
+        hooks: &mut impl Hooks,
+    ) -> Result<Done, Stop> {
         let old = snap.primary.clone();
         let (old_db, target_db) = self.precheck(snap, to).await?;
         let revoked = self.buffer(snap)?;
+        // Nothing is fenced yet: rolling back only lets the old primary serve again.
+        let mut fence = Fence::new(old.clone(), old_db);
+        if let Err(e) = hooks.holding().await {
+            return Err(Stop::RollBack(Box::new(fence), e));
+        }
         let t = Instant::now();
         let ld = control::lameduck(&revoked.gen, self.ctx.settings.drain_timeout).await;
         self.report.lameduck_cancelled = ld.cancelled;
         self.step("lameduck", t, None);
-        let fence = self.fence(&old, old_db).await?;
+        match hooks.held(ld).await {
+            Ok(spared) => fence.spared = spared,
+            Err(e) => return Err(Stop::RollBack(Box::new(fence), e)),
+        }
+        let closing = match fence.main() {
+            Some(c) => fence::open_databases(c, &old)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err(format!("handoff's session on {old} was closed")),
+        };
+        if let Err(e) = match closing {
+            Ok(databases) => hooks.fencing(&databases).await,
+            Err(e) => Err(e),
+        } {
+            return Err(Stop::RollBack(Box::new(fence), e));
+        }
+        let fence = self.fence(fence).await?;
         let lsn = fence.lsn.clone().expect("set by a successful fence");
         let fence = self.catch_up(&target_db, to, &lsn, fence).await?;
+        if let Err(e) = hooks.promoting(&lsn, &fence.databases).await {
+            return Err(Stop::RollBack(Box::new(fence), e));
+        }
         let fence = self
             .promote(&target_db, to, &old, snap.epoch, fence)
             .await?;
+        hooks.promoted(to, snap.epoch + 1).await;
         let epoch = self.flush(to, &old, snap.epoch, fence).await?;
         Ok(Done { old, epoch, lsn })
     }
@@ -354,10 +449,9 @@ impl Run<'_> {
     }
 
     /// 4. The fence on the old primary, and its LSN.
-    async fn fence(&mut self, old: &HostPort, old_db: AdminSession) -> Result<Fence, Stop> {
+    async fn fence(&mut self, mut fence: Fence) -> Result<Fence, Stop> {
         let t = Instant::now();
         let cfg = &self.ctx.settings.switchover;
-        let mut fence = Fence::new(old.clone(), old_db);
         let opts = fence::Apply {
             terminate: cfg.terminate,
             timeout: cfg.timeout,
@@ -561,7 +655,8 @@ async fn precheck(
     Ok((old_db, target, old_system))
 }
 
-async fn catch_up(
+/// Waits until the standby behind `db` has replayed up to `fence`.
+pub(crate) async fn catch_up(
     db: &Client,
     addr: &HostPort,
     fence: &str,
@@ -590,25 +685,36 @@ async fn catch_up(
     }
 }
 
-enum Promotion {
+pub(crate) enum Promotion {
     /// The target is still a standby: safe to roll back.
     NotPromoted(StepError),
     /// The target may be a primary now.
     Unconfirmed(StepError),
 }
 
-async fn promote(
+/// Promotes the standby behind `db` (unless it already left recovery: whoever finishes
+/// a coordinated switchover may find it promoted), opens the databases the fence closed,
+/// and confirms that a new session can write.
+pub(crate) async fn promote(
     admin: &AdminDb,
     db: &Client,
     addr: &HostPort,
     timeout: Duration,
     fenced: &[String],
 ) -> Result<(), Promotion> {
-    // pg_promote(wait => true) polls every 100 ms; asking without waiting and polling
-    // here ends the promotion step sooner.
-    let promoted: bool = match db.query_one("SELECT pg_promote(false)", &[]).await {
+    let in_recovery: bool = match db.query_one("SELECT pg_is_in_recovery()", &[]).await {
         Ok(row) => row.get(0),
         Err(e) => return Err(Promotion::NotPromoted(sql_error(addr, e))),
+    };
+    // pg_promote(wait => true) polls every 100 ms; asking without waiting and polling
+    // here ends the promotion step sooner.
+    let promoted: bool = if !in_recovery {
+        true
+    } else {
+        match db.query_one("SELECT pg_promote(false)", &[]).await {
+            Ok(row) => row.get(0),
+            Err(e) => return Err(Promotion::NotPromoted(sql_error(addr, e))),
+        }
     };
     if !promoted {
         return Err(Promotion::NotPromoted(StepError::PromoteNotSignalled(
