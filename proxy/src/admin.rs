@@ -206,10 +206,15 @@ pub(crate) fn shards_json(shared: &crate::shared::Shared) -> serde_json::Value {
                 "reason": snap.reason,
                 "split_brain": s.watch.view().iter().filter(|v| v.split_brain.is_some()).map(|v| v.host.to_string()).collect::<Vec<_>>(),
                 "watched": s.watch.view().iter().map(watched_json).collect::<Vec<_>>(),
+                "coordination": shared.coord.as_ref().map(|c| c.shard_json(&s.name)),
             })
         })
         .collect();
-    serde_json::json!({ "shards": list })
+    let coordination = match &shared.coord {
+        Some(c) => c.status_json(),
+        None => serde_json::json!({"enabled": false}),
+    };
+    serde_json::json!({ "shards": list, "coordination": coordination })
 }
 
 fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
@@ -343,12 +348,97 @@ async fn shard_action(
         });
     }
     let ctx = Arc::clone(&shared.ctx);
+    if let Some(coord) = &shared.coord {
+        return coordinated(Arc::clone(coord), shard, action, &body).await;
+    }
     match action {
         Action::Switchover => switchover(ctx, shard, &body).await,
         Action::Buffer => buffer(&ctx, &shard, &body).await,
         Action::Primary => primary(&ctx, &shard, &body).await,
         Action::Resume => resume(&ctx, &shard, &body),
     }
+}
+
+fn refused(r: crate::coord::Refusal) -> Response<Body> {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::CONFLICT);
+    json_error(status, &r.message)
+}
+
+/// The actions with coordination: each applies to every proxy of the cluster.
+async fn coordinated(
+    coord: Arc<crate::coord::Coord>,
+    shard: Arc<Shard>,
+    action: Action,
+    body: &Fields,
+) -> Response<Body> {
+    match action {
+        Action::Switchover => {
+            let to = match field_addr(body, "to") {
+                Ok(a) => a,
+                Err(e) => return bad_request(e),
+            };
+            // Its own task: it completes (or rolls back) even if the caller goes away.
+            match tokio::spawn(async move { coord.switchover(shard, to).await }).await {
+                Ok(Ok((outcome, report))) => json(switchover_status(outcome), report),
+                Ok(Err(r)) => refused(r),
+                Err(e) => json_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the switchover task failed: {e}"),
+                ),
+            }
+        }
+        Action::Buffer => {
+            let (epoch, reason) = match (field_epoch(body), field_str(body, "reason")) {
+                (Ok(e), Ok(r)) => (e, r.unwrap_or("admin API").to_string()),
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            match coord.buffer(&shard, epoch, &reason).await {
+                Ok(v) => json(StatusCode::OK, v),
+                Err(r) => refused(r),
+            }
+        }
+        Action::Primary => {
+            let (addr, epoch) = match (field_addr(body, "addr"), field_epoch(body)) {
+                (Ok(a), Ok(e)) => (a, e),
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            if shard.watch.is_watched(&addr) {
+                return watched_refusal(&shard, &addr);
+            }
+            match coord.primary(&shard, addr, epoch).await {
+                Ok(v) => json(StatusCode::OK, v),
+                Err(r) => refused(r),
+            }
+        }
+        Action::Resume => {
+            let epoch = match field_epoch(body) {
+                Ok(e) => e,
+                Err(e) => return bad_request(e),
+            };
+            match coord.resume(&shard, epoch).await {
+                Ok(v) => json(StatusCode::OK, v),
+                Err(r) => refused(r),
+            }
+        }
+    }
+}
+
+fn switchover_status(outcome: Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Completed => StatusCode::OK,
+        Outcome::Refused | Outcome::RolledBack => StatusCode::CONFLICT,
+        Outcome::Failed => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn watched_refusal(shard: &Shard, addr: &crate::config::HostPort) -> Response<Body> {
+    json_error(
+        StatusCode::CONFLICT,
+        &format!(
+            "{addr} is a replaced primary of shard \"{}\" watched for split brain (GET /v1/shards shows why); it serves again only once it has rejoined as a standby",
+            shard.name
+        ),
+    )
 }
 
 async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, body: &Fields) -> Response<Body> {
@@ -358,14 +448,7 @@ async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, body: &Fields) -> Response
     };
     // Its own task: it completes (or rolls back) even if the caller goes away.
     match tokio::spawn(switchover::run(ctx, shard, to)).await {
-        Ok(report) => {
-            let status = match report.outcome {
-                Outcome::Completed => StatusCode::OK,
-                Outcome::Refused | Outcome::RolledBack => StatusCode::CONFLICT,
-                Outcome::Failed => StatusCode::BAD_GATEWAY,
-            };
-            json(status, report.to_json())
-        }
+        Ok(report) => json(switchover_status(report.outcome), report.to_json()),
         Err(e) => json_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("the switchover task failed: {e}"),
@@ -408,13 +491,7 @@ async fn primary(ctx: &Ctx, shard: &Shard, body: &Fields) -> Response<Body> {
         return busy();
     };
     if shard.watch.is_watched(&addr) {
-        return json_error(
-            StatusCode::CONFLICT,
-            &format!(
-                "{addr} is a replaced primary of shard \"{}\" watched for split brain (GET /v1/shards shows why); it serves again only once it has rejoined as a standby",
-                shard.name
-            ),
-        );
+        return watched_refusal(shard, &addr);
     }
     match control::establish(ctx, shard, epoch, addr.clone()).await {
         Ok(est) => json(

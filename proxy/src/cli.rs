@@ -222,9 +222,125 @@ fn print_switchover(status: u16, v: &Value) {
     if cancelled > 0 {
         println!("  {cancelled} transaction(s) outlived HANDOFF_DRAIN_TIMEOUT and were cancelled");
     }
+    if let Some(line) = v.get("coordination").and_then(acknowledgements) {
+        println!("  {line}");
+    }
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         println!("  error: {e}");
     }
+}
+
+/// Who acknowledged a coordinated operation, and when (from its `coordination`).
+fn acknowledgements(c: &Value) -> Option<String> {
+    let proxies = c.get("proxies")?.as_array()?;
+    let acked: Vec<String> = proxies
+        .iter()
+        .map(|p| {
+            let id = p.get("proxy").and_then(Value::as_str).unwrap_or("?");
+            if p.get("coordinator").and_then(Value::as_bool) == Some(true) {
+                format!("{id} (coordinator)")
+            } else {
+                format!(
+                    "{id} {:.1} ms",
+                    p.get("ack_ms").and_then(Value::as_f64).unwrap_or(0.0)
+                )
+            }
+        })
+        .collect();
+    let missing: Vec<&str> = c
+        .get("missing")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut line = format!("acknowledged by {}", acked.join(", "));
+    if !missing.is_empty() {
+        line.push_str(&format!("; NOT by {}", missing.join(", ")));
+    }
+    Some(line)
+}
+
+/// Coordination: etcd's health, the members, each shard's record and operation.
+fn coordination_lines(v: &Value) -> Vec<String> {
+    let Some(c) = v.get("coordination") else {
+        return Vec::new();
+    };
+    if c.get("enabled").and_then(Value::as_bool) != Some(true) {
+        return vec!["coordination off (HANDOFF_ETCD_ENDPOINTS is not set)".into()];
+    }
+    let t = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let members: Vec<String> = c
+        .get("members")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let me = if m.get("self").and_then(Value::as_bool) == Some(true) {
+                ", this one"
+            } else {
+                ""
+            };
+            format!("{} (admin {}{me})", t(m, "id"), t(m, "admin"))
+        })
+        .collect();
+    let mut out = vec![match c.get("up").and_then(Value::as_bool) {
+        Some(true) => format!(
+            "coordination up: proxy {} of {} ({} members: {})",
+            t(c, "proxy"),
+            t(c, "prefix"),
+            members.len(),
+            members.join(", ")
+        ),
+        _ => format!(
+            "coordination DOWN: proxy {} of {}: {}; serving on the last known state, no operation can start",
+            t(c, "proxy"),
+            t(c, "prefix"),
+            t(c, "error")
+        ),
+    }];
+    for s in v
+        .get("shards")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = t(s, "name");
+        let Some(sc) = s.get("coordination").filter(|x| !x.is_null()) else {
+            continue;
+        };
+        if let Some(r) = sc.get("recorded").filter(|x| !x.is_null()) {
+            out.push(format!(
+                "  shard {name}: recorded primary {} at epoch {} (by {})",
+                t(r, "primary"),
+                r.get("epoch").and_then(Value::as_u64).unwrap_or(0),
+                t(r, "by")
+            ));
+        }
+        if let Some(op) = sc.get("operation").filter(|x| !x.is_null()) {
+            let acks: Vec<String> = op
+                .get("acks")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|a| t(a, "proxy"))
+                .collect();
+            out.push(format!(
+                "  shard {name}: operation {} ({}, coordinated by {}): {}; acknowledged by [{}]; this proxy: {}{}",
+                t(op, "id"),
+                t(op, "kind"),
+                t(op, "coordinator"),
+                t(op, "phase"),
+                acks.join(", "),
+                t(op, "this_proxy"),
+                match op.get("error").and_then(Value::as_str) {
+                    Some(e) => format!("; {e}"),
+                    None => String::new(),
+                }
+            ));
+        }
+    }
+    out
 }
 
 /// The replaced primaries each shard watches, and any split brain.
@@ -312,11 +428,65 @@ pub fn status(args: Vec<String>) -> ExitCode {
                 );
             }
             print_watched(&v);
+            for line in coordination_lines(&v) {
+                println!("{line}");
+            }
             ExitCode::SUCCESS
         }
         Ok((status, v)) => fail(&format!(
             "admin API answered HTTP {status}: {}",
             v.get("error").and_then(Value::as_str).unwrap_or("")
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordination_is_shown_up_or_down_with_members_and_the_operation() {
+        let v: Value = serde_json::from_str(
+            r#"{"shards":[{"name":"main","coordination":{
+                "recorded":{"primary":"10.0.0.2:5432","epoch":4,"by":"b"},
+                "operation":{"id":"a-1","kind":"switchover","coordinator":"a","phase":"hold",
+                  "acks":[{"proxy":"b"}],"this_proxy":"taking part","error":null}}}],
+              "coordination":{"enabled":true,"up":true,"proxy":"b","prefix":"/handoff",
+                "members":[{"id":"a","admin":"10.0.0.5:6480","self":false},
+                           {"id":"b","admin":"10.0.0.6:6480","self":true}]}}"#,
+        )
+        .unwrap();
+        let lines = coordination_lines(&v);
+        assert!(lines[0].starts_with("coordination up: proxy b of /handoff (2 members: a (admin 10.0.0.5:6480), b (admin 10.0.0.6:6480, this one))"), "{lines:?}");
+        assert!(
+            lines[1].contains("recorded primary 10.0.0.2:5432 at epoch 4 (by b)"),
+            "{lines:?}"
+        );
+        assert!(lines[2].contains("operation a-1 (switchover, coordinated by a): hold; acknowledged by [b]; this proxy: taking part"), "{lines:?}");
+
+        let down: Value = serde_json::from_str(
+            r#"{"shards":[],"coordination":{"enabled":true,"up":false,"proxy":"b","prefix":"/h","error":"etcd: no answer"}}"#,
+        )
+        .unwrap();
+        assert!(coordination_lines(&down)[0]
+            .starts_with("coordination DOWN: proxy b of /h: etcd: no answer"));
+        let off: Value =
+            serde_json::from_str(r#"{"shards":[],"coordination":{"enabled":false}}"#).unwrap();
+        assert_eq!(
+            coordination_lines(&off),
+            ["coordination off (HANDOFF_ETCD_ENDPOINTS is not set)"]
+        );
+    }
+
+    #[test]
+    fn acknowledgements_name_the_coordinator_and_whoever_is_missing() {
+        let c: Value = serde_json::from_str(
+            r#"{"proxies":[{"proxy":"a","coordinator":true,"ack_ms":0.0},{"proxy":"b","ack_ms":41.5}],"missing":["c"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            acknowledgements(&c).unwrap(),
+            "acknowledged by a (coordinator), b 41.5 ms; NOT by c"
+        );
     }
 }

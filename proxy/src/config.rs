@@ -266,6 +266,41 @@ pub const VARIABLES: &[Variable] = &[
         help: "database handoff connects to for switchover SQL",
     },
     Variable {
+        name: "HANDOFF_ETCD_ENDPOINTS",
+        default: "(unset: this proxy works alone)",
+        help: "http(s)://host:port of etcd, comma separated: coordinate switchovers and each shard's primary with every proxy of HANDOFF_ETCD_PREFIX",
+    },
+    Variable {
+        name: "HANDOFF_ETCD_PREFIX",
+        default: "/handoff",
+        help: "etcd key prefix: one cluster of proxies per prefix",
+    },
+    Variable {
+        name: "HANDOFF_PROXY_ID",
+        default: "(host name:HANDOFF_LISTEN port)",
+        help: "this proxy's name in its cluster (letters, digits, '.', '_', ':', '-')",
+    },
+    Variable {
+        name: "HANDOFF_ETCD_LEASE_TTL",
+        default: "5s",
+        help: "membership lease (whole seconds, at least 2s): a proxy that stops renewing it (dead, or cut off from etcd) leaves the cluster this long after",
+    },
+    Variable {
+        name: "HANDOFF_ETCD_TIMEOUT",
+        default: "2s",
+        help: "longest one etcd request may take; a failed request marks coordination down until one succeeds",
+    },
+    Variable {
+        name: "HANDOFF_ETCD_CA_FILE",
+        default: "(unset)",
+        help: "PEM CA certificate(s) to verify https etcd endpoints; required with https",
+    },
+    Variable {
+        name: "HANDOFF_FAILPOINT",
+        default: "(unset)",
+        help: "testing only: point:duration pauses a coordinated switchover after a point (holding, held, fencing, fenced, promoting, promoted)",
+    },
+    Variable {
         name: "HANDOFF_LOG",
         default: "info",
         help: "log filter (tracing EnvFilter syntax, e.g. 'info,handoff=debug')",
@@ -426,8 +461,41 @@ pub struct Config {
     pub health: HealthSettings,
     /// How often the split-brain watchdog looks at replaced primaries.
     pub watchdog_interval: Duration,
+    /// Coordination with the other proxies over etcd (`HANDOFF_ETCD_*`); `None`: alone.
+    pub etcd: Option<EtcdSettings>,
     pub log: String,
 }
+
+/// Coordination over etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdSettings {
+    pub endpoints: Vec<String>,
+    /// Without a trailing `/`.
+    pub prefix: String,
+    pub proxy_id: String,
+    pub lease_ttl: Duration,
+    pub timeout: Duration,
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A pause injected into coordinated switchovers (tests).
+    pub failpoint: Option<Failpoint>,
+}
+
+/// `HANDOFF_FAILPOINT`: where a coordinated switchover pauses, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failpoint {
+    pub point: String,
+    pub pause: Duration,
+}
+
+/// The points `HANDOFF_FAILPOINT` accepts.
+pub const FAILPOINTS: &[&str] = &[
+    "holding",
+    "held",
+    "fencing",
+    "fenced",
+    "promoting",
+    "promoted",
+];
 
 /// TLS towards clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,6 +621,7 @@ impl Config {
             drain_timeout,
             health,
             watchdog_interval,
+            etcd: parse_etcd(&vars, listeners.listen)?,
             log: vars.get("HANDOFF_LOG").unwrap_or_default().to_string(),
         })
     }
@@ -933,6 +1002,107 @@ fn parse_health(vars: &Vars) -> Result<(HealthSettings, Duration), ConfigError> 
         discovery_interval: vars.at_least_1ms("HANDOFF_DISCOVERY_INTERVAL")?,
     };
     Ok((health, vars.at_least_1ms("HANDOFF_WATCHDOG_INTERVAL")?))
+}
+
+/// Coordination over etcd, when `HANDOFF_ETCD_ENDPOINTS` is set.
+fn parse_etcd(vars: &Vars, listen: SocketAddr) -> Result<Option<EtcdSettings>, ConfigError> {
+    let failpoint = match vars.get("HANDOFF_FAILPOINT") {
+        None => None,
+        Some(s) => Some(parse_failpoint(s).map_err(|r| invalid("HANDOFF_FAILPOINT", r))?),
+    };
+    let Some(list) = vars.get("HANDOFF_ETCD_ENDPOINTS") else {
+        if failpoint.is_some() {
+            return Err(invalid(
+                "HANDOFF_FAILPOINT",
+                "only applies with HANDOFF_ETCD_ENDPOINTS",
+            ));
+        }
+        return Ok(None);
+    };
+    const VAR: &str = "HANDOFF_ETCD_ENDPOINTS";
+    let mut endpoints = Vec::new();
+    for e in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let rest = e
+            .strip_prefix("http://")
+            .or_else(|| e.strip_prefix("https://"))
+            .ok_or_else(|| invalid(VAR, format!("'{e}' must start with http:// or https://")))?;
+        HostPort::parse(VAR, rest.trim_end_matches('/'))?;
+        endpoints.push(e.trim_end_matches('/').to_string());
+    }
+    if endpoints.is_empty() {
+        return Err(invalid(VAR, "no endpoint given"));
+    }
+    let ca_file = vars
+        .get("HANDOFF_ETCD_CA_FILE")
+        .map(std::path::PathBuf::from);
+    if ca_file.is_none() && endpoints.iter().any(|e| e.starts_with("https://")) {
+        return Err(invalid(
+            "HANDOFF_ETCD_CA_FILE",
+            "must be set to verify the https endpoints of HANDOFF_ETCD_ENDPOINTS",
+        ));
+    }
+    let prefix = vars.get("HANDOFF_ETCD_PREFIX").unwrap_or_default();
+    let prefix = prefix.trim_end_matches('/');
+    if !prefix.starts_with('/') || prefix.len() < 2 {
+        return Err(invalid(
+            "HANDOFF_ETCD_PREFIX",
+            format!("'{prefix}' must start with '/' and name something"),
+        ));
+    }
+    let proxy_id = match vars.get("HANDOFF_PROXY_ID") {
+        Some(id) => id.to_string(),
+        None => format!("{}:{}", host_name(), listen.port()),
+    };
+    if !proxy_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+    {
+        return Err(invalid(
+            "HANDOFF_PROXY_ID",
+            format!("'{proxy_id}' may hold only letters, digits, '.', '_', ':' and '-'"),
+        ));
+    }
+    let lease_ttl = vars.duration("HANDOFF_ETCD_LEASE_TTL")?;
+    if lease_ttl < Duration::from_secs(2) || lease_ttl.subsec_nanos() != 0 {
+        return Err(invalid(
+            "HANDOFF_ETCD_LEASE_TTL",
+            "must be a whole number of seconds, at least 2s",
+        ));
+    }
+    Ok(Some(EtcdSettings {
+        endpoints,
+        prefix: prefix.to_string(),
+        proxy_id,
+        lease_ttl,
+        timeout: vars.positive_duration("HANDOFF_ETCD_TIMEOUT")?,
+        ca_file,
+        failpoint,
+    }))
+}
+
+/// `point:duration`, the point one of [`FAILPOINTS`].
+fn parse_failpoint(s: &str) -> Result<Failpoint, String> {
+    let (point, pause) = s
+        .split_once(':')
+        .ok_or_else(|| format!("'{s}' is not point:duration"))?;
+    if !FAILPOINTS.contains(&point) {
+        return Err(format!("'{point}' is not one of {}", FAILPOINTS.join(", ")));
+    }
+    let pause = parse_duration(pause).map_err(|e| e.0)?;
+    Ok(Failpoint {
+        point: point.to_string(),
+        pause,
+    })
+}
+
+/// This machine's host name (for the default proxy id).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "handoff".to_string())
 }
 
 /// The admin role: `HANDOFF_ADMIN_DB_USER`, else the first client user (by name) with a

@@ -5,7 +5,8 @@
 //! `HANDOFF_*` environment variables and shuts down on SIGTERM/SIGINT.
 //!
 //! This file only wires the layers together (docs/architecture.md). From the top:
-//! `admin` (HTTP API) · `frontend` (listener, startup, client authentication) · `relay`
+//! `admin` (HTTP API) · `coord` (coordination with other proxies over etcd) ·
+//! `frontend` (listener, startup, client authentication) · `relay`
 //! (session and transaction mode) · `shared` (what every session shares) · [`shard`]
 //! (state machine, switchover, fence, failure detection, watchdog) · [`backend`] (server
 //! logins, pools, cancel, the admin role's connections) · [`net`] (streams, TLS,
@@ -17,6 +18,7 @@
 mod admin;
 pub mod backend;
 pub mod config;
+pub(crate) mod coord;
 mod error;
 mod frontend;
 mod limits;
@@ -60,6 +62,8 @@ pub enum StartError {
     Buffer(#[from] handoff_buffer::ConfigError),
     #[error(transparent)]
     Tls(#[from] net::tls::TlsSetupError),
+    #[error(transparent)]
+    Etcd(#[from] coord::SetupError),
 }
 
 /// A running proxy.
@@ -115,28 +119,38 @@ impl Proxy {
         let (trigger, signal) = shutdown::channel();
         let shutdown_timeout = config.shutdown_timeout;
         let ctx = Arc::new(shard::Ctx::new(&config, server_tls.clone())?);
-        // Startup discovery: the first host listed is only a hint.
+        // Startup: the cluster's record (with coordination), else discovery; the first
+        // host listed is only a hint.
+        let connected = match &config.etcd {
+            Some(settings) => Some(coord::Connected::connect(settings).await?),
+            None => None,
+        };
         let mut shards = Vec::new();
         let mut missing = Vec::new();
         let mut watch = Vec::new();
         for s in &config.shards {
-            match shard::health::initial_primary(&ctx.admin, &config.health, &s.hosts).await {
-                Ok(found) => {
-                    let (primary, timeline) = (found.primary, found.timeline);
-                    tracing::info!(shard = %s.name, %primary, timeline, "initial primary");
-                    let sh = shard::Shard::with_primary(&s.name, s.hosts.clone(), primary);
-                    sh.health.saw_timeline(timeline);
-                    for (host, why) in found.watch {
-                        watch.push((shards.len(), host, why));
-                    }
-                    shards.push(Arc::new(sh));
-                }
-                Err(why) => {
-                    missing.push((shards.len(), why));
-                    shards.push(Arc::new(shard::Shard::new(&s.name, s.hosts.clone())));
-                }
+            let start =
+                coord::initial_shard(connected.as_ref(), &ctx.admin, &config.health, s).await;
+            for (host, why) in start.watch {
+                watch.push((shards.len(), host, why));
             }
+            if let Some(why) = start.missing {
+                missing.push((shards.len(), why));
+            }
+            shards.push(Arc::new(start.shard));
         }
+        let coord = match (connected, &config.etcd) {
+            (Some(connected), Some(settings)) => Some(coord::Coord::start(
+                connected,
+                settings.clone(),
+                Arc::clone(&ctx),
+                shards.clone(),
+                admin_addr,
+                listen_addr,
+                signal.clone(),
+            )),
+            _ => None,
+        };
         let shared = Arc::new(Shared {
             prepared: metrics::PreparedCounters::new(),
             config: Arc::new(config),
@@ -144,6 +158,7 @@ impl Proxy {
             decoy: ScramVerifier::from_password("")?,
             shards,
             ctx: Arc::clone(&ctx),
+            coord,
             limits: limits::Limits::default(),
             client_tls,
             server_tls,
@@ -157,14 +172,20 @@ impl Proxy {
         for (i, why) in missing {
             let sh = &shared.shards[i];
             tracing::warn!(shard = %sh.name, reason = %why, "no primary found at startup: buffering until discovery finds one");
-            shard::health::revoke(&ctx, sh, 1, &format!("no primary found at startup: {why}"));
+            let epoch = sh.current().epoch;
+            shard::health::revoke(
+                &ctx,
+                sh,
+                epoch,
+                &format!("no primary found at startup: {why}"),
+            );
         }
         for (i, host, why) in watch {
             let sh = &shared.shards[i];
             if why == shard::watch::Why::LowerTimeline {
                 tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
             }
-            sh.watch.add(&sh.name, host, why, 1, None);
+            sh.watch.add(&sh.name, host, why, sh.current().epoch, None);
         }
         for sh in &shared.shards {
             tokio::spawn(shard::health::monitor(

@@ -87,6 +87,30 @@ pub const WATCHED_HOSTS: &str = "handoff_watched_hosts";
 /// Fences applied, by `source` (`switchover`, `watchdog`) and `result` (counter).
 pub const FENCES: &str = "handoff_fences_total";
 
+// Coordination with the other proxies over etcd.
+
+/// 1 while etcd answers this proxy, 0 while it does not (gauge).
+pub const COORD_UP: &str = "handoff_coordination_up";
+/// Live proxies of the cluster, this one included (gauge).
+pub const COORD_MEMBERS: &str = "handoff_coordination_members";
+/// etcd requests that failed (counter).
+pub const COORD_ERRORS: &str = "handoff_coordination_errors_total";
+/// Coordinated operations this proxy ran, by `kind` and `outcome` (counter, per shard).
+pub const COORD_OPS: &str = "handoff_coordination_operations_total";
+/// From an operation's publication to a proxy's acknowledgement (histogram, seconds;
+/// recorded by the coordinator for each proxy).
+pub const COORD_ACK_SECONDS: &str = "handoff_coordination_ack_seconds";
+/// Proxies that did not acknowledge before the lameduck deadline (counter, per shard).
+pub const COORD_ACK_MISSING: &str = "handoff_coordination_ack_missing_total";
+/// What this proxy took from the cluster, by `what` (`hold`, `primary`, `rollback`)
+/// (counter, per shard).
+pub const COORD_FOLLOWED: &str = "handoff_coordination_followed_total";
+/// Primaries this proxy published after finding them itself (counter, per shard).
+pub const COORD_PUBLISHED: &str = "handoff_coordination_published_total";
+/// Abandoned operations this proxy finished, by `result` (`rolled_back`,
+/// `rolled_forward`, `failed`) (counter, per shard).
+pub const COORD_RECOVERIES: &str = "handoff_coordination_recoveries_total";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,

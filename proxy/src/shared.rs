@@ -23,6 +23,8 @@ pub(crate) struct Shared {
     pub shards: Vec<Arc<Shard>>,
     /// The buffer, the pools, the admin role and the settings the shard layer works with.
     pub ctx: Arc<Ctx>,
+    /// Coordination with the other proxies over etcd, when configured.
+    pub coord: Option<Arc<crate::coord::Coord>>,
     /// Client connections per user and database.
     pub limits: Limits,
     /// TLS towards clients (reloadable) and towards servers.

@@ -350,3 +350,92 @@ fn the_declared_defaults_are_the_ones_parsed() {
     // And the help text says what the README says about the first host.
     assert!(!Config::help().contains("the first host is the primary"));
 }
+
+#[test]
+fn coordination_settings() {
+    assert!(
+        cfg(&[]).unwrap().etcd.is_none(),
+        "off unless endpoints are given"
+    );
+    let c = cfg(&[
+        (
+            "HANDOFF_ETCD_ENDPOINTS",
+            "http://10.0.0.1:2379/, http://10.0.0.2:2379",
+        ),
+        ("HANDOFF_LISTEN", "127.0.0.1:7000"),
+    ])
+    .unwrap();
+    let e = c.etcd.unwrap();
+    assert_eq!(
+        e.endpoints,
+        ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    );
+    assert_eq!(e.prefix, "/handoff");
+    assert!(e.proxy_id.ends_with(":7000"), "{}", e.proxy_id);
+    assert_eq!(e.lease_ttl, Duration::from_secs(5));
+    assert_eq!(e.timeout, Duration::from_secs(2));
+    assert_eq!(e.failpoint, None);
+    let e = cfg(&[
+        ("HANDOFF_ETCD_ENDPOINTS", "https://etcd:2379"),
+        ("HANDOFF_ETCD_CA_FILE", "/etc/ca.pem"),
+        ("HANDOFF_ETCD_PREFIX", "/prod/"),
+        ("HANDOFF_PROXY_ID", "proxy-a.eu_1:6432"),
+        ("HANDOFF_FAILPOINT", "fenced:30s"),
+    ])
+    .unwrap()
+    .etcd
+    .unwrap();
+    assert_eq!(e.prefix, "/prod");
+    assert_eq!(e.proxy_id, "proxy-a.eu_1:6432");
+    assert_eq!(
+        e.failpoint,
+        Some(Failpoint {
+            point: "fenced".into(),
+            pause: Duration::from_secs(30)
+        })
+    );
+    let with = |k: &'static str, v: &'static str| {
+        err_var(&[("HANDOFF_ETCD_ENDPOINTS", "http://etcd:2379"), (k, v)])
+    };
+    assert_eq!(
+        err_var(&[("HANDOFF_ETCD_ENDPOINTS", "etcd:2379")]),
+        "HANDOFF_ETCD_ENDPOINTS"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_ETCD_ENDPOINTS", "http://etcd")]),
+        "HANDOFF_ETCD_ENDPOINTS"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_ETCD_ENDPOINTS", " , ")]),
+        "HANDOFF_ETCD_ENDPOINTS"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_ETCD_ENDPOINTS", "https://etcd:2379")]),
+        "HANDOFF_ETCD_CA_FILE"
+    );
+    assert_eq!(
+        with("HANDOFF_ETCD_PREFIX", "handoff"),
+        "HANDOFF_ETCD_PREFIX"
+    );
+    assert_eq!(with("HANDOFF_ETCD_PREFIX", "/"), "HANDOFF_ETCD_PREFIX");
+    assert_eq!(with("HANDOFF_PROXY_ID", "a/b"), "HANDOFF_PROXY_ID");
+    assert_eq!(
+        with("HANDOFF_ETCD_LEASE_TTL", "1s"),
+        "HANDOFF_ETCD_LEASE_TTL"
+    );
+    assert_eq!(
+        with("HANDOFF_ETCD_LEASE_TTL", "2500ms"),
+        "HANDOFF_ETCD_LEASE_TTL"
+    );
+    assert_eq!(with("HANDOFF_ETCD_TIMEOUT", "0"), "HANDOFF_ETCD_TIMEOUT");
+    assert_eq!(
+        with("HANDOFF_FAILPOINT", "sideways:1s"),
+        "HANDOFF_FAILPOINT"
+    );
+    assert_eq!(with("HANDOFF_FAILPOINT", "held"), "HANDOFF_FAILPOINT");
+    assert_eq!(
+        err_var(&[("HANDOFF_FAILPOINT", "held:1s")]),
+        "HANDOFF_FAILPOINT",
+        "a failpoint without coordination is a mistake"
+    );
+}

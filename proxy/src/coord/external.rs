@@ -1,0 +1,301 @@
+//! The external two-step API for the whole cluster: `/buffer` holds the shard on every
+//! proxy, `/primary` and `/resume` end the hold on every proxy, whichever proxy each
+//! call reaches. The orchestrator owns the operation: it is never finished
+//! automatically.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::config::HostPort;
+use crate::coord::lead::{op_id, Lead};
+use crate::coord::records::{now_ms, Op, OpKind, Phase, Primary};
+use crate::coord::{lock, Coord, Joined, Refusal};
+use crate::shard::health::{self, Probe};
+use crate::shard::switchover::Outcome;
+use crate::shard::{control, Shard, StateKind};
+
+impl Coord {
+    /// `POST /buffer` for the whole cluster: every proxy holds the shard and lameducks
+    /// its old primary; answers once all have acknowledged (or the lameduck deadline
+    /// passed). The hold ends with `/primary` or `/resume` on any proxy.
+    pub async fn buffer(
+        self: &Arc<Self>,
+        shard: &Arc<Shard>,
+        epoch: Option<u64>,
+        reason: &str,
+    ) -> Result<Value, Refusal> {
+        let lease = self.ready()?;
+        let Ok(_op) = shard.op.try_lock() else {
+            return Err(Refusal::conflict(
+                "a switchover of this shard is in progress",
+            ));
+        };
+        let id = op_id(&self.me.id);
+        self.acquire(shard, lease, &id).await?;
+        let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
+        if let Some(e) = epoch.filter(|e| *e != snap.epoch) {
+            self.release(&shard.name, lease).await;
+            return Err(Refusal::conflict(format!(
+                "stale epoch {e} for shard \"{}\" (its epoch is {})",
+                shard.name, snap.epoch
+            )));
+        }
+        let op = Op {
+            id: id.clone(),
+            kind: OpKind::External,
+            coordinator: self.me.id.clone(),
+            epoch: snap.epoch,
+            from: snap.primary.clone(),
+            to: None,
+            phase: Phase::Hold,
+            databases: Vec::new(),
+            fence_lsn: None,
+            started_ms: now_ms(),
+            updated_ms: now_ms(),
+            error: None,
+        };
+        let mut lead = Lead::new(Arc::clone(self), &shard.name, op, lease);
+        if let Err(e) = lead.publish(Phase::Hold).await {
+            self.release(&shard.name, lease).await;
+            return Err(Refusal::unavailable(e));
+        }
+        // This proxy takes part like the others: the operation's end resolves it here.
+        lock(&self.joined).insert(
+            shard.name.clone(),
+            Joined {
+                op: id.clone(),
+                old: None,
+                target: None,
+                resolved: false,
+            },
+        );
+        let revoked = match control::revoke(&self.ctx, shard, epoch, reason) {
+            Ok(r) => r,
+            Err(e) => {
+                lead.op.error = Some(e.to_string());
+                let _ = lead.publish(Phase::RolledBack).await;
+                self.release(&shard.name, lease).await;
+                return Err(Refusal::conflict(e.to_string()));
+            }
+        };
+        let ld = control::lameduck(&revoked.gen, self.ctx.settings.drain_timeout).await;
+        lead.own_lameduck = Some((ld.waited, ld.cancelled));
+        let waited = lead.wait_for_acks().await;
+        self.release(&shard.name, lease).await;
+        Ok(json!({
+            "shard": shard.name,
+            "state": "buffering",
+            "epoch": revoked.gen.epoch,
+            "old_primary": revoked.gen.primary.to_string(),
+            "lameduck_ms": ld.waited.as_millis() as u64,
+            "lameduck_cancelled": ld.cancelled,
+            "coordination": lead.to_json(Outcome::Completed),
+            "warning": waited.err(),
+        }))
+    }
+
+    /// `POST /primary` for the whole cluster: records `addr` (checked writable here) as
+    /// the shard's primary at the next epoch; every proxy follows the record.
+    pub async fn primary(
+        self: &Arc<Self>,
+        shard: &Arc<Shard>,
+        addr: HostPort,
+        epoch: Option<u64>,
+    ) -> Result<Value, Refusal> {
+        let lease = self.ready()?;
+        let Ok(_op) = shard.op.try_lock() else {
+            return Err(Refusal::conflict(
+                "a switchover of this shard is in progress",
+            ));
+        };
+        self.take_lock(shard, lease, &op_id(&self.me.id)).await?;
+        let result = self.record_primary(shard, lease, addr, epoch).await;
+        self.release(&shard.name, lease).await;
+        let rec = result?;
+        let est = self
+            .apply_primary(shard, &rec)
+            .await
+            .map_err(Refusal::conflict)?;
+        Ok(json!({
+            "shard": shard.name,
+            "state": "draining",
+            "epoch": est.epoch,
+            "primary": rec.primary.to_string(),
+            "prewarmed_connections": est.prewarmed,
+            "prewarm_error": est.prewarm_error,
+            "coordination": {"recorded": rec.to_json()},
+        }))
+    }
+
+    /// Under the lock: checks that the shard is held and `addr` is writable, then
+    /// writes the record and ends the holding operation.
+    async fn record_primary(
+        &self,
+        shard: &Shard,
+        lease: i64,
+        addr: HostPort,
+        epoch: Option<u64>,
+    ) -> Result<Primary, Refusal> {
+        let unavailable = |e: super::StoreError| Refusal::unavailable(e.to_string());
+        let op_key = self.keys.op(&shard.name);
+        let op = self
+            .store
+            .get(&op_key)
+            .await
+            .map_err(unavailable)?
+            .and_then(|kv| Op::decode(&kv.value));
+        if let Some(op) = op
+            .as_ref()
+            .filter(|o| o.phase.active() && o.kind != OpKind::External)
+        {
+            return Err(Refusal::conflict(format!(
+                "shard \"{}\": coordinated switchover {} is in phase {}",
+                shard.name,
+                op.id,
+                op.phase.as_str()
+            )));
+        }
+        let holding = op.filter(|o| o.phase == Phase::Hold || o.phase == Phase::Failed);
+        let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
+        if holding.is_none() && !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
+        {
+            return Err(Refusal::conflict(format!(
+                "shard \"{}\" is {}, not buffering: POST /v1/shards/{}/buffer first",
+                shard.name,
+                snap.state.as_str(),
+                shard.name
+            )));
+        }
+        let key = self.keys.primary(&shard.name);
+        let current = self.store.get(&key).await.map_err(unavailable)?;
+        let (base, rev) = match &current {
+            Some(kv) => (
+                Primary::decode(&kv.value)
+                    .map(|r| r.epoch)
+                    .unwrap_or(snap.epoch),
+                kv.mod_revision,
+            ),
+            None => (snap.epoch, 0),
+        };
+        if let Some(e) = epoch.filter(|e| *e != base) {
+            return Err(Refusal::conflict(format!(
+                "stale epoch {e} for shard \"{}\" (its epoch is {base})",
+                shard.name
+            )));
+        }
+        let timeline =
+            match health::probe(&self.ctx.admin, &addr, self.ctx.settings.health.timeout).await {
+                Probe::Primary { timeline } => timeline,
+                other => {
+                    return Err(Refusal::conflict(format!(
+                        "{addr} is not a writable primary: {other:?}"
+                    )))
+                }
+            };
+        let rec = Primary {
+            primary: addr.clone(),
+            epoch: base + 1,
+            timeline,
+            by: self.me.id.clone(),
+            reason: "POST /primary".into(),
+            at_ms: now_ms(),
+        };
+        match self.store.swap(&key, rec.encode(), rev).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Refusal::conflict(format!(
+                    "shard \"{}\": its record changed meanwhile; read GET /v1/shards and try again",
+                    shard.name
+                )))
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        if let Some(mut op) = holding {
+            op.phase = Phase::Done;
+            op.to = Some(addr);
+            op.updated_ms = now_ms();
+            let lock_key = self.keys.lock(&shard.name);
+            if let Err(e) = self
+                .store
+                .put_holding(&lock_key, lease, &op_key, op.encode())
+                .await
+            {
+                self.failed(&e);
+            }
+        }
+        Ok(rec)
+    }
+
+    /// `POST /resume` for the whole cluster: ends the holding operation; every proxy
+    /// serves the old primary again.
+    pub async fn resume(
+        self: &Arc<Self>,
+        shard: &Arc<Shard>,
+        epoch: Option<u64>,
+    ) -> Result<Value, Refusal> {
+        let lease = self.ready()?;
+        let Ok(_op) = shard.op.try_lock() else {
+            return Err(Refusal::conflict(
+                "a switchover of this shard is in progress",
+            ));
+        };
+        self.take_lock(shard, lease, &op_id(&self.me.id)).await?;
+        let ended = self.end_hold(shard, lease, epoch).await;
+        self.release(&shard.name, lease).await;
+        let op = ended?;
+        if let Some(j) = lock(&self.joined).get_mut(&shard.name) {
+            if j.op == op.id {
+                j.resolved = true;
+            }
+        }
+        let epoch = match control::abort(&self.ctx, shard, None) {
+            Ok(e) => e,
+            Err(_) => shard.current().epoch,
+        };
+        Ok(json!({
+            "shard": shard.name,
+            "state": "draining",
+            "epoch": epoch,
+            "primary": shard.current().primary.to_string(),
+            "coordination": {"operation": op.to_json()},
+        }))
+    }
+
+    async fn end_hold(&self, shard: &Shard, lease: i64, epoch: Option<u64>) -> Result<Op, Refusal> {
+        let op_key = self.keys.op(&shard.name);
+        let op = self
+            .store
+            .get(&op_key)
+            .await
+            .map_err(|e| Refusal::unavailable(e.to_string()))?
+            .and_then(|kv| Op::decode(&kv.value))
+            .filter(|o| {
+                (o.kind == OpKind::External && o.phase == Phase::Hold) || o.phase == Phase::Failed
+            });
+        let Some(mut op) = op else {
+            return Err(Refusal::conflict(format!(
+                "shard \"{}\": no operation holds it (POST /buffer starts one)",
+                shard.name
+            )));
+        };
+        if let Some(e) = epoch.filter(|e| *e != op.epoch) {
+            return Err(Refusal::conflict(format!(
+                "stale epoch {e} for shard \"{}\" (its epoch is {})",
+                shard.name, op.epoch
+            )));
+        }
+        op.phase = Phase::RolledBack;
+        op.error = Some(format!("resumed by POST /resume on proxy {}", self.me.id));
+        op.updated_ms = now_ms();
+        match self
+            .store
+            .put_holding(&self.keys.lock(&shard.name), lease, &op_key, op.encode())
+            .await
+        {
+            Ok(true) => Ok(op),
+            Ok(false) => Err(Refusal::conflict("lost the shard's lock in etcd")),
+            Err(e) => Err(Refusal::unavailable(e.to_string())),
+        }
+    }
+}
