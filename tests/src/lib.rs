@@ -11,8 +11,10 @@
 
 pub mod admin;
 pub mod bypass;
+pub mod etcd;
 pub mod load;
 pub mod pg;
+pub mod proxies;
 pub mod raw;
 pub mod tls;
 

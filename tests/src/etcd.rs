@@ -1,0 +1,144 @@
+//! A single-member etcd for tests, started from the installed `etcd` binary
+//! (`HANDOFF_TEST_ETCD` to use another) on free loopback ports, its data in a temp
+//! directory. It can be stopped and started again on the same ports and data (etcd
+//! outages), and is killed when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::pg::free_port;
+
+/// One etcd server.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub client_port: u16,
+    peer_port: u16,
+}
+
+/// The etcd binary to run.
+fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("HANDOFF_TEST_ETCD") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = PathBuf::from(dir).join("etcd");
+        if p.is_file() {
+            return p;
+        }
+    }
+    PathBuf::from("/usr/bin/etcd")
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("handoff-etcd-").tempdir()?;
+        let mut e = Self {
+            child: None,
+            dir,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+        };
+        e.run()?;
+        Ok(e)
+    }
+
+    fn run(&mut self) -> Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))?;
+        let child = Command::new(binary())
+            .args(["--name", "test"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (apt-get install etcd-server)",
+                    binary().display()
+                )
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.healthy() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("etcd exited ({status}):\n{}", self.log_tail());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not answer within 20s:\n{}", self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET /health` answers `"health":"true"`.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.contains("\"health\":\"true\"")
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(30).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// `http://127.0.0.1:port`, for `HANDOFF_ETCD_ENDPOINTS`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Stops etcd (SIGKILL: an outage, not a shutdown).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports and data.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.run()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- etcd log, last lines ---\n{}", self.log_tail());
+        }
+    }
+}

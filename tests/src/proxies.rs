@@ -1,0 +1,172 @@
+//! handoff as separate processes (the release or debug binary next to the tests), for
+//! tests with several proxies: each has its own metrics and can be killed with SIGKILL.
+//! Every process is killed when its handle is dropped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::pg::free_port;
+use crate::raw::{http, http_body};
+use crate::Cluster;
+
+/// One handoff process.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Option<Child>,
+    pub id: String,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts handoff in front of every node of `cluster` (shard `main`) with `vars`,
+    /// logging to `log_dir/<id>.log`, and waits until `/readyz` answers.
+    pub async fn start(
+        cluster: &Cluster,
+        id: &str,
+        vars: &[(&str, &str)],
+        log_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let shards = format!(
+            "main={}",
+            std::iter::once(&cluster.primary)
+                .chain(&cluster.standbys)
+                .map(|n| n.addr())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let log = log_dir.join(format!("{id}.log"));
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(crate::handoff_binary());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("HANDOFF_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("HANDOFF_LISTEN", listen.to_string())
+            .env("HANDOFF_ADMIN_LISTEN", admin.to_string())
+            .env("HANDOFF_SHARDS", shards)
+            .env("HANDOFF_PROXY_ID", id)
+            .env("HANDOFF_SHUTDOWN_TIMEOUT", "5s")
+            .env("HANDOFF_LOG", "info");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()?;
+        let mut p = Self {
+            child: Some(child),
+            id: id.to_string(),
+            listen,
+            admin,
+            log,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http(admin, "GET", "/readyz", None).await {
+                return Ok(p);
+            }
+            if let Some(Ok(Some(status))) = p.child.as_mut().map(|c| c.try_wait()) {
+                bail!("proxy {id} exited ({status}):\n{}", p.log_tail());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("proxy {id} did not become ready:\n{}", p.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(40).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// SIGKILL: the process dies without leaving its cluster.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for the exit (up to 20 s, then SIGKILL).
+    pub async fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    /// A GET on the admin API: status and JSON.
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let (status, body) = http(self.admin, "GET", path, None).await?;
+        Ok((
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        ))
+    }
+
+    /// A POST with a JSON body on the admin API: status and JSON.
+    pub async fn post(&self, path: &str, body: &str) -> Result<(u16, Value)> {
+        let (status, text) = http_body(self.admin, "POST", path, None, body).await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// The first shard of `GET /v1/shards`, and the `coordination` object.
+    pub async fn shard(&self) -> Result<(Value, Value)> {
+        let (status, v) = self.get("/v1/shards").await?;
+        if status != 200 {
+            bail!("GET /v1/shards: {status} {v}");
+        }
+        Ok((v["shards"][0].clone(), v["coordination"].clone()))
+    }
+
+    /// The sum of a metric's series whose labels include each of `labels`.
+    pub async fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
+        let (_, body) = http(self.admin, "GET", "/metrics", None).await?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            eprintln!(
+                "--- proxy {} log, last lines ---\n{}",
+                self.id,
+                self.log_tail()
+            );
+        }
+        self.kill();
+    }
+}
