@@ -27,7 +27,7 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
        handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
                              [--pool-size 20] [--tls]
        handoff-bench switchover [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
-                                [--targets handoff,pgbouncer,direct]
+                                [--targets handoff,pgbouncer,direct] [--proxies N [--uncoordinated]]
        handoff-bench failover   [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
                                 [--promote-after 1s] [--targets handoff,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]

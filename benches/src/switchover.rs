@@ -67,6 +67,15 @@ pub struct Args {
     /// build to compare with.
     #[arg(long)]
     pub handoff_bin: Option<PathBuf>,
+    /// The handoff target as this many proxies coordinated over etcd (started for the
+    /// run), all in front of the same cluster, `--clients` clients through each, loaded
+    /// at the same time; the switchover is sent to the second one. Reported per proxy.
+    #[arg(long, default_value_t = 1)]
+    pub proxies: usize,
+    /// With --proxies: no etcd, each proxy on its own (what it was like before
+    /// coordination; works with older builds through --handoff-bin).
+    #[arg(long)]
+    pub uncoordinated: bool,
 }
 
 /// Shell commands that crash `node` (kill -9 of the postmaster and all its children).
@@ -77,11 +86,11 @@ fn crash_command(node: &handoff_tests::Node) -> String {
     )
 }
 
-/// Seconds from the event's start plus `after` (the promotion, for a crash) until a
-/// 0.5 s window reaches 90% of the throughput of the 2 s before the event. `None` if it
-/// never does within the run.
-pub fn recovery(r: &TargetResult, after: f64) -> Option<f64> {
-    let e = r.events.first()?;
+/// Seconds from an event that started at `started` (in this run, or in another run of
+/// the same moment: proxies loaded together) plus `after` (the promotion, for a crash)
+/// until a 0.5 s window reaches 90% of the throughput of the 2 s before the event.
+/// `None` if it never does within the run.
+pub fn recovery_from(r: &TargetResult, started: f64, after: f64) -> Option<f64> {
     let tl = &r.summary.timeline;
     let bucket = tl.get(1).map(|p| p.t - tl[0].t).unwrap_or(0.1).max(1e-3);
     let per_s = |from: f64, to: f64| -> f64 {
@@ -92,12 +101,12 @@ pub fn recovery(r: &TargetResult, after: f64) -> Option<f64> {
             .sum();
         n as f64 / (to - from)
     };
-    let before = per_s((e.started - 2.0).max(0.0), e.started);
+    let before = per_s((started - 2.0).max(0.0), started);
     if before <= 0.0 {
         return None;
     }
     let last = tl.last()?.t;
-    let from = e.started + after;
+    let from = started + after;
     let mut t = from;
     while t + 0.5 <= last + bucket {
         if per_s(t, t + 0.5) >= 0.9 * before {
@@ -115,12 +124,19 @@ pub async fn run(args: Args) -> Result<()> {
             bail!("--targets: unknown target '{w}' (handoff, pgbouncer, direct)");
         }
     }
+    if args.proxies == 0 {
+        bail!("--proxies must be at least 1");
+    }
     let mut clusters = Vec::new();
     let mut keep = Vec::new();
     let mut targets = Vec::new();
     let mut events = Vec::new();
     let mut bypass = Vec::new();
     let pg_ctl = |c: &Cluster| c.bin.bin("pg_ctl").display().to_string();
+    if args.proxies > 1 && args.bypass_writers > 0 {
+        bail!("--proxies and --bypass-writers do not go together");
+    }
+    let mut together = None;
     for name in &wanted {
         let cluster = tokio::task::block_in_place(|| -> Result<Cluster> {
             let c = Cluster::start(1)?;
@@ -140,6 +156,9 @@ pub async fn run(args: Args) -> Result<()> {
             s = cluster.standbys[0].data.display(),
         );
         match *name {
+            "handoff" if args.proxies > 1 => {
+                together = Some(coordinated(&args, &cluster, &crash_promote).await?);
+            }
             "handoff" => {
                 let admin = free_port()?;
                 keep.push(match &args.handoff_bin {
@@ -251,12 +270,20 @@ pub async fn run(args: Args) -> Result<()> {
         rate: None,
         events: Vec::new(),
         accounts: 100_000,
-        out: args.out,
+        out: args.out.clone(),
         quiet: args.quiet,
         target_events: events,
         bypass,
     };
-    let results = run::run(run_args).await?;
+    let mut results = if run_args.targets.is_empty() {
+        Vec::new()
+    } else {
+        run::run(run_args).await?
+    };
+    if let Some(c) = together {
+        results.extend(run::run_together(c.run_args).await?);
+        drop(c.processes);
+    }
     println!();
     println!(
         "{:<10} {:>8} {:>7} {:>10} {:>9} {:>9} {:>11} {:>9}  {}",
@@ -278,6 +305,10 @@ pub async fn run(args: Args) -> Result<()> {
             "switchover"
         }
     );
+    // With several proxies loaded together, the one event is in one proxy's run.
+    let event_start = results
+        .iter()
+        .find_map(|r| r.events.first().map(|e| e.started));
     for r in &results {
         let ev = r.events.first();
         println!(
@@ -288,15 +319,18 @@ pub async fn run(args: Args) -> Result<()> {
             r.summary.stall_ms,
             r.summary.p999,
             r.summary.max,
-            recovery(
-                r,
-                if args.crash {
-                    args.promote_after.as_secs_f64()
-                } else {
-                    0.0
-                }
-            )
-            .map_or("never".to_string(), |s| format!("{s:.2}")),
+            ev.map(|e| e.started)
+                .or(event_start)
+                .and_then(|t| recovery_from(
+                    r,
+                    t,
+                    if args.crash {
+                        args.promote_after.as_secs_f64()
+                    } else {
+                        0.0
+                    }
+                ))
+                .map_or("never".to_string(), |s| format!("{s:.2}")),
             r.lost_writes.len(),
             ev.map_or(String::new(), |e| format!(
                 "{:.2}s..{:.2}s ({:.0} ms, exit {:?})",
@@ -308,7 +342,7 @@ pub async fn run(args: Args) -> Result<()> {
         );
     }
     for r in &results {
-        if r.name == "handoff" && !args.crash {
+        if r.name.starts_with("handoff") && !args.crash && !r.events.is_empty() {
             if let Some(e) = r.events.first() {
                 println!("\nhandoff's switchover report:\n{}", e.output.trim());
             }
@@ -358,4 +392,108 @@ pub async fn run(args: Args) -> Result<()> {
     drop(keep);
     drop(clusters);
     Ok(())
+}
+
+/// Several proxies over etcd for one run: what runs them, and the processes to stop.
+struct Together {
+    run_args: RunArgs,
+    processes: Vec<crate::compare::Kill>,
+    _etcd: Option<handoff_tests::etcd::Etcd>,
+}
+
+/// Starts etcd and `--proxies` handoff processes coordinated through it, in front of
+/// `cluster`; the event (the switchover, or the crash) goes with the second proxy's run.
+async fn coordinated(args: &Args, cluster: &Cluster, crash_promote: &str) -> Result<Together> {
+    let etcd = if args.uncoordinated {
+        None
+    } else {
+        Some(tokio::task::block_in_place(
+            handoff_tests::etcd::Etcd::start,
+        )?)
+    };
+    let bin = match &args.handoff_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("handoff"),
+    };
+    let mut processes = Vec::new();
+    let mut targets = Vec::new();
+    let mut admins = Vec::new();
+    for i in 1..=args.proxies {
+        let (port, admin) = (free_port()?, free_port()?);
+        let extra: Vec<(&str, String)> = match &etcd {
+            Some(e) => vec![
+                ("HANDOFF_ETCD_ENDPOINTS", e.endpoint()),
+                ("HANDOFF_PROXY_ID", format!("p{i}")),
+            ],
+            None => Vec::new(),
+        };
+        processes.push(crate::compare::start_handoff_bin(
+            &bin,
+            cluster,
+            port,
+            admin,
+            args.pool_size,
+            &extra,
+        )?);
+        wait_listening(port, "handoff").await?;
+        targets.push((
+            format!("handoff-p{i}"),
+            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        ));
+        admins.push(admin);
+    }
+    // Every proxy has registered: each sees them all.
+    for admin in admins.iter().filter(|_| etcd.is_some()) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let addr = format!("127.0.0.1:{admin}").parse()?;
+            let seen = match handoff_tests::raw::http(addr, "GET", "/v1/shards", None).await {
+                Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["coordination"]["members"].as_array().map(Vec::len))
+                    .unwrap_or(0),
+                _ => 0,
+            };
+            if seen == args.proxies {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the proxies did not all see each other in etcd within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let body = format!("{{\"to\": \"{}\"}}", cluster.standbys[0].addr());
+    let command = if args.crash {
+        crash_promote.to_string()
+    } else {
+        format!(
+            "POST http://127.0.0.1:{}/v1/shards/main/switchover {body}",
+            admins[1]
+        )
+    };
+    let run_args = RunArgs {
+        targets,
+        workload: args.workload,
+        clients: args.clients,
+        duration: args.duration,
+        rate: None,
+        events: Vec::new(),
+        accounts: 100_000,
+        out: args.out.clone(),
+        quiet: args.quiet,
+        target_events: vec![(
+            "handoff-p2".to_string(),
+            Event {
+                at: args.at,
+                command,
+            },
+        )],
+        bypass: Vec::new(),
+    };
+    Ok(Together {
+        run_args,
+        processes,
+        _etcd: etcd,
+    })
 }

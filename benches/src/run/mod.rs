@@ -224,12 +224,22 @@ async fn worker(
 }
 
 /// Runs the workload against one target.
-pub async fn run_target(name: &str, url: &str, args: Arc<RunArgs>) -> Result<TargetResult> {
+/// `epoch` keeps the ids of runs made at the same time apart (`None`: the next one
+/// after every id written so far).
+pub async fn run_target(
+    name: &str,
+    url: &str,
+    args: Arc<RunArgs>,
+    epoch: Option<i64>,
+) -> Result<TargetResult> {
     let setup = connect(url)
         .await
         .with_context(|| format!("connecting to target {name}"))?;
     workload::setup(&setup, args.accounts).await?;
-    let epoch = workload::next_epoch(&setup).await?;
+    let epoch = match epoch {
+        Some(e) => e,
+        None => workload::next_epoch(&setup).await?,
+    };
     let mut sessions = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let c = connect(url)
@@ -424,12 +434,60 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
                     (0..*n).map(|i| (Mode::ALL[i % 3], "postgres")).collect();
                 Writers::start(addr, &kinds)
             });
-        let mut r = run_target(name, url, Arc::clone(&args)).await?;
+        let mut r = run_target(name, url, Arc::clone(&args), None).await?;
         if let Some(w) = writers {
             r.bypass = w.stop().await;
         }
         results.push(r);
     }
+    report(&args, &results)?;
+    Ok(results)
+}
+
+/// Every target at the same time (several proxies in front of one cluster), each with
+/// `clients` clients, then the report files.
+pub async fn run_together(args: RunArgs) -> Result<Vec<TargetResult>> {
+    let args = Arc::new(args);
+    // The tables first, through the first target, so the runs do not race to create
+    // them; and one epoch per run, so their write ids never collide.
+    let Some((name, url)) = args.targets.first() else {
+        return Ok(Vec::new());
+    };
+    let c = connect(url)
+        .await
+        .with_context(|| format!("connecting to target {name}"))?;
+    workload::setup(&c, args.accounts).await?;
+    let base = workload::next_epoch(&c).await?;
+    if !args.quiet {
+        eprintln!(
+            "running {:?} with {} clients through each of {} targets at once for {:?}",
+            args.workload,
+            args.clients,
+            args.targets.len(),
+            args.duration
+        );
+    }
+    let runs: Vec<_> = args
+        .targets
+        .iter()
+        .enumerate()
+        .map(|(slot, (name, url))| {
+            let args = Arc::clone(&args);
+            let (name, url) = (name.clone(), url.clone());
+            let epoch = base + ((slot as i64) << 40);
+            tokio::spawn(async move { run_target(&name, &url, args, Some(epoch)).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for r in runs {
+        results.push(r.await.context("a target's run panicked")??);
+    }
+    report(&args, &results)?;
+    Ok(results)
+}
+
+/// Writes the JSON and the plots, and prints the table.
+fn report(args: &RunArgs, results: &[TargetResult]) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let stamp = std::time::SystemTime::now()
@@ -440,19 +498,19 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
     let svg_path = args.out.join(format!("run-{stamp}.svg"));
     std::fs::write(
         &json_path,
-        serde_json::to_string_pretty(&to_json(&args, &results))?,
+        serde_json::to_string_pretty(&to_json(args, results))?,
     )?;
-    plot::svg(&svg_path, &results, args.duration.as_secs_f64())?;
+    plot::svg(&svg_path, results, args.duration.as_secs_f64())?;
     let png_path = svg_path.with_extension("png");
-    plot::png(&png_path, &results, args.duration.as_secs_f64())?;
-    print!("{}", table(&results));
+    plot::png(&png_path, results, args.duration.as_secs_f64())?;
+    print!("{}", table(results));
     println!(
         "results: {}\nplot:    {}",
         json_path.display(),
         svg_path.display()
     );
     println!("         {}", png_path.display());
-    Ok(results)
+    Ok(())
 }
 
 #[cfg(test)]
