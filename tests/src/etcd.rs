@@ -18,6 +18,8 @@ pub struct Etcd {
     dir: tempfile::TempDir,
     pub client_port: u16,
     peer_port: u16,
+    /// Serving clients over TLS with this certificate and key (files in `dir`).
+    tls: bool,
 }
 
 /// The etcd binary to run.
@@ -43,19 +45,44 @@ impl Etcd {
             dir,
             client_port: free_port()?,
             peer_port: free_port()?,
+            tls: false,
+        };
+        e.run()?;
+        Ok(e)
+    }
+
+    /// Starts etcd serving clients over TLS with a certificate for 127.0.0.1 from `ca`.
+    pub fn start_tls(ca: &crate::tls::TestCa) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("handoff-etcd-").tempdir()?;
+        let (cert, key) = ca.issue(&["127.0.0.1"])?;
+        std::fs::write(dir.path().join("server.pem"), cert)?;
+        std::fs::write(dir.path().join("server.key"), key)?;
+        let mut e = Self {
+            child: None,
+            dir,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            tls: true,
         };
         e.run()?;
         Ok(e)
     }
 
     fn run(&mut self) -> Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("etcd.log"))?;
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        if self.tls {
+            cmd.arg("--cert-file")
+                .arg(self.dir.path().join("server.pem"))
+                .arg("--key-file")
+                .arg(self.dir.path().join("server.key"));
+        }
+        let child = cmd
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -92,12 +119,15 @@ impl Etcd {
         }
     }
 
-    /// `GET /health` answers `"health":"true"`.
+    /// `GET /health` answers `"health":"true"` (over TLS: the port accepts connections).
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.client_port)) else {
             return false;
         };
+        if self.tls {
+            return true;
+        }
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let req = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
         if s.write_all(req.as_bytes()).is_err() {
@@ -114,9 +144,10 @@ impl Etcd {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
-    /// `http://127.0.0.1:port`, for `HANDOFF_ETCD_ENDPOINTS`.
+    /// `http(s)://127.0.0.1:port`, for `HANDOFF_ETCD_ENDPOINTS`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Stops etcd (SIGKILL: an outage, not a shutdown).

@@ -687,3 +687,53 @@ async fn the_two_step_api_called_on_different_proxies_applies_to_all() {
     wait_primary(&all, &target, 2).await;
     finish_loads(&all, running, &s.cluster.standbys[0]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_is_verified_against_the_given_ca() {
+    let _one = SERIAL.lock().await;
+    let cluster = Cluster::start(0).unwrap();
+    let ca = handoff_tests::tls::TestCa::new("etcd test CA").unwrap();
+    let etcd = Etcd::start_tls(&ca).unwrap();
+    let logs = tempfile::Builder::new()
+        .prefix("handoff-proxies-")
+        .tempdir()
+        .unwrap();
+    let ca_file = logs.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+    let ca_path = ca_file.display().to_string();
+    let endpoint = etcd.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let vars = [
+        ("HANDOFF_ETCD_ENDPOINTS", endpoint.as_str()),
+        ("HANDOFF_ETCD_CA_FILE", ca_path.as_str()),
+        ("HANDOFF_ETCD_LEASE_TTL", "2s"),
+    ];
+    let p = ProxyProcess::start(&cluster, "tls1", &vars, logs.path())
+        .await
+        .unwrap();
+    wait_members(&p, 1).await;
+    let (state, _) = p.shard().await.unwrap();
+    assert_eq!(
+        state["coordination"]["recorded"]["primary"],
+        cluster.primary.addr().as_str(),
+        "{state:#}"
+    );
+
+    // Another CA's certificate is not trusted: that proxy never gets through.
+    let other = handoff_tests::tls::TestCa::new("someone else").unwrap();
+    let other_file = logs.path().join("other.pem");
+    std::fs::write(&other_file, &other.cert_pem).unwrap();
+    let other_path = other_file.display().to_string();
+    let vars = [
+        ("HANDOFF_ETCD_ENDPOINTS", endpoint.as_str()),
+        ("HANDOFF_ETCD_CA_FILE", other_path.as_str()),
+    ];
+    let q = ProxyProcess::start(&cluster, "tls2", &vars, logs.path())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, c) = q.shard().await.unwrap();
+    assert_eq!(c["up"], false, "{c:#}");
+    let (_, c) = p.shard().await.unwrap();
+    assert_eq!(c["members"].as_array().unwrap().len(), 1, "{c:#}");
+}
