@@ -78,6 +78,30 @@ pub struct Args {
     pub uncoordinated: bool,
 }
 
+impl Args {
+    /// The load harness's options for these targets, events and bypassing writers.
+    fn run_args(
+        &self,
+        targets: Vec<(String, String)>,
+        target_events: Vec<(String, Event)>,
+        bypass: Vec<(String, String, usize)>,
+    ) -> RunArgs {
+        RunArgs {
+            targets,
+            workload: self.workload,
+            clients: self.clients,
+            duration: self.duration,
+            rate: None,
+            events: Vec::new(),
+            accounts: 100_000,
+            out: self.out.clone(),
+            quiet: self.quiet,
+            target_events,
+            bypass,
+        }
+    }
+}
+
 /// Shell commands that crash `node` (kill -9 of the postmaster and all its children).
 fn crash_command(node: &handoff_tests::Node) -> String {
     format!(
@@ -262,19 +286,7 @@ pub async fn run(args: Args) -> Result<()> {
         }
         clusters.push(cluster);
     }
-    let run_args = RunArgs {
-        targets,
-        workload: args.workload,
-        clients: args.clients,
-        duration: args.duration,
-        rate: None,
-        events: Vec::new(),
-        accounts: 100_000,
-        out: args.out.clone(),
-        quiet: args.quiet,
-        target_events: events,
-        bypass,
-    };
+    let run_args = args.run_args(targets, events, bypass);
     let mut results = if run_args.targets.is_empty() {
         Vec::new()
     } else {
@@ -472,25 +484,11 @@ async fn coordinated(args: &Args, cluster: &Cluster, crash_promote: &str) -> Res
             admins[1]
         )
     };
-    let run_args = RunArgs {
-        targets,
-        workload: args.workload,
-        clients: args.clients,
-        duration: args.duration,
-        rate: None,
-        events: Vec::new(),
-        accounts: 100_000,
-        out: args.out.clone(),
-        quiet: args.quiet,
-        target_events: vec![(
-            "handoff-p2".to_string(),
-            Event {
-                at: args.at,
-                command,
-            },
-        )],
-        bypass: Vec::new(),
+    let event = Event {
+        at: args.at,
+        command,
     };
+    let run_args = args.run_args(targets, vec![("handoff-p2".to_string(), event)], Vec::new());
     Ok(Together {
         run_args,
         processes,

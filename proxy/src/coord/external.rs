@@ -41,20 +41,14 @@ impl Coord {
                 shard.name, snap.epoch
             )));
         }
-        let op = Op {
-            id: id.clone(),
-            kind: OpKind::External,
-            coordinator: self.me.id.clone(),
-            epoch: snap.epoch,
-            from: snap.primary.clone(),
-            to: None,
-            phase: Phase::Hold,
-            databases: Vec::new(),
-            fence_lsn: None,
-            started_ms: now_ms(),
-            updated_ms: now_ms(),
-            error: None,
-        };
+        let op = Op::start(
+            id.clone(),
+            OpKind::External,
+            &self.me.id,
+            snap.epoch,
+            snap.primary.clone(),
+            None,
+        );
         let mut lead = Lead::new(Arc::clone(self), &shard.name, op, lease);
         if let Err(e) = lead.publish(Phase::Hold).await {
             self.release(&shard.name, lease).await;

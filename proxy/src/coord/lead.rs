@@ -148,6 +148,34 @@ impl Coord {
         }
     }
 
+    /// Writes `rec` as the shard's record, compare-and-set on what is there; a record
+    /// at `rec`'s epoch or later means someone finished first (done too).
+    pub(super) async fn record_newer(&self, shard: &str, rec: &Primary) -> Result<(), String> {
+        let key = self.keys.primary(shard);
+        let current = self.store.get(&key).await.map_err(|e| {
+            self.failed(&e);
+            e.to_string()
+        })?;
+        let rev = match &current {
+            Some(kv) if Primary::decode(&kv.value).is_some_and(|r| r.epoch >= rec.epoch) => {
+                return Ok(())
+            }
+            Some(kv) => kv.mod_revision,
+            None => 0,
+        };
+        match self.store.swap(&key, rec.encode(), rev).await {
+            Ok(true) => {
+                tracing::info!(shard, primary = %rec.primary, epoch = rec.epoch, "recorded the new primary");
+                Ok(())
+            }
+            Ok(false) => Err("the shard's record changed meanwhile".into()),
+            Err(e) => {
+                self.failed(&e);
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// A switchover for every proxy of the cluster, coordinated by this one. The
     /// report is the switchover's, with each proxy's acknowledgement added.
     pub async fn switchover(
@@ -159,20 +187,14 @@ impl Coord {
         let id = op_id(&self.me.id);
         self.acquire(&shard, lease, &id).await?;
         let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
-        let op = Op {
-            id: id.clone(),
-            kind: OpKind::Switchover,
-            coordinator: self.me.id.clone(),
-            epoch: snap.epoch,
-            from: snap.primary.clone(),
-            to: Some(to.clone()),
-            phase: Phase::Hold,
-            databases: Vec::new(),
-            fence_lsn: None,
-            started_ms: now_ms(),
-            updated_ms: now_ms(),
-            error: None,
-        };
+        let op = Op::start(
+            id.clone(),
+            OpKind::Switchover,
+            &self.me.id,
+            snap.epoch,
+            snap.primary.clone(),
+            Some(to.clone()),
+        );
         lock(&self.running).insert(id.clone());
         let mut lead = Lead::new(Arc::clone(self), &shard.name, op, lease);
         let report =
@@ -313,40 +335,13 @@ impl Lead {
         }
     }
 
-    /// Writes the new primary's record (compare-and-set on what is there; a record at
-    /// this epoch or later means someone finished first).
+    /// Writes the new primary's record, once.
     async fn write_record(&mut self) -> Result<(), String> {
-        let Some(rec) = self.record.clone() else {
-            return Ok(());
-        };
-        let c = &self.coord;
-        let key = c.keys.primary(&self.shard);
-        let current = c.store.get(&key).await.map_err(|e| {
-            c.failed(&e);
-            e.to_string()
-        })?;
-        let rev = match &current {
-            Some(kv) => {
-                if Primary::decode(&kv.value).is_some_and(|r| r.epoch >= rec.epoch) {
-                    self.record_written = true;
-                    return Ok(());
-                }
-                kv.mod_revision
-            }
-            None => 0,
-        };
-        match c.store.swap(&key, rec.encode(), rev).await {
-            Ok(true) => {
-                self.record_written = true;
-                tracing::info!(shard = %self.shard, primary = %rec.primary, epoch = rec.epoch, "recorded the new primary");
-                Ok(())
-            }
-            Ok(false) => Err("the shard's record changed meanwhile".into()),
-            Err(e) => {
-                c.failed(&e);
-                Err(e.to_string())
-            }
+        if let (Some(rec), false) = (&self.record, self.record_written) {
+            self.coord.record_newer(&self.shard, rec).await?;
+            self.record_written = true;
         }
+        Ok(())
     }
 
     pub(super) fn to_json(&self, outcome: Outcome) -> Value {
@@ -406,15 +401,11 @@ impl EndState {
     /// True when done (or no longer ours to do).
     async fn try_end(&mut self) -> bool {
         let c = &self.coord;
-        if !self.record_written {
-            if let Some(rec) = &self.record {
-                let mut lead = Lead::new(Arc::clone(c), &self.shard, self.op.clone(), self.lease);
-                lead.record = Some(rec.clone());
-                if lead.write_record().await.is_err() {
-                    return false;
-                }
-                self.record_written = true;
+        if let (Some(rec), false) = (&self.record, self.record_written) {
+            if c.record_newer(&self.shard, rec).await.is_err() {
+                return false;
             }
+            self.record_written = true;
         }
         let lock_key = c.keys.lock(&self.shard);
         match c

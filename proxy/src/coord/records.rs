@@ -263,6 +263,32 @@ pub(crate) struct Op {
 }
 
 impl Op {
+    /// A new operation in phase *hold*, replacing `from` at `epoch`.
+    pub fn start(
+        id: String,
+        kind: OpKind,
+        coordinator: &str,
+        epoch: u64,
+        from: HostPort,
+        to: Option<HostPort>,
+    ) -> Self {
+        let now = now_ms();
+        Self {
+            id,
+            kind,
+            coordinator: coordinator.to_string(),
+            epoch,
+            from,
+            to,
+            phase: Phase::Hold,
+            databases: Vec::new(),
+            fence_lsn: None,
+            started_ms: now,
+            updated_ms: now,
+            error: None,
+        }
+    }
+
     pub fn to_json(&self) -> Value {
         json!({
             "id": self.id,

@@ -197,19 +197,6 @@ impl Coord {
             reason: format!("switchover {} finished by {}", op.id, self.me.id),
             at_ms: now_ms(),
         };
-        let key = self.keys.primary(&shard.name);
-        let current = self.store.get(&key).await.map_err(|e| e.to_string())?;
-        let rev = match &current {
-            Some(kv) => match Primary::decode(&kv.value) {
-                Some(r) if r.epoch >= rec.epoch => return Ok(()),
-                _ => kv.mod_revision,
-            },
-            None => 0,
-        };
-        match self.store.swap(&key, rec.encode(), rev).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the shard's record changed meanwhile".into()),
-            Err(e) => Err(e.to_string()),
-        }
+        self.record_newer(&shard.name, &rec).await
     }
 }
