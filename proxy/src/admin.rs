@@ -197,6 +197,8 @@ pub(crate) fn shards_json(shared: &crate::shared::Shared) -> serde_json::Value {
                 "epoch": snap.epoch,
                 "primary": snap.primary.to_string(),
                 "hosts": s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "source": shared.ctx.source(&s.name, shared.coord.is_some()),
+                "patroni": shared.ctx.patroni(&s.name).map(|p| patroni_json(p)),
                 "in_flight": snap.inflight,
                 "buffer": {
                     "state": buffer_state,
@@ -215,6 +217,24 @@ pub(crate) fn shards_json(shared: &crate::shared::Shared) -> serde_json::Value {
         None => serde_json::json!({"enabled": false}),
     };
     serde_json::json!({ "shards": list, "coordination": coordination })
+}
+
+/// Patroni's last answer for a shard: its members, their roles, the leader.
+fn patroni_json(p: &crate::patroni::Source) -> serde_json::Value {
+    let view = p.view.borrow().clone();
+    serde_json::json!({
+        "endpoints": p.endpoints().iter().map(|e| format!("http://{e}")).collect::<Vec<_>>(),
+        "scope": view.as_ref().map(|c| c.scope.clone()),
+        "paused": view.as_ref().map(|c| c.paused),
+        "leader": view.as_ref().and_then(|c| c.leader().map(|l| l.name.clone())),
+        "members": view.as_ref().map(|c| c.members.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "addr": m.addr.to_string(),
+            "role": m.role,
+            "state": m.state,
+            "timeline": m.timeline,
+        })).collect::<Vec<_>>()),
+    })
 }
 
 fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
@@ -248,6 +268,9 @@ enum Action {
     Primary,
     /// Abort: release held transactions to the revoked primary.
     Resume,
+    /// An outside hold (Patroni's `before_stop`): revoke, lameduck, and let discovery
+    /// end it with the next primary.
+    Hold,
 }
 
 impl Action {
@@ -257,6 +280,7 @@ impl Action {
             "buffer" => Some(Action::Buffer),
             "primary" => Some(Action::Primary),
             "resume" => Some(Action::Resume),
+            "hold" => Some(Action::Hold),
             _ => None,
         }
     }
@@ -268,6 +292,7 @@ impl Action {
             Action::Buffer => &["epoch", "reason"],
             Action::Primary => &["addr", "epoch"],
             Action::Resume => &["epoch"],
+            Action::Hold => &["reason", "primary"],
         }
     }
 }
@@ -348,14 +373,96 @@ async fn shard_action(
         });
     }
     let ctx = Arc::clone(&shared.ctx);
+    let to = match action {
+        Action::Switchover => match target(&ctx, &shard, &body).await {
+            Ok(to) => Some(to),
+            Err(r) => return r,
+        },
+        _ => None,
+    };
+    if action == Action::Hold {
+        let reason = match field_str(&body, "reason") {
+            Ok(r) => r.unwrap_or("hold (admin API)").to_string(),
+            Err(e) => return bad_request(e),
+        };
+        // The server about to stop, when the caller knows it (Patroni runs its hook
+        // on replicas too): only the primary's stop is held.
+        if body.contains_key("primary") {
+            let stopping = match field_addr(&body, "primary") {
+                Ok(a) => a,
+                Err(e) => return bad_request(e),
+            };
+            let primary = shard.current().primary.clone();
+            if stopping != primary {
+                metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "not_primary").increment(1);
+                return json(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "shard": shard.name,
+                        "held": false,
+                        "not_primary": true,
+                        "primary": primary.to_string(),
+                    }),
+                );
+            }
+        }
+        return hold(&shared, &shard, &reason).await;
+    }
     if let Some(coord) = &shared.coord {
-        return coordinated(Arc::clone(coord), shard, action, &body).await;
+        return coordinated(Arc::clone(coord), shard, action, to, &body).await;
     }
     match action {
-        Action::Switchover => switchover(ctx, shard, &body).await,
+        Action::Switchover => switchover(ctx, shard, to.expect("resolved above")).await,
         Action::Buffer => buffer(&ctx, &shard, &body).await,
         Action::Primary => primary(&ctx, &shard, &body).await,
         Action::Resume => resume(&ctx, &shard, &body),
+        Action::Hold => unreachable!("answered above"),
+    }
+}
+
+/// A switchover's target: `host:port`, or on a Patroni shard a member's name too.
+async fn target(
+    ctx: &crate::shard::Ctx,
+    shard: &Shard,
+    body: &Fields,
+) -> Result<crate::config::HostPort, Response<Body>> {
+    let Some(source) = ctx.patroni(&shard.name) else {
+        return field_addr(body, "to").map_err(bad_request);
+    };
+    let to = match field_str(body, "to") {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return Err(json_error(
+                StatusCode::BAD_REQUEST,
+                "missing \"to\": a Patroni member's name or \"host:port\"",
+            ))
+        }
+        Err(e) => return Err(bad_request(e)),
+    };
+    crate::shard::patroni::resolve(source, to)
+        .await
+        .map_err(|(status, message)| {
+            json_error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                &message,
+            )
+        })
+}
+
+/// `POST /v1/shards/{s}/hold`: on every proxy with coordination.
+async fn hold(shared: &crate::shared::Shared, shard: &Arc<Shard>, reason: &str) -> Response<Body> {
+    if let Some(coord) = &shared.coord {
+        return match coord.hold(shard, reason).await {
+            Ok(v) => json(StatusCode::OK, v),
+            Err(r) => refused(r),
+        };
+    }
+    match crate::shard::hold::hold(&shared.ctx, shard, reason).await {
+        Ok(h) => json(StatusCode::OK, h.to_json(&shard.name)),
+        Err(e) => {
+            metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "refused").increment(1);
+            event_error(&e)
+        }
     }
 }
 
@@ -369,14 +476,13 @@ async fn coordinated(
     coord: Arc<crate::coord::Coord>,
     shard: Arc<Shard>,
     action: Action,
+    to: Option<crate::config::HostPort>,
     body: &Fields,
 ) -> Response<Body> {
     match action {
+        Action::Hold => unreachable!("answered before"),
         Action::Switchover => {
-            let to = match field_addr(body, "to") {
-                Ok(a) => a,
-                Err(e) => return bad_request(e),
-            };
+            let to = to.expect("resolved before");
             // Its own task: it completes (or rolls back) even if the caller goes away.
             match tokio::spawn(async move { coord.switchover(shard, to).await }).await {
                 Ok(Ok((outcome, report))) => json(switchover_status(outcome), report),
@@ -441,11 +547,11 @@ fn watched_refusal(shard: &Shard, addr: &crate::config::HostPort) -> Response<Bo
     )
 }
 
-async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, body: &Fields) -> Response<Body> {
-    let to = match field_addr(body, "to") {
-        Ok(a) => a,
-        Err(e) => return bad_request(e),
-    };
+async fn switchover(
+    ctx: Arc<Ctx>,
+    shard: Arc<Shard>,
+    to: crate::config::HostPort,
+) -> Response<Body> {
     // Its own task: it completes (or rolls back) even if the caller goes away.
     match tokio::spawn(switchover::run(ctx, shard, to)).await {
         Ok(report) => json(switchover_status(report.outcome), report.to_json()),

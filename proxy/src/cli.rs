@@ -1,4 +1,5 @@
-//! `handoff switchover` and `handoff status`: small clients of the admin API.
+//! `handoff switchover`, `handoff hold` and `handoff status`: small clients of the
+//! admin API.
 //!
 //! Both read the admin address from `--admin` or `HANDOFF_ADMIN_LISTEN` and the token
 //! from `--token` or `HANDOFF_ADMIN_TOKEN`, as the proxy itself does.
@@ -16,8 +17,10 @@ struct Common {
     json: bool,
 }
 
-const USAGE_SWITCHOVER: &str = "usage: handoff switchover --shard NAME --to HOST:PORT \
+const USAGE_SWITCHOVER: &str = "usage: handoff switchover --shard NAME --to HOST:PORT|MEMBER \
      [--admin ADDR] [--token TOKEN] [--json]";
+const USAGE_HOLD: &str = "usage: handoff hold --shard NAME [--primary HOST:PORT] \
+     [--timeout DURATION] [--reason TEXT] [--admin ADDR] [--token TOKEN] [--json]";
 const USAGE_STATUS: &str = "usage: handoff status [--admin ADDR] [--token TOKEN] [--json]";
 
 /// Splits `--name value` pairs; `--json` is a flag.
@@ -131,6 +134,36 @@ fn request(
     Ok((status, json))
 }
 
+/// [`request`] with the whole exchange, connecting included, bounded by `timeout`.
+fn request_within(
+    c: &Common,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    timeout: Duration,
+) -> Result<(u16, Value), CliError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (c2, method, path, body) = (
+        Common {
+            admin: c.admin,
+            token: c.token.clone(),
+            json: c.json,
+        },
+        method.to_string(),
+        path.to_string(),
+        body.cloned(),
+    );
+    std::thread::spawn(move || {
+        let _ = tx.send(request(&c2, &method, &path, body.as_ref(), timeout));
+    });
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(CliError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )))
+    })
+}
+
 fn fail(msg: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("handoff: {msg}");
     ExitCode::from(2)
@@ -161,6 +194,78 @@ pub fn switchover(args: Vec<String>) -> ExitCode {
                 println!("{v}");
             } else {
                 print_switchover(status, &v);
+            }
+            if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// `handoff hold --shard main`: holds the shard's new transactions and waits for those
+/// running to finish, for an HA manager about to stop the primary (Patroni's
+/// `postgresql.before_stop`). Always returns within `--timeout` (default 10s): a hook
+/// that hangs would stall the manager. With `--primary` (the server about to stop) the
+/// proxy holds only if that server is the shard's primary: the hook also runs when a
+/// replica stops. Exit 0 once held (or already held, or not the primary), 1 when the
+/// proxy refused, 2 when it could not be asked in time.
+pub fn hold(args: Vec<String>) -> ExitCode {
+    let (common, opts) = match parse(args, &["shard", "timeout", "reason", "primary"], USAGE_HOLD) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let Some(shard) = get("shard") else {
+        return fail(&USAGE_HOLD);
+    };
+    let timeout = match get("timeout").map(|t| handoff::config::parse_duration(&t)) {
+        None => Duration::from_secs(10),
+        Some(Ok(t)) if !t.is_zero() => t,
+        Some(_) => {
+            return fail(&format!(
+                "--timeout must be a duration like 10s\n{USAGE_HOLD}"
+            ))
+        }
+    };
+    let reason = get("reason").unwrap_or_else(|| "handoff hold (before the primary stops)".into());
+    let mut body = serde_json::json!({ "reason": reason });
+    if let Some(p) = get("primary") {
+        body["primary"] = Value::String(p);
+    }
+    let path = format!("/v1/shards/{shard}/hold");
+    match request_within(&common, "POST", &path, Some(&body), timeout) {
+        Err(e) => fail(&format!(
+            "{e} (a hold the proxy received goes on until it sees the next primary)"
+        )),
+        Ok((status, v)) => {
+            if common.json {
+                println!("{v}");
+            } else if status == 200 {
+                let held = v.get("held").and_then(Value::as_bool).unwrap_or(false);
+                let ms = v.get("lameduck_ms").and_then(Value::as_u64).unwrap_or(0);
+                if v.get("not_primary").and_then(Value::as_bool) == Some(true) {
+                    println!(
+                        "shard {shard}: not held: the server stopping is not its primary ({})",
+                        v.get("primary").and_then(Value::as_str).unwrap_or("?")
+                    );
+                } else if held {
+                    println!(
+                        "shard {shard}: held at epoch {}, in-flight transactions done in {ms} ms",
+                        v.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+                    );
+                } else {
+                    println!(
+                        "shard {shard}: already held ({})",
+                        v.get("state").and_then(Value::as_str).unwrap_or("?")
+                    );
+                }
+            } else {
+                eprintln!(
+                    "handoff: hold refused (HTTP {status}): {}",
+                    v.get("error").and_then(Value::as_str).unwrap_or("")
+                );
             }
             if status == 200 {
                 ExitCode::SUCCESS
@@ -262,6 +367,43 @@ fn acknowledgements(c: &Value) -> Option<String> {
 }
 
 /// Coordination: etcd's health, the members, each shard's record and operation.
+/// One line per Patroni shard: Patroni's leader and members as last read.
+fn patroni_lines(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in v
+        .get("shards")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(p) = s.get("patroni").filter(|p| !p.is_null()) else {
+            continue;
+        };
+        let name = s.get("name").and_then(Value::as_str).unwrap_or("?");
+        let members: Vec<String> = p
+            .get("members")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                let t = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+                format!("{} {} {} {}", t("name"), t("addr"), t("role"), t("state"))
+            })
+            .collect();
+        let line = if members.is_empty() {
+            format!("patroni {name}: not answered yet")
+        } else {
+            format!(
+                "patroni {name}: leader {}; {}",
+                p.get("leader").and_then(Value::as_str).unwrap_or("(none)"),
+                members.join(", ")
+            )
+        };
+        out.push(line);
+    }
+    out
+}
+
 fn coordination_lines(v: &Value) -> Vec<String> {
     let Some(c) = v.get("coordination") else {
         return Vec::new();
@@ -401,8 +543,8 @@ pub fn status(args: Vec<String>) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             println!(
-                "{:<12} {:<12} {:>6} {:<22} {:>9} {:>7}  reason",
-                "SHARD", "STATE", "EPOCH", "PRIMARY", "IN-FLIGHT", "HELD"
+                "{:<12} {:<12} {:>6} {:<22} {:<8} {:>9} {:>7}  reason",
+                "SHARD", "STATE", "EPOCH", "PRIMARY", "SOURCE", "IN-FLIGHT", "HELD"
             );
             for s in v
                 .get("shards")
@@ -417,17 +559,21 @@ pub fn status(args: Vec<String>) -> ExitCode {
                     .and_then(Value::as_u64)
                     .unwrap_or(0);
                 println!(
-                    "{:<12} {:<12} {:>6} {:<22} {:>9} {:>7}  {}",
+                    "{:<12} {:<12} {:>6} {:<22} {:<8} {:>9} {:>7}  {}",
                     t("name"),
                     t("state"),
                     n("epoch"),
                     t("primary"),
+                    t("source"),
                     n("in_flight"),
                     held,
                     t("reason")
                 );
             }
             print_watched(&v);
+            for line in patroni_lines(&v) {
+                println!("{line}");
+            }
             for line in coordination_lines(&v) {
                 println!("{line}");
             }

@@ -38,7 +38,7 @@ pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "HANDOFF_SHARDS",
         default: "main=127.0.0.1:5432",
-        help: "name=host:port[,host:port...][;name=...]: every host that may be the shard's primary; at startup the writable one on the highest timeline is chosen (the first listed wins ties)",
+        help: "name=host:port[,host:port...][;name=...]: every host that may be the shard's primary; at startup the writable one on the highest timeline is chosen (the first listed wins ties). A shard named in HANDOFF_PATRONI may list no hosts (just name): Patroni's members are used",
     },
     Variable {
         name: "HANDOFF_DATABASES",
@@ -296,6 +296,31 @@ pub const VARIABLES: &[Variable] = &[
         help: "PEM CA certificate(s) to verify https etcd endpoints; required with https",
     },
     Variable {
+        name: "HANDOFF_PATRONI",
+        default: "(unset: no shard is managed by Patroni)",
+        help: "shard=http://host:port[,http://host:port...][;shard=...]: the Patroni REST API of a shard's members; Patroni then names the primary (confirmed by handoff's own check) and runs promotions",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_INTERVAL",
+        default: "1s",
+        help: "how often handoff reads Patroni's GET /cluster while a shard serves",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_HELD_INTERVAL",
+        default: "50ms",
+        help: "how often handoff reads GET /cluster and checks Patroni's leader while a shard is held",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_TIMEOUT",
+        default: "2s",
+        help: "longest one read of Patroni's REST API may take",
+    },
+    Variable {
+        name: "HANDOFF_HOLD_TIMEOUT",
+        default: "5s",
+        help: "after POST /v1/shards/{s}/hold (handoff hold, e.g. from Patroni's before_stop): how long only a new primary may end the hold; after it the old primary is taken back if it is writable (and still Patroni's leader)",
+    },
+    Variable {
         name: "HANDOFF_FAILPOINT",
         default: "(unset)",
         help: "testing only: point:duration pauses a coordinated switchover after a point (holding, held, fencing, fenced, promoting, promoted)",
@@ -463,6 +488,10 @@ pub struct Config {
     pub watchdog_interval: Duration,
     /// Coordination with the other proxies over etcd (`HANDOFF_ETCD_*`); `None`: alone.
     pub etcd: Option<EtcdSettings>,
+    /// Shards managed by Patroni (`HANDOFF_PATRONI*`).
+    pub patroni: PatroniSettings,
+    /// How long a hold (`POST /v1/shards/{s}/hold`) waits for a new primary only.
+    pub hold_timeout: Duration,
     pub log: String,
 }
 
@@ -587,6 +616,7 @@ impl Config {
         let vars = Vars::collect(vars)?;
         let listeners = parse_listeners(&vars)?;
         let shards = parse_shards(vars.get("HANDOFF_SHARDS").unwrap_or_default())?;
+        let patroni = patroni::parse(&vars, &shards)?;
         let (databases, default_route) = parse_databases(vars.get("HANDOFF_DATABASES"), &shards)?;
         let users = parse_client_users(&vars, listeners.listen)?;
         let limits = parse_limits(&vars)?;
@@ -622,6 +652,8 @@ impl Config {
             health,
             watchdog_interval,
             etcd: parse_etcd(&vars, listeners.listen)?,
+            patroni,
+            hold_timeout: vars.positive_duration("HANDOFF_HOLD_TIMEOUT")?,
             log: vars.get("HANDOFF_LOG").unwrap_or_default().to_string(),
         })
     }
@@ -636,7 +668,8 @@ impl Config {
             "handoff: a failover-safe PostgreSQL proxy.\n\n\
              Usage: handoff            run the proxy (configured by the environment)\n       \
              handoff healthcheck  exit 0 if the admin API answers GET /healthz\n       \
-             handoff switchover --shard NAME --to HOST:PORT   run a planned switchover\n       \
+             handoff switchover --shard NAME --to HOST:PORT|MEMBER   run a planned switchover\n       \
+             handoff hold --shard NAME [--timeout 10s]   hold new transactions before an HA manager stops the primary (Patroni's before_stop)\n       \
              handoff status     print every shard's state\n       \
              handoff --help     print this help\n       \
              handoff --version  print the version\n\n\
@@ -1166,9 +1199,8 @@ fn parse_shards(s: &str) -> Result<Vec<ShardConfig>, ConfigError> {
     const VAR: &str = "HANDOFF_SHARDS";
     let mut shards: Vec<ShardConfig> = Vec::new();
     for entry in s.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-        let (name, hosts) = entry
-            .split_once('=')
-            .ok_or_else(|| invalid(VAR, format!("'{entry}' is not name=host:port[,host:port]")))?;
+        // A bare name: the shard's hosts come from Patroni (checked with HANDOFF_PATRONI).
+        let (name, hosts) = entry.split_once('=').unwrap_or((entry, ""));
         let name = name.trim();
         if !valid_name(name) {
             return Err(invalid(VAR, format!("'{name}' is not a valid shard name")));
@@ -1181,9 +1213,6 @@ fn parse_shards(s: &str) -> Result<Vec<ShardConfig>, ConfigError> {
             .filter(|h| !h.trim().is_empty())
             .map(|h| HostPort::parse(VAR, h))
             .collect::<Result<Vec<_>, _>>()?;
-        if hosts.is_empty() {
-            return Err(invalid(VAR, format!("shard '{name}' has no hosts")));
-        }
         shards.push(ShardConfig {
             name: name.to_string(),
             hosts,
@@ -1281,6 +1310,9 @@ fn parse_users(s: &str) -> Result<HashMap<String, UserSecret>, ConfigError> {
     }
     Ok(users)
 }
+
+mod patroni;
+pub use patroni::{PatroniSettings, PatroniShard};
 
 #[cfg(test)]
 mod tests;

@@ -11,7 +11,7 @@
 //! (state machine, switchover, fence, failure detection, watchdog) · [`backend`] (server
 //! logins, pools, cancel, the admin role's connections) · [`net`] (streams, TLS,
 //! buffers). On the ground floor, usable by all: [`config`], [`metrics`], `error`,
-//! `limits`, [`shutdown`].
+//! `limits`, [`shutdown`], and [`patroni`] (a client of Patroni's REST API).
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +24,7 @@ mod frontend;
 mod limits;
 pub mod metrics;
 pub mod net;
+pub mod patroni;
 mod relay;
 pub mod shard;
 mod shared;
@@ -129,8 +130,14 @@ impl Proxy {
         let mut missing = Vec::new();
         let mut watch = Vec::new();
         for s in &config.shards {
-            let start =
-                coord::initial_shard(connected.as_ref(), &ctx.admin, &config.health, s).await;
+            let start = coord::initial_shard(
+                connected.as_ref(),
+                &ctx.admin,
+                &config.health,
+                ctx.patroni(&s.name).map(|p| p.as_ref()),
+                s,
+            )
+            .await;
             for (host, why) in start.watch {
                 watch.push((shards.len(), host, why));
             }
@@ -188,7 +195,7 @@ impl Proxy {
             sh.watch.add(&sh.name, host, why, sh.current().epoch, None);
         }
         for sh in &shared.shards {
-            tokio::spawn(shard::health::monitor(
+            tokio::spawn(shard::monitor::run(
                 Arc::clone(&ctx),
                 Arc::clone(sh),
                 signal.clone(),
@@ -198,6 +205,16 @@ impl Proxy {
                 Arc::clone(sh),
                 signal.clone(),
             ));
+            if let Some(source) = ctx.patroni(&sh.name) {
+                tokio::spawn(shard::patroni::follow(
+                    Arc::clone(&ctx),
+                    Arc::clone(sh),
+                    Arc::clone(source),
+                    signal.clone(),
+                ));
+            }
+            let source = ctx.source(&sh.name, shared.coord.is_some());
+            metrics::set_source(&sh.name, source);
         }
         let shared_for_reload = Arc::clone(&shared);
         let (tracker, done) = mpsc::channel(1);

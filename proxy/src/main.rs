@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Some("healthcheck") => return healthcheck(),
         Some("switchover") => return cli::switchover(args.collect()),
         Some("status") => return cli::status(args.collect()),
+        Some("hold") => return cli::hold(args.collect()),
         Some("-V" | "--version") => {
             println!("handoff {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;

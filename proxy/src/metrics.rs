@@ -111,6 +111,26 @@ pub const COORD_PUBLISHED: &str = "handoff_coordination_published_total";
 /// `rolled_forward`, `failed`) (counter, per shard).
 pub const COORD_RECOVERIES: &str = "handoff_coordination_recoveries_total";
 
+// Patroni (HANDOFF_PATRONI).
+/// Requests to Patroni's REST API, by `request` (`cluster`, `switchover`) and `result`
+/// (`ok`, `refused`, `error`, `unreachable`) (counter, per shard).
+pub const PATRONI_REQUESTS: &str = "handoff_patroni_requests_total";
+/// 1 for the source that names each shard's primary: `patroni` (Patroni's leader,
+/// confirmed by handoff's check), `etcd` (the proxies' shared record, with coordination)
+/// or `probe` (handoff's own discovery) (gauge, per shard and source).
+pub const PRIMARY_SOURCE: &str = "handoff_primary_source";
+/// Holds asked for with `POST /v1/shards/{s}/hold`, by `result` (`held`,
+/// `already_held`, `refused`) (counter, per shard).
+pub const HOLDS: &str = "handoff_holds_total";
+
+/// Marks `source` as what names `shard`'s primary (see [`PRIMARY_SOURCE`]).
+pub fn set_source(shard: &str, source: &'static str) {
+    for s in ["patroni", "etcd", "probe"] {
+        let v = if s == source { 1.0 } else { 0.0 };
+        metrics::gauge!(PRIMARY_SOURCE, "shard" => shard.to_string(), "source" => s).set(v);
+    }
+}
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0,
@@ -140,6 +160,9 @@ pub fn install() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
+    describe_counter!(PATRONI_REQUESTS, "Requests to Patroni's REST API");
+    describe_gauge!(PRIMARY_SOURCE, "The source that names each shard's primary");
+    describe_counter!(HOLDS, "Holds asked for through the admin API");
     describe_counter!(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted");
     describe_counter!(
         CLIENT_REJECTED_TOTAL,

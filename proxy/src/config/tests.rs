@@ -439,3 +439,59 @@ fn coordination_settings() {
         "a failpoint without coordination is a mistake"
     );
 }
+
+#[test]
+fn patroni_shards_may_list_no_hosts_and_name_their_rest_endpoints() {
+    let c = cfg(&[
+        ("HANDOFF_SHARDS", "main;other=10.0.0.9:5432"),
+        (
+            "HANDOFF_PATRONI",
+            "main=http://10.0.0.1:8008,http://10.0.0.2:8008/ ; other=http://10.0.0.9:8008",
+        ),
+        ("HANDOFF_DATABASES", "*=main"),
+        ("HANDOFF_PATRONI_HELD_INTERVAL", "75ms"),
+    ])
+    .unwrap();
+    assert!(c.shards[0].hosts.is_empty());
+    let main = c.patroni.shard("main").unwrap();
+    let eps: Vec<String> = main.endpoints.iter().map(|e| e.to_string()).collect();
+    assert_eq!(eps, ["10.0.0.1:8008", "10.0.0.2:8008"]);
+    assert!(c.patroni.shard("other").is_some());
+    assert_eq!(c.patroni.held_interval, Duration::from_millis(75));
+    assert_eq!(c.patroni.interval, Duration::from_secs(1));
+    assert_eq!(c.hold_timeout, Duration::from_secs(5));
+    // Without Patroni nothing changes.
+    assert!(cfg(&[]).unwrap().patroni.shards.is_empty());
+}
+
+#[test]
+fn bad_patroni_settings_name_their_variable() {
+    for (vars, var) in [
+        (vec![("HANDOFF_SHARDS", "main")], "HANDOFF_SHARDS"),
+        (
+            vec![("HANDOFF_PATRONI", "nope=http://h:8008")],
+            "HANDOFF_PATRONI",
+        ),
+        (vec![("HANDOFF_PATRONI", "main=h:8008")], "HANDOFF_PATRONI"),
+        (
+            vec![("HANDOFF_PATRONI", "main=https://h:8008")],
+            "HANDOFF_PATRONI",
+        ),
+        (
+            vec![("HANDOFF_PATRONI", "main=http://h:8008/cluster")],
+            "HANDOFF_PATRONI",
+        ),
+        (vec![("HANDOFF_PATRONI", "main=")], "HANDOFF_PATRONI"),
+        (
+            vec![("HANDOFF_PATRONI", "main=http://h:8008;main=http://g:8008")],
+            "HANDOFF_PATRONI",
+        ),
+        (
+            vec![("HANDOFF_PATRONI_HELD_INTERVAL", "0")],
+            "HANDOFF_PATRONI_HELD_INTERVAL",
+        ),
+        (vec![("HANDOFF_HOLD_TIMEOUT", "0s")], "HANDOFF_HOLD_TIMEOUT"),
+    ] {
+        assert_eq!(err_var(&vars), var, "{vars:?}");
+    }
+}

@@ -16,6 +16,68 @@ use crate::shard::switchover::Outcome;
 use crate::shard::{control, Shard, StateKind};
 
 impl Coord {
+    /// A hold (`POST /hold`, Patroni's `before_stop`) for the whole cluster: `/buffer`
+    /// on every proxy, then this proxy ends it with `/primary` as soon as the next
+    /// primary is found (Patroni's leader on a Patroni shard), like discovery would.
+    pub async fn hold(
+        self: &Arc<Self>,
+        shard: &Arc<Shard>,
+        reason: &str,
+    ) -> Result<Value, Refusal> {
+        let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
+        if !matches!(snap.state, StateKind::Serving | StateKind::Draining)
+            || shard.op.try_lock().is_err()
+        {
+            metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "already_held").increment(1);
+            return Ok(json!({
+                "shard": shard.name, "held": false, "already": true,
+                "state": snap.state.as_str(), "epoch": snap.epoch,
+            }));
+        }
+        let mut v = self.buffer(shard, Some(snap.epoch), reason).await?;
+        metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "held")
+            .increment(1);
+        v["held"] = json!(true);
+        let now = shard.snapshot(self.ctx.buffer_idle(&shard.name));
+        crate::shard::hold::mark(shard, now.cycle, snap.primary.clone());
+        let (coord, shard) = (Arc::clone(self), Arc::clone(shard));
+        tokio::spawn(async move { coord.resolve_hold(shard, now.cycle).await });
+        Ok(v)
+    }
+
+    /// Ends a cluster-wide hold of `cycle` with the next primary found.
+    async fn resolve_hold(self: Arc<Self>, shard: Arc<Shard>, cycle: u64) {
+        let every = if self.ctx.patroni(&shard.name).is_some() {
+            self.ctx.settings.patroni.held_interval
+        } else {
+            self.ctx.settings.health.discovery_interval
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
+            if snap.cycle != cycle
+                || !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
+            {
+                return;
+            }
+            let Some((addr, _)) = crate::shard::hold::next_primary(&self.ctx, &shard, cycle).await
+            else {
+                continue;
+            };
+            match self.primary(&shard, addr.clone(), Some(snap.epoch)).await {
+                Ok(_) => {
+                    tracing::info!(shard = %shard.name, primary = %addr, "the hold ended on every proxy with the next primary");
+                    return;
+                }
+                Err(r) => {
+                    tracing::warn!(shard = %shard.name, primary = %addr, error = %r.message, "could not end the hold yet")
+                }
+            }
+        }
+    }
+
     /// `POST /buffer` for the whole cluster: every proxy holds the shard and lameducks
     /// its old primary; answers once all have acknowledged (or the lameduck deadline
     /// passed). The hold ends with `/primary` or `/resume` on any proxy.

@@ -26,6 +26,7 @@ pub(crate) async fn initial_shard(
     connected: Option<&Connected>,
     admin: &AdminDb,
     health_settings: &HealthSettings,
+    patroni: Option<&crate::patroni::Source>,
     cfg: &ShardConfig,
 ) -> Start {
     let recorded = match connected {
@@ -61,6 +62,24 @@ pub(crate) async fn initial_shard(
         }
     }
     let base = recorded.as_ref().map_or(0, |r| r.epoch);
+    let mut cfg = cfg.clone();
+    if let Some(source) = patroni {
+        match from_patroni(source, admin, health_settings, &mut cfg, base).await {
+            Ok(start) => return start,
+            Err(e) if cfg.hosts.is_empty() => {
+                tracing::warn!(shard = %cfg.name, error = %e, "Patroni did not answer at startup and HANDOFF_SHARDS lists no hosts: buffering until Patroni names a writable leader");
+                return Start {
+                    shard: Shard::with_primary_at(&cfg.name, Vec::new(), unknown(), base.max(1)),
+                    watch: Vec::new(),
+                    missing: Some(NoPrimary(vec![format!("Patroni: {e}")])),
+                };
+            }
+            Err(e) => {
+                tracing::warn!(shard = %cfg.name, error = %e, "Patroni did not answer at startup: probing the hosts of HANDOFF_SHARDS; Patroni is followed once it answers");
+            }
+        }
+    }
+    let cfg = &cfg;
     match health::initial_primary(admin, health_settings, &cfg.hosts).await {
         Ok(found) => {
             tracing::info!(shard = %cfg.name, primary = %found.primary, timeline = found.timeline, "initial primary");
@@ -93,4 +112,58 @@ pub(crate) async fn initial_shard(
             missing: Some(why),
         },
     }
+}
+
+/// The address a Patroni shard serves before Patroni named any member: never connected
+/// to (the shard starts held).
+fn unknown() -> HostPort {
+    HostPort {
+        host: "unknown".into(),
+        port: 1,
+    }
+}
+
+/// A Patroni shard at startup: its hosts are the configured ones and Patroni's
+/// members; its primary is Patroni's leader once handoff's probe confirms it.
+/// `Err`: Patroni did not answer (`cfg` is left as configured).
+async fn from_patroni(
+    source: &crate::patroni::Source,
+    admin: &AdminDb,
+    health_settings: &HealthSettings,
+    cfg: &mut ShardConfig,
+    base: u64,
+) -> Result<Start, String> {
+    let (cluster, found) = crate::shard::patroni::initial(source, admin, health_settings.timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    for m in &cluster.members {
+        if !cfg.hosts.contains(&m.addr) {
+            cfg.hosts.push(m.addr.clone());
+        }
+    }
+    let epoch = base + 1;
+    let Some((primary, timeline)) = found else {
+        let leader = cluster.leader().map(|l| l.addr.clone());
+        let placeholder = leader
+            .clone()
+            .or_else(|| cfg.hosts.first().cloned())
+            .unwrap_or_else(unknown);
+        let why = match leader {
+            Some(l) => format!("Patroni's leader {l} is not writable yet"),
+            None => format!("Patroni cluster \"{}\" has no leader", cluster.scope),
+        };
+        return Ok(Start {
+            shard: Shard::with_primary_at(&cfg.name, cfg.hosts.clone(), placeholder, base.max(1)),
+            watch: Vec::new(),
+            missing: Some(NoPrimary(vec![why])),
+        });
+    };
+    tracing::info!(shard = %cfg.name, %primary, timeline, members = cluster.members.len(), "initial primary: Patroni's leader, confirmed writable");
+    let shard = Shard::with_primary_at(&cfg.name, cfg.hosts.clone(), primary, epoch);
+    shard.health.saw_timeline(timeline);
+    Ok(Start {
+        shard,
+        watch: Vec::new(),
+        missing: None,
+    })
 }

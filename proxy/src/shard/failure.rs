@@ -120,9 +120,35 @@ pub struct Health {
     pub(crate) refused: AtomicBool,
     /// The last primary discovery established here.
     pub discovered: tokio::sync::watch::Sender<Option<Discovered>>,
+    /// A hold asked for from outside (`POST /v1/shards/{s}/hold`): its cycle may end
+    /// only with another primary until `HANDOFF_HOLD_TIMEOUT` has passed.
+    pub(crate) hold: std::sync::Mutex<Option<Hold>>,
+}
+
+/// An outside hold of a shard (an HA manager about to stop its primary).
+#[derive(Debug, Clone)]
+pub(crate) struct Hold {
+    /// The buffer cycle the hold started.
+    pub(crate) cycle: u64,
+    /// The primary it revoked.
+    pub(crate) old: crate::config::HostPort,
+    pub(crate) at: Instant,
 }
 
 impl Health {
+    /// True when `addr` may not end `cycle` yet: it is the primary a hold of this cycle
+    /// revoked, and the hold is younger than `timeout`.
+    pub(crate) fn held_back(
+        &self,
+        cycle: u64,
+        addr: &crate::config::HostPort,
+        timeout: std::time::Duration,
+    ) -> bool {
+        let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        hold.as_ref()
+            .is_some_and(|h| h.cycle == cycle && &h.old == addr && h.at.elapsed() < timeout)
+    }
+
     pub(crate) fn saw_timeline(&self, t: u32) {
         self.max_timeline.fetch_max(t, SeqCst);
     }

@@ -15,7 +15,10 @@
 //!   writable and on the highest timeline seen for the shard. It keeps going after the
 //!   buffer gives up (Unavailable), so the shard recovers by itself. Revocations made
 //!   through the admin API or by a switchover are left to their owner: discovery does not
-//!   run for them, so an explicit establishment always wins.
+//!   run for them, so an explicit establishment always wins; a hold (`shard::hold`) hands
+//!   its revocation to discovery. The monitor task and the discovery loop live in
+//!   `shard::monitor` (on a Patroni shard discovery follows Patroni: `shard::patroni`);
+//!   this file has the probe, the check, and the establishment of what was found.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -55,7 +58,7 @@ pub enum Probe {
 }
 
 impl Probe {
-    fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Probe::Primary { .. } => "primary",
             Probe::ReadOnly { .. } => "read_only",
@@ -150,7 +153,7 @@ pub async fn suspect(ctx: &Ctx, shard: &Shard, gen: &Generation, what: Report) -
 
 /// Probes `gen`'s primary unless a probe started at or after `since` already answered;
 /// revokes it when it fails. True when `gen` no longer serves.
-async fn check(
+pub(crate) async fn check(
     ctx: &Ctx,
     shard: &Shard,
     gen: &Generation,
@@ -310,7 +313,7 @@ pub struct NoPrimary(pub Vec<String>);
 
 /// The writable host on the highest timeline, at least `min_timeline`, among the
 /// `eligible` ones; ties go to the earlier host in configuration order.
-fn choose(
+pub(crate) fn choose(
     hosts: &[HostPort],
     results: &[Probe],
     min_timeline: u32,
@@ -330,148 +333,61 @@ fn choose(
     best.map(|(i, t)| (hosts[i].clone(), t))
 }
 
-/// The shard's monitor: health checks while it serves, discovery while a failure
-/// revocation is unresolved. Ends at shutdown.
-pub(crate) async fn monitor(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
-    let settings = ctx.settings.health.clone();
-    let mut was_unavailable = false;
-    loop {
-        if shutdown.phase() >= Phase::Draining {
-            return;
-        }
+/// The revocation discovery resolves: its epoch, buffer cycle and start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cycle {
+    pub(crate) epoch: u64,
+    pub(crate) id: u64,
+    pub(crate) since: Instant,
+}
+
+impl Cycle {
+    /// False once another event resolved the revocation (or a new one began).
+    pub(crate) fn open(&self, ctx: &Ctx, shard: &Shard) -> bool {
         let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
-        let discovering = matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
-            && shard.health.discover_cycle.load(SeqCst) == snap.cycle;
-        if snap.state == StateKind::Unavailable && !was_unavailable {
-            tracing::warn!(shard = %shard.name, reason = %snap.reason, "shard unavailable: no primary within HANDOFF_BUFFER_MAX_FAILOVER_DURATION; requests get 57P03 while discovery goes on");
+        let open = snap.cycle == self.id
+            && matches!(snap.state, StateKind::Buffering | StateKind::Unavailable);
+        if !open {
+            tracing::info!(shard = %shard.name, state = snap.state.as_str(), "discovery stopped: the revocation was resolved by another event");
         }
-        was_unavailable = snap.state == StateKind::Unavailable;
-        if discovering {
-            discover(&ctx, &shard, snap.epoch, snap.cycle, snap.since, &shutdown).await;
-            continue;
-        }
-        let wait = if matches!(snap.state, StateKind::Serving | StateKind::Draining) {
-            settings.interval
-        } else {
-            settings.discovery_interval
-        };
-        let since = Instant::now();
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shard.health.wake.notified() => {}
-            _ = reach(shutdown.clone()) => return,
-        }
-        if let Some(gen) = shard.serving() {
-            // A report wakes us: a probe that starts now answers it.
-            check(&ctx, &shard, &gen, since, "health_check").await;
-        }
+        open
     }
 }
 
-async fn reach(mut s: Signal) {
+pub(crate) async fn reach(mut s: Signal) {
     s.reached(Phase::Draining).await
 }
 
-/// Probes every host of the shard until one qualifies, then establishes it. Returns
-/// when it did, when someone else ended the revocation, or at shutdown.
-async fn discover(
+/// Establishes the primary discovery found for `cycle`'s revocation.
+pub(crate) async fn found(
     ctx: &Arc<Ctx>,
     shard: &Arc<Shard>,
-    epoch: u64,
-    cycle: u64,
-    since: Instant,
-    shutdown: &Signal,
+    cycle: Cycle,
+    primary: HostPort,
+    timeline: u32,
 ) {
-    let settings = ctx.settings.health.clone();
-    let hosts = shard.hosts.clone();
-    let mut running: Vec<Option<JoinHandle<Probe>>> = (0..hosts.len()).map(|_| None).collect();
-    let mut last: Vec<Option<Probe>> = vec![None; hosts.len()];
-    let mut tick = tokio::time::interval(settings.discovery_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tracing::info!(shard = %shard.name, epoch, "discovering the new primary");
-    let abort_all = |running: &mut Vec<Option<JoinHandle<Probe>>>| {
-        for h in running.iter_mut().flatten() {
-            h.abort();
+    // Forget this cycle before establishing, so the monitor does not start again.
+    shard.health.discover_cycle.store(0, SeqCst);
+    match crate::shard::control::establish(ctx, shard, Some(cycle.epoch), primary.clone()).await {
+        Ok(e) => {
+            let took = cycle.since.elapsed();
+            metrics::histogram!(crate::metrics::FAILOVER_SECONDS, "shard" => shard.name.clone())
+                .record(took.as_secs_f64());
+            metrics::counter!(crate::metrics::FAILOVERS, "shard" => shard.name.clone(), "result" => "established")
+                .increment(1);
+            tracing::info!(shard = %shard.name, %primary, timeline, epoch = e.epoch, failover_ms = took.as_millis() as u64, prewarmed = e.prewarmed, "discovery established the new primary");
+            shard
+                .health
+                .discovered
+                .send_replace(Some(crate::shard::failure::Discovered {
+                    primary,
+                    epoch: e.epoch,
+                    timeline,
+                }));
         }
-    };
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = reach(shutdown.clone()) => { abort_all(&mut running); return; }
+        Err(e) => {
+            tracing::info!(shard = %shard.name, error = %e, "discovery's establishment was refused (another event won)");
         }
-        let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
-        if snap.cycle != cycle
-            || !matches!(snap.state, StateKind::Buffering | StateKind::Unavailable)
-        {
-            tracing::info!(shard = %shard.name, state = snap.state.as_str(), "discovery stopped: the revocation was resolved by another event");
-            abort_all(&mut running);
-            return;
-        }
-        // Collect finished probes, start new ones for idle hosts.
-        let mut fresh = false;
-        for (i, slot) in running.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|h| h.is_finished()) {
-                let h = slot.take().expect("checked");
-                if let Ok(p) = h.await {
-                    metrics::counter!(crate::metrics::DISCOVERY_PROBES, "shard" => shard.name.clone(), "result" => p.label())
-                        .increment(1);
-                    if let Probe::Primary { timeline } = p {
-                        shard.health.saw_timeline(timeline);
-                    }
-                    last[i] = Some(p);
-                    fresh = true;
-                }
-            }
-            if slot.is_none() {
-                let admin = ctx.admin.clone();
-                let addr = hosts[i].clone();
-                let timeout = settings.timeout;
-                *slot = Some(tokio::spawn(
-                    async move { probe(&admin, &addr, timeout).await },
-                ));
-            }
-        }
-        if !fresh {
-            continue;
-        }
-        let results: Vec<Probe> = last
-            .iter()
-            .map(|p| {
-                p.clone()
-                    .unwrap_or(Probe::Unreachable("not probed yet".into()))
-            })
-            .collect();
-        let min = shard.health.max_timeline.load(SeqCst);
-        // A host the watchdog watches (a replaced primary) is never chosen.
-        let eligible: Vec<bool> = hosts.iter().map(|h| !shard.watch.is_watched(h)).collect();
-        let Some((primary, timeline)) = choose(&hosts, &results, min, &eligible) else {
-            continue;
-        };
-        abort_all(&mut running);
-        // Forget this cycle before establishing, so the monitor does not start again.
-        shard.health.discover_cycle.store(0, SeqCst);
-        match crate::shard::control::establish(ctx, shard, Some(epoch), primary.clone()).await {
-            Ok(e) => {
-                let took = since.elapsed();
-                metrics::histogram!(crate::metrics::FAILOVER_SECONDS, "shard" => shard.name.clone())
-                    .record(took.as_secs_f64());
-                metrics::counter!(crate::metrics::FAILOVERS, "shard" => shard.name.clone(), "result" => "established")
-                    .increment(1);
-                tracing::info!(shard = %shard.name, %primary, timeline, epoch = e.epoch, failover_ms = took.as_millis() as u64, prewarmed = e.prewarmed, "discovery established the new primary");
-                shard
-                    .health
-                    .discovered
-                    .send_replace(Some(crate::shard::failure::Discovered {
-                        primary,
-                        epoch: e.epoch,
-                        timeline,
-                    }));
-            }
-            Err(e) => {
-                tracing::info!(shard = %shard.name, error = %e, "discovery's establishment was refused (another event won)");
-            }
-        }
-        return;
     }
 }
 

@@ -8,6 +8,9 @@ pub(crate) mod demote;
 pub(crate) mod failure;
 pub(crate) mod fence;
 pub(crate) mod health;
+pub(crate) mod hold;
+pub(crate) mod monitor;
+pub(crate) mod patroni;
 mod state;
 pub(crate) mod switchover;
 pub(crate) mod watch;
@@ -32,6 +35,8 @@ pub struct Ctx {
     pub pools: Arc<Pools>,
     pub admin: AdminDb,
     pub settings: Settings,
+    /// The Patroni REST API of each shard Patroni manages (`HANDOFF_PATRONI`).
+    pub patroni: std::collections::HashMap<String, Arc<crate::patroni::Source>>,
 }
 
 /// The settings of the shard layer.
@@ -45,6 +50,10 @@ pub struct Settings {
     /// Connections opened per pool on a new primary before held requests are released:
     /// `min(HANDOFF_POOL_SIZE, HANDOFF_BUFFER_DRAIN_CONCURRENCY)`.
     pub prewarm: usize,
+    /// How closely Patroni is followed.
+    pub patroni: crate::config::PatroniSettings,
+    /// How long a hold waits for a new primary only (`HANDOFF_HOLD_TIMEOUT`).
+    pub hold_timeout: Duration,
 }
 
 impl Ctx {
@@ -68,8 +77,39 @@ impl Ctx {
                 drain_timeout: config.drain_timeout,
                 watchdog_interval: config.watchdog_interval,
                 prewarm: config.pool.size.min(config.buffer.drain_concurrency.max(1)),
+                patroni: config.patroni.clone(),
+                hold_timeout: config.hold_timeout,
             },
+            patroni: config
+                .patroni
+                .shards
+                .iter()
+                .map(|p| {
+                    let source = crate::patroni::Source::new(
+                        &p.shard,
+                        p.endpoints.clone(),
+                        config.patroni.timeout,
+                    );
+                    (p.shard.clone(), Arc::new(source))
+                })
+                .collect(),
         })
+    }
+
+    /// The Patroni REST API of `shard`, if Patroni manages it.
+    pub fn patroni(&self, shard: &str) -> Option<&Arc<crate::patroni::Source>> {
+        self.patroni.get(shard)
+    }
+
+    /// What names `shard`'s primary: `patroni`, `etcd` (coordination) or `probe`.
+    pub fn source(&self, shard: &str, coordinated: bool) -> &'static str {
+        if self.patroni.contains_key(shard) {
+            "patroni"
+        } else if coordinated {
+            "etcd"
+        } else {
+            "probe"
+        }
     }
 
     /// True when `shard`'s buffer holds nothing and no cycle runs.

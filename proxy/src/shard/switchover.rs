@@ -67,9 +67,9 @@ pub(crate) struct Report {
     fenced_databases: Vec<String>,
     /// Sessions the fence terminated on the old primary.
     fence_terminated: u64,
-    epoch: u64,
-    lameduck_cancelled: usize,
-    prewarmed: usize,
+    pub(crate) epoch: u64,
+    pub(crate) lameduck_cancelled: usize,
+    pub(crate) prewarmed: usize,
     demote: Option<crate::shard::demote::Outcome>,
     pub error: Option<String>,
 }
@@ -110,10 +110,10 @@ impl Report {
     }
 }
 
-struct Run<'a> {
-    ctx: &'a Ctx,
-    shard: &'a Shard,
-    report: Report,
+pub(crate) struct Run<'a> {
+    pub(crate) ctx: &'a Ctx,
+    pub(crate) shard: &'a Shard,
+    pub(crate) report: Report,
 }
 
 /// Why a step of a switchover failed.
@@ -195,7 +195,7 @@ fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> StepError {
 }
 
 impl Run<'_> {
-    fn step(&mut self, name: &'static str, started: Instant, error: Option<String>) {
+    pub(crate) fn step(&mut self, name: &'static str, started: Instant, error: Option<String>) {
         let duration = started.elapsed();
         metrics::histogram!(crate::metrics::SWITCHOVER_STEP, "shard" => self.shard.name.clone(), "step" => name)
             .record(duration);
@@ -332,6 +332,16 @@ pub(crate) async fn run_with(
             )),
         );
     };
+    if let Some(source) = ctx.patroni(&shard.name).cloned() {
+        let (outcome, error) = run.patroni(&snap, &to, &source, hooks).await;
+        let report = run.finish(outcome, error);
+        if outcome != Outcome::Refused {
+            hooks
+                .finished(report.outcome, report.error.as_deref())
+                .await;
+        }
+        return report;
+    }
     let report = match run.switch(&snap, &to, hooks).await {
         Ok(done) => {
             run.demote(&done, &to).await;

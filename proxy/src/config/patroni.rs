@@ -1,0 +1,108 @@
+//! `HANDOFF_PATRONI*`: which shards Patroni manages, and how closely handoff follows it.
+
+use std::time::Duration;
+
+use super::{invalid, ConfigError, HostPort, ShardConfig, Vars};
+
+/// The shards whose primary Patroni decides.
+#[derive(Debug, Clone, Default)]
+pub struct PatroniSettings {
+    pub shards: Vec<PatroniShard>,
+    /// `GET /cluster` period while a shard serves.
+    pub interval: Duration,
+    /// `GET /cluster` period (and leader check) while a shard is held.
+    pub held_interval: Duration,
+    /// Longest one REST read may take.
+    pub timeout: Duration,
+}
+
+/// One shard's Patroni REST endpoints (plain HTTP, `host:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatroniShard {
+    pub shard: String,
+    pub endpoints: Vec<HostPort>,
+}
+
+impl PatroniSettings {
+    /// The endpoints of `shard`, if Patroni manages it.
+    pub fn shard(&self, name: &str) -> Option<&PatroniShard> {
+        self.shards.iter().find(|s| s.shard == name)
+    }
+}
+
+const VAR: &str = "HANDOFF_PATRONI";
+
+/// Parses `HANDOFF_PATRONI` against the configured shards: every named shard exists,
+/// and every shard configured without hosts is named.
+pub(super) fn parse(vars: &Vars, shards: &[ShardConfig]) -> Result<PatroniSettings, ConfigError> {
+    let mut out = PatroniSettings {
+        shards: Vec::new(),
+        interval: vars.at_least_1ms("HANDOFF_PATRONI_INTERVAL")?,
+        held_interval: vars.at_least_1ms("HANDOFF_PATRONI_HELD_INTERVAL")?,
+        timeout: vars.at_least_1ms("HANDOFF_PATRONI_TIMEOUT")?,
+    };
+    for entry in vars
+        .get(VAR)
+        .unwrap_or_default()
+        .split(';')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
+        let (name, list) = entry.split_once('=').ok_or_else(|| {
+            invalid(
+                VAR,
+                format!("'{entry}' is not shard=http://host:port[,http://host:port]"),
+            )
+        })?;
+        let name = name.trim();
+        if !shards.iter().any(|s| s.name == name) {
+            return Err(invalid(
+                VAR,
+                format!("shard '{name}' is not in HANDOFF_SHARDS"),
+            ));
+        }
+        if out.shard(name).is_some() {
+            return Err(invalid(VAR, format!("shard '{name}' is listed twice")));
+        }
+        let mut endpoints = Vec::new();
+        for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            if url.starts_with("https://") {
+                return Err(invalid(
+                    VAR,
+                    format!("'{url}': only http:// Patroni endpoints are supported"),
+                ));
+            }
+            let rest = url
+                .strip_prefix("http://")
+                .ok_or_else(|| invalid(VAR, format!("'{url}' must start with http://")))?;
+            let rest = rest.trim_end_matches('/');
+            if rest.contains('/') {
+                return Err(invalid(
+                    VAR,
+                    format!("'{url}' must be http://host:port, without a path"),
+                ));
+            }
+            endpoints.push(HostPort::parse(VAR, rest)?);
+        }
+        if endpoints.is_empty() {
+            return Err(invalid(VAR, format!("shard '{name}' has no endpoint")));
+        }
+        out.shards.push(PatroniShard {
+            shard: name.to_string(),
+            endpoints,
+        });
+    }
+    if let Some(s) = shards
+        .iter()
+        .find(|s| s.hosts.is_empty() && out.shard(&s.name).is_none())
+    {
+        return Err(invalid(
+            "HANDOFF_SHARDS",
+            format!(
+                "shard '{}' has no hosts (list them, or name its Patroni endpoints in HANDOFF_PATRONI)",
+                s.name
+            ),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,126 @@
+//! A hold asked for from outside (`POST /v1/shards/{s}/hold`, `handoff hold`): an HA
+//! manager about to stop a shard's primary — Patroni's `before_stop` hook — tells
+//! handoff first. New transactions are held, those running finish (lameduck, up to
+//! `HANDOFF_DRAIN_TIMEOUT`), and discovery (Patroni's leader on a Patroni shard) ends
+//! the hold with the next writable primary. For `HANDOFF_HOLD_TIMEOUT` only another
+//! primary may end it; after that the old one is taken back if it is writable again
+//! (and, on a Patroni shard, still Patroni's leader): the stop may have been called off.
+
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::config::HostPort;
+use crate::shard::failure::Hold;
+use crate::shard::health::{self, Probe};
+use crate::shard::{control, Ctx, Revoked, Shard, StateKind};
+
+/// What a hold request did.
+#[derive(Debug)]
+pub(crate) enum Held {
+    /// This request revoked the primary; lameduck is done (or timed out).
+    Now {
+        revoked: Revoked,
+        lameduck: control::Lameduck,
+    },
+    /// The shard was already held (a switchover, another hold, a failure).
+    Already { state: &'static str, epoch: u64 },
+}
+
+impl Held {
+    pub(crate) fn to_json(&self, shard: &str) -> Value {
+        let result = match self {
+            Held::Now { .. } => "held",
+            Held::Already { .. } => "already_held",
+        };
+        metrics::counter!(crate::metrics::HOLDS, "shard" => shard.to_string(), "result" => result)
+            .increment(1);
+        match self {
+            Held::Now { revoked, lameduck } => json!({
+                "shard": shard,
+                "held": true,
+                "state": "buffering",
+                "epoch": revoked.gen.epoch,
+                "old_primary": revoked.gen.primary.to_string(),
+                "lameduck_ms": lameduck.waited.as_millis() as u64,
+                "lameduck_cancelled": lameduck.cancelled,
+            }),
+            Held::Already { state, epoch } => json!({
+                "shard": shard,
+                "held": false,
+                "already": true,
+                "state": state,
+                "epoch": epoch,
+            }),
+        }
+    }
+}
+
+/// Holds `shard` and hands the hold to discovery (on this proxy alone).
+pub(crate) async fn hold(
+    ctx: &Ctx,
+    shard: &Shard,
+    reason: &str,
+) -> Result<Held, crate::shard::EventError> {
+    let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
+    // Held already, or a switchover (which holds it) is under way: nothing to add.
+    let Ok(_op) = shard.op.try_lock() else {
+        return Ok(Held::Already {
+            state: "switchover",
+            epoch: snap.epoch,
+        });
+    };
+    if snap.state != StateKind::Serving && snap.state != StateKind::Draining {
+        return Ok(Held::Already {
+            state: snap.state.as_str(),
+            epoch: snap.epoch,
+        });
+    }
+    let revoked = control::revoke(ctx, shard, Some(snap.epoch), reason)?;
+    mark(shard, revoked.cycle, revoked.gen.primary.clone());
+    shard.health.discover_cycle.store(revoked.cycle, SeqCst);
+    shard.health.wake.notify_one();
+    let lameduck = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
+    Ok(Held::Now { revoked, lameduck })
+}
+
+/// Records the hold, so discovery passes over the old primary for a while.
+pub(crate) fn mark(shard: &Shard, cycle: u64, old: HostPort) {
+    *shard.health.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(Hold {
+        cycle,
+        old,
+        at: Instant::now(),
+    });
+}
+
+/// One look for the primary that may end `cycle`'s hold: Patroni's leader on a Patroni
+/// shard, else the writable configured host on the highest timeline (the held-back old
+/// primary and watched hosts excluded).
+pub(crate) async fn next_primary(
+    ctx: &Arc<Ctx>,
+    shard: &Arc<Shard>,
+    cycle: u64,
+) -> Option<(HostPort, u32)> {
+    if let Some(source) = ctx.patroni(&shard.name) {
+        return crate::shard::patroni::leader(ctx, shard, source, cycle).await;
+    }
+    let mut best: Option<(HostPort, u32)> = None;
+    for h in &shard.hosts {
+        if shard.watch.is_watched(h) || shard.health.held_back(cycle, h, ctx.settings.hold_timeout)
+        {
+            continue;
+        }
+        if let Probe::Primary { timeline } =
+            health::probe(&ctx.admin, h, ctx.settings.health.timeout).await
+        {
+            shard.health.saw_timeline(timeline);
+            if best.as_ref().is_none_or(|(_, t)| timeline > *t) {
+                best = Some((h.clone(), timeline));
+            }
+        }
+    }
+    let min = shard.health.max_timeline.load(SeqCst);
+    best.filter(|(_, t)| *t >= min)
+}
