@@ -13,6 +13,7 @@ pub mod admin;
 pub mod bypass;
 pub mod etcd;
 pub mod load;
+pub mod patroni;
 pub mod pg;
 pub mod proxies;
 pub mod raw;
