@@ -112,11 +112,9 @@ impl Coord {
             None,
         );
         let mut lead = Lead::new(Arc::clone(self), &shard.name, op, lease);
-        if let Err(e) = lead.publish(Phase::Hold).await {
-            self.release(&shard.name, lease).await;
-            return Err(Refusal::unavailable(e));
-        }
         // This proxy takes part like the others: the operation's end resolves it here.
+        // Joined before it is published, so that this proxy's own follower, seeing the
+        // operation, does not hold the shard first (the revocation below would fail).
         lock(&self.joined).insert(
             shard.name.clone(),
             Joined {
@@ -126,6 +124,11 @@ impl Coord {
                 resolved: false,
             },
         );
+        if let Err(e) = lead.publish(Phase::Hold).await {
+            lock(&self.joined).remove(&shard.name);
+            self.release(&shard.name, lease).await;
+            return Err(Refusal::unavailable(e));
+        }
         let revoked = match control::revoke(&self.ctx, shard, epoch, reason) {
             Ok(r) => r,
             Err(e) => {
