@@ -316,6 +316,11 @@ pub const VARIABLES: &[Variable] = &[
         help: "longest one read of Patroni's REST API may take",
     },
     Variable {
+        name: "HANDOFF_PATRONI_HOOK",
+        default: "false",
+        help: "true when every Patroni member's before_stop runs handoff hold against this proxy: a switchover through handoff then holds when Patroni calls the hook (right before it stops the leader) instead of before asking Patroni; ignored with HANDOFF_ETCD_ENDPOINTS",
+    },
+    Variable {
         name: "HANDOFF_HOLD_TIMEOUT",
         default: "5s",
         help: "after POST /v1/shards/{s}/hold (handoff hold, e.g. from Patroni's before_stop): how long only a new primary may end the hold; after it the old primary is taken back if it is writable (and still Patroni's leader)",

@@ -14,6 +14,9 @@ pub struct PatroniSettings {
     pub held_interval: Duration,
     /// Longest one REST read may take.
     pub timeout: Duration,
+    /// Every member's `before_stop` runs `handoff hold` against this proxy: a
+    /// switchover through handoff holds when the hook calls, not before asking Patroni.
+    pub hook: bool,
 }
 
 /// One shard's Patroni REST endpoints (plain HTTP, `host:port`).
@@ -40,6 +43,7 @@ pub(super) fn parse(vars: &Vars, shards: &[ShardConfig]) -> Result<PatroniSettin
         interval: vars.at_least_1ms("HANDOFF_PATRONI_INTERVAL")?,
         held_interval: vars.at_least_1ms("HANDOFF_PATRONI_HELD_INTERVAL")?,
         timeout: vars.at_least_1ms("HANDOFF_PATRONI_TIMEOUT")?,
+        hook: vars.flag("HANDOFF_PATRONI_HOOK")?,
     };
     for entry in vars
         .get(VAR)

@@ -433,6 +433,10 @@ impl EndState {
 }
 
 impl Hooks for Lead {
+    fn coordinated(&self) -> bool {
+        true
+    }
+
     async fn holding(&mut self) -> Result<(), String> {
         let c = Arc::clone(&self.coord);
         if let Err(e) = c.store.delete_prefix(&c.keys.all_acks(&self.shard)).await {

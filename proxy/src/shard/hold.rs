@@ -27,12 +27,14 @@ pub(crate) enum Held {
     },
     /// The shard was already held (a switchover, another hold, a failure).
     Already { state: &'static str, epoch: u64 },
+    /// A switchover through handoff waited for this hold and did it; its answer.
+    ForSwitchover(Value),
 }
 
 impl Held {
     pub(crate) fn to_json(&self, shard: &str) -> Value {
         let result = match self {
-            Held::Now { .. } => "held",
+            Held::Now { .. } | Held::ForSwitchover(_) => "held",
             Held::Already { .. } => "already_held",
         };
         metrics::counter!(crate::metrics::HOLDS, "shard" => shard.to_string(), "result" => result)
@@ -47,6 +49,7 @@ impl Held {
                 "lameduck_ms": lameduck.waited.as_millis() as u64,
                 "lameduck_cancelled": lameduck.cancelled,
             }),
+            Held::ForSwitchover(v) => v.clone(),
             Held::Already { state, epoch } => json!({
                 "shard": shard,
                 "held": false,
@@ -65,6 +68,22 @@ pub(crate) async fn hold(
     reason: &str,
 ) -> Result<Held, crate::shard::EventError> {
     let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
+    // A switchover through handoff waits for this very call (HANDOFF_PATRONI_HOOK): it
+    // holds, and answers once the old primary's transactions are done.
+    let waiting = shard
+        .health
+        .hook
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(switchover) = waiting {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if switchover.send(tx).is_ok() {
+            if let Ok(v) = rx.await {
+                return Ok(Held::ForSwitchover(v));
+            }
+        }
+    }
     // Held already, or a switchover (which holds it) is under way: nothing to add.
     let Ok(_op) = shard.op.try_lock() else {
         return Ok(Held::Already {

@@ -11,6 +11,7 @@ pub(crate) mod health;
 pub(crate) mod hold;
 pub(crate) mod monitor;
 pub(crate) mod patroni;
+pub(crate) mod patroni_switch;
 mod state;
 pub(crate) mod switchover;
 pub(crate) mod watch;

@@ -272,6 +272,10 @@ pub(crate) trait Hooks: Send {
         outcome: Outcome,
         error: Option<&str>,
     ) -> impl Future<Output = ()> + Send;
+    /// True when other proxies take part (they must hold before the old primary stops).
+    fn coordinated(&self) -> bool {
+        false
+    }
 }
 
 impl Hooks for () {
