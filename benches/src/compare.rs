@@ -40,6 +40,13 @@ pub struct CompareArgs {
 
 pub struct Kill(Child);
 
+impl Kill {
+    /// Kills `child` when dropped.
+    pub fn new(child: Child) -> Self {
+        Self(child)
+    }
+}
+
 impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -47,7 +54,7 @@ impl Drop for Kill {
     }
 }
 
-fn pgbouncer_binary() -> Option<PathBuf> {
+pub fn pgbouncer_binary() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         for d in std::env::split_paths(&path) {
             if d.join("pgbouncer").is_file() {
@@ -74,26 +81,47 @@ pub async fn wait_listening(port: u16, what: &str) -> Result<()> {
 }
 
 fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -> Result<Kill> {
-    let dir = cluster.dir();
+    start_pgbouncer_at(
+        &cluster.bin,
+        cluster.dir(),
+        cluster.primary.port,
+        bin,
+        port,
+        pool_size,
+        false,
+    )
+}
+
+/// PgBouncer on `port` in front of the server on `server_port`, its files in `dir`
+/// (`pgbouncer.ini`, `pgbouncer-users.txt`, `pgbouncer.log`); with `admin`, user
+/// `postgres` may use its console.
+pub fn start_pgbouncer_at(
+    pg: &handoff_tests::PgBin,
+    dir: &Path,
+    server_port: u16,
+    bin: &Path,
+    port: u16,
+    pool_size: usize,
+    admin: bool,
+) -> Result<Kill> {
     let ini = dir.join("pgbouncer.ini");
     let users = dir.join("pgbouncer-users.txt");
     std::fs::write(&users, "\"postgres\" \"\"\n")?;
     std::fs::write(
         &ini,
         format!(
-            "[databases]\n* = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+            "[databases]\n* = host=127.0.0.1 port={server_port}\n[pgbouncer]\n{}listen_addr = 127.0.0.1\n\
              listen_port = {port}\nauth_type = trust\nauth_file = {}\npool_mode = transaction\n\
              max_client_conn = 2000\ndefault_pool_size = {pool_size}\nunix_socket_dir =\n\
              logfile = {}\n",
-            cluster.primary.port,
+            if admin { "admin_users = postgres\n" } else { "" },
             users.display(),
             dir.join("pgbouncer.log").display()
         ),
     )?;
-    cluster.bin.give_to_server_user(&ini)?;
-    cluster.bin.give_to_server_user(&users)?;
-    let child = cluster
-        .bin
+    pg.give_to_server_user(&ini)?;
+    pg.give_to_server_user(&users)?;
+    let child = pg
         .command_as_server_user(bin, dir)
         .arg(&ini)
         .stdout(Stdio::null())

@@ -17,6 +17,7 @@ use run::RunArgs;
 
 mod compare;
 mod idle;
+mod patroni;
 mod run;
 mod switchover;
 
@@ -30,6 +31,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                                 [--targets handoff,pgbouncer,direct] [--proxies N [--uncoordinated]]
        handoff-bench failover   [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
                                 [--promote-after 1s] [--targets handoff,pgbouncer,direct]
+       handoff-bench patroni    [--workload tpcb] [--clients 32] [--duration 14s] [--at 5s]
+                                [--targets handoff,handoff-hook,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
@@ -42,6 +45,9 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
   idle    start handoff (the release binary) and hold N idle logged-in clients;
           prints its resident memory per client. Defaults: --clients 10000
           --pool-mode transaction
+  patroni one switchover on a real two-member Patroni cluster per target: asked of
+          handoff, patronictl with handoff's before_stop hook, PgBouncer paused around
+          it, direct multi-host clients; prints each with Patroni's own write gap
 ";
 
 #[derive(Debug, Clone)]
@@ -257,6 +263,18 @@ async fn main() -> ExitCode {
                     .chain(args),
             ) {
                 Ok(a) => switchover::run(a).await,
+                Err(e) => {
+                    let _ = e.print();
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Some("patroni") => {
+            use clap::Parser;
+            match patroni::Args::try_parse_from(
+                std::iter::once("handoff-bench patroni".to_string()).chain(args),
+            ) {
+                Ok(a) => patroni::run(a).await,
                 Err(e) => {
                     let _ = e.print();
                     return ExitCode::from(2);
