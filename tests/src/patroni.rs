@@ -226,6 +226,11 @@ impl PatroniCluster {
         })
     }
 
+    /// Member `i`'s Patroni configuration file (also good for `patronictl -c`).
+    pub fn config_path(&self, i: usize) -> &Path {
+        &self.members[i].config
+    }
+
     /// `patronictl` with this cluster's configuration, as the server user.
     pub fn patronictl(&self, args: &[&str]) -> Result<Output> {
         let ctl = patroni_bin().with_file_name("patronictl");

@@ -33,8 +33,6 @@ impl ProxyProcess {
         vars: &[(&str, &str)],
         log_dir: &std::path::Path,
     ) -> Result<Self> {
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let shards = format!(
             "main={}",
             std::iter::once(&cluster.primary)
@@ -43,6 +41,19 @@ impl ProxyProcess {
                 .collect::<Vec<_>>()
                 .join(",")
         );
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        Self::start_with(&shards, admin, id, vars, log_dir).await
+    }
+
+    /// [`ProxyProcess::start`] with `HANDOFF_SHARDS` given, and the admin API on `admin`.
+    pub async fn start_with(
+        shards: &str,
+        admin: SocketAddr,
+        id: &str,
+        vars: &[(&str, &str)],
+        log_dir: &std::path::Path,
+    ) -> Result<Self> {
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = log_dir.join(format!("{id}.log"));
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(crate::handoff_binary());

@@ -185,12 +185,12 @@ async fn switchovers_through_handoff_under_load_lose_nothing_back_and_forth() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn patronictl_switchovers_with_the_hook_lose_nothing_back_and_forth() {
+async fn with_the_hook_patronictl_and_handoff_switchovers_lose_nothing() {
     let _serial = SERIAL.lock().await;
-    let s = setup(Some("10s"), &[]).await;
+    let s = setup(Some("10s"), &[("HANDOFF_PATRONI_HOOK", "true")]).await;
     let load = Load::start(s.listen(), 8).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for (from, to) in [(0, 1), (1, 0)] {
+    for (from, to) in [(0, 1), (1, 0), (0, 1)] {
         let (leader, candidate) = (
             s.patroni.members[from].name.clone(),
             s.patroni.members[to].name.clone(),
@@ -216,9 +216,27 @@ async fn patronictl_switchovers_with_the_hook_lose_nothing_back_and_forth() {
         tokio::task::block_in_place(|| s.patroni.wait_healthy(Duration::from_secs(60))).unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Both switchovers went through the hook, not through failure detection.
+    // Back through handoff: with HANDOFF_PATRONI_HOOK it asks Patroni first and holds
+    // when the hook calls.
+    let (status, report) = switchover(s.proxy(), "pg0").await;
+    assert_eq!(status, 200, "{report}");
+    let hook_step = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["step"] == "hook")
+        .cloned();
+    assert_eq!(
+        hook_step.map(|h| h["ok"].clone()),
+        Some(serde_json::json!(true)),
+        "{report}"
+    );
+    serves(&s, 0).await;
+    tokio::task::block_in_place(|| s.patroni.wait_healthy(Duration::from_secs(60))).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every switchover went through the hook, not through failure detection.
     let held = metric(s.proxy(), "handoff_holds_total", &["result=\"held\""]).await;
-    assert!(held >= 2.0, "holds by the hook: {held}");
+    assert!(held >= 4.0, "holds by the hook: {held}");
     // Patroni runs the hook when a replica stops too: that is not held.
     let epoch = shard_state(s.proxy()).await["epoch"].clone();
     let out = tokio::task::block_in_place(|| {
@@ -422,4 +440,154 @@ async fn a_hold_no_new_leader_ends_goes_back_to_the_old_leader() {
     assert!(!in_recovery);
     serves(&s, 0).await;
     assert_eq!(shard_state(s.proxy()).await["epoch"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
+    let _serial = SERIAL.lock().await;
+    use handoff_tests::proxies::ProxyProcess;
+    let admin1: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let bin = tempfile::Builder::new()
+        .prefix("handoff-hook-")
+        .tempdir()
+        .unwrap();
+    let copy = bin.path().join("handoff");
+    std::fs::copy(handoff_binary(), &copy).unwrap();
+    let pg = handoff_tests::PgBin::find().unwrap();
+    pg.give_to_server_user(bin.path()).unwrap();
+    pg.give_to_server_user(&copy).unwrap();
+    // The hook reaches p1 only; coordination holds p2 too.
+    let opts = Options {
+        before_stop: Some(format!(
+            "{} hold --admin {admin1} --shard main --primary {{addr}} --timeout 10s",
+            copy.display()
+        )),
+    };
+    let patroni = tokio::task::spawn_blocking(move || PatroniCluster::start(2, opts))
+        .await
+        .unwrap()
+        .unwrap();
+    Load::prepare(&patroni.members[0].conn()).await.unwrap();
+    let mut logs = tempfile::Builder::new()
+        .prefix("handoff-proxies-")
+        .tempdir()
+        .unwrap();
+    if std::env::var_os("HANDOFF_TEST_KEEP_LOGS").is_some() {
+        logs.disable_cleanup(true);
+        eprintln!("proxy logs in {}", logs.path().display());
+    }
+    let endpoints = format!("main={}", patroni.endpoints());
+    // Patroni's own etcd, under another prefix.
+    let etcd = patroni.etcd.endpoint();
+    let vars: Vec<(&str, &str)> = vec![
+        ("HANDOFF_PATRONI", &endpoints),
+        ("HANDOFF_ETCD_ENDPOINTS", &etcd),
+        ("HANDOFF_ETCD_PREFIX", "/handoff-test"),
+        ("HANDOFF_ETCD_LEASE_TTL", "2s"),
+        ("HANDOFF_POOL_SIZE", "6"),
+    ];
+    let p1 = ProxyProcess::start_with("main", admin1, "p1", &vars, logs.path())
+        .await
+        .unwrap();
+    let admin2: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let p2 = ProxyProcess::start_with("main", admin2, "p2", &vars, logs.path())
+        .await
+        .unwrap();
+    for p in [&p1, &p2] {
+        eventually(
+            Duration::from_secs(20),
+            "both proxies in the cluster",
+            || async {
+                let (_, c) = p.shard().await?;
+                Ok(c["members"].as_array().map(Vec::len) == Some(2))
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let loads = [
+        Load::start(p1.listen, 6).await.unwrap(),
+        Load::start(p2.listen, 6).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // patronictl: the hook holds both proxies through p1.
+    let out = tokio::task::block_in_place(|| {
+        patroni.patronictl(&[
+            "switchover",
+            "--leader",
+            "pg0",
+            "--candidate",
+            "pg1",
+            "--force",
+        ])
+    })
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = patroni.members[1].addr();
+    for p in [&p1, &p2] {
+        eventually(Duration::from_secs(30), "each proxy to serve pg1", || {
+            let want = want.clone();
+            async move {
+                let (v, _) = p.shard().await?;
+                Ok(v["primary"] == want.as_str() && v["state"] == "serving")
+            }
+        })
+        .await
+        .unwrap();
+    }
+    tokio::task::block_in_place(|| patroni.wait_healthy(Duration::from_secs(60))).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Back through p2: a coordinated switchover asks Patroni.
+    let (status, report) = p2
+        .post("/v1/shards/main/switchover", r#"{"to": "pg0"}"#)
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{report}");
+    let want = patroni.members[0].addr();
+    for p in [&p1, &p2] {
+        eventually(Duration::from_secs(30), "each proxy to serve pg0", || {
+            let want = want.clone();
+            async move {
+                let (v, _) = p.shard().await?;
+                Ok(v["primary"] == want.as_str() && v["state"] == "serving")
+            }
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let [l1, l2] = loads;
+    let outs = [("p1", l1.stop().await), ("p2", l2.stop().await)];
+    let present = ids(&patroni.members[0].conn()).await.unwrap();
+    for (name, out) in outs {
+        assert!(
+            out.errors.is_empty(),
+            "{name}: clients saw errors: {:?}",
+            out.errors
+        );
+        assert!(out.ok > 0, "{name}: no progress");
+        let missing: Vec<i64> = out
+            .acked
+            .iter()
+            .filter(|id| !present.contains(id))
+            .copied()
+            .collect();
+        let on_pg1 = ids(&patroni.members[1].conn()).await.unwrap_or_default();
+        assert!(
+            missing.is_empty(),
+            "{name}: {} acknowledged writes missing on pg0 ({} of them on pg1): {:?}",
+            missing.len(),
+            missing.iter().filter(|id| on_pg1.contains(id)).count(),
+            &missing[..missing.len().min(40)]
+        );
+    }
+    drop((p1, p2));
 }
