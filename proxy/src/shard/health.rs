@@ -116,6 +116,21 @@ pub async fn probe(admin: &AdminDb, addr: &HostPort, timeout: Duration) -> Probe
         Ok(Err(p)) => return p,
         Ok(Ok(row)) => row,
     };
+    answer(&row)
+}
+
+/// The probe's question asked on an open session (e.g. one kept on a standby to see
+/// its promotion); `None` when the session failed.
+pub(crate) async fn probe_on(client: &tokio_postgres::Client) -> Option<Probe> {
+    client
+        .query_one(PROBE_SQL, &[])
+        .await
+        .ok()
+        .map(|r| answer(&r))
+}
+
+/// What the probe's row says.
+fn answer(row: &tokio_postgres::Row) -> Probe {
     let in_recovery: bool = row.get(0);
     let read_only: String = row.get(1);
     let wal: Option<String> = row.get(2);

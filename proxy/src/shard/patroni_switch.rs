@@ -10,7 +10,8 @@
 //!    the hook, right before it stops the server, instead of before asking Patroni:
 //!    Patroni's own preparation (its checks, its loop) then passes unheld.
 //! 3. **patroni_switchover**: `POST /switchover` to the leader's REST API; handoff goes
-//!    on the moment the candidate is Patroni's leader and its probe finds it writable.
+//!    on the moment the candidate leaves recovery (Patroni promotes only the member
+//!    holding its leader lock) and handoff's probe finds it writable.
 //! 4. **flush**: the candidate serves at the next epoch.
 //!
 //! Patroni's refusal rolls back (the old leader serves again at the same epoch) unless
@@ -36,6 +37,9 @@ enum Ended {
 }
 
 type Post = tokio::task::JoinHandle<Result<String, PatroniError>>;
+
+/// How often the switchover asks the candidate whether it left recovery.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The hook's hold reaching a switchover that waits for it: the switchover answers
 /// the hold request through the sender once this proxy holds.
@@ -83,7 +87,7 @@ impl Run<'_> {
         // Patroni demotes the old leader (it stops accepting writes) before the
         // candidate promotes: its revocation comes before establishment.
         let t = Instant::now();
-        match self.patroni_switch(source, post, &candidate).await {
+        match self.patroni_switch(post, &candidate).await {
             Ok(()) => self.step("patroni_switchover", t, None),
             Err(Ended::Refused(e)) => {
                 self.step("patroni_switchover", t, Some(e.clone()));
@@ -321,19 +325,20 @@ impl Run<'_> {
         Ok((leader.clone(), candidate.clone()))
     }
 
-    /// Watches for the candidate to become Patroni's leader and writable, without
-    /// waiting for Patroni's answer to `post` (which comes later).
-    async fn patroni_switch(
-        &mut self,
-        source: &Arc<Source>,
-        mut post: Post,
-        candidate: &Member,
-    ) -> Result<(), Ended> {
+    /// Watches for the candidate to leave recovery, without waiting for Patroni's answer
+    /// to `post` (which comes later). Patroni promotes only the member holding its
+    /// leader lock, and this is the member handoff asked it to promote: once it is out of
+    /// recovery it is Patroni's leader. handoff's own probe confirms it is writable on
+    /// the highest timeline seen, asked every few milliseconds on one session kept on
+    /// the candidate (a hot standby session sees the promotion). Patroni's REST API,
+    /// busy promoting, is not in the way.
+    async fn patroni_switch(&mut self, mut post: Post, candidate: &Member) -> Result<(), Ended> {
         let timeout = self.ctx.settings.switchover.timeout;
         let deadline = Instant::now() + timeout;
         let mut answered: Option<String> = None;
-        let mut tick = tokio::time::interval(self.ctx.settings.patroni.held_interval);
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut session: Option<crate::backend::admin::AdminSession> = None;
         loop {
             tokio::select! {
                 r = &mut post, if answered.is_none() => {
@@ -352,45 +357,61 @@ impl Run<'_> {
             }
             if Instant::now() > deadline {
                 return Err(Ended::Refused(format!(
-                    "{} was not Patroni's writable leader within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?}){}",
+                    "{} was not promoted and writable within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?}){}",
                     candidate.name,
                     answered.map(|m| format!("; Patroni said: {m}")).unwrap_or_default()
                 )));
             }
-            // Patroni's view and the candidate's own answer, at the same time.
-            let (c, probe) = tokio::join!(
-                source.cluster(),
-                health::probe(
-                    &self.ctx.admin,
-                    &candidate.addr,
-                    self.ctx.settings.health.timeout,
-                )
-            );
-            let Ok(c) = c else {
+            if session.as_ref().is_none_or(|s| s.client.is_closed()) {
+                let health = self.ctx.settings.health.timeout;
+                session = self
+                    .ctx
+                    .admin
+                    .open(
+                        &candidate.addr,
+                        self.ctx.admin.database(),
+                        "handoff-switchover",
+                        health,
+                    )
+                    .await
+                    .ok();
+            }
+            let Some(s) = &session else {
                 continue;
             };
-            if c.leader().map(|l| &l.name) != Some(&candidate.name) {
+            let Some(probe) = health::probe_on(&s.client).await else {
+                session = None;
+                continue;
+            };
+            // Still in recovery, or not yet taking writes.
+            let Probe::Primary { timeline } = probe else {
+                continue;
+            };
+            let min = self
+                .shard
+                .health
+                .max_timeline
+                .load(std::sync::atomic::Ordering::SeqCst);
+            self.shard.health.saw_timeline(timeline);
+            if timeline < min {
                 continue;
             }
-            if let Probe::Primary { timeline } = probe {
-                self.shard.health.saw_timeline(timeline);
-                if answered.is_none() {
-                    // Patroni's answer is only logged: the candidate already serves.
-                    let shard = self.shard.name.clone();
-                    tokio::spawn(async move {
-                        match post.await {
-                            Ok(Ok(m)) => {
-                                tracing::info!(%shard, answer = %m, "Patroni's switchover answer")
-                            }
-                            Ok(Err(e)) => {
-                                tracing::warn!(%shard, error = %e, "Patroni's switchover answer after the candidate became writable")
-                            }
-                            Err(_) => {}
+            if answered.is_none() {
+                // Patroni's answer is only logged: the candidate already serves.
+                let shard = self.shard.name.clone();
+                tokio::spawn(async move {
+                    match post.await {
+                        Ok(Ok(m)) => {
+                            tracing::info!(%shard, answer = %m, "Patroni's switchover answer")
                         }
-                    });
-                }
-                return Ok(());
+                        Ok(Err(e)) => {
+                            tracing::warn!(%shard, error = %e, "Patroni's switchover answer after the candidate became writable")
+                        }
+                        Err(_) => {}
+                    }
+                });
             }
+            return Ok(());
         }
     }
 
