@@ -635,4 +635,24 @@ mod tests {
             "acknowledged by a (coordinator), b 41.5 ms; NOT by c"
         );
     }
+
+    #[test]
+    fn patroni_shards_show_the_leader_and_members_and_others_nothing() {
+        let v: Value = serde_json::from_str(
+            r#"{"shards":[
+              {"name":"main","patroni":{"leader":"pg1","members":[
+                {"name":"pg0","addr":"10.0.0.1:5432","role":"replica","state":"streaming"},
+                {"name":"pg1","addr":"10.0.0.2:5432","role":"leader","state":"running"}]}},
+              {"name":"other","patroni":null},
+              {"name":"new","patroni":{"leader":null,"members":null}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            patroni_lines(&v),
+            [
+                "patroni main: leader pg1; pg0 10.0.0.1:5432 replica streaming, pg1 10.0.0.2:5432 leader running",
+                "patroni new: not answered yet",
+            ]
+        );
+    }
 }
