@@ -125,10 +125,12 @@ pub struct Health {
     pub(crate) hold: std::sync::Mutex<Option<Hold>>,
     /// A Patroni switchover waiting for Patroni's `before_stop` hook to hold the shard
     /// (`HANDOFF_PATRONI_HOOK`): the hold hands it the request to answer.
-    pub(crate) hook: std::sync::Mutex<
-        Option<tokio::sync::oneshot::Sender<crate::shard::patroni_switch::HookCall>>,
-    >,
+    pub(crate) hook: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<HookCall>>>,
 }
+
+/// The hook's hold reaching a switchover that waits for it: the switchover answers the
+/// hold request through this once the shard is held and lameduck is done.
+pub(crate) type HookCall = tokio::sync::oneshot::Sender<serde_json::Value>;
 
 /// An outside hold of a shard (an HA manager about to stop its primary).
 #[derive(Debug, Clone)]

@@ -41,9 +41,7 @@ type Post = tokio::task::JoinHandle<Result<String, PatroniError>>;
 /// How often the switchover asks the candidate whether it left recovery.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// The hook's hold reaching a switchover that waits for it: the switchover answers
-/// the hold request through the sender once this proxy holds.
-pub(crate) type HookCall = oneshot::Sender<Value>;
+use crate::shard::failure::HookCall;
 
 impl Run<'_> {
     /// A switchover of a Patroni shard to `to`.
