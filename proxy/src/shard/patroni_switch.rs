@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
