@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::HostPort;
 use crate::patroni::{Member, PatroniError, Source};
+use crate::shard::failure::HookCall;
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::{Hooks, Outcome, Run};
 use crate::shard::{control, Ctx, Revoked, Snapshot, StateKind};
@@ -40,8 +41,6 @@ type Post = tokio::task::JoinHandle<Result<String, PatroniError>>;
 
 /// How often the switchover asks the candidate whether it left recovery.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
-
-use crate::shard::failure::HookCall;
 
 impl Run<'_> {
     /// A switchover of a Patroni shard to `to`.
