@@ -131,6 +131,19 @@ pub fn start_pgbouncer_at(
     Ok(Kill(child))
 }
 
+/// A command running handoff's `bin` with none of the environment's `HANDOFF_*`
+/// variables (the harness's own `HANDOFF_TEST_*` are not handoff's, which refuses
+/// unknown ones): only what the caller sets applies.
+pub fn handoff_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HANDOFF_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// The release `handoff` binary in front of `cluster`: its primary, then its standbys
 /// (candidates for a switchover); clients on `port`, the admin API on `admin`.
 pub fn start_handoff(cluster: &Cluster, port: u16, admin: u16, pool_size: usize) -> Result<Kill> {
@@ -168,7 +181,7 @@ pub fn start_handoff_bin(
         .chain(&cluster.standbys)
         .map(|n| n.addr())
         .collect();
-    let child = Command::new(bin)
+    let child = handoff_command(bin)
         .env("HANDOFF_SHARDS", format!("main={}", hosts.join(",")))
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))

@@ -146,14 +146,7 @@ fn start_handoff(
             bin.display()
         );
     }
-    let mut cmd = std::process::Command::new(bin);
-    // Only the variables set here (the harness's own HANDOFF_TEST_* are not handoff's).
-    for (k, _) in std::env::vars() {
-        if k.starts_with("HANDOFF_") {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
+    let child = crate::compare::handoff_command(&bin)
         .env("HANDOFF_SHARDS", "main")
         .env("HANDOFF_PATRONI", format!("main={}", c.endpoints()))
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))

@@ -81,6 +81,19 @@ pub fn handoff_binary() -> std::path::PathBuf {
     bin
 }
 
+/// A command running the handoff binary with none of the environment's `HANDOFF_*`
+/// variables (the harness's own `HANDOFF_TEST_*` among them: handoff refuses unknown
+/// ones), so that only what the test sets applies.
+pub fn handoff_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(handoff_binary());
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("HANDOFF_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// Polls `check` every 20 ms until it returns `Ok(true)` or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

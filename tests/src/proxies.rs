@@ -56,12 +56,7 @@ impl ProxyProcess {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = log_dir.join(format!("{id}.log"));
         let file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(crate::handoff_binary());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("HANDOFF_") {
-                cmd.env_remove(k);
-            }
-        }
+        let mut cmd = crate::handoff_command();
         cmd.env("HANDOFF_LISTEN", listen.to_string())
             .env("HANDOFF_ADMIN_LISTEN", admin.to_string())
             .env("HANDOFF_SHARDS", shards)

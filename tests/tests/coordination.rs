@@ -638,7 +638,7 @@ async fn the_two_step_api_called_on_different_proxies_applies_to_all() {
         assert_eq!(st["state"], "buffering", "{}: {st:#}", p.id);
     }
     // `handoff status` on another proxy shows the cluster and the operation.
-    let status_out = std::process::Command::new(handoff_tests::handoff_binary())
+    let status_out = handoff_tests::handoff_command()
         .args(["status", "--admin", &s.proxies[2].admin.to_string()])
         .output()
         .unwrap();

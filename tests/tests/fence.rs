@@ -434,7 +434,7 @@ async fn the_watchdog_fires_when_a_fenced_old_primary_is_opened_by_hand() {
     assert_eq!(state["primary"], cluster.standbys[0].addr().as_str());
 
     // `handoff status` shows it.
-    let out = std::process::Command::new(handoff_tests::handoff_binary())
+    let out = handoff_tests::handoff_command()
         .args(["status", "--admin", &proxy.admin_addr().to_string()])
         .output()
         .unwrap();

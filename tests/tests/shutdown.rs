@@ -103,7 +103,7 @@ async fn sigterm_under_64_clients_finishes_transactions_and_refuses_new_clients(
         .unwrap();
     let port = handoff_tests::pg::free_port().unwrap();
     let admin = handoff_tests::pg::free_port().unwrap();
-    let mut child = std::process::Command::new(handoff_tests::handoff_binary())
+    let mut child = handoff_tests::handoff_command()
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))

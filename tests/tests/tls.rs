@@ -236,7 +236,7 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     let cert_file = write(dir.path(), "proxy.crt", &cert);
     let key_file = write(dir.path(), "proxy.key", &key);
     let port = handoff_tests::pg::free_port().unwrap();
-    let mut child = std::process::Command::new(handoff_tests::handoff_binary())
+    let mut child = handoff_tests::handoff_command()
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "HANDOFF_ADMIN_LISTEN",
