@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 pub struct RawClient {
     pub stream: TcpStream,
     buf: BytesMut,
+    /// The process id and secret key BackendKeyData gave at login.
+    pub key_data: Option<(i32, i32)>,
 }
 
 impl RawClient {
@@ -24,6 +26,7 @@ impl RawClient {
         Ok(Self {
             stream: TcpStream::connect(addr).await?,
             buf: BytesMut::new(),
+            key_data: None,
         })
     }
 
@@ -40,6 +43,7 @@ impl RawClient {
         loop {
             match c.read_message().await? {
                 Some(BackendMessage::ReadyForQuery(_)) => return Ok(c),
+                Some(BackendMessage::BackendKeyData { pid, key }) => c.key_data = Some((pid, key)),
                 Some(BackendMessage::ErrorResponse(f)) => bail!("login failed: {:?}", f.message()),
                 Some(_) => {}
                 None => bail!("connection closed during login"),

@@ -136,6 +136,50 @@ async fn copy_in_and_out_and_a_10mb_value() {
 }
 
 #[tokio::test]
+async fn session_mode_clients_know_their_backends_real_pid() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_MODE", "session")])
+        .await
+        .unwrap();
+    let mut raw =
+        handoff_tests::raw::RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+            .await
+            .unwrap();
+    let (pid, _) = raw.key_data.expect("BackendKeyData at login");
+    let direct = handoff_tests::admin::server(&cluster.primary);
+    let (c, conn) = tokio_postgres::connect(&direct, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // It is a client backend on the server, the one serving this session.
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND backend_type = 'client backend'",
+            &[&pid],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 1, "pid {pid} is not a backend");
+    // Terminating it by that pid ends the client's session.
+    let row = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match raw.read_message().await {
+                Ok(Some(handoff_protocol::backend::BackendMessage::ErrorResponse(_)))
+                | Ok(None)
+                | Err(_) => return,
+                Ok(Some(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the session outlived its backend");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn listen_notify_and_cancel_in_session_mode() {
     let cluster = Cluster::start(0).unwrap();
     // LISTEN needs the same server connection for the whole session.

@@ -1,6 +1,7 @@
-//! Cancel requests: the proxy hands each client its own backend key data and remembers
-//! which server connection serves that client, so a CancelRequest reaches the right
-//! server and nothing else.
+//! Cancel requests: the proxy hands each client key data with a secret key of its own
+//! (and, in session mode, the server backend's real process id) and remembers which
+//! server connection serves that client, so a CancelRequest reaches the right server and
+//! nothing else.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,10 +36,12 @@ struct Target {
     server: Slot,
 }
 
-/// Every live session's proxy-issued key, by proxy-issued process id.
+/// Every live session's key data, by the process id the client was given. Session mode
+/// hands out the server backend's real process id, so two sessions on different servers
+/// may share one: each id keeps a short list, told apart by the secret key.
 #[derive(Debug, Default)]
 pub struct Registry {
-    map: DashMap<i32, Target>,
+    map: DashMap<i32, Vec<Target>>,
 }
 
 /// Keeps a session's key registered; dropping it unregisters.
@@ -59,7 +62,12 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.map.remove(&self.pid);
+        if let Entry::Occupied(mut e) = self.registry.map.entry(self.pid) {
+            e.get_mut().retain(|t| t.key != self.key);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
     }
 }
 
@@ -71,35 +79,48 @@ fn random_i32() -> i32 {
 }
 
 impl Registry {
-    /// Issues fresh key data for a session, served now by `server` (if any).
+    /// Issues fresh key data for a session, served now by `server` (if any): a process
+    /// id of handoff's own (transaction mode: the client has no one backend).
     pub fn register(self: &Arc<Self>, server: Option<ServerKey>) -> Registration {
         loop {
             // Positive pids, like PostgreSQL's, so tools that print them are not confused.
             let pid = random_i32() & 0x7fff_ffff;
-            if pid == 0 {
+            if pid == 0 || self.map.contains_key(&pid) {
                 continue;
             }
-            if let Entry::Vacant(v) = self.map.entry(pid) {
-                let key = random_i32();
-                let server = Arc::new(std::sync::Mutex::new(server));
-                v.insert(Target {
-                    key,
-                    server: Arc::clone(&server),
-                });
-                return Registration {
-                    registry: Arc::clone(self),
-                    server,
-                    pid,
-                    key,
-                };
+            return self.register_as(pid, server);
+        }
+    }
+
+    /// Issues key data with process id `pid` (session mode: the server backend's own,
+    /// so `pg_backend_pid()` and `pg_terminate_backend()` mean what the client expects)
+    /// and a secret key of handoff's own, so cancel requests still come through handoff.
+    pub fn register_as(self: &Arc<Self>, pid: i32, server: Option<ServerKey>) -> Registration {
+        let server = Arc::new(std::sync::Mutex::new(server));
+        let mut list = self.map.entry(pid).or_default();
+        let key = loop {
+            let key = random_i32();
+            if !list.iter().any(|t| t.key == key) {
+                break key;
             }
+        };
+        list.push(Target {
+            key,
+            server: Arc::clone(&server),
+        });
+        drop(list);
+        Registration {
+            registry: Arc::clone(self),
+            server,
+            pid,
+            key,
         }
     }
 
     /// Number of sessions that can be cancelled now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.iter().map(|e| e.value().len()).sum()
     }
 
     #[cfg(test)]
@@ -110,12 +131,19 @@ impl Registry {
     /// Forwards a cancel request if `(pid, key)` matches a live session. Returns whether
     /// it was forwarded. A wrong key is ignored, as PostgreSQL does, without saying so.
     pub async fn forward(&self, pid: i32, key: i32, timeout: Duration) -> bool {
-        let Some(target) = self.map.get(&pid).map(|t| t.clone()) else {
+        let target = self.map.get(&pid).and_then(|list| {
+            // Every entry compared, each in constant time.
+            let mut found = None;
+            for t in list.iter() {
+                if secrets_equal(&t.key.to_be_bytes(), &key.to_be_bytes()) {
+                    found = Some(t.clone());
+                }
+            }
+            found
+        });
+        let Some(target) = target else {
             return false;
         };
-        if !secrets_equal(&target.key.to_be_bytes(), &key.to_be_bytes()) {
-            return false;
-        }
         // Between transactions nothing runs for this client: nothing to cancel.
         let Some(server) = *target.server.lock().unwrap_or_else(|p| p.into_inner()) else {
             return false;
@@ -186,6 +214,46 @@ mod tests {
         assert_eq!(got, want.to_vec(), "the server's own key data is sent");
         drop(a);
         assert_eq!(reg.len(), 1);
+        drop(b);
+        assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn sessions_given_the_same_server_pid_are_told_apart_by_their_keys() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let reg = Arc::new(Registry::default());
+        // Two servers (two shards) whose backends happen to have the same pid.
+        let a = reg.register_as(
+            4242,
+            Some(ServerKey {
+                addr,
+                pid: 4242,
+                key: 1,
+            }),
+        );
+        let b = reg.register_as(4242, None);
+        assert_eq!((a.pid, b.pid), (4242, 4242));
+        assert_ne!(a.key, b.key);
+        assert_eq!(reg.len(), 2);
+        let t = Duration::from_secs(5);
+        assert!(
+            !reg.forward(4242, b.key, t).await,
+            "b has no server attached"
+        );
+        assert!(
+            reg.forward(4242, a.key, t).await,
+            "a's key reaches a's server"
+        );
+        let (mut s, _) = server.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        let mut want = BytesMut::new();
+        StartupPacket::Cancel { pid: 4242, key: 1 }.encode(&mut want);
+        assert_eq!(got, want.to_vec());
+        drop(a);
+        assert_eq!(reg.len(), 1);
+        assert!(!reg.forward(4242, b.key.wrapping_add(1), t).await);
         drop(b);
         assert!(reg.is_empty());
     }

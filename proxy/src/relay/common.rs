@@ -61,7 +61,7 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// What a client receives once logged in: AuthenticationOk, the server's parameters,
-/// handoff's own backend key data, ReadyForQuery.
+/// the key data handoff registered for it, ReadyForQuery.
 pub(crate) fn hello(
     params: impl IntoIterator<Item = (String, String)>,
     pid: i32,

@@ -340,7 +340,12 @@ pub(crate) async fn serve(
         }
     };
     let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let registration = shared.cancels.register(Some(server_key(&server)));
+    // The client is told its backend's real process id (`pg_backend_pid()`,
+    // `pg_terminate_backend()` mean what it expects) with a secret key of handoff's own,
+    // so cancel requests still come through handoff. After the session moves to another
+    // primary the backend is another: the id the client knows stays the first one's.
+    let key = server_key(&server);
+    let registration = shared.cancels.register_as(key.pid, Some(key));
 
     let greeting = hello(server.params.clone(), registration.pid, registration.key);
     if client.send_raw(&greeting).await.is_err() {
