@@ -671,3 +671,33 @@ async fn idle_timeout_closes_pooled_connections() {
     assert_eq!(v, 5);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_backend_ends_its_session_while_the_primary_serves() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[]).await.unwrap();
+    let victim = connect(&proxy).await;
+    let bystander = connect(&proxy).await;
+    bystander.simple_query("SELECT 1").await.unwrap();
+    // The client's own backend, terminated from inside its transaction: PostgreSQL
+    // ends such a session with FATAL 57P01, and so does handoff.
+    let err = victim
+        .simple_query("SELECT pg_terminate_backend(pg_backend_pid())")
+        .await
+        .expect_err("the backend was terminated under the request");
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
+    eventually(Duration::from_secs(10), "the session to end", || {
+        let closed = victim.is_closed();
+        async move { Ok(closed) }
+    })
+    .await
+    .unwrap();
+    // Nobody else noticed: the primary was never revoked.
+    bystander.simple_query("SELECT 1").await.unwrap();
+    let again = connect(&proxy).await;
+    again.simple_query("SELECT 1").await.unwrap();
+    let st = handoff_tests::admin::shard_state(&proxy).await;
+    assert_eq!(st["state"], "serving", "{st}");
+    assert_eq!(st["epoch"], 1, "{st}");
+    proxy.shutdown().await;
+}

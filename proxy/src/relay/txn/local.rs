@@ -225,6 +225,44 @@ impl Txn<'_> {
             .await
     }
 
+    /// A server connection closed under a request. If the primary still serves (handoff
+    /// checks it), only this backend ended — an administrator terminated it, or it died
+    /// alone — and the session ends as it would on PostgreSQL: the server's FATAL (or a
+    /// connection failure) to the client, then the connection closed. If the primary is
+    /// gone, the request gets an error and the session goes on to the next primary.
+    pub(super) async fn server_lost(
+        &mut self,
+        client: &mut Conn,
+        server_clean: bool,
+        client_clean: bool,
+    ) -> Result<(), End> {
+        let fatal = self.fatal.clone();
+        let what = if fatal.is_some() {
+            Report::ServerFatal
+        } else {
+            Report::ConnectionLost
+        };
+        let gen = std::sync::Arc::clone(&self.gen);
+        let primary_gone = health::suspect(&self.shared.ctx, self.state, &gen, what).await;
+        if !primary_gone {
+            let (code, message) = fatal.unwrap_or_else(|| {
+                (
+                    sqlstate::CONNECTION_FAILURE.to_string(),
+                    "the server closed the connection unexpectedly".to_string(),
+                )
+            });
+            let code = sqlstate::known(&code).unwrap_or(sqlstate::CONNECTION_FAILURE);
+            tracing::info!(shard = self.shard, %message, "a server backend ended while the primary serves: ending the client's session");
+            let err = ProxyError::error(code, message);
+            // Sent as FATAL, and the session ends.
+            return self.abandon(client, err, false, server_clean, false).await;
+        }
+        let err = self.lost_error();
+        tracing::info!(shard = self.shard, error = %err.message, "server connection lost under a request");
+        self.abandon(client, err, false, server_clean, client_clean)
+            .await
+    }
+
     /// The error for a server connection that closed under a request: the primary was
     /// lost, and what was running may or may not have committed.
     pub(super) fn lost_error(&mut self) -> ProxyError {

@@ -143,12 +143,10 @@ async fn on_server_read(
             Err(End::ServerGone)
         }
         Ok(0) | Err(_) => {
-            // The primary went away under a request: an error for that request (it may
-            // have committed), and the session goes on.
+            // Lost under a request: the session ends if only this backend ended, or the
+            // request gets an error (it may have committed) and the session goes on.
             let server_clean = server.reset();
-            let err = txn.lost_error();
-            tracing::info!(shard = txn.shard, error = %err.message, "server connection lost under a request");
-            txn.abandon(client, err, false, server_clean, cscan.at_boundary())
+            txn.server_lost(client, server_clean, cscan.at_boundary())
                 .await
         }
         Ok(_) => {
