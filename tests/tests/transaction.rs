@@ -701,3 +701,50 @@ async fn a_terminated_backend_ends_its_session_while_the_primary_serves() {
     assert_eq!(st["epoch"], 1, "{st}");
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn listen_is_refused_at_once_in_transaction_mode() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[]).await.unwrap();
+    let client = connect(&proxy).await;
+    for sql in [
+        "LISTEN jobs",
+        "SELECT 1; listen jobs",
+        "/* x */ Listen \"Jobs\"",
+    ] {
+        let err = tokio::time::timeout(Duration::from_secs(10), client.batch_execute(sql))
+            .await
+            .expect("answered at once, not a hang")
+            .expect_err("LISTEN is refused");
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::FEATURE_NOT_SUPPORTED),
+            "{sql}: {err:?}"
+        );
+        let db = err.as_db_error().unwrap();
+        assert!(db.message().contains("transaction pooling"), "{db:?}");
+        assert!(db.hint().unwrap_or("").contains("session mode"), "{db:?}");
+    }
+    // The extended protocol too.
+    let err = client
+        .execute("LISTEN jobs", &[])
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::FEATURE_NOT_SUPPORTED),
+        "{err:?}"
+    );
+    // The session goes on; nothing reached the server.
+    client.simple_query("SELECT 1").await.unwrap();
+    client
+        .batch_execute("UNLISTEN *; SELECT 'listen x'")
+        .await
+        .unwrap();
+    let listening = cluster
+        .primary
+        .psql("SELECT count(*) FROM pg_stat_activity WHERE query ILIKE '%listen jobs%' AND pid <> pg_backend_pid()")
+        .unwrap();
+    assert_eq!(listening, "0");
+    proxy.shutdown().await;
+}

@@ -86,7 +86,9 @@ pub(super) async fn client_bytes(
             if local {
                 matches!(t, ftag::QUERY | ftag::PARSE | ftag::BIND)
             } else {
-                inspect_client(t)
+                // A Query is looked at whole when it fits (LISTEN is refused below);
+                // a larger one passes through unread.
+                inspect_client(t) || t == ftag::QUERY
             }
         }) {
             Ok(s) => s,
@@ -115,7 +117,11 @@ pub(super) async fn client_bytes(
             break;
         }
         if tag.is_some() && txn.backend.is_none() && matches!(txn.local, Local::None) {
-            gate(client, txn, &answers, pos).await?;
+            let body = &client.rbuf[pos + HEADER_LEN.min(len)..pos + len];
+            match tag.filter(|_| whole).and_then(|t| refused_here(t, body)) {
+                Some(err) => txn.local = Local::Refuse(err),
+                None => gate(client, txn, &answers, pos).await?,
+            }
         }
         if !matches!(txn.local, Local::None) {
             // Answered here, never relayed.
@@ -134,7 +140,7 @@ pub(super) async fn client_bytes(
         if let Some(t) = tag {
             txn.note_request(t, &client.rbuf[pos..pos + len], now);
         }
-        if whole {
+        if whole && tag != Some(ftag::QUERY) {
             // Everything before it is already copied into `out`: take the message off
             // the buffer without copying it (Binds carry parameter values).
             client.rbuf.advance(pos);
@@ -156,6 +162,24 @@ pub(super) async fn client_bytes(
     flush_to_server(txn).await?;
     write_client(client, &answers).await?;
     Ok(keep_going)
+}
+
+/// A request transaction mode cannot serve, refused before it reaches a server: LISTEN
+/// (in a Query, or a Parse), whose notifications would go to a server connection other
+/// clients share and never reach this client.
+fn refused_here(tag: u8, body: &[u8]) -> Option<ProxyError> {
+    let sql = match tag {
+        ftag::QUERY => body.strip_suffix(&[0]).unwrap_or(body),
+        ftag::PARSE => handoff_protocol::body::parse_sql(body)?,
+        _ => return None,
+    };
+    sql::listens(sql).then(|| {
+        ProxyError::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "LISTEN is not supported in transaction pooling mode: notifications go to a server connection other clients share and would never reach this client",
+        )
+        .hint("listen through a handoff in session mode (HANDOFF_POOL_MODE=session), or connect to the server directly")
+    })
 }
 
 /// A message the proxy must parse whole is over `HANDOFF_MAX_MESSAGE_SIZE`: the stream
