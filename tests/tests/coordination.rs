@@ -181,6 +181,8 @@ async fn a_switchover_started_on_any_proxy_holds_all_three_and_loses_nothing() {
     for round in 0..2u64 {
         let old = s.cluster.primary.addr();
         let target = s.cluster.standbys[0].addr();
+        // Counted before pgbench starts: its first commits come within milliseconds.
+        let history_before = history(&s.cluster.primary).await;
         let loads: Vec<Load> =
             futures_util::future::join_all(s.proxies.iter().map(|p| Load::start(p.listen, 6)))
                 .await
@@ -192,7 +194,6 @@ async fn a_switchover_started_on_any_proxy_holds_all_three_and_loses_nothing() {
             .iter()
             .map(|p| pgbench(&s.cluster, p.listen.port(), 3, 6))
             .collect();
-        let history_before = history(&s.cluster.primary).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // The first round is started on p2, the way back on p3.
         let coordinator = &s.proxies[1 + round as usize];
