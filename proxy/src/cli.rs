@@ -236,6 +236,7 @@ pub fn hold(args: Vec<String>) -> ExitCode {
     }
     let path = format!("/v1/shards/{shard}/hold");
     match request_within(&common, "POST", &path, Some(&body), timeout) {
+        Err(e @ CliError::Unreachable { .. }) => fail(&e),
         Err(e) => fail(&format!(
             "{e} (a hold the proxy received goes on until it sees the next primary)"
         )),

@@ -674,7 +674,7 @@ impl Config {
              Usage: handoff            run the proxy (configured by the environment)\n       \
              handoff healthcheck  exit 0 if the admin API answers GET /healthz\n       \
              handoff switchover --shard NAME --to HOST:PORT|MEMBER   run a planned switchover\n       \
-             handoff hold --shard NAME [--timeout 10s]   hold new transactions before an HA manager stops the primary (Patroni's before_stop)\n       \
+             handoff hold --shard NAME [--primary HOST:PORT] [--timeout 10s]   hold new transactions before an HA manager stops the primary (Patroni's before_stop)\n       \
              handoff status     print every shard's state\n       \
              handoff --help     print this help\n       \
              handoff --version  print the version\n\n\
