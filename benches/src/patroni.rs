@@ -104,13 +104,7 @@ pub async fn run(args: Args) -> Result<()> {
             gap.map_or("?".into(), |g| format!("{g:.0}")),
             gap.map_or("?".into(), |g| format!("{:+.0}", r.summary.max - g)),
             r.lost_writes.len(),
-            ev.map_or(String::new(), |e| format!(
-                "{:.2}s..{:.2}s ({:.0} ms, exit {:?})",
-                e.started,
-                e.ended,
-                (e.ended - e.started) * 1000.0,
-                e.exit_code
-            )),
+            ev.map_or(String::new(), |e| e.span()),
         );
     }
     for m in &measured {
@@ -165,25 +159,19 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
     let port = free_port()?;
     let admin = free_port()?;
     let bin = PgBin::find()?;
-    // The hook runs as the server user: its own copy of the binary.
-    let hook_dir = tempfile::Builder::new()
-        .prefix("handoff-bench-hook-")
-        .tempdir()?;
+    // The hook runs as the server user: its own copy of the binary (its directory also
+    // holds PgBouncer's files).
+    let release = std::env::current_exe()?.with_file_name("handoff");
+    let (hook_dir, copy) = handoff_tests::patroni::server_user_copy(&release)
+        .context("copying the release handoff binary for the hook")?;
     let hook = name.ends_with("-hook");
-    let opts = if hook {
-        let copy = hook_dir.path().join("handoff");
-        std::fs::copy(std::env::current_exe()?.with_file_name("handoff"), &copy)
-            .context("copying the release handoff binary for the hook")?;
-        bin.give_to_server_user(hook_dir.path())?;
-        bin.give_to_server_user(&copy)?;
-        Options {
-            before_stop: Some(format!(
+    let opts = Options {
+        before_stop: hook.then(|| {
+            format!(
                 "{} hold --admin 127.0.0.1:{admin} --shard main --primary {{addr}} --timeout 10s",
                 copy.display()
-            )),
-        }
-    } else {
-        Options::default()
+            )
+        }),
     };
     let cluster = tokio::task::block_in_place(|| PatroniCluster::start(2, opts))?;
     let (old, new) = (&cluster.members[0], &cluster.members[1]);

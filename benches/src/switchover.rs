@@ -344,13 +344,7 @@ pub async fn run(args: Args) -> Result<()> {
                 ))
                 .map_or("never".to_string(), |s| format!("{s:.2}")),
             r.lost_writes.len(),
-            ev.map_or(String::new(), |e| format!(
-                "{:.2}s..{:.2}s ({:.0} ms, exit {:?})",
-                e.started,
-                e.ended,
-                (e.ended - e.started) * 1000.0,
-                e.exit_code
-            )),
+            ev.map_or(String::new(), |e| e.span()),
         );
     }
     for r in &results {

@@ -462,6 +462,18 @@ postgresql:
     )
 }
 
+/// A temp directory the server user owns, holding a copy of `program` it can run (Patroni
+/// runs `before_stop` as that user, who may not reach the original, e.g. under /root).
+pub fn server_user_copy(program: &Path) -> Result<(tempfile::TempDir, PathBuf)> {
+    let bin = PgBin::find()?;
+    let dir = tempfile::Builder::new().prefix("handoff-hook-").tempdir()?;
+    let copy = dir.path().join(program.file_name().unwrap_or_default());
+    std::fs::copy(program, &copy).with_context(|| format!("copying {}", program.display()))?;
+    bin.give_to_server_user(dir.path())?;
+    bin.give_to_server_user(&copy)?;
+    Ok((dir, copy))
+}
+
 /// Writes an executable shell script the server user can run.
 fn write_script(path: &Path, body: &str, bin: &PgBin) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;

@@ -14,6 +14,19 @@ use crate::pg::free_port;
 use crate::raw::{http, http_body};
 use crate::Cluster;
 
+/// A temp directory for the proxies' logs, kept (and printed) with
+/// `HANDOFF_TEST_KEEP_LOGS`.
+pub fn log_dir() -> Result<tempfile::TempDir> {
+    let mut logs = tempfile::Builder::new()
+        .prefix("handoff-proxies-")
+        .tempdir()?;
+    if std::env::var_os("HANDOFF_TEST_KEEP_LOGS").is_some() {
+        logs.disable_cleanup(true);
+        eprintln!("proxy logs in {}", logs.path().display());
+    }
+    Ok(logs)
+}
+
 /// One handoff process.
 #[derive(Debug)]
 pub struct ProxyProcess {

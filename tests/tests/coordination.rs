@@ -42,15 +42,7 @@ async fn setup(n: usize, per_proxy: &[&[(&str, &str)]]) -> Setup {
     cluster.pgbench_init(1).unwrap();
     Load::prepare(&server(&cluster.primary)).await.unwrap();
     let etcd = Etcd::start().unwrap();
-    let mut logs = tempfile::Builder::new()
-        .prefix("handoff-proxies-")
-        .tempdir()
-        .unwrap();
-    // HANDOFF_TEST_KEEP_LOGS keeps the proxies' logs after the test.
-    if std::env::var_os("HANDOFF_TEST_KEEP_LOGS").is_some() {
-        logs.disable_cleanup(true);
-        eprintln!("proxy logs in {}", logs.path().display());
-    }
+    let logs = handoff_tests::proxies::log_dir().unwrap();
     let mut proxies = Vec::new();
     for i in 0..n {
         let mut vars = base_vars(&etcd);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use handoff_tests::admin::{metric, shard_state, switchover};
 use handoff_tests::load::{ids, Load, Outcome};
-use handoff_tests::patroni::{Options, PatroniCluster};
+use handoff_tests::patroni::{server_user_copy, Options, PatroniCluster};
 use handoff_tests::pg::free_port;
 use handoff_tests::{eventually, handoff_binary};
 
@@ -38,15 +38,7 @@ impl Setup {
 async fn setup(hook: Option<&str>, extra: &[(&str, &str)]) -> Setup {
     let admin_port = free_port().unwrap();
     // The hook runs as the server user: it gets its own copy of the binary.
-    let bin = tempfile::Builder::new()
-        .prefix("handoff-hook-")
-        .tempdir()
-        .unwrap();
-    let copy = bin.path().join("handoff");
-    std::fs::copy(handoff_binary(), &copy).unwrap();
-    let pg = handoff_tests::PgBin::find().unwrap();
-    pg.give_to_server_user(bin.path()).unwrap();
-    pg.give_to_server_user(&copy).unwrap();
+    let (bin, copy) = server_user_copy(&handoff_binary()).unwrap();
     let opts = Options {
         before_stop: hook.map(|t| {
             format!(
@@ -442,6 +434,22 @@ async fn a_hold_no_new_leader_ends_goes_back_to_the_old_leader() {
     assert_eq!(shard_state(s.proxy()).await["epoch"], 2);
 }
 
+/// Every one of `proxies` serves `addr`.
+async fn all_serve(proxies: &[&handoff_tests::proxies::ProxyProcess], addr: &str) {
+    for p in proxies {
+        eventually(
+            Duration::from_secs(30),
+            "each proxy to serve the new leader",
+            || async {
+                let (v, _) = p.shard().await?;
+                Ok(v["primary"] == addr && v["state"] == "serving")
+            },
+        )
+        .await
+        .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
     let _serial = SERIAL.lock().await;
@@ -449,15 +457,7 @@ async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
     let admin1: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
         .parse()
         .unwrap();
-    let bin = tempfile::Builder::new()
-        .prefix("handoff-hook-")
-        .tempdir()
-        .unwrap();
-    let copy = bin.path().join("handoff");
-    std::fs::copy(handoff_binary(), &copy).unwrap();
-    let pg = handoff_tests::PgBin::find().unwrap();
-    pg.give_to_server_user(bin.path()).unwrap();
-    pg.give_to_server_user(&copy).unwrap();
+    let (_bin, copy) = server_user_copy(&handoff_binary()).unwrap();
     // The hook reaches p1 only; coordination holds p2 too.
     let opts = Options {
         before_stop: Some(format!(
@@ -470,14 +470,7 @@ async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
         .unwrap()
         .unwrap();
     Load::prepare(&patroni.members[0].conn()).await.unwrap();
-    let mut logs = tempfile::Builder::new()
-        .prefix("handoff-proxies-")
-        .tempdir()
-        .unwrap();
-    if std::env::var_os("HANDOFF_TEST_KEEP_LOGS").is_some() {
-        logs.disable_cleanup(true);
-        eprintln!("proxy logs in {}", logs.path().display());
-    }
+    let logs = handoff_tests::proxies::log_dir().unwrap();
     let endpoints = format!("main={}", patroni.endpoints());
     // Patroni's own etcd, under another prefix.
     let etcd = patroni.etcd.endpoint();
@@ -531,18 +524,7 @@ async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want = patroni.members[1].addr();
-    for p in [&p1, &p2] {
-        eventually(Duration::from_secs(30), "each proxy to serve pg1", || {
-            let want = want.clone();
-            async move {
-                let (v, _) = p.shard().await?;
-                Ok(v["primary"] == want.as_str() && v["state"] == "serving")
-            }
-        })
-        .await
-        .unwrap();
-    }
+    all_serve(&[&p1, &p2], &patroni.members[1].addr()).await;
     tokio::task::block_in_place(|| patroni.wait_healthy(Duration::from_secs(60))).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Back through p2: a coordinated switchover asks Patroni.
@@ -551,18 +533,7 @@ async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
         .await
         .unwrap();
     assert_eq!(status, 200, "{report}");
-    let want = patroni.members[0].addr();
-    for p in [&p1, &p2] {
-        eventually(Duration::from_secs(30), "each proxy to serve pg0", || {
-            let want = want.clone();
-            async move {
-                let (v, _) = p.shard().await?;
-                Ok(v["primary"] == want.as_str() && v["state"] == "serving")
-            }
-        })
-        .await
-        .unwrap();
-    }
+    all_serve(&[&p1, &p2], &patroni.members[0].addr()).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let [l1, l2] = loads;
     let outs = [("p1", l1.stop().await), ("p2", l2.stop().await)];

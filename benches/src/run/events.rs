@@ -23,6 +23,19 @@ pub struct EventRecord {
     pub output: String,
 }
 
+impl EventRecord {
+    /// `5.00s..7.68s (2671 ms, exit Some(0))`, for the tables.
+    pub fn span(&self) -> String {
+        format!(
+            "{:.2}s..{:.2}s ({:.0} ms, exit {:?})",
+            self.started,
+            self.ended,
+            (self.ended - self.started) * 1000.0,
+            self.exit_code
+        )
+    }
+}
+
 /// Parses `<duration>:<command>`, the duration written `500ms`, `10s` or `1m`.
 pub fn parse(spec: &str) -> Result<Event> {
     let (at, command) = spec.split_once(':').with_context(|| {

@@ -125,21 +125,26 @@ pub(crate) async fn next_primary(
     if let Some(source) = ctx.patroni(&shard.name) {
         return crate::shard::patroni::leader(ctx, shard, source, cycle).await;
     }
-    let mut best: Option<(HostPort, u32)> = None;
-    for h in &shard.hosts {
-        if shard.watch.is_watched(h) || shard.health.held_back(cycle, h, ctx.settings.hold_timeout)
-        {
-            continue;
-        }
-        if let Probe::Primary { timeline } =
-            health::probe(&ctx.admin, h, ctx.settings.health.timeout).await
-        {
-            shard.health.saw_timeline(timeline);
-            if best.as_ref().is_none_or(|(_, t)| timeline > *t) {
-                best = Some((h.clone(), timeline));
-            }
-        }
+    let hosts = &shard.hosts;
+    let mut probes = tokio::task::JoinSet::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let (admin, h, timeout) = (ctx.admin.clone(), h.clone(), ctx.settings.health.timeout);
+        probes.spawn(async move { (i, health::probe(&admin, &h, timeout).await) });
     }
+    let mut results = vec![Probe::Unreachable("not probed".into()); hosts.len()];
+    for (i, p) in probes.join_all().await {
+        if let Probe::Primary { timeline } = p {
+            shard.health.saw_timeline(timeline);
+        }
+        results[i] = p;
+    }
+    let eligible: Vec<bool> = hosts
+        .iter()
+        .map(|h| {
+            !shard.watch.is_watched(h)
+                && !shard.health.held_back(cycle, h, ctx.settings.hold_timeout)
+        })
+        .collect();
     let min = shard.health.max_timeline.load(SeqCst);
-    best.filter(|(_, t)| *t >= min)
+    health::choose(hosts, &results, min, &eligible)
 }

@@ -82,13 +82,14 @@ pub(super) async fn client_bytes(
             break;
         }
         let local = !matches!(txn.local, Local::None);
+        let starting = txn.backend.is_none();
         let step = match scan.step(&client.rbuf[pos..], |t| {
             if local {
                 matches!(t, ftag::QUERY | ftag::PARSE | ftag::BIND)
             } else {
-                // A Query is looked at whole when it fits (LISTEN is refused below);
-                // a larger one passes through unread.
-                inspect_client(t) || t == ftag::QUERY
+                // A Query that starts a transaction is looked at whole when it fits
+                // (LISTEN is refused below); any other streams through unread.
+                inspect_client(t) || (starting && t == ftag::QUERY)
             }
         }) {
             Ok(s) => s,
