@@ -12,7 +12,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use handoff_protocol::auth::secrets_equal;
 use handoff_protocol::framing::StartupPacket;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A server connection's cancel data.
@@ -153,6 +153,11 @@ impl Registry {
 }
 
 /// Sends a CancelRequest for `server`'s current query. True if it was delivered.
+///
+/// Returns only once the server has closed the cancel connection, which PostgreSQL does
+/// after signalling the backend: the client's own cancel connection is closed after
+/// that, so a client that waits for it (asyncpg does) knows the cancel has landed and
+/// its next query is not the one cancelled.
 pub async fn cancel_server(server: ServerKey, timeout: Duration) -> bool {
     let mut buf = BytesMut::new();
     StartupPacket::Cancel {
@@ -163,7 +168,10 @@ pub async fn cancel_server(server: ServerKey, timeout: Duration) -> bool {
     let send = async {
         let mut s = TcpStream::connect(server.addr).await?;
         s.write_all(&buf).await?;
-        s.shutdown().await
+        s.shutdown().await?;
+        let mut rest = [0u8; 64];
+        while s.read(&mut rest).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     };
     match tokio::time::timeout(timeout, send).await {
         Ok(Ok(())) => true,
@@ -181,8 +189,18 @@ pub async fn cancel_server(server: ServerKey, timeout: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
+
+    /// What one cancel connection to `server` carried; the server closes it after
+    /// reading, as PostgreSQL does.
+    fn accept_one(server: TcpListener) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            got
+        })
+    }
 
     #[tokio::test]
     async fn forwards_only_matching_keys_to_the_registered_server() {
@@ -205,10 +223,9 @@ mod tests {
         );
         let unknown = (1..).find(|p| *p != a.pid && *p != b.pid).unwrap();
         assert!(!reg.forward(unknown, a.key, t).await, "unknown pid");
+        let got = accept_one(server);
         assert!(reg.forward(b.pid, b.key, t).await);
-        let (mut s, _) = server.accept().await.unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await.unwrap();
+        let got = got.await.unwrap();
         let mut want = BytesMut::new();
         StartupPacket::Cancel { pid: 333, key: 444 }.encode(&mut want);
         assert_eq!(got, want.to_vec(), "the server's own key data is sent");
@@ -241,13 +258,12 @@ mod tests {
             !reg.forward(4242, b.key, t).await,
             "b has no server attached"
         );
+        let got = accept_one(server);
         assert!(
             reg.forward(4242, a.key, t).await,
             "a's key reaches a's server"
         );
-        let (mut s, _) = server.accept().await.unwrap();
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).await.unwrap();
+        let got = got.await.unwrap();
         let mut want = BytesMut::new();
         StartupPacket::Cancel { pid: 4242, key: 1 }.encode(&mut want);
         assert_eq!(got, want.to_vec());
@@ -256,5 +272,33 @@ mod tests {
         assert!(!reg.forward(4242, b.key.wrapping_add(1), t).await);
         drop(b);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_is_done_only_when_the_server_has_closed_its_connection() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let srv = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = [0u8; 16];
+            s.read_exact(&mut got).await.unwrap();
+            // Holds the connection open until told: the backend is not signalled yet.
+            let _ = closed.await;
+        });
+        let key = ServerKey {
+            addr,
+            pid: 1,
+            key: 2,
+        };
+        let mut cancel = Box::pin(cancel_server(key, Duration::from_secs(10)));
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut cancel).await;
+        assert!(
+            early.is_err(),
+            "returned before the server closed: {early:?}"
+        );
+        close.send(()).unwrap();
+        assert!(cancel.await);
+        srv.await.unwrap();
     }
 }
