@@ -1,6 +1,7 @@
 //! SQL text the proxy writes or glances at: literals it builds into SET statements, the
-//! first word of a statement that ends a transaction, and whether a query string holds a
-//! LISTEN.
+//! first word of a statement that ends a transaction, whether a query string holds a
+//! LISTEN, and statements about SQL-level prepared statements (PREPARE, EXECUTE,
+//! DEALLOCATE) with the statement's name.
 
 /// `value` as a SQL string literal that reads the same whatever
 /// `standard_conforming_strings` says: with a backslash in it the escape-string form
@@ -35,15 +36,19 @@ pub fn ends_transaction(sql: &[u8]) -> Option<bool> {
     }
 }
 
-/// True when one of the statements in `sql` (separated by `;`, outside string literals,
-/// quoted identifiers, dollar quotes and comments) starts with the word `LISTEN`.
-pub fn listens(sql: &[u8]) -> bool {
+/// Where each statement in `sql` starts: the offset of its first word, for statements
+/// separated by `;` outside string literals, quoted identifiers, dollar quotes and
+/// comments. `visit` returns false to stop early.
+fn statement_starts(sql: &[u8], mut visit: impl FnMut(usize) -> bool) {
     let mut i = 0;
     let mut statement_start = true;
     while i < sql.len() {
         let c = sql[i];
         match c {
             b'\'' | b'"' => {
+                if statement_start && !visit(i) {
+                    return;
+                }
                 statement_start = false;
                 i += 1;
                 while i < sql.len() {
@@ -72,6 +77,9 @@ pub fn listens(sql: &[u8]) -> bool {
                 i += 2;
             }
             b'$' => {
+                if statement_start && !visit(i) {
+                    return;
+                }
                 statement_start = false;
                 // $tag$ … $tag$ (a $1 parameter has no closing $).
                 let tag_end = sql[i + 1..]
@@ -97,22 +105,145 @@ pub fn listens(sql: &[u8]) -> bool {
             c if c.is_ascii_whitespace() || c == b'(' => i += 1,
             _ => {
                 if statement_start {
-                    let len = sql[i..]
-                        .iter()
-                        .position(|b| !b.is_ascii_alphabetic())
-                        .unwrap_or(sql.len() - i);
-                    if sql[i..i + len].eq_ignore_ascii_case(b"LISTEN") {
-                        return true;
+                    if !visit(i) {
+                        return;
                     }
                     statement_start = false;
-                    i += len.max(1);
-                } else {
+                }
+                i += 1;
+            }
+        }
+    }
+}
+
+/// The word at the start of `sql` (letters only).
+fn first_word(sql: &[u8]) -> &[u8] {
+    let len = sql
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(sql.len());
+    &sql[..len]
+}
+
+/// True when one of the statements in `sql` starts with the word `LISTEN`.
+pub fn listens(sql: &[u8]) -> bool {
+    let mut found = false;
+    statement_starts(sql, |at| {
+        found = first_word(&sql[at..]).eq_ignore_ascii_case(b"LISTEN");
+        !found
+    });
+    found
+}
+
+/// A query string that is exactly one statement about SQL-level prepared statements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PreparedSql<'a> {
+    /// `PREPARE name rest`: `rest` is what follows the name (`[(types)] AS statement`).
+    Prepare { name: String, rest: &'a [u8] },
+    /// `EXECUTE name rest`: `rest` is what follows the name (`[(arguments)]`).
+    Execute { name: String, rest: &'a [u8] },
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate { name: String },
+}
+
+/// `sql` (a whole query string) as a [`PreparedSql`] statement: `None` for anything
+/// else, including several statements in one string.
+pub fn prepared_sql(sql: &[u8]) -> Option<PreparedSql<'_>> {
+    let mut starts = 0;
+    let mut first = 0;
+    statement_starts(sql, |at| {
+        starts += 1;
+        first = at;
+        starts < 2
+    });
+    if starts != 1 {
+        return None;
+    }
+    let stmt = &sql[first..];
+    let word = first_word(stmt);
+    let after = skip_space(stmt, word.len());
+    if word.eq_ignore_ascii_case(b"DEALLOCATE") {
+        let mut at = after;
+        let (name, end) = identifier(stmt, at)?;
+        if name == "prepare"
+            && !stmt[end..]
+                .iter()
+                .all(|b| b.is_ascii_whitespace() || *b == b';')
+        {
+            at = skip_space(stmt, end);
+        }
+        let (name, end) = identifier(stmt, at)?;
+        let quoted = stmt[at] == b'"';
+        if !quoted && name == "all" {
+            return None;
+        }
+        let tail = &stmt[end..];
+        tail.iter()
+            .all(|b| b.is_ascii_whitespace() || *b == b';')
+            .then_some(PreparedSql::Deallocate { name })
+    } else if word.eq_ignore_ascii_case(b"PREPARE") || word.eq_ignore_ascii_case(b"EXECUTE") {
+        let (name, end) = identifier(stmt, after)?;
+        let rest = &stmt[end..];
+        // `PREPARE TRANSACTION 'gid'` is two-phase commit, not a statement.
+        if word.eq_ignore_ascii_case(b"PREPARE") {
+            if stmt[after] != b'"' && name == "transaction" {
+                return None;
+            }
+            Some(PreparedSql::Prepare { name, rest })
+        } else {
+            Some(PreparedSql::Execute { name, rest })
+        }
+    } else {
+        None
+    }
+}
+
+fn skip_space(sql: &[u8], mut at: usize) -> usize {
+    while at < sql.len() && sql[at].is_ascii_whitespace() {
+        at += 1;
+    }
+    at
+}
+
+/// The identifier at `at` as PostgreSQL names it (unquoted: ASCII letters folded to
+/// lower case; quoted: as written, `""` an embedded quote) and the offset after it.
+fn identifier(sql: &[u8], at: usize) -> Option<(String, usize)> {
+    let first = *sql.get(at)?;
+    if first == b'"' {
+        let mut name = Vec::new();
+        let mut i = at + 1;
+        loop {
+            match *sql.get(i)? {
+                b'"' if sql.get(i + 1) == Some(&b'"') => {
+                    name.push(b'"');
+                    i += 2;
+                }
+                b'"' => break,
+                c => {
+                    name.push(c);
                     i += 1;
                 }
             }
         }
+        let name = String::from_utf8(name).ok().filter(|n| !n.is_empty())?;
+        return Some((name, i + 1));
     }
-    false
+    if !(first.is_ascii_alphabetic() || first == b'_' || first >= 0x80) {
+        return None;
+    }
+    let len = sql[at..]
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80))
+        .unwrap_or(sql.len() - at);
+    let name = std::str::from_utf8(&sql[at..at + len])
+        .ok()?
+        .to_ascii_lowercase();
+    Some((name, at + len))
+}
+
+/// `name` written as a quoted identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 #[cfg(test)]
@@ -159,5 +290,54 @@ mod tests {
         assert!(!listens(b"NOTIFY jobs"));
         assert!(!listens(b""));
         assert!(!listens(b"'unterminated; listen x"));
+    }
+
+    #[test]
+    fn prepared_statement_commands_are_recognised_with_their_names() {
+        use PreparedSql::*;
+        assert_eq!(
+            prepared_sql(b"PREPARE foo (int) AS SELECT $1;"),
+            Some(Prepare {
+                name: "foo".into(),
+                rest: b" (int) AS SELECT $1;"
+            })
+        );
+        assert_eq!(
+            prepared_sql(b"  /* c */ prepare \"Foo\"\"x\" as select 1"),
+            Some(Prepare {
+                name: "Foo\"x".into(),
+                rest: b" as select 1"
+            })
+        );
+        assert_eq!(
+            prepared_sql(b"EXECUTE FooBar(1, 'a;b')"),
+            Some(Execute {
+                name: "foobar".into(),
+                rest: b"(1, 'a;b')"
+            })
+        );
+        assert_eq!(
+            prepared_sql(b"deallocate prepare x ;"),
+            Some(Deallocate { name: "x".into() })
+        );
+        assert_eq!(
+            prepared_sql(b"DEALLOCATE prepare"),
+            Some(Deallocate {
+                name: "prepare".into()
+            })
+        );
+        assert_eq!(
+            prepared_sql(b"DEALLOCATE \"ALL\""),
+            Some(Deallocate { name: "ALL".into() })
+        );
+        assert_eq!(prepared_sql(b"DEALLOCATE ALL"), None);
+        assert_eq!(prepared_sql(b"DEALLOCATE PREPARE ALL"), None);
+        assert_eq!(prepared_sql(b"PREPARE TRANSACTION 'x'"), None);
+        assert_eq!(prepared_sql(b"PREPARE a AS SELECT 1; EXECUTE a"), None);
+        assert_eq!(prepared_sql(b"SELECT 1"), None);
+        assert_eq!(prepared_sql(b"DEALLOCATE x y"), None);
+        assert_eq!(prepared_sql(b"EXECUTE"), None);
+        assert_eq!(prepared_sql(b""), None);
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }

@@ -40,6 +40,10 @@ pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const INTERNAL_ERROR: &str = "XX000";
 /// in_failed_sql_transaction
 pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+/// invalid_sql_statement_name (e.g. a prepared statement that does not exist)
+pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+/// duplicate_prepared_statement
+pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 /// object_in_use
 pub const OBJECT_IN_USE: &str = "55006";
 /// object_not_in_prerequisite_state (e.g. a login to a database that does not accept
@@ -79,6 +83,8 @@ pub fn known(code: &str) -> Option<&'static str> {
         IN_FAILED_SQL_TRANSACTION,
         OBJECT_IN_USE,
         OBJECT_NOT_IN_PREREQUISITE_STATE,
+        INVALID_SQL_STATEMENT_NAME,
+        DUPLICATE_PREPARED_STATEMENT,
     ];
     ALL.iter().copied().find(|c| *c == code)
 }

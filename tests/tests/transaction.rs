@@ -748,3 +748,229 @@ async fn listen_is_refused_at_once_in_transaction_mode() {
     assert_eq!(listening, "0");
     proxy.shutdown().await;
 }
+
+/// The first column of the first row `sql` returns (simple query protocol).
+async fn first_value(client: &Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    for m in client.simple_query(sql).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return Ok(r.get(0).unwrap_or("NULL").to_string());
+        }
+    }
+    Ok("no rows".to_string())
+}
+
+fn code_of(r: Result<impl std::fmt::Debug, tokio_postgres::Error>) -> String {
+    match r {
+        Ok(v) => format!("ok: {v:?}"),
+        Err(e) => e.code().map_or(format!("{e}"), |c| c.code().to_string()),
+    }
+}
+
+#[tokio::test]
+async fn sql_level_prepared_statements_are_each_clients_own() {
+    let cluster = Cluster::start(0).unwrap();
+    // One server connection: both clients' statements land on it.
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let a = connect(&proxy).await;
+    let b = connect(&proxy).await;
+    a.batch_execute("PREPARE foo AS SELECT 'a'").await.unwrap();
+    b.batch_execute("prepare FOO (int) as select 'b' || $1")
+        .await
+        .unwrap();
+    assert_eq!(first_value(&a, "EXECUTE foo").await.unwrap(), "a");
+    assert_eq!(first_value(&b, "EXECUTE foo(1)").await.unwrap(), "b1");
+    // In a transaction block, and through the extended protocol (a named Parse of
+    // "EXECUTE foo", as asyncpg and tokio-postgres send it).
+    a.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(first_value(&a, "execute \"foo\"").await.unwrap(), "a");
+    a.batch_execute("COMMIT").await.unwrap();
+    let row = a.query_one("EXECUTE foo", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "a");
+    let row = b.query_one("EXECUTE foo(2)", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "b2");
+
+    // A name the client already has: 42P05 naming it, the first one kept.
+    let err = b
+        .batch_execute("PREPARE foo AS SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::DUPLICATE_PSTATEMENT), "{err:?}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("prepared statement \"foo\" already exists"),
+        "{err:?}"
+    );
+    assert_eq!(first_value(&b, "EXECUTE foo(3)").await.unwrap(), "b3");
+
+    // DEALLOCATE takes only the client's own name.
+    a.batch_execute("DEALLOCATE foo").await.unwrap();
+    let err = first_value(&a, "EXECUTE foo").await;
+    assert_eq!(code_of(err), "26000");
+    assert_eq!(first_value(&b, "EXECUTE foo(4)").await.unwrap(), "b4");
+    let err = a.batch_execute("DEALLOCATE PREPARE nothing").await;
+    assert_eq!(
+        code_of(err),
+        "26000",
+        "an unknown name is the server's 26000"
+    );
+
+    // A statement survives its server connection: the next one is given it.
+    proxy_backends(&cluster).into_iter().for_each(|pid| {
+        cluster
+            .primary
+            .psql(&format!("SELECT pg_terminate_backend({pid})"))
+            .unwrap();
+    });
+    eventually(
+        Duration::from_secs(10),
+        "EXECUTE on a new connection",
+        || async { Ok(first_value(&b, "EXECUTE foo(5)").await? == "b5") },
+    )
+    .await
+    .unwrap();
+
+    // DEALLOCATE ALL and DISCARD ALL end the client's statements, not the other's; the
+    // other's cached protocol-level statements are prepared again where needed.
+    let st = a.prepare("SELECT 'cached ' || $1::int").await.unwrap();
+    assert_eq!(
+        a.query_one(&st, &[&1i32])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "cached 1"
+    );
+    b.batch_execute("DEALLOCATE ALL").await.unwrap();
+    assert_eq!(code_of(first_value(&b, "EXECUTE foo(6)").await), "26000");
+    assert_eq!(
+        a.query_one(&st, &[&2i32])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "cached 2"
+    );
+    b.batch_execute("PREPARE foo AS SELECT 'again'")
+        .await
+        .unwrap();
+    a.batch_execute("PREPARE bar AS SELECT 'bar'")
+        .await
+        .unwrap();
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(code_of(first_value(&a, "EXECUTE bar").await), "26000");
+    assert_eq!(first_value(&b, "EXECUTE foo").await.unwrap(), "again");
+    // DISCARD PLANS keeps statements.
+    b.batch_execute("DISCARD PLANS").await.unwrap();
+    assert_eq!(first_value(&b, "EXECUTE foo").await.unwrap(), "again");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn protocol_level_names_answer_as_postgresql_does() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
+    use FrontendMessage::{Query, Sync};
+    let got = exchange(&mut raw, &[parse("st", "select 'first'"), Sync], 1).await;
+    assert_eq!(got, ["ParseComplete", "Ready I"]);
+    // A second Parse of the name: 42P05, the first statement kept.
+    let got = exchange(&mut raw, &[parse("st", "select 'second'"), Sync], 1).await;
+    assert_eq!(got, ["Error 42P05", "Ready I"]);
+    let got = exchange(&mut raw, &[bind("st"), execute(), Sync], 1).await;
+    assert_eq!(
+        got,
+        ["BindComplete", "Row first", "Complete SELECT 1", "Ready I"]
+    );
+    // DEALLOCATE of a protocol-level name, sent as SQL.
+    let q = |sql: &str| Query {
+        sql: sql.as_bytes().to_vec().into(),
+    };
+    let got = exchange(&mut raw, &[q("DEALLOCATE st")], 1).await;
+    assert_eq!(got, ["Complete DEALLOCATE", "Ready I"]);
+    let got = exchange(&mut raw, &[bind("st"), execute(), Sync], 1).await;
+    assert_eq!(got, ["Error 26000", "Ready I"]);
+    // The name is free again; a Close then a Parse with other types is a new statement.
+    let got = exchange(&mut raw, &[parse("st", "select 'third'"), Sync], 1).await;
+    assert_eq!(got, ["ParseComplete", "Ready I"]);
+    let close = FrontendMessage::Close {
+        target: Target::Statement,
+        name: bytes::Bytes::from_static(b"st"),
+    };
+    let typed = FrontendMessage::Parse {
+        name: bytes::Bytes::from_static(b"st"),
+        sql: bytes::Bytes::from_static(b"select $1::text || ' typed'"),
+        param_types: vec![25],
+    };
+    let got = exchange(&mut raw, &[close, typed, Sync], 1).await;
+    assert_eq!(got, ["CloseComplete", "ParseComplete", "Ready I"]);
+    let bind_text = FrontendMessage::Bind {
+        portal: bytes::Bytes::new(),
+        statement: bytes::Bytes::from_static(b"st"),
+        // No format codes, one parameter "x", no result format codes.
+        rest: bytes::Bytes::from_static(&[0, 0, 0, 1, 0, 0, 0, 1, b'x', 0, 0]),
+    };
+    let got = exchange(&mut raw, &[bind_text, execute(), Sync], 1).await;
+    assert_eq!(
+        got,
+        [
+            "BindComplete",
+            "Row x typed",
+            "Complete SELECT 1",
+            "Ready I"
+        ]
+    );
+    // In a transaction block a duplicate aborts the block, as on a direct connection.
+    let got = exchange(&mut raw, &[q("BEGIN"), q("PREPARE st AS SELECT 1")], 2).await;
+    assert_eq!(got, ["Complete BEGIN", "Ready T", "Error 42P05", "Ready E"]);
+    let got = exchange(&mut raw, &[q("ROLLBACK")], 1).await;
+    assert_eq!(got, ["Complete ROLLBACK", "Ready I"]);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn statements_changed_under_the_cache_are_prepared_again() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let a = connect(&proxy).await;
+    a.batch_execute("CREATE TABLE shapes (x int); INSERT INTO shapes VALUES (1)")
+        .await
+        .unwrap();
+    let st = a.prepare("SELECT * FROM shapes").await.unwrap();
+    assert_eq!(a.query(&st, &[]).await.unwrap().len(), 1);
+    // The table changes shape: the statement cached on the connection no longer fits.
+    a.batch_execute("ALTER TABLE shapes ADD COLUMN y text DEFAULT 'y'")
+        .await
+        .unwrap();
+    // A client preparing the same SQL now gets the new shape, as it would directly.
+    let b = connect(&proxy).await;
+    let rows = b.query("SELECT * FROM shapes", &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2, "the new shape");
+    assert_eq!(rows[0].get::<_, String>(1), "y");
+    // The server forgets statements behind the proxy's back (a DEALLOCATE ALL inside a
+    // function): the next use is prepared again, without an error.
+    let st2 = b.prepare("SELECT count(*) FROM shapes").await.unwrap();
+    assert_eq!(b.query_one(&st2, &[]).await.unwrap().get::<_, i64>(0), 1);
+    b.batch_execute("DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$")
+        .await
+        .unwrap();
+    assert_eq!(b.query_one(&st2, &[]).await.unwrap().get::<_, i64>(0), 1);
+    let c = connect(&proxy).await;
+    let rows = c.query("SELECT * FROM shapes", &[]).await.unwrap();
+    assert_eq!(rows[0].len(), 2);
+    let (_, retried) = http(proxy.admin_addr(), "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(
+        retried.contains("reason=\"stale_statement\""),
+        "the retries are counted"
+    );
+    proxy.shutdown().await;
+}

@@ -41,6 +41,9 @@ pub struct Backend {
     pub applied: HashMap<String, String>,
     /// Server-side names of the prepared statements this connection holds.
     pub prepared: LruCache<Bytes, ()>,
+    /// Statements the connection holds but must not use again (evicted from the cache
+    /// by a SQL-level PREPARE, or found stale): closed with the next statements sent.
+    pub to_close: Vec<Bytes>,
     created: Instant,
 }
 
@@ -54,6 +57,7 @@ impl Backend {
             params: s.params.into_iter().collect(),
             applied: HashMap::new(),
             prepared: LruCache::new(NonZeroUsize::new(max_prepared.max(1)).expect("at least 1")),
+            to_close: Vec::new(),
             created: Instant::now(),
         }
     }

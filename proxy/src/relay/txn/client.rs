@@ -82,14 +82,13 @@ pub(super) async fn client_bytes(
             break;
         }
         let local = !matches!(txn.local, Local::None);
-        let starting = txn.backend.is_none();
         let step = match scan.step(&client.rbuf[pos..], |t| {
             if local {
                 matches!(t, ftag::QUERY | ftag::PARSE | ftag::BIND)
             } else {
-                // A Query that starts a transaction is looked at whole when it fits
-                // (LISTEN is refused below); any other streams through unread.
-                inspect_client(t) || (starting && t == ftag::QUERY)
+                // A Query is looked at whole when it fits: LISTEN at a transaction's
+                // start is refused below, SQL-level prepared statements are mapped.
+                inspect_client(t) || t == ftag::QUERY
             }
         }) {
             Ok(s) => s,
@@ -138,8 +137,19 @@ pub(super) async fn client_bytes(
             continue;
         }
         txn.on_probation(tag, &client.rbuf[pos..pos + len], &mut answers);
+        // Before the Query's ReadyForQuery is owed: what the rewrite expects comes first.
+        let rewritten = if whole && tag == Some(ftag::QUERY) {
+            txn.translate_query(&client.rbuf[pos + HEADER_LEN..pos + len])
+        } else {
+            None
+        };
         if let Some(t) = tag {
             txn.note_request(t, &client.rbuf[pos..pos + len], now);
+        }
+        if let Some(q) = rewritten {
+            txn.out.extend_from_slice(&q);
+            pos += len;
+            continue;
         }
         if whole && tag != Some(ftag::QUERY) {
             // Everything before it is already copied into `out`: take the message off

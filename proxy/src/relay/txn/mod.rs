@@ -71,8 +71,18 @@ pub(crate) struct Txn<'a> {
     /// Startup parameters the client asked for (absent: the server default); applied
     /// with SET to whichever server connection serves it.
     pub desired: HashMap<String, String>,
+    /// What the client asked for at startup: `desired` again after `DISCARD ALL`.
+    startup: HashMap<String, String>,
     /// The client's named statements.
     stmts: HashMap<Bytes, StmtDef>,
+    /// The client's SQL-level (`PREPARE`) statements, by the name PostgreSQL gives them.
+    sql_stmts: HashMap<String, StmtDef>,
+    /// Server names of the statements this segment binds or describes: the ones to
+    /// prepare afresh if the server finds them stale.
+    used: Vec<Bytes>,
+    /// `DISCARD ALL` ran in this segment: the parameters the server reports next are its
+    /// defaults, not the client's choice.
+    discarded: bool,
     /// Client statements whose Parse was sent but not yet answered: a Parse the server
     /// skips after an error must not define the name.
     defining: HashMap<Bytes, StmtDef>,
@@ -121,8 +131,12 @@ impl<'a> Txn<'a> {
             admitted: None,
             local: Local::None,
             registration,
+            startup: desired.clone(),
             desired,
             stmts: HashMap::new(),
+            sql_stmts: HashMap::new(),
+            used: Vec::new(),
+            discarded: false,
             defining: HashMap::new(),
             backend: None,
             preparing: HashSet::new(),
@@ -177,8 +191,9 @@ impl<'a> Txn<'a> {
             self.pool.checkin(b);
             self.leave();
         };
-        // Boxed: rare (only when parameters differ) and not small.
-        match Box::pin(sync_params(&mut b, &self.desired)).await {
+        // Boxed: rare (only when parameters differ, or the client has SQL-level
+        // statements the connection lacks) and not small.
+        match Box::pin(sync_params(&mut b, &self.desired, &self.sql_stmts)).await {
             Ok(()) => {}
             Err(e) => {
                 self.pool.discard(b);
@@ -272,10 +287,13 @@ impl<'a> Txn<'a> {
             self.ending = false;
         }
         self.status = status;
+        self.used.clear();
+        self.discarded = false;
         while let Some(r) = self.replies.pop_front() {
             if r == Reply::SyncMark {
                 break;
             }
+            self.settle(r);
         }
         self.meter
             .on_ready(now, self.pending == 0, status == TransactionStatus::Idle);

@@ -6,11 +6,23 @@
 //! connection. The relay rewrites Parse/Bind/Describe/Close names, prepares statements
 //! on whichever connection a transaction lands on, and keeps [`Reply`] entries so that
 //! it knows what to do with each ParseComplete/CloseComplete the server sends back.
+//!
+//! SQL-level statements follow the same mapping: `PREPARE name AS …` runs on the
+//! server as `PREPARE handoff_p… AS …` (a name derived from what follows the client's
+//! name), `EXECUTE name` (in a Query or a Parse) runs the server name, `DEALLOCATE name`
+//! of a name the client defined (either way) is answered by the proxy (the server copy
+//! stays cached), and a client's SQL-level statements are prepared on each connection
+//! its later transactions land on. `DEALLOCATE ALL` and `DISCARD ALL`, however sent, run
+//! on the server: the connection's cache and the client's names are emptied when their
+//! CommandComplete comes back. A statement whose cached plan the server refuses
+//! (`cached plan must not change result type`, a dropped type, a missing statement) is
+//! re-prepared on that connection the next time it is used.
 
 use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::tag as btag;
 use handoff_protocol::frontend::{FrontendMessage, Target};
-use handoff_protocol::{sql, Frame};
+use handoff_protocol::sql::PreparedSql;
+use handoff_protocol::{sql, sqlstate, Frame};
 use sha2::{Digest, Sha256};
 
 use super::Txn;
@@ -21,7 +33,7 @@ use super::Txn;
 pub const NOOP_NAME: &[u8] = b"handoff_noop";
 
 /// A client's statement.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StmtDef {
     pub sql: Bytes,
     pub param_types: Vec<u32>,
@@ -31,14 +43,29 @@ pub struct StmtDef {
 
 impl StmtDef {
     pub fn new(sql: Bytes, param_types: Vec<u32>) -> Self {
+        Self::named("handoff_", b"", sql, param_types)
+    }
+
+    /// A SQL-level statement: `rest` is what followed the client's name in its PREPARE.
+    pub fn prepare_sql(rest: &[u8]) -> Self {
+        Self::named(
+            "handoff_p",
+            b"PREPARE",
+            Bytes::copy_from_slice(rest),
+            Vec::new(),
+        )
+    }
+
+    fn named(prefix: &str, kind: &[u8], sql: Bytes, param_types: Vec<u32>) -> Self {
         let mut h = Sha256::new();
+        h.update(kind);
         h.update((param_types.len() as u32).to_be_bytes());
         for t in &param_types {
             h.update(t.to_be_bytes());
         }
         h.update(&sql);
         let digest = h.finalize();
-        let mut name = String::from("handoff_");
+        let mut name = String::from(prefix);
         for b in &digest[..12] {
             name.push_str(&format!("{b:02x}"));
         }
@@ -65,8 +92,41 @@ pub enum Reply {
     /// A no-op Close stood in for a Parse the connection already had: turn its
     /// CloseComplete into the ParseComplete the client expects, and define the name.
     AsParseComplete { define: Bytes },
+    /// The server answers EmptyQueryResponse for a query the proxy emptied: the client
+    /// gets CommandComplete with this tag instead (a `DEALLOCATE` or `PREPARE` the proxy
+    /// answered from its own statement mapping).
+    Substitute(&'static str),
+    /// A SQL-level `PREPARE` ran under the server name: when its segment ends without
+    /// an error, the connection holds the statement and the client's name is defined.
+    Prepared { name: String, def: StmtDef },
+    /// A name the proxy prepared only to have the server refuse a duplicate: closed
+    /// when the segment ends.
+    CloseAfter(Bytes),
     /// ReadyForQuery ends this segment.
     SyncMark,
+}
+
+/// What a server error says about a statement the connection was believed to hold: its
+/// cached plan is unusable (`0A000` cached plan must not change result type, `XX000`
+/// cache lookup failed, after a table or type changed) or it is gone (`26000`).
+pub fn stale_statement(code: &str, message: Option<&str>) -> bool {
+    let says = |m: &str| message.is_some_and(|msg| msg.starts_with(m));
+    match code {
+        sqlstate::INVALID_SQL_STATEMENT_NAME => true,
+        sqlstate::FEATURE_NOT_SUPPORTED => says("cached plan must not change result type"),
+        sqlstate::INTERNAL_ERROR => says("cache lookup failed"),
+        _ => false,
+    }
+}
+
+/// A Query message carrying `sql`.
+fn query(sql: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    FrontendMessage::Query {
+        sql: Bytes::copy_from_slice(sql.as_bytes()),
+    }
+    .encode(&mut out);
+    out
 }
 
 impl Txn<'_> {
@@ -102,7 +162,8 @@ impl Txn<'_> {
         self.replies.push_back(reply);
     }
 
-    /// Makes room in the connection's statement cache for one more statement.
+    /// Makes room in the connection's statement cache for one more statement, and
+    /// closes the statements the connection holds but must not use again.
     fn evict_for_one(&mut self) {
         let b = self.backend.as_mut().expect("attached");
         let cap = b.prepared.cap().get();
@@ -122,6 +183,7 @@ impl Txn<'_> {
 
     /// Translates one whole inspected client message (Parse, Bind, Describe, Close).
     pub(super) fn translate(&mut self, frame: Frame) -> Result<(), handoff_protocol::FrameError> {
+        self.close_unused();
         self.in_extended = true;
         let raw = frame.clone();
         match FrontendMessage::parse(frame)? {
@@ -131,6 +193,11 @@ impl Txn<'_> {
                 param_types,
             } if !name.is_empty() => {
                 self.ending |= sql::ends_transaction(&sql).is_some();
+                if self.defined(&name) {
+                    self.duplicate_parse(name);
+                    return Ok(());
+                }
+                let sql = self.execute_by_server_name(&sql).unwrap_or(sql);
                 let def = StmtDef::new(sql, param_types);
                 let b = self.backend.as_mut().expect("attached");
                 if b.prepared.get(&def.server_name).is_some() {
@@ -153,9 +220,21 @@ impl Txn<'_> {
                 }
                 self.defining.insert(name, def);
             }
-            FrontendMessage::Parse { sql, .. } => {
+            FrontendMessage::Parse {
+                name,
+                sql,
+                param_types,
+            } => {
                 self.ending |= sql::ends_transaction(&sql).is_some();
-                raw.encode(&mut self.out);
+                match self.execute_by_server_name(&sql) {
+                    Some(sql) => FrontendMessage::Parse {
+                        name,
+                        sql,
+                        param_types,
+                    }
+                    .encode(&mut self.out),
+                    None => raw.encode(&mut self.out),
+                }
                 self.replies.push_back(Reply::Pass {
                     register: None,
                     define: None,
@@ -169,6 +248,7 @@ impl Txn<'_> {
                 Some(def) => {
                     self.ending |= sql::ends_transaction(&def.sql).is_some();
                     self.ensure_prepared(&def);
+                    self.used.push(def.server_name.clone());
                     FrontendMessage::Bind {
                         portal,
                         statement: def.server_name,
@@ -184,6 +264,7 @@ impl Txn<'_> {
             } if !name.is_empty() => match self.lookup(&name) {
                 Some(def) => {
                     self.ensure_prepared(&def);
+                    self.used.push(def.server_name.clone());
                     FrontendMessage::Describe {
                         target: Target::Statement,
                         name: def.server_name,
@@ -199,6 +280,9 @@ impl Txn<'_> {
                 // The server copy stays cached for other clients; the client's name goes.
                 self.stmts.remove(&name);
                 self.defining.remove(&name);
+                if let Ok(n) = std::str::from_utf8(&name) {
+                    self.sql_stmts.remove(n);
+                }
                 noop_close(&mut self.out);
                 self.replies.push_back(Reply::Pass {
                     register: None,
@@ -217,6 +301,163 @@ impl Txn<'_> {
         Ok(())
     }
 
+    /// True when the client has a statement of this name (either level).
+    fn defined(&self, name: &Bytes) -> bool {
+        self.defining.contains_key(name)
+            || self.stmts.contains_key(name)
+            || std::str::from_utf8(name).is_ok_and(|n| self.sql_stmts.contains_key(n))
+    }
+
+    /// A Parse of a name the client already has: PostgreSQL answers `42P05` and keeps
+    /// the first. The server is made to say so itself, in order: the name is prepared
+    /// twice (the first answer swallowed, the second fails), and closed again later.
+    fn duplicate_parse(&mut self, name: Bytes) {
+        let parse = FrontendMessage::Parse {
+            name: name.clone(),
+            sql: Bytes::from_static(b"SELECT 1"),
+            param_types: Vec::new(),
+        };
+        parse.encode(&mut self.out);
+        self.replies.push_back(Reply::Swallow { register: None });
+        parse.encode(&mut self.out);
+        self.replies.push_back(Reply::Pass {
+            register: None,
+            define: None,
+        });
+        // Closed once the segment is over (the server skips anything sent before the
+        // client's Sync).
+        self.backend.as_mut().expect("attached").prepared.pop(&name);
+        self.replies.push_back(Reply::CloseAfter(name));
+    }
+
+    /// Closes what the connection holds but must not use again, ahead of what the
+    /// client sent next.
+    fn close_unused(&mut self) {
+        let Some(b) = self.backend.as_mut() else {
+            return;
+        };
+        for name in std::mem::take(&mut b.to_close) {
+            FrontendMessage::Close {
+                target: Target::Statement,
+                name,
+            }
+            .encode(&mut self.out);
+            self.replies.push_back(Reply::Swallow { register: None });
+        }
+    }
+
+    /// `EXECUTE name …` of a statement the client prepared (either level), rewritten to
+    /// run the statement's server name; `None` to send the SQL as it is.
+    fn execute_by_server_name(&self, sql: &[u8]) -> Option<Bytes> {
+        let Some(PreparedSql::Execute { name, rest }) = sql::prepared_sql(sql) else {
+            return None;
+        };
+        let server_name = self.server_name_of(&name)?;
+        let mut out = Vec::with_capacity(sql.len() + server_name.len());
+        out.extend_from_slice(b"EXECUTE ");
+        out.extend_from_slice(&server_name);
+        out.extend_from_slice(rest);
+        Some(Bytes::from(out))
+    }
+
+    /// The server name a client statement runs under on this connection: a SQL-level
+    /// one always (the connection was given it when the transaction attached, or earlier
+    /// in it); a protocol-level one only when the connection holds it.
+    fn server_name_of(&self, name: &str) -> Option<Bytes> {
+        if let Some(def) = self.sql_stmts.get(name) {
+            return Some(def.server_name.clone());
+        }
+        let def = self.lookup(&Bytes::copy_from_slice(name.as_bytes()))?;
+        let b = self.backend.as_ref()?;
+        b.prepared
+            .contains(&def.server_name)
+            .then_some(def.server_name)
+    }
+
+    /// A whole simple Query, looked at for SQL-level prepared statements: the query to
+    /// send instead, if any. Called before the Query's ReadyForQuery is owed.
+    pub(super) fn translate_query(&mut self, body: &[u8]) -> Option<BytesMut> {
+        let text = body.strip_suffix(&[0]).unwrap_or(body);
+        let command = sql::prepared_sql(text)?;
+        self.close_unused();
+        match command {
+            PreparedSql::Prepare { name, rest } => {
+                if self.defined(&Bytes::copy_from_slice(name.as_bytes())) {
+                    return raise(
+                        sqlstate::DUPLICATE_PREPARED_STATEMENT,
+                        &format!("prepared statement \"{name}\" already exists"),
+                    );
+                }
+                let def = StmtDef::prepare_sql(rest);
+                let b = self.backend.as_mut().expect("attached");
+                if b.prepared.get(&def.server_name).is_some() {
+                    self.shared.prepared.hit.increment(1);
+                    self.sql_stmts.insert(name, def);
+                    self.replies.push_back(Reply::Substitute("PREPARE"));
+                    return Some(query(""));
+                }
+                self.shared.prepared.miss.increment(1);
+                self.evict_for_one();
+                let sql = format!(
+                    "PREPARE {}{}",
+                    String::from_utf8_lossy(&def.server_name),
+                    String::from_utf8_lossy(rest)
+                );
+                self.replies.push_back(Reply::Prepared { name, def });
+                Some(query(&sql))
+            }
+            PreparedSql::Execute { .. } => {
+                let sql = self.execute_by_server_name(text)?;
+                let mut out = BytesMut::new();
+                FrontendMessage::Query { sql }.encode(&mut out);
+                Some(out)
+            }
+            PreparedSql::Deallocate { name } => {
+                let key = Bytes::copy_from_slice(name.as_bytes());
+                if !self.defined(&key) {
+                    // The server's own 26000 names the client's statement.
+                    return None;
+                }
+                self.sql_stmts.remove(&name);
+                self.stmts.remove(&key);
+                self.defining.remove(&key);
+                self.replies.push_back(Reply::Substitute("DEALLOCATE"));
+                Some(query(""))
+            }
+        }
+    }
+
+    /// The server dropped every prepared statement of the connection (`DEALLOCATE ALL`,
+    /// `DISCARD ALL` ran, however it was sent): the connection's cache empties, and so
+    /// do the client's names, as they would on a direct connection.
+    pub(super) fn statements_dropped(&mut self) {
+        if let Some(b) = self.backend.as_mut() {
+            b.prepared.clear();
+            b.to_close.clear();
+        }
+        self.stmts.clear();
+        self.sql_stmts.clear();
+    }
+
+    /// The server refused a statement the connection was believed to hold (its cached
+    /// plan is unusable, or it is gone): the statements this segment used are prepared
+    /// afresh on this connection next time (closed first, in case they exist). True
+    /// when any was: the error may be the cache's doing, not the client's.
+    pub(super) fn statements_stale(&mut self) -> bool {
+        let used = std::mem::take(&mut self.used);
+        let Some(b) = self.backend.as_mut() else {
+            return false;
+        };
+        let mut any = false;
+        for name in used {
+            if b.prepared.pop(&name).is_some() {
+                b.to_close.push(name);
+                any = true;
+            }
+        }
+        any
+    }
+
     /// The client's statement by name: one being defined in flight wins.
     pub(super) fn lookup(&self, name: &Bytes) -> Option<StmtDef> {
         self.defining
@@ -228,13 +469,23 @@ impl Txn<'_> {
     /// A client Parse succeeded: its name is now defined.
     fn define(&mut self, name: Bytes) {
         if let Some(def) = self.defining.remove(&name) {
+            if self.probe.active {
+                self.probe.defined.push(name.clone());
+            }
             self.stmts.insert(name, def);
         }
+    }
+
+    /// A protocol-level name the client no longer has.
+    pub(super) fn forget(&mut self, name: &Bytes) {
+        self.stmts.remove(name);
+        self.defining.remove(name);
     }
 
     /// After an ErrorResponse the server skips to the next Sync: the replies promised
     /// for the skipped messages will never come.
     pub(super) fn on_error(&mut self) {
+        let mut kept = Vec::new();
         while let Some(r) = self.replies.front() {
             match r {
                 Reply::SyncMark => break,
@@ -245,19 +496,56 @@ impl Txn<'_> {
                     if let Some(d) = define {
                         self.defining.remove(d);
                     }
-                    self.replies.pop_front();
                 }
                 Reply::Swallow { register } => {
                     if let Some(n) = register {
                         self.preparing.remove(n);
                     }
-                    self.replies.pop_front();
                 }
                 Reply::AsParseComplete { define } => {
                     self.defining.remove(define);
-                    self.replies.pop_front();
+                }
+                Reply::Substitute(_) | Reply::Prepared { .. } => {}
+                // Settled at the segment's end, error or not.
+                Reply::CloseAfter(_) => kept.push(r.clone()),
+            }
+            self.replies.pop_front();
+        }
+        for r in kept.into_iter().rev() {
+            self.replies.push_front(r);
+        }
+    }
+
+    /// An EmptyQueryResponse: `Some(tag)` when it stands for a command the proxy
+    /// answered itself (the client gets CommandComplete with that tag).
+    pub(super) fn on_empty_query(&mut self) -> Option<&'static str> {
+        match self.replies.front() {
+            Some(Reply::Substitute(tag)) => {
+                let tag = *tag;
+                self.replies.pop_front();
+                Some(tag)
+            }
+            _ => None,
+        }
+    }
+
+    /// A segment ended: what it did takes effect.
+    pub(super) fn settle(&mut self, reply: Reply) {
+        if let Reply::CloseAfter(name) = reply {
+            if let Some(b) = self.backend.as_mut() {
+                b.to_close.push(name);
+            }
+            return;
+        }
+        if let Reply::Prepared { name, def } = reply {
+            if let Some(b) = self.backend.as_mut() {
+                if let Some((victim, ())) = b.prepared.push(def.server_name.clone(), ()) {
+                    if victim != def.server_name {
+                        b.to_close.push(victim);
+                    }
                 }
             }
+            self.sql_stmts.insert(name, def);
         }
     }
 
@@ -265,7 +553,13 @@ impl Txn<'_> {
     /// that tag, `None` to drop it.
     pub(super) fn on_complete(&mut self, tag: u8) -> Option<u8> {
         let reply = match self.replies.front() {
-            Some(Reply::SyncMark) | None => return Some(tag),
+            Some(
+                Reply::SyncMark
+                | Reply::Substitute(_)
+                | Reply::Prepared { .. }
+                | Reply::CloseAfter(_),
+            )
+            | None => return Some(tag),
             Some(_) => self.replies.pop_front().expect("front exists"),
         };
         let confirm = |this: &mut Self, name: Option<Bytes>| {
@@ -296,9 +590,25 @@ impl Txn<'_> {
                 self.define(define);
                 Some(btag::PARSE_COMPLETE)
             }
-            Reply::SyncMark => unreachable!("handled above"),
+            Reply::SyncMark
+            | Reply::Substitute(_)
+            | Reply::Prepared { .. }
+            | Reply::CloseAfter(_) => unreachable!("handled above"),
         }
     }
+}
+
+/// A query that makes the server raise `code` with `message` itself, so the error comes
+/// in order and aborts a transaction block as the real one would. `None` when the message
+/// would not fit in the dollar quote (the request then goes as the client sent it).
+fn raise(code: &str, message: &str) -> Option<BytesMut> {
+    let quoted = sql::quote_literal(message);
+    if quoted.contains("$handoff$") {
+        return None;
+    }
+    Some(query(&format!(
+        "DO $handoff$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = {quoted}; END $handoff$"
+    )))
 }
 
 fn noop_close(out: &mut BytesMut) {

@@ -39,8 +39,15 @@ pub(super) struct Probation {
     pub(super) held: BytesMut,
     /// The first statement was refused with this retriable reason.
     pub(super) refused: Option<RetryReason>,
+    /// A statement the proxy believed the connection held was refused as stale (its
+    /// cached plan unusable, or gone) before anything ran: it is prepared afresh and the
+    /// request goes again.
+    pub(super) stale: bool,
     /// ReadyForQuery arrived after the refusal: the request may be re-sent.
     pub(super) ready: bool,
+    /// Statement names the request defined (a Parse before the refused message): a
+    /// request sent again defines them again.
+    pub(super) defined: Vec<bytes::Bytes>,
 }
 
 impl Probation {
@@ -50,7 +57,9 @@ impl Probation {
         self.held.clear();
         self.complete = false;
         self.refused = None;
+        self.stale = false;
         self.ready = false;
+        self.defined.clear();
     }
 
     /// Sending the request, message by message (or part by part, up to the end of its
@@ -75,6 +84,7 @@ impl Probation {
     pub(super) fn release(&mut self) -> BytesMut {
         self.active = false;
         self.refused = None;
+        self.stale = false;
         self.ready = false;
         std::mem::take(&mut self.held)
     }
@@ -100,20 +110,39 @@ impl Txn<'_> {
     /// The first statement of the transaction's first request was refused with
     /// `25006`/`57P03` and nothing of it ran. If the primary is indeed being replaced,
     /// the request goes again, through the buffer, to the next primary; otherwise the
-    /// client gets the server's answer.
+    /// client gets the server's answer. A request refused because a statement the proxy
+    /// had cached on the connection was stale goes again at once (the statement is
+    /// prepared afresh): the client, which prepared it, never sees that error.
     pub(super) async fn settle_refusal(
         &mut self,
         client: &mut Conn,
         stream_clean: bool,
     ) -> Result<(), End> {
+        let stale = self.probe.stale;
         let reason = self.probe.refused.unwrap_or(RetryReason::ReadOnly);
-        let gen = Arc::clone(&self.gen);
-        let gone = health::suspect(&self.shared.ctx, self.state, &gen, reason.report()).await;
-        if gone && self.clean() && stream_clean && self.retries_left > 0 {
+        let again = if stale {
+            true
+        } else {
+            let gen = Arc::clone(&self.gen);
+            health::suspect(&self.shared.ctx, self.state, &gen, reason.report()).await
+        };
+        if again && self.clean() && stream_clean && self.retries_left > 0 {
             self.retries_left -= 1;
-            reason.count(self.shard);
-            tracing::info!(shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
+            if stale {
+                metrics::counter!(crate::metrics::RETRIES, "shard" => self.shard.to_string(), "reason" => "stale_statement")
+                    .increment(1);
+                tracing::debug!(
+                    shard = self.shard,
+                    "a cached statement was stale: prepared afresh, the request goes again"
+                );
+            } else {
+                reason.count(self.shard);
+                tracing::info!(shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
+            }
             let mut again = std::mem::take(&mut self.probe.raw);
+            for name in std::mem::take(&mut self.probe.defined) {
+                self.forget(&name);
+            }
             self.probe.release();
             self.detach(false, true);
             again.extend_from_slice(&client.rbuf);

@@ -5,12 +5,14 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use handoff_protocol::backend::tag as btag;
+use handoff_protocol::backend::BackendMessage;
 use handoff_protocol::error::{ErrorFields, Severity};
 use handoff_protocol::framing::HEADER_LEN;
 use handoff_protocol::scan::{Scanner, Step};
 use handoff_protocol::{body, sqlstate};
 
 use super::params::TRACKED_PARAMS;
+use super::prepared::stale_statement;
 use super::probation::shows_execution;
 use super::Txn;
 use crate::error::send_error;
@@ -28,6 +30,8 @@ pub(super) fn inspect_server(t: u8) -> bool {
             | btag::PARSE_COMPLETE
             | btag::CLOSE_COMPLETE
             | btag::PARAMETER_STATUS
+            | btag::COMMAND_COMPLETE
+            | btag::EMPTY_QUERY_RESPONSE
     )
 }
 
@@ -74,7 +78,13 @@ pub(super) async fn server_bytes(
                 .then(|| f.code().and_then(RetryReason::of_refusal))
                 .flatten()
         });
-        if txn.probe_sees(tag, refusal) {
+        // A statement the proxy cached on this connection refused as stale: prepared
+        // afresh next time, and a first request goes again.
+        let stale = fields
+            .as_ref()
+            .is_some_and(|f| f.code().is_some_and(|c| stale_statement(c, f.message())))
+            && txn.statements_stale();
+        if txn.probe_sees(tag, refusal, stale) {
             // The request ran (or nothing in it could have side effects): the held
             // answers go, in order.
             let held = txn.end_probe();
@@ -97,8 +107,26 @@ pub(super) async fn server_bytes(
                 let status = handoff_protocol::backend::ready_status(body)
                     .map_err(|_| End::ServerProtocol)?;
                 txn.on_ready(status);
-                if txn.probe.active && txn.probe.refused.is_some() {
+                if txn.probe.active && (txn.probe.refused.is_some() || txn.probe.stale) {
                     txn.probe.ready = true;
+                }
+            }
+            btag::COMMAND_COMPLETE => {
+                let discard = body.starts_with(b"DISCARD ALL\0");
+                if discard || body.starts_with(b"DEALLOCATE ALL\0") {
+                    txn.statements_dropped();
+                }
+                if discard {
+                    txn.discard_params();
+                }
+            }
+            btag::EMPTY_QUERY_RESPONSE => {
+                if let Some(t) = txn.on_empty_query() {
+                    emit(client, txn, &buf[run..pos]).await?;
+                    let mut cc = BytesMut::new();
+                    BackendMessage::CommandComplete { tag: t.to_string() }.encode(&mut cc);
+                    emit(client, txn, &cc).await?;
+                    run = pos + len;
                 }
             }
             btag::ERROR_RESPONSE => {
@@ -130,8 +158,12 @@ impl Txn<'_> {
     /// A server message while the first request is on probation: a retriable refusal
     /// of its first statement is noted; anything that shows the request ran (or an
     /// error, or ReadyForQuery) ends the probation. True when it ends now.
-    fn probe_sees(&mut self, tag: u8, refusal: Option<RetryReason>) -> bool {
-        if !self.probe.active || self.probe.refused.is_some() {
+    fn probe_sees(&mut self, tag: u8, refusal: Option<RetryReason>, stale: bool) -> bool {
+        if !self.probe.active || self.probe.refused.is_some() || self.probe.stale {
+            return false;
+        }
+        if stale {
+            self.probe.stale = true;
             return false;
         }
         if refusal.is_some() {
@@ -168,7 +200,7 @@ impl Txn<'_> {
     /// A ParameterStatus: the connection's parameters, and a client's own SET of a
     /// tracked parameter, which sticks to the client.
     fn on_parameter(&mut self, name: &str, value: &str) {
-        if TRACKED_PARAMS.contains(&name) {
+        if TRACKED_PARAMS.contains(&name) && !self.discarded {
             self.desired.insert(name.to_string(), value.to_string());
             if let Some(bk) = self.backend.as_mut() {
                 bk.applied.insert(name.to_string(), value.to_string());
@@ -176,6 +208,18 @@ impl Txn<'_> {
         }
         if let Some(bk) = self.backend.as_mut() {
             bk.params.insert(name.to_string(), value.to_string());
+        }
+    }
+}
+
+impl Txn<'_> {
+    /// `DISCARD ALL` reset the connection's parameters to its defaults: the client's
+    /// become what it asked for at startup, applied again at its next transaction.
+    fn discard_params(&mut self) {
+        self.discarded = true;
+        self.desired = self.startup.clone();
+        if let Some(b) = self.backend.as_mut() {
+            b.applied.clear();
         }
     }
 }
