@@ -33,7 +33,11 @@ async fn stand_in_server() -> std::net::SocketAddr {
             }
             let mut out = BytesMut::new();
             BackendMessage::Authentication(Authentication::Ok).encode(&mut out);
-            BackendMessage::BackendKeyData { pid: 1, key: 2 }.encode(&mut out);
+            BackendMessage::BackendKeyData {
+                pid: 1,
+                key: bytes::Bytes::from_static(&[0, 0, 0, 2]),
+            }
+            .encode(&mut out);
             BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out);
             s.write_all(&out).await.unwrap();
             held.push(s);

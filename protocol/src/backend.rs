@@ -85,9 +85,11 @@ pub enum BackendMessage {
         name: String,
         value: String,
     },
+    /// A session's process id and secret key: 4 bytes in protocol 3.0, up to 256 in
+    /// 3.2.
     BackendKeyData {
         pid: i32,
-        key: i32,
+        key: Bytes,
     },
     ReadyForQuery(TransactionStatus),
     ErrorResponse(ErrorFields),
@@ -125,10 +127,16 @@ impl BackendMessage {
                 name: take_str(&mut b)?,
                 value: take_str(&mut b)?,
             },
-            tag::BACKEND_KEY_DATA => Self::BackendKeyData {
-                pid: take_i32(&mut b)?,
-                key: take_i32(&mut b)?,
-            },
+            tag::BACKEND_KEY_DATA => {
+                let pid = take_i32(&mut b)?;
+                if b.len() < 4 || b.len() > crate::framing::MAX_CANCEL_KEY {
+                    return Err(FrameError::Malformed("backend key data of a bad length"));
+                }
+                Self::BackendKeyData {
+                    pid,
+                    key: std::mem::take(&mut b),
+                }
+            }
             tag::READY_FOR_QUERY => {
                 Self::ReadyForQuery(TransactionStatus::from_byte(take_u8(&mut b)?)?)
             }
@@ -179,7 +187,7 @@ impl BackendMessage {
             }),
             Self::BackendKeyData { pid, key } => put_tagged(buf, tag::BACKEND_KEY_DATA, |b| {
                 b.put_i32(*pid);
-                b.put_i32(*key);
+                b.put_slice(key);
             }),
             Self::ReadyForQuery(s) => {
                 put_tagged(buf, tag::READY_FOR_QUERY, |b| b.put_u8(s.as_byte()))

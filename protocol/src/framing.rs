@@ -77,6 +77,10 @@ pub fn decode_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>,
     }))
 }
 
+/// Longest secret key in BackendKeyData and CancelRequest (protocol 3.2 allows 256
+/// bytes; 3.0 keys are 4).
+pub const MAX_CANCEL_KEY: usize = 256;
+
 /// The first packet a client sends (and the only untagged ones).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupPacket {
@@ -89,8 +93,9 @@ pub enum StartupPacket {
     SslRequest,
     /// Asks whether GSSAPI encryption is available.
     GssEncRequest,
-    /// Asks to cancel the query of the session with this backend key data.
-    Cancel { pid: i32, key: i32 },
+    /// Asks to cancel the query of the session with this backend key data (a key of 4
+    /// bytes in protocol 3.0, up to 256 in 3.2).
+    Cancel { pid: i32, key: Bytes },
 }
 
 impl StartupPacket {
@@ -122,7 +127,7 @@ impl StartupPacket {
             StartupPacket::Cancel { pid, key } => {
                 b.put_i32(CANCEL_REQUEST_CODE);
                 b.put_i32(*pid);
-                b.put_i32(*key);
+                b.put_slice(key);
             }
         });
     }
@@ -165,11 +170,10 @@ fn parse_startup_body(mut body: Bytes) -> Result<StartupPacket, FrameError> {
         GSSENC_REQUEST_CODE => Ok(StartupPacket::GssEncRequest),
         CANCEL_REQUEST_CODE => {
             let pid = take_i32(&mut body)?;
-            let key = take_i32(&mut body)?;
-            if !body.is_empty() {
-                return Err(FrameError::Malformed("cancel request has trailing bytes"));
+            if body.len() < 4 || body.len() > MAX_CANCEL_KEY {
+                return Err(FrameError::Malformed("cancel request key of a bad length"));
             }
-            Ok(StartupPacket::Cancel { pid, key })
+            Ok(StartupPacket::Cancel { pid, key: body })
         }
         _ => {
             let major = (code >> 16) as u16;

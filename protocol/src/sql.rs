@@ -149,17 +149,7 @@ pub enum PreparedSql<'a> {
 /// `sql` (a whole query string) as a [`PreparedSql`] statement: `None` for anything
 /// else, including several statements in one string.
 pub fn prepared_sql(sql: &[u8]) -> Option<PreparedSql<'_>> {
-    let mut starts = 0;
-    let mut first = 0;
-    statement_starts(sql, |at| {
-        starts += 1;
-        first = at;
-        starts < 2
-    });
-    if starts != 1 {
-        return None;
-    }
-    let stmt = &sql[first..];
+    let stmt = single_statement(sql)?;
     let word = first_word(stmt);
     let after = skip_space(stmt, word.len());
     if word.eq_ignore_ascii_case(b"DEALLOCATE") {
@@ -196,6 +186,102 @@ pub fn prepared_sql(sql: &[u8]) -> Option<PreparedSql<'_>> {
     } else {
         None
     }
+}
+
+/// A statement that needs a database to have no other connections: the proxy closes
+/// its idle server connections to it first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseInUse {
+    /// The database, as PostgreSQL names it.
+    pub name: String,
+    /// It will not exist under this name afterwards (dropped or renamed).
+    pub gone: bool,
+}
+
+/// `sql` (a whole query string of one statement) as a [`DatabaseInUse`]: `DROP DATABASE
+/// [IF EXISTS] name`, `ALTER DATABASE name RENAME TO …`, `ALTER DATABASE name SET
+/// TABLESPACE …`, `CREATE DATABASE … TEMPLATE [=] name`.
+pub fn database_in_use(sql: &[u8]) -> Option<DatabaseInUse> {
+    let stmt = single_statement(sql)?;
+    let words = words(stmt, 12);
+    let is = |i: usize, w: &str| {
+        words
+            .get(i)
+            .is_some_and(|(word, quoted)| !quoted && word == w)
+    };
+    let name = |i: usize| words.get(i).map(|(w, _)| w.clone());
+    if is(0, "drop") && is(1, "database") {
+        let at = if is(2, "if") && is(3, "exists") { 4 } else { 2 };
+        return Some(DatabaseInUse {
+            name: name(at)?,
+            gone: true,
+        });
+    }
+    if is(0, "alter") && is(1, "database") {
+        if is(3, "rename") {
+            return Some(DatabaseInUse {
+                name: name(2)?,
+                gone: true,
+            });
+        }
+        if is(3, "set") && is(4, "tablespace") {
+            return Some(DatabaseInUse {
+                name: name(2)?,
+                gone: false,
+            });
+        }
+        return None;
+    }
+    if is(0, "create") && is(1, "database") {
+        let at = (3..words.len()).find(|i| is(*i, "template"))?;
+        let at = if words.get(at + 1).is_some_and(|(w, q)| !q && w == "=") {
+            at + 2
+        } else {
+            at + 1
+        };
+        return Some(DatabaseInUse {
+            name: name(at)?,
+            gone: false,
+        });
+    }
+    None
+}
+
+/// The one statement in `sql`, from its first word: `None` for none or several.
+fn single_statement(sql: &[u8]) -> Option<&[u8]> {
+    let mut starts = 0;
+    let mut first = 0;
+    statement_starts(sql, |at| {
+        starts += 1;
+        first = at;
+        starts < 2
+    });
+    (starts == 1).then(|| &sql[first..])
+}
+
+/// Up to `max` words of a statement: identifiers and keywords as PostgreSQL names them
+/// (with whether they were quoted), and `=`; stops at anything else.
+fn words(stmt: &[u8], max: usize) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while out.len() < max {
+        at = skip_space(stmt, at);
+        match stmt.get(at) {
+            Some(b'=') => {
+                out.push(("=".to_string(), false));
+                at += 1;
+            }
+            Some(_) => match identifier(stmt, at) {
+                Some((w, end)) => {
+                    out.push((w, stmt[at] == b'"'));
+                    at = end;
+                }
+                None => break,
+            },
+            None => break,
+        }
+    }
+    out
 }
 
 fn skip_space(sql: &[u8], mut at: usize) -> usize {
@@ -339,5 +425,40 @@ mod tests {
         assert_eq!(prepared_sql(b"EXECUTE"), None);
         assert_eq!(prepared_sql(b""), None);
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn statements_that_need_a_database_to_themselves() {
+        let db = |name: &str, gone| {
+            Some(DatabaseInUse {
+                name: name.into(),
+                gone,
+            })
+        };
+        assert_eq!(database_in_use(b"DROP DATABASE app"), db("app", true));
+        assert_eq!(
+            database_in_use(b"drop database if exists \"App\" with (force);"),
+            db("App", true)
+        );
+        assert_eq!(
+            database_in_use(b"ALTER DATABASE old RENAME TO new"),
+            db("old", true)
+        );
+        assert_eq!(
+            database_in_use(b"ALTER DATABASE a SET TABLESPACE t"),
+            db("a", false)
+        );
+        assert_eq!(database_in_use(b"ALTER DATABASE a SET work_mem = 1"), None);
+        assert_eq!(
+            database_in_use(b"CREATE DATABASE n TEMPLATE = tpl"),
+            db("tpl", false)
+        );
+        assert_eq!(
+            database_in_use(b"create database n owner o template Tpl encoding 'UTF8'"),
+            db("tpl", false)
+        );
+        assert_eq!(database_in_use(b"CREATE DATABASE n"), None);
+        assert_eq!(database_in_use(b"DROP TABLE app"), None);
+        assert_eq!(database_in_use(b"SELECT 1; DROP DATABASE app"), None);
     }
 }

@@ -66,7 +66,11 @@ impl StandIn {
                         }
                         .encode(&mut out);
                         let pid = pids.fetch_add(1, Ordering::SeqCst);
-                        BackendMessage::BackendKeyData { pid, key: 7 }.encode(&mut out);
+                        BackendMessage::BackendKeyData {
+                            pid,
+                            key: bytes::Bytes::from_static(&[0, 0, 0, 7]),
+                        }
+                        .encode(&mut out);
                         BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out);
                     }
                     Answer::Refuse(e) => e.encode(&mut out),

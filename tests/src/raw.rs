@@ -18,7 +18,7 @@ pub struct RawClient {
     pub stream: TcpStream,
     buf: BytesMut,
     /// The process id and secret key BackendKeyData gave at login.
-    pub key_data: Option<(i32, i32)>,
+    pub key_data: Option<(i32, bytes::Bytes)>,
 }
 
 impl RawClient {

@@ -145,7 +145,7 @@ async fn session_mode_clients_know_their_backends_real_pid() {
         handoff_tests::raw::RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
             .await
             .unwrap();
-    let (pid, _) = raw.key_data.expect("BackendKeyData at login");
+    let (pid, _) = raw.key_data.clone().expect("BackendKeyData at login");
     let direct = handoff_tests::admin::server(&cluster.primary);
     let (c, conn) = tokio_postgres::connect(&direct, NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -353,4 +353,120 @@ async fn psql_through_the_proxy() {
     // psql's SSLRequest was declined with 'N', and its startup parameters reached the server.
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42\nfrom-psql");
     proxy.shutdown().await;
+}
+
+/// Logs in with a StartupMessage of protocol 3.`minor` and `params` besides the user
+/// and database; returns the client, the NegotiateProtocolVersion answer (if any) and
+/// the key data.
+async fn login_with_version(
+    proxy: &handoff::Proxy,
+    minor: u16,
+    extra: &[(&str, &str)],
+) -> (
+    handoff_tests::raw::RawClient,
+    Option<(i32, Vec<String>)>,
+    (i32, bytes::Bytes),
+) {
+    use handoff_protocol::backend::BackendMessage;
+    use handoff_protocol::framing::StartupPacket;
+    let mut raw = handoff_tests::raw::RawClient::connect(proxy.listen_addr())
+        .await
+        .unwrap();
+    let mut params = vec![
+        ("user".to_string(), "postgres".to_string()),
+        ("database".to_string(), "postgres".to_string()),
+    ];
+    params.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut out = bytes::BytesMut::new();
+    StartupPacket::Startup { minor, params }.encode(&mut out);
+    raw.send(&out).await.unwrap();
+    let (mut negotiated, mut key) = (None, None);
+    loop {
+        match raw
+            .read_message()
+            .await
+            .unwrap()
+            .expect("the login goes on")
+        {
+            BackendMessage::NegotiateProtocolVersion {
+                newest_minor,
+                unrecognized,
+            } => negotiated = Some((newest_minor, unrecognized)),
+            BackendMessage::BackendKeyData { pid, key: k } => key = Some((pid, k)),
+            BackendMessage::ErrorResponse(e) => panic!("login refused: {e:?}"),
+            BackendMessage::ReadyForQuery(_) => break,
+            _ => {}
+        }
+    }
+    (raw, negotiated, key.expect("BackendKeyData at login"))
+}
+
+#[tokio::test]
+async fn protocol_versions_are_negotiated_as_postgresql_18_does() {
+    use handoff_protocol::backend::BackendMessage;
+    use handoff_protocol::framing::StartupPacket;
+    let cluster = Cluster::start(0).unwrap();
+    for mode in ["transaction", "session"] {
+        let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_MODE", mode)])
+            .await
+            .unwrap();
+        // 3.0: as before, a 4-byte key and no negotiation.
+        let (_, negotiated, (_, key)) = login_with_version(&proxy, 0, &[]).await;
+        assert_eq!(negotiated, None, "{mode}");
+        assert_eq!(key.len(), 4, "{mode}");
+        // 3.0 with an option handoff does not know: told so, and served.
+        let (_, negotiated, _) =
+            login_with_version(&proxy, 0, &[("_pq_.unknown_option", "1")]).await;
+        assert_eq!(
+            negotiated,
+            Some((0, vec!["_pq_.unknown_option".to_string()])),
+            "{mode}"
+        );
+        // libpq's grease: a made-up minor version and option. The answer names 3.2 and
+        // the option; the session speaks 3.2.
+        let (_, negotiated, (_, key)) =
+            login_with_version(&proxy, 9999, &[("_pq_.test_protocol_grease", "1")]).await;
+        assert_eq!(
+            negotiated,
+            Some((2, vec!["_pq_.test_protocol_grease".to_string()])),
+            "{mode}"
+        );
+        assert_eq!(key.len(), 32, "{mode}");
+        // 3.2: no negotiation, a 32-byte key that cancels.
+        let (mut raw, negotiated, (pid, key)) = login_with_version(&proxy, 2, &[]).await;
+        assert_eq!(negotiated, None, "{mode}");
+        assert_eq!(key.len(), 32, "{mode}");
+        let mut q = bytes::BytesMut::new();
+        handoff_protocol::frontend::FrontendMessage::Query {
+            sql: bytes::Bytes::from_static(b"SELECT pg_sleep(60)"),
+        }
+        .encode(&mut q);
+        raw.send(&q).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let addr = proxy.listen_addr();
+        let cancel = |key: bytes::Bytes| async move {
+            let mut c = handoff_tests::raw::RawClient::connect(addr).await.unwrap();
+            let mut out = bytes::BytesMut::new();
+            StartupPacket::Cancel { pid, key }.encode(&mut out);
+            c.send(&out).await.unwrap();
+            // The proxy closes the connection once the cancel is delivered.
+            let _ = c.read_message().await;
+        };
+        // The first 4 bytes alone are not the key.
+        cancel(key.slice(..4)).await;
+        let early = tokio::time::timeout(Duration::from_millis(500), raw.read_message()).await;
+        assert!(early.is_err(), "{mode}: a cut key cancelled: {early:?}");
+        cancel(key.clone()).await;
+        let code = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(BackendMessage::ErrorResponse(e)) = raw.read_message().await.unwrap() {
+                    return e.code().map(str::to_string);
+                }
+            }
+        })
+        .await
+        .expect("the query was cancelled");
+        assert_eq!(code.as_deref(), Some("57014"), "{mode}");
+        proxy.shutdown().await;
+    }
 }

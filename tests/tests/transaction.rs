@@ -735,6 +735,31 @@ async fn listen_is_refused_at_once_in_transaction_mode() {
         Some(&SqlState::FEATURE_NOT_SUPPORTED),
         "{err:?}"
     );
+    // A client that sends Flush after its Parse (asyncpg prepares this way) hears of
+    // it at once, not at its Sync.
+    let mut raw = RawClient::login_trust(proxy.listen_addr(), "postgres", "postgres")
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    parse("lst", "LISTEN jobs").encode(&mut buf);
+    FrontendMessage::Describe {
+        target: Target::Statement,
+        name: bytes::Bytes::from_static(b"lst"),
+    }
+    .encode(&mut buf);
+    FrontendMessage::Flush.encode(&mut buf);
+    raw.send(&buf).await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), raw.read_message())
+        .await
+        .expect("answered before any Sync")
+        .unwrap()
+        .unwrap();
+    match first {
+        BackendMessage::ErrorResponse(e) => assert_eq!(e.code(), Some("0A000")),
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    let got = exchange(&mut raw, &[FrontendMessage::Sync], 1).await;
+    assert_eq!(got, ["Ready I"]);
     // The session goes on; nothing reached the server.
     client.simple_query("SELECT 1").await.unwrap();
     client
@@ -971,6 +996,91 @@ async fn statements_changed_under_the_cache_are_prepared_again() {
     assert!(
         retried.contains("reason=\"stale_statement\""),
         "the retries are counted"
+    );
+    proxy.shutdown().await;
+}
+
+async fn connect_db(proxy: &handoff::Proxy, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let url = conn_str(&proxy.listen_addr(), "postgres", db, None);
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_do_not_block_dropping_a_database() {
+    let cluster = Cluster::start(0).unwrap();
+    // Two idle connections kept per pool: more for a DROP DATABASE to trip over.
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_MIN_IDLE", "2")])
+        .await
+        .unwrap();
+    let admin = connect(&proxy).await;
+    let use_db = |db: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let c = connect_db(proxy, db).await.unwrap();
+            c.batch_execute("CREATE TABLE IF NOT EXISTS t (x int); INSERT INTO t VALUES (1)")
+                .await
+                .unwrap();
+        }
+    };
+    let on_server = |db: &str| {
+        cluster
+            .primary
+            .psql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"
+            ))
+            .unwrap()
+    };
+    admin.batch_execute("CREATE DATABASE dropme").await.unwrap();
+    use_db("dropme").await;
+    eventually(
+        Duration::from_secs(10),
+        "idle pooled connections",
+        || async { Ok(on_server("dropme") != "0") },
+    )
+    .await
+    .unwrap();
+    admin.batch_execute("DROP DATABASE dropme").await.unwrap();
+
+    // Renaming, and copying as a template, need the database to themselves too.
+    admin
+        .batch_execute("CREATE DATABASE renameme")
+        .await
+        .unwrap();
+    use_db("renameme").await;
+    admin
+        .batch_execute("ALTER DATABASE renameme RENAME TO renamed")
+        .await
+        .unwrap();
+    use_db("renamed").await;
+    admin
+        .batch_execute("CREATE DATABASE copied TEMPLATE renamed")
+        .await
+        .unwrap();
+    use_db("copied").await;
+
+    // A dropped database has no pool: nothing tries to keep connections to it.
+    let err = connect_db(&proxy, "dropme").await.err();
+    let err = match err {
+        Some(e) => e,
+        None => connect_db(&proxy, "dropme")
+            .await
+            .unwrap()
+            .simple_query("SELECT 1")
+            .await
+            .unwrap_err(),
+    };
+    assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{err:?}");
+    admin.batch_execute("DROP DATABASE renamed").await.unwrap();
+    let before =
+        handoff_tests::admin::metric(&proxy, "handoff_server_connect_errors_total", &[]).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after =
+        handoff_tests::admin::metric(&proxy, "handoff_server_connect_errors_total", &[]).await;
+    assert_eq!(
+        before, after,
+        "no pool keeps connecting to a dropped database"
     );
     proxy.shutdown().await;
 }

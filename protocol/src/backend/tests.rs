@@ -35,7 +35,10 @@ fn typed_messages_round_trip() {
         name: "TimeZone".into(),
         value: "UTC".into(),
     });
-    round_trip(BackendMessage::BackendKeyData { pid: 42, key: -7 });
+    round_trip(BackendMessage::BackendKeyData {
+        pid: 42,
+        key: Bytes::from_static(&[1, 2, 3, 4]),
+    });
     for s in [
         TransactionStatus::Idle,
         TransactionStatus::InTransaction,

@@ -19,7 +19,15 @@ fn startup_packets_round_trip() {
         startup(),
         StartupPacket::SslRequest,
         StartupPacket::GssEncRequest,
-        StartupPacket::Cancel { pid: 7, key: -9 },
+        StartupPacket::Cancel {
+            pid: 7,
+            key: Bytes::from_static(&[0xff, 0xff, 0xff, 0xf7]),
+        },
+        // Protocol 3.2: a 32-byte key.
+        StartupPacket::Cancel {
+            pid: 7,
+            key: Bytes::from(vec![9u8; 32]),
+        },
     ] {
         let mut buf = BytesMut::new();
         p.encode(&mut buf);
@@ -217,5 +225,18 @@ proptest! {
         }
         let mut buf = BytesMut::from(&data[..]);
         let _ = decode_startup(&mut buf);
+    }
+}
+
+#[test]
+fn cancel_keys_of_a_bad_length_are_refused() {
+    for len in [0usize, 3, MAX_CANCEL_KEY + 1] {
+        let mut buf = BytesMut::new();
+        let total = 12 + len;
+        buf.extend_from_slice(&(total as i32).to_be_bytes());
+        buf.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        buf.extend_from_slice(&7i32.to_be_bytes());
+        buf.extend_from_slice(&vec![1u8; len]);
+        assert!(decode_startup(&mut buf).is_err(), "a key of {len} bytes");
     }
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use handoff_protocol::auth::secrets_equal;
@@ -31,8 +31,8 @@ type Slot = Arc<std::sync::Mutex<Option<ServerKey>>>;
 /// Where a client's cancel request must go.
 #[derive(Debug, Clone)]
 struct Target {
-    /// The secret key handed to the client.
-    key: i32,
+    /// The secret key handed to the client (4 bytes in protocol 3.0, 32 in 3.2).
+    key: Bytes,
     server: Slot,
 }
 
@@ -50,7 +50,7 @@ pub struct Registration {
     registry: Arc<Registry>,
     server: Slot,
     pub pid: i32,
-    pub key: i32,
+    pub key: Bytes,
 }
 
 impl Registration {
@@ -72,40 +72,59 @@ impl Drop for Registration {
 }
 
 fn random_i32() -> i32 {
-    let mut b = [0u8; 4];
+    i32::from_be_bytes(random_bytes(4)[..].try_into().expect("4 bytes"))
+}
+
+fn random_bytes(n: usize) -> Bytes {
+    let mut b = vec![0u8; n];
     // getrandom only fails when the OS has no entropy source at all.
     getrandom::getrandom(&mut b).expect("OS randomness is available");
-    i32::from_be_bytes(b)
+    Bytes::from(b)
+}
+
+/// The secret key's length for a client speaking protocol 3.`minor`: 32 bytes from 3.2
+/// on (as PostgreSQL 18 hands out), 4 before.
+pub fn key_len(minor: u16) -> usize {
+    if minor >= 2 {
+        32
+    } else {
+        4
+    }
 }
 
 impl Registry {
     /// Issues fresh key data for a session, served now by `server` (if any): a process
     /// id of handoff's own (transaction mode: the client has no one backend).
-    pub fn register(self: &Arc<Self>, server: Option<ServerKey>) -> Registration {
+    pub fn register(self: &Arc<Self>, server: Option<ServerKey>, key_len: usize) -> Registration {
         loop {
             // Positive pids, like PostgreSQL's, so tools that print them are not confused.
             let pid = random_i32() & 0x7fff_ffff;
             if pid == 0 || self.map.contains_key(&pid) {
                 continue;
             }
-            return self.register_as(pid, server);
+            return self.register_as(pid, server, key_len);
         }
     }
 
     /// Issues key data with process id `pid` (session mode: the server backend's own,
     /// so `pg_backend_pid()` and `pg_terminate_backend()` mean what the client expects)
     /// and a secret key of handoff's own, so cancel requests still come through handoff.
-    pub fn register_as(self: &Arc<Self>, pid: i32, server: Option<ServerKey>) -> Registration {
+    pub fn register_as(
+        self: &Arc<Self>,
+        pid: i32,
+        server: Option<ServerKey>,
+        key_len: usize,
+    ) -> Registration {
         let server = Arc::new(std::sync::Mutex::new(server));
         let mut list = self.map.entry(pid).or_default();
         let key = loop {
-            let key = random_i32();
+            let key = random_bytes(key_len);
             if !list.iter().any(|t| t.key == key) {
                 break key;
             }
         };
         list.push(Target {
-            key,
+            key: key.clone(),
             server: Arc::clone(&server),
         });
         drop(list);
@@ -130,12 +149,12 @@ impl Registry {
 
     /// Forwards a cancel request if `(pid, key)` matches a live session. Returns whether
     /// it was forwarded. A wrong key is ignored, as PostgreSQL does, without saying so.
-    pub async fn forward(&self, pid: i32, key: i32, timeout: Duration) -> bool {
+    pub async fn forward(&self, pid: i32, key: &[u8], timeout: Duration) -> bool {
         let target = self.map.get(&pid).and_then(|list| {
             // Every entry compared, each in constant time.
             let mut found = None;
             for t in list.iter() {
-                if secrets_equal(&t.key.to_be_bytes(), &key.to_be_bytes()) {
+                if secrets_equal(&t.key, key) {
                     found = Some(t.clone());
                 }
             }
@@ -162,7 +181,7 @@ pub async fn cancel_server(server: ServerKey, timeout: Duration) -> bool {
     let mut buf = BytesMut::new();
     StartupPacket::Cancel {
         pid: server.pid,
-        key: server.key,
+        key: Bytes::copy_from_slice(&server.key.to_be_bytes()),
     }
     .encode(&mut buf);
     let send = async {
@@ -191,6 +210,13 @@ mod tests {
     use super::*;
     use tokio::net::TcpListener;
 
+    /// `key` with its last bit flipped.
+    fn flip(key: &[u8]) -> Vec<u8> {
+        let mut k = key.to_vec();
+        *k.last_mut().unwrap() ^= 1;
+        k
+    }
+
     /// What one cancel connection to `server` carried; the server closes it after
     /// reading, as PostgreSQL does.
     fn accept_one(server: TcpListener) -> tokio::task::JoinHandle<Vec<u8>> {
@@ -208,26 +234,30 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let reg = Arc::new(Registry::default());
         let key = |pid, key| Some(ServerKey { addr, pid, key });
-        let a = reg.register(key(111, 222));
-        let b = reg.register(key(333, 444));
-        let c = reg.register(None);
+        let a = reg.register(key(111, 222), 4);
+        // A protocol 3.2 client: a 32-byte key.
+        let b = reg.register(key(333, 444), 32);
+        let c = reg.register(None, 4);
+        assert_eq!((a.key.len(), b.key.len()), (4, 32));
         assert_ne!(a.pid, b.pid);
         assert!(a.pid > 0);
         assert_eq!(reg.len(), 3);
         let t = Duration::from_secs(5);
-        assert!(!reg.forward(c.pid, c.key, t).await, "no server attached");
+        assert!(!reg.forward(c.pid, &c.key, t).await, "no server attached");
         drop(c);
-        assert!(
-            !reg.forward(a.pid, a.key.wrapping_add(1), t).await,
-            "wrong key"
-        );
+        assert!(!reg.forward(a.pid, &flip(&a.key), t).await, "wrong key");
+        assert!(!reg.forward(b.pid, &b.key[..4], t).await, "a key cut short");
         let unknown = (1..).find(|p| *p != a.pid && *p != b.pid).unwrap();
-        assert!(!reg.forward(unknown, a.key, t).await, "unknown pid");
+        assert!(!reg.forward(unknown, &a.key, t).await, "unknown pid");
         let got = accept_one(server);
-        assert!(reg.forward(b.pid, b.key, t).await);
+        assert!(reg.forward(b.pid, &b.key, t).await);
         let got = got.await.unwrap();
         let mut want = BytesMut::new();
-        StartupPacket::Cancel { pid: 333, key: 444 }.encode(&mut want);
+        StartupPacket::Cancel {
+            pid: 333,
+            key: Bytes::copy_from_slice(&444i32.to_be_bytes()),
+        }
+        .encode(&mut want);
         assert_eq!(got, want.to_vec(), "the server's own key data is sent");
         drop(a);
         assert_eq!(reg.len(), 1);
@@ -248,28 +278,33 @@ mod tests {
                 pid: 4242,
                 key: 1,
             }),
+            4,
         );
-        let b = reg.register_as(4242, None);
+        let b = reg.register_as(4242, None, 4);
         assert_eq!((a.pid, b.pid), (4242, 4242));
         assert_ne!(a.key, b.key);
         assert_eq!(reg.len(), 2);
         let t = Duration::from_secs(5);
         assert!(
-            !reg.forward(4242, b.key, t).await,
+            !reg.forward(4242, &b.key, t).await,
             "b has no server attached"
         );
         let got = accept_one(server);
         assert!(
-            reg.forward(4242, a.key, t).await,
+            reg.forward(4242, &a.key, t).await,
             "a's key reaches a's server"
         );
         let got = got.await.unwrap();
         let mut want = BytesMut::new();
-        StartupPacket::Cancel { pid: 4242, key: 1 }.encode(&mut want);
+        StartupPacket::Cancel {
+            pid: 4242,
+            key: Bytes::copy_from_slice(&1i32.to_be_bytes()),
+        }
+        .encode(&mut want);
         assert_eq!(got, want.to_vec());
         drop(a);
         assert_eq!(reg.len(), 1);
-        assert!(!reg.forward(4242, b.key.wrapping_add(1), t).await);
+        assert!(!reg.forward(4242, &flip(&b.key), t).await);
         drop(b);
         assert!(reg.is_empty());
     }

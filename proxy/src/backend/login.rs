@@ -109,8 +109,14 @@ async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, Serve
             }
             BackendMessage::ParameterStatus { name, value } => server.params.push((name, value)),
             BackendMessage::BackendKeyData { pid, key } => {
+                // handoff asks servers for protocol 3.0, whose keys are 4 bytes.
+                let key: [u8; 4] = key[..].try_into().map_err(|_| {
+                    proto(ConnError::Frame(handoff_protocol::FrameError::Malformed(
+                        "a server sent a cancel key longer than protocol 3.0's",
+                    )))
+                })?;
                 server.pid = pid;
-                server.key = key;
+                server.key = i32::from_be_bytes(key);
             }
             BackendMessage::ReadyForQuery(_) => return Ok(server),
             BackendMessage::ErrorResponse(fields) => {

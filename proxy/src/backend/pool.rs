@@ -95,6 +95,9 @@ struct State {
     total: usize,
     /// Clients waiting, oldest first.
     waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// No idle connections are opened to keep `HANDOFF_POOL_MIN_IDLE` before this: a
+    /// client is dropping, renaming or copying the database.
+    no_refill_until: Option<Instant>,
 }
 
 /// The metric handles of one pool.
@@ -118,6 +121,8 @@ pub struct Pool {
     gauges: Gauges,
     /// Its server is no longer the primary: connections are closed, not returned.
     retired: std::sync::atomic::AtomicBool,
+    /// The last login was refused because the database does not exist (`3D000`).
+    missing_database: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -145,6 +150,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             gauges,
             retired: std::sync::atomic::AtomicBool::new(false),
+            missing_database: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -172,11 +178,19 @@ impl Pool {
         // Boxed: a login's state is large and rare; checkout's future stays small.
         match Box::pin(login::connect(login)).await {
             Ok(s) => {
+                self.missing_database
+                    .store(false, std::sync::atomic::Ordering::Release);
                 metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
                 Ok(Box::new(Backend::new(s, self.settings.max_prepared)))
             }
             Err(e) => {
                 metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
+                let missing = matches!(&e, ServerError::Rejected { fields, .. }
+                    if fields.code() == Some(handoff_protocol::sqlstate::INVALID_CATALOG_NAME));
+                // A database that does not exist gets no connections kept open for it
+                // until a client's login succeeds again.
+                self.missing_database
+                    .store(missing, std::sync::atomic::Ordering::Release);
                 Err(e)
             }
         }
@@ -277,6 +291,13 @@ impl Pool {
             }
         }
         if let Grant::Conn(backend) = grant {
+            if st.no_refill_until.is_some_and(|t| Instant::now() < t) {
+                // A client is dropping, renaming or copying the database: a connection
+                // nobody waits for is closed, not kept idle.
+                drop(st);
+                self.discard(backend);
+                return;
+            }
             st.idle.push(Idle {
                 backend,
                 since: Instant::now(),
@@ -294,16 +315,27 @@ impl Pool {
     fn retire(&self) {
         self.retired
             .store(true, std::sync::atomic::Ordering::Release);
+        self.close_idle();
+    }
+
+    /// Closes the idle connections now, and for a while keeps none idle (PostgreSQL
+    /// waits up to 5 s for other sessions to leave a database): none is opened to keep
+    /// the minimum, and one returned while nobody waits is closed.
+    /// Returns how many were closed.
+    fn close_idle(&self) -> usize {
         let idle = {
             let mut st = self.lock();
+            st.no_refill_until = Some(Instant::now() + Duration::from_secs(10));
             let idle = std::mem::take(&mut st.idle);
             st.total -= idle.len();
             self.publish(&st);
             idle
         };
+        let n = idle.len();
         for i in idle {
             drop_backend(i.backend);
         }
+        n
     }
 
     /// Opens up to `n` connections at once (within the pool's size) and keeps them idle.
@@ -377,7 +409,11 @@ impl Pool {
                 metrics::gauge!(m::SERVER_CONNECTIONS).decrement(gone as f64);
                 tracing::debug!(count = gone, "evicted idle server connections");
             }
-            let missing = if self.is_retired() {
+            let paused = st.no_refill_until.is_some_and(|t| now < t)
+                || self
+                    .missing_database
+                    .load(std::sync::atomic::Ordering::Acquire);
+            let missing = if self.is_retired() || paused {
                 0
             } else {
                 self.settings.min_idle.saturating_sub(st.idle.len())
@@ -455,6 +491,31 @@ impl Pools {
         for p in self.map.iter().filter(|p| &p.key().addr == addr) {
             p.retire();
         }
+    }
+
+    /// Closes the idle connections to `database` on `addr`, which would keep it from
+    /// being dropped, renamed or copied. Returns how many were closed.
+    pub fn close_idle(&self, addr: &HostPort, database: &str) -> usize {
+        let mut closed = 0;
+        for p in self.map.iter() {
+            if &p.key().addr == addr && p.key().database == database {
+                closed += p.close_idle();
+            }
+        }
+        closed
+    }
+
+    /// `database` on `addr` no longer exists under that name: its pools close their
+    /// connections and are forgotten (a later client of that name gets a new pool, and
+    /// the server's answer).
+    pub fn forget_database(&self, addr: &HostPort, database: &str) {
+        self.map.retain(|key, pool| {
+            let gone = &key.addr == addr && key.database == database;
+            if gone {
+                pool.retire();
+            }
+            !gone
+        });
     }
 
     /// `addr` is the primary (again): its pools keep connections.

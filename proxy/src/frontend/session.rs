@@ -29,6 +29,9 @@ use crate::shutdown::Signal;
 struct Startup {
     user: String,
     database: String,
+    /// The protocol's minor version agreed with the client: 0 or 2 (3.1 is read as 3.0,
+    /// as PostgreSQL 18 does).
+    minor: u16,
     /// Everything else (application_name, options, …), passed on to the server.
     params: Vec<(String, String)>,
 }
@@ -95,6 +98,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
                 database: server_db.to_string(),
                 params: startup.params.clone(),
                 password: secret.and_then(|s| s.password.clone()),
+                minor: startup.minor,
             };
             let shard = &shared.shards[shard_index(cfg, &startup)];
             Box::pin(session_mode::serve(client, &shared, shard, login, shutdown)).await
@@ -135,8 +139,10 @@ async fn transaction_mode(
         password: secret.and_then(|s| s.password.clone()),
     };
     let state = &shared.shards[shard_index(cfg, &startup)];
-    let registration = shared.cancels.register(None);
-    let (pid, key) = (registration.pid, registration.key);
+    let registration = shared
+        .cancels
+        .register(None, crate::backend::cancel::key_len(startup.minor));
+    let (pid, key) = (registration.pid, registration.key.clone());
     // Boxed, as is the relay below (built in a plain function): an async fn keeps room
     // for every local it ever held, and an idle client keeps this future alive.
     let mut session = Box::new(txn::Txn::new(shared, state, target, registration, desired));
@@ -149,7 +155,7 @@ async fn transaction_mode(
         session.detach(true, true);
         return;
     }
-    let hello = hello(session.startup_params(), pid, key);
+    let hello = hello(session.startup_params(), pid, &key);
     session.detach(false, true);
     if client.send_raw(&hello).await.is_err() {
         return;
@@ -239,7 +245,7 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
             StartupPacket::Cancel { pid, key } => {
                 let forwarded = shared
                     .cancels
-                    .forward(pid, key, shared.config.connect_timeout)
+                    .forward(pid, &key, shared.config.connect_timeout)
                     .await;
                 let result = if forwarded { "forwarded" } else { "unknown" };
                 metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
@@ -264,6 +270,9 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
         }
     }
 }
+
+/// The newest protocol 3 minor version handoff speaks with clients.
+const LATEST_MINOR: u16 = 2;
 
 async fn startup_from_params(
     client: &mut Conn,
@@ -294,9 +303,13 @@ async fn startup_from_params(
             "no PostgreSQL user name specified in startup packet",
         )));
     }
-    if minor > 0 || !unrecognized.is_empty() {
+    // As PostgreSQL 18: protocol 3.0 and 3.2 are spoken; a client asking for a newer
+    // minor version (libpq "greases" with a made-up one) or for `_pq_.` options is told
+    // the newest version and the options it does not get, and goes on with those.
+    let newest = minor.min(LATEST_MINOR);
+    if minor > LATEST_MINOR || !unrecognized.is_empty() {
         let msg = BackendMessage::NegotiateProtocolVersion {
-            newest_minor: 0,
+            newest_minor: i32::from(newest),
             unrecognized,
         };
         client
@@ -310,6 +323,7 @@ async fn startup_from_params(
     Ok(Startup {
         user,
         database,
+        minor: if newest >= 2 { 2 } else { 0 },
         params: rest,
     })
 }

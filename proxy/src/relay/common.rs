@@ -65,14 +65,18 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
 pub(crate) fn hello(
     params: impl IntoIterator<Item = (String, String)>,
     pid: i32,
-    key: i32,
+    key: &bytes::Bytes,
 ) -> BytesMut {
     let mut hello = BytesMut::with_capacity(512);
     BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
     for (name, value) in params {
         BackendMessage::ParameterStatus { name, value }.encode(&mut hello);
     }
-    BackendMessage::BackendKeyData { pid, key }.encode(&mut hello);
+    BackendMessage::BackendKeyData {
+        pid,
+        key: key.clone(),
+    }
+    .encode(&mut hello);
     BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
     hello
 }

@@ -308,6 +308,8 @@ pub(crate) struct ServerLogin {
     /// The client's other startup parameters, passed on.
     pub params: Vec<(String, String)>,
     pub password: Option<String>,
+    /// The protocol 3 minor version agreed with the client (its cancel key's length).
+    pub minor: u16,
 }
 
 /// Session mode's gate: waits in the failover buffer while the shard has no primary,
@@ -345,9 +347,13 @@ pub(crate) async fn serve(
     // so cancel requests still come through handoff. After the session moves to another
     // primary the backend is another: the id the client knows stays the first one's.
     let key = server_key(&server);
-    let registration = shared.cancels.register_as(key.pid, Some(key));
+    let registration = shared.cancels.register_as(
+        key.pid,
+        Some(key),
+        crate::backend::cancel::key_len(login.minor),
+    );
 
-    let greeting = hello(server.params.clone(), registration.pid, registration.key);
+    let greeting = hello(server.params.clone(), registration.pid, &registration.key);
     if client.send_raw(&greeting).await.is_err() {
         return;
     }

@@ -23,9 +23,12 @@ use crate::shard::health;
 pub(super) enum Local {
     #[default]
     None,
-    /// The request that was starting a transaction is refused with this error: skip
-    /// it up to its Query or Sync, answer the error and ReadyForQuery `I`.
+    /// The request that was starting a transaction is refused with this error: answer
+    /// it at once (a client that sends Flush waits for it), skip the rest of the request
+    /// up to its Query or Sync, and answer ReadyForQuery `I` there.
     Refuse(ProxyError),
+    /// The refusal was answered; the rest of the request is skipped up to its Sync.
+    Refused,
     /// The client's transaction was lost with its server connection (lameduck, or a
     /// failed primary): answer ROLLBACK, and everything else with an error, until the
     /// transaction ends.
@@ -87,12 +90,19 @@ impl Txn<'_> {
         match std::mem::take(&mut self.local) {
             Local::None => {}
             Local::Refuse(err) => {
+                err.encode(out);
+                m::count_error("proxy", err.code);
                 if ends_request {
-                    err.encode(out);
-                    m::count_error("proxy", err.code);
                     encode_ready(out, TransactionStatus::Idle);
                 } else {
-                    self.local = Local::Refuse(err);
+                    self.local = Local::Refused;
+                }
+            }
+            Local::Refused => {
+                if ends_request {
+                    encode_ready(out, TransactionStatus::Idle);
+                } else {
+                    self.local = Local::Refused;
                 }
             }
             Local::Aborted(mut a) => {

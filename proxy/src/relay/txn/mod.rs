@@ -80,6 +80,8 @@ pub(crate) struct Txn<'a> {
     /// Server names of the statements this segment binds or describes: the ones to
     /// prepare afresh if the server finds them stale.
     used: Vec<Bytes>,
+    /// A database this segment drops or renames: forgotten when the server confirms.
+    dropping: Option<String>,
     /// `DISCARD ALL` ran in this segment: the parameters the server reports next are its
     /// defaults, not the client's choice.
     discarded: bool,
@@ -137,6 +139,7 @@ impl<'a> Txn<'a> {
             sql_stmts: HashMap::new(),
             used: Vec::new(),
             discarded: false,
+            dropping: None,
             defining: HashMap::new(),
             backend: None,
             preparing: HashSet::new(),
@@ -289,6 +292,7 @@ impl<'a> Txn<'a> {
         self.status = status;
         self.used.clear();
         self.discarded = false;
+        self.dropping = None;
         while let Some(r) = self.replies.pop_front() {
             if r == Reply::SyncMark {
                 break;

@@ -14,9 +14,12 @@
 //! stays cached), and a client's SQL-level statements are prepared on each connection
 //! its later transactions land on. `DEALLOCATE ALL` and `DISCARD ALL`, however sent, run
 //! on the server: the connection's cache and the client's names are emptied when their
-//! CommandComplete comes back. A statement whose cached plan the server refuses
-//! (`cached plan must not change result type`, a dropped type, a missing statement) is
-//! re-prepared on that connection the next time it is used.
+//! CommandComplete comes back. A client's Parse always prepares the statement afresh
+//! on the connection (its copy there may predate a change of the tables or types it
+//! uses); a statement whose cached plan the server refuses (`cached plan must not change
+//! result type`, a dropped type) is re-prepared the next time it is used, and the client
+//! sees the error, as it would on a direct connection; one the server no longer has
+//! (`26000`) is prepared again and a transaction's first request re-sent, unseen.
 
 use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::tag as btag;
@@ -200,12 +203,21 @@ impl Txn<'_> {
                 let sql = self.execute_by_server_name(&sql).unwrap_or(sql);
                 let def = StmtDef::new(sql, param_types);
                 let b = self.backend.as_mut().expect("attached");
-                if b.prepared.get(&def.server_name).is_some() {
-                    self.shared.prepared.hit.increment(1);
-                    noop_close(&mut self.out);
-                    self.replies.push_back(Reply::AsParseComplete {
-                        define: name.clone(),
-                    });
+                if b.prepared.pop(&def.server_name).is_some() {
+                    // The client asks for a fresh statement: the connection's copy may
+                    // predate a change of the tables or types it uses (its plan would
+                    // be refused, or describe the old shape). It is prepared again.
+                    FrontendMessage::Close {
+                        target: Target::Statement,
+                        name: def.server_name.clone(),
+                    }
+                    .encode(&mut self.out);
+                    self.replies.push_back(Reply::Swallow { register: None });
+                    let reply = Reply::Pass {
+                        register: Some(def.server_name.clone()),
+                        define: Some(name.clone()),
+                    };
+                    self.send_parse(&def, reply);
                 } else if self.preparing.contains(&def.server_name) {
                     noop_close(&mut self.out);
                     self.replies.push_back(Reply::AsParseComplete {
@@ -378,6 +390,10 @@ impl Txn<'_> {
     /// send instead, if any. Called before the Query's ReadyForQuery is owed.
     pub(super) fn translate_query(&mut self, body: &[u8]) -> Option<BytesMut> {
         let text = body.strip_suffix(&[0]).unwrap_or(body);
+        if let Some(db) = sql::database_in_use(text) {
+            self.database_in_use(db);
+            return None;
+        }
         let command = sql::prepared_sql(text)?;
         self.close_unused();
         match command {
@@ -424,6 +440,30 @@ impl Txn<'_> {
                 self.replies.push_back(Reply::Substitute("DEALLOCATE"));
                 Some(query(""))
             }
+        }
+    }
+
+    /// The client is about to drop, rename or copy a database: the pools' idle
+    /// connections to it go first, or PostgreSQL would refuse with `55006` (being
+    /// accessed by other users). A database that will be gone is forgotten once the
+    /// server confirms.
+    fn database_in_use(&mut self, db: sql::DatabaseInUse) {
+        let pools = &self.shared.ctx.pools;
+        let closed = pools.close_idle(&self.gen.primary, &db.name);
+        tracing::debug!(database = %db.name, closed, "closed idle server connections to a database about to be dropped, renamed or copied");
+        if db.gone {
+            self.dropping = Some(db.name);
+        }
+    }
+
+    /// A `DROP DATABASE` or `ALTER DATABASE` completed: a database the client was
+    /// dropping or renaming has no pool any more.
+    pub(super) fn database_changed(&mut self) {
+        if let Some(name) = self.dropping.take() {
+            self.shared
+                .ctx
+                .pools
+                .forget_database(&self.gen.primary, &name);
         }
     }
 

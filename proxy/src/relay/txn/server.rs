@@ -79,11 +79,15 @@ pub(super) async fn server_bytes(
                 .flatten()
         });
         // A statement the proxy cached on this connection refused as stale: prepared
-        // afresh next time, and a first request goes again.
-        let stale = fields
+        // afresh next time. One the server no longer has: a first request goes again
+        // (a stale plan's error goes to the client, which must learn the new shape).
+        let code = fields
             .as_ref()
-            .is_some_and(|f| f.code().is_some_and(|c| stale_statement(c, f.message())))
-            && txn.statements_stale();
+            .and_then(|f| f.code().map(|c| (c, f.message())));
+        let stale = code.is_some_and(|(c, m)| stale_statement(c, m)) && txn.statements_stale();
+        let stale = stale
+            && code
+                .is_some_and(|(c, _)| c == handoff_protocol::sqlstate::INVALID_SQL_STATEMENT_NAME);
         if txn.probe_sees(tag, refusal, stale) {
             // The request ran (or nothing in it could have side effects): the held
             // answers go, in order.
@@ -118,6 +122,9 @@ pub(super) async fn server_bytes(
                 }
                 if discard {
                     txn.discard_params();
+                }
+                if body.starts_with(b"DROP DATABASE\0") || body.starts_with(b"ALTER DATABASE\0") {
+                    txn.database_changed();
                 }
             }
             btag::EMPTY_QUERY_RESPONSE => {
