@@ -293,3 +293,132 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
         .status();
     let _ = child.wait();
 }
+
+/// A TLS connection begun without an SSLRequest (PostgreSQL 17's
+/// `sslnegotiation=direct`), offering `alpn`.
+async fn direct_tls(
+    proxy: &handoff::Proxy,
+    ca_pem: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(proxy.listen_addr()).await?;
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// Reads backend messages from `s` until ReadyForQuery (or EOF), as short strings.
+async fn read_until_ready(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut bytes::BytesMut,
+) -> Vec<String> {
+    use handoff_protocol::backend::BackendMessage;
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    loop {
+        while let Some(f) = handoff_protocol::framing::decode_frame(buf, 1 << 20).unwrap() {
+            let m = BackendMessage::parse(f).unwrap();
+            let done = matches!(m, BackendMessage::ReadyForQuery(_));
+            seen.push(match m {
+                BackendMessage::ErrorResponse(e) => format!("Error {}", e.code().unwrap_or("")),
+                BackendMessage::Other(f) if f.tag == b'D' => "Row".to_string(),
+                BackendMessage::ReadyForQuery(_) => "Ready".to_string(),
+                other => format!("{other:?}").chars().take(20).collect(),
+            });
+            if done {
+                return seen;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(10), s.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                seen.push("EOF".to_string());
+                return seen;
+            }
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("no answer within 10 s: {seen:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn direct_tls_needs_the_postgresql_alpn() {
+    use handoff_protocol::framing::StartupPacket;
+    use handoff_protocol::frontend::FrontendMessage;
+    use tokio::io::AsyncWriteExt;
+    let cluster = Cluster::start(0).unwrap();
+    let ca = TestCa::new("handoff test CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue(&["localhost"]).unwrap();
+    let cert_file = write(dir.path(), "proxy.crt", &cert);
+    let key_file = write(dir.path(), "proxy.key", &key);
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_TLS_MODE", "require"),
+            ("HANDOFF_TLS_CERT", cert_file.to_str().unwrap()),
+            ("HANDOFF_TLS_KEY", key_file.to_str().unwrap()),
+        ],
+    )
+    .await
+    .unwrap();
+    let mut hello = bytes::BytesMut::new();
+    StartupPacket::Startup {
+        minor: 0,
+        params: vec![
+            ("user".into(), "postgres".into()),
+            ("database".into(), "postgres".into()),
+        ],
+    }
+    .encode(&mut hello);
+
+    // ALPN `postgresql`: a session, served.
+    let mut s = direct_tls(&proxy, &ca.cert_pem, &[b"postgresql"])
+        .await
+        .unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    s.write_all(&hello).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let login = read_until_ready(&mut s, &mut buf).await;
+    assert_eq!(login.last().map(String::as_str), Some("Ready"), "{login:?}");
+    let mut q = bytes::BytesMut::new();
+    FrontendMessage::Query {
+        sql: bytes::Bytes::from_static(b"SELECT 1"),
+    }
+    .encode(&mut q);
+    s.write_all(&q).await.unwrap();
+    let got = read_until_ready(&mut s, &mut buf).await;
+    assert!(got.contains(&"Row".to_string()), "{got:?}");
+
+    // No ALPN: refused with 08P01 once encrypted.
+    let mut s = direct_tls(&proxy, &ca.cert_pem, &[]).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let got = read_until_ready(&mut s, &mut buf).await;
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("Error 08P01"),
+        "{got:?}"
+    );
+
+    // Another protocol only: the handshake itself fails.
+    assert!(direct_tls(&proxy, &ca.cert_pem, &[b"http/1.1"])
+        .await
+        .is_err());
+
+    // The SSLRequest way still works, with or without ALPN.
+    let c = tls_client(&proxy, &ca.cert_pem).await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    proxy.shutdown().await;
+}

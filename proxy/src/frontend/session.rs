@@ -199,10 +199,14 @@ async fn login<'a>(
     Ok(Some((startup, secret)))
 }
 
-/// Reads packets until a StartupMessage, answering SSL and GSS requests with `N` and
-/// forwarding cancel requests.
+/// Reads packets until a StartupMessage, answering SSL and GSS requests (TLS when it is
+/// on, else `N`), accepting direct TLS, and forwarding cancel requests.
 async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Startup>, Failure> {
     let mut negotiated = false;
+    if client.starts_with_tls().await.map_err(ConnError::from)? {
+        direct_tls(client, shared).await?;
+        negotiated = true;
+    }
     loop {
         let packet = match client.read_startup().await {
             Ok(Some(p)) => p,
@@ -273,6 +277,32 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
 
 /// The newest protocol 3 minor version handoff speaks with clients.
 const LATEST_MINOR: u16 = 2;
+
+/// PostgreSQL 17's direct TLS: the client starts with its TLS handshake instead of an
+/// SSLRequest, and must agree on the ALPN protocol `postgresql` (as PostgreSQL requires,
+/// so that a TLS connection meant for another service is not taken for this one).
+async fn direct_tls(client: &mut Conn, shared: &Shared) -> Result<(), Failure> {
+    let Some(acceptor) = shared.client_tls.acceptor() else {
+        // A plaintext error would be read as TLS: the connection is closed.
+        tracing::info!(
+            "a client began with a TLS handshake, but HANDOFF_TLS_MODE is disable: closed"
+        );
+        return Err(Failure::Gone);
+    };
+    if let Err(e) = client.accept_tls(acceptor).await {
+        metrics::counter!(m::TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
+        tracing::info!(error = %e, "client direct TLS handshake failed");
+        return Err(Failure::Gone);
+    }
+    if client.alpn() != Some(crate::net::tls::POSTGRESQL_ALPN) {
+        metrics::counter!(m::TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
+        return Err(Failure::Refuse(ProxyError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            "direct TLS connection without the ALPN protocol \"postgresql\"",
+        )));
+    }
+    Ok(())
+}
 
 async fn startup_from_params(
     client: &mut Conn,

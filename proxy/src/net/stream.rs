@@ -160,6 +160,28 @@ impl Conn {
         }
     }
 
+    /// True when the client's first byte starts a TLS handshake (PostgreSQL 17's direct
+    /// TLS, `sslnegotiation=direct`: no SSLRequest first). Looks without reading.
+    pub async fn starts_with_tls(&mut self) -> io::Result<bool> {
+        /// A TLS record of type handshake.
+        const TLS_HANDSHAKE: u8 = 0x16;
+        match &self.stream {
+            Stream::Plain(tcp) if self.rbuf.is_empty() => {
+                let mut first = [0u8; 1];
+                Ok(tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The application protocol the TLS client and handoff agreed on, if any.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match &self.stream {
+            Stream::ToClient(tls) => tls.get_ref().1.alpn_protocol(),
+            _ => None,
+        }
+    }
+
     /// Frees both buffers if they hold nothing (an idle client costs almost nothing).
     pub fn release_buffers(&mut self) {
         if self.rbuf.is_empty() {

@@ -69,6 +69,9 @@ fn read_certs(
     Ok(certs)
 }
 
+/// The ALPN protocol name PostgreSQL registered for its wire protocol.
+pub const POSTGRESQL_ALPN: &[u8] = b"postgresql";
+
 /// TLS towards clients, reloadable.
 #[derive(Debug)]
 pub struct ClientTls {
@@ -108,12 +111,15 @@ impl ClientTls {
             var: "HANDOFF_TLS_CERT/HANDOFF_TLS_KEY",
             source,
         };
-        let config = rustls::ServerConfig::builder_with_provider(provider())
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(rustls)?
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(rustls)?;
+        // As PostgreSQL 17: a client that offers ALPN must offer `postgresql`; direct TLS
+        // requires it (checked after the handshake).
+        config.alpn_protocols = vec![POSTGRESQL_ALPN.to_vec()];
         Ok(Arc::new(config))
     }
 
