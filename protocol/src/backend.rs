@@ -102,8 +102,10 @@ pub enum BackendMessage {
     CommandComplete {
         tag: String,
     },
+    /// The newest protocol version the server speaks, as PostgreSQL sends it (the whole
+    /// version, `3 << 16 | minor`), and the `_pq_.` options it does not take.
     NegotiateProtocolVersion {
-        newest_minor: i32,
+        newest_version: i32,
         unrecognized: Vec<String>,
     },
     ParseComplete,
@@ -151,14 +153,14 @@ impl BackendMessage {
                 tag: take_str(&mut b)?,
             },
             tag::NEGOTIATE_PROTOCOL_VERSION => {
-                let newest_minor = take_i32(&mut b)?;
+                let newest_version = take_i32(&mut b)?;
                 let n = take_i32(&mut b)?;
                 let mut unrecognized = Vec::new();
                 for _ in 0..n.max(0) {
                     unrecognized.push(take_str(&mut b)?);
                 }
                 Self::NegotiateProtocolVersion {
-                    newest_minor,
+                    newest_version,
                     unrecognized,
                 }
             }
@@ -207,10 +209,10 @@ impl BackendMessage {
                 put_tagged(buf, tag::COMMAND_COMPLETE, |b| put_cstr(b, t.as_bytes()))
             }
             Self::NegotiateProtocolVersion {
-                newest_minor,
+                newest_version,
                 unrecognized,
             } => put_tagged(buf, tag::NEGOTIATE_PROTOCOL_VERSION, |b| {
-                b.put_i32(*newest_minor);
+                b.put_i32(*newest_version);
                 b.put_i32(unrecognized.len() as i32);
                 for o in unrecognized {
                     put_cstr(b, o.as_bytes());

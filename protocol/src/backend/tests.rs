@@ -59,7 +59,7 @@ fn typed_messages_round_trip() {
         tag: "SELECT 1".into(),
     });
     round_trip(BackendMessage::NegotiateProtocolVersion {
-        newest_minor: 0,
+        newest_version: 3 << 16,
         unrecognized: vec!["_pq_.x".into()],
     });
     for m in [

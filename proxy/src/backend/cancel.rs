@@ -16,11 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A server connection's cancel data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerKey {
     pub addr: SocketAddr,
     pub pid: i32,
-    pub key: i32,
+    /// 4 bytes in protocol 3.0, up to 256 in 3.2.
+    pub key: Bytes,
 }
 
 /// The server connection serving a client now, if any (transaction mode attaches and
@@ -164,7 +165,12 @@ impl Registry {
             return false;
         };
         // Between transactions nothing runs for this client: nothing to cancel.
-        let Some(server) = *target.server.lock().unwrap_or_else(|p| p.into_inner()) else {
+        let Some(server) = target
+            .server
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
             return false;
         };
         cancel_server(server, timeout).await
@@ -181,7 +187,7 @@ pub async fn cancel_server(server: ServerKey, timeout: Duration) -> bool {
     let mut buf = BytesMut::new();
     StartupPacket::Cancel {
         pid: server.pid,
-        key: Bytes::copy_from_slice(&server.key.to_be_bytes()),
+        key: server.key.clone(),
     }
     .encode(&mut buf);
     let send = async {
@@ -233,10 +239,17 @@ mod tests {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
         let reg = Arc::new(Registry::default());
-        let key = |pid, key| Some(ServerKey { addr, pid, key });
-        let a = reg.register(key(111, 222), 4);
+        let key = |pid, key: &[u8]| {
+            Some(ServerKey {
+                addr,
+                pid,
+                key: Bytes::copy_from_slice(key),
+            })
+        };
+        let a = reg.register(key(111, &222i32.to_be_bytes()), 4);
         // A protocol 3.2 client: a 32-byte key.
-        let b = reg.register(key(333, 444), 32);
+        // ... served by a protocol 3.2 server, whose key is longer too.
+        let b = reg.register(key(333, &[44u8; 32]), 32);
         let c = reg.register(None, 4);
         assert_eq!((a.key.len(), b.key.len()), (4, 32));
         assert_ne!(a.pid, b.pid);
@@ -255,7 +268,7 @@ mod tests {
         let mut want = BytesMut::new();
         StartupPacket::Cancel {
             pid: 333,
-            key: Bytes::copy_from_slice(&444i32.to_be_bytes()),
+            key: Bytes::from_static(&[44u8; 32]),
         }
         .encode(&mut want);
         assert_eq!(got, want.to_vec(), "the server's own key data is sent");
@@ -276,7 +289,7 @@ mod tests {
             Some(ServerKey {
                 addr,
                 pid: 4242,
-                key: 1,
+                key: Bytes::copy_from_slice(&1i32.to_be_bytes()),
             }),
             4,
         );
@@ -324,7 +337,7 @@ mod tests {
         let key = ServerKey {
             addr,
             pid: 1,
-            key: 2,
+            key: Bytes::from_static(&[0, 0, 0, 2]),
         };
         let mut cancel = Box::pin(cancel_server(key, Duration::from_secs(10)));
         let early = tokio::time::timeout(Duration::from_millis(300), &mut cancel).await;

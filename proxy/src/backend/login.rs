@@ -36,7 +36,8 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// The server's backend key data, for forwarding cancel requests.
     pub pid: i32,
-    pub key: i32,
+    /// The backend's secret key: 4 bytes in protocol 3.0, up to 256 in 3.2.
+    pub key: bytes::Bytes,
     /// The resolved address, for cancel requests.
     pub peer: SocketAddr,
 }
@@ -83,7 +84,9 @@ async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, Serve
         ("database".to_string(), login.database.to_string()),
     ];
     params.extend(login.params.iter().cloned());
-    let startup = StartupPacket::Startup { minor: 0, params };
+    // Protocol 3.2 (longer cancel keys) where the server has it: a server older than
+    // PostgreSQL 18 answers NegotiateProtocolVersion and the login goes on in 3.0.
+    let startup = StartupPacket::Startup { minor: 2, params };
     conn.send(|b| startup.encode(b))
         .await
         .map_err(|e| proto(e.into()))?;
@@ -93,7 +96,7 @@ async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, Serve
         conn,
         params: Vec::new(),
         pid: 0,
-        key: 0,
+        key: bytes::Bytes::new(),
         peer,
     };
     loop {
@@ -109,14 +112,17 @@ async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, Serve
             }
             BackendMessage::ParameterStatus { name, value } => server.params.push((name, value)),
             BackendMessage::BackendKeyData { pid, key } => {
-                // handoff asks servers for protocol 3.0, whose keys are 4 bytes.
-                let key: [u8; 4] = key[..].try_into().map_err(|_| {
-                    proto(ConnError::Frame(handoff_protocol::FrameError::Malformed(
-                        "a server sent a cancel key longer than protocol 3.0's",
-                    )))
-                })?;
                 server.pid = pid;
-                server.key = i32::from_be_bytes(key);
+                server.key = key;
+            }
+            BackendMessage::NegotiateProtocolVersion { newest_version, .. } => {
+                if !((3 << 16)..=(3 << 16 | 2)).contains(&newest_version) {
+                    return Err(proto(ConnError::Frame(
+                        handoff_protocol::FrameError::Malformed(
+                            "the server offered a protocol version handoff did not ask for",
+                        ),
+                    )));
+                }
             }
             BackendMessage::ReadyForQuery(_) => return Ok(server),
             BackendMessage::ErrorResponse(fields) => {
@@ -125,8 +131,7 @@ async fn connect_inner(login: Login<'_>, addr: &str) -> Result<ServerConn, Serve
                     fields,
                 })
             }
-            BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion { .. } => {
-            }
+            BackendMessage::NoticeResponse(_) => {}
             other => {
                 tracing::debug!(?other, "unexpected message during server login");
                 return Err(proto(ConnError::Frame(
@@ -227,7 +232,7 @@ mod tests {
         let server = StandIn::start(Answer::Ok).await;
         let tls = ServerTls::default();
         let s = connect(login(&server.addr, &tls, None)).await.unwrap();
-        assert_eq!((s.pid, s.key), (1, 7));
+        assert_eq!((s.pid, &s.key[..]), (1, &[0u8, 0, 0, 7][..]));
         assert_eq!(
             s.params,
             vec![("server_version".to_string(), "15.0".to_string())]

@@ -33,7 +33,7 @@ pub struct PoolKey {
 pub struct Backend {
     pub conn: Conn,
     pub pid: i32,
-    pub key: i32,
+    pub key: Bytes,
     pub peer: std::net::SocketAddr,
     /// ParameterStatus values as the server last reported them.
     pub params: HashMap<String, String>,

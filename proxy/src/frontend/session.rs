@@ -339,7 +339,7 @@ async fn startup_from_params(
     let newest = minor.min(LATEST_MINOR);
     if minor > LATEST_MINOR || !unrecognized.is_empty() {
         let msg = BackendMessage::NegotiateProtocolVersion {
-            newest_minor: i32::from(newest),
+            newest_version: (3 << 16) | i32::from(newest),
             unrecognized,
         };
         client

@@ -406,7 +406,7 @@ fn server_key(server: &ServerConn) -> ServerKey {
     ServerKey {
         addr: server.peer,
         pid: server.pid,
-        key: server.key,
+        key: server.key.clone(),
     }
 }
 

@@ -322,7 +322,7 @@ impl Txn<'_> {
                 let key = ServerKey {
                     addr: b.peer,
                     pid: b.pid,
-                    key: b.key,
+                    key: b.key.clone(),
                 };
                 let timeout = self.shared.config.connect_timeout;
                 tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));

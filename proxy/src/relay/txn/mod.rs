@@ -207,7 +207,7 @@ impl<'a> Txn<'a> {
         self.registration.set_server(Some(ServerKey {
             addr: b.peer,
             pid: b.pid,
-            key: b.key,
+            key: b.key.clone(),
         }));
         self.backend = Some(b);
         Ok(())
