@@ -592,15 +592,19 @@ impl Txn<'_> {
     /// What to do with a ParseComplete/CloseComplete: `Some(tag)` to forward it with
     /// that tag, `None` to drop it.
     pub(super) fn on_complete(&mut self, tag: u8) -> Option<u8> {
-        let reply = match self.replies.front() {
-            Some(
-                Reply::SyncMark
-                | Reply::Substitute(_)
-                | Reply::Prepared { .. }
-                | Reply::CloseAfter(_),
+        // The first reply owed in this segment; what a segment's end settles (a
+        // substitute, a SQL-level PREPARE, a name to close) is passed over.
+        let owed = self.replies.iter().position(|r| {
+            !matches!(
+                r,
+                Reply::Substitute(_) | Reply::Prepared { .. } | Reply::CloseAfter(_)
             )
-            | None => return Some(tag),
-            Some(_) => self.replies.pop_front().expect("front exists"),
+        });
+        let reply = match owed {
+            Some(i) if self.replies[i] != Reply::SyncMark => {
+                self.replies.remove(i).expect("index found")
+            }
+            _ => return Some(tag),
         };
         let confirm = |this: &mut Self, name: Option<Bytes>| {
             if let Some(n) = name {
