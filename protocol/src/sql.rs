@@ -188,6 +188,31 @@ pub fn prepared_sql(sql: &[u8]) -> Option<PreparedSql<'_>> {
     }
 }
 
+/// A cheap first look for [`prepared_sql`] and [`database_in_use`]: false when the query
+/// string surely is neither (its first word is none of theirs), so most queries are not
+/// scanned whole.
+pub fn may_concern_statements_or_databases(sql: &[u8]) -> bool {
+    let at = skip_space(sql, 0);
+    match sql.get(at) {
+        // A comment first: only the full look can tell.
+        Some(b'/' | b'-') => true,
+        Some(_) => {
+            let w = first_word(&sql[at..]);
+            [
+                "PREPARE",
+                "EXECUTE",
+                "DEALLOCATE",
+                "DROP",
+                "ALTER",
+                "CREATE",
+            ]
+            .iter()
+            .any(|k| w.eq_ignore_ascii_case(k.as_bytes()))
+        }
+        None => false,
+    }
+}
+
 /// A statement that needs a database to have no other connections: the proxy closes
 /// its idle server connections to it first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -460,5 +485,28 @@ mod tests {
         assert_eq!(database_in_use(b"CREATE DATABASE n"), None);
         assert_eq!(database_in_use(b"DROP TABLE app"), None);
         assert_eq!(database_in_use(b"SELECT 1; DROP DATABASE app"), None);
+    }
+
+    #[test]
+    fn the_first_look_passes_only_what_may_concern_statements_or_databases() {
+        for yes in [
+            &b"  prepare x as select 1"[..],
+            b"DROP DATABASE a",
+            b"execute x",
+            b"-- c\nDROP DATABASE a",
+        ] {
+            assert!(
+                may_concern_statements_or_databases(yes),
+                "{}",
+                String::from_utf8_lossy(yes)
+            );
+        }
+        for no in [&b"SELECT 1"[..], b"insert into t values (1)", b"", b"   "] {
+            assert!(
+                !may_concern_statements_or_databases(no),
+                "{}",
+                String::from_utf8_lossy(no)
+            );
+        }
     }
 }

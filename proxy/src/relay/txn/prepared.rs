@@ -361,6 +361,9 @@ impl Txn<'_> {
     /// `EXECUTE name …` of a statement the client prepared (either level), rewritten to
     /// run the statement's server name; `None` to send the SQL as it is.
     fn execute_by_server_name(&self, sql: &[u8]) -> Option<Bytes> {
+        if !sql::may_concern_statements_or_databases(sql) {
+            return None;
+        }
         let Some(PreparedSql::Execute { name, rest }) = sql::prepared_sql(sql) else {
             return None;
         };
@@ -390,6 +393,9 @@ impl Txn<'_> {
     /// send instead, if any. Called before the Query's ReadyForQuery is owed.
     pub(super) fn translate_query(&mut self, body: &[u8]) -> Option<BytesMut> {
         let text = body.strip_suffix(&[0]).unwrap_or(body);
+        if !sql::may_concern_statements_or_databases(text) {
+            return None;
+        }
         if let Some(db) = sql::database_in_use(text) {
             self.database_in_use(db);
             return None;
