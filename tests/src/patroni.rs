@@ -226,6 +226,25 @@ impl PatroniCluster {
         })
     }
 
+    /// Turns on Patroni's `synchronous_mode` and waits until it names a synchronous
+    /// standby: from then on a commit the leader acknowledges is on a member Patroni may
+    /// promote, so a crash of the leader loses no acknowledged write. (Off by default:
+    /// Patroni then lets a switchover go only to the synchronous standby.)
+    pub fn make_synchronous(&self, timeout: Duration) -> Result<()> {
+        let out = self.patronictl(&["edit-config", "--force", "-s", "synchronous_mode=true"])?;
+        if !out.status.success() {
+            bail!(
+                "patronictl edit-config failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.wait_until(timeout, "a synchronous standby", |v| {
+            v["members"]
+                .as_array()
+                .is_some_and(|ms| ms.iter().any(|m| m["role"] == "sync_standby"))
+        })
+    }
+
     /// Member `i`'s Patroni configuration file (also good for `patronictl -c`).
     pub fn config_path(&self, i: usize) -> &Path {
         &self.members[i].config
