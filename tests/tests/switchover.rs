@@ -160,6 +160,14 @@ async fn ten_switchovers_back_and_forth_under_load() {
     let load = Load::start(proxy.listen_addr(), 16).await.unwrap();
     for round in 1..=10u64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
+        // The last round's held requests drain first (a switchover while the shard is
+        // still draining is refused, rightly); on a loaded machine that can take longer
+        // than the pause above.
+        eventually(Duration::from_secs(10), "the shard to serve", || async {
+            Ok(shard_state(&proxy).await["state"] == "serving")
+        })
+        .await
+        .unwrap();
         let target = cluster.standbys[0].addr();
         let (status, report) = switchover(&proxy, &target).await;
         assert_eq!(status, 200, "round {round}: {report:#}");
