@@ -45,6 +45,11 @@ impl Kill {
     pub fn new(child: Child) -> Self {
         Self(child)
     }
+
+    /// The process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
 }
 
 impl Drop for Kill {
@@ -206,8 +211,16 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
     let direct = tps("direct");
     let pgbouncer = tps("pgbouncer");
     let mut s = format!(
-        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10} {:>12}\n",
-        "target", "tps", "p50 ms", "p99 ms", "max ms", "errors", "/ direct", "/ pgbouncer"
+        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10} {:>12} {:>12}\n",
+        "target",
+        "tps",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "/ direct",
+        "/ pgbouncer",
+        "cpu µs/txn"
     );
     for r in results {
         let m = &r.summary;
@@ -215,8 +228,11 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
             Some(b) if b > 0.0 => format!("{:.2}", m.tps / b),
             _ => "-".to_string(),
         };
+        let cpu = r
+            .cpu_us_per_txn
+            .map_or("-".to_string(), |c| format!("{c:.1}"));
         s.push_str(&format!(
-            "{:<10} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10} {:>12}\n",
+            "{:<10} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10} {:>12} {:>12}\n",
             r.name,
             m.tps,
             m.p50,
@@ -224,7 +240,8 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
             m.max,
             m.errors,
             ratio(direct),
-            ratio(pgbouncer)
+            ratio(pgbouncer),
+            cpu
         ));
     }
     s
@@ -232,6 +249,8 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
 
 pub async fn compare(args: CompareArgs) -> Result<()> {
     let cluster = tokio::task::block_in_place(|| Cluster::start(1))?;
+    // The proxies' processes: their CPU time per transaction goes in the table.
+    let mut cpu_of = Vec::new();
     let mut targets = vec![(
         "direct".to_string(),
         format!("postgres://postgres@{}/postgres", cluster.primary.addr()),
@@ -241,6 +260,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
             let port = free_port()?;
             let child = start_pgbouncer(&cluster, &bin, port, args.pool_size)?;
             wait_listening(port, "pgbouncer").await?;
+            cpu_of.push(("pgbouncer".to_string(), child.pid()));
             targets.push((
                 "pgbouncer".into(),
                 format!("postgres://postgres@127.0.0.1:{port}/postgres"),
@@ -253,8 +273,9 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         }
     };
     let port = free_port()?;
-    let _handoff = start_handoff(&cluster, port, free_port()?, args.pool_size)?;
+    let handoff = start_handoff(&cluster, port, free_port()?, args.pool_size)?;
     wait_listening(port, "handoff").await?;
+    cpu_of.push(("handoff".to_string(), handoff.pid()));
     targets.push((
         "handoff".into(),
         format!("postgres://postgres@127.0.0.1:{port}/postgres"),
@@ -284,6 +305,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
             ],
         )?;
         wait_listening(port, "handoff (TLS)").await?;
+        cpu_of.push(("handoff-tls".to_string(), child.pid()));
         targets.push((
             "handoff-tls".into(),
             format!(
@@ -308,6 +330,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         quiet: args.quiet,
         target_events: Vec::new(),
         bypass: Vec::new(),
+        cpu_of,
     };
     let results = run::run(run_args).await?;
     println!();
@@ -359,6 +382,7 @@ pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
         quiet: args.quiet,
         target_events: Vec::new(),
         bypass: Vec::new(),
+        cpu_of: Vec::new(),
     };
     let results = run::run(run_args).await?;
     for r in &results {

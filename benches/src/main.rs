@@ -159,6 +159,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         quiet: false,
         target_events: vec![("handoff".into(), switch)],
         bypass: Vec::new(),
+        cpu_of: Vec::new(),
     };
     println!(
         "direct: no switchover; handoff: a switchover to the standby {:.1}s into the run",

@@ -266,6 +266,7 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
             },
         )],
         bypass: Vec::new(),
+        cpu_of: Vec::new(),
     };
     let mut results = run::run(run_args).await?;
     let gap = prober.stop().await;

@@ -98,6 +98,7 @@ impl Args {
             quiet: self.quiet,
             target_events,
             bypass,
+            cpu_of: Vec::new(),
         }
     }
 }

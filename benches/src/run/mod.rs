@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// host:port, how many), running during that target's run.
     #[arg(skip)]
     pub bypass: Vec<(String, String, usize)>,
+    /// The process serving a target (by target name), whose CPU time during that
+    /// target's run is reported per transaction.
+    #[arg(skip)]
+    pub cpu_of: Vec<(String, u32)>,
 }
 
 fn parse_target(s: &str) -> Result<(String, String)> {
@@ -84,6 +88,9 @@ pub struct TargetResult {
     pub lost_writes: Vec<i64>,
     /// What the bypassing writers saw (see [`RunArgs::bypass`]).
     pub bypass: Vec<handoff_tests::bypass::WriterOutcome>,
+    /// CPU time (user + system) of the target's process during its run, per
+    /// transaction, in µs (see [`RunArgs::cpu_of`]).
+    pub cpu_us_per_txn: Option<f64>,
 }
 
 fn error_key(e: &tokio_postgres::Error) -> String {
@@ -338,6 +345,36 @@ pub async fn run_target(
         acknowledged_writes: acked.len(),
         lost_writes,
         bypass: Vec::new(),
+        cpu_us_per_txn: None,
+    })
+}
+
+/// A process's CPU time so far (user + system, all its threads), from `/proc`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, in parentheses): utime and
+    // stime are the 12th and 13th of them, in clock ticks.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks()? as f64,
+    ))
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux), asked once.
+fn clock_ticks() -> Option<u64> {
+    static HZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        let out = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .ok()
+            .filter(|hz| *hz > 0)
     })
 }
 
@@ -366,6 +403,7 @@ pub fn to_json(args: &RunArgs, results: &[TargetResult]) -> serde_json::Value {
                     "exit_code": e.exit_code, "output": e.output,
                 })).collect::<Vec<_>>(),
                 "acknowledged_writes": r.acknowledged_writes,
+                "cpu_us_per_txn": r.cpu_us_per_txn,
                 "lost_writes": r.lost_writes.len(),
                 "lost_write_ids": r.lost_writes.iter().take(100).collect::<Vec<_>>(),
                 "timeline": s.timeline.iter().map(|p| json!({
@@ -434,7 +472,14 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
                     (0..*n).map(|i| (Mode::ALL[i % 3], "postgres")).collect();
                 Writers::start(addr, &kinds)
             });
+        let pid = args.cpu_of.iter().find(|(t, _)| t == name).map(|(_, p)| *p);
+        let before = pid.and_then(cpu_time);
         let mut r = run_target(name, url, Arc::clone(&args), None).await?;
+        if let (Some(pid), Some(before)) = (pid, before) {
+            r.cpu_us_per_txn = cpu_time(pid)
+                .filter(|_| r.summary.txns > 0)
+                .map(|after| (after - before).as_secs_f64() * 1e6 / r.summary.txns as f64);
+        }
         if let Some(w) = writers {
             r.bypass = w.stop().await;
         }

@@ -141,3 +141,22 @@ async fn two_second_run_through_handoff_writes_complete_json() {
         .await
         .unwrap();
 }
+
+#[test]
+fn a_process_cpu_time_grows_with_its_work() {
+    let pid = std::process::id();
+    let before = cpu_time(pid).expect("our own /proc entry");
+    // Busy for a while on this thread.
+    let start = std::time::Instant::now();
+    let mut x = 0u64;
+    while start.elapsed() < Duration::from_millis(300) {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+    }
+    std::hint::black_box(x);
+    let after = cpu_time(pid).unwrap();
+    assert!(
+        after > before + Duration::from_millis(100),
+        "{before:?} → {after:?}"
+    );
+    assert!(cpu_time(u32::MAX).is_none(), "no such process");
+}
