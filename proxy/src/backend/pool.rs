@@ -62,6 +62,17 @@ impl Backend {
         }
     }
 
+    /// Records that the connection now holds statement `name`; the cache's least
+    /// recently used one, if it had to make room, is closed with the next statements
+    /// sent.
+    pub fn keep_prepared(&mut self, name: Bytes) {
+        if let Some((victim, ())) = self.prepared.push(name.clone(), ()) {
+            if victim != name {
+                self.to_close.push(victim);
+            }
+        }
+    }
+
     /// True if the server has said nothing since the connection went idle: any byte or
     /// EOF means it is not safe to hand out.
     fn is_quiet(&mut self) -> bool {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::BackendMessage;
+use handoff_protocol::error::ErrorFields;
 use handoff_protocol::frontend::FrontendMessage;
 use handoff_protocol::sql;
 
@@ -78,6 +79,16 @@ pub(super) async fn sync_params(
         .send_raw(&buf)
         .await
         .map_err(|e| AttachError::Io(e.into()))?;
+    if let Some(f) = answer(b).await? {
+        return Err(AttachError::Rejected(f));
+    }
+    b.applied = desired.clone();
+    Ok(())
+}
+
+/// Reads the server's answer to one Query up to its ReadyForQuery, keeping the
+/// parameters it reports: the error, if it sent one.
+async fn answer(b: &mut Backend) -> Result<Option<ErrorFields>, AttachError> {
     let mut error = None;
     loop {
         let frame = b
@@ -90,26 +101,17 @@ pub(super) async fn sync_params(
                 b.params.insert(name, value);
             }
             BackendMessage::ErrorResponse(f) => error = Some(f),
-            BackendMessage::ReadyForQuery(_) => break,
+            BackendMessage::ReadyForQuery(_) => return Ok(error),
             _ => {}
         }
     }
-    if let Some(f) = error {
-        return Err(AttachError::Rejected(f));
-    }
-    b.applied = desired.clone();
-    Ok(())
 }
 
 async fn prepare_sql_level(b: &mut Backend, missing: &[&StmtDef]) -> Result<(), AttachError> {
     let mut buf = BytesMut::new();
     for d in missing {
-        let mut sql = Vec::with_capacity(d.server_name.len() + d.sql.len() + 8);
-        sql.extend_from_slice(b"PREPARE ");
-        sql.extend_from_slice(&d.server_name);
-        sql.extend_from_slice(&d.sql);
         FrontendMessage::Query {
-            sql: Bytes::from(sql),
+            sql: d.prepare_query(),
         }
         .encode(&mut buf);
     }
@@ -118,28 +120,11 @@ async fn prepare_sql_level(b: &mut Backend, missing: &[&StmtDef]) -> Result<(), 
         .await
         .map_err(|e| AttachError::Io(e.into()))?;
     for d in missing {
-        let mut ok = true;
-        loop {
-            let frame = b
-                .conn
-                .read_frame(MAX_STARTUP_MESSAGE)
-                .await
-                .map_err(AttachError::Io)?;
-            match BackendMessage::parse(frame).map_err(|e| AttachError::Io(e.into()))? {
-                BackendMessage::ErrorResponse(f) => {
-                    ok = false;
-                    tracing::info!(statement = %String::from_utf8_lossy(&d.server_name), error = ?f.message(), "a SQL-level prepared statement could not be prepared on this connection");
-                }
-                BackendMessage::ReadyForQuery(_) => break,
-                _ => {}
+        match answer(b).await? {
+            Some(f) => {
+                tracing::info!(statement = %String::from_utf8_lossy(&d.server_name), error = ?f.message(), "a SQL-level prepared statement could not be prepared on this connection");
             }
-        }
-        if ok {
-            if let Some((victim, ())) = b.prepared.push(d.server_name.clone(), ()) {
-                if victim != d.server_name {
-                    b.to_close.push(victim);
-                }
-            }
+            None => b.keep_prepared(d.server_name.clone()),
         }
     }
     Ok(())

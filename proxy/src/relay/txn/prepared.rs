@@ -59,6 +59,16 @@ impl StmtDef {
         )
     }
 
+    /// A SQL-level statement's `PREPARE` under its server name, byte for byte as the
+    /// client wrote the rest (whatever its encoding).
+    pub fn prepare_query(&self) -> Bytes {
+        let mut sql = Vec::with_capacity(self.server_name.len() + self.sql.len() + 8);
+        sql.extend_from_slice(b"PREPARE ");
+        sql.extend_from_slice(&self.server_name);
+        sql.extend_from_slice(&self.sql);
+        Bytes::from(sql)
+    }
+
     fn named(prefix: &str, kind: &[u8], sql: Bytes, param_types: Vec<u32>) -> Self {
         let mut h = Sha256::new();
         h.update(kind);
@@ -420,13 +430,13 @@ impl Txn<'_> {
                 }
                 self.shared.prepared.miss.increment(1);
                 self.evict_for_one();
-                let sql = format!(
-                    "PREPARE {}{}",
-                    String::from_utf8_lossy(&def.server_name),
-                    String::from_utf8_lossy(rest)
-                );
+                let mut out = BytesMut::new();
+                FrontendMessage::Query {
+                    sql: def.prepare_query(),
+                }
+                .encode(&mut out);
                 self.replies.push_back(Reply::Prepared { name, def });
-                Some(query(&sql))
+                Some(out)
             }
             PreparedSql::Execute { .. } => {
                 let sql = self.execute_by_server_name(text)?;
@@ -585,11 +595,7 @@ impl Txn<'_> {
         }
         if let Reply::Prepared { name, def } = reply {
             if let Some(b) = self.backend.as_mut() {
-                if let Some((victim, ())) = b.prepared.push(def.server_name.clone(), ()) {
-                    if victim != def.server_name {
-                        b.to_close.push(victim);
-                    }
-                }
+                b.keep_prepared(def.server_name.clone());
             }
             self.sql_stmts.insert(name, def);
         }
