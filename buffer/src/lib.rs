@@ -310,6 +310,16 @@ impl Buffer {
         self.inner.bytes.load(Ordering::Acquire)
     }
 
+    /// True when a request on `shard` would pass [`Buffer::wait`] at once (the shard is
+    /// not holding): one atomic load, so callers can keep the waiting path out of their
+    /// own state.
+    pub fn passes(&self, shard: &str) -> bool {
+        self.inner
+            .shards
+            .get(shard)
+            .is_none_or(|s| s.gate.load(Ordering::Acquire) == IDLE)
+    }
+
     /// Waits for permission to start a request of `bytes` on `shard` (see the crate's
     /// contract).
     ///

@@ -219,15 +219,7 @@ impl Pool {
         let started = Instant::now();
         let wait = {
             let mut st = self.lock();
-            let mut got = None;
-            while let Some(mut idle) = st.idle.pop() {
-                if idle.backend.is_quiet() {
-                    got = Some(Grant::Conn(idle.backend));
-                    break;
-                }
-                st.total -= 1;
-                drop_backend(idle.backend);
-            }
+            let got = Self::pop_idle(&mut st).map(Grant::Conn);
             let r = match got {
                 Some(g) => Ok(g),
                 None if st.total < self.settings.size => {
@@ -273,6 +265,30 @@ impl Pool {
         };
         self.gauges.wait.record(started.elapsed());
         Ok(backend)
+    }
+
+    /// An idle connection if one is free now: no waiting, no opening, no allocation.
+    /// The connection-wait histogram is not recorded (nothing was waited for).
+    pub fn try_checkout(&self) -> Option<Box<Backend>> {
+        let mut st = self.lock();
+        let got = Self::pop_idle(&mut st);
+        if got.is_some() {
+            self.publish(&st);
+        }
+        got
+    }
+
+    /// The most recently used idle connection that is still quiet; the ones that are
+    /// not (closed by the server, or sent something unasked) are dropped on the way.
+    fn pop_idle(st: &mut State) -> Option<Box<Backend>> {
+        while let Some(mut idle) = st.idle.pop() {
+            if idle.backend.is_quiet() {
+                return Some(idle.backend);
+            }
+            st.total -= 1;
+            drop_backend(idle.backend);
+        }
+        None
     }
 
     fn prune_waiters(&self) {

@@ -2,6 +2,8 @@
 //! Startup (SSL/GSS negotiation, cancel requests, the StartupMessage) → Auth → Connect
 //! (the shard primary, session pooling) → Relay → Terminating.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use handoff_protocol::backend::BackendMessage;
@@ -36,10 +38,30 @@ struct Startup {
     params: Vec<(String, String)>,
 }
 
+/// A logged-in session's relay, run until the session ends.
+type Relay<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Runs a client session to its end.
+///
+/// Logging in needs far more state than relaying, and an idle client keeps its task
+/// for as long as it stays connected: the login runs in a box of its own, freed once
+/// it hands over the relay (a box of its own too), so the task keeps two pointers.
 pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal) {
     let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
+    let Some((_slot, relay)) = Box::pin(start(stream, &shared, shutdown)).await else {
+        return;
+    };
+    relay.await;
+}
+
+/// Startup, authentication, the client's admission and, in transaction mode, the first
+/// server login: the relay to run next, with the admission slot it holds.
+async fn start(
+    stream: TcpStream,
+    shared: &Shared,
+    shutdown: Signal,
+) -> Option<(crate::limits::Slot<'_>, Relay<'_>)> {
     let _ = stream.set_nodelay(true);
     let mut client = Conn::new(stream);
     let cfg = &shared.config;
@@ -48,11 +70,11 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
     // future (which an idle client keeps alive) stays small.
     let login = tokio::time::timeout(
         cfg.client_login_timeout,
-        Box::pin(login(&mut client, &shared)),
+        Box::pin(login(&mut client, shared)),
     );
     let (startup, secret) = match login.await {
         Ok(Ok(Some(ok))) => ok,
-        Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return,
+        Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return None,
         Ok(Err(Failure::Refuse(err))) => {
             if err.code == sqlstate::INVALID_PASSWORD {
                 metrics::counter!(m::AUTH_FAILURES_TOTAL).increment(1);
@@ -61,7 +83,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
                 tracing::info!(code = err.code, error = %err.message, "client login refused");
             }
             send_error(&mut client.stream, &err).await;
-            return;
+            return None;
         }
         Err(_) => {
             let err = ProxyError::fatal(
@@ -72,10 +94,10 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
                 ),
             );
             send_error(&mut client.stream, &err).await;
-            return;
+            return None;
         }
     };
-    let _slot = match shared.limits.admit(
+    let slot = match shared.limits.admit(
         &startup.user,
         &startup.database,
         cfg.max_user_client_conn,
@@ -85,7 +107,7 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
         Err(err) => {
             tracing::info!(error = %err.message, "client refused");
             send_error(&mut client.stream, &err).await;
-            return;
+            return None;
         }
     };
     tracing::Span::current().record("user", startup.user.as_str());
@@ -101,20 +123,24 @@ pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal
                 minor: startup.minor,
             };
             let shard = &shared.shards[shard_index(cfg, &startup)];
-            Box::pin(session_mode::serve(client, &shared, shard, login, shutdown)).await
+            let relay: Relay<'_> =
+                Box::pin(session_mode::serve(client, shared, shard, login, shutdown));
+            Some((slot, relay))
         }
-        PoolMode::Transaction => transaction_mode(client, &shared, startup, secret, shutdown).await,
+        PoolMode::Transaction => transaction_mode(client, shared, startup, secret, shutdown)
+            .await
+            .map(|relay| (slot, relay)),
     }
 }
 
 /// Transaction mode: a pooled server connection per transaction.
-async fn transaction_mode(
+async fn transaction_mode<'a>(
     mut client: Conn,
-    shared: &Shared,
+    shared: &'a Shared,
     startup: Startup,
     secret: Option<&UserSecret>,
     shutdown: Signal,
-) {
+) -> Option<Relay<'a>> {
     let cfg: &Config = &shared.config;
     let (shard, server_db) = route(cfg, &startup);
     let mut desired = HashMap::new();
@@ -129,7 +155,7 @@ async fn transaction_mode(
                 format!("invalid startup parameter name \"{k}\""),
             );
             send_error(&mut client.stream, &err).await;
-            return;
+            return None;
         }
         desired.insert(k.clone(), v.clone());
     }
@@ -153,17 +179,14 @@ async fn transaction_mode(
         tracing::warn!(shard = %shard.name, error = %err, "server login failed");
         send_error(&mut client.stream, &err).await;
         session.detach(true, true);
-        return;
+        return None;
     }
     let hello = hello(session.startup_params(), pid, &key);
     session.detach(false, true);
     if client.send_raw(&hello).await.is_err() {
-        return;
+        return None;
     }
-    // Boxed so that the task's own allocation does not also reserve room for the
-    // login phase's locals: an idle client's footprint is this future plus its socket.
-    let end = txn::run_boxed(client, session, shutdown).await;
-    tracing::debug!(?end, "session ended");
+    Some(txn::relay(client, session, shutdown))
 }
 
 /// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel

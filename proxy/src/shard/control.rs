@@ -32,8 +32,33 @@ impl Admitted {
 /// The gate at the start of a transaction, for both pool modes: waits in the failover
 /// buffer while the shard has no primary, then registers the transaction on the serving
 /// generation, moving `gen` to it if the primary changed. While the shard serves this is
-/// the buffer's atomic load plus the shard's.
+/// the buffer's atomic load plus the shard's, with no allocation; the waiting path is
+/// boxed, so a session's relay future does not keep room for it.
 pub(crate) async fn admit(
+    ctx: &Ctx,
+    shard: &Shard,
+    gen: &mut Arc<Generation>,
+    bytes: usize,
+) -> Result<Admitted, AttachError> {
+    if let Some(admitted) = try_admit(ctx, shard, gen) {
+        return Ok(admitted);
+    }
+    Box::pin(admit_waiting(ctx, shard, gen, bytes)).await
+}
+
+/// [`admit`] when it needs no waiting: the shard is not holding and `gen` still serves.
+pub(crate) fn try_admit(ctx: &Ctx, shard: &Shard, gen: &Arc<Generation>) -> Option<Admitted> {
+    if !ctx.buffer.passes(&shard.name) {
+        return None;
+    }
+    shard.enter(gen).map(|entered| Admitted {
+        entered,
+        _release: None,
+    })
+}
+
+/// [`admit`] when the shard is holding, or its generation moved on.
+async fn admit_waiting(
     ctx: &Ctx,
     shard: &Shard,
     gen: &mut Arc<Generation>,

@@ -161,9 +161,20 @@ fn count_signal(shard: &Shard, what: Report) {
 /// primary (or reuses a probe that started after the report) and revokes it if it is
 /// gone. True when `gen` no longer takes new transactions — what was refused may then go
 /// to the next primary.
-pub async fn suspect(ctx: &Ctx, shard: &Shard, gen: &Generation, what: Report) -> bool {
-    count_signal(shard, what);
-    check(ctx, shard, gen, Instant::now(), what.as_str()).await
+///
+/// Boxed: the probe's state is several KiB and only needed when something failed, while
+/// every session's relay future would otherwise keep room for it (an idle client's
+/// memory is mostly that future).
+pub fn suspect<'a>(
+    ctx: &'a Ctx,
+    shard: &'a Shard,
+    gen: &'a Generation,
+    what: Report,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+    Box::pin(async move {
+        count_signal(shard, what);
+        check(ctx, shard, gen, Instant::now(), what.as_str()).await
+    })
 }
 
 /// Probes `gen`'s primary unless a probe started at or after `since` already answered;

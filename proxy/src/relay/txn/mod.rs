@@ -41,7 +41,7 @@ use prepared::{Reply, StmtDef};
 use probation::{Probation, MAX_RETRIES};
 
 pub(crate) use params::valid_param_name;
-pub(crate) use run::run_boxed;
+pub(crate) use run::relay;
 
 /// Largest server message buffered whole for inspection.
 const MAX_INSPECT: usize = 64 * 1024;
@@ -160,11 +160,48 @@ impl<'a> Txn<'a> {
     /// Passes the shard's gate (waiting in the failover buffer while the primary
     /// changes), then checks a connection out of the serving primary's pool and brings
     /// its parameters in line with the client's. `bytes`: the request's size so far.
+    ///
+    /// The common case — the shard serves, an idle connection is free and already has
+    /// the client's parameters — runs without waiting and allocates nothing; the paths
+    /// that wait (the buffer, a pool at its limit, a new connection, SET) are boxed, so
+    /// the relay future each client keeps does not reserve room for them.
     pub async fn attach(&mut self, bytes: usize) -> Result<(), AttachError> {
         if self.backend.is_some() {
             return Ok(());
         }
-        let mut b = loop {
+        let mut b = match self.checkout_now() {
+            Some(b) => b,
+            None => Box::pin(self.checkout_waiting(bytes)).await?,
+        };
+        if !params::in_sync(&b, &self.desired, &self.sql_stmts) {
+            if let Err(e) = Box::pin(sync_params(&mut b, &self.desired, &self.sql_stmts)).await {
+                self.pool.discard(b);
+                self.leave();
+                return Err(e);
+            }
+        }
+        self.install(b);
+        Ok(())
+    }
+
+    /// The gate and a free idle connection, if both are there now.
+    fn checkout_now(&mut self) -> Option<Box<Backend>> {
+        self.admitted = Some(control::try_admit(&self.shared.ctx, self.state, &self.gen)?);
+        match self.pool.try_checkout() {
+            Some(b) if self.state.is_serving(&self.gen) => Some(b),
+            other => {
+                if let Some(b) = other {
+                    self.pool.checkin(b);
+                }
+                self.leave();
+                None
+            }
+        }
+    }
+
+    /// The gate and a connection, waiting for either as long as it takes.
+    async fn checkout_waiting(&mut self, bytes: usize) -> Result<Box<Backend>, AttachError> {
+        loop {
             self.enter(bytes).await?;
             let b = match self.pool.checkout().await {
                 Ok(b) => b,
@@ -189,28 +226,21 @@ impl<'a> Txn<'a> {
             // Revoked while waiting for a connection: nothing was sent yet, so wait in
             // the buffer instead of starting a transaction lameduck must wait for.
             if self.state.is_serving(&self.gen) {
-                break b;
+                return Ok(b);
             }
             self.pool.checkin(b);
             self.leave();
-        };
-        // Boxed: rare (only when parameters differ, or the client has SQL-level
-        // statements the connection lacks) and not small.
-        match Box::pin(sync_params(&mut b, &self.desired, &self.sql_stmts)).await {
-            Ok(()) => {}
-            Err(e) => {
-                self.pool.discard(b);
-                self.leave();
-                return Err(e);
-            }
         }
+    }
+
+    /// The connection serves this client's transaction from now on.
+    fn install(&mut self, b: Box<Backend>) {
         self.registration.set_server(Some(ServerKey {
             addr: b.peer,
             pid: b.pid,
             key: b.key.clone(),
         }));
         self.backend = Some(b);
-        Ok(())
     }
 
     /// The gate ([`control::admit`]); the pool follows the generation.

@@ -37,6 +37,20 @@ pub fn valid_param_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
+/// True when the connection already has the client's parameters and SQL-level
+/// statements: nothing for [`sync_params`] to do (checked without allocating, on every
+/// transaction).
+pub(super) fn in_sync(
+    b: &Backend,
+    desired: &HashMap<String, String>,
+    statements: &HashMap<String, StmtDef>,
+) -> bool {
+    *desired == b.applied
+        && statements
+            .values()
+            .all(|d| b.prepared.contains(&d.server_name))
+}
+
 /// Runs SET/RESET so the connection's startup parameters match the client's, and
 /// PREPAREs the client's SQL-level statements the connection lacks (each in a Query of
 /// its own: one that fails, say for a table dropped since, leaves the others prepared,

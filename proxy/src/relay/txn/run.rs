@@ -22,13 +22,19 @@ use crate::net::stream::Conn;
 use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
 use crate::shutdown::{Phase, Signal};
 
-/// [`run`], boxed from a plain function so the caller's future holds only a pointer.
-pub(crate) fn run_boxed<'a>(
-    client: Conn,
-    txn: Box<Txn<'a>>,
+/// [`run`] in a box of its own, for the session's task to await. The client and the
+/// transaction state are captured once and lent to `run` (an `async fn` taking them by
+/// value would keep each twice: as its argument and as the local it is moved into), and
+/// the state stays in its own box: an idle client's memory is mostly these two boxes.
+pub(crate) fn relay<'a>(
+    mut client: Conn,
+    mut txn: Box<Txn<'a>>,
     shutdown: Signal,
-) -> std::pin::Pin<Box<impl std::future::Future<Output = End> + 'a>> {
-    Box::pin(run(client, *txn, shutdown))
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let end = run(&mut client, &mut txn, shutdown).await;
+        tracing::debug!(?end, "session ended");
+    })
 }
 
 /// Which idle limit applies to a quiet client.
@@ -146,13 +152,13 @@ async fn on_server_read(
             // Lost under a request: the session ends if only this backend ended, or the
             // request gets an error (it may have committed) and the session goes on.
             let server_clean = server.reset();
-            txn.server_lost(client, server_clean, cscan.at_boundary())
-                .await
+            // Boxed here and below: rare paths, kept out of the relay future's size.
+            Box::pin(txn.server_lost(client, server_clean, cscan.at_boundary())).await
         }
         Ok(_) => {
             server_bytes(&mut server.buf, &mut server.scan, client, txn).await?;
             if txn.probe.ready {
-                txn.settle_refusal(client, server.clean()).await?;
+                Box::pin(txn.settle_refusal(client, server.clean())).await?;
             }
             // Only between messages in both directions: a client half-way through
             // sending a message stays on this server connection.
@@ -165,7 +171,7 @@ async fn on_server_read(
 }
 
 /// Relays a logged-in transaction-mode client until it leaves.
-pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) -> End {
+async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
     client.release_buffers();
     let mut cscan = Scanner::new(txn.shared.config.max_message_size, MAX_CLIENT_MESSAGE);
     let limits = IdleLimits {
@@ -180,7 +186,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
     let mut killed: Option<(u64, KillFuture)> = None;
     let end = loop {
         if !client.rbuf.is_empty() && !txn.probe.waiting(cscan.at_boundary()) {
-            match client_bytes(&mut client, &mut cscan, &mut txn).await {
+            match client_bytes(client, &mut cscan, txn).await {
                 Ok(true) => {}
                 Ok(false) => break End::Terminated,
                 Err(end) => break end,
@@ -217,7 +223,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
         // `readable()`, `read_buf`, timers and signals are cancel-safe: a branch that
         // loses the race has consumed nothing.
         tokio::select! {
-            r = client_read(&mut client), if reading => match r {
+            r = client_read(client), if reading => match r {
                 Some(Ok(0)) | Some(Err(_)) => break End::ClientGone,
                 Some(Ok(_)) | None => {}
             },
@@ -225,7 +231,7 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
                 let b = txn.backend.as_mut().expect("guarded by `attached`");
                 b.conn.stream.read_buf(&mut server.buf).await
             }, if attached => {
-                if let Err(end) = on_server_read(r, &mut server, &mut client, &cscan, &mut txn).await {
+                if let Err(end) = on_server_read(r, &mut server, client, &cscan, txn).await {
                     break end;
                 }
             },
@@ -242,7 +248,8 @@ pub(crate) async fn run(mut client: Conn, mut txn: Txn<'_>, shutdown: Signal) ->
             }
             _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached => {
                 let server_clean = server.reset();
-                if let Err(end) = txn.cancelled_by_lameduck(&mut client, server_clean, cscan.at_boundary()).await {
+                let cancelled = txn.cancelled_by_lameduck(client, server_clean, cscan.at_boundary());
+                if let Err(end) = Box::pin(cancelled).await {
                     break end;
                 }
             }
