@@ -26,6 +26,32 @@ pub fn bind_statement(body: &[u8]) -> Option<&[u8]> {
     cstr(rest).map(|(statement, _)| statement)
 }
 
+/// A Parse, Bind or Describe that names only the unnamed statement and portal (what a
+/// driver sends for a one-off query), as [`unnamed`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unnamed<'a> {
+    /// A Parse of the unnamed statement, with its SQL.
+    Parse(&'a [u8]),
+    /// A Bind of the unnamed portal to the unnamed statement, or a Describe of either.
+    Other,
+}
+
+/// `Some` when the message with `tag` and `body` is a Parse, Bind or Describe of the
+/// unnamed statement and portal only.
+pub fn unnamed(tag: u8, body: &[u8]) -> Option<Unnamed<'_>> {
+    match tag {
+        crate::frontend::tag::PARSE => match parse_name_and_sql(body)? {
+            (b"", sql) => Some(Unnamed::Parse(sql)),
+            _ => None,
+        },
+        // Portal, then statement.
+        crate::frontend::tag::BIND => body.starts_with(&[0, 0]).then_some(Unnamed::Other),
+        // Target ('S' or 'P'), then the name.
+        crate::frontend::tag::DESCRIBE => (body.get(1) == Some(&0)).then_some(Unnamed::Other),
+        _ => None,
+    }
+}
+
 /// A ParameterStatus body's name and value (both UTF-8).
 pub fn parameter_status(body: &[u8]) -> Option<(&str, &str)> {
     let (name, rest) = cstr(body)?;
@@ -58,6 +84,27 @@ pub fn data_row(body: &[u8]) -> Option<Vec<Option<&[u8]>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_unnamed_statement_and_portal_count_as_unnamed() {
+        use crate::frontend::tag;
+        assert_eq!(
+            unnamed(tag::PARSE, b"\0SELECT 1\0\0\0"),
+            Some(Unnamed::Parse(b"SELECT 1"))
+        );
+        assert_eq!(unnamed(tag::PARSE, b"s1\0SELECT 1\0\0\0"), None);
+        assert_eq!(unnamed(tag::PARSE, b"\0SELECT 1"), None, "cut short");
+        assert_eq!(unnamed(tag::BIND, b"\0\0\0\0"), Some(Unnamed::Other));
+        assert_eq!(unnamed(tag::BIND, b"\0s1\0\0\0"), None, "a named statement");
+        assert_eq!(unnamed(tag::BIND, b"p\0\0\0\0"), None, "a named portal");
+        assert_eq!(unnamed(tag::DESCRIBE, b"S\0"), Some(Unnamed::Other));
+        assert_eq!(unnamed(tag::DESCRIBE, b"Ss1\0"), None);
+        assert_eq!(
+            unnamed(tag::EXECUTE, b"\0\0\0\0\0"),
+            None,
+            "not one of the three"
+        );
+    }
 
     #[test]
     fn bodies_give_up_their_fields_and_bad_ones_nothing() {

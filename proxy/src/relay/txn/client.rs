@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use super::local::Local;
 use super::prepared::Reply;
 use super::Txn;
-use crate::error::send_error;
+use crate::error::{send_error, AttachError};
 use crate::metrics as m;
 use crate::net::buffers;
 use crate::net::stream::Conn;
@@ -95,7 +95,8 @@ pub(super) async fn client_bytes(
             Err(e) => {
                 flush_to_server(txn).await?;
                 write_client(client, &answers).await?;
-                protocol_error(&mut client.stream, &e).await;
+                // Boxed here and below: error paths, kept out of the relay future.
+                Box::pin(protocol_error(&mut client.stream, &e)).await;
                 return Err(End::ClientProtocol);
             }
         };
@@ -108,7 +109,7 @@ pub(super) async fn client_bytes(
             if !local && inspect_client(t) {
                 flush_to_server(txn).await?;
                 write_client(client, &answers).await?;
-                return Err(too_large(client, txn, t).await);
+                return Err(Box::pin(too_large(client, txn, t)).await);
             }
         }
         if tag == Some(ftag::TERMINATE) {
@@ -151,6 +152,10 @@ pub(super) async fn client_bytes(
             pos += len;
             continue;
         }
+        if whole && tag != Some(ftag::QUERY) && txn.pass_unnamed(&client.rbuf[pos..pos + len]) {
+            pos += len;
+            continue;
+        }
         if whole && tag != Some(ftag::QUERY) {
             // Everything before it is already copied into `out`: take the message off
             // the buffer without copying it (Binds carry parameter values).
@@ -161,7 +166,7 @@ pub(super) async fn client_bytes(
             msg.advance(HEADER_LEN);
             if let Err(e) = txn.translate(Frame { tag, body: msg }) {
                 flush_to_server(txn).await?;
-                protocol_error(&mut client.stream, &e).await;
+                Box::pin(protocol_error(&mut client.stream, &e)).await;
                 return Err(End::ClientProtocol);
             }
             continue;
@@ -213,27 +218,37 @@ async fn too_large(client: &mut Conn, txn: &Txn<'_>, tag: u8) -> End {
 /// A refusal (the buffer gave up, no primary) is answered locally; any other failure
 /// ends the session (the answers owed so far go first).
 async fn gate(client: &mut Conn, txn: &mut Txn<'_>, answers: &[u8], pos: usize) -> Result<(), End> {
-    match txn.attach(client.rbuf.len() - pos).await {
+    let attached = txn.attach(client.rbuf.len() - pos).await;
+    match attached {
         Ok(()) => {
             if txn.retries_left > 0 {
                 txn.probe.begin();
             }
             Ok(())
         }
-        Err(e) if e.is_refusal() => {
-            let err = e.to_client(txn.shard);
-            tracing::info!(shard = txn.shard, error = %err, "request refused");
-            txn.local = Local::Refuse(err);
-            Ok(())
-        }
-        Err(e) => {
-            let err = e.to_client(txn.shard);
-            tracing::warn!(error = %err, "no server connection for client");
-            write_client(client, answers).await?;
-            send_error(&mut client.stream, &err).await;
-            Err(End::ServerGone)
-        }
+        // Boxed: the error's state would otherwise widen every relay future.
+        Err(e) => Box::pin(not_attached(client, txn, answers, e)).await,
     }
+}
+
+/// [`gate`] could not attach: a refusal is answered locally, anything else ends the
+/// session.
+async fn not_attached(
+    client: &mut Conn,
+    txn: &mut Txn<'_>,
+    answers: &[u8],
+    e: AttachError,
+) -> Result<(), End> {
+    let err = e.to_client(txn.shard);
+    if e.is_refusal() {
+        tracing::info!(shard = txn.shard, error = %err, "request refused");
+        txn.local = Local::Refuse(err);
+        return Ok(());
+    }
+    tracing::warn!(error = %err, "no server connection for client");
+    write_client(client, answers).await?;
+    send_error(&mut client.stream, &err).await;
+    Err(End::ServerGone)
 }
 
 impl Txn<'_> {

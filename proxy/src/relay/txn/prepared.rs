@@ -23,6 +23,8 @@
 
 use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::tag as btag;
+use handoff_protocol::body::{self, Unnamed};
+use handoff_protocol::framing::HEADER_LEN;
 use handoff_protocol::frontend::{FrontendMessage, Target};
 use handoff_protocol::sql::PreparedSql;
 use handoff_protocol::{sql, sqlstate, Frame};
@@ -321,6 +323,38 @@ impl Txn<'_> {
             _ => raw.encode(&mut self.out),
         }
         Ok(())
+    }
+
+    /// The hot path of the extended protocol: a whole Parse, Bind or Describe of the
+    /// unnamed statement and portal that needs no rewriting goes to `out` as it is,
+    /// without being parsed into a message (no copy into owned fields, no allocation).
+    /// False when `msg` is not one of those; [`Txn::translate`] then handles it.
+    pub(super) fn pass_unnamed(&mut self, msg: &[u8]) -> bool {
+        let Some(body) = msg.get(HEADER_LEN..) else {
+            return false;
+        };
+        let parse_sql = match body::unnamed(msg[0], body) {
+            // `EXECUTE` of a client's statement, and whatever else the rewrite looks
+            // at, takes the long way.
+            Some(Unnamed::Parse(sql)) if sql::may_concern_statements_or_databases(sql) => {
+                return false
+            }
+            Some(Unnamed::Parse(sql)) => Some(sql),
+            Some(Unnamed::Other) => None,
+            None => return false,
+        };
+        // As `translate` does, in the same order.
+        self.close_unused();
+        self.in_extended = true;
+        if let Some(sql) = parse_sql {
+            self.ending |= sql::ends_transaction(sql).is_some();
+            self.replies.push_back(Reply::Pass {
+                register: None,
+                define: None,
+            });
+        }
+        self.out.extend_from_slice(msg);
+        true
     }
 
     /// True when the client has a statement of this name (either level).
