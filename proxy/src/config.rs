@@ -231,6 +231,11 @@ pub const VARIABLES: &[Variable] = &[
         help: "longest the target may take to catch up to the fence LSN, and then to promote",
     },
     Variable {
+        name: "HANDOFF_SWITCHOVER_SYNC_TARGET",
+        default: "true",
+        help: "before revoking, make the target the old primary's synchronous standby with synchronous_commit=remote_apply (ALTER SYSTEM, put back afterwards), so the pause does not grow with replication lag",
+    },
+    Variable {
         name: "HANDOFF_SWITCHOVER_TERMINATE",
         default: "true",
         help: "fence: terminate the old primary's remaining sessions (false: wait up to HANDOFF_SWITCHOVER_TIMEOUT for them to leave, else roll back)",
@@ -576,6 +581,8 @@ pub struct TlsSettings {
 pub struct SwitchoverSettings {
     pub max_lag: u64,
     pub timeout: Duration,
+    /// Make the target synchronous before revoking (`HANDOFF_SWITCHOVER_SYNC_TARGET`).
+    pub sync_target: bool,
     pub terminate: bool,
     /// Run after a completed switchover (`HANDOFF_SWITCHOVER_DEMOTE_COMMAND`).
     pub demote_command: Option<String>,
@@ -1023,6 +1030,7 @@ fn parse_switchover(vars: &Vars) -> Result<(SwitchoverSettings, Duration), Confi
     let settings = SwitchoverSettings {
         max_lag: vars.size("HANDOFF_SWITCHOVER_MAX_LAG")? as u64,
         timeout: vars.positive_duration("HANDOFF_SWITCHOVER_TIMEOUT")?,
+        sync_target: vars.flag("HANDOFF_SWITCHOVER_SYNC_TARGET")?,
         terminate: vars.flag("HANDOFF_SWITCHOVER_TERMINATE")?,
         demote_command: vars
             .get("HANDOFF_SWITCHOVER_DEMOTE_COMMAND")

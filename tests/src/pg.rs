@@ -465,7 +465,12 @@ impl Cluster {
                 .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
                 .output()?;
             check(out, "pg_basebackup")?;
-            s.append_conf(&format!("\nport = {}\n", s.port))?;
+            // Each standby streams under its own name (as Patroni's and repmgr's do),
+            // so the primary can tell them apart in pg_stat_replication.
+            s.append_conf(&format!(
+                "\nport = {}\ncluster_name = '{}'\n",
+                s.port, s.name
+            ))?;
             s.start()?;
             cluster.standbys.push(s);
         }

@@ -83,9 +83,26 @@ async fn switchover_under_load_has_no_client_errors_and_loses_no_write() {
         .collect();
     assert_eq!(
         steps,
-        ["precheck", "buffer", "lameduck", "revoke", "catch_up", "promote", "flush"]
+        [
+            "precheck",
+            "sync_target",
+            "buffer",
+            "lameduck",
+            "revoke",
+            "catch_up",
+            "promote",
+            "flush",
+            "unsync_target"
+        ]
     );
     eprintln!("{report:#}");
+    // The target streamed under its own name and was made synchronous before the
+    // revocation; the old primary's settings are back to what they were.
+    assert_eq!(report["sync_target"], "standby1", "{report:#}");
+    assert!(
+        report["lag_at_revoke_bytes"].as_f64().is_some(),
+        "{report:#}"
+    );
     let fence = report["fence_lsn"].as_str().unwrap().to_string();
 
     // Traffic keeps flowing, now to the new primary.
@@ -124,6 +141,14 @@ async fn switchover_under_load_has_no_client_errors_and_loses_no_write() {
     // Opened by hand, it has nothing the new one lacks: no write reached it after the
     // fence, and it is still a primary (never promoted, never demoted).
     cluster.primary.lift_fence_by_hand().unwrap();
+    let auto_conf = cluster
+        .primary
+        .psql("select count(*) from pg_file_settings where name like 'synchronous%'")
+        .unwrap();
+    assert_eq!(
+        auto_conf, "0",
+        "synchronous settings left on the old primary"
+    );
     let old_ids = ids(&server(&cluster.primary)).await.unwrap();
     assert!(
         old_ids.is_subset(&new_ids),
@@ -305,8 +330,9 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
     proxy.shutdown().await;
 
     // The target does not replay up to the fence within HANDOFF_SWITCHOVER_TIMEOUT
-    // (replay paused after the pre-check's lag was measured small): rolled back at the
-    // catch-up step.
+    // (replay paused after the pre-check's lag was measured small): it cannot be made
+    // a synchronous target either (the switchover goes on without, and the settings
+    // are put back), and it is rolled back at the catch-up step.
     let proxy = start_proxy(
         &cluster,
         &[
@@ -330,7 +356,12 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
         (409, Some("rolled_back")),
         "{r:#}"
     );
-    assert_eq!(failed_steps(&r), ["catch_up"], "{r:#}");
+    assert_eq!(failed_steps(&r), ["sync_target", "catch_up"], "{r:#}");
+    let auto_conf = cluster
+        .primary
+        .psql("select count(*) from pg_file_settings where name like 'synchronous%'")
+        .unwrap();
+    assert_eq!(auto_conf, "0", "synchronous settings left behind: {r:#}");
     assert!(
         r["error"]
             .as_str()
@@ -345,7 +376,9 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
     proxy.shutdown().await;
 
     // The promotion step fails (the admin role may not call pg_promote): rolled back
-    // after buffering, lameduck and revocation, clients unharmed.
+    // after buffering, lameduck and revocation, clients unharmed. (Nor may that role
+    // use ALTER SYSTEM: the target is not made synchronous, and the switchover goes on
+    // without.)
     let proxy = start_proxy(
         &cluster,
         &[
@@ -364,7 +397,7 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
         (409, Some("rolled_back")),
         "{r:#}"
     );
-    assert_eq!(failed_steps(&r), ["promote"], "{r:#}");
+    assert_eq!(failed_steps(&r), ["sync_target", "promote"], "{r:#}");
     assert!(r["error"].as_str().unwrap().contains("pg_promote"), "{r:#}");
     assert_eq!(
         cluster.standbys[0]

@@ -14,6 +14,7 @@ pub(crate) mod patroni;
 pub(crate) mod patroni_switch;
 mod state;
 pub(crate) mod switchover;
+pub(crate) mod sync_target;
 pub(crate) mod watch;
 pub(crate) mod watchdog;
 

@@ -18,6 +18,7 @@ use crate::backend::admin::{AdminConnectError, AdminDb, AdminSession};
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::shard::control;
 use crate::shard::fence::{self, Fence};
+use crate::shard::sync_target::{self, Synced};
 use crate::shard::watch::Why;
 use crate::shard::{Ctx, Revoked, Shard, Snapshot, StateKind};
 
@@ -71,6 +72,10 @@ pub(crate) struct Report {
     pub(crate) lameduck_cancelled: usize,
     pub(crate) prewarmed: usize,
     demote: Option<crate::shard::demote::Outcome>,
+    /// The name the target was made synchronous under, before the revocation.
+    sync_target: Option<String>,
+    /// How far the target's replay was behind the fence LSN when the fence took it.
+    lag_at_revoke: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -105,6 +110,8 @@ impl Report {
             "total_ms": (self.steps.iter().map(|s| s.duration.as_secs_f64()).sum::<f64>() * 1000.0 * 1000.0).round() / 1000.0,
             "steps": steps,
             "demote": self.demote.as_ref().map(|d| d.to_json()),
+            "sync_target": self.sync_target,
+            "lag_at_revoke_bytes": self.lag_at_revoke,
             "error": self.error,
         })
     }
@@ -114,6 +121,8 @@ pub(crate) struct Run<'a> {
     pub(crate) ctx: &'a Ctx,
     pub(crate) shard: &'a Shard,
     pub(crate) report: Report,
+    /// The target made synchronous: put back when the switchover ends.
+    synced: Option<Synced>,
 }
 
 /// Why a step of a switchover failed.
@@ -324,8 +333,11 @@ pub(crate) async fn run_with(
             lameduck_cancelled: 0,
             prewarmed: 0,
             demote: None,
+            sync_target: None,
+            lag_at_revoke: None,
             error: None,
         },
+        synced: None,
     };
     let Ok(_op) = shard.op.try_lock() else {
         return run.finish(
@@ -346,7 +358,10 @@ pub(crate) async fn run_with(
         }
         return report;
     }
-    let report = match run.switch(&snap, &to, hooks).await {
+    let switched = run.switch(&snap, &to, hooks).await;
+    // Before a rollback lifts the fence, after a completed switchover's flush.
+    run.unsync().await;
+    let report = match switched {
         Ok(done) => {
             run.demote(&done, &to).await;
             run.finish(Outcome::Completed, None)
@@ -371,6 +386,7 @@ impl Run<'_> {
     ) -> Result<Done, Stop> {
         let old = snap.primary.clone();
         let (old_db, target_db) = self.precheck(snap, to).await?;
+        self.sync_target(&old, to, &target_db.client).await;
         let revoked = self.buffer(snap)?;
         // Nothing is fenced yet: rolling back only lets the old primary serve again.
         let mut fence = Fence::new(old.clone(), old_db);
@@ -382,7 +398,11 @@ impl Run<'_> {
         self.report.lameduck_cancelled = ld.cancelled;
         self.step("lameduck", t, None);
         match hooks.held(ld).await {
-            Ok(spared) => fence.spared = spared,
+            Ok(spared) => {
+                fence.spared = spared;
+                // The session that will put the synchronous settings back.
+                fence.spared.extend(self.synced.as_ref().map(|s| s.pid));
+            }
             Err(e) => return Err(Stop::RollBack(Box::new(fence), e)),
         }
         let closing = match fence.main() {
@@ -447,6 +467,46 @@ impl Run<'_> {
         }
     }
 
+    /// 1b. While traffic still flows, the target becomes the old primary's synchronous
+    /// standby with `remote_apply` ([`sync_target`](crate::shard::sync_target)). When it
+    /// cannot, the switchover goes on without (the catch-up then waits for the lag).
+    async fn sync_target(&mut self, old: &HostPort, to: &HostPort, target: &Client) {
+        let cfg = &self.ctx.settings.switchover;
+        if !cfg.sync_target {
+            return;
+        }
+        let t = Instant::now();
+        match sync_target::sync(&self.ctx.admin, old, to, target, cfg.timeout).await {
+            Ok(synced) => {
+                self.report.sync_target = Some(synced.name.clone());
+                self.synced = Some(synced);
+                self.step("sync_target", t, None);
+            }
+            Err((synced, e)) => {
+                tracing::warn!(shard = %self.shard.name, error = %e, "switchover goes on without a synchronous target");
+                self.step("sync_target", t, Some(e.to_string()));
+                if let Some(s) = synced {
+                    if let Err(e) = s.restore().await {
+                        tracing::error!(shard = %self.shard.name, error = %e, "could not put synchronous_standby_names and synchronous_commit back on the old primary: do it by hand (docs/switchover.md)");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The synchronous settings put back on the old primary, if they were changed.
+    async fn unsync(&mut self) {
+        let Some(synced) = self.synced.take() else {
+            return;
+        };
+        let t = Instant::now();
+        let restored = synced.restore().await;
+        if let Err(e) = &restored {
+            tracing::error!(shard = %self.shard.name, error = %e, "could not put synchronous_standby_names and synchronous_commit back on the old primary: do it by hand (docs/switchover.md)");
+        }
+        self.step("unsync_target", t, restored.err().map(|e| e.to_string()));
+    }
+
     /// 2. New transactions of the shard are held.
     fn buffer(&mut self, snap: &Snapshot) -> Result<Revoked, Stop> {
         let t = Instant::now();
@@ -490,6 +550,16 @@ impl Run<'_> {
     ) -> Result<Fence, Stop> {
         let t = Instant::now();
         let timeout = self.ctx.settings.switchover.timeout;
+        self.report.lag_at_revoke = target_db
+            .client
+            .query_one(
+                "SELECT pg_wal_lsn_diff($1::text::pg_lsn, pg_last_wal_replay_lsn())::float8",
+                &[&lsn],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<f64>>(0))
+            .map(|lag| lag.max(0.0));
         let caught_up = catch_up(&target_db.client, to, lsn, timeout).await;
         self.step_or_roll_back("catch_up", t, caught_up, fence)
     }
