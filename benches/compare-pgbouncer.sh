@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Direct vs PgBouncer vs handoff on one PostgreSQL server, same pgbench runs, same machine.
-# A stopgap until `handoff-bench compare` exists. Installs pgbouncer with apt-get when it
-# is missing (as root); runs PostgreSQL and PgBouncer as the postgres user when root.
+# For each proxy run it also reports the proxy's CPU time per transaction: the user +
+# system time of its process (all threads, /proc/<pid>/stat) over the run, divided by the
+# transactions pgbench completed. Installs pgbouncer with apt-get when it is missing (as
+# root); runs PostgreSQL and PgBouncer as the postgres user when root.
 #
 # Usage: benches/compare-pgbouncer.sh [seconds] [rounds]
 # Environment: POOL_MODE (transaction|session, default transaction), CLIENTS (64),
@@ -68,18 +70,30 @@ env -u HANDOFF_LOG HANDOFF_SHARDS="main=127.0.0.1:$pg_port" HANDOFF_LISTEN="127.
     HANDOFF_POOL_SIZE="$pool_size" HANDOFF_LOG=warn "$top/target/release/handoff" &
 ho_pid=$!
 sleep 1
+# runuser stays as PgBouncer's parent: its own pid is the newest pgbouncer process.
+pgb_cpu_pid=$(pgrep -n -x pgbouncer || echo "$pgb_pid")
+tck=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 echo "pgbench -S -c $clients -j 2 -T $secs, pool mode $pool_mode, pool size $pool_size"
-printf '%-6s %-9s %-10s %12s %8s %8s\n' round mode target tps failed aborted
+printf '%-6s %-9s %-10s %12s %8s %8s %12s\n' round mode target tps failed aborted 'cpu us/txn'
 for r in $(seq "$rounds"); do
     for qm in $query_modes; do
-        for t in "direct:$pg_port" "pgbouncer:$pgb_port" "handoff:$ho_port"; do
+        for t in "direct:$pg_port:" "pgbouncer:$pgb_port:$pgb_cpu_pid" "handoff:$ho_port:$ho_pid"; do
+            IFS=: read -r name tport tpid <<<"$t"
+            before=0; [ -n "$tpid" ] && before=$(cpu_ticks "$tpid")
             out=$("$bin/pgbench" -n -S -M "$qm" -c "$clients" -j 2 -T "$secs" \
-                -h 127.0.0.1 -p "${t#*:}" -U postgres postgres 2>&1 || true)
+                -h 127.0.0.1 -p "$tport" -U postgres postgres 2>&1 || true)
+            cpu=-
+            txns=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<<"$out")
+            if [ -n "$tpid" ] && [ "${txns:-0}" -gt 0 ]; then
+                after=$(cpu_ticks "$tpid")
+                cpu=$(awk -v d="$((after - before))" -v t="$tck" -v n="$txns" 'BEGIN {printf "%.1f", d * 1e6 / t / n}')
+            fi
             tps=$(awk '/^tps/ {print $3}' <<<"$out")
             failed=$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' <<<"$out")
             aborted=$(grep -c 'aborted in command' <<<"$out" || true)
             [ -z "$tps" ] && tps=0
-            printf '%-6s %-9s %-10s %12.1f %8s %8s\n' "$r" "$qm" "${t%%:*}" "$tps" "${failed:-?}" "$aborted"
+            printf '%-6s %-9s %-10s %12.1f %8s %8s %12s\n' "$r" "$qm" "$name" "$tps" "${failed:-?}" "$aborted" "$cpu"
         done
     done
 done

@@ -91,6 +91,16 @@ fn bench(c: &mut Criterion) {
             })
         })
     });
+    // What a transaction's attach does when a connection is free: no future, no
+    // block_on (so no baseline to subtract).
+    g.bench_function("try_checkout_checkin_idle", |b| {
+        rt.block_on(async {
+            b.iter(|| {
+                let conn = pool.try_checkout().expect("an idle connection");
+                pool.checkin(black_box(conn));
+            })
+        })
+    });
     g.finish();
 }
 

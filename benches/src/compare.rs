@@ -92,23 +92,39 @@ fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -
         cluster.primary.port,
         bin,
         port,
-        pool_size,
-        false,
+        PgBouncerOpts {
+            pool_size,
+            admin: false,
+            max_clients: 2000,
+        },
     )
+}
+
+/// PgBouncer's pool size, whether user `postgres` may use its console, and its client
+/// limit.
+#[derive(Debug, Clone, Copy)]
+pub struct PgBouncerOpts {
+    pub pool_size: usize,
+    pub admin: bool,
+    pub max_clients: usize,
 }
 
 /// PgBouncer on `port` in front of the server on `server_port`, its files in `dir`
 /// (`pgbouncer.ini`, `pgbouncer-users.txt`, `pgbouncer.log`); with `admin`, user
-/// `postgres` may use its console.
+/// `postgres` may use its console; up to `max_clients` clients.
 pub fn start_pgbouncer_at(
     pg: &handoff_tests::PgBin,
     dir: &Path,
     server_port: u16,
     bin: &Path,
     port: u16,
-    pool_size: usize,
-    admin: bool,
+    opts: PgBouncerOpts,
 ) -> Result<Kill> {
+    let PgBouncerOpts {
+        pool_size,
+        admin,
+        max_clients,
+    } = opts;
     let ini = dir.join("pgbouncer.ini");
     let users = dir.join("pgbouncer-users.txt");
     std::fs::write(&users, "\"postgres\" \"\"\n")?;
@@ -117,7 +133,7 @@ pub fn start_pgbouncer_at(
         format!(
             "[databases]\n* = host=127.0.0.1 port={server_port}\n[pgbouncer]\n{}listen_addr = 127.0.0.1\n\
              listen_port = {port}\nauth_type = trust\nauth_file = {}\npool_mode = transaction\n\
-             max_client_conn = 2000\ndefault_pool_size = {pool_size}\nunix_socket_dir =\n\
+             max_client_conn = {max_clients}\ndefault_pool_size = {pool_size}\nunix_socket_dir =\n\
              logfile = {}\n",
             if admin { "admin_users = postgres\n" } else { "" },
             users.display(),

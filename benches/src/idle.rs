@@ -1,12 +1,32 @@
-//! `handoff-bench idle`: resident memory of the handoff process holding many idle
-//! client connections (each logged in, then silent).
+//! `handoff-bench idle`: resident memory of a proxy holding many idle client
+//! connections (each logged in, then silent), handoff and PgBouncer side by side in one
+//! run against the same PostgreSQL server.
+//!
+//! Clients log in `concurrency` at a time (a reconnect storm after a deploy). For each
+//! proxy the run reports the time the storm took, the resident set right after it, and
+//! again after a quiet spell with every client still connected (what an allocator gives
+//! back once the burst is over).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use handoff_tests::raw::RawClient;
 use handoff_tests::Cluster;
+
+use crate::compare::{pgbouncer_binary, start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+
+/// Options of `handoff-bench idle`.
+#[derive(Debug, Clone)]
+pub struct IdleArgs {
+    pub clients: usize,
+    /// Logins in flight at once.
+    pub concurrency: usize,
+    pub pool_mode: String,
+    /// `handoff`, `pgbouncer`.
+    pub targets: Vec<String>,
+    /// How long the clients stay idle before the second reading.
+    pub settle: Duration,
+}
 
 /// Resident set size of a process, in KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -16,15 +36,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The release `handoff` binary next to this one.
@@ -40,46 +51,131 @@ fn handoff_binary() -> Result<std::path::PathBuf> {
     Ok(bin)
 }
 
-pub async fn run(clients: usize, mode: &str) -> Result<()> {
+/// One proxy's figures.
+#[derive(Debug)]
+struct Memory {
+    target: String,
+    clients: usize,
+    base_kib: u64,
+    storm_secs: f64,
+    after_kib: u64,
+    settled_kib: u64,
+}
+
+impl Memory {
+    fn per_client(&self, kib: u64) -> f64 {
+        kib.saturating_sub(self.base_kib) as f64 * 1024.0 / self.clients as f64
+    }
+}
+
+pub async fn run(args: IdleArgs) -> Result<()> {
+    // One target at a time: its clients are gone before the next one starts.
+    let need = args.clients + 200;
     let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
-    if (limit as usize) < clients + 100 {
-        bail!("the open-file limit is {limit}; {clients} clients need more (raise the hard limit)");
+    if (limit as usize) < need {
+        bail!(
+            "the open-file limit is {limit}; {} clients need more (raise the hard limit)",
+            args.clients
+        );
     }
     let cluster = tokio::task::block_in_place(|| Cluster::start(0))?;
-    let port = handoff_tests::pg::free_port()?;
+    let mut results = Vec::new();
+    for target in &args.targets {
+        let port = handoff_tests::pg::free_port()?;
+        let proxy = match target.as_str() {
+            "handoff" => start_handoff(&cluster, port, &args)?,
+            "pgbouncer" => {
+                let Some(bin) = pgbouncer_binary() else {
+                    eprintln!("pgbouncer is not installed: measuring handoff only (apt-get install pgbouncer)");
+                    continue;
+                };
+                start_pgbouncer_at(
+                    &cluster.bin,
+                    cluster.dir(),
+                    cluster.primary.port,
+                    &bin,
+                    port,
+                    PgBouncerOpts {
+                        pool_size: 20,
+                        admin: false,
+                        max_clients: args.clients + 10,
+                    },
+                )?
+            }
+            other => bail!("unknown target '{other}' (handoff, pgbouncer)"),
+        };
+        wait_listening(port, target).await?;
+        let m = measure(target, proxy, port, &args).await?;
+        println!(
+            "{:<10} {} clients in {:.1} s; RSS {:.1} MiB after the storm ({:.0} B per client), {:.1} MiB after {:?} idle ({:.0} B per client)",
+            m.target,
+            m.clients,
+            m.storm_secs,
+            m.after_kib as f64 / 1024.0,
+            m.per_client(m.after_kib),
+            m.settled_kib as f64 / 1024.0,
+            args.settle,
+            m.per_client(m.settled_kib),
+        );
+        results.push(m);
+    }
+    println!();
+    println!("| target | clients | logins at once | baseline | storm took | RSS after the storm | per client | RSS after {:?} idle | per client |", args.settle);
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for m in &results {
+        println!(
+            "| {} | {} | {} | {:.1} MiB | {:.1} s | {:.1} MiB | {:.0} B | {:.1} MiB | {:.0} B |",
+            m.target,
+            m.clients,
+            args.concurrency,
+            m.base_kib as f64 / 1024.0,
+            m.storm_secs,
+            m.after_kib as f64 / 1024.0,
+            m.per_client(m.after_kib),
+            m.settled_kib as f64 / 1024.0,
+            m.per_client(m.settled_kib),
+        );
+    }
+    if let (Some(h), Some(p)) = (
+        results.iter().find(|m| m.target == "handoff"),
+        results.iter().find(|m| m.target == "pgbouncer"),
+    ) {
+        println!(
+            "\nhandoff / PgBouncer, growth per idle client after the quiet spell: {:.2}",
+            h.per_client(h.settled_kib) / p.per_client(p.settled_kib).max(1.0)
+        );
+    }
+    Ok(())
+}
+
+fn start_handoff(cluster: &Cluster, port: u16, args: &IdleArgs) -> Result<Kill> {
     let admin = handoff_tests::pg::free_port()?;
-    let child = Command::new(handoff_binary()?)
+    let child = crate::compare::handoff_command(&handoff_binary()?)
         .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
         .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
         .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("HANDOFF_MAX_CLIENT_CONN", (clients + 10).to_string())
-        .env("HANDOFF_POOL_MODE", mode)
+        .env("HANDOFF_MAX_CLIENT_CONN", (args.clients + 10).to_string())
+        .env("HANDOFF_POOL_MODE", &args.pool_mode)
         // The default log level: per-client spans exist, as in production.
         .env("HANDOFF_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting handoff")?;
-    let child = Kill(child);
-    let pid = child.0.id();
+    Ok(Kill::new(child))
+}
+
+async fn measure(target: &str, proxy: Kill, port: u16, args: &IdleArgs) -> Result<Memory> {
+    let pid = proxy.pid();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("handoff did not start listening");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // One client first, so the pool and its server connection exist in the baseline.
     let first = RawClient::login_trust(addr, "postgres", "postgres").await?;
-    let base = rss_kib(pid)?;
-    println!(
-        "handoff ({mode} mode) baseline RSS with 1 client: {:.1} MiB",
-        base as f64 / 1024.0
-    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let base_kib = rss_kib(pid)?;
     let started = Instant::now();
     let mut held = vec![first];
-    while held.len() < clients {
-        let batch = (clients - held.len()).min(200);
+    while held.len() < args.clients {
+        let batch = (args.clients - held.len()).min(args.concurrency);
         let mut tasks = Vec::with_capacity(batch);
         for _ in 0..batch {
             tasks.push(tokio::spawn(RawClient::login_trust(
@@ -87,21 +183,24 @@ pub async fn run(clients: usize, mode: &str) -> Result<()> {
             )));
         }
         for t in tasks {
-            held.push(t.await??);
+            held.push(
+                t.await?
+                    .with_context(|| format!("a login through {target}"))?,
+            );
         }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = rss_kib(pid)?;
-    let grown = after.saturating_sub(base);
-    println!(
-        "{} idle clients logged in in {:.1} s; RSS {:.1} MiB ({:.1} MiB over baseline, {:.0} bytes per client)",
-        held.len(),
-        started.elapsed().as_secs_f64(),
-        after as f64 / 1024.0,
-        grown as f64 / 1024.0,
-        grown as f64 * 1024.0 / held.len() as f64
-    );
+    let storm_secs = started.elapsed().as_secs_f64();
+    let after_kib = rss_kib(pid)?;
+    tokio::time::sleep(args.settle).await;
+    let settled_kib = rss_kib(pid)?;
     drop(held);
-    drop(child);
-    Ok(())
+    drop(proxy);
+    Ok(Memory {
+        target: target.to_string(),
+        clients: args.clients,
+        base_kib,
+        storm_secs,
+        after_kib,
+        settled_kib,
+    })
 }

@@ -24,7 +24,8 @@ mod switchover;
 const USAGE: &str = "\
 Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select|tpcb]
                           [--pool-mode transaction|session]
-       handoff-bench idle [--clients N] [--pool-mode transaction|session]
+       handoff-bench idle [--clients N] [--concurrency N] [--settle 5s]
+                          [--targets handoff,pgbouncer] [--pool-mode transaction|session]
        handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
                              [--pool-size 20] [--tls]
        handoff-bench switchover [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
@@ -42,9 +43,10 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
           errors, the longest stall, the ratio, and the paths of the JSON and the plot.
           Defaults: --seconds 10 --clients 16 --scale 1 (100,000 accounts) --mode select
           --pool-mode transaction
-  idle    start handoff (the release binary) and hold N idle logged-in clients;
-          prints its resident memory per client. Defaults: --clients 10000
-          --pool-mode transaction
+  idle    hold N idle logged-in clients through handoff (the release binary) and
+          through PgBouncer, logging in --concurrency at a time; prints each proxy's
+          resident memory per client right after the logins and after --settle idle.
+          Defaults: --clients 10000 --concurrency 200 --settle 5s --pool-mode transaction
   patroni one switchover on a real two-member Patroni cluster per target: asked of
           handoff, patronictl with handoff's before_stop hook, PgBouncer paused around
           it, direct multi-host clients; prints each with Patroni's own write gap
@@ -283,26 +285,50 @@ async fn main() -> ExitCode {
             }
         }
         Some("idle") => {
-            let mut clients = 10_000usize;
-            let mut mode = "transaction".to_string();
+            let mut a = idle::IdleArgs {
+                clients: 10_000,
+                concurrency: 200,
+                pool_mode: "transaction".to_string(),
+                targets: vec!["handoff".into(), "pgbouncer".into()],
+                settle: Duration::from_secs(5),
+            };
             let rest: Vec<String> = args.collect();
             let mut it = rest.iter();
             let mut bad = None;
+            let positive = |flag: &str, v: &str| -> Result<usize, String> {
+                match v.parse() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(format!("{flag}: '{v}' is not a positive number")),
+                }
+            };
             while let Some(flag) = it.next() {
-                match (flag.as_str(), it.next()) {
-                    ("--clients", Some(v)) => match v.parse() {
-                        Ok(n) if n > 0 => clients = n,
-                        _ => bad = Some(format!("--clients: '{v}' is not a positive number")),
-                    },
+                if flag == "--help" || flag == "-h" {
+                    print!("{USAGE}");
+                    return ExitCode::SUCCESS;
+                }
+                let r = match (flag.as_str(), it.next()) {
+                    ("--clients", Some(v)) => positive(flag, v).map(|n| a.clients = n),
+                    ("--concurrency", Some(v)) => positive(flag, v).map(|n| a.concurrency = n),
+                    ("--settle", Some(v)) => positive(flag, v.trim_end_matches('s'))
+                        .map(|n| a.settle = Duration::from_secs(n as u64)),
                     ("--pool-mode", Some(v)) if v == "transaction" || v == "session" => {
-                        mode = v.clone()
+                        a.pool_mode = v.clone();
+                        Ok(())
                     }
-                    _ => bad = Some(format!("bad option '{flag}'\n\n{USAGE}")),
+                    ("--targets", Some(v)) => {
+                        a.targets = v.split(',').map(str::to_string).collect();
+                        Ok(())
+                    }
+                    _ => Err(format!("bad option '{flag}'\n\n{USAGE}")),
+                };
+                if let Err(e) = r {
+                    bad = Some(e);
+                    break;
                 }
             }
             match bad {
                 Some(b) => Err(anyhow::anyhow!(b)),
-                None => idle::run(clients, &mode).await,
+                None => idle::run(a).await,
             }
         }
         Some("-h" | "--help") => {

@@ -25,7 +25,7 @@ use handoff_tests::patroni::{Options, PatroniCluster};
 use handoff_tests::pg::{free_port, PgBin};
 use tokio::time::Instant;
 
-use crate::compare::{start_pgbouncer_at, wait_listening, Kill};
+use crate::compare::{start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
 use crate::run::events::Event;
 use crate::run::workload::Workload;
 use crate::run::{self, RunArgs, TargetResult};
@@ -212,8 +212,11 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
                 old.pg_port,
                 &pgb,
                 port,
-                args.pool_size,
-                true,
+                PgBouncerOpts {
+                    pool_size: args.pool_size,
+                    admin: true,
+                    max_clients: 2000,
+                },
             )?);
             wait_listening(port, "pgbouncer").await?;
             let psql = bin.bin("psql");

@@ -22,7 +22,7 @@ use anyhow::{bail, Result};
 use handoff_tests::pg::free_port;
 use handoff_tests::Cluster;
 
-use crate::compare::{as_server_user, pgbouncer_for_switchover, start_handoff, wait_listening};
+use crate::compare::{as_server_user, pgbouncer_for_switchover, wait_listening};
 use crate::run::events::Event;
 use crate::run::workload::Workload;
 use crate::run::{self, RunArgs, TargetResult};
@@ -76,6 +76,33 @@ pub struct Args {
     /// coordination; works with older builds through --handoff-bin).
     #[arg(long)]
     pub uncoordinated: bool,
+    /// The cluster's replication: `async` (PostgreSQL's default) or `sync` (the primary
+    /// waits for the standby's flush: `synchronous_standby_names = '*'`).
+    #[arg(long, value_enum, default_value = "async")]
+    pub replication: Replication,
+    /// Lower the standby's CPU priority (`renice` of its postmaster and processes), so
+    /// that on a busy machine it replays behind the primary as a standby on a slower or
+    /// busier host does: the replication lag a switchover has to deal with.
+    #[arg(long, default_value_t = 0)]
+    pub standby_nice: u8,
+    /// A `HANDOFF_*` variable for the handoff target, `NAME=VALUE` (repeatable), e.g.
+    /// `HANDOFF_SWITCHOVER_SYNC_TARGET=false`.
+    #[arg(long = "handoff-env", value_parser = parse_env)]
+    pub handoff_env: Vec<(String, String)>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if k.starts_with("HANDOFF_") => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{s}' is not HANDOFF_NAME=VALUE")),
+    }
+}
+
+/// How the standby replicates during a switchover run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Replication {
+    Async,
+    Sync,
 }
 
 impl Args {
@@ -165,8 +192,11 @@ pub async fn run(args: Args) -> Result<()> {
     for name in &wanted {
         let cluster = tokio::task::block_in_place(|| -> Result<Cluster> {
             let c = Cluster::start(1)?;
-            if args.crash {
+            if args.crash || args.replication == Replication::Sync {
                 c.make_synchronous()?;
+            }
+            if args.standby_nice > 0 {
+                renice(&c.standbys[0], args.standby_nice)?;
             }
             Ok(c)
         })?;
@@ -186,6 +216,11 @@ pub async fn run(args: Args) -> Result<()> {
             }
             "handoff" => {
                 let admin = free_port()?;
+                let extra: Vec<(&str, String)> = args
+                    .handoff_env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.clone()))
+                    .collect();
                 keep.push(match &args.handoff_bin {
                     Some(bin) => crate::compare::start_handoff_bin(
                         bin,
@@ -193,9 +228,15 @@ pub async fn run(args: Args) -> Result<()> {
                         port,
                         admin,
                         args.pool_size,
-                        &[],
+                        &extra,
                     )?,
-                    None => start_handoff(&cluster, port, admin, args.pool_size)?,
+                    None => crate::compare::start_handoff_with(
+                        &cluster,
+                        port,
+                        admin,
+                        args.pool_size,
+                        &extra,
+                    )?,
                 });
                 wait_listening(port, "handoff").await?;
                 targets.push((
@@ -352,6 +393,9 @@ pub async fn run(args: Args) -> Result<()> {
         if r.name.starts_with("handoff") && !args.crash && !r.events.is_empty() {
             if let Some(e) = r.events.first() {
                 println!("\nhandoff's switchover report:\n{}", e.output.trim());
+                if let Some(summary) = report_summary(&e.output) {
+                    println!("{summary}");
+                }
             }
         }
         for (k, n) in &r.errors {
@@ -489,4 +533,73 @@ async fn coordinated(args: &Args, cluster: &Cluster, crash_promote: &str) -> Res
         processes,
         _etcd: etcd,
     })
+}
+
+/// One line from handoff's switchover report (the JSON the admin API answered): the
+/// target's replay lag when the fence took the old primary's LSN, and each step's time.
+fn report_summary(output: &str) -> Option<String> {
+    let start = output.find('{')?;
+    let report: serde_json::Value = serde_json::from_str(output[start..].trim()).ok()?;
+    let lag = report["lag_at_revoke_bytes"]
+        .as_f64()
+        .map_or("-".to_string(), |b| format!("{:.1} KiB", b / 1024.0));
+    let steps: Vec<String> = report["steps"]
+        .as_array()?
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {:.0} ms",
+                s["step"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0)
+            )
+        })
+        .collect();
+    Some(format!(
+        "lag at revocation: {lag}; synchronous target: {}; steps: {}",
+        report["sync_target"].as_str().unwrap_or("-"),
+        steps.join(", ")
+    ))
+}
+
+/// `renice` of a server's postmaster and every process it started.
+fn renice(node: &handoff_tests::Node, nice: u8) -> Result<()> {
+    let pidfile = std::fs::read_to_string(node.data.join("postmaster.pid"))?;
+    let postmaster = pidfile
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let children = std::process::Command::new("pgrep")
+        .args(["-P", &postmaster])
+        .output()?;
+    let mut pids = vec![postmaster];
+    pids.extend(
+        String::from_utf8_lossy(&children.stdout)
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    let out = std::process::Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&pids)
+        .output()?;
+    if !out.status.success() {
+        bail!("renice: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::report_summary;
+
+    #[test]
+    fn the_summary_reads_the_lag_and_the_steps() {
+        let out = "HTTP 200\n{\"lag_at_revoke_bytes\": 2048.0, \"sync_target\": \"standby1\", \"steps\": [{\"step\": \"precheck\", \"ms\": 3.2}, {\"step\": \"catch_up\", \"ms\": 1.0}]}";
+        assert_eq!(
+            report_summary(out).unwrap(),
+            "lag at revocation: 2.0 KiB; synchronous target: standby1; steps: precheck 3 ms, catch_up 1 ms"
+        );
+        assert_eq!(report_summary("no json"), None);
+    }
 }
