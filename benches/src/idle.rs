@@ -71,6 +71,10 @@ impl Memory {
 pub async fn run(args: IdleArgs) -> Result<()> {
     // One target at a time: its clients are gone before the next one starts.
     let need = args.clients + 200;
+    if rlimit::getrlimit(rlimit::Resource::NOFILE)?.1 < need as u64 {
+        // Root may raise the hard limit; the proxies started below inherit it.
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, need as u64, need as u64);
+    }
     let limit = rlimit::increase_nofile_limit(u64::MAX).context("raising the open-file limit")?;
     if (limit as usize) < need {
         bail!(
@@ -177,9 +181,12 @@ async fn measure(target: &str, proxy: Kill, port: u16, args: &IdleArgs) -> Resul
     while held.len() < args.clients {
         let batch = (args.clients - held.len()).min(args.concurrency);
         let mut tasks = Vec::with_capacity(batch);
-        for _ in 0..batch {
-            tasks.push(tokio::spawn(RawClient::login_trust(
-                addr, "postgres", "postgres",
+        for i in 0..batch {
+            // Spread over 127.0.0.1-8: each source address has ~28,000 ports.
+            let n = held.len() + i;
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (n / 20_000) as u8).into();
+            tasks.push(tokio::spawn(RawClient::login_trust_from(
+                addr, source, "postgres", "postgres",
             )));
         }
         for t in tasks {

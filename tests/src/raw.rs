@@ -30,9 +30,40 @@ impl RawClient {
         })
     }
 
+    /// Connects from `source` (a loopback address of its own: one source address has
+    /// only ~28,000 ephemeral ports towards one server address).
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Result<Self> {
+        let socket = match source {
+            std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        Ok(Self {
+            stream: socket.connect(addr).await?,
+            buf: BytesMut::new(),
+            key_data: None,
+        })
+    }
+
     /// Connects and logs in without a password (proxy with `HANDOFF_USERS` unset).
     pub async fn login_trust(addr: SocketAddr, user: &str, db: &str) -> Result<Self> {
-        let mut c = Self::connect(addr).await?;
+        let c = Self::connect(addr).await?;
+        c.login_as(user, db).await
+    }
+
+    /// [`RawClient::login_trust`] from `source` ([`RawClient::connect_from`]).
+    pub async fn login_trust_from(
+        addr: SocketAddr,
+        source: std::net::IpAddr,
+        user: &str,
+        db: &str,
+    ) -> Result<Self> {
+        let c = Self::connect_from(addr, source).await?;
+        c.login_as(user, db).await
+    }
+
+    async fn login_as(mut self, user: &str, db: &str) -> Result<Self> {
+        let c = &mut self;
         let mut out = BytesMut::new();
         StartupPacket::Startup {
             minor: 0,
@@ -42,7 +73,7 @@ impl RawClient {
         c.stream.write_all(&out).await?;
         loop {
             match c.read_message().await? {
-                Some(BackendMessage::ReadyForQuery(_)) => return Ok(c),
+                Some(BackendMessage::ReadyForQuery(_)) => return Ok(self),
                 Some(BackendMessage::BackendKeyData { pid, key }) => c.key_data = Some((pid, key)),
                 Some(BackendMessage::ErrorResponse(f)) => bail!("login failed: {:?}", f.message()),
                 Some(_) => {}
