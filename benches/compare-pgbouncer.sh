@@ -40,7 +40,8 @@ shared_buffers=32MB
 CONF
 as_pg "$bin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
 cleanup() {
-    kill "${pgb_pid:-}" "${ho_pid:-}" 2>/dev/null || true
+    # runuser does not pass the signal on: PgBouncer itself is killed too.
+    kill "${pgb_cpu_pid:-}" "${pgb_pid:-}" "${ho_pid:-}" 2>/dev/null || true
     as_pg "$bin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null || true
     rm -rf "$work"
 }

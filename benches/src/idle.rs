@@ -108,8 +108,11 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             }
             other => bail!("unknown target '{other}' (handoff, pgbouncer)"),
         };
-        wait_listening(port, target).await?;
-        let m = measure(target, proxy, port, &args).await?;
+        if let Err(e) = wait_listening(port, target).await {
+            let log = std::fs::read_to_string(cluster.dir().join("handoff.log")).unwrap_or_default();
+            bail!("{e}\n{}", log.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
+        }
+        let m = measure(target, proxy, port, &args, 1 + results.len() as u8).await?;
         println!(
             "{:<10} {} clients in {:.1} s; RSS {:.1} MiB after the storm ({:.0} B per client), {:.1} MiB after {:?} idle ({:.0} B per client)",
             m.target,
@@ -163,13 +166,20 @@ fn start_handoff(cluster: &Cluster, port: u16, args: &IdleArgs) -> Result<Kill> 
         // The default log level: per-client spans exist, as in production.
         .env("HANDOFF_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(cluster.dir().join("handoff.log"))?)
         .spawn()
         .context("starting handoff")?;
     Ok(Kill::new(child))
 }
 
-async fn measure(target: &str, proxy: Kill, port: u16, args: &IdleArgs) -> Result<Memory> {
+/// `source_net`: the third byte of the loopback addresses the clients connect from.
+async fn measure(
+    target: &str,
+    proxy: Kill,
+    port: u16,
+    args: &IdleArgs,
+    source_net: u8,
+) -> Result<Memory> {
     let pid = proxy.pid();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // One client first, so the pool and its server connection exist in the baseline.
@@ -182,9 +192,12 @@ async fn measure(target: &str, proxy: Kill, port: u16, args: &IdleArgs) -> Resul
         let batch = (args.clients - held.len()).min(args.concurrency);
         let mut tasks = Vec::with_capacity(batch);
         for i in 0..batch {
-            // Spread over 127.0.0.1-8: each source address has ~28,000 ports.
+            // Each source address has ~28,000 ports: 10,000 clients per address, and
+            // addresses of its own for each target (the previous target's closed
+            // connections keep their ports in TIME_WAIT for a minute).
             let n = held.len() + i;
-            let source = std::net::Ipv4Addr::new(127, 0, 0, 1 + (n / 20_000) as u8).into();
+            let source = std::net::Ipv4Addr::new(127, 0, source_net, 1 + (n / 10_000) as u8);
+            let source = source.into();
             tasks.push(tokio::spawn(RawClient::login_trust_from(
                 addr, source, "postgres", "postgres",
             )));
