@@ -109,8 +109,12 @@ pub async fn run(args: IdleArgs) -> Result<()> {
             other => bail!("unknown target '{other}' (handoff, pgbouncer)"),
         };
         if let Err(e) = wait_listening(port, target).await {
-            let log = std::fs::read_to_string(cluster.dir().join("handoff.log")).unwrap_or_default();
-            bail!("{e}\n{}", log.lines().rev().take(5).collect::<Vec<_>>().join("\n"));
+            let log =
+                std::fs::read_to_string(cluster.dir().join("handoff.log")).unwrap_or_default();
+            bail!(
+                "{e}\n{}",
+                log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+            );
         }
         let m = measure(target, proxy, port, &args, 1 + results.len() as u8).await?;
         println!(

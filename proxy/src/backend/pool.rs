@@ -268,12 +268,15 @@ impl Pool {
     }
 
     /// An idle connection if one is free now: no waiting, no opening, no allocation.
-    /// The connection-wait histogram is not recorded (nothing was waited for).
+    /// The checkout counts in the wait histogram with a wait of zero, as it would
+    /// through [`Pool::checkout`].
     pub fn try_checkout(&self) -> Option<Box<Backend>> {
         let mut st = self.lock();
         let got = Self::pop_idle(&mut st);
         if got.is_some() {
             self.publish(&st);
+            drop(st);
+            self.gauges.wait.record(Duration::ZERO);
         }
         got
     }
@@ -674,6 +677,26 @@ mod tests {
             .unwrap()
             .expect("a new connection in the freed slot");
         assert_ne!(next.pid, old);
+    }
+
+    #[tokio::test]
+    async fn try_checkout_hands_out_only_a_quiet_idle_connection() {
+        let server = StandIn::start(Answer::Ok).await;
+        let p = pool(&server.addr, 2, Duration::from_secs(5));
+        assert!(p.try_checkout().is_none(), "nothing idle: it opens nothing");
+        let first = p.checkout().await.unwrap();
+        let pid = first.pid;
+        assert!(p.try_checkout().is_none(), "the only connection is out");
+        p.checkin(first);
+        let again = p.try_checkout().expect("the idle connection");
+        assert_eq!(again.pid, pid);
+        p.checkin(again);
+        server.close_all();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            p.try_checkout().is_none(),
+            "a connection the server closed is dropped, not handed out"
+        );
     }
 
     #[tokio::test]
