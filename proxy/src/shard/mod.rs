@@ -12,6 +12,7 @@ pub(crate) mod hold;
 pub(crate) mod monitor;
 pub(crate) mod patroni;
 pub(crate) mod patroni_switch;
+pub(crate) mod replay;
 mod state;
 pub(crate) mod switchover;
 pub(crate) mod sync_target;

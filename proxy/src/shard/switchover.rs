@@ -18,6 +18,7 @@ use crate::backend::admin::{AdminConnectError, AdminDb, AdminSession};
 use crate::config::{HostPort, SwitchoverSettings};
 use crate::shard::control;
 use crate::shard::fence::{self, Fence};
+use crate::shard::replay;
 use crate::shard::sync_target::{self, Synced};
 use crate::shard::watch::Why;
 use crate::shard::{Ctx, Revoked, Shard, Snapshot, StateKind};
@@ -747,25 +748,14 @@ pub(crate) async fn catch_up(
     timeout: Duration,
 ) -> Result<(), StepError> {
     let deadline = Instant::now() + timeout;
-    loop {
-        let row = db
-            .query_one(
-                "SELECT coalesce(pg_wal_lsn_diff(pg_last_wal_replay_lsn(), $1::text::pg_lsn) >= 0, false)",
-                &[&fence],
-            )
-            .await
-            .map_err(|e| sql_error(addr, e))?;
-        if row.get::<_, bool>(0) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(StepError::CatchUp {
-                addr: addr.clone(),
-                lsn: fence.to_string(),
-                timeout,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    match replay::wait_replayed(db, fence, deadline).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StepError::CatchUp {
+            addr: addr.clone(),
+            lsn: fence.to_string(),
+            timeout,
+        }),
+        Err(e) => Err(sql_error(addr, e)),
     }
 }
 

@@ -24,6 +24,7 @@ use tokio_postgres::Client;
 
 use crate::backend::admin::{AdminDb, AdminSession};
 use crate::config::HostPort;
+use crate::shard::replay;
 
 /// The two settings changed, with what `postgresql.auto.conf` held for each (`None`:
 /// nothing, restored with `ALTER SYSTEM RESET`).
@@ -196,14 +197,15 @@ async fn apply(
             .map_err(|e| sql(old, e))?;
         if row.get::<_, bool>(0) {
             let lsn: String = row.get(1);
-            let left = deadline.saturating_duration_since(Instant::now());
-            return crate::shard::switchover::catch_up(target, to, &lsn, left)
-                .await
-                .map_err(|_| SyncError::Timeout {
+            return match replay::wait_replayed(target, &lsn, deadline).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(SyncError::Timeout {
                     to: to.clone(),
                     lsn,
                     timeout,
-                });
+                }),
+                Err(e) => Err(sql(to, e)),
+            };
         }
         if Instant::now() >= deadline {
             return Err(SyncError::Timeout {
