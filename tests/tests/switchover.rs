@@ -329,51 +329,57 @@ async fn switchovers_that_must_not_happen_are_refused_or_rolled_back() {
         .unwrap();
     proxy.shutdown().await;
 
-    // The target does not replay up to the fence within HANDOFF_SWITCHOVER_TIMEOUT
-    // (replay paused after the pre-check's lag was measured small): it cannot be made
-    // a synchronous target either (the switchover goes on without, and the settings
-    // are put back), and it is rolled back at the catch-up step.
-    let proxy = start_proxy(
-        &cluster,
-        &[
-            ("HANDOFF_POOL_SIZE", "8"),
-            ("HANDOFF_SWITCHOVER_TIMEOUT", "1s"),
-        ],
-    )
-    .await
-    .unwrap();
-    let load = Load::start(proxy.listen_addr(), 8).await.unwrap();
-    cluster.standbys[0]
-        .psql("select pg_wal_replay_pause()")
+    // The target does not replay within HANDOFF_SWITCHOVER_TIMEOUT (replay paused after
+    // the pre-check's lag was measured small). With the synchronous target, it is found
+    // before anything is held: refused at that step, the settings put back. Without it,
+    // the switchover gets as far as the catch-up and is rolled back there.
+    for (sync, outcome, failed) in [
+        ("true", "refused", &["sync_target"][..]),
+        ("false", "rolled_back", &["catch_up"][..]),
+    ] {
+        let proxy = start_proxy(
+            &cluster,
+            &[
+                ("HANDOFF_POOL_SIZE", "8"),
+                ("HANDOFF_SWITCHOVER_TIMEOUT", "1s"),
+                ("HANDOFF_SWITCHOVER_SYNC_TARGET", sync),
+            ],
+        )
+        .await
         .unwrap();
-    cluster
-        .primary
-        .psql("create table after_pause (x int)")
-        .unwrap();
-    let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
-    assert_eq!(
-        (status, r["outcome"].as_str()),
-        (409, Some("rolled_back")),
-        "{r:#}"
-    );
-    assert_eq!(failed_steps(&r), ["sync_target", "catch_up"], "{r:#}");
-    let auto_conf = cluster
-        .primary
-        .psql("select count(*) from pg_file_settings where name like 'synchronous%'")
-        .unwrap();
-    assert_eq!(auto_conf, "0", "synchronous settings left behind: {r:#}");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("HANDOFF_SWITCHOVER_TIMEOUT"),
-        "{r:#}"
-    );
-    assert_not_switched(&proxy, &cluster, load).await;
-    cluster.standbys[0]
-        .psql("select pg_wal_replay_resume()")
-        .unwrap();
-    proxy.shutdown().await;
+        let load = Load::start(proxy.listen_addr(), 8).await.unwrap();
+        cluster.standbys[0]
+            .psql("select pg_wal_replay_pause()")
+            .unwrap();
+        cluster
+            .primary
+            .psql(&format!("create table after_pause_{sync} (x int)"))
+            .unwrap();
+        let (status, r) = switchover(&proxy, &cluster.standbys[0].addr()).await;
+        assert_eq!(
+            (status, r["outcome"].as_str()),
+            (409, Some(outcome)),
+            "{r:#}"
+        );
+        assert_eq!(failed_steps(&r), failed, "{r:#}");
+        let auto_conf = cluster
+            .primary
+            .psql("select count(*) from pg_file_settings where name like 'synchronous%'")
+            .unwrap();
+        assert_eq!(auto_conf, "0", "synchronous settings left behind: {r:#}");
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("HANDOFF_SWITCHOVER_TIMEOUT"),
+            "{r:#}"
+        );
+        assert_not_switched(&proxy, &cluster, load).await;
+        cluster.standbys[0]
+            .psql("select pg_wal_replay_resume()")
+            .unwrap();
+        proxy.shutdown().await;
+    }
 
     // The promotion step fails (the admin role may not call pg_promote): rolled back
     // after buffering, lameduck and revocation, clients unharmed. (Nor may that role

@@ -387,7 +387,7 @@ impl Run<'_> {
     ) -> Result<Done, Stop> {
         let old = snap.primary.clone();
         let (old_db, target_db) = self.precheck(snap, to).await?;
-        self.sync_target(&old, to, &target_db.client).await;
+        self.sync_target(&old, to, &target_db.client).await?;
         let revoked = self.buffer(snap)?;
         // Nothing is fenced yet: rolling back only lets the old primary serve again.
         let mut fence = Fence::new(old.clone(), old_db);
@@ -470,11 +470,19 @@ impl Run<'_> {
 
     /// 1b. While traffic still flows, the target becomes the old primary's synchronous
     /// standby with `remote_apply` ([`sync_target`](crate::shard::sync_target)). When it
-    /// cannot, the switchover goes on without (the catch-up then waits for the lag).
-    async fn sync_target(&mut self, old: &HostPort, to: &HostPort, target: &Client) {
+    /// cannot be (no rights, no unique name), the switchover goes on without: the
+    /// catch-up then waits for the lag. When it is but does not replay in time, the
+    /// switchover is refused before anything is held: it would not catch up either, and
+    /// clients would wait for it behind a closed gate.
+    async fn sync_target(
+        &mut self,
+        old: &HostPort,
+        to: &HostPort,
+        target: &Client,
+    ) -> Result<(), Stop> {
         let cfg = &self.ctx.settings.switchover;
         if !cfg.sync_target {
-            return;
+            return Ok(());
         }
         let t = Instant::now();
         match sync_target::sync(&self.ctx.admin, old, to, target, cfg.timeout).await {
@@ -484,15 +492,19 @@ impl Run<'_> {
                 self.step("sync_target", t, None);
             }
             Err((synced, e)) => {
-                tracing::warn!(shard = %self.shard.name, error = %e, "switchover goes on without a synchronous target");
                 self.step("sync_target", t, Some(e.to_string()));
                 if let Some(s) = synced {
                     if let Err(e) = s.restore().await {
                         tracing::error!(shard = %self.shard.name, error = %e, "could not put synchronous_standby_names and synchronous_commit back on the old primary: do it by hand (docs/switchover.md)");
                     }
                 }
+                if matches!(e, sync_target::SyncError::Timeout { .. }) {
+                    return Err(Stop::Refused(e.to_string()));
+                }
+                tracing::warn!(shard = %self.shard.name, error = %e, "switchover goes on without a synchronous target");
             }
         }
+        Ok(())
     }
 
     /// The synchronous settings put back on the old primary, if they were changed.

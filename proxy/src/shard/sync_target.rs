@@ -42,8 +42,9 @@ pub(crate) struct Synced {
     pub name: String,
 }
 
-/// Why the target could not be made synchronous. Before anything changed, the
-/// switchover goes on without it (as with the setting off); after, it is put back.
+/// Why the target could not be made synchronous. Whatever was changed is put back; the
+/// switchover goes on without it (as with the setting off), except after a
+/// [`SyncError::Timeout`], when it is refused.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SyncError {
     #[error("{0}")]
@@ -57,7 +58,7 @@ pub(crate) enum SyncError {
         count: i64,
     },
     #[error(
-        "{to} did not become the synchronous standby and replay up to {lsn} within {timeout:?}"
+        "{to} did not become the synchronous standby and replay up to {lsn} within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?})"
     )]
     Timeout {
         to: HostPort,
