@@ -19,15 +19,16 @@
 
 use std::time::Duration;
 
+use handoff_protocol::sql::quote_literal;
 use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use crate::backend::admin::{AdminDb, AdminSession};
 use crate::config::HostPort;
+use crate::shard::fence::quote_ident;
 use crate::shard::replay;
 
-/// The two settings changed, with what `postgresql.auto.conf` held for each (`None`:
-/// nothing, restored with `ALTER SYSTEM RESET`).
+/// The two settings changed.
 const SETTINGS: [&str; 2] = ["synchronous_standby_names", "synchronous_commit"];
 
 /// A target made synchronous: the session on the old primary that did it, and what to
@@ -37,6 +38,8 @@ pub(crate) struct Synced {
     session: AdminSession,
     /// Backend pid of `session`: the fence leaves it alone.
     pub pid: i32,
+    /// What `postgresql.auto.conf` held for each setting (`None`: nothing, put back
+    /// with `ALTER SYSTEM RESET`).
     saved: Vec<(&'static str, Option<String>)>,
     /// The name the target streams under.
     pub name: String,
@@ -72,11 +75,6 @@ fn sql(addr: &HostPort, e: tokio_postgres::Error) -> SyncError {
         Some(db) => format!("{addr}: {} ({})", db.message(), db.code().code()),
         None => format!("{addr}: {e}"),
     })
-}
-
-/// A SQL string literal.
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// The application name the target's WAL receiver uses: `application_name` of its
@@ -173,12 +171,12 @@ async fn apply(
     let (c, old) = (&synced.session.client, &synced.old);
     let deadline = Instant::now() + timeout;
     // `"name"`: an identifier inside the setting's own syntax.
-    let standby = format!("\"{}\"", synced.name.replace('"', "\"\""));
+    let standby = quote_ident(&synced.name);
     // ALTER SYSTEM cannot run in a transaction block: one statement per query.
     for stmt in [
         format!(
             "ALTER SYSTEM SET synchronous_standby_names = {}",
-            literal(&standby)
+            quote_literal(&standby)
         ),
         "ALTER SYSTEM SET synchronous_commit = 'remote_apply'".to_string(),
         "SELECT pg_reload_conf()".to_string(),
@@ -225,7 +223,7 @@ impl Synced {
         let c = &self.session.client;
         for (setting, value) in &self.saved {
             let stmt = match value {
-                Some(v) => format!("ALTER SYSTEM SET {setting} = {}", literal(v)),
+                Some(v) => format!("ALTER SYSTEM SET {setting} = {}", quote_literal(v)),
                 None => format!("ALTER SYSTEM RESET {setting}"),
             };
             c.batch_execute(&stmt)
@@ -236,16 +234,5 @@ impl Synced {
             .await
             .map_err(|e| sql(&self.old, e))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn literals_double_their_quotes() {
-        assert_eq!(literal("a'b"), "'a''b'");
-        assert_eq!(literal("\"pg1\""), "'\"pg1\"'");
     }
 }
