@@ -213,24 +213,38 @@ async fn demo(args: DemoArgs) -> Result<()> {
     Ok(())
 }
 
+/// A command line clap refused, or `--help`/`--version`: clap prints it (help on
+/// standard output) and says the exit status (0 for help, 2 for a mistake).
+fn clap_exit(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    ExitCode::from(e.exit_code().clamp(0, 255) as u8)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let result = match args.next().as_deref() {
-        Some("demo") => match parse_args(args) {
-            Ok(a) => demo(a).await,
-            Err(e) => Err(e),
-        },
+        Some("demo") => {
+            let args: Vec<String> = args.collect();
+            if args.iter().any(|a| a == "--help" || a == "-h") {
+                print!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            match parse_args(args.into_iter()) {
+                Ok(a) => demo(a).await,
+                Err(e) => {
+                    eprintln!("handoff-bench demo: {e:#}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
         Some("run") => {
             use clap::Parser;
             match run::RunArgs::try_parse_from(
                 std::iter::once("handoff-bench run".to_string()).chain(args),
             ) {
                 Ok(a) => run::run(a).await.map(|_| ()),
-                Err(e) => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
+                Err(e) => return clap_exit(e),
             }
         }
         Some("compare") => {
@@ -239,10 +253,7 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench compare".to_string()).chain(args),
             ) {
                 Ok(a) => compare::compare(a).await,
-                Err(e) => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
+                Err(e) => return clap_exit(e),
             }
         }
         Some("pgbouncer-switchover") => {
@@ -251,10 +262,7 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench pgbouncer-switchover".to_string()).chain(args),
             ) {
                 Ok(a) => compare::pgbouncer_switchover(a).await,
-                Err(e) => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
+                Err(e) => return clap_exit(e),
             }
         }
         Some(cmd @ ("switchover" | "failover")) => {
@@ -266,10 +274,7 @@ async fn main() -> ExitCode {
                     .chain(args),
             ) {
                 Ok(a) => switchover::run(a).await,
-                Err(e) => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
+                Err(e) => return clap_exit(e),
             }
         }
         Some("patroni") => {
@@ -278,10 +283,7 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench patroni".to_string()).chain(args),
             ) {
                 Ok(a) => patroni::run(a).await,
-                Err(e) => {
-                    let _ = e.print();
-                    return ExitCode::from(2);
-                }
+                Err(e) => return clap_exit(e),
             }
         }
         Some("idle") => {
@@ -327,7 +329,10 @@ async fn main() -> ExitCode {
                 }
             }
             match bad {
-                Some(b) => Err(anyhow::anyhow!(b)),
+                Some(b) => {
+                    eprintln!("handoff-bench idle: {b}");
+                    return ExitCode::from(2);
+                }
                 None => idle::run(a).await,
             }
         }

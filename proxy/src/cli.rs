@@ -42,6 +42,9 @@ fn parse(
             json = true;
             continue;
         }
+        if a == "--help" || a == "-h" {
+            return Err(CliError::Help(usage.to_string()));
+        }
         let Some(name) = a.strip_prefix("--") else {
             return Err(CliError::Usage(format!(
                 "unexpected argument '{a}'\n{usage}"
@@ -87,6 +90,23 @@ enum CliError {
     /// The command line itself is wrong (with the usage).
     #[error("{0}")]
     Usage(String),
+    /// `--help`: the usage, printed on standard output with exit status 0.
+    #[error("{0}")]
+    Help(String),
+}
+
+impl CliError {
+    /// What the command line's problem ends in: the usage and success for `--help`,
+    /// else the error and exit status 2.
+    fn exit(self) -> ExitCode {
+        match self {
+            CliError::Help(usage) => {
+                println!("{usage}");
+                ExitCode::SUCCESS
+            }
+            other => fail(&other),
+        }
+    }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
@@ -173,7 +193,7 @@ fn fail(msg: &dyn std::fmt::Display) -> ExitCode {
 pub fn switchover(args: Vec<String>) -> ExitCode {
     let (common, opts) = match parse(args, &["shard", "to"], USAGE_SWITCHOVER) {
         Ok(p) => p,
-        Err(e) => return fail(&e),
+        Err(e) => return e.exit(),
     };
     let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let (Some(shard), Some(to)) = (get("shard"), get("to")) else {
@@ -214,7 +234,7 @@ pub fn switchover(args: Vec<String>) -> ExitCode {
 pub fn hold(args: Vec<String>) -> ExitCode {
     let (common, opts) = match parse(args, &["shard", "timeout", "reason", "primary"], USAGE_HOLD) {
         Ok(p) => p,
-        Err(e) => return fail(&e),
+        Err(e) => return e.exit(),
     };
     let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let Some(shard) = get("shard") else {
@@ -534,7 +554,7 @@ fn print_watched(v: &Value) {
 pub fn status(args: Vec<String>) -> ExitCode {
     let (common, _) = match parse(args, &[], USAGE_STATUS) {
         Ok(p) => p,
-        Err(e) => return fail(&e),
+        Err(e) => return e.exit(),
     };
     match request(&common, "GET", "/v1/shards", None, Duration::from_secs(10)) {
         Err(e) => fail(&e),

@@ -432,7 +432,8 @@ impl HostPort {
     }
 }
 
-/// One shard: its name and its hosts, the first being the initial primary.
+/// One shard: its name and the hosts that may be its primary (at startup the writable
+/// one on the highest timeline is chosen; the first listed wins ties).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardConfig {
     pub name: String,
@@ -627,6 +628,18 @@ impl Config {
     {
         let vars = Vars::collect(vars)?;
         let listeners = parse_listeners(&vars)?;
+        // Set but empty is a mistake (an unexpanded variable in a deployment file, say),
+        // not a request for the default shard: refuse it.
+        if vars
+            .env
+            .get("HANDOFF_SHARDS")
+            .is_some_and(|v| v.trim().is_empty())
+        {
+            return Err(invalid(
+                "HANDOFF_SHARDS",
+                "is set but empty: name at least one shard (e.g. main=127.0.0.1:5432), or unset it for the default",
+            ));
+        }
         let shards = parse_shards(vars.get("HANDOFF_SHARDS").unwrap_or_default())?;
         let patroni = patroni::parse(&vars, &shards)?;
         let (databases, default_route) = parse_databases(vars.get("HANDOFF_DATABASES"), &shards)?;

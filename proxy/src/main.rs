@@ -14,7 +14,19 @@ fn main() -> ExitCode {
             print!("{}", Config::help());
             return ExitCode::SUCCESS;
         }
-        Some("healthcheck") => return healthcheck(),
+        Some("healthcheck") => {
+            return match args.next().as_deref() {
+                None => healthcheck(),
+                Some("-h" | "--help") => {
+                    println!("usage: handoff healthcheck   (exit 0 if GET /healthz on HANDOFF_ADMIN_LISTEN answers 200)");
+                    ExitCode::SUCCESS
+                }
+                Some(other) => {
+                    eprintln!("handoff: healthcheck takes no argument, not '{other}'");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Some("switchover") => return cli::switchover(args.collect()),
         Some("status") => return cli::status(args.collect()),
         Some("hold") => return cli::hold(args.collect()),
@@ -41,9 +53,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Colour only on a terminal: a log file or a collector gets plain text (and
+    // NO_COLOR turns it off on a terminal too).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR")
+            .filter(|v| !v.is_empty())
+            .is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(colour)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

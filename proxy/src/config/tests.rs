@@ -94,6 +94,14 @@ fn bad_values_name_their_variable() {
         "HANDOFF_SHUTDOWN_TIMEOUT"
     );
     assert_eq!(err_var(&[("HANDOFF_SHARDS", "main")]), "HANDOFF_SHARDS");
+    // Set but empty is refused, not read as the default shard.
+    for empty in ["", "  "] {
+        let e = Config::from_vars([("HANDOFF_SHARDS", empty)]).unwrap_err();
+        assert!(
+            e.to_string().contains("HANDOFF_SHARDS: is set but empty"),
+            "{e}"
+        );
+    }
     assert_eq!(
         err_var(&[("HANDOFF_SHARDS", "main=host")]),
         "HANDOFF_SHARDS"
