@@ -81,10 +81,10 @@ pub enum StopReason {
 impl StopReason {
     fn label(self) -> &'static str {
         match self {
-            StopReason::NewPrimary => "NewPrimary",
-            StopReason::Aborted => "Aborted",
-            StopReason::MaxDurationExceeded => "MaxDurationExceeded",
-            StopReason::Shutdown => "Shutdown",
+            StopReason::NewPrimary => "new_primary",
+            StopReason::Aborted => "aborted",
+            StopReason::MaxDurationExceeded => "max_duration_exceeded",
+            StopReason::Shutdown => "shutdown",
         }
     }
 }
@@ -132,11 +132,11 @@ impl BufferError {
 
     fn label(self) -> &'static str {
         match self {
-            BufferError::WindowExceeded => "WindowExceeded",
-            BufferError::Evicted => "BufferFull",
-            BufferError::BufferFull => "BufferFull",
-            BufferError::FailoverTimeout => "MaxDuration",
-            BufferError::ShuttingDown => "Shutdown",
+            BufferError::WindowExceeded => "window_exceeded",
+            BufferError::Evicted => "buffer_full",
+            BufferError::BufferFull => "buffer_full",
+            BufferError::FailoverTimeout => "max_duration",
+            BufferError::ShuttingDown => "shutdown",
         }
     }
 }
@@ -340,14 +340,14 @@ impl Buffer {
         let (id, enqueued, rx) = {
             let mut g = s.lock();
             if self.inner.shutting_down.load(Ordering::Acquire) {
-                s.count_reason(metric::SKIPPED, "Shutdown");
+                s.count_reason(metric::SKIPPED, "shutdown");
                 return Ok(Admission::Passed);
             }
             if g.state == State::Idle {
                 return Ok(Admission::Passed);
             }
             if !s.enabled {
-                s.count_reason(metric::SKIPPED, "Disabled");
+                s.count_reason(metric::SKIPPED, "disabled");
                 return Ok(Admission::Passed);
             }
             if cfg.dry_run {
@@ -358,7 +358,7 @@ impl Buffer {
             // emptied is refused without evicting anyone.
             let others = self.inner.bytes.load(Ordering::Acquire) - g.bytes;
             if bytes > cfg.max_bytes.saturating_sub(others) {
-                s.count_reason(metric::SKIPPED, "BufferFull");
+                s.count_reason(metric::SKIPPED, "buffer_full");
                 return Err(BufferError::BufferFull);
             }
             while g.queue.len() >= cfg.size
@@ -453,7 +453,7 @@ impl Buffer {
             State::Idle => {
                 let min = self.inner.cfg.min_time_between_failovers;
                 if !min.is_zero() && g.last_end.is_some_and(|t| t.elapsed() < min) {
-                    s.count_reason(metric::STARTS_SKIPPED, "LastFailoverTooRecent");
+                    s.count_reason(metric::STARTS_SKIPPED, "last_failover_too_recent");
                     return StartOutcome::LastFailoverTooRecent;
                 }
             }
@@ -559,7 +559,7 @@ impl Inner {
                     // drop must not take the lock we hold.)
                     release.active = false;
                     g.outstanding -= 1;
-                    s.count_reason(metric::EVICTED, "ContextDone");
+                    s.count_reason(metric::EVICTED, "context_done");
                 }
                 Err(Err(_)) => g.outstanding -= 1,
             }
@@ -595,13 +595,51 @@ impl Drop for CancelGuard<'_> {
         if let Some(w) = remove(&mut g, self.id) {
             g.bytes -= w.bytes;
             self.buffer.inner.bytes.fetch_sub(w.bytes, Ordering::AcqRel);
-            self.shard.count_reason(metric::EVICTED, "ContextDone");
+            self.shard.count_reason(metric::EVICTED, "context_done");
             if g.state == State::Draining {
                 self.buffer.inner.drain(self.shard, &mut g);
             }
             self.shard.depth(&g);
         }
     }
+}
+
+/// Describes the buffer's series for the Prometheus exposition (`# HELP`); called
+/// once by the proxy when it installs its recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(metric::STARTS, "Buffering cycles started");
+    describe_counter!(
+        metric::STARTS_SKIPPED,
+        "Buffering cycles not started, by reason"
+    );
+    describe_counter!(metric::STOPS, "Buffering cycles ended, by reason");
+    describe_counter!(metric::BUFFERED, "Requests held by the buffer");
+    describe_counter!(
+        metric::BUFFERED_DRY_RUN,
+        "Requests the buffer would have held (dry run)"
+    );
+    describe_counter!(metric::DRAINED, "Held requests released to a primary");
+    describe_counter!(
+        metric::EVICTED,
+        "Held requests that got an error instead, by reason"
+    );
+    describe_counter!(
+        metric::SKIPPED,
+        "Requests that were not held while buffering, by reason"
+    );
+    describe_gauge!(metric::DEPTH, "Requests held now");
+    describe_gauge!(metric::BYTES, Unit::Bytes, "Bytes of requests held now");
+    describe_histogram!(
+        metric::WAIT,
+        Unit::Seconds,
+        "How long each held request waited"
+    );
+    describe_histogram!(
+        metric::FAILOVER_DURATION,
+        Unit::Seconds,
+        "How long each buffering cycle lasted"
+    );
 }
 
 /// Creates every per-shard series at zero so dashboards see them from startup.
@@ -615,22 +653,27 @@ fn zero_series(shard: &str) {
     ] {
         metrics::counter!(name, "shard" => s.clone()).absolute(0);
     }
-    for reason in ["NewPrimary", "Aborted", "MaxDurationExceeded", "Shutdown"] {
+    for reason in [
+        "new_primary",
+        "aborted",
+        "max_duration_exceeded",
+        "shutdown",
+    ] {
         metrics::counter!(metric::STOPS, "shard" => s.clone(), "reason" => reason).absolute(0);
     }
     for reason in [
-        "WindowExceeded",
-        "BufferFull",
-        "ContextDone",
-        "MaxDuration",
-        "Shutdown",
+        "window_exceeded",
+        "buffer_full",
+        "context_done",
+        "max_duration",
+        "shutdown",
     ] {
         metrics::counter!(metric::EVICTED, "shard" => s.clone(), "reason" => reason).absolute(0);
     }
-    for reason in ["BufferFull", "Disabled", "Shutdown"] {
+    for reason in ["buffer_full", "disabled", "shutdown"] {
         metrics::counter!(metric::SKIPPED, "shard" => s.clone(), "reason" => reason).absolute(0);
     }
-    metrics::counter!(metric::STARTS_SKIPPED, "shard" => s.clone(), "reason" => "LastFailoverTooRecent")
+    metrics::counter!(metric::STARTS_SKIPPED, "shard" => s.clone(), "reason" => "last_failover_too_recent")
         .absolute(0);
     metrics::gauge!(metric::DEPTH, "shard" => s).set(0.0);
 }

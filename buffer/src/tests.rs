@@ -183,7 +183,7 @@ fn s02_s03_start_holds_and_stop_releases_fifo_with_bounded_concurrency() {
             assert_eq!(b.state("a"), Some(State::Idle));
             assert_eq!(m.counter(metric::DRAINED, A), 5);
             assert_eq!(m.counter(metric::STARTS, A), 1);
-            assert_eq!(m.counter(metric::STOPS, &reason("NewPrimary")), 1);
+            assert_eq!(m.counter(metric::STOPS, &reason("new_primary")), 1);
             assert_eq!(m.gauge(metric::DEPTH, A), 0.0);
             assert_eq!(b.bytes(), 0);
         });
@@ -228,7 +228,7 @@ fn s05_stale_epochs_are_ignored() {
         assert_eq!(b.depth("a"), 1);
         assert!(b.stop("a", 6, StopReason::Aborted));
         assert_eq!(rx.recv().await, Some((0, Ok(()))));
-        assert_eq!(m.counter(metric::STOPS, &reason("Aborted")), 1);
+        assert_eq!(m.counter(metric::STOPS, &reason("aborted")), 1);
     });
 }
 
@@ -281,7 +281,7 @@ fn s06_min_time_between_failovers() {
         b.stop("a", 1, StopReason::NewPrimary);
         assert_eq!(b.start("a", 2, "x"), StartOutcome::LastFailoverTooRecent);
         assert_eq!(
-            m.counter(metric::STARTS_SKIPPED, &reason("LastFailoverTooRecent")),
+            m.counter(metric::STARTS_SKIPPED, &reason("last_failover_too_recent")),
             1
         );
         assert!(matches!(b.wait("a", 1).await, Ok(Admission::Passed)));
@@ -330,14 +330,14 @@ fn s08_disabled_shards_are_skipped() {
         });
         b.start("a", 1, "x");
         assert!(matches!(b.wait("a", 1).await, Ok(Admission::Passed)));
-        assert_eq!(m.counter(metric::SKIPPED, &reason("Disabled")), 1);
+        assert_eq!(m.counter(metric::SKIPPED, &reason("disabled")), 1);
         let off = buffer(BufferConfig {
             enabled: false,
             ..Default::default()
         });
         off.start("a", 1, "x");
         assert!(matches!(off.wait("a", 1).await, Ok(Admission::Passed)));
-        assert_eq!(m.counter(metric::SKIPPED, &reason("Disabled")), 2);
+        assert_eq!(m.counter(metric::SKIPPED, &reason("disabled")), 2);
     });
 }
 
@@ -359,7 +359,7 @@ fn s09_a_cancelled_waiter_frees_its_slot() {
         let _ = gone.await;
         assert_eq!(b.depth("a"), 2);
         assert_eq!(b.bytes(), 20);
-        assert_eq!(m.counter(metric::EVICTED, &reason("ContextDone")), 1);
+        assert_eq!(m.counter(metric::EVICTED, &reason("context_done")), 1);
         b.stop("a", 1, StopReason::NewPrimary);
         assert_eq!(rx.recv().await.unwrap().1, Ok(()));
         assert_eq!(rx2.recv().await.unwrap().1, Ok(()));
@@ -384,7 +384,7 @@ fn s10_window_expiry_oldest_first() {
             Err(BufferError::WindowExceeded)
         );
         assert_eq!(b.depth("a"), 1, "the later request keeps waiting");
-        assert_eq!(m.counter(metric::EVICTED, &reason("WindowExceeded")), 1);
+        assert_eq!(m.counter(metric::EVICTED, &reason("window_exceeded")), 1);
         b.stop("a", 1, StopReason::NewPrimary);
         assert_eq!(later.recv().await.unwrap().1, Ok(()));
     });
@@ -401,7 +401,7 @@ fn s11_full_queue_evicts_the_oldest() {
         let mut rx = waiters(&b, 3, Duration::ZERO).await;
         assert_eq!(rx.recv().await.unwrap(), (0, Err(BufferError::Evicted)));
         assert_eq!(b.depth("a"), 2);
-        assert_eq!(m.counter(metric::EVICTED, &reason("BufferFull")), 1);
+        assert_eq!(m.counter(metric::EVICTED, &reason("buffer_full")), 1);
         b.stop("a", 1, StopReason::NewPrimary);
         let mut got = vec![rx.recv().await.unwrap(), rx.recv().await.unwrap()];
         got.sort_by_key(|g| g.0);
@@ -422,7 +422,10 @@ fn s12_byte_cap() {
                                                           // Shard b: 6 bytes would exceed 25 and b has nothing to evict.
         assert_eq!(b.wait("b", 6).await.err(), Some(BufferError::BufferFull));
         assert_eq!(
-            m.counter(metric::SKIPPED, &[("shard", "b"), ("reason", "BufferFull")]),
+            m.counter(
+                metric::SKIPPED,
+                &[("shard", "b"), ("reason", "buffer_full")]
+            ),
             1
         );
         // Larger than everything: refused without evicting anyone on a.
@@ -451,8 +454,11 @@ fn s13_max_failover_duration() {
                 Err(BufferError::FailoverTimeout)
             );
         }
-        assert_eq!(m.counter(metric::EVICTED, &reason("MaxDuration")), 3);
-        assert_eq!(m.counter(metric::STOPS, &reason("MaxDurationExceeded")), 1);
+        assert_eq!(m.counter(metric::EVICTED, &reason("max_duration")), 3);
+        assert_eq!(
+            m.counter(metric::STOPS, &reason("max_duration_exceeded")),
+            1
+        );
         assert!(
             !b.stop("a", 1, StopReason::NewPrimary),
             "a late stop is ignored"
@@ -471,9 +477,9 @@ fn s14_shutdown() {
         for _ in 0..2 {
             assert_eq!(rx.recv().await.unwrap().1, Err(BufferError::ShuttingDown));
         }
-        assert_eq!(m.counter(metric::EVICTED, &reason("Shutdown")), 2);
+        assert_eq!(m.counter(metric::EVICTED, &reason("shutdown")), 2);
         assert!(matches!(b.wait("a", 1).await, Ok(Admission::Passed)));
-        assert_eq!(m.counter(metric::SKIPPED, &reason("Shutdown")), 1);
+        assert_eq!(m.counter(metric::SKIPPED, &reason("shutdown")), 1);
         assert_eq!(b.start("a", 2, "x"), StartOutcome::ShuttingDown);
         assert_eq!(BufferError::ShuttingDown.sqlstate(), "57P01");
     });
@@ -737,11 +743,11 @@ fn check_interleaving(ops: Vec<Op>) {
         assert_eq!(b.depth("a"), 0);
         assert_eq!(b.bytes(), 0);
         let evicted: u64 = [
-            "WindowExceeded",
-            "BufferFull",
-            "ContextDone",
-            "MaxDuration",
-            "Shutdown",
+            "window_exceeded",
+            "buffer_full",
+            "context_done",
+            "max_duration",
+            "shutdown",
         ]
         .iter()
         .map(|r| m.counter(metric::EVICTED, &reason(r)))

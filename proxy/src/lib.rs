@@ -130,6 +130,11 @@ impl Proxy {
         let mut missing = Vec::new();
         let mut watch = Vec::new();
         for s in &config.shards {
+            metrics::zero_shard_series(
+                &s.name,
+                config.etcd.is_some(),
+                ctx.patroni(&s.name).is_some(),
+            );
             let start = coord::initial_shard(
                 connected.as_ref(),
                 &ctx.admin,

@@ -159,6 +159,7 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    handoff_buffer::describe_metrics();
     describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
     describe_counter!(PATRONI_REQUESTS, "Requests to Patroni's REST API");
     describe_gauge!(PRIMARY_SOURCE, "The source that names each shard's primary");
@@ -197,6 +198,93 @@ fn describe() {
         PREPARED_TOTAL,
         "Prepared-statement cache hits, misses and evictions"
     );
+    describe_counter!(
+        CLIENT_TIMEOUTS_TOTAL,
+        "Clients disconnected by an idle timeout, by kind"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES_TOTAL,
+        "Client TLS handshakes that failed"
+    );
+    describe_counter!(
+        MESSAGES_TOO_LARGE_TOTAL,
+        "Client messages refused for exceeding HANDOFF_MAX_MESSAGE_SIZE"
+    );
+    describe_gauge!(
+        SHARD_STATE,
+        "Shard state: 0 serving, 1 buffering, 2 draining, 3 unavailable"
+    );
+    describe_gauge!(SHARD_EPOCH, "The shard's leadership epoch");
+    describe_counter!(
+        SHARD_EVENTS,
+        "Shard state machine events applied or ignored, by event and result"
+    );
+    describe_counter!(
+        LAMEDUCK_CANCELLED,
+        "Transactions cancelled on a revoked primary after the drain timeout"
+    );
+    describe_counter!(SWITCHOVERS, "Switchovers run by handoff, by outcome");
+    describe_histogram!(
+        SWITCHOVER_STEP,
+        Unit::Seconds,
+        "Duration of each switchover step"
+    );
+    describe_counter!(
+        FAILURE_SIGNALS,
+        "Failure reports about a primary, by signal"
+    );
+    describe_counter!(HEALTH_CHECKS, "Probes of the serving primary, by result");
+    describe_counter!(
+        DISCOVERY_PROBES,
+        "Discovery probes of a shard's hosts, by result"
+    );
+    describe_counter!(
+        RETRIES,
+        "Requests sent again to a new primary (they provably did not run), by reason"
+    );
+    describe_histogram!(
+        FAILOVER_SECONDS,
+        Unit::Seconds,
+        "From the revocation of a failed primary to the establishment of the next"
+    );
+    describe_counter!(FAILOVERS, "Unplanned failovers, by result");
+    describe_gauge!(
+        SPLIT_BRAIN,
+        "1 while a replaced primary accepts writes outside recovery"
+    );
+    describe_gauge!(WATCHED_HOSTS, "Replaced primaries being watched");
+    describe_counter!(FENCES, "Fences applied, by source and result");
+    describe_gauge!(COORD_UP, "1 while etcd answers this proxy");
+    describe_gauge!(
+        COORD_MEMBERS,
+        "Live proxies of the cluster, this one included"
+    );
+    describe_counter!(COORD_ERRORS, "etcd requests that failed");
+    describe_counter!(
+        COORD_OPS,
+        "Coordinated operations this proxy ran, by kind and outcome"
+    );
+    describe_histogram!(
+        COORD_ACK_SECONDS,
+        Unit::Seconds,
+        "From an operation's publication to a proxy's acknowledgement"
+    );
+    describe_counter!(
+        COORD_ACK_MISSING,
+        "Proxies that did not acknowledge before the lameduck deadline"
+    );
+    describe_counter!(
+        COORD_FOLLOWED,
+        "What this proxy took from the cluster, by what"
+    );
+    describe_counter!(
+        COORD_PUBLISHED,
+        "Primaries this proxy published after finding them itself"
+    );
+    describe_counter!(
+        COORD_RECOVERIES,
+        "Abandoned operations this proxy finished, by result"
+    );
     for result in ["hit", "miss", "eviction"] {
         metrics::counter!(PREPARED_TOTAL, "result" => result).absolute(0);
     }
@@ -204,6 +292,106 @@ fn describe() {
     metrics::gauge!(CLIENT_CONNECTIONS).set(0.0);
     metrics::gauge!(SERVER_CONNECTIONS).set(0.0);
     metrics::counter!(CLIENT_CONNECTIONS_TOTAL).absolute(0);
+    metrics::counter!(AUTH_FAILURES_TOTAL).absolute(0);
+    metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL).absolute(0);
+    metrics::counter!(MESSAGES_TOO_LARGE_TOTAL).absolute(0);
+    metrics::counter!(SERVER_CONNECT_ERRORS_TOTAL).absolute(0);
+    for reason in [
+        "max_client_conn",
+        "max_user_client_conn",
+        "max_db_client_conn",
+        "tls_required",
+        "shutdown",
+    ] {
+        metrics::counter!(CLIENT_REJECTED_TOTAL, "reason" => reason).absolute(0);
+    }
+    for kind in ["client_idle", "idle_transaction"] {
+        metrics::counter!(CLIENT_TIMEOUTS_TOTAL, "kind" => kind).absolute(0);
+    }
+    for direction in ["client_to_server", "server_to_client"] {
+        metrics::counter!(BYTES_TOTAL, "direction" => direction).absolute(0);
+    }
+    for result in ["forwarded", "unknown"] {
+        metrics::counter!(CANCEL_REQUESTS_TOTAL, "result" => result).absolute(0);
+    }
+    // The SQLSTATE classes handoff's own errors fall in (connection, authorization,
+    // resources, operator intervention); the server's appear as they happen.
+    for class in ["08", "28", "53", "57"] {
+        metrics::counter!(ERRORS_TOTAL, "source" => "proxy", "class" => class).absolute(0);
+    }
+}
+
+/// Creates a shard's counters at zero, so that dashboards and alerts (`increase()`,
+/// `rate()`) see them from startup rather than from their first event. The buffer's
+/// series are created by the buffer itself.
+pub fn zero_shard_series(shard: &str, coordinated: bool, patroni: bool) {
+    let s = || shard.to_string();
+    metrics::counter!(LAMEDUCK_CANCELLED, "shard" => s()).absolute(0);
+    for outcome in ["completed", "refused", "rolled_back", "failed"] {
+        metrics::counter!(SWITCHOVERS, "shard" => s(), "outcome" => outcome).absolute(0);
+    }
+    for signal in [
+        "connect_failed",
+        "connection_lost",
+        "server_fatal",
+        "read_only",
+        "cannot_connect_now",
+    ] {
+        metrics::counter!(FAILURE_SIGNALS, "shard" => s(), "signal" => signal).absolute(0);
+    }
+    for reason in [
+        "connect_failed",
+        "read_only",
+        "cannot_connect_now",
+        "stale_statement",
+    ] {
+        metrics::counter!(RETRIES, "shard" => s(), "reason" => reason).absolute(0);
+    }
+    metrics::counter!(FAILOVERS, "shard" => s(), "result" => "established").absolute(0);
+    let probes = [
+        "primary",
+        "read_only",
+        "in_recovery",
+        "fenced",
+        "unreachable",
+        "refused",
+    ];
+    for result in probes {
+        metrics::counter!(HEALTH_CHECKS, "shard" => s(), "result" => result).absolute(0);
+        metrics::counter!(DISCOVERY_PROBES, "shard" => s(), "result" => result).absolute(0);
+    }
+    for event in ["revoke", "establish", "abort"] {
+        for result in ["applied", "ignored", "stale"] {
+            metrics::counter!(SHARD_EVENTS, "shard" => s(), "event" => event, "result" => result)
+                .absolute(0);
+        }
+    }
+    for source in ["switchover", "watchdog"] {
+        for result in ["ok", "error"] {
+            metrics::counter!(FENCES, "shard" => s(), "source" => source, "result" => result)
+                .absolute(0);
+        }
+    }
+    metrics::gauge!(WATCHED_HOSTS, "shard" => s()).set(0.0);
+    for result in ["held", "already_held", "refused", "not_primary"] {
+        metrics::counter!(HOLDS, "shard" => s(), "result" => result).absolute(0);
+    }
+    if coordinated {
+        metrics::counter!(COORD_ACK_MISSING, "shard" => s()).absolute(0);
+        metrics::counter!(COORD_PUBLISHED, "shard" => s()).absolute(0);
+        for what in ["hold", "primary", "rollback"] {
+            metrics::counter!(COORD_FOLLOWED, "shard" => s(), "what" => what).absolute(0);
+        }
+        for result in ["rolled_back", "rolled_forward", "failed"] {
+            metrics::counter!(COORD_RECOVERIES, "shard" => s(), "result" => result).absolute(0);
+        }
+    }
+    if patroni {
+        for request in ["cluster", "switchover"] {
+            metrics::counter!(PATRONI_REQUESTS, "shard" => s(), "request" => request, "result" => "ok")
+                .absolute(0);
+        }
+    }
 }
 
 /// Counts an ErrorResponse sent to a client.

@@ -77,6 +77,16 @@ impl AdminConnectError {
                 db.message(),
                 db.code().code()
             )),
+            // tokio-postgres's own "password missing" (in the error's source): the
+            // server asked for a password and handoff has none. It is up; a setting is
+            // missing.
+            None if std::error::Error::source(e)
+                .is_some_and(|c| c.to_string().contains("password missing")) =>
+            {
+                AdminConnectError::Refused(format!(
+                    "{addr}: the server asks the admin role \"{user}\" for a password and HANDOFF_ADMIN_DB_PASSWORD is not set"
+                ))
+            }
             // A TLS failure is the server answering with a certificate (or a refusal)
             // handoff does not accept: it is up, the setting is wrong.
             None if e.to_string().contains("TLS") => {

@@ -129,7 +129,11 @@ pub struct Pool {
     connect_timeout: Duration,
     tls: crate::net::tls::ServerTls,
     state: Mutex<State>,
-    gauges: Gauges,
+    /// `user@database/shard`, the `pool` label of its series.
+    label: String,
+    /// Its series, created when its first server connection opens: a pool for a
+    /// database or user the server refuses never shows in `/metrics`.
+    gauges: std::sync::OnceLock<Gauges>,
     /// Its server is no longer the primary: connections are closed, not returned.
     retired: std::sync::atomic::AtomicBool,
     /// The last login was refused because the database does not exist (`3D000`).
@@ -146,12 +150,6 @@ impl Pool {
         shard: &str,
     ) -> Self {
         let label = format!("{}@{}/{}", key.user, key.database, shard);
-        let gauges = Gauges {
-            active: metrics::gauge!(m::POOL_ACTIVE, "pool" => label.clone()),
-            idle: metrics::gauge!(m::POOL_IDLE, "pool" => label.clone()),
-            waiting: metrics::gauge!(m::POOL_WAITING, "pool" => label.clone()),
-            wait: metrics::histogram!(m::POOL_WAIT, "pool" => label),
-        };
         Self {
             key,
             password,
@@ -159,7 +157,8 @@ impl Pool {
             connect_timeout,
             tls,
             state: Mutex::new(State::default()),
-            gauges,
+            label,
+            gauges: std::sync::OnceLock::new(),
             retired: std::sync::atomic::AtomicBool::new(false),
             missing_database: std::sync::atomic::AtomicBool::new(false),
         }
@@ -171,9 +170,24 @@ impl Pool {
     }
 
     fn publish(&self, st: &State) {
-        self.gauges.active.set((st.total - st.idle.len()) as f64);
-        self.gauges.idle.set(st.idle.len() as f64);
-        self.gauges.waiting.set(st.waiters.len() as f64);
+        if let Some(g) = self.gauges.get() {
+            g.active.set((st.total - st.idle.len()) as f64);
+            g.idle.set(st.idle.len() as f64);
+            g.waiting.set(st.waiters.len() as f64);
+        }
+    }
+
+    /// The pool's series, created on first use (see [`Pool::gauges`]).
+    fn series(&self) -> &Gauges {
+        self.gauges.get_or_init(|| {
+            let label = self.label.clone();
+            Gauges {
+                active: metrics::gauge!(m::POOL_ACTIVE, "pool" => label.clone()),
+                idle: metrics::gauge!(m::POOL_IDLE, "pool" => label.clone()),
+                waiting: metrics::gauge!(m::POOL_WAITING, "pool" => label.clone()),
+                wait: metrics::histogram!(m::POOL_WAIT, "pool" => label),
+            }
+        })
     }
 
     async fn open(&self) -> Result<Box<Backend>, ServerError> {
@@ -192,6 +206,7 @@ impl Pool {
                 self.missing_database
                     .store(false, std::sync::atomic::Ordering::Release);
                 metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
+                self.series();
                 Ok(Box::new(Backend::new(s, self.settings.max_prepared)))
             }
             Err(e) => {
@@ -256,14 +271,20 @@ impl Pool {
         let backend = match grant {
             Grant::Conn(b) => b,
             Grant::Slot => match self.open().await {
-                Ok(b) => b,
+                Ok(b) => {
+                    // The first connection creates the series: show the counts now.
+                    self.publish(&self.lock());
+                    b
+                }
                 Err(e) => {
                     self.release_slot();
                     return Err(e.into());
                 }
             },
         };
-        self.gauges.wait.record(started.elapsed());
+        if let Some(g) = self.gauges.get() {
+            g.wait.record(started.elapsed());
+        }
         Ok(backend)
     }
 
@@ -276,7 +297,9 @@ impl Pool {
         if got.is_some() {
             self.publish(&st);
             drop(st);
-            self.gauges.wait.record(Duration::ZERO);
+            if let Some(g) = self.gauges.get() {
+                g.wait.record(Duration::ZERO);
+            }
         }
         got
     }
