@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod actions;
 mod admin;
 pub mod backend;
 pub mod config;

@@ -1,0 +1,420 @@
+//! What can be done to a shard from outside — a switchover, a hold, the two-step API
+//! of external orchestrators — independent of how it was asked: the admin HTTP API
+//! answers with the [`Answer`]'s status and JSON body, the admin console with rows or
+//! an error carrying the same message.
+
+use std::sync::Arc;
+
+use hyper::StatusCode;
+
+use crate::shard::control;
+use crate::shard::switchover::{self, Outcome};
+use crate::shard::{Ctx, Shard};
+use crate::shared::Shared;
+
+/// An action's result: an HTTP status (200 done; 400 a malformed request; 404 no such
+/// shard; 409 refused in this state; 502/503 a failure elsewhere) and a JSON body,
+/// `{"error": "..."}` unless it succeeded.
+#[derive(Debug, Clone)]
+pub(crate) struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    pub fn is_ok(&self) -> bool {
+        self.status == 200
+    }
+
+    /// The error message, when it is one.
+    pub fn error(&self) -> Option<&str> {
+        self.body.get("error").and_then(|e| e.as_str())
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Answer {
+    Answer {
+        status: status.as_u16(),
+        body,
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Answer {
+    answer(status, serde_json::json!({ "error": message }))
+}
+
+/// What can be done to a shard through the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// A switchover run by handoff.
+    Switchover,
+    /// Revoke: hold new transactions, lameduck.
+    Buffer,
+    /// Establish a primary and release held transactions to it.
+    Primary,
+    /// Abort: release held transactions to the revoked primary.
+    Resume,
+    /// An outside hold (Patroni's `before_stop`): revoke, lameduck, and let discovery
+    /// end it with the next primary.
+    Hold,
+}
+
+impl Action {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "switchover" => Some(Action::Switchover),
+            "buffer" => Some(Action::Buffer),
+            "primary" => Some(Action::Primary),
+            "resume" => Some(Action::Resume),
+            "hold" => Some(Action::Hold),
+            _ => None,
+        }
+    }
+
+    /// The body fields the action accepts; any other is refused.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Action::Switchover => &["to"],
+            Action::Buffer => &["epoch", "reason"],
+            Action::Primary => &["addr", "epoch"],
+            Action::Resume => &["epoch"],
+            Action::Hold => &["reason", "primary"],
+        }
+    }
+}
+
+/// A request body that does not say what its action needs (400).
+#[derive(Debug, thiserror::Error)]
+enum FieldError {
+    #[error("\"{0}\" must be a string")]
+    NotString(&'static str),
+    #[error("missing \"{0}\": the target as \"host:port\"")]
+    MissingAddr(&'static str),
+    #[error("\"{name}\": {reason}")]
+    BadAddr {
+        name: &'static str,
+        reason: crate::config::InvalidValue,
+    },
+    #[error("\"epoch\" must be a non-negative integer")]
+    BadEpoch,
+    #[error("unknown field \"{field}\" (expected: {expected})")]
+    Unknown { field: String, expected: String },
+}
+
+pub(crate) type Fields = serde_json::Map<String, serde_json::Value>;
+
+fn field_str<'a>(body: &'a Fields, name: &'static str) -> Result<Option<&'a str>, FieldError> {
+    match body.get(name) {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(FieldError::NotString(name)),
+    }
+}
+
+fn field_addr(body: &Fields, name: &'static str) -> Result<crate::config::HostPort, FieldError> {
+    let s = field_str(body, name)?.ok_or(FieldError::MissingAddr(name))?;
+    crate::config::HostPort::parse_any(s).map_err(|reason| FieldError::BadAddr { name, reason })
+}
+
+fn field_epoch(body: &Fields) -> Result<Option<u64>, FieldError> {
+    match body.get("epoch") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or(FieldError::BadEpoch),
+    }
+}
+
+fn bad_request(e: FieldError) -> Answer {
+    error(StatusCode::BAD_REQUEST, &e.to_string())
+}
+
+fn event_error(e: &crate::shard::EventError) -> Answer {
+    error(StatusCode::CONFLICT, &e.to_string())
+}
+
+fn busy() -> Answer {
+    error(
+        StatusCode::CONFLICT,
+        "a switchover of this shard is in progress",
+    )
+}
+
+pub(crate) async fn shard_action(
+    shared: &Arc<Shared>,
+    name: &str,
+    action: Action,
+    body: Fields,
+) -> Answer {
+    let shared = Arc::clone(shared);
+    let Some(shard) = shared.shard(name).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no shard named \"{name}\" (see GET /v1/shards)"),
+        );
+    };
+    let allowed = action.fields();
+    if let Some(k) = body.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return bad_request(FieldError::Unknown {
+            field: k.clone(),
+            expected: allowed.join(", "),
+        });
+    }
+    let ctx = Arc::clone(&shared.ctx);
+    let to = match action {
+        Action::Switchover => match target(&ctx, &shard, &body).await {
+            Ok(to) => Some(to),
+            Err(r) => return r,
+        },
+        _ => None,
+    };
+    if action == Action::Hold {
+        let reason = match field_str(&body, "reason") {
+            Ok(r) => r.unwrap_or("hold (admin API)").to_string(),
+            Err(e) => return bad_request(e),
+        };
+        // The server about to stop, when the caller knows it (Patroni runs its hook
+        // on replicas too): only the primary's stop is held.
+        if body.contains_key("primary") {
+            let stopping = match field_addr(&body, "primary") {
+                Ok(a) => a,
+                Err(e) => return bad_request(e),
+            };
+            let primary = shard.current().primary.clone();
+            if stopping != primary {
+                metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "not_primary").increment(1);
+                return answer(
+                    StatusCode::OK,
+                    serde_json::json!({
+                        "shard": shard.name,
+                        "held": false,
+                        "not_primary": true,
+                        "primary": primary.to_string(),
+                    }),
+                );
+            }
+        }
+        return hold(&shared, &shard, &reason).await;
+    }
+    if let Some(coord) = &shared.coord {
+        return coordinated(Arc::clone(coord), shard, action, to, &body).await;
+    }
+    match action {
+        Action::Switchover => switchover(ctx, shard, to.expect("resolved above")).await,
+        Action::Buffer => buffer(&ctx, &shard, &body).await,
+        Action::Primary => primary(&ctx, &shard, &body).await,
+        Action::Resume => resume(&ctx, &shard, &body),
+        Action::Hold => unreachable!("answered above"),
+    }
+}
+
+/// A switchover's target: `host:port`, or on a Patroni shard a member's name too.
+async fn target(
+    ctx: &crate::shard::Ctx,
+    shard: &Shard,
+    body: &Fields,
+) -> Result<crate::config::HostPort, Answer> {
+    let Some(source) = ctx.patroni(&shard.name) else {
+        return field_addr(body, "to").map_err(bad_request);
+    };
+    let to = match field_str(body, "to") {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "missing \"to\": a Patroni member's name or \"host:port\"",
+            ))
+        }
+        Err(e) => return Err(bad_request(e)),
+    };
+    crate::shard::patroni::resolve(source, to)
+        .await
+        .map_err(|(status, message)| {
+            error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                &message,
+            )
+        })
+}
+
+/// `POST /v1/shards/{s}/hold`: on every proxy with coordination.
+async fn hold(shared: &crate::shared::Shared, shard: &Arc<Shard>, reason: &str) -> Answer {
+    if let Some(coord) = &shared.coord {
+        return match coord.hold(shard, reason).await {
+            Ok(v) => answer(StatusCode::OK, v),
+            Err(r) => refused(r),
+        };
+    }
+    match crate::shard::hold::hold(&shared.ctx, shard, reason).await {
+        Ok(h) => answer(StatusCode::OK, h.to_json(&shard.name)),
+        Err(e) => {
+            metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "refused").increment(1);
+            event_error(&e)
+        }
+    }
+}
+
+fn refused(r: crate::coord::Refusal) -> Answer {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::CONFLICT);
+    error(status, &r.message)
+}
+
+/// The actions with coordination: each applies to every proxy of the cluster.
+async fn coordinated(
+    coord: Arc<crate::coord::Coord>,
+    shard: Arc<Shard>,
+    action: Action,
+    to: Option<crate::config::HostPort>,
+    body: &Fields,
+) -> Answer {
+    match action {
+        Action::Hold => unreachable!("answered before"),
+        Action::Switchover => {
+            let to = to.expect("resolved before");
+            // Its own task: it completes (or rolls back) even if the caller goes away.
+            match tokio::spawn(async move { coord.switchover(shard, to).await }).await {
+                Ok(Ok((outcome, report))) => answer(switchover_status(outcome), report),
+                Ok(Err(r)) => refused(r),
+                Err(e) => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the switchover task failed: {e}"),
+                ),
+            }
+        }
+        Action::Buffer => {
+            let (epoch, reason) = match (field_epoch(body), field_str(body, "reason")) {
+                (Ok(e), Ok(r)) => (e, r.unwrap_or("admin API").to_string()),
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            match coord.buffer(&shard, epoch, &reason).await {
+                Ok(v) => answer(StatusCode::OK, v),
+                Err(r) => refused(r),
+            }
+        }
+        Action::Primary => {
+            let (addr, epoch) = match (field_addr(body, "addr"), field_epoch(body)) {
+                (Ok(a), Ok(e)) => (a, e),
+                (Err(e), _) | (_, Err(e)) => return bad_request(e),
+            };
+            if shard.watch.is_watched(&addr) {
+                return watched_refusal(&shard, &addr);
+            }
+            match coord.primary(&shard, addr, epoch).await {
+                Ok(v) => answer(StatusCode::OK, v),
+                Err(r) => refused(r),
+            }
+        }
+        Action::Resume => {
+            let epoch = match field_epoch(body) {
+                Ok(e) => e,
+                Err(e) => return bad_request(e),
+            };
+            match coord.resume(&shard, epoch).await {
+                Ok(v) => answer(StatusCode::OK, v),
+                Err(r) => refused(r),
+            }
+        }
+    }
+}
+
+fn switchover_status(outcome: Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Completed => StatusCode::OK,
+        Outcome::Refused | Outcome::RolledBack => StatusCode::CONFLICT,
+        Outcome::Failed => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn watched_refusal(shard: &Shard, addr: &crate::config::HostPort) -> Answer {
+    error(
+        StatusCode::CONFLICT,
+        &format!(
+            "{addr} is a replaced primary of shard \"{}\" watched for split brain (GET /v1/shards shows why); it serves again only once it has rejoined as a standby",
+            shard.name
+        ),
+    )
+}
+
+async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, to: crate::config::HostPort) -> Answer {
+    // Its own task: it completes (or rolls back) even if the caller goes away.
+    match tokio::spawn(switchover::run(ctx, shard, to)).await {
+        Ok(report) => answer(switchover_status(report.outcome), report.to_json()),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("the switchover task failed: {e}"),
+        ),
+    }
+}
+
+async fn buffer(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
+    let (epoch, reason) = match (field_epoch(body), field_str(body, "reason")) {
+        (Ok(e), Ok(r)) => (e, r.unwrap_or("admin API").to_string()),
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
+    };
+    let Ok(_op) = shard.op.try_lock() else {
+        return busy();
+    };
+    let revoked = match control::revoke(ctx, shard, epoch, &reason) {
+        Ok(r) => r,
+        Err(e) => return event_error(&e),
+    };
+    let ld = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
+    answer(
+        StatusCode::OK,
+        serde_json::json!({
+            "shard": shard.name,
+            "state": "buffering",
+            "epoch": revoked.gen.epoch,
+            "old_primary": revoked.gen.primary.to_string(),
+            "lameduck_ms": ld.waited.as_millis() as u64,
+            "lameduck_cancelled": ld.cancelled,
+        }),
+    )
+}
+
+async fn primary(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
+    let (addr, epoch) = match (field_addr(body, "addr"), field_epoch(body)) {
+        (Ok(a), Ok(e)) => (a, e),
+        (Err(e), _) | (_, Err(e)) => return bad_request(e),
+    };
+    let Ok(_op) = shard.op.try_lock() else {
+        return busy();
+    };
+    if shard.watch.is_watched(&addr) {
+        return watched_refusal(shard, &addr);
+    }
+    match control::establish(ctx, shard, epoch, addr.clone()).await {
+        Ok(est) => answer(
+            StatusCode::OK,
+            serde_json::json!({
+                "shard": shard.name,
+                "state": "draining",
+                "epoch": est.epoch,
+                "primary": addr.to_string(),
+                "prewarmed_connections": est.prewarmed,
+                "prewarm_error": est.prewarm_error,
+            }),
+        ),
+        Err(e) => event_error(&e),
+    }
+}
+
+fn resume(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
+    let epoch = match field_epoch(body) {
+        Ok(e) => e,
+        Err(e) => return bad_request(e),
+    };
+    let Ok(_op) = shard.op.try_lock() else {
+        return busy();
+    };
+    match control::abort(ctx, shard, epoch) {
+        Ok(epoch) => answer(
+            StatusCode::OK,
+            serde_json::json!({
+                "shard": shard.name,
+                "state": "draining",
+                "epoch": epoch,
+                "primary": shard.current().primary.to_string(),
+            }),
+        ),
+        Err(e) => event_error(&e),
+    }
+}
