@@ -313,5 +313,62 @@ impl From<&ProxyError> for BackendMessage {
     }
 }
 
+/// The type of a column in a result the proxy builds itself (the admin console).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnType {
+    /// `text` (OID 25).
+    Text,
+    /// `int8` (OID 20), sent as its decimal text.
+    Int8,
+}
+
+impl ColumnType {
+    fn oid(self) -> i32 {
+        match self {
+            ColumnType::Text => 25,
+            ColumnType::Int8 => 20,
+        }
+    }
+
+    fn len(self) -> i16 {
+        match self {
+            ColumnType::Text => -1,
+            ColumnType::Int8 => 8,
+        }
+    }
+}
+
+/// Appends a RowDescription of `columns` (names and types, every one in text format).
+pub fn encode_row_description(columns: &[(&str, ColumnType)], buf: &mut BytesMut) {
+    put_tagged(buf, tag::ROW_DESCRIPTION, |b| {
+        b.put_i16(columns.len() as i16);
+        for (name, ty) in columns {
+            put_cstr(b, name.as_bytes());
+            b.put_i32(0); // table
+            b.put_i16(0); // column number
+            b.put_i32(ty.oid());
+            b.put_i16(ty.len());
+            b.put_i32(-1); // type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// Appends a DataRow of text values (`None` is NULL).
+pub fn encode_data_row<S: AsRef<str>>(values: &[Option<S>], buf: &mut BytesMut) {
+    put_tagged(buf, tag::DATA_ROW, |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.as_ref().len() as i32);
+                    b.put_slice(v.as_ref().as_bytes());
+                }
+                None => b.put_i32(-1),
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests;

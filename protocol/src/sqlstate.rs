@@ -99,6 +99,17 @@ pub fn class(code: &str) -> &str {
     }
 }
 
+/// The admin console: a user not in `HANDOFF_ADMIN_USERS`.
+pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+/// The admin console: a command it does not know.
+pub const SYNTAX_ERROR: &str = "42601";
+/// The admin console: no such shard.
+pub const UNDEFINED_OBJECT: &str = "42704";
+/// The admin console: a malformed argument (a target that is not `host:port`).
+pub const INVALID_PARAMETER_VALUE: &str = "22023";
+/// The admin console: a switchover that failed on the servers' side.
+pub const SYSTEM_ERROR: &str = "58000";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -139,12 +139,11 @@ fn busy() -> Answer {
 }
 
 pub(crate) async fn shard_action(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     name: &str,
     action: Action,
     body: Fields,
 ) -> Answer {
-    let shared = Arc::clone(shared);
     let Some(shard) = shared.shard(name).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
@@ -192,7 +191,7 @@ pub(crate) async fn shard_action(
                 );
             }
         }
-        return hold(&shared, &shard, &reason).await;
+        return hold(shared, &shard, &reason).await;
     }
     if let Some(coord) = &shared.coord {
         return coordinated(Arc::clone(coord), shard, action, to, &body).await;

@@ -256,6 +256,16 @@ pub const VARIABLES: &[Variable] = &[
         help: "how often every replaced primary is checked for split brain (fenced, down, or back as a standby)",
     },
     Variable {
+        name: "HANDOFF_ADMIN_USERS",
+        default: "(unset: nobody)",
+        help: "users (comma separated) who may use the admin console: psql -p 6432 -U <user> handoff (or dbname pgbouncer); they log in like any client",
+    },
+    Variable {
+        name: "HANDOFF_STATS_PERIOD",
+        default: "60s",
+        help: "the period SHOW STATS averages over (PgBouncer's stats_period)",
+    },
+    Variable {
         name: "HANDOFF_ADMIN_DB_USER",
         default: "(the first user of HANDOFF_USERS with a password, else postgres)",
         help: "server role handoff uses to run switchovers (superuser, or the grants in README)",
@@ -493,6 +503,12 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The role for switchover SQL, health checks and discovery.
     pub admin_db: AdminDbSettings,
+    /// Who may use the admin console (`HANDOFF_ADMIN_USERS`).
+    pub admin_users: Vec<String>,
+    /// Every variable as `SHOW CONFIG` shows it: name, value (secrets hidden), default.
+    pub shown: Vec<(&'static str, String, &'static str)>,
+    /// The period `SHOW STATS` averages over.
+    pub stats_period: Duration,
     /// Health checks and discovery (unplanned failover).
     pub health: HealthSettings,
     /// How often the split-brain watchdog looks at replaced primaries.
@@ -658,6 +674,9 @@ impl Config {
             databases,
             default_route,
             admin_db: parse_admin_db(&vars, users.as_ref()),
+            admin_users: parse_admin_users(&vars)?,
+            shown: shown_settings(&vars),
+            stats_period: vars.positive_duration("HANDOFF_STATS_PERIOD")?,
             users,
             max_client_conn: limits.max_client_conn,
             max_user_client_conn: limits.max_user_client_conn,
@@ -1166,6 +1185,48 @@ fn host_name() -> String {
 
 /// The admin role: `HANDOFF_ADMIN_DB_USER`, else the first client user (by name) with a
 /// password, else `postgres`.
+/// The settings as the admin console's `SHOW CONFIG` lists them: what was given, else
+/// the default; passwords, tokens and the users' secrets are not shown.
+fn shown_settings(vars: &Vars) -> Vec<(&'static str, String, &'static str)> {
+    VARIABLES
+        .iter()
+        .map(|v| {
+            let secret = v.name.contains("PASSWORD")
+                || v.name.contains("TOKEN")
+                || v.name == "HANDOFF_USERS";
+            let value = match vars.given(v.name) {
+                Some(_) if secret => "(set, hidden)".to_string(),
+                Some(given) => given.to_string(),
+                None => v.default.to_string(),
+            };
+            (v.name, value, v.default)
+        })
+        .collect()
+}
+
+fn parse_admin_users(vars: &Vars) -> Result<Vec<String>, ConfigError> {
+    const VAR: &str = "HANDOFF_ADMIN_USERS";
+    let mut users = Vec::new();
+    for u in vars
+        .given(VAR)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+    {
+        if u.is_empty() {
+            continue;
+        }
+        if u.contains(char::is_whitespace) || u.contains('=') {
+            return Err(invalid(
+                VAR,
+                format!("'{u}' is not a user name (list names, comma separated; passwords go in HANDOFF_USERS)"),
+            ));
+        }
+        users.push(u.to_string());
+    }
+    Ok(users)
+}
+
 fn parse_admin_db(vars: &Vars, users: Option<&HashMap<String, UserSecret>>) -> AdminDbSettings {
     let fallback = users.and_then(|u| {
         let mut names: Vec<&String> = u.keys().filter(|n| u[*n].password.is_some()).collect();

@@ -19,6 +19,7 @@ mod actions;
 mod admin;
 pub mod backend;
 pub mod config;
+mod console;
 pub(crate) mod coord;
 mod error;
 mod frontend;
@@ -173,9 +174,15 @@ impl Proxy {
             ctx: Arc::clone(&ctx),
             coord,
             limits: limits::Limits::default(),
+            clients: Default::default(),
+            shutdown_requested: Default::default(),
             client_tls,
             server_tls,
         });
+        tokio::spawn(stats_periods(
+            Arc::downgrade(&shared),
+            shared.config.stats_period,
+        ));
         let admin_state = Arc::new(admin::AdminState {
             token: shared.config.admin_token.clone(),
             prometheus,
@@ -257,6 +264,12 @@ impl Proxy {
         self.listen_addr
     }
 
+    /// Resolves when the admin console's `SHUTDOWN` asks the process to stop; the
+    /// binary then shuts down as on SIGTERM.
+    pub async fn shutdown_requested(&self) {
+        self.shared.shutdown_requested.notified().await
+    }
+
     /// Where the admin API listens.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
@@ -278,5 +291,17 @@ impl Proxy {
         self.trigger.advance(Phase::Closing);
         let _ = self.done.recv().await;
         tracing::info!("shutdown complete");
+    }
+}
+
+/// Ends a `SHOW STATS` period every `period`, for as long as the proxy exists.
+async fn stats_periods(shared: std::sync::Weak<Shared>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        match shared.upgrade() {
+            Some(s) => s.clients.end_period(),
+            None => return,
+        }
     }
 }

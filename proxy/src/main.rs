@@ -141,6 +141,10 @@ async fn wait_for_signal(proxy: &Proxy) {
                 tracing::info!("SIGHUP received: reloading the TLS certificate");
                 let _ = proxy.reload_tls();
             }
+            _ = proxy.shutdown_requested() => {
+                tracing::info!("SHUTDOWN from the admin console");
+                return;
+            }
             r = tokio::signal::ctrl_c() => {
                 if r.is_ok() {
                     tracing::info!("SIGINT received");

@@ -27,6 +27,11 @@ pub(crate) struct Shared {
     pub coord: Option<Arc<crate::coord::Coord>>,
     /// Client connections per user and database.
     pub limits: Limits,
+    /// Every client connected now, and the statistics per client database.
+    pub clients: crate::frontend::clients::Clients,
+    /// The admin console's `SHUTDOWN` asked the process to stop (see
+    /// [`crate::Proxy::shutdown_requested`]).
+    pub shutdown_requested: tokio::sync::Notify,
     /// TLS towards clients (reloadable) and towards servers.
     pub client_tls: ClientTls,
     pub server_tls: ServerTls,

@@ -120,3 +120,22 @@ fn malformed_bodies_are_errors() {
     assert!(ready_status(b"T").is_ok());
     assert!(ready_status(b"").is_err());
 }
+
+#[test]
+fn built_rows_read_back() {
+    let mut buf = BytesMut::new();
+    super::encode_row_description(
+        &[
+            ("name", super::ColumnType::Text),
+            ("n", super::ColumnType::Int8),
+        ],
+        &mut buf,
+    );
+    super::encode_data_row(&[Some("a"), None], &mut buf);
+    assert_eq!(buf[0], crate::tag::backend::ROW_DESCRIPTION);
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    let row = &buf[1 + len..];
+    assert_eq!(row[0], crate::tag::backend::DATA_ROW);
+    let values = crate::body::data_row(&row[5..]).unwrap();
+    assert_eq!(values, vec![Some(&b"a"[..]), None]);
+}

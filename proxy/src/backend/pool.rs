@@ -45,11 +45,60 @@ pub struct Backend {
     /// by a SQL-level PREPARE, or found stale): closed with the next statements sent.
     pub to_close: Vec<Bytes>,
     created: Instant,
+    /// The pool's reconnect generation when it was opened: `RECONNECT` closes the
+    /// connections of older generations as they come back.
+    generation: u64,
+    /// Its line in the pool's list of connections (`SHOW SERVERS`), removed on drop.
+    _listed: Listed,
+}
+
+/// What `SHOW SERVERS` tells of one server connection.
+#[derive(Debug, Clone)]
+pub struct ServerMeta {
+    pub pid: i32,
+    pub peer: std::net::SocketAddr,
+    pub local: Option<std::net::SocketAddr>,
+    pub connected: std::time::SystemTime,
+    pub tls: bool,
+}
+
+type ServerList = Arc<Mutex<HashMap<i32, ServerMeta>>>;
+
+/// Removes a connection from its pool's list when it is dropped, however it ends.
+#[derive(Debug)]
+struct Listed {
+    list: ServerList,
+    pid: i32,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        self.list
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.pid);
+    }
 }
 
 impl Backend {
-    fn new(s: ServerConn, max_prepared: usize) -> Self {
+    fn new(s: ServerConn, max_prepared: usize, list: &ServerList, generation: u64) -> Self {
+        let meta = ServerMeta {
+            pid: s.pid,
+            peer: s.peer,
+            local: s.conn.stream.local_addr(),
+            connected: std::time::SystemTime::now(),
+            tls: s.conn.stream.is_tls(),
+        };
+        list.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(s.pid, meta);
+        let listed = Listed {
+            list: Arc::clone(list),
+            pid: s.pid,
+        };
         Self {
+            generation,
+            _listed: listed,
             conn: s.conn,
             pid: s.pid,
             key: s.key,
@@ -105,7 +154,8 @@ struct State {
     /// Connections open or being opened, idle or not.
     total: usize,
     /// Clients waiting, oldest first.
-    waiters: VecDeque<oneshot::Sender<Grant>>,
+    /// Clients waiting, oldest first, with when each began to wait.
+    waiters: VecDeque<(Instant, oneshot::Sender<Grant>)>,
     /// No idle connections are opened to keep `HANDOFF_POOL_MIN_IDLE` before this: a
     /// client is dropping, renaming or copying the database.
     no_refill_until: Option<Instant>,
@@ -120,6 +170,27 @@ struct Gauges {
     wait: metrics::Histogram,
 }
 
+/// A pool as the admin console shows it.
+#[derive(Debug, Clone)]
+pub struct PoolSnapshot {
+    pub user: String,
+    pub database: String,
+    pub addr: HostPort,
+    pub shard: String,
+    /// Connections in use by a client.
+    pub active: usize,
+    pub idle: usize,
+    /// Connections being opened.
+    pub login: usize,
+    /// Clients waiting for a connection, and the longest wait.
+    pub waiting: usize,
+    pub max_wait: Duration,
+    /// Its server is no longer the shard's primary.
+    pub retired: bool,
+    /// Every open connection and whether it is idle, oldest first.
+    pub servers: Vec<(ServerMeta, bool)>,
+}
+
 /// One pool.
 #[derive(Debug)]
 pub struct Pool {
@@ -131,6 +202,12 @@ pub struct Pool {
     state: Mutex<State>,
     /// `user@database/shard`, the `pool` label of its series.
     label: String,
+    /// The shard it serves.
+    shard: String,
+    /// Every connection open now, idle or in use.
+    servers: ServerList,
+    /// Bumped by `RECONNECT`: connections opened before are closed when they come back.
+    generation: std::sync::atomic::AtomicU64,
     /// Its series, created when its first server connection opens: a pool for a
     /// database or user the server refuses never shows in `/metrics`.
     gauges: std::sync::OnceLock<Gauges>,
@@ -158,6 +235,9 @@ impl Pool {
             tls,
             state: Mutex::new(State::default()),
             label,
+            shard: shard.to_string(),
+            servers: Default::default(),
+            generation: Default::default(),
             gauges: std::sync::OnceLock::new(),
             retired: std::sync::atomic::AtomicBool::new(false),
             missing_database: std::sync::atomic::AtomicBool::new(false),
@@ -207,7 +287,12 @@ impl Pool {
                     .store(false, std::sync::atomic::Ordering::Release);
                 metrics::gauge!(m::SERVER_CONNECTIONS).increment(1.0);
                 self.series();
-                Ok(Box::new(Backend::new(s, self.settings.max_prepared)))
+                Ok(Box::new(Backend::new(
+                    s,
+                    self.settings.max_prepared,
+                    &self.servers,
+                    self.generation.load(std::sync::atomic::Ordering::Acquire),
+                )))
             }
             Err(e) => {
                 metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
@@ -243,7 +328,7 @@ impl Pool {
                 }
                 None => {
                     let (tx, rx) = oneshot::channel();
-                    st.waiters.push_back(tx);
+                    st.waiters.push_back((Instant::now(), tx));
                     Err(rx)
                 }
             };
@@ -319,13 +404,14 @@ impl Pool {
 
     fn prune_waiters(&self) {
         let mut st = self.lock();
-        st.waiters.retain(|w| !w.is_closed());
+        st.waiters.retain(|(_, w)| !w.is_closed());
         self.publish(&st);
     }
 
     /// Returns a clean connection (ReadyForQuery `I`, nothing owed) to the pool.
     pub fn checkin(&self, backend: Box<Backend>) {
         if self.is_retired()
+            || backend.generation < self.generation.load(std::sync::atomic::Ordering::Relaxed)
             || (!self.settings.lifetime.is_zero()
                 && backend.created.elapsed() >= self.settings.lifetime)
         {
@@ -334,7 +420,7 @@ impl Pool {
         }
         let mut st = self.lock();
         let mut grant = Grant::Conn(backend);
-        while let Some(w) = st.waiters.pop_front() {
+        while let Some((_, w)) = st.waiters.pop_front() {
             match w.send(grant) {
                 Ok(()) => {
                     self.publish(&st);
@@ -357,6 +443,64 @@ impl Pool {
             });
         }
         self.publish(&st);
+    }
+
+    /// What `SHOW POOLS` and `SHOW SERVERS` show of the pool now.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        let st = self.lock();
+        let idle: Vec<i32> = st.idle.iter().map(|i| i.backend.pid).collect();
+        let max_wait = st
+            .waiters
+            .iter()
+            .filter(|(_, w)| !w.is_closed())
+            .map(|(since, _)| since.elapsed())
+            .max()
+            .unwrap_or_default();
+        let waiting = st.waiters.iter().filter(|(_, w)| !w.is_closed()).count();
+        let total = st.total;
+        drop(st);
+        let mut servers: Vec<(ServerMeta, bool)> = self
+            .servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|m| (m.clone(), idle.contains(&m.pid)))
+            .collect();
+        servers.sort_by_key(|(m, _)| m.connected);
+        let open = servers.len();
+        PoolSnapshot {
+            user: self.key.user.clone(),
+            database: self.key.database.clone(),
+            addr: self.key.addr.clone(),
+            shard: self.shard.clone(),
+            active: open.saturating_sub(idle.len()),
+            idle: idle.len(),
+            login: total.saturating_sub(open),
+            waiting,
+            max_wait,
+            retired: self.is_retired(),
+            servers,
+        }
+    }
+
+    /// `RECONNECT`: closes the idle connections now and the others when their
+    /// transaction ends; new ones are opened as clients need them. Returns how many
+    /// were closed now.
+    pub fn reconnect(&self) -> usize {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let idle: Vec<Idle> = {
+            let mut st = self.lock();
+            let idle = std::mem::take(&mut st.idle);
+            st.total -= idle.len();
+            self.publish(&st);
+            idle
+        };
+        let n = idle.len();
+        for i in idle {
+            drop_backend(i.backend);
+        }
+        n
     }
 
     fn is_retired(&self) -> bool {
@@ -432,7 +576,7 @@ impl Pool {
     /// Gives a freed slot to the first live waiter, or shrinks the pool.
     fn release_slot(&self) {
         let mut st = self.lock();
-        while let Some(w) = st.waiters.pop_front() {
+        while let Some((_, w)) = st.waiters.pop_front() {
             if w.send(Grant::Slot).is_ok() {
                 self.publish(&st);
                 return;
@@ -539,6 +683,11 @@ impl Pools {
 }
 
 impl Pools {
+    /// Every pool, in no particular order.
+    pub fn list(&self) -> Vec<Arc<Pool>> {
+        self.map.iter().map(|p| Arc::clone(p.value())).collect()
+    }
+
     /// `addr` is no longer a primary: its pools close their connections.
     pub fn retire(&self, addr: &HostPort) {
         for p in self.map.iter().filter(|p| &p.key().addr == addr) {
@@ -575,6 +724,9 @@ impl Pools {
     pub fn activate(&self, addr: &HostPort) {
         for p in self.map.iter().filter(|p| &p.key().addr == addr) {
             p.retired.store(false, std::sync::atomic::Ordering::Release);
+            // Retiring closed the idle connections and kept none idle for a while;
+            // serving again, the pool keeps them at once.
+            p.lock().no_refill_until = None;
         }
     }
 

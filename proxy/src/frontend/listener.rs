@@ -93,17 +93,22 @@ pub(crate) async fn run(
                     user = tracing::field::Empty,
                     database = tracing::field::Empty
                 );
+                let info = shared.clients.register(peer, stream.local_addr().ok());
                 let shared = Arc::clone(&shared);
                 let signal = shutdown.clone();
                 let tracker = tracker.clone();
-                tokio::spawn(
+                let entry = Arc::clone(&info);
+                let task = tokio::spawn(
                     async move {
-                        session::run(stream, shared, signal).await;
+                        session::run(stream, shared, signal, entry).await;
                         drop(permit);
                         drop(tracker);
                     }
                     .instrument(span),
                 );
+                // For the admin console's KILL (a session that already ended is no
+                // longer listed).
+                info.set_abort(task.abort_handle());
             }
             Err(_) => {
                 metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_client_conn")

@@ -2,5 +2,6 @@
 //! client authentication. A logged-in session is handed to a relay.
 
 pub(crate) mod client_auth;
+pub(crate) mod clients;
 pub(crate) mod listener;
 pub(crate) mod session;

@@ -13,6 +13,7 @@ use handoff_protocol::sqlstate;
 use tokio::net::TcpStream;
 
 use crate::frontend::client_auth::{self, Failure};
+use crate::frontend::clients::{ClientInfo, LoginInfo};
 use std::collections::HashMap;
 
 use crate::config::{Config, PoolMode, UserSecret};
@@ -46,10 +47,16 @@ type Relay<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 /// Logging in needs far more state than relaying, and an idle client keeps its task
 /// for as long as it stays connected: the login runs in a box of its own, freed once
 /// it hands over the relay (a box of its own too), so the task keeps two pointers.
-pub(crate) async fn run(stream: TcpStream, shared: Arc<Shared>, shutdown: Signal) {
+pub(crate) async fn run(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    shutdown: Signal,
+    info: Arc<ClientInfo>,
+) {
     let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
+    let _listed = shared.clients.guard(&info);
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
-    let Some((_slot, relay)) = Box::pin(start(stream, &shared, shutdown)).await else {
+    let Some((_slot, relay)) = Box::pin(start(stream, &shared, shutdown, info)).await else {
         return;
     };
     relay.await;
@@ -61,6 +68,7 @@ async fn start(
     stream: TcpStream,
     shared: &Shared,
     shutdown: Signal,
+    info: Arc<ClientInfo>,
 ) -> Option<(crate::limits::Slot<'_>, Relay<'_>)> {
     let _ = stream.set_nodelay(true);
     let mut client = Conn::new(stream);
@@ -112,22 +120,55 @@ async fn start(
     };
     tracing::Span::current().record("user", startup.user.as_str());
     tracing::Span::current().record("database", startup.database.as_str());
+    let application_name = startup
+        .params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    if crate::console::wanted(cfg, &startup.database) {
+        info.logged_in(LoginInfo {
+            user: startup.user.clone(),
+            database: startup.database.clone(),
+            route: None,
+            application_name,
+            tls: client.stream.is_tls(),
+            stats: shared.clients.stats_for(&startup.database),
+        });
+        let relay: Relay<'_> = Box::pin(crate::console::serve(
+            client,
+            shared,
+            startup.user,
+            startup.minor,
+            shutdown,
+        ));
+        return Some((slot, relay));
+    }
+    let (_, server_db) = route(cfg, &startup);
+    info.logged_in(LoginInfo {
+        user: startup.user.clone(),
+        database: startup.database.clone(),
+        route: Some((shard_index(cfg, &startup), server_db.to_string())),
+        application_name,
+        tls: client.stream.is_tls(),
+        stats: shared.clients.stats_for(&startup.database),
+    });
     match cfg.pool_mode {
         PoolMode::Session => {
-            let (_, server_db) = route(cfg, &startup);
             let login = session_mode::ServerLogin {
                 user: startup.user.clone(),
                 database: server_db.to_string(),
                 params: startup.params.clone(),
                 password: secret.and_then(|s| s.password.clone()),
                 minor: startup.minor,
+                client: info,
             };
             let shard = &shared.shards[shard_index(cfg, &startup)];
             let relay: Relay<'_> =
                 Box::pin(session_mode::serve(client, shared, shard, login, shutdown));
             Some((slot, relay))
         }
-        PoolMode::Transaction => transaction_mode(client, shared, startup, secret, shutdown)
+        PoolMode::Transaction => transaction_mode(client, shared, startup, secret, shutdown, info)
             .await
             .map(|relay| (slot, relay)),
     }
@@ -140,6 +181,7 @@ async fn transaction_mode<'a>(
     startup: Startup,
     secret: Option<&UserSecret>,
     shutdown: Signal,
+    info: Arc<ClientInfo>,
 ) -> Option<Relay<'a>> {
     let cfg: &Config = &shared.config;
     let (shard, server_db) = route(cfg, &startup);
@@ -171,7 +213,14 @@ async fn transaction_mode<'a>(
     let (pid, key) = (registration.pid, registration.key.clone());
     // Boxed, as is the relay below (built in a plain function): an async fn keeps room
     // for every local it ever held, and an idle client keeps this future alive.
-    let mut session = Box::new(txn::Txn::new(shared, state, target, registration, desired));
+    let mut session = Box::new(txn::Txn::new(
+        shared,
+        state,
+        target,
+        registration,
+        desired,
+        info,
+    ));
     // Log in on a real server connection now, so that a bad database, role or parameter
     // is reported at connect time and the client sees the server's parameters.
     if let Err(e) = Box::pin(session.attach(0)).await {
@@ -207,6 +256,12 @@ async fn login<'a>(
             secret
         }
     };
+    if crate::console::wanted(cfg, &startup.database) {
+        // The admin console: the client authenticated like any other; only the users
+        // of HANDOFF_ADMIN_USERS may use it.
+        crate::console::may_use(cfg, &startup.user).map_err(Failure::Refuse)?;
+        return Ok(Some((startup, secret)));
+    }
     if cfg.route(&startup.database).is_none() {
         return Err(Failure::Refuse(
             ProxyError::fatal(

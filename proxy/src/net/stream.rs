@@ -30,6 +30,16 @@ impl Stream {
         matches!(self, Stream::ToClient(_) | Stream::ToServer(_))
     }
 
+    /// The local address of the TCP connection underneath.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Stream::Closed => None,
+            Stream::Plain(s) => s.local_addr().ok(),
+            Stream::ToClient(t) => t.get_ref().0.local_addr().ok(),
+            Stream::ToServer(t) => t.get_ref().0.local_addr().ok(),
+        }
+    }
+
     /// True when the peer has sent nothing (no bytes, no close) that is waiting to be
     /// read. Never blocks; may consume a byte that is there (the caller then discards
     /// the connection anyway).

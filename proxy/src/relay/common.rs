@@ -7,8 +7,12 @@ use handoff_protocol::FrameError;
 
 use tokio::io::AsyncWriteExt;
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
 use tokio::time::Instant;
 
+use crate::frontend::clients::ClientInfo;
 use crate::metrics as m;
 use crate::net::stream::Conn;
 use crate::shutdown::{Phase, Signal};
@@ -110,11 +114,14 @@ pub(crate) struct Meter {
     /// Bytes relayed since they were last added to the counters.
     up: u64,
     down: u64,
+    /// The client's entry, whose database's statistics (`SHOW STATS`) count here too.
+    client: Arc<ClientInfo>,
 }
 
 impl Meter {
-    pub fn new() -> Self {
+    pub fn new(client: Arc<ClientInfo>) -> Self {
         Self {
+            client,
             query: metrics::histogram!(m::QUERY_DURATION),
             transaction: metrics::histogram!(m::TRANSACTION_DURATION),
             up_total: metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server"),
@@ -140,14 +147,23 @@ impl Meter {
     /// A ReadyForQuery: `answered` when no request is left outstanding, `idle` when it
     /// says `I` (the transaction is over).
     pub fn on_ready(&mut self, now: Instant, answered: bool, idle: bool) {
+        let stats = self.client.stats();
         if answered {
             if let Some(t) = self.request_started.take() {
                 self.query.record(now - t);
+                if let Some(s) = stats {
+                    s.queries.fetch_add(1, Relaxed);
+                    s.query_us.fetch_add((now - t).as_micros() as u64, Relaxed);
+                }
             }
         }
         if idle {
             if let Some(t) = self.txn_started.take() {
                 self.transaction.record(now - t);
+                if let Some(s) = stats {
+                    s.xacts.fetch_add(1, Relaxed);
+                    s.xact_us.fetch_add((now - t).as_micros() as u64, Relaxed);
+                }
             }
         }
         self.flush_bytes();
@@ -161,11 +177,23 @@ impl Meter {
 
     /// Adds the bytes counted so far to the metrics.
     pub fn flush_bytes(&mut self) {
+        let stats = self.client.stats();
         if self.up > 0 {
+            if let Some(s) = stats {
+                s.received.fetch_add(self.up, Relaxed);
+            }
             self.up_total.increment(std::mem::take(&mut self.up));
         }
         if self.down > 0 {
+            if let Some(s) = stats {
+                s.sent.fetch_add(self.down, Relaxed);
+            }
             self.down_total.increment(std::mem::take(&mut self.down));
         }
+    }
+
+    /// The client's entry.
+    pub fn client(&self) -> &Arc<ClientInfo> {
+        &self.client
     }
 }

@@ -20,6 +20,7 @@ use crate::backend::cancel::ServerKey;
 use crate::backend::login::{self as backend_login, ServerConn};
 use crate::config::HostPort;
 use crate::error::{send_error, ServerError};
+use crate::frontend::clients::ClientInfo;
 use crate::metrics::{self as m, GaugeGuard};
 use crate::net::metered::Metered;
 use crate::net::stream::Conn;
@@ -75,6 +76,7 @@ pub async fn run(
     shard: &str,
     shutdown: Signal,
     gen: &crate::shard::Generation,
+    info: &Arc<ClientInfo>,
 ) -> End {
     use crate::net::stream::Stream;
     let bufs = (&mut client.rbuf, &mut server.rbuf);
@@ -83,12 +85,12 @@ pub async fn run(
         (Stream::Plain(c), Stream::Plain(s)) => {
             let (cr, cw) = c.split();
             let (sr, sw) = s.split();
-            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen).await
+            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info).await
         }
         (c, s) => {
             let (cr, cw) = tokio::io::split(c);
             let (sr, sw) = tokio::io::split(s);
-            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen).await
+            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info).await
         }
     }
 }
@@ -103,6 +105,7 @@ async fn relay_loop<CR, CW, SR, SW>(
     shard: &str,
     shutdown: Signal,
     gen: &crate::shard::Generation,
+    info: &Arc<ClientInfo>,
 ) -> End
 where
     CR: AsyncRead + Unpin,
@@ -119,7 +122,7 @@ where
         status: TransactionStatus::Idle,
         server_fatal: false,
         terminated: false,
-        meter: Meter::new(),
+        meter: Meter::new(Arc::clone(info)),
     };
     // The byte counts of both directions, taken into the meter after each batch.
     let mut cw = Metered::new(cw);
@@ -310,6 +313,8 @@ pub(crate) struct ServerLogin {
     pub password: Option<String>,
     /// The protocol 3 minor version agreed with the client (its cancel key's length).
     pub minor: u16,
+    /// The client's entry (`SHOW CLIENTS`, `SHOW STATS`).
+    pub client: Arc<ClientInfo>,
 }
 
 /// Session mode's gate: waits in the failover buffer while the shard has no primary,
@@ -365,6 +370,7 @@ pub(crate) async fn serve(
             name,
             shutdown.clone(),
             entered.generation(),
+            &login.client,
         )
         .await;
         if end != End::Revoked {
@@ -437,6 +443,7 @@ async fn attach(
     login: &ServerLogin,
 ) -> Result<(Entered, ServerConn), ProxyError> {
     let name = shard.name.as_str();
+    let _waiting = login.client.waiting();
     loop {
         let entered = gate(shared, shard, 0).await?;
         let err = match connect(shared, login, &entered.generation().primary).await {
@@ -583,7 +590,9 @@ mod tests {
         let (trigger, signal) = crate::shutdown::channel();
         let relay = tokio::spawn(async move {
             let (mut client, mut server) = (Conn::new(client), Conn::new(server));
-            run(&mut client, &mut server, "main", signal, &gen).await
+            let clients = crate::frontend::clients::Clients::default();
+            let info = clients.register("127.0.0.1:1".parse().unwrap(), None);
+            run(&mut client, &mut server, "main", signal, &gen, &info).await
         });
         Setup {
             app,

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::backend::cancel::{Registration, ServerKey};
 use crate::backend::pool::{Backend, Pool, PoolKey};
 use crate::error::{AttachError, PoolError};
+use crate::frontend::clients::ClientInfo;
 use crate::relay::common::Meter;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
@@ -120,6 +121,7 @@ impl<'a> Txn<'a> {
         target: PoolTarget,
         registration: Registration,
         desired: HashMap<String, String>,
+        client: Arc<ClientInfo>,
     ) -> Self {
         let gen = state.current();
         let pool = pool_for(shared, &target, &gen, &state.name);
@@ -153,7 +155,7 @@ impl<'a> Txn<'a> {
             retries_left: MAX_RETRIES,
             ending: false,
             out: BytesMut::new(),
-            meter: Meter::new(),
+            meter: Meter::new(client),
         }
     }
 
@@ -201,6 +203,9 @@ impl<'a> Txn<'a> {
 
     /// The gate and a connection, waiting for either as long as it takes.
     async fn checkout_waiting(&mut self, bytes: usize) -> Result<Box<Backend>, AttachError> {
+        // `SHOW CLIENTS` shows it waiting; the time counts in `SHOW STATS`'s wait_time.
+        let client = Arc::clone(self.meter.client());
+        let _waiting = client.waiting();
         loop {
             self.enter(bytes).await?;
             let b = match self.pool.checkout().await {
@@ -335,6 +340,18 @@ impl<'a> Txn<'a> {
 }
 
 /// The pool of `target` on `gen`'s primary.
+/// A session that ends with a server connection still attached — its task aborted by
+/// the console's `KILL`, say — closes it and gives its slot back to the pool (the
+/// server rolls back whatever was in progress).
+impl Drop for Txn<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            self.leave();
+            self.pool.discard(b);
+        }
+    }
+}
+
 fn pool_for(shared: &Shared, target: &PoolTarget, gen: &Generation, shard: &str) -> Arc<Pool> {
     let key = PoolKey {
         user: target.user.clone(),

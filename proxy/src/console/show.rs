@@ -1,0 +1,693 @@
+//! The console's `SHOW` commands. Where a concept is PgBouncer's, the columns are
+//! PgBouncer 1.18's, in its order and with its meaning, so that monitoring written for
+//! PgBouncer reads handoff; handoff's own columns come after them.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use handoff_protocol::backend::ColumnType::{self, Int8 as I, Text as T};
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::sqlstate;
+
+use super::Out;
+use crate::backend::pool::PoolSnapshot;
+use crate::config::PoolMode;
+use crate::frontend::clients::{ClientState, Totals};
+use crate::shared::Shared;
+
+type Row = Vec<Option<String>>;
+
+fn s(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// `2026-12-01 18:20:16 UTC`, as PgBouncer writes times.
+pub(crate) fn fmt_time(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn pool_mode(shared: &Shared) -> &'static str {
+    match shared.config.pool_mode {
+        PoolMode::Session => "session",
+        PoolMode::Transaction => "transaction",
+    }
+}
+
+/// `SHOW <what>`.
+pub(crate) fn show(shared: &Shared, what: &str, out: &mut Out) -> Result<(), ProxyError> {
+    match what {
+        "POOLS" => pools(shared, out),
+        "CLIENTS" => clients(shared, out),
+        "SERVERS" => servers(shared, out),
+        "STATS" => stats(shared, out),
+        "STATS_TOTALS" => stats_totals(shared, out, false),
+        "STATS_AVERAGES" => stats_totals(shared, out, true),
+        "DATABASES" => databases(shared, out),
+        "CONFIG" => config(shared, out),
+        "VERSION" => out.table(
+            &[("version", T)],
+            &[vec![s(format!("handoff {}", env!("CARGO_PKG_VERSION")))]],
+        ),
+        "LISTS" => lists(shared, out),
+        "SHARDS" => shards(shared, out),
+        "BUFFERS" => buffers(shared, out),
+        "HELP" => out.table(
+            &[("command", T), ("what", T)],
+            &HELP
+                .iter()
+                .map(|(c, w)| vec![s(c), s(w)])
+                .collect::<Vec<_>>(),
+        ),
+        other => {
+            return Err(ProxyError::error(
+                sqlstate::SYNTAX_ERROR,
+                format!("SHOW {other}: not a console command"),
+            )
+            .hint("SHOW HELP lists them"))
+        }
+    }
+    Ok(())
+}
+
+const HELP: &[(&str, &str)] = &[
+    (
+        "SHOW POOLS",
+        "each pool: clients active and waiting, server connections",
+    ),
+    ("SHOW CLIENTS", "each client connection"),
+    ("SHOW SERVERS", "each pooled server connection"),
+    (
+        "SHOW STATS",
+        "per database: totals and the last period's averages",
+    ),
+    ("SHOW STATS_TOTALS", "per database: totals"),
+    (
+        "SHOW STATS_AVERAGES",
+        "per database: the last period's averages",
+    ),
+    (
+        "SHOW DATABASES",
+        "each configured database and where it goes",
+    ),
+    ("SHOW CONFIG", "every setting"),
+    ("SHOW VERSION", "handoff's version"),
+    (
+        "SHOW LISTS",
+        "counts of databases, users, pools, clients, servers",
+    ),
+    ("SHOW SHARDS", "each shard: state, epoch, primary, buffer"),
+    ("SHOW BUFFERS", "each shard's failover buffer"),
+    (
+        "PAUSE [db]",
+        "hold new transactions (the shard of db, or every shard); lameduck the rest",
+    ),
+    (
+        "RESUME [db]",
+        "release what PAUSE held, to the same primary",
+    ),
+    (
+        "RECONNECT [db]",
+        "close server connections as their transactions end",
+    ),
+    (
+        "KILL db",
+        "drop every client and server connection of db now",
+    ),
+    (
+        "SWITCHOVER shard TO 'host:port'",
+        "a planned switchover run by handoff",
+    ),
+    ("SHUTDOWN", "stop handoff (gracefully, as on SIGTERM)"),
+];
+
+/// The pools on each shard's current primary, sorted.
+fn live_pools(shared: &Shared) -> Vec<PoolSnapshot> {
+    let mut v: Vec<PoolSnapshot> = shared
+        .ctx
+        .pools
+        .list()
+        .iter()
+        .map(|p| p.snapshot())
+        .filter(|p| !p.retired)
+        .collect();
+    v.sort_by(|a, b| (&a.database, &a.user, &a.shard).cmp(&(&b.database, &b.user, &b.shard)));
+    v
+}
+
+fn pools(shared: &Shared, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("database", T),
+        ("user", T),
+        ("cl_active", I),
+        ("cl_waiting", I),
+        ("cl_active_cancel_req", I),
+        ("cl_waiting_cancel_req", I),
+        ("sv_active", I),
+        ("sv_active_cancel", I),
+        ("sv_being_canceled", I),
+        ("sv_idle", I),
+        ("sv_used", I),
+        ("sv_tested", I),
+        ("sv_login", I),
+        ("maxwait", I),
+        ("maxwait_us", I),
+        ("pool_mode", T),
+        ("shard", T),
+        ("primary", T),
+    ];
+    let clients = shared.clients.list();
+    let rows: Vec<Row> = live_pools(shared)
+        .into_iter()
+        .map(|p| {
+            let shard_index = shared.shards.iter().position(|s| s.name == p.shard);
+            let mine = |state: ClientState| {
+                clients
+                    .iter()
+                    .filter(|c| c.state() == state)
+                    .filter(|c| {
+                        c.login().is_some_and(|l| {
+                            l.user == p.user
+                                && l.route.as_ref().is_some_and(|(i, db)| {
+                                    Some(*i) == shard_index && *db == p.database
+                                })
+                        })
+                    })
+                    .count()
+            };
+            vec![
+                s(&p.database),
+                s(&p.user),
+                s(mine(ClientState::Active)),
+                s(mine(ClientState::Waiting)),
+                s(0),
+                s(0),
+                s(p.active),
+                s(0),
+                s(0),
+                s(p.idle),
+                s(0),
+                s(0),
+                s(p.login),
+                s(p.max_wait.as_secs()),
+                s(p.max_wait.subsec_micros()),
+                s(pool_mode(shared)),
+                s(&p.shard),
+                s(&p.addr),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+/// The columns of `SHOW CLIENTS` and `SHOW SERVERS` (PgBouncer 1.18's).
+const CONN_COLS: &[(&str, ColumnType)] = &[
+    ("type", T),
+    ("user", T),
+    ("database", T),
+    ("state", T),
+    ("addr", T),
+    ("port", I),
+    ("local_addr", T),
+    ("local_port", I),
+    ("connect_time", T),
+    ("request_time", T),
+    ("wait", I),
+    ("wait_us", I),
+    ("close_needed", I),
+    ("ptr", T),
+    ("link", T),
+    ("remote_pid", I),
+    ("tls", T),
+    ("application_name", T),
+];
+
+fn clients(shared: &Shared, out: &mut Out) {
+    let mut cols = CONN_COLS.to_vec();
+    cols.push(("shard", T));
+    let rows: Vec<Row> = shared
+        .clients
+        .list()
+        .into_iter()
+        .map(|c| {
+            let login = c.login();
+            let state = c.state();
+            let waited = if state == ClientState::Waiting {
+                SystemTime::now()
+                    .duration_since(c.changed())
+                    .unwrap_or_default()
+            } else {
+                Duration::ZERO
+            };
+            let shard = login
+                .and_then(|l| l.route.as_ref())
+                .map(|(i, _)| shared.shards[*i].name.clone());
+            vec![
+                s("C"),
+                login.map(|l| l.user.clone()),
+                login.map(|l| l.database.clone()),
+                s(state.as_str()),
+                s(c.addr.ip()),
+                s(c.addr.port()),
+                c.local.map(|a| a.ip().to_string()),
+                c.local.map(|a| a.port().to_string()),
+                s(fmt_time(c.connected)),
+                s(fmt_time(c.changed())),
+                s(waited.as_secs()),
+                s(waited.subsec_micros()),
+                s(0),
+                s(format!("{:x}", c.id)),
+                None,
+                s(0),
+                login.and_then(|l| l.tls.then(|| "TLS".to_string())),
+                login.map(|l| l.application_name.clone()),
+                shard,
+            ]
+        })
+        .collect();
+    out.table(&cols, &rows);
+}
+
+fn servers(shared: &Shared, out: &mut Out) {
+    let mut cols = CONN_COLS.to_vec();
+    cols.push(("shard", T));
+    let mut rows: Vec<Row> = Vec::new();
+    for p in live_pools(shared) {
+        for (m, idle) in &p.servers {
+            rows.push(vec![
+                s("S"),
+                s(&p.user),
+                s(&p.database),
+                s(if *idle { "idle" } else { "active" }),
+                s(m.peer.ip()),
+                s(m.peer.port()),
+                m.local.map(|a| a.ip().to_string()),
+                m.local.map(|a| a.port().to_string()),
+                s(fmt_time(m.connected)),
+                s(fmt_time(m.connected)),
+                s(0),
+                s(0),
+                s(0),
+                s(format!("{:x}", m.pid)),
+                None,
+                s(m.pid),
+                m.tls.then(|| "TLS".to_string()),
+                None,
+                s(&p.shard),
+            ]);
+        }
+    }
+    out.table(&cols, &rows);
+}
+
+fn stats(shared: &Shared, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("database", T),
+        ("total_xact_count", I),
+        ("total_query_count", I),
+        ("total_received", I),
+        ("total_sent", I),
+        ("total_xact_time", I),
+        ("total_query_time", I),
+        ("total_wait_time", I),
+        ("avg_xact_count", I),
+        ("avg_query_count", I),
+        ("avg_recv", I),
+        ("avg_sent", I),
+        ("avg_xact_time", I),
+        ("avg_query_time", I),
+        ("avg_wait_time", I),
+    ];
+    let rows: Vec<Row> = shared
+        .clients
+        .totals()
+        .into_iter()
+        .map(|(db, t)| {
+            let a = shared.clients.averages(&db);
+            vec![
+                s(&db),
+                s(t.xacts),
+                s(t.queries),
+                s(t.received),
+                s(t.sent),
+                s(t.xact_us),
+                s(t.query_us),
+                s(t.wait_us),
+                s(a.xact_count),
+                s(a.query_count),
+                s(a.recv),
+                s(a.sent),
+                s(a.xact_time),
+                s(a.query_time),
+                s(a.wait_time),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+fn stats_totals(shared: &Shared, out: &mut Out, averages: bool) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("database", T),
+        ("xact_count", I),
+        ("query_count", I),
+        ("bytes_received", I),
+        ("bytes_sent", I),
+        ("xact_time", I),
+        ("query_time", I),
+        ("wait_time", I),
+    ];
+    let rows: Vec<Row> = shared
+        .clients
+        .totals()
+        .into_iter()
+        .map(|(db, t)| {
+            let t = if averages {
+                let a = shared.clients.averages(&db);
+                Totals {
+                    xacts: a.xact_count,
+                    queries: a.query_count,
+                    received: a.recv,
+                    sent: a.sent,
+                    xact_us: a.xact_time,
+                    query_us: a.query_time,
+                    wait_us: a.wait_time,
+                }
+            } else {
+                t
+            };
+            vec![
+                s(&db),
+                s(t.xacts),
+                s(t.queries),
+                s(t.received),
+                s(t.sent),
+                s(t.xact_us),
+                s(t.query_us),
+                s(t.wait_us),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+fn databases(shared: &Shared, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("name", T),
+        ("host", T),
+        ("port", I),
+        ("database", T),
+        ("force_user", T),
+        ("pool_size", I),
+        ("min_pool_size", I),
+        ("reserve_pool", I),
+        ("pool_mode", T),
+        ("max_connections", I),
+        ("current_connections", I),
+        ("paused", I),
+        ("disabled", I),
+        ("shard", T),
+    ];
+    let cfg = &shared.config;
+    let mut routes: Vec<(String, &crate::config::DatabaseRoute)> =
+        cfg.databases.iter().map(|(n, r)| (n.clone(), r)).collect();
+    routes.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(r) = &cfg.default_route {
+        routes.push(("*".to_string(), r));
+    }
+    let pools = live_pools(shared);
+    let mut rows: Vec<Row> = routes
+        .into_iter()
+        .map(|(name, r)| {
+            let shard = &shared.shards[r.shard];
+            let primary = shard.current().primary.clone();
+            let server_db = r.server_db.clone();
+            let current: usize = pools
+                .iter()
+                .filter(|p| p.shard == shard.name)
+                .filter(|p| match &server_db {
+                    Some(db) => &p.database == db,
+                    None => name == "*" || p.database == name,
+                })
+                .map(|p| p.servers.len() + p.login)
+                .sum();
+            let paused = shard
+                .snapshot(shared.ctx.buffer_idle(&shard.name))
+                .state
+                .as_str()
+                != "serving";
+            vec![
+                s(&name),
+                s(&primary.host),
+                s(primary.port),
+                server_db.or_else(|| (name != "*").then(|| name.clone())),
+                None,
+                s(cfg.pool.size),
+                s(cfg.pool.min_idle),
+                s(0),
+                s(pool_mode(shared)),
+                s(0),
+                s(current),
+                s(u8::from(paused)),
+                s(0),
+                s(&shard.name),
+            ]
+        })
+        .collect();
+    for name in super::NAMES {
+        rows.push(vec![
+            s(name),
+            None,
+            s(cfg.listen.port()),
+            s(name),
+            None,
+            s(2),
+            s(0),
+            s(0),
+            s("statement"),
+            s(0),
+            s(0),
+            s(0),
+            s(0),
+            None,
+        ]);
+    }
+    out.table(COLS, &rows);
+}
+
+fn config(shared: &Shared, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] =
+        &[("key", T), ("value", T), ("default", T), ("changeable", T)];
+    let rows: Vec<Row> = shared
+        .config
+        .shown
+        .iter()
+        .map(|(k, v, d)| vec![s(k), s(v), s(d), s("no")])
+        .collect();
+    out.table(COLS, &rows);
+}
+
+fn lists(shared: &Shared, out: &mut Out) {
+    let clients = shared.clients.list();
+    let pools = live_pools(shared);
+    let mut users: Vec<&str> = clients
+        .iter()
+        .filter_map(|c| c.login().map(|l| l.user.as_str()))
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    let databases =
+        shared.config.databases.len() + usize::from(shared.config.default_route.is_some());
+    let used_servers: usize = pools.iter().map(|p| p.servers.len()).sum();
+    let login = clients
+        .iter()
+        .filter(|c| c.state() == ClientState::Login)
+        .count();
+    let items: [(&str, usize); 12] = [
+        ("databases", databases),
+        ("users", users.len()),
+        ("pools", pools.len()),
+        ("free_clients", 0),
+        ("used_clients", clients.len()),
+        ("login_clients", login),
+        ("free_servers", 0),
+        ("used_servers", used_servers),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ];
+    let rows: Vec<Row> = items.iter().map(|(k, n)| vec![s(k), s(n)]).collect();
+    out.table(&[("list", T), ("items", I)], &rows);
+}
+
+fn shards(shared: &Shared, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("name", T),
+        ("state", T),
+        ("epoch", I),
+        ("primary", T),
+        ("hosts", T),
+        ("source", T),
+        ("in_flight", I),
+        ("buffer_state", T),
+        ("buffer_depth", I),
+        ("since_ms", I),
+        ("reason", T),
+        ("split_brain", T),
+        ("watched", T),
+    ];
+    let json = crate::admin::shards_json(shared);
+    let str_of = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(x) => Some(x.clone()),
+        other => Some(other.to_string()),
+    };
+    let list = |v: &serde_json::Value, key: Option<&str>| {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|x| match key {
+                    Some(k) => x.get(k).and_then(|h| h.as_str()).map(str::to_string),
+                    None => x.as_str().map(str::to_string),
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+    };
+    let rows: Vec<Row> = json["shards"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|sh| {
+            vec![
+                str_of(&sh["name"]),
+                str_of(&sh["state"]),
+                str_of(&sh["epoch"]),
+                str_of(&sh["primary"]),
+                list(&sh["hosts"], None),
+                str_of(&sh["source"]),
+                str_of(&sh["in_flight"]),
+                str_of(&sh["buffer"]["state"]),
+                str_of(&sh["buffer"]["depth"]),
+                str_of(&sh["since_ms"]),
+                str_of(&sh["reason"]),
+                list(&sh["split_brain"], None),
+                list(&sh["watched"], Some("host")),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+fn buffers(shared: &Shared, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("shard", T),
+        ("state", T),
+        ("depth", I),
+        ("size", I),
+        ("bytes_all_shards", I),
+        ("max_bytes", I),
+        ("window_ms", I),
+        ("reason", T),
+    ];
+    let b = &shared.ctx.buffer;
+    let cfg = &shared.config.buffer;
+    let rows: Vec<Row> = shared
+        .shards
+        .iter()
+        .map(|sh| {
+            let state = match b.state(&sh.name) {
+                Some(handoff_buffer::State::Idle) | None => "idle",
+                Some(handoff_buffer::State::Buffering) => "buffering",
+                Some(handoff_buffer::State::Draining) => "draining",
+            };
+            vec![
+                s(&sh.name),
+                s(state),
+                s(b.depth(&sh.name)),
+                s(cfg.size),
+                s(b.bytes()),
+                s(cfg.max_bytes),
+                s(cfg.window.as_millis()),
+                b.reason(&sh.name).filter(|r| !r.is_empty()),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+/// A switchover's report as one row.
+pub(crate) fn switchover_report(report: &serde_json::Value, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("shard", T),
+        ("from", T),
+        ("to", T),
+        ("outcome", T),
+        ("epoch", I),
+        ("total_ms", T),
+        ("steps", T),
+    ];
+    let text = |k: &str| match &report[k] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(x) => Some(x.clone()),
+        other => Some(other.to_string()),
+    };
+    let steps = report["steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|st| {
+                    format!(
+                        "{} {} ms",
+                        st["step"].as_str().unwrap_or("?"),
+                        st["ms"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    let row = vec![
+        text("shard"),
+        text("from"),
+        text("to"),
+        text("outcome"),
+        text("epoch"),
+        text("total_ms"),
+        Some(steps),
+    ];
+    out.table_tagged(COLS, &[row], "SWITCHOVER");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_pgbouncer_writes_them() {
+        assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_976_416);
+        assert_eq!(fmt_time(t), "2026-11-29 18:20:16 UTC");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(fmt_time(leap), "2000-02-29 00:00:00 UTC");
+    }
+}

@@ -1,0 +1,389 @@
+//! The clients connected now, for the admin console (`SHOW CLIENTS`, `SHOW POOLS`,
+//! `KILL`), and the per-database statistics (`SHOW STATS`).
+//!
+//! Nothing here is touched on a transaction's fast path but the statistics' counters:
+//! a client's entry is written when it logs in and when it starts or stops waiting for
+//! a server (the buffer, a pool at its limit), and removed when its session ends.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+
+/// Every client connection, by id.
+#[derive(Debug, Default)]
+pub(crate) struct Clients {
+    map: DashMap<u64, Arc<ClientInfo>>,
+    next: AtomicU64,
+    /// Statistics per client database, created at a client's first login to it.
+    stats: DashMap<String, Arc<DbStats>>,
+    /// The totals at the start and the end of the last complete statistics period.
+    period: Mutex<Period>,
+}
+
+#[derive(Debug, Default)]
+struct Period {
+    started: Option<SystemTime>,
+    at_start: HashMap<String, Totals>,
+    /// The last complete period: its length and each database's totals' increase.
+    last: Option<(Duration, HashMap<String, Totals>)>,
+}
+
+/// What a client is doing, as PgBouncer's `SHOW CLIENTS` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientState {
+    /// Connected, not logged in yet.
+    Login = 0,
+    /// Logged in: running a transaction or idle between them.
+    Active = 1,
+    /// Sent a request and waits for a server connection (in the failover buffer, or
+    /// for a pool at its limit).
+    Waiting = 2,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Login => "login",
+            ClientState::Active => "active",
+            ClientState::Waiting => "waiting",
+        }
+    }
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub(crate) struct ClientInfo {
+    pub id: u64,
+    pub addr: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub connected: SystemTime,
+    login: OnceLock<LoginInfo>,
+    state: AtomicU8,
+    /// Unix time in milliseconds of the last change of state.
+    changed_ms: AtomicU64,
+    abort: OnceLock<tokio::task::AbortHandle>,
+}
+
+/// Who a logged-in client is.
+#[derive(Debug)]
+pub(crate) struct LoginInfo {
+    pub user: String,
+    pub database: String,
+    /// The shard it is routed to and the server database; `None` for the console.
+    pub route: Option<(usize, String)>,
+    pub application_name: String,
+    pub tls: bool,
+    pub stats: Arc<DbStats>,
+}
+
+impl ClientInfo {
+    pub fn login(&self) -> Option<&LoginInfo> {
+        self.login.get()
+    }
+
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Relaxed) {
+            0 => ClientState::Login,
+            2 => ClientState::Waiting,
+            _ => ClientState::Active,
+        }
+    }
+
+    /// When the state last changed.
+    pub fn changed(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.changed_ms.load(Relaxed))
+    }
+
+    pub fn set_state(&self, s: ClientState) {
+        self.state.store(s as u8, Relaxed);
+        self.changed_ms.store(now_ms(), Relaxed);
+    }
+
+    /// Marks the client waiting for a server until the guard is dropped; the time
+    /// counts in its database's `wait_time`.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.set_state(ClientState::Waiting);
+        Waiting {
+            info: self,
+            since: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Records the login and makes the client active.
+    pub fn logged_in(&self, login: LoginInfo) {
+        let _ = self.login.set(login);
+        self.set_state(ClientState::Active);
+    }
+
+    /// The session's task, so that `KILL` can end it.
+    pub fn set_abort(&self, h: tokio::task::AbortHandle) {
+        let _ = self.abort.set(h);
+    }
+
+    /// Ends the session now: its task is dropped, which closes the client's socket and
+    /// any server connection it holds (a transaction in progress is rolled back by the
+    /// server).
+    pub fn kill(&self) -> bool {
+        match self.abort.get() {
+            Some(h) => {
+                h.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The statistics its transactions count in (none before the login).
+    pub fn stats(&self) -> Option<&DbStats> {
+        self.login.get().map(|l| &*l.stats)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Counters of one client database, as PgBouncer's `SHOW STATS` has them.
+#[derive(Debug, Default)]
+pub(crate) struct DbStats {
+    pub xacts: AtomicU64,
+    pub queries: AtomicU64,
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+    pub xact_us: AtomicU64,
+    pub query_us: AtomicU64,
+    pub wait_us: AtomicU64,
+}
+
+/// A snapshot of [`DbStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub xacts: u64,
+    pub queries: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub xact_us: u64,
+    pub query_us: u64,
+    pub wait_us: u64,
+}
+
+impl Totals {
+    fn minus(self, o: Totals) -> Totals {
+        Totals {
+            xacts: self.xacts.saturating_sub(o.xacts),
+            queries: self.queries.saturating_sub(o.queries),
+            received: self.received.saturating_sub(o.received),
+            sent: self.sent.saturating_sub(o.sent),
+            xact_us: self.xact_us.saturating_sub(o.xact_us),
+            query_us: self.query_us.saturating_sub(o.query_us),
+            wait_us: self.wait_us.saturating_sub(o.wait_us),
+        }
+    }
+}
+
+impl DbStats {
+    pub fn totals(&self) -> Totals {
+        Totals {
+            xacts: self.xacts.load(Relaxed),
+            queries: self.queries.load(Relaxed),
+            received: self.received.load(Relaxed),
+            sent: self.sent.load(Relaxed),
+            xact_us: self.xact_us.load(Relaxed),
+            query_us: self.query_us.load(Relaxed),
+            wait_us: self.wait_us.load(Relaxed),
+        }
+    }
+
+    pub fn add_wait(&self, d: Duration) {
+        self.wait_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+}
+
+/// Averages over one statistics period, as PgBouncer's `SHOW STATS` `avg_*` columns:
+/// counts and bytes per second, times per transaction or query (µs).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Averages {
+    pub xact_count: u64,
+    pub query_count: u64,
+    pub recv: u64,
+    pub sent: u64,
+    pub xact_time: u64,
+    pub query_time: u64,
+    pub wait_time: u64,
+}
+
+impl Averages {
+    fn of(d: Totals, period: Duration) -> Self {
+        let secs = period.as_secs_f64().max(0.001);
+        let per_sec = |n: u64| (n as f64 / secs).round() as u64;
+        let per = |t: u64, n: u64| t.checked_div(n).unwrap_or(0);
+        Averages {
+            xact_count: per_sec(d.xacts),
+            query_count: per_sec(d.queries),
+            recv: per_sec(d.received),
+            sent: per_sec(d.sent),
+            xact_time: per(d.xact_us, d.xacts),
+            query_time: per(d.query_us, d.queries),
+            wait_time: per(d.wait_us, d.xacts.max(d.queries)),
+        }
+    }
+}
+
+/// A client waiting for a server (see [`ClientInfo::waiting`]).
+#[derive(Debug)]
+pub(crate) struct Waiting<'a> {
+    info: &'a ClientInfo,
+    since: tokio::time::Instant,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.info.stats() {
+            s.add_wait(self.since.elapsed());
+        }
+        self.info.set_state(ClientState::Active);
+    }
+}
+
+/// Removes a client's entry when its session ends.
+#[derive(Debug)]
+pub(crate) struct Registered<'a> {
+    clients: &'a Clients,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.clients.map.remove(&self.id);
+    }
+}
+
+impl Clients {
+    /// A new connection's entry (state `login`).
+    pub fn register(&self, addr: SocketAddr, local: Option<SocketAddr>) -> Arc<ClientInfo> {
+        let id = self.next.fetch_add(1, Relaxed) + 1;
+        let info = Arc::new(ClientInfo {
+            id,
+            addr,
+            local,
+            connected: SystemTime::now(),
+            login: OnceLock::new(),
+            state: AtomicU8::new(ClientState::Login as u8),
+            changed_ms: AtomicU64::new(now_ms()),
+            abort: OnceLock::new(),
+        });
+        self.map.insert(id, Arc::clone(&info));
+        info
+    }
+
+    /// The guard that removes `info` when the session ends.
+    pub fn guard(&self, info: &ClientInfo) -> Registered<'_> {
+        Registered {
+            clients: self,
+            id: info.id,
+        }
+    }
+
+    /// Every client now, oldest first.
+    pub fn list(&self) -> Vec<Arc<ClientInfo>> {
+        let mut v: Vec<_> = self.map.iter().map(|e| Arc::clone(e.value())).collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// The statistics of client database `db`.
+    pub fn stats_for(&self, db: &str) -> Arc<DbStats> {
+        if let Some(s) = self.stats.get(db) {
+            return Arc::clone(&s);
+        }
+        Arc::clone(&self.stats.entry(db.to_string()).or_default())
+    }
+
+    /// Every database's totals, by name.
+    pub fn totals(&self) -> Vec<(String, Totals)> {
+        let mut v: Vec<_> = self
+            .stats
+            .iter()
+            .map(|e| (e.key().clone(), e.value().totals()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Ends a statistics period (called every `HANDOFF_STATS_PERIOD`).
+    pub fn end_period(&self) {
+        let now = SystemTime::now();
+        let totals: HashMap<String, Totals> = self.totals().into_iter().collect();
+        let mut p = self.period.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(started) = p.started {
+            let len = now.duration_since(started).unwrap_or_default();
+            let deltas = totals
+                .iter()
+                .map(|(db, t)| {
+                    let before = p.at_start.get(db).copied().unwrap_or_default();
+                    (db.clone(), t.minus(before))
+                })
+                .collect();
+            p.last = Some((len, deltas));
+        }
+        p.started = Some(now);
+        p.at_start = totals;
+    }
+
+    /// The averages of the last complete period for `db` (zero before one ended).
+    pub fn averages(&self, db: &str) -> Averages {
+        let p = self.period.lock().unwrap_or_else(|e| e.into_inner());
+        match &p.last {
+            Some((len, deltas)) => deltas
+                .get(db)
+                .map(|d| Averages::of(*d, *len))
+                .unwrap_or_default(),
+            None => Averages::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_leave_with_their_session_and_periods_average() {
+        let clients = Clients::default();
+        let a = clients.register("127.0.0.1:1".parse().unwrap(), None);
+        {
+            let _g = clients.guard(&a);
+            assert_eq!(clients.list().len(), 1);
+            assert_eq!(a.state(), ClientState::Login);
+            a.logged_in(LoginInfo {
+                user: "u".into(),
+                database: "d".into(),
+                route: Some((0, "d".into())),
+                application_name: String::new(),
+                tls: false,
+                stats: clients.stats_for("d"),
+            });
+            assert_eq!(a.state(), ClientState::Active);
+        }
+        assert!(clients.list().is_empty());
+
+        clients.end_period();
+        let s = clients.stats_for("d");
+        s.xacts.fetch_add(10, Relaxed);
+        s.xact_us.fetch_add(5_000, Relaxed);
+        s.queries.fetch_add(20, Relaxed);
+        s.query_us.fetch_add(4_000, Relaxed);
+        clients.end_period();
+        let avg = clients.averages("d");
+        assert_eq!((avg.xact_time, avg.query_time), (500, 200));
+        assert!(avg.xact_count >= 1, "{avg:?}");
+        assert_eq!(clients.averages("other").xact_count, 0);
+    }
+}
