@@ -166,9 +166,32 @@ impl ScramVerifier {
     }
 }
 
+/// The two keys a SCRAM-SHA-256 exchange lets a proxy in the middle learn: the
+/// ClientKey (from the client's proof) and the ServerKey (from the stored verifier).
+/// With them the proxy logs in to a server that keeps the same verifier without ever
+/// knowing the password (PgBouncer's SCRAM pass-through).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(..)")
+    }
+}
+
+/// What a [`ScramClient`] proves knowledge of.
+#[derive(Clone)]
+enum ClientSecret {
+    Password(String),
+    Keys(ScramKeys),
+}
+
 /// The client side of SCRAM-SHA-256 (the proxy authenticating to a server).
 pub struct ScramClient {
-    password: String,
+    secret: ClientSecret,
     client_first_bare: String,
     nonce: String,
     /// Set once the server's first message is handled: expected server signature.
@@ -190,10 +213,20 @@ impl ScramClient {
     /// Starts an exchange with a given user name and nonce. PostgreSQL ignores the name
     /// (it uses the startup packet's), so [`ScramClient::new`] sends an empty one.
     pub fn with_nonce(user: &str, password: &str, nonce: String) -> (Self, Vec<u8>) {
+        Self::start(user, ClientSecret::Password(password.to_string()), nonce)
+    }
+
+    /// Starts an exchange proving knowledge of `keys` instead of a password; the
+    /// server's salt and iteration count are then not used.
+    pub fn with_keys(keys: ScramKeys) -> Result<(Self, Vec<u8>), AuthError> {
+        Ok(Self::start("", ClientSecret::Keys(keys), random_nonce()?))
+    }
+
+    fn start(user: &str, secret: ClientSecret, nonce: String) -> (Self, Vec<u8>) {
         let client_first_bare = format!("n={user},r={nonce}");
         let first = format!("n,,{client_first_bare}").into_bytes();
         let client = Self {
-            password: password.to_string(),
+            secret,
             client_first_bare,
             nonce,
             server_signature: None,
@@ -219,13 +252,17 @@ impl ScramClient {
         if iterations == 0 {
             return Err(AuthError::Malformed("bad iteration count"));
         }
-        let salted = salted_password(self.password.as_bytes(), &salt, iterations);
-        let client_key = hmac(&salted, b"Client Key");
+        let (client_key, server_key) = match &self.secret {
+            ClientSecret::Password(password) => {
+                let salted = salted_password(password.as_bytes(), &salt, iterations);
+                (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"))
+            }
+            ClientSecret::Keys(k) => (k.client_key, k.server_key),
+        };
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
         let proof = xor(&client_key, &hmac(&stored_key, auth_message.as_bytes()));
-        let server_key = hmac(&salted, b"Server Key");
         self.server_signature = Some(hmac(&server_key, auth_message.as_bytes()));
         Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
     }
@@ -262,6 +299,8 @@ pub struct ScramServer {
     transcript: Option<String>,
     nonce: String,
     gs2_header: String,
+    /// The client's ClientKey, once its proof checked out.
+    client_key: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for ScramServer {
@@ -277,7 +316,17 @@ impl ScramServer {
             transcript: None,
             nonce: String::new(),
             gs2_header: String::new(),
+            client_key: None,
         }
+    }
+
+    /// After a successful exchange: the keys that log in to a server keeping the same
+    /// verifier.
+    pub fn keys(&self) -> Option<ScramKeys> {
+        self.client_key.map(|client_key| ScramKeys {
+            client_key,
+            server_key: self.verifier.server_key,
+        })
     }
 
     /// Handles client-first; returns server-first.
@@ -348,6 +397,7 @@ impl ScramServer {
         if !bool::from(stored.ct_eq(&self.verifier.stored_key)) {
             return Err(AuthError::BadProof);
         }
+        self.client_key = Some(client_key);
         let server_sig = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_sig)).into_bytes())
     }
@@ -360,6 +410,29 @@ pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
     ));
     let outer = Md5::digest([inner.as_bytes(), &salt[..]].concat());
     format!("md5{}", hex(&outer))
+}
+
+/// PostgreSQL's stored MD5 secret for a password: `"md5" + md5(password + user)`.
+pub fn md5_secret(user: &str, password: &str) -> String {
+    format!(
+        "md5{}",
+        hex(&Md5::digest(
+            [password.as_bytes(), user.as_bytes()].concat()
+        ))
+    )
+}
+
+/// The response to an MD5 challenge computed from the stored secret (`md5` and 32 hex
+/// digits) rather than the password: what a proxy holding only the secret answers a
+/// server with, and what it expects from a client. `None` if `secret` is not one.
+pub fn md5_response_from_secret(secret: &str, salt: [u8; 4]) -> Option<String> {
+    let inner = secret.strip_prefix("md5")?;
+    if inner.len() != 32 || !inner.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let inner = inner.to_ascii_lowercase();
+    let outer = Md5::digest([inner.as_bytes(), &salt[..]].concat());
+    Some(format!("md5{}", hex(&outer)))
 }
 
 fn hex(bytes: &[u8]) -> String {

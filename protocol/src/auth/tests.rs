@@ -119,3 +119,41 @@ fn md5_response_matches_postgres() {
         "md5bb41a296aab6baccb36ff243a562abff"
     );
 }
+
+#[test]
+fn keys_learnt_from_a_client_log_in_to_a_server_with_the_same_verifier() {
+    let v = ScramVerifier::derive("pass-through", b"0123456789abcdef".to_vec(), 4096);
+    // The client authenticates to the proxy...
+    let mut proxy = ScramServer::new(v.clone());
+    assert!(proxy.keys().is_none());
+    let (mut client, first) = ScramClient::new("pass-through").unwrap();
+    let sf = proxy.handle_client_first(&first).unwrap();
+    let cf = client.handle_server_first(&sf).unwrap();
+    proxy.handle_client_final(&cf).unwrap();
+    let keys = proxy.keys().expect("known after a good proof");
+    // ...and the proxy logs in to a server keeping the same verifier with the keys.
+    let mut server = ScramServer::new(v);
+    let (mut as_client, first) = ScramClient::with_keys(keys.clone()).unwrap();
+    let sf = server.handle_client_first(&first).unwrap();
+    let cf = as_client.handle_server_first(&sf).unwrap();
+    let fin = server.handle_client_final(&cf).unwrap();
+    as_client.verify_server_final(&fin).unwrap();
+    // Another verifier (the password changed on the server) refuses them.
+    let other = ScramVerifier::derive("changed", b"0123456789abcdef".to_vec(), 4096);
+    let mut server = ScramServer::new(other);
+    let (mut as_client, first) = ScramClient::with_keys(keys).unwrap();
+    let sf = server.handle_client_first(&first).unwrap();
+    let cf = as_client.handle_server_first(&sf).unwrap();
+    assert_eq!(server.handle_client_final(&cf), Err(AuthError::BadProof));
+}
+
+#[test]
+fn md5_from_the_stored_secret_equals_md5_from_the_password() {
+    let secret = md5_secret("postgres", "secret");
+    assert_eq!(
+        md5_response_from_secret(&secret, [1, 2, 3, 4]).unwrap(),
+        md5_response("postgres", "secret", [1, 2, 3, 4])
+    );
+    assert!(md5_response_from_secret("md5xyz", [0; 4]).is_none());
+    assert!(md5_response_from_secret("SCRAM-SHA-256$1:a$b:c", [0; 4]).is_none());
+}
