@@ -74,7 +74,7 @@ fn bench(c: &mut Criterion) {
                 port: addr.port(),
             },
         };
-        let pool = pools.get(&key, None, "main");
+        let pool = pools.get(&key, &handoff::backend::Credentials::None, "main");
         let b = pool.checkout().await.unwrap();
         pool.checkin(b);
         pool

@@ -51,6 +51,26 @@ pub const VARIABLES: &[Variable] = &[
         help: "user=password or user=SCRAM-SHA-256$... verifier, comma separated",
     },
     Variable {
+        name: "HANDOFF_USERS_FILE",
+        default: "(unset)",
+        help: "a users file as PgBouncer's userlist.txt: \"user\" \"password, SCRAM-SHA-256$... or md5...\" per line; read again on SIGHUP",
+    },
+    Variable {
+        name: "HANDOFF_AUTH_USER",
+        default: "(unset: no lookup)",
+        help: "server role that looks up users HANDOFF_USERS and the file do not list, with HANDOFF_AUTH_QUERY on the shard's primary (PgBouncer's auth_user); its password, if the server asks, from HANDOFF_USERS or the file",
+    },
+    Variable {
+        name: "HANDOFF_AUTH_QUERY",
+        default: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1",
+        help: "the lookup: $1 is the user; answers (name, SCRAM verifier or MD5 secret), no row for an unknown user",
+    },
+    Variable {
+        name: "HANDOFF_AUTH_CACHE_TTL",
+        default: "60s",
+        help: "how long a looked-up secret is kept (a failed login with it asks the server again)",
+    },
+    Variable {
         name: "HANDOFF_MAX_CLIENT_CONN",
         default: "1000",
         help: "most client connections at once; beyond it clients get SQLSTATE 53300",
@@ -505,6 +525,12 @@ pub struct Config {
     pub admin_db: AdminDbSettings,
     /// Who may use the admin console (`HANDOFF_ADMIN_USERS`).
     pub admin_users: Vec<String>,
+    /// `HANDOFF_USERS_FILE`.
+    pub users_file: Option<std::path::PathBuf>,
+    /// `HANDOFF_AUTH_USER`, `HANDOFF_AUTH_QUERY`, `HANDOFF_AUTH_CACHE_TTL`.
+    pub auth_user: Option<String>,
+    pub auth_query: String,
+    pub auth_cache_ttl: Duration,
     /// Every variable as `SHOW CONFIG` shows it: name, value (secrets hidden), default.
     pub shown: Vec<(&'static str, String, &'static str)>,
     /// The period `SHOW STATS` averages over.
@@ -675,6 +701,15 @@ impl Config {
             default_route,
             admin_db: parse_admin_db(&vars, users.as_ref()),
             admin_users: parse_admin_users(&vars)?,
+            users_file: vars
+                .given("HANDOFF_USERS_FILE")
+                .map(std::path::PathBuf::from),
+            auth_user: vars.given("HANDOFF_AUTH_USER").map(str::to_string),
+            auth_query: vars
+                .get("HANDOFF_AUTH_QUERY")
+                .unwrap_or_default()
+                .to_string(),
+            auth_cache_ttl: vars.duration("HANDOFF_AUTH_CACHE_TTL")?,
             shown: shown_settings(&vars),
             stats_period: vars.positive_duration("HANDOFF_STATS_PERIOD")?,
             users,
@@ -906,12 +941,15 @@ fn parse_client_users(
     listen: SocketAddr,
 ) -> Result<Option<HashMap<String, UserSecret>>, ConfigError> {
     let users = vars.get("HANDOFF_USERS").map(parse_users).transpose()?;
-    if users.is_none() && !listen.ip().is_loopback() {
+    let other_source =
+        vars.given("HANDOFF_USERS_FILE").is_some() || vars.given("HANDOFF_AUTH_USER").is_some();
+    if users.is_none() && !other_source && !listen.ip().is_loopback() {
         return Err(invalid(
             "HANDOFF_USERS",
             format!(
-                "must be set because HANDOFF_LISTEN={listen} is not a loopback address \
-                 (clients without a password are allowed on loopback only)"
+                "must be set (or HANDOFF_USERS_FILE, or HANDOFF_AUTH_USER) because \
+                 HANDOFF_LISTEN={listen} is not a loopback address (clients without a \
+                 password are allowed on loopback only)"
             ),
         ));
     }

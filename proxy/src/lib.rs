@@ -23,6 +23,7 @@ mod console;
 pub(crate) mod coord;
 mod error;
 mod frontend;
+pub use frontend::users::UsersError;
 mod limits;
 pub mod metrics;
 pub mod net;
@@ -67,6 +68,8 @@ pub enum StartError {
     Tls(#[from] net::tls::TlsSetupError),
     #[error(transparent)]
     Etcd(#[from] coord::SetupError),
+    #[error("configuration error: {0}")]
+    Users(#[from] frontend::users::UsersError),
 }
 
 /// A running proxy.
@@ -165,7 +168,9 @@ impl Proxy {
             )),
             _ => None,
         };
+        let users = frontend::users::Users::new(&config, server_tls.clone())?;
         let shared = Arc::new(Shared {
+            users,
             prepared: metrics::PreparedCounters::new(),
             config: Arc::new(config),
             cancels: Arc::new(backend::cancel::Registry::default()),
@@ -268,6 +273,20 @@ impl Proxy {
     /// binary then shuts down as on SIGTERM.
     pub async fn shutdown_requested(&self) {
         self.shared.shutdown_requested.notified().await
+    }
+
+    /// Reads `HANDOFF_USERS_FILE` again (SIGHUP); on an error the old list stays.
+    pub fn reload_users(&self) -> Result<(), frontend::users::UsersError> {
+        match self.shared.users.reload() {
+            Ok(n) => {
+                tracing::info!(users = n, "users file reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "users file not reloaded: the old list stays");
+                Err(e)
+            }
+        }
     }
 
     /// Where the admin API listens.

@@ -126,7 +126,8 @@ async fn run(config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP meanwhile reloads the client TLS certificate.
+/// Waits for SIGTERM or SIGINT (or the console's SHUTDOWN); SIGHUP meanwhile reloads the
+/// client TLS certificate and the users file.
 async fn wait_for_signal(proxy: &Proxy) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
@@ -138,8 +139,9 @@ async fn wait_for_signal(proxy: &Proxy) {
                 return;
             }
             _ = hup.recv() => {
-                tracing::info!("SIGHUP received: reloading the TLS certificate");
+                tracing::info!("SIGHUP received: reloading the TLS certificate and the users file");
                 let _ = proxy.reload_tls();
+                let _ = proxy.reload_users();
             }
             _ = proxy.shutdown_requested() => {
                 tracing::info!("SHUTDOWN from the admin console");

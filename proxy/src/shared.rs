@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub coord: Option<Arc<crate::coord::Coord>>,
     /// Client connections per user and database.
     pub limits: Limits,
+    /// Who may log in: `HANDOFF_USERS`, the users file, the server-side lookup.
+    pub users: crate::frontend::users::Users,
     /// Every client connected now, and the statistics per client database.
     pub clients: crate::frontend::clients::Clients,
     /// The admin console's `SHUTDOWN` asked the process to stop (see

@@ -271,3 +271,219 @@ async fn a_server_that_wants_a_password_from_everyone_gets_errors_naming_the_set
     assert!(shards.contains(r#""state":"serving""#), "{shards}");
     proxy.shutdown().await;
 }
+
+/// Connects and runs `select current_user`; the error, if any.
+async fn login_as(
+    proxy_addr: std::net::SocketAddr,
+    user: &str,
+    pw: &str,
+) -> Result<String, tokio_postgres::Error> {
+    let (c, conn) =
+        tokio_postgres::connect(&conn_str(&proxy_addr, user, "postgres", Some(pw)), NoTls).await?;
+    tokio::spawn(conn);
+    let rows = c.simple_query("select current_user").await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_auth_looks_users_up_on_the_server() {
+    let cluster = Cluster::start(0).unwrap();
+    cluster
+        .primary
+        .psql(&format!(
+            "set password_encryption = 'md5'; create role {MD5_USER} login password 'pw-md5'; \
+             set password_encryption = 'scram-sha-256'; \
+             create role {SCRAM_USER} login password 'pw-scram'; \
+             create role waiting_user login password 'pw-wait'"
+        ))
+        .unwrap();
+    // No password in handoff's configuration: postgres (trusted by the test server)
+    // reads pg_shadow for every user.
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_AUTH_USER", "postgres"),
+            // The console, to see where a client waits.
+            ("HANDOFF_USERS", "ops=ops-pw"),
+            ("HANDOFF_ADMIN_USERS", "ops"),
+            ("HANDOFF_ADMIN_DB_USER", "postgres"),
+        ],
+    )
+    .await
+    .unwrap();
+    let addr = proxy.listen_addr();
+
+    // A SCRAM user (the server asks handoff for SCRAM: the client's keys answer it) and
+    // an MD5 user (handoff asks the client for MD5 and answers the server with the
+    // stored secret).
+    assert_eq!(
+        login_as(addr, SCRAM_USER, "pw-scram").await.unwrap(),
+        SCRAM_USER
+    );
+    assert_eq!(login_as(addr, MD5_USER, "pw-md5").await.unwrap(), MD5_USER);
+    for (user, wrong) in [
+        (SCRAM_USER, "pw-md5"),
+        (MD5_USER, "pw-scram"),
+        ("nobody", "x"),
+    ] {
+        let err = login_as(addr, user, wrong).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INVALID_PASSWORD),
+            "{user}: {err}"
+        );
+    }
+
+    // A user created after handoff started, and a changed password (the cached secret
+    // fails once and is asked for again).
+    cluster
+        .primary
+        .psql("create role late_user login password 'pw-late'")
+        .unwrap();
+    assert_eq!(
+        login_as(addr, "late_user", "pw-late").await.unwrap(),
+        "late_user"
+    );
+    cluster
+        .primary
+        .psql(&format!("alter role {SCRAM_USER} password 'pw-changed'"))
+        .unwrap();
+    let mut logged_in = false;
+    for _ in 0..2 {
+        if login_as(addr, SCRAM_USER, "pw-changed").await.is_ok() {
+            logged_in = true;
+            break;
+        }
+    }
+    assert!(logged_in, "the new password never worked");
+    assert!(login_as(addr, SCRAM_USER, "pw-scram").await.is_err());
+
+    // A lookup while the shard is held (a switchover's revocation) waits in the
+    // buffer, and completes once the shard serves again.
+    let (status, body) = handoff_tests::raw::http_body(
+        proxy.admin_addr(),
+        "POST",
+        "/v1/shards/main/buffer",
+        None,
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let waiting = tokio::spawn(login_as(addr, "waiting_user", "pw-wait"));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the lookup did not wait for the shard"
+    );
+    // It waits before authenticating (in the lookup), not after (for a server).
+    let (console, conn) =
+        tokio_postgres::connect(&conn_str(&addr, "ops", "handoff", Some("ops-pw")), NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let states: Vec<String> = console
+        .simple_query("SHOW CLIENTS")
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get("state").map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert!(states.contains(&"login".to_string()), "{states:?}");
+    assert!(!states.contains(&"waiting".to_string()), "{states:?}");
+    let (status, body) = handoff_tests::raw::http_body(
+        proxy.admin_addr(),
+        "POST",
+        "/v1/shards/main/resume",
+        None,
+        "{}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(waiting.await.unwrap().unwrap(), "waiting_user");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_file_is_read_again_on_sighup() {
+    let cluster = Cluster::start(0).unwrap();
+    cluster
+        .primary
+        .psql("create role file_user login; create role added_user login")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("userlist.txt");
+    let md5 = handoff_protocol::auth::md5_secret("file_user", "pw-file");
+    std::fs::write(&file, format!("; users\n\"file_user\" \"{md5}\"\n")).unwrap();
+    let port = handoff_tests::pg::free_port().unwrap();
+    let admin = handoff_tests::pg::free_port().unwrap();
+    let mut child = handoff_tests::handoff_command()
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
+        .env("HANDOFF_USERS_FILE", &file)
+        .env("HANDOFF_ADMIN_DB_USER", "postgres")
+        .env("HANDOFF_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    handoff_tests::eventually(
+        std::time::Duration::from_secs(20),
+        "handoff to listen",
+        || async { Ok(login_as(addr, "file_user", "pw-file").await.is_ok()) },
+    )
+    .await
+    .unwrap();
+    let err = login_as(addr, "added_user", "pw-added").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+
+    let hup = |child: &std::process::Child| {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    std::fs::write(
+        &file,
+        format!("\"file_user\" \"{md5}\"\n\"added_user\" \"pw-added\"\n"),
+    )
+    .unwrap();
+    hup(&child);
+    handoff_tests::eventually(
+        std::time::Duration::from_secs(10),
+        "the new user",
+        || async { Ok(login_as(addr, "added_user", "pw-added").await.is_ok()) },
+    )
+    .await
+    .unwrap();
+    // A broken file is not taken: the old list stays.
+    std::fs::write(&file, "file_user pw-file\n").unwrap();
+    hup(&child);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        login_as(addr, "file_user", "pw-file").await.unwrap(),
+        "file_user"
+    );
+    assert_eq!(
+        login_as(addr, "added_user", "pw-added").await.unwrap(),
+        "added_user"
+    );
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use handoff_protocol::auth::{md5_response, AuthError, ScramClient, SCRAM_SHA_256};
+use handoff_protocol::auth::{
+    md5_response, md5_response_from_secret, AuthError, ScramClient, ScramKeys, SCRAM_SHA_256,
+};
 use handoff_protocol::backend::{Authentication, BackendMessage};
 use handoff_protocol::framing::StartupPacket;
 use handoff_protocol::frontend::{encode_password, encode_sasl_initial, encode_sasl_response};
@@ -14,6 +16,32 @@ use crate::config::HostPort;
 use crate::error::{ConnError, ServerError};
 use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
 
+/// What handoff logs in to a server with, as the client's user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Credentials {
+    /// Nothing: the server must trust the user.
+    #[default]
+    None,
+    /// The password (`HANDOFF_USERS` or the users file gave it in plain).
+    Password(String),
+    /// The keys the client's SCRAM exchange with handoff yielded: they answer a
+    /// SCRAM-SHA-256 server keeping the same verifier.
+    Scram(ScramKeys),
+    /// The stored MD5 secret (`md5` + 32 hex digits): it answers an MD5 server.
+    Md5(String),
+}
+
+impl Credentials {
+    fn kind(&self) -> &'static str {
+        match self {
+            Credentials::None => "no password",
+            Credentials::Password(_) => "a password",
+            Credentials::Scram(_) => "SCRAM keys",
+            Credentials::Md5(_) => "an MD5 secret",
+        }
+    }
+}
+
 /// What a server login needs.
 #[derive(Debug, Clone, Copy)]
 pub struct Login<'a> {
@@ -22,7 +50,7 @@ pub struct Login<'a> {
     pub database: &'a str,
     /// Further startup parameters to pass on (application_name, options, …).
     pub params: &'a [(String, String)],
-    pub password: Option<&'a str>,
+    pub credentials: &'a Credentials,
     pub timeout: Duration,
     /// TLS towards the server (`HANDOFF_SERVER_TLS`).
     pub tls: &'a crate::net::tls::ServerTls,
@@ -158,20 +186,38 @@ async fn authenticate(
         addr: addr.to_string(),
         source,
     };
-    let password = || {
-        login.password.ok_or_else(|| ServerError::NoPassword {
+    let unsupported = |method: &str| {
+        match login.credentials {
+        Credentials::None => ServerError::NoPassword {
             addr: addr.to_string(),
             user: login.user.to_string(),
-        })
+        },
+        other => ServerError::Unsupported {
+            addr: addr.to_string(),
+            what: format!(
+                "{method} for user \"{}\", but handoff has {} for it (the client authenticated against a stored secret)",
+                login.user,
+                other.kind()
+            ),
+        },
+    }
     };
     match auth {
         Authentication::Ok => Ok(()),
         Authentication::CleartextPassword => {
-            let pw = password()?;
+            let Credentials::Password(pw) = login.credentials else {
+                return Err(unsupported("a cleartext password"));
+            };
             conn.send(|b| encode_password(pw, b)).await.map_err(io)
         }
         Authentication::Md5Password { salt } => {
-            let answer = md5_response(login.user, password()?, salt);
+            let answer = match login.credentials {
+                Credentials::Password(pw) => md5_response(login.user, pw, salt),
+                Credentials::Md5(secret) => {
+                    md5_response_from_secret(secret, salt).ok_or_else(|| unsupported("MD5"))?
+                }
+                _ => return Err(unsupported("MD5")),
+            };
             conn.send(|b| encode_password(&answer, b)).await.map_err(io)
         }
         Authentication::Sasl { mechanisms } => {
@@ -181,7 +227,12 @@ async fn authenticate(
                     what: format!("SASL mechanisms {mechanisms:?}"),
                 });
             }
-            let (client, first) = ScramClient::new(password()?).map_err(scram_err)?;
+            let (client, first) = match login.credentials {
+                Credentials::Password(pw) => ScramClient::new(pw),
+                Credentials::Scram(keys) => ScramClient::with_keys(keys.clone()),
+                _ => return Err(unsupported("SCRAM-SHA-256")),
+            }
+            .map_err(scram_err)?;
             *scram = Some(client);
             conn.send(|b| encode_sasl_initial(SCRAM_SHA_256, &first, b))
                 .await
@@ -215,13 +266,17 @@ mod tests {
     use crate::testing::{Answer, StandIn};
     use handoff_protocol::error::ProxyError;
 
-    fn login<'a>(addr: &'a HostPort, tls: &'a ServerTls, password: Option<&'a str>) -> Login<'a> {
+    fn login<'a>(
+        addr: &'a HostPort,
+        tls: &'a ServerTls,
+        credentials: &'a Credentials,
+    ) -> Login<'a> {
         Login {
             addr,
             user: "app",
             database: "app",
             params: &[],
-            password,
+            credentials,
             timeout: Duration::from_secs(2),
             tls,
         }
@@ -231,7 +286,9 @@ mod tests {
     async fn a_trusting_server_gives_its_parameters_and_key() {
         let server = StandIn::start(Answer::Ok).await;
         let tls = ServerTls::default();
-        let s = connect(login(&server.addr, &tls, None)).await.unwrap();
+        let s = connect(login(&server.addr, &tls, &Credentials::None))
+            .await
+            .unwrap();
         assert_eq!((s.pid, &s.key[..]), (1, &[0u8, 0, 0, 7][..]));
         assert_eq!(
             s.params,
@@ -247,7 +304,7 @@ mod tests {
         )))
         .await;
         let tls = ServerTls::default();
-        match connect(login(&refused.addr, &tls, None)).await {
+        match connect(login(&refused.addr, &tls, &Credentials::None)).await {
             Err(e @ ServerError::Rejected { .. }) => {
                 assert!(!e.primary_may_be_gone());
                 assert_eq!(e.to_client("main").code, "3D000");
@@ -255,7 +312,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let asks = StandIn::start(Answer::AskPassword).await;
-        let e = connect(login(&asks.addr, &tls, None)).await.unwrap_err();
+        let e = connect(login(&asks.addr, &tls, &Credentials::None))
+            .await
+            .unwrap_err();
         assert!(matches!(e, ServerError::NoPassword { .. }), "{e:?}");
         assert!(e.to_string().contains("HANDOFF_USERS"), "{e}");
     }
@@ -264,7 +323,7 @@ mod tests {
     async fn a_silent_server_times_out_and_may_be_gone() {
         let silent = StandIn::start(Answer::Silent).await;
         let tls = ServerTls::default();
-        let mut l = login(&silent.addr, &tls, None);
+        let mut l = login(&silent.addr, &tls, &Credentials::None);
         l.timeout = Duration::from_millis(200);
         let e = connect(l).await.unwrap_err();
         assert!(matches!(e, ServerError::Timeout { .. }), "{e:?}");

@@ -5,3 +5,5 @@ pub mod admin;
 pub(crate) mod cancel;
 pub(crate) mod login;
 pub mod pool;
+
+pub use login::Credentials;

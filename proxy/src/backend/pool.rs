@@ -14,7 +14,7 @@ use dashmap::DashMap;
 use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::backend::login::{self, ServerConn};
+use crate::backend::login::{self, Credentials, ServerConn};
 use crate::config::{HostPort, PoolSettings};
 use crate::error::{PoolError, ServerError};
 use crate::metrics as m;
@@ -195,7 +195,9 @@ pub struct PoolSnapshot {
 #[derive(Debug)]
 pub struct Pool {
     key: PoolKey,
-    password: Option<String>,
+    /// What its connections log in with: the last client's (a password changed on the
+    /// server reaches new connections with the next client that proves the new one).
+    credentials: Mutex<Credentials>,
     settings: PoolSettings,
     connect_timeout: Duration,
     tls: crate::net::tls::ServerTls,
@@ -220,7 +222,7 @@ pub struct Pool {
 impl Pool {
     fn new(
         key: PoolKey,
-        password: Option<String>,
+        credentials: Credentials,
         settings: PoolSettings,
         connect_timeout: Duration,
         tls: crate::net::tls::ServerTls,
@@ -229,7 +231,7 @@ impl Pool {
         let label = format!("{}@{}/{}", key.user, key.database, shard);
         Self {
             key,
-            password,
+            credentials: Mutex::new(credentials),
             settings,
             connect_timeout,
             tls,
@@ -271,12 +273,17 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<Box<Backend>, ServerError> {
+        let credentials = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let login = login::Login {
             addr: &self.key.addr,
             user: &self.key.user,
             database: &self.key.database,
             params: &[],
-            password: self.password.as_deref(),
+            credentials: &credentials,
             timeout: self.connect_timeout,
             tls: &self.tls,
         };
@@ -662,14 +669,19 @@ impl Pools {
     }
 
     /// The pool for `key`, created (with its maintenance task) on first use.
-    pub fn get(&self, key: &PoolKey, password: Option<&str>, shard: &str) -> Arc<Pool> {
+    pub fn get(&self, key: &PoolKey, credentials: &Credentials, shard: &str) -> Arc<Pool> {
         if let Some(p) = self.map.get(key) {
+            let mut c = p.credentials.lock().unwrap_or_else(|e| e.into_inner());
+            if *credentials != Credentials::None && *c != *credentials {
+                *c = credentials.clone();
+            }
+            drop(c);
             return Arc::clone(&p);
         }
         let entry = self.map.entry(key.clone()).or_insert_with(|| {
             let pool = Arc::new(Pool::new(
                 key.clone(),
-                password.map(str::to_string),
+                credentials.clone(),
                 self.settings.clone(),
                 self.connect_timeout,
                 self.tls.clone(),
@@ -740,7 +752,7 @@ impl Pools {
         shard: &str,
     ) -> (usize, Option<ServerError>) {
         // Collected first: creating a pool while iterating the map would deadlock.
-        let known: Vec<(PoolKey, Option<String>)> = self
+        let known: Vec<(PoolKey, Credentials)> = self
             .map
             .iter()
             .filter(|p| &p.key().addr == from)
@@ -749,12 +761,13 @@ impl Pools {
                     addr: to.clone(),
                     ..p.key().clone()
                 };
-                (key, p.password.clone())
+                let c = p.credentials.lock().unwrap_or_else(|e| e.into_inner());
+                (key, c.clone())
             })
             .collect();
         let pools: Vec<Arc<Pool>> = known
             .iter()
-            .map(|(key, password)| self.get(key, password.as_deref(), shard))
+            .map(|(key, credentials)| self.get(key, credentials, shard))
             .collect();
         let mut total = 0;
         let mut first = None;
@@ -792,7 +805,7 @@ mod tests {
                 database: "app".into(),
                 addr: addr.clone(),
             },
-            None,
+            Credentials::None,
             PoolSettings {
                 size,
                 min_idle: 0,

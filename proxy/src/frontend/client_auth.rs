@@ -1,14 +1,19 @@
-//! Client authentication: SCRAM-SHA-256 against `HANDOFF_USERS`, or none at all when
-//! `HANDOFF_USERS` is unset (allowed on a loopback listen address only).
+//! Client authentication: SCRAM-SHA-256 against a user's SCRAM secret (or the one
+//! derived from its password), MD5 against an MD5 secret, or none at all when no source
+//! of users is configured (allowed on a loopback listen address only). What the
+//! exchange yields is what handoff logs in to the server with.
 
-use handoff_protocol::auth::{AuthError, ScramServer, ScramVerifier, SCRAM_SHA_256};
+use handoff_protocol::auth::{
+    md5_response_from_secret, secrets_equal, AuthError, ScramServer, ScramVerifier, SCRAM_SHA_256,
+};
 use handoff_protocol::backend::{Authentication, BackendMessage};
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::frontend::{parse_sasl_initial, tag};
 use handoff_protocol::sqlstate;
 
-use crate::config::UserSecret;
+use crate::backend::login::Credentials;
 use crate::error::ConnError;
+use crate::frontend::users::Secret;
 use crate::net::stream::{Conn, MAX_STARTUP_MESSAGE};
 
 /// How a login attempt ended, when it did not succeed.
@@ -39,18 +44,68 @@ fn auth_failed(user: &str) -> Failure {
     ))
 }
 
-/// Runs SCRAM-SHA-256 with the client. `secret` is `None` for an unknown user: the
-/// exchange then runs against `decoy` and always fails, so an attacker cannot tell
-/// unknown users from wrong passwords.
-pub async fn scram(
+/// Authenticates the client against `secret` and returns what handoff logs in to the
+/// server with. `secret` is `None` for an unknown user: SCRAM then runs against
+/// `decoy` and always fails, so an attacker cannot tell unknown users from wrong
+/// passwords.
+pub async fn authenticate(
     client: &mut Conn,
     user: &str,
-    secret: Option<&UserSecret>,
+    secret: Option<&Secret>,
     decoy: &ScramVerifier,
-) -> Result<(), Failure> {
-    let verifier = secret
-        .map(|s| s.verifier.clone())
-        .unwrap_or_else(|| decoy.clone());
+) -> Result<Credentials, Failure> {
+    match secret {
+        Some(Secret::Md5(stored)) => {
+            md5(client, user, stored).await?;
+            Ok(Credentials::Md5(stored.clone()))
+        }
+        Some(Secret::Password { password, verifier }) => {
+            scram(client, user, Some(verifier), decoy).await?;
+            Ok(Credentials::Password(password.clone()))
+        }
+        Some(Secret::Scram(verifier)) => {
+            let keys = scram(client, user, Some(verifier), decoy).await?;
+            Ok(keys.map(Credentials::Scram).unwrap_or_default())
+        }
+        None => scram(client, user, None, decoy)
+            .await
+            .map(|_| Credentials::None),
+    }
+}
+
+/// MD5 with the client, checked against the stored secret.
+async fn md5(client: &mut Conn, user: &str, stored: &str) -> Result<(), Failure> {
+    let mut salt = [0u8; 4];
+    getrandom::getrandom(&mut salt).map_err(|_| {
+        Failure::Refuse(ProxyError::fatal(
+            sqlstate::INTERNAL_ERROR,
+            "no randomness for the MD5 salt",
+        ))
+    })?;
+    client
+        .send(|b| BackendMessage::Authentication(Authentication::Md5Password { salt }).encode(b))
+        .await
+        .map_err(ConnError::from)?;
+    let answer = expect_password_message(client).await?;
+    let answer =
+        handoff_protocol::frontend::parse_password(&answer.body).map_err(ConnError::from)?;
+    let want = md5_response_from_secret(stored, salt).ok_or_else(|| auth_failed(user))?;
+    if secrets_equal(answer.as_bytes(), want.as_bytes()) {
+        Ok(())
+    } else {
+        Err(auth_failed(user))
+    }
+}
+
+/// SCRAM-SHA-256 with the client; the keys it yields (see [`ScramServer::keys`]).
+async fn scram(
+    client: &mut Conn,
+    user: &str,
+    verifier: Option<&ScramVerifier>,
+    decoy: &ScramVerifier,
+) -> Result<Option<handoff_protocol::auth::ScramKeys>, Failure> {
+    let known = verifier.is_some();
+    let verifier = verifier.unwrap_or(decoy).clone();
     client
         .send(|b| {
             BackendMessage::Authentication(Authentication::Sasl {
@@ -87,7 +142,7 @@ pub async fn scram(
     let server_final = server
         .handle_client_final(&fin.body)
         .map_err(|e| scram_failure(e, user))?;
-    if secret.is_none() {
+    if !known {
         return Err(auth_failed(user));
     }
     client
@@ -99,7 +154,7 @@ pub async fn scram(
         })
         .await
         .map_err(ConnError::from)?;
-    Ok(())
+    Ok(server.keys())
 }
 
 fn scram_failure(e: AuthError, user: &str) -> Failure {

@@ -5,3 +5,4 @@ pub(crate) mod client_auth;
 pub(crate) mod clients;
 pub(crate) mod listener;
 pub(crate) mod session;
+pub mod users;

@@ -16,7 +16,8 @@ use crate::frontend::client_auth::{self, Failure};
 use crate::frontend::clients::{ClientInfo, LoginInfo};
 use std::collections::HashMap;
 
-use crate::config::{Config, PoolMode, UserSecret};
+use crate::backend::login::Credentials;
+use crate::config::{Config, PoolMode};
 use crate::error::send_error;
 use crate::error::ConnError;
 use crate::metrics::{self as m, GaugeGuard};
@@ -80,7 +81,7 @@ async fn start(
         cfg.client_login_timeout,
         Box::pin(login(&mut client, shared)),
     );
-    let (startup, secret) = match login.await {
+    let (startup, credentials) = match login.await {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return None,
         Ok(Err(Failure::Refuse(err))) => {
@@ -159,7 +160,7 @@ async fn start(
                 user: startup.user.clone(),
                 database: server_db.to_string(),
                 params: startup.params.clone(),
-                password: secret.and_then(|s| s.password.clone()),
+                credentials,
                 minor: startup.minor,
                 client: info,
             };
@@ -168,9 +169,11 @@ async fn start(
                 Box::pin(session_mode::serve(client, shared, shard, login, shutdown));
             Some((slot, relay))
         }
-        PoolMode::Transaction => transaction_mode(client, shared, startup, secret, shutdown, info)
-            .await
-            .map(|relay| (slot, relay)),
+        PoolMode::Transaction => {
+            transaction_mode(client, shared, startup, credentials, shutdown, info)
+                .await
+                .map(|relay| (slot, relay))
+        }
     }
 }
 
@@ -179,7 +182,7 @@ async fn transaction_mode<'a>(
     mut client: Conn,
     shared: &'a Shared,
     startup: Startup,
-    secret: Option<&UserSecret>,
+    credentials: Credentials,
     shutdown: Signal,
     info: Arc<ClientInfo>,
 ) -> Option<Relay<'a>> {
@@ -204,7 +207,7 @@ async fn transaction_mode<'a>(
     let target = txn::PoolTarget {
         user: startup.user.clone(),
         database: server_db.to_string(),
-        password: secret.and_then(|s| s.password.clone()),
+        credentials,
     };
     let state = &shared.shards[shard_index(cfg, &startup)];
     let registration = shared
@@ -240,29 +243,16 @@ async fn transaction_mode<'a>(
 
 /// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel
 /// request, or a client that closed before logging in).
-async fn login<'a>(
+async fn login(
     client: &mut Conn,
-    shared: &'a Shared,
-) -> Result<Option<(Startup, Option<&'a UserSecret>)>, Failure> {
+    shared: &Shared,
+) -> Result<Option<(Startup, Credentials)>, Failure> {
     let Some(startup) = read_startup(client, shared).await? else {
         return Ok(None);
     };
     let cfg = &shared.config;
-    let secret = match &cfg.users {
-        None => None,
-        Some(users) => {
-            let secret = users.get(&startup.user);
-            client_auth::scram(client, &startup.user, secret, &shared.decoy).await?;
-            secret
-        }
-    };
-    if crate::console::wanted(cfg, &startup.database) {
-        // The admin console: the client authenticated like any other; only the users
-        // of HANDOFF_ADMIN_USERS may use it.
-        crate::console::may_use(cfg, &startup.user).map_err(Failure::Refuse)?;
-        return Ok(Some((startup, secret)));
-    }
-    if cfg.route(&startup.database).is_none() {
+    let console = crate::console::wanted(cfg, &startup.database);
+    if !console && cfg.route(&startup.database).is_none() {
         return Err(Failure::Refuse(
             ProxyError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -274,7 +264,33 @@ async fn login<'a>(
             .hint("add it to HANDOFF_DATABASES (or a '*' entry)"),
         ));
     }
-    Ok(Some((startup, secret)))
+    let credentials = if crate::frontend::users::Users::required(cfg) {
+        // A user the lists do not know is looked up on the primary of the shard the
+        // database routes to (not for the console: its users are listed).
+        let lookup_on = (!console).then(|| {
+            let (_, server_db) = route(cfg, &startup);
+            (&shared.shards[shard_index(cfg, &startup)], server_db)
+        });
+        let secret = shared
+            .users
+            .find(shared, &startup.user, lookup_on)
+            .await
+            .map_err(Failure::Refuse)?;
+        let result =
+            client_auth::authenticate(client, &startup.user, secret.as_ref(), &shared.decoy).await;
+        if result.is_err() && secret.is_some() {
+            shared.users.forget(&startup.user);
+        }
+        result?
+    } else {
+        Credentials::None
+    };
+    if console {
+        // The admin console: the client authenticated like any other; only the users
+        // of HANDOFF_ADMIN_USERS may use it.
+        crate::console::may_use(cfg, &startup.user).map_err(Failure::Refuse)?;
+    }
+    Ok(Some((startup, credentials)))
 }
 
 /// Reads packets until a StartupMessage, answering SSL and GSS requests (TLS when it is

@@ -310,7 +310,8 @@ pub(crate) struct ServerLogin {
     pub database: String,
     /// The client's other startup parameters, passed on.
     pub params: Vec<(String, String)>,
-    pub password: Option<String>,
+    /// What handoff logs in to the server with.
+    pub credentials: crate::backend::login::Credentials,
     /// The protocol 3 minor version agreed with the client (its cancel key's length).
     pub minor: u16,
     /// The client's entry (`SHOW CLIENTS`, `SHOW STATS`).
@@ -427,7 +428,7 @@ async fn connect(
         user: &login.user,
         database: &login.database,
         params: &login.params,
-        password: login.password.as_deref(),
+        credentials: &login.credentials,
         timeout: shared.config.connect_timeout,
         tls: &shared.server_tls,
     };

@@ -52,7 +52,8 @@ const MAX_INSPECT: usize = 64 * 1024;
 pub(crate) struct PoolTarget {
     pub user: String,
     pub database: String,
-    pub password: Option<String>,
+    /// What the pool's connections log in with.
+    pub credentials: crate::backend::login::Credentials,
 }
 
 /// The client's side of a transaction-mode session.
@@ -358,8 +359,5 @@ fn pool_for(shared: &Shared, target: &PoolTarget, gen: &Generation, shard: &str)
         database: target.database.clone(),
         addr: gen.primary.clone(),
     };
-    shared
-        .ctx
-        .pools
-        .get(&key, target.password.as_deref(), shard)
+    shared.ctx.pools.get(&key, &target.credentials, shard)
 }
