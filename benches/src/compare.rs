@@ -85,7 +85,7 @@ pub async fn wait_listening(port: u16, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -> Result<Kill> {
+pub fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usize) -> Result<Kill> {
     start_pgbouncer_at(
         &cluster.bin,
         cluster.dir(),
@@ -217,6 +217,9 @@ pub fn start_handoff_bin(
 }
 
 /// The comparison table: every target with its ratio to direct and to PgBouncer.
+/// Throughput, latency, errors, the ratios to direct and to PgBouncer, and CPU per
+/// transaction; a column with nothing to show (no PgBouncer run, no CPU measured) is
+/// left out.
 pub fn ratio_table(results: &[TargetResult]) -> String {
     let tps = |name: &str| {
         results
@@ -226,29 +229,26 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
     };
     let direct = tps("direct");
     let pgbouncer = tps("pgbouncer");
+    let with_cpu = results.iter().any(|r| r.cpu_us_per_txn.is_some());
     let mut s = format!(
-        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10} {:>12} {:>12}\n",
-        "target",
-        "tps",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "errors",
-        "/ direct",
-        "/ pgbouncer",
-        "cpu µs/txn"
+        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10}",
+        "target", "tps", "p50 ms", "p99 ms", "max ms", "errors", "/ direct",
     );
+    if pgbouncer.is_some() {
+        s.push_str(&format!(" {:>12}", "/ pgbouncer"));
+    }
+    if with_cpu {
+        s.push_str(&format!(" {:>12}", "cpu µs/txn"));
+    }
+    s.push('\n');
     for r in results {
         let m = &r.summary;
         let ratio = |base: Option<f64>| match base {
             Some(b) if b > 0.0 => format!("{:.2}", m.tps / b),
             _ => "-".to_string(),
         };
-        let cpu = r
-            .cpu_us_per_txn
-            .map_or("-".to_string(), |c| format!("{c:.1}"));
         s.push_str(&format!(
-            "{:<10} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10} {:>12} {:>12}\n",
+            "{:<10} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10}",
             r.name,
             m.tps,
             m.p50,
@@ -256,9 +256,17 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
             m.max,
             m.errors,
             ratio(direct),
-            ratio(pgbouncer),
-            cpu
         ));
+        if pgbouncer.is_some() {
+            s.push_str(&format!(" {:>12}", ratio(pgbouncer)));
+        }
+        if with_cpu {
+            let cpu = r
+                .cpu_us_per_txn
+                .map_or("-".to_string(), |c| format!("{c:.1}"));
+            s.push_str(&format!(" {:>12}", cpu));
+        }
+        s.push('\n');
     }
     s
 }
@@ -347,6 +355,7 @@ pub async fn compare(args: CompareArgs) -> Result<()> {
         target_events: Vec::new(),
         bypass: Vec::new(),
         cpu_of,
+        meta: Vec::new(),
     };
     let results = run::run(run_args).await?;
     println!();
@@ -399,6 +408,7 @@ pub async fn pgbouncer_switchover(args: SwitchoverArgs) -> Result<()> {
         target_events: Vec::new(),
         bypass: Vec::new(),
         cpu_of: Vec::new(),
+        meta: Vec::new(),
     };
     let results = run::run(run_args).await?;
     for r in &results {

@@ -140,17 +140,34 @@ async fn demo(args: DemoArgs) -> Result<()> {
             cluster.standbys[0].addr()
         ),
     };
+    let mut targets = vec![(
+        "direct".to_string(),
+        format!("postgres://postgres@{}/postgres", cluster.primary.addr()),
+    )];
+    // PgBouncer too, when it is installed, for the "/ pgbouncer" column (without a
+    // switchover: it cannot run one).
+    let _pgbouncer = match compare::pgbouncer_binary() {
+        Some(bin) => {
+            let port = handoff_tests::pg::free_port()?;
+            let child = compare::start_pgbouncer(&cluster, &bin, port, 20)?;
+            compare::wait_listening(port, "pgbouncer").await?;
+            targets.push((
+                "pgbouncer".into(),
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            ));
+            Some(child)
+        }
+        None => {
+            println!("(pgbouncer is not installed: the demo compares direct and handoff only)");
+            None
+        }
+    };
+    targets.push((
+        "handoff".into(),
+        format!("postgres://postgres:demo@{}/postgres", proxy.listen_addr()),
+    ));
     let run_args = RunArgs {
-        targets: vec![
-            (
-                "direct".into(),
-                format!("postgres://postgres@{}/postgres", cluster.primary.addr()),
-            ),
-            (
-                "handoff".into(),
-                format!("postgres://postgres:demo@{}/postgres", proxy.listen_addr()),
-            ),
-        ],
+        targets,
         workload,
         clients: args.clients as usize,
         duration: Duration::from_secs(u64::from(args.seconds)),
@@ -162,9 +179,16 @@ async fn demo(args: DemoArgs) -> Result<()> {
         target_events: vec![("handoff".into(), switch)],
         bypass: Vec::new(),
         cpu_of: Vec::new(),
+        meta: vec![
+            ("command".into(), "demo".into()),
+            ("pool_mode".into(), args.pool_mode.clone()),
+            ("scale".into(), args.scale.to_string()),
+            ("handoff_version".into(), env!("CARGO_PKG_VERSION").into()),
+            ("switchover_at_s".into(), format!("{:.1}", at.as_secs_f64())),
+        ],
     };
     println!(
-        "direct: no switchover; handoff: a switchover to the standby {:.1}s into the run",
+        "direct and pgbouncer: no switchover; handoff: a switchover to the standby {:.1}s into the run",
         at.as_secs_f64()
     );
     let results = run::run(run_args).await?;

@@ -270,6 +270,7 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
         )],
         bypass: Vec::new(),
         cpu_of: Vec::new(),
+        meta: Vec::new(),
     };
     let mut results = run::run(run_args).await?;
     let gap = prober.stop().await;

@@ -126,6 +126,7 @@ impl Args {
             target_events,
             bypass,
             cpu_of: Vec::new(),
+            meta: Vec::new(),
         }
     }
 }

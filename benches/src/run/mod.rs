@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// target's run is reported per transaction.
     #[arg(skip)]
     pub cpu_of: Vec<(String, u32)>,
+    /// What the caller knows of the run's setting (pool mode, scale, …), written into
+    /// the JSON report's `meta`.
+    #[arg(skip)]
+    pub meta: Vec<(String, String)>,
 }
 
 fn parse_target(s: &str) -> Result<(String, String)> {
@@ -379,14 +383,74 @@ fn clock_ticks() -> Option<u64> {
 }
 
 /// The JSON document of a run.
+/// An event's output: the JSON it printed (a switchover's report), else its text.
+fn event_output(output: &str) -> (serde_json::Value, Option<&str>) {
+    match serde_json::from_str::<serde_json::Value>(output.trim()) {
+        Ok(v @ serde_json::Value::Object(_)) => (v, None),
+        _ => (serde_json::Value::Null, Some(output)),
+    }
+}
+
+/// The current time as ISO 8601 UTC (`2026-12-01T18:20:16Z`).
+pub fn iso_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 pub fn to_json(args: &RunArgs, results: &[TargetResult]) -> serde_json::Value {
     use serde_json::json;
+    let mut meta = serde_json::Map::new();
+    meta.insert(
+        "handoff_bench_version".into(),
+        json!(env!("CARGO_PKG_VERSION")),
+    );
+    meta.insert("finished_at".into(), json!(iso_now()));
+    meta.insert("accounts".into(), json!(args.accounts));
+    for (k, v) in &args.meta {
+        meta.insert(k.clone(), json!(v));
+    }
+    // Every event run, whichever target it ran with, its report nested when it
+    // printed JSON.
+    let events: Vec<serde_json::Value> = results
+        .iter()
+        .flat_map(|r| {
+            r.events.iter().map(|e| {
+                let (report, text) = event_output(&e.output);
+                json!({
+                    "target": r.name, "command": e.command, "started_s": e.started,
+                    "ended_s": e.ended, "exit_code": e.exit_code, "report": report, "output": text,
+                })
+            })
+        })
+        .collect();
     json!({
-        "workload": format!("{:?}", args.workload).to_lowercase(),
+        "meta": meta,
+        "workload": workload::name(args.workload),
         "clients": args.clients,
         "duration_s": args.duration.as_secs_f64(),
         "rate": args.rate,
-        "events": args.events.iter().map(|e| json!({"at_s": e.at.as_secs_f64(), "command": e.command})).collect::<Vec<_>>(),
+        "planned_events": args.events.iter().map(|e| json!({"at_s": e.at.as_secs_f64(), "command": e.command}))
+            .chain(args.target_events.iter().map(|(t, e)| json!({"target": t, "at_s": e.at.as_secs_f64(), "command": e.command})))
+            .collect::<Vec<_>>(),
+        "events": events,
         "targets": results.iter().map(|r| {
             let s = &r.summary;
             json!({
@@ -398,10 +462,13 @@ pub fn to_json(args: &RunArgs, results: &[TargetResult]) -> serde_json::Value {
                 "longest_stall_ms": s.stall_ms,
                 "longest_stall_at_ms": s.stall_at_ms,
                 "errors_by_kind": r.errors.iter().map(|(k, n)| json!({"error": k, "count": n})).collect::<Vec<_>>(),
-                "events": r.events.iter().map(|e| json!({
-                    "command": e.command, "started_s": e.started, "ended_s": e.ended,
-                    "exit_code": e.exit_code, "output": e.output,
-                })).collect::<Vec<_>>(),
+                "events": r.events.iter().map(|e| {
+                    let (report, text) = event_output(&e.output);
+                    json!({
+                        "command": e.command, "started_s": e.started, "ended_s": e.ended,
+                        "exit_code": e.exit_code, "report": report, "output": text,
+                    })
+                }).collect::<Vec<_>>(),
                 "acknowledged_writes": r.acknowledged_writes,
                 "cpu_us_per_txn": r.cpu_us_per_txn,
                 "lost_writes": r.lost_writes.len(),
@@ -458,8 +525,10 @@ pub async fn run(args: RunArgs) -> Result<Vec<TargetResult>> {
     for (name, url) in &args.targets {
         if !args.quiet {
             eprintln!(
-                "running {:?} with {} clients for {:?} against {name}",
-                args.workload, args.clients, args.duration
+                "running the {} workload with {} clients for {:?} against {name}",
+                workload::name(args.workload),
+                args.clients,
+                args.duration
             );
         }
         let writers = args
@@ -505,8 +574,8 @@ pub async fn run_together(args: RunArgs) -> Result<Vec<TargetResult>> {
     let base = workload::next_epoch(&c).await?;
     if !args.quiet {
         eprintln!(
-            "running {:?} with {} clients through each of {} targets at once for {:?}",
-            args.workload,
+            "running the {} workload with {} clients through each of {} targets at once for {:?}",
+            workload::name(args.workload),
             args.clients,
             args.targets.len(),
             args.duration

@@ -46,7 +46,38 @@ pub fn png(path: &Path, results: &[TargetResult], duration: f64) -> Result<()> {
 
 type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-/// One panel: title, axes over the run, events shaded; series are drawn by the caller.
+/// The name of an event's shaded band, and its steps when the event printed a
+/// switchover's report (`lameduck 78 ms, revoke 7 ms, …`).
+fn band_label(e: &super::events::EventRecord) -> (String, Option<String>) {
+    let report = serde_json::from_str::<serde_json::Value>(e.output.trim()).ok();
+    let steps = report
+        .as_ref()
+        .and_then(|r| r["steps"].as_array())
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|st| {
+                    format!(
+                        "{} {:.0} ms",
+                        st["step"].as_str().unwrap_or("?"),
+                        st["ms"].as_f64().unwrap_or(0.0)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+    let name = if e.command.contains("/switchover") || steps.is_some() {
+        "switchover"
+    } else if e.command.contains("failover") || e.command.contains("crash") {
+        "failover"
+    } else {
+        "event"
+    };
+    (name.to_string(), steps)
+}
+
+/// One panel: title, axes over the run, events shaded and named; series are drawn by
+/// the caller.
 fn panel<'a, DB: DrawingBackend>(
     area: &'a DrawingArea<DB, Shift>,
     title: String,
@@ -55,16 +86,18 @@ fn panel<'a, DB: DrawingBackend>(
     events: &[super::events::EventRecord],
 ) -> Result<Chart<'a, DB>> {
     let err = |e: &dyn std::fmt::Display| anyhow!("plotting: {e}");
+    // Room on the right and below, so the last tick and the axis name are not cut off.
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 16))
         .margin(8)
-        .x_label_area_size(28)
+        .margin_right(24)
+        .x_label_area_size(40)
         .y_label_area_size(64)
         .build_cartesian_2d(0f64..duration, 0f64..ymax)
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("s")
+        .x_desc("seconds into the run")
         .draw()
         .map_err(|e| err(&e))?;
     let shade = RGBColor(255, 170, 0).mix(0.25);
@@ -76,8 +109,41 @@ fn panel<'a, DB: DrawingBackend>(
                 shade.filled(),
             )))
             .map_err(|e| err(&e))?;
+        let (name, steps) = band_label(e);
+        let label = format!("{name} ({:.0} ms)", (e.ended - e.started) * 1000.0);
+        let dark = RGBColor(150, 80, 0);
+        chart
+            .draw_series(std::iter::once(Text::new(
+                label,
+                (e.started, ymax * 0.97),
+                ("sans-serif", 13).into_font().color(&dark),
+            )))
+            .map_err(|e| err(&e))?;
+        if let Some(steps) = steps {
+            // Three steps a line, so the text stays inside the panel.
+            let parts: Vec<&str> = steps.split(", ").collect();
+            for (line, chunk) in parts.chunks(3).enumerate() {
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        chunk.join(", "),
+                        (e.started, ymax * (0.88 - 0.09 * line as f64)),
+                        ("sans-serif", 11).into_font().color(&dark),
+                    )))
+                    .map_err(|e| err(&e))?;
+            }
+        }
     }
     Ok(chart)
+}
+
+/// The timeline's complete 100 ms buckets: the last one, cut short by the end of the
+/// run, would read as a collapse.
+fn complete(tl: &[super::stats::Point], duration: f64) -> &[super::stats::Point] {
+    let n = tl
+        .iter()
+        .take_while(|p| p.t + 0.1 <= duration + 1e-6)
+        .count();
+    &tl[..n]
 }
 
 fn draw<DB: DrawingBackend>(
@@ -90,9 +156,26 @@ fn draw<DB: DrawingBackend>(
     let n = results.len().max(1);
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let rows = root.split_evenly((n * 2, 1));
+    // One scale for every target's throughput, and one for every target's latency, so
+    // the panels of a run compare at a glance.
+    let timelines: Vec<&[super::stats::Point]> = results
+        .iter()
+        .map(|r| complete(&r.summary.timeline, duration))
+        .collect();
+    let tps_max = timelines
+        .iter()
+        .flat_map(|tl| tl.iter())
+        .map(|p| p.txns as f64 * 10.0)
+        .fold(1.0, f64::max)
+        * 1.15;
+    let lat_max = timelines
+        .iter()
+        .flat_map(|tl| tl.iter())
+        .map(|p| p.max)
+        .fold(1.0, f64::max)
+        * 1.15;
     for (i, r) in results.iter().enumerate() {
-        let tl = &r.summary.timeline;
-        let tps_max = tl.iter().map(|p| p.txns as f64 * 10.0).fold(1.0, f64::max) * 1.1;
+        let tl = timelines[i];
         let title = format!("{}: transactions/s per 100 ms (errors in red)", r.name);
         let mut chart = panel(&rows[2 * i], title, duration, tps_max, &r.events)?;
         chart
@@ -109,7 +192,6 @@ fn draw<DB: DrawingBackend>(
             )
             .map_err(|e| err(&e))?;
 
-        let lat_max = tl.iter().map(|p| p.max).fold(1.0, f64::max) * 1.1;
         let title = format!("{}: latency ms per 100 ms (p99 blue, max grey)", r.name);
         let mut chart = panel(&rows[2 * i + 1], title, duration, lat_max, &r.events)?;
         chart
@@ -124,4 +206,31 @@ fn draw<DB: DrawingBackend>(
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::events::EventRecord;
+
+    #[test]
+    fn bands_are_named_and_partial_buckets_left_out() {
+        let e = EventRecord {
+            command: "POST http://127.0.0.1:1/v1/shards/main/switchover".into(),
+            started: 1.0,
+            ended: 1.5,
+            exit_code: Some(0),
+            output: r#"{"steps":[{"step":"lameduck","ms":78.2},{"step":"revoke","ms":7.0}]}"#
+                .into(),
+        };
+        let (name, steps) = band_label(&e);
+        assert_eq!(name, "switchover");
+        assert_eq!(steps.as_deref(), Some("lameduck 78 ms, revoke 7 ms"));
+        let p = |t: f64| super::super::stats::Point {
+            t,
+            ..Default::default()
+        };
+        let tl = vec![p(0.0), p(0.1), p(0.9), p(1.0)];
+        assert_eq!(complete(&tl, 1.05).len(), 3);
+    }
 }

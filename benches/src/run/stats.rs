@@ -55,7 +55,7 @@ pub struct Summary {
 }
 
 /// One timeline point.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Point {
     /// Start of the bucket, seconds since the run's start.
     pub t: f64,

@@ -33,6 +33,16 @@ pub enum Workload {
     Mixed,
 }
 
+/// The workload's name as the command line spells it (`select`, `tpcb`, …).
+pub fn name(w: Workload) -> &'static str {
+    match w {
+        Workload::Select => "select",
+        Workload::Tpcb => "tpcb",
+        Workload::Prepared => "prepared",
+        Workload::Mixed => "mixed",
+    }
+}
+
 impl Workload {
     pub fn writes(self) -> bool {
         matches!(self, Workload::Tpcb | Workload::Mixed)
