@@ -26,7 +26,7 @@ async fn two_second_run_through_handoff_writes_complete_json() {
         "--accounts",
         "1000",
         "--event",
-        "1s:echo event-ran",
+        "1s:echo '{\"event\": \"ran\"}'",
         "--out",
         out.to_str().unwrap(),
         "--quiet",
@@ -63,10 +63,22 @@ async fn two_second_run_through_handoff_writes_complete_json() {
     assert_eq!(summed, txns, "the timeline accounts for every transaction");
     assert!(t["latency_ms"]["p99"].as_f64().unwrap() >= t["latency_ms"]["p50"].as_f64().unwrap());
     assert_eq!(t["events"][0]["exit_code"], 0);
+    // An event that printed JSON (a switchover's report) has it nested, and the run's
+    // events and metadata are at the top.
+    assert_eq!(t["events"][0]["report"]["event"], "ran", "{}", t["events"]);
+    assert!(t["events"][0]["output"].is_null());
+    assert_eq!(doc["events"][0]["target"], "handoff");
+    assert_eq!(doc["events"][0]["report"]["event"], "ran");
     assert_eq!(
-        t["events"][0]["output"].as_str().unwrap().trim(),
-        "event-ran"
+        doc["meta"]["handoff_bench_version"],
+        env!("CARGO_PKG_VERSION")
     );
+    let at = doc["meta"]["finished_at"].as_str().unwrap();
+    assert!(
+        at.len() == 20 && at.ends_with('Z') && at.contains('T'),
+        "{at}"
+    );
+    assert_eq!(doc["workload"], "tpcb");
     let started = t["events"][0]["started_s"].as_f64().unwrap();
     assert!((1.0..1.5).contains(&started), "event started at {started}");
     let svg = std::fs::read_to_string(json_path.with_extension("svg")).unwrap();
