@@ -273,7 +273,7 @@ async fn login(
         });
         let secret = shared
             .users
-            .find(shared, &startup.user, lookup_on)
+            .find(&shared.ctx, cfg.connect_timeout, &startup.user, lookup_on)
             .await
             .map_err(Failure::Refuse)?;
         let result =

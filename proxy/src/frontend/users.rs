@@ -22,8 +22,7 @@ use crate::config::{AdminDbSettings, Config, UserSecret};
 use crate::net::tls::ServerTls;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::Report;
-use crate::shard::{health, Shard};
-use crate::shared::Shared;
+use crate::shard::{health, Ctx, Shard};
 
 /// A user's secret.
 #[derive(Clone, Debug)]
@@ -259,7 +258,8 @@ impl Users {
     /// without a password), which fails like a wrong password.
     pub async fn find(
         &self,
-        shared: &Shared,
+        ctx: &Ctx,
+        connect_timeout: Duration,
         user: &str,
         lookup_on: Option<(&Arc<Shard>, &str)>,
     ) -> Result<Option<Secret>, ProxyError> {
@@ -279,7 +279,9 @@ impl Users {
                 return Ok(Some(s.clone()));
             }
         }
-        let found = lookup.run(shared, shard, database, user).await?;
+        let found = lookup
+            .run(ctx, connect_timeout, shard, database, user)
+            .await?;
         if let Some(s) = &found {
             self.cache
                 .lock()
@@ -295,12 +297,12 @@ impl Lookup {
     /// lookup while the primary changes waits in the failover buffer like any request.
     async fn run(
         &self,
-        shared: &Shared,
+        ctx: &Ctx,
+        connect_timeout: Duration,
         shard: &Arc<Shard>,
         database: &str,
         user: &str,
     ) -> Result<Option<Secret>, ProxyError> {
-        let ctx = &shared.ctx;
         let refused = |why: String| {
             ProxyError::fatal(
                 sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
@@ -322,7 +324,7 @@ impl Lookup {
                     &gen.primary,
                     database,
                     "handoff-auth-query",
-                    shared.config.connect_timeout,
+                    connect_timeout,
                 )
                 .await
             {
