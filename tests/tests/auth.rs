@@ -293,14 +293,16 @@ async fn login_as(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passthrough_auth_looks_users_up_on_the_server() {
-    let cluster = Cluster::start(0).unwrap();
+    let cluster = Cluster::start(1).unwrap();
     cluster
         .primary
         .psql(&format!(
             "set password_encryption = 'md5'; create role {MD5_USER} login password 'pw-md5'; \
              set password_encryption = 'scram-sha-256'; \
              create role {SCRAM_USER} login password 'pw-scram'; \
-             create role waiting_user login password 'pw-wait'"
+             create role waiting_user login password 'pw-wait'; \
+             create table auth_writes (id int primary key); \
+             grant insert, select on auth_writes to {SCRAM_USER}"
         ))
         .unwrap();
     // No password in handoff's configuration: postgres (trusted by the test server)
@@ -313,6 +315,9 @@ async fn passthrough_auth_looks_users_up_on_the_server() {
             ("HANDOFF_USERS", "ops=ops-pw"),
             ("HANDOFF_ADMIN_USERS", "ops"),
             ("HANDOFF_ADMIN_DB_USER", "postgres"),
+            ("HANDOFF_DRAIN_TIMEOUT", "20s"),
+            ("HANDOFF_BUFFER_WINDOW", "30s"),
+            ("HANDOFF_BUFFER_MAX_FAILOVER_DURATION", "40s"),
         ],
     )
     .await
@@ -364,23 +369,42 @@ async fn passthrough_auth_looks_users_up_on_the_server() {
     assert!(logged_in, "the new password never worked");
     assert!(login_as(addr, SCRAM_USER, "pw-scram").await.is_err());
 
-    // A lookup while the shard is held (a switchover's revocation) waits in the
-    // buffer, and completes once the shard serves again.
-    let (status, body) = handoff_tests::raw::http_body(
-        proxy.admin_addr(),
-        "POST",
-        "/v1/shards/main/buffer",
-        None,
-        "{}",
+    // A lookup during a switchover waits in the buffer and completes on the new
+    // primary. The switchover is kept in its lameduck by a transaction left open on
+    // the old primary, so the login surely arrives while new transactions are held.
+    let (writer, conn) = tokio_postgres::connect(
+        &conn_str(&addr, SCRAM_USER, "postgres", Some("pw-changed")),
+        NoTls,
     )
     .await
     .unwrap();
-    assert_eq!(status, 200, "{body}");
+    tokio::spawn(conn);
+    for i in 0..10 {
+        writer
+            .execute("insert into auth_writes values ($1)", &[&i])
+            .await
+            .unwrap();
+    }
+    writer
+        .batch_execute("begin; insert into auth_writes values (100)")
+        .await
+        .unwrap();
+    let target = cluster.standbys[0].addr();
+    let switchover = {
+        let admin = proxy.admin_addr();
+        let body = format!("{{\"to\": \"{target}\"}}");
+        tokio::spawn(async move {
+            handoff_tests::raw::http_body(admin, "POST", "/v1/shards/main/switchover", None, &body)
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let waiting = tokio::spawn(login_as(addr, "waiting_user", "pw-wait"));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(
         !waiting.is_finished(),
-        "the lookup did not wait for the shard"
+        "the lookup did not wait for the switchover"
     );
     // It waits before authenticating (in the lookup), not after (for a server).
     let (console, conn) =
@@ -400,17 +424,25 @@ async fn passthrough_auth_looks_users_up_on_the_server() {
         .collect();
     assert!(states.contains(&"login".to_string()), "{states:?}");
     assert!(!states.contains(&"waiting".to_string()), "{states:?}");
-    let (status, body) = handoff_tests::raw::http_body(
-        proxy.admin_addr(),
-        "POST",
-        "/v1/shards/main/resume",
-        None,
-        "{}",
+    // The open transaction commits; the switchover completes; the login with it.
+    writer.batch_execute("commit").await.unwrap();
+    let (status, report) = switchover.await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(waiting.await.unwrap().unwrap(), "waiting_user");
+    // Every acknowledged write is on the new primary.
+    let (direct, conn) = tokio_postgres::connect(
+        &conn_str(&target.parse().unwrap(), "postgres", "postgres", None),
+        NoTls,
     )
     .await
     .unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(waiting.await.unwrap().unwrap(), "waiting_user");
+    tokio::spawn(conn);
+    let n: i64 = direct
+        .query_one("select count(*) from auth_writes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 11);
     proxy.shutdown().await;
 }
 
