@@ -519,3 +519,30 @@ async fn a_users_file_is_read_again_on_sighup() {
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+#[tokio::test]
+async fn an_unrouted_database_is_reported_only_after_authentication() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_USERS", "postgres=secret"),
+            ("HANDOFF_DATABASES", "postgres=main"),
+        ],
+    )
+    .await
+    .unwrap();
+    // A wrong password learns nothing of which databases handoff routes.
+    let err = try_connect(&proxy, "postgres", "elsewhere", "wrong")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+    let err = try_connect(&proxy, "postgres", "elsewhere", "secret")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME), "{err}");
+    assert!(msg(&err).contains("HANDOFF_DATABASES") || msg(&err).contains("not configured"));
+    proxy.shutdown().await;
+}

@@ -252,22 +252,13 @@ async fn login(
     };
     let cfg = &shared.config;
     let console = crate::console::wanted(cfg, &startup.database);
-    if !console && cfg.route(&startup.database).is_none() {
-        return Err(Failure::Refuse(
-            ProxyError::fatal(
-                sqlstate::INVALID_CATALOG_NAME,
-                format!(
-                    "database \"{}\" is not configured in handoff",
-                    startup.database
-                ),
-            )
-            .hint("add it to HANDOFF_DATABASES (or a '*' entry)"),
-        ));
-    }
+    let routed = cfg.route(&startup.database).is_some();
     let credentials = if crate::frontend::users::Users::required(cfg) {
         // A user the lists do not know is looked up on the primary of the shard the
-        // database routes to (not for the console: its users are listed).
-        let lookup_on = (!console).then(|| {
+        // database routes to (not for the console: its users are listed; not for a
+        // database handoff does not route, which is reported after authentication so
+        // that an unauthenticated client learns nothing of the configuration).
+        let lookup_on = (!console && routed).then(|| {
             let (_, server_db) = route(cfg, &startup);
             (&shared.shards[shard_index(cfg, &startup)], server_db)
         });
@@ -289,6 +280,17 @@ async fn login(
         // The admin console: the client authenticated like any other; only the users
         // of HANDOFF_ADMIN_USERS may use it.
         crate::console::may_use(cfg, &startup.user).map_err(Failure::Refuse)?;
+    } else if !routed {
+        return Err(Failure::Refuse(
+            ProxyError::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!(
+                    "database \"{}\" is not configured in handoff",
+                    startup.database
+                ),
+            )
+            .hint("add it to HANDOFF_DATABASES (or a '*' entry)"),
+        ));
     }
     Ok(Some((startup, credentials)))
 }
