@@ -34,6 +34,7 @@ mod shared;
 pub mod shutdown;
 #[cfg(test)]
 mod testing;
+pub mod utc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

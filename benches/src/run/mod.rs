@@ -391,30 +391,6 @@ fn event_output(output: &str) -> (serde_json::Value, Option<&str>) {
     }
 }
 
-/// The current time as ISO 8601 UTC (`2026-12-01T18:20:16Z`).
-pub fn iso_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 pub fn to_json(args: &RunArgs, results: &[TargetResult]) -> serde_json::Value {
     use serde_json::json;
     let mut meta = serde_json::Map::new();
@@ -422,7 +398,10 @@ pub fn to_json(args: &RunArgs, results: &[TargetResult]) -> serde_json::Value {
         "handoff_bench_version".into(),
         json!(env!("CARGO_PKG_VERSION")),
     );
-    meta.insert("finished_at".into(), json!(iso_now()));
+    meta.insert(
+        "finished_at".into(),
+        json!(handoff::utc::Utc::of(std::time::SystemTime::now()).iso()),
+    );
     meta.insert("accounts".into(), json!(args.accounts));
     for (k, v) in &args.meta {
         meta.insert(k.clone(), json!(v));

@@ -496,18 +496,7 @@ impl Pool {
     pub fn reconnect(&self) -> usize {
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let idle: Vec<Idle> = {
-            let mut st = self.lock();
-            let idle = std::mem::take(&mut st.idle);
-            st.total -= idle.len();
-            self.publish(&st);
-            idle
-        };
-        let n = idle.len();
-        for i in idle {
-            drop_backend(i.backend);
-        }
-        n
+        self.drop_idle(None)
     }
 
     fn is_retired(&self) -> bool {
@@ -527,9 +516,17 @@ impl Pool {
     /// the minimum, and one returned while nobody waits is closed.
     /// Returns how many were closed.
     fn close_idle(&self) -> usize {
+        self.drop_idle(Some(Instant::now() + Duration::from_secs(10)))
+    }
+
+    /// Closes every idle connection now; with `no_refill_until`, keeps none idle until
+    /// then. Returns how many were closed.
+    fn drop_idle(&self, no_refill_until: Option<Instant>) -> usize {
         let idle = {
             let mut st = self.lock();
-            st.no_refill_until = Some(Instant::now() + Duration::from_secs(10));
+            if no_refill_until.is_some() {
+                st.no_refill_until = no_refill_until;
+            }
             let idle = std::mem::take(&mut st.idle);
             st.total -= idle.len();
             self.publish(&st);

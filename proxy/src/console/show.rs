@@ -2,7 +2,7 @@
 //! PgBouncer 1.18's, in its order and with its meaning, so that monitoring written for
 //! PgBouncer reads handoff; handoff's own columns come after them.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use handoff_protocol::backend::ColumnType::{self, Int8 as I, Text as T};
 use handoff_protocol::error::ProxyError;
@@ -22,27 +22,20 @@ fn s(v: impl ToString) -> Option<String> {
 
 /// `2026-12-01 18:20:16 UTC`, as PgBouncer writes times.
 pub(crate) fn fmt_time(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let u = crate::utc::Utc::of(t);
     format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+        u.year, u.month, u.day, u.hour, u.minute, u.second
     )
+}
+
+/// A JSON value as a console cell: strings as they are, null as NULL.
+fn json_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(x) => Some(x.clone()),
+        other => Some(other.to_string()),
+    }
 }
 
 fn pool_mode(shared: &Shared) -> &'static str {
@@ -556,11 +549,7 @@ fn shards(shared: &Shared, out: &mut Out) {
         ("watched", T),
     ];
     let json = crate::admin::shards_json(shared);
-    let str_of = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(x) => Some(x.clone()),
-        other => Some(other.to_string()),
-    };
+    let str_of = json_text;
     let list = |v: &serde_json::Value, key: Option<&str>| {
         v.as_array().map(|a| {
             a.iter()
@@ -646,11 +635,7 @@ pub(crate) fn switchover_report(report: &serde_json::Value, out: &mut Out) {
         ("total_ms", T),
         ("steps", T),
     ];
-    let text = |k: &str| match &report[k] {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(x) => Some(x.clone()),
-        other => Some(other.to_string()),
-    };
+    let text = |k: &str| json_text(&report[k]);
     let steps = report["steps"]
         .as_array()
         .map(|a| {
@@ -681,6 +666,7 @@ pub(crate) fn switchover_report(report: &serde_json::Value, out: &mut Out) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn times_read_as_pgbouncer_writes_them() {
