@@ -139,6 +139,21 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A free loopback port below Linux's ephemeral range (32768–60999), for a port that
+/// must be chosen long before it is bound: the outgoing connections made meanwhile
+/// (to PostgreSQL, etcd, Patroni) take their local ports from that range, so they
+/// cannot take this one. Falls back to [`free_port`].
+pub fn free_port_outside_ephemeral() -> Result<u16> {
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    for i in 0..2_000u16 {
+        let port = 20_000 + (start - 20_000 + i * 7) % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    free_port()
+}
+
 fn check(out: Output, what: &str) -> Result<Output> {
     if !out.status.success() {
         bail!(

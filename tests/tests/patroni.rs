@@ -36,7 +36,8 @@ impl Setup {
 /// Patroni alone (no hosts in HANDOFF_SHARDS). With `hook`, every member's
 /// `before_stop` runs `handoff hold --shard main --timeout <hook>` against this proxy.
 async fn setup(hook: Option<&str>, extra: &[(&str, &str)]) -> Setup {
-    let admin_port = free_port().unwrap();
+    // Chosen before Patroni starts (its hook needs it), bound only after.
+    let admin_port = handoff_tests::pg::free_port_outside_ephemeral().unwrap();
     // The hook runs as the server user: it gets its own copy of the binary.
     let (bin, copy) = server_user_copy(&handoff_binary()).unwrap();
     let opts = Options {
@@ -457,9 +458,12 @@ async fn all_serve(proxies: &[&handoff_tests::proxies::ProxyProcess], addr: &str
 async fn two_coordinated_proxies_hold_together_for_the_hook_and_for_handoff() {
     let _serial = SERIAL.lock().await;
     use handoff_tests::proxies::ProxyProcess;
-    let admin1: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
-        .parse()
-        .unwrap();
+    let admin1: SocketAddr = format!(
+        "127.0.0.1:{}",
+        handoff_tests::pg::free_port_outside_ephemeral().unwrap()
+    )
+    .parse()
+    .unwrap();
     let (_bin, copy) = server_user_copy(&handoff_binary()).unwrap();
     // The hook reaches p1 only; coordination holds p2 too.
     let opts = Options {
