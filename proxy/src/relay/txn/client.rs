@@ -75,6 +75,8 @@ pub(super) async fn client_bytes(
     let mut keep_going = true;
     let mut answers = BytesMut::new();
     txn.out.clear();
+    // From the thread's pool, and back to it when the client is idle again.
+    buffers::ready(&mut txn.out);
     loop {
         // The transaction's first request is complete and may yet be re-sent: what the
         // client sends next waits until its outcome is known.
