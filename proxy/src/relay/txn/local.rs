@@ -148,7 +148,7 @@ impl Txn<'_> {
                     ftag::BIND => {
                         let named = body::bind_statement(body)
                             .filter(|n| !n.is_empty())
-                            .and_then(|n| self.stmts.get(n))
+                            .and_then(|n| self.named().stmts.get(n))
                             .and_then(|d| sql::ends_transaction(&d.sql));
                         if let Some(commit) = named.filter(|_| !a.errored) {
                             a.ending = Some(commit);
@@ -336,8 +336,10 @@ impl Txn<'_> {
         let pending = std::mem::take(&mut self.pending);
         let status = self.status;
         self.replies.clear();
-        self.preparing.clear();
-        self.defining.clear();
+        if let Some(n) = self.named.as_mut() {
+            n.preparing.clear();
+            n.defining.clear();
+        }
         self.in_extended = false;
         self.status = TransactionStatus::Idle;
         self.server_fatal = false;

@@ -75,24 +75,14 @@ pub(crate) struct Txn<'a> {
     pub desired: HashMap<String, String>,
     /// What the client asked for at startup: `desired` again after `DISCARD ALL`.
     startup: HashMap<String, String>,
-    /// The client's named statements.
-    stmts: HashMap<Bytes, StmtDef>,
-    /// The client's SQL-level (`PREPARE`) statements, by the name PostgreSQL gives them.
-    sql_stmts: HashMap<String, StmtDef>,
-    /// Server names of the statements this segment binds or describes: the ones to
-    /// prepare afresh if the server finds them stale.
-    used: Vec<Bytes>,
+    /// The client's named statements, made when it first names one.
+    named: Option<Box<Named>>,
     /// A database this segment drops or renames: forgotten when the server confirms.
     dropping: Option<String>,
     /// `DISCARD ALL` ran in this segment: the parameters the server reports next are its
     /// defaults, not the client's choice.
     discarded: bool,
-    /// Client statements whose Parse was sent but not yet answered: a Parse the server
-    /// skips after an error must not define the name.
-    defining: HashMap<Bytes, StmtDef>,
     backend: Option<Box<Backend>>,
-    /// Server-side names sent in a Parse whose ParseComplete has not arrived.
-    preparing: HashSet<Bytes>,
     replies: VecDeque<Reply>,
     /// ReadyForQuery messages the server still owes.
     pending: usize,
@@ -115,7 +105,40 @@ pub(crate) struct Txn<'a> {
     meter: Meter,
 }
 
+/// A client's named statements and their progress through the server connection it
+/// holds. Made on first use: most clients never name a statement, and an idle client
+/// keeps its [`Txn`] for as long as it stays connected (five empty maps were 216 bytes
+/// of it).
+#[derive(Default)]
+pub(super) struct Named {
+    /// The client's named statements.
+    stmts: HashMap<Bytes, StmtDef>,
+    /// The client's SQL-level (`PREPARE`) statements, by the name PostgreSQL gives them.
+    sql_stmts: HashMap<String, StmtDef>,
+    /// Server names of the statements this segment binds or describes: the ones to
+    /// prepare afresh if the server finds them stale.
+    used: Vec<Bytes>,
+    /// Client statements whose Parse was sent but not yet answered: a Parse the server
+    /// skips after an error must not define the name.
+    defining: HashMap<Bytes, StmtDef>,
+    /// Server-side names sent in a Parse whose ParseComplete has not arrived.
+    preparing: HashSet<Bytes>,
+}
+
+/// What [`Txn::named`] lends a client that has named nothing.
+static NO_NAMES: std::sync::LazyLock<Named> = std::sync::LazyLock::new(Named::default);
+
 impl<'a> Txn<'a> {
+    /// The client's named statements (none yet: an empty set, without allocating).
+    fn named(&self) -> &Named {
+        self.named.as_deref().unwrap_or(&NO_NAMES)
+    }
+
+    /// The client's named statements, to change: made on first use.
+    fn named_mut(&mut self) -> &mut Named {
+        self.named.get_or_insert_with(Box::default)
+    }
+
     pub fn new(
         shared: &'a Shared,
         state: &'a Arc<Shard>,
@@ -138,14 +161,10 @@ impl<'a> Txn<'a> {
             registration,
             startup: desired.clone(),
             desired,
-            stmts: HashMap::new(),
-            sql_stmts: HashMap::new(),
-            used: Vec::new(),
+            named: None,
             discarded: false,
             dropping: None,
-            defining: HashMap::new(),
             backend: None,
-            preparing: HashSet::new(),
             replies: VecDeque::new(),
             pending: 0,
             in_extended: false,
@@ -163,21 +182,41 @@ impl<'a> Txn<'a> {
     /// Passes the shard's gate (waiting in the failover buffer while the primary
     /// changes), then checks a connection out of the serving primary's pool and brings
     /// its parameters in line with the client's. `bytes`: the request's size so far.
-    ///
-    /// The common case — the shard serves, an idle connection is free and already has
-    /// the client's parameters — runs without waiting and allocates nothing; the paths
-    /// that wait (the buffer, a pool at its limit, a new connection, SET) are boxed, so
-    /// the relay future each client keeps does not reserve room for them.
     pub async fn attach(&mut self, bytes: usize) -> Result<(), AttachError> {
-        if self.backend.is_some() {
+        if self.attach_now() {
             return Ok(());
         }
-        let mut b = match self.checkout_now() {
-            Some(b) => b,
-            None => Box::pin(self.checkout_waiting(bytes)).await?,
+        self.attach_waiting(bytes).await
+    }
+
+    /// [`Txn::attach`]'s common case, which neither waits nor allocates: the shard
+    /// serves, an idle connection is free and already has the client's parameters.
+    /// False, having kept nothing, when it must wait: then [`Txn::attach_waiting`].
+    pub fn attach_now(&mut self) -> bool {
+        if self.backend.is_some() {
+            return true;
+        }
+        let Some(b) = self.checkout_now() else {
+            return false;
         };
-        if !params::in_sync(&b, &self.desired, &self.sql_stmts) {
-            if let Err(e) = Box::pin(sync_params(&mut b, &self.desired, &self.sql_stmts)).await {
+        if params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
+            self.install(b);
+            return true;
+        }
+        // Its parameters need a SET: that waits for the server.
+        self.pool.checkin(b);
+        self.leave();
+        false
+    }
+
+    /// [`Txn::attach`]'s paths that wait (the buffer, a pool at its limit, a new
+    /// connection, SET). The relay awaits it in a box of its own, so the future each
+    /// client keeps does not reserve room for them.
+    pub async fn attach_waiting(&mut self, bytes: usize) -> Result<(), AttachError> {
+        let mut b = self.checkout_waiting(bytes).await?;
+        if !params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
+            let sql_stmts = &self.named().sql_stmts;
+            if let Err(e) = sync_params(&mut b, &self.desired, sql_stmts).await {
                 self.pool.discard(b);
                 self.leave();
                 return Err(e);
@@ -306,8 +345,10 @@ impl<'a> Txn<'a> {
         let Some(b) = self.backend.take() else { return };
         self.leave();
         self.registration.set_server(None);
-        self.preparing.clear();
-        self.defining.clear();
+        if let Some(n) = self.named.as_mut() {
+            n.preparing.clear();
+            n.defining.clear();
+        }
         if self.clean() && stream_clean && b.conn.rbuf.is_empty() {
             self.pool.checkin(b);
         } else {
@@ -326,7 +367,9 @@ impl<'a> Txn<'a> {
             self.ending = false;
         }
         self.status = status;
-        self.used.clear();
+        if let Some(n) = self.named.as_mut() {
+            n.used.clear();
+        }
         self.discarded = false;
         self.dropping = None;
         while let Some(r) = self.replies.pop_front() {

@@ -151,7 +151,7 @@ impl Txn<'_> {
             self.shared.prepared.hit.increment(1);
             return;
         }
-        if self.preparing.contains(&def.server_name) {
+        if self.named().preparing.contains(&def.server_name) {
             return;
         }
         self.send_parse(
@@ -173,7 +173,7 @@ impl Txn<'_> {
             param_types: def.param_types.clone(),
         }
         .encode(&mut self.out);
-        self.preparing.insert(def.server_name.clone());
+        self.named_mut().preparing.insert(def.server_name.clone());
         self.replies.push_back(reply);
     }
 
@@ -182,7 +182,8 @@ impl Txn<'_> {
     fn evict_for_one(&mut self) {
         let b = self.backend.as_mut().expect("attached");
         let cap = b.prepared.cap().get();
-        while b.prepared.len() + self.preparing.len() >= cap {
+        let preparing = self.named.as_ref().map_or(0, |n| n.preparing.len());
+        while b.prepared.len() + preparing >= cap {
             let Some((victim, ())) = b.prepared.pop_lru() else {
                 break;
             };
@@ -230,7 +231,7 @@ impl Txn<'_> {
                         define: Some(name.clone()),
                     };
                     self.send_parse(&def, reply);
-                } else if self.preparing.contains(&def.server_name) {
+                } else if self.named().preparing.contains(&def.server_name) {
                     noop_close(&mut self.out);
                     self.replies.push_back(Reply::AsParseComplete {
                         define: name.clone(),
@@ -242,7 +243,7 @@ impl Txn<'_> {
                     };
                     self.send_parse(&def, reply);
                 }
-                self.defining.insert(name, def);
+                self.named_mut().defining.insert(name, def);
             }
             FrontendMessage::Parse {
                 name,
@@ -272,7 +273,7 @@ impl Txn<'_> {
                 Some(def) => {
                     self.ending |= sql::ends_transaction(&def.sql).is_some();
                     self.ensure_prepared(&def);
-                    self.used.push(def.server_name.clone());
+                    self.named_mut().used.push(def.server_name.clone());
                     FrontendMessage::Bind {
                         portal,
                         statement: def.server_name,
@@ -288,7 +289,7 @@ impl Txn<'_> {
             } if !name.is_empty() => match self.lookup(&name) {
                 Some(def) => {
                     self.ensure_prepared(&def);
-                    self.used.push(def.server_name.clone());
+                    self.named_mut().used.push(def.server_name.clone());
                     FrontendMessage::Describe {
                         target: Target::Statement,
                         name: def.server_name,
@@ -302,10 +303,12 @@ impl Txn<'_> {
                 name,
             } if !name.is_empty() => {
                 // The server copy stays cached for other clients; the client's name goes.
-                self.stmts.remove(&name);
-                self.defining.remove(&name);
-                if let Ok(n) = std::str::from_utf8(&name) {
-                    self.sql_stmts.remove(n);
+                if let Some(names) = self.named.as_deref_mut() {
+                    names.stmts.remove(&name);
+                    names.defining.remove(&name);
+                    if let Ok(n) = std::str::from_utf8(&name) {
+                        names.sql_stmts.remove(n);
+                    }
                 }
                 noop_close(&mut self.out);
                 self.replies.push_back(Reply::Pass {
@@ -359,9 +362,9 @@ impl Txn<'_> {
 
     /// True when the client has a statement of this name (either level).
     fn defined(&self, name: &Bytes) -> bool {
-        self.defining.contains_key(name)
-            || self.stmts.contains_key(name)
-            || std::str::from_utf8(name).is_ok_and(|n| self.sql_stmts.contains_key(n))
+        self.named().defining.contains_key(name)
+            || self.named().stmts.contains_key(name)
+            || std::str::from_utf8(name).is_ok_and(|n| self.named().sql_stmts.contains_key(n))
     }
 
     /// A Parse of a name the client already has: PostgreSQL answers `42P05` and keeps
@@ -423,7 +426,7 @@ impl Txn<'_> {
     /// one always (the connection was given it when the transaction attached, or earlier
     /// in it); a protocol-level one only when the connection holds it.
     fn server_name_of(&self, name: &str) -> Option<Bytes> {
-        if let Some(def) = self.sql_stmts.get(name) {
+        if let Some(def) = self.named().sql_stmts.get(name) {
             return Some(def.server_name.clone());
         }
         let def = self.lookup(&Bytes::copy_from_slice(name.as_bytes()))?;
@@ -458,7 +461,7 @@ impl Txn<'_> {
                 let b = self.backend.as_mut().expect("attached");
                 if b.prepared.get(&def.server_name).is_some() {
                     self.shared.prepared.hit.increment(1);
-                    self.sql_stmts.insert(name, def);
+                    self.named_mut().sql_stmts.insert(name, def);
                     self.replies.push_back(Reply::Substitute("PREPARE"));
                     return Some(query(""));
                 }
@@ -484,9 +487,11 @@ impl Txn<'_> {
                     // The server's own 26000 names the client's statement.
                     return None;
                 }
-                self.sql_stmts.remove(&name);
-                self.stmts.remove(&key);
-                self.defining.remove(&key);
+                if let Some(names) = self.named.as_deref_mut() {
+                    names.sql_stmts.remove(&name);
+                    names.stmts.remove(&key);
+                    names.defining.remove(&key);
+                }
                 self.replies.push_back(Reply::Substitute("DEALLOCATE"));
                 Some(query(""))
             }
@@ -525,8 +530,10 @@ impl Txn<'_> {
             b.prepared.clear();
             b.to_close.clear();
         }
-        self.stmts.clear();
-        self.sql_stmts.clear();
+        if let Some(n) = self.named.as_mut() {
+            n.stmts.clear();
+            n.sql_stmts.clear();
+        }
     }
 
     /// The server refused a statement the connection was believed to hold (its cached
@@ -534,7 +541,10 @@ impl Txn<'_> {
     /// afresh on this connection next time (closed first, in case they exist). True
     /// when any was: the error may be the cache's doing, not the client's.
     pub(super) fn statements_stale(&mut self) -> bool {
-        let used = std::mem::take(&mut self.used);
+        let used = match self.named.as_mut() {
+            Some(n) => std::mem::take(&mut n.used),
+            None => return false,
+        };
         let Some(b) = self.backend.as_mut() else {
             return false;
         };
@@ -550,26 +560,33 @@ impl Txn<'_> {
 
     /// The client's statement by name: one being defined in flight wins.
     pub(super) fn lookup(&self, name: &Bytes) -> Option<StmtDef> {
-        self.defining
+        self.named()
+            .defining
             .get(name)
-            .or_else(|| self.stmts.get(name))
+            .or_else(|| self.named().stmts.get(name))
             .cloned()
     }
 
     /// A client Parse succeeded: its name is now defined.
     fn define(&mut self, name: Bytes) {
-        if let Some(def) = self.defining.remove(&name) {
+        if let Some(def) = self
+            .named
+            .as_deref_mut()
+            .and_then(|n| n.defining.remove(&name))
+        {
             if self.probe.active {
                 self.probe.defined.push(name.clone());
             }
-            self.stmts.insert(name, def);
+            self.named_mut().stmts.insert(name, def);
         }
     }
 
     /// A protocol-level name the client no longer has.
     pub(super) fn forget(&mut self, name: &Bytes) {
-        self.stmts.remove(name);
-        self.defining.remove(name);
+        if let Some(names) = self.named.as_deref_mut() {
+            names.stmts.remove(name);
+            names.defining.remove(name);
+        }
     }
 
     /// After an ErrorResponse the server skips to the next Sync: the replies promised
@@ -581,19 +598,27 @@ impl Txn<'_> {
                 Reply::SyncMark => break,
                 Reply::Pass { register, define } => {
                     if let Some(n) = register {
-                        self.preparing.remove(n);
+                        if let Some(names) = self.named.as_deref_mut() {
+                            names.preparing.remove(n);
+                        }
                     }
                     if let Some(d) = define {
-                        self.defining.remove(d);
+                        if let Some(names) = self.named.as_deref_mut() {
+                            names.defining.remove(d);
+                        }
                     }
                 }
                 Reply::Swallow { register } => {
                     if let Some(n) = register {
-                        self.preparing.remove(n);
+                        if let Some(names) = self.named.as_deref_mut() {
+                            names.preparing.remove(n);
+                        }
                     }
                 }
                 Reply::AsParseComplete { define } => {
-                    self.defining.remove(define);
+                    if let Some(names) = self.named.as_deref_mut() {
+                        names.defining.remove(define);
+                    }
                 }
                 Reply::Substitute(_) | Reply::Prepared { .. } => {}
                 // Settled at the segment's end, error or not.
@@ -631,7 +656,7 @@ impl Txn<'_> {
             if let Some(b) = self.backend.as_mut() {
                 b.keep_prepared(def.server_name.clone());
             }
-            self.sql_stmts.insert(name, def);
+            self.named_mut().sql_stmts.insert(name, def);
         }
     }
 
@@ -654,7 +679,9 @@ impl Txn<'_> {
         };
         let confirm = |this: &mut Self, name: Option<Bytes>| {
             if let Some(n) = name {
-                this.preparing.remove(&n);
+                if let Some(names) = this.named.as_deref_mut() {
+                    names.preparing.remove(&n);
+                }
                 if tag == btag::PARSE_COMPLETE {
                     if let Some(b) = this.backend.as_mut() {
                         b.prepared.put(n, ());
