@@ -10,6 +10,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Client connections open now (gauge).
 pub const CLIENT_CONNECTIONS: &str = "handoff_client_connections";
+/// Transaction-mode clients parked now: quiet for a while with nothing held, their
+/// relay's state set aside until they send again (gauge).
+pub const CLIENTS_PARKED: &str = "handoff_clients_parked";
 /// Client connections accepted (counter).
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "handoff_client_connections_total";
 /// Client connections refused, by `reason` (counter).
@@ -194,6 +197,10 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     handoff_buffer::describe_metrics();
     describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
+    describe_gauge!(
+        CLIENTS_PARKED,
+        "Transaction-mode clients quiet with nothing held, their relay state set aside"
+    );
     describe_counter!(PATRONI_REQUESTS, "Requests to Patroni's REST API");
     describe_gauge!(PRIMARY_SOURCE, "The source that names each shard's primary");
     describe_counter!(HOLDS, "Holds asked for through the admin API");
@@ -323,6 +330,7 @@ fn describe() {
     }
     // Series that should exist at zero from startup.
     metrics::gauge!(CLIENT_CONNECTIONS).set(0.0);
+    metrics::gauge!(CLIENTS_PARKED).set(0.0);
     metrics::gauge!(SERVER_CONNECTIONS).set(0.0);
     metrics::counter!(CLIENT_CONNECTIONS_TOTAL).absolute(0);
     metrics::counter!(AUTH_FAILURES_TOTAL).absolute(0);

@@ -47,6 +47,9 @@ pub enum End {
     Timeout,
     /// The client sent a message larger than the proxy parses; it was told so.
     TooLarge,
+    /// Transaction mode: the client has been quiet with nothing held for a while; its
+    /// relay's state is set aside until it sends again (the session goes on).
+    Parked,
 }
 
 /// Resolves when `signal` reaches `phase`.

@@ -16,25 +16,57 @@ use super::local::Local;
 use super::server::server_bytes;
 use super::{Txn, MAX_INSPECT};
 use crate::error::send_error;
-use crate::metrics as m;
+use crate::metrics::{self as m, GaugeGuard};
 use crate::net::buffers;
 use crate::net::stream::Conn;
 use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
 use crate::shutdown::{Phase, Signal};
 
-/// [`run`] in a box of its own, for the session's task to await. The client and the
-/// transaction state are captured once and lent to `run` (an `async fn` taking them by
-/// value would keep each twice: as its argument and as the local it is moved into), and
-/// the state stays in its own box: an idle client's memory is mostly these two boxes.
+/// How long a client stays quiet, holding nothing, before its relay is parked.
+///
+/// A client between transactions needs only its socket and its session's state. The
+/// loop's own state (scanners, the select over client, server, timers and signals;
+/// about a kilobyte) is kept while the client is busy, so a client that sends again
+/// within this time costs no allocation, and is set aside once it has been quiet this
+/// long: the next request then makes it again (one allocation, after a pause of at
+/// least this long).
+const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// The session's relay, for its task to await: [`run`] in a box of its own while the
+/// client is busy, [`parked`] while it is quiet. The client and the transaction state
+/// are captured once and lent to `run` (an `async fn` taking them by value would keep
+/// each twice: as its argument and as the local it is moved into), and the state stays
+/// in its own box.
 pub(crate) fn relay<'a>(
     mut client: Conn,
     mut txn: Box<Txn<'a>>,
     shutdown: Signal,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
-        let end = run(&mut client, &mut txn, shutdown).await;
+        let end = loop {
+            match Box::pin(run(&mut client, &mut txn, shutdown.clone())).await {
+                End::Parked => {
+                    let _parked = GaugeGuard::new(m::CLIENTS_PARKED);
+                    parked(&client, &shutdown).await;
+                }
+                end => break end,
+            }
+        };
         tracing::debug!(?end, "session ended");
     })
+}
+
+/// A parked client's wait, holding only its socket: until it sends something (or its
+/// socket ends) or the proxy begins to drain. The relay then runs again and sees which.
+async fn parked(client: &Conn, shutdown: &Signal) {
+    let crate::net::stream::Stream::Plain(socket) = &client.stream else {
+        return;
+    };
+    let mut signal = shutdown.clone();
+    tokio::select! {
+        _ = socket.readable() => {}
+        _ = signal.reached(Phase::Draining) => {}
+    }
 }
 
 /// Which idle limit applies to a quiet client.
@@ -184,6 +216,9 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
     // Lameduck's cancellation of the generation this session's transaction runs on;
     // made again only when the session moves to another generation.
     let mut killed: Option<(u64, KillFuture)> = None;
+    // Set to `PARK_AFTER` from now each time the client becomes quiet (pushing a
+    // registered timer later is an atomic update, not a new timer).
+    let mut park = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
     let end = loop {
         if !client.rbuf.is_empty() && !txn.probe.waiting(cscan.at_boundary()) {
             match client_bytes(client, &mut cscan, txn).await {
@@ -220,6 +255,18 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
                 None => matches!(txn.local, Local::Aborted(_)),
             };
         let limit = limits.pick(idle && matches!(txn.local, Local::None), in_txn_idle);
+        // Parked only with nothing to remember but the session: no server connection,
+        // no local answer or first request pending, no idle limit running, and a plain
+        // socket (a TLS session may hold decrypted bytes its socket does not show).
+        let parkable = idle
+            && matches!(txn.local, Local::None)
+            && !txn.probe.active
+            && limit.is_none()
+            && matches!(client.stream, crate::net::stream::Stream::Plain(_));
+        if parkable {
+            park.as_mut()
+                .reset(tokio::time::Instant::now() + PARK_AFTER);
+        }
         // `readable()`, `read_buf`, timers and signals are cancel-safe: a branch that
         // loses the race has consumed nothing.
         tokio::select! {
@@ -235,6 +282,7 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
                     break end;
                 }
             },
+            _ = park.as_mut(), if parkable => break End::Parked,
             _ = &mut phase_change, if phase < watched => {
                 watched = Phase::Closing;
                 phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
