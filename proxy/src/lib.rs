@@ -173,6 +173,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             users,
             prepared: metrics::PreparedCounters::new(),
+            relay_meters: Arc::new(metrics::RelayMeters::new()),
             config: Arc::new(config),
             cancels: Arc::new(backend::cancel::Registry::default()),
             decoy: ScramVerifier::from_password("")?,

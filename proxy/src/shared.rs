@@ -17,6 +17,8 @@ pub(crate) struct Shared {
     pub config: Arc<Config>,
     pub cancels: Arc<cancel::Registry>,
     pub prepared: PreparedCounters,
+    /// The relay's request, transaction and byte series, shared by every session.
+    pub relay_meters: Arc<crate::metrics::RelayMeters>,
     /// Verifier used for unknown users so they fail exactly like wrong passwords.
     pub decoy: ScramVerifier,
     /// Each shard's state machine, in `config.shards` order.

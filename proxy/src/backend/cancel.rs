@@ -124,6 +124,9 @@ impl Registry {
                 break key;
             }
         };
+        // Nearly every pid has one target (session mode may see a backend pid reused
+        // on another server): room for exactly one, not the four a first push makes.
+        list.reserve_exact(1);
         list.push(Target {
             key: key.clone(),
             server: Arc::clone(&server),

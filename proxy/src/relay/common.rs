@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use crate::frontend::clients::ClientInfo;
-use crate::metrics as m;
+use crate::metrics::RelayMeters;
 use crate::net::stream::Conn;
 use crate::shutdown::{Phase, Signal};
 
@@ -103,13 +103,10 @@ pub(crate) async fn write_client(client: &mut Conn, bytes: &[u8]) -> Result<(), 
 /// A session's metering, the same for both relays: bytes relayed each way, and the
 /// duration of each request (to its ReadyForQuery) and of each transaction (to
 /// ReadyForQuery `I`). Recorded once per ReadyForQuery, not per message; the metric
-/// handles are looked up once per session.
+/// handles are the proxy's, shared by every session.
 #[derive(Debug)]
 pub(crate) struct Meter {
-    query: metrics::Histogram,
-    transaction: metrics::Histogram,
-    up_total: metrics::Counter,
-    down_total: metrics::Counter,
+    series: Arc<RelayMeters>,
     /// When the oldest request not yet answered by ReadyForQuery was sent.
     request_started: Option<Instant>,
     /// When the current transaction's first request was sent.
@@ -122,13 +119,10 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
-    pub fn new(client: Arc<ClientInfo>) -> Self {
+    pub fn new(series: Arc<RelayMeters>, client: Arc<ClientInfo>) -> Self {
         Self {
             client,
-            query: metrics::histogram!(m::QUERY_DURATION),
-            transaction: metrics::histogram!(m::TRANSACTION_DURATION),
-            up_total: metrics::counter!(m::BYTES_TOTAL, "direction" => "client_to_server"),
-            down_total: metrics::counter!(m::BYTES_TOTAL, "direction" => "server_to_client"),
+            series,
             request_started: None,
             txn_started: None,
             up: 0,
@@ -153,7 +147,7 @@ impl Meter {
         let stats = self.client.stats();
         if answered {
             if let Some(t) = self.request_started.take() {
-                self.query.record(now - t);
+                self.series.query.record(now - t);
                 if let Some(s) = stats {
                     s.queries.fetch_add(1, Relaxed);
                     s.query_us.fetch_add((now - t).as_micros() as u64, Relaxed);
@@ -162,7 +156,7 @@ impl Meter {
         }
         if idle {
             if let Some(t) = self.txn_started.take() {
-                self.transaction.record(now - t);
+                self.series.transaction.record(now - t);
                 if let Some(s) = stats {
                     s.xacts.fetch_add(1, Relaxed);
                     s.xact_us.fetch_add((now - t).as_micros() as u64, Relaxed);
@@ -185,13 +179,15 @@ impl Meter {
             if let Some(s) = stats {
                 s.received.fetch_add(self.up, Relaxed);
             }
-            self.up_total.increment(std::mem::take(&mut self.up));
+            self.series.up_total.increment(std::mem::take(&mut self.up));
         }
         if self.down > 0 {
             if let Some(s) = stats {
                 s.sent.fetch_add(self.down, Relaxed);
             }
-            self.down_total.increment(std::mem::take(&mut self.down));
+            self.series
+                .down_total
+                .increment(std::mem::take(&mut self.down));
         }
     }
 

@@ -21,7 +21,7 @@ use crate::backend::login::{self as backend_login, ServerConn};
 use crate::config::HostPort;
 use crate::error::{send_error, ServerError};
 use crate::frontend::clients::ClientInfo;
-use crate::metrics::{self as m, GaugeGuard};
+use crate::metrics::{self as m, GaugeGuard, RelayMeters};
 use crate::net::metered::Metered;
 use crate::net::stream::Conn;
 use crate::relay::common::hello;
@@ -77,6 +77,7 @@ pub async fn run(
     shutdown: Signal,
     gen: &crate::shard::Generation,
     info: &Arc<ClientInfo>,
+    meters: &Arc<RelayMeters>,
 ) -> End {
     use crate::net::stream::Stream;
     let bufs = (&mut client.rbuf, &mut server.rbuf);
@@ -85,12 +86,12 @@ pub async fn run(
         (Stream::Plain(c), Stream::Plain(s)) => {
             let (cr, cw) = c.split();
             let (sr, sw) = s.split();
-            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info).await
+            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters).await
         }
         (c, s) => {
             let (cr, cw) = tokio::io::split(c);
             let (sr, sw) = tokio::io::split(s);
-            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info).await
+            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters).await
         }
     }
 }
@@ -106,6 +107,7 @@ async fn relay_loop<CR, CW, SR, SW>(
     shutdown: Signal,
     gen: &crate::shard::Generation,
     info: &Arc<ClientInfo>,
+    meters: &Arc<RelayMeters>,
 ) -> End
 where
     CR: AsyncRead + Unpin,
@@ -122,7 +124,7 @@ where
         status: TransactionStatus::Idle,
         server_fatal: false,
         terminated: false,
-        meter: Meter::new(Arc::clone(info)),
+        meter: Meter::new(Arc::clone(meters), Arc::clone(info)),
     };
     // The byte counts of both directions, taken into the meter after each batch.
     let mut cw = Metered::new(cw);
@@ -372,6 +374,7 @@ pub(crate) async fn serve(
             shutdown.clone(),
             entered.generation(),
             &login.client,
+            &shared.relay_meters,
         )
         .await;
         if end != End::Revoked {
@@ -593,7 +596,17 @@ mod tests {
             let (mut client, mut server) = (Conn::new(client), Conn::new(server));
             let clients = crate::frontend::clients::Clients::default();
             let info = clients.register("127.0.0.1:1".parse().unwrap(), None);
-            run(&mut client, &mut server, "main", signal, &gen, &info).await
+            let meters = Arc::new(crate::metrics::RelayMeters::new());
+            run(
+                &mut client,
+                &mut server,
+                "main",
+                signal,
+                &gen,
+                &info,
+                &meters,
+            )
+            .await
         });
         Setup {
             app,

@@ -175,7 +175,7 @@ impl<'a> Txn<'a> {
             retries_left: MAX_RETRIES,
             ending: false,
             out: BytesMut::new(),
-            meter: Meter::new(client),
+            meter: Meter::new(Arc::clone(&shared.relay_meters), client),
         }
     }
 
@@ -275,6 +275,20 @@ impl<'a> Txn<'a> {
             }
             self.pool.checkin(b);
             self.leave();
+        }
+    }
+
+    /// The relay is being parked (the client is quiet, nothing is held): what the last
+    /// transactions left allocated for the next one to reuse is freed. Kept while the
+    /// client is busy, so a transaction does not allocate them afresh.
+    pub fn park(&mut self) {
+        debug_assert!(self.backend.is_none() && self.replies.is_empty());
+        self.replies = VecDeque::new();
+        self.probe = Probation::default();
+        if let Some(n) = self.named.as_mut() {
+            n.used = Vec::new();
+            n.preparing = HashSet::new();
+            n.defining = HashMap::new();
         }
     }
 
