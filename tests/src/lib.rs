@@ -60,24 +60,33 @@ pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<ha
     Ok(handoff::Proxy::start(config).await?)
 }
 
-/// The `handoff` binary next to the running test binary, built first if it is not there
-/// (tests that need the real process: signals, exit codes).
+/// The `handoff` binary next to the running test binary (tests that need the real
+/// process: signals, exit codes, its log output).
+///
+/// Built first, once per test process, when it is missing or when the tests run under
+/// cargo: `cargo test -p handoff-tests` does not rebuild another package's binary, so a
+/// binary left from an earlier build would be tested instead of the current code.
 pub fn handoff_binary() -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("the test binary's path");
     let bin = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps")
         .join("handoff");
-    if !bin.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "-p", "handoff", "--bin", "handoff"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "building the handoff binary failed");
-    }
+    BUILT.get_or_init(|| {
+        let under_cargo = std::env::var_os("CARGO").is_some();
+        if !bin.is_file() || under_cargo {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = std::process::Command::new(cargo);
+            build.args(["build", "-q", "-p", "handoff", "--bin", "handoff"]);
+            if bin.parent().and_then(|p| p.file_name()) == Some("release".as_ref()) {
+                build.arg("--release");
+            }
+            let ok = build.status().map(|s| s.success()).unwrap_or(false);
+            assert!(ok, "building the handoff binary failed");
+        }
+    });
     bin
 }
 

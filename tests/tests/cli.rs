@@ -99,3 +99,90 @@ fn logs_written_to_a_file_have_no_colour_codes() {
     );
     assert!(status.success(), "{status:?}");
 }
+
+/// Waits until the log file holds a line containing every one of `needles`.
+fn log_line(log: &std::path::Path, needles: &[&str]) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return Some(line.to_string());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sessions_log_lines_name_its_client_user_and_database() {
+    let cluster = handoff_tests::Cluster::start(0).unwrap();
+    let port = handoff_tests::pg::free_port().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("handoff.log");
+    let mut child = handoff_command()
+        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HANDOFF_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("HANDOFF_POOL_MODE", "transaction")
+        .env("HANDOFF_CLIENT_IDLE_TIMEOUT", "1s")
+        .env("HANDOFF_LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let mut connected = None;
+    for _ in 0..100 {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok(c) => {
+                connected = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let (client, conn) = connected.expect("handoff accepts clients");
+    let conn = tokio::spawn(conn);
+    let local = client
+        .query_one("select inet_client_port()", &[])
+        .await
+        .map(|r| r.get::<_, i32>(0))
+        .unwrap();
+    assert!(local > 0);
+    // Quiet past the limit: the relay's own log line carries the session's context.
+    let line = tokio::task::block_in_place(|| {
+        log_line(
+            &log,
+            &["client idle timeout", "user=postgres", "database=postgres"],
+        )
+    });
+    let _ = conn.await;
+    // A login that fails is logged in the login's context, written as the relay's.
+    let bad = format!("host=127.0.0.1 port={port} user=postgres dbname=no_such_database");
+    assert!(tokio_postgres::connect(&bad, tokio_postgres::NoTls)
+        .await
+        .is_err());
+    let refused = tokio::task::block_in_place(|| {
+        log_line(
+            &log,
+            &[
+                "server login failed",
+                "user=postgres database=no_such_database",
+            ],
+        )
+    });
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let line =
+        line.unwrap_or_else(|| panic!("no idle-timeout line with the session's context:\n{text}"));
+    assert!(line.contains("client{client.addr=127.0.0.1:"), "{line}");
+    assert!(
+        refused.is_some(),
+        "no login-failure line with its context:\n{text}"
+    );
+}

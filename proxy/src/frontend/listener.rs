@@ -1,5 +1,6 @@
 //! The client listener: a permit per connection (`HANDOFF_MAX_CLIENT_CONN`), back-off on
-//! accept errors, and a tracing span per client carrying `client.addr`.
+//! accept errors; each session logs in a tracing span carrying `client.addr` (see
+//! [`crate::frontend::clients::ClientInfo::span`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use handoff_protocol::framing::{StartupPacket, ENCRYPTION_DECLINED};
 use handoff_protocol::sqlstate;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
-use tracing::Instrument;
 
 use crate::frontend::session;
 use crate::metrics as m;
@@ -87,25 +87,16 @@ pub(crate) async fn run(
         };
         match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
-                let span = tracing::info_span!(
-                    "client",
-                    client.addr = %peer,
-                    user = tracing::field::Empty,
-                    database = tracing::field::Empty
-                );
                 let info = shared.clients.register(peer, stream.local_addr().ok());
                 let shared = Arc::clone(&shared);
                 let signal = shutdown.clone();
                 let tracker = tracker.clone();
                 let entry = Arc::clone(&info);
-                let task = tokio::spawn(
-                    async move {
-                        session::run(stream, shared, signal, entry).await;
-                        drop(permit);
-                        drop(tracker);
-                    }
-                    .instrument(span),
-                );
+                let task = tokio::spawn(async move {
+                    session::run(stream, shared, signal, entry).await;
+                    drop(permit);
+                    drop(tracker);
+                });
                 // For the admin console's KILL (a session that already ended is no
                 // longer listed).
                 info.set_abort(task.abort_handle());

@@ -11,6 +11,7 @@ use handoff_protocol::error::ProxyError;
 use handoff_protocol::framing::{StartupPacket, ENCRYPTION_ACCEPTED, ENCRYPTION_DECLINED};
 use handoff_protocol::sqlstate;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::frontend::client_auth::{self, Failure};
 use crate::frontend::clients::{ClientInfo, LoginInfo};
@@ -57,7 +58,14 @@ pub(crate) async fn run(
     let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
     let _listed = shared.clients.guard(&info);
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
-    let Some((_slot, relay)) = Box::pin(start(stream, &shared, shutdown, info)).await else {
+    // The login's log context (its user and database are recorded once known); the
+    // session and console relays keep it, the transaction-mode relay makes its own
+    // while the client is busy.
+    let span = info.span();
+    let Some((_slot, relay)) = Box::pin(start(stream, &shared, shutdown, info))
+        .instrument(span)
+        .await
+    else {
         return;
     };
     relay.await;
@@ -119,8 +127,10 @@ async fn start(
             return None;
         }
     };
-    tracing::Span::current().record("user", startup.user.as_str());
-    tracing::Span::current().record("database", startup.database.as_str());
+    // Displayed as the relay's own spans show them (unquoted).
+    let span = tracing::Span::current();
+    span.record("user", tracing::field::display(&startup.user));
+    span.record("database", tracing::field::display(&startup.database));
     let application_name = startup
         .params
         .iter()
@@ -136,13 +146,10 @@ async fn start(
             tls: client.stream.is_tls(),
             stats: shared.clients.stats_for(&startup.database),
         });
-        let relay: Relay<'_> = Box::pin(crate::console::serve(
-            client,
-            shared,
-            startup.user,
-            startup.minor,
-            shutdown,
-        ));
+        let relay: Relay<'_> = Box::pin(
+            crate::console::serve(client, shared, startup.user, startup.minor, shutdown)
+                .instrument(tracing::Span::current()),
+        );
         return Some((slot, relay));
     }
     let (_, server_db) = route(cfg, &startup);
@@ -165,8 +172,10 @@ async fn start(
                 client: info,
             };
             let shard = &shared.shards[shard_index(cfg, &startup)];
-            let relay: Relay<'_> =
-                Box::pin(session_mode::serve(client, shared, shard, login, shutdown));
+            let relay: Relay<'_> = Box::pin(
+                session_mode::serve(client, shared, shard, login, shutdown)
+                    .instrument(tracing::Span::current()),
+            );
             Some((slot, relay))
         }
         PoolMode::Transaction => {

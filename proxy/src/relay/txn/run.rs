@@ -10,6 +10,7 @@ use handoff_protocol::error::ProxyError;
 use handoff_protocol::scan::Scanner;
 use handoff_protocol::sqlstate;
 use tokio::io::AsyncReadExt;
+use tracing::Instrument;
 
 use super::client::{client_bytes, client_read};
 use super::local::Local;
@@ -44,7 +45,9 @@ pub(crate) fn relay<'a>(
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
         let end = loop {
-            match Box::pin(run(&mut client, &mut txn, shutdown.clone())).await {
+            // The log context, made for each stretch of work (a parked client keeps none).
+            let span = txn.meter.client().span();
+            match Box::pin(run(&mut client, &mut txn, shutdown.clone()).instrument(span)).await {
                 End::Parked => {
                     let _parked = GaugeGuard::new(m::CLIENTS_PARKED);
                     parked(&client, &shutdown).await;
@@ -52,7 +55,7 @@ pub(crate) fn relay<'a>(
                 end => break end,
             }
         };
-        tracing::debug!(?end, "session ended");
+        tracing::debug!(client.addr = %txn.meter.client().addr, ?end, "session ended");
     })
 }
 
@@ -282,7 +285,10 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
                     break end;
                 }
             },
-            _ = park.as_mut(), if parkable => break End::Parked,
+            _ = park.as_mut(), if parkable => {
+                txn.park();
+                break End::Parked;
+            }
             _ = &mut phase_change, if phase < watched => {
                 watched = Phase::Closing;
                 phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
