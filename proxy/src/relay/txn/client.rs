@@ -122,7 +122,7 @@ pub(super) async fn client_bytes(
         if tag.is_some() && txn.backend.is_none() && matches!(txn.local, Local::None) {
             let body = &client.rbuf[pos + HEADER_LEN.min(len)..pos + len];
             match tag.filter(|_| whole).and_then(|t| refused_here(t, body)) {
-                Some(err) => txn.local = Local::Refuse(err),
+                Some(err) => txn.local = Local::Refuse(Box::new(err)),
                 None => gate(client, txn, &answers, pos).await?,
             }
         }
@@ -248,7 +248,7 @@ async fn not_attached(
     let err = e.to_client(txn.shard);
     if e.is_refusal() {
         tracing::info!(shard = txn.shard, error = %err, "request refused");
-        txn.local = Local::Refuse(err);
+        txn.local = Local::Refuse(Box::new(err));
         return Ok(());
     }
     tracing::warn!(error = %err, "no server connection for client");
@@ -278,6 +278,7 @@ impl Txn<'_> {
         if !self.probe.active {
             let held = self.end_probe();
             answers.extend_from_slice(&held);
+            self.probe.give_back(held);
         }
     }
 

@@ -25,8 +25,9 @@ pub(super) enum Local {
     None,
     /// The request that was starting a transaction is refused with this error: answer
     /// it at once (a client that sends Flush waits for it), skip the rest of the request
-    /// up to its Query or Sync, and answer ReadyForQuery `I` there.
-    Refuse(ProxyError),
+    /// up to its Query or Sync, and answer ReadyForQuery `I` there. (Boxed, as below:
+    /// an error is rare and ~100 bytes, and every client's state holds a `Local`.)
+    Refuse(Box<ProxyError>),
     /// The refusal was answered; the rest of the request is skipped up to its Sync.
     Refused,
     /// The client's transaction was lost with its server connection (lameduck, or a
@@ -39,7 +40,7 @@ pub(super) enum Local {
 #[derive(Debug, Default)]
 pub(super) struct Aborted {
     /// The error that ended the transaction, not yet delivered.
-    first: Option<ProxyError>,
+    first: Option<Box<ProxyError>>,
     /// This extended-protocol batch already got its error (the rest is skipped to Sync).
     errored: bool,
     /// This batch runs a transaction-control statement: `Some(true)` COMMIT/END,
@@ -52,7 +53,7 @@ pub(super) struct Aborted {
 impl Aborted {
     pub(super) fn new(first: Option<ProxyError>) -> Self {
         Self {
-            first,
+            first: first.map(Box::new),
             ..Self::default()
         }
     }
@@ -63,7 +64,7 @@ impl Aborted {
         if self.errored {
             return;
         }
-        let err = self.first.take().unwrap_or_else(aborted_error);
+        let err = self.first.take().map_or_else(aborted_error, |e| *e);
         err.encode(out);
         m::count_error("proxy", err.code);
         self.errored = true;
@@ -246,7 +247,7 @@ impl Txn<'_> {
         server_clean: bool,
         client_clean: bool,
     ) -> Result<(), End> {
-        let fatal = self.fatal.clone();
+        let fatal = self.fatal.as_deref().cloned();
         let what = if fatal.is_some() {
             Report::ServerFatal
         } else {
@@ -276,7 +277,7 @@ impl Txn<'_> {
     /// The error for a server connection that closed under a request: the primary was
     /// lost, and what was running may or may not have committed.
     pub(super) fn lost_error(&mut self) -> ProxyError {
-        let (code, what) = match self.fatal.take() {
+        let (code, what) = match self.fatal.take().map(|f| *f) {
             Some((code, msg)) => (
                 code,
                 format!(
@@ -356,7 +357,7 @@ impl Txn<'_> {
             // Idle in a transaction, or half-way through sending a request: the end of
             // the next request hears of it.
             self.local = if status == TransactionStatus::Idle {
-                Local::Refuse(err)
+                Local::Refuse(Box::new(err))
             } else {
                 Local::Aborted(Aborted::new(Some(err)))
             };

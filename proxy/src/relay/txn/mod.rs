@@ -92,7 +92,7 @@ pub(crate) struct Txn<'a> {
     server_fatal: bool,
     /// The FATAL the server sent before closing (SQLSTATE, message), kept from the
     /// client until the connection is gone.
-    fatal: Option<(String, String)>,
+    fatal: Option<Box<(String, String)>>,
     /// The first request of the current transaction, while it may still be re-sent.
     probe: Probation,
     /// How many more times a refused first request may be re-sent.

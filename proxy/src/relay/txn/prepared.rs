@@ -575,7 +575,7 @@ impl Txn<'_> {
             .and_then(|n| n.defining.remove(&name))
         {
             if self.probe.active {
-                self.probe.defined.push(name.clone());
+                self.probe.defined(name.clone());
             }
             self.named_mut().stmts.insert(name, def);
         }

@@ -19,6 +19,8 @@ pub(super) const MAX_RETRIES: u8 = 3;
 
 /// A request kept for retry larger than this is not kept (it is relayed as usual).
 const MAX_RETRY_BYTES: usize = 256 * 1024;
+/// Largest held-back buffer kept for the next transaction.
+const KEEP_HELD: usize = 16 * 1024;
 
 /// Retry rules: the first request of a transaction, while it is not known
 /// whether anything of it ran. Its bytes are kept as the client sent them, and the
@@ -30,13 +32,9 @@ const MAX_RETRY_BYTES: usize = 256 * 1024;
 pub(super) struct Probation {
     /// Holding: the outcome is not known yet.
     pub(super) active: bool,
-    /// The request's bytes, as the client sent them.
-    pub(super) raw: BytesMut,
     /// The request's last message (Query, Sync) has been sent: no more client bytes are
     /// read until the outcome is known.
     pub(super) complete: bool,
-    /// Server bytes held back from the client.
-    pub(super) held: BytesMut,
     /// The first statement was refused with this retriable reason.
     pub(super) refused: Option<RetryReason>,
     /// A statement the proxy believed the connection held was refused as stale (its
@@ -45,31 +43,79 @@ pub(super) struct Probation {
     pub(super) stale: bool,
     /// ReadyForQuery arrived after the refusal: the request may be re-sent.
     pub(super) ready: bool,
+    /// What is kept of the request: made by the client's first transaction and kept
+    /// while it is busy, so a transaction does not allocate it afresh; a parked client
+    /// frees it (see `Txn::park`).
+    kept: Option<Box<Kept>>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    /// The request's bytes, as the client sent them.
+    raw: BytesMut,
+    /// Server bytes held back from the client.
+    held: BytesMut,
     /// Statement names the request defined (a Parse before the refused message): a
     /// request sent again defines them again.
-    pub(super) defined: Vec<bytes::Bytes>,
+    defined: Vec<bytes::Bytes>,
 }
 
 impl Probation {
+    fn kept(&mut self) -> &mut Kept {
+        self.kept.get_or_insert_with(Box::default)
+    }
+
     pub(super) fn begin(&mut self) {
         self.active = true;
-        self.raw.clear();
-        self.held.clear();
+        if let Some(k) = self.kept.as_mut() {
+            k.raw.clear();
+            k.held.clear();
+            k.defined.clear();
+        }
         self.complete = false;
         self.refused = None;
         self.stale = false;
         self.ready = false;
-        self.defined.clear();
     }
 
     /// Sending the request, message by message (or part by part, up to the end of its
     /// last message).
     pub(super) fn record(&mut self, bytes: &[u8]) {
         if self.active {
-            if self.raw.len() + bytes.len() > MAX_RETRY_BYTES {
+            let raw = &mut self.kept().raw;
+            if raw.len() + bytes.len() > MAX_RETRY_BYTES {
                 self.active = false;
             } else {
-                self.raw.extend_from_slice(bytes);
+                raw.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    /// Server bytes held back from the client until the outcome is known.
+    pub(super) fn hold(&mut self, bytes: &[u8]) {
+        self.kept().held.extend_from_slice(bytes);
+    }
+
+    /// The request defined statement `name`.
+    pub(super) fn defined(&mut self, name: bytes::Bytes) {
+        self.kept().defined.push(name);
+    }
+
+    /// The request's bytes and the names it defined, to send it again.
+    fn take_request(&mut self) -> (BytesMut, Vec<bytes::Bytes>) {
+        match self.kept.as_mut() {
+            Some(k) => (std::mem::take(&mut k.raw), std::mem::take(&mut k.defined)),
+            None => Default::default(),
+        }
+    }
+
+    /// The held bytes [`Probation::release`] returned, once written: their room is
+    /// kept for the next transaction instead of being allocated again.
+    pub(super) fn give_back(&mut self, mut held: BytesMut) {
+        if let Some(k) = self.kept.as_mut() {
+            if k.held.capacity() == 0 && held.capacity() <= KEEP_HELD {
+                held.clear();
+                k.held = held;
             }
         }
     }
@@ -86,7 +132,10 @@ impl Probation {
         self.refused = None;
         self.stale = false;
         self.ready = false;
-        std::mem::take(&mut self.held)
+        self.kept
+            .as_mut()
+            .map(|k| std::mem::take(&mut k.held))
+            .unwrap_or_default()
     }
 }
 
@@ -139,8 +188,8 @@ impl Txn<'_> {
                 reason.count(self.shard);
                 tracing::info!(shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
             }
-            let mut again = std::mem::take(&mut self.probe.raw);
-            for name in std::mem::take(&mut self.probe.defined) {
+            let (mut again, defined) = self.probe.take_request();
+            for name in defined {
                 self.forget(&name);
             }
             self.probe.release();
@@ -150,6 +199,8 @@ impl Txn<'_> {
             return Ok(());
         }
         let held = self.end_probe();
-        write_client(client, &held).await
+        write_client(client, &held).await?;
+        self.probe.give_back(held);
+        Ok(())
     }
 }

@@ -93,6 +93,7 @@ pub(super) async fn server_bytes(
             // answers go, in order.
             let held = txn.end_probe();
             write_client(client, &held).await?;
+            txn.probe.give_back(held);
         }
         if !whole {
             pos += len;
@@ -192,10 +193,10 @@ impl Txn<'_> {
             self.server_fatal = true;
             health::report(self.state, Report::ServerFatal);
             if sqlstate::is_operator_intervention(code) {
-                self.fatal = Some((
+                self.fatal = Some(Box::new((
                     code.to_string(),
                     f.message().unwrap_or("no message").to_string(),
-                ));
+                )));
                 return true;
             }
         } else if let Some(r) = refusal.filter(|_| !self.probe.active) {
@@ -235,7 +236,7 @@ impl Txn<'_> {
 /// is unknown.
 async fn emit(client: &mut Conn, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), End> {
     if txn.probe.active {
-        txn.probe.held.extend_from_slice(bytes);
+        txn.probe.hold(bytes);
         return Ok(());
     }
     write_client(client, bytes).await
