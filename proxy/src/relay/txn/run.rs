@@ -61,15 +61,26 @@ pub(crate) fn relay<'a>(
 
 /// A parked client's wait, holding only its socket: until it sends something (or its
 /// socket ends) or the proxy begins to drain. The relay then runs again and sees which.
+///
+/// Kept small, as every parked client holds it: the socket's readiness is polled in
+/// place (no waiter of its own) and the shutdown is a notification.
 async fn parked(client: &Conn, shutdown: &Signal) {
     let crate::net::stream::Stream::Plain(socket) = &client.stream else {
         return;
     };
-    let mut signal = shutdown.clone();
-    tokio::select! {
-        _ = socket.readable() => {}
-        _ = signal.reached(Phase::Draining) => {}
-    }
+    let draining = shutdown.past(Phase::Draining);
+    tokio::pin!(draining);
+    std::future::poll_fn(|cx| {
+        // Ready, or failed: either way the relay's next read finds out which.
+        if socket.poll_read_ready(cx).is_ready()
+            || std::future::Future::poll(draining.as_mut(), cx).is_ready()
+        {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Which idle limit applies to a quiet client.
