@@ -123,14 +123,24 @@ impl Backend {
     }
 
     /// True if the server has said nothing since the connection went idle: any byte or
-    /// EOF means it is not safe to hand out.
-    fn is_quiet(&mut self) -> bool {
+    /// EOF means it is not safe to hand out. A connection idle for [`ASK_KERNEL_AFTER`]
+    /// or longer is checked with the kernel, one that was in use a moment ago with the
+    /// runtime's readiness (no system call on a busy pool's hot path).
+    fn is_quiet(&mut self, idle_for: Duration) -> bool {
         if !self.conn.rbuf.is_empty() {
             return false;
         }
-        self.conn.stream.is_quiet()
+        if idle_for >= ASK_KERNEL_AFTER {
+            self.conn.stream.is_quiet_now()
+        } else {
+            self.conn.stream.is_quiet()
+        }
     }
 }
+
+/// How long a connection sits idle before its checkout asks the kernel whether the
+/// server said anything (see [`Backend::is_quiet`]).
+const ASK_KERNEL_AFTER: Duration = Duration::from_millis(100);
 
 /// What a waiting client is handed.
 #[derive(Debug)]
@@ -400,7 +410,7 @@ impl Pool {
     /// not (closed by the server, or sent something unasked) are dropped on the way.
     fn pop_idle(st: &mut State) -> Option<Box<Backend>> {
         while let Some(mut idle) = st.idle.pop() {
-            if idle.backend.is_quiet() {
+            if idle.backend.is_quiet(idle.since.elapsed()) {
                 return Some(idle.backend);
             }
             st.total -= 1;
@@ -602,7 +612,7 @@ impl Pool {
             st.idle.retain_mut(|i| {
                 let stale = (!idle_timeout.is_zero() && now - i.since >= idle_timeout)
                     || (!lifetime.is_zero() && i.backend.created.elapsed() >= lifetime);
-                !stale && i.backend.is_quiet()
+                !stale && i.backend.is_quiet(now - i.since)
             });
             let gone = before - st.idle.len();
             if gone > 0 {
@@ -898,6 +908,22 @@ mod tests {
         assert_ne!(
             next.pid, old,
             "the closed connection was evicted, not reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_the_runtime_looked_away_is_not_handed_out() {
+        let server = StandIn::start(Answer::Ok).await;
+        let p = pool(&server.addr, 2, Duration::from_secs(5));
+        let first = p.checkout().await.unwrap();
+        p.checkin(first);
+        server.close_all();
+        // Blocks this single-threaded runtime: its I/O driver never sees the close, so
+        // only the kernel knows the connection is gone.
+        std::thread::sleep(ASK_KERNEL_AFTER + Duration::from_millis(50));
+        assert!(
+            p.try_checkout().is_none(),
+            "a connection the server closed was handed out"
         );
     }
 

@@ -57,6 +57,20 @@ impl Stream {
             }
         }
     }
+
+    /// As [`Stream::is_quiet`], asking the kernel (one `recv` with `MSG_PEEK`) instead
+    /// of the runtime's readiness, which lags behind bytes that arrived since its I/O
+    /// driver last looked: a server connection terminated while it sat idle is then seen
+    /// as closed before it is handed out. TLS streams answer as `is_quiet` does.
+    pub fn is_quiet_now(&mut self) -> bool {
+        match self {
+            Stream::Plain(s) => {
+                let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                matches!(socket2::SockRef::from(&*s).peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            other => other.is_quiet(),
+        }
+    }
 }
 
 impl AsyncRead for Stream {
