@@ -2,7 +2,7 @@
 # Direct vs PgBouncer vs handoff on one PostgreSQL server, same pgbench runs, same machine.
 # For each proxy run it also reports the proxy's CPU time per transaction: the user +
 # system time of its process (all threads, /proc/<pid>/stat) over the run, divided by the
-# transactions pgbench completed. Installs pgbouncer with apt-get when it is missing (as
+# transactions pgbench completed, and how much of it is system (kernel) time. Installs pgbouncer with apt-get when it is missing (as
 # root); runs PostgreSQL and PgBouncer as the postgres user when root.
 #
 # Usage: benches/compare-pgbouncer.sh [seconds] [rounds]
@@ -75,26 +75,30 @@ sleep 1
 pgb_cpu_pid=$(pgrep -n -x pgbouncer || echo "$pgb_pid")
 tck=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+sys_ticks() { awk '{print $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 echo "pgbench -S -c $clients -j 2 -T $secs, pool mode $pool_mode, pool size $pool_size"
-printf '%-6s %-9s %-10s %12s %8s %8s %12s\n' round mode target tps failed aborted 'cpu us/txn'
+printf '%-6s %-9s %-10s %12s %8s %8s %12s %12s\n' round mode target tps failed aborted 'cpu us/txn' 'of it sys'
 for r in $(seq "$rounds"); do
     for qm in $query_modes; do
         for t in "direct:$pg_port:" "pgbouncer:$pgb_port:$pgb_cpu_pid" "handoff:$ho_port:$ho_pid"; do
             IFS=: read -r name tport tpid <<<"$t"
-            before=0; [ -n "$tpid" ] && before=$(cpu_ticks "$tpid")
+            before=0; sys_before=0
+            [ -n "$tpid" ] && before=$(cpu_ticks "$tpid") && sys_before=$(sys_ticks "$tpid")
             out=$("$bin/pgbench" -n -S -M "$qm" -c "$clients" -j 2 -T "$secs" \
                 -h 127.0.0.1 -p "$tport" -U postgres postgres 2>&1 || true)
-            cpu=-
+            cpu=-; sys=-
             txns=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<<"$out")
             if [ -n "$tpid" ] && [ "${txns:-0}" -gt 0 ]; then
                 after=$(cpu_ticks "$tpid")
                 cpu=$(awk -v d="$((after - before))" -v t="$tck" -v n="$txns" 'BEGIN {printf "%.1f", d * 1e6 / t / n}')
+                sys_after=$(sys_ticks "$tpid")
+                sys=$(awk -v d="$((sys_after - sys_before))" -v t="$tck" -v n="$txns" 'BEGIN {printf "%.1f", d * 1e6 / t / n}')
             fi
             tps=$(awk '/^tps/ {print $3}' <<<"$out")
             failed=$(awk -F': ' '/number of failed transactions/ {split($2, a, " "); print a[1]}' <<<"$out")
             aborted=$(grep -c 'aborted in command' <<<"$out" || true)
             [ -z "$tps" ] && tps=0
-            printf '%-6s %-9s %-10s %12.1f %8s %8s %12s\n' "$r" "$qm" "$name" "$tps" "${failed:-?}" "$aborted" "$cpu"
+            printf '%-6s %-9s %-10s %12.1f %8s %8s %12s %12s\n' "$r" "$qm" "$name" "$tps" "${failed:-?}" "$aborted" "$cpu" "$sys"
         done
     done
 done
