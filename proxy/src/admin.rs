@@ -280,7 +280,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             async move { Ok::<_, Infallible>(handle(state, req).await) }
         })
         .map_result(recover);
-    let mut shutdown = state.shutdown.clone();
+    let shutdown = state.shutdown.clone();
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -294,7 +294,7 @@ pub(crate) async fn serve(listener: TcpListener, state: Arc<AdminState>) {
             _ = shutdown.reached(Phase::Closing) => break,
         };
         let svc = TowerToHyperService::new(service.clone());
-        let mut conn_shutdown = state.shutdown.clone();
+        let conn_shutdown = state.shutdown.clone();
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);

@@ -1,9 +1,10 @@
-//! Graceful shutdown signalling: one watch channel from the proxy handle to every task.
+//! Graceful shutdown signalling: one phase and its notification, from the proxy handle to
+//! every task.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 /// The phases of a shutdown, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -28,13 +29,13 @@ impl Phase {
 
 /// The sending side, owned by the proxy handle.
 #[derive(Debug)]
-pub struct Trigger(watch::Sender<Phase>, Arc<State>);
+pub struct Trigger(Arc<State>);
 
 /// A task's view of the shutdown phase. [`Signal::phase`] is a plain atomic load (every
-/// session checks it on every pass of its loop); waiting uses the watch channel, or
-/// (for the many parked clients, whose wait should be small) [`Signal::past`].
+/// session checks it on every pass of its loop); [`Signal::reached`] waits on a
+/// notification, a small future (every parked client holds one).
 #[derive(Debug, Clone)]
-pub struct Signal(watch::Receiver<Phase>, Arc<State>);
+pub struct Signal(Arc<State>);
 
 /// The phase as an atomic, and a notification of each move (or of the trigger's end).
 #[derive(Debug, Default)]
@@ -47,71 +48,52 @@ struct State {
 
 /// A new trigger and its first signal.
 pub fn channel() -> (Trigger, Signal) {
-    let (tx, rx) = watch::channel(Phase::Running);
     let state = Arc::new(State::default());
-    (Trigger(tx, Arc::clone(&state)), Signal(rx, state))
+    (Trigger(Arc::clone(&state)), Signal(state))
 }
 
 impl Trigger {
     /// Moves to `phase` if it is later than the current one.
     pub fn advance(&self, phase: Phase) {
-        let moved = self.0.send_if_modified(|p| {
-            let later = phase > *p;
-            if later {
-                *p = phase;
-                self.1.phase.store(phase as u8, Ordering::Release);
-            }
-            later
-        });
-        if moved {
-            self.1.moved.notify_waiters();
+        let before = self.0.phase.fetch_max(phase as u8, Ordering::AcqRel);
+        if before < phase as u8 {
+            self.0.moved.notify_waiters();
         }
     }
 
     pub fn phase(&self) -> Phase {
-        *self.0.borrow()
+        Phase::from_u8(self.0.phase.load(Ordering::Acquire))
     }
 }
 
 impl Drop for Trigger {
     fn drop(&mut self) {
-        self.1.gone.store(true, Ordering::Release);
-        self.1.moved.notify_waiters();
+        self.0.gone.store(true, Ordering::Release);
+        self.0.moved.notify_waiters();
     }
 }
 
 impl Signal {
     pub fn phase(&self) -> Phase {
-        Phase::from_u8(self.1.phase.load(Ordering::Acquire))
+        Phase::from_u8(self.0.phase.load(Ordering::Acquire))
     }
 
-    /// Resolves when the phase reaches at least `phase` (or the trigger is gone), as
-    /// [`Signal::reached`] does, with a smaller future: a notification, not the watch
-    /// channel's wait.
+    /// Resolves when the phase reaches at least `phase`, or when the trigger is gone
+    /// (which only happens once the proxy is torn down: read as the final phase).
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping it loses nothing; a later call sees the current phase.
-    pub async fn past(&self, phase: Phase) {
+    pub async fn reached(&self, phase: Phase) {
         loop {
-            let moved = self.1.moved.notified();
+            let moved = self.0.moved.notified();
             tokio::pin!(moved);
             // Registered before the check: a move between the check and the wait wakes it.
             moved.as_mut().enable();
-            if self.phase() >= phase || self.1.gone.load(Ordering::Acquire) {
+            if self.phase() >= phase || self.0.gone.load(Ordering::Acquire) {
                 return;
             }
             moved.await;
         }
-    }
-
-    /// Resolves when the phase reaches at least `phase`.
-    ///
-    /// # Cancel safety
-    /// Cancel-safe: dropping it loses nothing; a later call sees the current phase.
-    pub async fn reached(&mut self, phase: Phase) {
-        // An error means the trigger is gone, which only happens once the proxy is torn
-        // down: treat it as the final phase.
-        let _ = self.0.wait_for(|p| *p >= phase).await;
     }
 }
 
@@ -121,11 +103,11 @@ mod tests {
     use std::time::Duration;
 
     #[tokio::test]
-    async fn past_waits_for_the_phase_and_ends_with_the_trigger() {
+    async fn reached_waits_for_the_phase_and_ends_with_the_trigger() {
         let (trigger, signal) = channel();
         let waiting = {
             let signal = signal.clone();
-            tokio::spawn(async move { signal.past(Phase::Draining).await })
+            tokio::spawn(async move { signal.reached(Phase::Draining).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiting.is_finished(), "resolved while running");
@@ -135,13 +117,13 @@ mod tests {
             .expect("woken by the move")
             .unwrap();
         // Already past: at once.
-        tokio::time::timeout(Duration::from_secs(5), signal.past(Phase::Draining))
+        tokio::time::timeout(Duration::from_secs(5), signal.reached(Phase::Draining))
             .await
             .expect("already past");
         // A later phase: only when the trigger moves there, or is gone.
         let later = {
             let signal = signal.clone();
-            tokio::spawn(async move { signal.past(Phase::Closing).await })
+            tokio::spawn(async move { signal.reached(Phase::Closing).await })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!later.is_finished(), "resolved before Closing");

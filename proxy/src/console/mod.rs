@@ -96,7 +96,7 @@ pub(crate) async fn serve(
     shared: &Shared,
     user: String,
     minor: u16,
-    mut shutdown: Signal,
+    shutdown: Signal,
 ) {
     let registration = shared
         .cancels

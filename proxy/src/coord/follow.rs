@@ -98,7 +98,7 @@ enum Woken {
 
 impl Coord {
     /// The follower's loop; ends at shutdown.
-    pub(super) async fn follow(self: Arc<Self>, mut shutdown: Signal) {
+    pub(super) async fn follow(self: Arc<Self>, shutdown: Signal) {
         let mut watch: Option<WatchStream> = None;
         let resync = (self.settings.lease_ttl / 2).max(Duration::from_millis(500));
         loop {

@@ -12,7 +12,7 @@ use crate::coord::Coord;
 use crate::shutdown::{Phase, Signal};
 
 impl Coord {
-    pub(super) async fn membership(self: Arc<Self>, mut shutdown: Signal) {
+    pub(super) async fn membership(self: Arc<Self>, shutdown: Signal) {
         let ttl = self.settings.lease_ttl;
         let every = ttl / 3;
         loop {

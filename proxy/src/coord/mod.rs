@@ -192,7 +192,7 @@ impl Coord {
             // A primary found by this proxy's own discovery is published at once.
             let mut found = shard.health.discovered.subscribe();
             let c = Arc::clone(&coord);
-            let mut stop = shutdown.clone();
+            let stop = shutdown.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::select! {

@@ -28,7 +28,7 @@ const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
-    mut shutdown: Signal,
+    shutdown: Signal,
     tracker: mpsc::Sender<()>,
 ) {
     let permits = Arc::new(Semaphore::new(shared.config.max_client_conn));

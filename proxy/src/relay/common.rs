@@ -53,7 +53,7 @@ pub enum End {
 }
 
 /// Resolves when `signal` reaches `phase`.
-pub(crate) async fn reach(mut signal: Signal, phase: Phase) {
+pub(crate) async fn reach(signal: Signal, phase: Phase) {
     signal.reached(phase).await
 }
 

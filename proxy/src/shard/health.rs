@@ -380,7 +380,7 @@ impl Cycle {
     }
 }
 
-pub(crate) async fn reach(mut s: Signal) {
+pub(crate) async fn reach(s: Signal) {
     s.reached(Phase::Draining).await
 }
 

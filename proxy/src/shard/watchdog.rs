@@ -311,7 +311,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
                 tokio::time::sleep(interval).await
             }
         };
-        let mut s = shutdown.clone();
+        let s = shutdown.clone();
         tokio::select! {
             _ = wait => {}
             _ = s.reached(Phase::Draining) => return,

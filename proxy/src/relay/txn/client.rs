@@ -220,10 +220,9 @@ async fn too_large(client: &mut Conn, txn: &Txn<'_>, tag: u8) -> End {
 /// A refusal (the buffer gave up, no primary) is answered locally; any other failure
 /// ends the session (the answers owed so far go first).
 async fn gate(client: &mut Conn, txn: &mut Txn<'_>, answers: &[u8], pos: usize) -> Result<(), End> {
-    let attached = if txn.attach_now() {
-        Ok(())
-    } else {
-        Box::pin(txn.attach_waiting(client.rbuf.len() - pos)).await
+    let attached = match txn.attach_now() {
+        super::Now::Attached => Ok(()),
+        now => Box::pin(txn.attach_waiting(client.rbuf.len() - pos, now)).await,
     };
     match attached {
         Ok(()) => {

@@ -125,6 +125,16 @@ pub(super) struct Named {
     preparing: HashSet<Bytes>,
 }
 
+/// What [`Txn::attach_now`] could do without waiting.
+pub(crate) enum Now {
+    /// A server connection serves the transaction.
+    Attached,
+    /// The gate or the pool must be waited for.
+    Wait,
+    /// Through the gate with a connection whose parameters need a SET first.
+    Sync(Box<Backend>),
+}
+
 /// What [`Txn::named`] lends a client that has named nothing.
 static NO_NAMES: std::sync::LazyLock<Named> = std::sync::LazyLock::new(Named::default);
 
@@ -183,37 +193,39 @@ impl<'a> Txn<'a> {
     /// changes), then checks a connection out of the serving primary's pool and brings
     /// its parameters in line with the client's. `bytes`: the request's size so far.
     pub async fn attach(&mut self, bytes: usize) -> Result<(), AttachError> {
-        if self.attach_now() {
-            return Ok(());
+        match self.attach_now() {
+            Now::Attached => Ok(()),
+            now => self.attach_waiting(bytes, now).await,
         }
-        self.attach_waiting(bytes).await
     }
 
     /// [`Txn::attach`]'s common case, which neither waits nor allocates: the shard
     /// serves, an idle connection is free and already has the client's parameters.
-    /// False, having kept nothing, when it must wait: then [`Txn::attach_waiting`].
-    pub fn attach_now(&mut self) -> bool {
+    /// Anything else is left to [`Txn::attach_waiting`].
+    pub fn attach_now(&mut self) -> Now {
         if self.backend.is_some() {
-            return true;
+            return Now::Attached;
         }
         let Some(b) = self.checkout_now() else {
-            return false;
+            return Now::Wait;
         };
         if params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
             self.install(b);
-            return true;
+            return Now::Attached;
         }
         // Its parameters need a SET: that waits for the server.
-        self.pool.checkin(b);
-        self.leave();
-        false
+        Now::Sync(b)
     }
 
     /// [`Txn::attach`]'s paths that wait (the buffer, a pool at its limit, a new
-    /// connection, SET). The relay awaits it in a box of its own, so the future each
-    /// client keeps does not reserve room for them.
-    pub async fn attach_waiting(&mut self, bytes: usize) -> Result<(), AttachError> {
-        let mut b = self.checkout_waiting(bytes).await?;
+    /// connection, SET), after [`Txn::attach_now`] said which. The relay awaits it in a
+    /// box of its own, so the future each client keeps does not reserve room for them.
+    pub async fn attach_waiting(&mut self, bytes: usize, now: Now) -> Result<(), AttachError> {
+        let mut b = match now {
+            Now::Attached => return Ok(()),
+            Now::Sync(b) => b,
+            Now::Wait => self.checkout_waiting(bytes).await?,
+        };
         if !params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
             let sql_stmts = &self.named().sql_stmts;
             if let Err(e) = sync_params(&mut b, &self.desired, sql_stmts).await {

@@ -68,7 +68,7 @@ async fn parked(client: &Conn, shutdown: &Signal) {
     let crate::net::stream::Stream::Plain(socket) = &client.stream else {
         return;
     };
-    let draining = shutdown.past(Phase::Draining);
+    let draining = shutdown.reached(Phase::Draining);
     tokio::pin!(draining);
     std::future::poll_fn(|cx| {
         // Ready, or failed: either way the relay's next read finds out which.
