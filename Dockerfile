@@ -2,8 +2,6 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-# etcd-client compiles the etcd v3 protobuf definitions: it needs protoc.
-RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler && rm -rf /var/lib/apt/lists/*
 RUN cargo build --release --locked -p handoff --bin handoff
 # The release profile keeps line tables for profiling (about 40 MB); the image ships the
 # binary without them.

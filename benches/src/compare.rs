@@ -59,16 +59,20 @@ impl Drop for Kill {
     }
 }
 
+/// PgBouncer, for the side-by-side runs: found, or installed when this process may
+/// (root or password-less sudo: see `handoff_tests::setup`). `None` after saying why
+/// it is missing and how to install it; the runs then leave PgBouncer out.
 pub fn pgbouncer_binary() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            if d.join("pgbouncer").is_file() {
-                return Some(d.join("pgbouncer"));
+    static FOUND: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| match handoff_tests::setup::pgbouncer() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("{e:#}");
+                None
             }
-        }
-    }
-    let sbin = Path::new("/usr/sbin/pgbouncer");
-    sbin.is_file().then(|| sbin.to_path_buf())
+        })
+        .clone()
 }
 
 pub async fn wait_listening(port: u16, what: &str) -> Result<()> {

@@ -178,7 +178,7 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
     let ctl = format!(
         "{}{} -c {} switchover --leader pg0 --candidate pg1 --force",
         crate::compare::as_server_user(),
-        handoff_tests::patroni::patroni_bin()
+        handoff_tests::patroni::patroni_bin()?
             .with_file_name("patronictl")
             .display(),
         cluster.config_path(0).display()

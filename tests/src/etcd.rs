@@ -1,9 +1,8 @@
 //! A single-member etcd for tests, started from the installed `etcd` binary
-//! (`HANDOFF_TEST_ETCD` to use another) on free loopback ports, its data in a temp
-//! directory. It can be stopped and started again on the same ports and data (etcd
-//! outages), and is killed when dropped.
+//! (`HANDOFF_TEST_ETCD` to use another; installed when missing, see [`crate::setup`])
+//! on free loopback ports, its data in a temp directory. It can be stopped and started
+//! again on the same ports and data (etcd outages), and is killed when dropped.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,20 +19,6 @@ pub struct Etcd {
     peer_port: u16,
     /// Serving clients over TLS with this certificate and key (files in `dir`).
     tls: bool,
-}
-
-/// The etcd binary to run.
-fn binary() -> PathBuf {
-    if let Ok(p) = std::env::var("HANDOFF_TEST_ETCD") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = PathBuf::from(dir).join("etcd");
-        if p.is_file() {
-            return p;
-        }
-    }
-    PathBuf::from("/usr/bin/etcd")
 }
 
 impl Etcd {
@@ -75,7 +60,8 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(self.dir.path().join("etcd.log"))?;
-        let mut cmd = Command::new(binary());
+        let binary = crate::setup::etcd()?;
+        let mut cmd = Command::new(&binary);
         if self.tls {
             cmd.arg("--cert-file")
                 .arg(self.dir.path().join("server.pem"))
@@ -95,12 +81,7 @@ impl Etcd {
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
-            .with_context(|| {
-                format!(
-                    "starting {} (apt-get install etcd-server)",
-                    binary().display()
-                )
-            })?;
+            .with_context(|| format!("starting {}", binary.display()))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

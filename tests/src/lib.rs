@@ -17,6 +17,7 @@ pub mod patroni;
 pub mod pg;
 pub mod proxies;
 pub mod raw;
+pub mod setup;
 pub mod tls;
 
 use std::future::Future;

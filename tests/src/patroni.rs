@@ -1,8 +1,8 @@
 //! A real Patroni cluster for tests: an etcd of its own, and N Patroni daemons (each
 //! running its PostgreSQL) on free loopback ports, run as the server user. Patroni
-//! comes from `HANDOFF_TEST_PATRONI` or `/opt/handoff-patroni/bin/patroni` (a venv
-//! made with `/usr/bin/python3 -m venv` and `pip install 'patroni[etcd3]'
-//! psycopg2-binary`; `.ci/run` makes it). Everything is stopped when dropped.
+//! comes from `HANDOFF_TEST_PATRONI`, or from a venv the harness makes on first use
+//! (`/opt/handoff-patroni` as root: [`crate::setup::patroni`]). Everything is stopped
+//! when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,15 +14,20 @@ use serde_json::Value;
 use crate::etcd::Etcd;
 use crate::pg::{free_port, PgBin};
 
-/// Where `.ci/run` installs Patroni.
-pub const DEFAULT_VENV: &str = "/opt/handoff-patroni";
-
-/// The `patroni` program.
-pub fn patroni_bin() -> PathBuf {
-    match std::env::var("HANDOFF_TEST_PATRONI") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => Path::new(DEFAULT_VENV).join("bin/patroni"),
+/// The `patroni` program, made ready (installed into its venv) on first use.
+pub fn patroni_bin() -> Result<PathBuf> {
+    static READY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = READY.get() {
+        return Ok(p.clone());
     }
+    let p = crate::setup::patroni()?;
+    if !p.is_file() {
+        bail!(
+            "{} not found (HANDOFF_TEST_PATRONI names a program that is not there?)",
+            p.display()
+        );
+    }
+    Ok(READY.get_or_init(|| p).clone())
 }
 
 /// One Patroni member.
@@ -74,13 +79,7 @@ impl PatroniCluster {
     /// Starts etcd and `n` members; the first bootstraps and leads, the others stream
     /// from it. Returns once every replica streams.
     pub fn start(n: usize, opts: Options) -> Result<Self> {
-        let patroni = patroni_bin();
-        if !patroni.is_file() {
-            bail!(
-                "{} not found: make the venv (`/usr/bin/python3 -m venv {DEFAULT_VENV} && {DEFAULT_VENV}/bin/pip install 'patroni[etcd3]' psycopg2-binary`, as .ci/run does) or set HANDOFF_TEST_PATRONI",
-                patroni.display()
-            );
-        }
+        patroni_bin()?;
         let bin = PgBin::find()?;
         let etcd = Etcd::start()?;
         let dir = tempfile::Builder::new()
@@ -144,13 +143,13 @@ impl PatroniCluster {
             .open(&m.log)?;
         let child = self
             .bin
-            .command_as_server_user(&patroni_bin(), self.dir())
+            .command_as_server_user(&patroni_bin()?, self.dir())
             .arg(&m.config)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
-            .with_context(|| format!("starting {}", patroni_bin().display()))?;
+            .context("starting patroni")?;
         self.members[i].child = Some(child);
         Ok(())
     }
@@ -252,7 +251,7 @@ impl PatroniCluster {
 
     /// `patronictl` with this cluster's configuration, as the server user.
     pub fn patronictl(&self, args: &[&str]) -> Result<Output> {
-        let ctl = patroni_bin().with_file_name("patronictl");
+        let ctl = patroni_bin()?.with_file_name("patronictl");
         let out = self
             .bin
             .command_as_server_user(&ctl, self.dir())

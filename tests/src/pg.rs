@@ -29,12 +29,14 @@ fn version_key(p: &Path) -> Vec<u32> {
 
 impl PgBin {
     /// Finds `initdb`: on `PATH`, then `pg_config --bindir`, then the newest
-    /// `/usr/lib/postgresql/*/bin`.
+    /// `/usr/lib/postgresql/*/bin`; installs PostgreSQL when none is found and it can
+    /// ([`crate::setup`]).
     pub fn find() -> Result<Self> {
+        crate::setup::ensure_postgres(|| Self::find_dir().is_some())?;
         let dir = Self::find_dir().ok_or_else(|| {
             anyhow!(
                 "PostgreSQL server binaries (initdb) not found on PATH, via pg_config, or in \
-                 /usr/lib/postgresql/*/bin; install postgresql (e.g. apt-get install postgresql)"
+                 /usr/lib/postgresql/*/bin"
             )
         })?;
         let run_as = if current_euid()? == 0 {

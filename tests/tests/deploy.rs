@@ -15,16 +15,9 @@ fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// `promtool`, which Debian's `prometheus` package installs (`.ci/run` does).
+/// `promtool` (Debian's `prometheus` package), installed when missing.
 fn promtool() -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .map(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("promtool"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_default();
-    found.expect("promtool is not installed: apt-get install prometheus (the README's set-up does)")
+    handoff_tests::setup::promtool().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -13,12 +13,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::WatchStream;
 use tokio::time::Instant;
 
 use crate::config::HostPort;
 use crate::coord::records::{now_ms, Ack, Member, Op, Phase, Primary};
-use crate::coord::store::Kv;
+use crate::coord::store::{Kv, WatchStream};
 use crate::coord::{lock, Coord, Joined, View};
 use crate::shard::health::{self, Probe};
 use crate::shard::{control, Shard, StateKind};

@@ -21,6 +21,15 @@
 //! (`/v1/shards`, `handoff_coordination_up`), refuses to start operations, and catches up
 //! when etcd answers again.
 
+/// etcd's gRPC client, generated from `proxy/proto/etcd.proto` (see [`store`]).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    unreachable_pub,
+    rustdoc::invalid_html_tags
+)]
+mod etcdserverpb;
 mod external;
 mod follow;
 mod lead;
