@@ -66,11 +66,17 @@ echo '"postgres" ""' >"$work/users.txt"
 [ "$(id -u)" -eq 0 ] && chown postgres "$work"/*
 as_pg "$pgbouncer" "$work/pgbouncer.ini" >/dev/null 2>&1 &
 pgb_pid=$!
-env -u HANDOFF_LOG HANDOFF_SHARDS="main=127.0.0.1:$pg_port" HANDOFF_LISTEN="127.0.0.1:$ho_port" \
+# handoff refuses HANDOFF_* variables it does not know: it gets only what is set here.
+unset_handoff=()
+while IFS='=' read -r name _; do
+    case "$name" in HANDOFF_*) unset_handoff+=(-u "$name") ;; esac
+done < <(env)
+env "${unset_handoff[@]}" HANDOFF_SHARDS="main=127.0.0.1:$pg_port" HANDOFF_LISTEN="127.0.0.1:$ho_port" \
     HANDOFF_ADMIN_LISTEN="127.0.0.1:$admin_port" HANDOFF_POOL_MODE="$pool_mode" \
     HANDOFF_POOL_SIZE="$pool_size" HANDOFF_LOG=warn "$top/target/release/handoff" &
 ho_pid=$!
 sleep 1
+kill -0 "$ho_pid" 2>/dev/null || { echo "compare-pgbouncer: handoff exited at startup" >&2; exit 1; }
 # runuser stays as PgBouncer's parent: its own pid is the newest pgbouncer process.
 pgb_cpu_pid=$(pgrep -n -x pgbouncer || echo "$pgb_pid")
 tck=$(getconf CLK_TCK)

@@ -38,7 +38,8 @@ use tokio::time::Instant;
 
 pub use config::{BufferConfig, ConfigError};
 
-/// Metric names.
+/// The buffer's metrics: their names, and the table they are registered and documented
+/// from.
 pub mod metric {
     pub const STARTS: &str = "handoff_buffer_starts_total";
     pub const STARTS_SKIPPED: &str = "handoff_buffer_starts_skipped_total";
@@ -52,6 +53,137 @@ pub mod metric {
     pub const BYTES: &str = "handoff_buffer_bytes";
     pub const WAIT: &str = "handoff_buffer_wait_seconds";
     pub const FAILOVER_DURATION: &str = "handoff_buffer_failover_duration_seconds";
+
+    /// What kind of series a metric is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        Counter,
+        Gauge,
+        Histogram,
+    }
+
+    impl Kind {
+        /// The name Prometheus's exposition format uses (`# TYPE`).
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            }
+        }
+    }
+
+    /// One metric as it is registered and documented: name, kind, label names, help.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Def {
+        pub name: &'static str,
+        pub kind: Kind,
+        pub labels: &'static [&'static str],
+        /// One line (Markdown: `code` in backquotes; the backquotes are left out of
+        /// the exposition's `# HELP`).
+        pub help: &'static str,
+    }
+
+    impl Def {
+        /// Registers the metric's description (`# HELP`) and unit with the recorder.
+        pub fn describe(&self) {
+            use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+            let help = self.help.replace('`', "");
+            let unit = if self.name.ends_with("_seconds") {
+                Some(Unit::Seconds)
+            } else if self.name.ends_with("_bytes") || self.name.ends_with("_bytes_total") {
+                Some(Unit::Bytes)
+            } else {
+                None
+            };
+            match (self.kind, unit) {
+                (Kind::Counter, Some(u)) => describe_counter!(self.name, u, help),
+                (Kind::Counter, None) => describe_counter!(self.name, help),
+                (Kind::Gauge, Some(u)) => describe_gauge!(self.name, u, help),
+                (Kind::Gauge, None) => describe_gauge!(self.name, help),
+                (Kind::Histogram, Some(u)) => describe_histogram!(self.name, u, help),
+                (Kind::Histogram, None) => describe_histogram!(self.name, help),
+            }
+        }
+    }
+
+    use Kind::{Counter, Gauge, Histogram};
+
+    /// Every series of the buffer.
+    pub const METRICS: &[Def] = &[
+        Def {
+            name: STARTS,
+            kind: Counter,
+            labels: &["shard"],
+            help: "Buffering cycles started",
+        },
+        Def {
+            name: STARTS_SKIPPED,
+            kind: Counter,
+            labels: &["shard", "reason"],
+            help: "Buffering cycles not started, by `reason` (`last_failover_too_recent`)",
+        },
+        Def {
+            name: STOPS,
+            kind: Counter,
+            labels: &["shard", "reason"],
+            help: "Buffering cycles ended, by `reason` (`new_primary`, `aborted`, `max_duration_exceeded`, `shutdown`)",
+        },
+        Def {
+            name: BUFFERED,
+            kind: Counter,
+            labels: &["shard"],
+            help: "Requests held by the buffer",
+        },
+        Def {
+            name: BUFFERED_DRY_RUN,
+            kind: Counter,
+            labels: &["shard"],
+            help: "Requests the buffer would have held (dry run)",
+        },
+        Def {
+            name: DRAINED,
+            kind: Counter,
+            labels: &["shard"],
+            help: "Held requests released to a primary",
+        },
+        Def {
+            name: EVICTED,
+            kind: Counter,
+            labels: &["shard", "reason"],
+            help: "Held requests that got an error instead, by `reason` (`window_exceeded`, `buffer_full`, `context_done`, `max_duration`, `shutdown`)",
+        },
+        Def {
+            name: SKIPPED,
+            kind: Counter,
+            labels: &["shard", "reason"],
+            help: "Requests that were not held while buffering, by `reason` (`disabled`, `buffer_full`, `shutdown`)",
+        },
+        Def {
+            name: DEPTH,
+            kind: Gauge,
+            labels: &["shard"],
+            help: "Requests held now",
+        },
+        Def {
+            name: BYTES,
+            kind: Gauge,
+            labels: &[],
+            help: "Bytes of requests held now, across all shards",
+        },
+        Def {
+            name: WAIT,
+            kind: Histogram,
+            labels: &["shard"],
+            help: "How long each held request waited",
+        },
+        Def {
+            name: FAILOVER_DURATION,
+            kind: Histogram,
+            labels: &["shard"],
+            help: "How long each buffering cycle lasted",
+        },
+    ];
 }
 
 /// The states of one shard's buffer.
@@ -604,42 +736,12 @@ impl Drop for CancelGuard<'_> {
     }
 }
 
-/// Describes the buffer's series for the Prometheus exposition (`# HELP`); called
-/// once by the proxy when it installs its recorder.
+/// Describes the buffer's series for the Prometheus exposition (`# HELP`), from
+/// [`metric::METRICS`]; called once by the proxy when it installs its recorder.
 pub fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(metric::STARTS, "Buffering cycles started");
-    describe_counter!(
-        metric::STARTS_SKIPPED,
-        "Buffering cycles not started, by reason"
-    );
-    describe_counter!(metric::STOPS, "Buffering cycles ended, by reason");
-    describe_counter!(metric::BUFFERED, "Requests held by the buffer");
-    describe_counter!(
-        metric::BUFFERED_DRY_RUN,
-        "Requests the buffer would have held (dry run)"
-    );
-    describe_counter!(metric::DRAINED, "Held requests released to a primary");
-    describe_counter!(
-        metric::EVICTED,
-        "Held requests that got an error instead, by reason"
-    );
-    describe_counter!(
-        metric::SKIPPED,
-        "Requests that were not held while buffering, by reason"
-    );
-    describe_gauge!(metric::DEPTH, "Requests held now");
-    describe_gauge!(metric::BYTES, Unit::Bytes, "Bytes of requests held now");
-    describe_histogram!(
-        metric::WAIT,
-        Unit::Seconds,
-        "How long each held request waited"
-    );
-    describe_histogram!(
-        metric::FAILOVER_DURATION,
-        Unit::Seconds,
-        "How long each buffering cycle lasted"
-    );
+    for m in metric::METRICS {
+        m.describe();
+    }
 }
 
 /// Creates every per-shard series at zero so dashboards see them from startup.

@@ -10,365 +10,562 @@ use std::time::Duration;
 
 use handoff_protocol::auth::ScramVerifier;
 
-/// One documented variable: name, default (as written in the environment), meaning.
+/// Which part of handoff a variable configures: the sections of the configuration
+/// reference (`docs/configuration.md`), in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic {
+    Listen,
+    Shards,
+    Auth,
+    Clients,
+    Pools,
+    Buffer,
+    Failover,
+    Coordination,
+    Patroni,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 9] = [
+        Topic::Listen,
+        Topic::Shards,
+        Topic::Auth,
+        Topic::Clients,
+        Topic::Pools,
+        Topic::Buffer,
+        Topic::Failover,
+        Topic::Coordination,
+        Topic::Patroni,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Topic::Listen => "Listening, TLS, the admin API and logs",
+            Topic::Shards => "Shards and routing",
+            Topic::Auth => "Users and authentication",
+            Topic::Clients => "Client limits and timeouts",
+            Topic::Pools => "Pools and server connections",
+            Topic::Buffer => "The failover buffer",
+            Topic::Failover => "Switchovers, failure detection and the fence",
+            Topic::Coordination => "Coordination over etcd",
+            Topic::Patroni => "Patroni",
+        }
+    }
+}
+
+/// When a running proxy takes a new value of a variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applies {
+    /// Read once at startup: restart to change.
+    AtStart,
+    /// Read again on SIGHUP.
+    OnSighup,
+}
+
+/// One documented variable: its name, topic, default (as written in the environment),
+/// when a change applies, and its meaning (Markdown: `code` in backquotes).
 #[derive(Debug, Clone, Copy)]
 pub struct Variable {
     pub name: &'static str,
+    pub topic: Topic,
     pub default: &'static str,
+    pub applies: Applies,
     pub help: &'static str,
 }
 
-/// Every variable handoff reads. Anything else starting with `HANDOFF_` is refused.
+/// Every variable handoff reads — the one source of their names, defaults and
+/// meanings: `handoff --help`, the console's `SHOW CONFIG` and `docs/configuration.md`
+/// are made from it. Anything else starting with `HANDOFF_` is refused.
 pub const VARIABLES: &[Variable] = &[
     Variable {
         name: "HANDOFF_LISTEN",
+        topic: Topic::Listen,
         default: "127.0.0.1:6432",
+        applies: Applies::AtStart,
         help: "address clients connect to",
     },
     Variable {
         name: "HANDOFF_ADMIN_LISTEN",
+        topic: Topic::Listen,
         default: "127.0.0.1:6480",
-        help: "address of the admin HTTP API (/healthz, /readyz, /metrics)",
+        applies: Applies::AtStart,
+        help: "admin HTTP API (`/healthz`, `/readyz`, `/metrics`)",
     },
     Variable {
         name: "HANDOFF_ADMIN_TOKEN",
+        topic: Topic::Listen,
         default: "(unset)",
-        help: "bearer token for the admin API; required when HANDOFF_ADMIN_LISTEN is not loopback",
+        applies: Applies::AtStart,
+        help: "bearer token for the admin API (all but the two health probes); required when `HANDOFF_ADMIN_LISTEN` is not loopback",
     },
     Variable {
         name: "HANDOFF_SHARDS",
+        topic: Topic::Shards,
         default: "main=127.0.0.1:5432",
-        help: "name=host:port[,host:port...][;name=...]: every host that may be the shard's primary; at startup the writable one on the highest timeline is chosen (the first listed wins ties). A shard named in HANDOFF_PATRONI may list no hosts (just name): Patroni's members are used",
+        applies: Applies::AtStart,
+        help: "`name=host:port[,host:port...][;name=...]`: every host that may be the shard's primary; at startup the writable one on the highest timeline is chosen (the first listed wins ties). A shard in `HANDOFF_PATRONI` may be a bare `name`: Patroni's members are its hosts",
     },
     Variable {
         name: "HANDOFF_DATABASES",
+        topic: Topic::Shards,
         default: "(every database to the only shard)",
-        help: "clientdb=shard[/serverdb][;...]; '*' matches any other database",
+        applies: Applies::AtStart,
+        help: "`clientdb=shard[/serverdb][;...]`; `*=shard` routes any other database; required with more than one shard",
     },
     Variable {
         name: "HANDOFF_USERS",
+        topic: Topic::Auth,
         default: "(unset: no client password, loopback listen only)",
-        help: "user=password or user=SCRAM-SHA-256$... verifier, comma separated",
+        applies: Applies::AtStart,
+        help: "`user=password` or `user=SCRAM-SHA-256$iter:salt$StoredKey:ServerKey`, comma separated; required when `HANDOFF_LISTEN` is not loopback",
     },
     Variable {
         name: "HANDOFF_USERS_FILE",
+        topic: Topic::Auth,
         default: "(unset)",
-        help: "a users file as PgBouncer's userlist.txt: \"user\" \"password, SCRAM-SHA-256$... or md5...\" per line; read again on SIGHUP",
+        applies: Applies::OnSighup,
+        help: "a users file as PgBouncer's `userlist.txt`: `\"user\" \"secret\"` per line, the secret a password, a `SCRAM-SHA-256$…` verifier or an `md5…` secret; read again on SIGHUP (a broken file is refused and the old list stays)",
     },
     Variable {
         name: "HANDOFF_AUTH_USER",
+        topic: Topic::Auth,
         default: "(unset: no lookup)",
-        help: "server role that looks up users HANDOFF_USERS and the file do not list, with HANDOFF_AUTH_QUERY on the shard's primary (PgBouncer's auth_user); its password, if the server asks, from HANDOFF_USERS or the file",
+        applies: Applies::AtStart,
+        help: "server role that looks up a user `HANDOFF_USERS` and the file do not list, on the primary of the shard the client's database routes to (PgBouncer's `auth_user`); its password, if the server asks, comes from `HANDOFF_USERS` or the file",
     },
     Variable {
         name: "HANDOFF_AUTH_QUERY",
+        topic: Topic::Auth,
         default: "SELECT usename, passwd FROM pg_shadow WHERE usename=$1",
-        help: "the lookup: $1 is the user; answers (name, SCRAM verifier or MD5 secret), no row for an unknown user",
+        applies: Applies::AtStart,
+        help: "the lookup: `$1` is the user; one row (name, secret) or none",
     },
     Variable {
         name: "HANDOFF_AUTH_CACHE_TTL",
+        topic: Topic::Auth,
         default: "60s",
-        help: "how long a looked-up secret is kept (a failed login with it asks the server again)",
+        applies: Applies::AtStart,
+        help: "how long a looked-up secret is kept; a failed login with a cached one asks the server again next time",
     },
     Variable {
         name: "HANDOFF_MAX_CLIENT_CONN",
+        topic: Topic::Clients,
         default: "1000",
-        help: "most client connections at once; beyond it clients get SQLSTATE 53300",
+        applies: Applies::AtStart,
+        help: "most client connections at once; beyond it a client gets `53300`",
     },
     Variable {
         name: "HANDOFF_TLS_MODE",
+        topic: Topic::Listen,
         default: "disable",
-        help: "TLS for clients: disable (SSLRequest answered N), allow (TLS when asked), require (plaintext clients refused with 28000)",
+        applies: Applies::AtStart,
+        help: "TLS for clients: `disable` (SSLRequest answered `N`), `allow` (TLS for clients that ask), `require` (plaintext clients get `28000`)",
     },
     Variable {
         name: "HANDOFF_TLS_CERT",
+        topic: Topic::Listen,
         default: "(unset)",
-        help: "PEM certificate chain for client TLS (read again on SIGHUP)",
+        applies: Applies::OnSighup,
+        help: "PEM certificate chain for client TLS; read again on SIGHUP",
     },
     Variable {
         name: "HANDOFF_TLS_KEY",
+        topic: Topic::Listen,
         default: "(unset)",
-        help: "PEM private key for client TLS (read again on SIGHUP)",
+        applies: Applies::OnSighup,
+        help: "PEM private key for client TLS; read again on SIGHUP",
     },
     Variable {
         name: "HANDOFF_SERVER_TLS",
+        topic: Topic::Listen,
         default: "disable",
-        help: "TLS to PostgreSQL servers, as libpq's sslmode: disable, prefer, require, verify-ca, verify-full",
+        applies: Applies::AtStart,
+        help: "TLS to PostgreSQL, as libpq's `sslmode`: `disable`, `prefer`, `require` (encrypt, no verification), `verify-ca` (chain), `verify-full` (chain and host name)",
     },
     Variable {
         name: "HANDOFF_SERVER_TLS_CA",
+        topic: Topic::Listen,
         default: "(unset)",
-        help: "PEM CA certificates that server certificates must chain to (verify-ca, verify-full)",
+        applies: Applies::AtStart,
+        help: "PEM CA certificates server certificates must chain to (`verify-ca`, `verify-full`)",
     },
     Variable {
         name: "HANDOFF_MAX_USER_CLIENT_CONN",
+        topic: Topic::Clients,
         default: "0",
-        help: "most client connections per user at once (0: no limit); beyond it 53300",
+        applies: Applies::AtStart,
+        help: "most client connections per user at once (`0`: no limit); beyond it `53300` naming the variable",
     },
     Variable {
         name: "HANDOFF_MAX_DB_CLIENT_CONN",
+        topic: Topic::Clients,
         default: "0",
-        help: "most client connections per client database at once (0: no limit); beyond it 53300",
+        applies: Applies::AtStart,
+        help: "most client connections per client database at once (`0`: no limit); beyond it `53300`",
     },
     Variable {
         name: "HANDOFF_CLIENT_IDLE_TIMEOUT",
+        topic: Topic::Clients,
         default: "0",
-        help: "a client idle outside a transaction this long is disconnected with 57P05 (0: never)",
+        applies: Applies::AtStart,
+        help: "a client idle outside a transaction this long is disconnected with `57P05` (`0`: never)",
     },
     Variable {
         name: "HANDOFF_IDLE_TRANSACTION_TIMEOUT",
+        topic: Topic::Clients,
         default: "0",
-        help: "a client idle inside a transaction this long is disconnected with 25P03 and its transaction rolled back (0: never)",
+        applies: Applies::AtStart,
+        help: "a client idle inside a transaction this long is disconnected with `25P03`; its server connection is closed, so the transaction rolls back (`0`: never; transaction mode)",
     },
     Variable {
         name: "HANDOFF_MAX_MESSAGE_SIZE",
+        topic: Topic::Clients,
         default: "64MB",
-        help: "largest client message handoff must parse whole (Parse, Bind, Describe, Close); larger ones get 54000 and the connection is closed",
+        applies: Applies::AtStart,
+        help: "largest client message handoff parses whole (Parse, Bind, Describe, Close in transaction mode); a larger one gets `54000` and the connection is closed. Other messages (Query, CopyData, …) stream through at any size up to PostgreSQL's 1 GB",
     },
     Variable {
         name: "HANDOFF_POOL_MODE",
+        topic: Topic::Pools,
         default: "transaction",
-        help: "'transaction' (server connection per transaction) or 'session' (per client)",
+        applies: Applies::AtStart,
+        help: "`transaction`: a pooled server connection per transaction; `session`: one server connection per client for its whole session",
     },
     Variable {
         name: "HANDOFF_POOL_SIZE",
+        topic: Topic::Pools,
         default: "20",
-        help: "most server connections per pool (user, database, shard primary)",
+        applies: Applies::AtStart,
+        help: "most server connections per pool; a pool is one (user, server database, shard primary)",
     },
     Variable {
         name: "HANDOFF_POOL_MIN_IDLE",
+        topic: Topic::Pools,
         default: "0",
+        applies: Applies::AtStart,
         help: "idle server connections each pool keeps open once it exists",
     },
     Variable {
         name: "HANDOFF_QUERY_WAIT_TIMEOUT",
+        topic: Topic::Pools,
         default: "120s",
-        help: "longest a client waits for a free server connection before an error (53300)",
+        applies: Applies::AtStart,
+        help: "longest a client waits for a free server connection; then `53300` and the client is disconnected",
     },
     Variable {
         name: "HANDOFF_SERVER_IDLE_TIMEOUT",
+        topic: Topic::Pools,
         default: "10m",
-        help: "idle server connections older than this in the pool are closed (0: never)",
+        applies: Applies::AtStart,
+        help: "idle pooled server connections are closed after this (`0`: never)",
     },
     Variable {
         name: "HANDOFF_SERVER_LIFETIME",
+        topic: Topic::Pools,
         default: "1h",
-        help: "server connections are closed at checkin once this old (0: never)",
+        applies: Applies::AtStart,
+        help: "a server connection this old is closed when it comes back to the pool (`0`: never)",
     },
     Variable {
         name: "HANDOFF_MAX_PREPARED_STATEMENTS",
+        topic: Topic::Pools,
         default: "200",
-        help: "prepared statements cached per server connection (LRU) in transaction mode",
+        applies: Applies::AtStart,
+        help: "prepared statements kept per server connection (LRU; the least recently used is closed)",
     },
     Variable {
         name: "HANDOFF_CONNECT_TIMEOUT",
+        topic: Topic::Pools,
         default: "5s",
-        help: "longest wait for a server connection to be established and authenticated",
+        applies: Applies::AtStart,
+        help: "longest wait for a server connection to be made and logged in",
     },
     Variable {
         name: "HANDOFF_CLIENT_LOGIN_TIMEOUT",
+        topic: Topic::Clients,
         default: "15s",
-        help: "longest a client may take from connecting to being authenticated",
+        applies: Applies::AtStart,
+        help: "longest a client may take from connecting to being logged in",
     },
     Variable {
         name: "HANDOFF_SHUTDOWN_TIMEOUT",
+        topic: Topic::Clients,
         default: "30s",
-        help: "on SIGTERM/SIGINT, longest wait for sessions to finish before closing them",
+        applies: Applies::AtStart,
+        help: "on SIGTERM/SIGINT, how long sessions may run to their next transaction boundary before being closed",
     },
     Variable {
         name: "HANDOFF_BUFFER_ENABLED",
+        topic: Topic::Buffer,
         default: "true",
-        help: "hold new transactions of a shard whose primary is changing",
+        applies: Applies::AtStart,
+        help: "hold new transactions of a shard whose primary is changing (switchover or failover)",
     },
     Variable {
         name: "HANDOFF_BUFFER_DRY_RUN",
+        topic: Topic::Buffer,
         default: "false",
-        help: "run the buffer's state machine and count, but hold nothing",
+        applies: Applies::AtStart,
+        help: "run the buffer's state machine and count what would be held, but hold nothing",
     },
     Variable {
         name: "HANDOFF_BUFFER_SIZE",
+        topic: Topic::Buffer,
         default: "1000",
-        help: "requests held per shard; a full shard evicts its oldest",
+        applies: Applies::AtStart,
+        help: "requests held per shard; when full, the shard's oldest held request is evicted",
     },
     Variable {
         name: "HANDOFF_BUFFER_MAX_BYTES",
+        topic: Topic::Buffer,
         default: "64MB",
-        help: "request bytes held across all shards",
+        applies: Applies::AtStart,
+        help: "request bytes held across all shards (sizes: `B`, `kB`, `MB`, `GB`)",
     },
     Variable {
         name: "HANDOFF_BUFFER_WINDOW",
+        topic: Topic::Buffer,
         default: "10s",
-        help: "longest one request stays held",
+        applies: Applies::AtStart,
+        help: "longest one request stays held (at least 1ms, at most the max failover duration)",
     },
     Variable {
         name: "HANDOFF_BUFFER_MAX_FAILOVER_DURATION",
+        topic: Topic::Buffer,
         default: "20s",
-        help: "longest a buffering cycle lasts",
+        applies: Applies::AtStart,
+        help: "longest a buffering cycle lasts; then held requests fail",
     },
     Variable {
         name: "HANDOFF_BUFFER_MIN_TIME_BETWEEN_FAILOVERS",
+        topic: Topic::Buffer,
         default: "0s",
-        help: "optional throttle between buffering cycles of a shard",
+        applies: Applies::AtStart,
+        help: "optional throttle between a shard's buffering cycles (epochs already prevent duplicate starts)",
     },
     Variable {
         name: "HANDOFF_BUFFER_DRAIN_CONCURRENCY",
+        topic: Topic::Buffer,
         default: "(HANDOFF_POOL_SIZE)",
+        applies: Applies::AtStart,
         help: "held requests released to the new primary at once",
     },
     Variable {
         name: "HANDOFF_BUFFER_SHARDS",
+        topic: Topic::Buffer,
         default: "(all)",
+        applies: Applies::AtStart,
         help: "comma list of the shards to buffer",
     },
     Variable {
         name: "HANDOFF_DRAIN_TIMEOUT",
+        topic: Topic::Failover,
         default: "5s",
-        help: "lameduck: how long transactions on a revoked primary may run before they are cancelled (57P01)",
+        applies: Applies::AtStart,
+        help: "lameduck: how long transactions on a revoked primary may run before they are cancelled (`57P01`; `08006` when the primary failed)",
     },
     Variable {
         name: "HANDOFF_HEALTH_CHECK_INTERVAL",
+        topic: Topic::Failover,
         default: "1s",
+        applies: Applies::AtStart,
         help: "how often each shard's primary is probed (connect, not in recovery, writable)",
     },
     Variable {
         name: "HANDOFF_HEALTH_CHECK_TIMEOUT",
+        topic: Topic::Failover,
         default: "2s",
+        applies: Applies::AtStart,
         help: "longest a health check or discovery probe may take before the host counts as unreachable",
     },
     Variable {
         name: "HANDOFF_DISCOVERY_INTERVAL",
+        topic: Topic::Failover,
         default: "100ms",
+        applies: Applies::AtStart,
         help: "while a failed primary is being replaced, how often every host of the shard is probed",
     },
     Variable {
         name: "HANDOFF_SWITCHOVER_MAX_LAG",
+        topic: Topic::Failover,
         default: "16MB",
-        help: "a switchover is refused when the target's replay lag is above this",
+        applies: Applies::AtStart,
+        help: "a switchover is refused when the target replays further behind than this",
     },
     Variable {
         name: "HANDOFF_SWITCHOVER_TIMEOUT",
+        topic: Topic::Failover,
         default: "10s",
-        help: "longest the target may take to catch up to the fence LSN, and then to promote",
+        applies: Applies::AtStart,
+        help: "longest the target may take to replay up to the fence LSN, and then to promote",
     },
     Variable {
         name: "HANDOFF_SWITCHOVER_SYNC_TARGET",
+        topic: Topic::Failover,
         default: "true",
-        help: "before revoking, make the target the old primary's synchronous standby with synchronous_commit=remote_apply (ALTER SYSTEM, put back afterwards), so the pause does not grow with replication lag",
+        applies: Applies::AtStart,
+        help: "before revoking, make the target the old primary's synchronous standby with `synchronous_commit = remote_apply` (`ALTER SYSTEM`, put back when the switchover ends), so the pause does not grow with replication lag",
     },
     Variable {
         name: "HANDOFF_SWITCHOVER_TERMINATE",
+        topic: Topic::Failover,
         default: "true",
-        help: "fence: terminate the old primary's remaining sessions (false: wait up to HANDOFF_SWITCHOVER_TIMEOUT for them to leave, else roll back)",
+        applies: Applies::AtStart,
+        help: "the fence terminates the old primary's remaining sessions; `false`: it waits up to `HANDOFF_SWITCHOVER_TIMEOUT` for them to leave, else the switchover rolls back",
     },
     Variable {
         name: "HANDOFF_SWITCHOVER_DEMOTE_COMMAND",
+        topic: Topic::Failover,
         default: "(unset)",
-        help: "shell command run after a completed switchover to stop or rejoin the old primary (env: HANDOFF_SHARD, HANDOFF_OLD_PRIMARY, HANDOFF_NEW_PRIMARY, ...)",
+        applies: Applies::AtStart,
+        help: "shell command run after a completed switchover to stop or rejoin the old primary; its environment names the shard and both servers",
     },
     Variable {
         name: "HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT",
+        topic: Topic::Failover,
         default: "60s",
-        help: "longest the demote command may run before it is killed",
+        applies: Applies::AtStart,
+        help: "longest the demote command may run; then it is killed with everything it started",
     },
     Variable {
         name: "HANDOFF_WATCHDOG_INTERVAL",
+        topic: Topic::Failover,
         default: "250ms",
-        help: "how often every replaced primary is checked for split brain (fenced, down, or back as a standby)",
+        applies: Applies::AtStart,
+        help: "how often every replaced primary is checked for split brain (fenced, down, back as a standby, or accepting logins)",
     },
     Variable {
         name: "HANDOFF_ADMIN_USERS",
+        topic: Topic::Auth,
         default: "(unset: nobody)",
-        help: "users (comma separated) who may use the admin console: psql -p 6432 -U <user> handoff (or dbname pgbouncer); they log in like any client",
+        applies: Applies::AtStart,
+        help: "users, comma separated, who may use the admin console (`psql -U <user> handoff`, or the database name `pgbouncer`); they authenticate like any client",
     },
     Variable {
         name: "HANDOFF_STATS_PERIOD",
+        topic: Topic::Clients,
         default: "60s",
-        help: "the period SHOW STATS averages over (PgBouncer's stats_period)",
+        applies: Applies::AtStart,
+        help: "the period the console's `SHOW STATS` averages over (PgBouncer's `stats_period`)",
     },
     Variable {
         name: "HANDOFF_ADMIN_DB_USER",
+        topic: Topic::Auth,
         default: "(the first user of HANDOFF_USERS with a password, else postgres)",
-        help: "server role handoff uses to run switchovers (superuser, or the grants in README)",
+        applies: Applies::AtStart,
+        help: "server role handoff runs switchover SQL, health checks and discovery probes as",
     },
     Variable {
         name: "HANDOFF_ADMIN_DB_PASSWORD",
+        topic: Topic::Auth,
         default: "(that user's password, if any)",
-        help: "password of HANDOFF_ADMIN_DB_USER",
+        applies: Applies::AtStart,
+        help: "its password",
     },
     Variable {
         name: "HANDOFF_ADMIN_DB_NAME",
+        topic: Topic::Auth,
         default: "postgres",
+        applies: Applies::AtStart,
         help: "database handoff connects to for switchover SQL",
     },
     Variable {
         name: "HANDOFF_ETCD_ENDPOINTS",
+        topic: Topic::Coordination,
         default: "(unset: this proxy works alone)",
-        help: "http(s)://host:port of etcd, comma separated: coordinate switchovers and each shard's primary with every proxy of HANDOFF_ETCD_PREFIX",
+        applies: Applies::AtStart,
+        help: "`http(s)://host:port` of etcd, comma separated: coordinate every switchover and each shard's primary with the other proxies of `HANDOFF_ETCD_PREFIX`",
     },
     Variable {
         name: "HANDOFF_ETCD_PREFIX",
+        topic: Topic::Coordination,
         default: "/handoff",
+        applies: Applies::AtStart,
         help: "etcd key prefix: one cluster of proxies per prefix",
     },
     Variable {
         name: "HANDOFF_PROXY_ID",
+        topic: Topic::Coordination,
         default: "(host name:HANDOFF_LISTEN port)",
-        help: "this proxy's name in its cluster (letters, digits, '.', '_', ':', '-')",
+        applies: Applies::AtStart,
+        help: "this proxy's name in its cluster (letters, digits, `.` `_` `:` `-`); must be unique",
     },
     Variable {
         name: "HANDOFF_ETCD_LEASE_TTL",
+        topic: Topic::Coordination,
         default: "5s",
-        help: "membership lease (whole seconds, at least 2s): a proxy that stops renewing it (dead, or cut off from etcd) leaves the cluster this long after",
+        applies: Applies::AtStart,
+        help: "membership lease, whole seconds, at least `2s`: a proxy that stops renewing it (dead, or cut off from etcd) leaves the cluster, and loses any lock it held, this long after",
     },
     Variable {
         name: "HANDOFF_ETCD_TIMEOUT",
+        topic: Topic::Coordination,
         default: "2s",
+        applies: Applies::AtStart,
         help: "longest one etcd request may take; a failed request marks coordination down until one succeeds",
     },
     Variable {
         name: "HANDOFF_ETCD_CA_FILE",
+        topic: Topic::Coordination,
         default: "(unset)",
-        help: "PEM CA certificate(s) to verify https etcd endpoints; required with https",
+        applies: Applies::AtStart,
+        help: "PEM CA certificate(s) to verify `https` etcd endpoints (required with `https`)",
     },
     Variable {
         name: "HANDOFF_PATRONI",
+        topic: Topic::Patroni,
         default: "(unset: no shard is managed by Patroni)",
-        help: "shard=http://host:port[,http://host:port...][;shard=...]: the Patroni REST API of a shard's members; Patroni then names the primary (confirmed by handoff's own check) and runs promotions",
+        applies: Applies::AtStart,
+        help: "`shard=http://host:port[,http://host:port...][;shard=...]`: the Patroni REST API of a shard's members; Patroni then names the primary (confirmed by handoff's probe) and runs promotions",
     },
     Variable {
         name: "HANDOFF_PATRONI_INTERVAL",
+        topic: Topic::Patroni,
         default: "1s",
-        help: "how often handoff reads Patroni's GET /cluster while a shard serves",
+        applies: Applies::AtStart,
+        help: "how often handoff reads Patroni's `GET /cluster` while a shard serves",
     },
     Variable {
         name: "HANDOFF_PATRONI_HELD_INTERVAL",
+        topic: Topic::Patroni,
         default: "50ms",
-        help: "how often handoff reads GET /cluster and checks Patroni's leader while a shard is held",
+        applies: Applies::AtStart,
+        help: "how often handoff reads `GET /cluster` and probes Patroni's leader while a shard is held",
     },
     Variable {
         name: "HANDOFF_PATRONI_TIMEOUT",
+        topic: Topic::Patroni,
         default: "2s",
+        applies: Applies::AtStart,
         help: "longest one read of Patroni's REST API may take",
     },
     Variable {
         name: "HANDOFF_PATRONI_HOOK",
+        topic: Topic::Patroni,
         default: "false",
-        help: "true when every Patroni member's before_stop runs handoff hold against this proxy: a switchover through handoff then holds when Patroni calls the hook (right before it stops the leader) instead of before asking Patroni; ignored with HANDOFF_ETCD_ENDPOINTS",
+        applies: Applies::AtStart,
+        help: "`true` when every Patroni member's `before_stop` runs `handoff hold` against this proxy: a switchover through handoff then holds when Patroni calls the hook (right before it stops the leader) instead of before asking Patroni; ignored with `HANDOFF_ETCD_ENDPOINTS`",
     },
     Variable {
         name: "HANDOFF_HOLD_TIMEOUT",
+        topic: Topic::Failover,
         default: "5s",
-        help: "after POST /v1/shards/{s}/hold (handoff hold, e.g. from Patroni's before_stop): how long only a new primary may end the hold; after it the old primary is taken back if it is writable (and still Patroni's leader)",
+        applies: Applies::AtStart,
+        help: "after a hold (`handoff hold`, e.g. from Patroni's `before_stop`): how long only a new primary may end it; after that the old primary is taken back if it is writable (and still Patroni's leader)",
     },
     Variable {
         name: "HANDOFF_FAILPOINT",
+        topic: Topic::Coordination,
         default: "(unset)",
-        help: "testing only: point:duration pauses a coordinated switchover after a point (holding, held, fencing, fenced, promoting, promoted)",
+        applies: Applies::AtStart,
+        help: "**testing only**: `point:duration` pauses a coordinated switchover this proxy coordinates after `point` (`holding`, `held`, `fencing`, `fenced`, `promoting`, `promoted`), so tests can kill it there",
     },
     Variable {
         name: "HANDOFF_LOG",
+        topic: Topic::Listen,
         default: "info",
-        help: "log filter (tracing EnvFilter syntax, e.g. 'info,handoff=debug')",
+        applies: Applies::AtStart,
+        help: "log filter in `tracing` EnvFilter syntax, e.g. `info,handoff=debug`",
     },
 ];
 
@@ -755,12 +952,44 @@ impl Config {
              Environment variables:\n",
         );
         for v in VARIABLES {
+            let plain = v.help.replace('`', "").replace("**", "");
             s.push_str(&format!(
-                "  {:<30} default {}\n      {}\n",
-                v.name, v.default, v.help
+                "  {:<30} default {}\n      {plain}\n",
+                v.name, v.default
             ));
         }
         s.push_str("\nDurations are written 250ms, 10s, 1m, 1h.\n");
+        s
+    }
+
+    /// The configuration reference in Markdown, one table per [`Topic`]: what
+    /// `docs/configuration.md` holds between its generated-section markers (a test
+    /// checks that it does).
+    pub fn reference_markdown() -> String {
+        let mut s = String::new();
+        for topic in Topic::ALL {
+            s.push_str(&format!(
+                "### {}\n\n| variable | default | a change applies | meaning |\n|---|---|---|---|\n",
+                topic.title()
+            ));
+            for v in VARIABLES.iter().filter(|v| v.topic == topic) {
+                let default = match v.default.strip_prefix('(') {
+                    Some(text) => text.trim_end_matches(')').to_string(),
+                    None => format!("`{}`", v.default),
+                };
+                let applies = match v.applies {
+                    Applies::AtStart => "at restart",
+                    Applies::OnSighup => "on SIGHUP",
+                };
+                s.push_str(&format!(
+                    "| `{}` | {} | {applies} | {} |\n",
+                    v.name,
+                    default.replace('|', "\\|"),
+                    v.help.replace('|', "\\|")
+                ));
+            }
+            s.push('\n');
+        }
         s
     }
 }

@@ -1,6 +1,7 @@
-//! Every metric name of the proxy (one place), their descriptions, and the Prometheus
-//! recorder behind `GET /metrics`. (The failover buffer's own series are named in
-//! `handoff-buffer`.) Labels are bounded: direction, SQLSTATE class, reason, source.
+//! Every metric of the proxy in one table ([`METRICS`]: name, kind, labels, help), the
+//! Prometheus recorder behind `GET /metrics`, and the series created at zero. (The
+//! failover buffer's own series are in `handoff-buffer`'s table.) Labels are bounded:
+//! direction, SQLSTATE class, reason, source.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -8,125 +9,382 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Client connections open now (gauge).
 pub const CLIENT_CONNECTIONS: &str = "handoff_client_connections";
-/// Transaction-mode clients parked now: quiet for a while with nothing held, their
-/// relay's state set aside until they send again (gauge).
 pub const CLIENTS_PARKED: &str = "handoff_clients_parked";
-/// Client connections accepted (counter).
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "handoff_client_connections_total";
-/// Client connections refused, by `reason` (counter).
 pub const CLIENT_REJECTED_TOTAL: &str = "handoff_client_connections_rejected_total";
-/// Failed client logins (counter).
 pub const AUTH_FAILURES_TOTAL: &str = "handoff_auth_failures_total";
-/// Clients disconnected by an idle timeout, by `kind` (`client_idle`, `idle_transaction`).
 pub const CLIENT_TIMEOUTS_TOTAL: &str = "handoff_client_timeouts_total";
-/// Client TLS handshakes that failed.
 pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "handoff_tls_handshake_failures_total";
-/// Client messages refused for exceeding HANDOFF_MAX_MESSAGE_SIZE.
 pub const MESSAGES_TOO_LARGE_TOTAL: &str = "handoff_messages_too_large_total";
-/// Server connections open now (gauge).
 pub const SERVER_CONNECTIONS: &str = "handoff_server_connections";
-/// Server connection attempts that failed (counter).
 pub const SERVER_CONNECT_ERRORS_TOTAL: &str = "handoff_server_connect_errors_total";
-/// Bytes relayed, by `direction` (`client_to_server`, `server_to_client`) (counter).
 pub const BYTES_TOTAL: &str = "handoff_bytes_total";
-/// From a client's request to the server's ReadyForQuery (histogram, seconds).
 pub const QUERY_DURATION: &str = "handoff_query_duration_seconds";
-/// From the first request after ReadyForQuery `I` to the next `I` (histogram, seconds).
 pub const TRANSACTION_DURATION: &str = "handoff_transaction_duration_seconds";
-/// ErrorResponses sent to clients, by `source` (`server`, `proxy`) and SQLSTATE `class`.
 pub const ERRORS_TOTAL: &str = "handoff_errors_total";
-/// Cancel requests, by `result` (`forwarded`, `unknown`) (counter).
 pub const CANCEL_REQUESTS_TOTAL: &str = "handoff_cancel_requests_total";
 
-/// Server connections in use by clients, per `pool` (gauge).
 pub const POOL_ACTIVE: &str = "handoff_pool_active_connections";
-/// Idle server connections, per `pool` (gauge).
 pub const POOL_IDLE: &str = "handoff_pool_idle_connections";
-/// Clients waiting for a server connection, per `pool` (gauge).
 pub const POOL_WAITING: &str = "handoff_pool_waiting_clients";
-/// Time to get a server connection from the pool (histogram, seconds).
 pub const POOL_WAIT: &str = "handoff_pool_checkout_wait_seconds";
-/// Prepared-statement cache outcomes, by `result` (`hit`, `miss`, `eviction`) (counter).
 pub const PREPARED_TOTAL: &str = "handoff_prepared_statements_total";
 
 // The shard state machine and switchovers.
-
-/// 0 Serving, 1 Buffering, 2 Draining, 3 Unavailable (gauge, per shard).
 pub const SHARD_STATE: &str = "handoff_shard_state";
-/// The shard's leadership epoch (gauge).
 pub const SHARD_EPOCH: &str = "handoff_shard_epoch";
-/// Events applied or ignored, by `event` and `result` (counter).
 pub const SHARD_EVENTS: &str = "handoff_shard_events_total";
-/// Transactions cancelled because they outlived HANDOFF_DRAIN_TIMEOUT (counter).
 pub const LAMEDUCK_CANCELLED: &str = "handoff_lameduck_cancelled_total";
-/// Switchovers run by handoff, by `outcome` (counter).
 pub const SWITCHOVERS: &str = "handoff_switchovers_total";
-/// Duration of each switchover step, by `step` (histogram, seconds).
 pub const SWITCHOVER_STEP: &str = "handoff_switchover_step_seconds";
 
 // Failure detection, discovery and retries.
-
-/// Failure reports by `signal` (counter, per shard).
 pub const FAILURE_SIGNALS: &str = "handoff_failure_signals_total";
-/// Probes of the serving primary by `result` (counter).
 pub const HEALTH_CHECKS: &str = "handoff_health_checks_total";
-/// Discovery probes by `result` (counter).
 pub const DISCOVERY_PROBES: &str = "handoff_discovery_probes_total";
-/// Requests sent again to a new primary, by `reason` (counter).
 pub const RETRIES: &str = "handoff_retries_total";
-/// From the revocation of a failed primary to the establishment of the next one
-/// (histogram, seconds).
 pub const FAILOVER_SECONDS: &str = "handoff_failover_seconds";
-/// Unplanned failovers, by `result` (`established`) (counter).
 pub const FAILOVERS: &str = "handoff_failovers_total";
 
 // The fence and the split-brain watchdog.
-
-/// 1 while a watched host was found accepting connections outside recovery (gauge,
-/// per `shard` and `host`).
 pub const SPLIT_BRAIN: &str = "handoff_split_brain";
-/// Hosts being watched (gauge, per shard).
 pub const WATCHED_HOSTS: &str = "handoff_watched_hosts";
-/// Fences applied, by `source` (`switchover`, `watchdog`) and `result` (counter).
 pub const FENCES: &str = "handoff_fences_total";
 
 // Coordination with the other proxies over etcd.
-
-/// 1 while etcd answers this proxy, 0 while it does not (gauge).
 pub const COORD_UP: &str = "handoff_coordination_up";
-/// Live proxies of the cluster, this one included (gauge).
 pub const COORD_MEMBERS: &str = "handoff_coordination_members";
-/// etcd requests that failed (counter).
 pub const COORD_ERRORS: &str = "handoff_coordination_errors_total";
-/// Coordinated operations this proxy ran, by `kind` and `outcome` (counter, per shard).
 pub const COORD_OPS: &str = "handoff_coordination_operations_total";
-/// From an operation's publication to a proxy's acknowledgement (histogram, seconds;
-/// recorded by the coordinator for each proxy).
 pub const COORD_ACK_SECONDS: &str = "handoff_coordination_ack_seconds";
-/// Proxies that did not acknowledge before the lameduck deadline (counter, per shard).
 pub const COORD_ACK_MISSING: &str = "handoff_coordination_ack_missing_total";
-/// What this proxy took from the cluster, by `what` (`hold`, `primary`, `rollback`)
-/// (counter, per shard).
 pub const COORD_FOLLOWED: &str = "handoff_coordination_followed_total";
-/// Primaries this proxy published after finding them itself (counter, per shard).
 pub const COORD_PUBLISHED: &str = "handoff_coordination_published_total";
-/// Abandoned operations this proxy finished, by `result` (`rolled_back`,
-/// `rolled_forward`, `failed`) (counter, per shard).
 pub const COORD_RECOVERIES: &str = "handoff_coordination_recoveries_total";
 
-// Patroni (HANDOFF_PATRONI).
-/// Requests to Patroni's REST API, by `request` (`cluster`, `switchover`) and `result`
-/// (`ok`, `refused`, `error`, `unreachable`) (counter, per shard).
+// Patroni (`HANDOFF_PATRONI`) and holds.
 pub const PATRONI_REQUESTS: &str = "handoff_patroni_requests_total";
-/// 1 for the source that names each shard's primary: `patroni` (Patroni's leader,
-/// confirmed by handoff's check), `etcd` (the proxies' shared record, with coordination)
-/// or `probe` (handoff's own discovery) (gauge, per shard and source).
 pub const PRIMARY_SOURCE: &str = "handoff_primary_source";
-/// Holds asked for with `POST /v1/shards/{s}/hold`, by `result` (`held`,
-/// `already_held`, `refused`) (counter, per shard).
 pub const HOLDS: &str = "handoff_holds_total";
+
+use handoff_buffer::metric::Kind::{Counter, Gauge, Histogram};
+pub use handoff_buffer::metric::{Def, Kind};
+
+/// Every metric of the proxy — the one source of their names, kinds, labels and help:
+/// [`install`] registers their descriptions from it, and `docs/metrics.md` is made from
+/// it (with the buffer's, [`handoff_buffer::metric::METRICS`]; see [`all`]). Labels are
+/// bounded: no client address, user or query ever becomes one.
+pub const METRICS: &[Def] = &[
+    Def {
+        name: CLIENT_CONNECTIONS,
+        kind: Gauge,
+        labels: &[],
+        help: "Client connections open now",
+    },
+    Def {
+        name: CLIENTS_PARKED,
+        kind: Gauge,
+        labels: &[],
+        help: "Transaction-mode clients parked now: quiet for a while with nothing held, their relay's state set aside until they send again",
+    },
+    Def {
+        name: CLIENT_CONNECTIONS_TOTAL,
+        kind: Counter,
+        labels: &[],
+        help: "Client connections accepted",
+    },
+    Def {
+        name: CLIENT_REJECTED_TOTAL,
+        kind: Counter,
+        labels: &["reason"],
+        help: "Client connections refused, by `reason` (`max_client_conn`, `max_user_client_conn`, `max_db_client_conn`, `tls_required`, `shutdown`)",
+    },
+    Def {
+        name: AUTH_FAILURES_TOTAL,
+        kind: Counter,
+        labels: &[],
+        help: "Failed client logins",
+    },
+    Def {
+        name: CLIENT_TIMEOUTS_TOTAL,
+        kind: Counter,
+        labels: &["kind"],
+        help: "Clients disconnected by an idle timeout, by `kind` (`client_idle`, `idle_transaction`)",
+    },
+    Def {
+        name: TLS_HANDSHAKE_FAILURES_TOTAL,
+        kind: Counter,
+        labels: &[],
+        help: "Client TLS handshakes that failed",
+    },
+    Def {
+        name: MESSAGES_TOO_LARGE_TOTAL,
+        kind: Counter,
+        labels: &[],
+        help: "Client messages refused for exceeding `HANDOFF_MAX_MESSAGE_SIZE`",
+    },
+    Def {
+        name: SERVER_CONNECTIONS,
+        kind: Gauge,
+        labels: &[],
+        help: "Server connections open now",
+    },
+    Def {
+        name: SERVER_CONNECT_ERRORS_TOTAL,
+        kind: Counter,
+        labels: &[],
+        help: "Server connection attempts that failed",
+    },
+    Def {
+        name: BYTES_TOTAL,
+        kind: Counter,
+        labels: &["direction"],
+        help: "Bytes relayed, by `direction` (`client_to_server`, `server_to_client`)",
+    },
+    Def {
+        name: QUERY_DURATION,
+        kind: Histogram,
+        labels: &[],
+        help: "From a client's request to the server's ReadyForQuery",
+    },
+    Def {
+        name: TRANSACTION_DURATION,
+        kind: Histogram,
+        labels: &[],
+        help: "From the first request after ReadyForQuery `I` to the next `I`",
+    },
+    Def {
+        name: ERRORS_TOTAL,
+        kind: Counter,
+        labels: &["source", "class"],
+        help: "ErrorResponses sent to clients, by `source` (`server`, `proxy`) and SQLSTATE `class`",
+    },
+    Def {
+        name: CANCEL_REQUESTS_TOTAL,
+        kind: Counter,
+        labels: &["result"],
+        help: "Cancel requests, by `result` (`forwarded`, `unknown`)",
+    },
+    Def {
+        name: POOL_ACTIVE,
+        kind: Gauge,
+        labels: &["pool"],
+        help: "Server connections in use by clients, per `pool` (`user@database/shard`)",
+    },
+    Def {
+        name: POOL_IDLE,
+        kind: Gauge,
+        labels: &["pool"],
+        help: "Idle server connections, per `pool`",
+    },
+    Def {
+        name: POOL_WAITING,
+        kind: Gauge,
+        labels: &["pool"],
+        help: "Clients waiting for a server connection, per `pool`",
+    },
+    Def {
+        name: POOL_WAIT,
+        kind: Histogram,
+        labels: &["pool"],
+        help: "Time to get a server connection from the pool",
+    },
+    Def {
+        name: PREPARED_TOTAL,
+        kind: Counter,
+        labels: &["result"],
+        help: "Prepared-statement cache outcomes, by `result` (`hit`, `miss`, `eviction`)",
+    },
+    Def {
+        name: SHARD_STATE,
+        kind: Gauge,
+        labels: &["shard"],
+        help: "The shard's state: 0 serving, 1 buffering, 2 draining, 3 unavailable",
+    },
+    Def {
+        name: SHARD_EPOCH,
+        kind: Gauge,
+        labels: &["shard"],
+        help: "The shard's leadership epoch",
+    },
+    Def {
+        name: SHARD_EVENTS,
+        kind: Counter,
+        labels: &["shard", "event", "result"],
+        help: "State machine events (`revoke`, `establish`, `abort`) by `result` (`applied`, `ignored`, `stale`)",
+    },
+    Def {
+        name: LAMEDUCK_CANCELLED,
+        kind: Counter,
+        labels: &["shard"],
+        help: "Transactions cancelled because they outlived `HANDOFF_DRAIN_TIMEOUT`",
+    },
+    Def {
+        name: SWITCHOVERS,
+        kind: Counter,
+        labels: &["shard", "outcome"],
+        help: "Switchovers run by handoff, by `outcome` (`completed`, `refused`, `rolled_back`, `failed`)",
+    },
+    Def {
+        name: SWITCHOVER_STEP,
+        kind: Histogram,
+        labels: &["shard", "step"],
+        help: "Duration of each switchover `step`",
+    },
+    Def {
+        name: FAILURE_SIGNALS,
+        kind: Counter,
+        labels: &["shard", "signal"],
+        help: "Failure reports about a primary, by `signal` (`connect_failed`, `connection_lost`, `server_fatal`, `read_only`, `cannot_connect_now`)",
+    },
+    Def {
+        name: HEALTH_CHECKS,
+        kind: Counter,
+        labels: &["shard", "result"],
+        help: "Probes of the serving primary, by `result` (`primary`, `read_only`, `in_recovery`, `fenced`, `unreachable`, `refused`)",
+    },
+    Def {
+        name: DISCOVERY_PROBES,
+        kind: Counter,
+        labels: &["shard", "result"],
+        help: "Discovery probes of a shard's hosts, by `result` (as the health checks')",
+    },
+    Def {
+        name: RETRIES,
+        kind: Counter,
+        labels: &["shard", "reason"],
+        help: "Requests sent again to a new primary because they provably did not run, by `reason` (`connect_failed`, `read_only`, `cannot_connect_now`, `stale_statement`)",
+    },
+    Def {
+        name: FAILOVER_SECONDS,
+        kind: Histogram,
+        labels: &["shard"],
+        help: "From the revocation of a failed primary to the establishment of the next one",
+    },
+    Def {
+        name: FAILOVERS,
+        kind: Counter,
+        labels: &["shard", "result"],
+        help: "Unplanned failovers, by `result` (`established`)",
+    },
+    Def {
+        name: SPLIT_BRAIN,
+        kind: Gauge,
+        labels: &["shard", "host"],
+        help: "1 while a watched (replaced) primary `host` was found accepting connections outside recovery",
+    },
+    Def {
+        name: WATCHED_HOSTS,
+        kind: Gauge,
+        labels: &["shard"],
+        help: "Replaced primaries being watched for split brain",
+    },
+    Def {
+        name: FENCES,
+        kind: Counter,
+        labels: &["shard", "source", "result"],
+        help: "Fences applied, by `source` (`switchover`, `watchdog`) and `result` (`ok`, `error`)",
+    },
+    Def {
+        name: COORD_UP,
+        kind: Gauge,
+        labels: &[],
+        help: "1 while etcd answers this proxy, 0 while it does not",
+    },
+    Def {
+        name: COORD_MEMBERS,
+        kind: Gauge,
+        labels: &[],
+        help: "Live proxies of the cluster, this one included",
+    },
+    Def {
+        name: COORD_ERRORS,
+        kind: Counter,
+        labels: &[],
+        help: "etcd requests that failed",
+    },
+    Def {
+        name: COORD_OPS,
+        kind: Counter,
+        labels: &["shard", "kind", "outcome"],
+        help: "Coordinated operations this proxy ran, by `kind` and `outcome`",
+    },
+    Def {
+        name: COORD_ACK_SECONDS,
+        kind: Histogram,
+        labels: &["shard"],
+        help: "From an operation's publication to a proxy's acknowledgement (recorded by the coordinator for each proxy)",
+    },
+    Def {
+        name: COORD_ACK_MISSING,
+        kind: Counter,
+        labels: &["shard"],
+        help: "Proxies that did not acknowledge before the lameduck deadline",
+    },
+    Def {
+        name: COORD_FOLLOWED,
+        kind: Counter,
+        labels: &["shard", "what"],
+        help: "What this proxy took from the cluster, by `what` (`hold`, `primary`, `rollback`)",
+    },
+    Def {
+        name: COORD_PUBLISHED,
+        kind: Counter,
+        labels: &["shard"],
+        help: "Primaries this proxy published after finding them itself",
+    },
+    Def {
+        name: COORD_RECOVERIES,
+        kind: Counter,
+        labels: &["shard", "result"],
+        help: "Abandoned operations this proxy finished, by `result` (`rolled_back`, `rolled_forward`, `failed`)",
+    },
+    Def {
+        name: PATRONI_REQUESTS,
+        kind: Counter,
+        labels: &["shard", "request", "result"],
+        help: "Requests to Patroni's REST API, by `request` (`cluster`, `switchover`) and `result` (`ok`, `refused`, `error`, `unreachable`)",
+    },
+    Def {
+        name: PRIMARY_SOURCE,
+        kind: Gauge,
+        labels: &["shard", "source"],
+        help: "1 for the `source` that names the shard's primary: `patroni` (Patroni's leader, confirmed by handoff's probe), `etcd` (the proxies' shared record) or `probe` (handoff's own discovery)",
+    },
+    Def {
+        name: HOLDS,
+        kind: Counter,
+        labels: &["shard", "result"],
+        help: "Holds asked for with `POST /v1/shards/{s}/hold`, by `result` (`held`, `already_held`, `refused`, `not_primary`)",
+    },
+];
+
+/// The proxy's metrics and the buffer's, in the order the reference lists them.
+pub fn all() -> impl Iterator<Item = &'static Def> {
+    METRICS.iter().chain(handoff_buffer::metric::METRICS)
+}
+
+/// The metrics reference in Markdown: what `docs/metrics.md` holds between its
+/// generated-section markers (a test checks that it does).
+pub fn reference_markdown() -> String {
+    let mut s = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+    for m in all() {
+        let labels = m
+            .labels
+            .iter()
+            .map(|l| format!("`{l}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        s.push_str(&format!(
+            "| `{}` | {} | {labels} | {} |\n",
+            m.name,
+            m.kind.as_str(),
+            m.help.replace('|', "\\|")
+        ));
+    }
+    s
+}
 
 /// Marks `source` as what names `shard`'s primary (see [`PRIMARY_SOURCE`]).
 pub fn set_source(shard: &str, source: &'static str) {
@@ -194,137 +452,9 @@ pub fn upkeeps() -> u64 {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    handoff_buffer::describe_metrics();
-    describe_gauge!(CLIENT_CONNECTIONS, "Client connections open now");
-    describe_gauge!(
-        CLIENTS_PARKED,
-        "Transaction-mode clients quiet with nothing held, their relay state set aside"
-    );
-    describe_counter!(PATRONI_REQUESTS, "Requests to Patroni's REST API");
-    describe_gauge!(PRIMARY_SOURCE, "The source that names each shard's primary");
-    describe_counter!(HOLDS, "Holds asked for through the admin API");
-    describe_counter!(CLIENT_CONNECTIONS_TOTAL, "Client connections accepted");
-    describe_counter!(
-        CLIENT_REJECTED_TOTAL,
-        "Client connections refused, by reason"
-    );
-    describe_counter!(AUTH_FAILURES_TOTAL, "Failed client logins");
-    describe_gauge!(SERVER_CONNECTIONS, "Server connections open now");
-    describe_counter!(
-        SERVER_CONNECT_ERRORS_TOTAL,
-        "Failed server connection attempts"
-    );
-    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes relayed, by direction");
-    describe_histogram!(QUERY_DURATION, Unit::Seconds, "Request to ReadyForQuery");
-    describe_histogram!(TRANSACTION_DURATION, Unit::Seconds, "Transaction duration");
-    describe_counter!(
-        ERRORS_TOTAL,
-        "ErrorResponses sent to clients, by source and SQLSTATE class"
-    );
-    describe_counter!(CANCEL_REQUESTS_TOTAL, "Cancel requests, by result");
-    describe_gauge!(POOL_ACTIVE, "Server connections in use, per pool");
-    describe_gauge!(POOL_IDLE, "Idle server connections, per pool");
-    describe_gauge!(
-        POOL_WAITING,
-        "Clients waiting for a server connection, per pool"
-    );
-    describe_histogram!(
-        POOL_WAIT,
-        Unit::Seconds,
-        "Time to check out a server connection"
-    );
-    describe_counter!(
-        PREPARED_TOTAL,
-        "Prepared-statement cache hits, misses and evictions"
-    );
-    describe_counter!(
-        CLIENT_TIMEOUTS_TOTAL,
-        "Clients disconnected by an idle timeout, by kind"
-    );
-    describe_counter!(
-        TLS_HANDSHAKE_FAILURES_TOTAL,
-        "Client TLS handshakes that failed"
-    );
-    describe_counter!(
-        MESSAGES_TOO_LARGE_TOTAL,
-        "Client messages refused for exceeding HANDOFF_MAX_MESSAGE_SIZE"
-    );
-    describe_gauge!(
-        SHARD_STATE,
-        "Shard state: 0 serving, 1 buffering, 2 draining, 3 unavailable"
-    );
-    describe_gauge!(SHARD_EPOCH, "The shard's leadership epoch");
-    describe_counter!(
-        SHARD_EVENTS,
-        "Shard state machine events applied or ignored, by event and result"
-    );
-    describe_counter!(
-        LAMEDUCK_CANCELLED,
-        "Transactions cancelled on a revoked primary after the drain timeout"
-    );
-    describe_counter!(SWITCHOVERS, "Switchovers run by handoff, by outcome");
-    describe_histogram!(
-        SWITCHOVER_STEP,
-        Unit::Seconds,
-        "Duration of each switchover step"
-    );
-    describe_counter!(
-        FAILURE_SIGNALS,
-        "Failure reports about a primary, by signal"
-    );
-    describe_counter!(HEALTH_CHECKS, "Probes of the serving primary, by result");
-    describe_counter!(
-        DISCOVERY_PROBES,
-        "Discovery probes of a shard's hosts, by result"
-    );
-    describe_counter!(
-        RETRIES,
-        "Requests sent again to a new primary (they provably did not run), by reason"
-    );
-    describe_histogram!(
-        FAILOVER_SECONDS,
-        Unit::Seconds,
-        "From the revocation of a failed primary to the establishment of the next"
-    );
-    describe_counter!(FAILOVERS, "Unplanned failovers, by result");
-    describe_gauge!(
-        SPLIT_BRAIN,
-        "1 while a replaced primary accepts writes outside recovery"
-    );
-    describe_gauge!(WATCHED_HOSTS, "Replaced primaries being watched");
-    describe_counter!(FENCES, "Fences applied, by source and result");
-    describe_gauge!(COORD_UP, "1 while etcd answers this proxy");
-    describe_gauge!(
-        COORD_MEMBERS,
-        "Live proxies of the cluster, this one included"
-    );
-    describe_counter!(COORD_ERRORS, "etcd requests that failed");
-    describe_counter!(
-        COORD_OPS,
-        "Coordinated operations this proxy ran, by kind and outcome"
-    );
-    describe_histogram!(
-        COORD_ACK_SECONDS,
-        Unit::Seconds,
-        "From an operation's publication to a proxy's acknowledgement"
-    );
-    describe_counter!(
-        COORD_ACK_MISSING,
-        "Proxies that did not acknowledge before the lameduck deadline"
-    );
-    describe_counter!(
-        COORD_FOLLOWED,
-        "What this proxy took from the cluster, by what"
-    );
-    describe_counter!(
-        COORD_PUBLISHED,
-        "Primaries this proxy published after finding them itself"
-    );
-    describe_counter!(
-        COORD_RECOVERIES,
-        "Abandoned operations this proxy finished, by result"
-    );
+    for m in all() {
+        m.describe();
+    }
     for result in ["hit", "miss", "eviction"] {
         metrics::counter!(PREPARED_TOTAL, "result" => result).absolute(0);
     }

@@ -60,3 +60,54 @@ pub fn watched<'a>(state: &'a Value, host: &str) -> Option<&'a Value> {
         .iter()
         .find(|w| w["host"] == host)
 }
+
+/// The table's entry for an exposed family.
+fn declared(family: &str) -> Option<&'static handoff::metrics::Def> {
+    handoff::metrics::all().find(|m| m.name == family)
+}
+
+/// Checks a `/metrics` text against the code's table of metrics: every family is
+/// declared there with its kind and help, and every series carries only the labels the
+/// table names for it (histograms add `le`).
+pub fn assert_exposition_matches_table(text: &str) {
+    let mut families = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            let def = declared(family).unwrap_or_else(|| panic!("{family} is not in the table"));
+            assert_eq!(kind, def.kind.as_str(), "{family}");
+            families += 1;
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (family, help) = rest.split_once(' ').expect("# HELP name text");
+            let def = declared(family).unwrap_or_else(|| panic!("{family} is not in the table"));
+            assert_eq!(help, def.help.replace('`', ""), "{family}");
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let series = line
+                .split(['{', ' '])
+                .next()
+                .expect("a series line starts with its name");
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    series
+                        .strip_suffix(suffix)
+                        .filter(|f| declared(f).is_some())
+                })
+                .unwrap_or(series);
+            let def = declared(family).unwrap_or_else(|| panic!("{series} is not in the table"));
+            let labels = line
+                .split_once('{')
+                .map(|(_, rest)| rest.split('}').next().unwrap_or(""))
+                .unwrap_or("");
+            for pair in labels.split(',').filter(|p| !p.is_empty()) {
+                let name = pair.split_once('=').expect("label=value").0;
+                assert!(
+                    name == "le" || def.labels.contains(&name),
+                    "{family} has label {name}, the table names {:?}: {line}",
+                    def.labels
+                );
+            }
+        }
+    }
+    assert!(families > 0, "no metric families in:\n{text}");
+}

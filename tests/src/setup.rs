@@ -257,19 +257,7 @@ pub fn python_venv(dir: &Path, packages: &[&str], ready: &str) -> Result<PathBuf
     if is_ready() {
         return Ok(dir.to_path_buf());
     }
-    // python3-venv: Debian's python3 makes venvs only with it.
-    ensure_packages(
-        "Python's venv module (for a venv of the tests)",
-        &["python3-venv"],
-        || {
-            Command::new("/usr/bin/python3")
-                .args(["-c", "import venv, ensurepip"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        },
-    )?;
+    ensure_venv_module()?;
     let _lock = install_lock()?;
     if is_ready() {
         return Ok(dir.to_path_buf());
@@ -318,6 +306,23 @@ pub fn python_venv(dir: &Path, packages: &[&str], ready: &str) -> Result<PathBuf
     }
     announce(&format!("made the venv {}", dir.display()));
     Ok(dir.to_path_buf())
+}
+
+/// Python's venv module for `/usr/bin/python3` (Debian's `python3-venv`): Debian's
+/// python3 makes venvs only with it.
+pub fn ensure_venv_module() -> Result<()> {
+    ensure_packages(
+        "Python's venv module (for the venvs of the tests)",
+        &["python3-venv"],
+        || {
+            Command::new("/usr/bin/python3")
+                .args(["-c", "import venv, ensurepip"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    )
 }
 
 /// Where the tests keep a venv: under `/opt` as root (readable by the `postgres` user

@@ -198,6 +198,14 @@ async fn the_console_shows_and_controls_what_pgbouncers_does() {
     assert!(config
         .iter()
         .any(|r| text(r, "key") == "HANDOFF_STATS_PERIOD" && text(r, "value") == "1s"));
+    // What a running proxy takes on SIGHUP is changeable; the rest needs a restart.
+    let changeable = |key: &str| {
+        let row = config.iter().find(|r| text(r, "key") == key).unwrap();
+        text(row, "changeable")
+    };
+    assert_eq!(changeable("HANDOFF_TLS_CERT"), "yes");
+    assert_eq!(changeable("HANDOFF_USERS_FILE"), "yes");
+    assert_eq!(changeable("HANDOFF_POOL_SIZE"), "no");
     let version = show(&console, "show version").await;
     assert!(text(&version[0], "version").starts_with("handoff "));
     let lists = show(&console, "SHOW LISTS").await;

@@ -133,6 +133,9 @@ async fn every_metric_the_rules_and_dashboard_use_is_exported() {
     let (_, text) = http(proxy.admin_addr(), "GET", "/metrics", None)
         .await
         .unwrap();
+    // Every series there, switchover's and coordination's included, is what the code's
+    // table of metrics declares.
+    handoff_tests::admin::assert_exposition_matches_table(&text);
     let families: BTreeSet<&str> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

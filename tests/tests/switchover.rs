@@ -896,18 +896,16 @@ async fn byte_cap_failover_duration_and_disabled_buffering_give_their_errors() {
         "{e:?}"
     );
     assert_eq!(shard_state(&proxy).await["state"], "unavailable");
-    let started = std::time::Instant::now();
     let e = c.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(
         e.code(),
         Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW),
         "{e:?}"
     );
+    // Refused at once, not held: a held request would have been told its window ran
+    // out (HANDOFF_BUFFER_WINDOW). Judged by what the error says, not by a clock.
     assert!(db_message(&e).contains("no primary"), "{e:?}");
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "refused at once"
-    );
+    assert!(!db_message(&e).contains("HANDOFF_BUFFER_WINDOW"), "{e:?}");
     post(&proxy, "resume").await;
     c.simple_query("SELECT 1").await.unwrap();
     assert_eq!(shard_state(&proxy).await["state"], "serving");

@@ -196,17 +196,25 @@ fn durations() {
 }
 
 #[test]
-fn help_and_readme_list_every_variable() {
+fn help_and_reference_list_every_variable_once() {
     let help = Config::help();
-    let readme = include_str!("../../../README.md");
+    let reference = Config::reference_markdown();
     for v in VARIABLES {
         assert!(help.contains(v.name), "--help misses {}", v.name);
-        assert!(
-            readme.contains(&format!("`{}`", v.name)),
-            "README misses {}",
+        assert_eq!(
+            reference.matches(&format!("| `{}` |", v.name)).count(),
+            1,
+            "the reference lists {} once",
             v.name
         );
+        assert!(!v.help.is_empty() && !v.help.contains('\n'), "{}", v.name);
     }
+    // Every topic has a section, and the sections hold every variable.
+    for topic in Topic::ALL {
+        assert!(reference.contains(&format!("### {}\n", topic.title())));
+    }
+    // The terminal gets no Markdown.
+    assert!(!help.contains('`'), "--help shows Markdown backquotes");
 }
 
 #[test]

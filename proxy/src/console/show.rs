@@ -10,7 +10,7 @@ use handoff_protocol::sqlstate;
 
 use super::Out;
 use crate::backend::pool::PoolSnapshot;
-use crate::config::PoolMode;
+use crate::config::{Applies, PoolMode, VARIABLES};
 use crate::frontend::clients::{ClientState, Totals};
 use crate::shared::Shared;
 
@@ -493,7 +493,13 @@ fn config(shared: &Shared, out: &mut Out) {
         .config
         .shown
         .iter()
-        .map(|(k, v, d)| vec![s(k), s(v), s(d), s("no")])
+        .map(|(k, v, d)| {
+            // PgBouncer's "changeable": whether a running process takes a new value.
+            let reloads = VARIABLES
+                .iter()
+                .any(|var| var.name == *k && var.applies == Applies::OnSighup);
+            vec![s(k), s(v), s(d), s(if reloads { "yes" } else { "no" })]
+        })
         .collect();
     out.table(COLS, &rows);
 }
