@@ -21,7 +21,9 @@
 //! (`/v1/shards`, `handoff_coordination_up`), refuses to start operations, and catches up
 //! when etcd answers again.
 
-/// etcd's gRPC client, generated from `proxy/proto/etcd.proto` (see [`store`]).
+/// etcd's gRPC client, generated from `proxy/proto/etcd.proto` (see [`store`]); kept
+/// exactly as generated (a test compares it), so rustfmt leaves it alone.
+#[rustfmt::skip]
 #[allow(
     clippy::all,
     clippy::pedantic,
