@@ -347,7 +347,7 @@ pub fn patroni() -> Result<PathBuf> {
     let dir = python_venv(
         &venv_dir("patroni"),
         &["patroni[etcd3]", "psycopg2-binary"],
-        "import patroni, etcd3, psycopg2",
+        "import patroni, etcd, psycopg2",
     )?;
     Ok(dir.join("bin/patroni"))
 }
