@@ -564,22 +564,7 @@ fn report_summary(output: &str) -> Option<String> {
 
 /// `renice` of a server's postmaster and every process it started.
 fn renice(node: &handoff_tests::Node, nice: u8) -> Result<()> {
-    let pidfile = std::fs::read_to_string(node.data.join("postmaster.pid"))?;
-    let postmaster = pidfile
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let children = std::process::Command::new("pgrep")
-        .args(["-P", &postmaster])
-        .output()?;
-    let mut pids = vec![postmaster];
-    pids.extend(
-        String::from_utf8_lossy(&children.stdout)
-            .split_whitespace()
-            .map(str::to_string),
-    );
+    let pids: Vec<String> = node.pids()?.iter().map(u32::to_string).collect();
     let out = std::process::Command::new("renice")
         .args(["-n", &nice.to_string(), "-p"])
         .args(&pids)

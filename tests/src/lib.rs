@@ -104,6 +104,32 @@ pub fn handoff_command() -> std::process::Command {
     cmd
 }
 
+/// Sends the signal `name` (`TERM`, `KILL`, `HUP`, `INT`, `STOP`, `CONT`) to process
+/// `pid`, as `kill -NAME pid` would, by a system call: a fresh machine may have no
+/// `kill` program (Debian's procps).
+pub fn signal(pid: u32, name: &str) -> std::io::Result<()> {
+    use rustix::process::Signal;
+    let sig = match name {
+        "TERM" => Signal::TERM,
+        "KILL" => Signal::KILL,
+        "HUP" => Signal::HUP,
+        "INT" => Signal::INT,
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
+        other => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("no signal named {other}"),
+            ))
+        }
+    };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such pid"))?;
+    rustix::process::kill_process(pid, sig).map_err(std::io::Error::from)
+}
+
 /// Polls `check` every 20 ms until it returns `Ok(true)` or `timeout` passes.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
 where

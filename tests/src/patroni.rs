@@ -273,7 +273,9 @@ impl PatroniCluster {
             let _ = c.wait();
         }
         if let Some(pid) = postmaster {
-            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            if let Ok(pid) = pid.trim().parse() {
+                let _ = crate::signal(pid, "KILL");
+            }
         }
         Ok(())
     }
@@ -290,9 +292,7 @@ impl PatroniCluster {
             .as_ref()
             .ok_or_else(|| anyhow!("{} is not running", m.name))?
             .id();
-        Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()?;
+        crate::signal(pid, "HUP")?;
         let name = m.name.clone();
         self.wait_until(Duration::from_secs(30), "the nofailover tag", |v| {
             v["members"].as_array().is_some_and(|ms| {
@@ -353,9 +353,7 @@ impl Drop for PatroniCluster {
         // SIGTERM: Patroni stops its PostgreSQL; then SIGKILL whatever is left.
         for m in &self.members {
             if let Some(c) = &m.child {
-                let _ = Command::new("kill")
-                    .args(["-TERM", &c.id().to_string()])
-                    .status();
+                let _ = crate::signal(c.id(), "TERM");
             }
         }
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -372,10 +370,9 @@ impl Drop for PatroniCluster {
             }
             if let Ok(s) = std::fs::read_to_string(self.members[i].data.join("postmaster.pid")) {
                 if let Some(pid) = s.lines().next() {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", pid.trim()])
-                        .stderr(Stdio::null())
-                        .status();
+                    if let Ok(pid) = pid.trim().parse() {
+                        let _ = crate::signal(pid, "KILL");
+                    }
                 }
             }
         }

@@ -264,21 +264,21 @@ impl Node {
     }
 
     /// Sends `signal` (e.g. `KILL`, `STOP`, `CONT`) to the postmaster and every backend
-    /// at once (one `kill` call).
+    /// at once.
     pub fn signal(&self, signal: &str) -> Result<()> {
         let pids = self.pids()?;
-        let out = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .args(pids.iter().map(|p| p.to_string()))
-            .output()?;
-        // A backend may exit between the scan and the kill; the others still get the
-        // signal. Only a missing postmaster is an error.
-        if !out.status.success() && !Path::new(&format!("/proc/{}", pids[0])).exists() {
-            bail!(
-                "kill -{signal} ({}): {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            );
+        let mut first_error = None;
+        for pid in &pids {
+            if let Err(e) = crate::signal(*pid, signal) {
+                first_error.get_or_insert(e);
+            }
+        }
+        // A backend may exit between the scan and the signal; the others still get it.
+        // Only a missing postmaster is an error.
+        if let Some(e) = first_error {
+            if !Path::new(&format!("/proc/{}", pids[0])).exists() {
+                bail!("kill -{signal} ({}): {e}", self.name);
+            }
         }
         Ok(())
     }

@@ -467,11 +467,7 @@ async fn a_users_file_is_read_again_on_sighup() {
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
 
     let hup = |child: &std::process::Child| {
-        let ok = std::process::Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let ok = handoff_tests::signal(child.id(), "HUP").is_ok();
         assert!(ok);
     };
     std::fs::write(
@@ -500,9 +496,7 @@ async fn a_users_file_is_read_again_on_sighup() {
         "added_user"
     );
 
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = handoff_tests::signal(child.id(), "TERM");
     assert!(child.wait().unwrap().success());
 }
 

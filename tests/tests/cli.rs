@@ -88,9 +88,7 @@ fn logs_written_to_a_file_have_no_colour_codes() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = handoff_tests::signal(child.id(), "TERM");
     let status = child.wait().unwrap();
     assert!(text.contains("WARN"), "no warning logged: {text}");
     assert!(
@@ -170,9 +168,7 @@ async fn a_sessions_log_lines_name_its_client_user_and_database() {
             ],
         )
     });
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = handoff_tests::signal(child.id(), "TERM");
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let line =

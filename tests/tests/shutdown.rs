@@ -160,12 +160,7 @@ async fn sigterm_under_64_clients_finishes_transactions_and_refuses_new_clients(
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent = std::time::Instant::now();
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    handoff_tests::signal(child.id(), "TERM").unwrap();
     // New clients are refused with 57P01 while the others finish.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let refused = tokio_postgres::connect(&url, NoTls).await.err();

@@ -271,12 +271,7 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
     let (cert2, key2) = ca2.issue(&["localhost"]).unwrap();
     std::fs::write(&cert_file, cert2).unwrap();
     std::fs::write(&key_file, key2).unwrap();
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    handoff_tests::signal(child.id(), "HUP").unwrap();
     handoff_tests::eventually(Duration::from_secs(10), "the new certificate", || {
         let ca = ca2.cert_pem.clone();
         async move { Ok(connect(ca).await) }
@@ -288,9 +283,7 @@ async fn sighup_reloads_the_certificate_of_the_running_binary() {
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the process"
     );
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
+    let _ = handoff_tests::signal(child.id(), "TERM");
     let _ = child.wait();
 }
 

@@ -139,13 +139,13 @@ pub(crate) async fn run(
             outcome.error = Some(format!(
                 "the demote command did not finish within HANDOFF_SWITCHOVER_DEMOTE_TIMEOUT ({timeout:?}) and was killed"
             ));
-            // The whole process group: the shell and whatever it started.
-            if let Some(pid) = child.id() {
-                // `--`: without it a negative pid may be read as an option.
-                let _ = Command::new("kill")
-                    .args(["-s", "KILL", "--", &format!("-{pid}")])
-                    .status()
-                    .await;
+            // The whole process group: the shell and whatever it started. (A system
+            // call, not a `kill` program: a slim image may have none.)
+            if let Some(pid) = child
+                .id()
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             }
             let _ = child.kill().await;
         }
