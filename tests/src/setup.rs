@@ -151,35 +151,35 @@ fn install_packages(
     }
     let hint = apt_hint(packages);
     if !allowed {
-        bail!("{what} is missing: install it with `{hint}` (HANDOFF_TEST_NO_INSTALL is set, so the tests do not)");
+        bail!("missing: {what}; install it with `{hint}` (HANDOFF_TEST_NO_INSTALL is set, so the tests do not)");
     }
     let Some(how) = privileged() else {
-        bail!("{what} is missing: install it with `{hint}` (the tests install it themselves when run as root or with password-less sudo)");
+        bail!("missing: {what}; install it with `{hint}` (the tests install it themselves when run as root or with password-less sudo)");
     };
     if which("apt-get", &[]).is_none() {
-        bail!("{what} is missing and this machine has no apt-get: install {} with its package manager", packages.join(", "));
+        bail!(
+            "missing: {what}, and this machine has no apt-get: install {} with its package manager",
+            packages.join(", ")
+        );
     }
     announce(&format!(
-        "{what} is missing: installing {} with apt-get",
+        "missing: {what}; installing {} with apt-get",
         packages.join(" ")
     ));
     static UPDATED: OnceLock<()> = OnceLock::new();
     if UPDATED.get().is_none() {
         run_privileged(&how, &["apt-get", "update", "-q"]).with_context(|| {
-            format!("{what} is missing; `apt-get update` failed (install it with `{hint}`)")
+            format!("missing: {what}; `apt-get update` failed (install it with `{hint}`)")
         })?;
         let _ = UPDATED.set(());
     }
     let mut args = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
     args.extend_from_slice(packages);
     run_privileged(&how, &args)
-        .with_context(|| format!("{what} is missing and installing it failed (`{hint}`)"))?;
+        .with_context(|| format!("missing: {what}; installing it failed (`{hint}`)"))?;
     stop_services(&how, packages);
     if !present() {
-        bail!(
-            "installed {} but {what} is still not found",
-            packages.join(" ")
-        );
+        bail!("installed {} but still missing: {what}", packages.join(" "));
     }
     announce(&format!("installed {}", packages.join(" ")));
     Ok(())
@@ -383,6 +383,6 @@ mod tests {
             err.contains("apt-get install -y no-such-package-xyz"),
             "{err}"
         );
-        assert!(err.contains("a test program is missing"), "{err}");
+        assert!(err.contains("missing: a test program;"), "{err}");
     }
 }
