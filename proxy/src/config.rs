@@ -1,8 +1,9 @@
 //! Configuration from `HANDOFF_*` environment variables, parsed into typed structs.
 //!
 //! Every variable is listed in [`VARIABLES`] with its default and meaning; `handoff
-//! --help` prints that table and the README repeats it. An unknown `HANDOFF_*` variable or
-//! a bad value is a startup error that names the variable.
+//! --help` prints that table and `docs/configuration.md` is generated from it. An
+//! unknown `HANDOFF_*` variable or a bad value is a startup error that names the
+//! variable.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

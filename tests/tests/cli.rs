@@ -38,7 +38,7 @@ fn every_subcommand_answers_help_with_its_usage() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    // The help says how the primary is chosen, as the README does.
+    // The help says how the primary is chosen, as docs/configuration.md does.
     let out = handoff_command().arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("highest timeline"), "{help}");

@@ -363,7 +363,7 @@ fn the_declared_defaults_are_the_ones_parsed() {
     let implicit = cfg(&[]).unwrap();
     let given = cfg(&explicit).unwrap();
     assert_eq!(format!("{implicit:?}"), format!("{given:?}"));
-    // And the help text says what the README says about the first host.
+    // And the help text says what docs/configuration.md says about the first host.
     assert!(!Config::help().contains("the first host is the primary"));
 }
 
