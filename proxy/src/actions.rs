@@ -9,8 +9,24 @@ use hyper::StatusCode;
 
 use crate::shard::control;
 use crate::shard::switchover::{self, Outcome};
-use crate::shard::{Ctx, Shard};
-use crate::shared::Shared;
+use crate::shard::{Ctx as ShardCtx, Shard};
+
+/// What the actions work with: every shard, the shard layer's handle, and coordination
+/// with the other proxies when configured. The HTTP API and the console both hold one.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    /// Each shard's state machine, in `HANDOFF_SHARDS` order.
+    pub shards: Vec<Arc<Shard>>,
+    pub shard: Arc<ShardCtx>,
+    pub coord: Option<Arc<crate::coord::Coord>>,
+}
+
+impl Ctx {
+    /// The shard named `name`.
+    pub fn find(&self, name: &str) -> Option<&Arc<Shard>> {
+        self.shards.iter().find(|s| s.name == name)
+    }
+}
 
 /// An action's result: an HTTP status (200 done; 400 a malformed request; 404 no such
 /// shard; 409 refused in this state; 502/503 a failure elsewhere) and a JSON body,
@@ -139,12 +155,12 @@ fn busy() -> Answer {
 }
 
 pub(crate) async fn shard_action(
-    shared: &Shared,
+    actions: &Ctx,
     name: &str,
     action: Action,
     body: Fields,
 ) -> Answer {
-    let Some(shard) = shared.shard(name).cloned() else {
+    let Some(shard) = actions.find(name).cloned() else {
         return error(
             StatusCode::NOT_FOUND,
             &format!("no shard named \"{name}\" (see GET /v1/shards)"),
@@ -157,7 +173,7 @@ pub(crate) async fn shard_action(
             expected: allowed.join(", "),
         });
     }
-    let ctx = Arc::clone(&shared.ctx);
+    let ctx = Arc::clone(&actions.shard);
     let to = match action {
         Action::Switchover => match target(&ctx, &shard, &body).await {
             Ok(to) => Some(to),
@@ -191,9 +207,9 @@ pub(crate) async fn shard_action(
                 );
             }
         }
-        return hold(shared, &shard, &reason).await;
+        return hold(actions, &shard, &reason).await;
     }
-    if let Some(coord) = &shared.coord {
+    if let Some(coord) = &actions.coord {
         return coordinated(Arc::clone(coord), shard, action, to, &body).await;
     }
     match action {
@@ -235,14 +251,14 @@ async fn target(
 }
 
 /// `POST /v1/shards/{s}/hold`: on every proxy with coordination.
-async fn hold(shared: &crate::shared::Shared, shard: &Arc<Shard>, reason: &str) -> Answer {
-    if let Some(coord) = &shared.coord {
+async fn hold(actions: &Ctx, shard: &Arc<Shard>, reason: &str) -> Answer {
+    if let Some(coord) = &actions.coord {
         return match coord.hold(shard, reason).await {
             Ok(v) => answer(StatusCode::OK, v),
             Err(r) => refused(r),
         };
     }
-    match crate::shard::hold::hold(&shared.ctx, shard, reason).await {
+    match crate::shard::hold::hold(&actions.shard, shard, reason).await {
         Ok(h) => answer(StatusCode::OK, h.to_json(&shard.name)),
         Err(e) => {
             metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "refused").increment(1);
@@ -332,7 +348,7 @@ fn watched_refusal(shard: &Shard, addr: &crate::config::HostPort) -> Answer {
     )
 }
 
-async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, to: crate::config::HostPort) -> Answer {
+async fn switchover(ctx: Arc<ShardCtx>, shard: Arc<Shard>, to: crate::config::HostPort) -> Answer {
     // Its own task: it completes (or rolls back) even if the caller goes away.
     match tokio::spawn(switchover::run(ctx, shard, to)).await {
         Ok(report) => answer(switchover_status(report.outcome), report.to_json()),
@@ -343,7 +359,7 @@ async fn switchover(ctx: Arc<Ctx>, shard: Arc<Shard>, to: crate::config::HostPor
     }
 }
 
-async fn buffer(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
+async fn buffer(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
     let (epoch, reason) = match (field_epoch(body), field_str(body, "reason")) {
         (Ok(e), Ok(r)) => (e, r.unwrap_or("admin API").to_string()),
         (Err(e), _) | (_, Err(e)) => return bad_request(e),
@@ -369,7 +385,7 @@ async fn buffer(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
     )
 }
 
-async fn primary(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
+async fn primary(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
     let (addr, epoch) = match (field_addr(body, "addr"), field_epoch(body)) {
         (Ok(a), Ok(e)) => (a, e),
         (Err(e), _) | (_, Err(e)) => return bad_request(e),
@@ -396,7 +412,7 @@ async fn primary(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
     }
 }
 
-fn resume(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
+fn resume(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
     let epoch = match field_epoch(body) {
         Ok(e) => e,
         Err(e) => return bad_request(e),
@@ -416,4 +432,82 @@ fn resume(ctx: &Ctx, shard: &Shard, body: &Fields) -> Answer {
         ),
         Err(e) => event_error(&e),
     }
+}
+
+/// Every shard's state.
+pub(crate) fn shards_json(actions: &Ctx) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = actions
+        .shards
+        .iter()
+        .map(|s| {
+            let snap = s.snapshot(actions.shard.buffer_idle(&s.name));
+            let buffer_state = match actions.shard.buffer.state(&s.name) {
+                Some(handoff_buffer::State::Idle) | None => "idle",
+                Some(handoff_buffer::State::Buffering) => "buffering",
+                Some(handoff_buffer::State::Draining) => "draining",
+            };
+            serde_json::json!({
+                "name": s.name,
+                "state": snap.state.as_str(),
+                "epoch": snap.epoch,
+                "primary": snap.primary.to_string(),
+                "hosts": s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "source": actions.shard.source(&s.name, actions.coord.is_some()),
+                "patroni": actions.shard.patroni(&s.name).map(|p| patroni_json(p)),
+                "in_flight": snap.inflight,
+                "buffer": {
+                    "state": buffer_state,
+                    "depth": actions.shard.buffer.depth(&s.name),
+                },
+                "since_ms": snap.since.elapsed().as_millis() as u64,
+                "reason": snap.reason,
+                "split_brain": s.watch.view().iter().filter(|v| v.split_brain.is_some()).map(|v| v.host.to_string()).collect::<Vec<_>>(),
+                "watched": s.watch.view().iter().map(watched_json).collect::<Vec<_>>(),
+                "coordination": actions.coord.as_ref().map(|c| c.shard_json(&s.name)),
+            })
+        })
+        .collect();
+    let coordination = match &actions.coord {
+        Some(c) => c.status_json(),
+        None => serde_json::json!({"enabled": false}),
+    };
+    serde_json::json!({ "shards": list, "coordination": coordination })
+}
+
+/// Patroni's last answer for a shard: its members, their roles, the leader.
+fn patroni_json(p: &crate::patroni::Source) -> serde_json::Value {
+    let view = p.view.borrow().clone();
+    serde_json::json!({
+        "endpoints": p.endpoints().iter().map(|e| format!("http://{e}")).collect::<Vec<_>>(),
+        "scope": view.as_ref().map(|c| c.scope.clone()),
+        "paused": view.as_ref().map(|c| c.paused),
+        "leader": view.as_ref().and_then(|c| c.leader().map(|l| l.name.clone())),
+        "members": view.as_ref().map(|c| c.members.iter().map(|m| serde_json::json!({
+            "name": m.name,
+            "addr": m.addr.to_string(),
+            "role": m.role,
+            "state": m.state,
+            "timeline": m.timeline,
+        })).collect::<Vec<_>>()),
+    })
+}
+
+fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
+    let since = v
+        .since
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    serde_json::json!({
+        "host": v.host.to_string(),
+        "why": v.why.as_str(),
+        "replaced_at_epoch": v.epoch,
+        "since_unix": since,
+        "state": v.seen.as_str(),
+        "fenced_by_handoff": v.fenced_by_handoff,
+        "fence_lsn": v.fence_lsn,
+        "wal_bytes_past_fence": v.wal_past_fence,
+        "split_brain": v.split_brain,
+        "detail": v.detail,
+    })
 }

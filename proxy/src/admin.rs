@@ -39,7 +39,8 @@ pub(crate) struct AdminState {
     pub token: Option<String>,
     pub prometheus: PrometheusHandle,
     pub shutdown: Signal,
-    pub shared: Arc<crate::shared::Shared>,
+    /// The shard actions and state the API serves.
+    pub actions: Arc<crate::actions::Ctx>,
 }
 
 type Body = Full<Bytes>;
@@ -132,7 +133,7 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
             );
             r
         }
-        ["v1", "shards"] => json(StatusCode::OK, shards_json(&state.shared)),
+        ["v1", "shards"] => json(StatusCode::OK, crate::actions::shards_json(&state.actions)),
         ["v1", "shards", name, action] => {
             let name = name.to_string();
             let action = Action::parse(action).expect("routed above");
@@ -140,7 +141,7 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
                 Ok(b) => b,
                 Err(r) => return r,
             };
-            let a = crate::actions::shard_action(&state.shared, &name, action, body).await;
+            let a = crate::actions::shard_action(&state.actions, &name, action, body).await;
             json(
                 StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 a.body,
@@ -179,84 +180,6 @@ async fn read_json(
             &format!("the request body is not valid JSON: {e}"),
         )),
     }
-}
-
-/// Every shard's state.
-pub(crate) fn shards_json(shared: &crate::shared::Shared) -> serde_json::Value {
-    let list: Vec<serde_json::Value> = shared
-        .shards
-        .iter()
-        .map(|s| {
-            let snap = s.snapshot(shared.ctx.buffer_idle(&s.name));
-            let buffer_state = match shared.ctx.buffer.state(&s.name) {
-                Some(handoff_buffer::State::Idle) | None => "idle",
-                Some(handoff_buffer::State::Buffering) => "buffering",
-                Some(handoff_buffer::State::Draining) => "draining",
-            };
-            serde_json::json!({
-                "name": s.name,
-                "state": snap.state.as_str(),
-                "epoch": snap.epoch,
-                "primary": snap.primary.to_string(),
-                "hosts": s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-                "source": shared.ctx.source(&s.name, shared.coord.is_some()),
-                "patroni": shared.ctx.patroni(&s.name).map(|p| patroni_json(p)),
-                "in_flight": snap.inflight,
-                "buffer": {
-                    "state": buffer_state,
-                    "depth": shared.ctx.buffer.depth(&s.name),
-                },
-                "since_ms": snap.since.elapsed().as_millis() as u64,
-                "reason": snap.reason,
-                "split_brain": s.watch.view().iter().filter(|v| v.split_brain.is_some()).map(|v| v.host.to_string()).collect::<Vec<_>>(),
-                "watched": s.watch.view().iter().map(watched_json).collect::<Vec<_>>(),
-                "coordination": shared.coord.as_ref().map(|c| c.shard_json(&s.name)),
-            })
-        })
-        .collect();
-    let coordination = match &shared.coord {
-        Some(c) => c.status_json(),
-        None => serde_json::json!({"enabled": false}),
-    };
-    serde_json::json!({ "shards": list, "coordination": coordination })
-}
-
-/// Patroni's last answer for a shard: its members, their roles, the leader.
-fn patroni_json(p: &crate::patroni::Source) -> serde_json::Value {
-    let view = p.view.borrow().clone();
-    serde_json::json!({
-        "endpoints": p.endpoints().iter().map(|e| format!("http://{e}")).collect::<Vec<_>>(),
-        "scope": view.as_ref().map(|c| c.scope.clone()),
-        "paused": view.as_ref().map(|c| c.paused),
-        "leader": view.as_ref().and_then(|c| c.leader().map(|l| l.name.clone())),
-        "members": view.as_ref().map(|c| c.members.iter().map(|m| serde_json::json!({
-            "name": m.name,
-            "addr": m.addr.to_string(),
-            "role": m.role,
-            "state": m.state,
-            "timeline": m.timeline,
-        })).collect::<Vec<_>>()),
-    })
-}
-
-fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
-    let since = v
-        .since
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    serde_json::json!({
-        "host": v.host.to_string(),
-        "why": v.why.as_str(),
-        "replaced_at_epoch": v.epoch,
-        "since_unix": since,
-        "state": v.seen.as_str(),
-        "fenced_by_handoff": v.fenced_by_handoff,
-        "fence_lsn": v.fence_lsn,
-        "wal_bytes_past_fence": v.wal_past_fence,
-        "split_brain": v.split_brain,
-        "detail": v.detail,
-    })
 }
 
 /// Turns a tower error (timeout, overload) into a JSON response.

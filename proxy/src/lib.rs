@@ -6,8 +6,8 @@
 //!
 //! This file only wires the layers together (docs/architecture.md). From the top:
 //! `admin` (HTTP API) · `coord` (coordination with other proxies over etcd) ·
-//! `frontend` (listener, startup, client authentication) · `relay`
-//! (session and transaction mode) · `shared` (what every session shares) · [`shard`]
+//! `frontend` (listener, startup, client authentication) · `console` · `actions` ·
+//! `relay` (session and transaction mode) · `clients` (the client registry) · [`shard`]
 //! (state machine, switchover, fence, failure detection, watchdog) · [`backend`] (server
 //! logins, pools, cancel, the admin role's connections) · [`net`] (streams, TLS,
 //! buffers). On the ground floor, usable by all: [`config`], [`metrics`], `error`,
@@ -18,6 +18,7 @@
 mod actions;
 mod admin;
 pub mod backend;
+mod clients;
 pub mod config;
 mod console;
 pub(crate) mod coord;
@@ -30,7 +31,6 @@ pub mod net;
 pub mod patroni;
 mod relay;
 pub mod shard;
-mod shared;
 pub mod shutdown;
 #[cfg(test)]
 mod testing;
@@ -41,7 +41,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use handoff_protocol::auth::ScramVerifier;
-use shared::Shared;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -76,7 +75,8 @@ pub enum StartError {
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    shared: Arc<Shared>,
+    /// The client side's handle: reloads (TLS, users) and the console's `SHUTDOWN`.
+    frontend: Arc<frontend::Ctx>,
     listen_addr: SocketAddr,
     admin_addr: SocketAddr,
     trigger: Trigger,
@@ -84,6 +84,111 @@ pub struct Proxy {
     /// Closes when the listener and every session have ended.
     done: mpsc::Receiver<()>,
     shutdown_timeout: Duration,
+}
+
+/// Both listeners, bound.
+struct Listeners {
+    client: TcpListener,
+    admin: TcpListener,
+    client_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+async fn bind(config: &Config) -> Result<Listeners, StartError> {
+    let listen = |source| StartError::Listen {
+        addr: config.listen,
+        source,
+    };
+    let admin_listen = |source| StartError::AdminListen {
+        addr: config.admin_listen,
+        source,
+    };
+    let client = TcpListener::bind(config.listen).await.map_err(listen)?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(admin_listen)?;
+    Ok(Listeners {
+        client_addr: client.local_addr().map_err(listen)?,
+        admin_addr: admin.local_addr().map_err(admin_listen)?,
+        client,
+        admin,
+    })
+}
+
+/// Each shard's starting point: the cluster's record (with coordination), else
+/// discovery; the first host listed is only a hint. Shards with no primary start
+/// buffering, and hosts found writable on a lower timeline are watched.
+async fn start_shards(
+    config: &Config,
+    ctx: &Arc<shard::Ctx>,
+    connected: Option<&coord::Connected>,
+) -> Vec<Arc<shard::Shard>> {
+    let mut shards = Vec::new();
+    for s in &config.shards {
+        metrics::zero_shard_series(
+            &s.name,
+            config.etcd.is_some(),
+            ctx.patroni(&s.name).is_some(),
+        );
+        let start = coord::initial_shard(
+            connected,
+            &ctx.admin,
+            &config.health,
+            ctx.patroni(&s.name).map(|p| p.as_ref()),
+            s,
+        )
+        .await;
+        let sh = Arc::new(start.shard);
+        if let Some(why) = start.missing {
+            tracing::warn!(shard = %sh.name, reason = %why, "no primary found at startup: buffering until discovery finds one");
+            let epoch = sh.current().epoch;
+            shard::health::revoke(
+                ctx,
+                &sh,
+                epoch,
+                &format!("no primary found at startup: {why}"),
+            );
+        }
+        for (host, why) in start.watch {
+            if why == shard::watch::Why::LowerTimeline {
+                tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
+            }
+            sh.watch.add(&sh.name, host, why, sh.current().epoch, None);
+        }
+        shards.push(sh);
+    }
+    shards
+}
+
+/// Each shard's own tasks: the failure detector, the split-brain watchdog, and on a
+/// Patroni shard the follower of Patroni.
+fn spawn_shard_tasks(
+    ctx: &Arc<shard::Ctx>,
+    shards: &[Arc<shard::Shard>],
+    coordinated: bool,
+    signal: &shutdown::Signal,
+) {
+    for sh in shards {
+        tokio::spawn(shard::monitor::run(
+            Arc::clone(ctx),
+            Arc::clone(sh),
+            signal.clone(),
+        ));
+        tokio::spawn(shard::watchdog::run(
+            Arc::clone(ctx),
+            Arc::clone(sh),
+            signal.clone(),
+        ));
+        if let Some(source) = ctx.patroni(&sh.name) {
+            tokio::spawn(shard::patroni::follow(
+                Arc::clone(ctx),
+                Arc::clone(sh),
+                Arc::clone(source),
+                signal.clone(),
+            ));
+        }
+        metrics::set_source(&sh.name, ctx.source(&sh.name, coordinated));
+    }
 }
 
 impl Proxy {
@@ -94,169 +199,99 @@ impl Proxy {
             config.tls.client_mode,
             config.tls.cert.as_deref(),
             config.tls.key.as_deref(),
-        )
-        .map_err(StartError::Tls)?;
+        )?;
         let server_tls =
-            net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())
-                .map_err(StartError::Tls)?;
+            net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())?;
         let prometheus = metrics::install();
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| StartError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
-        let admin = TcpListener::bind(config.admin_listen)
-            .await
-            .map_err(|source| StartError::AdminListen {
-                addr: config.admin_listen,
-                source,
-            })?;
-        let listen_addr = listener.local_addr().map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-        let admin_addr = admin
-            .local_addr()
-            .map_err(|source| StartError::AdminListen {
-                addr: config.admin_listen,
-                source,
-            })?;
+        let listeners = bind(&config).await?;
         let (trigger, signal) = shutdown::channel();
-        let shutdown_timeout = config.shutdown_timeout;
         let ctx = Arc::new(shard::Ctx::new(&config, server_tls.clone())?);
-        // Startup: the cluster's record (with coordination), else discovery; the first
-        // host listed is only a hint.
         let connected = match &config.etcd {
             Some(settings) => Some(coord::Connected::connect(settings).await?),
             None => None,
         };
-        let mut shards = Vec::new();
-        let mut missing = Vec::new();
-        let mut watch = Vec::new();
-        for s in &config.shards {
-            metrics::zero_shard_series(
-                &s.name,
-                config.etcd.is_some(),
-                ctx.patroni(&s.name).is_some(),
-            );
-            let start = coord::initial_shard(
-                connected.as_ref(),
-                &ctx.admin,
-                &config.health,
-                ctx.patroni(&s.name).map(|p| p.as_ref()),
-                s,
-            )
-            .await;
-            for (host, why) in start.watch {
-                watch.push((shards.len(), host, why));
-            }
-            if let Some(why) = start.missing {
-                missing.push((shards.len(), why));
-            }
-            shards.push(Arc::new(start.shard));
-        }
+        let shards = start_shards(&config, &ctx, connected.as_ref()).await;
         let coord = match (connected, &config.etcd) {
             (Some(connected), Some(settings)) => Some(coord::Coord::start(
                 connected,
                 settings.clone(),
                 Arc::clone(&ctx),
                 shards.clone(),
-                admin_addr,
-                listen_addr,
+                listeners.admin_addr,
+                listeners.client_addr,
                 signal.clone(),
             )),
             _ => None,
         };
-        let users = frontend::users::Users::new(&config, server_tls.clone())?;
-        let shared = Arc::new(Shared {
-            users,
+        spawn_shard_tasks(&ctx, &shards, coord.is_some(), &signal);
+
+        // Each layer's handle, from the bottom up.
+        let config = Arc::new(config);
+        let cancels = Arc::new(backend::cancel::Registry::default());
+        let relay = Arc::new(relay::Ctx {
+            settings: relay::Settings::from_config(&config),
+            shard: Arc::clone(&ctx),
+            meters: Arc::new(metrics::RelayMeters::new()),
             prepared: metrics::PreparedCounters::new(),
-            relay_meters: Arc::new(metrics::RelayMeters::new()),
-            config: Arc::new(config),
-            cancels: Arc::new(backend::cancel::Registry::default()),
-            decoy: ScramVerifier::from_password("")?,
-            shards,
-            ctx: Arc::clone(&ctx),
-            coord,
-            limits: limits::Limits::default(),
-            clients: Default::default(),
-            shutdown_requested: Default::default(),
-            client_tls,
-            server_tls,
+            server_tls: server_tls.clone(),
+            cancels: Arc::clone(&cancels),
         });
-        tokio::spawn(stats_periods(
-            Arc::downgrade(&shared),
-            shared.config.stats_period,
-        ));
+        let actions = Arc::new(actions::Ctx {
+            shards: shards.clone(),
+            shard: Arc::clone(&ctx),
+            coord,
+        });
+        let clients = Arc::new(clients::Clients::default());
+        let console = Arc::new(console::Ctx {
+            config: Arc::clone(&config),
+            actions: Arc::clone(&actions),
+            clients: Arc::clone(&clients),
+            cancels,
+            shutdown_requested: Default::default(),
+        });
+        let frontend = Arc::new(frontend::Ctx {
+            users: frontend::users::Users::new(&config, server_tls)?,
+            decoy: ScramVerifier::from_password("")?,
+            limits: limits::Limits::default(),
+            clients: Arc::clone(&clients),
+            client_tls,
+            shards,
+            relay,
+            console,
+            config: Arc::clone(&config),
+        });
+        tokio::spawn(stats_periods(Arc::downgrade(&clients), config.stats_period));
         let admin_state = Arc::new(admin::AdminState {
-            token: shared.config.admin_token.clone(),
+            token: config.admin_token.clone(),
             prometheus,
             shutdown: signal.clone(),
-            shared: Arc::clone(&shared),
+            actions,
         });
-        for (i, why) in missing {
-            let sh = &shared.shards[i];
-            tracing::warn!(shard = %sh.name, reason = %why, "no primary found at startup: buffering until discovery finds one");
-            let epoch = sh.current().epoch;
-            shard::health::revoke(
-                &ctx,
-                sh,
-                epoch,
-                &format!("no primary found at startup: {why}"),
-            );
-        }
-        for (i, host, why) in watch {
-            let sh = &shared.shards[i];
-            if why == shard::watch::Why::LowerTimeline {
-                tracing::warn!(shard = %sh.name, %host, "a host is writable on a lower timeline than the primary: watching it for split brain");
-            }
-            sh.watch.add(&sh.name, host, why, sh.current().epoch, None);
-        }
-        for sh in &shared.shards {
-            tokio::spawn(shard::monitor::run(
-                Arc::clone(&ctx),
-                Arc::clone(sh),
-                signal.clone(),
-            ));
-            tokio::spawn(shard::watchdog::run(
-                Arc::clone(&ctx),
-                Arc::clone(sh),
-                signal.clone(),
-            ));
-            if let Some(source) = ctx.patroni(&sh.name) {
-                tokio::spawn(shard::patroni::follow(
-                    Arc::clone(&ctx),
-                    Arc::clone(sh),
-                    Arc::clone(source),
-                    signal.clone(),
-                ));
-            }
-            let source = ctx.source(&sh.name, shared.coord.is_some());
-            metrics::set_source(&sh.name, source);
-        }
-        let shared_for_reload = Arc::clone(&shared);
         let (tracker, done) = mpsc::channel(1);
-        let buffer = ctx.buffer.clone();
-        tokio::spawn(frontend::listener::run(listener, shared, signal, tracker));
-        tokio::spawn(admin::serve(admin, admin_state));
+        tokio::spawn(frontend::listener::run(
+            listeners.client,
+            Arc::clone(&frontend),
+            signal,
+            tracker,
+        ));
+        tokio::spawn(admin::serve(listeners.admin, admin_state));
+        let (listen_addr, admin_addr) = (listeners.client_addr, listeners.admin_addr);
         tracing::info!(%listen_addr, %admin_addr, "handoff is listening");
         Ok(Self {
-            shared: Arc::clone(&shared_for_reload),
+            frontend,
             listen_addr,
             admin_addr,
             trigger,
-            buffer,
+            buffer: ctx.buffer.clone(),
             done,
-            shutdown_timeout,
+            shutdown_timeout: config.shutdown_timeout,
         })
     }
 
     /// Reads the client TLS certificate and key again (SIGHUP): new connections use
     /// the new ones, established ones keep theirs. On error the old ones stay.
     pub fn reload_tls(&self) -> Result<(), net::tls::TlsSetupError> {
-        let r = self.shared.client_tls.reload();
+        let r = self.frontend.client_tls.reload();
         match &r {
             Ok(()) => tracing::info!("TLS certificate reloaded"),
             Err(e) => {
@@ -274,12 +309,12 @@ impl Proxy {
     /// Resolves when the admin console's `SHUTDOWN` asks the process to stop; the
     /// binary then shuts down as on SIGTERM.
     pub async fn shutdown_requested(&self) {
-        self.shared.shutdown_requested.notified().await
+        self.frontend.console.shutdown_requested.notified().await
     }
 
     /// Reads `HANDOFF_USERS_FILE` again (SIGHUP); on an error the old list stays.
     pub fn reload_users(&self) -> Result<(), frontend::users::UsersError> {
-        match self.shared.users.reload() {
+        match self.frontend.users.reload() {
             Ok(n) => {
                 tracing::info!(users = n, "users file reloaded");
                 Ok(())
@@ -316,12 +351,12 @@ impl Proxy {
 }
 
 /// Ends a `SHOW STATS` period every `period`, for as long as the proxy exists.
-async fn stats_periods(shared: std::sync::Weak<Shared>, period: Duration) {
+async fn stats_periods(clients: std::sync::Weak<clients::Clients>, period: Duration) {
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        match shared.upgrade() {
-            Some(s) => s.clients.end_period(),
+        match clients.upgrade() {
+            Some(c) => c.end_period(),
             None => return,
         }
     }

@@ -3,9 +3,8 @@
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::sqlstate;
 
-use super::{show, sqlstate_of, Out};
+use super::{show, sqlstate_of, Ctx, Out};
 use crate::actions::{self, Action, Fields};
-use crate::shared::Shared;
 
 /// One console command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +118,7 @@ fn statements(sql: &str) -> Vec<&str> {
 
 /// Runs every statement of a query, answering into `out`; stops at the first error.
 /// Returns true when `SHUTDOWN` was asked.
-pub(crate) async fn run(shared: &Shared, user: &str, sql: &str, out: &mut Out) -> bool {
+pub(crate) async fn run(ctx: &Ctx, user: &str, sql: &str, out: &mut Out) -> bool {
     let stmts = statements(sql);
     if stmts.is_empty() {
         handoff_protocol::backend::BackendMessage::EmptyQueryResponse.encode(&mut out.buf);
@@ -135,7 +134,7 @@ pub(crate) async fn run(shared: &Shared, user: &str, sql: &str, out: &mut Out) -
             }
         };
         tracing::info!(user, command = stmt.trim(), "admin console");
-        match execute(shared, cmd, out).await {
+        match execute(ctx, cmd, out).await {
             Ok(true) => return true,
             Ok(false) => {}
             Err(e) => {
@@ -148,36 +147,36 @@ pub(crate) async fn run(shared: &Shared, user: &str, sql: &str, out: &mut Out) -
 }
 
 /// Runs one command. `Ok(true)`: shut down once the answer is sent.
-async fn execute(shared: &Shared, cmd: Command, out: &mut Out) -> Result<bool, ProxyError> {
+async fn execute(ctx: &Ctx, cmd: Command, out: &mut Out) -> Result<bool, ProxyError> {
     match cmd {
-        Command::Show(what) => show::show(shared, &what, out)?,
+        Command::Show(what) => show::show(ctx, &what, out)?,
         Command::Pause(db) => {
             let reason = serde_json::json!({"reason": "PAUSE (admin console)"});
-            for shard in shards_of(shared, db.as_deref())? {
-                act(shared, &shard, Action::Buffer, reason.clone()).await?;
+            for shard in shards_of(ctx, db.as_deref())? {
+                act(ctx, &shard, Action::Buffer, reason.clone()).await?;
             }
             out.complete("PAUSE");
         }
         Command::Resume(db) => {
-            for shard in shards_of(shared, db.as_deref())? {
-                act(shared, &shard, Action::Resume, serde_json::json!({})).await?;
+            for shard in shards_of(ctx, db.as_deref())? {
+                act(ctx, &shard, Action::Resume, serde_json::json!({})).await?;
             }
             out.complete("RESUME");
         }
         Command::Reconnect(db) => {
-            reconnect(shared, db.as_deref())?;
+            reconnect(ctx, db.as_deref())?;
             out.complete("RECONNECT");
         }
         Command::Kill(db) => {
-            shards_of(shared, Some(&db))?;
+            shards_of(ctx, Some(&db))?;
             let mut killed = 0;
-            for c in shared.clients.list() {
+            for c in ctx.clients.list() {
                 let Some(l) = c.login() else { continue };
                 if l.route.is_some() && l.database == db && c.kill() {
                     killed += 1;
                 }
             }
-            let closed = reconnect(shared, Some(&db))?;
+            let closed = reconnect(ctx, Some(&db))?;
             tracing::warn!(
                 database = db,
                 clients = killed,
@@ -188,7 +187,7 @@ async fn execute(shared: &Shared, cmd: Command, out: &mut Out) -> Result<bool, P
         }
         Command::Switchover { shard, to } => {
             let body = act(
-                shared,
+                ctx,
                 &shard,
                 Action::Switchover,
                 serde_json::json!({ "to": to }),
@@ -206,7 +205,7 @@ async fn execute(shared: &Shared, cmd: Command, out: &mut Out) -> Result<bool, P
 
 /// Runs a shard action as the HTTP API does; its refusal becomes the error.
 async fn act(
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &str,
     action: Action,
     body: serde_json::Value,
@@ -215,7 +214,7 @@ async fn act(
         serde_json::Value::Object(m) => m,
         _ => Fields::new(),
     };
-    let a = actions::shard_action(shared, shard, action, fields).await;
+    let a = actions::shard_action(&ctx.actions, shard, action, fields).await;
     if a.is_ok() {
         return Ok(a.body);
     }
@@ -224,12 +223,12 @@ async fn act(
 }
 
 /// The shards a database names (every shard without one).
-fn shards_of(shared: &Shared, db: Option<&str>) -> Result<Vec<String>, ProxyError> {
+fn shards_of(ctx: &Ctx, db: Option<&str>) -> Result<Vec<String>, ProxyError> {
     let Some(db) = db else {
-        return Ok(shared.shards.iter().map(|s| s.name.clone()).collect());
+        return Ok(ctx.actions.shards.iter().map(|s| s.name.clone()).collect());
     };
-    match shared.config.route(db) {
-        Some(r) => Ok(vec![shared.shards[r.shard].name.clone()]),
+    match ctx.config.route(db) {
+        Some(r) => Ok(vec![ctx.actions.shards[r.shard].name.clone()]),
         None => Err(ProxyError::error(
             sqlstate::INVALID_CATALOG_NAME,
             format!("no such database: {db}"),
@@ -239,22 +238,22 @@ fn shards_of(shared: &Shared, db: Option<&str>) -> Result<Vec<String>, ProxyErro
 
 /// `RECONNECT [db]`: the pools of that database's server database on its shard, or
 /// every pool. Returns how many idle connections were closed now.
-fn reconnect(shared: &Shared, db: Option<&str>) -> Result<usize, ProxyError> {
+fn reconnect(ctx: &Ctx, db: Option<&str>) -> Result<usize, ProxyError> {
     let wanted = match db {
         None => None,
         Some(db) => {
-            let route = shared.config.route(db).ok_or_else(|| {
+            let route = ctx.config.route(db).ok_or_else(|| {
                 ProxyError::error(
                     sqlstate::INVALID_CATALOG_NAME,
                     format!("no such database: {db}"),
                 )
             })?;
             let server_db = route.server_db.clone().unwrap_or_else(|| db.to_string());
-            Some((shared.shards[route.shard].name.clone(), server_db))
+            Some((ctx.actions.shards[route.shard].name.clone(), server_db))
         }
     };
     let mut closed = 0;
-    for pool in shared.ctx.pools.list() {
+    for pool in ctx.actions.shard.pools.list() {
         let snap = pool.snapshot();
         let matches = match &wanted {
             None => true,

@@ -10,6 +10,8 @@
 mod command;
 mod show;
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 use handoff_protocol::backend::{BackendMessage, ColumnType, TransactionStatus};
 use handoff_protocol::error::ProxyError;
@@ -19,7 +21,6 @@ use handoff_protocol::sqlstate;
 use crate::config::Config;
 use crate::net::stream::Conn;
 use crate::relay::common::hello;
-use crate::shared::Shared;
 use crate::shutdown::{Phase, Signal};
 
 /// The database names that open the console.
@@ -90,15 +91,22 @@ impl Out {
     }
 }
 
+/// What the console works with: the configuration it shows, the shard actions it runs
+/// (as the HTTP API does), the client registry, the cancel registry, and the way to ask
+/// the process to stop.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub config: Arc<crate::config::Config>,
+    pub actions: Arc<crate::actions::Ctx>,
+    pub clients: Arc<crate::clients::Clients>,
+    pub cancels: Arc<crate::backend::cancel::Registry>,
+    /// `SHUTDOWN` notifies it; the binary then shuts down as on SIGTERM.
+    pub shutdown_requested: Arc<tokio::sync::Notify>,
+}
+
 /// Runs a console session until the client leaves or the proxy shuts down.
-pub(crate) async fn serve(
-    mut client: Conn,
-    shared: &Shared,
-    user: String,
-    minor: u16,
-    shutdown: Signal,
-) {
-    let registration = shared
+pub(crate) async fn serve(mut client: Conn, ctx: &Ctx, user: String, minor: u16, shutdown: Signal) {
+    let registration = ctx
         .cancels
         .register(None, crate::backend::cancel::key_len(minor));
     let params = [
@@ -151,13 +159,13 @@ pub(crate) async fn serve(
             FrontendMessage::Terminate => return,
             FrontendMessage::Query { sql } => {
                 let sql = String::from_utf8_lossy(&sql).into_owned();
-                let shutdown_now = command::run(shared, &user, &sql, &mut out).await;
+                let shutdown_now = command::run(ctx, &user, &sql, &mut out).await;
                 BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut out.buf);
                 if client.send_raw(&out.buf).await.is_err() {
                     return;
                 }
                 if shutdown_now {
-                    shared.shutdown_requested.notify_one();
+                    ctx.shutdown_requested.notify_one();
                 }
                 continue;
             }

@@ -8,11 +8,10 @@ use handoff_protocol::backend::ColumnType::{self, Int8 as I, Text as T};
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::sqlstate;
 
-use super::Out;
+use super::{Ctx, Out};
 use crate::backend::pool::PoolSnapshot;
+use crate::clients::{ClientState, Totals};
 use crate::config::{Applies, PoolMode, VARIABLES};
-use crate::frontend::clients::{ClientState, Totals};
-use crate::shared::Shared;
 
 type Row = Vec<Option<String>>;
 
@@ -38,31 +37,31 @@ fn json_text(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn pool_mode(shared: &Shared) -> &'static str {
-    match shared.config.pool_mode {
+fn pool_mode(ctx: &Ctx) -> &'static str {
+    match ctx.config.pool_mode {
         PoolMode::Session => "session",
         PoolMode::Transaction => "transaction",
     }
 }
 
 /// `SHOW <what>`.
-pub(crate) fn show(shared: &Shared, what: &str, out: &mut Out) -> Result<(), ProxyError> {
+pub(crate) fn show(ctx: &Ctx, what: &str, out: &mut Out) -> Result<(), ProxyError> {
     match what {
-        "POOLS" => pools(shared, out),
-        "CLIENTS" => clients(shared, out),
-        "SERVERS" => servers(shared, out),
-        "STATS" => stats(shared, out),
-        "STATS_TOTALS" => stats_totals(shared, out, false),
-        "STATS_AVERAGES" => stats_totals(shared, out, true),
-        "DATABASES" => databases(shared, out),
-        "CONFIG" => config(shared, out),
+        "POOLS" => pools(ctx, out),
+        "CLIENTS" => clients(ctx, out),
+        "SERVERS" => servers(ctx, out),
+        "STATS" => stats(ctx, out),
+        "STATS_TOTALS" => stats_totals(ctx, out, false),
+        "STATS_AVERAGES" => stats_totals(ctx, out, true),
+        "DATABASES" => databases(ctx, out),
+        "CONFIG" => config(ctx, out),
         "VERSION" => out.table(
             &[("version", T)],
             &[vec![s(format!("handoff {}", env!("CARGO_PKG_VERSION")))]],
         ),
-        "LISTS" => lists(shared, out),
-        "SHARDS" => shards(shared, out),
-        "BUFFERS" => buffers(shared, out),
+        "LISTS" => lists(ctx, out),
+        "SHARDS" => shards(ctx, out),
+        "BUFFERS" => buffers(ctx, out),
         "HELP" => out.table(
             &[("command", T), ("what", T)],
             &HELP
@@ -133,9 +132,10 @@ const HELP: &[(&str, &str)] = &[
 ];
 
 /// The pools on each shard's current primary, sorted.
-fn live_pools(shared: &Shared) -> Vec<PoolSnapshot> {
-    let mut v: Vec<PoolSnapshot> = shared
-        .ctx
+fn live_pools(ctx: &Ctx) -> Vec<PoolSnapshot> {
+    let mut v: Vec<PoolSnapshot> = ctx
+        .actions
+        .shard
         .pools
         .list()
         .iter()
@@ -146,7 +146,7 @@ fn live_pools(shared: &Shared) -> Vec<PoolSnapshot> {
     v
 }
 
-fn pools(shared: &Shared, out: &mut Out) {
+fn pools(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("database", T),
         ("user", T),
@@ -167,11 +167,11 @@ fn pools(shared: &Shared, out: &mut Out) {
         ("shard", T),
         ("primary", T),
     ];
-    let clients = shared.clients.list();
-    let rows: Vec<Row> = live_pools(shared)
+    let clients = ctx.clients.list();
+    let rows: Vec<Row> = live_pools(ctx)
         .into_iter()
         .map(|p| {
-            let shard_index = shared.shards.iter().position(|s| s.name == p.shard);
+            let shard_index = ctx.actions.shards.iter().position(|s| s.name == p.shard);
             let mine = |state: ClientState| {
                 clients
                     .iter()
@@ -202,7 +202,7 @@ fn pools(shared: &Shared, out: &mut Out) {
                 s(p.login),
                 s(p.max_wait.as_secs()),
                 s(p.max_wait.subsec_micros()),
-                s(pool_mode(shared)),
+                s(pool_mode(ctx)),
                 s(&p.shard),
                 s(&p.addr),
             ]
@@ -233,10 +233,10 @@ const CONN_COLS: &[(&str, ColumnType)] = &[
     ("application_name", T),
 ];
 
-fn clients(shared: &Shared, out: &mut Out) {
+fn clients(ctx: &Ctx, out: &mut Out) {
     let mut cols = CONN_COLS.to_vec();
     cols.push(("shard", T));
-    let rows: Vec<Row> = shared
+    let rows: Vec<Row> = ctx
         .clients
         .list()
         .into_iter()
@@ -252,7 +252,7 @@ fn clients(shared: &Shared, out: &mut Out) {
             };
             let shard = login
                 .and_then(|l| l.route.as_ref())
-                .map(|(i, _)| shared.shards[*i].name.clone());
+                .map(|(i, _)| ctx.actions.shards[*i].name.clone());
             vec![
                 s("C"),
                 login.map(|l| l.user.clone()),
@@ -279,11 +279,11 @@ fn clients(shared: &Shared, out: &mut Out) {
     out.table(&cols, &rows);
 }
 
-fn servers(shared: &Shared, out: &mut Out) {
+fn servers(ctx: &Ctx, out: &mut Out) {
     let mut cols = CONN_COLS.to_vec();
     cols.push(("shard", T));
     let mut rows: Vec<Row> = Vec::new();
-    for p in live_pools(shared) {
+    for p in live_pools(ctx) {
         for (m, idle) in &p.servers {
             rows.push(vec![
                 s("S"),
@@ -311,7 +311,7 @@ fn servers(shared: &Shared, out: &mut Out) {
     out.table(&cols, &rows);
 }
 
-fn stats(shared: &Shared, out: &mut Out) {
+fn stats(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("database", T),
         ("total_xact_count", I),
@@ -329,12 +329,12 @@ fn stats(shared: &Shared, out: &mut Out) {
         ("avg_query_time", I),
         ("avg_wait_time", I),
     ];
-    let rows: Vec<Row> = shared
+    let rows: Vec<Row> = ctx
         .clients
         .totals()
         .into_iter()
         .map(|(db, t)| {
-            let a = shared.clients.averages(&db);
+            let a = ctx.clients.averages(&db);
             vec![
                 s(&db),
                 s(t.xacts),
@@ -357,7 +357,7 @@ fn stats(shared: &Shared, out: &mut Out) {
     out.table(COLS, &rows);
 }
 
-fn stats_totals(shared: &Shared, out: &mut Out, averages: bool) {
+fn stats_totals(ctx: &Ctx, out: &mut Out, averages: bool) {
     const COLS: &[(&str, ColumnType)] = &[
         ("database", T),
         ("xact_count", I),
@@ -368,13 +368,13 @@ fn stats_totals(shared: &Shared, out: &mut Out, averages: bool) {
         ("query_time", I),
         ("wait_time", I),
     ];
-    let rows: Vec<Row> = shared
+    let rows: Vec<Row> = ctx
         .clients
         .totals()
         .into_iter()
         .map(|(db, t)| {
             let t = if averages {
-                let a = shared.clients.averages(&db);
+                let a = ctx.clients.averages(&db);
                 Totals {
                     xacts: a.xact_count,
                     queries: a.query_count,
@@ -402,7 +402,7 @@ fn stats_totals(shared: &Shared, out: &mut Out, averages: bool) {
     out.table(COLS, &rows);
 }
 
-fn databases(shared: &Shared, out: &mut Out) {
+fn databases(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("name", T),
         ("host", T),
@@ -419,18 +419,18 @@ fn databases(shared: &Shared, out: &mut Out) {
         ("disabled", I),
         ("shard", T),
     ];
-    let cfg = &shared.config;
+    let cfg = &ctx.config;
     let mut routes: Vec<(String, &crate::config::DatabaseRoute)> =
         cfg.databases.iter().map(|(n, r)| (n.clone(), r)).collect();
     routes.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(r) = &cfg.default_route {
         routes.push(("*".to_string(), r));
     }
-    let pools = live_pools(shared);
+    let pools = live_pools(ctx);
     let mut rows: Vec<Row> = routes
         .into_iter()
         .map(|(name, r)| {
-            let shard = &shared.shards[r.shard];
+            let shard = &ctx.actions.shards[r.shard];
             let primary = shard.current().primary.clone();
             let server_db = r.server_db.clone();
             let current: usize = pools
@@ -443,7 +443,7 @@ fn databases(shared: &Shared, out: &mut Out) {
                 .map(|p| p.servers.len() + p.login)
                 .sum();
             let paused = shard
-                .snapshot(shared.ctx.buffer_idle(&shard.name))
+                .snapshot(ctx.actions.shard.buffer_idle(&shard.name))
                 .state
                 .as_str()
                 != "serving";
@@ -456,7 +456,7 @@ fn databases(shared: &Shared, out: &mut Out) {
                 s(cfg.pool.size),
                 s(cfg.pool.min_idle),
                 s(0),
-                s(pool_mode(shared)),
+                s(pool_mode(ctx)),
                 s(0),
                 s(current),
                 s(u8::from(paused)),
@@ -486,10 +486,10 @@ fn databases(shared: &Shared, out: &mut Out) {
     out.table(COLS, &rows);
 }
 
-fn config(shared: &Shared, out: &mut Out) {
+fn config(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] =
         &[("key", T), ("value", T), ("default", T), ("changeable", T)];
-    let rows: Vec<Row> = shared
+    let rows: Vec<Row> = ctx
         .config
         .shown
         .iter()
@@ -504,17 +504,16 @@ fn config(shared: &Shared, out: &mut Out) {
     out.table(COLS, &rows);
 }
 
-fn lists(shared: &Shared, out: &mut Out) {
-    let clients = shared.clients.list();
-    let pools = live_pools(shared);
+fn lists(ctx: &Ctx, out: &mut Out) {
+    let clients = ctx.clients.list();
+    let pools = live_pools(ctx);
     let mut users: Vec<&str> = clients
         .iter()
         .filter_map(|c| c.login().map(|l| l.user.as_str()))
         .collect();
     users.sort_unstable();
     users.dedup();
-    let databases =
-        shared.config.databases.len() + usize::from(shared.config.default_route.is_some());
+    let databases = ctx.config.databases.len() + usize::from(ctx.config.default_route.is_some());
     let used_servers: usize = pools.iter().map(|p| p.servers.len()).sum();
     let login = clients
         .iter()
@@ -538,7 +537,7 @@ fn lists(shared: &Shared, out: &mut Out) {
     out.table(&[("list", T), ("items", I)], &rows);
 }
 
-fn shards(shared: &Shared, out: &mut Out) {
+fn shards(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("name", T),
         ("state", T),
@@ -554,7 +553,7 @@ fn shards(shared: &Shared, out: &mut Out) {
         ("split_brain", T),
         ("watched", T),
     ];
-    let json = crate::admin::shards_json(shared);
+    let json = crate::actions::shards_json(&ctx.actions);
     let str_of = json_text;
     let list = |v: &serde_json::Value, key: Option<&str>| {
         v.as_array().map(|a| {
@@ -593,7 +592,7 @@ fn shards(shared: &Shared, out: &mut Out) {
     out.table(COLS, &rows);
 }
 
-fn buffers(shared: &Shared, out: &mut Out) {
+fn buffers(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("shard", T),
         ("state", T),
@@ -604,9 +603,10 @@ fn buffers(shared: &Shared, out: &mut Out) {
         ("window_ms", I),
         ("reason", T),
     ];
-    let b = &shared.ctx.buffer;
-    let cfg = &shared.config.buffer;
-    let rows: Vec<Row> = shared
+    let b = &ctx.actions.shard.buffer;
+    let cfg = &ctx.config.buffer;
+    let rows: Vec<Row> = ctx
+        .actions
         .shards
         .iter()
         .map(|sh| {

@@ -1,6 +1,6 @@
 //! The client listener: a permit per connection (`HANDOFF_MAX_CLIENT_CONN`), back-off on
 //! accept errors; each session logs in a tracing span carrying `client.addr` (see
-//! [`crate::frontend::clients::ClientInfo::span`]).
+//! [`crate::clients::ClientInfo::span`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,9 +13,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 use crate::frontend::session;
+use crate::frontend::Ctx;
 use crate::metrics as m;
 use crate::net::stream::Conn;
-use crate::shared::Shared;
 use crate::shutdown::{Phase, Signal};
 
 /// Most over-limit connections being answered at once; beyond that they are just closed.
@@ -27,11 +27,11 @@ const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// the proxy knows when the last one ended.
 pub(crate) async fn run(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    ctx: Arc<Ctx>,
     shutdown: Signal,
     tracker: mpsc::Sender<()>,
 ) {
-    let permits = Arc::new(Semaphore::new(shared.config.max_client_conn));
+    let permits = Arc::new(Semaphore::new(ctx.config.max_client_conn));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let mut backoff = Duration::from_millis(5);
     let mut tracker = Some(tracker);
@@ -87,13 +87,13 @@ pub(crate) async fn run(
         };
         match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
-                let info = shared.clients.register(peer, stream.local_addr().ok());
-                let shared = Arc::clone(&shared);
+                let info = ctx.clients.register(peer, stream.local_addr().ok());
+                let ctx = Arc::clone(&ctx);
                 let signal = shutdown.clone();
                 let tracker = tracker.clone();
                 let entry = Arc::clone(&info);
                 let task = tokio::spawn(async move {
-                    session::run(stream, shared, signal, entry).await;
+                    session::run(stream, ctx, signal, entry).await;
                     drop(permit);
                     drop(tracker);
                 });
@@ -105,7 +105,7 @@ pub(crate) async fn run(
                 metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_client_conn")
                     .increment(1);
                 if let Ok(slot) = Arc::clone(&rejecting).try_acquire_owned() {
-                    let limit = shared.config.max_client_conn;
+                    let limit = ctx.config.max_client_conn;
                     tokio::spawn(async move {
                         tracing::info!(client.addr = %peer, limit, "client refused: too many connections");
                         let err = ProxyError::fatal(

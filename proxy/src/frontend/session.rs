@@ -13,20 +13,20 @@ use handoff_protocol::sqlstate;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::clients::{ClientInfo, LoginInfo};
 use crate::frontend::client_auth::{self, Failure};
-use crate::frontend::clients::{ClientInfo, LoginInfo};
 use std::collections::HashMap;
 
 use crate::backend::login::Credentials;
 use crate::config::{Config, PoolMode};
 use crate::error::send_error;
 use crate::error::ConnError;
+use crate::frontend::Ctx;
 use crate::metrics::{self as m, GaugeGuard};
 use crate::net::stream::Conn;
 use crate::relay::common::hello;
 use crate::relay::session_mode;
 use crate::relay::txn;
-use crate::shared::Shared;
 use crate::shutdown::Signal;
 
 /// What the client asked for in its StartupMessage.
@@ -49,20 +49,15 @@ type Relay<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 /// Logging in needs far more state than relaying, and an idle client keeps its task
 /// for as long as it stays connected: the login runs in a box of its own, freed once
 /// it hands over the relay (a box of its own too), so the task keeps two pointers.
-pub(crate) async fn run(
-    stream: TcpStream,
-    shared: Arc<Shared>,
-    shutdown: Signal,
-    info: Arc<ClientInfo>,
-) {
+pub(crate) async fn run(stream: TcpStream, ctx: Arc<Ctx>, shutdown: Signal, info: Arc<ClientInfo>) {
     let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
-    let _listed = shared.clients.guard(&info);
+    let _listed = ctx.clients.guard(&info);
     metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
     // The login's log context (its user and database are recorded once known); the
     // session and console relays keep it, the transaction-mode relay makes its own
     // while the client is busy.
     let span = info.span();
-    let Some((_slot, relay)) = Box::pin(start(stream, &shared, shutdown, info))
+    let Some((_slot, relay)) = Box::pin(start(stream, &ctx, shutdown, info))
         .instrument(span)
         .await
     else {
@@ -75,20 +70,17 @@ pub(crate) async fn run(
 /// server login: the relay to run next, with the admission slot it holds.
 async fn start(
     stream: TcpStream,
-    shared: &Shared,
+    ctx: &Ctx,
     shutdown: Signal,
     info: Arc<ClientInfo>,
 ) -> Option<(crate::limits::Slot<'_>, Relay<'_>)> {
     let _ = stream.set_nodelay(true);
     let mut client = Conn::new(stream);
-    let cfg = &shared.config;
+    let cfg = &ctx.config;
 
     // Boxed: the login's state is large and only needed once, so the session's own
     // future (which an idle client keeps alive) stays small.
-    let login = tokio::time::timeout(
-        cfg.client_login_timeout,
-        Box::pin(login(&mut client, shared)),
-    );
+    let login = tokio::time::timeout(cfg.client_login_timeout, Box::pin(login(&mut client, ctx)));
     let (startup, credentials) = match login.await {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return None,
@@ -114,7 +106,7 @@ async fn start(
             return None;
         }
     };
-    let slot = match shared.limits.admit(
+    let slot = match ctx.limits.admit(
         &startup.user,
         &startup.database,
         cfg.max_user_client_conn,
@@ -144,10 +136,10 @@ async fn start(
             route: None,
             application_name,
             tls: client.stream.is_tls(),
-            stats: shared.clients.stats_for(&startup.database),
+            stats: ctx.clients.stats_for(&startup.database),
         });
         let relay: Relay<'_> = Box::pin(
-            crate::console::serve(client, shared, startup.user, startup.minor, shutdown)
+            crate::console::serve(client, &ctx.console, startup.user, startup.minor, shutdown)
                 .instrument(tracing::Span::current()),
         );
         return Some((slot, relay));
@@ -159,7 +151,7 @@ async fn start(
         route: Some((shard_index(cfg, &startup), server_db.to_string())),
         application_name,
         tls: client.stream.is_tls(),
-        stats: shared.clients.stats_for(&startup.database),
+        stats: ctx.clients.stats_for(&startup.database),
     });
     match cfg.pool_mode {
         PoolMode::Session => {
@@ -171,15 +163,15 @@ async fn start(
                 minor: startup.minor,
                 client: info,
             };
-            let shard = &shared.shards[shard_index(cfg, &startup)];
+            let shard = &ctx.shards[shard_index(cfg, &startup)];
             let relay: Relay<'_> = Box::pin(
-                session_mode::serve(client, shared, shard, login, shutdown)
+                session_mode::serve(client, &ctx.relay, shard, login, shutdown)
                     .instrument(tracing::Span::current()),
             );
             Some((slot, relay))
         }
         PoolMode::Transaction => {
-            transaction_mode(client, shared, startup, credentials, shutdown, info)
+            transaction_mode(client, ctx, startup, credentials, shutdown, info)
                 .await
                 .map(|relay| (slot, relay))
         }
@@ -189,13 +181,13 @@ async fn start(
 /// Transaction mode: a pooled server connection per transaction.
 async fn transaction_mode<'a>(
     mut client: Conn,
-    shared: &'a Shared,
+    ctx: &'a Ctx,
     startup: Startup,
     credentials: Credentials,
     shutdown: Signal,
     info: Arc<ClientInfo>,
 ) -> Option<Relay<'a>> {
-    let cfg: &Config = &shared.config;
+    let cfg: &Config = &ctx.config;
     let (shard, server_db) = route(cfg, &startup);
     let mut desired = HashMap::new();
     for (k, v) in &startup.params {
@@ -218,15 +210,16 @@ async fn transaction_mode<'a>(
         database: server_db.to_string(),
         credentials,
     };
-    let state = &shared.shards[shard_index(cfg, &startup)];
-    let registration = shared
+    let state = &ctx.shards[shard_index(cfg, &startup)];
+    let registration = ctx
+        .relay
         .cancels
         .register(None, crate::backend::cancel::key_len(startup.minor));
     let (pid, key) = (registration.pid, registration.key.clone());
     // Boxed, as is the relay below (built in a plain function): an async fn keeps room
     // for every local it ever held, and an idle client keeps this future alive.
     let mut session = Box::new(txn::Txn::new(
-        shared,
+        &ctx.relay,
         state,
         target,
         registration,
@@ -252,14 +245,11 @@ async fn transaction_mode<'a>(
 
 /// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel
 /// request, or a client that closed before logging in).
-async fn login(
-    client: &mut Conn,
-    shared: &Shared,
-) -> Result<Option<(Startup, Credentials)>, Failure> {
-    let Some(startup) = read_startup(client, shared).await? else {
+async fn login(client: &mut Conn, ctx: &Ctx) -> Result<Option<(Startup, Credentials)>, Failure> {
+    let Some(startup) = read_startup(client, ctx).await? else {
         return Ok(None);
     };
-    let cfg = &shared.config;
+    let cfg = &ctx.config;
     let console = crate::console::wanted(cfg, &startup.database);
     let routed = cfg.route(&startup.database).is_some();
     let credentials = if crate::frontend::users::Users::required(cfg) {
@@ -269,17 +259,22 @@ async fn login(
         // that an unauthenticated client learns nothing of the configuration).
         let lookup_on = (!console && routed).then(|| {
             let (_, server_db) = route(cfg, &startup);
-            (&shared.shards[shard_index(cfg, &startup)], server_db)
+            (&ctx.shards[shard_index(cfg, &startup)], server_db)
         });
-        let secret = shared
+        let secret = ctx
             .users
-            .find(&shared.ctx, cfg.connect_timeout, &startup.user, lookup_on)
+            .find(
+                &ctx.relay.shard,
+                cfg.connect_timeout,
+                &startup.user,
+                lookup_on,
+            )
             .await
             .map_err(Failure::Refuse)?;
         let result =
-            client_auth::authenticate(client, &startup.user, secret.as_ref(), &shared.decoy).await;
+            client_auth::authenticate(client, &startup.user, secret.as_ref(), &ctx.decoy).await;
         if result.is_err() && secret.is_some() {
-            shared.users.forget(&startup.user);
+            ctx.users.forget(&startup.user);
         }
         result?
     } else {
@@ -306,10 +301,10 @@ async fn login(
 
 /// Reads packets until a StartupMessage, answering SSL and GSS requests (TLS when it is
 /// on, else `N`), accepting direct TLS, and forwarding cancel requests.
-async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Startup>, Failure> {
+async fn read_startup(client: &mut Conn, ctx: &Ctx) -> Result<Option<Startup>, Failure> {
     let mut negotiated = false;
     if client.starts_with_tls().await.map_err(ConnError::from)? {
-        direct_tls(client, shared).await?;
+        direct_tls(client, ctx).await?;
         negotiated = true;
     }
     loop {
@@ -330,7 +325,7 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
                 }
                 negotiated = true;
                 let acceptor = match p {
-                    StartupPacket::SslRequest => shared.client_tls.acceptor(),
+                    StartupPacket::SslRequest => ctx.client_tls.acceptor(),
                     _ => None,
                 };
                 match acceptor {
@@ -352,16 +347,17 @@ async fn read_startup(client: &mut Conn, shared: &Shared) -> Result<Option<Start
                 }
             }
             StartupPacket::Cancel { pid, key } => {
-                let forwarded = shared
+                let forwarded = ctx
+                    .relay
                     .cancels
-                    .forward(pid, &key, shared.config.connect_timeout)
+                    .forward(pid, &key, ctx.config.connect_timeout)
                     .await;
                 let result = if forwarded { "forwarded" } else { "unknown" };
                 metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
                 return Ok(None);
             }
             StartupPacket::Startup { minor, params } => {
-                if shared.client_tls.mode == crate::config::ClientTlsMode::Require
+                if ctx.client_tls.mode == crate::config::ClientTlsMode::Require
                     && !client.stream.is_tls()
                 {
                     metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "tls_required")
@@ -386,8 +382,8 @@ const LATEST_MINOR: u16 = 2;
 /// PostgreSQL 17's direct TLS: the client starts with its TLS handshake instead of an
 /// SSLRequest, and must agree on the ALPN protocol `postgresql` (as PostgreSQL requires,
 /// so that a TLS connection meant for another service is not taken for this one).
-async fn direct_tls(client: &mut Conn, shared: &Shared) -> Result<(), Failure> {
-    let Some(acceptor) = shared.client_tls.acceptor() else {
+async fn direct_tls(client: &mut Conn, ctx: &Ctx) -> Result<(), Failure> {
+    let Some(acceptor) = ctx.client_tls.acceptor() else {
         // A plaintext error would be read as TLS: the connection is closed.
         tracing::info!(
             "a client began with a TLS handshake, but HANDOFF_TLS_MODE is disable: closed"

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::frontend::clients::ClientInfo;
+use crate::clients::ClientInfo;
 use crate::metrics::RelayMeters;
 use crate::net::stream::Conn;
 use crate::shutdown::{Phase, Signal};

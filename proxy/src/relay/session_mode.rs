@@ -18,9 +18,9 @@ use std::sync::Arc;
 
 use crate::backend::cancel::ServerKey;
 use crate::backend::login::{self as backend_login, ServerConn};
+use crate::clients::ClientInfo;
 use crate::config::HostPort;
 use crate::error::{send_error, ServerError};
-use crate::frontend::clients::ClientInfo;
 use crate::metrics::{self as m, GaugeGuard, RelayMeters};
 use crate::net::metered::Metered;
 use crate::net::stream::Conn;
@@ -30,11 +30,11 @@ use crate::relay::common::{
     READ_CHUNK,
 };
 use crate::relay::session_move;
+use crate::relay::Ctx;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
 use crate::shard::health;
 use crate::shard::{Entered, Shard};
-use crate::shared::Shared;
 use crate::shutdown::{Phase, Signal};
 
 struct Txn {
@@ -324,9 +324,9 @@ pub(crate) struct ServerLogin {
 /// then registers the session on the serving generation while it has a server
 /// connection there (lameduck waits for it to move). The buffer's release is not kept:
 /// a session is not a held request once it runs.
-async fn gate(shared: &Shared, shard: &Shard, bytes: usize) -> Result<Entered, ProxyError> {
+async fn gate(ctx: &Ctx, shard: &Shard, bytes: usize) -> Result<Entered, ProxyError> {
     let mut gen = shard.current();
-    control::admit(&shared.ctx, shard, &mut gen, bytes)
+    control::admit(&ctx.shard, shard, &mut gen, bytes)
         .await
         .map(Admitted::into_entered)
         .map_err(|e| e.to_client_fatal(&shard.name))
@@ -336,13 +336,13 @@ async fn gate(shared: &Shared, shard: &Shard, bytes: usize) -> Result<Entered, P
 /// transaction boundary when the shard's primary changes.
 pub(crate) async fn serve(
     mut client: Conn,
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Arc<Shard>,
     login: ServerLogin,
     shutdown: Signal,
 ) {
     let name = shard.name.as_str();
-    let (mut entered, mut server) = match attach(shared, shard, &login).await {
+    let (mut entered, mut server) = match attach(ctx, shard, &login).await {
         Ok(attached) => attached,
         Err(err) => {
             send_error(&mut client.stream, &err).await;
@@ -355,7 +355,7 @@ pub(crate) async fn serve(
     // so cancel requests still come through handoff. After the session moves to another
     // primary the backend is another: the id the client knows stays the first one's.
     let key = server_key(&server);
-    let registration = shared.cancels.register_as(
+    let registration = ctx.cancels.register_as(
         key.pid,
         Some(key),
         crate::backend::cancel::key_len(login.minor),
@@ -374,7 +374,7 @@ pub(crate) async fn serve(
             shutdown.clone(),
             entered.generation(),
             &login.client,
-            &shared.relay_meters,
+            &ctx.meters,
         )
         .await;
         if end != End::Revoked {
@@ -392,7 +392,7 @@ pub(crate) async fn serve(
         drop(entered);
         registration.set_server(None);
         let moved = match captured {
-            Ok(state) => follow(&mut client, shared, shard, &login, &state, shutdown.clone()).await,
+            Ok(state) => follow(&mut client, ctx, shard, &login, &state, shutdown.clone()).await,
             Err(e) => Err(cannot_move(
                 name,
                 format!("the session's state could not be read: {e}"),
@@ -422,7 +422,7 @@ fn server_key(server: &ServerConn) -> ServerKey {
 
 /// Logs in to `addr` as the session's user.
 async fn connect(
-    shared: &Shared,
+    ctx: &Ctx,
     login: &ServerLogin,
     addr: &HostPort,
 ) -> Result<ServerConn, ServerError> {
@@ -432,8 +432,8 @@ async fn connect(
         database: &login.database,
         params: &login.params,
         credentials: &login.credentials,
-        timeout: shared.config.connect_timeout,
-        tls: &shared.server_tls,
+        timeout: ctx.settings.connect_timeout,
+        tls: &ctx.server_tls,
     };
     Box::pin(backend_login::connect(l)).await
 }
@@ -442,15 +442,15 @@ async fn connect(
 /// serving primary. A login the primary's loss refused (nothing was sent yet) waits
 /// for the next primary instead of failing the client.
 async fn attach(
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Shard,
     login: &ServerLogin,
 ) -> Result<(Entered, ServerConn), ProxyError> {
     let name = shard.name.as_str();
     let _waiting = login.client.waiting();
     loop {
-        let entered = gate(shared, shard, 0).await?;
-        let err = match connect(shared, login, &entered.generation().primary).await {
+        let entered = gate(ctx, shard, 0).await?;
+        let err = match connect(ctx, login, &entered.generation().primary).await {
             Ok(server) => return Ok((entered, server)),
             Err(err) => err,
         };
@@ -458,7 +458,7 @@ async fn attach(
         drop(entered);
         metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
         if err.primary_may_be_gone()
-            && health::suspect(&shared.ctx, shard, &gen, Report::ConnectFailed).await
+            && health::suspect(&ctx.shard, shard, &gen, Report::ConnectFailed).await
         {
             RetryReason::ConnectFailed.count(name);
             continue;
@@ -474,7 +474,7 @@ async fn attach(
 /// state. `None` when the client left while waiting.
 async fn follow(
     client: &mut Conn,
-    shared: &Shared,
+    ctx: &Ctx,
     shard: &Shard,
     login: &ServerLogin,
     state: &session_move::SessionState,
@@ -504,8 +504,8 @@ async fn follow(
             }
         }
     }
-    let entered = gate(shared, shard, client.rbuf.len()).await?;
-    let mut server = connect(shared, login, &entered.generation().primary)
+    let entered = gate(ctx, shard, client.rbuf.len()).await?;
+    let mut server = connect(ctx, login, &entered.generation().primary)
         .await
         .map_err(|err| err.to_client(name))?;
     if let Err(e) = session_move::restore(&mut server.conn, state).await {
@@ -594,7 +594,7 @@ mod tests {
         let (trigger, signal) = crate::shutdown::channel();
         let relay = tokio::spawn(async move {
             let (mut client, mut server) = (Conn::new(client), Conn::new(server));
-            let clients = crate::frontend::clients::Clients::default();
+            let clients = crate::clients::Clients::default();
             let info = clients.register("127.0.0.1:1".parse().unwrap(), None);
             let meters = Arc::new(crate::metrics::RelayMeters::new());
             run(

@@ -204,7 +204,7 @@ fn refused_here(tag: u8, body: &[u8]) -> Option<ProxyError> {
 /// cannot be followed past it, so the session ends.
 async fn too_large(client: &mut Conn, txn: &Txn<'_>, tag: u8) -> End {
     metrics::counter!(m::MESSAGES_TOO_LARGE_TOTAL).increment(1);
-    let max = txn.shared.config.max_message_size;
+    let max = txn.ctx.settings.max_message_size;
     let err = ProxyError::fatal(
         sqlstate::PROGRAM_LIMIT_EXCEEDED,
         format!(

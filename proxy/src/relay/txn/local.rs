@@ -212,7 +212,7 @@ impl Txn<'_> {
     ) -> Result<(), End> {
         metrics::counter!(crate::metrics::LAMEDUCK_CANCELLED, "shard" => self.shard.to_string())
             .increment(1);
-        let timeout = self.shared.config.drain_timeout;
+        let timeout = self.ctx.settings.drain_timeout;
         let err = match self.gen.lost() {
             Some(why) => ProxyError::error(
                 sqlstate::CONNECTION_FAILURE,
@@ -254,7 +254,7 @@ impl Txn<'_> {
             Report::ConnectionLost
         };
         let gen = std::sync::Arc::clone(&self.gen);
-        let primary_gone = health::suspect(&self.shared.ctx, self.state, &gen, what).await;
+        let primary_gone = health::suspect(&self.ctx.shard, self.state, &gen, what).await;
         if !primary_gone {
             let (code, message) = fatal.unwrap_or_else(|| {
                 (
@@ -325,7 +325,7 @@ impl Txn<'_> {
                     pid: b.pid,
                     key: b.key.clone(),
                 };
-                let timeout = self.shared.config.connect_timeout;
+                let timeout = self.ctx.settings.connect_timeout;
                 tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));
             }
             self.pool.discard(b);

@@ -28,14 +28,14 @@ use tokio::time::Instant;
 
 use crate::backend::cancel::{Registration, ServerKey};
 use crate::backend::pool::{Backend, Pool, PoolKey};
+use crate::clients::ClientInfo;
 use crate::error::{AttachError, PoolError};
-use crate::frontend::clients::ClientInfo;
 use crate::relay::common::Meter;
+use crate::relay::Ctx;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
 use crate::shard::health;
 use crate::shard::{Generation, Shard};
-use crate::shared::Shared;
 use local::Local;
 use params::sync_params;
 use prepared::{Reply, StmtDef};
@@ -58,7 +58,7 @@ pub(crate) struct PoolTarget {
 
 /// The client's side of a transaction-mode session.
 pub(crate) struct Txn<'a> {
-    pub shared: &'a Shared,
+    pub ctx: &'a Ctx,
     pub pool: Arc<Pool>,
     pub shard: &'a str,
     state: &'a Arc<Shard>,
@@ -150,7 +150,7 @@ impl<'a> Txn<'a> {
     }
 
     pub fn new(
-        shared: &'a Shared,
+        ctx: &'a Ctx,
         state: &'a Arc<Shard>,
         target: PoolTarget,
         registration: Registration,
@@ -158,9 +158,9 @@ impl<'a> Txn<'a> {
         client: Arc<ClientInfo>,
     ) -> Self {
         let gen = state.current();
-        let pool = pool_for(shared, &target, &gen, &state.name);
+        let pool = pool_for(ctx, &target, &gen, &state.name);
         Self {
-            shared,
+            ctx,
             pool,
             shard: &state.name,
             state,
@@ -185,7 +185,7 @@ impl<'a> Txn<'a> {
             retries_left: MAX_RETRIES,
             ending: false,
             out: BytesMut::new(),
-            meter: Meter::new(Arc::clone(&shared.relay_meters), client),
+            meter: Meter::new(Arc::clone(&ctx.meters), client),
         }
     }
 
@@ -240,7 +240,7 @@ impl<'a> Txn<'a> {
 
     /// The gate and a free idle connection, if both are there now.
     fn checkout_now(&mut self) -> Option<Box<Backend>> {
-        self.admitted = Some(control::try_admit(&self.shared.ctx, self.state, &self.gen)?);
+        self.admitted = Some(control::try_admit(&self.ctx.shard, self.state, &self.gen)?);
         match self.pool.try_checkout() {
             Some(b) if self.state.is_serving(&self.gen) => Some(b),
             other => {
@@ -267,7 +267,7 @@ impl<'a> Txn<'a> {
                     // Nothing was sent: if the primary is indeed gone, wait in the
                     // buffer for the next one instead of failing the request.
                     let gen = Arc::clone(&self.gen);
-                    if health::suspect(&self.shared.ctx, self.state, &gen, Report::ConnectFailed)
+                    if health::suspect(&self.ctx.shard, self.state, &gen, Report::ConnectFailed)
                         .await
                     {
                         RetryReason::ConnectFailed.count(self.shard);
@@ -318,9 +318,9 @@ impl<'a> Txn<'a> {
     async fn enter(&mut self, bytes: usize) -> Result<(), AttachError> {
         let before = self.gen.id;
         self.admitted =
-            Some(control::admit(&self.shared.ctx, self.state, &mut self.gen, bytes).await?);
+            Some(control::admit(&self.ctx.shard, self.state, &mut self.gen, bytes).await?);
         if self.gen.id != before {
-            self.pool = pool_for(self.shared, &self.target, &self.gen, self.shard);
+            self.pool = pool_for(self.ctx, &self.target, &self.gen, self.shard);
         }
         Ok(())
     }
@@ -422,11 +422,11 @@ impl Drop for Txn<'_> {
     }
 }
 
-fn pool_for(shared: &Shared, target: &PoolTarget, gen: &Generation, shard: &str) -> Arc<Pool> {
+fn pool_for(ctx: &Ctx, target: &PoolTarget, gen: &Generation, shard: &str) -> Arc<Pool> {
     let key = PoolKey {
         user: target.user.clone(),
         database: target.database.clone(),
         addr: gen.primary.clone(),
     };
-    shared.ctx.pools.get(&key, &target.credentials, shard)
+    ctx.shard.pools.get(&key, &target.credentials, shard)
 }

@@ -148,7 +148,7 @@ impl Txn<'_> {
     fn ensure_prepared(&mut self, def: &StmtDef) {
         let b = self.backend.as_mut().expect("attached");
         if b.prepared.get(&def.server_name).is_some() {
-            self.shared.prepared.hit.increment(1);
+            self.ctx.prepared.hit.increment(1);
             return;
         }
         if self.named().preparing.contains(&def.server_name) {
@@ -165,7 +165,7 @@ impl Txn<'_> {
     /// Prepares `def` on the connection under its server name (a cache miss), making
     /// room first; `reply` says what to do with the ParseComplete.
     fn send_parse(&mut self, def: &StmtDef, reply: Reply) {
-        self.shared.prepared.miss.increment(1);
+        self.ctx.prepared.miss.increment(1);
         self.evict_for_one();
         FrontendMessage::Parse {
             name: def.server_name.clone(),
@@ -187,7 +187,7 @@ impl Txn<'_> {
             let Some((victim, ())) = b.prepared.pop_lru() else {
                 break;
             };
-            self.shared.prepared.eviction.increment(1);
+            self.ctx.prepared.eviction.increment(1);
             FrontendMessage::Close {
                 target: Target::Statement,
                 name: victim,
@@ -460,12 +460,12 @@ impl Txn<'_> {
                 let def = StmtDef::prepare_sql(rest);
                 let b = self.backend.as_mut().expect("attached");
                 if b.prepared.get(&def.server_name).is_some() {
-                    self.shared.prepared.hit.increment(1);
+                    self.ctx.prepared.hit.increment(1);
                     self.named_mut().sql_stmts.insert(name, def);
                     self.replies.push_back(Reply::Substitute("PREPARE"));
                     return Some(query(""));
                 }
-                self.shared.prepared.miss.increment(1);
+                self.ctx.prepared.miss.increment(1);
                 self.evict_for_one();
                 let mut out = BytesMut::new();
                 FrontendMessage::Query {
@@ -503,7 +503,7 @@ impl Txn<'_> {
     /// accessed by other users). A database that will be gone is forgotten once the
     /// server confirms.
     fn database_in_use(&mut self, db: sql::DatabaseInUse) {
-        let pools = &self.shared.ctx.pools;
+        let pools = &self.ctx.shard.pools;
         let closed = pools.close_idle(&self.gen.primary, &db.name);
         tracing::debug!(database = %db.name, closed, "closed idle server connections to a database about to be dropped, renamed or copied");
         if db.gone {
@@ -515,8 +515,8 @@ impl Txn<'_> {
     /// dropping or renaming has no pool any more.
     pub(super) fn database_changed(&mut self) {
         if let Some(name) = self.dropping.take() {
-            self.shared
-                .ctx
+            self.ctx
+                .shard
                 .pools
                 .forget_database(&self.gen.primary, &name);
         }

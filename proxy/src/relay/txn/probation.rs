@@ -173,7 +173,7 @@ impl Txn<'_> {
             true
         } else {
             let gen = Arc::clone(&self.gen);
-            health::suspect(&self.shared.ctx, self.state, &gen, reason.report()).await
+            health::suspect(&self.ctx.shard, self.state, &gen, reason.report()).await
         };
         if again && self.clean() && stream_clean && self.retries_left > 0 {
             self.retries_left -= 1;

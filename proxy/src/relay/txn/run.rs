@@ -219,10 +219,10 @@ async fn on_server_read(
 /// Relays a logged-in transaction-mode client until it leaves.
 async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
     client.release_buffers();
-    let mut cscan = Scanner::new(txn.shared.config.max_message_size, MAX_CLIENT_MESSAGE);
+    let mut cscan = Scanner::new(txn.ctx.settings.max_message_size, MAX_CLIENT_MESSAGE);
     let limits = IdleLimits {
-        client: txn.shared.config.client_idle_timeout,
-        transaction: txn.shared.config.idle_transaction_timeout,
+        client: txn.ctx.settings.client_idle_timeout,
+        transaction: txn.ctx.settings.idle_transaction_timeout,
     };
     let mut server = ServerSide::new();
     let mut watched = Phase::Draining;
