@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::local::Local;
-use super::prepared::Reply;
 use super::Txn;
 use crate::error::{send_error, AttachError};
 use crate::metrics as m;
@@ -291,16 +290,9 @@ impl Txn<'_> {
             self.ending |= sql::ends_transaction(head).is_some();
         }
         match tag {
-            ftag::QUERY | ftag::FUNCTION_CALL => {
-                self.pending += 1;
-                self.replies.push_back(Reply::SyncMark);
-            }
-            ftag::SYNC => {
-                self.pending += 1;
-                self.in_extended = false;
-                self.replies.push_back(Reply::SyncMark);
-            }
-            ftag::EXECUTE | ftag::FLUSH => self.in_extended = true,
+            ftag::QUERY | ftag::FUNCTION_CALL => self.ex.query_sent(),
+            ftag::SYNC => self.ex.sync_sent(),
+            ftag::EXECUTE | ftag::FLUSH => self.ex.batch_opened(),
             _ => {}
         }
     }

@@ -247,7 +247,7 @@ impl Txn<'_> {
         server_clean: bool,
         client_clean: bool,
     ) -> Result<(), End> {
-        let fatal = self.fatal.as_deref().cloned();
+        let fatal = self.ex.fatal().cloned();
         let what = if fatal.is_some() {
             Report::ServerFatal
         } else {
@@ -277,7 +277,7 @@ impl Txn<'_> {
     /// The error for a server connection that closed under a request: the primary was
     /// lost, and what was running may or may not have committed.
     pub(super) fn lost_error(&mut self) -> ProxyError {
-        let (code, what) = match self.fatal.take().map(|f| *f) {
+        let (code, what) = match self.ex.take_fatal() {
             Some((code, msg)) => (
                 code,
                 format!(
@@ -333,17 +333,11 @@ impl Txn<'_> {
         }
         self.registration.set_server(None);
         drop(self.end_probe());
-        self.fatal = None;
-        let pending = std::mem::take(&mut self.pending);
-        let status = self.status;
-        self.replies.clear();
+        let (pending, status) = self.ex.lost();
         if let Some(n) = self.named.as_mut() {
             n.preparing.clear();
             n.defining.clear();
         }
-        self.in_extended = false;
-        self.status = TransactionStatus::Idle;
-        self.server_fatal = false;
         if !server_clean {
             return Err(End::ServerGone);
         }

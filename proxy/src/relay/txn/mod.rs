@@ -12,6 +12,7 @@
 //! requests, transactions lost with their server connection).
 
 mod client;
+mod exchange;
 mod local;
 mod params;
 pub(crate) mod prepared;
@@ -19,7 +20,7 @@ mod probation;
 mod run;
 mod server;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -36,6 +37,7 @@ use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
 use crate::shard::health;
 use crate::shard::{Generation, Shard};
+use exchange::Exchange;
 use local::Local;
 use params::sync_params;
 use prepared::{Reply, StmtDef};
@@ -83,16 +85,8 @@ pub(crate) struct Txn<'a> {
     /// defaults, not the client's choice.
     discarded: bool,
     backend: Option<Box<Backend>>,
-    replies: VecDeque<Reply>,
-    /// ReadyForQuery messages the server still owes.
-    pending: usize,
-    /// Extended-protocol messages sent since the last Sync.
-    in_extended: bool,
-    status: TransactionStatus,
-    server_fatal: bool,
-    /// The FATAL the server sent before closing (SQLSTATE, message), kept from the
-    /// client until the connection is gone.
-    fatal: Option<Box<(String, String)>>,
+    /// Where the exchange with the server connection stands.
+    ex: Exchange,
     /// The first request of the current transaction, while it may still be re-sent.
     probe: Probation,
     /// How many more times a refused first request may be re-sent.
@@ -175,12 +169,7 @@ impl<'a> Txn<'a> {
             discarded: false,
             dropping: None,
             backend: None,
-            replies: VecDeque::new(),
-            pending: 0,
-            in_extended: false,
-            status: TransactionStatus::Idle,
-            server_fatal: false,
-            fatal: None,
+            ex: Exchange::default(),
             probe: Probation::default(),
             retries_left: MAX_RETRIES,
             ending: false,
@@ -294,8 +283,8 @@ impl<'a> Txn<'a> {
     /// transactions left allocated for the next one to reuse is freed. Kept while the
     /// client is busy, so a transaction does not allocate them afresh.
     pub fn park(&mut self) {
-        debug_assert!(self.backend.is_none() && self.replies.is_empty());
-        self.replies = VecDeque::new();
+        debug_assert!(self.backend.is_none());
+        self.ex.release();
         self.probe = Probation::default();
         if let Some(n) = self.named.as_mut() {
             n.used = Vec::new();
@@ -354,11 +343,7 @@ impl<'a> Txn<'a> {
     }
 
     fn clean(&self) -> bool {
-        self.status == TransactionStatus::Idle
-            && self.pending == 0
-            && !self.in_extended
-            && self.replies.is_empty()
-            && !self.server_fatal
+        self.ex.clean()
     }
 
     /// Returns the connection to the pool if the transaction is over, else closes it
@@ -380,32 +365,28 @@ impl<'a> Txn<'a> {
         } else {
             self.pool.discard(b);
         }
-        self.replies.clear();
-        self.pending = 0;
-        self.in_extended = false;
-        self.status = TransactionStatus::Idle;
+        self.ex.reset();
     }
 
     fn on_ready(&mut self, status: TransactionStatus) {
         let now = Instant::now();
-        self.pending = self.pending.saturating_sub(1);
-        if self.pending == 0 {
+        let nothing_owed = self.ex.ready(status);
+        if nothing_owed {
             self.ending = false;
         }
-        self.status = status;
         if let Some(n) = self.named.as_mut() {
             n.used.clear();
         }
         self.discarded = false;
         self.dropping = None;
-        while let Some(r) = self.replies.pop_front() {
+        while let Some(r) = self.ex.replies.pop_front() {
             if r == Reply::SyncMark {
                 break;
             }
             self.settle(r);
         }
         self.meter
-            .on_ready(now, self.pending == 0, status == TransactionStatus::Idle);
+            .on_ready(now, nothing_owed, status == TransactionStatus::Idle);
     }
 }
 

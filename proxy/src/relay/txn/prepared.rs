@@ -174,7 +174,7 @@ impl Txn<'_> {
         }
         .encode(&mut self.out);
         self.named_mut().preparing.insert(def.server_name.clone());
-        self.replies.push_back(reply);
+        self.ex.replies.push_back(reply);
     }
 
     /// Makes room in the connection's statement cache for one more statement, and
@@ -193,14 +193,14 @@ impl Txn<'_> {
                 name: victim,
             }
             .encode(&mut self.out);
-            self.replies.push_back(Reply::Swallow { register: None });
+            self.ex.replies.push_back(Reply::Swallow { register: None });
         }
     }
 
     /// Translates one whole inspected client message (Parse, Bind, Describe, Close).
     pub(super) fn translate(&mut self, frame: Frame) -> Result<(), handoff_protocol::FrameError> {
         self.close_unused();
-        self.in_extended = true;
+        self.ex.batch_opened();
         let raw = frame.clone();
         match FrontendMessage::parse(frame)? {
             FrontendMessage::Parse {
@@ -225,7 +225,7 @@ impl Txn<'_> {
                         name: def.server_name.clone(),
                     }
                     .encode(&mut self.out);
-                    self.replies.push_back(Reply::Swallow { register: None });
+                    self.ex.replies.push_back(Reply::Swallow { register: None });
                     let reply = Reply::Pass {
                         register: Some(def.server_name.clone()),
                         define: Some(name.clone()),
@@ -233,7 +233,7 @@ impl Txn<'_> {
                     self.send_parse(&def, reply);
                 } else if self.named().preparing.contains(&def.server_name) {
                     noop_close(&mut self.out);
-                    self.replies.push_back(Reply::AsParseComplete {
+                    self.ex.replies.push_back(Reply::AsParseComplete {
                         define: name.clone(),
                     });
                 } else {
@@ -260,7 +260,7 @@ impl Txn<'_> {
                     .encode(&mut self.out),
                     None => raw.encode(&mut self.out),
                 }
-                self.replies.push_back(Reply::Pass {
+                self.ex.replies.push_back(Reply::Pass {
                     register: None,
                     define: None,
                 });
@@ -311,14 +311,14 @@ impl Txn<'_> {
                     }
                 }
                 noop_close(&mut self.out);
-                self.replies.push_back(Reply::Pass {
+                self.ex.replies.push_back(Reply::Pass {
                     register: None,
                     define: None,
                 });
             }
             FrontendMessage::Close { .. } => {
                 raw.encode(&mut self.out);
-                self.replies.push_back(Reply::Pass {
+                self.ex.replies.push_back(Reply::Pass {
                     register: None,
                     define: None,
                 });
@@ -348,10 +348,10 @@ impl Txn<'_> {
         };
         // As `translate` does, in the same order.
         self.close_unused();
-        self.in_extended = true;
+        self.ex.batch_opened();
         if let Some(sql) = parse_sql {
             self.ending |= sql::ends_transaction(sql).is_some();
-            self.replies.push_back(Reply::Pass {
+            self.ex.replies.push_back(Reply::Pass {
                 register: None,
                 define: None,
             });
@@ -377,16 +377,16 @@ impl Txn<'_> {
             param_types: Vec::new(),
         };
         parse.encode(&mut self.out);
-        self.replies.push_back(Reply::Swallow { register: None });
+        self.ex.replies.push_back(Reply::Swallow { register: None });
         parse.encode(&mut self.out);
-        self.replies.push_back(Reply::Pass {
+        self.ex.replies.push_back(Reply::Pass {
             register: None,
             define: None,
         });
         // Closed once the segment is over (the server skips anything sent before the
         // client's Sync).
         self.backend.as_mut().expect("attached").prepared.pop(&name);
-        self.replies.push_back(Reply::CloseAfter(name));
+        self.ex.replies.push_back(Reply::CloseAfter(name));
     }
 
     /// Closes what the connection holds but must not use again, ahead of what the
@@ -401,7 +401,7 @@ impl Txn<'_> {
                 name,
             }
             .encode(&mut self.out);
-            self.replies.push_back(Reply::Swallow { register: None });
+            self.ex.replies.push_back(Reply::Swallow { register: None });
         }
     }
 
@@ -462,7 +462,7 @@ impl Txn<'_> {
                 if b.prepared.get(&def.server_name).is_some() {
                     self.ctx.prepared.hit.increment(1);
                     self.named_mut().sql_stmts.insert(name, def);
-                    self.replies.push_back(Reply::Substitute("PREPARE"));
+                    self.ex.replies.push_back(Reply::Substitute("PREPARE"));
                     return Some(query(""));
                 }
                 self.ctx.prepared.miss.increment(1);
@@ -472,7 +472,7 @@ impl Txn<'_> {
                     sql: def.prepare_query(),
                 }
                 .encode(&mut out);
-                self.replies.push_back(Reply::Prepared { name, def });
+                self.ex.replies.push_back(Reply::Prepared { name, def });
                 Some(out)
             }
             PreparedSql::Execute { .. } => {
@@ -492,7 +492,7 @@ impl Txn<'_> {
                     names.stmts.remove(&key);
                     names.defining.remove(&key);
                 }
-                self.replies.push_back(Reply::Substitute("DEALLOCATE"));
+                self.ex.replies.push_back(Reply::Substitute("DEALLOCATE"));
                 Some(query(""))
             }
         }
@@ -593,7 +593,7 @@ impl Txn<'_> {
     /// for the skipped messages will never come.
     pub(super) fn on_error(&mut self) {
         let mut kept = Vec::new();
-        while let Some(r) = self.replies.front() {
+        while let Some(r) = self.ex.replies.front() {
             match r {
                 Reply::SyncMark => break,
                 Reply::Pass { register, define } => {
@@ -624,20 +624,20 @@ impl Txn<'_> {
                 // Settled at the segment's end, error or not.
                 Reply::CloseAfter(_) => kept.push(r.clone()),
             }
-            self.replies.pop_front();
+            self.ex.replies.pop_front();
         }
         for r in kept.into_iter().rev() {
-            self.replies.push_front(r);
+            self.ex.replies.push_front(r);
         }
     }
 
     /// An EmptyQueryResponse: `Some(tag)` when it stands for a command the proxy
     /// answered itself (the client gets CommandComplete with that tag).
     pub(super) fn on_empty_query(&mut self) -> Option<&'static str> {
-        match self.replies.front() {
+        match self.ex.replies.front() {
             Some(Reply::Substitute(tag)) => {
                 let tag = *tag;
-                self.replies.pop_front();
+                self.ex.replies.pop_front();
                 Some(tag)
             }
             _ => None,
@@ -665,15 +665,15 @@ impl Txn<'_> {
     pub(super) fn on_complete(&mut self, tag: u8) -> Option<u8> {
         // The first reply owed in this segment; what a segment's end settles (a
         // substitute, a SQL-level PREPARE, a name to close) is passed over.
-        let owed = self.replies.iter().position(|r| {
+        let owed = self.ex.replies.iter().position(|r| {
             !matches!(
                 r,
                 Reply::Substitute(_) | Reply::Prepared { .. } | Reply::CloseAfter(_)
             )
         });
         let reply = match owed {
-            Some(i) if self.replies[i] != Reply::SyncMark => {
-                self.replies.remove(i).expect("index found")
+            Some(i) if self.ex.replies[i] != Reply::SyncMark => {
+                self.ex.replies.remove(i).expect("index found")
             }
             _ => return Some(tag),
         };

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use handoff_protocol::backend::TransactionStatus;
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::scan::Scanner;
 use handoff_protocol::sqlstate;
@@ -190,7 +189,7 @@ async fn on_server_read(
     txn: &mut Txn<'_>,
 ) -> Result<(), End> {
     match r {
-        Ok(0) | Err(_) if txn.server_fatal && txn.fatal.is_none() => {
+        Ok(0) | Err(_) if txn.ex.server_fatal() && txn.ex.fatal().is_none() => {
             // The server ended the connection with a FATAL the client has seen.
             Err(End::ServerGone)
         }
@@ -263,9 +262,7 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
         let quiet = cscan.at_boundary() && client.rbuf.is_empty();
         let in_txn_idle = quiet
             && match txn.backend {
-                Some(_) => {
-                    txn.pending == 0 && !txn.in_extended && txn.status != TransactionStatus::Idle
-                }
+                Some(_) => txn.ex.idle_in_transaction(),
                 None => matches!(txn.local, Local::Aborted(_)),
             };
         let limit = limits.pick(idle && matches!(txn.local, Local::None), in_txn_idle);

@@ -54,7 +54,7 @@ pub(super) async fn server_bytes(
                 tracing::warn!(error = %e, "protocol error from server");
                 let err = crate::error::server_protocol_error(&e);
                 send_error(&mut client.stream, &err).await;
-                txn.server_fatal = true;
+                txn.ex.server_said_fatal(None);
                 return Err(End::ServerProtocol);
             }
         };
@@ -190,15 +190,15 @@ impl Txn<'_> {
         let code = f.code().unwrap_or("?????");
         m::count_error("server", code);
         if f.ends_session() {
-            self.server_fatal = true;
             health::report(self.state, Report::ServerFatal);
             if sqlstate::is_operator_intervention(code) {
-                self.fatal = Some(Box::new((
+                self.ex.server_said_fatal(Some((
                     code.to_string(),
                     f.message().unwrap_or("no message").to_string(),
                 )));
                 return true;
             }
+            self.ex.server_said_fatal(None);
         } else if let Some(r) = refusal.filter(|_| !self.probe.active) {
             health::report(self.state, r.report());
         }
