@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use hyper::StatusCode;
 
+use crate::api;
 use crate::shard::control;
 use crate::shard::switchover::{self, Outcome};
 use crate::shard::{Ctx as ShardCtx, Shard};
@@ -56,7 +57,16 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Answer {
 }
 
 fn error(status: StatusCode, message: &str) -> Answer {
-    answer(status, serde_json::json!({ "error": message }))
+    answer(
+        status,
+        api::to_value(&api::ErrorAnswer {
+            error: message.to_string(),
+        }),
+    )
+}
+
+fn changed(c: &api::ShardChange) -> Answer {
+    answer(StatusCode::OK, api::to_value(c))
 }
 
 /// What can be done to a shard through the API.
@@ -196,15 +206,13 @@ pub(crate) async fn shard_action(
             let primary = shard.current().primary.clone();
             if stopping != primary {
                 metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "not_primary").increment(1);
-                return answer(
-                    StatusCode::OK,
-                    serde_json::json!({
-                        "shard": shard.name,
-                        "held": false,
-                        "not_primary": true,
-                        "primary": primary.to_string(),
-                    }),
-                );
+                return changed(&api::ShardChange {
+                    shard: shard.name.clone(),
+                    held: Some(false),
+                    not_primary: true,
+                    primary: Some(primary.to_string()),
+                    ..Default::default()
+                });
             }
         }
         return hold(actions, &shard, &reason).await;
@@ -254,12 +262,12 @@ async fn target(
 async fn hold(actions: &Ctx, shard: &Arc<Shard>, reason: &str) -> Answer {
     if let Some(coord) = &actions.coord {
         return match coord.hold(shard, reason).await {
-            Ok(v) => answer(StatusCode::OK, v),
+            Ok(v) => changed(&v),
             Err(r) => refused(r),
         };
     }
     match crate::shard::hold::hold(&actions.shard, shard, reason).await {
-        Ok(h) => answer(StatusCode::OK, h.to_json(&shard.name)),
+        Ok(h) => changed(&h.answer(&shard.name)),
         Err(e) => {
             metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "refused").increment(1);
             event_error(&e)
@@ -286,7 +294,9 @@ async fn coordinated(
             let to = to.expect("resolved before");
             // Its own task: it completes (or rolls back) even if the caller goes away.
             match tokio::spawn(async move { coord.switchover(shard, to).await }).await {
-                Ok(Ok((outcome, report))) => answer(switchover_status(outcome), report),
+                Ok(Ok((outcome, report))) => {
+                    answer(switchover_status(outcome), api::to_value(&report))
+                }
                 Ok(Err(r)) => refused(r),
                 Err(e) => error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -300,7 +310,7 @@ async fn coordinated(
                 (Err(e), _) | (_, Err(e)) => return bad_request(e),
             };
             match coord.buffer(&shard, epoch, &reason).await {
-                Ok(v) => answer(StatusCode::OK, v),
+                Ok(v) => changed(&v),
                 Err(r) => refused(r),
             }
         }
@@ -313,7 +323,7 @@ async fn coordinated(
                 return watched_refusal(&shard, &addr);
             }
             match coord.primary(&shard, addr, epoch).await {
-                Ok(v) => answer(StatusCode::OK, v),
+                Ok(v) => changed(&v),
                 Err(r) => refused(r),
             }
         }
@@ -323,7 +333,7 @@ async fn coordinated(
                 Err(e) => return bad_request(e),
             };
             match coord.resume(&shard, epoch).await {
-                Ok(v) => answer(StatusCode::OK, v),
+                Ok(v) => changed(&v),
                 Err(r) => refused(r),
             }
         }
@@ -351,7 +361,10 @@ fn watched_refusal(shard: &Shard, addr: &crate::config::HostPort) -> Answer {
 async fn switchover(ctx: Arc<ShardCtx>, shard: Arc<Shard>, to: crate::config::HostPort) -> Answer {
     // Its own task: it completes (or rolls back) even if the caller goes away.
     match tokio::spawn(switchover::run(ctx, shard, to)).await {
-        Ok(report) => answer(switchover_status(report.outcome), report.to_json()),
+        Ok(report) => answer(
+            switchover_status(report.outcome),
+            api::to_value(&report.to_report()),
+        ),
         Err(e) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             &format!("the switchover task failed: {e}"),
@@ -372,17 +385,15 @@ async fn buffer(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
         Err(e) => return event_error(&e),
     };
     let ld = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
-    answer(
-        StatusCode::OK,
-        serde_json::json!({
-            "shard": shard.name,
-            "state": "buffering",
-            "epoch": revoked.gen.epoch,
-            "old_primary": revoked.gen.primary.to_string(),
-            "lameduck_ms": ld.waited.as_millis() as u64,
-            "lameduck_cancelled": ld.cancelled,
-        }),
-    )
+    changed(&api::ShardChange {
+        shard: shard.name.clone(),
+        state: Some("buffering".into()),
+        epoch: Some(revoked.gen.epoch),
+        old_primary: Some(revoked.gen.primary.to_string()),
+        lameduck_ms: Some(ld.waited.as_millis() as u64),
+        lameduck_cancelled: Some(ld.cancelled),
+        ..Default::default()
+    })
 }
 
 async fn primary(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
@@ -397,17 +408,15 @@ async fn primary(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
         return watched_refusal(shard, &addr);
     }
     match control::establish(ctx, shard, epoch, addr.clone()).await {
-        Ok(est) => answer(
-            StatusCode::OK,
-            serde_json::json!({
-                "shard": shard.name,
-                "state": "draining",
-                "epoch": est.epoch,
-                "primary": addr.to_string(),
-                "prewarmed_connections": est.prewarmed,
-                "prewarm_error": est.prewarm_error,
-            }),
-        ),
+        Ok(est) => changed(&api::ShardChange {
+            shard: shard.name.clone(),
+            state: Some("draining".into()),
+            epoch: Some(est.epoch),
+            primary: Some(addr.to_string()),
+            prewarmed_connections: Some(est.prewarmed),
+            prewarm_error: est.prewarm_error,
+            ..Default::default()
+        }),
         Err(e) => event_error(&e),
     }
 }
@@ -421,22 +430,20 @@ fn resume(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
         return busy();
     };
     match control::abort(ctx, shard, epoch) {
-        Ok(epoch) => answer(
-            StatusCode::OK,
-            serde_json::json!({
-                "shard": shard.name,
-                "state": "draining",
-                "epoch": epoch,
-                "primary": shard.current().primary.to_string(),
-            }),
-        ),
+        Ok(epoch) => changed(&api::ShardChange {
+            shard: shard.name.clone(),
+            state: Some("draining".into()),
+            epoch: Some(epoch),
+            primary: Some(shard.current().primary.to_string()),
+            ..Default::default()
+        }),
         Err(e) => event_error(&e),
     }
 }
 
-/// Every shard's state.
-pub(crate) fn shards_json(actions: &Ctx) -> serde_json::Value {
-    let list: Vec<serde_json::Value> = actions
+/// Every shard's state (`GET /v1/shards`, `SHOW SHARDS`, `handoff status`).
+pub(crate) fn shards(actions: &Ctx) -> api::Shards {
+    let shards = actions
         .shards
         .iter()
         .map(|s| {
@@ -446,68 +453,91 @@ pub(crate) fn shards_json(actions: &Ctx) -> serde_json::Value {
                 Some(handoff_buffer::State::Buffering) => "buffering",
                 Some(handoff_buffer::State::Draining) => "draining",
             };
-            serde_json::json!({
-                "name": s.name,
-                "state": snap.state.as_str(),
-                "epoch": snap.epoch,
-                "primary": snap.primary.to_string(),
-                "hosts": s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-                "source": actions.shard.source(&s.name, actions.coord.is_some()),
-                "patroni": actions.shard.patroni(&s.name).map(|p| patroni_json(p)),
-                "in_flight": snap.inflight,
-                "buffer": {
-                    "state": buffer_state,
-                    "depth": actions.shard.buffer.depth(&s.name),
+            let watched = s.watch.view();
+            api::ShardState {
+                name: s.name.clone(),
+                state: snap.state.as_str().to_string(),
+                epoch: snap.epoch,
+                primary: snap.primary.to_string(),
+                hosts: s.hosts.iter().map(|h| h.to_string()).collect(),
+                source: actions
+                    .shard
+                    .source(&s.name, actions.coord.is_some())
+                    .to_string(),
+                patroni: actions.shard.patroni(&s.name).map(|p| patroni_view(p)),
+                in_flight: snap.inflight,
+                buffer: api::BufferState {
+                    state: buffer_state.to_string(),
+                    depth: actions.shard.buffer.depth(&s.name),
                 },
-                "since_ms": snap.since.elapsed().as_millis() as u64,
-                "reason": snap.reason,
-                "split_brain": s.watch.view().iter().filter(|v| v.split_brain.is_some()).map(|v| v.host.to_string()).collect::<Vec<_>>(),
-                "watched": s.watch.view().iter().map(watched_json).collect::<Vec<_>>(),
-                "coordination": actions.coord.as_ref().map(|c| c.shard_json(&s.name)),
-            })
+                since_ms: snap.since.elapsed().as_millis() as u64,
+                reason: snap.reason,
+                split_brain: watched
+                    .iter()
+                    .filter(|v| v.split_brain.is_some())
+                    .map(|v| v.host.to_string())
+                    .collect(),
+                watched: watched.iter().map(watched_view).collect(),
+                coordination: actions
+                    .coord
+                    .as_ref()
+                    .and_then(|c| c.shard_records(&s.name)),
+            }
         })
         .collect();
-    let coordination = match &actions.coord {
-        Some(c) => c.status_json(),
-        None => serde_json::json!({"enabled": false}),
-    };
-    serde_json::json!({ "shards": list, "coordination": coordination })
+    api::Shards {
+        shards,
+        coordination: match &actions.coord {
+            Some(c) => c.status(),
+            None => api::Coordination::default(),
+        },
+    }
 }
 
 /// Patroni's last answer for a shard: its members, their roles, the leader.
-fn patroni_json(p: &crate::patroni::Source) -> serde_json::Value {
+fn patroni_view(p: &crate::patroni::Source) -> api::PatroniView {
     let view = p.view.borrow().clone();
-    serde_json::json!({
-        "endpoints": p.endpoints().iter().map(|e| format!("http://{e}")).collect::<Vec<_>>(),
-        "scope": view.as_ref().map(|c| c.scope.clone()),
-        "paused": view.as_ref().map(|c| c.paused),
-        "leader": view.as_ref().and_then(|c| c.leader().map(|l| l.name.clone())),
-        "members": view.as_ref().map(|c| c.members.iter().map(|m| serde_json::json!({
-            "name": m.name,
-            "addr": m.addr.to_string(),
-            "role": m.role,
-            "state": m.state,
-            "timeline": m.timeline,
-        })).collect::<Vec<_>>()),
-    })
+    api::PatroniView {
+        endpoints: p
+            .endpoints()
+            .iter()
+            .map(|e| format!("http://{e}"))
+            .collect(),
+        scope: view.as_ref().map(|c| c.scope.clone()),
+        paused: view.as_ref().map(|c| c.paused),
+        leader: view
+            .as_ref()
+            .and_then(|c| c.leader().map(|l| l.name.clone())),
+        members: view.as_ref().map(|c| {
+            c.members
+                .iter()
+                .map(|m| api::PatroniMember {
+                    name: m.name.clone(),
+                    addr: m.addr.to_string(),
+                    role: m.role.clone(),
+                    state: m.state.clone(),
+                    timeline: m.timeline,
+                })
+                .collect()
+        }),
+    }
 }
 
-fn watched_json(v: &crate::shard::watch::View) -> serde_json::Value {
-    let since = v
-        .since
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    serde_json::json!({
-        "host": v.host.to_string(),
-        "why": v.why.as_str(),
-        "replaced_at_epoch": v.epoch,
-        "since_unix": since,
-        "state": v.seen.as_str(),
-        "fenced_by_handoff": v.fenced_by_handoff,
-        "fence_lsn": v.fence_lsn,
-        "wal_bytes_past_fence": v.wal_past_fence,
-        "split_brain": v.split_brain,
-        "detail": v.detail,
-    })
+fn watched_view(v: &crate::shard::watch::View) -> api::Watched {
+    api::Watched {
+        host: v.host.to_string(),
+        why: v.why.as_str().to_string(),
+        replaced_at_epoch: v.epoch,
+        since_unix: v
+            .since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+        state: v.seen.as_str().to_string(),
+        fenced_by_handoff: v.fenced_by_handoff,
+        fence_lsn: v.fence_lsn.clone(),
+        wal_bytes_past_fence: v.wal_past_fence,
+        split_brain: v.split_brain.clone(),
+        detail: v.detail.clone(),
+    }
 }

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
 
 use crate::actions::Action;
+use crate::api;
 use crate::shutdown::{Phase, Signal};
 
 /// Most admin requests handled at once.
@@ -55,7 +56,21 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
 
 /// A JSON error body: `{"error": "..."}`.
 fn json_error(status: StatusCode, message: &str) -> Response<Body> {
-    json(status, serde_json::json!({ "error": message }))
+    json(
+        status,
+        api::to_value(&api::ErrorAnswer {
+            error: message.to_string(),
+        }),
+    )
+}
+
+fn health(status: StatusCode, text: &str) -> Response<Body> {
+    json(
+        status,
+        api::to_value(&api::Health {
+            status: text.to_string(),
+        }),
+    )
 }
 
 fn authorized(state: &AdminState, req: &Request<Incoming>) -> bool {
@@ -114,15 +129,12 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
         return r;
     }
     match segments.as_slice() {
-        ["healthz"] => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
+        ["healthz"] => health(StatusCode::OK, "ok"),
         ["readyz"] => {
             if state.shutdown.phase() == Phase::Running {
-                json(StatusCode::OK, serde_json::json!({"status": "ready"}))
+                health(StatusCode::OK, "ready")
             } else {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    serde_json::json!({"status": "shutting down"}),
-                )
+                health(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
             }
         }
         ["metrics"] => {
@@ -133,7 +145,10 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
             );
             r
         }
-        ["v1", "shards"] => json(StatusCode::OK, crate::actions::shards_json(&state.actions)),
+        ["v1", "shards"] => json(
+            StatusCode::OK,
+            api::to_value(&crate::actions::shards(&state.actions)),
+        ),
         ["v1", "shards", name, action] => {
             let name = name.to_string();
             let action = Action::parse(action).expect("routed above");

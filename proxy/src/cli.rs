@@ -1,78 +1,105 @@
-//! `handoff switchover`, `handoff hold` and `handoff status`: small clients of the
-//! admin API.
-//!
-//! Both read the admin address from `--admin` or `HANDOFF_ADMIN_LISTEN` and the token
-//! from `--token` or `HANDOFF_ADMIN_TOKEN`, as the proxy itself does.
+//! The `handoff` command line (clap): running the proxy, and the small clients of its
+//! admin API — `switchover`, `hold`, `status`, `healthcheck`. The clients read the
+//! admin address from `--admin` or `HANDOFF_ADMIN_LISTEN` and the token from `--token`
+//! or `HANDOFF_ADMIN_TOKEN`, as the proxy itself does, speak HTTP/1.1 with hyper, and
+//! read the answers as the API's own types ([`handoff::api`]).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde_json::Value;
+use bytes::Bytes;
+use clap::{Args, Parser, Subcommand};
+use handoff::api::{self, report::SwitchoverReport, ErrorAnswer, ShardChange, Shards};
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
 
-struct Common {
-    admin: SocketAddr,
+/// handoff: a failover-safe PostgreSQL proxy. Without a subcommand it runs the proxy,
+/// configured by the environment variables listed below.
+#[derive(Debug, Parser)]
+#[command(name = "handoff", version, disable_help_subcommand = false)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a planned switchover of a shard to one of its standbys (a Patroni member's
+    /// name on a Patroni shard) and print each step.
+    #[command(
+        override_usage = "handoff switchover --shard NAME --to HOST:PORT|MEMBER [--admin ADDR] [--token TOKEN] [--json]"
+    )]
+    Switchover(SwitchoverArgs),
+    /// Hold new transactions of a shard before an HA manager stops its primary
+    /// (Patroni's before_stop); returns within --timeout.
+    #[command(
+        override_usage = "handoff hold --shard NAME [--primary HOST:PORT] [--timeout DURATION] [--reason TEXT] [--admin ADDR] [--token TOKEN] [--json]"
+    )]
+    Hold(HoldArgs),
+    /// Print every shard's state, the replaced primaries watched, Patroni's members and
+    /// the coordination between proxies.
+    #[command(override_usage = "handoff status [--admin ADDR] [--token TOKEN] [--json]")]
+    Status(Admin),
+    /// Exit 0 if the admin API (HANDOFF_ADMIN_LISTEN) answers GET /healthz with 200.
+    #[command(override_usage = "handoff healthcheck")]
+    Healthcheck,
+}
+
+/// Where the admin API is, and how to print its answer.
+#[derive(Debug, Args)]
+pub struct Admin {
+    /// The admin API's address [default: HANDOFF_ADMIN_LISTEN, else 127.0.0.1:6480]
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Bearer token [default: HANDOFF_ADMIN_TOKEN]
+    #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
+    /// Print the API's JSON answer as it is.
+    #[arg(long)]
     json: bool,
 }
 
-const USAGE_SWITCHOVER: &str = "usage: handoff switchover --shard NAME --to HOST:PORT|MEMBER \
-     [--admin ADDR] [--token TOKEN] [--json]";
-const USAGE_HOLD: &str = "usage: handoff hold --shard NAME [--primary HOST:PORT] \
-     [--timeout DURATION] [--reason TEXT] [--admin ADDR] [--token TOKEN] [--json]";
-const USAGE_STATUS: &str = "usage: handoff status [--admin ADDR] [--token TOKEN] [--json]";
+#[derive(Debug, Args)]
+pub struct SwitchoverArgs {
+    #[arg(long, value_name = "NAME")]
+    shard: String,
+    /// The standby to promote: host:port, or a Patroni member's name.
+    #[arg(long, value_name = "HOST:PORT|MEMBER")]
+    to: String,
+    #[command(flatten)]
+    admin: Admin,
+}
 
-/// Splits `--name value` pairs; `--json` is a flag.
-fn parse(
-    args: Vec<String>,
-    known: &[&str],
-    usage: &str,
-) -> Result<(Common, Vec<(String, String)>), CliError> {
-    let mut admin =
-        std::env::var("HANDOFF_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:6480".into());
-    let mut token = std::env::var("HANDOFF_ADMIN_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
-    let mut json = false;
-    let mut rest = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        if a == "--json" {
-            json = true;
-            continue;
-        }
-        if a == "--help" || a == "-h" {
-            return Err(CliError::Help(usage.to_string()));
-        }
-        let Some(name) = a.strip_prefix("--") else {
-            return Err(CliError::Usage(format!(
-                "unexpected argument '{a}'\n{usage}"
-            )));
-        };
-        let (name, value) = match name.split_once('=') {
-            Some((n, v)) => (n.to_string(), v.to_string()),
-            None => {
-                let v = it
-                    .next()
-                    .ok_or_else(|| CliError::Usage(format!("--{name} needs a value\n{usage}")))?;
-                (name.to_string(), v)
-            }
-        };
-        match name.as_str() {
-            "admin" => admin = value,
-            "token" => token = Some(value),
-            n if known.contains(&n) => rest.push((name, value)),
-            _ => return Err(CliError::Usage(format!("unknown option --{name}\n{usage}"))),
-        }
+#[derive(Debug, Args)]
+pub struct HoldArgs {
+    #[arg(long, value_name = "NAME")]
+    shard: String,
+    /// The server about to stop: held only if it is the shard's primary (the hook also
+    /// runs when a replica stops).
+    #[arg(long, value_name = "HOST:PORT")]
+    primary: Option<String>,
+    /// The most the command may take, whatever happens: a hook that hangs would stall
+    /// the HA manager.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+    timeout: Duration,
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "handoff hold (before the primary stops)"
+    )]
+    reason: String,
+    #[command(flatten)]
+    admin: Admin,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match handoff::config::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("'{s}' is not a duration like 10s")),
     }
-    let mut admin: SocketAddr = admin
-        .parse()
-        .map_err(|_| CliError::Usage(format!("admin address '{admin}' is not IP:port")))?;
-    if admin.ip().is_unspecified() {
-        admin.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    Ok((Common { admin, token, json }, rest))
 }
 
 /// Why the admin API could not be asked.
@@ -83,105 +110,95 @@ enum CliError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("admin address '{0}' is not IP:port")]
+    BadAddress(String),
     #[error("no answer from the admin API: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("malformed {0} from the admin API")]
-    Malformed(&'static str),
-    /// The command line itself is wrong (with the usage).
-    #[error("{0}")]
-    Usage(String),
-    /// `--help`: the usage, printed on standard output with exit status 0.
-    #[error("{0}")]
-    Help(String),
+    Http(#[from] hyper::Error),
+    #[error("no answer from the admin API within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot start the client's runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
-impl CliError {
-    /// What the command line's problem ends in: the usage and success for `--help`,
-    /// else the error and exit status 2.
-    fn exit(self) -> ExitCode {
-        match self {
-            CliError::Help(usage) => {
-                println!("{usage}");
-                ExitCode::SUCCESS
-            }
-            other => fail(&other),
+/// An admin API client: its address and token.
+struct Client {
+    addr: SocketAddr,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(a: &Admin) -> Result<Self, CliError> {
+        let text = a
+            .admin
+            .clone()
+            .or_else(|| std::env::var("HANDOFF_ADMIN_LISTEN").ok())
+            .unwrap_or_else(|| "127.0.0.1:6480".into());
+        let mut addr: SocketAddr = text.parse().map_err(|_| CliError::BadAddress(text))?;
+        // A proxy listening on every address answers on loopback.
+        if addr.ip().is_unspecified() {
+            addr.set_ip(Ipv4Addr::LOCALHOST.into());
         }
+        let token = a
+            .token
+            .clone()
+            .or_else(|| std::env::var("HANDOFF_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        Ok(Self { addr, token })
     }
-}
 
-/// One HTTP/1.1 request with `Connection: close`; returns the status and the JSON body.
-fn request(
-    c: &Common,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    timeout: Duration,
-) -> Result<(u16, Value), CliError> {
-    let mut s = TcpStream::connect_timeout(&c.admin, Duration::from_secs(5)).map_err(|source| {
-        CliError::Unreachable {
-            addr: c.admin,
+    /// One request, connecting included, bounded by `timeout`: the status and the body.
+    fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        timeout: Duration,
+    ) -> Result<(u16, Bytes), CliError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(CliError::Runtime)?;
+        rt.block_on(async {
+            tokio::time::timeout(timeout, self.exchange(method, path, body))
+                .await
+                .map_err(|_| CliError::Timeout(timeout))?
+        })
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(u16, Bytes), CliError> {
+        let unreachable = |source| CliError::Unreachable {
+            addr: self.addr,
             source,
+        };
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(unreachable)?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, self.addr.to_string());
+        if body.is_some() {
+            req = req.header(CONTENT_TYPE, "application/json");
         }
-    })?;
-    s.set_read_timeout(Some(timeout))?;
-    let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        c.admin,
-        payload.len()
-    );
-    if body.is_some() {
-        req.push_str("Content-Type: application/json\r\n");
+        if let Some(t) = &self.token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .expect("a request built from valid parts");
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
     }
-    if let Some(t) = &c.token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(&payload);
-    s.write_all(req.as_bytes())?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or(CliError::Malformed("HTTP response"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or(CliError::Malformed("HTTP status line"))?;
-    let json = serde_json::from_str(body.trim()).unwrap_or(Value::String(body.to_string()));
-    Ok((status, json))
-}
-
-/// [`request`] with the whole exchange, connecting included, bounded by `timeout`.
-fn request_within(
-    c: &Common,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-    timeout: Duration,
-) -> Result<(u16, Value), CliError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (c2, method, path, body) = (
-        Common {
-            admin: c.admin,
-            token: c.token.clone(),
-            json: c.json,
-        },
-        method.to_string(),
-        path.to_string(),
-        body.cloned(),
-    );
-    std::thread::spawn(move || {
-        let _ = tx.send(request(&c2, &method, &path, body.as_ref(), timeout));
-    });
-    rx.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(CliError::Io(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {timeout:?}"),
-        )))
-    })
 }
 
 fn fail(msg: &dyn std::fmt::Display) -> ExitCode {
@@ -189,314 +206,326 @@ fn fail(msg: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// `handoff switchover --shard main --to host:port`.
-pub fn switchover(args: Vec<String>) -> ExitCode {
-    let (common, opts) = match parse(args, &["shard", "to"], USAGE_SWITCHOVER) {
-        Ok(p) => p,
-        Err(e) => return e.exit(),
-    };
-    let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let (Some(shard), Some(to)) = (get("shard"), get("to")) else {
-        return fail(&USAGE_SWITCHOVER);
-    };
-    let body = serde_json::json!({ "to": to });
-    let path = format!("/v1/shards/{shard}/switchover");
-    match request(
-        &common,
-        "POST",
-        &path,
-        Some(&body),
-        Duration::from_secs(130),
-    ) {
-        Err(e) => fail(&e),
-        Ok((status, v)) => {
-            if common.json {
-                println!("{v}");
-            } else {
-                print_switchover(status, &v);
-            }
-            if status == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+/// The error an answer carries, or its text when it is not the API's error shape.
+fn error_of(body: &[u8]) -> String {
+    api::decode::<ErrorAnswer>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+}
+
+pub fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Switchover(a) => switchover(&a),
+        Command::Hold(a) => hold(&a),
+        Command::Status(a) => status(&a),
+        Command::Healthcheck => healthcheck(),
     }
 }
 
-/// `handoff hold --shard main`: holds the shard's new transactions and waits for those
-/// running to finish, for an HA manager about to stop the primary (Patroni's
-/// `postgresql.before_stop`). Always returns within `--timeout` (default 10s): a hook
-/// that hangs would stall the manager. With `--primary` (the server about to stop) the
-/// proxy holds only if that server is the shard's primary: the hook also runs when a
-/// replica stops. Exit 0 once held (or already held, or not the primary), 1 when the
-/// proxy refused, 2 when it could not be asked in time.
-pub fn hold(args: Vec<String>) -> ExitCode {
-    let (common, opts) = match parse(args, &["shard", "timeout", "reason", "primary"], USAGE_HOLD) {
-        Ok(p) => p,
-        Err(e) => return e.exit(),
+/// `handoff switchover --shard main --to host:port`: exit 0 when completed, 1 when
+/// refused, rolled back or failed, 2 when the API could not be asked.
+fn switchover(a: &SwitchoverArgs) -> ExitCode {
+    let client = match Client::new(&a.admin) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
     };
-    let get = |n: &str| opts.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let Some(shard) = get("shard") else {
-        return fail(&USAGE_HOLD);
-    };
-    let timeout = match get("timeout").map(|t| handoff::config::parse_duration(&t)) {
-        None => Duration::from_secs(10),
-        Some(Ok(t)) if !t.is_zero() => t,
-        Some(_) => {
-            return fail(&format!(
-                "--timeout must be a duration like 10s\n{USAGE_HOLD}"
-            ))
+    let body = serde_json::json!({ "to": a.to }).to_string();
+    let path = format!("/v1/shards/{}/switchover", a.shard);
+    let (status, body) =
+        match client.call(Method::POST, &path, Some(body), Duration::from_secs(130)) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+    if a.admin.json {
+        println!("{}", String::from_utf8_lossy(&body));
+    } else {
+        match api::decode::<SwitchoverReport>(&body) {
+            Ok(report) => print!("{}", switchover_text(&report)),
+            Err(_) => println!("switchover failed (HTTP {status}): {}", error_of(&body)),
         }
-    };
-    let reason = get("reason").unwrap_or_else(|| "handoff hold (before the primary stops)".into());
-    let mut body = serde_json::json!({ "reason": reason });
-    if let Some(p) = get("primary") {
-        body["primary"] = Value::String(p);
     }
-    let path = format!("/v1/shards/{shard}/hold");
-    match request_within(&common, "POST", &path, Some(&body), timeout) {
-        Err(e @ CliError::Unreachable { .. }) => fail(&e),
-        Err(e) => fail(&format!(
-            "{e} (a hold the proxy received goes on until it sees the next primary)"
-        )),
-        Ok((status, v)) => {
-            if common.json {
-                println!("{v}");
-            } else if status == 200 {
-                let held = v.get("held").and_then(Value::as_bool).unwrap_or(false);
-                let ms = v.get("lameduck_ms").and_then(Value::as_u64).unwrap_or(0);
-                if v.get("not_primary").and_then(Value::as_bool) == Some(true) {
-                    println!(
-                        "shard {shard}: not held: the server stopping is not its primary ({})",
-                        v.get("primary").and_then(Value::as_str).unwrap_or("?")
-                    );
-                } else if held {
-                    println!(
-                        "shard {shard}: held at epoch {}, in-flight transactions done in {ms} ms",
-                        v.get("epoch").and_then(Value::as_u64).unwrap_or(0)
-                    );
-                } else {
-                    println!(
-                        "shard {shard}: already held ({})",
-                        v.get("state").and_then(Value::as_str).unwrap_or("?")
-                    );
-                }
-            } else {
-                eprintln!(
-                    "handoff: hold refused (HTTP {status}): {}",
-                    v.get("error").and_then(Value::as_str).unwrap_or("")
-                );
-            }
-            if status == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+    if status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
-fn print_switchover(status: u16, v: &Value) {
-    if v.get("outcome").is_none() {
-        println!(
-            "switchover failed (HTTP {status}): {}",
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("unknown error")
-        );
-        return;
-    }
-    let s = |k: &str| {
-        v.get(k)
-            .map(|x| {
-                x.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| x.to_string())
-            })
-            .unwrap_or_default()
-    };
-    println!(
-        "shard {}: {} -> {}: {}",
-        s("shard"),
-        s("from"),
-        s("to"),
-        s("outcome")
+/// A switchover's report for a person.
+fn switchover_text(r: &SwitchoverReport) -> String {
+    let mut out = format!(
+        "shard {}: {} -> {}: {}\n",
+        r.shard,
+        r.from,
+        r.to,
+        r.outcome.as_str()
     );
-    if let Some(steps) = v.get("steps").and_then(Value::as_array) {
-        for st in steps {
-            let name = st.get("step").and_then(Value::as_str).unwrap_or("?");
-            let ms = st.get("ms").and_then(Value::as_f64).unwrap_or(0.0);
-            let err = st.get("error").and_then(Value::as_str);
-            match err {
-                None => println!("  {name:<10} {ms:>9.1} ms  ok"),
-                Some(e) => println!("  {name:<10} {ms:>9.1} ms  {e}"),
-            }
+    for st in &r.steps {
+        match &st.error {
+            None => out.push_str(&format!("  {:<10} {:>9.1} ms  ok\n", st.step, st.ms)),
+            Some(e) => out.push_str(&format!("  {:<10} {:>9.1} ms  {e}\n", st.step, st.ms)),
         }
     }
-    println!(
-        "  total      {:>9.1} ms",
-        v.get("total_ms").and_then(Value::as_f64).unwrap_or(0.0)
-    );
-    if let Some(lsn) = v.get("fence_lsn").and_then(Value::as_str) {
-        println!("  fence LSN {lsn}, epoch {}", s("epoch"));
+    out.push_str(&format!("  total      {:>9.1} ms\n", r.total_ms));
+    if let Some(lsn) = &r.fence_lsn {
+        out.push_str(&format!("  fence LSN {lsn}, epoch {}\n", r.epoch));
     }
-    let cancelled = v
-        .get("lameduck_cancelled")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    if cancelled > 0 {
-        println!("  {cancelled} transaction(s) outlived HANDOFF_DRAIN_TIMEOUT and were cancelled");
+    if r.lameduck_cancelled > 0 {
+        out.push_str(&format!(
+            "  {} transaction(s) outlived HANDOFF_DRAIN_TIMEOUT and were cancelled\n",
+            r.lameduck_cancelled
+        ));
     }
-    if let Some(line) = v.get("coordination").and_then(acknowledgements) {
-        println!("  {line}");
+    if let Some(line) = r.coordination.as_ref().and_then(acknowledgements) {
+        out.push_str(&format!("  {line}\n"));
     }
-    if let Some(e) = v.get("error").and_then(Value::as_str) {
-        println!("  error: {e}");
+    if let Some(e) = &r.error {
+        out.push_str(&format!("  error: {e}\n"));
     }
+    out
 }
 
-/// Who acknowledged a coordinated operation, and when (from its `coordination`).
-fn acknowledgements(c: &Value) -> Option<String> {
-    let proxies = c.get("proxies")?.as_array()?;
-    let acked: Vec<String> = proxies
+/// Who acknowledged a coordinated operation, and when.
+fn acknowledgements(c: &api::report::Coordinated) -> Option<String> {
+    if c.proxies.is_empty() {
+        return None;
+    }
+    let acked: Vec<String> = c
+        .proxies
         .iter()
         .map(|p| {
-            let id = p.get("proxy").and_then(Value::as_str).unwrap_or("?");
-            if p.get("coordinator").and_then(Value::as_bool) == Some(true) {
-                format!("{id} (coordinator)")
+            if p.coordinator {
+                format!("{} (coordinator)", p.proxy)
             } else {
-                format!(
-                    "{id} {:.1} ms",
-                    p.get("ack_ms").and_then(Value::as_f64).unwrap_or(0.0)
-                )
+                format!("{} {:.1} ms", p.proxy, p.ack_ms)
             }
         })
         .collect();
-    let missing: Vec<&str> = c
-        .get("missing")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect();
     let mut line = format!("acknowledged by {}", acked.join(", "));
-    if !missing.is_empty() {
+    if let Some(missing) = c.missing.as_ref().filter(|m| !m.is_empty()) {
         line.push_str(&format!("; NOT by {}", missing.join(", ")));
     }
     Some(line)
 }
 
-/// Coordination: etcd's health, the members, each shard's record and operation.
-/// One line per Patroni shard: Patroni's leader and members as last read.
-fn patroni_lines(v: &Value) -> Vec<String> {
-    let mut out = Vec::new();
-    for s in v
-        .get("shards")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+/// `handoff hold --shard main`: holds the shard's new transactions and waits for those
+/// running to finish, for an HA manager about to stop the primary (Patroni's
+/// `postgresql.before_stop`). Always returns within `--timeout`. With `--primary` the
+/// proxy holds only if that server is the shard's primary. Exit 0 once held (or already
+/// held, or not the primary), 1 when the proxy refused, 2 when it could not be asked in
+/// time.
+fn hold(a: &HoldArgs) -> ExitCode {
+    let client = match Client::new(&a.admin) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let mut body = serde_json::json!({ "reason": a.reason });
+    if let Some(p) = &a.primary {
+        body["primary"] = serde_json::Value::String(p.clone());
+    }
+    let path = format!("/v1/shards/{}/hold", a.shard);
+    let (status, body) = match client.call(Method::POST, &path, Some(body.to_string()), a.timeout) {
+        Ok(r) => r,
+        Err(e @ CliError::Unreachable { .. }) => return fail(&e),
+        Err(e) => {
+            return fail(&format!(
+                "{e} (a hold the proxy received goes on until it sees the next primary)"
+            ))
+        }
+    };
+    if a.admin.json {
+        println!("{}", String::from_utf8_lossy(&body));
+    } else if status == 200 {
+        match api::decode::<ShardChange>(&body) {
+            Ok(c) => println!("{}", hold_text(&a.shard, &c)),
+            Err(e) => return fail(&format!("the answer does not decode: {e}")),
+        }
+    } else {
+        eprintln!("handoff: hold refused (HTTP {status}): {}", error_of(&body));
+    }
+    if status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn hold_text(shard: &str, c: &ShardChange) -> String {
+    if c.not_primary {
+        format!(
+            "shard {shard}: not held: the server stopping is not its primary ({})",
+            c.primary.as_deref().unwrap_or("?")
+        )
+    } else if c.held == Some(true) {
+        format!(
+            "shard {shard}: held at epoch {}, in-flight transactions done in {} ms",
+            c.epoch.unwrap_or(0),
+            c.lameduck_ms.unwrap_or(0)
+        )
+    } else {
+        format!(
+            "shard {shard}: already held ({})",
+            c.state.as_deref().unwrap_or("?")
+        )
+    }
+}
+
+/// `handoff status`.
+fn status(a: &Admin) -> ExitCode {
+    let client = match Client::new(a) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let (status, body) = match client.call(Method::GET, "/v1/shards", None, Duration::from_secs(10))
     {
-        let Some(p) = s.get("patroni").filter(|p| !p.is_null()) else {
-            continue;
-        };
-        let name = s.get("name").and_then(Value::as_str).unwrap_or("?");
-        let members: Vec<String> = p
-            .get("members")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                let t = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-                format!("{} {} {} {}", t("name"), t("addr"), t("role"), t("state"))
-            })
-            .collect();
-        let line = if members.is_empty() {
-            format!("patroni {name}: not answered yet")
-        } else {
-            format!(
-                "patroni {name}: leader {}; {}",
-                p.get("leader").and_then(Value::as_str).unwrap_or("(none)"),
-                members.join(", ")
-            )
-        };
-        out.push(line);
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if status != 200 {
+        return fail(&format!(
+            "admin API answered HTTP {status}: {}",
+            error_of(&body)
+        ));
+    }
+    if a.json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    match api::decode::<Shards>(&body) {
+        Ok(v) => {
+            print!("{}", status_text(&v));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("the answer does not decode: {e}")),
+    }
+}
+
+fn status_text(v: &Shards) -> String {
+    let mut out = format!(
+        "{:<12} {:<12} {:>6} {:<22} {:<8} {:>9} {:>7}  reason\n",
+        "SHARD", "STATE", "EPOCH", "PRIMARY", "SOURCE", "IN-FLIGHT", "HELD"
+    );
+    for s in &v.shards {
+        out.push_str(&format!(
+            "{:<12} {:<12} {:>6} {:<22} {:<8} {:>9} {:>7}  {}\n",
+            s.name, s.state, s.epoch, s.primary, s.source, s.in_flight, s.buffer.depth, s.reason
+        ));
+    }
+    for line in watched_lines(v)
+        .into_iter()
+        .chain(patroni_lines(v))
+        .chain(coordination_lines(v))
+    {
+        out.push_str(&line);
+        out.push('\n');
     }
     out
 }
 
-fn coordination_lines(v: &Value) -> Vec<String> {
-    let Some(c) = v.get("coordination") else {
-        return Vec::new();
-    };
-    if c.get("enabled").and_then(Value::as_bool) != Some(true) {
+/// The replaced primaries each shard watches, and any split brain.
+fn watched_lines(v: &Shards) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &v.shards {
+        for w in &s.watched {
+            out.push(match &w.split_brain {
+                Some(why) => format!(
+                    "SPLIT BRAIN  shard {}: {} ({}, replaced at epoch {}): {why}; now {}",
+                    s.name, w.host, w.why, w.replaced_at_epoch, w.state
+                ),
+                None => format!(
+                    "watched      shard {}: {} ({}, replaced at epoch {}): {}{}",
+                    s.name,
+                    w.host,
+                    w.why,
+                    w.replaced_at_epoch,
+                    w.state,
+                    match w.detail.as_str() {
+                        "" => String::new(),
+                        d => format!(" ({d})"),
+                    }
+                ),
+            });
+        }
+    }
+    out
+}
+
+/// One line per Patroni shard: Patroni's leader and members as last read.
+fn patroni_lines(v: &Shards) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &v.shards {
+        let Some(p) = &s.patroni else { continue };
+        let members: Vec<String> = p
+            .members
+            .iter()
+            .flatten()
+            .map(|m| format!("{} {} {} {}", m.name, m.addr, m.role, m.state))
+            .collect();
+        out.push(if members.is_empty() {
+            format!("patroni {}: not answered yet", s.name)
+        } else {
+            format!(
+                "patroni {}: leader {}; {}",
+                s.name,
+                p.leader.as_deref().unwrap_or("(none)"),
+                members.join(", ")
+            )
+        });
+    }
+    out
+}
+
+/// Coordination: etcd's health, the members, each shard's record and operation.
+fn coordination_lines(v: &Shards) -> Vec<String> {
+    let c = &v.coordination;
+    if !c.enabled {
         return vec!["coordination off (HANDOFF_ETCD_ENDPOINTS is not set)".into()];
     }
-    let t = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let (proxy, prefix) = (
+        c.proxy.as_deref().unwrap_or(""),
+        c.prefix.as_deref().unwrap_or(""),
+    );
     let members: Vec<String> = c
-        .get("members")
-        .and_then(Value::as_array)
-        .into_iter()
+        .members
+        .iter()
         .flatten()
         .map(|m| {
-            let me = if m.get("self").and_then(Value::as_bool) == Some(true) {
-                ", this one"
-            } else {
-                ""
-            };
-            format!("{} (admin {}{me})", t(m, "id"), t(m, "admin"))
+            let me = if m.this_proxy { ", this one" } else { "" };
+            format!("{} (admin {}{me})", m.member.id, m.member.admin)
         })
         .collect();
-    let mut out = vec![match c.get("up").and_then(Value::as_bool) {
-        Some(true) => format!(
-            "coordination up: proxy {} of {} ({} members: {})",
-            t(c, "proxy"),
-            t(c, "prefix"),
+    let mut out = vec![if c.up == Some(true) {
+        format!(
+            "coordination up: proxy {proxy} of {prefix} ({} members: {})",
             members.len(),
             members.join(", ")
-        ),
-        _ => format!(
-            "coordination DOWN: proxy {} of {}: {}; serving on the last known state, no operation can start",
-            t(c, "proxy"),
-            t(c, "prefix"),
-            t(c, "error")
-        ),
+        )
+    } else {
+        format!(
+            "coordination DOWN: proxy {proxy} of {prefix}: {}; serving on the last known state, no operation can start",
+            c.error.as_deref().unwrap_or("")
+        )
     }];
-    for s in v
-        .get("shards")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = t(s, "name");
-        let Some(sc) = s.get("coordination").filter(|x| !x.is_null()) else {
-            continue;
-        };
-        if let Some(r) = sc.get("recorded").filter(|x| !x.is_null()) {
+    for s in &v.shards {
+        let Some(sc) = &s.coordination else { continue };
+        if let Some(r) = &sc.recorded {
             out.push(format!(
-                "  shard {name}: recorded primary {} at epoch {} (by {})",
-                t(r, "primary"),
-                r.get("epoch").and_then(Value::as_u64).unwrap_or(0),
-                t(r, "by")
+                "  shard {}: recorded primary {} at epoch {} (by {})",
+                s.name, r.primary, r.epoch, r.by
             ));
         }
-        if let Some(op) = sc.get("operation").filter(|x| !x.is_null()) {
-            let acks: Vec<String> = op
-                .get("acks")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|a| t(a, "proxy"))
-                .collect();
+        if let Some(op) = &sc.operation {
+            let acks: Vec<&str> = op.acks.iter().map(|a| a.proxy.as_str()).collect();
             out.push(format!(
-                "  shard {name}: operation {} ({}, coordinated by {}): {}; acknowledged by [{}]; this proxy: {}{}",
-                t(op, "id"),
-                t(op, "kind"),
-                t(op, "coordinator"),
-                t(op, "phase"),
+                "  shard {}: operation {} ({}, coordinated by {}): {}; acknowledged by [{}]; this proxy: {}{}",
+                s.name,
+                op.op.id,
+                op.op.kind.as_str(),
+                op.op.coordinator,
+                op.op.phase.as_str(),
                 acks.join(", "),
-                t(op, "this_proxy"),
-                match op.get("error").and_then(Value::as_str) {
+                op.this_proxy,
+                match &op.op.error {
                     Some(e) => format!("; {e}"),
                     None => String::new(),
                 }
@@ -506,104 +535,30 @@ fn coordination_lines(v: &Value) -> Vec<String> {
     out
 }
 
-/// The replaced primaries each shard watches, and any split brain.
-fn print_watched(v: &Value) {
-    for s in v
-        .get("shards")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let shard = s.get("name").and_then(Value::as_str).unwrap_or("");
-        for w in s
-            .get("watched")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let t = |k: &str| w.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-            match w.get("split_brain").and_then(Value::as_str) {
-                Some(why) => println!(
-                    "SPLIT BRAIN  shard {shard}: {} ({}, replaced at epoch {}): {why}; now {}",
-                    t("host"),
-                    t("why"),
-                    w.get("replaced_at_epoch")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                    t("state")
-                ),
-                None => println!(
-                    "watched      shard {shard}: {} ({}, replaced at epoch {}): {}{}",
-                    t("host"),
-                    t("why"),
-                    w.get("replaced_at_epoch")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0),
-                    t("state"),
-                    match t("detail") {
-                        d if d.is_empty() => String::new(),
-                        d => format!(" ({d})"),
-                    }
-                ),
-            }
+/// `handoff healthcheck`: GET /healthz on the admin address (for container health
+/// checks, so the image needs no HTTP client). Exit 0 when it answers 200.
+fn healthcheck() -> ExitCode {
+    let client = match Client::new(&Admin {
+        admin: None,
+        token: None,
+        json: false,
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("healthcheck: {e}");
+            return ExitCode::FAILURE;
         }
-    }
-}
-
-/// `handoff status`.
-pub fn status(args: Vec<String>) -> ExitCode {
-    let (common, _) = match parse(args, &[], USAGE_STATUS) {
-        Ok(p) => p,
-        Err(e) => return e.exit(),
     };
-    match request(&common, "GET", "/v1/shards", None, Duration::from_secs(10)) {
-        Err(e) => fail(&e),
-        Ok((200, v)) => {
-            if common.json {
-                println!("{v}");
-                return ExitCode::SUCCESS;
-            }
-            println!(
-                "{:<12} {:<12} {:>6} {:<22} {:<8} {:>9} {:>7}  reason",
-                "SHARD", "STATE", "EPOCH", "PRIMARY", "SOURCE", "IN-FLIGHT", "HELD"
-            );
-            for s in v
-                .get("shards")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let t = |k: &str| s.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                let n = |k: &str| s.get(k).and_then(Value::as_u64).unwrap_or(0);
-                let held = s
-                    .pointer("/buffer/depth")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0);
-                println!(
-                    "{:<12} {:<12} {:>6} {:<22} {:<8} {:>9} {:>7}  {}",
-                    t("name"),
-                    t("state"),
-                    n("epoch"),
-                    t("primary"),
-                    t("source"),
-                    n("in_flight"),
-                    held,
-                    t("reason")
-                );
-            }
-            print_watched(&v);
-            for line in patroni_lines(&v) {
-                println!("{line}");
-            }
-            for line in coordination_lines(&v) {
-                println!("{line}");
-            }
-            ExitCode::SUCCESS
+    match client.call(Method::GET, "/healthz", None, Duration::from_secs(3)) {
+        Ok((200, _)) => ExitCode::SUCCESS,
+        Ok((status, body)) => {
+            eprintln!("healthcheck: HTTP {status}: {}", error_of(&body));
+            ExitCode::FAILURE
         }
-        Ok((status, v)) => fail(&format!(
-            "admin API answered HTTP {status}: {}",
-            v.get("error").and_then(Value::as_str).unwrap_or("")
-        )),
+        Err(e) => {
+            eprintln!("healthcheck: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -611,18 +566,32 @@ pub fn status(args: Vec<String>) -> ExitCode {
 mod tests {
     use super::*;
 
+    fn shards(json: &str) -> Shards {
+        api::decode(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn shard(name: &str, extra: &str) -> String {
+        format!(
+            r#"{{"name":"{name}","state":"serving","epoch":1,"primary":"h:1","hosts":["h:1"],"source":"probe","patroni":null,"in_flight":0,"buffer":{{"state":"idle","depth":0}},"since_ms":1,"reason":"","split_brain":[],"watched":[],"coordination":null{extra}}}"#
+        )
+    }
+
     #[test]
     fn coordination_is_shown_up_or_down_with_members_and_the_operation() {
-        let v: Value = serde_json::from_str(
-            r#"{"shards":[{"name":"main","coordination":{
+        let main = shard("main", "").replace(
+            r#""coordination":null"#,
+            r#""coordination":{
                 "recorded":{"primary":"10.0.0.2:5432","epoch":4,"by":"b"},
-                "operation":{"id":"a-1","kind":"switchover","coordinator":"a","phase":"hold",
-                  "acks":[{"proxy":"b"}],"this_proxy":"taking part","error":null}}}],
-              "coordination":{"enabled":true,"up":true,"proxy":"b","prefix":"/handoff",
-                "members":[{"id":"a","admin":"10.0.0.5:6480","self":false},
-                           {"id":"b","admin":"10.0.0.6:6480","self":true}]}}"#,
-        )
-        .unwrap();
+                "operation":{"id":"a-1","kind":"switchover","coordinator":"a","epoch":3,
+                  "from":"10.0.0.1:5432","phase":"hold","acks":[{"proxy":"b"}],
+                  "locked_by":"a","this_proxy":"taking part","error":null}}"#,
+        );
+        let v = shards(&format!(
+            r#"{{"shards":[{main}],
+              "coordination":{{"enabled":true,"up":true,"proxy":"b","prefix":"/handoff",
+                "members":[{{"id":"a","admin":"10.0.0.5:6480","self":false}},
+                           {{"id":"b","admin":"10.0.0.6:6480","self":true}}]}}}}"#
+        ));
         let lines = coordination_lines(&v);
         assert!(lines[0].starts_with("coordination up: proxy b of /handoff (2 members: a (admin 10.0.0.5:6480), b (admin 10.0.0.6:6480, this one))"), "{lines:?}");
         assert!(
@@ -631,14 +600,12 @@ mod tests {
         );
         assert!(lines[2].contains("operation a-1 (switchover, coordinated by a): hold; acknowledged by [b]; this proxy: taking part"), "{lines:?}");
 
-        let down: Value = serde_json::from_str(
+        let down = shards(
             r#"{"shards":[],"coordination":{"enabled":true,"up":false,"proxy":"b","prefix":"/h","error":"etcd: no answer"}}"#,
-        )
-        .unwrap();
+        );
         assert!(coordination_lines(&down)[0]
             .starts_with("coordination DOWN: proxy b of /h: etcd: no answer"));
-        let off: Value =
-            serde_json::from_str(r#"{"shards":[],"coordination":{"enabled":false}}"#).unwrap();
+        let off = shards(r#"{"shards":[],"coordination":{"enabled":false}}"#);
         assert_eq!(
             coordination_lines(&off),
             ["coordination off (HANDOFF_ETCD_ENDPOINTS is not set)"]
@@ -647,8 +614,8 @@ mod tests {
 
     #[test]
     fn acknowledgements_name_the_coordinator_and_whoever_is_missing() {
-        let c: Value = serde_json::from_str(
-            r#"{"proxies":[{"proxy":"a","coordinator":true,"ack_ms":0.0},{"proxy":"b","ack_ms":41.5}],"missing":["c"]}"#,
+        let c: api::report::Coordinated = api::decode(
+            br#"{"proxies":[{"proxy":"a","coordinator":true,"ack_ms":0.0,"lameduck_ms":null,"cancelled":null},{"proxy":"b","ack_ms":41.5,"lameduck_ms":3,"cancelled":0}],"missing":["c"]}"#,
         )
         .unwrap();
         assert_eq!(
@@ -659,15 +626,23 @@ mod tests {
 
     #[test]
     fn patroni_shards_show_the_leader_and_members_and_others_nothing() {
-        let v: Value = serde_json::from_str(
-            r#"{"shards":[
-              {"name":"main","patroni":{"leader":"pg1","members":[
-                {"name":"pg0","addr":"10.0.0.1:5432","role":"replica","state":"streaming"},
-                {"name":"pg1","addr":"10.0.0.2:5432","role":"leader","state":"running"}]}},
-              {"name":"other","patroni":null},
-              {"name":"new","patroni":{"leader":null,"members":null}}]}"#,
-        )
-        .unwrap();
+        let with = |name: &str, patroni: &str| {
+            shard(name, "").replace(r#""patroni":null"#, &format!(r#""patroni":{patroni}"#))
+        };
+        let v = shards(&format!(
+            r#"{{"shards":[{},{},{}],"coordination":{{"enabled":false}}}}"#,
+            with(
+                "main",
+                r#"{"endpoints":[],"scope":"s","paused":false,"leader":"pg1","members":[
+                {"name":"pg0","addr":"10.0.0.1:5432","role":"replica","state":"streaming","timeline":1},
+                {"name":"pg1","addr":"10.0.0.2:5432","role":"leader","state":"running","timeline":1}]}"#
+            ),
+            shard("other", ""),
+            with(
+                "new",
+                r#"{"endpoints":[],"scope":null,"paused":null,"leader":null,"members":null}"#
+            ),
+        ));
         assert_eq!(
             patroni_lines(&v),
             [
@@ -675,5 +650,31 @@ mod tests {
                 "patroni new: not answered yet",
             ]
         );
+    }
+
+    #[test]
+    fn the_command_line_parses_as_documented() {
+        let cli = Cli::try_parse_from([
+            "handoff",
+            "hold",
+            "--shard",
+            "main",
+            "--timeout",
+            "2s",
+            "--admin",
+            "0.0.0.0:1",
+        ])
+        .unwrap();
+        let Some(Command::Hold(h)) = cli.command else {
+            panic!("not a hold")
+        };
+        assert_eq!(h.timeout, Duration::from_secs(2));
+        let c = Client::new(&h.admin).unwrap();
+        assert_eq!(c.addr, "127.0.0.1:1".parse().unwrap());
+        assert!(
+            Cli::try_parse_from(["handoff", "hold", "--shard", "m", "--timeout", "0s"]).is_err()
+        );
+        let e = Cli::try_parse_from(["handoff", "switchover", "--shard", "main"]).unwrap_err();
+        assert!(e.to_string().contains("--to HOST:PORT"), "{e}");
     }
 }

@@ -625,6 +625,20 @@ impl std::fmt::Display for HostPort {
     }
 }
 
+/// As `host:port` text (etcd records, the admin API's answers).
+impl serde::Serialize for HostPort {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for HostPort {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        HostPort::parse_any(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A value that does not parse (the caller names the variable or field).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -939,19 +953,10 @@ impl Config {
         self.databases.get(database).or(self.default_route.as_ref())
     }
 
-    /// The help text listing every variable.
+    /// Every variable with its default and meaning, as `handoff --help` shows them
+    /// after the usage.
     pub fn help() -> String {
-        let mut s = String::from(
-            "handoff: a failover-safe PostgreSQL proxy.\n\n\
-             Usage: handoff            run the proxy (configured by the environment)\n       \
-             handoff healthcheck  exit 0 if the admin API answers GET /healthz\n       \
-             handoff switchover --shard NAME --to HOST:PORT|MEMBER   run a planned switchover\n       \
-             handoff hold --shard NAME [--primary HOST:PORT] [--timeout 10s]   hold new transactions before an HA manager stops the primary (Patroni's before_stop)\n       \
-             handoff status     print every shard's state\n       \
-             handoff --help     print this help\n       \
-             handoff --version  print the version\n\n\
-             Environment variables:\n",
-        );
+        let mut s = String::from("Environment variables:\n");
         for v in VARIABLES {
             let plain = v.help.replace('`', "").replace("**", "");
             s.push_str(&format!(

@@ -17,6 +17,7 @@
 
 mod actions;
 mod admin;
+pub mod api;
 pub mod backend;
 mod clients;
 pub mod config;

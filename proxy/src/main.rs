@@ -7,37 +7,16 @@ use handoff::{Config, Proxy};
 mod cli;
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
-        None => {}
-        Some("-h" | "--help" | "help") => {
-            print!("{}", Config::help());
-            return ExitCode::SUCCESS;
-        }
-        Some("healthcheck") => {
-            return match args.next().as_deref() {
-                None => healthcheck(),
-                Some("-h" | "--help") => {
-                    println!("usage: handoff healthcheck   (exit 0 if GET /healthz on HANDOFF_ADMIN_LISTEN answers 200)");
-                    ExitCode::SUCCESS
-                }
-                Some(other) => {
-                    eprintln!("handoff: healthcheck takes no argument, not '{other}'");
-                    ExitCode::from(2)
-                }
-            };
-        }
-        Some("switchover") => return cli::switchover(args.collect()),
-        Some("status") => return cli::status(args.collect()),
-        Some("hold") => return cli::hold(args.collect()),
-        Some("-V" | "--version") => {
-            println!("handoff {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        Some(other) => {
-            eprintln!("handoff: unknown argument '{other}' (see handoff --help)");
-            return ExitCode::from(2);
-        }
+    use clap::{CommandFactory, FromArgMatches};
+    // One source of usage: clap's, from the subcommands' definitions, with every
+    // variable after it.
+    let matches = cli::Cli::command().after_help(Config::help()).get_matches();
+    let cli = match cli::Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Some(command) = cli.command {
+        return cli::run(command);
     }
     let config = match Config::from_env() {
         Ok(c) => c,
@@ -75,42 +54,6 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(run(config))
-}
-
-/// `handoff healthcheck`: GET /healthz on the admin address (for container health
-/// checks, so the image needs no HTTP client). Exit 0 when it answers 200.
-fn healthcheck() -> ExitCode {
-    use std::io::{Read, Write};
-    let addr = std::env::var("HANDOFF_ADMIN_LISTEN").unwrap_or_else(|_| "127.0.0.1:6480".into());
-    let Ok(mut addr) = addr.parse::<std::net::SocketAddr>() else {
-        eprintln!("healthcheck: HANDOFF_ADMIN_LISTEN '{addr}' is not an address");
-        return ExitCode::FAILURE;
-    };
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
-    let timeout = std::time::Duration::from_secs(3);
-    let result = std::net::TcpStream::connect_timeout(&addr, timeout).and_then(|mut s| {
-        s.set_read_timeout(Some(timeout))?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: handoff\r\nConnection: close\r\n\r\n")?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        Ok(resp)
-    });
-    match result {
-        Ok(resp) if resp.starts_with("HTTP/1.1 200") => ExitCode::SUCCESS,
-        Ok(resp) => {
-            eprintln!(
-                "healthcheck: {}",
-                resp.lines().next().unwrap_or("no response")
-            );
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("healthcheck: {addr}: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 async fn run(config: Config) -> ExitCode {

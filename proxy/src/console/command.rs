@@ -193,7 +193,13 @@ async fn execute(ctx: &Ctx, cmd: Command, out: &mut Out) -> Result<bool, ProxyEr
                 serde_json::json!({ "to": to }),
             )
             .await?;
-            show::switchover_report(&body, out);
+            let report = crate::api::from_value(body).map_err(|e| {
+                ProxyError::error(
+                    sqlstate::INTERNAL_ERROR,
+                    format!("the switchover's report does not decode: {e}"),
+                )
+            })?;
+            show::switchover_report(&report, out);
         }
         Command::Shutdown => {
             out.complete("SHUTDOWN");

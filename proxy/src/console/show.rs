@@ -28,15 +28,6 @@ pub(crate) fn fmt_time(t: SystemTime) -> String {
     )
 }
 
-/// A JSON value as a console cell: strings as they are, null as NULL.
-fn json_text(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(x) => Some(x.clone()),
-        other => Some(other.to_string()),
-    }
-}
-
 fn pool_mode(ctx: &Ctx) -> &'static str {
     match ctx.config.pool_mode {
         PoolMode::Session => "session",
@@ -553,39 +544,31 @@ fn shards(ctx: &Ctx, out: &mut Out) {
         ("split_brain", T),
         ("watched", T),
     ];
-    let json = crate::actions::shards_json(&ctx.actions);
-    let str_of = json_text;
-    let list = |v: &serde_json::Value, key: Option<&str>| {
-        v.as_array().map(|a| {
-            a.iter()
-                .filter_map(|x| match key {
-                    Some(k) => x.get(k).and_then(|h| h.as_str()).map(str::to_string),
-                    None => x.as_str().map(str::to_string),
-                })
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-    };
-    let rows: Vec<Row> = json["shards"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or_default()
+    let answer = crate::actions::shards(&ctx.actions);
+    let rows: Vec<Row> = answer
+        .shards
         .iter()
         .map(|sh| {
             vec![
-                str_of(&sh["name"]),
-                str_of(&sh["state"]),
-                str_of(&sh["epoch"]),
-                str_of(&sh["primary"]),
-                list(&sh["hosts"], None),
-                str_of(&sh["source"]),
-                str_of(&sh["in_flight"]),
-                str_of(&sh["buffer"]["state"]),
-                str_of(&sh["buffer"]["depth"]),
-                str_of(&sh["since_ms"]),
-                str_of(&sh["reason"]),
-                list(&sh["split_brain"], None),
-                list(&sh["watched"], Some("host")),
+                s(&sh.name),
+                s(&sh.state),
+                Some(sh.epoch.to_string()),
+                s(&sh.primary),
+                Some(sh.hosts.join(",")),
+                s(&sh.source),
+                Some(sh.in_flight.to_string()),
+                s(&sh.buffer.state),
+                Some(sh.buffer.depth.to_string()),
+                Some(sh.since_ms.to_string()),
+                s(&sh.reason),
+                Some(sh.split_brain.join(",")),
+                Some(
+                    sh.watched
+                        .iter()
+                        .map(|w| w.host.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
             ]
         })
         .collect();
@@ -631,7 +614,7 @@ fn buffers(ctx: &Ctx, out: &mut Out) {
 }
 
 /// A switchover's report as one row.
-pub(crate) fn switchover_report(report: &serde_json::Value, out: &mut Out) {
+pub(crate) fn switchover_report(report: &crate::api::report::SwitchoverReport, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("shard", T),
         ("from", T),
@@ -641,29 +624,19 @@ pub(crate) fn switchover_report(report: &serde_json::Value, out: &mut Out) {
         ("total_ms", T),
         ("steps", T),
     ];
-    let text = |k: &str| json_text(&report[k]);
-    let steps = report["steps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|st| {
-                    format!(
-                        "{} {} ms",
-                        st["step"].as_str().unwrap_or("?"),
-                        st["ms"].as_f64().unwrap_or(0.0)
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
+    let steps = report
+        .steps
+        .iter()
+        .map(|st| format!("{} {} ms", st.step, st.ms))
+        .collect::<Vec<_>>()
+        .join(", ");
     let row = vec![
-        text("shard"),
-        text("from"),
-        text("to"),
-        text("outcome"),
-        text("epoch"),
-        text("total_ms"),
+        s(&report.shard),
+        s(&report.from),
+        s(&report.to),
+        s(report.outcome.as_str()),
+        Some(report.epoch.to_string()),
+        Some(report.total_ms.to_string()),
         Some(steps),
     ];
     out.table_tagged(COLS, &[row], "SWITCHOVER");

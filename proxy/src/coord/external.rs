@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use crate::api::report::Coordinated;
+use crate::api::ShardChange;
 
 use crate::config::HostPort;
 use crate::coord::lead::{op_id, Lead};
-use crate::coord::records::{now_ms, Op, OpKind, Phase, Primary};
+use crate::coord::records::{now_ms, Op, OpKind, Phase, Primary, Record};
 use crate::coord::{lock, Coord, Joined, Refusal};
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::Outcome;
@@ -23,21 +24,25 @@ impl Coord {
         self: &Arc<Self>,
         shard: &Arc<Shard>,
         reason: &str,
-    ) -> Result<Value, Refusal> {
+    ) -> Result<ShardChange, Refusal> {
         let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
         if !matches!(snap.state, StateKind::Serving | StateKind::Draining)
             || shard.op.try_lock().is_err()
         {
             metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "already_held").increment(1);
-            return Ok(json!({
-                "shard": shard.name, "held": false, "already": true,
-                "state": snap.state.as_str(), "epoch": snap.epoch,
-            }));
+            return Ok(ShardChange {
+                shard: shard.name.clone(),
+                held: Some(false),
+                already: true,
+                state: Some(snap.state.as_str().to_string()),
+                epoch: Some(snap.epoch),
+                ..Default::default()
+            });
         }
         let mut v = self.buffer(shard, Some(snap.epoch), reason).await?;
         metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "held")
             .increment(1);
-        v["held"] = json!(true);
+        v.held = Some(true);
         let now = shard.snapshot(self.ctx.buffer_idle(&shard.name));
         crate::shard::hold::mark(shard, now.cycle, snap.primary.clone());
         let (coord, shard) = (Arc::clone(self), Arc::clone(shard));
@@ -86,7 +91,7 @@ impl Coord {
         shard: &Arc<Shard>,
         epoch: Option<u64>,
         reason: &str,
-    ) -> Result<Value, Refusal> {
+    ) -> Result<ShardChange, Refusal> {
         let lease = self.ready()?;
         let Ok(_op) = shard.op.try_lock() else {
             return Err(Refusal::conflict(
@@ -142,16 +147,17 @@ impl Coord {
         lead.own_lameduck = Some((ld.waited, ld.cancelled));
         let waited = lead.wait_for_acks().await;
         self.release(&shard.name, lease).await;
-        Ok(json!({
-            "shard": shard.name,
-            "state": "buffering",
-            "epoch": revoked.gen.epoch,
-            "old_primary": revoked.gen.primary.to_string(),
-            "lameduck_ms": ld.waited.as_millis() as u64,
-            "lameduck_cancelled": ld.cancelled,
-            "coordination": lead.to_json(Outcome::Completed),
-            "warning": waited.err(),
-        }))
+        Ok(ShardChange {
+            shard: shard.name.clone(),
+            state: Some("buffering".into()),
+            epoch: Some(revoked.gen.epoch),
+            old_primary: Some(revoked.gen.primary.to_string()),
+            lameduck_ms: Some(ld.waited.as_millis() as u64),
+            lameduck_cancelled: Some(ld.cancelled),
+            coordination: Some(lead.report(Outcome::Completed)),
+            warning: waited.err(),
+            ..Default::default()
+        })
     }
 
     /// `POST /primary` for the whole cluster: records `addr` (checked writable here) as
@@ -161,7 +167,7 @@ impl Coord {
         shard: &Arc<Shard>,
         addr: HostPort,
         epoch: Option<u64>,
-    ) -> Result<Value, Refusal> {
+    ) -> Result<ShardChange, Refusal> {
         let lease = self.ready()?;
         let Ok(_op) = shard.op.try_lock() else {
             return Err(Refusal::conflict(
@@ -176,15 +182,19 @@ impl Coord {
             .apply_primary(shard, &rec)
             .await
             .map_err(Refusal::conflict)?;
-        Ok(json!({
-            "shard": shard.name,
-            "state": "draining",
-            "epoch": est.epoch,
-            "primary": rec.primary.to_string(),
-            "prewarmed_connections": est.prewarmed,
-            "prewarm_error": est.prewarm_error,
-            "coordination": {"recorded": rec.to_json()},
-        }))
+        Ok(ShardChange {
+            shard: shard.name.clone(),
+            state: Some("draining".into()),
+            epoch: Some(est.epoch),
+            primary: Some(rec.primary.to_string()),
+            prewarmed_connections: Some(est.prewarmed),
+            prewarm_error: est.prewarm_error,
+            coordination: Some(Coordinated {
+                recorded: Some(rec),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
     }
 
     /// Under the lock: checks that the shard is held and `addr` is writable, then
@@ -203,7 +213,7 @@ impl Coord {
             .get(&op_key)
             .await
             .map_err(unavailable)?
-            .and_then(|kv| Op::decode(&kv.value));
+            .and_then(|kv| Op::decode(&kv.value).ok());
         if let Some(op) = op
             .as_ref()
             .filter(|o| o.phase.active() && o.kind != OpKind::External)
@@ -231,6 +241,7 @@ impl Coord {
         let (base, rev) = match &current {
             Some(kv) => (
                 Primary::decode(&kv.value)
+                    .ok()
                     .map(|r| r.epoch)
                     .unwrap_or(snap.epoch),
                 kv.mod_revision,
@@ -292,7 +303,7 @@ impl Coord {
         self: &Arc<Self>,
         shard: &Arc<Shard>,
         epoch: Option<u64>,
-    ) -> Result<Value, Refusal> {
+    ) -> Result<ShardChange, Refusal> {
         let lease = self.ready()?;
         let Ok(_op) = shard.op.try_lock() else {
             return Err(Refusal::conflict(
@@ -312,13 +323,17 @@ impl Coord {
             Ok(e) => e,
             Err(_) => shard.current().epoch,
         };
-        Ok(json!({
-            "shard": shard.name,
-            "state": "draining",
-            "epoch": epoch,
-            "primary": shard.current().primary.to_string(),
-            "coordination": {"operation": op.to_json()},
-        }))
+        Ok(ShardChange {
+            shard: shard.name.clone(),
+            state: Some("draining".into()),
+            epoch: Some(epoch),
+            primary: Some(shard.current().primary.to_string()),
+            coordination: Some(Coordinated {
+                operation: Some(op),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
     }
 
     async fn end_hold(&self, shard: &Shard, lease: i64, epoch: Option<u64>) -> Result<Op, Refusal> {
@@ -328,7 +343,7 @@ impl Coord {
             .get(&op_key)
             .await
             .map_err(|e| Refusal::unavailable(e.to_string()))?
-            .and_then(|kv| Op::decode(&kv.value))
+            .and_then(|kv| Op::decode(&kv.value).ok())
             .filter(|o| {
                 (o.kind == OpKind::External && o.phase == Phase::Hold) || o.phase == Phase::Failed
             });

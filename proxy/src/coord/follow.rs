@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::config::HostPort;
-use crate::coord::records::{now_ms, Ack, Member, Op, Phase, Primary};
+use crate::coord::records::{now_ms, Ack, Lock, Member, Op, Phase, Primary, Record};
 use crate::coord::store::{Kv, WatchStream};
 use crate::coord::{lock, Coord, Joined, View};
 use crate::shard::health::{self, Probe};
@@ -58,14 +58,9 @@ impl ClusterView {
                 ["shards", shard, "op"] => Op::decode(&kv.value).map(|op| {
                     view.shard(shard).op = Some((op, kv.mod_revision));
                 }),
-                ["shards", shard, "lock"] => {
-                    let holder = serde_json::from_slice::<serde_json::Value>(&kv.value)
-                        .ok()
-                        .and_then(|v| v["proxy"].as_str().map(str::to_string))
-                        .unwrap_or_else(|| String::from_utf8_lossy(&kv.value).into_owned());
-                    view.shard(shard).lock = Some(holder);
-                    Some(())
-                }
+                ["shards", shard, "lock"] => Lock::decode(&kv.value).map(|l| {
+                    view.shard(shard).lock = Some(l.proxy);
+                }),
                 ["shards", shard, "acks", op, _] => Ack::decode(&kv.value).map(|a| {
                     view.shard(shard)
                         .acks
@@ -73,10 +68,10 @@ impl ClusterView {
                         .or_default()
                         .push(a);
                 }),
-                _ => Some(()),
+                _ => Ok(()),
             };
-            if parsed.is_none() {
-                tracing::warn!(key = %kv.key, "a coordination record does not parse: ignored");
+            if let Err(e) = parsed {
+                tracing::warn!(key = %kv.key, error = %e, "a coordination record does not decode: ignored");
             }
         }
         view.members.sort_by(|a, b| a.id.cmp(&b.id));

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use crate::api::report::{Coordinated, ProxyAck, SwitchoverReport};
 use tokio::time::Instant;
 
 use crate::config::HostPort;
 use crate::coord::follow::ClusterView;
-use crate::coord::records::{now_ms, Ack, Op, OpKind, Phase, Primary};
+use crate::coord::records::{now_ms, Ack, Lock, Op, OpKind, Phase, Primary, Record};
 use crate::coord::{lock, Coord, Refusal};
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::{self, Hooks, Outcome};
@@ -54,7 +54,12 @@ impl Coord {
         id: &str,
     ) -> Result<(), Refusal> {
         let lock_key = self.keys.lock(&shard.name);
-        let holder = json!({"proxy": self.me.id, "op": id}).to_string();
+        let holder = Lock {
+            proxy: self.me.id.clone(),
+            op: id.to_string(),
+            recovering: false,
+        }
+        .encode();
         match self.store.create(&lock_key, holder, Some(lease)).await {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -86,7 +91,7 @@ impl Coord {
             .await
             .map_err(unavailable)?
         {
-            if let Some(op) = Op::decode(&kv.value).filter(|op| op.phase.active()) {
+            if let Some(op) = Op::decode(&kv.value).ok().filter(|op| op.phase.active()) {
                 return Err(Refusal::conflict(format!(
                     "shard \"{}\": operation {} ({}, phase {}, coordinated by {}) is in progress",
                     shard.name,
@@ -101,13 +106,13 @@ impl Coord {
         let key = self.keys.primary(&shard.name);
         match self.store.get(&key).await.map_err(unavailable)? {
             Some(kv) => match Primary::decode(&kv.value) {
-                Some(rec) if rec.epoch == snap.epoch && rec.primary == snap.primary => Ok(()),
-                Some(rec) => Err(Refusal::conflict(format!(
+                Ok(rec) if rec.epoch == snap.epoch && rec.primary == snap.primary => Ok(()),
+                Ok(rec) => Err(Refusal::conflict(format!(
                     "shard \"{}\": this proxy's view (primary {}, epoch {}) is not the cluster's record (primary {}, epoch {}) yet: it is catching up; try again shortly",
                     shard.name, snap.primary, snap.epoch, rec.primary, rec.epoch
                 ))),
-                None => Err(Refusal::conflict(format!(
-                    "shard \"{}\": its primary record in etcd does not parse",
+                Err(e) => Err(Refusal::conflict(format!(
+                    "shard \"{}\": its primary record in etcd does not decode: {e}",
                     shard.name
                 ))),
             },
@@ -157,7 +162,7 @@ impl Coord {
             e.to_string()
         })?;
         let rev = match &current {
-            Some(kv) if Primary::decode(&kv.value).is_some_and(|r| r.epoch >= rec.epoch) => {
+            Some(kv) if Primary::decode(&kv.value).is_ok_and(|r| r.epoch >= rec.epoch) => {
                 return Ok(())
             }
             Some(kv) => kv.mod_revision,
@@ -182,7 +187,7 @@ impl Coord {
         self: &Arc<Self>,
         shard: Arc<Shard>,
         to: HostPort,
-    ) -> Result<(Outcome, Value), Refusal> {
+    ) -> Result<(Outcome, SwitchoverReport), Refusal> {
         let lease = self.ready()?;
         let id = op_id(&self.me.id);
         self.acquire(&shard, lease, &id).await?;
@@ -204,8 +209,8 @@ impl Coord {
             self.release(&shard.name, lease).await;
         }
         lock(&self.running).remove(&id);
-        let mut body = report.to_json();
-        body["coordination"] = lead.to_json(report.outcome);
+        let mut body = report.to_report();
+        body.coordination = Some(lead.report(report.outcome));
         Ok((report.outcome, body))
     }
 }
@@ -344,32 +349,35 @@ impl Lead {
         Ok(())
     }
 
-    pub(super) fn to_json(&self, outcome: Outcome) -> Value {
-        let mut proxies = vec![json!({
-            "proxy": self.coord.me.id,
-            "coordinator": true,
-            "ack_ms": 0.0,
-            "lameduck_ms": self.own_lameduck.map(|(d, _)| d.as_millis() as u64),
-            "cancelled": self.own_lameduck.map(|(_, n)| n),
-        })];
+    /// The operation as its coordinator reports it.
+    pub(super) fn report(&self, outcome: Outcome) -> Coordinated {
+        let mut proxies = vec![ProxyAck {
+            proxy: self.coord.me.id.clone(),
+            coordinator: true,
+            ack_ms: 0.0,
+            lameduck_ms: self.own_lameduck.map(|(d, _)| d.as_millis() as u64),
+            cancelled: self.own_lameduck.map(|(_, n)| n as u64),
+        }];
         for (ack, after) in &self.acks {
-            proxies.push(json!({
-                "proxy": ack.proxy,
-                "ack_ms": (after.as_secs_f64() * 1e6).round() / 1e3,
-                "lameduck_ms": ack.lameduck_ms,
-                "cancelled": ack.cancelled,
-            }));
+            proxies.push(ProxyAck {
+                proxy: ack.proxy.clone(),
+                coordinator: false,
+                ack_ms: (after.as_secs_f64() * 1e6).round() / 1e3,
+                lameduck_ms: Some(ack.lameduck_ms),
+                cancelled: Some(ack.cancelled),
+            });
         }
-        json!({
-            "op": self.op.id,
-            "coordinator": self.coord.me.id,
-            "phase": self.op.phase.as_str(),
-            "outcome": outcome.as_str(),
-            "proxies": proxies,
-            "missing": self.missing,
-            "lost_lock": self.lost,
-            "recorded": self.record.as_ref().map(Primary::to_json),
-        })
+        Coordinated {
+            op: Some(self.op.id.clone()),
+            coordinator: Some(self.coord.me.id.clone()),
+            phase: Some(self.op.phase),
+            outcome: Some(outcome),
+            proxies,
+            missing: Some(self.missing.clone()),
+            lost_lock: Some(self.lost),
+            recorded: self.record.clone(),
+            operation: None,
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::coord::records::Record;
 use crate::coord::Coord;
 use crate::shutdown::{Phase, Signal};
 

@@ -47,14 +47,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use crate::backend::admin::AdminSession;
 use crate::config::EtcdSettings;
 use crate::shard::{Ctx, Shard};
 use crate::shutdown::Signal;
-use records::{Ack, Keys, Member, Op, Primary};
+use records::{Ack, Keys, Member, Op, Primary, Record};
 pub use store::SetupError;
 use store::{Store, StoreError};
 
@@ -153,7 +152,9 @@ impl Connected {
     /// The shard's recorded primary, if etcd answers and has one.
     pub async fn recorded(&self, shard: &str) -> Result<Option<Primary>, String> {
         match self.store.get(&self.keys.primary(shard)).await {
-            Ok(Some(kv)) => Ok(Primary::decode(&kv.value)),
+            Ok(Some(kv)) => Primary::decode(&kv.value)
+                .map(Some)
+                .map_err(|e| format!("the primary record of shard {shard} does not decode: {e}")),
             Ok(None) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
@@ -266,45 +267,47 @@ impl Coord {
     }
 
     /// The whole cluster as this proxy sees it (`GET /v1/shards`, `coordination`).
-    pub fn status_json(&self) -> Value {
+    pub fn status(&self) -> crate::api::Coordination {
         let s = lock(&self.status);
-        json!({
-            "enabled": true,
-            "proxy": self.me.id,
-            "prefix": self.settings.prefix,
-            "endpoints": self.settings.endpoints,
-            "up": s.up && self.lease() != 0,
-            "error": s.error,
-            "since_ms": s.since_ms,
-            "members": s.members.iter().map(|m| {
-                let mut v = m.to_json();
-                v["self"] = json!(m.id == self.me.id);
-                v
-            }).collect::<Vec<_>>(),
-        })
+        crate::api::Coordination {
+            enabled: true,
+            proxy: Some(self.me.id.clone()),
+            prefix: Some(self.settings.prefix.clone()),
+            endpoints: Some(self.settings.endpoints.clone()),
+            up: Some(s.up && self.lease() != 0),
+            error: s.error.clone(),
+            since_ms: Some(s.since_ms),
+            members: Some(
+                s.members
+                    .iter()
+                    .map(|m| crate::api::ClusterMember {
+                        member: m.clone(),
+                        this_proxy: m.id == self.me.id,
+                    })
+                    .collect(),
+            ),
+        }
     }
 
     /// A shard's records as this proxy last read them.
-    pub fn shard_json(&self, shard: &str) -> Value {
+    pub fn shard_records(&self, shard: &str) -> Option<crate::api::ShardRecords> {
         let views = lock(&self.views);
-        let Some(v) = views.get(shard) else {
-            return Value::Null;
-        };
+        let v = views.get(shard)?;
         let joined = lock(&self.joined);
-        json!({
-            "recorded": v.primary.as_ref().map(Primary::to_json),
-            "operation": v.op.as_ref().map(|op| {
-                let mut j = op.to_json();
-                j["acks"] = json!(v.acks.iter().map(Ack::to_json).collect::<Vec<_>>());
-                j["locked_by"] = json!(v.lock);
-                j["this_proxy"] = json!(if lock(&self.running).contains(&op.id) {
+        Some(crate::api::ShardRecords {
+            recorded: v.primary.clone(),
+            operation: v.op.as_ref().map(|op| crate::api::Operation {
+                op: op.clone(),
+                acks: v.acks.clone(),
+                locked_by: v.lock.clone(),
+                this_proxy: if lock(&self.running).contains(&op.id) {
                     "coordinating"
                 } else if joined.get(shard).is_some_and(|j| j.op == op.id) {
                     "taking part"
                 } else {
                     "not taking part"
-                });
-                j
+                }
+                .to_string(),
             }),
         })
     }

@@ -20,11 +20,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::backend::admin::AdminSession;
 use crate::config::HostPort;
-use crate::coord::records::{now_ms, Op, Phase, Primary};
+use crate::coord::records::{now_ms, Lock, Op, Phase, Primary, Record};
 use crate::coord::{lock, Coord};
 use crate::shard::health::{self, Probe};
 use crate::shard::{fence, switchover, Shard};
@@ -36,7 +34,12 @@ impl Coord {
         if lease == 0 {
             return;
         }
-        let holder = json!({"proxy": self.me.id, "op": op.id, "recovering": true}).to_string();
+        let holder = Lock {
+            proxy: self.me.id.clone(),
+            op: op.id.clone(),
+            recovering: true,
+        }
+        .encode();
         match self
             .store
             .create(&self.keys.lock(&shard.name), holder, Some(lease))

@@ -11,7 +11,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::time::Instant;
@@ -37,16 +36,17 @@ impl Outcome {
         self.error.is_none()
     }
 
-    pub fn to_json(&self) -> Value {
-        json!({
-            "command": self.command,
-            "ok": self.ok(),
-            "exit_code": self.exit_code,
-            "timed_out": self.timed_out,
-            "ms": (self.duration.as_secs_f64() * 1e6).round() / 1e3,
-            "output": self.output,
-            "error": self.error,
-        })
+    /// The run as the switchover's report shows it.
+    pub fn to_report(&self) -> crate::api::report::Demote {
+        crate::api::report::Demote {
+            command: self.command.clone(),
+            ok: self.ok(),
+            exit_code: self.exit_code,
+            timed_out: self.timed_out,
+            ms: (self.duration.as_secs_f64() * 1e6).round() / 1e3,
+            output: self.output.clone(),
+            error: self.error.clone(),
+        }
     }
 }
 

@@ -130,7 +130,7 @@ pub struct Health {
 
 /// The hook's hold reaching a switchover that waits for it: the switchover answers the
 /// hold request through this once the shard is held and lameduck is done.
-pub(crate) type HookCall = tokio::sync::oneshot::Sender<serde_json::Value>;
+pub(crate) type HookCall = tokio::sync::oneshot::Sender<crate::api::ShardChange>;
 
 /// An outside hold of a shard (an HA manager about to stop its primary).
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use crate::api::ShardChange;
 use tokio::time::Instant;
 
 use crate::config::HostPort;
@@ -28,11 +28,12 @@ pub(crate) enum Held {
     /// The shard was already held (a switchover, another hold, a failure).
     Already { state: &'static str, epoch: u64 },
     /// A switchover through handoff waited for this hold and did it; its answer.
-    ForSwitchover(Value),
+    ForSwitchover(Box<ShardChange>),
 }
 
 impl Held {
-    pub(crate) fn to_json(&self, shard: &str) -> Value {
+    /// The answer to the hold's caller (and the metric of its result).
+    pub(crate) fn answer(self, shard: &str) -> ShardChange {
         let result = match self {
             Held::Now { .. } | Held::ForSwitchover(_) => "held",
             Held::Already { .. } => "already_held",
@@ -40,23 +41,25 @@ impl Held {
         metrics::counter!(crate::metrics::HOLDS, "shard" => shard.to_string(), "result" => result)
             .increment(1);
         match self {
-            Held::Now { revoked, lameduck } => json!({
-                "shard": shard,
-                "held": true,
-                "state": "buffering",
-                "epoch": revoked.gen.epoch,
-                "old_primary": revoked.gen.primary.to_string(),
-                "lameduck_ms": lameduck.waited.as_millis() as u64,
-                "lameduck_cancelled": lameduck.cancelled,
-            }),
-            Held::ForSwitchover(v) => v.clone(),
-            Held::Already { state, epoch } => json!({
-                "shard": shard,
-                "held": false,
-                "already": true,
-                "state": state,
-                "epoch": epoch,
-            }),
+            Held::Now { revoked, lameduck } => ShardChange {
+                shard: shard.to_string(),
+                held: Some(true),
+                state: Some("buffering".into()),
+                epoch: Some(revoked.gen.epoch),
+                old_primary: Some(revoked.gen.primary.to_string()),
+                lameduck_ms: Some(lameduck.waited.as_millis() as u64),
+                lameduck_cancelled: Some(lameduck.cancelled),
+                ..Default::default()
+            },
+            Held::ForSwitchover(v) => *v,
+            Held::Already { state, epoch } => ShardChange {
+                shard: shard.to_string(),
+                held: Some(false),
+                already: true,
+                state: Some(state.to_string()),
+                epoch: Some(epoch),
+                ..Default::default()
+            },
         }
     }
 }
@@ -80,7 +83,7 @@ pub(crate) async fn hold(
         let (tx, rx) = tokio::sync::oneshot::channel();
         if switchover.send(tx).is_ok() {
             if let Ok(v) = rx.await {
-                return Ok(Held::ForSwitchover(v));
+                return Ok(Held::ForSwitchover(Box::new(v)));
             }
         }
     }

@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
+use crate::api::ShardChange;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -204,8 +204,12 @@ impl Run<'_> {
                 r
             }
             Err(e) => {
-                let _ = call
-                    .send(json!({"shard": self.shard.name, "held": false, "error": e.to_string()}));
+                let _ = call.send(ShardChange {
+                    shard: self.shard.name.clone(),
+                    held: Some(false),
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                });
                 self.step("buffer", t, Some(e.to_string()));
                 return Err((Outcome::Failed, Some(e.to_string())));
             }
@@ -217,16 +221,17 @@ impl Run<'_> {
         self.report.lameduck_cancelled = ld.cancelled;
         self.step("lameduck", t, None);
         let _ = hooks.held(ld).await;
-        let _ = call.send(json!({
-            "shard": self.shard.name,
-            "held": true,
-            "state": "buffering",
-            "epoch": revoked.gen.epoch,
-            "old_primary": revoked.gen.primary.to_string(),
-            "lameduck_ms": ld.waited.as_millis() as u64,
-            "lameduck_cancelled": ld.cancelled,
-            "switchover": true,
-        }));
+        let _ = call.send(ShardChange {
+            shard: self.shard.name.clone(),
+            held: Some(true),
+            switchover: true,
+            state: Some("buffering".into()),
+            epoch: Some(revoked.gen.epoch),
+            old_primary: Some(revoked.gen.primary.to_string()),
+            lameduck_ms: Some(ld.waited.as_millis() as u64),
+            lameduck_cancelled: Some(ld.cancelled),
+            ..Default::default()
+        });
         Ok((revoked, post))
     }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use serde_json::{json, Value};
 use tokio_postgres::Client;
 
 use crate::backend::admin::{AdminConnectError, AdminDb, AdminSession};
@@ -23,30 +22,7 @@ use crate::shard::sync_target::{self, Synced};
 use crate::shard::watch::Why;
 use crate::shard::{Ctx, Revoked, Shard, Snapshot, StateKind};
 
-/// How a switchover ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// The target is the primary.
-    Completed,
-    /// Refused before anything changed.
-    Refused,
-    /// Something failed before the promotion: the old primary serves again.
-    RolledBack,
-    /// The target was promoted but could not be confirmed; the shard stays buffering
-    /// until an operator establishes a primary (or the buffer's time runs out).
-    Failed,
-}
-
-impl Outcome {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Completed => "completed",
-            Outcome::Refused => "refused",
-            Outcome::RolledBack => "rolled_back",
-            Outcome::Failed => "failed",
-        }
-    }
-}
+pub(crate) use crate::api::report::Outcome;
 
 /// One step's record.
 #[derive(Debug, Clone)]
@@ -81,40 +57,41 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    pub fn to_json(&self) -> Value {
-        let steps: Vec<Value> = self
-            .steps
-            .iter()
-            .map(|s| {
-                json!({
-                    "step": s.name,
-                    "ms": (s.duration.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-                    "ok": s.error.is_none(),
-                    "error": s.error,
-                })
-            })
-            .collect();
-        json!({
-            "shard": self.shard,
-            "from": self.from,
-            "to": self.to,
-            "outcome": self.outcome.as_str(),
-            "epoch": self.epoch,
-            "fence_lsn": self.fence_lsn,
-            "fence": {
-                "lsn": self.fence_lsn,
-                "databases": self.fenced_databases,
-                "terminated_sessions": self.fence_terminated,
+    /// The report as the admin API answers it.
+    pub fn to_report(&self) -> crate::api::report::SwitchoverReport {
+        use crate::api::report as r;
+        let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+        r::SwitchoverReport {
+            shard: self.shard.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            outcome: self.outcome,
+            epoch: self.epoch,
+            fence_lsn: self.fence_lsn.clone(),
+            fence: r::Fence {
+                lsn: self.fence_lsn.clone(),
+                databases: self.fenced_databases.clone(),
+                terminated_sessions: self.fence_terminated,
             },
-            "lameduck_cancelled": self.lameduck_cancelled,
-            "prewarmed_connections": self.prewarmed,
-            "total_ms": (self.steps.iter().map(|s| s.duration.as_secs_f64()).sum::<f64>() * 1000.0 * 1000.0).round() / 1000.0,
-            "steps": steps,
-            "demote": self.demote.as_ref().map(|d| d.to_json()),
-            "sync_target": self.sync_target,
-            "lag_at_revoke_bytes": self.lag_at_revoke,
-            "error": self.error,
-        })
+            lameduck_cancelled: self.lameduck_cancelled,
+            prewarmed_connections: self.prewarmed,
+            total_ms: ms(self.steps.iter().map(|s| s.duration).sum()),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| r::Step {
+                    step: s.name.to_string(),
+                    ms: ms(s.duration),
+                    ok: s.error.is_none(),
+                    error: s.error.clone(),
+                })
+                .collect(),
+            demote: self.demote.as_ref().map(|d| d.to_report()),
+            sync_target: self.sync_target.clone(),
+            lag_at_revoke_bytes: self.lag_at_revoke,
+            error: self.error.clone(),
+            coordination: None,
+        }
     }
 }
 
