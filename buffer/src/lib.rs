@@ -304,44 +304,66 @@ impl Drop for Release {
     }
 }
 
+/// One request held in a shard's queue, waiting for the cycle to end.
 #[derive(Debug)]
 struct Waiter {
+    /// Its place in the queue (from `ShardInner::next_id`), to find it again when its
+    /// caller gives up.
     id: u64,
+    /// The request's size, counted against `HANDOFF_BUFFER_MAX_BYTES` while held.
     bytes: usize,
+    /// When it was queued: its wait is measured from here, and the window too.
     enqueued: Instant,
+    /// Where the outcome goes: a release (pass or retry on the new primary) or why not.
     tx: oneshot::Sender<Result<Release, BufferError>>,
 }
 
+/// A shard's buffer state, behind its lock.
 #[derive(Debug)]
 struct ShardInner {
+    /// Idle, buffering or draining.
     state: State,
     /// The current (or last) cycle's epoch.
     epoch: u64,
     /// The highest epoch whose cycle has ended.
     completed: u64,
+    /// When the current state began (a cycle's length is measured from here).
     since: Instant,
+    /// When the last cycle ended: a new one within
+    /// `HANDOFF_BUFFER_MIN_TIME_BETWEEN_FAILOVERS` of it is refused.
     last_end: Option<Instant>,
+    /// The held requests, oldest first.
     queue: VecDeque<Waiter>,
     /// Bytes held in this shard's queue.
     bytes: usize,
+    /// Released requests still running while draining: at most
+    /// `HANDOFF_BUFFER_DRAIN_CONCURRENCY`.
     outstanding: usize,
+    /// The id the next waiter gets.
     next_id: u64,
     /// Why the current (or last) cycle started.
     reason: String,
 }
 
+/// One shard's buffer.
 #[derive(Debug)]
 struct Shard {
+    /// The shard's name (metrics' label).
     name: String,
+    /// Whether this shard buffers at all (`HANDOFF_BUFFER_ENABLED`, `HANDOFF_BUFFER_SHARDS`):
+    /// a disabled one passes requests through during a failover, to fail as they would.
     enabled: bool,
     /// `IDLE` while the shard passes requests through: the hot-path check.
     gate: AtomicU8,
-    m: Mutex<ShardInner>,
+    /// Everything else, taken only off the hot path.
+    inner: Mutex<ShardInner>,
 }
 
 impl Shard {
+    /// The shard's state; a panic elsewhere while it was held leaves it consistent
+    /// (no await and no half-made update under the lock), so poison is ignored.
     fn lock(&self) -> MutexGuard<'_, ShardInner> {
-        self.m.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn count(&self, name: &'static str) {
@@ -388,7 +410,7 @@ impl Buffer {
                     name: name.to_string(),
                     enabled,
                     gate: AtomicU8::new(IDLE),
-                    m: Mutex::new(ShardInner {
+                    inner: Mutex::new(ShardInner {
                         state: State::Idle,
                         epoch: 0,
                         completed: 0,

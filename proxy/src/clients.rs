@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::sync::Locked;
 use dashmap::DashMap;
 
 /// Every client connection, by id.
@@ -342,7 +343,7 @@ impl Clients {
     pub fn end_period(&self) {
         let now = SystemTime::now();
         let totals: HashMap<String, Totals> = self.totals().into_iter().collect();
-        let mut p = self.period.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.period.locked();
         if let Some(started) = p.started {
             let len = now.duration_since(started).unwrap_or_default();
             let deltas = totals
@@ -360,7 +361,7 @@ impl Clients {
 
     /// The averages of the last complete period for `db` (zero before one ended).
     pub fn averages(&self, db: &str) -> Averages {
-        let p = self.period.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.period.locked();
         match &p.last {
             Some((len, deltas)) => deltas
                 .get(db)

@@ -33,6 +33,7 @@ pub mod patroni;
 mod relay;
 pub mod shard;
 pub mod shutdown;
+mod sync;
 #[cfg(test)]
 mod testing;
 pub mod utc;

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::HostPort;
+use crate::sync::Locked;
 
 /// How the stand-in answers a login.
 #[derive(Debug, Clone)]
@@ -81,7 +82,7 @@ impl StandIn {
                     Answer::Silent => {}
                 }
                 let _ = s.write_all(&out).await;
-                keep.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+                keep.locked().push(s);
             }
         });
         Self {
@@ -95,7 +96,7 @@ impl StandIn {
 
     /// Closes every accepted connection from the server's side.
     pub fn close_all(&self) {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.held.locked().clear();
     }
 }
 

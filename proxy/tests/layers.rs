@@ -58,8 +58,8 @@ fn sources(dir: &Path, base: &Path, out: &mut Vec<String>) {
 }
 
 /// The index of the layer a file of `proxy/src` belongs to: a row names the file, its
-/// directory (`relay/`), or the module file a directory belongs to (`config.rs` for
-/// `config/tests.rs`).
+/// directory (`relay/`), or the module file a directory belongs to (`util.rs` for
+/// `util/tests.rs`).
 fn layer_of(file: &str, layers: &[(String, Vec<String>)]) -> Option<usize> {
     let top = file.split('/').next().unwrap();
     layers.iter().position(|(_, paths)| {
@@ -269,10 +269,9 @@ fn the_check_sees_what_it_must() {
         layer_of("relay/txn/run.rs", &layers),
         Some(by_name["relay"])
     );
-    assert_eq!(
-        layer_of("config/tests.rs", &layers),
-        layer_of("config.rs", &layers)
-    );
+    let module_file = [("ground".to_string(), vec!["util.rs".to_string()])];
+    assert_eq!(layer_of("util/tests.rs", &module_file), Some(0));
+    assert_eq!(layer_of("utils.rs", &module_file), None);
     assert!(by_name["frontend"] < by_name["relay"], "{layers:?}");
     // Paths are found in uses, braces and inline, not in comments or strings.
     let text = "use crate::relay::Txn;\nuse crate::{net, shard::Ctx};\n// crate::admin\nlet s = \"crate::console\";\nlet q = '\"'; let r = r#\"crate::cli \"quoted\"\"#;\nfn f<'a>(x: &'a str) {}\nx(crate::frontend::f());\n";

@@ -1,5 +1,5 @@
 //! Files generated from the code are exactly what the code makes now, so each fact has
-//! one source: the etcd client (`proxy/src/coord/etcdserverpb.rs`, from
+//! one source: the etcd client (`proxy/generated/etcdserverpb.rs`, from
 //! `proxy/proto/etcd.proto`), the configuration reference (`docs/configuration.md`, from
 //! the table of variables) and the metrics reference (`docs/metrics.md`, from the table
 //! of metrics).
@@ -59,7 +59,7 @@ fn etcd_client_code() -> String {
 #[test]
 fn the_committed_etcd_client_is_what_its_proto_generates() {
     let generated = etcd_client_code();
-    let path = root().join("proxy/src/coord/etcdserverpb.rs");
+    let path = root().join("proxy/generated/etcdserverpb.rs");
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     if committed == generated {
         return;

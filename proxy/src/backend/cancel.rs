@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::sync::Locked;
 use bytes::{Bytes, BytesMut};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -57,7 +58,7 @@ pub struct Registration {
 impl Registration {
     /// Points the session's cancel requests at another server connection (or at none).
     pub fn set_server(&self, server: Option<ServerKey>) {
-        *self.server.lock().unwrap_or_else(|p| p.into_inner()) = server;
+        *self.server.locked() = server;
     }
 }
 
@@ -168,12 +169,7 @@ impl Registry {
             return false;
         };
         // Between transactions nothing runs for this client: nothing to cancel.
-        let Some(server) = target
-            .server
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
+        let Some(server) = target.server.locked().clone() else {
             return false;
         };
         cancel_server(server, timeout).await

@@ -2,7 +2,47 @@
 
 use std::time::Duration;
 
+use super::variable::{Applies, Topic, Variable};
 use super::{invalid, ConfigError, HostPort, ShardConfig, Vars};
+
+/// The Patroni variables.
+pub(super) const VARIABLES: &[Variable] = &[
+    Variable {
+        name: "HANDOFF_PATRONI",
+        topic: Topic::Patroni,
+        default: "(unset: no shard is managed by Patroni)",
+        applies: Applies::AtStart,
+        help: "`shard=http://host:port[,http://host:port...][;shard=...]`: the Patroni REST API of a shard's members; Patroni then names the primary (confirmed by handoff's probe) and runs promotions",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_INTERVAL",
+        topic: Topic::Patroni,
+        default: "1s",
+        applies: Applies::AtStart,
+        help: "how often handoff reads Patroni's `GET /cluster` while a shard serves",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_HELD_INTERVAL",
+        topic: Topic::Patroni,
+        default: "50ms",
+        applies: Applies::AtStart,
+        help: "how often handoff reads `GET /cluster` and probes Patroni's leader while a shard is held",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_TIMEOUT",
+        topic: Topic::Patroni,
+        default: "2s",
+        applies: Applies::AtStart,
+        help: "longest one read of Patroni's REST API may take",
+    },
+    Variable {
+        name: "HANDOFF_PATRONI_HOOK",
+        topic: Topic::Patroni,
+        default: "false",
+        applies: Applies::AtStart,
+        help: "`true` when every Patroni member's `before_stop` runs `handoff hold` against this proxy: a switchover through handoff then holds when Patroni calls the hook (right before it stops the leader) instead of before asking Patroni; ignored with `HANDOFF_ETCD_ENDPOINTS`",
+    },
+];
 
 /// The shards whose primary Patroni decides.
 #[derive(Debug, Clone, Default)]

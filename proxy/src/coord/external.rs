@@ -11,10 +11,11 @@ use crate::api::ShardChange;
 use crate::config::HostPort;
 use crate::coord::lead::{op_id, Lead};
 use crate::coord::records::{now_ms, Op, OpKind, Phase, Primary, Record};
-use crate::coord::{lock, Coord, Joined, Refusal};
+use crate::coord::{Coord, Joined, Refusal};
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::Outcome;
 use crate::shard::{control, Shard, StateKind};
+use crate::sync::Locked;
 
 impl Coord {
     /// A hold (`POST /hold`, Patroni's `before_stop`) for the whole cluster: `/buffer`
@@ -120,7 +121,7 @@ impl Coord {
         // This proxy takes part like the others: the operation's end resolves it here.
         // Joined before it is published, so that this proxy's own follower, seeing the
         // operation, does not hold the shard first (the revocation below would fail).
-        lock(&self.joined).insert(
+        self.joined.locked().insert(
             shard.name.clone(),
             Joined {
                 op: id.clone(),
@@ -130,7 +131,7 @@ impl Coord {
             },
         );
         if let Err(e) = lead.publish(Phase::Hold).await {
-            lock(&self.joined).remove(&shard.name);
+            self.joined.locked().remove(&shard.name);
             self.release(&shard.name, lease).await;
             return Err(Refusal::unavailable(e));
         }
@@ -314,7 +315,7 @@ impl Coord {
         let ended = self.end_hold(shard, lease, epoch).await;
         self.release(&shard.name, lease).await;
         let op = ended?;
-        if let Some(j) = lock(&self.joined).get_mut(&shard.name) {
+        if let Some(j) = self.joined.locked().get_mut(&shard.name) {
             if j.op == op.id {
                 j.resolved = true;
             }

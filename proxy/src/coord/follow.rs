@@ -18,10 +18,11 @@ use tokio::time::Instant;
 use crate::config::HostPort;
 use crate::coord::records::{now_ms, Ack, Lock, Member, Op, Phase, Primary, Record};
 use crate::coord::store::{Kv, WatchStream};
-use crate::coord::{lock, Coord, Joined, View};
+use crate::coord::{Coord, Joined, View};
 use crate::shard::health::{self, Probe};
 use crate::shard::{control, Shard, StateKind};
 use crate::shutdown::{Phase as Shutdown, Signal};
+use crate::sync::Locked;
 
 /// One shard's records, with the revisions compare-and-set needs.
 #[derive(Debug, Default, Clone)]
@@ -148,7 +149,7 @@ impl Coord {
     /// Brings one shard in line with its records.
     async fn reconcile(self: &Arc<Self>, shard: &Arc<Shard>, recs: &ShardRecords) {
         let op = recs.op.as_ref().map(|(op, _)| op);
-        lock(&self.views).insert(
+        self.views.locked().insert(
             shard.name.clone(),
             View {
                 primary: recs.primary.as_ref().map(|(p, _)| p.clone()),
@@ -173,12 +174,14 @@ impl Coord {
 
     /// Joins, resolves or recovers the shard's operation.
     async fn take_part(self: &Arc<Self>, shard: &Arc<Shard>, op: &Op, recs: &ShardRecords) {
-        let running_here = lock(&self.running).contains(&op.id);
+        let running_here = self.running.locked().contains(&op.id);
         if running_here {
             return;
         }
         if op.phase.active() {
-            let joined = lock(&self.joined)
+            let joined = self
+                .joined
+                .locked()
                 .get(&shard.name)
                 .is_some_and(|j| j.op == op.id);
             if !joined {
@@ -196,7 +199,7 @@ impl Coord {
     /// lameducks, opens the admin sessions that let it finish the operation if need
     /// be, and acknowledges.
     fn join(self: &Arc<Self>, shard: &Arc<Shard>, op: &Op) {
-        lock(&self.joined).insert(
+        self.joined.locked().insert(
             shard.name.clone(),
             Joined {
                 op: op.id.clone(),
@@ -227,7 +230,7 @@ impl Coord {
             };
             let (ld, (old, target, pids)) = tokio::join!(lameduck, coord.keep_sessions(&op));
             {
-                let mut joined = lock(&coord.joined);
+                let mut joined = coord.joined.locked();
                 if let Some(j) = joined.get_mut(&shard.name) {
                     if j.op == op.id && !j.resolved {
                         j.old = old;
@@ -298,7 +301,7 @@ impl Coord {
     /// serves again here too; after completion the new primary record is followed.
     fn resolve(&self, shard: &Arc<Shard>, op: &Op) {
         {
-            let mut joined = lock(&self.joined);
+            let mut joined = self.joined.locked();
             match joined.get_mut(&shard.name) {
                 Some(j) if j.op == op.id && !j.resolved => {
                     j.resolved = true;

@@ -13,10 +13,11 @@ use tokio::time::Instant;
 use crate::config::HostPort;
 use crate::coord::follow::ClusterView;
 use crate::coord::records::{now_ms, Ack, Lock, Op, OpKind, Phase, Primary, Record};
-use crate::coord::{lock, Coord, Refusal};
+use crate::coord::{Coord, Refusal};
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::{self, Hooks, Outcome};
 use crate::shard::{control, Shard, StateKind};
+use crate::sync::Locked;
 
 /// A new operation id: the proxy's id and random hex.
 pub(super) fn op_id(me: &str) -> String {
@@ -200,7 +201,7 @@ impl Coord {
             snap.primary.clone(),
             Some(to.clone()),
         );
-        lock(&self.running).insert(id.clone());
+        self.running.locked().insert(id.clone());
         let mut lead = Lead::new(Arc::clone(self), &shard.name, op, lease);
         let report =
             switchover::run_with(Arc::clone(&self.ctx), Arc::clone(&shard), to, &mut lead).await;
@@ -208,7 +209,7 @@ impl Coord {
             // Refused before anything was published.
             self.release(&shard.name, lease).await;
         }
-        lock(&self.running).remove(&id);
+        self.running.locked().remove(&id);
         let mut body = report.to_report();
         body.coordination = Some(lead.report(report.outcome));
         Ok((report.outcome, body))

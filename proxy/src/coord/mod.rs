@@ -31,6 +31,7 @@
     unreachable_pub,
     rustdoc::invalid_html_tags
 )]
+#[path = "../../generated/etcdserverpb.rs"]
 mod etcdserverpb;
 mod external;
 mod follow;
@@ -53,6 +54,7 @@ use crate::backend::admin::AdminSession;
 use crate::config::EtcdSettings;
 use crate::shard::{Ctx, Shard};
 use crate::shutdown::Signal;
+use crate::sync::Locked;
 use records::{Ack, Keys, Member, Op, Primary, Record};
 pub use store::SetupError;
 use store::{Store, StoreError};
@@ -161,10 +163,6 @@ impl Connected {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Coord {
     /// Starts coordination: membership, and the follower that keeps this proxy's
     /// shards in line with the cluster's records. Both stop at shutdown.
@@ -224,7 +222,7 @@ impl Coord {
 
     /// etcd answered.
     fn ok(&self) {
-        let mut s = lock(&self.status);
+        let mut s = self.status.locked();
         if !s.up {
             s.up = true;
             s.since_ms = records::now_ms();
@@ -237,7 +235,7 @@ impl Coord {
     /// etcd did not answer.
     fn failed(&self, e: &StoreError) {
         metrics::counter!(crate::metrics::COORD_ERRORS).increment(1);
-        let mut s = lock(&self.status);
+        let mut s = self.status.locked();
         if s.up || s.since_ms == 0 {
             s.since_ms = records::now_ms();
             tracing::warn!(proxy = %self.me.id, error = %e, "coordination down: serving on the last known state; no coordinated operation can start until etcd answers");
@@ -249,7 +247,7 @@ impl Coord {
 
     /// Refuses an operation while coordination is down.
     fn ready(&self) -> Result<i64, Refusal> {
-        let s = lock(&self.status);
+        let s = self.status.locked();
         let lease = self.lease();
         if !s.up || lease == 0 {
             return Err(Refusal::unavailable(format!(
@@ -263,12 +261,12 @@ impl Coord {
 
     fn set_members(&self, members: Vec<Member>) {
         metrics::gauge!(crate::metrics::COORD_MEMBERS).set(members.len() as f64);
-        lock(&self.status).members = members;
+        self.status.locked().members = members;
     }
 
     /// The whole cluster as this proxy sees it (`GET /v1/shards`, `coordination`).
     pub fn status(&self) -> crate::api::Coordination {
-        let s = lock(&self.status);
+        let s = self.status.locked();
         crate::api::Coordination {
             enabled: true,
             proxy: Some(self.me.id.clone()),
@@ -291,16 +289,16 @@ impl Coord {
 
     /// A shard's records as this proxy last read them.
     pub fn shard_records(&self, shard: &str) -> Option<crate::api::ShardRecords> {
-        let views = lock(&self.views);
+        let views = self.views.locked();
         let v = views.get(shard)?;
-        let joined = lock(&self.joined);
+        let joined = self.joined.locked();
         Some(crate::api::ShardRecords {
             recorded: v.primary.clone(),
             operation: v.op.as_ref().map(|op| crate::api::Operation {
                 op: op.clone(),
                 acks: v.acks.clone(),
                 locked_by: v.lock.clone(),
-                this_proxy: if lock(&self.running).contains(&op.id) {
+                this_proxy: if self.running.locked().contains(&op.id) {
                     "coordinating"
                 } else if joined.get(shard).is_some_and(|j| j.op == op.id) {
                     "taking part"

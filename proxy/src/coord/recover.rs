@@ -23,9 +23,10 @@ use std::time::Duration;
 use crate::backend::admin::AdminSession;
 use crate::config::HostPort;
 use crate::coord::records::{now_ms, Lock, Op, Phase, Primary, Record};
-use crate::coord::{lock, Coord};
+use crate::coord::Coord;
 use crate::shard::health::{self, Probe};
 use crate::shard::{fence, switchover, Shard};
+use crate::sync::Locked;
 
 impl Coord {
     /// Takes over `op` if no one holds the shard's lock, and finishes it in a task.
@@ -52,7 +53,7 @@ impl Coord {
                 return;
             }
         }
-        lock(&self.running).insert(op.id.clone());
+        self.running.locked().insert(op.id.clone());
         tracing::warn!(shard = %shard.name, op = %op.id, coordinator = %op.coordinator, phase = op.phase.as_str(), "the coordinator of an operation is gone (its lease expired): this proxy finishes it");
         let (coord, shard, op) = (Arc::clone(self), Arc::clone(shard), op.clone());
         tokio::spawn(async move {
@@ -62,7 +63,7 @@ impl Coord {
 
     async fn recover(&self, shard: &Arc<Shard>, mut op: Op, lease: i64) {
         let (old, target) = {
-            let mut joined = lock(&self.joined);
+            let mut joined = self.joined.locked();
             match joined.get_mut(&shard.name) {
                 Some(j) if j.op == op.id => (j.old.take(), j.target.take()),
                 _ => (None, None),
@@ -131,7 +132,7 @@ impl Coord {
             }
         }
         self.release(&shard.name, lease).await;
-        lock(&self.running).remove(&op.id);
+        self.running.locked().remove(&op.id);
     }
 
     /// Opens the databases the fence was closing, through the kept session (or a new

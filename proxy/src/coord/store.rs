@@ -2,7 +2,7 @@
 //! `HANDOFF_ETCD_TIMEOUT`, with one error type.
 //!
 //! The gRPC client is generated from `proxy/proto/etcd.proto` (the part of etcd's API
-//! used here) and committed as `etcdserverpb.rs`, so that building handoff needs no
+//! used here) and committed as `proxy/generated/etcdserverpb.rs`, so that building handoff needs no
 //! protobuf compiler; a test checks that the committed code is what the `.proto`
 //! generates. The transport is tonic's HTTP/2 channel, balanced over every endpoint.
 

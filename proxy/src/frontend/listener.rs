@@ -31,7 +31,7 @@ pub(crate) async fn run(
     shutdown: Signal,
     tracker: mpsc::Sender<()>,
 ) {
-    let permits = Arc::new(Semaphore::new(ctx.config.max_client_conn));
+    let permits = Arc::new(Semaphore::new(ctx.config.limits.max_client_conn));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let mut backoff = Duration::from_millis(5);
     let mut tracker = Some(tracker);
@@ -105,7 +105,7 @@ pub(crate) async fn run(
                 metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_client_conn")
                     .increment(1);
                 if let Ok(slot) = Arc::clone(&rejecting).try_acquire_owned() {
-                    let limit = ctx.config.max_client_conn;
+                    let limit = ctx.config.limits.max_client_conn;
                     tokio::spawn(async move {
                         tracing::info!(client.addr = %peer, limit, "client refused: too many connections");
                         let err = ProxyError::fatal(

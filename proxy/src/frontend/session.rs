@@ -2,10 +2,9 @@
 //! Startup (SSL/GSS negotiation, cancel requests, the StartupMessage) → Auth → Connect
 //! (the shard primary, session pooling) → Relay → Terminating.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_core::future::BoxFuture;
 use handoff_protocol::backend::BackendMessage;
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::framing::{StartupPacket, ENCRYPTION_ACCEPTED, ENCRYPTION_DECLINED};
@@ -42,7 +41,7 @@ struct Startup {
 }
 
 /// A logged-in session's relay, run until the session ends.
-type Relay<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+type Relay<'a> = BoxFuture<'a, ()>;
 
 /// Runs a client session to its end.
 ///
@@ -81,7 +80,7 @@ async fn start(
     // Boxed: the login's state is large and only needed once, so the session's own
     // future (which an idle client keeps alive) stays small.
     let login = tokio::time::timeout(cfg.client_login_timeout, Box::pin(login(&mut client, ctx)));
-    let (startup, credentials) = match login.await {
+    let (startup, credentials, dest) = match login.await {
         Ok(Ok(Some(ok))) => ok,
         Ok(Ok(None)) | Ok(Err(Failure::Gone)) => return None,
         Ok(Err(Failure::Refuse(err))) => {
@@ -109,8 +108,8 @@ async fn start(
     let slot = match ctx.limits.admit(
         &startup.user,
         &startup.database,
-        cfg.max_user_client_conn,
-        cfg.max_db_client_conn,
+        cfg.limits.max_user_client_conn,
+        cfg.limits.max_db_client_conn,
     ) {
         Ok(s) => s,
         Err(err) => {
@@ -129,41 +128,38 @@ async fn start(
         .find(|(k, _)| k == "application_name")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    if crate::console::wanted(cfg, &startup.database) {
-        info.logged_in(LoginInfo {
-            user: startup.user.clone(),
-            database: startup.database.clone(),
-            route: None,
-            application_name,
-            tls: client.stream.is_tls(),
-            stats: ctx.clients.stats_for(&startup.database),
-        });
-        let relay: Relay<'_> = Box::pin(
-            crate::console::serve(client, &ctx.console, startup.user, startup.minor, shutdown)
-                .instrument(tracing::Span::current()),
-        );
-        return Some((slot, relay));
-    }
-    let (_, server_db) = route(cfg, &startup);
     info.logged_in(LoginInfo {
         user: startup.user.clone(),
         database: startup.database.clone(),
-        route: Some((shard_index(cfg, &startup), server_db.to_string())),
+        route: match &dest {
+            Destination::Console => None,
+            Destination::Shard(r) => Some((r.shard, r.server_db.clone())),
+        },
         application_name,
         tls: client.stream.is_tls(),
         stats: ctx.clients.stats_for(&startup.database),
     });
+    let routed = match dest {
+        Destination::Console => {
+            let relay: Relay<'_> = Box::pin(
+                crate::console::serve(client, &ctx.console, startup.user, startup.minor, shutdown)
+                    .instrument(tracing::Span::current()),
+            );
+            return Some((slot, relay));
+        }
+        Destination::Shard(routed) => routed,
+    };
     match cfg.pool_mode {
         PoolMode::Session => {
+            let shard = &ctx.shards[routed.shard];
             let login = session_mode::ServerLogin {
                 user: startup.user.clone(),
-                database: server_db.to_string(),
+                database: routed.server_db,
                 params: startup.params.clone(),
                 credentials,
                 minor: startup.minor,
                 client: info,
             };
-            let shard = &ctx.shards[shard_index(cfg, &startup)];
             let relay: Relay<'_> = Box::pin(
                 session_mode::serve(client, &ctx.relay, shard, login, shutdown)
                     .instrument(tracing::Span::current()),
@@ -171,7 +167,7 @@ async fn start(
             Some((slot, relay))
         }
         PoolMode::Transaction => {
-            transaction_mode(client, ctx, startup, credentials, shutdown, info)
+            transaction_mode(client, ctx, startup, routed, credentials, shutdown, info)
                 .await
                 .map(|relay| (slot, relay))
         }
@@ -183,12 +179,12 @@ async fn transaction_mode<'a>(
     mut client: Conn,
     ctx: &'a Ctx,
     startup: Startup,
+    routed: Routed,
     credentials: Credentials,
     shutdown: Signal,
     info: Arc<ClientInfo>,
 ) -> Option<Relay<'a>> {
-    let cfg: &Config = &ctx.config;
-    let (shard, server_db) = route(cfg, &startup);
+    let shard = &ctx.config.shards[routed.shard];
     let mut desired = HashMap::new();
     for (k, v) in &startup.params {
         if k == "options" {
@@ -207,10 +203,10 @@ async fn transaction_mode<'a>(
     }
     let target = txn::PoolTarget {
         user: startup.user.clone(),
-        database: server_db.to_string(),
+        database: routed.server_db,
         credentials,
     };
-    let state = &ctx.shards[shard_index(cfg, &startup)];
+    let state = &ctx.shards[routed.shard];
     let registration = ctx
         .relay
         .cancels
@@ -245,22 +241,24 @@ async fn transaction_mode<'a>(
 
 /// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel
 /// request, or a client that closed before logging in).
-async fn login(client: &mut Conn, ctx: &Ctx) -> Result<Option<(Startup, Credentials)>, Failure> {
+async fn login(
+    client: &mut Conn,
+    ctx: &Ctx,
+) -> Result<Option<(Startup, Credentials, Destination)>, Failure> {
     let Some(startup) = read_startup(client, ctx).await? else {
         return Ok(None);
     };
     let cfg = &ctx.config;
-    let console = crate::console::wanted(cfg, &startup.database);
-    let routed = cfg.route(&startup.database).is_some();
+    let dest = destination(cfg, &startup);
     let credentials = if crate::frontend::users::Users::required(cfg) {
         // A user the lists do not know is looked up on the primary of the shard the
         // database routes to (not for the console: its users are listed; not for a
         // database handoff does not route, which is reported after authentication so
         // that an unauthenticated client learns nothing of the configuration).
-        let lookup_on = (!console && routed).then(|| {
-            let (_, server_db) = route(cfg, &startup);
-            (&ctx.shards[shard_index(cfg, &startup)], server_db)
-        });
+        let lookup_on = match &dest {
+            Some(Destination::Shard(r)) => Some((&ctx.shards[r.shard], r.server_db.as_str())),
+            _ => None,
+        };
         let secret = ctx
             .users
             .find(
@@ -280,11 +278,7 @@ async fn login(client: &mut Conn, ctx: &Ctx) -> Result<Option<(Startup, Credenti
     } else {
         Credentials::None
     };
-    if console {
-        // The admin console: the client authenticated like any other; only the users
-        // of HANDOFF_ADMIN_USERS may use it.
-        crate::console::may_use(cfg, &startup.user).map_err(Failure::Refuse)?;
-    } else if !routed {
+    let Some(dest) = dest else {
         return Err(Failure::Refuse(
             ProxyError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -295,8 +289,13 @@ async fn login(client: &mut Conn, ctx: &Ctx) -> Result<Option<(Startup, Credenti
             )
             .hint("add it to HANDOFF_DATABASES (or a '*' entry)"),
         ));
+    };
+    if let Destination::Console = dest {
+        // The admin console: the client authenticated like any other; only the users
+        // of HANDOFF_ADMIN_USERS may use it.
+        crate::console::may_use(cfg, &startup.user).map_err(Failure::Refuse)?;
     }
-    Ok(Some((startup, credentials)))
+    Ok(Some((startup, credentials, dest)))
 }
 
 /// Reads packets until a StartupMessage, answering SSL and GSS requests (TLS when it is
@@ -459,19 +458,33 @@ async fn startup_from_params(
     })
 }
 
-/// The shard and server database a logged-in client's database routes to.
-fn route<'a>(cfg: &'a Config, startup: &'a Startup) -> (&'a crate::config::ShardConfig, &'a str) {
-    let route = cfg
-        .route(&startup.database)
-        .expect("login checked the route");
-    let server_db = route.server_db.as_deref().unwrap_or(&startup.database);
-    (&cfg.shards[route.shard], server_db)
+/// Where a client goes once logged in: the admin console, or a shard.
+enum Destination {
+    Console,
+    Shard(Routed),
 }
 
-fn shard_index(cfg: &Config, startup: &Startup) -> usize {
-    cfg.route(&startup.database)
-        .expect("login checked the route")
-        .shard
+/// The shard a client database routes to, and the database's name on its servers.
+struct Routed {
+    /// Index into the configured shards (and the proxy's shard states).
+    shard: usize,
+    server_db: String,
+}
+
+/// Resolves the client's database once: the console's name, a route, or `None` (not
+/// configured, refused after authentication).
+fn destination(cfg: &Config, startup: &Startup) -> Option<Destination> {
+    if crate::console::wanted(cfg, &startup.database) {
+        return Some(Destination::Console);
+    }
+    let route = cfg.route(&startup.database)?;
+    Some(Destination::Shard(Routed {
+        shard: route.shard,
+        server_db: route
+            .server_db
+            .clone()
+            .unwrap_or_else(|| startup.database.clone()),
+    }))
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use crate::net::tls::ServerTls;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::Report;
 use crate::shard::{health, Ctx, Shard};
+use crate::sync::{Locked, ReadWrite};
 
 /// A user's secret.
 #[derive(Clone, Debug)]
@@ -228,7 +229,7 @@ impl Users {
             reason,
         })?;
         let n = users.len();
-        *self.from_file.write().unwrap_or_else(|p| p.into_inner()) = users;
+        *self.from_file.writing() = users;
         Ok(n)
     }
 
@@ -237,20 +238,13 @@ impl Users {
         if let Some(s) = self.fixed.get(user) {
             return Some(s.clone());
         }
-        self.from_file
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-            .cloned()
+        self.from_file.reading().get(user).cloned()
     }
 
     /// A cached lookup's secret did not authenticate the client: ask the server again
     /// next time (its password may have changed).
     pub fn forget(&self, user: &str) {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(user);
+        self.cache.locked().remove(user);
     }
 
     /// The secret of `user`: listed, cached, or looked up on `shard`'s primary in
@@ -269,12 +263,7 @@ impl Users {
         let (Some(lookup), Some((shard, database))) = (&self.lookup, lookup_on) else {
             return Ok(None);
         };
-        if let Some((at, s)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-        {
+        if let Some((at, s)) = self.cache.locked().get(user) {
             if at.elapsed() < lookup.ttl {
                 return Ok(Some(s.clone()));
             }
@@ -284,8 +273,7 @@ impl Users {
             .await?;
         if let Some(s) = &found {
             self.cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .locked()
                 .insert(user.to_string(), (Instant::now(), s.clone()));
         }
         Ok(found)

@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::sync::Mutex;
 
+use crate::sync::Locked;
 use bytes::BytesMut;
 
 /// Capacity of a pooled buffer.
@@ -26,7 +27,7 @@ thread_local! {
 static SHARED: Mutex<Vec<BytesMut>> = Mutex::new(Vec::new());
 
 fn shared() -> std::sync::MutexGuard<'static, Vec<BytesMut>> {
-    SHARED.lock().unwrap_or_else(|p| p.into_inner())
+    SHARED.locked()
 }
 
 /// A buffer with at least [`SIZE`] bytes of room.

@@ -22,6 +22,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{ClientTlsMode, ServerTlsMode};
 use crate::net::stream::Stream;
+use crate::sync::ReadWrite;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -129,17 +130,13 @@ impl ClientTls {
             return Ok(());
         }
         let config = self.load()?;
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Some(config);
+        *self.config.writing() = Some(config);
         Ok(())
     }
 
     /// The acceptor for a new connection, when TLS is on.
     pub fn acceptor(&self) -> Option<TlsAcceptor> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .map(TlsAcceptor::from)
+        self.config.reading().clone().map(TlsAcceptor::from)
     }
 }
 
@@ -348,12 +345,12 @@ impl ServerTls {
 /// checks, discovery probes) use it with [`ServerTls`]'s settings; the test harness and
 /// the bench with their own.
 pub mod pg {
-    use std::future::Future;
     use std::io;
     use std::pin::Pin;
     use std::sync::Arc;
     use std::task::{Context, Poll};
 
+    use futures_core::future::BoxFuture;
     use rustls::pki_types::ServerName;
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
@@ -387,7 +384,7 @@ pub mod pg {
     impl TlsConnect<tokio_postgres::Socket> for Connect {
         type Stream = Stream;
         type Error = io::Error;
-        type Future = Pin<Box<dyn Future<Output = io::Result<Stream>> + Send>>;
+        type Future = BoxFuture<'static, io::Result<Stream>>;
 
         fn connect(self, socket: tokio_postgres::Socket) -> Self::Future {
             Box::pin(async move {

@@ -34,10 +34,10 @@ pub(crate) struct Settings {
 impl Settings {
     pub fn from_config(c: &Config) -> Self {
         Self {
-            max_message_size: c.max_message_size,
+            max_message_size: c.limits.max_message_size,
             connect_timeout: c.connect_timeout,
-            client_idle_timeout: c.client_idle_timeout,
-            idle_transaction_timeout: c.idle_transaction_timeout,
+            client_idle_timeout: c.limits.client_idle_timeout,
+            idle_transaction_timeout: c.limits.idle_transaction_timeout,
             drain_timeout: c.drain_timeout,
         }
     }

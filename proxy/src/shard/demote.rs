@@ -11,6 +11,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::sync::Locked;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::time::Instant;
@@ -59,7 +60,7 @@ async fn lines(
     let mut r = BufReader::new(from).lines();
     while let Ok(Some(line)) = r.next_line().await {
         tracing::info!(shard = %shard, stream, "demote command: {line}");
-        let mut k = keep.lock().unwrap_or_else(|p| p.into_inner());
+        let mut k = keep.locked();
         k.push_str(&line);
         k.push('\n');
         if k.len() > 2 * KEEP_OUTPUT {
@@ -155,7 +156,7 @@ pub(crate) async fn run(
     for r in readers {
         let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
     }
-    outcome.output = keep.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    outcome.output = keep.locked().clone();
     if outcome.output.len() > KEEP_OUTPUT {
         let cut = outcome.output.len() - KEEP_OUTPUT;
         let cut = (cut..outcome.output.len())

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 
+use crate::sync::Locked;
 use handoff_protocol::sqlstate;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -151,7 +152,7 @@ impl Health {
         addr: &crate::config::HostPort,
         timeout: std::time::Duration,
     ) -> bool {
-        let hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
+        let hold = self.hold.locked();
         hold.as_ref()
             .is_some_and(|h| h.cycle == cycle && &h.old == addr && h.at.elapsed() < timeout)
     }

@@ -170,7 +170,7 @@ pub fn suspect<'a>(
     shard: &'a Shard,
     gen: &'a Generation,
     what: Report,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+) -> futures_core::future::BoxFuture<'a, bool> {
     Box::pin(async move {
         count_signal(shard, what);
         check(ctx, shard, gen, Instant::now(), what.as_str()).await

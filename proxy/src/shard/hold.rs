@@ -16,6 +16,7 @@ use crate::config::HostPort;
 use crate::shard::failure::Hold;
 use crate::shard::health::{self, Probe};
 use crate::shard::{control, Ctx, Revoked, Shard, StateKind};
+use crate::sync::Locked;
 
 /// What a hold request did.
 #[derive(Debug)]
@@ -73,12 +74,7 @@ pub(crate) async fn hold(
     let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
     // A switchover through handoff waits for this very call (HANDOFF_PATRONI_HOOK): it
     // holds, and answers once the old primary's transactions are done.
-    let waiting = shard
-        .health
-        .hook
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+    let waiting = shard.health.hook.locked().take();
     if let Some(switchover) = waiting {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if switchover.send(tx).is_ok() {
@@ -110,7 +106,7 @@ pub(crate) async fn hold(
 
 /// Records the hold, so discovery passes over the old primary for a while.
 pub(crate) fn mark(shard: &Shard, cycle: u64, old: HostPort) {
-    *shard.health.hold.lock().unwrap_or_else(|e| e.into_inner()) = Some(Hold {
+    *shard.health.hold.locked() = Some(Hold {
         cycle,
         old,
         at: Instant::now(),

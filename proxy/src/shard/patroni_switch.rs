@@ -30,6 +30,7 @@ use crate::shard::failure::HookCall;
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::{Hooks, Outcome, Run};
 use crate::shard::{control, Ctx, Revoked, Snapshot, StateKind};
+use crate::sync::Locked;
 
 /// Why a Patroni switchover stopped before the candidate served.
 enum Ended {
@@ -156,12 +157,7 @@ impl Run<'_> {
         hooks: &mut impl Hooks,
     ) -> Result<(Revoked, Post), (Outcome, Option<String>)> {
         let (tx, rx) = oneshot::channel::<HookCall>();
-        *self
-            .shard
-            .health
-            .hook
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *self.shard.health.hook.locked() = Some(tx);
         let t = Instant::now();
         let mut post = self.post(source, leader, candidate);
         let timeout = self.ctx.settings.switchover.timeout;
@@ -169,7 +165,7 @@ impl Run<'_> {
             call = rx => call.ok(),
             r = &mut post => {
                 // Patroni answered before the hook came: a refusal, or a stop without it.
-                self.shard.health.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+                self.shard.health.hook.locked().take();
                 let e = match r {
                     Ok(Err(PatroniError::Refused { status, message })) => {
                         let e = format!("Patroni refused the switchover ({status}): {message}");
@@ -184,12 +180,7 @@ impl Run<'_> {
             }
             _ = tokio::time::sleep(timeout) => None,
         };
-        self.shard
-            .health
-            .hook
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        self.shard.health.hook.locked().take();
         let Some(call) = call else {
             return Err(self.unheld_stop(
                 t,

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio::sync::{watch, Notify};
 
 use crate::config::HostPort;
+use crate::sync::Locked;
 
 /// What the state machine says about a shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,12 +89,12 @@ impl Generation {
 
     /// Records that this generation's primary was revoked because it failed.
     pub fn mark_lost(&self, reason: &str) {
-        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_string());
+        *self.lost.locked() = Some(reason.to_string());
     }
 
     /// Why this generation's primary was given up as failed, if it was.
     pub fn lost(&self) -> Option<String> {
-        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lost.locked().clone()
     }
 
     /// A transaction on this generation ended (or never started): only through
@@ -279,7 +280,7 @@ impl Shard {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     fn publish(&self, kind: StateKind, epoch: u64) {

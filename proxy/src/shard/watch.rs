@@ -9,6 +9,7 @@ use tokio::sync::Notify;
 
 use crate::config::HostPort;
 use crate::shard::fence::Fence;
+use crate::sync::Locked;
 
 /// Why a host is watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +114,7 @@ pub struct Watch {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    m.locked()
 }
 
 impl Watch {

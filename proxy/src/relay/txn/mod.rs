@@ -390,7 +390,6 @@ impl<'a> Txn<'a> {
     }
 }
 
-/// The pool of `target` on `gen`'s primary.
 /// A session that ends with a server connection still attached — its task aborted by
 /// the console's `KILL`, say — closes it and gives its slot back to the pool (the
 /// server rolls back whatever was in progress).
@@ -403,6 +402,7 @@ impl Drop for Txn<'_> {
     }
 }
 
+/// The pool of `target` on `gen`'s primary.
 fn pool_for(ctx: &Ctx, target: &PoolTarget, gen: &Generation, shard: &str) -> Arc<Pool> {
     let key = PoolKey {
         user: target.user.clone(),

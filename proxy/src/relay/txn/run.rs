@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_core::future::BoxFuture;
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::scan::Scanner;
 use handoff_protocol::sqlstate;
@@ -41,7 +42,7 @@ pub(crate) fn relay<'a>(
     mut client: Conn,
     mut txn: Box<Txn<'a>>,
     shutdown: Signal,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+) -> BoxFuture<'a, ()> {
     Box::pin(async move {
         let end = loop {
             // The log context, made for each stretch of work (a parked client keeps none).
@@ -323,7 +324,7 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
     end
 }
 
-type KillFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type KillFuture = BoxFuture<'static, ()>;
 
 #[cfg(test)]
 mod tests {

@@ -1,146 +1,29 @@
 //! Server connection pools for transaction mode, one per (user, server database, shard
 //! primary): bounded size, FIFO-fair waiting with a timeout, idle connections checked so
 //! that any byte or EOF from the server evicts them, idle timeout, lifetime, min idle.
+//!
+//! `conn.rs` holds one pooled connection, `registry.rs` every pool of the process.
 
-use std::collections::{HashMap, VecDeque};
-use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex, Weak};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use bytes::Bytes;
-use dashmap::DashMap;
-use lru::LruCache;
 use tokio::sync::oneshot;
 
-use crate::backend::login::{self, Credentials, ServerConn};
+use crate::backend::login::{self, Credentials};
 use crate::config::{HostPort, PoolSettings};
 use crate::error::{PoolError, ServerError};
 use crate::metrics as m;
-use crate::net::stream::Conn;
+use crate::sync::Locked;
 
-/// Which pool a connection belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    pub user: String,
-    pub database: String,
-    pub addr: HostPort,
-}
+mod conn;
+mod registry;
 
-/// A pooled server connection and what the proxy knows of its session state.
-#[derive(Debug)]
-pub struct Backend {
-    pub conn: Conn,
-    pub pid: i32,
-    pub key: Bytes,
-    pub peer: std::net::SocketAddr,
-    /// ParameterStatus values as the server last reported them.
-    pub params: HashMap<String, String>,
-    /// Startup parameters the proxy SET on this connection (None: at the server default).
-    pub applied: HashMap<String, String>,
-    /// Server-side names of the prepared statements this connection holds.
-    pub prepared: LruCache<Bytes, ()>,
-    /// Statements the connection holds but must not use again (evicted from the cache
-    /// by a SQL-level PREPARE, or found stale): closed with the next statements sent.
-    pub to_close: Vec<Bytes>,
-    created: Instant,
-    /// The pool's reconnect generation when it was opened: `RECONNECT` closes the
-    /// connections of older generations as they come back.
-    generation: u64,
-    /// Its line in the pool's list of connections (`SHOW SERVERS`), removed on drop.
-    _listed: Listed,
-}
-
-/// What `SHOW SERVERS` tells of one server connection.
-#[derive(Debug, Clone)]
-pub struct ServerMeta {
-    pub pid: i32,
-    pub peer: std::net::SocketAddr,
-    pub local: Option<std::net::SocketAddr>,
-    pub connected: std::time::SystemTime,
-    pub tls: bool,
-}
-
-type ServerList = Arc<Mutex<HashMap<i32, ServerMeta>>>;
-
-/// Removes a connection from its pool's list when it is dropped, however it ends.
-#[derive(Debug)]
-struct Listed {
-    list: ServerList,
-    pid: i32,
-}
-
-impl Drop for Listed {
-    fn drop(&mut self) {
-        self.list
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.pid);
-    }
-}
-
-impl Backend {
-    fn new(s: ServerConn, max_prepared: usize, list: &ServerList, generation: u64) -> Self {
-        let meta = ServerMeta {
-            pid: s.pid,
-            peer: s.peer,
-            local: s.conn.stream.local_addr(),
-            connected: std::time::SystemTime::now(),
-            tls: s.conn.stream.is_tls(),
-        };
-        list.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(s.pid, meta);
-        let listed = Listed {
-            list: Arc::clone(list),
-            pid: s.pid,
-        };
-        Self {
-            generation,
-            _listed: listed,
-            conn: s.conn,
-            pid: s.pid,
-            key: s.key,
-            peer: s.peer,
-            params: s.params.into_iter().collect(),
-            applied: HashMap::new(),
-            prepared: LruCache::new(NonZeroUsize::new(max_prepared.max(1)).expect("at least 1")),
-            to_close: Vec::new(),
-            created: Instant::now(),
-        }
-    }
-
-    /// Records that the connection now holds statement `name`; the cache's least
-    /// recently used one, if it had to make room, is closed with the next statements
-    /// sent.
-    pub fn keep_prepared(&mut self, name: Bytes) {
-        if let Some((victim, ())) = self.prepared.push(name.clone(), ()) {
-            if victim != name {
-                self.to_close.push(victim);
-            }
-        }
-    }
-
-    /// True if the server has said nothing since the connection went idle: any byte or
-    /// EOF means it is not safe to hand out. A connection idle for [`ASK_KERNEL_AFTER`]
-    /// or longer is checked with the kernel, one that was in use a moment ago with the
-    /// runtime's readiness (no system call on a busy pool's hot path).
-    fn is_quiet(&mut self, idle_for: Duration) -> bool {
-        if !self.conn.rbuf.is_empty() {
-            return false;
-        }
-        if idle_for >= ASK_KERNEL_AFTER {
-            self.conn.stream.is_quiet_now()
-        } else {
-            self.conn.stream.is_quiet()
-        }
-    }
-}
-
-/// How long a connection sits idle before its checkout asks the kernel whether the
-/// server said anything (see [`Backend::is_quiet`]).
-const ASK_KERNEL_AFTER: Duration = Duration::from_millis(100);
+use conn::ServerList;
+pub use conn::{Backend, PoolKey, ServerMeta};
+pub use registry::Pools;
 
 /// What a waiting client is handed.
 #[derive(Debug)]
@@ -258,7 +141,7 @@ impl Pool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock leaves consistent counts (no awaits inside).
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 
     fn publish(&self, st: &State) {
@@ -283,11 +166,7 @@ impl Pool {
     }
 
     async fn open(&self) -> Result<Box<Backend>, ServerError> {
-        let credentials = self
-            .credentials
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let credentials = self.credentials.locked().clone();
         let login = login::Login {
             addr: &self.key.addr,
             user: &self.key.user,
@@ -478,8 +357,7 @@ impl Pool {
         drop(st);
         let mut servers: Vec<(ServerMeta, bool)> = self
             .servers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .values()
             .map(|m| (m.clone(), idle.contains(&m.pid)))
             .collect();
@@ -652,294 +530,5 @@ fn drop_backend(b: Box<Backend>) {
     drop(b);
 }
 
-/// Every pool, created on first use.
-#[derive(Debug)]
-pub struct Pools {
-    map: DashMap<PoolKey, Arc<Pool>>,
-    settings: PoolSettings,
-    connect_timeout: Duration,
-    tls: crate::net::tls::ServerTls,
-}
-
-impl Pools {
-    pub fn new(
-        settings: PoolSettings,
-        connect_timeout: Duration,
-        tls: crate::net::tls::ServerTls,
-    ) -> Self {
-        Self {
-            map: DashMap::new(),
-            settings,
-            connect_timeout,
-            tls,
-        }
-    }
-
-    /// The pool for `key`, created (with its maintenance task) on first use.
-    pub fn get(&self, key: &PoolKey, credentials: &Credentials, shard: &str) -> Arc<Pool> {
-        if let Some(p) = self.map.get(key) {
-            let mut c = p.credentials.lock().unwrap_or_else(|e| e.into_inner());
-            if *credentials != Credentials::None && *c != *credentials {
-                *c = credentials.clone();
-            }
-            drop(c);
-            return Arc::clone(&p);
-        }
-        let entry = self.map.entry(key.clone()).or_insert_with(|| {
-            let pool = Arc::new(Pool::new(
-                key.clone(),
-                credentials.clone(),
-                self.settings.clone(),
-                self.connect_timeout,
-                self.tls.clone(),
-                shard,
-            ));
-            tokio::spawn(maintain_forever(Arc::downgrade(&pool)));
-            pool
-        });
-        Arc::clone(&entry)
-    }
-}
-
-impl Pools {
-    /// Every pool, in no particular order.
-    pub fn list(&self) -> Vec<Arc<Pool>> {
-        self.map.iter().map(|p| Arc::clone(p.value())).collect()
-    }
-
-    /// `addr` is no longer a primary: its pools close their connections.
-    pub fn retire(&self, addr: &HostPort) {
-        for p in self.map.iter().filter(|p| &p.key().addr == addr) {
-            p.retire();
-        }
-    }
-
-    /// Closes the idle connections to `database` on `addr`, which would keep it from
-    /// being dropped, renamed or copied. Returns how many were closed.
-    pub fn close_idle(&self, addr: &HostPort, database: &str) -> usize {
-        let mut closed = 0;
-        for p in self.map.iter() {
-            if &p.key().addr == addr && p.key().database == database {
-                closed += p.close_idle();
-            }
-        }
-        closed
-    }
-
-    /// `database` on `addr` no longer exists under that name: its pools close their
-    /// connections and are forgotten (a later client of that name gets a new pool, and
-    /// the server's answer).
-    pub fn forget_database(&self, addr: &HostPort, database: &str) {
-        self.map.retain(|key, pool| {
-            let gone = &key.addr == addr && key.database == database;
-            if gone {
-                pool.retire();
-            }
-            !gone
-        });
-    }
-
-    /// `addr` is the primary (again): its pools keep connections.
-    pub fn activate(&self, addr: &HostPort) {
-        for p in self.map.iter().filter(|p| &p.key().addr == addr) {
-            p.retired.store(false, std::sync::atomic::Ordering::Release);
-            // Retiring closed the idle connections and kept none idle for a while;
-            // serving again, the pool keeps them at once.
-            p.lock().no_refill_until = None;
-        }
-    }
-
-    /// Opens up to `n` connections per (user, database) known on `from` to `to`, in
-    /// parallel. Returns the connections opened and the first error.
-    pub async fn prewarm(
-        &self,
-        from: &HostPort,
-        to: &HostPort,
-        n: usize,
-        shard: &str,
-    ) -> (usize, Option<ServerError>) {
-        // Collected first: creating a pool while iterating the map would deadlock.
-        let known: Vec<(PoolKey, Credentials)> = self
-            .map
-            .iter()
-            .filter(|p| &p.key().addr == from)
-            .map(|p| {
-                let key = PoolKey {
-                    addr: to.clone(),
-                    ..p.key().clone()
-                };
-                let c = p.credentials.lock().unwrap_or_else(|e| e.into_inner());
-                (key, c.clone())
-            })
-            .collect();
-        let pools: Vec<Arc<Pool>> = known
-            .iter()
-            .map(|(key, credentials)| self.get(key, credentials, shard))
-            .collect();
-        let mut total = 0;
-        let mut first = None;
-        for pool in pools {
-            let (opened, err) = pool.prewarm(n).await;
-            total += opened;
-            if first.is_none() {
-                first = err;
-            }
-        }
-        (total, first)
-    }
-}
-
-async fn maintain_forever(pool: Weak<Pool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        pool.maintain().await;
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::net::tls::ServerTls;
-    use crate::testing::{Answer, StandIn};
-
-    fn pool(addr: &HostPort, size: usize, wait: Duration) -> Arc<Pool> {
-        Arc::new(Pool::new(
-            PoolKey {
-                user: "app".into(),
-                database: "app".into(),
-                addr: addr.clone(),
-            },
-            Credentials::None,
-            PoolSettings {
-                size,
-                min_idle: 0,
-                query_wait_timeout: wait,
-                idle_timeout: Duration::ZERO,
-                lifetime: Duration::ZERO,
-                max_prepared: 10,
-            },
-            Duration::from_secs(2),
-            ServerTls::default(),
-            "main",
-        ))
-    }
-
-    #[tokio::test]
-    async fn waiters_are_served_in_order_and_give_up_after_the_wait_timeout() {
-        let server = StandIn::start(Answer::Ok).await;
-        let p = pool(&server.addr, 1, Duration::from_secs(5));
-        // The only connection, opened for real.
-        let first = p.checkout().await.unwrap();
-        let pid = first.pid;
-        // From here on, nothing but timers: tokio's clock is paused.
-        tokio::time::pause();
-        let started = Instant::now();
-        let e = p.checkout().await.unwrap_err();
-        assert!(matches!(e, PoolError::WaitTimeout(d, 1) if d == Duration::from_secs(5)));
-        // The wait timeout, to the timer's millisecond.
-        let waited = started.elapsed();
-        assert!(
-            waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5002),
-            "{waited:?}"
-        );
-        // Two waiters: the connection comes back to the first, then to the second.
-        let (p1, p2) = (Arc::clone(&p), Arc::clone(&p));
-        let w1 = tokio::spawn(async move { p1.checkout().await });
-        tokio::task::yield_now().await;
-        let w2 = tokio::spawn(async move { p2.checkout().await });
-        tokio::task::yield_now().await;
-        p.checkin(first);
-        let got = w1.await.unwrap().expect("the first waiter gets it");
-        assert_eq!(got.pid, pid, "the same connection, handed over");
-        p.checkin(got);
-        assert_eq!(w2.await.unwrap().expect("then the second").pid, pid);
-    }
-
-    #[tokio::test]
-    async fn a_discarded_connection_frees_its_slot_for_a_new_one() {
-        let server = StandIn::start(Answer::Ok).await;
-        let p = pool(&server.addr, 1, Duration::from_secs(5));
-        let first = p.checkout().await.unwrap();
-        let (p1, old) = (Arc::clone(&p), first.pid);
-        let waiter = tokio::spawn(async move { p1.checkout().await });
-        tokio::task::yield_now().await;
-        p.discard(first);
-        let next = waiter
-            .await
-            .unwrap()
-            .expect("a new connection in the freed slot");
-        assert_ne!(next.pid, old);
-    }
-
-    #[tokio::test]
-    async fn try_checkout_hands_out_only_a_quiet_idle_connection() {
-        let server = StandIn::start(Answer::Ok).await;
-        let p = pool(&server.addr, 2, Duration::from_secs(5));
-        assert!(p.try_checkout().is_none(), "nothing idle: it opens nothing");
-        let first = p.checkout().await.unwrap();
-        let pid = first.pid;
-        assert!(p.try_checkout().is_none(), "the only connection is out");
-        p.checkin(first);
-        let again = p.try_checkout().expect("the idle connection");
-        assert_eq!(again.pid, pid);
-        p.checkin(again);
-        server.close_all();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            p.try_checkout().is_none(),
-            "a connection the server closed is dropped, not handed out"
-        );
-    }
-
-    #[tokio::test]
-    async fn an_idle_connection_the_server_closed_is_never_handed_out() {
-        let server = StandIn::start(Answer::Ok).await;
-        let p = pool(&server.addr, 2, Duration::from_secs(5));
-        let first = p.checkout().await.unwrap();
-        let old = first.pid;
-        p.checkin(first);
-        server.close_all();
-        // Let the close reach our socket.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let next = p.checkout().await.unwrap();
-        assert_ne!(
-            next.pid, old,
-            "the closed connection was evicted, not reused"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_connection_closed_while_the_runtime_looked_away_is_not_handed_out() {
-        let server = StandIn::start(Answer::Ok).await;
-        let p = pool(&server.addr, 2, Duration::from_secs(5));
-        let first = p.checkout().await.unwrap();
-        p.checkin(first);
-        server.close_all();
-        // Blocks this single-threaded runtime: its I/O driver never sees the close, so
-        // only the kernel knows the connection is gone.
-        std::thread::sleep(ASK_KERNEL_AFTER + Duration::from_millis(50));
-        assert!(
-            p.try_checkout().is_none(),
-            "a connection the server closed was handed out"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_retired_pool_closes_what_comes_back() {
-        let server = StandIn::start(Answer::Ok).await;
-        let p = pool(&server.addr, 1, Duration::from_secs(5));
-        let c = p.checkout().await.unwrap();
-        p.retire();
-        let old = c.pid;
-        p.checkin(c);
-        p.retired.store(false, std::sync::atomic::Ordering::Release);
-        let next = p.checkout().await.unwrap();
-        assert_ne!(
-            next.pid, old,
-            "the connection was closed at checkin, not kept"
-        );
-    }
-}
+mod tests;

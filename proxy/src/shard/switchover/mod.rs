@@ -5,7 +5,6 @@
 //! changed; clients see a pause either way. After a completed switchover the old primary
 //! stays fenced and is watched for split brain ([`crate::shard::watchdog`]).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,87 +12,24 @@ use tokio::time::Instant;
 
 use tokio_postgres::Client;
 
-use crate::backend::admin::{AdminConnectError, AdminDb, AdminSession};
-use crate::config::{HostPort, SwitchoverSettings};
+use crate::backend::admin::AdminSession;
+use crate::config::HostPort;
 use crate::shard::control;
 use crate::shard::fence::{self, Fence};
-use crate::shard::replay;
 use crate::shard::sync_target::{self, Synced};
 use crate::shard::watch::Why;
-use crate::shard::{Ctx, Revoked, Shard, Snapshot, StateKind};
+use crate::shard::{Ctx, Revoked, Shard, Snapshot};
 
 pub(crate) use crate::api::report::Outcome;
 
-/// One step's record.
-#[derive(Debug, Clone)]
-struct Step {
-    name: &'static str,
-    duration: Duration,
-    error: Option<String>,
-}
+mod hooks;
+mod report;
+mod sql;
 
-/// What the switchover did, step by step.
-#[derive(Debug, Clone)]
-pub(crate) struct Report {
-    shard: String,
-    from: String,
-    to: String,
-    pub outcome: Outcome,
-    steps: Vec<Step>,
-    fence_lsn: Option<String>,
-    /// Databases the fence closed on the old primary.
-    fenced_databases: Vec<String>,
-    /// Sessions the fence terminated on the old primary.
-    fence_terminated: u64,
-    pub(crate) epoch: u64,
-    pub(crate) lameduck_cancelled: usize,
-    pub(crate) prewarmed: usize,
-    demote: Option<crate::shard::demote::Outcome>,
-    /// The name the target was made synchronous under, before the revocation.
-    sync_target: Option<String>,
-    /// How far the target's replay was behind the fence LSN when the fence took it.
-    lag_at_revoke: Option<f64>,
-    pub error: Option<String>,
-}
-
-impl Report {
-    /// The report as the admin API answers it.
-    pub fn to_report(&self) -> crate::api::report::SwitchoverReport {
-        use crate::api::report as r;
-        let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
-        r::SwitchoverReport {
-            shard: self.shard.clone(),
-            from: self.from.clone(),
-            to: self.to.clone(),
-            outcome: self.outcome,
-            epoch: self.epoch,
-            fence_lsn: self.fence_lsn.clone(),
-            fence: r::Fence {
-                lsn: self.fence_lsn.clone(),
-                databases: self.fenced_databases.clone(),
-                terminated_sessions: self.fence_terminated,
-            },
-            lameduck_cancelled: self.lameduck_cancelled,
-            prewarmed_connections: self.prewarmed,
-            total_ms: ms(self.steps.iter().map(|s| s.duration).sum()),
-            steps: self
-                .steps
-                .iter()
-                .map(|s| r::Step {
-                    step: s.name.to_string(),
-                    ms: ms(s.duration),
-                    ok: s.error.is_none(),
-                    error: s.error.clone(),
-                })
-                .collect(),
-            demote: self.demote.as_ref().map(|d| d.to_report()),
-            sync_target: self.sync_target.clone(),
-            lag_at_revoke_bytes: self.lag_at_revoke,
-            error: self.error.clone(),
-            coordination: None,
-        }
-    }
-}
+pub(crate) use hooks::Hooks;
+pub(crate) use report::Report;
+use sql::precheck;
+pub(crate) use sql::{catch_up, promote, Promotion};
 
 pub(crate) struct Run<'a> {
     pub(crate) ctx: &'a Ctx,
@@ -101,114 +37,6 @@ pub(crate) struct Run<'a> {
     pub(crate) report: Report,
     /// The target made synchronous: put back when the switchover ends.
     synced: Option<Synced>,
-}
-
-/// Why a step of a switchover failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StepError {
-    #[error("cannot connect to {addr} as {user}: {source}")]
-    Connect {
-        addr: HostPort,
-        user: String,
-        source: AdminConnectError,
-    },
-    #[error("{addr}: {message}")]
-    Sql { addr: HostPort, message: String },
-    #[error("the shard is {0}, not serving")]
-    NotServing(&'static str),
-    #[error("{0} is already the primary")]
-    AlreadyPrimary(HostPort),
-    #[error("{0} is not a standby (pg_is_in_recovery() is false)")]
-    NotStandby(HostPort),
-    #[error("{0} has not replayed any WAL yet")]
-    NoReplay(HostPort),
-    #[error("{to} is not a standby of {old} (system identifiers {target_system} and {old_system} differ)")]
-    OtherSystem {
-        to: HostPort,
-        old: HostPort,
-        target_system: String,
-        old_system: String,
-    },
-    #[error("{to} replays {lag:.0} bytes behind {old}, more than HANDOFF_SWITCHOVER_MAX_LAG ({max} bytes)")]
-    Lag {
-        to: HostPort,
-        old: HostPort,
-        lag: f64,
-        max: u64,
-    },
-    #[error(transparent)]
-    Fence(#[from] fence::FenceError),
-    #[error("{addr} did not replay up to the fence LSN {lsn} within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?})")]
-    CatchUp {
-        addr: HostPort,
-        lsn: String,
-        timeout: Duration,
-    },
-    #[error("{0}: pg_promote() could not signal the promotion")]
-    PromoteNotSignalled(HostPort),
-    #[error("{addr}: still in recovery {timeout:?} after pg_promote()")]
-    StillInRecovery { addr: HostPort, timeout: Duration },
-    #[error("{addr}: after promotion pg_is_in_recovery() = {in_recovery}, transaction_read_only = {read_only}")]
-    NotWritable {
-        addr: HostPort,
-        in_recovery: bool,
-        read_only: String,
-    },
-}
-
-async fn connect(
-    admin: &AdminDb,
-    addr: &HostPort,
-    timeout: Duration,
-) -> Result<AdminSession, StepError> {
-    admin
-        .open(addr, admin.database(), "handoff-switchover", timeout)
-        .await
-        .map_err(|source| StepError::Connect {
-            addr: addr.clone(),
-            user: admin.user().to_string(),
-            source,
-        })
-}
-
-fn sql_error(addr: &HostPort, e: tokio_postgres::Error) -> StepError {
-    StepError::Sql {
-        addr: addr.clone(),
-        message: match e.as_db_error() {
-            Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
-        },
-    }
-}
-
-impl Run<'_> {
-    pub(crate) fn step(&mut self, name: &'static str, started: Instant, error: Option<String>) {
-        let duration = started.elapsed();
-        metrics::histogram!(crate::metrics::SWITCHOVER_STEP, "shard" => self.shard.name.clone(), "step" => name)
-            .record(duration);
-        match &error {
-            None => {
-                tracing::info!(shard = %self.shard.name, step = name, ms = duration.as_millis() as u64, "switchover step done")
-            }
-            Some(e) => {
-                tracing::warn!(shard = %self.shard.name, step = name, ms = duration.as_millis() as u64, error = %e, "switchover step failed")
-            }
-        }
-        self.report.steps.push(Step {
-            name,
-            duration,
-            error,
-        });
-    }
-
-    fn finish(mut self, outcome: Outcome, error: Option<String>) -> Report {
-        self.report.outcome = outcome;
-        self.report.error = error;
-        metrics::counter!(crate::metrics::SWITCHOVERS, "shard" => self.shard.name.clone(), "outcome" => outcome.as_str())
-            .increment(1);
-        tracing::info!(shard = %self.shard.name, outcome = outcome.as_str(), from = %self.report.from, to = %self.report.to, "switchover finished");
-        self.report
-    }
 }
 
 /// How a switchover stops short of completing.
@@ -226,60 +54,6 @@ struct Done {
     old: HostPort,
     epoch: u64,
     lsn: String,
-}
-
-/// What the proxies' coordination does between the steps of a switchover it runs for
-/// all of them (`crate::coord`): tell the others to hold, wait for them, publish each
-/// point passed. A hook's error before the promotion rolls the switchover back. The
-/// `()` hooks do nothing: a switchover of this proxy alone.
-pub(crate) trait Hooks: Send {
-    /// After this proxy's buffer step: the others are told to hold too.
-    fn holding(&mut self) -> impl Future<Output = Result<(), String>> + Send;
-    /// After this proxy's lameduck (what it did is given): waits for the others to
-    /// hold. Returns the backend pids of their sessions on the old primary, which the
-    /// fence leaves alone.
-    fn held(
-        &mut self,
-        lameduck: control::Lameduck,
-    ) -> impl Future<Output = Result<Vec<i32>, String>> + Send;
-    /// Before the fence, with the databases it is about to close.
-    fn fencing(&mut self, databases: &[String]) -> impl Future<Output = Result<(), String>> + Send;
-    /// After the fence, once the target has replayed up to its LSN, before the
-    /// promotion: past this point the switchover rolls forward, whoever finishes it.
-    fn promoting(
-        &mut self,
-        lsn: &str,
-        databases: &[String],
-    ) -> impl Future<Output = Result<(), String>> + Send;
-    /// The target is a writable primary; this proxy establishes it next at `epoch`.
-    fn promoted(&mut self, to: &HostPort, epoch: u64) -> impl Future<Output = ()> + Send;
-    /// How the switchover ended (not called when it was refused before holding).
-    fn finished(
-        &mut self,
-        outcome: Outcome,
-        error: Option<&str>,
-    ) -> impl Future<Output = ()> + Send;
-    /// True when other proxies take part (they must hold before the old primary stops).
-    fn coordinated(&self) -> bool {
-        false
-    }
-}
-
-impl Hooks for () {
-    async fn holding(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-    async fn held(&mut self, _: control::Lameduck) -> Result<Vec<i32>, String> {
-        Ok(Vec::new())
-    }
-    async fn fencing(&mut self, _: &[String]) -> Result<(), String> {
-        Ok(())
-    }
-    async fn promoting(&mut self, _: &str, _: &[String]) -> Result<(), String> {
-        Ok(())
-    }
-    async fn promoted(&mut self, _: &HostPort, _: u64) {}
-    async fn finished(&mut self, _: Outcome, _: Option<&str>) {}
 }
 
 /// Runs a switchover of `shard` to `to`. Holds the shard's operation lock throughout.
@@ -656,6 +430,7 @@ impl Run<'_> {
         );
     }
 }
+
 /// Hands the fenced old primary, with the sessions the fence kept, to the watchdog.
 fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
     shard.watch.add(
@@ -665,173 +440,6 @@ fn keep_fenced(shard: &Shard, old: &HostPort, epoch: u64, fence: Fence) {
         epoch,
         Some(fence),
     );
-}
-
-async fn precheck(
-    admin: &AdminDb,
-    cfg: &SwitchoverSettings,
-    state: &StateKind,
-    old: &HostPort,
-    to: &HostPort,
-    timeout: Duration,
-) -> Result<(AdminSession, AdminSession, String), StepError> {
-    if *state != StateKind::Serving {
-        return Err(StepError::NotServing(state.as_str()));
-    }
-    if old == to {
-        return Err(StepError::AlreadyPrimary(to.clone()));
-    }
-    let target = connect(admin, to, timeout).await?;
-    let row = target
-        .client
-        .query_one(
-            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
-             (SELECT system_identifier FROM pg_control_system())::text",
-            &[],
-        )
-        .await
-        .map_err(|e| sql_error(to, e))?;
-    let (in_recovery, replay, target_system): (bool, Option<String>, String) =
-        (row.get(0), row.get(1), row.get(2));
-    if !in_recovery {
-        return Err(StepError::NotStandby(to.clone()));
-    }
-    let Some(replay) = replay else {
-        return Err(StepError::NoReplay(to.clone()));
-    };
-    let old_db = connect(admin, old, timeout).await?;
-    let row = old_db
-        .client
-        .query_one(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::float8, \
-             (SELECT system_identifier FROM pg_control_system())::text",
-            &[&replay],
-        )
-        .await
-        .map_err(|e| sql_error(old, e))?;
-    let (lag, old_system): (f64, String) = (row.get(0), row.get(1));
-    if old_system != target_system {
-        return Err(StepError::OtherSystem {
-            to: to.clone(),
-            old: old.clone(),
-            target_system,
-            old_system,
-        });
-    }
-    if lag > cfg.max_lag as f64 {
-        return Err(StepError::Lag {
-            to: to.clone(),
-            old: old.clone(),
-            lag,
-            max: cfg.max_lag,
-        });
-    }
-    Ok((old_db, target, old_system))
-}
-
-/// Waits until the standby behind `db` has replayed up to `fence`.
-pub(crate) async fn catch_up(
-    db: &Client,
-    addr: &HostPort,
-    fence: &str,
-    timeout: Duration,
-) -> Result<(), StepError> {
-    let deadline = Instant::now() + timeout;
-    match replay::wait_replayed(db, fence, deadline).await {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(StepError::CatchUp {
-            addr: addr.clone(),
-            lsn: fence.to_string(),
-            timeout,
-        }),
-        Err(e) => Err(sql_error(addr, e)),
-    }
-}
-
-pub(crate) enum Promotion {
-    /// The target is still a standby: safe to roll back.
-    NotPromoted(StepError),
-    /// The target may be a primary now.
-    Unconfirmed(StepError),
-}
-
-/// Promotes the standby behind `db` (unless it already left recovery: whoever finishes
-/// a coordinated switchover may find it promoted), opens the databases the fence closed,
-/// and confirms that a new session can write.
-pub(crate) async fn promote(
-    admin: &AdminDb,
-    db: &Client,
-    addr: &HostPort,
-    timeout: Duration,
-    fenced: &[String],
-) -> Result<(), Promotion> {
-    let in_recovery: bool = match db.query_one("SELECT pg_is_in_recovery()", &[]).await {
-        Ok(row) => row.get(0),
-        Err(e) => return Err(Promotion::NotPromoted(sql_error(addr, e))),
-    };
-    // pg_promote(wait => true) polls every 100 ms; asking without waiting and polling
-    // here ends the promotion step sooner.
-    let promoted: bool = if !in_recovery {
-        true
-    } else {
-        match db.query_one("SELECT pg_promote(false)", &[]).await {
-            Ok(row) => row.get(0),
-            Err(e) => return Err(Promotion::NotPromoted(sql_error(addr, e))),
-        }
-    };
-    if !promoted {
-        return Err(Promotion::NotPromoted(StepError::PromoteNotSignalled(
-            addr.clone(),
-        )));
-    }
-    let deadline = Instant::now() + timeout;
-    loop {
-        match db.query_one("SELECT pg_is_in_recovery()", &[]).await {
-            Ok(row) if !row.get::<_, bool>(0) => break,
-            Ok(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await
-            }
-            Ok(_) => {
-                return Err(Promotion::Unconfirmed(StepError::StillInRecovery {
-                    addr: addr.clone(),
-                    timeout,
-                }))
-            }
-            Err(e) => return Err(Promotion::Unconfirmed(sql_error(addr, e))),
-        }
-    }
-    // The target replayed the fence: its databases accept connections again.
-    fence::restore(db, addr, fenced)
-        .await
-        .map_err(|e| Promotion::Unconfirmed(e.into()))?;
-    // A new session gets in and can write.
-    let deadline = Instant::now() + timeout;
-    loop {
-        let check = async {
-            let c = connect(admin, addr, timeout).await?;
-            let row = c
-                .client
-                .query_one(
-                    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')",
-                    &[],
-                )
-                .await
-                .map_err(|e| sql_error(addr, e))?;
-            Ok::<_, StepError>((row.get::<_, bool>(0), row.get::<_, String>(1)))
-        };
-        match check.await {
-            Ok((false, ro)) if ro == "off" => return Ok(()),
-            Ok((in_recovery, read_only)) if Instant::now() >= deadline => {
-                return Err(Promotion::Unconfirmed(StepError::NotWritable {
-                    addr: addr.clone(),
-                    in_recovery,
-                    read_only,
-                }))
-            }
-            Err(e) if Instant::now() >= deadline => return Err(Promotion::Unconfirmed(e)),
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 /// Undoes the revocation: the fence lifted (exactly what it changed, confirmed from a

@@ -22,11 +22,9 @@
 //! (`26000`) is prepared again and a transaction's first request re-sent, unseen.
 
 use bytes::{Bytes, BytesMut};
-use handoff_protocol::backend::tag as btag;
 use handoff_protocol::body::{self, Unnamed};
 use handoff_protocol::framing::HEADER_LEN;
 use handoff_protocol::frontend::{FrontendMessage, Target};
-use handoff_protocol::sql::PreparedSql;
 use handoff_protocol::{sql, sqlstate, Frame};
 use sha2::{Digest, Sha256};
 
@@ -135,7 +133,7 @@ pub fn stale_statement(code: &str, message: Option<&str>) -> bool {
 }
 
 /// A Query message carrying `sql`.
-fn query(sql: &str) -> BytesMut {
+pub(super) fn query(sql: &str) -> BytesMut {
     let mut out = BytesMut::new();
     FrontendMessage::Query {
         sql: Bytes::copy_from_slice(sql.as_bytes()),
@@ -405,159 +403,6 @@ impl Txn<'_> {
         }
     }
 
-    /// `EXECUTE name …` of a statement the client prepared (either level), rewritten to
-    /// run the statement's server name; `None` to send the SQL as it is.
-    fn execute_by_server_name(&self, sql: &[u8]) -> Option<Bytes> {
-        if !sql::may_concern_statements_or_databases(sql) {
-            return None;
-        }
-        let Some(PreparedSql::Execute { name, rest }) = sql::prepared_sql(sql) else {
-            return None;
-        };
-        let server_name = self.server_name_of(&name)?;
-        let mut out = Vec::with_capacity(sql.len() + server_name.len());
-        out.extend_from_slice(b"EXECUTE ");
-        out.extend_from_slice(&server_name);
-        out.extend_from_slice(rest);
-        Some(Bytes::from(out))
-    }
-
-    /// The server name a client statement runs under on this connection: a SQL-level
-    /// one always (the connection was given it when the transaction attached, or earlier
-    /// in it); a protocol-level one only when the connection holds it.
-    fn server_name_of(&self, name: &str) -> Option<Bytes> {
-        if let Some(def) = self.named().sql_stmts.get(name) {
-            return Some(def.server_name.clone());
-        }
-        let def = self.lookup(&Bytes::copy_from_slice(name.as_bytes()))?;
-        let b = self.backend.as_ref()?;
-        b.prepared
-            .contains(&def.server_name)
-            .then_some(def.server_name)
-    }
-
-    /// A whole simple Query, looked at for SQL-level prepared statements: the query to
-    /// send instead, if any. Called before the Query's ReadyForQuery is owed.
-    pub(super) fn translate_query(&mut self, body: &[u8]) -> Option<BytesMut> {
-        let text = body.strip_suffix(&[0]).unwrap_or(body);
-        if !sql::may_concern_statements_or_databases(text) {
-            return None;
-        }
-        if let Some(db) = sql::database_in_use(text) {
-            self.database_in_use(db);
-            return None;
-        }
-        let command = sql::prepared_sql(text)?;
-        self.close_unused();
-        match command {
-            PreparedSql::Prepare { name, rest } => {
-                if self.defined(&Bytes::copy_from_slice(name.as_bytes())) {
-                    return raise(
-                        sqlstate::DUPLICATE_PREPARED_STATEMENT,
-                        &format!("prepared statement \"{name}\" already exists"),
-                    );
-                }
-                let def = StmtDef::prepare_sql(rest);
-                let b = self.backend.as_mut().expect("attached");
-                if b.prepared.get(&def.server_name).is_some() {
-                    self.ctx.prepared.hit.increment(1);
-                    self.named_mut().sql_stmts.insert(name, def);
-                    self.ex.replies.push_back(Reply::Substitute("PREPARE"));
-                    return Some(query(""));
-                }
-                self.ctx.prepared.miss.increment(1);
-                self.evict_for_one();
-                let mut out = BytesMut::new();
-                FrontendMessage::Query {
-                    sql: def.prepare_query(),
-                }
-                .encode(&mut out);
-                self.ex.replies.push_back(Reply::Prepared { name, def });
-                Some(out)
-            }
-            PreparedSql::Execute { .. } => {
-                let sql = self.execute_by_server_name(text)?;
-                let mut out = BytesMut::new();
-                FrontendMessage::Query { sql }.encode(&mut out);
-                Some(out)
-            }
-            PreparedSql::Deallocate { name } => {
-                let key = Bytes::copy_from_slice(name.as_bytes());
-                if !self.defined(&key) {
-                    // The server's own 26000 names the client's statement.
-                    return None;
-                }
-                if let Some(names) = self.named.as_deref_mut() {
-                    names.sql_stmts.remove(&name);
-                    names.stmts.remove(&key);
-                    names.defining.remove(&key);
-                }
-                self.ex.replies.push_back(Reply::Substitute("DEALLOCATE"));
-                Some(query(""))
-            }
-        }
-    }
-
-    /// The client is about to drop, rename or copy a database: the pools' idle
-    /// connections to it go first, or PostgreSQL would refuse with `55006` (being
-    /// accessed by other users). A database that will be gone is forgotten once the
-    /// server confirms.
-    fn database_in_use(&mut self, db: sql::DatabaseInUse) {
-        let pools = &self.ctx.shard.pools;
-        let closed = pools.close_idle(&self.gen.primary, &db.name);
-        tracing::debug!(database = %db.name, closed, "closed idle server connections to a database about to be dropped, renamed or copied");
-        if db.gone {
-            self.dropping = Some(db.name);
-        }
-    }
-
-    /// A `DROP DATABASE` or `ALTER DATABASE` completed: a database the client was
-    /// dropping or renaming has no pool any more.
-    pub(super) fn database_changed(&mut self) {
-        if let Some(name) = self.dropping.take() {
-            self.ctx
-                .shard
-                .pools
-                .forget_database(&self.gen.primary, &name);
-        }
-    }
-
-    /// The server dropped every prepared statement of the connection (`DEALLOCATE ALL`,
-    /// `DISCARD ALL` ran, however it was sent): the connection's cache empties, and so
-    /// do the client's names, as they would on a direct connection.
-    pub(super) fn statements_dropped(&mut self) {
-        if let Some(b) = self.backend.as_mut() {
-            b.prepared.clear();
-            b.to_close.clear();
-        }
-        if let Some(n) = self.named.as_mut() {
-            n.stmts.clear();
-            n.sql_stmts.clear();
-        }
-    }
-
-    /// The server refused a statement the connection was believed to hold (its cached
-    /// plan is unusable, or it is gone): the statements this segment used are prepared
-    /// afresh on this connection next time (closed first, in case they exist). True
-    /// when any was: the error may be the cache's doing, not the client's.
-    pub(super) fn statements_stale(&mut self) -> bool {
-        let used = match self.named.as_mut() {
-            Some(n) => std::mem::take(&mut n.used),
-            None => return false,
-        };
-        let Some(b) = self.backend.as_mut() else {
-            return false;
-        };
-        let mut any = false;
-        for name in used {
-            if b.prepared.pop(&name).is_some() {
-                b.to_close.push(name);
-                any = true;
-            }
-        }
-        any
-    }
-
     /// The client's statement by name: one being defined in flight wins.
     pub(super) fn lookup(&self, name: &Bytes) -> Option<StmtDef> {
         self.named()
@@ -588,137 +433,12 @@ impl Txn<'_> {
             names.defining.remove(name);
         }
     }
-
-    /// After an ErrorResponse the server skips to the next Sync: the replies promised
-    /// for the skipped messages will never come.
-    pub(super) fn on_error(&mut self) {
-        let mut kept = Vec::new();
-        while let Some(r) = self.ex.replies.front() {
-            match r {
-                Reply::SyncMark => break,
-                Reply::Pass { register, define } => {
-                    if let Some(n) = register {
-                        if let Some(names) = self.named.as_deref_mut() {
-                            names.preparing.remove(n);
-                        }
-                    }
-                    if let Some(d) = define {
-                        if let Some(names) = self.named.as_deref_mut() {
-                            names.defining.remove(d);
-                        }
-                    }
-                }
-                Reply::Swallow { register } => {
-                    if let Some(n) = register {
-                        if let Some(names) = self.named.as_deref_mut() {
-                            names.preparing.remove(n);
-                        }
-                    }
-                }
-                Reply::AsParseComplete { define } => {
-                    if let Some(names) = self.named.as_deref_mut() {
-                        names.defining.remove(define);
-                    }
-                }
-                Reply::Substitute(_) | Reply::Prepared { .. } => {}
-                // Settled at the segment's end, error or not.
-                Reply::CloseAfter(_) => kept.push(r.clone()),
-            }
-            self.ex.replies.pop_front();
-        }
-        for r in kept.into_iter().rev() {
-            self.ex.replies.push_front(r);
-        }
-    }
-
-    /// An EmptyQueryResponse: `Some(tag)` when it stands for a command the proxy
-    /// answered itself (the client gets CommandComplete with that tag).
-    pub(super) fn on_empty_query(&mut self) -> Option<&'static str> {
-        match self.ex.replies.front() {
-            Some(Reply::Substitute(tag)) => {
-                let tag = *tag;
-                self.ex.replies.pop_front();
-                Some(tag)
-            }
-            _ => None,
-        }
-    }
-
-    /// A segment ended: what it did takes effect.
-    pub(super) fn settle(&mut self, reply: Reply) {
-        if let Reply::CloseAfter(name) = reply {
-            if let Some(b) = self.backend.as_mut() {
-                b.to_close.push(name);
-            }
-            return;
-        }
-        if let Reply::Prepared { name, def } = reply {
-            if let Some(b) = self.backend.as_mut() {
-                b.keep_prepared(def.server_name.clone());
-            }
-            self.named_mut().sql_stmts.insert(name, def);
-        }
-    }
-
-    /// What to do with a ParseComplete/CloseComplete: `Some(tag)` to forward it with
-    /// that tag, `None` to drop it.
-    pub(super) fn on_complete(&mut self, tag: u8) -> Option<u8> {
-        // The first reply owed in this segment; what a segment's end settles (a
-        // substitute, a SQL-level PREPARE, a name to close) is passed over.
-        let owed = self.ex.replies.iter().position(|r| {
-            !matches!(
-                r,
-                Reply::Substitute(_) | Reply::Prepared { .. } | Reply::CloseAfter(_)
-            )
-        });
-        let reply = match owed {
-            Some(i) if self.ex.replies[i] != Reply::SyncMark => {
-                self.ex.replies.remove(i).expect("index found")
-            }
-            _ => return Some(tag),
-        };
-        let confirm = |this: &mut Self, name: Option<Bytes>| {
-            if let Some(n) = name {
-                if let Some(names) = this.named.as_deref_mut() {
-                    names.preparing.remove(&n);
-                }
-                if tag == btag::PARSE_COMPLETE {
-                    if let Some(b) = this.backend.as_mut() {
-                        b.prepared.put(n, ());
-                    }
-                }
-            }
-        };
-        match reply {
-            Reply::Pass { register, define } => {
-                confirm(self, register);
-                if let Some(d) = define {
-                    if tag == btag::PARSE_COMPLETE {
-                        self.define(d);
-                    }
-                }
-                Some(tag)
-            }
-            Reply::Swallow { register } => {
-                confirm(self, register);
-                None
-            }
-            Reply::AsParseComplete { define } => {
-                self.define(define);
-                Some(btag::PARSE_COMPLETE)
-            }
-            Reply::SyncMark
-            | Reply::Substitute(_)
-            | Reply::Prepared { .. }
-            | Reply::CloseAfter(_) => unreachable!("handled above"),
-        }
-    }
 }
 
 /// A query that makes the server raise `code` with `message` itself, so the error comes
 /// in order and aborts a transaction block as the real one would. `None` when the message
 /// would not fit in the dollar quote (the request then goes as the client sent it).
-fn raise(code: &str, message: &str) -> Option<BytesMut> {
+pub(super) fn raise(code: &str, message: &str) -> Option<BytesMut> {
     let quoted = sql::quote_literal(message);
     if quoted.contains("$handoff$") {
         return None;
@@ -728,7 +448,7 @@ fn raise(code: &str, message: &str) -> Option<BytesMut> {
     )))
 }
 
-fn noop_close(out: &mut BytesMut) {
+pub(super) fn noop_close(out: &mut BytesMut) {
     FrontendMessage::Close {
         target: Target::Statement,
         name: Bytes::from_static(NOOP_NAME),
@@ -736,20 +456,8 @@ fn noop_close(out: &mut BytesMut) {
     .encode(out);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+mod replies;
+mod sql_level;
 
-    #[test]
-    fn server_names_depend_on_sql_and_types_only() {
-        let a = StmtDef::new(Bytes::from_static(b"select $1"), vec![23]);
-        let b = StmtDef::new(Bytes::from_static(b"select $1"), vec![23]);
-        let c = StmtDef::new(Bytes::from_static(b"select $1"), vec![25]);
-        let d = StmtDef::new(Bytes::from_static(b"select $2"), vec![23]);
-        assert_eq!(a.server_name, b.server_name);
-        assert_ne!(a.server_name, c.server_name);
-        assert_ne!(a.server_name, d.server_name);
-        assert!(a.server_name.len() < 64, "fits NAMEDATALEN");
-        assert_ne!(&a.server_name[..], NOOP_NAME);
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,113 @@
+//! The CLI's reading of answers and its argument parsing.
+
+use super::*;
+
+fn shards(json: &str) -> Shards {
+    api::decode(json.as_bytes()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn shard(name: &str, extra: &str) -> String {
+    format!(
+        r#"{{"name":"{name}","state":"serving","epoch":1,"primary":"h:1","hosts":["h:1"],"source":"probe","patroni":null,"in_flight":0,"buffer":{{"state":"idle","depth":0}},"since_ms":1,"reason":"","split_brain":[],"watched":[],"coordination":null{extra}}}"#
+    )
+}
+
+#[test]
+fn coordination_is_shown_up_or_down_with_members_and_the_operation() {
+    let main = shard("main", "").replace(
+        r#""coordination":null"#,
+        r#""coordination":{
+            "recorded":{"primary":"10.0.0.2:5432","epoch":4,"by":"b"},
+            "operation":{"id":"a-1","kind":"switchover","coordinator":"a","epoch":3,
+              "from":"10.0.0.1:5432","phase":"hold","acks":[{"proxy":"b"}],
+              "locked_by":"a","this_proxy":"taking part","error":null}}"#,
+    );
+    let v = shards(&format!(
+        r#"{{"shards":[{main}],
+          "coordination":{{"enabled":true,"up":true,"proxy":"b","prefix":"/handoff",
+            "members":[{{"id":"a","admin":"10.0.0.5:6480","self":false}},
+                       {{"id":"b","admin":"10.0.0.6:6480","self":true}}]}}}}"#
+    ));
+    let lines = coordination_lines(&v);
+    assert!(lines[0].starts_with("coordination up: proxy b of /handoff (2 members: a (admin 10.0.0.5:6480), b (admin 10.0.0.6:6480, this one))"), "{lines:?}");
+    assert!(
+        lines[1].contains("recorded primary 10.0.0.2:5432 at epoch 4 (by b)"),
+        "{lines:?}"
+    );
+    assert!(lines[2].contains("operation a-1 (switchover, coordinated by a): hold; acknowledged by [b]; this proxy: taking part"), "{lines:?}");
+
+    let down = shards(
+        r#"{"shards":[],"coordination":{"enabled":true,"up":false,"proxy":"b","prefix":"/h","error":"etcd: no answer"}}"#,
+    );
+    assert!(coordination_lines(&down)[0]
+        .starts_with("coordination DOWN: proxy b of /h: etcd: no answer"));
+    let off = shards(r#"{"shards":[],"coordination":{"enabled":false}}"#);
+    assert_eq!(
+        coordination_lines(&off),
+        ["coordination off (HANDOFF_ETCD_ENDPOINTS is not set)"]
+    );
+}
+
+#[test]
+fn acknowledgements_name_the_coordinator_and_whoever_is_missing() {
+    let c: api::report::Coordinated = api::decode(
+        br#"{"proxies":[{"proxy":"a","coordinator":true,"ack_ms":0.0,"lameduck_ms":null,"cancelled":null},{"proxy":"b","ack_ms":41.5,"lameduck_ms":3,"cancelled":0}],"missing":["c"]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        acknowledgements(&c).unwrap(),
+        "acknowledged by a (coordinator), b 41.5 ms; NOT by c"
+    );
+}
+
+#[test]
+fn patroni_shards_show_the_leader_and_members_and_others_nothing() {
+    let with = |name: &str, patroni: &str| {
+        shard(name, "").replace(r#""patroni":null"#, &format!(r#""patroni":{patroni}"#))
+    };
+    let v = shards(&format!(
+        r#"{{"shards":[{},{},{}],"coordination":{{"enabled":false}}}}"#,
+        with(
+            "main",
+            r#"{"endpoints":[],"scope":"s","paused":false,"leader":"pg1","members":[
+            {"name":"pg0","addr":"10.0.0.1:5432","role":"replica","state":"streaming","timeline":1},
+            {"name":"pg1","addr":"10.0.0.2:5432","role":"leader","state":"running","timeline":1}]}"#
+        ),
+        shard("other", ""),
+        with(
+            "new",
+            r#"{"endpoints":[],"scope":null,"paused":null,"leader":null,"members":null}"#
+        ),
+    ));
+    assert_eq!(
+        patroni_lines(&v),
+        [
+            "patroni main: leader pg1; pg0 10.0.0.1:5432 replica streaming, pg1 10.0.0.2:5432 leader running",
+            "patroni new: not answered yet",
+        ]
+    );
+}
+
+#[test]
+fn the_command_line_parses_as_documented() {
+    let cli = Cli::try_parse_from([
+        "handoff",
+        "hold",
+        "--shard",
+        "main",
+        "--timeout",
+        "2s",
+        "--admin",
+        "0.0.0.0:1",
+    ])
+    .unwrap();
+    let Some(Command::Hold(h)) = cli.command else {
+        panic!("not a hold")
+    };
+    assert_eq!(h.timeout, Duration::from_secs(2));
+    let c = Client::new(&h.admin).unwrap();
+    assert_eq!(c.addr, "127.0.0.1:1".parse().unwrap());
+    assert!(Cli::try_parse_from(["handoff", "hold", "--shard", "m", "--timeout", "0s"]).is_err());
+    let e = Cli::try_parse_from(["handoff", "switchover", "--shard", "main"]).unwrap_err();
+    assert!(e.to_string().contains("--to HOST:PORT"), "{e}");
+}

@@ -1,0 +1,120 @@
+//! handoff's own `SHOW` commands: the shards, their buffers, and a switchover's report.
+
+use handoff_protocol::backend::ColumnType::{self, Int8 as I, Text as T};
+
+use super::{s, Row};
+use crate::console::{Ctx, Out};
+
+pub(super) fn shards(ctx: &Ctx, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("name", T),
+        ("state", T),
+        ("epoch", I),
+        ("primary", T),
+        ("hosts", T),
+        ("source", T),
+        ("in_flight", I),
+        ("buffer_state", T),
+        ("buffer_depth", I),
+        ("since_ms", I),
+        ("reason", T),
+        ("split_brain", T),
+        ("watched", T),
+    ];
+    let answer = crate::actions::shards(&ctx.actions);
+    let rows: Vec<Row> = answer
+        .shards
+        .iter()
+        .map(|sh| {
+            vec![
+                s(&sh.name),
+                s(&sh.state),
+                Some(sh.epoch.to_string()),
+                s(&sh.primary),
+                Some(sh.hosts.join(",")),
+                s(&sh.source),
+                Some(sh.in_flight.to_string()),
+                s(&sh.buffer.state),
+                Some(sh.buffer.depth.to_string()),
+                Some(sh.since_ms.to_string()),
+                s(&sh.reason),
+                Some(sh.split_brain.join(",")),
+                Some(
+                    sh.watched
+                        .iter()
+                        .map(|w| w.host.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+pub(super) fn buffers(ctx: &Ctx, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("shard", T),
+        ("state", T),
+        ("depth", I),
+        ("size", I),
+        ("bytes_all_shards", I),
+        ("max_bytes", I),
+        ("window_ms", I),
+        ("reason", T),
+    ];
+    let b = &ctx.actions.shard.buffer;
+    let cfg = &ctx.config.buffer;
+    let rows: Vec<Row> = ctx
+        .actions
+        .shards
+        .iter()
+        .map(|sh| {
+            let state = match b.state(&sh.name) {
+                Some(handoff_buffer::State::Idle) | None => "idle",
+                Some(handoff_buffer::State::Buffering) => "buffering",
+                Some(handoff_buffer::State::Draining) => "draining",
+            };
+            vec![
+                s(&sh.name),
+                s(state),
+                s(b.depth(&sh.name)),
+                s(cfg.size),
+                s(b.bytes()),
+                s(cfg.max_bytes),
+                s(cfg.window.as_millis()),
+                b.reason(&sh.name).filter(|r| !r.is_empty()),
+            ]
+        })
+        .collect();
+    out.table(COLS, &rows);
+}
+
+/// A switchover's report as one row.
+pub(crate) fn switchover_report(report: &crate::api::report::SwitchoverReport, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("shard", T),
+        ("from", T),
+        ("to", T),
+        ("outcome", T),
+        ("epoch", I),
+        ("total_ms", T),
+        ("steps", T),
+    ];
+    let steps = report
+        .steps
+        .iter()
+        .map(|st| format!("{} {} ms", st.step, st.ms))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = vec![
+        s(&report.shard),
+        s(&report.from),
+        s(&report.to),
+        s(report.outcome.as_str()),
+        Some(report.epoch.to_string()),
+        Some(report.total_ms.to_string()),
+        Some(steps),
+    ];
+    out.table_tagged(COLS, &[row], "SWITCHOVER");
+}
