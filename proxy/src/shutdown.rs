@@ -74,7 +74,13 @@ impl Drop for Trigger {
 }
 
 impl Signal {
+    /// The current phase; `Closing` once the trigger is gone (the proxy torn down), as
+    /// [`Signal::reached`] reads it too. A loop that waits with `reached` for the phase
+    /// after the one it sees would otherwise find the wait over at once, forever.
     pub fn phase(&self) -> Phase {
+        if self.0.gone.load(Ordering::Acquire) {
+            return Phase::Closing;
+        }
         Phase::from_u8(self.0.phase.load(Ordering::Acquire))
     }
 
@@ -132,5 +138,14 @@ mod tests {
             .await
             .expect("woken by the trigger's end")
             .unwrap();
+    }
+
+    #[test]
+    fn a_gone_trigger_reads_as_the_final_phase() {
+        let (trigger, signal) = channel();
+        trigger.advance(Phase::Draining);
+        assert_eq!(signal.phase(), Phase::Draining);
+        drop(trigger);
+        assert_eq!(signal.phase(), Phase::Closing);
     }
 }

@@ -143,3 +143,35 @@ async fn terminate_ends_the_relay() {
     // The server saw the Terminate too.
     read_until(&mut s.db, ftag::TERMINATE).await;
 }
+
+#[test]
+fn a_session_ends_when_the_proxy_is_torn_down_under_it() {
+    // The relay waits for the next shutdown phase; once the trigger is gone that wait
+    // is over at once, and a relay that still read the old phase looped without ever
+    // yielding. Run on a thread of its own, so that a spinning relay fails this test
+    // by its timeout instead of hanging it.
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let Setup {
+                mut app,
+                relay,
+                _trigger: trigger,
+                ..
+            } = setup().await;
+            drop(trigger);
+            let end = relay.await.unwrap();
+            let told = read_until(&mut app, btag::ERROR_RESPONSE).await;
+            let _ = done.send((end, told));
+        });
+    });
+    let (end, told) = ended
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the relay ended once the proxy was gone");
+    assert!(matches!(end, End::Shutdown), "{end:?}");
+    assert_eq!(told, [btag::ERROR_RESPONSE], "the client is told why");
+}
