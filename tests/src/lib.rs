@@ -64,9 +64,12 @@ pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<ha
 /// The `handoff` binary next to the running test binary (tests that need the real
 /// process: signals, exit codes, its log output).
 ///
-/// Built first, once per test process, when it is missing or when the tests run under
-/// cargo: `cargo test -p handoff-tests` does not rebuild another package's binary, so a
-/// binary left from an earlier build would be tested instead of the current code.
+/// Built first, once per test process, when it is missing or older than the code it is
+/// made from: `cargo test -p handoff-tests` does not rebuild another package's binary,
+/// so a binary left from an earlier build would be tested instead of the current code.
+/// A binary newer than every source (as `cargo test --workspace` leaves it) is used as
+/// it is: building it again with this package's narrower features would rebuild half
+/// the dependencies and relink it while other test binaries may be using it.
 pub fn handoff_binary() -> std::path::PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("the test binary's path");
@@ -77,7 +80,7 @@ pub fn handoff_binary() -> std::path::PathBuf {
         .join("handoff");
     BUILT.get_or_init(|| {
         let under_cargo = std::env::var_os("CARGO").is_some();
-        if !bin.is_file() || under_cargo {
+        if !bin.is_file() || (under_cargo && older_than_its_sources(&bin)) {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut build = std::process::Command::new(cargo);
             build.args(["build", "-q", "-p", "handoff", "--bin", "handoff"]);
@@ -89,6 +92,40 @@ pub fn handoff_binary() -> std::path::PathBuf {
         }
     });
     bin
+}
+
+/// True if anything the binary is built from changed after it was written (or if
+/// that cannot be told).
+fn older_than_its_sources(bin: &std::path::Path) -> bool {
+    fn newest(path: &std::path::Path, newest_seen: &mut std::time::SystemTime) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                newest(&entry.path(), newest_seen);
+            }
+        } else if let Ok(modified) = meta.modified() {
+            *newest_seen = (*newest_seen).max(modified);
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return true;
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut sources = std::time::SystemTime::UNIX_EPOCH;
+    for part in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "proxy",
+        "protocol/src",
+        "protocol/Cargo.toml",
+        "buffer/src",
+        "buffer/Cargo.toml",
+    ] {
+        newest(&root.join(part), &mut sources);
+    }
+    sources > built
 }
 
 /// A command running the handoff binary with none of the environment's `HANDOFF_*`
