@@ -13,7 +13,8 @@ pub fn server(node: &Node) -> String {
     )
 }
 
-/// `POST /v1/shards/main/switchover {"to": to}`: the status and the JSON report.
+/// `POST /v1/shards/main/switchover {"to": to}`: the status and the JSON report,
+/// checked against the API's own types (the report, or an error answer).
 pub async fn switchover(proxy: &handoff::Proxy, to: &str) -> (u16, Value) {
     let (status, body) = http_body(
         proxy.admin_addr(),
@@ -25,7 +26,19 @@ pub async fn switchover(proxy: &handoff::Proxy, to: &str) -> (u16, Value) {
     .await
     .expect("the admin API answers");
     let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    let typed = if is_error_answer(&v) {
+        handoff::api::decode::<handoff::api::ErrorAnswer>(body.as_bytes()).map(drop)
+    } else {
+        handoff::api::decode::<handoff::api::report::SwitchoverReport>(body.as_bytes()).map(drop)
+    };
+    typed.unwrap_or_else(|e| panic!("the switchover answer is not the API's type: {e}: {body}"));
     (status, v)
+}
+
+/// An error answer (`{"error": …}` and nothing else).
+fn is_error_answer(v: &Value) -> bool {
+    v.as_object()
+        .is_some_and(|o| o.len() == 1 && o.contains_key("error"))
 }
 
 /// The first shard of `GET /v1/shards`.
@@ -35,6 +48,10 @@ pub async fn shard_state(proxy: &handoff::Proxy) -> Value {
         .expect("the admin API answers");
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("JSON");
+    // The answer is read as JSON by the tests, and checked here against the type the
+    // server writes it from and the CLI reads it with.
+    handoff::api::decode::<handoff::api::Shards>(body.as_bytes())
+        .unwrap_or_else(|e| panic!("GET /v1/shards is not the API's type: {e}: {body}"));
     v["shards"][0].clone()
 }
 

@@ -114,7 +114,7 @@ enum CliError {
     BadAddress(String),
     #[error("no answer from the admin API: {0}")]
     Http(#[from] hyper::Error),
-    #[error("no answer from the admin API within {0:?}")]
+    #[error("no answer from the admin API: no answer within {0:?}")]
     Timeout(Duration),
     #[error("cannot start the client's runtime: {0}")]
     Runtime(std::io::Error),

@@ -111,3 +111,21 @@ fn the_command_line_parses_as_documented() {
     let e = Cli::try_parse_from(["handoff", "switchover", "--shard", "main"]).unwrap_err();
     assert!(e.to_string().contains("--to HOST:PORT"), "{e}");
 }
+
+#[test]
+fn a_proxy_that_does_not_answer_in_time_is_reported_as_such() {
+    // Accepts, then says nothing: the request gives up at its timeout, with the message
+    // Patroni's hook log shows.
+    let quiet = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = Client {
+        addr: quiet.local_addr().unwrap(),
+        token: None,
+    };
+    let err = client
+        .call(Method::GET, "/v1/shards", None, Duration::from_millis(200))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "no answer from the admin API: no answer within 200ms"
+    );
+}
