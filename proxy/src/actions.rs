@@ -385,15 +385,7 @@ async fn buffer(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {
         Err(e) => return event_error(&e),
     };
     let ld = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
-    changed(&api::ShardChange {
-        shard: shard.name.clone(),
-        state: Some("buffering".into()),
-        epoch: Some(revoked.gen.epoch),
-        old_primary: Some(revoked.gen.primary.to_string()),
-        lameduck_ms: Some(ld.waited.as_millis() as u64),
-        lameduck_cancelled: Some(ld.cancelled),
-        ..Default::default()
-    })
+    changed(&ld.buffering(&shard.name, &revoked.gen))
 }
 
 async fn primary(ctx: &ShardCtx, shard: &Shard, body: &Fields) -> Answer {

@@ -107,3 +107,11 @@ pub(crate) async fn socket_pair() -> (TcpStream, TcpStream) {
     let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
     (a.expect("connect"), b.expect("accept").0)
 }
+
+/// `127.0.0.1:port`, as the unit tests name their servers.
+pub fn hp(port: u16) -> crate::config::HostPort {
+    crate::config::HostPort {
+        host: "127.0.0.1".into(),
+        port,
+    }
+}

@@ -22,18 +22,21 @@ pub struct DecodeError {
 /// Decodes `bytes` as JSON into `T`.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| DecodeError {
-        path: e.path().to_string(),
-        message: e.inner().to_string(),
-    })
+    serde_path_to_error::deserialize(&mut de).map_err(DecodeError::at)
 }
 
 /// Decodes a JSON value already parsed.
 pub fn from_value<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, DecodeError> {
-    serde_path_to_error::deserialize(v).map_err(|e| DecodeError {
-        path: e.path().to_string(),
-        message: e.inner().to_string(),
-    })
+    serde_path_to_error::deserialize(v).map_err(DecodeError::at)
+}
+
+impl DecodeError {
+    fn at(e: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        Self {
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        }
+    }
 }
 
 /// The JSON of a value of one of these types (they always serialize).

@@ -185,12 +185,7 @@ impl Record for Ack {}
 mod tests {
     use super::*;
 
-    fn hp(port: u16) -> HostPort {
-        HostPort {
-            host: "127.0.0.1".into(),
-            port,
-        }
-    }
+    use crate::testing::hp;
 
     #[test]
     fn records_read_back_what_was_written() {

@@ -149,15 +149,9 @@ impl Coord {
         let waited = lead.wait_for_acks().await;
         self.release(&shard.name, lease).await;
         Ok(ShardChange {
-            shard: shard.name.clone(),
-            state: Some("buffering".into()),
-            epoch: Some(revoked.gen.epoch),
-            old_primary: Some(revoked.gen.primary.to_string()),
-            lameduck_ms: Some(ld.waited.as_millis() as u64),
-            lameduck_cancelled: Some(ld.cancelled),
             coordination: Some(lead.report(Outcome::Completed)),
             warning: waited.err(),
-            ..Default::default()
+            ..ld.buffering(&shard.name, &revoked.gen)
         })
     }
 

@@ -116,6 +116,22 @@ pub(crate) struct Lameduck {
     pub cancelled: usize,
 }
 
+impl Lameduck {
+    /// The answer for a shard now buffering after `gen` was revoked and this lameduck
+    /// ran (the admin API's buffer, a hold, a coordinated buffer).
+    pub(crate) fn buffering(&self, shard: &str, gen: &Generation) -> crate::api::ShardChange {
+        crate::api::ShardChange {
+            shard: shard.to_string(),
+            state: Some("buffering".into()),
+            epoch: Some(gen.epoch),
+            old_primary: Some(gen.primary.to_string()),
+            lameduck_ms: Some(self.waited.as_millis() as u64),
+            lameduck_cancelled: Some(self.cancelled),
+            ..Default::default()
+        }
+    }
+}
+
 /// How long cancelled sessions get to let go of a revoked generation.
 const LET_GO: Duration = Duration::from_secs(2);
 
@@ -229,12 +245,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
 
-    fn hp(port: u16) -> HostPort {
-        HostPort {
-            host: "127.0.0.1".into(),
-            port,
-        }
-    }
+    use crate::testing::hp;
 
     fn ctx() -> Ctx {
         let config =

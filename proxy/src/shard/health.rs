@@ -421,12 +421,7 @@ pub(crate) async fn found(
 mod tests {
     use super::*;
 
-    fn hp(port: u16) -> HostPort {
-        HostPort {
-            host: "127.0.0.1".into(),
-            port,
-        }
-    }
+    use crate::testing::hp;
 
     #[test]
     fn choose_takes_the_highest_writable_timeline_never_a_lower_one() {

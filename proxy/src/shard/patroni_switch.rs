@@ -213,15 +213,9 @@ impl Run<'_> {
         self.step("lameduck", t, None);
         let _ = hooks.held(ld).await;
         let _ = call.send(ShardChange {
-            shard: self.shard.name.clone(),
             held: Some(true),
             switchover: true,
-            state: Some("buffering".into()),
-            epoch: Some(revoked.gen.epoch),
-            old_primary: Some(revoked.gen.primary.to_string()),
-            lameduck_ms: Some(ld.waited.as_millis() as u64),
-            lameduck_cancelled: Some(ld.cancelled),
-            ..Default::default()
+            ..ld.buffering(&self.shard.name, &revoked.gen)
         });
         Ok((revoked, post))
     }

@@ -473,12 +473,7 @@ impl Shard {
 mod tests {
     use super::*;
 
-    fn hp(port: u16) -> HostPort {
-        HostPort {
-            host: "127.0.0.1".into(),
-            port,
-        }
-    }
+    use crate::testing::hp;
 
     #[test]
     fn a_transaction_never_slips_past_a_revocation() {

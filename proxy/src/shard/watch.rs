@@ -266,12 +266,7 @@ fn publish_gauges(shard: &str, views: &[View]) {
 mod tests {
     use super::*;
 
-    fn hp(port: u16) -> HostPort {
-        HostPort {
-            host: "127.0.0.1".into(),
-            port,
-        }
-    }
+    use crate::testing::hp;
 
     #[test]
     fn hosts_stay_watched_while_a_round_has_them_out() {

@@ -1,18 +1,12 @@
 //! Session mode against stand-in sockets.
 
 use super::*;
+use crate::testing::hp;
 use crate::testing::socket_pair;
 use handoff_protocol::backend::BackendMessage;
 use handoff_protocol::framing::decode_frame;
 use handoff_protocol::frontend::FrontendMessage;
 use tokio::io::AsyncWriteExt;
-
-fn hp() -> HostPort {
-    HostPort {
-        host: "127.0.0.1".into(),
-        port: 1,
-    }
-}
 
 async fn send(to: &mut tokio::net::TcpStream, msgs: &[BackendMessage]) {
     let mut b = BytesMut::new();
@@ -60,7 +54,7 @@ struct Setup {
 async fn setup() -> Setup {
     let (client, app) = socket_pair().await;
     let (server, db) = socket_pair().await;
-    let shard = Arc::new(Shard::new("main", vec![hp()]));
+    let shard = Arc::new(Shard::new("main", vec![hp(1)]));
     let gen = shard.current();
     let (trigger, signal) = crate::shutdown::channel();
     let relay = tokio::spawn(async move {
