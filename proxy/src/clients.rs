@@ -184,17 +184,8 @@ pub(crate) struct DbStats {
     pub wait_us: AtomicU64,
 }
 
-/// A snapshot of [`DbStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Totals {
-    pub xacts: u64,
-    pub queries: u64,
-    pub received: u64,
-    pub sent: u64,
-    pub xact_us: u64,
-    pub query_us: u64,
-    pub wait_us: u64,
-}
+/// A snapshot of [`DbStats`] (the type the hand-over format carries them in).
+pub(crate) use crate::api::takeover::Totals;
 
 impl Totals {
     fn minus(self, o: Totals) -> Totals {
@@ -290,12 +281,23 @@ impl Drop for Registered<'_> {
 impl Clients {
     /// A new connection's entry (state `login`).
     pub fn register(&self, addr: SocketAddr, local: Option<SocketAddr>) -> Arc<ClientInfo> {
+        self.register_since(addr, local, SystemTime::now())
+    }
+
+    /// The entry of a client connected since `connected` (one a takeover moved here
+    /// keeps its connection time).
+    pub fn register_since(
+        &self,
+        addr: SocketAddr,
+        local: Option<SocketAddr>,
+        connected: SystemTime,
+    ) -> Arc<ClientInfo> {
         let id = self.next.fetch_add(1, Relaxed) + 1;
         let info = Arc::new(ClientInfo {
             id,
             addr,
             local,
-            connected: SystemTime::now(),
+            connected,
             login: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
             changed_ms: AtomicU64::new(now_ms()),
@@ -311,6 +313,24 @@ impl Clients {
             clients: self,
             id: info.id,
         }
+    }
+
+    /// How many clients are connected now.
+    pub fn count(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Adds another process's counters of client database `db` to this one's (a
+    /// takeover's predecessor's, so `SHOW STATS` goes on from where it was).
+    pub fn add_totals(&self, db: &str, t: Totals) {
+        let s = self.stats_for(db);
+        s.xacts.fetch_add(t.xacts, Relaxed);
+        s.queries.fetch_add(t.queries, Relaxed);
+        s.received.fetch_add(t.received, Relaxed);
+        s.sent.fetch_add(t.sent, Relaxed);
+        s.xact_us.fetch_add(t.xact_us, Relaxed);
+        s.query_us.fetch_add(t.query_us, Relaxed);
+        s.wait_us.fetch_add(t.wait_us, Relaxed);
     }
 
     /// Every client now, oldest first.

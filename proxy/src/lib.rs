@@ -34,6 +34,7 @@ mod relay;
 pub mod shard;
 pub mod shutdown;
 mod sync;
+pub mod takeover;
 #[cfg(test)]
 mod testing;
 pub mod utc;
@@ -44,7 +45,7 @@ use std::time::Duration;
 
 use handoff_protocol::auth::ScramVerifier;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 pub use config::{Config, ConfigError};
 use shutdown::{Phase, Trigger};
@@ -72,6 +73,8 @@ pub enum StartError {
     Etcd(#[from] coord::SetupError),
     #[error("configuration error: {0}")]
     Users(#[from] frontend::users::UsersError),
+    #[error("takeover socket: {0}")]
+    Takeover(std::io::Error),
 }
 
 /// A running proxy.
@@ -81,15 +84,20 @@ pub struct Proxy {
     frontend: Arc<frontend::Ctx>,
     listen_addr: SocketAddr,
     admin_addr: SocketAddr,
-    trigger: Trigger,
+    trigger: Arc<Trigger>,
+    signal: shutdown::Signal,
     buffer: handoff_buffer::Buffer,
     /// Closes when the listener and every session have ended.
     done: mpsc::Receiver<()>,
+    /// A session tracker for the clients a takeover moves here.
+    adopting: std::sync::Mutex<Option<mpsc::Sender<()>>>,
     shutdown_timeout: Duration,
+    /// Told when a successor has taken this process's clients over.
+    handed_over: Arc<Notify>,
 }
 
-/// Both listeners, bound.
-struct Listeners {
+/// Both listeners, bound (or inherited from the process taken over).
+pub(crate) struct Listeners {
     client: TcpListener,
     admin: TcpListener,
     client_addr: SocketAddr,
@@ -197,6 +205,15 @@ impl Proxy {
     /// Binds both listeners and starts serving. Port 0 picks a free port; see
     /// [`Proxy::listen_addr`] and [`Proxy::admin_addr`].
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with(config, None).await
+    }
+
+    /// [`Proxy::start`], on listeners a takeover inherited (else bound here).
+    pub(crate) async fn start_with(
+        config: Config,
+        inherited: Option<Listeners>,
+    ) -> Result<Self, StartError> {
+        let successor = inherited.is_some();
         let client_tls = net::tls::ClientTls::new(
             config.tls.client_mode,
             config.tls.cert.as_deref(),
@@ -205,8 +222,12 @@ impl Proxy {
         let server_tls =
             net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())?;
         let prometheus = metrics::install();
-        let listeners = bind(&config).await?;
+        let listeners = match inherited {
+            Some(l) => l,
+            None => bind(&config).await?,
+        };
         let (trigger, signal) = shutdown::channel();
+        let trigger = Arc::new(trigger);
         let ctx = Arc::new(shard::Ctx::new(&config, server_tls.clone())?);
         let connected = match &config.etcd {
             Some(settings) => Some(coord::Connected::connect(settings).await?),
@@ -237,6 +258,7 @@ impl Proxy {
             prepared: metrics::PreparedCounters::new(),
             server_tls: server_tls.clone(),
             cancels: Arc::clone(&cancels),
+            outbox: Default::default(),
         });
         let actions = Arc::new(actions::Ctx {
             shards: shards.clone(),
@@ -261,6 +283,7 @@ impl Proxy {
             relay,
             console,
             config: Arc::clone(&config),
+            permits: Arc::new(tokio::sync::Semaphore::new(config.limits.max_client_conn)),
         });
         tokio::spawn(stats_periods(Arc::downgrade(&clients), config.stats_period));
         let admin_state = Arc::new(admin::AdminState {
@@ -270,10 +293,31 @@ impl Proxy {
             actions,
         });
         let (tracker, done) = mpsc::channel(1);
+        let handed_over = Arc::new(Notify::new());
+        if let Some(path) = &config.takeover_socket {
+            start_takeover_socket(
+                path,
+                successor,
+                takeover::Handing {
+                    path: path.clone(),
+                    trigger: Arc::clone(&trigger),
+                    signal: signal.clone(),
+                    client: (dup_listener(&listeners.client)?, listeners.client_addr),
+                    admin: (dup_listener(&listeners.admin)?, listeners.admin_addr),
+                    shards: frontend.shards.clone(),
+                    relay: Arc::clone(&frontend.relay),
+                    clients: Arc::clone(&clients),
+                    shutdown_timeout: config.shutdown_timeout,
+                    handed_over: Arc::clone(&handed_over),
+                },
+            )
+            .await;
+        }
+        let adopting = std::sync::Mutex::new(Some(tracker.clone()));
         tokio::spawn(frontend::listener::run(
             listeners.client,
             Arc::clone(&frontend),
-            signal,
+            signal.clone(),
             tracker,
         ));
         tokio::spawn(admin::serve(listeners.admin, admin_state));
@@ -284,10 +328,35 @@ impl Proxy {
             listen_addr,
             admin_addr,
             trigger,
+            signal,
             buffer: ctx.buffer.clone(),
             done,
+            adopting,
             shutdown_timeout: config.shutdown_timeout,
+            handed_over,
         })
+    }
+
+    /// A successor's side of a takeover, once it serves on the inherited listeners:
+    /// the clients the predecessor sends are adopted in the background.
+    pub(crate) fn adopt_from(&self, tx: net::passfd::Sender, rx: net::passfd::Receiver) {
+        let Some(tracker) = sync::Locked::locked(&self.adopting).take() else {
+            return;
+        };
+        tokio::spawn(takeover::receive(
+            tx,
+            rx,
+            Arc::clone(&self.frontend),
+            self.signal.clone(),
+            tracker,
+        ));
+    }
+
+    /// Resolves once a successor (`handoff --takeover`) has taken this process's
+    /// clients over; the process then shuts down ([`Proxy::shutdown`]), leaving only
+    /// what could not move.
+    pub async fn handed_over(&self) {
+        self.handed_over.notified().await
     }
 
     /// Reads the client TLS certificate and key again (SIGHUP): new connections use
@@ -336,6 +405,7 @@ impl Proxy {
     /// Stops accepting and lets sessions end at their next transaction boundary, up to
     /// `HANDOFF_SHUTDOWN_TIMEOUT`; then closes the rest. Returns when all have ended.
     pub async fn shutdown(mut self) {
+        drop(sync::Locked::locked(&self.adopting).take());
         self.trigger.advance(Phase::Draining);
         // Held requests end now (57P01); later ones pass through to the drain.
         self.buffer.shutdown();
@@ -349,6 +419,29 @@ impl Proxy {
         self.trigger.advance(Phase::Closing);
         let _ = self.done.recv().await;
         tracing::info!("shutdown complete");
+    }
+}
+
+fn dup_listener(l: &TcpListener) -> Result<std::os::fd::OwnedFd, StartError> {
+    use std::os::fd::AsFd;
+    l.as_fd().try_clone_to_owned().map_err(StartError::Takeover)
+}
+
+/// Listens on the takeover socket (a successor replaces its predecessor's). A socket
+/// that cannot be made is logged: the proxy runs on without takeovers.
+async fn start_takeover_socket(
+    path: &std::path::Path,
+    successor: bool,
+    handing: takeover::Handing,
+) {
+    match takeover::bind(path, successor).await {
+        Ok(l) => {
+            tracing::info!(path = %path.display(), "takeover socket listening");
+            tokio::spawn(takeover::serve(l, handing));
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot listen on HANDOFF_TAKEOVER_SOCKET: this process cannot be taken over");
+        }
     }
 }
 

@@ -53,17 +53,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, cli.takeover))
 }
 
-async fn run(config: Config) -> ExitCode {
-    let proxy = match Proxy::start(config).await {
+async fn run(config: Config, takeover: bool) -> ExitCode {
+    let started = if takeover {
+        handoff::takeover::take_over(config)
+            .await
+            .map_err(|e| e.to_string())
+    } else {
+        Proxy::start(config).await.map_err(|e| e.to_string())
+    };
+    let proxy = match started {
         Ok(p) => p,
         Err(e) => {
             eprintln!("handoff: {e}");
             return ExitCode::FAILURE;
         }
     };
+    cli::takeover::notify_ready();
     wait_for_signal(&proxy).await;
     proxy.shutdown().await;
     ExitCode::SUCCESS
@@ -88,6 +96,9 @@ async fn wait_for_signal(proxy: &Proxy) {
             }
             _ = proxy.shutdown_requested() => {
                 tracing::info!("SHUTDOWN from the admin console");
+                return;
+            }
+            _ = proxy.handed_over() => {
                 return;
             }
             r = tokio::signal::ctrl_c() => {

@@ -11,6 +11,11 @@ use tokio::sync::Notify;
 pub enum Phase {
     /// Normal operation.
     Running,
+    /// A successor process is taking over (`handoff --takeover`): the listener stops
+    /// accepting and each session is handed over at its next transaction boundary. The
+    /// only phase that can be left again ([`Trigger::retreat`]): a successor lost before
+    /// it took everything leaves this process serving.
+    HandingOver,
     /// Stop accepting; sessions end at their next transaction boundary.
     Draining,
     /// The drain timeout passed: every session ends now.
@@ -18,10 +23,21 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase after this one (`Closing` stays): what a loop that sees this one
+    /// waits for next.
+    pub fn next(self) -> Self {
+        match self {
+            Phase::Running => Phase::HandingOver,
+            Phase::HandingOver => Phase::Draining,
+            Phase::Draining | Phase::Closing => Phase::Closing,
+        }
+    }
+
     fn from_u8(v: u8) -> Self {
         match v {
             0 => Phase::Running,
-            1 => Phase::Draining,
+            1 => Phase::HandingOver,
+            2 => Phase::Draining,
             _ => Phase::Closing,
         }
     }
@@ -64,6 +80,25 @@ impl Trigger {
     pub fn phase(&self) -> Phase {
         Phase::from_u8(self.0.phase.load(Ordering::Acquire))
     }
+
+    /// Back from [`Phase::HandingOver`] to [`Phase::Running`] (the successor was lost);
+    /// any other phase stays. Returns whether it moved.
+    pub fn retreat(&self) -> bool {
+        let moved = self
+            .0
+            .phase
+            .compare_exchange(
+                Phase::HandingOver as u8,
+                Phase::Running as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if moved {
+            self.0.moved.notify_waiters();
+        }
+        moved
+    }
 }
 
 impl Drop for Trigger {
@@ -96,6 +131,24 @@ impl Signal {
             // Registered before the check: a move between the check and the wait wakes it.
             moved.as_mut().enable();
             if self.phase() >= phase || self.0.gone.load(Ordering::Acquire) {
+                return;
+            }
+            moved.await;
+        }
+    }
+}
+
+impl Signal {
+    /// Resolves once the phase is no longer `phase` (or the trigger is gone).
+    ///
+    /// # Cancel safety
+    /// Cancel-safe, as [`Signal::reached`].
+    pub async fn left(&self, phase: Phase) {
+        loop {
+            let moved = self.0.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if self.phase() != phase {
                 return;
             }
             moved.await;
@@ -138,6 +191,22 @@ mod tests {
             .await
             .expect("woken by the trigger's end")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn handing_over_can_be_left_again_but_nothing_later() {
+        let (trigger, signal) = channel();
+        trigger.advance(Phase::HandingOver);
+        assert_eq!(signal.phase(), Phase::HandingOver);
+        tokio::time::timeout(Duration::from_secs(5), signal.reached(Phase::HandingOver))
+            .await
+            .expect("reached");
+        assert!(trigger.retreat());
+        assert_eq!(signal.phase(), Phase::Running);
+        assert!(!trigger.retreat(), "nothing to leave");
+        trigger.advance(Phase::Draining);
+        assert!(!trigger.retreat(), "a drain is never undone");
+        assert_eq!(signal.phase(), Phase::Draining);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod records;
 pub mod report;
+pub mod takeover;
 
 /// JSON that does not decode into the type asked for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -44,6 +44,9 @@ struct Target {
 #[derive(Debug, Default)]
 pub struct Registry {
     map: DashMap<i32, Vec<Target>>,
+    /// While a takeover moves clients here, the process they come from: a key this
+    /// registry does not know may be one of the clients it still serves.
+    elsewhere: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(i32, Bytes)>>>,
 }
 
 /// Keeps a session's key registered; dropping it unregisters.
@@ -141,6 +144,39 @@ impl Registry {
         }
     }
 
+    /// Registers key data a client was given by another process (a takeover moved the
+    /// client here): its cancel requests keep working. `None` if the pair is taken
+    /// (nearly impossible: both processes draw random keys).
+    pub fn adopt(
+        self: &Arc<Self>,
+        pid: i32,
+        key: Bytes,
+        server: Option<ServerKey>,
+    ) -> Option<Registration> {
+        let server = Arc::new(std::sync::Mutex::new(server));
+        let mut list = self.map.entry(pid).or_default();
+        if list.iter().any(|t| t.key == key) {
+            return None;
+        }
+        list.push(Target {
+            key: key.clone(),
+            server: Arc::clone(&server),
+        });
+        drop(list);
+        Some(Registration {
+            registry: Arc::clone(self),
+            server,
+            pid,
+            key,
+        })
+    }
+
+    /// Sends the cancel requests for keys this registry does not know to `to` (a
+    /// takeover's predecessor), until [`Registry::forward_elsewhere`] is given `None`.
+    pub fn forward_elsewhere(&self, to: Option<tokio::sync::mpsc::UnboundedSender<(i32, Bytes)>>) {
+        *self.elsewhere.locked() = to;
+    }
+
     /// Number of sessions that can be cancelled now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
@@ -166,6 +202,9 @@ impl Registry {
             found
         });
         let Some(target) = target else {
+            if let Some(to) = self.elsewhere.locked().as_ref() {
+                return to.send((pid, Bytes::copy_from_slice(key))).is_ok();
+            }
             return false;
         };
         // Between transactions nothing runs for this client: nothing to cancel.

@@ -23,6 +23,11 @@ use hyper_util::rt::TokioIo;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Take over the handoff running on this host (HANDOFF_TAKEOVER_SOCKET): its
+    /// listening sockets and its clients move to this process, with no client
+    /// disconnected; then it exits. The way to upgrade handoff or change a setting.
+    #[arg(long)]
+    pub takeover: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +51,11 @@ pub enum Command {
     /// Exit 0 if the admin API (HANDOFF_ADMIN_LISTEN) answers GET /healthz with 200.
     #[command(override_usage = "handoff healthcheck")]
     Healthcheck,
+    /// Start a new handoff (this binary, this environment) that takes the running one
+    /// over, in the background; exit 0 once it serves, 1 if it failed (the running one
+    /// then serves on). For a service manager's reload: upgrade, or change any setting.
+    #[command(override_usage = "handoff takeover")]
+    Takeover,
 }
 
 /// Where the admin API is, and how to print its answer.
@@ -219,6 +229,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Hold(a) => hold(&a),
         Command::Status(a) => status(&a),
         Command::Healthcheck => healthcheck(),
+        Command::Takeover => takeover::run(),
     }
 }
 
@@ -561,6 +572,8 @@ fn healthcheck() -> ExitCode {
         }
     }
 }
+
+pub mod takeover;
 
 #[cfg(test)]
 mod tests;

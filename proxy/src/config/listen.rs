@@ -12,28 +12,35 @@ pub(super) const VARIABLES: &[Variable] = &[
         name: "HANDOFF_LISTEN",
         topic: Topic::Listen,
         default: "127.0.0.1:6432",
-        applies: Applies::AtStart,
+        applies: Applies::Restart,
         help: "address clients connect to",
     },
     Variable {
         name: "HANDOFF_ADMIN_LISTEN",
         topic: Topic::Listen,
         default: "127.0.0.1:6480",
-        applies: Applies::AtStart,
+        applies: Applies::Restart,
         help: "admin HTTP API (`/healthz`, `/readyz`, `/metrics`)",
+    },
+    Variable {
+        name: "HANDOFF_TAKEOVER_SOCKET",
+        topic: Topic::Listen,
+        default: "($RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR, else /tmp)/handoff-PORT.takeover",
+        applies: Applies::Restart,
+        help: "the Unix socket (mode 0600) a new handoff started with `--takeover` connects to, to take this one's listeners and clients over; `PORT` is `HANDOFF_LISTEN`'s; `off` for none (also the default when `HANDOFF_LISTEN`'s port is 0)",
     },
     Variable {
         name: "HANDOFF_ADMIN_TOKEN",
         topic: Topic::Listen,
         default: "(unset)",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "bearer token for the admin API (all but the two health probes); required when `HANDOFF_ADMIN_LISTEN` is not loopback",
     },
     Variable {
         name: "HANDOFF_TLS_MODE",
         topic: Topic::Listen,
         default: "disable",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "TLS for clients: `disable` (SSLRequest answered `N`), `allow` (TLS for clients that ask), `require` (plaintext clients get `28000`)",
     },
     Variable {
@@ -54,21 +61,21 @@ pub(super) const VARIABLES: &[Variable] = &[
         name: "HANDOFF_SERVER_TLS",
         topic: Topic::Listen,
         default: "disable",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "TLS to PostgreSQL, as libpq's `sslmode`: `disable`, `prefer`, `require` (encrypt, no verification), `verify-ca` (chain), `verify-full` (chain and host name)",
     },
     Variable {
         name: "HANDOFF_SERVER_TLS_CA",
         topic: Topic::Listen,
         default: "(unset)",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "PEM CA certificates server certificates must chain to (`verify-ca`, `verify-full`)",
     },
     Variable {
         name: "HANDOFF_LOG",
         topic: Topic::Listen,
         default: "info",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "log filter in `tracing` EnvFilter syntax, e.g. `info,handoff=debug`",
     },
 ];
@@ -113,11 +120,13 @@ pub struct TlsSettings {
     pub server_ca: Option<std::path::PathBuf>,
 }
 
-/// The client and admin listening addresses, and the admin API's token.
+/// The client and admin listening addresses, the admin API's token and the takeover
+/// socket.
 pub(super) struct Listeners {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
+    pub takeover_socket: Option<std::path::PathBuf>,
 }
 
 pub(super) fn parse_listeners(vars: &Vars) -> Result<Listeners, ConfigError> {
@@ -138,10 +147,31 @@ pub(super) fn parse_listeners(vars: &Vars) -> Result<Listeners, ConfigError> {
             ),
         ));
     }
+    let takeover_socket = match vars.given("HANDOFF_TAKEOVER_SOCKET") {
+        Some("off") => None,
+        Some("") => {
+            return Err(invalid(
+                "HANDOFF_TAKEOVER_SOCKET",
+                "is set but empty: give a path, or off",
+            ))
+        }
+        Some(path) => Some(std::path::PathBuf::from(path)),
+        None if listen.port() == 0 => None,
+        None => {
+            let dir = ["RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"]
+                .iter()
+                .filter_map(std::env::var_os)
+                .map(std::path::PathBuf::from)
+                .find(|p| p.is_absolute())
+                .unwrap_or_else(|| std::path::PathBuf::from("/tmp"));
+            Some(dir.join(format!("handoff-{}.takeover", listen.port())))
+        }
+    };
     Ok(Listeners {
         listen,
         admin_listen,
         admin_token,
+        takeover_socket,
     })
 }
 

@@ -62,6 +62,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub admin_token: Option<String>,
+    /// `HANDOFF_TAKEOVER_SOCKET` (`None`: off).
+    pub takeover_socket: Option<std::path::PathBuf>,
     pub shards: Vec<ShardConfig>,
     /// Explicit routes by client database name.
     pub databases: HashMap<String, DatabaseRoute>,
@@ -157,6 +159,7 @@ impl Config {
             listen: listeners.listen,
             admin_listen: listeners.admin_listen,
             admin_token: listeners.admin_token,
+            takeover_socket: listeners.takeover_socket,
             shards,
             databases,
             default_route,

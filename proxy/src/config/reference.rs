@@ -88,7 +88,8 @@ impl Config {
                     None => format!("`{}`", v.default),
                 };
                 let applies = match v.applies {
-                    Applies::AtStart => "at restart",
+                    Applies::Takeover => "on takeover",
+                    Applies::Restart => "at restart",
                     Applies::OnSighup => "on SIGHUP",
                 };
                 s.push_str(&format!(

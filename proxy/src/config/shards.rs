@@ -12,14 +12,14 @@ pub(super) const VARIABLES: &[Variable] = &[
         name: "HANDOFF_SHARDS",
         topic: Topic::Shards,
         default: "main=127.0.0.1:5432",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "`name=host:port[,host:port...][;name=...]`: every host that may be the shard's primary; at startup the writable one on the highest timeline is chosen (the first listed wins ties). A shard in `HANDOFF_PATRONI` may be a bare `name`: Patroni's members are its hosts",
     },
     Variable {
         name: "HANDOFF_DATABASES",
         topic: Topic::Shards,
         default: "(every database to the only shard)",
-        applies: Applies::AtStart,
+        applies: Applies::Takeover,
         help: "`clientdb=shard[/serverdb][;...]`; `*=shard` routes any other database; required with more than one shard",
     },
 ];

@@ -46,8 +46,12 @@ impl Topic {
 /// When a running proxy takes a new value of a variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applies {
-    /// Read once at startup: restart to change.
-    AtStart,
+    /// Read at startup: a takeover (`handoff --takeover`) changes it with no client
+    /// disconnected.
+    Takeover,
+    /// Read at startup and kept by a takeover (the listening sockets move as they are):
+    /// a restart changes it.
+    Restart,
     /// Read again on SIGHUP.
     OnSighup,
 }

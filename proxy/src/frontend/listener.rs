@@ -31,7 +31,7 @@ pub(crate) async fn run(
     shutdown: Signal,
     tracker: mpsc::Sender<()>,
 ) {
-    let permits = Arc::new(Semaphore::new(ctx.config.limits.max_client_conn));
+    let permits = Arc::clone(&ctx.permits);
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     let mut backoff = Duration::from_millis(5);
     let mut tracker = Some(tracker);
@@ -44,9 +44,13 @@ pub(crate) async fn run(
         } else {
             Phase::Draining
         };
+        // While a successor takes over, it accepts on the same socket and this
+        // process does not; if the successor is lost, this one accepts again.
+        let handing_over = shutdown.phase() == Phase::HandingOver;
         let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.reached(next) => {
+            r = listener.accept(), if !handing_over => r,
+            _ = shutdown.left(Phase::HandingOver), if handing_over => continue,
+            _ = shutdown.reached(next), if !handing_over => {
                 if draining {
                     break;
                 }

@@ -11,6 +11,7 @@ use crate::limits::Limits;
 use crate::net::tls::ClientTls;
 use crate::shard::Shard;
 
+pub(crate) mod adopt;
 pub(crate) mod client_auth;
 pub(crate) mod listener;
 pub(crate) mod session;
@@ -36,4 +37,7 @@ pub(crate) struct Ctx {
     pub shards: Vec<Arc<Shard>>,
     pub relay: Arc<crate::relay::Ctx>,
     pub console: Arc<crate::console::Ctx>,
+    /// One per client connection (`HANDOFF_MAX_CLIENT_CONN`): the listener's clients
+    /// and the ones a takeover moved here.
+    pub permits: Arc<tokio::sync::Semaphore>,
 }

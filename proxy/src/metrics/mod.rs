@@ -12,6 +12,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const CLIENT_CONNECTIONS: &str = "handoff_client_connections";
 pub const CLIENTS_PARKED: &str = "handoff_clients_parked";
 pub const CLIENT_CONNECTIONS_TOTAL: &str = "handoff_client_connections_total";
+pub const TAKEOVERS_TOTAL: &str = "handoff_takeovers_total";
+pub const TAKEOVER_CLIENTS_MOVED_TOTAL: &str = "handoff_takeover_clients_moved_total";
+pub const TAKEOVER_SECONDS: &str = "handoff_takeover_duration_seconds";
 pub const CLIENT_REJECTED_TOTAL: &str = "handoff_client_connections_rejected_total";
 pub const AUTH_FAILURES_TOTAL: &str = "handoff_auth_failures_total";
 pub const CLIENT_TIMEOUTS_TOTAL: &str = "handoff_client_timeouts_total";
@@ -148,6 +151,10 @@ fn describe() {
     metrics::gauge!(CLIENTS_PARKED).set(0.0);
     metrics::gauge!(SERVER_CONNECTIONS).set(0.0);
     metrics::counter!(CLIENT_CONNECTIONS_TOTAL).absolute(0);
+    for result in ["done", "refused", "failed"] {
+        metrics::counter!(TAKEOVERS_TOTAL, "result" => result).absolute(0);
+    }
+    metrics::counter!(TAKEOVER_CLIENTS_MOVED_TOTAL).absolute(0);
     metrics::counter!(AUTH_FAILURES_TOTAL).absolute(0);
     metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL).absolute(0);
     metrics::counter!(MESSAGES_TOO_LARGE_TOTAL).absolute(0);

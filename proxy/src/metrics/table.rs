@@ -30,6 +30,24 @@ pub const METRICS: &[Def] = &[
         help: "Client connections accepted",
     },
     Def {
+        name: TAKEOVERS_TOTAL,
+        kind: Counter,
+        labels: &["result"],
+        help: "Takeovers of this process by a successor (`handoff --takeover`), by `result`: `done` (its clients handed over), `refused` (a format it does not speak, a shard not serving), `failed` (the successor went away; this process serves on)",
+    },
+    Def {
+        name: TAKEOVER_CLIENTS_MOVED_TOTAL,
+        kind: Counter,
+        labels: &[],
+        help: "Clients this process handed over to a successor",
+    },
+    Def {
+        name: TAKEOVER_SECONDS,
+        kind: Histogram,
+        labels: &[],
+        help: "From a successor's connection to the last client handed over",
+    },
+    Def {
         name: CLIENT_REJECTED_TOTAL,
         kind: Counter,
         labels: &["reason"],

@@ -4,5 +4,6 @@
 
 pub(crate) mod buffers;
 pub(crate) mod metered;
+pub mod passfd;
 pub(crate) mod stream;
 pub mod tls;

@@ -50,6 +50,9 @@ pub enum End {
     /// Transaction mode: the client has been quiet with nothing held for a while; its
     /// relay's state is set aside until it sends again (the session goes on).
     Parked,
+    /// A takeover is under way and the session is between transactions, with nothing
+    /// half-read: it may be handed to the successor.
+    HandOver,
 }
 
 /// Resolves when `signal` reaches `phase`.

@@ -14,6 +14,7 @@ use crate::metrics::{PreparedCounters, RelayMeters};
 use crate::net::tls::ServerTls;
 
 pub(crate) mod common;
+pub(crate) mod handover;
 pub(crate) mod session_mode;
 pub(crate) mod session_move;
 pub(crate) mod txn;
@@ -56,4 +57,6 @@ pub(crate) struct Ctx {
     pub server_tls: ServerTls,
     /// Where a client's cancel key leads.
     pub cancels: Arc<cancel::Registry>,
+    /// Where sessions go during a takeover.
+    pub outbox: handover::Outbox,
 }

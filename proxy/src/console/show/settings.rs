@@ -93,18 +93,30 @@ pub(super) fn databases(ctx: &Ctx, out: &mut Out) {
 }
 
 pub(super) fn config(ctx: &Ctx, out: &mut Out) {
-    const COLS: &[(&str, ColumnType)] =
-        &[("key", T), ("value", T), ("default", T), ("changeable", T)];
+    const COLS: &[(&str, ColumnType)] = &[
+        ("key", T),
+        ("value", T),
+        ("default", T),
+        ("changeable", T),
+        ("applies", T),
+    ];
     let rows: Vec<Row> = ctx
         .config
         .shown
         .iter()
         .map(|(k, v, d)| {
-            // PgBouncer's "changeable": whether a running process takes a new value.
-            let reloads = VARIABLES
+            // PgBouncer's "changeable": whether a running process takes a new value;
+            // "applies": how (SIGHUP, a takeover by a new process, or a restart).
+            let applies = VARIABLES
                 .iter()
-                .any(|var| var.name == *k && var.applies == Applies::OnSighup);
-            vec![s(k), s(v), s(d), s(if reloads { "yes" } else { "no" })]
+                .find(|var| var.name == *k)
+                .map_or(Applies::Restart, |var| var.applies);
+            let (changeable, how) = match applies {
+                Applies::OnSighup => ("yes", "sighup"),
+                Applies::Takeover => ("no", "takeover"),
+                Applies::Restart => ("no", "restart"),
+            };
+            vec![s(k), s(v), s(d), s(changeable), s(how)]
         })
         .collect();
     out.table(COLS, &rows);

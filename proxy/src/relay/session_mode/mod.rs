@@ -29,6 +29,7 @@ use crate::relay::common::{
     protocol_error, reach, End, Meter, MAX_CLIENT_MESSAGE, MAX_INSPECT, MAX_SERVER_MESSAGE,
     READ_CHUNK,
 };
+use crate::relay::handover::Outbox;
 use crate::relay::session_move;
 use crate::relay::Ctx;
 use crate::shard::control::{self, Admitted};
@@ -69,7 +70,10 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 /// Relays between a logged-in client and its server until one side ends, or (with
-/// `gen`) until that generation is revoked and the session is between transactions.
+/// `gen`) until that generation is revoked and the session is between transactions,
+/// or (`movable`: the outbox, and the takeover it last failed to move in) until a
+/// takeover may take it between transactions.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: &mut Conn,
     server: &mut Conn,
@@ -78,6 +82,7 @@ pub async fn run(
     gen: &crate::shard::Generation,
     info: &Arc<ClientInfo>,
     meters: &Arc<RelayMeters>,
+    movable: Option<(&Outbox, u64)>,
 ) -> End {
     use crate::net::stream::Stream;
     let bufs = (&mut client.rbuf, &mut server.rbuf);
@@ -86,12 +91,18 @@ pub async fn run(
         (Stream::Plain(c), Stream::Plain(s)) => {
             let (cr, cw) = c.split();
             let (sr, sw) = s.split();
-            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters).await
+            relay_loop(
+                cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters, movable,
+            )
+            .await
         }
         (c, s) => {
             let (cr, cw) = tokio::io::split(c);
             let (sr, sw) = tokio::io::split(s);
-            relay_loop(cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters).await
+            relay_loop(
+                cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters, movable,
+            )
+            .await
         }
     }
 }
@@ -108,6 +119,7 @@ async fn relay_loop<CR, CW, SR, SW>(
     gen: &crate::shard::Generation,
     info: &Arc<ClientInfo>,
     meters: &Arc<RelayMeters>,
+    movable: Option<(&Outbox, u64)>,
 ) -> End
 where
     CR: AsyncRead + Unpin,
@@ -132,8 +144,8 @@ where
 
     // One long-lived future per phase to wait for, rather than a new one (and a new
     // waiter registration) on every pass through the loop.
-    let mut watched = Phase::Draining;
-    let mut phase_change = Box::pin(reach(shutdown.clone(), Phase::Draining));
+    let mut watched = shutdown.phase().next();
+    let mut phase_change = Box::pin(reach(shutdown.clone(), watched));
     let end = loop {
         // Bytes the client sent right behind its startup, or left from the last read.
         if !cbuf.is_empty() {
@@ -152,6 +164,17 @@ where
         }
         if revoked && txn.at_boundary(&cscan) && cbuf.is_empty() {
             break End::Revoked;
+        }
+        // A takeover: between transactions, with nothing half-read from either side,
+        // the session and its server connection go to the successor.
+        if phase == Phase::HandingOver
+            && movable.is_some_and(|(outbox, stayed)| outbox.attempt() != stayed)
+            && txn.at_boundary(&cscan)
+            && cbuf.is_empty()
+            && sbuf.is_empty()
+            && sscan.at_boundary()
+        {
+            break End::HandOver;
         }
         reserve(cbuf);
         reserve(sbuf);
@@ -180,8 +203,8 @@ where
             },
             _ = &mut phase_change, if phase < watched => {
                 // Watch for the next phase with a new long-lived future.
-                watched = Phase::Closing;
-                phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
+                watched = shutdown.phase().next();
+                phase_change = Box::pin(reach(shutdown.clone(), watched));
             }
             _ = &mut revocation, if !revoked => revoked = true,
             _ = &mut killed => {
@@ -342,14 +365,14 @@ pub(crate) async fn serve(
     shutdown: Signal,
 ) {
     let name = shard.name.as_str();
-    let (mut entered, mut server) = match attach(ctx, shard, &login).await {
+    let (entered, server) = match attach(ctx, shard, &login).await {
         Ok(attached) => attached,
         Err(err) => {
             send_error(&mut client.stream, &err).await;
             return;
         }
     };
-    let mut server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+    let server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
     // The client is told its backend's real process id (`pg_backend_pid()`,
     // `pg_terminate_backend()` mean what it expects) with a secret key of handoff's own,
     // so cancel requests still come through handoff. After the session moves to another
@@ -366,7 +389,52 @@ pub(crate) async fn serve(
         return;
     }
     tracing::debug!(shard = name, server = %server.peer, "session relaying");
+    relay(
+        client,
+        ctx,
+        shard,
+        &login,
+        shutdown,
+        Attached {
+            entered,
+            server,
+            server_gauge,
+            registration,
+        },
+    )
+    .await
+}
+
+/// What a session-mode session holds while it relays.
+pub(crate) struct Attached {
+    pub entered: Entered,
+    pub server: ServerConn,
+    pub server_gauge: GaugeGuard,
+    pub registration: crate::backend::cancel::Registration,
+}
+
+/// Relays a logged-in session until it ends: moved to the next primary when its own is
+/// revoked, handed to a takeover's successor when one asks.
+pub(crate) async fn relay(
+    mut client: Conn,
+    ctx: &Ctx,
+    shard: &Arc<Shard>,
+    login: &ServerLogin,
+    shutdown: Signal,
+    attached: Attached,
+) {
+    let name = shard.name.as_str();
+    let Attached {
+        mut entered,
+        mut server,
+        mut server_gauge,
+        registration,
+    } = attached;
+    let mut stayed = 0;
     loop {
+        let movable = (matches!(client.stream, crate::net::stream::Stream::Plain(_))
+            && matches!(server.conn.stream, crate::net::stream::Stream::Plain(_)))
+        .then_some((&ctx.outbox, stayed));
         let end = run(
             &mut client,
             &mut server.conn,
@@ -375,8 +443,18 @@ pub(crate) async fn serve(
             entered.generation(),
             &login.client,
             &ctx.meters,
+            movable,
         )
         .await;
+        if end == End::HandOver {
+            let attempt = ctx.outbox.attempt();
+            if moved::hand_over(ctx, &client, &server, name, login, &registration).await {
+                tracing::debug!("session handed over to the successor");
+                return;
+            }
+            stayed = attempt;
+            continue;
+        }
         if end != End::Revoked {
             tracing::debug!(?end, "session ended");
             if end == End::ServerGone {
@@ -392,7 +470,7 @@ pub(crate) async fn serve(
         drop(entered);
         registration.set_server(None);
         let moved = match captured {
-            Ok(state) => follow(&mut client, ctx, shard, &login, &state, shutdown.clone()).await,
+            Ok(state) => follow(&mut client, ctx, shard, login, &state, shutdown.clone()).await,
             Err(e) => Err(cannot_move(
                 name,
                 format!("the session's state could not be read: {e}"),
@@ -526,6 +604,9 @@ fn cannot_move(shard: &str, why: String) -> ProxyError {
         ),
     )
 }
+
+mod moved;
+pub(crate) use moved::adopt;
 
 #[cfg(test)]
 mod tests;

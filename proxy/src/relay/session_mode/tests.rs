@@ -70,6 +70,7 @@ async fn setup() -> Setup {
             &gen,
             &info,
             &meters,
+            None,
         )
         .await
     });

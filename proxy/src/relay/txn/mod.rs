@@ -14,6 +14,7 @@
 mod client;
 mod exchange;
 mod local;
+mod moved;
 mod params;
 pub(crate) mod prepared;
 mod probation;
@@ -97,6 +98,9 @@ pub(crate) struct Txn<'a> {
     out: BytesMut,
     /// Bytes relayed, request and transaction durations.
     meter: Meter,
+    /// The takeover this session could not be moved in (0: none): it is not tried
+    /// again in the same one.
+    stayed: u64,
 }
 
 /// A client's named statements and their progress through the server connection it
@@ -175,6 +179,7 @@ impl<'a> Txn<'a> {
             ending: false,
             out: BytesMut::new(),
             meter: Meter::new(Arc::clone(&ctx.meters), client),
+            stayed: 0,
         }
     }
 

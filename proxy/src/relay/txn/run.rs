@@ -52,11 +52,49 @@ pub(crate) fn relay<'a>(
                     let _parked = GaugeGuard::new(m::CLIENTS_PARKED);
                     parked(&client, &shutdown).await;
                 }
+                End::HandOver => {
+                    if Box::pin(hand_over(&mut client, &mut txn)).await {
+                        break End::HandOver;
+                    }
+                }
                 end => break end,
             }
         };
         tracing::debug!(client.addr = %txn.meter.client().addr, ?end, "session ended");
     })
+}
+
+/// Gives the session to the successor of a takeover: true once it has taken it (the
+/// session ends here, silently). Otherwise the session stays, and is not tried again
+/// in this takeover.
+async fn hand_over(client: &mut Conn, txn: &mut Txn<'_>) -> bool {
+    let outbox = &txn.ctx.outbox;
+    let attempt = outbox.attempt();
+    let moved = crate::relay::handover::dup(client).and_then(|fd| {
+        let minor = if txn.registration.key.len() >= 32 {
+            2
+        } else {
+            0
+        };
+        let c = crate::relay::handover::client_part(
+            txn.meter.client(),
+            minor,
+            (txn.registration.pid, &txn.registration.key),
+            &txn.target.credentials,
+            &client.rbuf,
+            txn.moved_mode(),
+        )?;
+        Some((c, fd))
+    });
+    let taken = match moved {
+        Some((c, fd)) => outbox.send(c, vec![fd]).await,
+        None => false,
+    };
+    if !taken {
+        tracing::debug!("session not handed over: it stays in this process");
+        txn.stay(attempt);
+    }
+    taken
 }
 
 /// A parked client's wait, holding only its socket: until it sends something (or its
@@ -68,7 +106,7 @@ async fn parked(client: &Conn, shutdown: &Signal) {
     let crate::net::stream::Stream::Plain(socket) = &client.stream else {
         return;
     };
-    let draining = shutdown.reached(Phase::Draining);
+    let draining = shutdown.reached(Phase::HandingOver);
     tokio::pin!(draining);
     std::future::poll_fn(|cx| {
         // Ready, or failed: either way the relay's next read finds out which.
@@ -225,8 +263,8 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
         transaction: txn.ctx.settings.idle_transaction_timeout,
     };
     let mut server = ServerSide::new();
-    let mut watched = Phase::Draining;
-    let mut phase_change = Box::pin(reach(shutdown.clone(), Phase::Draining));
+    let mut watched = shutdown.phase().next();
+    let mut phase_change = Box::pin(reach(shutdown.clone(), watched));
     // Lameduck's cancellation of the generation this session's transaction runs on;
     // made again only when the session moves to another generation.
     let mut killed: Option<(u64, KillFuture)> = None;
@@ -246,6 +284,17 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
         if phase == Phase::Closing || (phase == Phase::Draining && idle) {
             send_error(&mut client.stream, &crate::error::shutting_down()).await;
             break End::Shutdown;
+        }
+        // A takeover: between transactions, with nothing held or half-read, the session
+        // goes to the successor (a TLS session cannot: it stays until it leaves).
+        if phase == Phase::HandingOver
+            && idle
+            && matches!(txn.local, Local::None)
+            && !txn.probe.active
+            && matches!(client.stream, crate::net::stream::Stream::Plain(_))
+            && txn.stayed_in() != txn.ctx.outbox.attempt()
+        {
+            break End::HandOver;
         }
         let attached = txn.backend.is_some();
         if attached {
@@ -299,8 +348,8 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
                 break End::Parked;
             }
             _ = &mut phase_change, if phase < watched => {
-                watched = Phase::Closing;
-                phase_change = Box::pin(reach(shutdown.clone(), Phase::Closing));
+                watched = shutdown.phase().next();
+                phase_change = Box::pin(reach(shutdown.clone(), watched));
             }
             _ = expire(limit) => {
                 let kind = limit.expect("a limit expired").1;
