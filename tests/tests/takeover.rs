@@ -488,7 +488,7 @@ async fn serves_new_clients(url: &str) {
 async fn a_successor_that_fails_before_taking_a_client_leaves_everything_served() {
     let cluster = Cluster::start(0).unwrap();
     Load::prepare(&server(&cluster.primary)).await.unwrap();
-    let mut d = Deployment::new(&cluster, &[]);
+    let mut d = Deployment::new(&cluster, &[("HANDOFF_SHUTDOWN_TIMEOUT", "3s")]);
     let proc = d.first().await;
     let url = d.url();
     let load = Load::start(d.listen, 8).await.unwrap();
@@ -524,10 +524,31 @@ async fn a_successor_that_fails_before_taking_a_client_leaves_everything_served(
     drop(fake);
     serves_new_clients(&url).await;
 
+    // A shard held (buffering) for longer than HANDOFF_SHUTDOWN_TIMEOUT: the takeover
+    // is refused, naming the shard; the held requests are released by the resume.
+    let (status, body) = http_body(d.admin, "POST", "/v1/shards/main/buffer", None, "{}")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (refused, log) = d.spawn(true, &[]);
+    let status = wait(refused, Duration::from_secs(30))
+        .await
+        .expect("it exits");
+    assert_eq!(status.code(), Some(1), "{}", read(&log));
+    let said = read(&log);
+    assert!(
+        said.contains("refused") && said.contains("shard \"main\""),
+        "{said}"
+    );
+    let (status, body) = http_body(d.admin, "POST", "/v1/shards/main/resume", None, "{}")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+
     // The running process counted each attempt for what it was.
     let (status, body) = http(d.admin, "GET", "/metrics", None).await.unwrap();
     assert_eq!(status, 200);
-    for (result, n) in [("refused", 1), ("failed", 2), ("done", 0)] {
+    for (result, n) in [("refused", 2), ("failed", 2), ("done", 0)] {
         let line = format!("handoff_takeovers_total{{result=\"{result}\"}} {n}\n");
         assert!(body.contains(&line), "{line}: {body}");
     }
@@ -670,4 +691,193 @@ async fn a_takeover_applies_a_new_configuration_and_waits_out_a_switchover() {
     assert_no_errors(&out);
     assert_acked_on(&cluster.primary, &out).await;
     stop(proc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_the_successor_keeps_the_proxy_id_and_its_membership() {
+    let mut cluster = Cluster::start(1).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    let etcd = handoff_tests::etcd::Etcd::start().unwrap();
+    let coordinated = [
+        ("HANDOFF_ETCD_ENDPOINTS", etcd.endpoint()),
+        ("HANDOFF_ETCD_PREFIX", "/handoff-takeover".to_string()),
+        ("HANDOFF_ETCD_LEASE_TTL", "2s".to_string()),
+        ("HANDOFF_ETCD_TIMEOUT", "1s".to_string()),
+    ];
+    let vars: Vec<(&str, &str)> = coordinated.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let logs = handoff_tests::proxies::log_dir().unwrap();
+    let mut p2 = handoff_tests::proxies::ProxyProcess::start(&cluster, "p2", &vars, logs.path())
+        .await
+        .unwrap();
+    let hosts = format!(
+        "main={},{}",
+        cluster.primary.addr(),
+        cluster.standbys[0].addr()
+    );
+    let mut mine = vars.clone();
+    mine.extend([
+        ("HANDOFF_SHARDS", hosts.as_str()),
+        ("HANDOFF_PROXY_ID", "p1"),
+    ]);
+    let mut d = Deployment::new(&cluster, &mine);
+    let proc = d.first().await;
+    let members = |c: &serde_json::Value| -> Vec<String> {
+        c["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|m| m["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    eventually(Duration::from_secs(20), "p2 to see p1", || async {
+        let (_, c) = p2.shard().await?;
+        Ok(members(&c).len() == 2)
+    })
+    .await
+    .unwrap();
+    let load = Load::start(d.listen, 8).await.unwrap();
+
+    // p2's view of the members, every 20 ms while p1 is taken over.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let watching = std::sync::Arc::clone(&watching);
+        let admin = p2.admin;
+        tokio::spawn(async move {
+            let mut gaps = Vec::new();
+            let mut looks = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((200, body)) = http(admin, "GET", "/v1/shards", None).await {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    let ids = members(&v["coordination"]);
+                    looks += 1;
+                    if !ids.iter().any(|i| i == "p1") {
+                        gaps.push(ids);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (looks, gaps)
+        })
+    };
+    let (proc, _) = d.take_over(proc, &[]).await;
+    // Past the old process's lease: had the new one not taken the membership over, p1
+    // would be gone by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (looks, gaps) = watcher.await.unwrap();
+    assert!(looks > 20, "{looks}");
+    assert!(gaps.is_empty(), "p1 missing from the members: {gaps:?}");
+
+    // A coordinated switchover started on p2 holds p1's new process too.
+    let target = cluster.standbys[0].addr();
+    let (status, report) = p2
+        .post(
+            "/v1/shards/main/switchover",
+            &format!("{{\"to\": \"{target}\"}}"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{report:#}");
+    assert_eq!(report["outcome"], "completed", "{report:#}");
+    let acked: Vec<&str> = report["coordination"]["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["proxy"].as_str())
+        .collect();
+    assert!(acked.contains(&"p1"), "{report:#}");
+    cluster.swap(0);
+    eventually(
+        Duration::from_secs(20),
+        "p1 to serve the new primary",
+        || async {
+            let (_, body) = http(d.admin, "GET", "/v1/shards", None).await?;
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            Ok(v["shards"][0]["primary"] == target)
+        },
+    )
+    .await
+    .unwrap();
+
+    let out = load.stop().await;
+    assert_no_errors(&out);
+    assert_acked_on(&cluster.primary, &out).await;
+    stop(proc);
+    p2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_session_stays_with_the_old_process_until_the_bounded_drain() {
+    let cluster = Cluster::start(0).unwrap();
+    Load::prepare(&server(&cluster.primary)).await.unwrap();
+    let ca = handoff_tests::tls::TestCa::new("takeover test CA").unwrap();
+    let (cert, key) = ca.issue(&["localhost"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let (cert_path, key_path) = (
+        cert_path.display().to_string(),
+        key_path.display().to_string(),
+    );
+    let mut d = Deployment::new(
+        &cluster,
+        &[
+            ("HANDOFF_TLS_MODE", "allow"),
+            ("HANDOFF_TLS_CERT", cert_path.as_str()),
+            ("HANDOFF_TLS_KEY", key_path.as_str()),
+            ("HANDOFF_SHUTDOWN_TIMEOUT", "3s"),
+        ],
+    );
+    let proc = d.first().await;
+    let load = Load::start(d.listen, 8).await.unwrap();
+    let tls_url = format!(
+        "host=localhost port={} user=postgres dbname=postgres sslmode=require",
+        d.listen.port()
+    );
+    let connector = handoff_tests::tls::MakeRustls::trusting(&ca.cert_pem).unwrap();
+    let (tls, conn) = tokio_postgres::connect(&tls_url, connector.clone())
+        .await
+        .unwrap();
+    let tls_conn = tokio::spawn(conn);
+    let old_pid = proc.id();
+
+    let (mut new, log) = d.spawn(true, &[]);
+    eventually(Duration::from_secs(20), "the new process to accept", || {
+        let log = log.clone();
+        async move { Ok(read(&log).contains("taking its clients over")) }
+    })
+    .await
+    .unwrap();
+    // The plain clients move; the TLS one is still served by the old process.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let one: i32 = tls.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    assert!(
+        std::fs::metadata(format!("/proc/{old_pid}")).is_ok(),
+        "the old process waits for its TLS client"
+    );
+    // After HANDOFF_SHUTDOWN_TIMEOUT it drains: the TLS client, idle, is told 57P01.
+    let status = wait(proc, Duration::from_secs(30)).await;
+    assert!(status.is_some_and(|s| s.success()), "{}", d.logs());
+    let ended = tokio::time::timeout(Duration::from_secs(10), tls_conn)
+        .await
+        .expect("the TLS session ends")
+        .unwrap();
+    assert_eq!(
+        ended.expect_err("ended by the proxy").code(),
+        Some(&SqlState::ADMIN_SHUTDOWN)
+    );
+    // A new TLS client is served by the new process.
+    let (again, conn) = tokio_postgres::connect(&tls_url, connector).await.unwrap();
+    tokio::spawn(conn);
+    again.simple_query("SELECT 1").await.unwrap();
+    assert!(new.try_wait().unwrap().is_none());
+
+    let out = load.stop().await;
+    assert_no_errors(&out);
+    assert_acked_on(&cluster.primary, &out).await;
+    stop(new);
 }
