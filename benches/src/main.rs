@@ -4,7 +4,8 @@
 //! - `compare`: direct / PgBouncer / handoff on a local cluster, one table with ratios;
 //! - `demo`: the README's main job: a local primary + standby, handoff in front, the
 //!   harness run direct and through handoff;
-//! - `idle`: handoff's memory with many idle clients.
+//! - `idle`: handoff's memory with many idle clients;
+//! - `takeover`: handoff replaced by a takeover under load, beside PgBouncer's `-R`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,6 +21,7 @@ mod idle;
 mod patroni;
 mod run;
 mod switchover;
+mod takeover;
 
 const USAGE: &str = "\
 Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select|tpcb]
@@ -35,6 +37,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
        handoff-bench patroni    [--workload tpcb] [--clients 32] [--duration 14s] [--at 5s]
                                 [--targets handoff,handoff-hook,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
+       handoff-bench takeover [--clients 32] [--takeovers 10] [--every 1]
+                              [--targets handoff,handoff-session,pgbouncer]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 
@@ -298,6 +302,15 @@ async fn main() -> ExitCode {
                     .chain(args),
             ) {
                 Ok(a) => switchover::run(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("takeover") => {
+            use clap::Parser;
+            match takeover::Args::try_parse_from(
+                std::iter::once("handoff-bench takeover".to_string()).chain(args),
+            ) {
+                Ok(a) => takeover::run(a).await,
                 Err(e) => return clap_exit(e),
             }
         }

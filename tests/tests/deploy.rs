@@ -1,7 +1,9 @@
 //! The Prometheus rules and the Grafana dashboard under `deploy/`: valid for
 //! `promtool`, their alerts fire as their unit tests say, and every metric they use is
 //! one handoff really exports (checked against a proxy with coordination after a
-//! switchover, so that the per-shard, coordination and switchover series exist).
+//! switchover, so that the per-shard, coordination and switchover series exist). The
+//! systemd unit's reload is a takeover (what that command does is tested in
+//! `takeover.rs`, with a notification socket standing in for systemd's).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,30 @@ fn names(text: &str) -> BTreeSet<String> {
         out.insert(name);
     }
     out
+}
+
+#[test]
+fn the_systemd_unit_reloads_by_a_takeover_and_follows_the_new_process() {
+    let unit = std::fs::read_to_string(deploy().join("systemd/handoff.service")).unwrap();
+    let settings: Vec<(&str, &str)> = unit
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    let get = |key: &str| {
+        settings
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("{key} is not set:\n{unit}"))
+    };
+    // READY=1 with MAINPID= from whichever process serves: the new one after a reload.
+    assert_eq!(get("Type"), "notify");
+    assert_eq!(get("NotifyAccess"), "all");
+    assert!(get("ExecReload").ends_with("handoff takeover"), "{unit}");
+    assert!(get("ExecStart").ends_with("/handoff"), "{unit}");
+    // The takeover socket's default directory.
+    assert_eq!(get("RuntimeDirectory"), "handoff");
 }
 
 #[test]
