@@ -180,3 +180,70 @@ pub async fn ids_in(server: &str, table: &str) -> Result<std::collections::HashS
     let rows = c.query(&format!("SELECT id FROM {table}"), &[]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
+
+/// pgbench's tpcb-like script through the proxy on `port`: `clients` clients for `secs`.
+pub fn pgbench(
+    cluster: &crate::Cluster,
+    port: u16,
+    clients: u32,
+    secs: u32,
+) -> std::process::Child {
+    std::process::Command::new(cluster.bin.bin("pgbench"))
+        .args([
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "1",
+            "-T",
+            &secs.to_string(),
+            "-n",
+        ])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench starts")
+}
+
+/// pgbench's count of committed transactions; panics on any failed one (or an
+/// aborted client: pgbench then exits with an error).
+pub fn pgbench_done(who: &str, child: std::process::Child) -> u64 {
+    let out = child.wait_with_output().expect("pgbench ends");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("number of failed transactions: 0"),
+        "pgbench through {who}:\n{stdout}\n{stderr}"
+    );
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no count in pgbench's output:\n{stdout}"))
+}
+
+/// Rows in pgbench's history table on `node`'s server: one per committed transaction.
+pub async fn history(node: &crate::Node) -> u64 {
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        node.port
+    );
+    let (c, conn) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .expect("the server answers");
+    tokio::spawn(conn);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pgbench_history", &[])
+        .await
+        .expect("pgbench's tables exist")
+        .get(0);
+    n as u64
+}

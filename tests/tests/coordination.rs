@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use handoff_tests::admin::server;
 use handoff_tests::etcd::Etcd;
-use handoff_tests::load::{ids, Load, Outcome};
+use handoff_tests::load::{history, ids, pgbench, pgbench_done, Load, Outcome};
 use handoff_tests::proxies::ProxyProcess;
 use handoff_tests::{eventually, Cluster};
 
@@ -95,63 +95,6 @@ async fn wait_primary(proxies: &[&ProxyProcess], primary: &str, epoch: u64) {
         .await
         .unwrap_or_else(|e| panic!("{}: {e}\n{}", p.id, p.log_tail()));
     }
-}
-
-/// pgbench's TPC-B-like script through one proxy for `secs`.
-fn pgbench(cluster: &Cluster, port: u16, clients: u32, secs: u32) -> std::process::Child {
-    std::process::Command::new(cluster.bin.bin("pgbench"))
-        .args([
-            "-c",
-            &clients.to_string(),
-            "-j",
-            "1",
-            "-T",
-            &secs.to_string(),
-            "-n",
-        ])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// pgbench's count of committed transactions; panics on any failed one.
-fn pgbench_done(who: &str, child: std::process::Child) -> u64 {
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("number of failed transactions: 0"),
-        "pgbench through {who}:\n{stdout}\n{stderr}"
-    );
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no count in pgbench's output:\n{stdout}"))
-}
-
-/// Rows in pgbench's history table on `node`'s server: one per committed transaction.
-async fn history(node: &handoff_tests::Node) -> u64 {
-    let (c, conn) = tokio_postgres::connect(&server(node), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM pgbench_history", &[])
-        .await
-        .unwrap()
-        .get(0);
-    n as u64
 }
 
 /// Every write `out` saw acknowledged is on `node`.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use handoff::api::takeover::{Message, FORMAT};
 use handoff_tests::admin::server;
-use handoff_tests::load::{ids, Load};
+use handoff_tests::load::{history, ids, pgbench, pgbench_done, Load};
 use handoff_tests::raw::{http, http_body};
 use handoff_tests::{conn_str, eventually, Cluster};
 use tokio_postgres::error::SqlState;
@@ -251,6 +251,7 @@ async fn assert_acked_on(node: &handoff_tests::Node, out: &handoff_tests::load::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() {
     let cluster = Cluster::start(0).unwrap();
+    cluster.pgbench_init(1).unwrap();
     Load::prepare(&server(&cluster.primary)).await.unwrap();
     cluster
         .primary
@@ -259,7 +260,10 @@ async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() 
     let mut d = Deployment::new(&cluster, &[]);
     let mut proc = d.first().await;
     let url = d.url();
-    let load = Load::start(d.listen, 16).await.unwrap();
+    let load = Load::start(d.listen, 12).await.unwrap();
+    // pgbench through the first takeovers (it runs for a fixed time).
+    let history_before = history(&cluster.primary).await;
+    let bench = pgbench(&cluster, d.listen.port(), 4, 5);
 
     // A client with a parameter SET, a protocol-level and a SQL-level named statement.
     let c = connect(&format!("{url} application_name=mover")).await;
@@ -312,6 +316,15 @@ async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() 
         assert_eq!(a, "mover", "round {round}: the startup parameter moved");
     }
     cancel_reaches_the_backend(&c).await;
+    let committed = tokio::task::spawn_blocking(move || pgbench_done("handoff", bench))
+        .await
+        .unwrap();
+    assert!(committed > 0);
+    let rows = history(&cluster.primary).await - history_before;
+    assert!(
+        rows >= committed,
+        "pgbench committed {committed} transactions, the server has {rows} history rows"
+    );
 
     // A cancel for a client still in the old process (its transaction has not ended),
     // received by the new one, which has the listener by then: passed back, it stops
@@ -362,11 +375,14 @@ async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_clients_keep_their_own_backend_across_takeovers() {
     let cluster = Cluster::start(0).unwrap();
+    cluster.pgbench_init(1).unwrap();
     Load::prepare(&server(&cluster.primary)).await.unwrap();
     let mut d = Deployment::new(&cluster, &[("HANDOFF_POOL_MODE", "session")]);
     let mut proc = d.first().await;
     let url = d.url();
-    let load = Load::start(d.listen, 8).await.unwrap();
+    let load = Load::start(d.listen, 6).await.unwrap();
+    let history_before = history(&cluster.primary).await;
+    let bench = pgbench(&cluster, d.listen.port(), 4, 3);
 
     let (c, mut notes) = listening_client(&url).await;
     c.batch_execute(
@@ -413,11 +429,34 @@ async fn session_mode_clients_keep_their_own_backend_across_takeovers() {
         assert_eq!(note, ("moved".to_string(), format!("round {round}")));
     }
     cancel_reaches_the_backend(&c).await;
+    let committed = tokio::task::spawn_blocking(move || pgbench_done("handoff", bench))
+        .await
+        .unwrap();
+    let rows = history(&cluster.primary).await - history_before;
+    assert!(
+        committed > 0 && rows >= committed,
+        "{committed} committed, {rows} rows"
+    );
 
     let out = load.stop().await;
     assert_no_errors(&out);
     assert_acked_on(&cluster.primary, &out).await;
     stop(proc);
+}
+
+/// `SHOW STATS`' total transactions of database `postgres`, through the console (a
+/// console session stays in the process it started in: closed at once).
+async fn xact_count(d: &Deployment) -> u64 {
+    let console = connect(&conn_str(&d.listen, "postgres", "handoff", None)).await;
+    let rows = console.simple_query("SHOW STATS").await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
+                r.get("total_xact_count").and_then(|v| v.parse().ok())
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 /// Speaks the hand-over format as a successor would, up to a chosen step, then goes.
@@ -620,6 +659,11 @@ async fn a_takeover_applies_a_new_configuration_and_waits_out_a_switchover() {
     );
     let proc = d.first().await;
     let load = Load::start(d.listen, 8).await.unwrap();
+    // Long enough that the new process's own count, a moment after the takeover, is
+    // far below this: only the old one's counts carried over make up for it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let xacts_before = xact_count(&d).await;
+    assert!(xacts_before > 100, "{xacts_before}");
 
     // A shard added and the pool size changed: the new process runs with both.
     let two = format!("{hosts};second={}", cluster.primary.addr());
@@ -654,6 +698,12 @@ async fn a_takeover_applies_a_new_configuration_and_waits_out_a_switchover() {
         });
         assert_eq!(pool_size, Some(("5".into(), "takeover".into())));
     }
+    // SHOW STATS goes on from the old process's counts.
+    let xacts_after = xact_count(&d).await;
+    assert!(
+        xacts_after >= xacts_before,
+        "{xacts_after} < {xacts_before}"
+    );
 
     // A takeover asked for while a switchover runs: it waits until the shard serves
     // again, then moves everyone; no client sees either.
