@@ -97,7 +97,7 @@ pub struct Proxy {
 }
 
 /// Both listeners, bound (or inherited from the process taken over).
-pub(crate) struct Listeners {
+struct Listeners {
     client: TcpListener,
     admin: TcpListener,
     client_addr: SocketAddr,
@@ -209,10 +209,7 @@ impl Proxy {
     }
 
     /// [`Proxy::start`], on listeners a takeover inherited (else bound here).
-    pub(crate) async fn start_with(
-        config: Config,
-        inherited: Option<Listeners>,
-    ) -> Result<Self, StartError> {
+    async fn start_with(config: Config, inherited: Option<Listeners>) -> Result<Self, StartError> {
         let successor = inherited.is_some();
         let client_tls = net::tls::ClientTls::new(
             config.tls.client_mode,
@@ -337,19 +334,32 @@ impl Proxy {
         })
     }
 
-    /// A successor's side of a takeover, once it serves on the inherited listeners:
-    /// the clients the predecessor sends are adopted in the background.
-    pub(crate) fn adopt_from(&self, tx: net::passfd::Sender, rx: net::passfd::Receiver) {
-        let Some(tracker) = sync::Locked::locked(&self.adopting).take() else {
-            return;
+    /// Takes over the handoff running on this host (`HANDOFF_TAKEOVER_SOCKET`): starts
+    /// on its listening sockets, then adopts its clients in the background until it
+    /// says it is done ([`takeover`]). On an error nothing was taken: the running
+    /// process serves on.
+    pub async fn take_over(config: Config) -> Result<Self, takeover::TakeoverError> {
+        let p = takeover::connect(&config).await?;
+        let inherited = Listeners {
+            client: p.client.0,
+            admin: p.admin.0,
+            client_addr: p.client.1,
+            admin_addr: p.admin.1,
         };
-        tokio::spawn(takeover::receive(
-            tx,
-            rx,
-            Arc::clone(&self.frontend),
-            self.signal.clone(),
-            tracker,
-        ));
+        let proxy = Self::start_with(config, Some(inherited))
+            .await
+            .map_err(|e| takeover::TakeoverError::Start(e.to_string()))?;
+        takeover::ready(&p.tx).await?;
+        if let Some(tracker) = sync::Locked::locked(&proxy.adopting).take() {
+            tokio::spawn(takeover::receive(
+                p.tx,
+                p.rx,
+                Arc::clone(&proxy.frontend),
+                proxy.signal.clone(),
+                tracker,
+            ));
+        }
+        Ok(proxy)
     }
 
     /// Resolves once a successor (`handoff --takeover`) has taken this process's

@@ -58,9 +58,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config, takeover: bool) -> ExitCode {
     let started = if takeover {
-        handoff::takeover::take_over(config)
-            .await
-            .map_err(|e| e.to_string())
+        Proxy::take_over(config).await.map_err(|e| e.to_string())
     } else {
         Proxy::start(config).await.map_err(|e| e.to_string())
     };

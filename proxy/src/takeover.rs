@@ -73,8 +73,9 @@ pub enum TakeoverError {
     },
     #[error("the takeover channel failed: {0}")]
     Channel(String),
-    #[error(transparent)]
-    Start(#[from] crate::StartError),
+    /// The successor could not start on the listeners (`crate::StartError`'s words).
+    #[error("{0}")]
+    Start(String),
 }
 
 fn channel_error(e: impl std::fmt::Display) -> TakeoverError {
@@ -374,10 +375,18 @@ fn fail_all(waiting: &mut HashMap<u64, oneshot::Sender<bool>>) {
     }
 }
 
-/// The successor's side: connects to the running handoff, takes its listeners, starts
-/// on them and takes over its clients. Returns the running proxy; the clients keep
-/// arriving in the background until the predecessor says it is done.
-pub async fn take_over(config: crate::Config) -> Result<crate::Proxy, TakeoverError> {
+/// The running handoff as its successor sees it: the channel, and the two listening
+/// sockets it handed over with their addresses.
+pub(crate) struct Predecessor {
+    pub tx: Sender,
+    pub rx: Receiver,
+    pub client: (tokio::net::TcpListener, std::net::SocketAddr),
+    pub admin: (tokio::net::TcpListener, std::net::SocketAddr),
+}
+
+/// The successor's first steps: connects to the running handoff, checks the format and
+/// takes its listeners ([`ready`] once started on them).
+pub(crate) async fn connect(config: &crate::config::Config) -> Result<Predecessor, TakeoverError> {
     let path = config
         .takeover_socket
         .clone()
@@ -441,19 +450,28 @@ pub async fn take_over(config: crate::Config) -> Result<crate::Proxy, TakeoverEr
         l.set_nonblocking(true)?;
         tokio::net::TcpListener::from_std(l)
     };
-    let inherited = crate::Listeners {
-        client: listener(fds.next().expect("two")).map_err(channel_error)?,
-        admin: listener(fds.next().expect("two")).map_err(channel_error)?,
-        client_addr: client,
-        admin_addr: admin,
-    };
-    let proxy = crate::Proxy::start_with(config, Some(inherited)).await?;
-    send(&tx, &Message::Ready, &[])
+    Ok(Predecessor {
+        client: (
+            listener(fds.next().expect("two")).map_err(channel_error)?,
+            client,
+        ),
+        admin: (
+            listener(fds.next().expect("two")).map_err(channel_error)?,
+            admin,
+        ),
+        tx,
+        rx,
+    })
+}
+
+/// Tells the predecessor the successor serves on its listeners: it stops accepting and
+/// starts handing clients over.
+pub(crate) async fn ready(tx: &Sender) -> Result<(), TakeoverError> {
+    send(tx, &Message::Ready, &[])
         .await
         .map_err(channel_error)?;
     tracing::info!("takeover: started on the running handoff's sockets; taking its clients over");
-    proxy.adopt_from(tx, rx);
-    Ok(proxy)
+    Ok(())
 }
 
 /// The successor's receiving end: adopts each client, answers for it, passes back

@@ -3,8 +3,11 @@
 use super::*;
 use crate::testing::hp;
 use crate::testing::socket_pair;
+use bytes::BytesMut;
 use handoff_protocol::backend::BackendMessage;
+use handoff_protocol::backend::{tag as btag, TransactionStatus};
 use handoff_protocol::framing::decode_frame;
+use handoff_protocol::frontend::tag as ftag;
 use handoff_protocol::frontend::FrontendMessage;
 use tokio::io::AsyncWriteExt;
 
