@@ -505,18 +505,21 @@ pub(crate) async fn receive(
                 match wire::decode(&body) {
                     Ok(Message::Client(c)) => {
                         let id = c.id;
-                        let answer = match crate::frontend::adopt::spawn(*c, fds, &ctx, signal.clone(), tracker.clone()) {
-                            Ok(()) => {
-                                adopted += 1;
-                                Message::Adopted { id }
-                            }
+                        let (go, start) = oneshot::channel();
+                        let answer = match crate::frontend::adopt::spawn(*c, fds, &ctx, signal.clone(), tracker.clone(), start) {
+                            Ok(()) => Message::Adopted { id },
                             Err(reason) => {
                                 tracing::warn!(%reason, "takeover: a client could not be taken: it stays with the predecessor");
                                 Message::NotAdopted { id, reason }
                             }
                         };
+                        // The session relays only once the predecessor has been told
+                        // (else it could serve the client too).
                         if send(&tx, &answer, &[]).await.is_err() {
                             break;
+                        }
+                        if go.send(()).is_ok() {
+                            adopted += 1;
                         }
                     }
                     Ok(Message::Done { stats }) => {

@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::api::takeover::{Mode, MovedClient};
@@ -30,15 +30,18 @@ fn socket(fd: OwnedFd) -> Result<TcpStream, String> {
         .map_err(|e| format!("its socket cannot be used here: {e}"))
 }
 
-/// Checks what `moved` needs of this process's configuration and starts its session.
-/// `Err`: why it was not taken (the other process keeps it). `tracker` is held by the
-/// session, as the listener's sessions hold theirs.
+/// Checks what `moved` needs of this process's configuration and makes its session,
+/// which starts relaying once `go` says so — after the other process has been told the
+/// client is taken, so that the two never serve one socket — and ends at once if `go`
+/// is dropped. `Err`: why it was not taken (the other process keeps it). `tracker` is
+/// held by the session, as the listener's sessions hold theirs.
 pub(crate) fn spawn(
     moved: MovedClient,
     fds: Vec<OwnedFd>,
     ctx: &Arc<Ctx>,
     shutdown: Signal,
     tracker: mpsc::Sender<()>,
+    go: oneshot::Receiver<()>,
 ) -> Result<(), String> {
     let cfg = &ctx.config;
     let credentials = credentials_in(&moved.credentials).ok_or("malformed SCRAM keys")?;
@@ -119,8 +122,11 @@ pub(crate) fn spawn(
     let ctx = Arc::clone(ctx);
     let entry = Arc::clone(&info);
     let task = tokio::spawn(async move {
-        let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
         let _listed = ctx.clients.guard(&entry);
+        if go.await.is_err() {
+            return;
+        }
+        let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
         // Its limits are counted here too, though a moved client is never refused.
         let _slot = ctx.limits.admit(&moved.user, &moved.database, 0, 0);
         let span = entry.span();
