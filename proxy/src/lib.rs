@@ -1,8 +1,10 @@
 //! handoff: a failover-safe PostgreSQL proxy and connection pooler.
 //!
 //! [`Proxy::start`] binds the client and admin listeners from a [`Config`] and runs
-//! until [`Proxy::shutdown`]. The binary (`src/main.rs`) reads the configuration from
-//! `HANDOFF_*` environment variables and shuts down on SIGTERM/SIGINT.
+//! until [`Proxy::shutdown`]; [`Proxy::take_over`] starts instead on the listeners of a
+//! handoff running on this host and takes its clients over ([`takeover`]). The binary
+//! (`src/main.rs`) reads the configuration from `HANDOFF_*` environment variables and
+//! shuts down on SIGTERM/SIGINT, or once a successor has taken it over.
 //!
 //! This file only wires the layers together (docs/architecture.md). From the top:
 //! `admin` (HTTP API) · `coord` (coordination with other proxies over etcd) ·
