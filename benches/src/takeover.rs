@@ -9,7 +9,7 @@
 //! to the old one's exit) and the old process's resident memory when it last had any.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -142,7 +142,8 @@ fn pgbench(
     secs: u32,
     prefix: &Path,
 ) -> Result<std::process::Child> {
-    Command::new(cluster.bin.bin("pgbench"))
+    cluster
+        .pgbench(port)
         .args([
             "-c",
             &clients.to_string(),
@@ -154,15 +155,6 @@ fn pgbench(
         ])
         .args(["-l", "--log-prefix"])
         .arg(prefix)
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

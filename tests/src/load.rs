@@ -188,7 +188,8 @@ pub fn pgbench(
     clients: u32,
     secs: u32,
 ) -> std::process::Child {
-    std::process::Command::new(cluster.bin.bin("pgbench"))
+    cluster
+        .pgbench(port)
         .args([
             "-c",
             &clients.to_string(),
@@ -197,15 +198,6 @@ pub fn pgbench(
             "-T",
             &secs.to_string(),
             "-n",
-        ])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -589,20 +589,23 @@ impl Cluster {
 
     /// Creates pgbench's tables on the primary (`pgbench -i -s scale`).
     pub fn pgbench_init(&self, scale: u32) -> Result<()> {
-        let out = Command::new(self.bin.bin("pgbench"))
-            .args([
-                "-i",
-                "-q",
-                "-s",
-                &scale.to_string(),
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .args(["-p", &self.primary.port.to_string(), "postgres"])
+        let out = self
+            .pgbench(self.primary.port)
+            .args(["-i", "-q", "-s", &scale.to_string()])
             .output()?;
         check(out, "pgbench -i").map(|_| ())
+    }
+
+    /// pgbench against `127.0.0.1:port` (a proxy's, or a server's) as `postgres`, on
+    /// database `postgres` — given by libpq's environment variables, so the caller
+    /// adds only pgbench's own options.
+    pub fn pgbench(&self, port: u16) -> Command {
+        let mut cmd = Command::new(self.bin.bin("pgbench"));
+        cmd.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "postgres");
+        cmd
     }
 
     /// The directory holding data directories and logs.

@@ -31,7 +31,8 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 }
 
 fn pgbench(cluster: &Cluster, port: u16, secs: u32) -> std::process::Child {
-    std::process::Command::new(cluster.bin.bin("pgbench"))
+    cluster
+        .pgbench(port)
         .args([
             "-c",
             "8",
@@ -42,15 +43,6 @@ fn pgbench(cluster: &Cluster, port: u16, secs: u32) -> std::process::Child {
             "-n",
             "-M",
             "prepared",
-        ])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -30,17 +30,9 @@ async fn connect(proxy: &handoff::Proxy) -> Client {
 }
 
 fn pgbench(cluster: &Cluster, port: u16, mode: &str) -> String {
-    let out = std::process::Command::new(cluster.bin.bin("pgbench"))
+    let out = cluster
+        .pgbench(port)
         .args(["-S", "-c", "64", "-j", "2", "-T", "5", "-n", "-M", mode])
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -120,28 +120,14 @@ impl Registry {
         server: Option<ServerKey>,
         key_len: usize,
     ) -> Registration {
-        let server = Arc::new(std::sync::Mutex::new(server));
-        let mut list = self.map.entry(pid).or_default();
-        let key = loop {
+        let fresh = |list: &[Target]| loop {
             let key = random_bytes(key_len);
             if !list.iter().any(|t| t.key == key) {
-                break key;
+                break Some(key);
             }
         };
-        // Nearly every pid has one target (session mode may see a backend pid reused
-        // on another server): room for exactly one, not the four a first push makes.
-        list.reserve_exact(1);
-        list.push(Target {
-            key: key.clone(),
-            server: Arc::clone(&server),
-        });
-        drop(list);
-        Registration {
-            registry: Arc::clone(self),
-            server,
-            pid,
-            key,
-        }
+        self.insert(pid, server, fresh)
+            .expect("a fresh key is always found")
     }
 
     /// Registers key data a client was given by another process (a takeover moved the
@@ -153,11 +139,25 @@ impl Registry {
         key: Bytes,
         server: Option<ServerKey>,
     ) -> Option<Registration> {
+        self.insert(pid, server, |list| {
+            (!list.iter().any(|t| t.key == key)).then(|| key.clone())
+        })
+    }
+
+    /// Adds a target under `pid` with the key `key` picks from the pid's list (`None`:
+    /// nothing added).
+    fn insert(
+        self: &Arc<Self>,
+        pid: i32,
+        server: Option<ServerKey>,
+        key: impl FnOnce(&[Target]) -> Option<Bytes>,
+    ) -> Option<Registration> {
         let server = Arc::new(std::sync::Mutex::new(server));
         let mut list = self.map.entry(pid).or_default();
-        if list.iter().any(|t| t.key == key) {
-            return None;
-        }
+        let key = key(&list)?;
+        // Nearly every pid has one target (session mode may see a backend pid reused
+        // on another server): room for exactly one, not the four a first push makes.
+        list.reserve_exact(1);
         list.push(Target {
             key: key.clone(),
             server: Arc::clone(&server),

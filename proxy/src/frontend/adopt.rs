@@ -51,14 +51,9 @@ pub(crate) fn spawn(
     // changed), or the shard its server connection belongs to (session mode).
     let (shard, server_db) = match (&moved.mode, cfg.pool_mode) {
         (Mode::Transaction { .. }, PoolMode::Transaction) => {
-            let route = cfg
-                .route(&moved.database)
+            let r = crate::frontend::session::routed(cfg, &moved.database)
                 .ok_or_else(|| format!("database \"{}\" is not routed here", moved.database))?;
-            let db = route
-                .server_db
-                .clone()
-                .unwrap_or_else(|| moved.database.clone());
-            (route.shard, db)
+            (r.shard, r.server_db)
         }
         (
             Mode::Session {

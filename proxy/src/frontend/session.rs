@@ -465,10 +465,10 @@ enum Destination {
 }
 
 /// The shard a client database routes to, and the database's name on its servers.
-struct Routed {
+pub(crate) struct Routed {
     /// Index into the configured shards (and the proxy's shard states).
-    shard: usize,
-    server_db: String,
+    pub shard: usize,
+    pub server_db: String,
 }
 
 /// Resolves the client's database once: the console's name, a route, or `None` (not
@@ -477,14 +477,19 @@ fn destination(cfg: &Config, startup: &Startup) -> Option<Destination> {
     if crate::console::wanted(cfg, &startup.database) {
         return Some(Destination::Console);
     }
-    let route = cfg.route(&startup.database)?;
-    Some(Destination::Shard(Routed {
+    routed(cfg, &startup.database).map(Destination::Shard)
+}
+
+/// Where client database `database` routes: its shard and its name on the servers.
+pub(crate) fn routed(cfg: &Config, database: &str) -> Option<Routed> {
+    let route = cfg.route(database)?;
+    Some(Routed {
         shard: route.shard,
         server_db: route
             .server_db
             .clone()
-            .unwrap_or_else(|| startup.database.clone()),
-    }))
+            .unwrap_or_else(|| database.to_string()),
+    })
 }
 
 #[cfg(test)]
