@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod bypass;
+pub mod door;
 pub mod etcd;
 pub mod load;
 pub mod patroni;

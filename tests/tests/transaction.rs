@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use handoff_protocol::backend::BackendMessage;
 use handoff_protocol::frontend::{FrontendMessage, Target};
+use handoff_tests::door::Door;
 use handoff_tests::raw::{http, RawClient};
 use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
 use tokio_postgres::error::SqlState;
@@ -416,6 +417,60 @@ async fn cancel_and_dirty_connections() {
         .unwrap();
     assert!(row.get::<_, bool>(0), "lock left behind");
     assert_eq!(row.get::<_, i64>(1), 0, "uncommitted row visible");
+    proxy.shutdown().await;
+}
+
+/// A cancel request that reaches PostgreSQL only after its query has ended (a slow path
+/// to the server, a busy machine) lands on whatever that backend runs by then. The
+/// connection it is on its way to must not serve the next client before it lands.
+#[tokio::test]
+async fn a_late_cancel_never_reaches_the_next_clients_query() {
+    let cluster = Cluster::start(0).unwrap();
+    let door = Door::open(cluster.primary.socket_addr()).await.unwrap();
+    let shards = format!("main={}", door.addr());
+    let proxy = start_proxy(
+        &cluster,
+        &[("HANDOFF_POOL_SIZE", "1"), ("HANDOFF_SHARDS", &shards)],
+    )
+    .await
+    .unwrap();
+    let first = connect(&proxy).await;
+    let next = connect(&proxy).await;
+    let token = first.cancel_token();
+    let running =
+        tokio::spawn(async move { first.simple_query("select pg_sleep(1)").await.map(|_| ()) });
+    let primary = &cluster.primary;
+    eventually(Duration::from_secs(10), "pg_sleep to run", || async {
+        Ok(primary.psql("select count(*) from pg_stat_activity where query = 'select pg_sleep(1)' and state = 'active'")? == "1")
+    })
+    .await
+    .unwrap();
+    // The cancel takes two seconds to reach the server: the query ends first.
+    door.hold_new(Duration::from_secs(2));
+    token.cancel_query(NoTls).await.unwrap();
+    let first_result = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        first_result.is_ok(),
+        "the cancel landed in time after all: {first_result:?}"
+    );
+    // The pool's only connection: it serves this query once the cancel has landed.
+    let slept = tokio::time::timeout(
+        Duration::from_secs(15),
+        next.simple_query("select pg_sleep(1.5)"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        slept.is_ok(),
+        "the next client's query was cancelled: {slept:?}"
+    );
+    assert_eq!(door.cancels(), 1, "the cancel went to the server");
+    door.hold_new(Duration::ZERO);
+    let after: i32 = next.query_one("select 1", &[]).await.unwrap().get(0);
+    assert_eq!(after, 1);
     proxy.shutdown().await;
 }
 

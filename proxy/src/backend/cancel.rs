@@ -4,6 +4,7 @@
 //! nothing else.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,12 +18,68 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A server connection's cancel data.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServerKey {
     pub addr: SocketAddr,
     pub pid: i32,
     /// 4 bytes in protocol 3.0, up to 256 in 3.2.
     pub key: Bytes,
+    /// The cancel requests on their way to this connection (the pool's connection
+    /// carries the same one; a session-mode connection closes with its session).
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Cancel requests forwarded to one server connection and not yet delivered.
+///
+/// PostgreSQL signals the backend only once the cancel connection has been opened and
+/// read, and its signal lands on whatever the backend runs by then. A pooled connection
+/// whose client's query ended before its cancel landed must not serve another client
+/// until the cancel has been delivered, or the signal cancels that client's query
+/// instead. The pool waits for [`InFlight::delivered`] before handing such a connection
+/// out again.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl InFlight {
+    /// True while a cancel request is on its way.
+    pub fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+
+    /// Resolves once no cancel request is on its way (each is bounded by the connect
+    /// timeout it is sent with).
+    pub async fn delivered(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            // Registered before the count is read: a wake-up in between is not lost.
+            done.as_mut().enable();
+            if !self.any() {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// Counts one request on its way until the returned guard is dropped.
+    fn start(self: &Arc<Self>) -> Sending {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Sending(Arc::clone(self))
+    }
+}
+
+/// One cancel request on its way (delivered, failed or abandoned when dropped).
+struct Sending(Arc<InFlight>);
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
 }
 
 /// The server connection serving a client now, if any (transaction mode attaches and
@@ -60,6 +117,8 @@ pub struct Registration {
 
 impl Registration {
     /// Points the session's cancel requests at another server connection (or at none).
+    /// Once it returns, every request forwarded to the previous one is counted in that
+    /// connection's [`InFlight`].
     pub fn set_server(&self, server: Option<ServerKey>) {
         *self.server.locked() = server;
     }
@@ -207,8 +266,15 @@ impl Registry {
             }
             return false;
         };
-        // Between transactions nothing runs for this client: nothing to cancel.
-        let Some(server) = target.server.locked().clone() else {
+        // Between transactions nothing runs for this client: nothing to cancel. Counted
+        // on its way under the lock the session detaches with, so a connection leaving
+        // this client already shows it.
+        let Some((server, _sending)) = target
+            .server
+            .locked()
+            .as_ref()
+            .map(|s| (s.clone(), s.in_flight.start()))
+        else {
             return false;
         };
         cancel_server(server, timeout).await
@@ -282,6 +348,7 @@ mod tests {
                 addr,
                 pid,
                 key: Bytes::copy_from_slice(key),
+                in_flight: Arc::default(),
             })
         };
         let a = reg.register(key(111, &222i32.to_be_bytes()), 4);
@@ -328,6 +395,7 @@ mod tests {
                 addr,
                 pid: 4242,
                 key: Bytes::copy_from_slice(&1i32.to_be_bytes()),
+                in_flight: Arc::default(),
             }),
             4,
         );
@@ -361,6 +429,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_shows_a_cancel_on_its_way_until_it_is_delivered() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let srv = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = [0u8; 16];
+            s.read_exact(&mut got).await.unwrap();
+            let _ = closed.await;
+        });
+        let in_flight = Arc::new(InFlight::default());
+        let reg = Arc::new(Registry::default());
+        let client = reg.register(
+            Some(ServerKey {
+                addr,
+                pid: 7,
+                key: Bytes::from_static(&[0, 0, 0, 8]),
+                in_flight: Arc::clone(&in_flight),
+            }),
+            4,
+        );
+        assert!(!in_flight.any());
+        let forwarding = {
+            let (reg, pid, key) = (Arc::clone(&reg), client.pid, client.key.clone());
+            tokio::spawn(async move { reg.forward(pid, &key, Duration::from_secs(10)).await })
+        };
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !in_flight.any() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the forwarded cancel is counted");
+        // The client's query ended: its connection leaves it, the cancel still travels.
+        client.set_server(None);
+        assert!(in_flight.any());
+        let delivered = tokio::time::timeout(Duration::from_millis(300), in_flight.delivered());
+        assert!(
+            delivered.await.is_err(),
+            "delivered before the server closed"
+        );
+        close.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), in_flight.delivered())
+            .await
+            .expect("delivered once the server closed");
+        assert!(forwarding.await.unwrap());
+        assert!(!in_flight.any());
+        srv.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_cancel_is_done_only_when_the_server_has_closed_its_connection() {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
@@ -376,6 +495,7 @@ mod tests {
             addr,
             pid: 1,
             key: Bytes::from_static(&[0, 0, 0, 2]),
+            in_flight: Arc::default(),
         };
         let mut cancel = Box::pin(cancel_server(key, Duration::from_secs(10)));
         let early = tokio::time::timeout(Duration::from_millis(300), &mut cancel).await;

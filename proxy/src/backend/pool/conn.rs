@@ -9,6 +9,7 @@ use bytes::Bytes;
 use lru::LruCache;
 use tokio::time::Instant;
 
+use crate::backend::cancel::InFlight;
 use crate::backend::login::ServerConn;
 use crate::config::HostPort;
 use crate::net::stream::Conn;
@@ -39,6 +40,9 @@ pub struct Backend {
     /// by a SQL-level PREPARE, or found stale): closed with the next statements sent.
     pub to_close: Vec<Bytes>,
     pub(super) created: Instant,
+    /// Cancel requests forwarded to it and not yet delivered: it is not handed out
+    /// again until they are (see [`Pool::give_back`](super::Pool::give_back)).
+    pub in_flight: Arc<InFlight>,
     /// The pool's reconnect generation when it was opened: `RECONNECT` closes the
     /// connections of older generations as they come back.
     pub(super) generation: u64,
@@ -102,6 +106,7 @@ impl Backend {
             prepared: LruCache::new(NonZeroUsize::new(max_prepared.max(1)).expect("at least 1")),
             to_close: Vec::new(),
             created: Instant::now(),
+            in_flight: Arc::default(),
         }
     }
 

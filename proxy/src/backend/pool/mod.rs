@@ -460,6 +460,23 @@ impl Pool {
     }
 
     /// Closes a connection that must not be reused (dirty, broken or too old).
+    /// Returns a connection a client is done with: at once, or, if a cancel request
+    /// for that client's query is still on its way to it, once it has been delivered
+    /// (PgBouncer's `being_canceled` state). The connection keeps its place in the pool
+    /// meanwhile; a client waiting for one gets it afterwards.
+    pub fn give_back(self: &Arc<Self>, backend: Box<Backend>) {
+        if !backend.in_flight.any() {
+            self.checkin(backend);
+            return;
+        }
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            let in_flight = Arc::clone(&backend.in_flight);
+            in_flight.delivered().await;
+            pool.checkin(backend);
+        });
+    }
+
     pub fn discard(&self, backend: Box<Backend>) {
         drop_backend(backend);
         self.release_slot();

@@ -194,6 +194,8 @@ fn server_key(server: &ServerConn) -> ServerKey {
         addr: server.peer,
         pid: server.pid,
         key: server.key.clone(),
+        // The connection closes with the session: no other client can be reached.
+        in_flight: Default::default(),
     }
 }
 

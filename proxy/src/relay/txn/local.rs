@@ -324,6 +324,7 @@ impl Txn<'_> {
                     addr: b.peer,
                     pid: b.pid,
                     key: b.key.clone(),
+                    in_flight: std::sync::Arc::clone(&b.in_flight),
                 };
                 let timeout = self.ctx.settings.connect_timeout;
                 tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));

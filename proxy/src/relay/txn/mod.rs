@@ -304,6 +304,7 @@ impl<'a> Txn<'a> {
             addr: b.peer,
             pid: b.pid,
             key: b.key.clone(),
+            in_flight: Arc::clone(&b.in_flight),
         }));
         self.backend = Some(b);
     }
@@ -366,7 +367,8 @@ impl<'a> Txn<'a> {
             n.defining.clear();
         }
         if self.clean() && stream_clean && b.conn.rbuf.is_empty() {
-            self.pool.checkin(b);
+            // After `set_server(None)`: a cancel forwarded for this client shows now.
+            self.pool.give_back(b);
         } else {
             self.pool.discard(b);
         }
