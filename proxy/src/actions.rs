@@ -470,6 +470,25 @@ pub(crate) fn shards(actions: &Ctx) -> api::Shards {
                     .map(|v| v.host.to_string())
                     .collect(),
                 watched: watched.iter().map(watched_view).collect(),
+                standbys: s
+                    .replicas
+                    .all()
+                    .iter()
+                    .map(|r| {
+                        let seen = r.seen();
+                        api::Standby {
+                            host: r.host.to_string(),
+                            in_rotation: r.in_rotation(),
+                            state: seen.standing.as_str().to_string(),
+                            lag_bytes: seen.lag_bytes,
+                            lag_seconds: seen.lag.map(|d| d.as_secs_f64()),
+                            upstream: seen.upstream,
+                            transactions: r.outstanding(),
+                            chosen: r.chosen(),
+                            detail: seen.detail,
+                        }
+                    })
+                    .collect(),
                 coordination: actions
                     .coord
                     .as_ref()

@@ -138,12 +138,18 @@ pub enum AttachError {
     /// the request (buffering disabled or dry run, or the cycle already timed out).
     #[error("the shard has no primary taking new transactions")]
     NoPrimary,
+    /// A read (`@replica`) found no standby in the read rotation within its wait.
+    #[error("no standby of the shard serves reads")]
+    NoStandby(std::time::Duration),
 }
 
 impl AttachError {
     /// An error that ends the request, not the session.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, AttachError::Buffer(_) | AttachError::NoPrimary)
+        matches!(
+            self,
+            AttachError::Buffer(_) | AttachError::NoPrimary | AttachError::NoStandby(_)
+        )
     }
 
     /// What the client is told: a refusal is an ERROR for the request (the session goes
@@ -172,6 +178,11 @@ impl AttachError {
                 format!("shard \"{shard}\" has no primary taking new transactions"),
             )
             .hint("the request was not run; retry it once a primary is established"),
+            AttachError::NoStandby(waited) => ProxyError::error(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("shard \"{shard}\" has no standby in its read rotation (waited {waited:?})"),
+            )
+            .hint("the request was not run; its standbys are down, lagging past HANDOFF_REPLICA_MAX_LAG or not streaming from the primary (GET /v1/shards lists why); connect to @any to fall back to the primary"),
         }
     }
 

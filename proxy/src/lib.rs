@@ -191,6 +191,11 @@ fn spawn_shard_tasks(
             Arc::clone(sh),
             signal.clone(),
         ));
+        tokio::spawn(shard::replica_check::run(
+            Arc::clone(ctx),
+            Arc::clone(sh),
+            signal.clone(),
+        ));
         if let Some(source) = ctx.patroni(&sh.name) {
             tokio::spawn(shard::patroni::follow(
                 Arc::clone(ctx),

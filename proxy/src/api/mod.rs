@@ -90,8 +90,31 @@ pub struct ShardState {
     /// Replaced primaries found accepting writes.
     pub split_brain: Vec<String>,
     pub watched: Vec<Watched>,
+    /// Its hosts as readers (`@replica`, `@any`): the read rotation and why each host
+    /// is in it or not.
+    #[serde(default)]
+    pub standbys: Vec<Standby>,
     /// The shard's records in etcd, with coordination.
     pub coordination: Option<ShardRecords>,
+}
+
+/// One host of a shard as a reader, as the replica check last saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Standby {
+    pub host: String,
+    pub in_rotation: bool,
+    /// `in_rotation`, `lagging`, `not_streaming`, `not_standby`, `down`,
+    /// `not_checked_yet`.
+    pub state: String,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    /// Where it streams from (`host:port`), as it reports.
+    pub upstream: Option<String>,
+    /// Read transactions running on it now.
+    pub transactions: usize,
+    /// Read transactions given to it in all.
+    pub chosen: u64,
+    pub detail: String,
 }
 
 /// A shard's failover buffer.

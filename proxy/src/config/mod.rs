@@ -22,6 +22,7 @@ mod listen;
 mod patroni;
 mod pools;
 mod reference;
+mod replicas;
 mod shards;
 mod switchover;
 mod values;
@@ -33,7 +34,8 @@ pub use listen::{ClientTlsMode, ServerTlsMode, TlsSettings};
 pub use patroni::{PatroniSettings, PatroniShard};
 pub use pools::{Limits, PoolMode, PoolSettings};
 pub use reference::VARIABLES;
-pub use shards::{DatabaseRoute, HostPort, ShardConfig};
+pub use replicas::{ReplicaLag, ReplicaSettings};
+pub use shards::{DatabaseRoute, HostPort, ShardConfig, Target};
 pub use switchover::{HealthSettings, SwitchoverSettings};
 pub use values::{parse_duration, parse_size, InvalidValue};
 pub use variable::{Applies, Topic, Variable};
@@ -76,6 +78,8 @@ pub struct Config {
     pub tls: TlsSettings,
     pub pool_mode: PoolMode,
     pub pool: PoolSettings,
+    /// Reads on standbys (`HANDOFF_REPLICA_*`).
+    pub replicas: ReplicaSettings,
     /// The failover buffer's settings (`HANDOFF_BUFFER_*`).
     pub buffer: handoff_buffer::BufferConfig,
     pub connect_timeout: Duration,
@@ -153,6 +157,7 @@ impl Config {
         let tls = listen::parse_tls(&vars)?;
         let (pool_mode, pool) = pools::parse_pool(&vars)?;
         let buffer = pools::parse_buffer(&vars, &shards, pool.size)?;
+        let replicas = replicas::parse(&vars, pool.size)?;
         let (switchover, drain_timeout) = switchover::parse_switchover(&vars)?;
         let (health, watchdog_interval) = switchover::parse_health(&vars)?;
         Ok(Self {
@@ -181,6 +186,7 @@ impl Config {
             tls,
             pool_mode,
             pool,
+            replicas,
             buffer,
             connect_timeout: vars.positive_duration("HANDOFF_CONNECT_TIMEOUT")?,
             client_login_timeout: vars.positive_duration("HANDOFF_CLIENT_LOGIN_TIMEOUT")?,

@@ -10,13 +10,14 @@ use super::variable::{Applies, Topic, Variable};
 use super::Config;
 
 /// Each topic's table, in [`Topic::ALL`]'s order.
-const PARTS: [&[Variable]; 9] = [
+const PARTS: [&[Variable]; 10] = [
     super::listen::VARIABLES,
     super::shards::VARIABLES,
     super::auth::VARIABLES,
     super::pools::CLIENT_VARIABLES,
     super::pools::POOL_VARIABLES,
     super::pools::BUFFER_VARIABLES,
+    super::replicas::VARIABLES,
     super::switchover::VARIABLES,
     super::coordination::VARIABLES,
     super::patroni::VARIABLES,

@@ -102,6 +102,43 @@ pub struct DatabaseRoute {
     pub server_db: Option<String>,
 }
 
+/// Which of a shard's servers a client's transactions go to, chosen by a suffix of the
+/// database name it logs in to, as vtgate's `keyspace@replica` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// `appdb` or `appdb@primary`: the primary, through the failover buffer.
+    Primary,
+    /// `appdb@replica`: a standby in the read rotation; none: wait, then an error.
+    Replica,
+    /// `appdb@any`: a standby in the read rotation, else the primary.
+    Any,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Primary => "primary",
+            Target::Replica => "replica",
+            Target::Any => "any",
+        }
+    }
+
+    /// Splits `appdb@replica` into the database and its target. `Err` names a suffix
+    /// that is not a target; a name without `@` is the primary's.
+    pub fn split(database: &str) -> Result<(&str, Target), &str> {
+        let Some((name, suffix)) = database.rsplit_once('@') else {
+            return Ok((database, Target::Primary));
+        };
+        let target = match suffix {
+            "primary" => Target::Primary,
+            "replica" => Target::Replica,
+            "any" => Target::Any,
+            other => return Err(other),
+        };
+        Ok((name, target))
+    }
+}
+
 pub(super) fn parse_shards(s: &str) -> Result<Vec<ShardConfig>, ConfigError> {
     const VAR: &str = "HANDOFF_SHARDS";
     let mut shards: Vec<ShardConfig> = Vec::new();

@@ -10,19 +10,21 @@ pub enum Topic {
     Clients,
     Pools,
     Buffer,
+    Replicas,
     Failover,
     Coordination,
     Patroni,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 9] = [
+    pub const ALL: [Topic; 10] = [
         Topic::Listen,
         Topic::Shards,
         Topic::Auth,
         Topic::Clients,
         Topic::Pools,
         Topic::Buffer,
+        Topic::Replicas,
         Topic::Failover,
         Topic::Coordination,
         Topic::Patroni,
@@ -36,6 +38,7 @@ impl Topic {
             Topic::Clients => "Client limits and timeouts",
             Topic::Pools => "Pools and server connections",
             Topic::Buffer => "The failover buffer",
+            Topic::Replicas => "Reads on standbys",
             Topic::Failover => "Switchovers, failure detection and the fence",
             Topic::Coordination => "Coordination over etcd",
             Topic::Patroni => "Patroni",

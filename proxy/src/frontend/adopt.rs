@@ -154,6 +154,10 @@ pub(crate) fn spawn(
                     user: moved.user,
                     database: server_db,
                     credentials,
+                    // A moved client keeps its database name, suffix and all.
+                    target: crate::config::Target::split(&moved.database)
+                        .map(|(_, t)| t)
+                        .unwrap_or(crate::config::Target::Primary),
                 };
                 let key = Bytes::from(moved.cancel_key);
                 let registration = match ctx.relay.cancels.adopt(moved.cancel_pid, key, None) {

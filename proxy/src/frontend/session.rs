@@ -17,7 +17,7 @@ use crate::frontend::client_auth::{self, Failure};
 use std::collections::HashMap;
 
 use crate::backend::login::Credentials;
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, PoolMode, Target};
 use crate::error::send_error;
 use crate::error::ConnError;
 use crate::frontend::Ctx;
@@ -150,6 +150,18 @@ async fn start(
         Destination::Shard(routed) => routed,
     };
     match cfg.pool_mode {
+        PoolMode::Session if routed.target != Target::Primary => {
+            let err = ProxyError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "database \"{}\": reads on standbys are served in transaction mode only (HANDOFF_POOL_MODE=session)",
+                    startup.database
+                ),
+            )
+            .hint("connect to the database without @replica or @any, or run handoff with HANDOFF_POOL_MODE=transaction");
+            send_error(&mut client.stream, &err).await;
+            None
+        }
         PoolMode::Session => {
             let shard = &ctx.shards[routed.shard];
             let login = session_mode::ServerLogin {
@@ -205,6 +217,7 @@ async fn transaction_mode<'a>(
         user: startup.user.clone(),
         database: routed.server_db,
         credentials,
+        target: routed.target,
     };
     let state = &ctx.shards[routed.shard];
     let registration = ctx
@@ -279,6 +292,18 @@ async fn login(
         Credentials::None
     };
     let Some(dest) = dest else {
+        if let Err(suffix) = Target::split(&startup.database) {
+            return Err(Failure::Refuse(
+                ProxyError::fatal(
+                    sqlstate::INVALID_CATALOG_NAME,
+                    format!(
+                        "database \"{}\": \"{suffix}\" is not a target handoff knows",
+                        startup.database
+                    ),
+                )
+                .hint("end the database name with @primary, @replica or @any, or with nothing (the primary)"),
+            ));
+        }
         return Err(Failure::Refuse(
             ProxyError::fatal(
                 sqlstate::INVALID_CATALOG_NAME,
@@ -469,6 +494,8 @@ pub(crate) struct Routed {
     /// Index into the configured shards (and the proxy's shard states).
     pub shard: usize,
     pub server_db: String,
+    /// The primary, a standby, or either (`appdb@replica`, `appdb@any`).
+    pub target: Target,
 }
 
 /// Resolves the client's database once: the console's name, a route, or `None` (not
@@ -481,7 +508,9 @@ fn destination(cfg: &Config, startup: &Startup) -> Option<Destination> {
 }
 
 /// Where client database `database` routes: its shard and its name on the servers.
+/// A suffix naming the servers (`appdb@replica`) is taken off before routing.
 pub(crate) fn routed(cfg: &Config, database: &str) -> Option<Routed> {
+    let (database, target) = Target::split(database).ok()?;
     let route = cfg.route(database)?;
     Some(Routed {
         shard: route.shard,
@@ -489,6 +518,7 @@ pub(crate) fn routed(cfg: &Config, database: &str) -> Option<Routed> {
             .server_db
             .clone()
             .unwrap_or_else(|| database.to_string()),
+        target,
     })
 }
 

@@ -28,6 +28,12 @@ pub const TRANSACTION_DURATION: &str = "handoff_transaction_duration_seconds";
 pub const ERRORS_TOTAL: &str = "handoff_errors_total";
 pub const CANCEL_REQUESTS_TOTAL: &str = "handoff_cancel_requests_total";
 
+// Reads on standbys.
+pub const REPLICA_IN_ROTATION: &str = "handoff_replica_in_rotation";
+pub const REPLICA_LAG_BYTES: &str = "handoff_replica_lag_bytes";
+pub const REPLICA_LAG_SECONDS: &str = "handoff_replica_lag_seconds";
+pub const REPLICA_TRANSACTIONS: &str = "handoff_replica_transactions_total";
+
 pub const POOL_ACTIVE: &str = "handoff_pool_active_connections";
 pub const POOL_IDLE: &str = "handoff_pool_idle_connections";
 pub const POOL_WAITING: &str = "handoff_pool_waiting_clients";
@@ -73,6 +79,34 @@ pub const HOLDS: &str = "handoff_holds_total";
 
 mod table;
 pub use table::{all, reference_markdown, Def, Kind, METRICS};
+
+/// The replay lag a replica check of `host` measured (what it could).
+pub fn replica_lag(
+    shard: &str,
+    host: &crate::config::HostPort,
+    bytes: Option<u64>,
+    time: Option<Duration>,
+) {
+    let labels = [("shard", shard.to_string()), ("host", host.to_string())];
+    if let Some(b) = bytes {
+        metrics::gauge!(REPLICA_LAG_BYTES, &labels).set(b as f64);
+    }
+    if let Some(t) = time {
+        metrics::gauge!(REPLICA_LAG_SECONDS, &labels).set(t.as_secs_f64());
+    }
+}
+
+/// Whether `host` is in `shard`'s read rotation.
+pub fn replica_in_rotation(shard: &str, host: &crate::config::HostPort, now: bool) {
+    let labels = [("shard", shard.to_string()), ("host", host.to_string())];
+    metrics::gauge!(REPLICA_IN_ROTATION, &labels).set(if now { 1.0 } else { 0.0 });
+}
+
+/// A transaction was given to standby `host`.
+pub fn replica_transaction(shard: &str, host: &crate::config::HostPort) {
+    let labels = [("shard", shard.to_string()), ("host", host.to_string())];
+    metrics::counter!(REPLICA_TRANSACTIONS, &labels).increment(1);
+}
 
 /// Marks `source` as what names `shard`'s primary (see [`PRIMARY_SOURCE`]).
 pub fn set_source(shard: &str, source: &'static str) {

@@ -120,6 +120,30 @@ pub const METRICS: &[Def] = &[
         help: "Cancel requests, by `result` (`forwarded`, `unknown`)",
     },
     Def {
+        name: REPLICA_IN_ROTATION,
+        kind: Gauge,
+        labels: &["shard", "host"],
+        help: "1 while a standby is in its shard's read rotation (`@replica`, `@any`), else 0",
+    },
+    Def {
+        name: REPLICA_LAG_BYTES,
+        kind: Gauge,
+        labels: &["shard", "host"],
+        help: "A standby's replay lag behind the primary in bytes of WAL, as handoff last measured it",
+    },
+    Def {
+        name: REPLICA_LAG_SECONDS,
+        kind: Gauge,
+        labels: &["shard", "host"],
+        help: "A standby's replay lag in time (0 when caught up), as handoff last measured it",
+    },
+    Def {
+        name: REPLICA_TRANSACTIONS,
+        kind: Counter,
+        labels: &["shard", "host"],
+        help: "Read transactions given to a standby",
+    },
+    Def {
         name: POOL_ACTIVE,
         kind: Gauge,
         labels: &["pool"],

@@ -13,6 +13,8 @@ pub(crate) mod monitor;
 pub(crate) mod patroni;
 pub(crate) mod patroni_switch;
 pub(crate) mod replay;
+pub(crate) mod replica_check;
+pub(crate) mod replicas;
 mod state;
 pub(crate) mod switchover;
 pub(crate) mod sync_target;
@@ -36,6 +38,9 @@ use crate::config::{HealthSettings, SwitchoverSettings};
 pub struct Ctx {
     pub buffer: handoff_buffer::Buffer,
     pub pools: Arc<Pools>,
+    /// The read pools, one per (user, database, standby): apart from the primaries'
+    /// pools, so retiring a primary's pools never touches a standby's.
+    pub read_pools: Arc<Pools>,
     pub admin: AdminDb,
     pub settings: Settings,
     /// The Patroni REST API of each shard Patroni manages (`HANDOFF_PATRONI`).
@@ -57,6 +62,11 @@ pub struct Settings {
     pub patroni: crate::config::PatroniSettings,
     /// How long a hold waits for a new primary only (`HANDOFF_HOLD_TIMEOUT`).
     pub hold_timeout: Duration,
+    /// Reads on standbys.
+    pub replicas: crate::config::ReplicaSettings,
+    /// How long a read waits for a standby to join the rotation when there is none:
+    /// the failover buffer's window (`HANDOFF_BUFFER_WINDOW`).
+    pub read_wait: Duration,
 }
 
 impl Ctx {
@@ -73,6 +83,15 @@ impl Ctx {
                 config.connect_timeout,
                 server_tls.clone(),
             )),
+            read_pools: Arc::new(Pools::for_reads(
+                crate::config::PoolSettings {
+                    size: config.replicas.pool_size,
+                    min_idle: config.pool.min_idle.min(config.replicas.pool_size),
+                    ..config.pool.clone()
+                },
+                config.connect_timeout,
+                server_tls.clone(),
+            )),
             admin: AdminDb::new(config.admin_db.clone(), server_tls),
             settings: Settings {
                 switchover: config.switchover.clone(),
@@ -82,6 +101,8 @@ impl Ctx {
                 prewarm: config.pool.size.min(config.buffer.drain_concurrency.max(1)),
                 patroni: config.patroni.clone(),
                 hold_timeout: config.hold_timeout,
+                replicas: config.replicas.clone(),
+                read_wait: config.buffer.window,
             },
             patroni: config
                 .patroni

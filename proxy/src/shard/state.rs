@@ -212,6 +212,8 @@ pub struct Shard {
     pub health: crate::shard::failure::Health,
     /// Replaced primaries watched for split brain ([`crate::shard::watchdog`]).
     pub watch: crate::shard::watch::Watch,
+    /// Its hosts as readers: the read rotation ([`crate::shard::replicas`]).
+    pub replicas: crate::shard::replicas::Replicas,
 }
 
 /// A snapshot for the admin API.
@@ -274,7 +276,9 @@ impl Shard {
             op: tokio::sync::Mutex::new(()),
             health: Default::default(),
             watch: Default::default(),
+            replicas: Default::default(),
         };
+        s.replicas.set_hosts(&s.hosts);
         s.publish(StateKind::Serving, epoch);
         s
     }

@@ -120,8 +120,14 @@ impl Pool {
         connect_timeout: Duration,
         tls: crate::net::tls::ServerTls,
         shard: &str,
+        reads: bool,
     ) -> Self {
-        let label = format!("{}@{}/{}", key.user, key.database, shard);
+        let mut label = format!("{}@{}/{}", key.user, key.database, shard);
+        if reads {
+            // One read pool per standby: told apart by the standby.
+            label = format!("{label} standby {}", key.addr);
+        }
+
         Self {
             key,
             credentials: Mutex::new(credentials),

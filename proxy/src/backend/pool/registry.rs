@@ -19,6 +19,8 @@ pub struct Pools {
     settings: PoolSettings,
     connect_timeout: Duration,
     tls: crate::net::tls::ServerTls,
+    /// Read pools (standbys) rather than the primaries'.
+    reads: bool,
 }
 
 impl Pools {
@@ -32,6 +34,19 @@ impl Pools {
             settings,
             connect_timeout,
             tls,
+            reads: false,
+        }
+    }
+
+    /// The read pools: one per (user, database, standby).
+    pub fn for_reads(
+        settings: PoolSettings,
+        connect_timeout: Duration,
+        tls: crate::net::tls::ServerTls,
+    ) -> Self {
+        Self {
+            reads: true,
+            ..Self::new(settings, connect_timeout, tls)
         }
     }
 
@@ -53,6 +68,7 @@ impl Pools {
                 self.connect_timeout,
                 self.tls.clone(),
                 shard,
+                self.reads,
             ));
             tokio::spawn(maintain_forever(Arc::downgrade(&pool)));
             pool

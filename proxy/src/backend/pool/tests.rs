@@ -24,6 +24,7 @@ fn pool(addr: &HostPort, size: usize, wait: Duration) -> Arc<Pool> {
         Duration::from_secs(2),
         ServerTls::default(),
         "main",
+        false,
     ))
 }
 

@@ -298,3 +298,44 @@ fn bad_patroni_settings_name_their_variable() {
         assert_eq!(err_var(&vars), var, "{vars:?}");
     }
 }
+
+#[test]
+fn replica_settings() {
+    let c = cfg(&[]).unwrap();
+    assert_eq!(
+        c.replicas.max_lag,
+        ReplicaLag {
+            bytes: Some(16 << 20),
+            time: Some(Duration::from_secs(10))
+        }
+    );
+    assert_eq!(c.replicas.pool_size, c.pool.size, "the primary's pool size");
+    assert_eq!(c.replicas.check_interval, Duration::from_secs(1));
+    let c = cfg(&[
+        ("HANDOFF_REPLICA_MAX_LAG", "64kB"),
+        ("HANDOFF_REPLICA_POOL_SIZE", "3"),
+        ("HANDOFF_REPLICA_CHECK_INTERVAL", "250ms"),
+    ])
+    .unwrap();
+    assert_eq!(
+        c.replicas.max_lag,
+        ReplicaLag {
+            bytes: Some(64 << 10),
+            time: None
+        }
+    );
+    assert_eq!(c.replicas.pool_size, 3);
+    let c = cfg(&[("HANDOFF_REPLICA_MAX_LAG", "5s")]).unwrap();
+    assert_eq!(c.replicas.max_lag.time, Some(Duration::from_secs(5)));
+    assert_eq!(c.replicas.max_lag.bytes, None);
+    for (var, bad) in [
+        ("HANDOFF_REPLICA_MAX_LAG", "far"),
+        ("HANDOFF_REPLICA_MAX_LAG", ","),
+        ("HANDOFF_REPLICA_MAX_LAG", "1MB,2MB"),
+        ("HANDOFF_REPLICA_MAX_LAG", "1s,2s"),
+        ("HANDOFF_REPLICA_POOL_SIZE", "0"),
+        ("HANDOFF_REPLICA_CHECK_INTERVAL", "0"),
+    ] {
+        assert_eq!(err_var(&[(var, bad)]), var, "{bad}");
+    }
+}

@@ -247,6 +247,28 @@ impl Txn<'_> {
         server_clean: bool,
         client_clean: bool,
     ) -> Result<(), End> {
+        if let Some(host) = self.standby().cloned() {
+            // A standby: only reads ran there, and the next transaction goes to another.
+            self.standby_failed("the connection to it was lost under a request");
+            let code = self
+                .ex
+                .take_fatal()
+                .and_then(|(code, _)| sqlstate::known(&code))
+                .filter(|c| sqlstate::is_operator_intervention(c))
+                .unwrap_or(sqlstate::CONNECTION_FAILURE);
+            let err = ProxyError::error(
+                code,
+                format!(
+                    "lost the connection to standby {host} of shard \"{}\" while a read ran",
+                    self.shard
+                ),
+            )
+            .hint("the session goes on: its next transaction goes to another standby");
+            tracing::info!(shard = self.shard, standby = %host, "standby connection lost under a request");
+            return self
+                .abandon(client, err, false, server_clean, client_clean)
+                .await;
+        }
         let fatal = self.ex.fatal().cloned();
         let what = if fatal.is_some() {
             Report::ServerFatal
@@ -332,6 +354,7 @@ impl Txn<'_> {
             self.pool.discard(b);
             self.leave();
         }
+        self.reading = None;
         self.registration.set_server(None);
         drop(self.end_probe());
         let (pending, status) = self.ex.lost();

@@ -31,12 +31,14 @@ use tokio::time::Instant;
 use crate::backend::cancel::{Registration, ServerKey};
 use crate::backend::pool::{Backend, Pool, PoolKey};
 use crate::clients::ClientInfo;
+use crate::config::{HostPort, Target};
 use crate::error::{AttachError, PoolError};
 use crate::relay::common::Meter;
 use crate::relay::Ctx;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
 use crate::shard::health;
+use crate::shard::replicas::Reading;
 use crate::shard::{Generation, Shard};
 use exchange::Exchange;
 use local::Local;
@@ -57,6 +59,8 @@ pub(crate) struct PoolTarget {
     pub database: String,
     /// What the pool's connections log in with.
     pub credentials: crate::backend::login::Credentials,
+    /// The primary, a standby (`@replica`), or either (`@any`).
+    pub target: Target,
 }
 
 /// The client's side of a transaction-mode session.
@@ -101,6 +105,8 @@ pub(crate) struct Txn<'a> {
     /// The takeover this session could not be moved in (0: none): it is not tried
     /// again in the same one.
     stayed: u64,
+    /// The standby serving the transaction, while a read holds a connection to one.
+    reading: Option<Reading>,
 }
 
 /// A client's named statements and their progress through the server connection it
@@ -180,6 +186,7 @@ impl<'a> Txn<'a> {
             out: BytesMut::new(),
             meter: Meter::new(Arc::clone(&ctx.meters), client),
             stayed: 0,
+            reading: None,
         }
     }
 
@@ -199,6 +206,9 @@ impl<'a> Txn<'a> {
     pub fn attach_now(&mut self) -> Now {
         if self.backend.is_some() {
             return Now::Attached;
+        }
+        if self.target.target != Target::Primary {
+            return Now::Wait;
         }
         let Some(b) = self.checkout_now() else {
             return Now::Wait;
@@ -225,6 +235,7 @@ impl<'a> Txn<'a> {
             if let Err(e) = sync_params(&mut b, &self.desired, sql_stmts).await {
                 self.pool.discard(b);
                 self.leave();
+                self.reading = None;
                 return Err(e);
             }
         }
@@ -252,6 +263,13 @@ impl<'a> Txn<'a> {
         // `SHOW CLIENTS` shows it waiting; the time counts in `SHOW STATS`'s wait_time.
         let client = Arc::clone(self.meter.client());
         let _waiting = client.waiting();
+        if self.target.target != Target::Primary {
+            if let Some(b) = self.checkout_read().await? {
+                return Ok(b);
+            }
+            // `@any` with no standby in the rotation: the primary serves it.
+            self.pool = pool_for(self.ctx, &self.target, &self.gen, self.shard);
+        }
         loop {
             self.enter(bytes).await?;
             let b = match self.pool.checkout().await {
@@ -295,6 +313,56 @@ impl<'a> Txn<'a> {
             n.used = Vec::new();
             n.preparing = HashSet::new();
             n.defining = HashMap::new();
+        }
+    }
+
+    /// A connection to a standby in the read rotation, the least busy; one that cannot
+    /// be reached leaves the rotation and the next is tried (nothing was sent). With
+    /// none in the rotation `@replica` waits up to the buffer's window for one, and
+    /// `@any` gets `None` (the primary serves it).
+    async fn checkout_read(&mut self) -> Result<Option<Box<Backend>>, AttachError> {
+        let replicas = &self.state.replicas;
+        let mut except: Option<HostPort> = None;
+        loop {
+            let picked = match replicas.pick(except.as_ref()) {
+                Some(r) => r,
+                None if self.target.target == Target::Any => return Ok(None),
+                None => {
+                    let wait = self.ctx.shard.settings.read_wait;
+                    match replicas.pick_within(wait).await {
+                        Some(r) => r,
+                        None => return Err(AttachError::NoStandby(wait)),
+                    }
+                }
+            };
+            let pool = read_pool_for(self.ctx, &self.target, picked.host(), self.shard);
+            match pool.checkout().await {
+                Ok(b) => {
+                    crate::metrics::replica_transaction(self.shard, picked.host());
+                    self.pool = pool;
+                    self.reading = Some(picked);
+                    return Ok(Some(b));
+                }
+                Err(PoolError::Connect(e)) if e.primary_may_be_gone() => {
+                    replicas.set_down(picked.host(), &e.to_string());
+                    RetryReason::ConnectFailed.count(self.shard);
+                    except = Some(picked.host().clone());
+                }
+                Err(e) => return Err(AttachError::Pool(e)),
+            }
+        }
+    }
+
+    /// The standby serving the current transaction, if it reads from one.
+    pub(super) fn standby(&self) -> Option<&HostPort> {
+        self.reading.as_ref().map(|r| r.host())
+    }
+
+    /// The standby serving the current transaction failed it: out of the rotation
+    /// until its next check.
+    fn standby_failed(&self, why: &str) {
+        if let Some(r) = &self.reading {
+            self.state.replicas.set_down(r.host(), why);
         }
     }
 
@@ -361,6 +429,7 @@ impl<'a> Txn<'a> {
         }
         let Some(b) = self.backend.take() else { return };
         self.leave();
+        self.reading = None;
         self.registration.set_server(None);
         if let Some(n) = self.named.as_mut() {
             n.preparing.clear();
@@ -407,6 +476,16 @@ impl Drop for Txn<'_> {
             self.pool.discard(b);
         }
     }
+}
+
+/// The read pool of `target` on standby `host`.
+fn read_pool_for(ctx: &Ctx, target: &PoolTarget, host: &HostPort, shard: &str) -> Arc<Pool> {
+    let key = PoolKey {
+        user: target.user.clone(),
+        database: target.database.clone(),
+        addr: host.clone(),
+    };
+    ctx.shard.read_pools.get(&key, &target.credentials, shard)
 }
 
 /// The pool of `target` on `gen`'s primary.

@@ -171,6 +171,15 @@ impl Txn<'_> {
         let reason = self.probe.refused.unwrap_or(RetryReason::ReadOnly);
         let again = if stale {
             true
+        } else if self.standby().is_some() {
+            // A standby refuses writes (25006) as it always does: the client's answer.
+            // One shutting down or starting (57P03) leaves the rotation, and the
+            // request goes to another.
+            let going = reason == RetryReason::CannotConnectNow;
+            if going {
+                self.standby_failed("it refused a request (57P03: shutting down or starting)");
+            }
+            going
         } else {
             let gen = Arc::clone(&self.gen);
             health::suspect(&self.ctx.shard, self.state, &gen, reason.report()).await

@@ -358,7 +358,7 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
                 send_error(&mut client.stream, &limits.error(kind)).await;
                 break End::Timeout;
             }
-            _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached => {
+            _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached && txn.standby().is_none() => {
                 let server_clean = server.reset();
                 let cancelled = txn.cancelled_by_lameduck(client, server_clean, cscan.at_boundary());
                 if let Err(end) = Box::pin(cancelled).await {

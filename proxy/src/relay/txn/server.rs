@@ -190,7 +190,11 @@ impl Txn<'_> {
         let code = f.code().unwrap_or("?????");
         m::count_error("server", code);
         if f.ends_session() {
-            health::report(self.state, Report::ServerFatal);
+            if self.standby().is_some() {
+                self.standby_failed("it ended a session (FATAL)");
+            } else {
+                health::report(self.state, Report::ServerFatal);
+            }
             if sqlstate::is_operator_intervention(code) {
                 self.ex.server_said_fatal(Some((
                     code.to_string(),
@@ -199,7 +203,7 @@ impl Txn<'_> {
                 return true;
             }
             self.ex.server_said_fatal(None);
-        } else if let Some(r) = refusal.filter(|_| !self.probe.active) {
+        } else if let Some(r) = refusal.filter(|_| !self.probe.active && self.standby().is_none()) {
             health::report(self.state, r.report());
         }
         false

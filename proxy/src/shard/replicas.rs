@@ -1,0 +1,384 @@
+//! Standbys that serve reads (`appdb@replica`, `appdb@any`): which of a shard's hosts
+//! are in its read rotation now, and the choice of one for a transaction or a session.
+//!
+//! A host is in the rotation while it is in recovery, streaming from the shard's
+//! current primary, and its replay lag is within `HANDOFF_REPLICA_MAX_LAG`; handoff
+//! measures that itself every `HANDOFF_REPLICA_CHECK_INTERVAL` (the check task lives in
+//! `shard::replica_check`). A standby over the limit leaves the rotation, and comes back
+//! once its lag is at most half the limit, so one hovering at the limit does not flap.
+//! A session that cannot reach a standby takes it out at once; the next check brings it
+//! back. Transactions go to the standby with the fewest running on it now.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::config::{HostPort, ReplicaLag};
+use crate::sync::{Locked, ReadWrite};
+
+/// Why a host is in the read rotation or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    NotCheckedYet,
+    /// In recovery, streaming from the primary, lag within the limit.
+    InRotation,
+    /// Its lag is over the limit (or not yet back to half of it).
+    Lagging,
+    /// In recovery but not streaming from the shard's current primary (another
+    /// upstream, reconnecting, or a timeline of its own).
+    NotStreaming,
+    /// Not in recovery: the primary, or a host that left recovery.
+    NotStandby,
+    /// No answer, or a session could not use it.
+    Down,
+}
+
+impl Standing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standing::NotCheckedYet => "not_checked_yet",
+            Standing::InRotation => "in_rotation",
+            Standing::Lagging => "lagging",
+            Standing::NotStreaming => "not_streaming",
+            Standing::NotStandby => "not_standby",
+            Standing::Down => "down",
+        }
+    }
+}
+
+/// What the last check found on one host.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub standing: Standing,
+    /// Replay lag behind the primary, in bytes of WAL.
+    pub lag_bytes: Option<u64>,
+    /// Replay lag in time: how long ago the last replayed transaction committed on the
+    /// primary, while WAL is still to be replayed (zero when caught up).
+    pub lag: Option<Duration>,
+    /// Where it streams from (`host:port`), as it reports.
+    pub upstream: Option<String>,
+    pub detail: String,
+    pub checked: Option<SystemTime>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self {
+            standing: Standing::NotCheckedYet,
+            lag_bytes: None,
+            lag: None,
+            upstream: None,
+            detail: String::new(),
+            checked: None,
+        }
+    }
+}
+
+/// One host as a possible reader.
+#[derive(Debug)]
+pub struct Standby {
+    pub host: HostPort,
+    in_rotation: AtomicBool,
+    /// Transactions (or sessions) using it now.
+    outstanding: AtomicUsize,
+    /// Transactions (or sessions) it was chosen for, in all.
+    chosen: AtomicU64,
+    seen: Mutex<Seen>,
+}
+
+impl Standby {
+    fn new(host: HostPort) -> Arc<Self> {
+        Arc::new(Self {
+            host,
+            in_rotation: AtomicBool::new(false),
+            outstanding: AtomicUsize::new(0),
+            chosen: AtomicU64::new(0),
+            seen: Mutex::new(Seen::default()),
+        })
+    }
+
+    pub fn in_rotation(&self) -> bool {
+        self.in_rotation.load(Ordering::Acquire)
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub fn chosen(&self) -> u64 {
+        self.chosen.load(Ordering::Relaxed)
+    }
+
+    pub fn seen(&self) -> Seen {
+        self.seen.locked().clone()
+    }
+}
+
+/// A standby chosen for a transaction or a session: counted as outstanding on it until
+/// dropped.
+#[derive(Debug)]
+pub struct Reading {
+    standby: Arc<Standby>,
+}
+
+impl Reading {
+    pub fn host(&self) -> &HostPort {
+        &self.standby.host
+    }
+
+    pub fn standby(&self) -> &Arc<Standby> {
+        &self.standby
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.standby.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A shard's possible readers.
+#[derive(Debug, Default)]
+pub struct Replicas {
+    list: RwLock<Vec<Arc<Standby>>>,
+    /// A standby joined the rotation.
+    joined: Notify,
+    /// Ties between equally loaded standbys go round.
+    turn: AtomicUsize,
+    /// Asks the check task for a check now (a session found a standby failing).
+    pub wake: Notify,
+}
+
+impl Replicas {
+    /// The hosts to check: `hosts` (the shard's), in that order; ones no longer listed
+    /// are forgotten.
+    pub fn set_hosts(&self, hosts: &[HostPort]) {
+        let mut list = self.list.writing();
+        if list.len() == hosts.len() && list.iter().zip(hosts).all(|(s, h)| &s.host == h) {
+            return;
+        }
+        let old = std::mem::take(&mut *list);
+        *list = hosts
+            .iter()
+            .map(|h| {
+                old.iter()
+                    .find(|s| &s.host == h)
+                    .cloned()
+                    .unwrap_or_else(|| Standby::new(h.clone()))
+            })
+            .collect();
+    }
+
+    /// Every host, in the configured order.
+    pub fn all(&self) -> Vec<Arc<Standby>> {
+        self.list.reading().clone()
+    }
+
+    /// True if some standby is in the rotation now.
+    pub fn any_in_rotation(&self) -> bool {
+        self.list.reading().iter().any(|s| s.in_rotation())
+    }
+
+    /// The standby in the rotation with the fewest transactions running on it (ties
+    /// taken in turn), counted as running one more; `None` if the rotation is empty.
+    /// `except`: a host the caller just failed on.
+    pub fn pick(&self, except: Option<&HostPort>) -> Option<Reading> {
+        let list = self.list.reading();
+        let n = list.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<&Arc<Standby>> = None;
+        for i in 0..n {
+            let s = &list[(start + i) % n];
+            if !s.in_rotation() || except == Some(&s.host) {
+                continue;
+            }
+            if best.is_none_or(|b| s.outstanding() < b.outstanding()) {
+                best = Some(s);
+            }
+        }
+        let standby = Arc::clone(best?);
+        standby.outstanding.fetch_add(1, Ordering::Relaxed);
+        standby.chosen.fetch_add(1, Ordering::Relaxed);
+        Some(Reading { standby })
+    }
+
+    /// [`Replicas::pick`], waiting up to `limit` for a standby to join the rotation.
+    pub async fn pick_within(&self, limit: Duration) -> Option<Reading> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let joined = self.joined.notified();
+            tokio::pin!(joined);
+            joined.as_mut().enable();
+            if let Some(r) = self.pick(None) {
+                return Some(r);
+            }
+            if tokio::time::timeout_at(deadline, joined).await.is_err() {
+                return self.pick(None);
+            }
+        }
+    }
+
+    /// A session could not use `host` (no connection, or it refused as a standby
+    /// shutting down or promoted): out of the rotation until the next check finds it
+    /// good again.
+    pub fn set_down(&self, host: &HostPort, why: &str) {
+        if let Some(s) = self.list.reading().iter().find(|s| &s.host == host) {
+            if s.in_rotation.swap(false, Ordering::AcqRel) {
+                tracing::warn!(standby = %host, reason = why, "standby leaves the read rotation");
+            }
+            let mut seen = s.seen.locked();
+            seen.standing = Standing::Down;
+            seen.detail = why.to_string();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Records a check of `host`: whether it now belongs in the rotation follows from
+    /// `seen` and `limit`, with hysteresis (it leaves over the limit and returns at half
+    /// of it). Returns true if it is in the rotation afterwards.
+    pub fn record(&self, host: &HostPort, mut seen: Seen, limit: &ReplicaLag) -> bool {
+        let Some(s) = self
+            .list
+            .reading()
+            .iter()
+            .find(|s| &s.host == host)
+            .cloned()
+        else {
+            return false;
+        };
+        let was = s.in_rotation();
+        let now = if seen.standing == Standing::InRotation {
+            let ok = if was {
+                limit.within(seen.lag_bytes, seen.lag, 1)
+            } else {
+                limit.within(seen.lag_bytes, seen.lag, 2)
+            };
+            if !ok {
+                seen.standing = Standing::Lagging;
+            }
+            ok
+        } else {
+            false
+        };
+        *s.seen.locked() = seen;
+        s.in_rotation.store(now, Ordering::Release);
+        if now && !was {
+            tracing::info!(shard_host = %host, "standby joins the read rotation");
+            self.joined.notify_waiters();
+        } else if was && !now {
+            let seen = s.seen();
+            tracing::warn!(standby = %host, standing = seen.standing.as_str(), detail = %seen.detail, "standby leaves the read rotation");
+        }
+        now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(p: u16) -> HostPort {
+        HostPort {
+            host: "127.0.0.1".into(),
+            port: p,
+        }
+    }
+
+    fn good(lag_bytes: u64) -> Seen {
+        Seen {
+            standing: Standing::InRotation,
+            lag_bytes: Some(lag_bytes),
+            lag: Some(Duration::ZERO),
+            ..Seen::default()
+        }
+    }
+
+    #[test]
+    fn the_least_busy_standby_is_chosen_and_ties_go_round() {
+        let r = Replicas::default();
+        r.set_hosts(&[host(1), host(2), host(3)]);
+        let limit = ReplicaLag {
+            bytes: Some(1000),
+            time: None,
+        };
+        assert!(r.pick(None).is_none(), "nothing checked yet");
+        assert!(r.record(&host(1), good(0), &limit));
+        assert!(r.record(&host(2), good(0), &limit));
+        let seen = Seen {
+            standing: Standing::NotStandby,
+            ..Seen::default()
+        };
+        assert!(!r.record(&host(3), seen, &limit));
+        let a = r.pick(None).unwrap();
+        let b = r.pick(None).unwrap();
+        assert_ne!(a.host(), b.host(), "the second goes to the idle one");
+        let c = r.pick(Some(a.host())).unwrap();
+        assert_eq!(c.host(), b.host(), "except the host just failed on");
+        drop((a, b, c));
+        // Equal load: each is picked in turn.
+        let picked: std::collections::HashSet<_> = (0..4)
+            .map(|_| r.pick(None).unwrap().host().clone())
+            .collect();
+        assert_eq!(picked.len(), 2);
+        r.set_down(&host(1), "test");
+        for _ in 0..4 {
+            assert_eq!(r.pick(None).unwrap().host(), &host(2));
+        }
+    }
+
+    #[test]
+    fn a_lagging_standby_leaves_over_the_limit_and_returns_at_half_of_it() {
+        let r = Replicas::default();
+        r.set_hosts(&[host(1)]);
+        let limit = ReplicaLag {
+            bytes: Some(1000),
+            time: Some(Duration::from_secs(10)),
+        };
+        assert!(
+            !r.record(&host(1), good(900), &limit),
+            "joins at half the limit"
+        );
+        assert!(r.record(&host(1), good(500), &limit));
+        assert!(
+            r.record(&host(1), good(1000), &limit),
+            "stays up to the limit"
+        );
+        assert!(!r.record(&host(1), good(1001), &limit), "over the limit");
+        assert_eq!(r.all()[0].seen().standing, Standing::Lagging);
+        assert!(
+            !r.record(&host(1), good(600), &limit),
+            "not yet back to half"
+        );
+        assert!(r.record(&host(1), good(500), &limit), "back at half");
+        let mut slow = good(0);
+        slow.lag = Some(Duration::from_secs(11));
+        assert!(
+            !r.record(&host(1), slow, &limit),
+            "the time limit counts too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_waits_for_a_standby_to_join_within_its_limit() {
+        let r = Arc::new(Replicas::default());
+        r.set_hosts(&[host(1)]);
+        let limit = ReplicaLag {
+            bytes: Some(1000),
+            time: None,
+        };
+        assert!(r.pick_within(Duration::from_millis(50)).await.is_none());
+        let waiting = {
+            let r = Arc::clone(&r);
+            tokio::spawn(async move { r.pick_within(Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r.record(&host(1), good(0), &limit);
+        let got = waiting.await.unwrap().expect("picked once it joined");
+        assert_eq!(got.host(), &host(1));
+    }
+}

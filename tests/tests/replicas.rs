@@ -1,0 +1,293 @@
+//! Reads on standbys: `postgres@replica` through handoff against a real primary with two
+//! streaming standbys.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use handoff_tests::admin::shard_state;
+use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+async fn connect(proxy: &handoff::Proxy, db: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&conn_str(&proxy.listen_addr(), "postgres", db, None), NoTls)
+            .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Whether the server is in recovery, and its port.
+async fn where_am_i(c: &Client) -> Result<(bool, i32), tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "select pg_is_in_recovery(), current_setting('port')::int",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+fn standby(state: &Value, port: u16) -> &Value {
+    state["standbys"]
+        .as_array()
+        .expect("standbys listed")
+        .iter()
+        .find(|s| s["host"].as_str() == Some(&format!("127.0.0.1:{port}")))
+        .unwrap_or_else(|| panic!("standby on port {port} listed: {state}"))
+}
+
+async fn wait_in_rotation(proxy: &handoff::Proxy, ports: &[u16], want: bool) {
+    eventually(
+        Duration::from_secs(20),
+        "the standbys' place in the read rotation",
+        || async {
+            let state = shard_state(proxy).await;
+            Ok(ports
+                .iter()
+                .all(|p| standby(&state, *p)["in_rotation"].as_bool() == Some(want)))
+        },
+    )
+    .await
+    .unwrap();
+}
+
+const FAST_CHECKS: (&str, &str) = ("HANDOFF_REPLICA_CHECK_INTERVAL", "100ms");
+
+#[tokio::test]
+async fn reads_spread_over_both_standbys_and_a_lagging_one_leaves_and_returns() {
+    let cluster = Cluster::start(2).unwrap();
+    let ports: Vec<u16> = cluster.standbys.iter().map(|s| s.port).collect();
+    let proxy = start_proxy(
+        &cluster,
+        &[FAST_CHECKS, ("HANDOFF_REPLICA_MAX_LAG", "256kB")],
+    )
+    .await
+    .unwrap();
+    wait_in_rotation(&proxy, &ports, true).await;
+    let state = shard_state(&proxy).await;
+    let primary = standby(&state, cluster.primary.port);
+    assert_eq!(primary["in_rotation"], false, "{state}");
+    assert_eq!(primary["state"], "not_standby", "{state}");
+    let s1 = standby(&state, ports[0]);
+    assert_eq!(
+        s1["upstream"].as_str(),
+        Some(format!("127.0.0.1:{}", cluster.primary.port).as_str()),
+        "{state}"
+    );
+
+    // Eight clients reading at once: every read on a standby, both standbys used.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let c = connect(&proxy, "postgres@replica").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                seen.push(where_am_i(&c).await.unwrap());
+                c.simple_query("select pg_sleep(0.005)").await.unwrap();
+            }
+            seen
+        }));
+    }
+    let mut servers = HashSet::new();
+    for t in tasks {
+        for (in_recovery, port) in t.await.unwrap() {
+            assert!(in_recovery, "a read ran on the primary (port {port})");
+            servers.insert(port as u16);
+        }
+    }
+    assert_eq!(
+        servers,
+        ports.iter().copied().collect::<HashSet<_>>(),
+        "reads spread over both standbys"
+    );
+    // Writes through @replica get the standby's own refusal; the session goes on.
+    let c = connect(&proxy, "postgres@replica").await.unwrap();
+    let err = c
+        .batch_execute("create table t_on_standby (id int)")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::READ_ONLY_SQL_TRANSACTION));
+    assert!(where_am_i(&c).await.unwrap().0);
+    // The primary's route is the primary's.
+    let p = connect(&proxy, "postgres@primary").await.unwrap();
+    assert_eq!(
+        where_am_i(&p).await.unwrap(),
+        (false, i32::from(cluster.primary.port))
+    );
+
+    // Standby 1 stops replaying: once its lag passes 256kB it leaves the rotation.
+    cluster.standbys[0]
+        .psql("select pg_wal_replay_pause()")
+        .unwrap();
+    p.batch_execute("create table lag_maker as select g, repeat('x', 100) as pad from generate_series(1, 20000) g")
+        .await
+        .unwrap();
+    wait_in_rotation(&proxy, &ports[..1], false).await;
+    let state = shard_state(&proxy).await;
+    assert_eq!(standby(&state, ports[0])["state"], "lagging", "{state}");
+    assert!(
+        standby(&state, ports[0])["lag_bytes"].as_u64().unwrap() > 256 * 1024,
+        "{state}"
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            where_am_i(&c).await.unwrap(),
+            (true, i32::from(ports[1])),
+            "reads avoid the lagging standby"
+        );
+    }
+    // Replaying again, it catches up and returns.
+    cluster.standbys[0]
+        .psql("select pg_wal_replay_resume()")
+        .unwrap();
+    wait_in_rotation(&proxy, &ports[..1], true).await;
+    let mut back = false;
+    for _ in 0..20 {
+        // One client at a time: ties between the two go round.
+        if where_am_i(&c).await.unwrap().1 == i32::from(ports[0]) {
+            back = true;
+        }
+    }
+    assert!(back, "reads reach the standby again");
+    let rows = c
+        .query_one("select count(*) from lag_maker", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), 20000);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_standby_killed_under_read_load_costs_only_the_reads_in_flight() {
+    let mut cluster = Cluster::start(2).unwrap();
+    let ports: Vec<u16> = cluster.standbys.iter().map(|s| s.port).collect();
+    let proxy = start_proxy(&cluster, &[FAST_CHECKS]).await.unwrap();
+    wait_in_rotation(&proxy, &ports, true).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    const CLIENTS: usize = 8;
+    for _ in 0..CLIENTS {
+        let c = connect(&proxy, "postgres@replica").await.unwrap();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut errors) = (0usize, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match c
+                    .query_one(
+                        "select current_setting('port')::int, pg_sleep(0.002)::text",
+                        &[],
+                    )
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(e) => errors.push(e.code().map(|c| c.code().to_string())),
+                }
+            }
+            (ok, errors, c)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let on = |port: u16| format!("host=\"127.0.0.1:{port}\"");
+    let served = handoff_tests::admin::metric(
+        &proxy,
+        "handoff_replica_transactions_total",
+        &[&on(ports[0])],
+    )
+    .await;
+    assert!(served > 10.0, "the standby served reads before: {served}");
+    let killed_at = Instant::now();
+    cluster.standbys[0].crash().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total_errors = 0;
+    for t in tasks {
+        let (ok, errors, c) = t.await.unwrap();
+        assert!(ok > 0);
+        assert!(
+            errors.len() <= 1,
+            "a client had more errors than the one read in flight: {errors:?}"
+        );
+        for e in &errors {
+            let code = e.as_deref().unwrap_or("none");
+            assert!(
+                code.starts_with("08") || code.starts_with("57"),
+                "only a lost connection's error: {code}"
+            );
+        }
+        total_errors += errors.len();
+        // Every client goes on, on the surviving standby.
+        for _ in 0..5 {
+            assert_eq!(where_am_i(&c).await.unwrap(), (true, i32::from(ports[1])));
+        }
+    }
+    assert!(total_errors <= CLIENTS, "{total_errors} errors");
+    let state = shard_state(&proxy).await;
+    assert_eq!(standby(&state, ports[0])["in_rotation"], false, "{state}");
+    eprintln!(
+        "standby killed: {total_errors} reads in flight failed; checked {:?} after",
+        killed_at.elapsed()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_no_standby_any_goes_to_the_primary_and_replica_gets_a_clear_error() {
+    let mut cluster = Cluster::start(1).unwrap();
+    let port = cluster.standbys[0].port;
+    let proxy = start_proxy(&cluster, &[FAST_CHECKS, ("HANDOFF_BUFFER_WINDOW", "1s")])
+        .await
+        .unwrap();
+    wait_in_rotation(&proxy, &[port], true).await;
+    let any = connect(&proxy, "postgres@any").await.unwrap();
+    assert_eq!(where_am_i(&any).await.unwrap(), (true, i32::from(port)));
+    let replica = connect(&proxy, "postgres@replica").await.unwrap();
+
+    cluster.standbys[0].stop("fast").unwrap();
+    wait_in_rotation(&proxy, &[port], false).await;
+    assert_eq!(
+        where_am_i(&any).await.unwrap(),
+        (false, i32::from(cluster.primary.port)),
+        "@any falls back to the primary"
+    );
+    let started = Instant::now();
+    let err = where_am_i(&replica).await.unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code(), &SqlState::CANNOT_CONNECT_NOW, "{db:?}");
+    assert!(db.message().contains("no standby"), "{db:?}");
+    assert!(
+        db.hint().unwrap_or_default().contains("@any"),
+        "the hint names the fallback: {db:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "it waited for a standby first"
+    );
+    // The session goes on: back in the rotation, its reads run again.
+    cluster.standbys[0].start().unwrap();
+    wait_in_rotation(&proxy, &[port], true).await;
+    assert_eq!(where_am_i(&replica).await.unwrap(), (true, i32::from(port)));
+
+    // A target handoff does not know is refused at login, naming the ones it does.
+    let err = connect(&proxy, "postgres@nonsense").await.unwrap_err();
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code(), &SqlState::INVALID_CATALOG_NAME);
+    assert!(db.message().contains("\"nonsense\""), "{db:?}");
+    assert!(db.hint().unwrap_or_default().contains("@replica"), "{db:?}");
+    proxy.shutdown().await;
+
+    // Session mode does not serve reads on standbys yet: a clear refusal.
+    let session = start_proxy(&cluster, &[("HANDOFF_POOL_MODE", "session")])
+        .await
+        .unwrap();
+    let err = connect(&session, "postgres@replica").await.unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|d| d.code()),
+        Some(&SqlState::FEATURE_NOT_SUPPORTED),
+        "{err:?}"
+    );
+    let ok = connect(&session, "postgres").await.unwrap();
+    assert!(!where_am_i(&ok).await.unwrap().0);
+    session.shutdown().await;
+}
