@@ -276,18 +276,74 @@ async fn with_no_standby_any_goes_to_the_primary_and_replica_gets_a_clear_error(
     assert!(db.message().contains("\"nonsense\""), "{db:?}");
     assert!(db.hint().unwrap_or_default().contains("@replica"), "{db:?}");
     proxy.shutdown().await;
+}
 
-    // Session mode does not serve reads on standbys yet: a clear refusal.
-    let session = start_proxy(&cluster, &[("HANDOFF_POOL_MODE", "session")])
+/// What a reader's session offers: named prepared statements, cancel, its parameters,
+/// and read-only by default; in both pool modes.
+async fn a_readers_session(proxy: &handoff::Proxy, standbys: &[u16]) -> Client {
+    let c = connect(proxy, "postgres@replica").await.unwrap();
+    let (in_recovery, port) = where_am_i(&c).await.unwrap();
+    assert!(in_recovery && standbys.contains(&(port as u16)));
+    let stmt = c.prepare("select $1::int + 1").await.unwrap();
+    for i in 0..5 {
+        let v: i32 = c.query_one(&stmt, &[&i]).await.unwrap().get(0);
+        assert_eq!(v, i + 1);
+    }
+    let ro = c
+        .query_one("show default_transaction_read_only", &[])
         .await
         .unwrap();
-    let err = connect(&session, "postgres@replica").await.unwrap_err();
-    assert_eq!(
-        err.as_db_error().map(|d| d.code()),
-        Some(&SqlState::FEATURE_NOT_SUPPORTED),
-        "{err:?}"
-    );
-    let ok = connect(&session, "postgres").await.unwrap();
-    assert!(!where_am_i(&ok).await.unwrap().0);
+    assert_eq!(ro.get::<_, String>(0), "on");
+    let token = c.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        let r = c.simple_query("select pg_sleep(30)").await.map(|_| ());
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let (c, r) = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.unwrap_err().code(), Some(&SqlState::QUERY_CANCELED));
+    assert!(where_am_i(&c).await.unwrap().0);
+    c
+}
+
+#[tokio::test]
+async fn readers_get_statements_cancel_and_read_only_in_both_pool_modes() {
+    let cluster = Cluster::start(2).unwrap();
+    let ports: Vec<u16> = cluster.standbys.iter().map(|s| s.port).collect();
+    let proxy = start_proxy(&cluster, &[FAST_CHECKS]).await.unwrap();
+    wait_in_rotation(&proxy, &ports, true).await;
+    a_readers_session(&proxy, &ports).await;
+    proxy.shutdown().await;
+
+    let session = start_proxy(&cluster, &[FAST_CHECKS, ("HANDOFF_POOL_MODE", "session")])
+        .await
+        .unwrap();
+    wait_in_rotation(&session, &ports, true).await;
+    let c = a_readers_session(&session, &ports).await;
+    // One standby, one backend, for the whole session.
+    let pid: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (_, port) = where_am_i(&c).await.unwrap();
+    for _ in 0..5 {
+        let again: i32 = c
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(again, pid);
+        assert_eq!(where_am_i(&c).await.unwrap().1, port);
+    }
+    // Two sessions at once go to the two standbys (the least busy first).
+    let other = connect(&session, "postgres@replica").await.unwrap();
+    assert_ne!(where_am_i(&other).await.unwrap().1, port);
+    let primary = connect(&session, "postgres").await.unwrap();
+    assert!(!where_am_i(&primary).await.unwrap().0);
     session.shutdown().await;
 }

@@ -150,18 +150,6 @@ async fn start(
         Destination::Shard(routed) => routed,
     };
     match cfg.pool_mode {
-        PoolMode::Session if routed.target != Target::Primary => {
-            let err = ProxyError::fatal(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!(
-                    "database \"{}\": reads on standbys are served in transaction mode only (HANDOFF_POOL_MODE=session)",
-                    startup.database
-                ),
-            )
-            .hint("connect to the database without @replica or @any, or run handoff with HANDOFF_POOL_MODE=transaction");
-            send_error(&mut client.stream, &err).await;
-            None
-        }
         PoolMode::Session => {
             let shard = &ctx.shards[routed.shard];
             let login = session_mode::ServerLogin {
@@ -172,10 +160,16 @@ async fn start(
                 minor: startup.minor,
                 client: info,
             };
-            let relay: Relay<'_> = Box::pin(
-                session_mode::serve(client, &ctx.relay, shard, login, shutdown)
-                    .instrument(tracing::Span::current()),
-            );
+            let relay: Relay<'_> = match routed.target {
+                Target::Primary => Box::pin(
+                    session_mode::serve(client, &ctx.relay, shard, login, shutdown)
+                        .instrument(tracing::Span::current()),
+                ),
+                target => Box::pin(
+                    session_mode::serve_reads(client, &ctx.relay, shard, login, target, shutdown)
+                        .instrument(tracing::Span::current()),
+                ),
+            };
             Some((slot, relay))
         }
         PoolMode::Transaction => {
@@ -212,6 +206,12 @@ async fn transaction_mode<'a>(
             return None;
         }
         desired.insert(k.clone(), v.clone());
+    }
+    if routed.target != Target::Primary {
+        // A reader stays one even on a standby promoted before the check saw it.
+        desired
+            .entry("default_transaction_read_only".to_string())
+            .or_insert_with(|| "on".to_string());
     }
     let target = txn::PoolTarget {
         user: startup.user.clone(),

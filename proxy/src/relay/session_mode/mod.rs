@@ -139,7 +139,7 @@ pub(crate) async fn relay(
             &mut server.conn,
             name,
             shutdown.clone(),
-            entered.generation(),
+            Some(entered.generation()),
             &login.client,
             &ctx.meters,
             movable,
@@ -308,8 +308,10 @@ fn cannot_move(shard: &str, why: String) -> ProxyError {
 
 mod moved;
 mod pipe;
+mod reads;
 pub(crate) use moved::adopt;
 pub use pipe::run;
+pub(crate) use reads::serve as serve_reads;
 
 #[cfg(test)]
 mod tests;

@@ -61,7 +61,7 @@ fn reserve(buf: &mut BytesMut) {
 }
 
 /// Relays between a logged-in client and its server until one side ends, or (with
-/// `gen`) until that generation is revoked and the session is between transactions,
+/// `gen`, a primary's generation) until that generation is revoked and the session is between transactions,
 /// or (`movable`: the outbox, and the takeover it last failed to move in) until a
 /// takeover may take it between transactions.
 #[allow(clippy::too_many_arguments)]
@@ -70,7 +70,7 @@ pub async fn run(
     server: &mut Conn,
     shard: &str,
     shutdown: Signal,
-    gen: &crate::shard::Generation,
+    gen: Option<&crate::shard::Generation>,
     info: &Arc<ClientInfo>,
     meters: &Arc<RelayMeters>,
     movable: Option<(&Outbox, u64)>,
@@ -107,7 +107,7 @@ async fn relay_loop<CR, CW, SR, SW>(
     (cbuf, sbuf): (&mut BytesMut, &mut BytesMut),
     shard: &str,
     shutdown: Signal,
-    gen: &crate::shard::Generation,
+    gen: Option<&crate::shard::Generation>,
     info: &Arc<ClientInfo>,
     meters: &Arc<RelayMeters>,
     movable: Option<(&Outbox, u64)>,
@@ -119,8 +119,15 @@ where
     SW: AsyncWrite + Unpin,
 {
     let mut revoked = false;
-    let mut revocation = Box::pin(gen.revoked());
-    let mut killed = Box::pin(gen.killed());
+    // A session on a standby (`@replica`) has no generation: nothing revokes it.
+    type Event = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+    let (mut revocation, mut killed): (Event, Event) = match gen {
+        Some(g) => (Box::pin(g.revoked()), Box::pin(g.killed())),
+        None => (
+            Box::pin(std::future::pending()),
+            Box::pin(std::future::pending()),
+        ),
+    };
     let mut cscan = Scanner::new(0, MAX_CLIENT_MESSAGE);
     let mut sscan = Scanner::new(MAX_INSPECT, MAX_SERVER_MESSAGE);
     let mut txn = Txn {
