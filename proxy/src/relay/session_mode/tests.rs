@@ -70,7 +70,7 @@ async fn setup() -> Setup {
             &mut server,
             "main",
             signal,
-            &gen,
+            Some(&gen),
             &info,
             &meters,
             None,
