@@ -73,6 +73,19 @@ impl ServerError {
         }
     }
 
+    /// True if a standby cannot serve a reader now though the login was right: it is
+    /// gone (as [`ServerError::primary_may_be_gone`]), or its databases refuse
+    /// connections because a switchover's fence on its primary reached it by
+    /// replication (until it follows the new primary, where they are open again).
+    pub fn standby_unusable(&self) -> bool {
+        self.primary_may_be_gone()
+            || matches!(self, ServerError::Rejected { fields, .. }
+            if is_fence_refusal(
+                fields.code().unwrap_or_default(),
+                fields.message().unwrap_or_default(),
+            ))
+    }
+
     /// What a client whose server connection could not be made is told (FATAL).
     pub fn to_client(&self, shard: &str) -> ProxyError {
         match self {
@@ -108,6 +121,12 @@ impl ServerError {
             ),
         }
     }
+}
+
+/// True for the server's answer to a login into a database with `datallowconn` off.
+pub fn is_fence_refusal(code: &str, message: &str) -> bool {
+    code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE
+        && message.contains("not currently accepting connections")
 }
 
 /// Why no pooled server connection could be had.

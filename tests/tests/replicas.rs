@@ -347,3 +347,147 @@ async fn readers_get_statements_cancel_and_read_only_in_both_pool_modes() {
     assert!(!where_am_i(&primary).await.unwrap().0);
     session.shutdown().await;
 }
+
+/// Readers through `@replica` until stopped: their errors and the longest time between
+/// two answers any of them waited.
+struct Readers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, Vec<String>, Duration)>>,
+}
+
+impl Readers {
+    async fn start(proxy: &handoff::Proxy, n: usize) -> Readers {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            let c = connect(proxy, "postgres@replica").await.unwrap();
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut ok, mut errors, mut longest) = (0, Vec::new(), Duration::ZERO);
+                let mut last = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match c
+                        .query_one(
+                            "select pg_is_in_recovery(), count(*) from handoff_load",
+                            &[],
+                        )
+                        .await
+                    {
+                        Ok(row) if row.get::<_, bool>(0) => ok += 1,
+                        Ok(_) => errors.push("a read ran on a primary".to_string()),
+                        Err(e) => errors.push(format!("{e:?}")),
+                    }
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (ok, errors, longest)
+            }));
+        }
+        Readers { stop, tasks }
+    }
+
+    async fn stop(self) -> (u64, Vec<String>, Duration) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (mut ok, mut errors, mut longest) = (0, Vec::new(), Duration::ZERO);
+        for t in self.tasks {
+            let (o, e, l) = t.await.unwrap();
+            ok += o;
+            errors.extend(e);
+            longest = longest.max(l);
+        }
+        (ok, errors, longest)
+    }
+}
+
+#[tokio::test]
+async fn reads_and_writes_flow_through_a_switchover_and_reads_through_a_crash() {
+    use handoff_tests::load::{ids, Load};
+    let mut cluster = Cluster::start(2).unwrap();
+    let ports: Vec<u16> = cluster.standbys.iter().map(|s| s.port).collect();
+    let primary_conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        cluster.primary.port
+    );
+    Load::prepare(&primary_conn).await.unwrap();
+    let proxy = start_proxy(&cluster, &[FAST_CHECKS, ("HANDOFF_POOL_SIZE", "16")])
+        .await
+        .unwrap();
+    wait_in_rotation(&proxy, &ports, true).await;
+    let writers = Load::start(proxy.listen_addr(), 8).await.unwrap();
+    let readers = Readers::start(&proxy, 8).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let target = cluster.standbys[0].addr();
+    let (status, report) = handoff_tests::admin::switchover(&proxy, &target).await;
+    assert_eq!(status, 200, "{report:#}");
+    assert_eq!(report["outcome"], "completed", "{report:#}");
+    // The other standby was pointed at the new primary, and serves reads from it.
+    let other = cluster.standbys[1].addr();
+    assert_eq!(
+        report["repointed_standbys"],
+        serde_json::json!([other]),
+        "{report:#}"
+    );
+    let new_primary = format!("127.0.0.1:{}", ports[0]);
+    eventually(
+        Duration::from_secs(20),
+        "the other standby streaming from the new primary, in the rotation",
+        || async {
+            let state = shard_state(&proxy).await;
+            let s = standby(&state, ports[1]);
+            Ok(s["upstream"].as_str() == Some(new_primary.as_str()) && s["in_rotation"] == true)
+        },
+    )
+    .await
+    .unwrap();
+    let state = shard_state(&proxy).await;
+    assert_eq!(standby(&state, ports[0])["state"], "not_standby", "{state}");
+    assert_eq!(
+        standby(&state, cluster.primary.port)["in_rotation"],
+        false,
+        "the fenced old primary serves no reads: {state}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let written = writers.stop().await;
+    let (reads, read_errors, longest_read) = readers.stop().await;
+    assert!(
+        written.errors.is_empty(),
+        "writers' errors: {:?}",
+        written.errors
+    );
+    assert!(read_errors.is_empty(), "readers' errors: {read_errors:?}");
+    assert!(reads > 0 && written.ok > 0);
+    // Every acknowledged write is on the new primary.
+    let new_conn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        ports[0]
+    );
+    let on_new = ids(&new_conn).await.unwrap();
+    let lost: Vec<_> = written
+        .acked
+        .iter()
+        .filter(|id| !on_new.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged writes missing: {lost:?}");
+    eprintln!(
+        "switchover: {} writes, {reads} reads, no errors; longest wait for a read {longest_read:?}",
+        written.ok
+    );
+
+    // The new primary crashes: reads go on, on the standby it fed.
+    let readers = Readers::start(&proxy, 8).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.standbys[0].crash().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (reads, read_errors, longest_read) = readers.stop().await;
+    assert!(
+        read_errors.is_empty(),
+        "reads while the primary is down: {read_errors:?}"
+    );
+    assert!(reads > 100, "{reads} reads");
+    let state = shard_state(&proxy).await;
+    assert_eq!(standby(&state, ports[1])["in_rotation"], true, "{state}");
+    eprintln!("crash: {reads} reads, no errors; longest wait {longest_read:?}");
+    proxy.shutdown().await;
+}

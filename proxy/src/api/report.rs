@@ -53,6 +53,9 @@ pub struct SwitchoverReport {
     pub sync_target: Option<String>,
     /// How far the target's replay was behind the fence LSN when the fence took it.
     pub lag_at_revoke_bytes: Option<f64>,
+    /// The shard's other standbys pointed at the new primary by handoff.
+    #[serde(default)]
+    pub repointed_standbys: Vec<String>,
     pub error: Option<String>,
     /// With coordination: the operation and who took part.
     #[serde(default, skip_serializing_if = "Option::is_none")]

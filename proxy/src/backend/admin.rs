@@ -57,11 +57,7 @@ pub enum AdminConnectError {
     Refused(String),
 }
 
-/// True for the server's answer to a login into a database with `datallowconn` off.
-pub fn is_fence_refusal(code: &str, message: &str) -> bool {
-    code == sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE
-        && message.contains("not currently accepting connections")
-}
+pub use crate::error::is_fence_refusal;
 
 impl AdminConnectError {
     fn from_pg(addr: &HostPort, user: &str, e: &tokio_postgres::Error) -> Self {

@@ -1,8 +1,10 @@
 //! Each shard's replica check: every `HANDOFF_REPLICA_CHECK_INTERVAL` it asks every
 //! host of the shard but the primary whether it is a standby, where it streams from and
 //! how far its replay is behind the primary, and puts it in or out of the read rotation
-//! (`shard::replicas`). One admin session per host is kept open between checks, and the
-//! hosts are asked at once, so one that hangs delays no other.
+//! (`shard::replicas`). One admin session per standby is kept open between checks, and
+//! the hosts are asked at once, so one that hangs delays no other. No session is kept
+//! on a primary (a fence waits for every session there to leave): its position is
+//! asked on a session opened for the round.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,13 +31,12 @@ const STANDBY_SQL: &str = "SELECT pg_is_in_recovery(), \
 pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
     let interval = ctx.settings.replicas.check_interval;
     let mut sessions: HashMap<HostPort, AdminSession> = HashMap::new();
-    let mut primary_session: Option<(HostPort, AdminSession)> = None;
     shard.replicas.set_hosts(&shard.hosts);
     loop {
         if shutdown.phase() >= Phase::Draining {
             return;
         }
-        round(&ctx, &shard, &mut sessions, &mut primary_session).await;
+        round(&ctx, &shard, &mut sessions).await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shard.replicas.wake.notified() => {}
@@ -45,16 +46,25 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
 }
 
 /// One check of every host.
-async fn round(
-    ctx: &Ctx,
-    shard: &Shard,
-    sessions: &mut HashMap<HostPort, AdminSession>,
-    primary_session: &mut Option<(HostPort, AdminSession)>,
-) {
+async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminSession>) {
     let timeout = ctx.settings.health.timeout;
     let primary = shard.current().primary.clone();
-    let primary_lsn = primary_position(&ctx.admin, &primary, primary_session, timeout).await;
-    let primary_addrs = resolve(&primary).await;
+    sessions.remove(&primary);
+    let primary_lsn = primary_position(&ctx.admin, &primary, timeout).await;
+    // Where a standby may stream from: the primary; during a switchover its target
+    // (the shard's other standbys cascade from it until it is promoted: they have what
+    // it has); and a primary a switchover replaced and fenced (its WAL ends at the
+    // fence, a prefix of the new primary's history), until the standby follows the new
+    // one.
+    let mut primary_addrs = resolve(&primary).await;
+    for host in shard.replicas.withheld() {
+        primary_addrs.extend(resolve(&host).await);
+    }
+    for v in shard.watch.view() {
+        if v.why == crate::shard::watch::Why::Switchover {
+            primary_addrs.extend(resolve(&v.host).await);
+        }
+    }
     let mut checks = JoinSet::new();
     for s in shard.replicas.all() {
         let host = s.host.clone();
@@ -83,7 +93,7 @@ async fn round(
         let Ok((host, session, seen)) = done else {
             continue;
         };
-        if let Some(s) = session {
+        if let Some(s) = session.filter(|_| seen.standing != Standing::NotStandby) {
             sessions.insert(host.clone(), s);
         }
         crate::metrics::replica_lag(&shard.name, &host, seen.lag_bytes, seen.lag);
@@ -94,36 +104,26 @@ async fn round(
     }
 }
 
-/// The primary's current WAL position, on a session kept open to it; `None` if it does
-/// not answer (its standbys are then judged by what they received).
+/// The primary's current WAL position; `None` if it does not answer (its standbys
+/// are then judged by what they received).
 async fn primary_position(
     admin: &AdminDb,
     primary: &HostPort,
-    kept: &mut Option<(HostPort, AdminSession)>,
     timeout: Duration,
 ) -> Option<String> {
-    if kept
-        .as_ref()
-        .is_some_and(|(h, s)| h != primary || s.is_closed())
-    {
-        *kept = None;
-    }
-    if kept.is_none() {
+    let ask = async {
         let s = admin
             .open(primary, admin.database(), "handoff-replica-check", timeout)
             .await
             .ok()?;
-        *kept = Some((primary.clone(), s));
-    }
-    let (_, s) = kept.as_ref()?;
-    let q = s.client.query_one("SELECT pg_current_wal_lsn()::text", &[]);
-    match tokio::time::timeout(timeout, q).await {
-        Ok(Ok(row)) => row.get(0),
-        _ => {
-            *kept = None;
-            None
-        }
-    }
+        let row = s
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .ok()?;
+        row.get(0)
+    };
+    tokio::time::timeout(timeout, ask).await.ok().flatten()
 }
 
 /// Checks one host on its kept session (opened if there is none); returns the session

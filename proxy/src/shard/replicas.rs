@@ -33,6 +33,8 @@ pub enum Standing {
     NotStandby,
     /// No answer, or a session could not use it.
     Down,
+    /// The target of a switchover in progress: out before it is promoted.
+    Withheld,
 }
 
 impl Standing {
@@ -44,6 +46,7 @@ impl Standing {
             Standing::NotStreaming => "not_streaming",
             Standing::NotStandby => "not_standby",
             Standing::Down => "down",
+            Standing::Withheld => "withheld",
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Standby {
     outstanding: AtomicUsize,
     /// Transactions (or sessions) it was chosen for, in all.
     chosen: AtomicU64,
+    /// Switchovers to it in progress: out of the rotation meanwhile.
+    withheld: AtomicUsize,
     seen: Mutex<Seen>,
 }
 
@@ -95,6 +100,7 @@ impl Standby {
             in_rotation: AtomicBool::new(false),
             outstanding: AtomicUsize::new(0),
             chosen: AtomicU64::new(0),
+            withheld: AtomicUsize::new(0),
             seen: Mutex::new(Seen::default()),
         })
     }
@@ -136,6 +142,18 @@ impl Reading {
 impl Drop for Reading {
     fn drop(&mut self) {
         self.standby.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Keeps a switchover's target out of the read rotation until dropped.
+#[derive(Debug)]
+pub struct Withheld(Option<Arc<Standby>>);
+
+impl Drop for Withheld {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.withheld.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -238,6 +256,36 @@ impl Replicas {
         self.wake.notify_one();
     }
 
+    /// Takes `host` out of the rotation before a switchover promotes it (new reads go
+    /// elsewhere; reads running on it finish there), until the guard is dropped. Once
+    /// promoted it is no standby: the checks keep it out.
+    pub fn withhold(&self, host: &HostPort) -> Withheld {
+        let found = self
+            .list
+            .reading()
+            .iter()
+            .find(|s| &s.host == host)
+            .cloned();
+        if let Some(s) = &found {
+            s.withheld.fetch_add(1, Ordering::AcqRel);
+            if s.in_rotation.swap(false, Ordering::AcqRel) {
+                tracing::info!(standby = %host, "switchover target leaves the read rotation");
+            }
+            s.seen.locked().standing = Standing::Withheld;
+        }
+        Withheld(found)
+    }
+
+    /// The targets of switchovers in progress.
+    pub fn withheld(&self) -> Vec<HostPort> {
+        self.list
+            .reading()
+            .iter()
+            .filter(|s| s.withheld.load(Ordering::Acquire) > 0)
+            .map(|s| s.host.clone())
+            .collect()
+    }
+
     /// Records a check of `host`: whether it now belongs in the rotation follows from
     /// `seen` and `limit`, with hysteresis (it leaves over the limit and returns at half
     /// of it). Returns true if it is in the rotation afterwards.
@@ -252,6 +300,9 @@ impl Replicas {
             return false;
         };
         let was = s.in_rotation();
+        if s.withheld.load(Ordering::Acquire) > 0 && seen.standing == Standing::InRotation {
+            seen.standing = Standing::Withheld;
+        }
         let now = if seen.standing == Standing::InRotation {
             let ok = if was {
                 limit.within(seen.lag_bytes, seen.lag, 1)
@@ -329,6 +380,12 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(r.pick(None).unwrap().host(), &host(2));
         }
+        let withheld = r.withhold(&host(2));
+        assert!(r.pick(None).is_none(), "the switchover's target is out");
+        assert!(!r.record(&host(2), good(0), &limit), "and stays out");
+        assert_eq!(r.all()[1].seen().standing, Standing::Withheld);
+        drop(withheld);
+        assert!(r.record(&host(2), good(0), &limit), "back once released");
     }
 
     #[test]

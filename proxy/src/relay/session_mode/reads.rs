@@ -112,7 +112,7 @@ async fn pick_and_connect(
                 m::replica_transaction(&shard.name, picked.host());
                 return Ok(Some((picked, server)));
             }
-            Err(e) if e.primary_may_be_gone() => {
+            Err(e) if e.standby_unusable() => {
                 metrics::counter!(m::SERVER_CONNECT_ERRORS_TOTAL).increment(1);
                 replicas.set_down(picked.host(), &e.to_string());
                 RetryReason::ConnectFailed.count(&shard.name);

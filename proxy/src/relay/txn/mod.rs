@@ -343,7 +343,7 @@ impl<'a> Txn<'a> {
                     self.reading = Some(picked);
                     return Ok(Some(b));
                 }
-                Err(PoolError::Connect(e)) if e.primary_may_be_gone() => {
+                Err(PoolError::Connect(e)) if e.standby_unusable() => {
                     replicas.set_down(picked.host(), &e.to_string());
                     RetryReason::ConnectFailed.count(self.shard);
                     except = Some(picked.host().clone());

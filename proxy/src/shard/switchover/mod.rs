@@ -28,6 +28,7 @@ mod sql;
 
 pub(crate) use hooks::Hooks;
 pub(crate) use report::Report;
+mod repoint;
 use sql::precheck;
 pub(crate) use sql::{catch_up, promote, Promotion};
 
@@ -37,6 +38,9 @@ pub(crate) struct Run<'a> {
     pub(crate) report: Report,
     /// The target made synchronous: put back when the switchover ends.
     synced: Option<Synced>,
+    /// Sessions on the shard's other standbys, opened before the fence, to point them
+    /// at the new primary afterwards.
+    others: Vec<(HostPort, Result<AdminSession, String>)>,
 }
 
 /// How a switchover stops short of completing.
@@ -87,9 +91,11 @@ pub(crate) async fn run_with(
             demote: None,
             sync_target: None,
             lag_at_revoke: None,
+            repointed: Vec::new(),
             error: None,
         },
         synced: None,
+        others: Vec::new(),
     };
     let Ok(_op) = shard.op.try_lock() else {
         return run.finish(
@@ -100,6 +106,8 @@ pub(crate) async fn run_with(
             )),
         );
     };
+    // Reads leave the target before it is promoted.
+    let _withheld = shard.replicas.withhold(&to);
     if let Some(source) = ctx.patroni(&shard.name).cloned() {
         let (outcome, error) = run.patroni(&snap, &to, &source, hooks).await;
         let report = run.finish(outcome, error);
@@ -118,8 +126,14 @@ pub(crate) async fn run_with(
             run.demote(&done, &to).await;
             run.finish(Outcome::Completed, None)
         }
-        Err(Stop::Refused(e)) => return run.finish(Outcome::Refused, Some(e)),
-        Err(Stop::RollBack(fence, e)) => rollback(run, *fence, snap.epoch, e).await,
+        Err(Stop::Refused(e)) => {
+            run.repoint_back(&snap.primary).await;
+            return run.finish(Outcome::Refused, Some(e));
+        }
+        Err(Stop::RollBack(fence, e)) => {
+            run.repoint_back(&snap.primary).await;
+            rollback(run, *fence, snap.epoch, e).await
+        }
         Err(Stop::Failed(e)) => run.finish(Outcome::Failed, Some(e)),
     };
     hooks
@@ -139,6 +153,7 @@ impl Run<'_> {
         let old = snap.primary.clone();
         let (old_db, target_db) = self.precheck(snap, to).await?;
         self.sync_target(&old, to, &target_db.client).await?;
+        self.repoint(&old, to).await;
         let revoked = self.buffer(snap)?;
         // Nothing is fenced yet: rolling back only lets the old primary serve again.
         let mut fence = Fence::new(old.clone(), old_db);
@@ -405,6 +420,76 @@ impl Run<'_> {
         self.report.epoch = est.epoch;
         self.report.prewarmed = est.prewarmed;
         Ok(est.epoch)
+    }
+
+    /// The shard's hosts but the old primary and the target.
+    fn other_standbys(&self, old: &HostPort, to: &HostPort) -> Vec<HostPort> {
+        self.shard
+            .hosts
+            .iter()
+            .filter(|h| *h != to && *h != old)
+            .cloned()
+            .collect()
+    }
+
+    /// 1c. The shard's other standbys stream from the target from now on
+    /// ([`repoint`]), so they follow it when it is promoted.
+    async fn repoint(&mut self, old: &HostPort, to: &HostPort) {
+        let others = self.other_standbys(old, to);
+        if others.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let timeout = self.ctx.settings.switchover.timeout;
+        self.others = repoint::open(&self.ctx.admin, others, timeout).await;
+        let results = repoint::repoint(&self.others, to, timeout).await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|(h, r)| match r {
+                repoint::Repointed::Failed(e) => Some(format!("{h}: {e}")),
+                _ => None,
+            })
+            .collect();
+        for (h, r) in &results {
+            tracing::info!(shard = %self.shard.name, standby = %h, result = ?r, "standby pointed at the new primary");
+        }
+        self.report.repointed = results
+            .iter()
+            .filter(|(_, r)| matches!(r, repoint::Repointed::Done | repoint::Repointed::Already))
+            .map(|(h, _)| h.to_string())
+            .collect();
+        // A standby repointed has a new upstream: check it now.
+        self.shard.replicas.wake.notify_one();
+        self.step(
+            "repoint",
+            t,
+            (!failed.is_empty()).then(|| failed.join("; ")),
+        );
+    }
+
+    /// The switchover did not happen: the standbys repointed at its target go back to
+    /// the primary that stays.
+    async fn repoint_back(&mut self, old: &HostPort) {
+        if self.report.repointed.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let timeout = self.ctx.settings.switchover.timeout;
+        let results = repoint::repoint(&self.others, old, timeout).await;
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|(h, r)| match r {
+                repoint::Repointed::Failed(e) => Some(format!("{h}: {e}")),
+                _ => None,
+            })
+            .collect();
+        self.report.repointed.clear();
+        self.shard.replicas.wake.notify_one();
+        self.step(
+            "repoint_back",
+            t,
+            (!failed.is_empty()).then(|| failed.join("; ")),
+        );
     }
 
     /// 8. The demote command, if any: its outcome is reported, never undone.

@@ -36,6 +36,8 @@ pub(crate) struct Report {
     pub(super) sync_target: Option<String>,
     /// How far the target's replay was behind the fence LSN when the fence took it.
     pub(super) lag_at_revoke: Option<f64>,
+    /// The other standbys now streaming from the new primary.
+    pub(super) repointed: Vec<String>,
     pub error: Option<String>,
 }
 
@@ -72,6 +74,7 @@ impl Report {
             demote: self.demote.as_ref().map(|d| d.to_report()),
             sync_target: self.sync_target.clone(),
             lag_at_revoke_bytes: self.lag_at_revoke,
+            repointed_standbys: self.repointed.clone(),
             error: self.error.clone(),
             coordination: None,
         }
