@@ -73,7 +73,7 @@ pub(crate) async fn repoint(
         };
         out.push((host.clone(), r));
     }
-    out.sort_by(|a, b| a.0.to_string().cmp(&b.0.to_string()));
+    out.sort_by_key(|a| a.0.to_string());
     out
 }
 
