@@ -105,6 +105,43 @@ async fn acked_on(s: &Setup, out: &Outcome, leader: usize) {
     );
 }
 
+/// Member `i` is in the read rotation, and a read through `@replica` runs there.
+async fn reads_on(s: &Setup, i: usize) {
+    let want = s.patroni.members[i].addr();
+    eventually(
+        Duration::from_secs(30),
+        "Patroni's replica in the read rotation",
+        || {
+            let want = want.clone();
+            async move {
+                let st = shard_state(s.proxy()).await;
+                Ok(st["standbys"].as_array().is_some_and(|l| {
+                    l.iter()
+                        .any(|m| m["host"] == want.as_str() && m["in_rotation"] == true)
+                }))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let (c, conn) = tokio_postgres::connect(
+        &handoff_tests::conn_str(&s.listen(), "postgres", "postgres@replica", None),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let row = c
+        .query_one(
+            "select pg_is_in_recovery(), '127.0.0.1:' || current_setting('port')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, String>(1), want);
+}
+
 /// The proxy serves member `i` as the shard's primary, named by Patroni.
 async fn serves(s: &Setup, i: usize) {
     let want = s.patroni.members[i].addr();
@@ -126,7 +163,10 @@ async fn serves(s: &Setup, i: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchovers_through_handoff_under_load_lose_nothing_back_and_forth() {
     let _serial = SERIAL.lock().await;
-    let s = setup(None, &[]).await;
+    let s = setup(None, &[("HANDOFF_REPLICA_CHECK_INTERVAL", "200ms")]).await;
+    // Patroni's replica serves reads (`@replica`): a member it names, not a host
+    // HANDOFF_SHARDS lists.
+    reads_on(&s, 1).await;
     let st = shard_state(s.proxy()).await;
     assert_eq!(st["source"], "patroni", "{st}");
     assert_eq!(st["primary"], s.patroni.members[0].addr().as_str(), "{st}");
@@ -156,8 +196,10 @@ async fn switchovers_through_handoff_under_load_lose_nothing_back_and_forth() {
         !steps.contains(&"promote"),
         "handoff must not promote: {report}"
     );
-    // Patroni brings the old leader back as a replica before the way back.
+    // Patroni brings the old leader back as a replica before the way back; streaming
+    // from the new leader, it serves reads.
     tokio::task::block_in_place(|| s.patroni.wait_healthy(Duration::from_secs(60))).unwrap();
+    reads_on(&s, 0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Back, by host:port.
     let (status, report) = switchover(s.proxy(), &s.patroni.members[0].addr()).await;

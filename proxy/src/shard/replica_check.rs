@@ -48,6 +48,19 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
 /// One check of every host.
 async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminSession>) {
     let timeout = ctx.settings.health.timeout;
+    // On a Patroni shard its members are the hosts (the configured ones, if any, too).
+    if let Some(source) = ctx.patroni(&shard.name) {
+        let view = source.view.borrow().clone();
+        if let Some(cluster) = view {
+            let mut hosts = shard.hosts.clone();
+            for m in &cluster.members {
+                if !hosts.contains(&m.addr) {
+                    hosts.push(m.addr.clone());
+                }
+            }
+            shard.replicas.set_hosts(&hosts);
+        }
+    }
     let primary = shard.current().primary.clone();
     sessions.remove(&primary);
     let primary_lsn = primary_position(&ctx.admin, &primary, timeout).await;
