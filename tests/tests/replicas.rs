@@ -491,3 +491,97 @@ async fn reads_and_writes_flow_through_a_switchover_and_reads_through_a_crash() 
     eprintln!("crash: {reads} reads, no errors; longest wait {longest_read:?}");
     proxy.shutdown().await;
 }
+
+/// A console answer as rows of column name → value.
+async fn show(console: &Client, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
+    let msgs = console
+        .simple_query(cmd)
+        .await
+        .unwrap_or_else(|e| panic!("{cmd}: {e:?}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        (
+                            c.name().to_string(),
+                            r.get(i).unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn scram_clients_read_and_the_console_shows_the_standbys() {
+    let cluster = Cluster::start(1).unwrap();
+    let port = cluster.standbys[0].port;
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            FAST_CHECKS,
+            ("HANDOFF_USERS", "postgres=secret,admin=admin-pw"),
+            ("HANDOFF_ADMIN_USERS", "admin"),
+            ("HANDOFF_ADMIN_DB_USER", "postgres"),
+        ],
+    )
+    .await
+    .unwrap();
+    wait_in_rotation(&proxy, &[port], true).await;
+    let login = |db: &str, pw: &str| {
+        let url = conn_str(&proxy.listen_addr(), "postgres", db, Some(pw));
+        async move {
+            let (c, conn) = tokio_postgres::connect(&url, NoTls).await?;
+            tokio::spawn(conn);
+            Ok::<_, tokio_postgres::Error>(c)
+        }
+    };
+    let err = login("postgres@replica", "wrong").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
+    let reader = login("postgres@replica", "secret").await.unwrap();
+    assert_eq!(where_am_i(&reader).await.unwrap(), (true, i32::from(port)));
+
+    let url = conn_str(&proxy.listen_addr(), "admin", "handoff", Some("admin-pw"));
+    let (console, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let standbys = show(&console, "SHOW STANDBYS").await;
+    let row = |host: String| {
+        standbys
+            .iter()
+            .find(|r| r["host"] == host)
+            .unwrap_or_else(|| panic!("{host} in {standbys:?}"))
+            .clone()
+    };
+    let s = row(format!("127.0.0.1:{port}"));
+    assert_eq!(
+        (s["in_rotation"].as_str(), s["state"].as_str()),
+        ("true", "in_rotation")
+    );
+    assert_eq!(s["upstream"], format!("127.0.0.1:{}", cluster.primary.port));
+    assert!(
+        s["chosen"].parse::<u64>().unwrap() >= 2,
+        "login and read: {s:?}"
+    );
+    let p = row(format!("127.0.0.1:{}", cluster.primary.port));
+    assert_eq!(p["state"], "not_standby");
+    let pools = show(&console, "SHOW POOLS").await;
+    let read_pool = pools
+        .iter()
+        .find(|r| r["role"] == "standby")
+        .unwrap_or_else(|| panic!("a read pool in {pools:?}"));
+    assert_eq!(read_pool["primary"], format!("127.0.0.1:{port}"));
+    assert_eq!(read_pool["database"], "postgres");
+    let servers = show(&console, "SHOW SERVERS").await;
+    assert!(
+        servers
+            .iter()
+            .any(|r| r["role"] == "standby" && r["port"] == port.to_string()),
+        "{servers:?}"
+    );
+    proxy.shutdown().await;
+}

@@ -424,6 +424,7 @@ fn status_text(v: &Shards) -> String {
     }
     for line in watched_lines(v)
         .into_iter()
+        .chain(standby_lines(v))
         .chain(patroni_lines(v))
         .chain(coordination_lines(v))
     {
@@ -456,6 +457,34 @@ fn watched_lines(v: &Shards) -> Vec<String> {
                     }
                 ),
             });
+        }
+    }
+    out
+}
+
+/// Each shard's hosts as readers, but its primary: in the read rotation or why not.
+fn standby_lines(v: &Shards) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &v.shards {
+        for st in s.standbys.iter().filter(|st| st.host != s.primary) {
+            let lag = match (st.lag_bytes, st.lag_seconds) {
+                (Some(b), Some(t)) => format!(", lag {b} bytes / {t:.1}s"),
+                (Some(b), None) => format!(", lag {b} bytes"),
+                _ => String::new(),
+            };
+            let from = st
+                .upstream
+                .as_deref()
+                .map(|u| format!(", from {u}"))
+                .unwrap_or_default();
+            let detail = match st.detail.as_str() {
+                "" => String::new(),
+                d => format!(" ({d})"),
+            };
+            out.push(format!(
+                "standby      shard {}: {} {}{lag}{from}, {} reading now{detail}",
+                s.name, st.host, st.state, st.transactions
+            ));
         }
     }
     out

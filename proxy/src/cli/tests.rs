@@ -89,6 +89,33 @@ fn patroni_shards_show_the_leader_and_members_and_others_nothing() {
 }
 
 #[test]
+fn standbys_are_shown_with_their_state_lag_and_upstream_and_the_primary_is_not() {
+    let v = shards(&format!(
+        r#"{{"shards":[{}],"coordination":{{"enabled":false}}}}"#,
+        shard(
+            "main",
+            r#","standbys":[
+            {"host":"h:1","in_rotation":false,"state":"not_standby","lag_bytes":null,"lag_seconds":null,"upstream":null,"transactions":0,"chosen":0,"detail":"the shard's primary"},
+            {"host":"h:2","in_rotation":true,"state":"in_rotation","lag_bytes":0,"lag_seconds":0.0,"upstream":"h:1","transactions":3,"chosen":40,"detail":""},
+            {"host":"h:3","in_rotation":false,"state":"lagging","lag_bytes":20000000,"lag_seconds":12.5,"upstream":"h:1","transactions":0,"chosen":2,"detail":""}]"#
+        )
+    ));
+    assert_eq!(
+        standby_lines(&v),
+        [
+            "standby      shard main: h:2 in_rotation, lag 0 bytes / 0.0s, from h:1, 3 reading now",
+            "standby      shard main: h:3 lagging, lag 20000000 bytes / 12.5s, from h:1, 0 reading now",
+        ]
+    );
+    // An answer from a proxy without standbys in it still reads.
+    let old = shards(&format!(
+        r#"{{"shards":[{}],"coordination":{{"enabled":false}}}}"#,
+        shard("main", "")
+    ));
+    assert!(standby_lines(&old).is_empty());
+}
+
+#[test]
 fn the_command_line_parses_as_documented() {
     let cli = Cli::try_parse_from([
         "handoff",

@@ -80,6 +80,8 @@ pub struct PoolSnapshot {
     pub max_wait: Duration,
     /// Its server is no longer the shard's primary.
     pub retired: bool,
+    /// A read pool: its server is a standby.
+    pub reads: bool,
     /// Every open connection and whether it is idle, oldest first.
     pub servers: Vec<(ServerMeta, bool)>,
 }
@@ -110,6 +112,8 @@ pub struct Pool {
     retired: std::sync::atomic::AtomicBool,
     /// The last login was refused because the database does not exist (`3D000`).
     missing_database: std::sync::atomic::AtomicBool,
+    /// A read pool: its server is a standby.
+    reads: bool,
 }
 
 impl Pool {
@@ -142,6 +146,7 @@ impl Pool {
             gauges: std::sync::OnceLock::new(),
             retired: std::sync::atomic::AtomicBool::new(false),
             missing_database: std::sync::atomic::AtomicBool::new(false),
+            reads,
         }
     }
 
@@ -380,6 +385,7 @@ impl Pool {
             waiting,
             max_wait,
             retired: self.is_retired(),
+            reads: self.reads,
             servers,
         }
     }

@@ -52,6 +52,7 @@ pub(crate) fn show(ctx: &Ctx, what: &str, out: &mut Out) -> Result<(), ProxyErro
         ),
         "LISTS" => lists(ctx, out),
         "SHARDS" => shards(ctx, out),
+        "STANDBYS" => standbys(ctx, out),
         "BUFFERS" => buffers(ctx, out),
         "HELP" => out.table(
             &[("command", T), ("what", T)],
@@ -98,6 +99,10 @@ const HELP: &[(&str, &str)] = &[
         "counts of databases, users, pools, clients, servers",
     ),
     ("SHOW SHARDS", "each shard: state, epoch, primary, buffer"),
+    (
+        "SHOW STANDBYS",
+        "each shard's hosts as readers: rotation, lag, upstream",
+    ),
     ("SHOW BUFFERS", "each shard's failover buffer"),
     (
         "PAUSE [db]",
@@ -122,19 +127,37 @@ const HELP: &[(&str, &str)] = &[
     ("SHUTDOWN", "stop handoff (gracefully, as on SIGTERM)"),
 ];
 
-/// The pools on each shard's current primary, sorted.
+/// The pools on each shard's current primary, then the read pools on its standbys,
+/// sorted.
 fn live_pools(ctx: &Ctx) -> Vec<PoolSnapshot> {
-    let mut v: Vec<PoolSnapshot> = ctx
-        .actions
-        .shard
+    let shard = &ctx.actions.shard;
+    let mut v: Vec<PoolSnapshot> = shard
         .pools
         .list()
         .iter()
+        .chain(shard.read_pools.list().iter())
         .map(|p| p.snapshot())
         .filter(|p| !p.retired)
         .collect();
-    v.sort_by(|a, b| (&a.database, &a.user, &a.shard).cmp(&(&b.database, &b.user, &b.shard)));
+    v.sort_by(|a, b| {
+        (a.reads, &a.database, &a.user, &a.shard, a.addr.to_string()).cmp(&(
+            b.reads,
+            &b.database,
+            &b.user,
+            &b.shard,
+            b.addr.to_string(),
+        ))
+    });
     v
+}
+
+/// `primary`, or `standby` for a read pool.
+fn role(p: &PoolSnapshot) -> &'static str {
+    if p.reads {
+        "standby"
+    } else {
+        "primary"
+    }
 }
 
 fn pools(ctx: &Ctx, out: &mut Out) {
@@ -157,6 +180,7 @@ fn pools(ctx: &Ctx, out: &mut Out) {
         ("pool_mode", T),
         ("shard", T),
         ("primary", T),
+        ("role", T),
     ];
     let clients = ctx.clients.list();
     let rows: Vec<Row> = live_pools(ctx)
@@ -169,7 +193,11 @@ fn pools(ctx: &Ctx, out: &mut Out) {
                     .filter(|c| c.state() == state)
                     .filter(|c| {
                         c.login().is_some_and(|l| {
-                            l.user == p.user
+                            // A reader's clients are those of `db@replica` / `db@any`.
+                            let reader = crate::config::Target::split(&l.database)
+                                .is_ok_and(|(_, t)| t != crate::config::Target::Primary);
+                            reader == p.reads
+                                && l.user == p.user
                                 && l.route.as_ref().is_some_and(|(i, db)| {
                                     Some(*i) == shard_index && *db == p.database
                                 })
@@ -196,6 +224,7 @@ fn pools(ctx: &Ctx, out: &mut Out) {
                 s(pool_mode(ctx)),
                 s(&p.shard),
                 s(&p.addr),
+                s(role(&p)),
             ]
         })
         .collect();
@@ -273,6 +302,7 @@ fn clients(ctx: &Ctx, out: &mut Out) {
 fn servers(ctx: &Ctx, out: &mut Out) {
     let mut cols = CONN_COLS.to_vec();
     cols.push(("shard", T));
+    cols.push(("role", T));
     let mut rows: Vec<Row> = Vec::new();
     for p in live_pools(ctx) {
         for (m, idle) in &p.servers {
@@ -296,6 +326,7 @@ fn servers(ctx: &Ctx, out: &mut Out) {
                 m.tls.then(|| "TLS".to_string()),
                 None,
                 s(&p.shard),
+                s(role(&p)),
             ]);
         }
     }
@@ -398,7 +429,7 @@ mod shards;
 
 use settings::{config, databases, lists};
 pub(crate) use shards::switchover_report;
-use shards::{buffers, shards};
+use shards::{buffers, shards, standbys};
 
 #[cfg(test)]
 mod tests {

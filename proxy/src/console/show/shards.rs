@@ -52,6 +52,43 @@ pub(super) fn shards(ctx: &Ctx, out: &mut Out) {
     out.table(COLS, &rows);
 }
 
+/// Each shard's hosts as readers (`@replica`, `@any`), as the replica check last saw
+/// them.
+pub(super) fn standbys(ctx: &Ctx, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("shard", T),
+        ("host", T),
+        ("in_rotation", T),
+        ("state", T),
+        ("lag_bytes", I),
+        ("lag_ms", I),
+        ("upstream", T),
+        ("transactions", I),
+        ("chosen", I),
+        ("detail", T),
+    ];
+    let answer = crate::actions::shards(&ctx.actions);
+    let mut rows: Vec<Row> = Vec::new();
+    for sh in &answer.shards {
+        for st in &sh.standbys {
+            rows.push(vec![
+                s(&sh.name),
+                s(&st.host),
+                s(st.in_rotation),
+                s(&st.state),
+                st.lag_bytes.map(|b| b.to_string()),
+                st.lag_seconds
+                    .map(|t| ((t * 1000.0).round() as u64).to_string()),
+                st.upstream.clone(),
+                s(st.transactions),
+                s(st.chosen),
+                s(&st.detail),
+            ]);
+        }
+    }
+    out.table(COLS, &rows);
+}
+
 pub(super) fn buffers(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("shard", T),
