@@ -142,6 +142,7 @@ async fn start_shards(
             config.etcd.is_some(),
             ctx.patroni(&s.name).is_some(),
         );
+        metrics::zero_replica_series(&s.name, &s.hosts);
         let start = coord::initial_shard(
             connected,
             &ctx.admin,

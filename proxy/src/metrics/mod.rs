@@ -218,6 +218,17 @@ fn describe() {
     }
 }
 
+/// Creates the read rotation's series of each of a shard's configured hosts at zero
+/// (lag 0 and out of the rotation until the first check, a moment later).
+pub fn zero_replica_series(shard: &str, hosts: &[crate::config::HostPort]) {
+    for host in hosts {
+        replica_in_rotation(shard, host, false);
+        replica_lag(shard, host, Some(0), Some(Duration::ZERO));
+        let labels = [("shard", shard.to_string()), ("host", host.to_string())];
+        metrics::counter!(REPLICA_TRANSACTIONS, &labels).absolute(0);
+    }
+}
+
 /// Creates a shard's counters at zero, so that dashboards and alerts (`increase()`,
 /// `rate()`) see them from startup rather than from their first event. The buffer's
 /// series are created by the buffer itself.

@@ -91,6 +91,8 @@ async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminS
             shard
                 .replicas
                 .record(&host, seen, &ctx.settings.replicas.max_lag);
+            // A standby promoted keeps no stale "in rotation" series.
+            crate::metrics::replica_in_rotation(&shard.name, &host, false);
             continue;
         }
         let session = sessions.remove(&host).filter(|s| !s.is_closed());
