@@ -5,7 +5,9 @@
 //! - `demo`: the README's main job: a local primary + standby, handoff in front, the
 //!   harness run direct and through handoff;
 //! - `idle`: handoff's memory with many idle clients;
-//! - `takeover`: handoff replaced by a takeover under load, beside PgBouncer's `-R`.
+//! - `takeover`: handoff replaced by a takeover under load, beside PgBouncer's `-R`;
+//! - `reads`: reads through `@replica` over two standbys beside direct and PgBouncer,
+//!   then reads and writes through a switchover.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +21,7 @@ use run::RunArgs;
 mod compare;
 mod idle;
 mod patroni;
+mod reads;
 mod run;
 mod switchover;
 mod takeover;
@@ -39,6 +42,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench takeover [--clients 32] [--takeovers 10] [--every 1]
                               [--targets handoff,handoff-session,pgbouncer]
+       handoff-bench reads [--clients 32] [--duration 10s] [--pool-size 20]
+                           [--switchover-duration 12s] [--at 4s] [--no-switchover]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 
@@ -311,6 +316,15 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench takeover".to_string()).chain(args),
             ) {
                 Ok(a) => takeover::run(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("reads") => {
+            use clap::Parser;
+            match reads::Args::try_parse_from(
+                std::iter::once("handoff-bench reads".to_string()).chain(args),
+            ) {
+                Ok(a) => reads::run(a).await,
                 Err(e) => return clap_exit(e),
             }
         }

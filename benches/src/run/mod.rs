@@ -112,7 +112,7 @@ fn error_key(e: &tokio_postgres::Error) -> String {
 
 /// Connects; a URL with `sslrootcert=<CA file>` (and `sslmode=require`) connects over
 /// TLS trusting that CA (rustls), checking the host name.
-async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     if let Some((base, ca)) = split_rootcert(url) {
         let pem = std::fs::read_to_string(&ca).unwrap_or_else(|e| panic!("sslrootcert {ca}: {e}"));
         let tls = handoff_tests::tls::MakeRustls::trusting(&pem)

@@ -51,6 +51,11 @@ impl Workload {
 
 /// Creates and fills the tables if they are missing.
 pub async fn setup(client: &Client, accounts: i32) -> Result<()> {
+    // Already there and filled (a standby, `@replica`, cannot run the DDL below even
+    // with IF NOT EXISTS): nothing to do.
+    if ready(client, accounts).await {
+        return Ok(());
+    }
     client
         .batch_execute(&format!(
             "create table if not exists {ACCOUNTS} (aid int primary key, abalance int not null default 0);
@@ -83,6 +88,22 @@ pub async fn setup(client: &Client, accounts: i32) -> Result<()> {
             .context("filling the accounts table")?;
     }
     Ok(())
+}
+
+/// True if every table exists and the accounts table has `accounts` rows.
+pub async fn ready(client: &Client, accounts: i32) -> bool {
+    let q = format!(
+        "select (select count(*) from {ACCOUNTS}), (select count(*) from {TELLERS}), \
+         (select count(*) from {BRANCHES}), (select count(*) from {WRITES} where false)"
+    );
+    match client.query_one(&q, &[]).await {
+        Ok(row) => {
+            row.get::<_, i64>(0) >= i64::from(accounts)
+                && row.get::<_, i64>(1) >= i64::from(branches(accounts) * 10)
+                && row.get::<_, i64>(2) >= i64::from(branches(accounts))
+        }
+        Err(_) => false,
+    }
 }
 
 /// The id prefix for this run's writes: above every id already in the table, so ids
