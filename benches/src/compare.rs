@@ -235,7 +235,7 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
     let pgbouncer = tps("pgbouncer");
     let with_cpu = results.iter().any(|r| r.cpu_us_per_txn.is_some());
     let mut s = format!(
-        "{:<10} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10}",
+        "{:<16} {:>10} {:>8} {:>8} {:>9} {:>7} {:>10}",
         "target", "tps", "p50 ms", "p99 ms", "max ms", "errors", "/ direct",
     );
     if pgbouncer.is_some() {
@@ -252,7 +252,7 @@ pub fn ratio_table(results: &[TargetResult]) -> String {
             _ => "-".to_string(),
         };
         s.push_str(&format!(
-            "{:<10} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10}",
+            "{:<16} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>7} {:>10}",
             r.name,
             m.tps,
             m.p50,

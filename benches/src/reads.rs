@@ -4,8 +4,10 @@
 //! 1. runs the same point-read workload direct to one standby (`direct`, the baseline
 //!    of the ratios), direct to the primary (`primary`), through PgBouncer in front of
 //!    one standby (`pgbouncer`, when installed: PgBouncer 1.18 balances nothing), and
-//!    through handoff's `postgres@replica` over both standbys (`handoff`), one after the
-//!    other, and prints one table (throughput, p50/p99, proxy CPU per transaction);
+//!    through handoff's `postgres@replica` over both standbys (`handoff`), and through
+//!    handoff to the primary (`handoff-primary`, its primary path for reference), one
+//!    after the other, and prints one table (throughput, p50/p99, proxy CPU per
+//!    transaction);
 //! 2. runs writers (tpcb, through `postgres`) and readers (through `postgres@replica`)
 //!    at the same time through a planned switchover to one of the standbys, and prints
 //!    each side's errors, longest wait for an answer and longest stall.
@@ -178,8 +180,14 @@ pub async fn run(a: Args) -> Result<()> {
         None => None,
     };
     cpu_of.push(("handoff".to_string(), handoff.pid()));
+    cpu_of.push(("handoff-primary".to_string(), handoff.pid()));
     let replica = url(&format!("127.0.0.1:{port}"), "postgres%40replica");
     targets.push(("handoff".into(), replica.clone()));
+    // The same reads through handoff to the primary: its own path, for reference.
+    targets.push((
+        "handoff-primary".into(),
+        url(&format!("127.0.0.1:{port}"), "postgres"),
+    ));
     let mut compare = args_for(
         targets,
         Workload::Select,

@@ -102,10 +102,12 @@ pub fn replica_in_rotation(shard: &str, host: &crate::config::HostPort, now: boo
     metrics::gauge!(REPLICA_IN_ROTATION, &labels).set(if now { 1.0 } else { 0.0 });
 }
 
-/// A transaction was given to standby `host`.
-pub fn replica_transaction(shard: &str, host: &crate::config::HostPort) {
+/// Read transactions (and sessions) given to standby `host` so far: the rotation
+/// counts them, the replica check publishes the count (no metric call per
+/// transaction).
+pub fn replica_transactions(shard: &str, host: &crate::config::HostPort, total: u64) {
     let labels = [("shard", shard.to_string()), ("host", host.to_string())];
-    metrics::counter!(REPLICA_TRANSACTIONS, &labels).increment(1);
+    metrics::counter!(REPLICA_TRANSACTIONS, &labels).absolute(total);
 }
 
 /// Marks `source` as what names `shard`'s primary (see [`PRIMARY_SOURCE`]).

@@ -80,6 +80,7 @@ async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminS
     }
     let mut checks = JoinSet::new();
     for s in shard.replicas.all() {
+        crate::metrics::replica_transactions(&shard.name, &s.host, s.chosen());
         let host = s.host.clone();
         if host == primary {
             let seen = Seen {

@@ -90,6 +90,9 @@ pub struct Standby {
     chosen: AtomicU64,
     /// Switchovers to it in progress: out of the rotation meanwhile.
     withheld: AtomicUsize,
+    /// A switchover is pointing it at its target: its WAL receiver reconnecting does not
+    /// take it out (its lag still does).
+    repointing: AtomicUsize,
     seen: Mutex<Seen>,
 }
 
@@ -101,6 +104,7 @@ impl Standby {
             outstanding: AtomicUsize::new(0),
             chosen: AtomicU64::new(0),
             withheld: AtomicUsize::new(0),
+            repointing: AtomicUsize::new(0),
             seen: Mutex::new(Seen::default()),
         })
     }
@@ -153,6 +157,19 @@ impl Drop for Withheld {
     fn drop(&mut self) {
         if let Some(s) = &self.0 {
             s.withheld.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Keeps a standby being repointed in the rotation while its WAL receiver reconnects,
+/// until dropped.
+#[derive(Debug)]
+pub struct Repointing(Option<Arc<Standby>>);
+
+impl Drop for Repointing {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            s.repointing.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -276,6 +293,17 @@ impl Replicas {
         Withheld(found)
     }
 
+    /// A switchover is about to point `host` at its target: while the guard lives, a
+    /// check that finds its WAL receiver not streaming (reconnecting to the target)
+    /// leaves it where it was; its lag is judged as always.
+    pub fn repointing(&self, host: &HostPort) -> Repointing {
+        let found = self.list.reading().iter().find(|s| &s.host == host).cloned();
+        if let Some(s) = &found {
+            s.repointing.fetch_add(1, Ordering::AcqRel);
+        }
+        Repointing(found)
+    }
+
     /// The targets of switchovers in progress.
     pub fn withheld(&self) -> Vec<HostPort> {
         self.list
@@ -302,6 +330,13 @@ impl Replicas {
         let was = s.in_rotation();
         if s.withheld.load(Ordering::Acquire) > 0 && seen.standing == Standing::InRotation {
             seen.standing = Standing::Withheld;
+        }
+        if was
+            && seen.standing == Standing::NotStreaming
+            && s.repointing.load(Ordering::Acquire) > 0
+        {
+            seen.standing = Standing::InRotation;
+            seen.detail = "being pointed at a switchover's target".into();
         }
         let now = if seen.standing == Standing::InRotation {
             let ok = if was {
@@ -380,6 +415,18 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(r.pick(None).unwrap().host(), &host(2));
         }
+        // Repointed by a switchover: a WAL receiver reconnecting keeps it in.
+        let not_streaming = || Seen {
+            standing: Standing::NotStreaming,
+            lag_bytes: Some(0),
+            lag: Some(Duration::ZERO),
+            ..Seen::default()
+        };
+        let repointing = r.repointing(&host(2));
+        assert!(r.record(&host(2), not_streaming(), &limit));
+        drop(repointing);
+        assert!(!r.record(&host(2), not_streaming(), &limit));
+        assert!(r.record(&host(2), good(0), &limit));
         let withheld = r.withhold(&host(2));
         assert!(r.pick(None).is_none(), "the switchover's target is out");
         assert!(!r.record(&host(2), good(0), &limit), "and stays out");

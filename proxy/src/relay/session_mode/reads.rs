@@ -109,7 +109,6 @@ async fn pick_and_connect(
         };
         match connect(ctx, login, picked.host()).await {
             Ok(server) => {
-                m::replica_transaction(&shard.name, picked.host());
                 return Ok(Some((picked, server)));
             }
             Err(e) if e.standby_unusable() => {

@@ -107,6 +107,8 @@ pub(crate) struct Txn<'a> {
     stayed: u64,
     /// The standby serving the transaction, while a read holds a connection to one.
     reading: Option<Reading>,
+    /// A reader's pools, by standby: looked up once per standby, not per transaction.
+    read_pools: Vec<(HostPort, Arc<Pool>)>,
 }
 
 /// A client's named statements and their progress through the server connection it
@@ -187,6 +189,7 @@ impl<'a> Txn<'a> {
             meter: Meter::new(Arc::clone(&ctx.meters), client),
             stayed: 0,
             reading: None,
+            read_pools: Vec::new(),
         }
     }
 
@@ -208,7 +211,7 @@ impl<'a> Txn<'a> {
             return Now::Attached;
         }
         if self.target.target != Target::Primary {
-            return Now::Wait;
+            return self.attach_read_now();
         }
         let Some(b) = self.checkout_now() else {
             return Now::Wait;
@@ -316,12 +319,42 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// [`Txn::attach_now`] for a reader: the least busy standby in the rotation has an
+    /// idle connection now.
+    fn attach_read_now(&mut self) -> Now {
+        let Some(picked) = self.state.replicas.pick(None) else {
+            return Now::Wait;
+        };
+        let pool = self.read_pool(picked.host());
+        let Some(b) = pool.try_checkout() else {
+            return Now::Wait;
+        };
+        self.pool = pool;
+        self.reading = Some(picked);
+        if params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
+            self.install(b);
+            return Now::Attached;
+        }
+        Now::Sync(b)
+    }
+
+    /// The client's read pool on standby `host`.
+    fn read_pool(&mut self, host: &HostPort) -> Arc<Pool> {
+        if let Some((_, p)) = self.read_pools.iter().find(|(h, _)| h == host) {
+            return Arc::clone(p);
+        }
+        let p = read_pool_for(self.ctx, &self.target, host, self.shard);
+        self.read_pools.push((host.clone(), Arc::clone(&p)));
+        p
+    }
+
     /// A connection to a standby in the read rotation, the least busy; one that cannot
     /// be reached leaves the rotation and the next is tried (nothing was sent). With
     /// none in the rotation `@replica` waits up to the buffer's window for one, and
     /// `@any` gets `None` (the primary serves it).
     async fn checkout_read(&mut self) -> Result<Option<Box<Backend>>, AttachError> {
-        let replicas = &self.state.replicas;
+        let state = self.state;
+        let replicas = &state.replicas;
         let mut except: Option<HostPort> = None;
         loop {
             let picked = match replicas.pick(except.as_ref()) {
@@ -335,10 +368,9 @@ impl<'a> Txn<'a> {
                     }
                 }
             };
-            let pool = read_pool_for(self.ctx, &self.target, picked.host(), self.shard);
+            let pool = self.read_pool(picked.host());
             match pool.checkout().await {
                 Ok(b) => {
-                    crate::metrics::replica_transaction(self.shard, picked.host());
                     self.pool = pool;
                     self.reading = Some(picked);
                     return Ok(Some(b));

@@ -38,9 +38,11 @@ pub(crate) struct Run<'a> {
     pub(crate) report: Report,
     /// The target made synchronous: put back when the switchover ends.
     synced: Option<Synced>,
-    /// Sessions on the shard's other standbys, opened before the fence, to point them
-    /// at the new primary afterwards.
+    /// Sessions on the shard's other standbys, to point them at the target (and back
+    /// if the switchover does not happen).
     others: Vec<(HostPort, Result<AdminSession, String>)>,
+    /// Keeps them in the read rotation while their WAL receivers reconnect.
+    repointing: Vec<crate::shard::replicas::Repointing>,
 }
 
 /// How a switchover stops short of completing.
@@ -96,6 +98,7 @@ pub(crate) async fn run_with(
         },
         synced: None,
         others: Vec::new(),
+        repointing: Vec::new(),
     };
     let Ok(_op) = shard.op.try_lock() else {
         return run.finish(
@@ -441,6 +444,10 @@ impl Run<'_> {
         }
         let t = Instant::now();
         let timeout = self.ctx.settings.switchover.timeout;
+        self.repointing = others
+            .iter()
+            .map(|h| self.shard.replicas.repointing(h))
+            .collect();
         self.others = repoint::open(&self.ctx.admin, others, timeout).await;
         let results = repoint::repoint(&self.others, to, timeout).await;
         let failed: Vec<String> = results
