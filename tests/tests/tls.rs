@@ -19,15 +19,19 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 /// Turns on `ssl` on the primary with a certificate from `ca` for `names`.
 fn enable_server_ssl(cluster: &Cluster, ca: &TestCa, names: &[&str]) {
+    enable_ssl_on(cluster, &cluster.primary, ca, names);
+}
+
+/// Turns on `ssl` on `p` (a standby too: `ALTER SYSTEM` writes a file, not WAL).
+fn enable_ssl_on(cluster: &Cluster, p: &handoff_tests::Node, ca: &TestCa, names: &[&str]) {
     let (cert, key) = ca.issue(names).unwrap();
     let dir = cluster.dir();
-    let cert = write(dir, "server.crt", &cert);
-    let key = write(dir, "server.key", &key);
+    let cert = write(dir, &format!("{}.crt", p.name), &cert);
+    let key = write(dir, &format!("{}.key", p.name), &key);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    for p in [&cert, &key] {
-        cluster.bin.give_to_server_user(p).unwrap();
+    for f in [&cert, &key] {
+        cluster.bin.give_to_server_user(f).unwrap();
     }
-    let p = &cluster.primary;
     p.psql(&format!(
         "ALTER SYSTEM SET ssl_cert_file = '{}'",
         cert.display()
@@ -61,6 +65,73 @@ fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| d.message().to_string())
         .unwrap_or_else(|| format!("{e:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_over_tls_reaches_its_standby_over_tls() {
+    let cluster = Cluster::start(1).unwrap();
+    let ca = TestCa::new("handoff test CA").unwrap();
+    enable_server_ssl(&cluster, &ca, &["localhost", "127.0.0.1"]);
+    enable_ssl_on(
+        &cluster,
+        &cluster.standbys[0],
+        &ca,
+        &["localhost", "127.0.0.1"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.cert_pem);
+    let (cert, key) = ca.issue(&["localhost"]).unwrap();
+    let cert_file = write(dir.path(), "proxy.crt", &cert);
+    let key_file = write(dir.path(), "proxy.key", &key);
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_TLS_MODE", "require"),
+            ("HANDOFF_TLS_CERT", cert_file.to_str().unwrap()),
+            ("HANDOFF_TLS_KEY", key_file.to_str().unwrap()),
+            ("HANDOFF_SERVER_TLS", "verify-full"),
+            ("HANDOFF_SERVER_TLS_CA", ca_file.to_str().unwrap()),
+            ("HANDOFF_REPLICA_CHECK_INTERVAL", "100ms"),
+        ],
+    )
+    .await
+    .unwrap();
+    // The replica check itself logs in over verified TLS.
+    let standby = cluster.standbys[0].addr();
+    handoff_tests::eventually(
+        Duration::from_secs(20),
+        "the standby in the rotation",
+        || async {
+            let st = handoff_tests::admin::shard_state(&proxy).await;
+            Ok(st["standbys"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|s| s["host"] == standby.as_str() && s["in_rotation"] == true)
+            }))
+        },
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "host=localhost port={} user=postgres dbname=postgres@replica sslmode=require connect_timeout=10",
+        proxy.listen_addr().port()
+    );
+    let (c, conn) = tokio_postgres::connect(&url, MakeRustls::trusting(&ca.cert_pem).unwrap())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = c
+        .query_one(
+            "select ssl, pg_is_in_recovery() from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, bool>(0), row.get::<_, bool>(1)),
+        (true, true),
+        "a TLS connection to the standby"
+    );
+    proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

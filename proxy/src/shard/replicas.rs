@@ -297,7 +297,12 @@ impl Replicas {
     /// check that finds its WAL receiver not streaming (reconnecting to the target)
     /// leaves it where it was; its lag is judged as always.
     pub fn repointing(&self, host: &HostPort) -> Repointing {
-        let found = self.list.reading().iter().find(|s| &s.host == host).cloned();
+        let found = self
+            .list
+            .reading()
+            .iter()
+            .find(|s| &s.host == host)
+            .cloned();
         if let Some(s) = &found {
             s.repointing.fetch_add(1, Ordering::AcqRel);
         }
