@@ -304,6 +304,7 @@ async fn passthrough_auth_looks_users_up_on_the_server() {
             ("HANDOFF_DRAIN_TIMEOUT", "20s"),
             ("HANDOFF_BUFFER_WINDOW", "30s"),
             ("HANDOFF_BUFFER_MAX_FAILOVER_DURATION", "40s"),
+            ("HANDOFF_REPLICA_CHECK_INTERVAL", "100ms"),
         ],
     )
     .await
@@ -328,6 +329,38 @@ async fn passthrough_auth_looks_users_up_on_the_server() {
             err.code(),
             Some(&SqlState::INVALID_PASSWORD),
             "{user}: {err}"
+        );
+    }
+
+    // Readers (`@replica`) log in to the standby with the secrets looked up on the
+    // primary: the standby asks for SCRAM and MD5 as the primary does.
+    let standby = cluster.standbys[0].addr();
+    handoff_tests::eventually(
+        std::time::Duration::from_secs(20),
+        "the standby in the read rotation",
+        || async {
+            let st = handoff_tests::admin::shard_state(&proxy).await;
+            Ok(st["standbys"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|s| s["host"] == standby.as_str() && s["in_rotation"] == true)
+            }))
+        },
+    )
+    .await
+    .unwrap();
+    for (user, pw) in [(SCRAM_USER, "pw-scram"), (MD5_USER, "pw-md5")] {
+        let (c, conn) =
+            tokio_postgres::connect(&conn_str(&addr, user, "postgres@replica", Some(pw)), NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("{user} as a reader: {e}"));
+        tokio::spawn(conn);
+        let row = c
+            .query_one("select pg_is_in_recovery(), current_user::text", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, bool>(0), row.get::<_, String>(1)),
+            (true, user.to_string())
         );
     }
 
