@@ -31,12 +31,13 @@ const STANDBY_SQL: &str = "SELECT pg_is_in_recovery(), \
 pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
     let interval = ctx.settings.replicas.check_interval;
     let mut sessions: HashMap<HostPort, AdminSession> = HashMap::new();
+    let mut caught_up: HashMap<HostPort, tokio::time::Instant> = HashMap::new();
     shard.replicas.set_hosts(&shard.hosts);
     loop {
         if shutdown.phase() >= Phase::Draining {
             return;
         }
-        round(&ctx, &shard, &mut sessions).await;
+        round(&ctx, &shard, &mut sessions, &mut caught_up).await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shard.replicas.wake.notified() => {}
@@ -46,7 +47,13 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
 }
 
 /// One check of every host.
-async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminSession>) {
+/// `caught_up`: when each standby was last seen with nothing left to replay.
+async fn round(
+    ctx: &Ctx,
+    shard: &Shard,
+    sessions: &mut HashMap<HostPort, AdminSession>,
+    caught_up: &mut HashMap<HostPort, tokio::time::Instant>,
+) {
     let timeout = ctx.settings.health.timeout;
     // On a Patroni shard its members are the hosts (the configured ones, if any, too).
     if let Some(source) = ctx.patroni(&shard.name) {
@@ -106,9 +113,20 @@ async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminS
         });
     }
     while let Some(done) = checks.join_next().await {
-        let Ok((host, session, seen)) = done else {
+        let Ok((host, session, mut seen)) = done else {
             continue;
         };
+        let now = tokio::time::Instant::now();
+        match seen.lag_bytes {
+            Some(0) => {
+                caught_up.insert(host.clone(), now);
+            }
+            Some(_) => {
+                let ago = caught_up.get(&host).map(|at| now - *at);
+                seen.lag = seen.lag.map(|t| time_lag(t, ago));
+            }
+            None => {}
+        }
         if let Some(s) = session.filter(|_| seen.standing != Standing::NotStandby) {
             sessions.insert(host.clone(), s);
         }
@@ -118,6 +136,15 @@ async fn round(ctx: &Ctx, shard: &Shard, sessions: &mut HashMap<HostPort, AdminS
             .record(&host, seen, &ctx.settings.replicas.max_lag);
         crate::metrics::replica_in_rotation(&shard.name, &host, now);
     }
+}
+
+/// A standby's lag in time while it has WAL to replay: how long ago its last replayed
+/// transaction committed on the primary, but no more than how long ago it was last
+/// seen caught up. (After the primary was quiet for an hour, its next commit makes
+/// every standby an hour old until they replay it, a few milliseconds later: a check
+/// landing then must not take them all out.)
+fn time_lag(since_commit: Duration, caught_up_ago: Option<Duration>) -> Duration {
+    caught_up_ago.map_or(since_commit, |ago| since_commit.min(ago))
 }
 
 /// The primary's current WAL position; `None` if it does not answer (its standbys
@@ -238,4 +265,22 @@ async fn streams_from(upstream: &str, primary: &[SocketAddr]) -> bool {
         port,
     };
     resolve(&up).await.iter().any(|a| primary.contains(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_caught_up_a_moment_ago_is_not_as_old_as_the_primarys_last_commit() {
+        let hour = Duration::from_secs(3600);
+        let second = Duration::from_secs(1);
+        assert_eq!(time_lag(hour, Some(second)), second);
+        assert_eq!(
+            time_lag(second, Some(hour)),
+            second,
+            "behind for an hour, 1 s old"
+        );
+        assert_eq!(time_lag(hour, None), hour, "never seen caught up");
+    }
 }

@@ -86,7 +86,7 @@ pub struct Standby {
     in_rotation: AtomicBool,
     /// Transactions (or sessions) using it now.
     outstanding: AtomicUsize,
-    /// Transactions (or sessions) it was chosen for, in all.
+    /// Transactions (or sessions) it served, in all.
     chosen: AtomicU64,
     /// Switchovers to it in progress: out of the rotation meanwhile.
     withheld: AtomicUsize,
@@ -140,6 +140,11 @@ impl Reading {
 
     pub fn standby(&self) -> &Arc<Standby> {
         &self.standby
+    }
+
+    /// A connection to it was had: counted as a read it served (`chosen`).
+    pub fn served(&self) {
+        self.standby.chosen.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -238,7 +243,6 @@ impl Replicas {
         }
         let standby = Arc::clone(best?);
         standby.outstanding.fetch_add(1, Ordering::Relaxed);
-        standby.chosen.fetch_add(1, Ordering::Relaxed);
         Some(Reading { standby })
     }
 

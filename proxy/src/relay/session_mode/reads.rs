@@ -109,6 +109,7 @@ async fn pick_and_connect(
         };
         match connect(ctx, login, picked.host()).await {
             Ok(server) => {
+                picked.served();
                 return Ok(Some((picked, server)));
             }
             Err(e) if e.standby_unusable() => {

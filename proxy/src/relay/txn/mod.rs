@@ -329,6 +329,7 @@ impl<'a> Txn<'a> {
         let Some(b) = pool.try_checkout() else {
             return Now::Wait;
         };
+        picked.served();
         self.pool = pool;
         self.reading = Some(picked);
         if params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
@@ -371,6 +372,7 @@ impl<'a> Txn<'a> {
             let pool = self.read_pool(picked.host());
             match pool.checkout().await {
                 Ok(b) => {
+                    picked.served();
                     self.pool = pool;
                     self.reading = Some(picked);
                     return Ok(Some(b));
