@@ -441,8 +441,17 @@ async fn reads_and_writes_flow_through_a_switchover_and_reads_through_a_crash() 
     )
     .await
     .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the new primary checked as no standby",
+        || async {
+            let state = shard_state(&proxy).await;
+            Ok(standby(&state, ports[0])["state"] == "not_standby")
+        },
+    )
+    .await
+    .unwrap();
     let state = shard_state(&proxy).await;
-    assert_eq!(standby(&state, ports[0])["state"], "not_standby", "{state}");
     assert_eq!(
         standby(&state, cluster.primary.port)["in_rotation"],
         false,

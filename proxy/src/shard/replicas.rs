@@ -156,12 +156,17 @@ impl Drop for Reading {
 
 /// Keeps a switchover's target out of the read rotation until dropped.
 #[derive(Debug)]
-pub struct Withheld(Option<Arc<Standby>>);
+pub struct Withheld<'a> {
+    standby: Option<Arc<Standby>>,
+    replicas: &'a Replicas,
+}
 
-impl Drop for Withheld {
+impl Drop for Withheld<'_> {
     fn drop(&mut self) {
-        if let Some(s) = &self.0 {
+        if let Some(s) = &self.standby {
             s.withheld.fetch_sub(1, Ordering::AcqRel);
+            // Promoted or not, what it is now is for a check to say, at once.
+            self.replicas.wake.notify_one();
         }
     }
 }
@@ -185,7 +190,7 @@ pub struct Replicas {
     list: RwLock<Vec<Arc<Standby>>>,
     /// A standby joined the rotation.
     joined: Notify,
-    /// Ties between equally loaded standbys go round.
+    /// Spreads ties between equally loaded standbys (scrambled, see `pick`).
     turn: AtomicUsize,
     /// Asks the check task for a check now (a session found a standby failing).
     pub wake: Notify,
@@ -222,7 +227,7 @@ impl Replicas {
     }
 
     /// The standby in the rotation with the fewest transactions running on it (ties
-    /// taken in turn), counted as running one more; `None` if the rotation is empty.
+    /// spread evenly), counted as running one more; `None` if the rotation is empty.
     /// `except`: a host the caller just failed on.
     pub fn pick(&self, except: Option<&HostPort>) -> Option<Reading> {
         let list = self.list.reading();
@@ -230,7 +235,11 @@ impl Replicas {
         if n == 0 {
             return None;
         }
-        let start = self.turn.fetch_add(1, Ordering::Relaxed) % n;
+        // The scan starts at a scrambled place: a plain counter modulo the hosts would
+        // alias with a client that picks a fixed number of times per request (prepare,
+        // then execute) and send its every execution to the same standby.
+        let turn = self.turn.fetch_add(1, Ordering::Relaxed) as u64;
+        let start = (turn.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % n;
         let mut best: Option<&Arc<Standby>> = None;
         for i in 0..n {
             let s = &list[(start + i) % n];
@@ -280,7 +289,7 @@ impl Replicas {
     /// Takes `host` out of the rotation before a switchover promotes it (new reads go
     /// elsewhere; reads running on it finish there), until the guard is dropped. Once
     /// promoted it is no standby: the checks keep it out.
-    pub fn withhold(&self, host: &HostPort) -> Withheld {
+    pub fn withhold(&self, host: &HostPort) -> Withheld<'_> {
         let found = self
             .list
             .reading()
@@ -294,7 +303,10 @@ impl Replicas {
             }
             s.seen.locked().standing = Standing::Withheld;
         }
-        Withheld(found)
+        Withheld {
+            standby: found,
+            replicas: self,
+        }
     }
 
     /// A switchover is about to point `host` at its target: while the guard lives, a
@@ -394,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn the_least_busy_standby_is_chosen_and_ties_go_round() {
+    fn the_least_busy_standby_is_chosen_and_ties_are_spread() {
         let r = Replicas::default();
         r.set_hosts(&[host(1), host(2), host(3)]);
         let limit = ReplicaLag {
@@ -415,9 +427,13 @@ mod tests {
         let c = r.pick(Some(a.host())).unwrap();
         assert_eq!(c.host(), b.host(), "except the host just failed on");
         drop((a, b, c));
-        // Equal load: each is picked in turn.
-        let picked: std::collections::HashSet<_> = (0..4)
-            .map(|_| r.pick(None).unwrap().host().clone())
+        // Equal load: both are picked, even by a caller picking three times a round
+        // (the counter's period and the host count must not alias).
+        let picked: std::collections::HashSet<_> = (0..30)
+            .map(|_| {
+                let _skip = (r.pick(None), r.pick(None));
+                r.pick(None).unwrap().host().clone()
+            })
             .collect();
         assert_eq!(picked.len(), 2);
         r.set_down(&host(1), "test");
