@@ -128,3 +128,52 @@ pub fn assert_exposition_matches_table(text: &str) {
     }
     assert!(families > 0, "no metric families in:\n{text}");
 }
+
+/// `host`'s entry in a shard's `standbys` (from [`shard_state`]), if it is listed.
+pub fn standby<'a>(state: &'a Value, host: &str) -> Option<&'a Value> {
+    state["standbys"]
+        .as_array()?
+        .iter()
+        .find(|s| s["host"].as_str() == Some(host))
+}
+
+/// Waits up to 30 s until every one of `hosts` is in the first shard's read rotation
+/// (`want`), or out of it.
+pub async fn wait_in_rotation(proxy: &handoff::Proxy, hosts: &[String], want: bool) {
+    crate::eventually(
+        std::time::Duration::from_secs(30),
+        &format!("{hosts:?} in the read rotation: {want}"),
+        || async {
+            let state = shard_state(proxy).await;
+            Ok(hosts.iter().all(|h| {
+                standby(&state, h).is_some_and(|s| s["in_rotation"].as_bool() == Some(want))
+            }))
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// A console answer (a simple query to the database `handoff`) as rows of column name
+/// → value.
+pub async fn console_rows(
+    console: &tokio_postgres::Client,
+    cmd: &str,
+) -> Vec<std::collections::HashMap<String, Option<String>>> {
+    let msgs = console
+        .simple_query(cmd)
+        .await
+        .unwrap_or_else(|e| panic!("{cmd}: {e:?}"));
+    msgs.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_string(), r.get(i).map(str::to_string)))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}

@@ -334,20 +334,7 @@ async fn passthrough_auth_looks_users_up_on_the_server() {
 
     // Readers (`@replica`) log in to the standby with the secrets looked up on the
     // primary: the standby asks for SCRAM and MD5 as the primary does.
-    let standby = cluster.standbys[0].addr();
-    handoff_tests::eventually(
-        std::time::Duration::from_secs(20),
-        "the standby in the read rotation",
-        || async {
-            let st = handoff_tests::admin::shard_state(&proxy).await;
-            Ok(st["standbys"].as_array().is_some_and(|l| {
-                l.iter()
-                    .any(|s| s["host"] == standby.as_str() && s["in_rotation"] == true)
-            }))
-        },
-    )
-    .await
-    .unwrap();
+    handoff_tests::admin::wait_in_rotation(&proxy, &[cluster.standbys[0].addr()], true).await;
     for (user, pw) in [(SCRAM_USER, "pw-scram"), (MD5_USER, "pw-md5")] {
         let (c, conn) =
             tokio_postgres::connect(&conn_str(&addr, user, "postgres@replica", Some(pw)), NoTls)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use handoff_tests::{conn_str, start_proxy, Cluster};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls};
 
 const USERS: &str = "postgres=secret,admin=admin-pw";
 
@@ -17,25 +17,7 @@ async fn connect(proxy: &handoff::Proxy, user: &str, db: &str, pw: &str) -> Clie
     c
 }
 
-/// A console answer as rows of column name → value.
-async fn show(console: &Client, cmd: &str) -> Vec<HashMap<String, Option<String>>> {
-    let msgs = console
-        .simple_query(cmd)
-        .await
-        .unwrap_or_else(|e| panic!("{cmd}: {e:?}"));
-    msgs.iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_string(), r.get(i).map(str::to_string)))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
+use handoff_tests::admin::console_rows as show;
 
 fn num(row: &HashMap<String, Option<String>>, col: &str) -> i64 {
     row.get(col)

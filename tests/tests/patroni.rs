@@ -108,22 +108,7 @@ async fn acked_on(s: &Setup, out: &Outcome, leader: usize) {
 /// Member `i` is in the read rotation, and a read through `@replica` runs there.
 async fn reads_on(s: &Setup, i: usize) {
     let want = s.patroni.members[i].addr();
-    eventually(
-        Duration::from_secs(30),
-        "Patroni's replica in the read rotation",
-        || {
-            let want = want.clone();
-            async move {
-                let st = shard_state(s.proxy()).await;
-                Ok(st["standbys"].as_array().is_some_and(|l| {
-                    l.iter()
-                        .any(|m| m["host"] == want.as_str() && m["in_rotation"] == true)
-                }))
-            }
-        },
-    )
-    .await
-    .unwrap();
+    handoff_tests::admin::wait_in_rotation(s.proxy(), std::slice::from_ref(&want), true).await;
     let (c, conn) = tokio_postgres::connect(
         &handoff_tests::conn_str(&s.listen(), "postgres", "postgres@replica", None),
         tokio_postgres::NoTls,

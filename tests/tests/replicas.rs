@@ -30,27 +30,13 @@ async fn where_am_i(c: &Client) -> Result<(bool, i32), tokio_postgres::Error> {
 }
 
 fn standby(state: &Value, port: u16) -> &Value {
-    state["standbys"]
-        .as_array()
-        .expect("standbys listed")
-        .iter()
-        .find(|s| s["host"].as_str() == Some(&format!("127.0.0.1:{port}")))
+    handoff_tests::admin::standby(state, &format!("127.0.0.1:{port}"))
         .unwrap_or_else(|| panic!("standby on port {port} listed: {state}"))
 }
 
 async fn wait_in_rotation(proxy: &handoff::Proxy, ports: &[u16], want: bool) {
-    eventually(
-        Duration::from_secs(20),
-        "the standbys' place in the read rotation",
-        || async {
-            let state = shard_state(proxy).await;
-            Ok(ports
-                .iter()
-                .all(|p| standby(&state, *p)["in_rotation"].as_bool() == Some(want)))
-        },
-    )
-    .await
-    .unwrap();
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    handoff_tests::admin::wait_in_rotation(proxy, &hosts, want).await;
 }
 
 const FAST_CHECKS: (&str, &str) = ("HANDOFF_REPLICA_CHECK_INTERVAL", "100ms");
@@ -501,31 +487,6 @@ async fn reads_and_writes_flow_through_a_switchover_and_reads_through_a_crash() 
     proxy.shutdown().await;
 }
 
-/// A console answer as rows of column name → value.
-async fn show(console: &Client, cmd: &str) -> Vec<std::collections::HashMap<String, String>> {
-    let msgs = console
-        .simple_query(cmd)
-        .await
-        .unwrap_or_else(|e| panic!("{cmd}: {e:?}"));
-    msgs.iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| {
-                        (
-                            c.name().to_string(),
-                            r.get(i).unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn scram_clients_read_and_the_console_shows_the_standbys() {
     let cluster = Cluster::start(1).unwrap();
@@ -558,7 +519,22 @@ async fn scram_clients_read_and_the_console_shows_the_standbys() {
     let url = conn_str(&proxy.listen_addr(), "admin", "handoff", Some("admin-pw"));
     let (console, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
-    let standbys = show(&console, "SHOW STANDBYS").await;
+    // Each row's values, NULL as "".
+    let show = |cmd: &'static str| {
+        let console = &console;
+        async move {
+            handoff_tests::admin::console_rows(console, cmd)
+                .await
+                .into_iter()
+                .map(|r| {
+                    r.into_iter()
+                        .map(|(k, v)| (k, v.unwrap_or_default()))
+                        .collect::<std::collections::HashMap<_, _>>()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let standbys = show("SHOW STANDBYS").await;
     let row = |host: String| {
         standbys
             .iter()
@@ -578,14 +554,14 @@ async fn scram_clients_read_and_the_console_shows_the_standbys() {
     );
     let p = row(format!("127.0.0.1:{}", cluster.primary.port));
     assert_eq!(p["state"], "not_standby");
-    let pools = show(&console, "SHOW POOLS").await;
+    let pools = show("SHOW POOLS").await;
     let read_pool = pools
         .iter()
         .find(|r| r["role"] == "standby")
         .unwrap_or_else(|| panic!("a read pool in {pools:?}"));
     assert_eq!(read_pool["primary"], format!("127.0.0.1:{port}"));
     assert_eq!(read_pool["database"], "postgres");
-    let servers = show(&console, "SHOW SERVERS").await;
+    let servers = show("SHOW SERVERS").await;
     assert!(
         servers
             .iter()

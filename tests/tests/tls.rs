@@ -47,6 +47,31 @@ fn enable_ssl_on(cluster: &Cluster, p: &handoff_tests::Node, ca: &TestCa, names:
     std::thread::sleep(Duration::from_millis(300));
 }
 
+/// handoff with TLS both ways: to clients with a certificate for "localhost" from `ca`
+/// (`proxy.crt`, `proxy.key` in the returned directory), to servers verified against
+/// `ca`; `extra` adds variables.
+async fn tls_both_ways(
+    cluster: &Cluster,
+    ca: &TestCa,
+    extra: &[(&str, &str)],
+) -> (handoff::Proxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = write(dir.path(), "ca.pem", &ca.cert_pem);
+    let (cert, key) = ca.issue(&["localhost"]).unwrap();
+    let cert_file = write(dir.path(), "proxy.crt", &cert);
+    let key_file = write(dir.path(), "proxy.key", &key);
+    let mut vars = vec![
+        ("HANDOFF_TLS_MODE", "require"),
+        ("HANDOFF_TLS_CERT", cert_file.to_str().unwrap()),
+        ("HANDOFF_TLS_KEY", key_file.to_str().unwrap()),
+        ("HANDOFF_SERVER_TLS", "verify-full"),
+        ("HANDOFF_SERVER_TLS_CA", ca_file.to_str().unwrap()),
+    ];
+    vars.extend_from_slice(extra);
+    let proxy = start_proxy(cluster, &vars).await.unwrap();
+    (proxy, dir)
+}
+
 async fn tls_client(
     proxy: &handoff::Proxy,
     ca_pem: &str,
@@ -78,39 +103,14 @@ async fn a_reader_over_tls_reaches_its_standby_over_tls() {
         &ca,
         &["localhost", "127.0.0.1"],
     );
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = write(dir.path(), "ca.pem", &ca.cert_pem);
-    let (cert, key) = ca.issue(&["localhost"]).unwrap();
-    let cert_file = write(dir.path(), "proxy.crt", &cert);
-    let key_file = write(dir.path(), "proxy.key", &key);
-    let proxy = start_proxy(
+    let (proxy, _files) = tls_both_ways(
         &cluster,
-        &[
-            ("HANDOFF_TLS_MODE", "require"),
-            ("HANDOFF_TLS_CERT", cert_file.to_str().unwrap()),
-            ("HANDOFF_TLS_KEY", key_file.to_str().unwrap()),
-            ("HANDOFF_SERVER_TLS", "verify-full"),
-            ("HANDOFF_SERVER_TLS_CA", ca_file.to_str().unwrap()),
-            ("HANDOFF_REPLICA_CHECK_INTERVAL", "100ms"),
-        ],
+        &ca,
+        &[("HANDOFF_REPLICA_CHECK_INTERVAL", "100ms")],
     )
-    .await
-    .unwrap();
+    .await;
     // The replica check itself logs in over verified TLS.
-    let standby = cluster.standbys[0].addr();
-    handoff_tests::eventually(
-        Duration::from_secs(20),
-        "the standby in the rotation",
-        || async {
-            let st = handoff_tests::admin::shard_state(&proxy).await;
-            Ok(st["standbys"].as_array().is_some_and(|l| {
-                l.iter()
-                    .any(|s| s["host"] == standby.as_str() && s["in_rotation"] == true)
-            }))
-        },
-    )
-    .await
-    .unwrap();
+    handoff_tests::admin::wait_in_rotation(&proxy, &[cluster.standbys[0].addr()], true).await;
     let url = format!(
         "host=localhost port={} user=postgres dbname=postgres@replica sslmode=require connect_timeout=10",
         proxy.listen_addr().port()
@@ -139,23 +139,11 @@ async fn tls_to_clients_and_servers_with_a_certificate_reload() {
     let cluster = Cluster::start(0).unwrap();
     let ca = TestCa::new("handoff test CA").unwrap();
     enable_server_ssl(&cluster, &ca, &["localhost", "127.0.0.1"]);
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = write(dir.path(), "ca.pem", &ca.cert_pem);
-    let (cert, key) = ca.issue(&["localhost"]).unwrap();
-    let cert_file = write(dir.path(), "proxy.crt", &cert);
-    let key_file = write(dir.path(), "proxy.key", &key);
-    let proxy = start_proxy(
-        &cluster,
-        &[
-            ("HANDOFF_TLS_MODE", "require"),
-            ("HANDOFF_TLS_CERT", cert_file.to_str().unwrap()),
-            ("HANDOFF_TLS_KEY", key_file.to_str().unwrap()),
-            ("HANDOFF_SERVER_TLS", "verify-full"),
-            ("HANDOFF_SERVER_TLS_CA", ca_file.to_str().unwrap()),
-        ],
-    )
-    .await
-    .unwrap();
+    let (proxy, files) = tls_both_ways(&cluster, &ca, &[]).await;
+    let (cert_file, key_file) = (
+        files.path().join("proxy.crt"),
+        files.path().join("proxy.key"),
+    );
 
     // TLS client → handoff → TLS server: the server sees its connection encrypted.
     let c = tls_client(&proxy, &ca.cert_pem).await.unwrap();

@@ -338,6 +338,25 @@ mod tests {
         })
     }
 
+    /// A server that reads one cancel request and holds its connection open until
+    /// told (the backend is not signalled yet), then closes it, as PostgreSQL does.
+    async fn holding_server() -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let srv = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = [0u8; 16];
+            s.read_exact(&mut got).await.unwrap();
+            let _ = closed.await;
+        });
+        (addr, close, srv)
+    }
+
     #[tokio::test]
     async fn forwards_only_matching_keys_to_the_registered_server() {
         let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -430,15 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_shows_a_cancel_on_its_way_until_it_is_delivered() {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let (close, closed) = tokio::sync::oneshot::channel::<()>();
-        let srv = tokio::spawn(async move {
-            let (mut s, _) = server.accept().await.unwrap();
-            let mut got = [0u8; 16];
-            s.read_exact(&mut got).await.unwrap();
-            let _ = closed.await;
-        });
+        let (addr, close, srv) = holding_server().await;
         let in_flight = Arc::new(InFlight::default());
         let reg = Arc::new(Registry::default());
         let client = reg.register(
@@ -481,16 +492,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancel_is_done_only_when_the_server_has_closed_its_connection() {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = server.local_addr().unwrap();
-        let (close, closed) = tokio::sync::oneshot::channel::<()>();
-        let srv = tokio::spawn(async move {
-            let (mut s, _) = server.accept().await.unwrap();
-            let mut got = [0u8; 16];
-            s.read_exact(&mut got).await.unwrap();
-            // Holds the connection open until told: the backend is not signalled yet.
-            let _ = closed.await;
-        });
+        let (addr, close, srv) = holding_server().await;
         let key = ServerKey {
             addr,
             pid: 1,

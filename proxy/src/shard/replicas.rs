@@ -271,11 +271,20 @@ impl Replicas {
         }
     }
 
+    /// The standby `host`, if it is one of the shard's hosts.
+    fn find(&self, host: &HostPort) -> Option<Arc<Standby>> {
+        self.list
+            .reading()
+            .iter()
+            .find(|s| &s.host == host)
+            .cloned()
+    }
+
     /// A session could not use `host` (no connection, or it refused as a standby
     /// shutting down or promoted): out of the rotation until the next check finds it
     /// good again.
     pub fn set_down(&self, host: &HostPort, why: &str) {
-        if let Some(s) = self.list.reading().iter().find(|s| &s.host == host) {
+        if let Some(s) = self.find(host) {
             if s.in_rotation.swap(false, Ordering::AcqRel) {
                 tracing::warn!(standby = %host, reason = why, "standby leaves the read rotation");
             }
@@ -290,12 +299,7 @@ impl Replicas {
     /// elsewhere; reads running on it finish there), until the guard is dropped. Once
     /// promoted it is no standby: the checks keep it out.
     pub fn withhold(&self, host: &HostPort) -> Withheld<'_> {
-        let found = self
-            .list
-            .reading()
-            .iter()
-            .find(|s| &s.host == host)
-            .cloned();
+        let found = self.find(host);
         if let Some(s) = &found {
             s.withheld.fetch_add(1, Ordering::AcqRel);
             if s.in_rotation.swap(false, Ordering::AcqRel) {
@@ -313,12 +317,7 @@ impl Replicas {
     /// check that finds its WAL receiver not streaming (reconnecting to the target)
     /// leaves it where it was; its lag is judged as always.
     pub fn repointing(&self, host: &HostPort) -> Repointing {
-        let found = self
-            .list
-            .reading()
-            .iter()
-            .find(|s| &s.host == host)
-            .cloned();
+        let found = self.find(host);
         if let Some(s) = &found {
             s.repointing.fetch_add(1, Ordering::AcqRel);
         }
@@ -339,13 +338,7 @@ impl Replicas {
     /// `seen` and `limit`, with hysteresis (it leaves over the limit and returns at half
     /// of it). Returns true if it is in the rotation afterwards.
     pub fn record(&self, host: &HostPort, mut seen: Seen, limit: &ReplicaLag) -> bool {
-        let Some(s) = self
-            .list
-            .reading()
-            .iter()
-            .find(|s| &s.host == host)
-            .cloned()
-        else {
+        let Some(s) = self.find(host) else {
             return false;
         };
         let was = s.in_rotation();

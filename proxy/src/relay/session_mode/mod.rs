@@ -72,21 +72,11 @@ pub(crate) async fn serve(
         }
     };
     let server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    // The client is told its backend's real process id (`pg_backend_pid()`,
-    // `pg_terminate_backend()` mean what it expects) with a secret key of handoff's own,
-    // so cancel requests still come through handoff. After the session moves to another
-    // primary the backend is another: the id the client knows stays the first one's.
-    let key = server_key(&server);
-    let registration = ctx.cancels.register_as(
-        key.pid,
-        Some(key),
-        crate::backend::cancel::key_len(login.minor),
-    );
-
-    let greeting = hello(server.params.clone(), registration.pid, &registration.key);
-    if client.send_raw(&greeting).await.is_err() {
+    // After the session moves to another primary the backend is another: the id the
+    // client knows stays the first one's.
+    let Some(registration) = greet(&mut client, ctx, &server, login.minor).await else {
         return;
-    }
+    };
     tracing::debug!(shard = name, server = %server.peer, "session relaying");
     relay(
         client,
@@ -187,6 +177,25 @@ pub(crate) async fn relay(
         registration.set_server(Some(server_key(&server)));
         tracing::info!(shard = name, server = %server.peer, "session moved to the new primary");
     }
+}
+
+/// Registers the session's cancel key and tells the client it is logged in: its
+/// backend's real process id (`pg_backend_pid()`, `pg_terminate_backend()` mean what it
+/// expects) with a secret key of handoff's own, so cancel requests still come through
+/// handoff. `None` if the client is gone.
+async fn greet(
+    client: &mut Conn,
+    ctx: &Ctx,
+    server: &ServerConn,
+    minor: u16,
+) -> Option<crate::backend::cancel::Registration> {
+    let key = server_key(server);
+    let registration =
+        ctx.cancels
+            .register_as(key.pid, Some(key), crate::backend::cancel::key_len(minor));
+    let greeting = hello(server.params.clone(), registration.pid, &registration.key);
+    client.send_raw(&greeting).await.ok()?;
+    Some(registration)
 }
 
 fn server_key(server: &ServerConn) -> ServerKey {

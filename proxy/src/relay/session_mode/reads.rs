@@ -12,14 +12,14 @@ use crate::config::{HostPort, Target};
 use crate::error::{send_error, AttachError};
 use crate::metrics::{self as m, GaugeGuard};
 use crate::net::stream::Conn;
-use crate::relay::common::{hello, End};
+use crate::relay::common::End;
 use crate::relay::Ctx;
 use crate::shard::failure::RetryReason;
 use crate::shard::replicas::Reading;
 use crate::shard::Shard;
 use crate::shutdown::Signal;
 
-use super::{connect, run, server_key, ServerLogin};
+use super::{connect, greet, run, ServerLogin};
 
 /// Serves a session-mode client of `appdb@replica` or `appdb@any` until it ends.
 pub(crate) async fn serve(
@@ -53,16 +53,9 @@ pub(crate) async fn serve(
         }
     };
     let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let key = server_key(&server);
-    let registration = ctx.cancels.register_as(
-        key.pid,
-        Some(key),
-        crate::backend::cancel::key_len(login.minor),
-    );
-    let greeting = hello(server.params.clone(), registration.pid, &registration.key);
-    if client.send_raw(&greeting).await.is_err() {
+    let Some(_registration) = greet(&mut client, ctx, &server, login.minor).await else {
         return;
-    }
+    };
     tracing::debug!(shard = name, standby = %reading.host(), "session relaying on a standby");
     // Not handed to a takeover's successor (it would need the standby's connection
     // moved as well): the session stays until it ends, as a TLS session does.

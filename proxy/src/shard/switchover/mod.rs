@@ -450,15 +450,8 @@ impl Run<'_> {
             .collect();
         self.others = repoint::open(&self.ctx.admin, others, timeout).await;
         let results = repoint::repoint(&self.others, to, timeout).await;
-        let failed: Vec<String> = results
-            .iter()
-            .filter_map(|(h, r)| match r {
-                repoint::Repointed::Failed(e) => Some(format!("{h}: {e}")),
-                _ => None,
-            })
-            .collect();
         for (h, r) in &results {
-            tracing::info!(shard = %self.shard.name, standby = %h, result = ?r, "standby pointed at the new primary");
+            tracing::info!(shard = %self.shard.name, standby = %h, result = ?r, "standby pointed at the switchover's target");
         }
         self.report.repointed = results
             .iter()
@@ -467,11 +460,7 @@ impl Run<'_> {
             .collect();
         // A standby repointed has a new upstream: check it now.
         self.shard.replicas.wake.notify_one();
-        self.step(
-            "repoint",
-            t,
-            (!failed.is_empty()).then(|| failed.join("; ")),
-        );
+        self.step("repoint", t, repoint::failures(&results));
     }
 
     /// The switchover did not happen: the standbys repointed at its target go back to
@@ -483,20 +472,9 @@ impl Run<'_> {
         let t = Instant::now();
         let timeout = self.ctx.settings.switchover.timeout;
         let results = repoint::repoint(&self.others, old, timeout).await;
-        let failed: Vec<String> = results
-            .iter()
-            .filter_map(|(h, r)| match r {
-                repoint::Repointed::Failed(e) => Some(format!("{h}: {e}")),
-                _ => None,
-            })
-            .collect();
         self.report.repointed.clear();
         self.shard.replicas.wake.notify_one();
-        self.step(
-            "repoint_back",
-            t,
-            (!failed.is_empty()).then(|| failed.join("; ")),
-        );
+        self.step("repoint_back", t, repoint::failures(&results));
     }
 
     /// 8. The demote command, if any: its outcome is reported, never undone.

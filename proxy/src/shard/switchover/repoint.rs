@@ -77,6 +77,18 @@ pub(crate) async fn repoint(
     out
 }
 
+/// The standbys that could not be repointed, with why, as a step's error.
+pub(crate) fn failures(results: &[(HostPort, Repointed)]) -> Option<String> {
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(h, r)| match r {
+            Repointed::Failed(e) => Some(format!("{h}: {e}")),
+            _ => None,
+        })
+        .collect();
+    (!failed.is_empty()).then(|| failed.join("; "))
+}
+
 async fn one(session: &AdminSession, new: &HostPort) -> Repointed {
     let row = match session
         .client
