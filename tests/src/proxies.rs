@@ -154,6 +154,16 @@ impl ProxyProcess {
         ))
     }
 
+    /// `POST /v1/shards/main/switchover {"to": to}` on this proxy: the status and the
+    /// report.
+    pub async fn switchover(&self, to: &str) -> Result<(u16, Value)> {
+        self.post(
+            "/v1/shards/main/switchover",
+            &format!("{{\"to\": \"{to}\"}}"),
+        )
+        .await
+    }
+
     /// The first shard of `GET /v1/shards`, and the `coordination` object.
     pub async fn shard(&self) -> Result<(Value, Value)> {
         let (status, v) = self.get("/v1/shards").await?;
@@ -186,4 +196,16 @@ impl Drop for ProxyProcess {
         }
         self.kill();
     }
+}
+
+/// The proxies that acknowledged a coordinated switchover, from its report.
+pub fn acknowledged(report: &Value) -> Vec<String> {
+    report["coordination"]["proxies"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|p| p["proxy"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use handoff_tests::admin::server;
 use handoff_tests::etcd::Etcd;
 use handoff_tests::load::{history, ids, pgbench, pgbench_done, Load, Outcome};
-use handoff_tests::proxies::ProxyProcess;
+use handoff_tests::proxies::{acknowledged, ProxyProcess};
 use handoff_tests::{eventually, Cluster};
 
 /// Tests here start a cluster, etcd and three proxies each: one at a time.
@@ -132,22 +132,11 @@ async fn a_switchover_started_on_any_proxy_holds_all_three_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // The first round is started on p2, the way back on p3.
         let coordinator = &s.proxies[1 + round as usize];
-        let (status, report) = coordinator
-            .post(
-                "/v1/shards/main/switchover",
-                &format!("{{\"to\": \"{target}\"}}"),
-            )
-            .await
-            .unwrap();
+        let (status, report) = coordinator.switchover(&target).await.unwrap();
         assert_eq!(status, 200, "{report:#}");
         assert_eq!(report["outcome"], "completed", "{report:#}");
         let c = &report["coordination"];
-        let acked: Vec<&str> = c["proxies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["proxy"].as_str().unwrap())
-            .collect();
+        let acked = acknowledged(&report);
         assert_eq!(acked.len(), 3, "every proxy acknowledged: {c:#}");
         assert!(c["missing"].as_array().unwrap().is_empty(), "{c:#}");
         eprintln!("round {round}: {:#}", c["proxies"]);
@@ -266,13 +255,7 @@ async fn a_proxy_killed_while_the_coordinator_waits_for_it_drops_out_of_the_swit
         "the switchover went on {waited:?} after p3 died"
     );
     let c = &report["coordination"];
-    let acked: Vec<&str> = c["proxies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["proxy"].as_str().unwrap())
-        .collect();
-    assert_eq!(acked, ["p1", "p2"], "{c:#}");
+    assert_eq!(acknowledged(&report), ["p1", "p2"], "{c:#}");
     let (p1, p2) = (&s.proxies[0], &s.proxies[1]);
     wait_primary(&[p1, p2], &target, 2).await;
     finish_loads(&[p1, p2], running, &s.cluster.standbys[0]).await;
@@ -399,13 +382,7 @@ async fn with_etcd_down_proxies_keep_serving_refuse_switchovers_and_catch_up() {
         // Still ready: it serves on what it knows.
         assert_eq!(p.get("/readyz").await.unwrap().0, 200);
     }
-    let (status, body) = s.proxies[0]
-        .post(
-            "/v1/shards/main/switchover",
-            &format!("{{\"to\": \"{target}\"}}"),
-        )
-        .await
-        .unwrap();
+    let (status, body) = s.proxies[0].switchover(&target).await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(
         body["error"]
@@ -428,13 +405,7 @@ async fn with_etcd_down_proxies_keep_serving_refuse_switchovers_and_catch_up() {
         assert_eq!(p.metric("handoff_coordination_up", &[]).await.unwrap(), 1.0);
     }
     wait_members(&s.proxies[0], 2).await;
-    let (status, report) = s.proxies[1]
-        .post(
-            "/v1/shards/main/switchover",
-            &format!("{{\"to\": \"{target}\"}}"),
-        )
-        .await
-        .unwrap();
+    let (status, report) = s.proxies[1].switchover(&target).await.unwrap();
     assert_eq!(status, 200, "{report:#}");
     let all: Vec<&ProxyProcess> = s.proxies.iter().collect();
     wait_primary(&all, &target, 2).await;

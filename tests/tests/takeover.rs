@@ -822,22 +822,11 @@ async fn with_etcd_the_successor_keeps_the_proxy_id_and_its_membership() {
 
     // A coordinated switchover started on p2 holds p1's new process too.
     let target = cluster.standbys[0].addr();
-    let (status, report) = p2
-        .post(
-            "/v1/shards/main/switchover",
-            &format!("{{\"to\": \"{target}\"}}"),
-        )
-        .await
-        .unwrap();
+    let (status, report) = p2.switchover(&target).await.unwrap();
     assert_eq!(status, 200, "{report:#}");
     assert_eq!(report["outcome"], "completed", "{report:#}");
-    let acked: Vec<&str> = report["coordination"]["proxies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["proxy"].as_str())
-        .collect();
-    assert!(acked.contains(&"p1"), "{report:#}");
+    let acked = handoff_tests::proxies::acknowledged(&report);
+    assert!(acked.iter().any(|p| p == "p1"), "{report:#}");
     cluster.swap(0);
     eventually(
         Duration::from_secs(20),
