@@ -229,13 +229,13 @@ pub(crate) async fn shard_action(
     }
 }
 
-/// A switchover's target: `host:port`, or on a Patroni shard a member's name too.
+/// A switchover's target: `host:port`, or on a managed shard a member's name too.
 async fn target(
     ctx: &crate::shard::Ctx,
     shard: &Shard,
     body: &Fields,
 ) -> Result<crate::config::HostPort, Answer> {
-    let Some(source) = ctx.patroni(&shard.name) else {
+    let Some(manager) = ctx.manager(&shard.name) else {
         return field_addr(body, "to").map_err(bad_request);
     };
     let to = match field_str(body, "to") {
@@ -243,12 +243,15 @@ async fn target(
         Ok(None) => {
             return Err(error(
                 StatusCode::BAD_REQUEST,
-                "missing \"to\": a Patroni member's name or \"host:port\"",
+                &format!(
+                    "missing \"to\": a {} member's name or \"host:port\"",
+                    manager.kind().title()
+                ),
             ))
         }
         Err(e) => return Err(bad_request(e)),
     };
-    crate::shard::patroni::resolve(source, to)
+    crate::shard::managed::resolve(manager.as_ref(), to)
         .await
         .map_err(|(status, message)| {
             error(
@@ -256,6 +259,15 @@ async fn target(
                 &message,
             )
         })
+}
+
+/// A hold the follower of an HA manager starts (the manager told the primary to stop
+/// taking writes): like `POST /v1/shards/{s}/hold`, on every proxy with coordination.
+pub(crate) async fn hold_for_manager(actions: &Ctx, shard: &Arc<Shard>, reason: &str) {
+    let answer = hold(actions, shard, reason).await;
+    if answer.status != 200 {
+        tracing::warn!(shard = %shard.name, answer = %answer.body, "the hold the HA manager's stop asked for was refused");
+    }
 }
 
 /// `POST /v1/shards/{s}/hold`: on every proxy with coordination.
@@ -456,7 +468,15 @@ pub(crate) fn shards(actions: &Ctx) -> api::Shards {
                     .shard
                     .source(&s.name, actions.coord.is_some())
                     .to_string(),
-                patroni: actions.shard.patroni(&s.name).map(|p| patroni_view(p)),
+                patroni: actions
+                    .shard
+                    .manager(&s.name)
+                    .filter(|m| m.kind() == crate::manager::Kind::Patroni)
+                    .map(|m| patroni_view(m.as_ref())),
+                manager: actions
+                    .shard
+                    .manager(&s.name)
+                    .map(|m| manager_view(m.as_ref(), &snap.primary)),
                 in_flight: snap.inflight,
                 buffer: api::BufferState {
                     state: buffer_state.to_string(),
@@ -506,16 +526,12 @@ pub(crate) fn shards(actions: &Ctx) -> api::Shards {
 }
 
 /// Patroni's last answer for a shard: its members, their roles, the leader.
-fn patroni_view(p: &crate::patroni::Source) -> api::PatroniView {
-    let view = p.view.borrow().clone();
+fn patroni_view(p: &dyn crate::manager::Manager) -> api::PatroniView {
+    let view = p.last();
     api::PatroniView {
-        endpoints: p
-            .endpoints()
-            .iter()
-            .map(|e| format!("http://{e}"))
-            .collect(),
-        scope: view.as_ref().map(|c| c.scope.clone()),
-        paused: view.as_ref().map(|c| c.paused),
+        endpoints: p.endpoints(),
+        scope: view.as_ref().map(|c| c.name.clone()),
+        paused: view.as_ref().map(|c| c.paused.is_some()),
         leader: view
             .as_ref()
             .and_then(|c| c.leader().map(|l| l.name.clone())),
@@ -531,6 +547,44 @@ fn patroni_view(p: &crate::patroni::Source) -> api::PatroniView {
                 })
                 .collect()
         }),
+    }
+}
+
+/// A shard's HA manager: where it is, its last view, and whether its leader is the
+/// primary handoff serves.
+fn manager_view(
+    m: &dyn crate::manager::Manager,
+    serving: &crate::config::HostPort,
+) -> api::ManagerView {
+    let view = m.last();
+    let leader = view.as_ref().and_then(|v| v.leader().cloned());
+    api::ManagerView {
+        kind: m.kind().as_str().to_string(),
+        endpoints: m.endpoints(),
+        cluster: view.as_ref().map(|v| v.name.clone()),
+        paused: view.as_ref().and_then(|v| v.paused.clone()),
+        leader: leader.as_ref().map(|l| l.name.clone()),
+        stopping: view
+            .as_ref()
+            .and_then(|v| v.stopping.as_ref().map(|s| s.to_string())),
+        agrees: view
+            .as_ref()
+            .map(|_| leader.as_ref().is_some_and(|l| &l.addr == serving)),
+        members: view.as_ref().map(|v| {
+            v.members
+                .iter()
+                .map(|m| api::ManagerMember {
+                    name: m.name.clone(),
+                    addr: m.addr.to_string(),
+                    leader: m.leader,
+                    role: m.role.clone(),
+                    state: m.state.clone(),
+                    timeline: m.timeline,
+                    not_candidate: m.not_candidate.clone(),
+                })
+                .collect()
+        }),
+        error: m.last_error(),
     }
 }
 

@@ -13,7 +13,7 @@
 //! (state machine, switchover, fence, failure detection, watchdog) · [`backend`] (server
 //! logins, pools, cancel, the admin role's connections) · [`net`] (streams, TLS,
 //! buffers). On the ground floor, usable by all: [`config`], [`metrics`], `error`,
-//! `limits`, [`shutdown`], and [`patroni`] (a client of Patroni's REST API).
+//! `limits`, [`shutdown`], and [`manager`] (the HA managers: Patroni, pg_auto_failover).
 
 #![forbid(unsafe_code)]
 
@@ -29,9 +29,9 @@ mod error;
 mod frontend;
 pub use frontend::users::UsersError;
 mod limits;
+pub mod manager;
 pub mod metrics;
 pub mod net;
-pub mod patroni;
 mod relay;
 pub mod shard;
 pub mod shutdown;
@@ -140,14 +140,14 @@ async fn start_shards(
         metrics::zero_shard_series(
             &s.name,
             config.etcd.is_some(),
-            ctx.patroni(&s.name).is_some(),
+            ctx.manager(&s.name).map(|m| m.kind().as_str()),
         );
         metrics::zero_replica_series(&s.name, &s.hosts);
         let start = coord::initial_shard(
             connected,
             &ctx.admin,
             &config.health,
-            ctx.patroni(&s.name).map(|p| p.as_ref()),
+            ctx.manager(&s.name).map(|m| m.as_ref()),
             s,
         )
         .await;
@@ -173,8 +173,8 @@ async fn start_shards(
     shards
 }
 
-/// Each shard's own tasks: the failure detector, the split-brain watchdog, and on a
-/// Patroni shard the follower of Patroni.
+/// Each shard's own tasks: the failure detector, the split-brain watchdog and the
+/// replica check.
 fn spawn_shard_tasks(
     ctx: &Arc<shard::Ctx>,
     shards: &[Arc<shard::Shard>],
@@ -197,15 +197,33 @@ fn spawn_shard_tasks(
             Arc::clone(sh),
             signal.clone(),
         ));
-        if let Some(source) = ctx.patroni(&sh.name) {
-            tokio::spawn(shard::patroni::follow(
-                Arc::clone(ctx),
-                Arc::clone(sh),
-                Arc::clone(source),
-                signal.clone(),
-            ));
-        }
         metrics::set_source(&sh.name, ctx.source(&sh.name, coordinated));
+    }
+}
+
+/// On each managed shard, the follower of its HA manager; the holds it starts are
+/// actions (on every proxy with coordination).
+fn spawn_followers(actions: &Arc<actions::Ctx>, signal: &shutdown::Signal) {
+    for sh in &actions.shards {
+        let Some(manager) = actions.shard.manager(&sh.name) else {
+            continue;
+        };
+        let weak = Arc::downgrade(actions);
+        let hold: shard::managed::Holder = Arc::new(move |shard, reason| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                if let Some(actions) = weak.upgrade() {
+                    actions::hold_for_manager(&actions, &shard, &reason).await;
+                }
+            })
+        });
+        tokio::spawn(shard::managed::follow(
+            Arc::clone(&actions.shard),
+            Arc::clone(sh),
+            Arc::clone(manager),
+            hold,
+            signal.clone(),
+        ));
     }
 }
 
@@ -270,6 +288,7 @@ impl Proxy {
             shard: Arc::clone(&ctx),
             coord,
         });
+        spawn_followers(&actions, &signal);
         let clients = Arc::new(clients::Clients::default());
         let console = Arc::new(console::Ctx {
             config: Arc::clone(&config),

@@ -77,10 +77,13 @@ pub struct ShardState {
     pub epoch: u64,
     pub primary: String,
     pub hosts: Vec<String>,
-    /// What names the primary: `patroni`, `etcd` or `probe`.
+    /// What names the primary: `patroni`, `pg_auto_failover`, `etcd` or `probe`.
     pub source: String,
-    /// Patroni's last answer, on a Patroni shard.
+    /// Patroni's last answer, on a Patroni shard (also in `manager`).
     pub patroni: Option<PatroniView>,
+    /// The HA manager's last view, on a managed shard.
+    #[serde(default)]
+    pub manager: Option<ManagerView>,
     /// Transactions running on the primary now.
     pub in_flight: usize,
     pub buffer: BufferState,
@@ -144,6 +147,44 @@ pub struct PatroniMember {
     pub role: String,
     pub state: String,
     pub timeline: Option<u32>,
+}
+
+/// What a shard's HA manager last said, beside what handoff serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManagerView {
+    /// `patroni`, `pg_auto_failover`.
+    pub kind: String,
+    /// Where handoff reaches it (passwords hidden).
+    pub endpoints: Vec<String>,
+    /// The cluster's name (Patroni's scope; pg_auto_failover's `formation/group`).
+    pub cluster: Option<String>,
+    /// Why it would not switch over now (Patroni's maintenance mode).
+    pub paused: Option<String>,
+    /// Its writable primary, by name.
+    pub leader: Option<String>,
+    /// The server it has told to stop taking writes, if one still does.
+    pub stopping: Option<String>,
+    /// True when the manager's leader is the primary handoff serves; `None` until it
+    /// has answered.
+    pub agrees: Option<bool>,
+    /// `None` until the manager has answered.
+    pub members: Option<Vec<ManagerMember>>,
+    /// Why the last read of the manager failed (`None` when it answered): handoff
+    /// keeps serving the primary it has meanwhile.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManagerMember {
+    pub name: String,
+    pub addr: String,
+    pub leader: bool,
+    /// Role and state in the manager's own words.
+    pub role: String,
+    pub state: String,
+    pub timeline: Option<u32>,
+    /// Why the manager would not promote it now.
+    pub not_candidate: Option<String>,
 }
 
 /// A replaced primary the split-brain watchdog looks at.

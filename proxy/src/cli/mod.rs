@@ -32,8 +32,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a planned switchover of a shard to one of its standbys (a Patroni member's
-    /// name on a Patroni shard) and print each step.
+    /// Run a planned switchover of a shard to one of its standbys (a member's name on a
+    /// shard an HA manager runs) and print each step.
     #[command(
         override_usage = "handoff switchover --shard NAME --to HOST:PORT|MEMBER [--admin ADDR] [--token TOKEN] [--json]"
     )]
@@ -44,8 +44,8 @@ pub enum Command {
         override_usage = "handoff hold --shard NAME [--primary HOST:PORT] [--timeout DURATION] [--reason TEXT] [--admin ADDR] [--token TOKEN] [--json]"
     )]
     Hold(HoldArgs),
-    /// Print every shard's state, the replaced primaries watched, Patroni's members and
-    /// the coordination between proxies.
+    /// Print every shard's state, the replaced primaries watched, each HA manager's view
+    /// and the coordination between proxies.
     #[command(override_usage = "handoff status [--admin ADDR] [--token TOKEN] [--json]")]
     Status(Admin),
     /// Exit 0 if the admin API (HANDOFF_ADMIN_LISTEN) answers GET /healthz with 200.
@@ -76,7 +76,8 @@ pub struct Admin {
 pub struct SwitchoverArgs {
     #[arg(long, value_name = "NAME")]
     shard: String,
-    /// The standby to promote: host:port, or a Patroni member's name.
+    /// The standby to promote: host:port, or the HA manager's name for it (a Patroni
+    /// member, a pg_auto_failover node).
     #[arg(long, value_name = "HOST:PORT|MEMBER")]
     to: String,
     #[command(flatten)]
@@ -425,7 +426,7 @@ fn status_text(v: &Shards) -> String {
     for line in watched_lines(v)
         .into_iter()
         .chain(standby_lines(v))
-        .chain(patroni_lines(v))
+        .chain(manager_lines(v))
         .chain(coordination_lines(v))
     {
         out.push_str(&line);
@@ -490,27 +491,51 @@ fn standby_lines(v: &Shards) -> Vec<String> {
     out
 }
 
-/// One line per Patroni shard: Patroni's leader and members as last read.
-fn patroni_lines(v: &Shards) -> Vec<String> {
+/// One line per managed shard: the HA manager's leader and members as last read, and
+/// whether handoff serves that leader.
+fn manager_lines(v: &Shards) -> Vec<String> {
     let mut out = Vec::new();
     for s in &v.shards {
-        let Some(p) = &s.patroni else { continue };
-        let members: Vec<String> = p
+        let Some(m) = &s.manager else { continue };
+        let members: Vec<String> = m
             .members
             .iter()
             .flatten()
             .map(|m| format!("{} {} {} {}", m.name, m.addr, m.role, m.state))
             .collect();
-        out.push(if members.is_empty() {
-            format!("patroni {}: not answered yet", s.name)
-        } else {
-            format!(
-                "patroni {}: leader {}; {}",
-                s.name,
-                p.leader.as_deref().unwrap_or("(none)"),
-                members.join(", ")
-            )
-        });
+        if let Some(e) = &m.error {
+            out.push(format!(
+                "{} {}: NOT ANSWERING ({e}); handoff serves {} ({})",
+                m.kind, s.name, s.primary, s.state
+            ));
+            continue;
+        }
+        if members.is_empty() {
+            out.push(format!("{} {}: not answered yet", m.kind, s.name));
+            continue;
+        }
+        let handoff = match m.agrees {
+            Some(true) => format!("handoff serves it ({})", s.primary),
+            _ => format!("handoff serves {} ({})", s.primary, s.state),
+        };
+        let stopping = m
+            .stopping
+            .as_ref()
+            .map(|h| format!("; told {h} to stop taking writes"))
+            .unwrap_or_default();
+        let paused = m
+            .paused
+            .as_ref()
+            .map(|p| format!("; {p}"))
+            .unwrap_or_default();
+        out.push(format!(
+            "{} {}: leader {}; {}; {}{stopping}{paused}",
+            m.kind,
+            s.name,
+            m.leader.as_deref().unwrap_or("(none)"),
+            members.join(", "),
+            handoff
+        ));
     }
     out
 }

@@ -61,29 +61,38 @@ fn acknowledgements_name_the_coordinator_and_whoever_is_missing() {
 }
 
 #[test]
-fn patroni_shards_show_the_leader_and_members_and_others_nothing() {
-    let with = |name: &str, patroni: &str| {
-        shard(name, "").replace(r#""patroni":null"#, &format!(r#""patroni":{patroni}"#))
-    };
+fn managed_shards_show_the_leader_members_and_what_handoff_serves_and_others_nothing() {
+    let with = |name: &str, manager: &str| shard(name, &format!(r#","manager":{manager}"#));
     let v = shards(&format!(
-        r#"{{"shards":[{},{},{}],"coordination":{{"enabled":false}}}}"#,
+        r#"{{"shards":[{},{},{},{},{}],"coordination":{{"enabled":false}}}}"#,
         with(
             "main",
-            r#"{"endpoints":[],"scope":"s","paused":false,"leader":"pg1","members":[
-            {"name":"pg0","addr":"10.0.0.1:5432","role":"replica","state":"streaming","timeline":1},
-            {"name":"pg1","addr":"10.0.0.2:5432","role":"leader","state":"running","timeline":1}]}"#
+            r#"{"kind":"patroni","endpoints":[],"cluster":"s","paused":null,"leader":"pg1","stopping":null,"agrees":true,"members":[
+            {"name":"pg0","addr":"10.0.0.1:5432","leader":false,"role":"replica","state":"streaming","timeline":1,"not_candidate":null},
+            {"name":"pg1","addr":"h:1","leader":true,"role":"leader","state":"running","timeline":1,"not_candidate":"is already the leader"}]}"#
         ),
         shard("other", ""),
         with(
+            "paf",
+            r#"{"kind":"pg_auto_failover","endpoints":[],"cluster":"default/0","paused":null,"leader":null,"stopping":"h:1","agrees":false,"members":[
+            {"name":"node_1","addr":"h:1","leader":false,"role":"primary -> draining","state":"healthy","timeline":1,"not_candidate":"x"}]}"#
+        ),
+        with(
             "new",
-            r#"{"endpoints":[],"scope":null,"paused":null,"leader":null,"members":null}"#
+            r#"{"kind":"patroni","endpoints":[],"cluster":null,"paused":null,"leader":null,"stopping":null,"agrees":null,"members":null}"#
+        ),
+        with(
+            "down",
+            r#"{"kind":"pg_auto_failover","endpoints":[],"cluster":"default/0","paused":null,"leader":"node_1","stopping":null,"agrees":true,"members":[],"error":"connection refused"}"#
         ),
     ));
     assert_eq!(
-        patroni_lines(&v),
+        manager_lines(&v),
         [
-            "patroni main: leader pg1; pg0 10.0.0.1:5432 replica streaming, pg1 10.0.0.2:5432 leader running",
+            "patroni main: leader pg1; pg0 10.0.0.1:5432 replica streaming, pg1 h:1 leader running; handoff serves it (h:1)",
+            "pg_auto_failover paf: leader (none); node_1 h:1 primary -> draining healthy; handoff serves h:1 (serving); told h:1 to stop taking writes",
             "patroni new: not answered yet",
+            "pg_auto_failover down: NOT ANSWERING (connection refused); handoff serves h:1 (serving)",
         ]
     );
 }

@@ -20,6 +20,7 @@ mod auth;
 mod coordination;
 mod listen;
 mod patroni;
+mod pg_auto_failover;
 mod pools;
 mod reference;
 mod replicas;
@@ -32,6 +33,7 @@ pub use auth::{AdminDbSettings, UserSecret};
 pub use coordination::{EtcdSettings, Failpoint, FAILPOINTS};
 pub use listen::{ClientTlsMode, ServerTlsMode, TlsSettings};
 pub use patroni::{PatroniSettings, PatroniShard};
+pub use pg_auto_failover::{PgAutoFailoverSettings, PgAutoFailoverShard};
 pub use pools::{Limits, PoolMode, PoolSettings};
 pub use reference::VARIABLES;
 pub use replicas::{ReplicaLag, ReplicaSettings};
@@ -110,6 +112,8 @@ pub struct Config {
     pub etcd: Option<EtcdSettings>,
     /// Shards managed by Patroni (`HANDOFF_PATRONI*`).
     pub patroni: PatroniSettings,
+    /// Shards managed by pg_auto_failover (`HANDOFF_PG_AUTO_FAILOVER*`).
+    pub pg_auto_failover: PgAutoFailoverSettings,
     /// How long a hold (`POST /v1/shards/{s}/hold`) waits for a new primary only.
     pub hold_timeout: Duration,
     pub log: String,
@@ -150,6 +154,8 @@ impl Config {
         }
         let shards = shards::parse_shards(vars.get("HANDOFF_SHARDS").unwrap_or_default())?;
         let patroni = patroni::parse(&vars, &shards)?;
+        let pg_auto_failover = pg_auto_failover::parse(&vars, &shards)?;
+        managed_shards(&shards, &patroni, &pg_auto_failover)?;
         let (databases, default_route) =
             shards::parse_databases(vars.get("HANDOFF_DATABASES"), &shards)?;
         let users = auth::parse_client_users(&vars, listeners.listen)?;
@@ -197,15 +203,64 @@ impl Config {
             watchdog_interval,
             etcd: coordination::parse_etcd(&vars, listeners.listen)?,
             patroni,
+            pg_auto_failover,
             hold_timeout: vars.positive_duration("HANDOFF_HOLD_TIMEOUT")?,
             log: vars.get("HANDOFF_LOG").unwrap_or_default().to_string(),
         })
+    }
+
+    /// The HA manager's label of `shard`, if one manages it.
+    pub fn manager_of(&self, shard: &str) -> Option<&'static str> {
+        if self.patroni.shard(shard).is_some() {
+            Some("patroni")
+        } else if self
+            .pg_auto_failover
+            .shards
+            .iter()
+            .any(|s| s.shard == shard)
+        {
+            Some("pg_auto_failover")
+        } else {
+            None
+        }
     }
 
     /// The route for a client database, if any.
     pub fn route(&self, database: &str) -> Option<&DatabaseRoute> {
         self.databases.get(database).or(self.default_route.as_ref())
     }
+}
+
+/// Every shard has one HA manager at most, and a shard configured without hosts has
+/// one (its members are its hosts).
+fn managed_shards(
+    shards: &[ShardConfig],
+    patroni: &PatroniSettings,
+    pg_auto_failover: &PgAutoFailoverSettings,
+) -> Result<(), ConfigError> {
+    let by_paf = |name: &str| pg_auto_failover.shards.iter().any(|s| s.shard == name);
+    if let Some(s) = patroni.shards.iter().find(|s| by_paf(&s.shard)) {
+        return Err(invalid(
+            "HANDOFF_PG_AUTO_FAILOVER",
+            format!(
+                "shard '{}' is also in HANDOFF_PATRONI: a shard has one HA manager",
+                s.shard
+            ),
+        ));
+    }
+    if let Some(s) = shards
+        .iter()
+        .find(|s| s.hosts.is_empty() && patroni.shard(&s.name).is_none() && !by_paf(&s.name))
+    {
+        return Err(invalid(
+            "HANDOFF_SHARDS",
+            format!(
+                "shard '{}' has no hosts (list them, or name its HA manager in HANDOFF_PATRONI or HANDOFF_PG_AUTO_FAILOVER)",
+                s.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

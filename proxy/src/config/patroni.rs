@@ -75,8 +75,7 @@ impl PatroniSettings {
 
 const VAR: &str = "HANDOFF_PATRONI";
 
-/// Parses `HANDOFF_PATRONI` against the configured shards: every named shard exists,
-/// and every shard configured without hosts is named.
+/// Parses `HANDOFF_PATRONI` against the configured shards: every named shard exists.
 pub(super) fn parse(vars: &Vars, shards: &[ShardConfig]) -> Result<PatroniSettings, ConfigError> {
     let mut out = PatroniSettings {
         shards: Vec::new(),
@@ -135,18 +134,6 @@ pub(super) fn parse(vars: &Vars, shards: &[ShardConfig]) -> Result<PatroniSettin
             shard: name.to_string(),
             endpoints,
         });
-    }
-    if let Some(s) = shards
-        .iter()
-        .find(|s| s.hosts.is_empty() && out.shard(&s.name).is_none())
-    {
-        return Err(invalid(
-            "HANDOFF_SHARDS",
-            format!(
-                "shard '{}' has no hosts (list them, or name its Patroni endpoints in HANDOFF_PATRONI)",
-                s.name
-            ),
-        ));
     }
     Ok(out)
 }

@@ -10,7 +10,7 @@ use super::variable::{Applies, Topic, Variable};
 use super::Config;
 
 /// Each topic's table, in [`Topic::ALL`]'s order.
-const PARTS: [&[Variable]; 10] = [
+const PARTS: [&[Variable]; 11] = [
     super::listen::VARIABLES,
     super::shards::VARIABLES,
     super::auth::VARIABLES,
@@ -21,6 +21,7 @@ const PARTS: [&[Variable]; 10] = [
     super::switchover::VARIABLES,
     super::coordination::VARIABLES,
     super::patroni::VARIABLES,
+    super::pg_auto_failover::VARIABLES,
 ];
 
 const COUNT: usize = {
@@ -117,6 +118,9 @@ pub(super) fn shown_settings(vars: &Vars) -> Vec<(&'static str, String, &'static
                 || v.name == "HANDOFF_USERS";
             let value = match vars.given(v.name) {
                 Some(_) if secret => "(set, hidden)".to_string(),
+                Some(given) if v.name == "HANDOFF_PG_AUTO_FAILOVER" => {
+                    super::pg_auto_failover::hide_password(given)
+                }
                 Some(given) => given.to_string(),
                 None => v.default.to_string(),
             };

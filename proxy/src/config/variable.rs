@@ -14,10 +14,11 @@ pub enum Topic {
     Failover,
     Coordination,
     Patroni,
+    PgAutoFailover,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 10] = [
+    pub const ALL: [Topic; 11] = [
         Topic::Listen,
         Topic::Shards,
         Topic::Auth,
@@ -28,6 +29,7 @@ impl Topic {
         Topic::Failover,
         Topic::Coordination,
         Topic::Patroni,
+        Topic::PgAutoFailover,
     ];
 
     pub fn title(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Topic {
             Topic::Failover => "Switchovers, failure detection and the fence",
             Topic::Coordination => "Coordination over etcd",
             Topic::Patroni => "Patroni",
+            Topic::PgAutoFailover => "pg_auto_failover",
         }
     }
 }

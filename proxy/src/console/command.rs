@@ -21,7 +21,7 @@ pub(crate) enum Command {
 /// What the console answers to a command it cannot read.
 fn syntax(msg: impl Into<String>) -> ProxyError {
     ProxyError::error(sqlstate::SYNTAX_ERROR, msg).hint(
-        "commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|DATABASES|CONFIG|VERSION|LISTS|SHARDS|STANDBYS|BUFFERS|HELP; \
+        "commands: SHOW POOLS|CLIENTS|SERVERS|STATS|STATS_TOTALS|STATS_AVERAGES|DATABASES|CONFIG|VERSION|LISTS|SHARDS|STANDBYS|MANAGERS|BUFFERS|HELP; \
          PAUSE [db]; RESUME [db]; RECONNECT [db]; KILL db; SWITCHOVER shard TO 'host:port'; SHUTDOWN",
     )
 }

@@ -20,7 +20,7 @@ use crate::sync::Locked;
 impl Coord {
     /// A hold (`POST /hold`, Patroni's `before_stop`) for the whole cluster: `/buffer`
     /// on every proxy, then this proxy ends it with `/primary` as soon as the next
-    /// primary is found (Patroni's leader on a Patroni shard), like discovery would.
+    /// primary is found (the HA manager's leader on a managed shard), like discovery would.
     pub async fn hold(
         self: &Arc<Self>,
         shard: &Arc<Shard>,
@@ -53,8 +53,8 @@ impl Coord {
 
     /// Ends a cluster-wide hold of `cycle` with the next primary found.
     async fn resolve_hold(self: Arc<Self>, shard: Arc<Shard>, cycle: u64) {
-        let every = if self.ctx.patroni(&shard.name).is_some() {
-            self.ctx.settings.patroni.held_interval
+        let every = if let Some(m) = self.ctx.manager(&shard.name) {
+            m.intervals().held
         } else {
             self.ctx.settings.health.discovery_interval
         };

@@ -26,7 +26,7 @@ pub(crate) async fn initial_shard(
     connected: Option<&Connected>,
     admin: &AdminDb,
     health_settings: &HealthSettings,
-    patroni: Option<&crate::patroni::Source>,
+    manager: Option<&dyn crate::manager::Manager>,
     cfg: &ShardConfig,
 ) -> Start {
     let recorded = match connected {
@@ -63,19 +63,20 @@ pub(crate) async fn initial_shard(
     }
     let base = recorded.as_ref().map_or(0, |r| r.epoch);
     let mut cfg = cfg.clone();
-    if let Some(source) = patroni {
-        match from_patroni(source, admin, health_settings, &mut cfg, base).await {
+    if let Some(manager) = manager {
+        let title = manager.kind().title();
+        match from_manager(manager, admin, health_settings, &mut cfg, base).await {
             Ok(start) => return start,
             Err(e) if cfg.hosts.is_empty() => {
-                tracing::warn!(shard = %cfg.name, error = %e, "Patroni did not answer at startup and HANDOFF_SHARDS lists no hosts: buffering until Patroni names a writable leader");
+                tracing::warn!(shard = %cfg.name, manager = title, error = %e, "the HA manager did not answer at startup and HANDOFF_SHARDS lists no hosts: buffering until it names a writable leader");
                 return Start {
                     shard: Shard::with_primary_at(&cfg.name, Vec::new(), unknown(), base.max(1)),
                     watch: Vec::new(),
-                    missing: Some(NoPrimary(vec![format!("Patroni: {e}")])),
+                    missing: Some(NoPrimary(vec![format!("{title}: {e}")])),
                 };
             }
             Err(e) => {
-                tracing::warn!(shard = %cfg.name, error = %e, "Patroni did not answer at startup: probing the hosts of HANDOFF_SHARDS; Patroni is followed once it answers");
+                tracing::warn!(shard = %cfg.name, manager = title, error = %e, "the HA manager did not answer at startup: probing the hosts of HANDOFF_SHARDS; the manager is followed once it answers");
             }
         }
     }
@@ -114,8 +115,8 @@ pub(crate) async fn initial_shard(
     }
 }
 
-/// The address a Patroni shard serves before Patroni named any member: never connected
-/// to (the shard starts held).
+/// The address a managed shard serves before its manager named any member: never
+/// connected to (the shard starts held).
 fn unknown() -> HostPort {
     HostPort {
         host: "unknown".into(),
@@ -123,17 +124,18 @@ fn unknown() -> HostPort {
     }
 }
 
-/// A Patroni shard at startup: its hosts are the configured ones and Patroni's
-/// members; its primary is Patroni's leader once handoff's probe confirms it.
-/// `Err`: Patroni did not answer (`cfg` is left as configured).
-async fn from_patroni(
-    source: &crate::patroni::Source,
+/// A managed shard at startup: its hosts are the configured ones and the manager's
+/// members; its primary is the manager's leader once handoff's probe confirms it.
+/// `Err`: the manager did not answer (`cfg` is left as configured).
+async fn from_manager(
+    manager: &dyn crate::manager::Manager,
     admin: &AdminDb,
     health_settings: &HealthSettings,
     cfg: &mut ShardConfig,
     base: u64,
 ) -> Result<Start, String> {
-    let (cluster, found) = crate::shard::patroni::initial(source, admin, health_settings.timeout)
+    let title = manager.kind().title();
+    let (cluster, found) = crate::shard::managed::initial(manager, admin, health_settings.timeout)
         .await
         .map_err(|e| e.to_string())?;
     for m in &cluster.members {
@@ -149,8 +151,8 @@ async fn from_patroni(
             .or_else(|| cfg.hosts.first().cloned())
             .unwrap_or_else(unknown);
         let why = match leader {
-            Some(l) => format!("Patroni's leader {l} is not writable yet"),
-            None => format!("Patroni cluster \"{}\" has no leader", cluster.scope),
+            Some(l) => format!("{title}'s leader {l} is not writable yet"),
+            None => format!("{title} cluster \"{}\" has no leader", cluster.name),
         };
         return Ok(Start {
             shard: Shard::with_primary_at(&cfg.name, cfg.hosts.clone(), placeholder, base.max(1)),
@@ -158,7 +160,7 @@ async fn from_patroni(
             missing: Some(NoPrimary(vec![why])),
         });
     };
-    tracing::info!(shard = %cfg.name, %primary, timeline, members = cluster.members.len(), "initial primary: Patroni's leader, confirmed writable");
+    tracing::info!(shard = %cfg.name, %primary, timeline, members = cluster.members.len(), "initial primary: the HA manager's leader, confirmed writable");
     let shard = Shard::with_primary_at(&cfg.name, cfg.hosts.clone(), primary, epoch);
     shard.health.saw_timeline(timeline);
     Ok(Start {

@@ -72,8 +72,10 @@ pub const COORD_FOLLOWED: &str = "handoff_coordination_followed_total";
 pub const COORD_PUBLISHED: &str = "handoff_coordination_published_total";
 pub const COORD_RECOVERIES: &str = "handoff_coordination_recoveries_total";
 
-// Patroni (`HANDOFF_PATRONI`) and holds.
+// HA managers (`HANDOFF_PATRONI`, `HANDOFF_PG_AUTO_FAILOVER`) and holds.
 pub const PATRONI_REQUESTS: &str = "handoff_patroni_requests_total";
+pub const MANAGER_REQUESTS: &str = "handoff_manager_requests_total";
+pub const MANAGER_HOLDS: &str = "handoff_manager_holds_total";
 pub const PRIMARY_SOURCE: &str = "handoff_primary_source";
 pub const HOLDS: &str = "handoff_holds_total";
 
@@ -112,7 +114,7 @@ pub fn replica_transactions(shard: &str, host: &crate::config::HostPort, total: 
 
 /// Marks `source` as what names `shard`'s primary (see [`PRIMARY_SOURCE`]).
 pub fn set_source(shard: &str, source: &'static str) {
-    for s in ["patroni", "etcd", "probe"] {
+    for s in ["patroni", "pg_auto_failover", "etcd", "probe"] {
         let v = if s == source { 1.0 } else { 0.0 };
         metrics::gauge!(PRIMARY_SOURCE, "shard" => shard.to_string(), "source" => s).set(v);
     }
@@ -234,7 +236,7 @@ pub fn zero_replica_series(shard: &str, hosts: &[crate::config::HostPort]) {
 /// Creates a shard's counters at zero, so that dashboards and alerts (`increase()`,
 /// `rate()`) see them from startup rather than from their first event. The buffer's
 /// series are created by the buffer itself.
-pub fn zero_shard_series(shard: &str, coordinated: bool, patroni: bool) {
+pub fn zero_shard_series(shard: &str, coordinated: bool, manager: Option<&'static str>) {
     let s = || shard.to_string();
     metrics::counter!(LAMEDUCK_CANCELLED, "shard" => s()).absolute(0);
     for outcome in ["completed", "refused", "rolled_back", "failed"] {
@@ -296,11 +298,18 @@ pub fn zero_shard_series(shard: &str, coordinated: bool, patroni: bool) {
             metrics::counter!(COORD_RECOVERIES, "shard" => s(), "result" => result).absolute(0);
         }
     }
-    if patroni {
+    if manager == Some("patroni") {
         for request in ["cluster", "switchover"] {
             metrics::counter!(PATRONI_REQUESTS, "shard" => s(), "request" => request, "result" => "ok")
                 .absolute(0);
         }
+    }
+    if let Some(manager) = manager {
+        for request in ["view", "switchover"] {
+            metrics::counter!(MANAGER_REQUESTS, "shard" => s(), "manager" => manager, "request" => request, "result" => "ok")
+                .absolute(0);
+        }
+        metrics::counter!(MANAGER_HOLDS, "shard" => s(), "manager" => manager).absolute(0);
     }
 }
 

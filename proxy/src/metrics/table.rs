@@ -324,10 +324,22 @@ pub const METRICS: &[Def] = &[
         help: "Requests to Patroni's REST API, by `request` (`cluster`, `switchover`) and `result` (`ok`, `refused`, `error`, `unreachable`)",
     },
     Def {
+        name: MANAGER_REQUESTS,
+        kind: Counter,
+        labels: &["shard", "manager", "request", "result"],
+        help: "Requests to a shard's HA manager (`patroni`, `pg_auto_failover`), by `request` (`view`, `switchover`) and `result` (`ok`, `refused`, `error`, `unreachable`)",
+    },
+    Def {
+        name: MANAGER_HOLDS,
+        kind: Counter,
+        labels: &["shard", "manager"],
+        help: "Holds handoff started itself because the HA manager told the primary it serves to stop taking writes (pg_auto_failover's goal states)",
+    },
+    Def {
         name: PRIMARY_SOURCE,
         kind: Gauge,
         labels: &["shard", "source"],
-        help: "1 for the `source` that names the shard's primary: `patroni` (Patroni's leader, confirmed by handoff's probe), `etcd` (the proxies' shared record) or `probe` (handoff's own discovery)",
+        help: "1 for the `source` that names the shard's primary: `patroni` or `pg_auto_failover` (the HA manager's leader, confirmed by handoff's probe), `etcd` (the proxies' shared record) or `probe` (handoff's own discovery)",
     },
     Def {
         name: HOLDS,

@@ -124,8 +124,8 @@ pub struct Health {
     /// A hold asked for from outside (`POST /v1/shards/{s}/hold`): its cycle may end
     /// only with another primary until `HANDOFF_HOLD_TIMEOUT` has passed.
     pub(crate) hold: std::sync::Mutex<Option<Hold>>,
-    /// A Patroni switchover waiting for Patroni's `before_stop` hook to hold the shard
-    /// (`HANDOFF_PATRONI_HOOK`): the hold hands it the request to answer.
+    /// A switchover waiting for the HA manager's hold hook (Patroni's `before_stop` with
+    /// `HANDOFF_PATRONI_HOOK`) to hold the shard: the hold hands it the request to answer.
     pub(crate) hook: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<HookCall>>>,
 }
 

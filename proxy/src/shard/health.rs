@@ -17,7 +17,7 @@
 //!   through the admin API or by a switchover are left to their owner: discovery does not
 //!   run for them, so an explicit establishment always wins; a hold (`shard::hold`) hands
 //!   its revocation to discovery. The monitor task and the discovery loop live in
-//!   `shard::monitor` (on a Patroni shard discovery follows Patroni: `shard::patroni`);
+//!   `shard::monitor` (on a managed shard discovery follows the HA manager: `shard::managed`);
 //!   this file has the probe, the check, and the establishment of what was found.
 
 use std::sync::atomic::Ordering::SeqCst;

@@ -1,10 +1,12 @@
 //! A hold asked for from outside (`POST /v1/shards/{s}/hold`, `handoff hold`): an HA
-//! manager about to stop a shard's primary — Patroni's `before_stop` hook — tells
-//! handoff first. New transactions are held, those running finish (lameduck, up to
-//! `HANDOFF_DRAIN_TIMEOUT`), and discovery (Patroni's leader on a Patroni shard) ends
-//! the hold with the next writable primary. For `HANDOFF_HOLD_TIMEOUT` only another
-//! primary may end it; after that the old one is taken back if it is writable again
-//! (and, on a Patroni shard, still Patroni's leader): the stop may have been called off.
+//! manager about to stop a shard's primary — Patroni's `before_stop` hook, or handoff
+//! itself when pg_auto_failover's monitor tells the primary to stop — tells handoff
+//! first. New transactions are held, those running finish (lameduck, up to
+//! `HANDOFF_DRAIN_TIMEOUT`), and discovery (the manager's leader on a managed shard)
+//! ends the hold with the next writable primary. For `HANDOFF_HOLD_TIMEOUT` only
+//! another primary may end it; after that the old one is taken back if it is writable
+//! again (and, on a managed shard, still the manager's leader): the stop may have been
+//! called off.
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -72,7 +74,7 @@ pub(crate) async fn hold(
     reason: &str,
 ) -> Result<Held, crate::shard::EventError> {
     let snap = shard.snapshot(ctx.buffer_idle(&shard.name));
-    // A switchover through handoff waits for this very call (HANDOFF_PATRONI_HOOK): it
+    // A switchover through handoff waits for this very call (the manager's hold hook): it
     // holds, and answers once the old primary's transactions are done.
     let waiting = shard.health.hook.locked().take();
     if let Some(switchover) = waiting {
@@ -113,16 +115,16 @@ pub(crate) fn mark(shard: &Shard, cycle: u64, old: HostPort) {
     });
 }
 
-/// One look for the primary that may end `cycle`'s hold: Patroni's leader on a Patroni
-/// shard, else the writable configured host on the highest timeline (the held-back old
+/// One look for the primary that may end `cycle`'s hold: the manager's leader on a
+/// managed shard, else the writable configured host on the highest timeline (the held-back old
 /// primary and watched hosts excluded).
 pub(crate) async fn next_primary(
     ctx: &Arc<Ctx>,
     shard: &Arc<Shard>,
     cycle: u64,
 ) -> Option<(HostPort, u32)> {
-    if let Some(source) = ctx.patroni(&shard.name) {
-        return crate::shard::patroni::leader(ctx, shard, source, cycle).await;
+    if let Some(manager) = ctx.manager(&shard.name) {
+        return crate::shard::managed::leader(ctx, shard, manager.as_ref(), cycle).await;
     }
     let hosts = &shard.hosts;
     let mut probes = tokio::task::JoinSet::new();

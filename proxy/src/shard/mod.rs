@@ -9,9 +9,9 @@ pub(crate) mod failure;
 pub(crate) mod fence;
 pub(crate) mod health;
 pub(crate) mod hold;
+pub(crate) mod managed;
+pub(crate) mod managed_switch;
 pub(crate) mod monitor;
-pub(crate) mod patroni;
-pub(crate) mod patroni_switch;
 pub(crate) mod replay;
 pub(crate) mod replica_check;
 pub(crate) mod replicas;
@@ -43,8 +43,9 @@ pub struct Ctx {
     pub read_pools: Arc<Pools>,
     pub admin: AdminDb,
     pub settings: Settings,
-    /// The Patroni REST API of each shard Patroni manages (`HANDOFF_PATRONI`).
-    pub patroni: std::collections::HashMap<String, Arc<crate::patroni::Source>>,
+    /// The HA manager of each shard that has one (`HANDOFF_PATRONI`,
+    /// `HANDOFF_PG_AUTO_FAILOVER`).
+    pub managers: crate::manager::Managers,
 }
 
 /// The settings of the shard layer.
@@ -58,8 +59,6 @@ pub struct Settings {
     /// Connections opened per pool on a new primary before held requests are released:
     /// `min(HANDOFF_POOL_SIZE, HANDOFF_BUFFER_DRAIN_CONCURRENCY)`.
     pub prewarm: usize,
-    /// How closely Patroni is followed.
-    pub patroni: crate::config::PatroniSettings,
     /// How long a hold waits for a new primary only (`HANDOFF_HOLD_TIMEOUT`).
     pub hold_timeout: Duration,
     /// Reads on standbys.
@@ -99,36 +98,24 @@ impl Ctx {
                 drain_timeout: config.drain_timeout,
                 watchdog_interval: config.watchdog_interval,
                 prewarm: config.pool.size.min(config.buffer.drain_concurrency.max(1)),
-                patroni: config.patroni.clone(),
                 hold_timeout: config.hold_timeout,
                 replicas: config.replicas.clone(),
                 read_wait: config.buffer.window,
             },
-            patroni: config
-                .patroni
-                .shards
-                .iter()
-                .map(|p| {
-                    let source = crate::patroni::Source::new(
-                        &p.shard,
-                        p.endpoints.clone(),
-                        config.patroni.timeout,
-                    );
-                    (p.shard.clone(), Arc::new(source))
-                })
-                .collect(),
+            managers: crate::manager::Managers::new(config),
         })
     }
 
-    /// The Patroni REST API of `shard`, if Patroni manages it.
-    pub fn patroni(&self, shard: &str) -> Option<&Arc<crate::patroni::Source>> {
-        self.patroni.get(shard)
+    /// The HA manager of `shard`, if it has one.
+    pub fn manager(&self, shard: &str) -> Option<&Arc<dyn crate::manager::Manager>> {
+        self.managers.get(shard)
     }
 
-    /// What names `shard`'s primary: `patroni`, `etcd` (coordination) or `probe`.
+    /// What names `shard`'s primary: its HA manager (`patroni`, `pg_auto_failover`),
+    /// `etcd` (coordination) or `probe`.
     pub fn source(&self, shard: &str, coordinated: bool) -> &'static str {
-        if self.patroni.contains_key(shard) {
-            "patroni"
+        if let Some(m) = self.managers.get(shard) {
+            m.kind().as_str()
         } else if coordinated {
             "etcd"
         } else {

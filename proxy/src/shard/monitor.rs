@@ -1,6 +1,6 @@
 //! Each shard's monitor task: health checks while the shard serves, discovery while a
 //! failure (or a hold) leaves it without a primary — by probing its hosts, or on a
-//! Patroni shard by following Patroni's leader (`shard::patroni`).
+//! managed shard by following the HA manager's leader (`shard::managed`).
 
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
@@ -34,9 +34,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shard: Arc<Shard>, shutdown: Signal) {
                 id: snap.cycle,
                 since: snap.since,
             };
-            match ctx.patroni(&shard.name) {
-                Some(source) => {
-                    crate::shard::patroni::discover(&ctx, &shard, source, cycle, &shutdown).await
+            match ctx.manager(&shard.name) {
+                Some(manager) => {
+                    crate::shard::managed::discover(&ctx, &shard, manager, cycle, &shutdown).await
                 }
                 None => discover(&ctx, &shard, cycle, &shutdown).await,
             }

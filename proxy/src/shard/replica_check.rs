@@ -55,10 +55,9 @@ async fn round(
     caught_up: &mut HashMap<HostPort, tokio::time::Instant>,
 ) {
     let timeout = ctx.settings.health.timeout;
-    // On a Patroni shard its members are the hosts (the configured ones, if any, too).
-    if let Some(source) = ctx.patroni(&shard.name) {
-        let view = source.view.borrow().clone();
-        if let Some(cluster) = view {
+    // On a managed shard its members are the hosts (the configured ones, if any, too).
+    if let Some(manager) = ctx.manager(&shard.name) {
+        if let Some(cluster) = manager.last() {
             let mut hosts = shard.hosts.clone();
             for m in &cluster.members {
                 if !hosts.contains(&m.addr) {

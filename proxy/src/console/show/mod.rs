@@ -53,6 +53,7 @@ pub(crate) fn show(ctx: &Ctx, what: &str, out: &mut Out) -> Result<(), ProxyErro
         "LISTS" => lists(ctx, out),
         "SHARDS" => shards(ctx, out),
         "STANDBYS" => standbys(ctx, out),
+        "MANAGERS" => managers(ctx, out),
         "BUFFERS" => buffers(ctx, out),
         "HELP" => out.table(
             &[("command", T), ("what", T)],
@@ -102,6 +103,10 @@ const HELP: &[(&str, &str)] = &[
     (
         "SHOW STANDBYS",
         "each shard's hosts as readers: rotation, lag, upstream",
+    ),
+    (
+        "SHOW MANAGERS",
+        "each HA manager's members: role, leader, what handoff serves",
     ),
     ("SHOW BUFFERS", "each shard's failover buffer"),
     (
@@ -429,7 +434,7 @@ mod shards;
 
 use settings::{config, databases, lists};
 pub(crate) use shards::switchover_report;
-use shards::{buffers, shards, standbys};
+use shards::{buffers, managers, shards, standbys};
 
 #[cfg(test)]
 mod tests {

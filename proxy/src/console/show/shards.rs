@@ -89,6 +89,65 @@ pub(super) fn standbys(ctx: &Ctx, out: &mut Out) {
     out.table(COLS, &rows);
 }
 
+/// Every member of every shard an HA manager runs: the manager's view of it, and
+/// whether handoff serves it. A manager that does not answer shows one row with its
+/// error.
+pub(super) fn managers(ctx: &Ctx, out: &mut Out) {
+    const COLS: &[(&str, ColumnType)] = &[
+        ("shard", T),
+        ("manager", T),
+        ("cluster", T),
+        ("member", T),
+        ("addr", T),
+        ("role", T),
+        ("state", T),
+        ("timeline", I),
+        ("leader", T),
+        ("served", T),
+        ("stopping", T),
+        ("detail", T),
+    ];
+    let answer = crate::actions::shards(&ctx.actions);
+    let mut rows: Vec<Row> = Vec::new();
+    for sh in &answer.shards {
+        let Some(m) = &sh.manager else { continue };
+        if let Some(e) = &m.error {
+            rows.push(vec![
+                s(&sh.name),
+                s(&m.kind),
+                m.cluster.clone(),
+                None,
+                None,
+                None,
+                s("not answering"),
+                None,
+                None,
+                None,
+                None,
+                s(format!("{e}; handoff serves {}", sh.primary)),
+            ]);
+            continue;
+        }
+        for mb in m.members.iter().flatten() {
+            rows.push(vec![
+                s(&sh.name),
+                s(&m.kind),
+                m.cluster.clone(),
+                s(&mb.name),
+                s(&mb.addr),
+                s(&mb.role),
+                s(&mb.state),
+                mb.timeline.map(|t| t.to_string()),
+                s(mb.leader),
+                s(mb.addr == sh.primary && sh.state == "serving"),
+                s(m.stopping.as_deref() == Some(mb.addr.as_str())),
+                s(mb.not_candidate.as_deref().unwrap_or("")),
+            ]);
+        }
+    }
+    out.table(COLS, &rows);
+}
+
 pub(super) fn buffers(ctx: &Ctx, out: &mut Out) {
     const COLS: &[(&str, ColumnType)] = &[
         ("shard", T),

@@ -111,8 +111,8 @@ pub(crate) async fn run_with(
     };
     // Reads leave the target before it is promoted.
     let _withheld = shard.replicas.withhold(&to);
-    if let Some(source) = ctx.patroni(&shard.name).cloned() {
-        let (outcome, error) = run.patroni(&snap, &to, &source, hooks).await;
+    if let Some(source) = ctx.manager(&shard.name).cloned() {
+        let (outcome, error) = run.managed(&snap, &to, &source, hooks).await;
         let report = run.finish(outcome, error);
         if outcome != Outcome::Refused {
             hooks

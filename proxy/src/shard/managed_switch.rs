@@ -1,22 +1,23 @@
-//! A switchover of a Patroni shard (docs/patroni.md): Patroni promotes and demotes,
-//! handoff holds, lameducks and flushes around it.
+//! A switchover of a shard an HA manager runs (docs/ha-managers.md): the manager
+//! promotes and demotes, handoff holds, lameducks and flushes around it.
 //!
-//! 1. **precheck**: Patroni's leader is the primary handoff serves, the target another
-//!    member that streams, Patroni not paused; **checkpoint** on the leader (Patroni's
-//!    demote starts with one; done first, that one is short).
+//! 1. **precheck**: the manager's leader is the primary handoff serves, the target
+//!    another member it would promote, the manager not paused; **checkpoint** on the
+//!    leader (a demote starts with one; done first, that one is short).
 //! 2. **buffer** and **lameduck**: new transactions held, running ones finish (every
-//!    proxy, with coordination). With `HANDOFF_PATRONI_HOOK` (one proxy, Patroni's
-//!    `before_stop` calling `handoff hold` against it) this happens when Patroni calls
-//!    the hook, right before it stops the server, instead of before asking Patroni:
-//!    Patroni's own preparation (its checks, its loop) then passes unheld.
-//! 3. **patroni_switchover**: `POST /switchover` to the leader's REST API; handoff goes
-//!    on the moment the candidate leaves recovery (Patroni promotes only the member
-//!    holding its leader lock) and handoff's probe finds it writable.
+//!    proxy, with coordination). Where the manager calls `handoff hold` right before it
+//!    stops the leader (Patroni's `before_stop` with `HANDOFF_PATRONI_HOOK`, one proxy)
+//!    this happens on that call instead of before asking: the manager's own
+//!    preparation (its checks, its loop) then passes unheld.
+//! 3. **`<manager>_switchover`**: the manager is asked (Patroni: `POST /switchover` to
+//!    the leader's REST API; pg_auto_failover: `perform_promotion` on the monitor);
+//!    handoff goes on the moment the candidate leaves recovery (the manager promotes
+//!    only the member it was asked to) and handoff's probe finds it writable.
 //! 4. **flush**: the candidate serves at the next epoch.
 //!
-//! Patroni's refusal rolls back (the old leader serves again at the same epoch) unless
-//! the old leader is no longer Patroni's writable leader; then the shard stays held
-//! until discovery finds Patroni's next leader.
+//! The manager's refusal rolls back (the old leader serves again at the same epoch)
+//! unless the old leader is no longer its writable leader; then the shard stays held
+//! until discovery finds the manager's next leader.
 
 use std::sync::Arc;
 
@@ -25,35 +26,35 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::HostPort;
-use crate::patroni::{Member, PatroniError, Source};
+use crate::manager::{Manager, ManagerError, Member};
 use crate::shard::failure::HookCall;
 use crate::shard::health::{self, Probe};
 use crate::shard::switchover::{Hooks, Outcome, Run};
 use crate::shard::{control, Ctx, Revoked, Snapshot, StateKind};
 use crate::sync::Locked;
 
-/// Why a Patroni switchover stopped before the candidate served.
+/// Why a managed switchover stopped before the candidate served.
 enum Ended {
-    /// Patroni refused or failed, or never produced a writable leader in time.
+    /// The manager refused or failed, or never produced a writable leader in time.
     Refused(String),
 }
 
-type Post = tokio::task::JoinHandle<Result<String, PatroniError>>;
+type Post = tokio::task::JoinHandle<Result<String, ManagerError>>;
 
 /// How often the switchover asks the candidate whether it left recovery.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Run<'_> {
-    /// A switchover of a Patroni shard to `to`.
-    pub(crate) async fn patroni(
+    /// A switchover of a managed shard to `to`.
+    pub(crate) async fn managed(
         &mut self,
         snap: &Snapshot,
         to: &HostPort,
-        source: &Arc<Source>,
+        source: &Arc<dyn Manager>,
         hooks: &mut impl Hooks,
     ) -> (Outcome, Option<String>) {
         let t = Instant::now();
-        let (leader, candidate) = match self.patroni_precheck(snap, to, source).await {
+        let (leader, candidate) = match self.managed_precheck(snap, to, source.as_ref()).await {
             Ok(pair) => {
                 self.step("precheck", t, None);
                 pair
@@ -66,7 +67,7 @@ impl Run<'_> {
         let t = Instant::now();
         let checkpoint = checkpoint(self.ctx, &snap.primary).await;
         self.step("checkpoint", t, checkpoint.err());
-        let by_hook = self.ctx.settings.patroni.hook && !hooks.coordinated();
+        let by_hook = source.hold_hook() && !hooks.coordinated();
         let (revoked, post) = if by_hook {
             match self
                 .held_by_hook(snap, source, &leader, &candidate, hooks)
@@ -76,21 +77,22 @@ impl Run<'_> {
                 Err(done) => return done,
             }
         } else {
-            let revoked = match self.hold_first(snap, source, hooks).await {
+            let revoked = match self.hold_first(snap, source.as_ref(), hooks).await {
                 Ok(r) => r,
                 Err(done) => return done,
             };
             (revoked, self.post(source, &leader, &candidate))
         };
-        // Patroni demotes the old leader (it stops accepting writes) before the
+        // The manager demotes the old leader (it stops accepting writes) before the
         // candidate promotes: its revocation comes before establishment.
         let t = Instant::now();
-        match self.patroni_switch(post, &candidate).await {
-            Ok(()) => self.step("patroni_switchover", t, None),
+        let step = step_name(source.as_ref());
+        match self.managed_switch(post, &candidate, source.as_ref()).await {
+            Ok(()) => self.step(step, t, None),
             Err(Ended::Refused(e)) => {
-                self.step("patroni_switchover", t, Some(e.clone()));
+                self.step(step, t, Some(e.clone()));
                 return self
-                    .patroni_roll_back(snap.epoch, revoked.cycle, source, e)
+                    .managed_roll_back(snap.epoch, revoked.cycle, source.as_ref(), e)
                     .await;
             }
         }
@@ -110,11 +112,11 @@ impl Run<'_> {
         }
     }
 
-    /// Buffer and lameduck before Patroni is asked.
+    /// Buffer and lameduck before the manager is asked.
     async fn hold_first(
         &mut self,
         snap: &Snapshot,
-        source: &Source,
+        source: &dyn Manager,
         hooks: &mut impl Hooks,
     ) -> Result<Revoked, (Outcome, Option<String>)> {
         let t = Instant::now();
@@ -130,7 +132,7 @@ impl Run<'_> {
         };
         if let Err(e) = hooks.holding().await {
             return Err(self
-                .patroni_roll_back(snap.epoch, revoked.cycle, source, e)
+                .managed_roll_back(snap.epoch, revoked.cycle, source, e)
                 .await);
         }
         let t = Instant::now();
@@ -139,23 +141,25 @@ impl Run<'_> {
         self.step("lameduck", t, None);
         if let Err(e) = hooks.held(ld).await {
             return Err(self
-                .patroni_roll_back(snap.epoch, revoked.cycle, source, e)
+                .managed_roll_back(snap.epoch, revoked.cycle, source, e)
                 .await);
         }
         Ok(revoked)
     }
 
-    /// `HANDOFF_PATRONI_HOOK`: Patroni is asked first; the shard is held when Patroni's
-    /// `before_stop` hook calls `handoff hold`, and the hook is answered once the
+    /// The manager calls `handoff hold` before it stops the leader (Patroni's
+    /// `before_stop` with `HANDOFF_PATRONI_HOOK`): it is asked first; the shard is held
+    /// when the hook calls, and the hook is answered once the
     /// transactions running on the old leader are done.
     async fn held_by_hook(
         &mut self,
         snap: &Snapshot,
-        source: &Arc<Source>,
+        source: &Arc<dyn Manager>,
         leader: &Member,
         candidate: &Member,
         hooks: &mut impl Hooks,
     ) -> Result<(Revoked, Post), (Outcome, Option<String>)> {
+        let title = source.kind().title();
         let (tx, rx) = oneshot::channel::<HookCall>();
         *self.shard.health.hook.locked() = Some(tx);
         let t = Instant::now();
@@ -164,17 +168,18 @@ impl Run<'_> {
         let call = tokio::select! {
             call = rx => call.ok(),
             r = &mut post => {
-                // Patroni answered before the hook came: a refusal, or a stop without it.
+                // The manager answered before the hook came: a refusal, or a stop
+                // without it.
                 self.shard.health.hook.locked().take();
                 let e = match r {
-                    Ok(Err(PatroniError::Refused { status, message })) => {
-                        let e = format!("Patroni refused the switchover ({status}): {message}");
+                    Ok(Err(ManagerError::Refused { code, message })) => {
+                        let e = format!("{title} refused the switchover ({code}): {message}");
                         self.step("hook", t, Some(e.clone()));
                         return Err((Outcome::RolledBack, Some(format!("{e}; nothing was held"))));
                     }
-                    Ok(Err(e)) => format!("POST /switchover: {e}"),
-                    Err(e) => format!("POST /switchover: {e}"),
-                    Ok(Ok(m)) => format!("Patroni switched over without calling the before_stop hook ({m})"),
+                    Ok(Err(e)) => format!("asking {title} for the switchover: {e}"),
+                    Err(e) => format!("asking {title} for the switchover: {e}"),
+                    Ok(Ok(m)) => format!("{title} switched over without calling the hold hook ({m})"),
                 };
                 return Err(self.unheld_stop(t, e));
             }
@@ -184,7 +189,7 @@ impl Run<'_> {
         let Some(call) = call else {
             return Err(self.unheld_stop(
                 t,
-                format!("Patroni did not call the before_stop hook within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?})"),
+                format!("{title} did not call the hold hook within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?})"),
             ));
         };
         self.step("hook", t, None);
@@ -205,7 +210,7 @@ impl Run<'_> {
                 return Err((Outcome::Failed, Some(e.to_string())));
             }
         };
-        // Not coordinated (see `Run::patroni`): these only record the steps.
+        // Not coordinated (see `Run::managed`): these only record the steps.
         let _ = hooks.holding().await;
         let t = Instant::now();
         let ld = control::lameduck(&revoked.gen, self.ctx.settings.drain_timeout).await;
@@ -221,7 +226,7 @@ impl Run<'_> {
     }
 
     /// The old leader stopped (or may stop) without the hook's hold: whatever ran on it
-    /// was cut. The failure detector takes it from here; the shard follows Patroni.
+    /// was cut. The failure detector takes it from here; the shard follows the manager.
     fn unheld_stop(&mut self, t: Instant, e: String) -> (Outcome, Option<String>) {
         self.step("hook", t, Some(e.clone()));
         if self
@@ -235,32 +240,29 @@ impl Run<'_> {
         (
             Outcome::Failed,
             Some(format!(
-                "{e}: transactions running on the old leader may have been cut; shard \"{}\" follows Patroni's next leader",
+                "{e}: transactions running on the old leader may have been cut; shard \"{}\" follows the HA manager's next leader",
                 self.shard.name
             )),
         )
     }
 
-    /// `POST /switchover` in its own task.
-    fn post(&self, source: &Arc<Source>, leader: &Member, candidate: &Member) -> Post {
+    /// The manager asked for the switchover, in its own task.
+    fn post(&self, source: &Arc<dyn Manager>, leader: &Member, candidate: &Member) -> Post {
         let timeout = self.ctx.settings.switchover.timeout;
-        let (source, api) = (Arc::clone(source), leader.api.clone());
-        let (leader, candidate) = (leader.name.clone(), candidate.name.clone());
-        tokio::spawn(async move {
-            source
-                .switchover(api.as_ref(), &leader, &candidate, timeout)
-                .await
-        })
+        let source = Arc::clone(source);
+        let (leader, candidate) = (leader.clone(), candidate.clone());
+        tokio::spawn(async move { source.switchover(&leader, &candidate, timeout).await })
     }
 
-    /// Patroni's leader is the primary handoff serves, `to` is another member that
-    /// streams from it, and Patroni is not paused.
-    async fn patroni_precheck(
+    /// The manager's leader is the primary handoff serves, `to` is another member it
+    /// would promote, and the manager is not paused.
+    async fn managed_precheck(
         &mut self,
         snap: &Snapshot,
         to: &HostPort,
-        source: &Source,
+        source: &dyn Manager,
     ) -> Result<(Member, Member), String> {
+        let title = source.kind().title();
         if snap.state != StateKind::Serving {
             return Err(format!(
                 "shard \"{}\" is {}, not serving",
@@ -269,57 +271,55 @@ impl Run<'_> {
             ));
         }
         let c = source
-            .cluster()
+            .view()
             .await
-            .map_err(|e| format!("Patroni did not answer GET /cluster: {e}"))?;
-        if c.paused {
-            return Err(format!(
-                "Patroni cluster \"{}\" is paused (maintenance mode): it does not switch over",
-                c.scope
-            ));
+            .map_err(|e| format!("{title} did not answer: {e}"))?;
+        if let Some(why) = &c.paused {
+            return Err(why.clone());
         }
         let leader = c
             .leader()
-            .ok_or_else(|| format!("Patroni cluster \"{}\" has no leader", c.scope))?;
+            .ok_or_else(|| format!("{title} cluster \"{}\" has no leader", c.name))?;
         if leader.addr != snap.primary {
             return Err(format!(
-                "Patroni's leader is {} ({}) but handoff serves {}: retry once they agree",
+                "{title}'s leader is {} ({}) but handoff serves {}: retry once they agree",
                 leader.name, leader.addr, snap.primary
             ));
         }
         let candidate = c.at(to).ok_or_else(|| {
             format!(
-                "{to} is not a member of Patroni cluster \"{}\" (members: {})",
-                c.scope,
-                crate::shard::patroni::names(&c)
+                "{to} is not a member of {title} cluster \"{}\" (members: {})",
+                c.name,
+                c.names()
             )
         })?;
-        if candidate.is_leader() {
-            return Err(format!("{} ({to}) is already the leader", candidate.name));
+        if let Some(why) = &candidate.not_candidate {
+            return Err(format!("{} ({to}) {why}", candidate.name));
         }
-        if !matches!(candidate.state.as_str(), "streaming" | "running") {
-            return Err(format!(
-                "{} ({to}) is {}, not streaming from the leader",
-                candidate.name, candidate.state
-            ));
-        }
-        // Patroni says it follows the leader: a replaced primary that rejoined.
+        // The manager says it follows the leader: a replaced primary that rejoined.
         self.shard.watch.remove(
             &self.shard.name,
             to,
-            "Patroni lists it as a replica, and it is the switchover's target",
+            "the HA manager lists it as a standby, and it is the switchover's target",
         );
         Ok((leader.clone(), candidate.clone()))
     }
 
-    /// Watches for the candidate to leave recovery, without waiting for Patroni's answer
-    /// to `post` (which comes later). Patroni promotes only the member holding its
-    /// leader lock, and this is the member handoff asked it to promote: once it is out of
-    /// recovery it is Patroni's leader. handoff's own probe confirms it is writable on
-    /// the highest timeline seen, asked every few milliseconds on one session kept on
-    /// the candidate (a hot standby session sees the promotion). Patroni's REST API,
-    /// busy promoting, is not in the way.
-    async fn patroni_switch(&mut self, mut post: Post, candidate: &Member) -> Result<(), Ended> {
+    /// Watches for the candidate to leave recovery, without waiting for the manager's
+    /// answer to `post` (Patroni's comes later). The manager promotes only the member it
+    /// was asked to (Patroni: the holder of its leader lock; pg_auto_failover: the node
+    /// it assigned `wait_primary`, after the old primary stopped): once it is out of
+    /// recovery it is the manager's leader. handoff's own probe confirms it is writable
+    /// on the highest timeline seen, asked every few milliseconds on one session kept on
+    /// the candidate (a hot standby session sees the promotion). The manager, busy
+    /// promoting, is not in the way.
+    async fn managed_switch(
+        &mut self,
+        mut post: Post,
+        candidate: &Member,
+        source: &dyn Manager,
+    ) -> Result<(), Ended> {
+        let title = source.kind().title();
         let timeout = self.ctx.settings.switchover.timeout;
         let deadline = Instant::now() + timeout;
         let mut answered: Option<String> = None;
@@ -331,13 +331,13 @@ impl Run<'_> {
                 r = &mut post, if answered.is_none() => {
                     match r {
                         Ok(Ok(msg)) => answered = Some(msg),
-                        Ok(Err(PatroniError::Refused { status, message })) => {
+                        Ok(Err(ManagerError::Refused { code, message })) => {
                             return Err(Ended::Refused(format!(
-                                "Patroni refused the switchover ({status}): {message}"
+                                "{title} refused the switchover ({code}): {message}"
                             )));
                         }
-                        Ok(Err(e)) => return Err(Ended::Refused(format!("POST /switchover: {e}"))),
-                        Err(e) => return Err(Ended::Refused(format!("POST /switchover: {e}"))),
+                        Ok(Err(e)) => return Err(Ended::Refused(format!("asking {title} for the switchover: {e}"))),
+                        Err(e) => return Err(Ended::Refused(format!("asking {title} for the switchover: {e}"))),
                     }
                 }
                 _ = tick.tick() => {}
@@ -346,7 +346,7 @@ impl Run<'_> {
                 return Err(Ended::Refused(format!(
                     "{} was not promoted and writable within HANDOFF_SWITCHOVER_TIMEOUT ({timeout:?}){}",
                     candidate.name,
-                    answered.map(|m| format!("; Patroni said: {m}")).unwrap_or_default()
+                    answered.map(|m| format!("; {title} said: {m}")).unwrap_or_default()
                 )));
             }
             if session.as_ref().is_none_or(|s| s.client.is_closed()) {
@@ -384,15 +384,15 @@ impl Run<'_> {
                 continue;
             }
             if answered.is_none() {
-                // Patroni's answer is only logged: the candidate already serves.
+                // The manager's answer is only logged: the candidate already serves.
                 let shard = self.shard.name.clone();
                 tokio::spawn(async move {
                     match post.await {
                         Ok(Ok(m)) => {
-                            tracing::info!(%shard, answer = %m, "Patroni's switchover answer")
+                            tracing::info!(%shard, manager = title, answer = %m, "the HA manager's switchover answer")
                         }
                         Ok(Err(e)) => {
-                            tracing::warn!(%shard, error = %e, "Patroni's switchover answer after the candidate became writable")
+                            tracing::warn!(%shard, manager = title, error = %e, "the HA manager's switchover answer after the candidate became writable")
                         }
                         Err(_) => {}
                     }
@@ -402,19 +402,20 @@ impl Run<'_> {
         }
     }
 
-    /// After Patroni refused or failed: if the old leader is still Patroni's leader and
+    /// After the manager refused or failed: if the old leader is still its leader and
     /// writable, it serves again at the same epoch (rolled back); otherwise the shard
-    /// follows Patroni's next leader (failed, still held).
-    async fn patroni_roll_back(
+    /// follows the manager's next leader (failed, still held).
+    async fn managed_roll_back(
         &mut self,
         epoch: u64,
         cycle: u64,
-        source: &Source,
+        source: &dyn Manager,
         cause: String,
     ) -> (Outcome, Option<String>) {
+        let title = source.kind().title();
         let t = Instant::now();
         let old = self.shard.current().primary.clone();
-        let still = match source.cluster().await {
+        let still = match source.view().await {
             Ok(c) => c.leader().is_some_and(|l| l.addr == old),
             Err(_) => false,
         };
@@ -436,7 +437,7 @@ impl Run<'_> {
                 "rollback",
                 t,
                 Some(format!(
-                    "{old} is no longer Patroni's writable leader: following Patroni's next leader"
+                    "{old} is no longer {title}'s writable leader: following {title}'s next leader"
                 )),
             );
         }
@@ -448,10 +449,18 @@ impl Run<'_> {
         (
             Outcome::Failed,
             Some(format!(
-                "{cause}; the old primary cannot serve again, so shard \"{}\" stays held until Patroni's next leader is writable",
+                "{cause}; the old primary cannot serve again, so shard \"{}\" stays held until {title}'s next leader is writable",
                 self.shard.name
             )),
         )
+    }
+}
+
+/// The report's name of the step where the manager switches over.
+fn step_name(source: &dyn Manager) -> &'static str {
+    match source.kind() {
+        crate::manager::Kind::Patroni => "patroni_switchover",
+        crate::manager::Kind::PgAutoFailover => "pg_auto_failover_switchover",
     }
 }
 

@@ -1,8 +1,8 @@
-//! A client of Patroni's REST API for the shards it manages (`HANDOFF_PATRONI`):
-//! `GET /cluster` (members, their addresses and roles, the leader) and
-//! `POST /switchover`. Plain HTTP/1.1 over hyper, one connection per request, endpoints
-//! tried in order. It only reads and asks; what handoff does with the answers lives in
-//! the shard layer (`shard::patroni`).
+//! Patroni (`HANDOFF_PATRONI`), through its REST API: `GET /cluster` (members, their
+//! addresses and roles, the leader, maintenance mode) and `POST /switchover`. Plain
+//! HTTP/1.1 over hyper, one connection per request, endpoints tried in order. Patroni
+//! signals a coming stop of the leader by its `before_stop` hook calling `handoff hold`
+//! (`HANDOFF_PATRONI_HOOK`), not in its view.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-use crate::config::HostPort;
+use super::{Fut, Intervals, Kind, Manager, ManagerError, View};
+use crate::config::{HostPort, PatroniSettings};
 
 /// One member of a Patroni cluster, as `GET /cluster` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,11 +51,11 @@ pub struct Cluster {
 
 impl Cluster {
     /// Parses a `GET /cluster` body. Members without a usable address are skipped.
-    pub fn parse(v: &Value) -> Result<Self, PatroniError> {
+    pub fn parse(v: &Value) -> Result<Self, ManagerError> {
         let members = v
             .get("members")
             .and_then(Value::as_array)
-            .ok_or_else(|| PatroniError::Malformed("no \"members\" list".into()))?;
+            .ok_or_else(|| ManagerError::Malformed("no \"members\" list".into()))?;
         let members = members
             .iter()
             .filter_map(|m| {
@@ -93,18 +94,47 @@ impl Cluster {
         self.members.iter().find(|m| m.is_leader())
     }
 
-    /// The member named `name`, or listening on `name` (`host:port`).
+    /// The member named `name`.
     pub fn member(&self, name: &str) -> Option<&Member> {
-        self.members
-            .iter()
-            .find(|m| m.name == name)
-            .or_else(|| self.members.iter().find(|m| m.addr.to_string() == name))
+        self.members.iter().find(|m| m.name == name)
     }
 
-    /// The member listening on `addr`.
-    pub fn at(&self, addr: &HostPort) -> Option<&Member> {
-        self.members.iter().find(|m| &m.addr == addr)
+    /// The answer as a manager's [`View`].
+    pub fn view(&self) -> View {
+        View {
+            name: self.scope.clone(),
+            members: self
+                .members
+                .iter()
+                .map(|m| super::Member {
+                    name: m.name.clone(),
+                    addr: m.addr.clone(),
+                    leader: m.is_leader(),
+                    role: m.role.clone(),
+                    state: m.state.clone(),
+                    timeline: m.timeline,
+                    not_candidate: if m.is_leader() {
+                        Some("is already the leader".into())
+                    } else if !matches!(m.state.as_str(), "streaming" | "running") {
+                        Some(format!("is {}, not streaming from the leader", m.state))
+                    } else {
+                        None
+                    },
+                })
+                .collect(),
+            paused: self.paused.then(|| {
+                format!(
+                    "Patroni cluster \"{}\" is paused (maintenance mode): it does not switch over",
+                    self.scope
+                )
+            }),
+            stopping: None,
+        }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `http://host:port/patroni` → `host:port`.
@@ -114,90 +144,91 @@ fn api_of_url(url: &str) -> Option<HostPort> {
     HostPort::parse_any(authority).ok()
 }
 
-/// Why Patroni could not be asked, or what it refused.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PatroniError {
-    #[error("{0}")]
-    Unreachable(String),
-    /// Patroni answered with this status and message.
-    #[error("Patroni answered {status}: {message}")]
-    Refused { status: u16, message: String },
-    #[error("malformed answer from Patroni: {0}")]
-    Malformed(String),
-}
-
 /// The Patroni REST API of one shard.
 #[derive(Debug)]
 pub struct Source {
     pub shard: String,
     endpoints: Vec<HostPort>,
     timeout: Duration,
-    /// The last `GET /cluster` answer (any endpoint), for status and discovery.
-    pub view: tokio::sync::watch::Sender<Option<Arc<Cluster>>>,
+    intervals: Intervals,
+    hook: bool,
+    /// The last `GET /cluster` answer (any endpoint): its members' REST APIs are where
+    /// a switchover is asked.
+    cluster: std::sync::Mutex<Option<Arc<Cluster>>>,
+    /// The same answer as a [`View`].
+    view: std::sync::Mutex<Option<Arc<View>>>,
+    /// Why the last `GET /cluster` failed, if it did.
+    error: std::sync::Mutex<Option<String>>,
 }
 
 impl Source {
-    pub fn new(shard: &str, endpoints: Vec<HostPort>, timeout: Duration) -> Self {
+    pub fn new(shard: &str, endpoints: Vec<HostPort>, settings: &PatroniSettings) -> Self {
         Self {
             shard: shard.to_string(),
             endpoints,
-            timeout,
-            view: tokio::sync::watch::channel(None).0,
+            timeout: settings.timeout,
+            intervals: Intervals {
+                follow: settings.interval,
+                held: settings.held_interval,
+            },
+            hook: settings.hook,
+            cluster: std::sync::Mutex::new(None),
+            view: std::sync::Mutex::new(None),
+            error: std::sync::Mutex::new(None),
         }
     }
 
-    /// The configured REST endpoints.
-    pub fn endpoints(&self) -> &[HostPort] {
-        &self.endpoints
-    }
-
     /// `GET /cluster` from the first endpoint that answers; remembered in `view`.
-    pub async fn cluster(&self) -> Result<Arc<Cluster>, PatroniError> {
-        let mut last = PatroniError::Unreachable("no endpoint configured".into());
+    pub async fn cluster(&self) -> Result<Arc<Cluster>, ManagerError> {
+        let mut last = ManagerError::Unreachable("no endpoint configured".into());
         for ep in &self.endpoints {
             let r = match request(ep, Method::GET, "/cluster", None, self.timeout).await {
                 Ok((200, body)) => serde_json::from_slice::<Value>(&body)
-                    .map_err(|e| PatroniError::Malformed(e.to_string()))
+                    .map_err(|e| ManagerError::Malformed(e.to_string()))
                     .and_then(|v| Cluster::parse(&v)),
-                Ok((status, body)) => Err(PatroniError::Refused {
-                    status,
+                Ok((status, body)) => Err(ManagerError::Refused {
+                    code: status.to_string(),
                     message: message(&body),
                 }),
                 Err(e) => Err(e),
             };
             let label = match &r {
                 Ok(_) => "ok",
-                Err(PatroniError::Unreachable(_)) => "unreachable",
+                Err(ManagerError::Unreachable(_)) => "unreachable",
                 Err(_) => "error",
             };
             metrics::counter!(crate::metrics::PATRONI_REQUESTS, "shard" => self.shard.clone(), "request" => "cluster", "result" => label)
                 .increment(1);
+            super::count(Kind::Patroni, &self.shard, "view", label);
             match r {
                 Ok(c) => {
                     let c = Arc::new(c);
-                    self.view.send_replace(Some(Arc::clone(&c)));
+                    *lock(&self.view) = Some(Arc::new(c.view()));
+                    *lock(&self.cluster) = Some(Arc::clone(&c));
+                    *lock(&self.error) = None;
                     return Ok(c);
                 }
                 Err(e) => last = e,
             }
         }
+        *lock(&self.error) = Some(last.to_string());
         Err(last)
     }
 
     /// `POST /switchover {"leader", "candidate"}` to `api` (the leader's REST API),
     /// else to the configured endpoints in order. Patroni answers when the switchover
     /// is over (or refused): its message on success.
-    pub async fn switchover(
+    pub async fn post_switchover(
         &self,
         api: Option<&HostPort>,
         leader: &str,
         candidate: &str,
         timeout: Duration,
-    ) -> Result<String, PatroniError> {
+    ) -> Result<String, ManagerError> {
         let body = serde_json::json!({ "leader": leader, "candidate": candidate }).to_string();
         let mut targets: Vec<&HostPort> = api.into_iter().collect();
         targets.extend(self.endpoints.iter().filter(|e| Some(*e) != api));
-        let mut last = PatroniError::Unreachable("no endpoint configured".into());
+        let mut last = ManagerError::Unreachable("no endpoint configured".into());
         for ep in targets {
             let r = request(ep, Method::POST, "/switchover", Some(body.clone()), timeout).await;
             let label = match &r {
@@ -207,11 +238,12 @@ impl Source {
             };
             metrics::counter!(crate::metrics::PATRONI_REQUESTS, "shard" => self.shard.clone(), "request" => "switchover", "result" => label)
                 .increment(1);
+            super::count(Kind::Patroni, &self.shard, "switchover", label);
             match r {
                 Ok((s, b)) if s < 300 => return Ok(message(&b)),
                 Ok((status, b)) => {
-                    return Err(PatroniError::Refused {
-                        status,
+                    return Err(ManagerError::Refused {
+                        code: status.to_string(),
                         message: message(&b),
                     })
                 }
@@ -220,6 +252,65 @@ impl Source {
             }
         }
         Err(last)
+    }
+}
+
+impl Manager for Source {
+    fn kind(&self) -> Kind {
+        Kind::Patroni
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.endpoints
+            .iter()
+            .map(|e| format!("http://{e}"))
+            .collect()
+    }
+
+    fn intervals(&self) -> Intervals {
+        self.intervals
+    }
+
+    fn view(&self) -> Fut<'_, Result<Arc<View>, ManagerError>> {
+        Box::pin(async move {
+            self.cluster().await?;
+            lock(&self.view)
+                .clone()
+                .ok_or_else(|| ManagerError::Malformed("no view".into()))
+        })
+    }
+
+    fn last(&self) -> Option<Arc<View>> {
+        lock(&self.view).clone()
+    }
+
+    fn last_error(&self) -> Option<String> {
+        lock(&self.error).clone()
+    }
+
+    fn changed(&self, idle: Duration) -> Fut<'_, ()> {
+        // Patroni sends nothing: it is read again after `idle`.
+        Box::pin(tokio::time::sleep(idle))
+    }
+
+    fn switchover<'a>(
+        &'a self,
+        leader: &'a super::Member,
+        candidate: &'a super::Member,
+        timeout: Duration,
+    ) -> Fut<'a, Result<String, ManagerError>> {
+        Box::pin(async move {
+            // Asked of the leader's own REST API first (Patroni's advice).
+            let api = lock(&self.cluster)
+                .as_ref()
+                .and_then(|c| c.member(&leader.name).and_then(|m| m.api.clone()));
+            self.post_switchover(api.as_ref(), &leader.name, &candidate.name, timeout)
+                .await
+        })
+    }
+
+    fn hold_hook(&self) -> bool {
+        self.hook
     }
 }
 
@@ -236,15 +327,15 @@ async fn request(
     path: &str,
     body: Option<String>,
     timeout: Duration,
-) -> Result<(u16, Bytes), PatroniError> {
+) -> Result<(u16, Bytes), ManagerError> {
     let work = async {
         let stream = TcpStream::connect((ep.host.as_str(), ep.port))
             .await
-            .map_err(|e| PatroniError::Unreachable(format!("{ep}: {e}")))?;
+            .map_err(|e| ManagerError::Unreachable(format!("{ep}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| PatroniError::Unreachable(format!("{ep}: {e}")))?;
+            .map_err(|e| ManagerError::Unreachable(format!("{ep}: {e}")))?;
         let conn = tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
@@ -256,24 +347,24 @@ async fn request(
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| PatroniError::Malformed(e.to_string()))?;
+            .map_err(|e| ManagerError::Malformed(e.to_string()))?;
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| PatroniError::Unreachable(format!("{ep}: {e}")))?;
+            .map_err(|e| ManagerError::Unreachable(format!("{ep}: {e}")))?;
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(|e| PatroniError::Unreachable(format!("{ep}: {e}")))?
+            .map_err(|e| ManagerError::Unreachable(format!("{ep}: {e}")))?
             .to_bytes();
         conn.abort();
         Ok((status, bytes))
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(PatroniError::Unreachable(format!(
+        Err(_) => Err(ManagerError::Unreachable(format!(
             "{ep}: no answer within {timeout:?}"
         ))),
     }
@@ -305,8 +396,22 @@ mod tests {
         assert_eq!(leader.api.as_ref().unwrap().to_string(), "127.0.0.1:28009");
         assert_eq!(leader.timeline, Some(2));
         assert_eq!(c.member("pg0").unwrap().addr.port, 25432);
-        assert_eq!(c.member("127.0.0.1:25432").unwrap().name, "pg0");
         assert!(c.member("pg9").is_none());
+        let view = c.view();
+        assert_eq!(view.member("127.0.0.1:25432").unwrap().name, "pg0");
+        assert_eq!(view.leader().unwrap().name, "pg1");
+        assert!(
+            view.paused.is_some(),
+            "a paused cluster says it will not switch over"
+        );
+        assert_eq!(
+            view.member("pg0").unwrap().not_candidate.as_deref(),
+            Some("is stopped, not streaming from the leader")
+        );
+        assert_eq!(
+            view.member("pg1").unwrap().not_candidate.as_deref(),
+            Some("is already the leader")
+        );
         assert_eq!(c.members[0].timeline, None);
         // A standby cluster's leader is not a primary.
         let v: Value = serde_json::from_str(
