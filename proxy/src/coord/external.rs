@@ -30,6 +30,7 @@ impl Coord {
         if !matches!(snap.state, StateKind::Serving | StateKind::Draining)
             || shard.op.try_lock().is_err()
         {
+            crate::shard::hold::running_done(&self.ctx, shard).await;
             metrics::counter!(crate::metrics::HOLDS, "shard" => shard.name.clone(), "result" => "already_held").increment(1);
             return Ok(ShardChange {
                 shard: shard.name.clone(),

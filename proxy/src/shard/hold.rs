@@ -85,14 +85,18 @@ pub(crate) async fn hold(
             }
         }
     }
-    // Held already, or a switchover (which holds it) is under way: nothing to add.
+    // Held already, or a switchover (which holds it) is under way: nothing to add but
+    // the wait for what still runs on the revoked primary.
     let Ok(_op) = shard.op.try_lock() else {
+        running_done(ctx, shard).await;
         return Ok(Held::Already {
             state: "switchover",
             epoch: snap.epoch,
         });
     };
     if snap.state != StateKind::Serving && snap.state != StateKind::Draining {
+        drop(_op);
+        running_done(ctx, shard).await;
         return Ok(Held::Already {
             state: snap.state.as_str(),
             epoch: snap.epoch,
@@ -104,6 +108,21 @@ pub(crate) async fn hold(
     shard.health.wake.notify_one();
     let lameduck = control::lameduck(&revoked.gen, ctx.settings.drain_timeout).await;
     Ok(Held::Now { revoked, lameduck })
+}
+
+/// A hold that finds the shard held already (by another hold, a switchover, a
+/// failure) answers only once no transaction runs on the revoked primary: its caller
+/// stops that server next. The hold that revoked it cancels what outlives
+/// `HANDOFF_DRAIN_TIMEOUT`; this one only waits, a little longer. A shard still serving
+/// (a switchover that has not held yet) is not waited for.
+pub(crate) async fn running_done(ctx: &Ctx, shard: &Shard) {
+    if shard.serving().is_some() {
+        return;
+    }
+    let gen = shard.current();
+    let _ = gen
+        .wait_idle(ctx.settings.drain_timeout + std::time::Duration::from_secs(1))
+        .await;
 }
 
 /// Records the hold, so discovery passes over the old primary for a while.
