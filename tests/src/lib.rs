@@ -14,6 +14,7 @@ pub mod bypass;
 pub mod door;
 pub mod etcd;
 pub mod load;
+pub mod paf;
 pub mod patroni;
 pub mod pg;
 pub mod proxies;
@@ -166,6 +167,26 @@ pub fn signal(pid: u32, name: &str) -> std::io::Result<()> {
         .and_then(rustix::process::Pid::from_raw)
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such pid"))?;
     rustix::process::kill_process(pid, sig).map_err(std::io::Error::from)
+}
+
+/// Sends the signal `name` to every process of the process group `pgid` (a program
+/// started with `process_group(0)` and all it started).
+pub fn signal_group(pgid: u32, name: &str) -> std::io::Result<()> {
+    let sig = match name {
+        "TERM" => rustix::process::Signal::TERM,
+        "KILL" => rustix::process::Signal::KILL,
+        other => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("no signal named {other} for a group"),
+            ))
+        }
+    };
+    let pid = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no such group"))?;
+    rustix::process::kill_process_group(pid, sig).map_err(std::io::Error::from)
 }
 
 /// Polls `check` every 20 ms until it returns `Ok(true)` or `timeout` passes.

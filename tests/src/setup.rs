@@ -232,6 +232,20 @@ pub fn promtool() -> Result<PathBuf> {
     find().context("promtool")
 }
 
+/// `pg_autoctl` and the monitor's extension for PostgreSQL `major` (Debian's
+/// `postgresql-<major>-auto-failover` and `pg-auto-failover-cli`).
+pub fn pg_autoctl(major: &str) -> Result<PathBuf> {
+    let find = || which("pg_autoctl", &["/usr/bin"]);
+    let extension = format!("/usr/share/postgresql/{major}/extension/pgautofailover.control");
+    let package = format!("postgresql-{major}-auto-failover");
+    ensure_packages(
+        "pg_auto_failover (pg_autoctl and its extension)",
+        &[&package, "pg-auto-failover-cli"],
+        || find().is_some() && Path::new(&extension).is_file(),
+    )?;
+    find().context("pg_autoctl")
+}
+
 /// PgBouncer, installed when it can be; `Err` says how to install it.
 pub fn pgbouncer() -> Result<PathBuf> {
     let find = || which("pgbouncer", &["/usr/sbin"]);
