@@ -21,6 +21,7 @@ use run::RunArgs;
 mod compare;
 mod idle;
 mod patroni;
+mod pg_auto_failover;
 mod reads;
 mod run;
 mod switchover;
@@ -39,6 +40,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                                 [--promote-after 1s] [--targets handoff,pgbouncer,direct]
        handoff-bench patroni    [--workload tpcb] [--clients 32] [--duration 14s] [--at 5s]
                                 [--targets handoff,handoff-hook,pgbouncer,direct]
+       handoff-bench pg-auto-failover [--workload tpcb] [--clients 32] [--duration 16s] [--at 5s]
+                                [--targets handoff,pg_autoctl,pg_autoctl-pgctl,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench takeover [--clients 32] [--takeovers 10] [--every 1]
                               [--targets handoff,handoff-session,pgbouncer]
@@ -59,6 +62,10 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
   patroni one switchover on a real two-member Patroni cluster per target: asked of
           handoff, patronictl with handoff's before_stop hook, PgBouncer paused around
           it, direct multi-host clients; prints each with Patroni's own write gap
+  pg-auto-failover
+          the same on a real two-node pg_auto_failover formation: asked of handoff,
+          pg_autoctl held by the draining goal state, pg_autoctl with handoff's pg_ctl,
+          PgBouncer paused around it, direct; with the monitor's own write gap
 ";
 
 #[derive(Debug, Clone)]
@@ -334,6 +341,15 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench patroni".to_string()).chain(args),
             ) {
                 Ok(a) => patroni::run(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("pg-auto-failover") => {
+            use clap::Parser;
+            match pg_auto_failover::Args::try_parse_from(
+                std::iter::once("handoff-bench pg-auto-failover".to_string()).chain(args),
+            ) {
+                Ok(a) => pg_auto_failover::run(a).await,
                 Err(e) => return clap_exit(e),
             }
         }

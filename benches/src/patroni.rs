@@ -281,14 +281,19 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
 }
 
 /// Direct writes to each member every 10 ms, their successes timed.
-struct Prober {
+pub(crate) struct Prober {
     stop: Arc<std::sync::atomic::AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     ok: Vec<Arc<Mutex<Vec<Instant>>>>,
 }
 
 impl Prober {
-    fn start(ports: &[u16]) -> Self {
+    pub(crate) fn start(ports: &[u16]) -> Self {
+        Self::start_writing(ports, "SELECT txid_current()")
+    }
+
+    /// Runs `sql` (a write) on each member every 10 ms, its successes timed.
+    pub(crate) fn start_writing(ports: &[u16], sql: &'static str) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut tasks = Vec::new();
         let mut ok = Vec::new();
@@ -317,7 +322,7 @@ impl Prober {
                         };
                     }
                     if let Some(c) = &client {
-                        if c.simple_query("SELECT txid_current()").await.is_ok() {
+                        if c.simple_query(sql).await.is_ok() {
                             seen.lock().expect("not poisoned").push(Instant::now());
                         }
                     }
@@ -329,7 +334,7 @@ impl Prober {
     }
 
     /// From the first member's last write to the second member's first.
-    async fn stop(self) -> Option<Duration> {
+    pub(crate) async fn stop(self) -> Option<Duration> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;

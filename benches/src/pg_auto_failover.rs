@@ -1,0 +1,276 @@
+//! `handoff-bench pg-auto-failover`: one switchover under load on a real two-node
+//! pg_auto_failover formation (Debian's pg_autoctl: a monitor and two keepers), each
+//! target on a fresh formation:
+//! - `handoff`: `POST /v1/shards/main/switchover {"to": "node_2"}` to the release handoff
+//!   (which holds and lameducks, then calls `perform_promotion` on the monitor);
+//! - `pg_autoctl`: `pg_autoctl perform switchover`; handoff holds when the monitor assigns
+//!   the primary `draining`;
+//! - `pg_autoctl-pgctl`: the same, the keepers running handoff's pg_ctl
+//!   (`deploy/pg_auto_failover/pg_ctl`: `handoff hold` before PostgreSQL stops);
+//! - `pgbouncer`: PgBouncer paused around the monitor's switchover, the floor of a
+//!   scripted procedure: `PAUSE`, `pg_autoctl perform switchover`, poll the new primary
+//!   until it takes a write (a temporary table: leaving recovery is not enough, see
+//!   below), repoint, `RELOAD`, `RESUME`;
+//! - `direct`: clients with a libpq multi-host URL (`target_session_attrs=read-write`),
+//!   `pg_autoctl perform switchover`.
+//!
+//! Besides the load's figures it measures the monitor's own write gap in each run (an
+//! `INSERT` on each node directly every 10 ms: the old primary's last accepted write to
+//! the new one's first). A real write: a node pg_auto_failover has promoted stays
+//! read-only (`stop_replication`) until the monitor assigns it `wait_primary`, so
+//! leaving recovery is not yet taking writes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use handoff_tests::paf::{AutoFailoverCluster, Hold, Options};
+use handoff_tests::pg::{free_port, PgBin};
+
+use crate::compare::{start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+use crate::patroni::Prober;
+use crate::run::events::Event;
+use crate::run::workload::Workload;
+use crate::run::{self, RunArgs, TargetResult};
+
+/// Options of `handoff-bench pg-auto-failover`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "handoff-bench pg-auto-failover")]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "tpcb")]
+    pub workload: Workload,
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    #[arg(long, default_value = "16s", value_parser = run::events::parse_duration)]
+    pub duration: Duration,
+    /// When the switchover starts.
+    #[arg(long, default_value = "5s", value_parser = run::events::parse_duration)]
+    pub at: Duration,
+    /// Which of handoff, pg_autoctl, pg_autoctl-pgctl, pgbouncer, direct to run (comma
+    /// separated).
+    #[arg(
+        long,
+        default_value = "handoff,pg_autoctl,pg_autoctl-pgctl,pgbouncer,direct"
+    )]
+    pub targets: String,
+    #[arg(long, default_value_t = 20)]
+    pub pool_size: usize,
+    #[arg(long, default_value = "handoff-bench-results")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+const TARGETS: [&str; 5] = [
+    "handoff",
+    "pg_autoctl",
+    "pg_autoctl-pgctl",
+    "pgbouncer",
+    "direct",
+];
+
+/// One target's run and the monitor's write gap during it.
+struct Measured {
+    result: TargetResult,
+    gap: Option<Duration>,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let wanted: Vec<String> = args
+        .targets
+        .split(',')
+        .map(|t| t.trim().to_string())
+        .collect();
+    if let Some(w) = wanted.iter().find(|w| !TARGETS.contains(&w.as_str())) {
+        bail!("--targets: unknown target '{w}' ({})", TARGETS.join(", "));
+    }
+    let mut measured = Vec::new();
+    for name in &wanted {
+        measured.push(one(&args, name).await?);
+    }
+    println!();
+    println!(
+        "{:<17} {:>7} {:>7} {:>9} {:>9} {:>9} {:>14} {:>6}  event",
+        "target", "tps", "errors", "p99.9 ms", "max ms", "gap ms", "max - gap ms", "lost"
+    );
+    for m in &measured {
+        let r = &m.result;
+        let gap = m.gap.map(|g| g.as_secs_f64() * 1000.0);
+        let ev = r.events.first();
+        println!(
+            "{:<17} {:>7.0} {:>7} {:>9.1} {:>9.0} {:>9} {:>14} {:>6}  {}",
+            r.name,
+            r.summary.tps,
+            r.summary.errors,
+            r.summary.p999,
+            r.summary.max,
+            gap.map_or("?".into(), |g| format!("{g:.0}")),
+            gap.map_or("?".into(), |g| format!("{:+.0}", r.summary.max - g)),
+            r.lost_writes.len(),
+            ev.map_or(String::new(), |e| e.span()),
+        );
+    }
+    for m in &measured {
+        for (k, n) in &m.result.errors {
+            println!("  {}: {n} × {k}", m.result.name);
+        }
+        if m.result.name == "handoff" {
+            if let Some(e) = m.result.events.first() {
+                println!("\nhandoff's switchover report:\n{}", e.output.trim());
+            }
+        }
+    }
+    println!("\ngap: the monitor's own write gap in that run (old primary's last write to the new primary's first, measured directly)");
+    Ok(())
+}
+
+/// The release handoff in front of a formation.
+fn start_handoff(c: &AutoFailoverCluster, port: u16, admin: u16, pool: usize) -> Result<Kill> {
+    let bin = std::env::current_exe()?.with_file_name("handoff");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: cargo build --release -p handoff -p handoff-bench",
+            bin.display()
+        );
+    }
+    let child = crate::compare::handoff_command(&bin)
+        .env("HANDOFF_SHARDS", "main")
+        .env(
+            "HANDOFF_PG_AUTO_FAILOVER",
+            format!("main={}", c.monitor_url()),
+        )
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("HANDOFF_POOL_SIZE", pool.to_string())
+        .env("HANDOFF_MAX_CLIENT_CONN", "5000")
+        .env("HANDOFF_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting handoff")?;
+    Ok(Kill::new(child))
+}
+
+async fn one(args: &Args, name: &str) -> Result<Measured> {
+    let port = free_port()?;
+    let admin = handoff_tests::pg::free_port_outside_ephemeral()?;
+    let bin = PgBin::find()?;
+    // The keepers' pg_ctl runs as the server user: its own copy of the binary (its
+    // directory also holds PgBouncer's files).
+    let release = std::env::current_exe()?.with_file_name("handoff");
+    let (dir, copy) = handoff_tests::patroni::server_user_copy(&release)
+        .context("copying the release handoff binary for the keepers' pg_ctl")?;
+    let opts = Options {
+        hold: name.ends_with("-pgctl").then(|| Hold {
+            shard: "main".into(),
+            admin: format!("127.0.0.1:{admin}"),
+            handoff: copy,
+            timeout: "2s".into(),
+        }),
+    };
+    let cluster = tokio::task::block_in_place(|| AutoFailoverCluster::start(2, opts))?;
+    let (old, new) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let ctl = format!(
+        "{}{}",
+        crate::compare::as_server_user(),
+        cluster.ctl_monitor_shell("perform switchover")
+    );
+    let mut keep = Vec::new();
+    let (url, command) = match name {
+        "handoff" | "pg_autoctl" | "pg_autoctl-pgctl" => {
+            keep.push(start_handoff(&cluster, port, admin, args.pool_size)?);
+            wait_listening(port, "handoff").await?;
+            let command = if name == "handoff" {
+                format!(
+                    "POST http://127.0.0.1:{admin}/v1/shards/main/switchover {{\"to\": \"node_2\"}}"
+                )
+            } else {
+                ctl
+            };
+            (
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                command,
+            )
+        }
+        "pgbouncer" => {
+            let Some(pgb) = crate::compare::pgbouncer_binary() else {
+                bail!("pgbouncer is not installed (apt-get install pgbouncer)");
+            };
+            bin.give_to_server_user(dir.path())?;
+            keep.push(start_pgbouncer_at(
+                &bin,
+                dir.path(),
+                old.pg_port,
+                &pgb,
+                port,
+                PgBouncerOpts {
+                    pool_size: args.pool_size,
+                    admin: true,
+                    max_clients: 2000,
+                },
+            )?);
+            wait_listening(port, "pgbouncer").await?;
+            let psql = bin.bin("psql");
+            let console = format!(
+                "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
+                psql.display()
+            );
+            let ini = dir.path().join("pgbouncer.ini");
+            let command = format!(
+                "set -e; {console} PAUSE; {ctl} & \
+                 until {psql} -X -q -h 127.0.0.1 -p {newp} -U postgres -c 'CREATE TEMP TABLE handoff_w (x int)' postgres >/dev/null 2>&1; do sleep 0.02; done; \
+                 sed -i 's/port={oldp}/port={newp}/' {ini}; {console} RELOAD; {console} RESUME; wait",
+                psql = psql.display(),
+                newp = new.pg_port,
+                oldp = old.pg_port,
+                ini = ini.display(),
+            );
+            (
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                command,
+            )
+        }
+        _ => (
+            format!(
+                "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
+                old.addr(),
+                new.addr()
+            ),
+            ctl,
+        ),
+    };
+    let (c, conn) = tokio_postgres::connect(&old.conn(), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE IF NOT EXISTS handoff_gap (at timestamptz)")
+        .await?;
+    let prober = Prober::start_writing(
+        &[old.pg_port, new.pg_port],
+        "INSERT INTO handoff_gap VALUES (now())",
+    );
+    let run_args = RunArgs {
+        targets: vec![(name.to_string(), url)],
+        workload: args.workload,
+        clients: args.clients,
+        duration: args.duration,
+        rate: None,
+        events: Vec::new(),
+        accounts: 100_000,
+        out: args.out.clone(),
+        quiet: args.quiet,
+        target_events: vec![(
+            name.to_string(),
+            Event {
+                at: args.at,
+                command,
+            },
+        )],
+        bypass: Vec::new(),
+        cpu_of: Vec::new(),
+        meta: Vec::new(),
+    };
+    let mut results = run::run(run_args).await?;
+    let gap = prober.stop().await;
+    drop(keep);
+    drop(cluster);
+    let result = results.pop().context("the run produced no result")?;
+    Ok(Measured { result, gap })
+}
