@@ -57,6 +57,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, takeover: bool) -> ExitCode {
+    // Installed before startup, which may take a while (probing the shards, asking an HA
+    // manager): a SIGTERM meanwhile is seen once the proxy runs, and stops it cleanly.
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("handoff: cannot install the signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let started = if takeover {
         Proxy::take_over(config).await.map_err(|e| e.to_string())
     } else {
@@ -70,17 +79,37 @@ async fn run(config: Config, takeover: bool) -> ExitCode {
         }
     };
     cli::takeover::notify_ready();
-    wait_for_signal(&proxy).await;
+    wait_for_signal(&proxy, signals).await;
     proxy.shutdown().await;
     ExitCode::SUCCESS
 }
 
+/// The signals handoff acts on, listened to from the start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Waits for SIGTERM or SIGINT (or the console's SHUTDOWN); SIGHUP meanwhile reloads the
 /// client TLS certificate and the users file.
-async fn wait_for_signal(proxy: &Proxy) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler can be installed");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler can be installed");
+async fn wait_for_signal(proxy: &Proxy, signals: Signals) {
+    let Signals {
+        mut term,
+        mut hup,
+        mut int,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -99,10 +128,8 @@ async fn wait_for_signal(proxy: &Proxy) {
             _ = proxy.handed_over() => {
                 return;
             }
-            r = tokio::signal::ctrl_c() => {
-                if r.is_ok() {
-                    tracing::info!("SIGINT received");
-                }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received");
                 return;
             }
         }
