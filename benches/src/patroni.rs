@@ -66,36 +66,44 @@ const TARGETS: [&str; 5] = [
     "direct",
 ];
 
-/// One target's run and Patroni's write gap during it.
-struct Measured {
-    result: TargetResult,
-    gap: Option<Duration>,
+/// One target's run and the HA manager's write gap during it.
+pub(crate) struct Measured {
+    pub(crate) result: TargetResult,
+    pub(crate) gap: Option<Duration>,
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let wanted: Vec<String> = args
-        .targets
-        .split(',')
-        .map(|t| t.trim().to_string())
-        .collect();
-    if let Some(w) = wanted.iter().find(|w| !TARGETS.contains(&w.as_str())) {
-        bail!("--targets: unknown target '{w}' ({})", TARGETS.join(", "));
-    }
+    let wanted = targets(&args.targets, &TARGETS)?;
     let mut measured = Vec::new();
     for name in &wanted {
         measured.push(one(&args, name).await?);
     }
+    report(&measured, "Patroni's own write gap in that run (old leader's last write to the new leader's first, measured directly)");
+    Ok(())
+}
+
+/// `--targets`, each checked against `known`.
+pub(crate) fn targets(list: &str, known: &[&str]) -> Result<Vec<String>> {
+    let wanted: Vec<String> = list.split(',').map(|t| t.trim().to_string()).collect();
+    if let Some(w) = wanted.iter().find(|w| !known.contains(&w.as_str())) {
+        bail!("--targets: unknown target '{w}' ({})", known.join(", "));
+    }
+    Ok(wanted)
+}
+
+/// The table of targets with the manager's gap, their errors, and handoff's reports.
+pub(crate) fn report(measured: &[Measured], gap: &str) {
     println!();
     println!(
-        "{:<15} {:>7} {:>7} {:>9} {:>9} {:>9} {:>14} {:>6}  event",
+        "{:<17} {:>7} {:>7} {:>9} {:>9} {:>9} {:>14} {:>6}  event",
         "target", "tps", "errors", "p99.9 ms", "max ms", "gap ms", "max - gap ms", "lost"
     );
-    for m in &measured {
+    for m in measured {
         let r = &m.result;
         let gap = m.gap.map(|g| g.as_secs_f64() * 1000.0);
         let ev = r.events.first();
         println!(
-            "{:<15} {:>7.0} {:>7} {:>9.1} {:>9.0} {:>9} {:>14} {:>6}  {}",
+            "{:<17} {:>7.0} {:>7} {:>9.1} {:>9.0} {:>9} {:>14} {:>6}  {}",
             r.name,
             r.summary.tps,
             r.summary.errors,
@@ -107,7 +115,7 @@ pub async fn run(args: Args) -> Result<()> {
             ev.map_or(String::new(), |e| e.span()),
         );
     }
-    for m in &measured {
+    for m in measured {
         for (k, n) in &m.result.errors {
             println!("  {}: {n} × {k}", m.result.name);
         }
@@ -121,8 +129,7 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
     }
-    println!("\ngap: Patroni's own write gap in that run (old leader's last write to the new leader's first, measured directly)");
-    Ok(())
+    println!("\ngap: {gap}");
 }
 
 /// The release handoff in front of a Patroni cluster.

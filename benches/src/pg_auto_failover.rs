@@ -28,10 +28,10 @@ use handoff_tests::paf::{AutoFailoverCluster, Hold, Options};
 use handoff_tests::pg::{free_port, PgBin};
 
 use crate::compare::{start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
-use crate::patroni::Prober;
+use crate::patroni::{Measured, Prober};
 use crate::run::events::Event;
 use crate::run::workload::Workload;
-use crate::run::{self, RunArgs, TargetResult};
+use crate::run::{self, RunArgs};
 
 /// Options of `handoff-bench pg-auto-failover`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -69,58 +69,13 @@ const TARGETS: [&str; 5] = [
     "direct",
 ];
 
-/// One target's run and the monitor's write gap during it.
-struct Measured {
-    result: TargetResult,
-    gap: Option<Duration>,
-}
-
 pub async fn run(args: Args) -> Result<()> {
-    let wanted: Vec<String> = args
-        .targets
-        .split(',')
-        .map(|t| t.trim().to_string())
-        .collect();
-    if let Some(w) = wanted.iter().find(|w| !TARGETS.contains(&w.as_str())) {
-        bail!("--targets: unknown target '{w}' ({})", TARGETS.join(", "));
-    }
+    let wanted = crate::patroni::targets(&args.targets, &TARGETS)?;
     let mut measured = Vec::new();
     for name in &wanted {
         measured.push(one(&args, name).await?);
     }
-    println!();
-    println!(
-        "{:<17} {:>7} {:>7} {:>9} {:>9} {:>9} {:>14} {:>6}  event",
-        "target", "tps", "errors", "p99.9 ms", "max ms", "gap ms", "max - gap ms", "lost"
-    );
-    for m in &measured {
-        let r = &m.result;
-        let gap = m.gap.map(|g| g.as_secs_f64() * 1000.0);
-        let ev = r.events.first();
-        println!(
-            "{:<17} {:>7.0} {:>7} {:>9.1} {:>9.0} {:>9} {:>14} {:>6}  {}",
-            r.name,
-            r.summary.tps,
-            r.summary.errors,
-            r.summary.p999,
-            r.summary.max,
-            gap.map_or("?".into(), |g| format!("{g:.0}")),
-            gap.map_or("?".into(), |g| format!("{:+.0}", r.summary.max - g)),
-            r.lost_writes.len(),
-            ev.map_or(String::new(), |e| e.span()),
-        );
-    }
-    for m in &measured {
-        for (k, n) in &m.result.errors {
-            println!("  {}: {n} × {k}", m.result.name);
-        }
-        if m.result.name == "handoff" {
-            if let Some(e) = m.result.events.first() {
-                println!("\nhandoff's switchover report:\n{}", e.output.trim());
-            }
-        }
-    }
-    println!("\ngap: the monitor's own write gap in that run (old primary's last write to the new primary's first, measured directly)");
+    crate::patroni::report(&measured, "the monitor's own write gap in that run (old primary's last write to the new primary's first, measured directly)");
     Ok(())
 }
 

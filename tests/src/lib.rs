@@ -169,6 +169,29 @@ pub fn signal(pid: u32, name: &str) -> std::io::Result<()> {
     rustix::process::kill_process(pid, sig).map_err(std::io::Error::from)
 }
 
+/// The last `n` lines of the log at `path`, under a `--- name log ---` header (for a
+/// failing test's output).
+pub fn log_tail(name: &str, path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    let mut s = format!("--- {name} log, last lines ---\n");
+    for l in lines.into_iter().rev() {
+        s.push_str(l);
+        s.push('\n');
+    }
+    s
+}
+
+/// SIGKILL to the postmaster of the data directory `data`, if one runs.
+pub fn kill_postmaster(data: &std::path::Path) {
+    let pid = std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
+    if let Some(pid) = pid {
+        let _ = signal(pid, "KILL");
+    }
+}
+
 /// Sends the signal `name` to every process of the process group `pgid` (a program
 /// started with `process_group(0)` and all it started).
 pub fn signal_group(pgid: u32, name: &str) -> std::io::Result<()> {

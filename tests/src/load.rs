@@ -168,6 +168,35 @@ impl Load {
     }
 }
 
+/// Panics unless the load made progress and every write `out` saw acknowledged is in
+/// the load table of the server at `server` (`name` in the message).
+pub async fn assert_acked_on(server: &str, name: &str, out: &Outcome) {
+    assert!(out.ok > 0, "the load made no progress");
+    let present = ids(server).await.unwrap();
+    let missing: Vec<i64> = out
+        .acked
+        .iter()
+        .filter(|id| !present.contains(id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes missing on {name}: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+}
+
+/// [`assert_acked_on`], and no client saw an error.
+pub async fn assert_nothing_lost(server: &str, name: &str, out: &Outcome) {
+    assert!(
+        out.errors.is_empty(),
+        "clients saw errors: {:?}",
+        out.errors
+    );
+    assert_acked_on(server, name, out).await;
+}
+
 /// The ids in the load table of the server at `server`.
 pub async fn ids(server: &str) -> Result<std::collections::HashSet<i64>> {
     ids_in(server, TABLE).await

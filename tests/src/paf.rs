@@ -214,7 +214,7 @@ impl AutoFailoverCluster {
         if let Some(c) = self.monitor.take() {
             stop(c, Duration::from_secs(20));
         }
-        kill_postmaster(&self.monitor_data);
+        crate::kill_postmaster(&self.monitor_data);
         Ok(())
     }
 
@@ -403,7 +403,7 @@ impl AutoFailoverCluster {
             let _ = crate::signal_group(c.id(), "KILL");
             let _ = c.wait();
         }
-        kill_postmaster(&self.nodes[i].data);
+        crate::kill_postmaster(&self.nodes[i].data);
         Ok(())
     }
 
@@ -419,19 +419,10 @@ impl AutoFailoverCluster {
 
     /// The last lines of the monitor's and every node's log.
     pub fn log_tails(&self) -> String {
-        let mut s = String::new();
-        let logs = std::iter::once(("monitor", &self.monitor_log))
-            .chain(self.nodes.iter().map(|n| (n.name.as_str(), &n.log)));
-        for (name, log) in logs {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().rev().take(30).collect();
-            s.push_str(&format!("--- {name} log, last lines ---\n"));
-            for l in lines.into_iter().rev() {
-                s.push_str(l);
-                s.push('\n');
-            }
-        }
-        s
+        std::iter::once(("monitor", &self.monitor_log))
+            .chain(self.nodes.iter().map(|n| (n.name.as_str(), &n.log)))
+            .map(|(name, log)| crate::log_tail(name, log, 30))
+            .collect()
     }
 }
 
@@ -454,9 +445,9 @@ impl Drop for AutoFailoverCluster {
             stop(c, Duration::from_secs(15));
         }
         for n in &self.nodes {
-            kill_postmaster(&n.data);
+            crate::kill_postmaster(&n.data);
         }
-        kill_postmaster(&self.monitor_data);
+        crate::kill_postmaster(&self.monitor_data);
         if let Some(d) = self.dir.take() {
             if std::env::var_os("HANDOFF_TEST_KEEP_LOGS").is_some() {
                 eprintln!("pg_auto_failover logs kept in {}", d.keep().display());
@@ -500,16 +491,6 @@ fn stop(mut child: Child, timeout: Duration) {
     let _ = crate::signal_group(child.id(), "KILL");
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// SIGKILL to the postmaster of `data`, if one runs.
-fn kill_postmaster(data: &Path) {
-    let pid = std::fs::read_to_string(data.join("postmaster.pid"))
-        .ok()
-        .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
-    if let Some(pid) = pid {
-        let _ = crate::signal(pid, "KILL");
-    }
 }
 
 fn psql(bin: &PgBin, port: u16, db: &str, sql: &str) -> Result<String> {

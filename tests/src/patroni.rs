@@ -331,17 +331,10 @@ impl PatroniCluster {
 
     /// The last lines of every member's log.
     pub fn log_tails(&self) -> String {
-        let mut s = String::new();
-        for m in &self.members {
-            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().rev().take(25).collect();
-            s.push_str(&format!("--- {} log, last lines ---\n", m.name));
-            for l in lines.into_iter().rev() {
-                s.push_str(l);
-                s.push('\n');
-            }
-        }
-        s
+        self.members
+            .iter()
+            .map(|m| crate::log_tail(&m.name, &m.log, 25))
+            .collect()
     }
 }
 
@@ -368,13 +361,7 @@ impl Drop for PatroniCluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
-            if let Ok(s) = std::fs::read_to_string(self.members[i].data.join("postmaster.pid")) {
-                if let Some(pid) = s.lines().next() {
-                    if let Ok(pid) = pid.trim().parse() {
-                        let _ = crate::signal(pid, "KILL");
-                    }
-                }
-            }
+            crate::kill_postmaster(&self.members[i].data);
         }
         if let Some(d) = self.dir.take() {
             if std::env::var_os("HANDOFF_TEST_KEEP_LOGS").is_some() {

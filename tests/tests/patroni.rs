@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use handoff_tests::admin::{metric, shard_state, switchover};
-use handoff_tests::load::{ids, Load, Outcome};
+use handoff_tests::load::{assert_acked_on, assert_nothing_lost, ids, Load, Outcome};
 use handoff_tests::patroni::{server_user_copy, Options, PatroniCluster};
 use handoff_tests::pg::free_port;
 use handoff_tests::{eventually, handoff_binary};
@@ -79,30 +79,13 @@ async fn setup(hook: Option<&str>, extra: &[(&str, &str)]) -> Setup {
 
 /// No client saw an error, and every acknowledged write is on member `leader`.
 async fn nothing_lost(s: &Setup, out: &Outcome, leader: usize) {
-    assert!(
-        out.errors.is_empty(),
-        "clients saw errors: {:?}",
-        out.errors
-    );
-    acked_on(s, out, leader).await;
+    let m = &s.patroni.members[leader];
+    assert_nothing_lost(&m.conn(), &m.name, out).await;
 }
 
 async fn acked_on(s: &Setup, out: &Outcome, leader: usize) {
-    assert!(out.ok > 0, "the load made no progress");
-    let present = ids(&s.patroni.members[leader].conn()).await.unwrap();
-    let missing: Vec<i64> = out
-        .acked
-        .iter()
-        .filter(|id| !present.contains(id))
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged writes missing on {}: {:?}",
-        missing.len(),
-        s.patroni.members[leader].name,
-        &missing[..missing.len().min(20)]
-    );
+    let m = &s.patroni.members[leader];
+    assert_acked_on(&m.conn(), &m.name, out).await;
 }
 
 /// Member `i` is in the read rotation, and a read through `@replica` runs there.

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use handoff_tests::admin::{metric, shard_state, switchover};
-use handoff_tests::load::{ids, Load, Outcome};
+use handoff_tests::load::{assert_acked_on, assert_nothing_lost, ids, Load, Outcome};
 use handoff_tests::paf::{AutoFailoverCluster, Hold, Options};
 use handoff_tests::patroni::server_user_copy;
 use handoff_tests::{eventually, handoff_binary};
@@ -36,6 +36,18 @@ impl Setup {
     /// Runs `pg_autoctl <args>` against the monitor; its output.
     fn ctl(&self, args: &[&str]) -> std::process::Output {
         tokio::task::block_in_place(|| self.paf.ctl_monitor(args)).unwrap()
+    }
+
+    /// Runs `pg_autoctl <args>` on node `i`; panics with its output unless it succeeds.
+    fn ctl_node(&self, i: usize, args: &[&str]) {
+        let out = tokio::task::block_in_place(|| self.paf.ctl_node(i, args)).unwrap();
+        assert!(
+            out.status.success(),
+            "pg_autoctl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn healthy(&self) {
@@ -90,30 +102,13 @@ async fn setup(wrapper: bool, extra: &[(&str, &str)]) -> Setup {
 
 /// No client saw an error, and every acknowledged write is on node `primary`.
 async fn nothing_lost(s: &Setup, out: &Outcome, primary: usize) {
-    assert!(
-        out.errors.is_empty(),
-        "clients saw errors: {:?}",
-        out.errors
-    );
-    acked_on(s, out, primary).await;
+    let m = &s.paf.nodes[primary];
+    assert_nothing_lost(&m.conn(), &m.name, out).await;
 }
 
 async fn acked_on(s: &Setup, out: &Outcome, primary: usize) {
-    assert!(out.ok > 0, "the load made no progress");
-    let present = ids(&s.paf.nodes[primary].conn()).await.unwrap();
-    let missing: Vec<i64> = out
-        .acked
-        .iter()
-        .filter(|id| !present.contains(id))
-        .copied()
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} acknowledged writes missing on {}: {:?}",
-        missing.len(),
-        s.paf.nodes[primary].name,
-        &missing[..missing.len().min(20)]
-    );
+    let m = &s.paf.nodes[primary];
+    assert_acked_on(&m.conn(), &m.name, out).await;
 }
 
 /// The proxy serves node `i` as the shard's primary, and the monitor agrees.
@@ -310,16 +305,7 @@ async fn a_refusing_monitor_changes_nothing_and_its_draining_alone_holds() {
     let load = Load::start(s.listen(), 8).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The only secondary may never be promoted: both handoff and the monitor refuse.
-    let out = tokio::task::block_in_place(|| {
-        s.paf
-            .ctl_node(1, &["set", "node", "candidate-priority", "0"])
-    })
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.ctl_node(1, &["set", "node", "candidate-priority", "0"]);
     eventually(
         Duration::from_secs(20),
         "the monitor's view of priority 0",
@@ -342,19 +328,8 @@ async fn a_refusing_monitor_changes_nothing_and_its_draining_alone_holds() {
     );
     // The monitor's own refusal: its only secondary in maintenance, it has no node to
     // promote.
-    let out = tokio::task::block_in_place(|| {
-        s.paf
-            .ctl_node(1, &["set", "node", "candidate-priority", "50"])
-    })
-    .unwrap();
-    assert!(out.status.success());
-    let out =
-        tokio::task::block_in_place(|| s.paf.ctl_node(1, &["enable", "maintenance"])).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.ctl_node(1, &["set", "node", "candidate-priority", "50"]);
+    s.ctl_node(1, &["enable", "maintenance"]);
     let out = s.ctl(&["perform", "switchover"]);
     eprintln!(
         "pg_autoctl perform switchover with the secondary in maintenance: {}",
@@ -369,13 +344,7 @@ async fn a_refusing_monitor_changes_nothing_and_its_draining_alone_holds() {
     assert_eq!(st["epoch"], epoch, "{st}");
     assert_eq!(st["state"], "serving", "{st}");
     assert_eq!(s.paf.primary(), Some(0));
-    let out =
-        tokio::task::block_in_place(|| s.paf.ctl_node(1, &["disable", "maintenance"])).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.ctl_node(1, &["disable", "maintenance"]);
     s.healthy();
     let out = load.stop().await;
     nothing_lost(&s, &out, 0).await;

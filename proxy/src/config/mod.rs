@@ -231,6 +231,36 @@ impl Config {
     }
 }
 
+/// The `shard=value` entries of an HA manager's variable (`;` between them): every
+/// shard named is in `HANDOFF_SHARDS`, none twice. `shape` says what an entry looks
+/// like, `shown` how an entry is quoted in a message (passwords hidden).
+fn shard_entries<'a>(
+    var: &'static str,
+    value: &'a str,
+    shards: &[ShardConfig],
+    shape: &str,
+    shown: fn(&str) -> String,
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for entry in value.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, rest) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid(var, format!("'{}' is not {shape}", shown(entry))))?;
+        let name = name.trim();
+        if !shards.iter().any(|s| s.name == name) {
+            return Err(invalid(
+                var,
+                format!("shard '{name}' is not in HANDOFF_SHARDS"),
+            ));
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(invalid(var, format!("shard '{name}' is listed twice")));
+        }
+        out.push((name, rest.trim()));
+    }
+    Ok(out)
+}
+
 /// Every shard has one HA manager at most, and a shard configured without hosts has
 /// one (its members are its hosts).
 fn managed_shards(

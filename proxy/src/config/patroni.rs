@@ -84,29 +84,13 @@ pub(super) fn parse(vars: &Vars, shards: &[ShardConfig]) -> Result<PatroniSettin
         timeout: vars.at_least_1ms("HANDOFF_PATRONI_TIMEOUT")?,
         hook: vars.flag("HANDOFF_PATRONI_HOOK")?,
     };
-    for entry in vars
-        .get(VAR)
-        .unwrap_or_default()
-        .split(';')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-    {
-        let (name, list) = entry.split_once('=').ok_or_else(|| {
-            invalid(
-                VAR,
-                format!("'{entry}' is not shard=http://host:port[,http://host:port]"),
-            )
-        })?;
-        let name = name.trim();
-        if !shards.iter().any(|s| s.name == name) {
-            return Err(invalid(
-                VAR,
-                format!("shard '{name}' is not in HANDOFF_SHARDS"),
-            ));
-        }
-        if out.shard(name).is_some() {
-            return Err(invalid(VAR, format!("shard '{name}' is listed twice")));
-        }
+    for (name, list) in super::shard_entries(
+        VAR,
+        vars.get(VAR).unwrap_or_default(),
+        shards,
+        "shard=http://host:port[,http://host:port]",
+        str::to_string,
+    )? {
         let mut endpoints = Vec::new();
         for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
             if url.starts_with("https://") {

@@ -76,33 +76,14 @@ pub(super) fn parse(
         held_interval: vars.at_least_1ms("HANDOFF_PG_AUTO_FAILOVER_HELD_INTERVAL")?,
         timeout: vars.at_least_1ms("HANDOFF_PG_AUTO_FAILOVER_TIMEOUT")?,
     };
-    for entry in vars
-        .get(VAR)
-        .unwrap_or_default()
-        .split(';')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-    {
-        let (name, url) = entry.split_once('=').ok_or_else(|| {
-            invalid(
-                VAR,
-                format!(
-                    "'{}' is not shard=postgres://user@host:port/database",
-                    hide_password(entry)
-                ),
-            )
-        })?;
-        let name = name.trim();
-        if !shards.iter().any(|s| s.name == name) {
-            return Err(invalid(
-                VAR,
-                format!("shard '{name}' is not in HANDOFF_SHARDS"),
-            ));
-        }
-        if out.shards.iter().any(|s| s.shard == name) {
-            return Err(invalid(VAR, format!("shard '{name}' is listed twice")));
-        }
-        out.shards.push(shard(name, url.trim())?);
+    for (name, url) in super::shard_entries(
+        VAR,
+        vars.get(VAR).unwrap_or_default(),
+        shards,
+        "shard=postgres://user@host:port/database",
+        hide_password,
+    )? {
+        out.shards.push(shard(name, url)?);
     }
     Ok(out)
 }
