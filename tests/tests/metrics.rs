@@ -27,7 +27,7 @@ async fn metrics_are_described_consistent_and_there_from_startup() {
     assert_eq!(status, 200);
 
     // Documented counters and gauges exist before their first event (histograms have
-    // no series before their first observation; coordination's and Patroni's only
+    // no series before their first observation; coordination's and the HA managers' only
     // where configured; split brain is per host; a pool's once it has a connection,
     // checked below).
     let documented = documented();
@@ -36,6 +36,7 @@ async fn metrics_are_described_consistent_and_there_from_startup() {
         let later = name.ends_with("_seconds")
             || name.starts_with("handoff_coordination_")
             || name.starts_with("handoff_patroni_")
+            || name.starts_with("handoff_manager_")
             || name == "handoff_split_brain"
             || name.starts_with("handoff_pool_")
             || name.ends_with('_');
