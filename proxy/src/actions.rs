@@ -83,6 +83,9 @@ pub(crate) enum Action {
     /// An outside hold (Patroni's `before_stop`): revoke, lameduck, and let discovery
     /// end it with the next primary.
     Hold,
+    /// The HA manager says something changed (repmgr's `event_notification_command`):
+    /// read it, and check the primary, now.
+    Recheck,
 }
 
 impl Action {
@@ -93,6 +96,7 @@ impl Action {
             "primary" => Some(Action::Primary),
             "resume" => Some(Action::Resume),
             "hold" => Some(Action::Hold),
+            "recheck" => Some(Action::Recheck),
             _ => None,
         }
     }
@@ -105,6 +109,7 @@ impl Action {
             Action::Primary => &["addr", "epoch"],
             Action::Resume => &["epoch"],
             Action::Hold => &["reason", "primary"],
+            Action::Recheck => &["event"],
         }
     }
 }
@@ -217,6 +222,9 @@ pub(crate) async fn shard_action(
         }
         return hold(actions, &shard, &reason).await;
     }
+    if action == Action::Recheck {
+        return recheck(&ctx, &shard, &body);
+    }
     if let Some(coord) = &actions.coord {
         return coordinated(Arc::clone(coord), shard, action, to, &body).await;
     }
@@ -225,7 +233,7 @@ pub(crate) async fn shard_action(
         Action::Buffer => buffer(&ctx, &shard, &body).await,
         Action::Primary => primary(&ctx, &shard, &body).await,
         Action::Resume => resume(&ctx, &shard, &body),
-        Action::Hold => unreachable!("answered above"),
+        Action::Hold | Action::Recheck => unreachable!("answered above"),
     }
 }
 
@@ -259,6 +267,28 @@ async fn target(
                 &message,
             )
         })
+}
+
+/// `POST /v1/shards/{s}/recheck {"event"?}`: the shard's HA manager is read and its
+/// primary probed at once (on this proxy; each proxy follows the manager itself).
+fn recheck(ctx: &crate::shard::Ctx, shard: &Arc<Shard>, body: &Fields) -> Answer {
+    let event = match field_str(body, "event") {
+        Ok(e) => e.unwrap_or("").to_string(),
+        Err(e) => return bad_request(e),
+    };
+    let Some(manager) = ctx.manager(&shard.name) else {
+        return error(
+            StatusCode::CONFLICT,
+            &format!("shard \"{}\" has no HA manager to read", shard.name),
+        );
+    };
+    tracing::info!(shard = %shard.name, manager = manager.kind().title(), %event, "the HA manager announced a change: reading it now");
+    manager.poke();
+    shard.health.wake.notify_one();
+    changed(&api::ShardChange {
+        shard: shard.name.clone(),
+        ..Default::default()
+    })
 }
 
 /// A hold the follower of an HA manager starts (the manager told the primary to stop
@@ -301,7 +331,7 @@ async fn coordinated(
     body: &Fields,
 ) -> Answer {
     match action {
-        Action::Hold => unreachable!("answered before"),
+        Action::Hold | Action::Recheck => unreachable!("answered before"),
         Action::Switchover => {
             let to = to.expect("resolved before");
             // Its own task: it completes (or rolls back) even if the caller goes away.

@@ -77,7 +77,7 @@ pub struct ShardState {
     pub epoch: u64,
     pub primary: String,
     pub hosts: Vec<String>,
-    /// What names the primary: `patroni`, `pg_auto_failover`, `etcd` or `probe`.
+    /// What names the primary: `patroni`, `pg_auto_failover`, `repmgr`, `etcd` or `probe`.
     pub source: String,
     /// Patroni's last answer, on a Patroni shard (also in `manager`).
     pub patroni: Option<PatroniView>,
@@ -152,7 +152,7 @@ pub struct PatroniMember {
 /// What a shard's HA manager last said, beside what handoff serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ManagerView {
-    /// `patroni`, `pg_auto_failover`.
+    /// `patroni`, `pg_auto_failover`, `repmgr`.
     pub kind: String,
     /// Where handoff reaches it (passwords hidden).
     pub endpoints: Vec<String>,

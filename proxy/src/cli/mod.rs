@@ -1,5 +1,5 @@
 //! The `handoff` command line (clap): running the proxy, and the small clients of its
-//! admin API — `switchover`, `hold`, `status`, `healthcheck`. The clients read the
+//! admin API — `switchover`, `hold`, `recheck`, `status`, `healthcheck`. The clients read the
 //! admin address from `--admin` or `HANDOFF_ADMIN_LISTEN` and the token from `--token`
 //! or `HANDOFF_ADMIN_TOKEN`, as the proxy itself does, speak HTTP/1.1 with hyper, and
 //! read the answers as the API's own types ([`handoff::api`]).
@@ -44,6 +44,12 @@ pub enum Command {
         override_usage = "handoff hold --shard NAME [--primary HOST:PORT] [--timeout DURATION] [--reason TEXT] [--admin ADDR] [--token TOKEN] [--json]"
     )]
     Hold(HoldArgs),
+    /// Tell handoff its HA manager just changed something (repmgr's
+    /// event_notification_command): it reads the manager and checks the primary now.
+    #[command(
+        override_usage = "handoff recheck --shard NAME [--event TEXT] [--admin ADDR] [--token TOKEN] [--json]"
+    )]
+    Recheck(RecheckArgs),
     /// Print every shard's state, the replaced primaries watched, each HA manager's view
     /// and the coordination between proxies.
     #[command(override_usage = "handoff status [--admin ADDR] [--token TOKEN] [--json]")]
@@ -102,6 +108,17 @@ pub struct HoldArgs {
         default_value = "handoff hold (before the primary stops)"
     )]
     reason: String,
+    #[command(flatten)]
+    admin: Admin,
+}
+
+#[derive(Debug, Args)]
+pub struct RecheckArgs {
+    #[arg(long, value_name = "NAME")]
+    shard: String,
+    /// What happened, for handoff's log (repmgr's %e).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    event: String,
     #[command(flatten)]
     admin: Admin,
 }
@@ -228,6 +245,7 @@ pub fn run(command: Command) -> ExitCode {
     match command {
         Command::Switchover(a) => switchover(&a),
         Command::Hold(a) => hold(&a),
+        Command::Recheck(a) => recheck(&a),
         Command::Status(a) => status(&a),
         Command::Healthcheck => healthcheck(),
         Command::Takeover => takeover::run(),
@@ -359,6 +377,33 @@ fn hold(a: &HoldArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// `handoff recheck --shard main`: exit 0 once the proxy took it, 1 when it refused,
+/// 2 when it could not be asked. Returns within 5 s.
+fn recheck(a: &RecheckArgs) -> ExitCode {
+    let client = match Client::new(&a.admin) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let body = serde_json::json!({ "event": a.event }).to_string();
+    let path = format!("/v1/shards/{}/recheck", a.shard);
+    match client.call(Method::POST, &path, Some(body), Duration::from_secs(5)) {
+        Ok((200, body)) => {
+            if a.admin.json {
+                println!("{}", String::from_utf8_lossy(&body));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!(
+                "handoff: recheck refused (HTTP {status}): {}",
+                error_of(&body)
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => fail(&e),
     }
 }
 

@@ -24,6 +24,7 @@ mod pg_auto_failover;
 mod pools;
 mod reference;
 mod replicas;
+mod repmgr;
 mod shards;
 mod switchover;
 mod values;
@@ -37,6 +38,7 @@ pub use pg_auto_failover::{PgAutoFailoverSettings, PgAutoFailoverShard};
 pub use pools::{Limits, PoolMode, PoolSettings};
 pub use reference::VARIABLES;
 pub use replicas::{ReplicaLag, ReplicaSettings};
+pub use repmgr::{RepmgrSettings, RepmgrShard};
 pub use shards::{DatabaseRoute, HostPort, ShardConfig, Target};
 pub use switchover::{HealthSettings, SwitchoverSettings};
 pub use values::{parse_duration, parse_size, InvalidValue};
@@ -114,6 +116,8 @@ pub struct Config {
     pub patroni: PatroniSettings,
     /// Shards managed by pg_auto_failover (`HANDOFF_PG_AUTO_FAILOVER*`).
     pub pg_auto_failover: PgAutoFailoverSettings,
+    /// Shards managed by repmgr (`HANDOFF_REPMGR*`).
+    pub repmgr: RepmgrSettings,
     /// How long a hold (`POST /v1/shards/{s}/hold`) waits for a new primary only.
     pub hold_timeout: Duration,
     pub log: String,
@@ -155,7 +159,8 @@ impl Config {
         let shards = shards::parse_shards(vars.get("HANDOFF_SHARDS").unwrap_or_default())?;
         let patroni = patroni::parse(&vars, &shards)?;
         let pg_auto_failover = pg_auto_failover::parse(&vars, &shards)?;
-        managed_shards(&shards, &patroni, &pg_auto_failover)?;
+        let repmgr = repmgr::parse(&vars, &shards)?;
+        managed_shards(&shards, &patroni, &pg_auto_failover, &repmgr)?;
         let (databases, default_route) =
             shards::parse_databases(vars.get("HANDOFF_DATABASES"), &shards)?;
         let users = auth::parse_client_users(&vars, listeners.listen)?;
@@ -204,25 +209,10 @@ impl Config {
             etcd: coordination::parse_etcd(&vars, listeners.listen)?,
             patroni,
             pg_auto_failover,
+            repmgr,
             hold_timeout: vars.positive_duration("HANDOFF_HOLD_TIMEOUT")?,
             log: vars.get("HANDOFF_LOG").unwrap_or_default().to_string(),
         })
-    }
-
-    /// The HA manager's label of `shard`, if one manages it.
-    pub fn manager_of(&self, shard: &str) -> Option<&'static str> {
-        if self.patroni.shard(shard).is_some() {
-            Some("patroni")
-        } else if self
-            .pg_auto_failover
-            .shards
-            .iter()
-            .any(|s| s.shard == shard)
-        {
-            Some("pg_auto_failover")
-        } else {
-            None
-        }
     }
 
     /// The route for a client database, if any.
@@ -267,28 +257,37 @@ fn managed_shards(
     shards: &[ShardConfig],
     patroni: &PatroniSettings,
     pg_auto_failover: &PgAutoFailoverSettings,
+    repmgr: &RepmgrSettings,
 ) -> Result<(), ConfigError> {
-    let by_paf = |name: &str| pg_auto_failover.shards.iter().any(|s| s.shard == name);
-    if let Some(s) = patroni.shards.iter().find(|s| by_paf(&s.shard)) {
-        return Err(invalid(
-            "HANDOFF_PG_AUTO_FAILOVER",
-            format!(
-                "shard '{}' is also in HANDOFF_PATRONI: a shard has one HA manager",
-                s.shard
-            ),
-        ));
-    }
-    if let Some(s) = shards
-        .iter()
-        .find(|s| s.hosts.is_empty() && patroni.shard(&s.name).is_none() && !by_paf(&s.name))
-    {
-        return Err(invalid(
-            "HANDOFF_SHARDS",
-            format!(
-                "shard '{}' has no hosts (list them, or name its HA manager in HANDOFF_PATRONI or HANDOFF_PG_AUTO_FAILOVER)",
-                s.name
-            ),
-        ));
+    for s in shards {
+        let mut m = Vec::new();
+        if patroni.shard(&s.name).is_some() {
+            m.push("HANDOFF_PATRONI");
+        }
+        if pg_auto_failover.shards.iter().any(|p| p.shard == s.name) {
+            m.push("HANDOFF_PG_AUTO_FAILOVER");
+        }
+        if repmgr.shards.iter().any(|r| r.shard == s.name) {
+            m.push("HANDOFF_REPMGR");
+        }
+        if m.len() > 1 {
+            return Err(invalid(
+                m[1],
+                format!(
+                    "shard '{}' is also in {}: a shard has one HA manager",
+                    s.name, m[0]
+                ),
+            ));
+        }
+        if s.hosts.is_empty() && m.is_empty() {
+            return Err(invalid(
+                "HANDOFF_SHARDS",
+                format!(
+                    "shard '{}' has no hosts (list them, or name its HA manager in HANDOFF_PATRONI, HANDOFF_PG_AUTO_FAILOVER or HANDOFF_REPMGR)",
+                    s.name
+                ),
+            ));
+        }
     }
     Ok(())
 }

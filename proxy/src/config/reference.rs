@@ -10,7 +10,7 @@ use super::variable::{Applies, Topic, Variable};
 use super::Config;
 
 /// Each topic's table, in [`Topic::ALL`]'s order.
-const PARTS: [&[Variable]; 11] = [
+const PARTS: [&[Variable]; 12] = [
     super::listen::VARIABLES,
     super::shards::VARIABLES,
     super::auth::VARIABLES,
@@ -22,6 +22,7 @@ const PARTS: [&[Variable]; 11] = [
     super::coordination::VARIABLES,
     super::patroni::VARIABLES,
     super::pg_auto_failover::VARIABLES,
+    super::repmgr::VARIABLES,
 ];
 
 const COUNT: usize = {
@@ -118,7 +119,9 @@ pub(super) fn shown_settings(vars: &Vars) -> Vec<(&'static str, String, &'static
                 || v.name == "HANDOFF_USERS";
             let value = match vars.given(v.name) {
                 Some(_) if secret => "(set, hidden)".to_string(),
-                Some(given) if v.name == "HANDOFF_PG_AUTO_FAILOVER" => {
+                Some(given)
+                    if v.name == "HANDOFF_PG_AUTO_FAILOVER" || v.name == "HANDOFF_REPMGR" =>
+                {
                     super::pg_auto_failover::hide_password(given)
                 }
                 Some(given) => given.to_string(),

@@ -15,10 +15,11 @@ pub enum Topic {
     Coordination,
     Patroni,
     PgAutoFailover,
+    Repmgr,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 11] = [
+    pub const ALL: [Topic; 12] = [
         Topic::Listen,
         Topic::Shards,
         Topic::Auth,
@@ -30,6 +31,7 @@ impl Topic {
         Topic::Coordination,
         Topic::Patroni,
         Topic::PgAutoFailover,
+        Topic::Repmgr,
     ];
 
     pub fn title(self) -> &'static str {
@@ -45,6 +47,7 @@ impl Topic {
             Topic::Coordination => "Coordination over etcd",
             Topic::Patroni => "Patroni",
             Topic::PgAutoFailover => "pg_auto_failover",
+            Topic::Repmgr => "repmgr",
         }
     }
 }

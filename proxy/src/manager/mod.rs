@@ -1,5 +1,5 @@
 //! HA managers: the programs that decide which server of a shard is the primary and run
-//! its promotions (Patroni, pg_auto_failover). Each is reached through one small
+//! its promotions (Patroni, pg_auto_failover, repmgr). Each is reached through one small
 //! interface, [`Manager`], and the shard layer (`shard::managed`,
 //! `shard::managed_switch`) knows nothing of any particular one. A manager answers four
 //! questions:
@@ -19,6 +19,7 @@
 
 pub mod patroni;
 pub mod pg_auto_failover;
+pub mod repmgr;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,6 +37,7 @@ pub type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum Kind {
     Patroni,
     PgAutoFailover,
+    Repmgr,
 }
 
 impl Kind {
@@ -44,6 +46,7 @@ impl Kind {
         match self {
             Kind::Patroni => "patroni",
             Kind::PgAutoFailover => "pg_auto_failover",
+            Kind::Repmgr => "repmgr",
         }
     }
 
@@ -52,6 +55,7 @@ impl Kind {
         match self {
             Kind::Patroni => "Patroni",
             Kind::PgAutoFailover => "pg_auto_failover",
+            Kind::Repmgr => "repmgr",
         }
     }
 }
@@ -177,6 +181,10 @@ pub trait Manager: Send + Sync + std::fmt::Debug {
     fn hold_hook(&self) -> bool {
         false
     }
+
+    /// The manager said something changed (`handoff recheck`, from repmgr's
+    /// `event_notification_command`): the next [`Manager::changed`] returns at once.
+    fn poke(&self) {}
 }
 
 /// The manager of each shard that has one.
@@ -193,6 +201,10 @@ impl Managers {
         for a in &config.pg_auto_failover.shards {
             let m = pg_auto_failover::Monitor::new(a, &config.pg_auto_failover);
             all.insert(a.shard.clone(), Arc::new(m));
+        }
+        for r in &config.repmgr.shards {
+            let m = repmgr::Repmgr::new(r, &config.repmgr);
+            all.insert(r.shard.clone(), Arc::new(m));
         }
         Self(all)
     }

@@ -327,7 +327,7 @@ pub const METRICS: &[Def] = &[
         name: MANAGER_REQUESTS,
         kind: Counter,
         labels: &["shard", "manager", "request", "result"],
-        help: "Requests to a shard's HA manager (`patroni`, `pg_auto_failover`), by `request` (`view`, `switchover`) and `result` (`ok`, `refused`, `error`, `unreachable`)",
+        help: "Requests to a shard's HA manager (`patroni`, `pg_auto_failover`, `repmgr`), by `request` (`view`, `switchover`) and `result` (`ok`, `refused`, `error`, `unreachable`)",
     },
     Def {
         name: MANAGER_HOLDS,
@@ -339,7 +339,7 @@ pub const METRICS: &[Def] = &[
         name: PRIMARY_SOURCE,
         kind: Gauge,
         labels: &["shard", "source"],
-        help: "1 for the `source` that names the shard's primary: `patroni` or `pg_auto_failover` (the HA manager's leader, confirmed by handoff's probe), `etcd` (the proxies' shared record) or `probe` (handoff's own discovery)",
+        help: "1 for the `source` that names the shard's primary: `patroni`, `pg_auto_failover` or `repmgr` (the HA manager's leader, confirmed by handoff's probe), `etcd` (the proxies' shared record) or `probe` (handoff's own discovery)",
     },
     Def {
         name: HOLDS,

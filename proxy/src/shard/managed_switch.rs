@@ -461,6 +461,7 @@ fn step_name(source: &dyn Manager) -> &'static str {
     match source.kind() {
         crate::manager::Kind::Patroni => "patroni_switchover",
         crate::manager::Kind::PgAutoFailover => "pg_auto_failover_switchover",
+        crate::manager::Kind::Repmgr => "repmgr_switchover",
     }
 }
 
