@@ -19,6 +19,7 @@ pub mod patroni;
 pub mod pg;
 pub mod proxies;
 pub mod raw;
+pub mod repmgr;
 pub mod setup;
 pub mod tls;
 

@@ -2,7 +2,7 @@
 //! own `pg_autoctl run` (keeper and PostgreSQL) on free loopback ports, as the server
 //! user. pg_auto_failover comes from Debian's packages, installed on first use
 //! ([`crate::setup::pg_autoctl`]). With [`Options::hold`], every keeper runs the
-//! project's `deploy/pg_auto_failover/pg_ctl`, which runs `handoff hold` before it stops
+//! project's `deploy/pg_ctl`, which runs `handoff hold` before it stops
 //! PostgreSQL. Everything is stopped when dropped.
 
 use std::os::unix::process::CommandExt;
@@ -456,7 +456,7 @@ impl Drop for AutoFailoverCluster {
     }
 }
 
-/// handoff's pg_ctl (`deploy/pg_auto_failover/pg_ctl`) in a directory of links to
+/// handoff's pg_ctl (`deploy/pg_ctl`) in a directory of links to
 /// PostgreSQL's other programs, as its header says to install it.
 fn wrapper_dir(bin: &PgBin, dir: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
@@ -468,7 +468,7 @@ fn wrapper_dir(bin: &PgBin, dir: &Path) -> Result<PathBuf> {
             std::os::unix::fs::symlink(e.path(), wrapped.join(e.file_name()))?;
         }
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pg_auto_failover/pg_ctl");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pg_ctl");
     let ours = wrapped.join("pg_ctl");
     std::fs::copy(&script, &ours).with_context(|| format!("copying {}", script.display()))?;
     std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o755))?;

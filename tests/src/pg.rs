@@ -118,6 +118,11 @@ impl PgBin {
     }
 }
 
+/// True when the tests run as root (servers then run as the server user).
+pub fn running_as_root() -> bool {
+    current_euid().is_ok_and(|u| u == 0)
+}
+
 fn current_euid() -> Result<u32> {
     // /proc/self is owned by the effective uid of the process reading it.
     Ok(std::fs::metadata("/proc/self")

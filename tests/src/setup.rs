@@ -191,7 +191,11 @@ fn stop_services(how: &[&str], packages: &[&str]) {
     if !Path::new("/run/systemd/system").is_dir() {
         return; // systemd does not run here: nothing was started
     }
-    for (package, service) in [("etcd-server", "etcd"), ("prometheus", "prometheus")] {
+    for (package, service) in [
+        ("etcd-server", "etcd"),
+        ("prometheus", "prometheus"),
+        ("openssh-server", "ssh"),
+    ] {
         if !packages.contains(&package) {
             continue;
         }
@@ -244,6 +248,15 @@ pub fn pg_autoctl(major: &str) -> Result<PathBuf> {
         || find().is_some() && Path::new(&extension).is_file(),
     )?;
     find().context("pg_autoctl")
+}
+
+/// repmgr for PostgreSQL `major` (its binaries in `bindir`) and an sshd (Debian's
+/// `postgresql-<major>-repmgr` and `openssh-server`).
+pub fn repmgr(major: &str, bindir: &Path) -> Result<()> {
+    let package = format!("postgresql-{major}-repmgr");
+    ensure_packages("repmgr and sshd", &[&package, "openssh-server"], || {
+        bindir.join("repmgr").is_file() && Path::new("/usr/sbin/sshd").is_file()
+    })
 }
 
 /// PgBouncer, installed when it can be; `Err` says how to install it.
