@@ -114,7 +114,9 @@ async fn serves(s: &Setup, i: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchovers_through_handoff_and_repmgr_under_load_lose_nothing() {
     let _serial = SERIAL.lock().await;
-    let s = setup(&[]).await;
+    // With the hook: handoff runs repmgr's switchover first and holds when repmgr stops
+    // the primary through handoff's pg_ctl.
+    let s = setup(&[("HANDOFF_REPMGR_HOOK", "true")]).await;
     let st = shard_state(s.proxy()).await;
     assert_eq!(st["source"], "repmgr", "{st}");
     assert_eq!(st["manager"]["leader"], "node1", "{st}");
@@ -122,7 +124,8 @@ async fn switchovers_through_handoff_and_repmgr_under_load_lose_nothing() {
 
     let load = Load::start(s.listen(), 8).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Through handoff: it holds, then runs `repmgr standby switchover` on node2.
+    // Through handoff: it runs `repmgr standby switchover` on node2 and holds when
+    // repmgr stops node1.
     let (status, report) = switchover(s.proxy(), "node2").await;
     assert_eq!(status, 200, "{report}");
     let steps: Vec<&str> = report["steps"]
@@ -132,6 +135,17 @@ async fn switchovers_through_handoff_and_repmgr_under_load_lose_nothing() {
         .map(|s| s["step"].as_str().unwrap())
         .collect();
     assert!(steps.contains(&"repmgr_switchover"), "{report}");
+    let hook = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|st| st["step"] == "hook")
+        .cloned();
+    assert_eq!(
+        hook.map(|h| h["ok"].clone()),
+        Some(serde_json::json!(true)),
+        "the hold came with repmgr's stop: {report}"
+    );
     assert!(
         !steps.contains(&"promote"),
         "handoff must not promote: {report}"

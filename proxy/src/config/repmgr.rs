@@ -24,6 +24,13 @@ pub(super) const VARIABLES: &[Variable] = &[
         help: "a shell command that runs `repmgr standby switchover` on the node to promote (`%n` its name, `%i` its node id, `%h` its host, `%p` its port), e.g. `ssh postgres@%h repmgr -f /etc/repmgr.conf standby switchover --siblings-follow`; exit status 0 is success",
     },
     Variable {
+        name: "HANDOFF_REPMGR_HOOK",
+        topic: Topic::Repmgr,
+        default: "false",
+        applies: Applies::Takeover,
+        help: "`true` when every node's `service_stop_command` is handoff's pg_ctl holding through this proxy: a switchover through handoff then holds when repmgr stops the primary instead of before running the switchover command (repmgr's own checks then pass unheld); ignored with `HANDOFF_ETCD_ENDPOINTS`",
+    },
+    Variable {
         name: "HANDOFF_REPMGR_INTERVAL",
         topic: Topic::Repmgr,
         default: "1s",
@@ -51,6 +58,8 @@ pub(super) const VARIABLES: &[Variable] = &[
 pub struct RepmgrSettings {
     pub shards: Vec<RepmgrShard>,
     pub switchover_command: Option<String>,
+    /// Every node's `service_stop_command` holds through this proxy.
+    pub hook: bool,
     pub interval: Duration,
     pub held_interval: Duration,
     pub timeout: Duration,
@@ -77,6 +86,7 @@ pub(super) fn parse(vars: &Vars, shards: &[ShardConfig]) -> Result<RepmgrSetting
             .map(str::trim)
             .filter(|c| !c.is_empty())
             .map(str::to_string),
+        hook: vars.flag("HANDOFF_REPMGR_HOOK")?,
         interval: vars.at_least_1ms("HANDOFF_REPMGR_INTERVAL")?,
         held_interval: vars.at_least_1ms("HANDOFF_REPMGR_HELD_INTERVAL")?,
         timeout: vars.at_least_1ms("HANDOFF_REPMGR_TIMEOUT")?,

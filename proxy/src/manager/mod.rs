@@ -176,8 +176,9 @@ pub trait Manager: Send + Sync + std::fmt::Debug {
     ) -> Fut<'a, Result<String, ManagerError>>;
 
     /// True when the manager calls `handoff hold` against this proxy right before it
-    /// stops the leader (Patroni's `before_stop` with `HANDOFF_PATRONI_HOOK`): a
-    /// switchover through handoff then holds on that call instead of before asking.
+    /// stops the leader (Patroni's `before_stop` with `HANDOFF_PATRONI_HOOK`, repmgr's
+    /// `service_stop_command` with `HANDOFF_REPMGR_HOOK`): a switchover through handoff
+    /// then holds on that call instead of before asking.
     fn hold_hook(&self) -> bool {
         false
     }

@@ -37,6 +37,7 @@ pub struct Repmgr {
     /// The nodes configured, asked first.
     seeds: Vec<HostPort>,
     switchover_command: Option<String>,
+    hook: bool,
     timeout: Duration,
     intervals: Intervals,
     view: Mutex<Option<Arc<View>>>,
@@ -79,6 +80,7 @@ impl Repmgr {
             login,
             seeds: shard.nodes.clone(),
             switchover_command: settings.switchover_command.clone(),
+            hook: settings.hook,
             timeout: settings.timeout,
             intervals: Intervals {
                 follow: settings.interval,
@@ -274,6 +276,10 @@ impl Manager for Repmgr {
                 _ = tokio::time::sleep(idle) => {}
             }
         })
+    }
+
+    fn hold_hook(&self) -> bool {
+        self.hook
     }
 
     fn poke(&self) {
