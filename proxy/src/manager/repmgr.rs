@@ -199,6 +199,30 @@ fn view_of(shard: &str, nodes: &[Node], from_primary: bool) -> View {
     }
 }
 
+/// `addr`, the one node found out of recovery, leads even where repmgr's table still
+/// names another primary, when that one is not out of recovery: repmgr promoted `addr`
+/// and writes its record later (`repmgr standby switchover` does once the old primary
+/// has rejoined, about a second after the promotion). handoff serves it only once its
+/// own probe finds it writable on the highest timeline seen.
+fn promoted(v: &mut View, addr: &HostPort) {
+    let Some(i) = v.members.iter().position(|m| &m.addr == addr) else {
+        return;
+    };
+    if v.members[i].leader || v.members[i].role != "standby" {
+        return;
+    }
+    for m in &mut v.members {
+        if m.leader {
+            m.leader = false;
+            m.not_candidate = Some("is no longer out of recovery".into());
+        }
+    }
+    let m = &mut v.members[i];
+    m.leader = true;
+    m.role = "standby (promoted; repmgr.nodes not updated yet)".into();
+    m.not_candidate = Some("is already the primary".into());
+}
+
 impl Manager for Repmgr {
     fn kind(&self) -> Kind {
         Kind::Repmgr
@@ -220,9 +244,13 @@ impl Manager for Repmgr {
                 futures_join(nodes.iter().map(|a| async move { (a, self.ask(a).await) })).await;
             let mut errors = Vec::new();
             let mut best: Option<(bool, Vec<Node>)> = None;
+            let mut out_of_recovery = Vec::new();
             for (addr, answer) in answers {
                 match answer {
                     Ok((recovery, table)) => {
+                        if !recovery {
+                            out_of_recovery.push(addr.clone());
+                        }
                         let better = match &best {
                             None => true,
                             Some((best_recovery, _)) => *best_recovery && !recovery,
@@ -235,7 +263,13 @@ impl Manager for Repmgr {
                 }
             }
             let result = match best {
-                Some((recovery, table)) => Ok(Arc::new(view_of(&self.shard, &table, !recovery))),
+                Some((recovery, table)) => {
+                    let mut v = view_of(&self.shard, &table, !recovery);
+                    if let [only] = out_of_recovery.as_slice() {
+                        promoted(&mut v, only);
+                    }
+                    Ok(Arc::new(v))
+                }
                 None => Err(ManagerError::Unreachable(format!(
                     "no repmgr node answered ({})",
                     errors.join("; ")
@@ -428,6 +462,35 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("inactive"));
+        // node2 promoted, repmgr's table not updated yet: node2 leads.
+        let mut moving = view_of(
+            "main",
+            &[node(1, "primary", true, 100), node(2, "standby", true, 100)],
+            true,
+        );
+        promoted(
+            &mut moving,
+            &HostPort {
+                host: "127.0.0.1".into(),
+                port: 5002,
+            },
+        );
+        assert_eq!(moving.leader().unwrap().name, "node2");
+        assert_eq!(moving.members.iter().filter(|m| m.leader).count(), 1);
+        // The table's primary is the one out of recovery: nothing changes.
+        let mut steady = view_of(
+            "main",
+            &[node(1, "primary", true, 100), node(2, "standby", true, 100)],
+            true,
+        );
+        promoted(
+            &mut steady,
+            &HostPort {
+                host: "127.0.0.1".into(),
+                port: 5001,
+            },
+        );
+        assert_eq!(steady.leader().unwrap().name, "node1");
         let old = view_of("main", &[node(1, "primary", false, 100)], false);
         assert!(old.leader().is_none(), "an inactive primary does not lead");
         assert!(old.name.contains("standby"));
