@@ -36,12 +36,7 @@ pub use pg::{Cluster, Node, PgBin};
 /// With `HANDOFF_TEST_LOG` set (a `tracing` filter such as `handoff=debug`), the
 /// proxy's logs go to the test's stderr.
 pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<handoff::Proxy> {
-    if let Ok(filter) = std::env::var("HANDOFF_TEST_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
+    test_log();
     let shards = format!(
         "main={}",
         std::iter::once(&cluster.primary)
@@ -190,6 +185,17 @@ pub fn kill_postmaster(data: &std::path::Path) {
         .and_then(|s| s.lines().next().and_then(|l| l.trim().parse::<u32>().ok()));
     if let Some(pid) = pid {
         let _ = signal(pid, "KILL");
+    }
+}
+
+/// With `HANDOFF_TEST_LOG` set (a `tracing` filter such as `handoff=debug`), the logs of
+/// proxies started in-process go to the test's stderr.
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("HANDOFF_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 

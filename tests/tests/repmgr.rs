@@ -78,6 +78,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
         vars.push((k, v));
     }
     let config = handoff::Config::from_vars(vars.iter().map(|(k, v)| (*k, *v))).unwrap();
+    handoff_tests::test_log();
     let proxy = handoff::Proxy::start(config).await.unwrap();
     Setup {
         proxy: Some(proxy),
