@@ -23,6 +23,7 @@ mod idle;
 mod patroni;
 mod pg_auto_failover;
 mod reads;
+mod repmgr;
 mod run;
 mod switchover;
 mod takeover;
@@ -42,6 +43,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                                 [--targets handoff,handoff-hook,pgbouncer,direct]
        handoff-bench pg-auto-failover [--workload tpcb] [--clients 32] [--duration 16s] [--at 5s]
                                 [--targets handoff,pg_autoctl,pg_autoctl-pgctl,pgbouncer,direct]
+       handoff-bench repmgr     [--workload tpcb] [--clients 32] [--duration 16s] [--at 5s]
+                                [--targets handoff,handoff-hook,repmgr-pgctl,pgbouncer,direct]
        handoff-bench pgbouncer-switchover [--workload tpcb] [--clients 32] [--duration 12s] [--at 4s]
        handoff-bench takeover [--clients 32] [--takeovers 10] [--every 1]
                               [--targets handoff,handoff-session,pgbouncer]
@@ -66,6 +69,9 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
           the same on a real two-node pg_auto_failover formation: asked of handoff,
           pg_autoctl held by the draining goal state, pg_autoctl with handoff's pg_ctl,
           PgBouncer paused around it, direct; with the monitor's own write gap
+  repmgr  the same on a real two-node repmgr cluster: asked of handoff, repmgr standby
+          switchover stopping the primary through handoff's pg_ctl, PgBouncer paused
+          around it, direct; with repmgr's own write gap
 ";
 
 #[derive(Debug, Clone)]
@@ -350,6 +356,15 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench pg-auto-failover".to_string()).chain(args),
             ) {
                 Ok(a) => pg_auto_failover::run(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("repmgr") => {
+            use clap::Parser;
+            match repmgr::Args::try_parse_from(
+                std::iter::once("handoff-bench repmgr".to_string()).chain(args),
+            ) {
+                Ok(a) => repmgr::run(a).await,
                 Err(e) => return clap_exit(e),
             }
         }

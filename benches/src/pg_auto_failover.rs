@@ -6,7 +6,7 @@
 //! - `pg_autoctl`: `pg_autoctl perform switchover`; handoff holds when the monitor assigns
 //!   the primary `draining`;
 //! - `pg_autoctl-pgctl`: the same, the keepers running handoff's pg_ctl
-//!   (`deploy/pg_auto_failover/pg_ctl`: `handoff hold` before PostgreSQL stops);
+//!   (`deploy/pg_ctl`: `handoff hold` before PostgreSQL stops);
 //! - `pgbouncer`: PgBouncer paused around the monitor's switchover, the floor of a
 //!   scripted procedure: `PAUSE`, `pg_autoctl perform switchover`, poll the new primary
 //!   until it takes a write (a temporary table: leaving recovery is not enough, see

@@ -1,0 +1,233 @@
+//! `handoff-bench repmgr`: one switchover under load on a real two-node repmgr cluster
+//! (Debian's repmgr 5, an sshd of its own for `repmgr standby switchover`), each target
+//! on a fresh cluster:
+//! - `handoff`: `POST /v1/shards/main/switchover {"to": "node2"}` to the release handoff
+//!   (which holds and lameducks, then runs `repmgr standby switchover` on node2);
+//! - `handoff-hook`: the same with `HANDOFF_REPMGR_HOOK=true`: handoff runs the
+//!   switchover first and holds when repmgr stops the primary through handoff's pg_ctl;
+//! - `repmgr-pgctl`: `repmgr standby switchover` on node2, repmgr stopping the primary
+//!   through handoff's pg_ctl (`deploy/pg_ctl`: `handoff hold` first);
+//! - `pgbouncer`: PgBouncer paused around repmgr's switchover, the floor of a scripted
+//!   procedure: `PAUSE`, `repmgr standby switchover`, poll the new primary until it takes
+//!   a write, repoint, `RELOAD`, `RESUME`;
+//! - `direct`: clients with a libpq multi-host URL (`target_session_attrs=read-write`),
+//!   `repmgr standby switchover`.
+//!
+//! Besides the load's figures it measures repmgr's own write gap in each run (an
+//! `INSERT` on each node directly every 10 ms: the old primary's last accepted write to
+//! the new one's first).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use handoff_tests::paf::Hold;
+use handoff_tests::pg::{free_port, PgBin};
+use handoff_tests::repmgr::{Options, RepmgrCluster};
+
+use crate::compare::{start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+use crate::patroni::{Measured, Prober};
+use crate::run::events::Event;
+use crate::run::workload::Workload;
+use crate::run::{self, RunArgs};
+
+/// Options of `handoff-bench repmgr`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "handoff-bench repmgr")]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "tpcb")]
+    pub workload: Workload,
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    #[arg(long, default_value = "16s", value_parser = run::events::parse_duration)]
+    pub duration: Duration,
+    /// When the switchover starts.
+    #[arg(long, default_value = "5s", value_parser = run::events::parse_duration)]
+    pub at: Duration,
+    /// Which of handoff, handoff-hook, repmgr-pgctl, pgbouncer, direct to run (comma
+    /// separated).
+    #[arg(
+        long,
+        default_value = "handoff,handoff-hook,repmgr-pgctl,pgbouncer,direct"
+    )]
+    pub targets: String,
+    #[arg(long, default_value_t = 20)]
+    pub pool_size: usize,
+    #[arg(long, default_value = "handoff-bench-results")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+const TARGETS: [&str; 5] = [
+    "handoff",
+    "handoff-hook",
+    "repmgr-pgctl",
+    "pgbouncer",
+    "direct",
+];
+
+pub async fn run(args: Args) -> Result<()> {
+    let wanted = crate::patroni::targets(&args.targets, &TARGETS)?;
+    let mut measured = Vec::new();
+    for name in &wanted {
+        measured.push(one(&args, name).await?);
+    }
+    crate::patroni::report(&measured, "repmgr's own write gap in that run (old primary's last write to the new primary's first, measured directly)");
+    Ok(())
+}
+
+/// The release handoff in front of a repmgr cluster.
+fn start_handoff(
+    c: &RepmgrCluster,
+    port: u16,
+    admin: u16,
+    pool: usize,
+    hook: bool,
+) -> Result<Kill> {
+    let bin = std::env::current_exe()?.with_file_name("handoff");
+    if !bin.is_file() {
+        bail!(
+            "{} not found: cargo build --release -p handoff -p handoff-bench",
+            bin.display()
+        );
+    }
+    let child = crate::compare::handoff_command(&bin)
+        .env("HANDOFF_SHARDS", "main")
+        .env("HANDOFF_REPMGR", format!("main={}", c.url()))
+        .env("HANDOFF_REPMGR_SWITCHOVER_COMMAND", c.switchover_command())
+        .env("HANDOFF_SWITCHOVER_TIMEOUT", "60s")
+        .env("HANDOFF_REPMGR_HOOK", hook.to_string())
+        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("HANDOFF_POOL_SIZE", pool.to_string())
+        .env("HANDOFF_MAX_CLIENT_CONN", "5000")
+        .env("HANDOFF_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting handoff")?;
+    Ok(Kill::new(child))
+}
+
+async fn one(args: &Args, name: &str) -> Result<Measured> {
+    let port = free_port()?;
+    let admin = handoff_tests::pg::free_port_outside_ephemeral()?;
+    let bin = PgBin::find()?;
+    // repmgr's service_stop_command runs as the server user: its own copy of the binary
+    // (its directory also holds PgBouncer's files).
+    let release = std::env::current_exe()?.with_file_name("handoff");
+    let (dir, copy) = handoff_tests::patroni::server_user_copy(&release)
+        .context("copying the release handoff binary for repmgr's stop command")?;
+    let opts = Options {
+        repmgrd: false,
+        hold: matches!(name, "handoff" | "handoff-hook" | "repmgr-pgctl").then(|| Hold {
+            shard: "main".into(),
+            admin: format!("127.0.0.1:{admin}"),
+            handoff: copy,
+            timeout: "2s".into(),
+        }),
+    };
+    let cluster = tokio::task::block_in_place(|| RepmgrCluster::start(2, opts))?;
+    let (old, new) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let ctl = cluster.switchover_command().replace("%i", "2");
+    let mut keep = Vec::new();
+    let (url, command) = match name {
+        "handoff" | "handoff-hook" | "repmgr-pgctl" => {
+            let hook = name == "handoff-hook";
+            keep.push(start_handoff(&cluster, port, admin, args.pool_size, hook)?);
+            wait_listening(port, "handoff").await?;
+            let command = if name.starts_with("handoff") {
+                format!(
+                    "POST http://127.0.0.1:{admin}/v1/shards/main/switchover {{\"to\": \"node2\"}}"
+                )
+            } else {
+                ctl
+            };
+            (
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                command,
+            )
+        }
+        "pgbouncer" => {
+            let Some(pgb) = crate::compare::pgbouncer_binary() else {
+                bail!("pgbouncer is not installed (apt-get install pgbouncer)");
+            };
+            bin.give_to_server_user(dir.path())?;
+            keep.push(start_pgbouncer_at(
+                &bin,
+                dir.path(),
+                old.port,
+                &pgb,
+                port,
+                PgBouncerOpts {
+                    pool_size: args.pool_size,
+                    admin: true,
+                    max_clients: 2000,
+                },
+            )?);
+            wait_listening(port, "pgbouncer").await?;
+            let psql = bin.bin("psql");
+            let console = format!(
+                "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
+                psql.display()
+            );
+            let ini = dir.path().join("pgbouncer.ini");
+            let command = format!(
+                "set -e; {console} PAUSE; {ctl} & \
+                 until {psql} -X -q -h 127.0.0.1 -p {newp} -U postgres -c 'CREATE TEMP TABLE handoff_w (x int)' postgres >/dev/null 2>&1; do sleep 0.02; done; \
+                 sed -i 's/port={oldp}/port={newp}/' {ini}; {console} RELOAD; {console} RESUME; wait",
+                psql = psql.display(),
+                newp = new.port,
+                oldp = old.port,
+                ini = ini.display(),
+            );
+            (
+                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+                command,
+            )
+        }
+        _ => (
+            format!(
+                "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
+                old.addr(),
+                new.addr()
+            ),
+            ctl,
+        ),
+    };
+    let (c, conn) = tokio_postgres::connect(&old.conn(), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE IF NOT EXISTS handoff_gap (at timestamptz)")
+        .await?;
+    let prober = Prober::start_writing(
+        &[old.port, new.port],
+        "INSERT INTO handoff_gap VALUES (now())",
+    );
+    let run_args = RunArgs {
+        targets: vec![(name.to_string(), url)],
+        workload: args.workload,
+        clients: args.clients,
+        duration: args.duration,
+        rate: None,
+        events: Vec::new(),
+        accounts: 100_000,
+        out: args.out.clone(),
+        quiet: args.quiet,
+        target_events: vec![(
+            name.to_string(),
+            Event {
+                at: args.at,
+                command,
+            },
+        )],
+        bypass: Vec::new(),
+        cpu_of: Vec::new(),
+        meta: Vec::new(),
+    };
+    let mut results = run::run(run_args).await?;
+    let gap = prober.stop().await;
+    drop(keep);
+    drop(cluster);
+    let result = results.pop().context("the run produced no result")?;
+    Ok(Measured { result, gap })
+}
