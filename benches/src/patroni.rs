@@ -258,20 +258,54 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
         ),
     };
     let prober = Prober::start(&[old.pg_port, new.pg_port]);
-    let run_args = RunArgs {
-        targets: vec![(name.to_string(), url)],
+    let load = Load {
         workload: args.workload,
         clients: args.clients,
         duration: args.duration,
+        at: args.at,
+        out: &args.out,
+        quiet: args.quiet,
+    };
+    let measured = measure(&load, name, url, command, prober).await;
+    drop(keep);
+    drop(cluster);
+    measured
+}
+
+/// The load of one switchover run.
+pub(crate) struct Load<'a> {
+    pub(crate) workload: Workload,
+    pub(crate) clients: usize,
+    pub(crate) duration: Duration,
+    /// When `command` (the switchover) runs.
+    pub(crate) at: Duration,
+    pub(crate) out: &'a std::path::Path,
+    pub(crate) quiet: bool,
+}
+
+/// Runs `load` against `url` with `command` at `load.at`, and the manager's own write
+/// gap `prober` saw meanwhile.
+pub(crate) async fn measure(
+    load: &Load<'_>,
+    name: &str,
+    url: String,
+    command: String,
+    prober: Prober,
+) -> Result<Measured> {
+    let run_args = RunArgs {
+        targets: vec![(name.to_string(), url)],
+        workload: load.workload,
+        clients: load.clients,
+        duration: load.duration,
         rate: None,
         events: Vec::new(),
         accounts: 100_000,
-        out: args.out.clone(),
-        quiet: args.quiet,
+        out: load.out.to_path_buf(),
+        quiet: load.quiet,
         target_events: vec![(
             name.to_string(),
             Event {
-                at: args.at,
+                at: load.at,
                 command,
             },
         )],
@@ -281,10 +315,50 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
     };
     let mut results = run::run(run_args).await?;
     let gap = prober.stop().await;
-    drop(keep);
-    drop(cluster);
     let result = results.pop().context("the run produced no result")?;
     Ok(Measured { result, gap })
+}
+
+/// PgBouncer in front of `old_port`, and the scripted switchover around it: `PAUSE`,
+/// `switch` in the background, a write tried on `new_port` every 20 ms until one
+/// succeeds (leaving recovery is not always taking writes), repoint, `RELOAD`, `RESUME`.
+pub(crate) async fn pgbouncer_paused(
+    bin: &PgBin,
+    dir: &std::path::Path,
+    (old_port, new_port, port): (u16, u16, u16),
+    pool_size: usize,
+    switch: &str,
+) -> Result<(Kill, String)> {
+    let Some(pgb) = crate::compare::pgbouncer_binary() else {
+        bail!("pgbouncer is not installed (apt-get install pgbouncer)");
+    };
+    bin.give_to_server_user(dir)?;
+    let kill = start_pgbouncer_at(
+        bin,
+        dir,
+        old_port,
+        &pgb,
+        port,
+        PgBouncerOpts {
+            pool_size,
+            admin: true,
+            max_clients: 2000,
+        },
+    )?;
+    wait_listening(port, "pgbouncer").await?;
+    let psql = bin.bin("psql");
+    let console = format!(
+        "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
+        psql.display()
+    );
+    let command = format!(
+        "set -e; {console} PAUSE; {switch} & \
+         until {psql} -X -q -h 127.0.0.1 -p {new_port} -U postgres -c 'CREATE TEMP TABLE handoff_w (x int)' postgres >/dev/null 2>&1; do sleep 0.02; done; \
+         sed -i 's/port={old_port}/port={new_port}/' {ini}; {console} RELOAD; {console} RESUME; wait",
+        psql = psql.display(),
+        ini = dir.join("pgbouncer.ini").display(),
+    );
+    Ok((kill, command))
 }
 
 /// Direct writes to each member every 10 ms, their successes timed.

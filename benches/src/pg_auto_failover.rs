@@ -27,11 +27,10 @@ use anyhow::{bail, Context, Result};
 use handoff_tests::paf::{AutoFailoverCluster, Hold, Options};
 use handoff_tests::pg::{free_port, PgBin};
 
-use crate::compare::{start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+use crate::compare::{wait_listening, Kill};
 use crate::patroni::{Measured, Prober};
-use crate::run::events::Event;
+use crate::run;
 use crate::run::workload::Workload;
-use crate::run::{self, RunArgs};
 
 /// Options of `handoff-bench pg-auto-failover`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -147,38 +146,15 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
             )
         }
         "pgbouncer" => {
-            let Some(pgb) = crate::compare::pgbouncer_binary() else {
-                bail!("pgbouncer is not installed (apt-get install pgbouncer)");
-            };
-            bin.give_to_server_user(dir.path())?;
-            keep.push(start_pgbouncer_at(
+            let (kill, command) = crate::patroni::pgbouncer_paused(
                 &bin,
                 dir.path(),
-                old.pg_port,
-                &pgb,
-                port,
-                PgBouncerOpts {
-                    pool_size: args.pool_size,
-                    admin: true,
-                    max_clients: 2000,
-                },
-            )?);
-            wait_listening(port, "pgbouncer").await?;
-            let psql = bin.bin("psql");
-            let console = format!(
-                "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
-                psql.display()
-            );
-            let ini = dir.path().join("pgbouncer.ini");
-            let command = format!(
-                "set -e; {console} PAUSE; {ctl} & \
-                 until {psql} -X -q -h 127.0.0.1 -p {newp} -U postgres -c 'CREATE TEMP TABLE handoff_w (x int)' postgres >/dev/null 2>&1; do sleep 0.02; done; \
-                 sed -i 's/port={oldp}/port={newp}/' {ini}; {console} RELOAD; {console} RESUME; wait",
-                psql = psql.display(),
-                newp = new.pg_port,
-                oldp = old.pg_port,
-                ini = ini.display(),
-            );
+                (old.pg_port, new.pg_port, port),
+                args.pool_size,
+                &ctl,
+            )
+            .await?;
+            keep.push(kill);
             (
                 format!("postgres://postgres@127.0.0.1:{port}/postgres"),
                 command,
@@ -201,31 +177,16 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
         &[old.pg_port, new.pg_port],
         "INSERT INTO handoff_gap VALUES (now())",
     );
-    let run_args = RunArgs {
-        targets: vec![(name.to_string(), url)],
+    let load = crate::patroni::Load {
         workload: args.workload,
         clients: args.clients,
         duration: args.duration,
-        rate: None,
-        events: Vec::new(),
-        accounts: 100_000,
-        out: args.out.clone(),
+        at: args.at,
+        out: &args.out,
         quiet: args.quiet,
-        target_events: vec![(
-            name.to_string(),
-            Event {
-                at: args.at,
-                command,
-            },
-        )],
-        bypass: Vec::new(),
-        cpu_of: Vec::new(),
-        meta: Vec::new(),
     };
-    let mut results = run::run(run_args).await?;
-    let gap = prober.stop().await;
+    let measured = crate::patroni::measure(&load, name, url, command, prober).await;
     drop(keep);
     drop(cluster);
-    let result = results.pop().context("the run produced no result")?;
-    Ok(Measured { result, gap })
+    measured
 }

@@ -25,11 +25,10 @@ use handoff_tests::paf::Hold;
 use handoff_tests::pg::{free_port, PgBin};
 use handoff_tests::repmgr::{Options, RepmgrCluster};
 
-use crate::compare::{start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+use crate::compare::{wait_listening, Kill};
 use crate::patroni::{Measured, Prober};
-use crate::run::events::Event;
+use crate::run;
 use crate::run::workload::Workload;
-use crate::run::{self, RunArgs};
 
 /// Options of `handoff-bench repmgr`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -149,38 +148,15 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
             )
         }
         "pgbouncer" => {
-            let Some(pgb) = crate::compare::pgbouncer_binary() else {
-                bail!("pgbouncer is not installed (apt-get install pgbouncer)");
-            };
-            bin.give_to_server_user(dir.path())?;
-            keep.push(start_pgbouncer_at(
+            let (kill, command) = crate::patroni::pgbouncer_paused(
                 &bin,
                 dir.path(),
-                old.port,
-                &pgb,
-                port,
-                PgBouncerOpts {
-                    pool_size: args.pool_size,
-                    admin: true,
-                    max_clients: 2000,
-                },
-            )?);
-            wait_listening(port, "pgbouncer").await?;
-            let psql = bin.bin("psql");
-            let console = format!(
-                "{} -X -q -h 127.0.0.1 -p {port} -U postgres pgbouncer -c",
-                psql.display()
-            );
-            let ini = dir.path().join("pgbouncer.ini");
-            let command = format!(
-                "set -e; {console} PAUSE; {ctl} & \
-                 until {psql} -X -q -h 127.0.0.1 -p {newp} -U postgres -c 'CREATE TEMP TABLE handoff_w (x int)' postgres >/dev/null 2>&1; do sleep 0.02; done; \
-                 sed -i 's/port={oldp}/port={newp}/' {ini}; {console} RELOAD; {console} RESUME; wait",
-                psql = psql.display(),
-                newp = new.port,
-                oldp = old.port,
-                ini = ini.display(),
-            );
+                (old.port, new.port, port),
+                args.pool_size,
+                &ctl,
+            )
+            .await?;
+            keep.push(kill);
             (
                 format!("postgres://postgres@127.0.0.1:{port}/postgres"),
                 command,
@@ -203,31 +179,16 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
         &[old.port, new.port],
         "INSERT INTO handoff_gap VALUES (now())",
     );
-    let run_args = RunArgs {
-        targets: vec![(name.to_string(), url)],
+    let load = crate::patroni::Load {
         workload: args.workload,
         clients: args.clients,
         duration: args.duration,
-        rate: None,
-        events: Vec::new(),
-        accounts: 100_000,
-        out: args.out.clone(),
+        at: args.at,
+        out: &args.out,
         quiet: args.quiet,
-        target_events: vec![(
-            name.to_string(),
-            Event {
-                at: args.at,
-                command,
-            },
-        )],
-        bypass: Vec::new(),
-        cpu_of: Vec::new(),
-        meta: Vec::new(),
     };
-    let mut results = run::run(run_args).await?;
-    let gap = prober.stop().await;
+    let measured = crate::patroni::measure(&load, name, url, command, prober).await;
     drop(keep);
     drop(cluster);
-    let result = results.pop().context("the run produced no result")?;
-    Ok(Measured { result, gap })
+    measured
 }

@@ -139,6 +139,23 @@ pub fn standby<'a>(state: &'a Value, host: &str) -> Option<&'a Value> {
 
 /// Waits up to 30 s until every one of `hosts` is in the first shard's read rotation
 /// (`want`), or out of it.
+/// Waits (up to 60 s) until `proxy` serves `addr` as shard main's primary and, with
+/// `manager`, the shard's HA manager names it leader too.
+pub async fn wait_serving(proxy: &handoff::Proxy, addr: &str, manager: bool) {
+    crate::eventually(
+        std::time::Duration::from_secs(60),
+        &format!("handoff to serve {addr}"),
+        || async {
+            let st = shard_state(proxy).await;
+            Ok(st["primary"] == addr
+                && st["state"] == "serving"
+                && (!manager || st["manager"]["agrees"] == true))
+        },
+    )
+    .await
+    .unwrap();
+}
+
 pub async fn wait_in_rotation(proxy: &handoff::Proxy, hosts: &[String], want: bool) {
     crate::eventually(
         std::time::Duration::from_secs(30),

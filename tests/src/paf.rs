@@ -87,13 +87,7 @@ impl AutoFailoverCluster {
     /// secondaries. Returns once every node has reached its state.
     pub fn start(n: usize, opts: Options) -> Result<Self> {
         let bin = PgBin::find()?;
-        let major = bin
-            .dir
-            .parent()
-            .and_then(Path::file_name)
-            .and_then(|m| m.to_str())
-            .unwrap_or("15")
-            .to_string();
+        let major = bin.major();
         let pg_autoctl = crate::setup::pg_autoctl(&major)?;
         let dir = tempfile::Builder::new().prefix("handoff-paf-").tempdir()?;
         bin.give_to_server_user(dir.path())?;

@@ -78,6 +78,16 @@ impl PgBin {
         found.pop()
     }
 
+    /// PostgreSQL's major version, from the binaries' directory (`…/15/bin`: "15").
+    pub fn major(&self) -> String {
+        self.dir
+            .parent()
+            .and_then(Path::file_name)
+            .and_then(|m| m.to_str())
+            .unwrap_or("15")
+            .to_string()
+    }
+
     /// The path of one binary (`psql`, `pgbench`, …).
     pub fn bin(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -66,13 +66,7 @@ impl RepmgrCluster {
     /// registered. Returns once every standby streams.
     pub fn start(n: usize, opts: Options) -> Result<Self> {
         let bin = PgBin::find()?;
-        let major = bin
-            .dir
-            .parent()
-            .and_then(Path::file_name)
-            .and_then(|m| m.to_str())
-            .unwrap_or("15")
-            .to_string();
+        let major = bin.major();
         crate::setup::repmgr(&major, &bin.dir)?;
         let dir = tempfile::Builder::new()
             .prefix("handoff-repmgr-")
@@ -157,7 +151,7 @@ impl RepmgrCluster {
              failover=automatic\n\
              promote_command='{b}/repmgr standby promote -f {conf} --log-to-file'\n\
              follow_command='{b}/repmgr standby follow -f {conf} --log-to-file --upstream-node-id=%n'\n\
-             log_file='{log}'\nmonitor_interval_secs=1\nreconnect_attempts=2\nreconnect_interval=1\n\
+             log_file='{log}'\nrepmgrd_pid_file='{pid}'\nmonitor_interval_secs=1\nreconnect_attempts=2\nreconnect_interval=1\n\
              standby_reconnect_timeout=60\n",
             id = n.id,
             name = n.name,
@@ -166,6 +160,7 @@ impl RepmgrCluster {
             pg = self.bin.dir.display(),
             conf = n.conf.display(),
             log = self.dir().join(format!("{}.repmgr.log", n.name)).display(),
+            pid = self.dir().join(format!("{}.repmgrd.pid", n.name)).display(),
         );
         if let Some(h) = &opts.hold {
             let script = self.dir().join("pg_ctl");

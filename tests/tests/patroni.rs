@@ -113,20 +113,7 @@ async fn reads_on(s: &Setup, i: usize) {
 
 /// The proxy serves member `i` as the shard's primary, named by Patroni.
 async fn serves(s: &Setup, i: usize) {
-    let want = s.patroni.members[i].addr();
-    eventually(
-        Duration::from_secs(30),
-        "handoff to serve Patroni's leader",
-        || {
-            let want = want.clone();
-            async move {
-                let st = shard_state(s.proxy()).await;
-                Ok(st["primary"] == want.as_str() && st["state"] == "serving")
-            }
-        },
-    )
-    .await
-    .unwrap();
+    handoff_tests::admin::wait_serving(s.proxy(), &s.patroni.members[i].addr(), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,22 +114,7 @@ async fn acked_on(s: &Setup, out: &Outcome, primary: usize) {
 
 /// The proxy serves node `i` as the shard's primary, and the monitor agrees.
 async fn serves(s: &Setup, i: usize) {
-    let want = s.paf.nodes[i].addr();
-    eventually(
-        Duration::from_secs(60),
-        "handoff to serve the monitor's primary",
-        || {
-            let want = want.clone();
-            async move {
-                let st = shard_state(s.proxy()).await;
-                Ok(st["primary"] == want.as_str()
-                    && st["state"] == "serving"
-                    && st["manager"]["agrees"] == true)
-            }
-        },
-    )
-    .await
-    .unwrap();
+    handoff_tests::admin::wait_serving(s.proxy(), &s.paf.nodes[i].addr(), true).await;
 }
 
 /// pgbench's tpcb-like transactions through handoff for `secs`, started now; joined

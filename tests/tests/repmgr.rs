@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use handoff_tests::admin::{metric, shard_state, switchover};
+use handoff_tests::handoff_binary;
 use handoff_tests::load::{assert_acked_on, assert_nothing_lost, Load, Outcome};
 use handoff_tests::paf::Hold;
 use handoff_tests::patroni::server_user_copy;
 use handoff_tests::repmgr::{Options, RepmgrCluster};
-use handoff_tests::{eventually, handoff_binary};
 
 /// Each test runs its own cluster: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -94,22 +94,7 @@ async fn nothing_lost(s: &Setup, out: &Outcome, primary: usize) {
 
 /// The proxy serves node `i` as the shard's primary, and repmgr agrees.
 async fn serves(s: &Setup, i: usize) {
-    let want = s.repmgr.nodes[i].addr();
-    eventually(
-        Duration::from_secs(60),
-        "handoff to serve repmgr's primary",
-        || {
-            let want = want.clone();
-            async move {
-                let st = shard_state(s.proxy()).await;
-                Ok(st["primary"] == want.as_str()
-                    && st["state"] == "serving"
-                    && st["manager"]["agrees"] == true)
-            }
-        },
-    )
-    .await
-    .unwrap();
+    handoff_tests::admin::wait_serving(s.proxy(), &s.repmgr.nodes[i].addr(), true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
