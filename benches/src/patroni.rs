@@ -373,6 +373,19 @@ impl Prober {
         Self::start_writing(ports, "SELECT txid_current()")
     }
 
+    /// `INSERT`s on each node every 10 ms (into a table made on the primary, at
+    /// `primary_conn`): a write a promoted but still read-only server refuses.
+    pub(crate) async fn inserting(primary_conn: &str, ports: &[u16]) -> Result<Self> {
+        let (c, conn) = tokio_postgres::connect(primary_conn, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.batch_execute("CREATE TABLE IF NOT EXISTS handoff_gap (at timestamptz)")
+            .await?;
+        Ok(Self::start_writing(
+            ports,
+            "INSERT INTO handoff_gap VALUES (now())",
+        ))
+    }
+
     /// Runs `sql` (a write) on each member every 10 ms, its successes timed.
     pub(crate) fn start_writing(ports: &[u16], sql: &'static str) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

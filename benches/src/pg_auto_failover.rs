@@ -169,14 +169,7 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
             ctl,
         ),
     };
-    let (c, conn) = tokio_postgres::connect(&old.conn(), tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    c.batch_execute("CREATE TABLE IF NOT EXISTS handoff_gap (at timestamptz)")
-        .await?;
-    let prober = Prober::start_writing(
-        &[old.pg_port, new.pg_port],
-        "INSERT INTO handoff_gap VALUES (now())",
-    );
+    let prober = Prober::inserting(&old.conn(), &[old.pg_port, new.pg_port]).await?;
     let load = crate::patroni::Load {
         workload: args.workload,
         clients: args.clients,

@@ -33,6 +33,23 @@ pub use pg::{Cluster, Node, PgBin};
 /// Starts handoff in-process in front of `cluster`'s primary, listening on free loopback
 /// ports. `extra` adds or overrides `HANDOFF_*` variables.
 ///
+/// Starts handoff in-process with `vars`, each overridden or added to by `extra` (a
+/// proxy in front of an HA manager's cluster, say, whose `HANDOFF_SHARDS` lists no
+/// hosts).
+pub async fn start_proxy_with(
+    vars: &[(&str, &str)],
+    extra: &[(&str, &str)],
+) -> Result<handoff::Proxy> {
+    let mut vars = vars.to_vec();
+    for (k, v) in extra {
+        vars.retain(|(name, _)| name != k);
+        vars.push((k, v));
+    }
+    let config = handoff::Config::from_vars(vars.iter().map(|(k, v)| (*k, *v)))?;
+    test_log();
+    Ok(handoff::Proxy::start(config).await?)
+}
+
 /// With `HANDOFF_TEST_LOG` set (a `tracing` filter such as `handoff=debug`), the
 /// proxy's logs go to the test's stderr.
 pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<handoff::Proxy> {

@@ -56,7 +56,7 @@ async fn setup(hook: Option<&str>, extra: &[(&str, &str)]) -> Setup {
     Load::prepare(&patroni.members[0].conn()).await.unwrap();
     let admin = format!("127.0.0.1:{admin_port}");
     let endpoints = format!("main={}", patroni.endpoints());
-    let mut vars: Vec<(&str, &str)> = vec![
+    let vars: Vec<(&str, &str)> = vec![
         ("HANDOFF_LISTEN", "127.0.0.1:0"),
         ("HANDOFF_ADMIN_LISTEN", &admin),
         ("HANDOFF_SHARDS", "main"),
@@ -64,13 +64,7 @@ async fn setup(hook: Option<&str>, extra: &[(&str, &str)]) -> Setup {
         ("HANDOFF_SHUTDOWN_TIMEOUT", "5s"),
         ("HANDOFF_POOL_SIZE", "8"),
     ];
-    for (k, v) in extra {
-        vars.retain(|(name, _)| name != k);
-        vars.push((k, v));
-    }
-    let config = handoff::Config::from_vars(vars.iter().map(|(k, v)| (*k, *v))).unwrap();
-    handoff_tests::test_log();
-    let proxy = handoff::Proxy::start(config).await.unwrap();
+    let proxy = handoff_tests::start_proxy_with(&vars, extra).await.unwrap();
     Setup {
         proxy: Some(proxy),
         patroni,

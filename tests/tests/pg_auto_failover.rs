@@ -77,7 +77,7 @@ async fn setup(wrapper: bool, extra: &[(&str, &str)]) -> Setup {
         .unwrap();
     Load::prepare(&paf.nodes[0].conn()).await.unwrap();
     let monitor = format!("main={}", paf.monitor_url());
-    let mut vars: Vec<(&str, &str)> = vec![
+    let vars: Vec<(&str, &str)> = vec![
         ("HANDOFF_LISTEN", "127.0.0.1:0"),
         ("HANDOFF_ADMIN_LISTEN", &admin),
         ("HANDOFF_SHARDS", "main"),
@@ -87,13 +87,7 @@ async fn setup(wrapper: bool, extra: &[(&str, &str)]) -> Setup {
         ("HANDOFF_REPLICA_CHECK_INTERVAL", "200ms"),
         ("HANDOFF_ADMIN_USERS", "postgres"),
     ];
-    for (k, v) in extra {
-        vars.retain(|(name, _)| name != k);
-        vars.push((k, v));
-    }
-    let config = handoff::Config::from_vars(vars.iter().map(|(k, v)| (*k, *v))).unwrap();
-    handoff_tests::test_log();
-    let proxy = handoff::Proxy::start(config).await.unwrap();
+    let proxy = handoff_tests::start_proxy_with(&vars, extra).await.unwrap();
     Setup {
         proxy: Some(proxy),
         paf,

@@ -63,7 +63,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
     Load::prepare(&repmgr.nodes[0].conn()).await.unwrap();
     let url = format!("main={}", repmgr.url());
     let command = repmgr.switchover_command();
-    let mut vars: Vec<(&str, &str)> = vec![
+    let vars: Vec<(&str, &str)> = vec![
         ("HANDOFF_LISTEN", "127.0.0.1:0"),
         ("HANDOFF_ADMIN_LISTEN", &admin),
         ("HANDOFF_SHARDS", "main"),
@@ -73,13 +73,7 @@ async fn setup(extra: &[(&str, &str)]) -> Setup {
         ("HANDOFF_POOL_SIZE", "8"),
         ("HANDOFF_SWITCHOVER_TIMEOUT", "60s"),
     ];
-    for (k, v) in extra {
-        vars.retain(|(name, _)| name != k);
-        vars.push((k, v));
-    }
-    let config = handoff::Config::from_vars(vars.iter().map(|(k, v)| (*k, *v))).unwrap();
-    handoff_tests::test_log();
-    let proxy = handoff::Proxy::start(config).await.unwrap();
+    let proxy = handoff_tests::start_proxy_with(&vars, extra).await.unwrap();
     Setup {
         proxy: Some(proxy),
         repmgr,

@@ -216,6 +216,20 @@ impl Managers {
     }
 }
 
+/// A manager's PostgreSQL login as given, with `timeout` to connect and handoff's
+/// `application_name` unless one was given (pg_auto_failover's monitor, repmgr's nodes).
+pub(crate) fn session_config(
+    given: &tokio_postgres::Config,
+    timeout: Duration,
+) -> tokio_postgres::Config {
+    let mut config = given.clone();
+    config.connect_timeout(timeout);
+    if config.get_application_name().is_none() {
+        config.application_name("handoff");
+    }
+    config
+}
+
 /// Counts one request to a manager.
 pub(crate) fn count(kind: Kind, shard: &str, request: &'static str, result: &'static str) {
     metrics::counter!(crate::metrics::MANAGER_REQUESTS, "shard" => shard.to_string(), "manager" => kind.as_str(), "request" => request, "result" => result)

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::{Fut, Intervals, Kind, Manager, ManagerError, View};
 use crate::config::{HostPort, PatroniSettings};
+use crate::sync::Locked;
 
 /// One member of a Patroni cluster, as `GET /cluster` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,10 +134,6 @@ impl Cluster {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// `http://host:port/patroni` → `host:port`.
 fn api_of_url(url: &str) -> Option<HostPort> {
     let rest = url.strip_prefix("http://")?;
@@ -203,15 +200,15 @@ impl Source {
             match r {
                 Ok(c) => {
                     let c = Arc::new(c);
-                    *lock(&self.view) = Some(Arc::new(c.view()));
-                    *lock(&self.cluster) = Some(Arc::clone(&c));
-                    *lock(&self.error) = None;
+                    *self.view.locked() = Some(Arc::new(c.view()));
+                    *self.cluster.locked() = Some(Arc::clone(&c));
+                    *self.error.locked() = None;
                     return Ok(c);
                 }
                 Err(e) => last = e,
             }
         }
-        *lock(&self.error) = Some(last.to_string());
+        *self.error.locked() = Some(last.to_string());
         Err(last)
     }
 
@@ -274,18 +271,19 @@ impl Manager for Source {
     fn view(&self) -> Fut<'_, Result<Arc<View>, ManagerError>> {
         Box::pin(async move {
             self.cluster().await?;
-            lock(&self.view)
+            self.view
+                .locked()
                 .clone()
                 .ok_or_else(|| ManagerError::Malformed("no view".into()))
         })
     }
 
     fn last(&self) -> Option<Arc<View>> {
-        lock(&self.view).clone()
+        self.view.locked().clone()
     }
 
     fn last_error(&self) -> Option<String> {
-        lock(&self.error).clone()
+        self.error.locked().clone()
     }
 
     fn changed(&self, idle: Duration) -> Fut<'_, ()> {
@@ -301,7 +299,9 @@ impl Manager for Source {
     ) -> Fut<'a, Result<String, ManagerError>> {
         Box::pin(async move {
             // Asked of the leader's own REST API first (Patroni's advice).
-            let api = lock(&self.cluster)
+            let api = self
+                .cluster
+                .locked()
                 .as_ref()
                 .and_then(|c| c.member(&leader.name).and_then(|m| m.api.clone()));
             self.post_switchover(api.as_ref(), &leader.name, &candidate.name, timeout)

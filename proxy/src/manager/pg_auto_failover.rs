@@ -33,6 +33,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::{Fut, Intervals, Kind, Manager, ManagerError, Member, View};
 use crate::config::{HostPort, PgAutoFailoverSettings, PgAutoFailoverShard};
+use crate::sync::Locked;
 
 /// The states in which a node takes writes.
 const READ_WRITE: &[&str] = &[
@@ -94,7 +95,7 @@ impl std::fmt::Debug for Monitor {
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        if let Some(t) = lock(&self.listener).task.take() {
+        if let Some(t) = self.listener.locked().task.take() {
             t.abort();
         }
     }
@@ -102,11 +103,7 @@ impl Drop for Monitor {
 
 impl Monitor {
     pub fn new(shard: &PgAutoFailoverShard, settings: &PgAutoFailoverSettings) -> Self {
-        let mut config = shard.monitor.clone();
-        config.connect_timeout(settings.timeout);
-        if config.get_application_name().is_none() {
-            config.application_name("handoff");
-        }
+        let config = super::session_config(&shard.monitor, settings.timeout);
         Self {
             shard: shard.shard.clone(),
             config,
@@ -170,7 +167,7 @@ impl Monitor {
     /// Starts the `LISTEN state` session unless it runs, or was lost less than a second
     /// ago.
     fn listen(&self) {
-        let mut l = lock(&self.listener);
+        let mut l = self.listener.locked();
         if l.task.as_ref().is_some_and(|t| !t.is_finished()) {
             return;
         }
@@ -324,21 +321,21 @@ impl Manager for Monitor {
                     .map(Node::from_row)
                     .collect::<Result<Vec<_>, _>>()
             });
-            *lock(&self.error) = nodes.as_ref().err().map(|e| e.to_string());
+            *self.error.locked() = nodes.as_ref().err().map(|e| e.to_string());
             let nodes = nodes?;
             let v = Arc::new(view_of(&self.formation, self.group, &nodes));
-            *lock(&self.view) = Some(Arc::clone(&v));
+            *self.view.locked() = Some(Arc::clone(&v));
             self.read_at.fetch_max(at, SeqCst);
             Ok(v)
         })
     }
 
     fn last(&self) -> Option<Arc<View>> {
-        lock(&self.view).clone()
+        self.view.locked().clone()
     }
 
     fn last_error(&self) -> Option<String> {
-        lock(&self.error).clone()
+        self.error.locked().clone()
     }
 
     fn changed(&self, idle: Duration) -> Fut<'_, ()> {
@@ -442,10 +439,6 @@ async fn listen(config: &tokio_postgres::Config, events: &Events) -> Result<(), 
     }
     drop(client);
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use tokio_postgres::NoTls;
 
 use super::{Fut, Intervals, Kind, Manager, ManagerError, Member, View};
 use crate::config::{HostPort, RepmgrSettings, RepmgrShard};
+use crate::sync::Locked;
 
 const NODES: &str = "SELECT node_id, node_name, type, active, conninfo, priority \
      FROM repmgr.nodes ORDER BY node_id";
@@ -70,11 +71,7 @@ struct Node {
 
 impl Repmgr {
     pub fn new(shard: &RepmgrShard, settings: &RepmgrSettings) -> Self {
-        let mut login = shard.login.clone();
-        login.connect_timeout(settings.timeout);
-        if login.get_application_name().is_none() {
-            login.application_name("handoff");
-        }
+        let login = super::session_config(&shard.login, settings.timeout);
         Self {
             shard: shard.shard.clone(),
             login,
@@ -97,7 +94,7 @@ impl Repmgr {
     /// Every node to ask: the configured ones, then those the last view listed.
     fn candidates(&self) -> Vec<HostPort> {
         let mut all = self.seeds.clone();
-        if let Some(v) = lock(&self.view).as_ref() {
+        if let Some(v) = self.view.locked().as_ref() {
             for m in &v.members {
                 if !all.contains(&m.addr) {
                     all.push(m.addr.clone());
@@ -279,22 +276,22 @@ impl Manager for Repmgr {
             super::count(Kind::Repmgr, &self.shard, "view", label);
             match &result {
                 Ok(v) => {
-                    *lock(&self.view) = Some(Arc::clone(v));
-                    *lock(&self.error) = None;
+                    *self.view.locked() = Some(Arc::clone(v));
+                    *self.error.locked() = None;
                     self.read_at.fetch_max(at, SeqCst);
                 }
-                Err(e) => *lock(&self.error) = Some(e.to_string()),
+                Err(e) => *self.error.locked() = Some(e.to_string()),
             }
             result
         })
     }
 
     fn last(&self) -> Option<Arc<View>> {
-        lock(&self.view).clone()
+        self.view.locked().clone()
     }
 
     fn last_error(&self) -> Option<String> {
-        lock(&self.error).clone()
+        self.error.locked().clone()
     }
 
     fn changed(&self, idle: Duration) -> Fut<'_, ()> {
@@ -409,13 +406,42 @@ async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Ve
         .collect()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn without_a_switchover_command_a_switchover_is_refused_naming_the_variable() {
+        let config = crate::config::Config::from_vars([
+            ("HANDOFF_SHARDS", "main"),
+            (
+                "HANDOFF_REPMGR",
+                "main=postgres://postgres@127.0.0.1:1/postgres",
+            ),
+        ])
+        .unwrap();
+        let r = Repmgr::new(&config.repmgr.shards[0], &config.repmgr);
+        let m = Member {
+            name: "node2".into(),
+            addr: HostPort {
+                host: "127.0.0.1".into(),
+                port: 2,
+            },
+            leader: false,
+            role: "standby".into(),
+            state: "node 2".into(),
+            timeline: None,
+            not_candidate: None,
+        };
+        let e = r
+            .switchover(&m, &m, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("HANDOFF_REPMGR_SWITCHOVER_COMMAND"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_active_primary_leads_and_standbys_say_why_they_could_not_be_promoted() {
