@@ -243,7 +243,8 @@ impl Proxy {
             config.tls.key.as_deref(),
         )?;
         let server_tls =
-            net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())?;
+            net::tls::ServerTls::new(config.tls.server_mode, config.tls.server_ca.as_deref())?
+                .with_tcp(config.server_tcp);
         let prometheus = metrics::install();
         let listeners = match inherited {
             Some(l) => l,

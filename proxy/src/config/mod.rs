@@ -87,6 +87,8 @@ pub struct Config {
     /// The failover buffer's settings (`HANDOFF_BUFFER_*`).
     pub buffer: handoff_buffer::BufferConfig,
     pub connect_timeout: Duration,
+    /// TCP options on server sockets (`HANDOFF_SERVER_TCP_*`).
+    pub server_tcp: crate::net::keepalive::ServerTcp,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
     /// Planned switchovers and lameduck.
@@ -200,6 +202,10 @@ impl Config {
             replicas,
             buffer,
             connect_timeout: vars.positive_duration("HANDOFF_CONNECT_TIMEOUT")?,
+            server_tcp: crate::net::keepalive::ServerTcp {
+                user_timeout: vars.optional_duration("HANDOFF_SERVER_TCP_USER_TIMEOUT")?,
+                keepalive: vars.optional_duration("HANDOFF_SERVER_TCP_KEEPALIVE")?,
+            },
             client_login_timeout: vars.positive_duration("HANDOFF_CLIENT_LOGIN_TIMEOUT")?,
             shutdown_timeout: vars.duration("HANDOFF_SHUTDOWN_TIMEOUT")?,
             switchover,

@@ -132,6 +132,20 @@ pub(super) const POOL_VARIABLES: &[Variable] = &[
         applies: Applies::Takeover,
         help: "longest wait for a server connection to be made and logged in",
     },
+    Variable {
+        name: "HANDOFF_SERVER_TCP_USER_TIMEOUT",
+        topic: Topic::Pools,
+        default: "10s",
+        applies: Applies::Takeover,
+        help: "a server connection whose sent data goes unacknowledged this long (a silently cut-off server) is closed with an error (`TCP_USER_TIMEOUT`; `0`: the kernel's default)",
+    },
+    Variable {
+        name: "HANDOFF_SERVER_TCP_KEEPALIVE",
+        topic: Topic::Pools,
+        default: "10s",
+        applies: Applies::Takeover,
+        help: "idle time before TCP keepalive probes a server connection (three probes, a third of this apart; `0`: no keepalives)",
+    },
 ];
 
 /// The failover buffer (read into `handoff_buffer::BufferConfig`).

@@ -148,6 +148,14 @@ impl Vars {
         Ok(d)
     }
 
+    /// A duration where `0` means "not set" (`None`).
+    pub(super) fn optional_duration(
+        &self,
+        name: &'static str,
+    ) -> Result<Option<Duration>, ConfigError> {
+        Ok(Some(self.duration(name)?).filter(|d| !d.is_zero()))
+    }
+
     pub(super) fn at_least_1ms(&self, name: &'static str) -> Result<Duration, ConfigError> {
         let d = self.duration(name)?;
         if d < Duration::from_millis(1) {

@@ -3,6 +3,7 @@
 //! recycled per thread, and a writer that counts what went through it.
 
 pub(crate) mod buffers;
+pub mod keepalive;
 pub(crate) mod metered;
 pub mod passfd;
 pub(crate) mod stream;

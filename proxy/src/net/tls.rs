@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{ClientTlsMode, ServerTlsMode};
+use crate::net::keepalive::ServerTcp;
 use crate::net::stream::Stream;
 use crate::sync::ReadWrite;
 
@@ -237,19 +238,22 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// TLS towards PostgreSQL servers.
+/// How handoff connects to PostgreSQL servers: TLS, and the TCP options every server
+/// socket gets before TLS is negotiated ([`ServerTcp`]).
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub mode: ServerTlsMode,
     config: Option<Arc<rustls::ClientConfig>>,
+    tcp: ServerTcp,
 }
 
 impl Default for ServerTls {
-    /// No TLS to servers.
+    /// No TLS to servers, the kernel's TCP defaults.
     fn default() -> Self {
         Self {
             mode: ServerTlsMode::Disable,
             config: None,
+            tcp: ServerTcp::NONE,
         }
     }
 }
@@ -257,7 +261,11 @@ impl Default for ServerTls {
 impl ServerTls {
     pub fn new(mode: ServerTlsMode, ca: Option<&Path>) -> Result<Self, TlsSetupError> {
         if mode == ServerTlsMode::Disable {
-            return Ok(Self { mode, config: None });
+            return Ok(Self {
+                mode,
+                config: None,
+                tcp: ServerTcp::NONE,
+            });
         }
         let provider = provider();
         let rustls = |source| TlsSetupError::Rustls {
@@ -300,12 +308,19 @@ impl ServerTls {
         Ok(Self {
             mode,
             config: Some(Arc::new(config)),
+            tcp: ServerTcp::NONE,
         })
+    }
+
+    /// These settings with `tcp` applied to every server socket.
+    pub fn with_tcp(self, tcp: ServerTcp) -> Self {
+        Self { tcp, ..self }
     }
 
     /// Negotiates TLS on a fresh server connection (before the startup message):
     /// `Ok(Stream::Plain)` when TLS is off, or `prefer` and the server declined.
     pub async fn negotiate(&self, mut tcp: TcpStream, host: &str) -> io::Result<Stream> {
+        self.tcp.apply(&tcp);
         let Some(config) = &self.config else {
             return Ok(Stream::Plain(tcp));
         };
@@ -437,6 +452,7 @@ impl ServerTls {
         cfg: &mut tokio_postgres::Config,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
         use tokio_postgres::config::SslMode;
+        self.tcp.configure(cfg);
         match &self.config {
             None => {
                 cfg.ssl_mode(SslMode::Disable);

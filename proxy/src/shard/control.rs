@@ -215,6 +215,13 @@ pub(crate) async fn establish_at(
         None => shard.establish(epoch, primary)?,
     };
     ctx.buffer.stop(&shard.name, cycle, StopReason::NewPrimary);
+    if old.id != gen.id && old.supersede() {
+        tracing::warn!(
+            shard = %shard.name,
+            cancelled = old.inflight(),
+            "transactions still waiting on the lost primary cancelled: another primary is established"
+        );
+    }
     if old.primary != gen.primary {
         let why = if old.lost().is_some() {
             crate::shard::watch::Why::Failed
@@ -286,6 +293,52 @@ mod tests {
         assert_eq!(ld.cancelled, 1);
         assert!(ld.waited >= Duration::from_secs(5) && ld.waited < Duration::from_secs(6));
         assert_eq!(gen.inflight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_primary_s_transactions_end_when_another_is_established() {
+        let ctx = ctx();
+        let shard = Shard::new("main", vec![hp(1), hp(2)]);
+        let mut gen = shard.current();
+        // One transaction waits on a primary that stopped answering.
+        let stuck = admit(&ctx, &shard, &mut gen, 10).await.unwrap();
+        let revoked = revoke(&ctx, &shard, Some(1), "test").unwrap();
+        revoked.gen.mark_lost("unreachable");
+        let killed = revoked.gen.killed();
+        let session = tokio::spawn(async move {
+            killed.await;
+            drop(stuck);
+        });
+        let started = Instant::now();
+        let drain = tokio::spawn({
+            let gen = Arc::clone(&revoked.gen);
+            async move { lameduck(&gen, Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        establish(&ctx, &shard, Some(1), hp(2)).await.unwrap();
+        session.await.unwrap();
+        assert!(revoked.gen.superseded());
+        assert_eq!(revoked.gen.inflight(), 0);
+        // Not after HANDOFF_DRAIN_TIMEOUT: at the establishment.
+        drain.await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replaced_live_primary_keeps_its_lameduck() {
+        let ctx = ctx();
+        let shard = Shard::new("main", vec![hp(1), hp(2)]);
+        let mut gen = shard.current();
+        let running = admit(&ctx, &shard, &mut gen, 10).await.unwrap();
+        let revoked = revoke(&ctx, &shard, Some(1), "switchover").unwrap();
+        establish(&ctx, &shard, Some(1), hp(2)).await.unwrap();
+        assert!(!revoked.gen.superseded());
+        assert_eq!(
+            revoked.gen.inflight(),
+            1,
+            "still running on the old primary"
+        );
+        drop(running);
     }
 
     #[tokio::test(start_paused = true)]

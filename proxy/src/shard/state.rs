@@ -15,7 +15,7 @@
 //! gate closed or the revocation sees the session: no transaction slips past a
 //! revocation unseen.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,6 +71,8 @@ pub struct Generation {
     revoked: watch::Sender<bool>,
     /// Why the primary was given up as failed (unplanned revocations only).
     lost: Mutex<Option<String>>,
+    /// Another primary was established while transactions still ran on this lost one.
+    superseded: AtomicBool,
 }
 
 impl Generation {
@@ -84,6 +86,7 @@ impl Generation {
             kill: watch::channel(false).0,
             revoked: watch::channel(false).0,
             lost: Mutex::new(None),
+            superseded: AtomicBool::new(false),
         })
     }
 
@@ -95,6 +98,27 @@ impl Generation {
     /// Why this generation's primary was given up as failed, if it was.
     pub fn lost(&self) -> Option<String> {
         self.lost.locked().clone()
+    }
+
+    /// Another primary now serves the shard. If this generation's primary was lost,
+    /// the transactions still waiting on it are cancelled at once rather than after
+    /// `HANDOFF_DRAIN_TIMEOUT`: a lost primary that still holds them is one that stopped
+    /// answering (a crashed one reset their connections already), and nothing it might
+    /// still do for them can be acknowledged usefully now — under synchronous
+    /// replication it cannot even commit. A live primary replaced in a switchover keeps
+    /// its lameduck. True if it cancelled anything.
+    pub fn supersede(&self) -> bool {
+        if self.lost.locked().is_none() || self.inflight() == 0 {
+            return false;
+        }
+        self.superseded.store(true, SeqCst);
+        self.kill();
+        true
+    }
+
+    /// Whether [`Generation::supersede`] cancelled this generation's transactions.
+    pub fn superseded(&self) -> bool {
+        self.superseded.load(SeqCst)
     }
 
     /// A transaction on this generation ended (or never started): only through

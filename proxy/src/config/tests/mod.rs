@@ -188,6 +188,27 @@ fn open_listeners_need_credentials() {
 }
 
 #[test]
+fn server_tcp_options() {
+    use crate::net::keepalive::ServerTcp;
+    assert_eq!(cfg(&[]).unwrap().server_tcp, ServerTcp::default());
+    let c = cfg(&[
+        ("HANDOFF_SERVER_TCP_USER_TIMEOUT", "3s"),
+        ("HANDOFF_SERVER_TCP_KEEPALIVE", "0"),
+    ])
+    .unwrap();
+    assert_eq!(c.server_tcp.user_timeout, Some(Duration::from_secs(3)));
+    assert_eq!(c.server_tcp.keepalive, None, "0 turns keepalives off");
+    assert_eq!(
+        err_var(&[("HANDOFF_SERVER_TCP_USER_TIMEOUT", "10")]),
+        "HANDOFF_SERVER_TCP_USER_TIMEOUT"
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_SERVER_TCP_KEEPALIVE", "-1s")]),
+        "HANDOFF_SERVER_TCP_KEEPALIVE"
+    );
+}
+
+#[test]
 fn durations() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));

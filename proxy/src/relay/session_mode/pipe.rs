@@ -208,12 +208,20 @@ where
             _ = &mut killed => {
                 metrics::counter!(crate::metrics::LAMEDUCK_CANCELLED, "shard" => shard.to_string())
                     .increment(1);
-                let err = ProxyError::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    format!(
-                        "terminating connection: the primary of shard \"{shard}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT"
+                let err = match gen.filter(|g| g.superseded()).and_then(|g| g.lost()) {
+                    Some(why) => ProxyError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!(
+                            "terminating connection: lost the primary of shard \"{shard}\" ({why}) and another primary was established; a transaction in progress may or may not have taken effect"
+                        ),
                     ),
-                );
+                    None => ProxyError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        format!(
+                            "terminating connection: the primary of shard \"{shard}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT"
+                        ),
+                    ),
+                };
                 crate::error::send_error(&mut cw, &err).await;
                 break End::ServerGone;
             }

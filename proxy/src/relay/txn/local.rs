@@ -201,7 +201,8 @@ impl Txn<'_> {
     }
 
     /// Lameduck gave up on this transaction: cancel it on the old primary, drop that
-    /// connection, and tell the client (57P01; 08006 when the primary had failed).
+    /// connection, and tell the client (57P01; 08006 when the primary had failed, at
+    /// once when another primary was established meanwhile).
     /// `server_clean`: no server message was half-forwarded; `client_clean`: the client
     /// is between messages.
     pub(super) async fn cancelled_by_lameduck(
@@ -214,6 +215,14 @@ impl Txn<'_> {
             .increment(1);
         let timeout = self.ctx.settings.drain_timeout;
         let err = match self.gen.lost() {
+            Some(why) if self.gen.superseded() => ProxyError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "lost the primary of shard \"{}\" ({why}) and another primary was established while the transaction waited on it; it may or may not have taken effect",
+                    self.shard
+                ),
+            )
+            .hint("check whether it took effect before running it again"),
             Some(why) => ProxyError::error(
                 sqlstate::CONNECTION_FAILURE,
                 format!(
