@@ -644,3 +644,31 @@ async fn etcd_over_tls_is_verified_against_the_given_ca() {
     let (_, c) = p.shard().await.unwrap();
     assert_eq!(c["members"].as_array().unwrap().len(), 1, "{c:#}");
 }
+
+/// A proxy's tokio tasks (`handoff_tasks`) after `settle`.
+async fn tasks_after(p: &ProxyProcess, settle: Duration) -> f64 {
+    tokio::time::sleep(settle).await;
+    p.metric("handoff_tasks", &[]).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_proxy_keeps_as_many_tasks_through_lease_renewals_and_etcd_restarts() {
+    let _one = SERIAL.lock().await;
+    let mut s = setup(1, &[]).await;
+    let p = &s.proxies[0];
+    let at_start = tasks_after(p, Duration::from_secs(2)).await;
+    // With a 2 s lease, renewed every ~0.7 s: each renewal once left a task behind.
+    let idle = tasks_after(p, Duration::from_secs(6)).await;
+    s.etcd.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.etcd.restart().unwrap();
+    wait_members(p, 1).await;
+    let after_restart = tasks_after(p, Duration::from_secs(4)).await;
+    eprintln!(
+        "tasks: {at_start} at start, {idle} after 6 s idle, {after_restart} after an etcd restart"
+    );
+    assert!(
+        idle <= at_start + 1.0 && after_restart <= at_start + 1.0,
+        "tasks grew: {at_start} at start, {idle} after 6 s idle, {after_restart} after an etcd restart"
+    );
+}

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use tokio_stream::StreamExt as _;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::etcdserverpb as pb;
@@ -93,6 +92,8 @@ impl std::fmt::Debug for Store {
 /// A watch on a range of keys: [`WatchStream::message`] waits for the next change.
 pub(crate) struct WatchStream {
     answers: tonic::codec::Streaming<pb::WatchResponse>,
+    /// Keeps the request side open; dropped with the watch, which ends it.
+    _open: Open,
 }
 
 impl WatchStream {
@@ -109,12 +110,47 @@ impl WatchStream {
     }
 }
 
-/// A stream of one request that then stays open: etcd ends a stream call whose sender
-/// has finished, and a watch must outlive its request.
-fn one_then_open<T: Send + 'static>(
+/// Holds a request stream of [`one_then_open`] open; dropping it ends the stream.
+pub(crate) struct Open(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
+/// A stream of one request that then stays open until the returned [`Open`] is
+/// dropped: etcd ends a stream call whose sender has finished, so a watch or a lease
+/// renewal must keep its request side open while it reads the answers — but no longer.
+/// A request side that never ended kept a task of the HTTP/2 client sending it alive
+/// for good: one per lease renewal, about one and a half a second (the fault campaign
+/// found it as a proxy's tasks growing without load).
+fn one_then_open<T: Send + Unpin + 'static>(
     item: T,
-) -> impl tokio_stream::Stream<Item = T> + Send + 'static {
-    tokio_stream::once(item).chain(tokio_stream::pending())
+) -> (impl tokio_stream::Stream<Item = T> + Send + 'static, Open) {
+    let (open, closed) = tokio::sync::oneshot::channel();
+    (
+        OneThenOpen {
+            item: Some(item),
+            closed,
+        },
+        Open(open),
+    )
+}
+
+struct OneThenOpen<T> {
+    item: Option<T>,
+    closed: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl<T: Unpin> tokio_stream::Stream for OneThenOpen<T> {
+    type Item = T;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        use std::future::Future;
+        if let Some(item) = self.item.take() {
+            return std::task::Poll::Ready(Some(item));
+        }
+        // Ends once the holder of `Open` drops it (nothing is ever sent).
+        std::pin::Pin::new(&mut self.closed).poll(cx).map(|_| None)
+    }
 }
 
 impl Store {
@@ -306,7 +342,7 @@ impl Store {
     pub async fn renew(&self, lease: i64) -> Result<bool, StoreError> {
         let mut client = self.lease();
         let work = async move {
-            let request = one_then_open(pb::LeaseKeepAliveRequest { id: lease });
+            let (request, _open) = one_then_open(pb::LeaseKeepAliveRequest { id: lease });
             let mut answers = client.lease_keep_alive(request).await?.into_inner();
             match answers.message().await? {
                 Some(r) => Ok(r.ttl > 0),
@@ -337,8 +373,12 @@ impl Store {
             )),
         };
         let work = async move {
-            let answers = client.watch(one_then_open(create)).await?.into_inner();
-            let mut stream = WatchStream { answers };
+            let (request, open) = one_then_open(create);
+            let answers = client.watch(request).await?.into_inner();
+            let mut stream = WatchStream {
+                answers,
+                _open: open,
+            };
             match stream.message().await? {
                 Some(r) if r.created => Ok(stream),
                 Some(_) => Err(StoreError(

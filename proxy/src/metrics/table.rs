@@ -84,6 +84,12 @@ pub const METRICS: &[Def] = &[
         help: "Server connections open now",
     },
     Def {
+        name: TASKS,
+        kind: Gauge,
+        labels: &[],
+        help: "Tokio tasks alive in the process when `/metrics` was scraped (sessions, pools, probes, timers)",
+    },
+    Def {
         name: SERVER_CONNECT_ERRORS_TOTAL,
         kind: Counter,
         labels: &[],
