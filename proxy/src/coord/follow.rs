@@ -395,11 +395,15 @@ impl Coord {
             );
             let r = control::revoke(&self.ctx, shard, Some(snap.epoch), &reason)
                 .map_err(|e| e.to_string())?;
-            // Replaced without being held first: not a switchover this proxy took part
-            // in, so another proxy found the primary failed (or the cluster moved on
-            // while this one was cut off). Requests still waiting on it end at the
-            // establishment below, as after this proxy's own detection.
-            r.gen.mark_lost(&reason);
+            // Replaced by another host without being held first: not a switchover this
+            // proxy took part in, so another proxy found the primary failed (or the
+            // cluster moved on while this one was cut off). Requests still waiting on
+            // it end at the establishment below, as after this proxy's own detection.
+            // The same host at the cluster's epoch (this proxy found it too) is alive:
+            // what runs there finishes.
+            if snap.primary != rec.primary {
+                r.gen.mark_lost(&reason);
+            }
             let drain = self.ctx.settings.drain_timeout;
             tokio::spawn(async move {
                 control::lameduck(&r.gen, drain).await;
