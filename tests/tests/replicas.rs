@@ -570,3 +570,38 @@ async fn scram_clients_read_and_the_console_shows_the_standbys() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_mode_reader_moves_off_a_standby_a_switchover_promotes() {
+    let cluster = Cluster::start(2).unwrap();
+    let ports: Vec<u16> = cluster.standbys.iter().map(|s| s.port).collect();
+    let proxy = start_proxy(&cluster, &[FAST_CHECKS, ("HANDOFF_POOL_MODE", "session")])
+        .await
+        .unwrap();
+    wait_in_rotation(&proxy, &ports, true).await;
+    let c = connect(&proxy, "postgres@replica").await.unwrap();
+    c.batch_execute("SET application_name = 'reader'")
+        .await
+        .unwrap();
+    let statement = c.prepare("select $1::int + 1").await.unwrap();
+    let (in_recovery, on) = where_am_i(&c).await.unwrap();
+    assert!(in_recovery);
+    // The switchover promotes the very standby this session reads from.
+    let i = ports.iter().position(|p| *p as i32 == on).unwrap();
+    let (status, report) =
+        handoff_tests::admin::switchover(&proxy, &cluster.standbys[i].addr()).await;
+    assert_eq!(status, 200, "{report:#}");
+    let (in_recovery, now) = where_am_i(&c)
+        .await
+        .expect("the session goes on after the switchover");
+    assert!(in_recovery, "it reads from a standby still");
+    assert_ne!(now, on, "not from the promoted one");
+    let name: String = c
+        .query_one("select current_setting('application_name')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "reader", "its settings came along");
+    let two: i32 = c.query_one(&statement, &[&1]).await.unwrap().get(0);
+    assert_eq!(two, 2, "its prepared statement came along");
+}

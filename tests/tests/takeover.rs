@@ -444,6 +444,57 @@ async fn session_mode_clients_keep_their_own_backend_across_takeovers() {
     stop(proc);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_mode_reader_on_a_standby_keeps_its_backend_across_takeovers() {
+    let cluster = Cluster::start(1).unwrap();
+    let shards = format!(
+        "main={},{}",
+        cluster.primary.addr(),
+        cluster.standbys[0].addr()
+    );
+    let mut d = Deployment::new(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_MODE", "session"),
+            ("HANDOFF_SHARDS", &shards),
+        ],
+    );
+    let mut proc = d.first().await;
+    // `@replica` waits for the standby to join the read rotation.
+    let c = connect(&conn_str(&d.listen, "postgres", "postgres@replica", None)).await;
+    c.batch_execute("SET application_name = 'reader'")
+        .await
+        .unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for round in 0..2 {
+        let (new, _) = d.take_over(proc, &[]).await;
+        proc = new;
+        let row = c
+            .query_one(
+                "SELECT pg_backend_pid(), pg_is_in_recovery(), current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e}: {}", d.logs()));
+        assert_eq!(
+            row.get::<_, i32>(0),
+            pid,
+            "round {round}: the same standby backend"
+        );
+        assert!(row.get::<_, bool>(1), "round {round}: still on the standby");
+        assert_eq!(
+            row.get::<_, String>(2),
+            "reader",
+            "round {round}: its settings kept"
+        );
+    }
+    stop(proc);
+}
+
 /// `SHOW STATS`' total transactions of database `postgres`, through the console (a
 /// console session stays in the process it started in: closed at once).
 async fn xact_count(d: &Deployment) -> u64 {

@@ -164,6 +164,10 @@ pub enum Mode {
         server_addr: SocketAddr,
         /// Bytes read from the server and not yet handled.
         server_pending: Vec<u8>,
+        /// A session on a standby (`appdb@replica`, `appdb@any`): adopted as one,
+        /// outside the primary's generations (absent from older processes: false).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        on_standby: bool,
     },
 }
 

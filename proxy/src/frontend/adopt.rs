@@ -127,7 +127,12 @@ pub(crate) fn spawn(
         let span = entry.span();
         let state = &ctx.shards[shard];
         match (moved.mode, server) {
-            (Mode::Session { params, .. }, Some(server)) => {
+            (
+                Mode::Session {
+                    params, on_standby, ..
+                },
+                Some(server),
+            ) => {
                 let login = session_mode::ServerLogin {
                     user: moved.user,
                     database: server_db,
@@ -137,9 +142,17 @@ pub(crate) fn spawn(
                     client: entry,
                 };
                 let cancel = (moved.cancel_pid, Bytes::from(moved.cancel_key));
-                session_mode::adopt(client, &ctx.relay, state, login, server, cancel, shutdown)
+                if on_standby {
+                    session_mode::adopt_reads(
+                        client, &ctx.relay, state, login, server, cancel, shutdown,
+                    )
                     .instrument(span)
                     .await;
+                } else {
+                    session_mode::adopt(client, &ctx.relay, state, login, server, cancel, shutdown)
+                        .instrument(span)
+                        .await;
+                }
             }
             (
                 Mode::Transaction {

@@ -94,6 +94,9 @@ pub struct Standby {
     /// take it out (its lag still does).
     repointing: AtomicUsize,
     seen: Mutex<Seen>,
+    /// Bumped when the host stops being a standby reads may stay on: a switchover
+    /// withholds it (it is about to be promoted) or a check finds it out of recovery.
+    leaving: tokio::sync::watch::Sender<u64>,
 }
 
 impl Standby {
@@ -106,7 +109,24 @@ impl Standby {
             withheld: AtomicUsize::new(0),
             repointing: AtomicUsize::new(0),
             seen: Mutex::new(Seen::default()),
+            leaving: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// Resolves once, after this call, the host is withheld for a switchover or found
+    /// out of recovery: a session-mode reader on it then moves to another standby at its
+    /// next transaction boundary.
+    pub fn leaving(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.leaving.subscribe();
+        async move {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn leave(&self) {
+        self.leaving.send_modify(|n| *n += 1);
     }
 
     pub fn in_rotation(&self) -> bool {
@@ -272,6 +292,18 @@ impl Replicas {
     }
 
     /// The standby `host`, if it is one of the shard's hosts.
+    /// The standby at `addr` (a configured host written as an IP address).
+    pub fn find_addr(&self, addr: &std::net::SocketAddr) -> Option<Arc<Standby>> {
+        self.list
+            .reading()
+            .iter()
+            .find(|s| {
+                s.host.port == addr.port()
+                    && s.host.host.parse::<std::net::IpAddr>().ok() == Some(addr.ip())
+            })
+            .cloned()
+    }
+
     fn find(&self, host: &HostPort) -> Option<Arc<Standby>> {
         self.list
             .reading()
@@ -306,6 +338,7 @@ impl Replicas {
                 tracing::info!(standby = %host, "switchover target leaves the read rotation");
             }
             s.seen.locked().standing = Standing::Withheld;
+            s.leave();
         }
         Withheld {
             standby: found,
@@ -365,7 +398,11 @@ impl Replicas {
         } else {
             false
         };
-        *s.seen.locked() = seen;
+        let promoted = seen.standing == Standing::NotStandby;
+        let before = std::mem::replace(&mut *s.seen.locked(), seen).standing;
+        if promoted && before != Standing::NotStandby {
+            s.leave();
+        }
         s.in_rotation.store(now, Ordering::Release);
         if now && !was {
             tracing::info!(shard_host = %host, "standby joins the read rotation");

@@ -129,7 +129,7 @@ pub(crate) async fn relay(
             &mut server.conn,
             name,
             shutdown.clone(),
-            Some(entered.generation()),
+            pipe::Leave::Primary(entered.generation()),
             &login.client,
             &ctx.meters,
             movable,
@@ -137,7 +137,7 @@ pub(crate) async fn relay(
         .await;
         if end == End::HandOver {
             let attempt = ctx.outbox.attempt();
-            if moved::hand_over(ctx, &client, &server, name, login, &registration).await {
+            if moved::hand_over(ctx, &client, &server, name, login, &registration, false).await {
                 tracing::debug!("session handed over to the successor");
                 return;
             }
@@ -319,7 +319,8 @@ mod moved;
 mod pipe;
 mod reads;
 pub(crate) use moved::adopt;
-pub use pipe::run;
+pub use pipe::{run, Leave};
+pub(crate) use reads::adopt as adopt_reads;
 pub(crate) use reads::serve as serve_reads;
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ use crate::shard::Shard;
 use crate::shutdown::Signal;
 
 /// Gives the session to the successor: true once it took it (both sockets are its
-/// now; this process's copies close without a word to either side).
+/// now; this process's copies close without a word to either side). `on_standby`: a
+/// session relaying on a standby.
 pub(super) async fn hand_over(
     ctx: &Ctx,
     client: &Conn,
@@ -26,6 +27,7 @@ pub(super) async fn hand_over(
     shard: &str,
     login: &ServerLogin,
     registration: &Registration,
+    on_standby: bool,
 ) -> bool {
     let (Some(cfd), Some(sfd)) = (dup(client), dup(&server.conn)) else {
         return false;
@@ -38,6 +40,7 @@ pub(super) async fn hand_over(
         server_key: server.key.to_vec(),
         server_addr: server.peer,
         server_pending: server.conn.rbuf.to_vec(),
+        on_standby,
     };
     let Some(moved) = client_part(
         &login.client,
@@ -71,15 +74,7 @@ pub(crate) async fn adopt(
             return;
         }
     };
-    let key = server_key(&server);
-    let registration = match ctx.cancels.adopt(cancel.0, cancel.1, Some(key.clone())) {
-        Some(r) => r,
-        None => ctx.cancels.register_as(
-            key.pid,
-            Some(key),
-            crate::backend::cancel::key_len(login.minor),
-        ),
-    };
+    let registration = adopt_cancel_key(ctx, &server, cancel, login.minor);
     let attached = Attached {
         entered,
         server,
@@ -87,4 +82,21 @@ pub(crate) async fn adopt(
         registration,
     };
     super::relay(client, ctx, shard, &login, shutdown, attached).await
+}
+
+/// The moved session's cancel key, registered here for its server backend (the one it
+/// had, when the predecessor's registry entry came along; a new one otherwise).
+pub(super) fn adopt_cancel_key(
+    ctx: &Ctx,
+    server: &ServerConn,
+    cancel: (i32, bytes::Bytes),
+    minor: u16,
+) -> Registration {
+    let key = server_key(server);
+    match ctx.cancels.adopt(cancel.0, cancel.1, Some(key.clone())) {
+        Some(r) => r,
+        None => ctx
+            .cancels
+            .register_as(key.pid, Some(key), crate::backend::cancel::key_len(minor)),
+    }
 }

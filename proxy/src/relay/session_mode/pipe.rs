@@ -60,9 +60,22 @@ fn reserve(buf: &mut BytesMut) {
     }
 }
 
-/// Relays between a logged-in client and its server until one side ends, or (with
-/// `gen`, a primary's generation) until that generation is revoked and the session is between transactions,
-/// or (`movable`: the outbox, and the takeover it last failed to move in) until a
+/// A future that resolves when something happens to a session's server.
+pub type Event = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// What moves a session off its server at its next transaction boundary.
+pub enum Leave<'a> {
+    /// Nothing.
+    Never,
+    /// A primary's generation: its revocation (and lameduck cancels what outlives it).
+    Primary(&'a crate::shard::Generation),
+    /// A standby leaving for good (promoted, or a switchover's target).
+    Standby(Event),
+}
+
+/// Relays between a logged-in client and its server until one side ends, or until
+/// `leave` says so and the session is between transactions (`End::Revoked`), or
+/// (`movable`: the outbox, and the takeover it last failed to move in) until a
 /// takeover may take it between transactions.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -70,7 +83,7 @@ pub async fn run(
     server: &mut Conn,
     shard: &str,
     shutdown: Signal,
-    gen: Option<&crate::shard::Generation>,
+    leave: Leave<'_>,
     info: &Arc<ClientInfo>,
     meters: &Arc<RelayMeters>,
     movable: Option<(&Outbox, u64)>,
@@ -83,7 +96,7 @@ pub async fn run(
             let (cr, cw) = c.split();
             let (sr, sw) = s.split();
             relay_loop(
-                cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters, movable,
+                cr, cw, sr, sw, bufs, shard, shutdown, leave, info, meters, movable,
             )
             .await
         }
@@ -91,7 +104,7 @@ pub async fn run(
             let (cr, cw) = tokio::io::split(c);
             let (sr, sw) = tokio::io::split(s);
             relay_loop(
-                cr, cw, sr, sw, bufs, shard, shutdown, gen, info, meters, movable,
+                cr, cw, sr, sw, bufs, shard, shutdown, leave, info, meters, movable,
             )
             .await
         }
@@ -107,7 +120,7 @@ async fn relay_loop<CR, CW, SR, SW>(
     (cbuf, sbuf): (&mut BytesMut, &mut BytesMut),
     shard: &str,
     shutdown: Signal,
-    gen: Option<&crate::shard::Generation>,
+    leave: Leave<'_>,
     info: &Arc<ClientInfo>,
     meters: &Arc<RelayMeters>,
     movable: Option<(&Outbox, u64)>,
@@ -119,11 +132,12 @@ where
     SW: AsyncWrite + Unpin,
 {
     let mut revoked = false;
-    // A session on a standby (`@replica`) has no generation: nothing revokes it.
-    type Event = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-    let (mut revocation, mut killed): (Event, Event) = match gen {
-        Some(g) => (Box::pin(g.revoked()), Box::pin(g.killed())),
-        None => (
+    // Only a primary's sessions are ever cancelled by lameduck.
+    let (gen, mut revocation, mut killed): (_, Event, Event) = match leave {
+        Leave::Primary(g) => (Some(g), Box::pin(g.revoked()), Box::pin(g.killed())),
+        Leave::Standby(leaving) => (None, leaving, Box::pin(std::future::pending())),
+        Leave::Never => (
+            None,
             Box::pin(std::future::pending()),
             Box::pin(std::future::pending()),
         ),

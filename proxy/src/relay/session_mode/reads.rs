@@ -5,21 +5,28 @@
 //! session starts with `default_transaction_read_only` on, so it stays a reader even if
 //! that standby is promoted under it. `@any` with no standby in the rotation is served
 //! by the primary, as any session-mode session is (read-only by default all the same).
+//! A takeover moves the session with its standby connection, as it moves a primary's
+//! session: the successor relays it on ([`adopt`]).
 
 use std::sync::Arc;
 
+use crate::backend::cancel::Registration;
+use crate::backend::login::ServerConn;
 use crate::config::{HostPort, Target};
 use crate::error::{send_error, AttachError};
 use crate::metrics::{self as m, GaugeGuard};
-use crate::net::stream::Conn;
+use crate::net::stream::{Conn, Stream};
 use crate::relay::common::End;
+use crate::relay::session_move;
 use crate::relay::Ctx;
 use crate::shard::failure::RetryReason;
-use crate::shard::replicas::Reading;
+use crate::shard::replicas::{Reading, Standby};
 use crate::shard::Shard;
 use crate::shutdown::Signal;
+use handoff_protocol::error::ProxyError;
+use handoff_protocol::sqlstate;
 
-use super::{connect, greet, run, ServerLogin};
+use super::{connect, greet, run, Leave, ServerLogin};
 
 /// Serves a session-mode client of `appdb@replica` or `appdb@any` until it ends.
 pub(crate) async fn serve(
@@ -41,9 +48,9 @@ pub(crate) async fn serve(
     let login = ServerLogin { params, ..login };
     let picked = {
         let _waiting = login.client.waiting();
-        pick_and_connect(ctx, shard, &login, target).await
+        pick_and_connect(ctx, shard, &login, target, None).await
     };
-    let (reading, mut server) = match picked {
+    let (reading, server) = match picked {
         Ok(Some(found)) => found,
         // `@any`, no standby: the primary's session.
         Ok(None) => return super::serve(client, ctx, shard, login, shutdown).await,
@@ -52,30 +59,170 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    let Some(_registration) = greet(&mut client, ctx, &server, login.minor).await else {
+    let Some(registration) = greet(&mut client, ctx, &server, login.minor).await else {
         return;
     };
     tracing::debug!(shard = name, standby = %reading.host(), "session relaying on a standby");
-    // Not handed to a takeover's successor (it would need the standby's connection
-    // moved as well): the session stays until it ends, as a TLS session does.
-    let end = run(
-        &mut client,
-        &mut server.conn,
-        name,
+    let standby = Some(Arc::clone(reading.standby()));
+    relay(
+        client,
+        ctx,
+        shard,
+        &login,
+        server,
+        registration,
+        standby,
         shutdown,
-        None,
-        &login.client,
-        &ctx.meters,
-        None,
     )
     .await;
-    if end == End::ServerGone {
+    drop(reading);
+}
+
+/// Takes over a session on a standby that another process handed over: the relay goes
+/// on where that process left it, on the same standby backend.
+pub(crate) async fn adopt(
+    client: Conn,
+    ctx: &Ctx,
+    shard: &Arc<Shard>,
+    login: ServerLogin,
+    server: ServerConn,
+    cancel: (i32, bytes::Bytes),
+    shutdown: Signal,
+) {
+    let registration = super::moved::adopt_cancel_key(ctx, &server, cancel, login.minor);
+    let standby = shard.replicas.find_addr(&server.peer);
+    tracing::debug!(shard = %shard.name, standby = %server.peer, "adopted a session on a standby");
+    relay(
+        client,
+        ctx,
+        shard,
+        &login,
+        server,
+        registration,
+        standby,
+        shutdown,
+    )
+    .await;
+}
+
+/// Relays a session on a standby until it ends or is handed to a takeover's successor
+/// (a plain-TCP session only: TLS state cannot move). When its standby leaves for good
+/// — a switchover's target, or found promoted — the session moves to another standby
+/// at its next transaction boundary, its state re-created there as a primary's session
+/// is on the next primary; the one it was on is taken out of the rotation if the
+/// connection to it is lost.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    mut client: Conn,
+    ctx: &Ctx,
+    shard: &Arc<Shard>,
+    login: &ServerLogin,
+    mut server: ServerConn,
+    registration: Registration,
+    mut standby: Option<Arc<Standby>>,
+    shutdown: Signal,
+) {
+    let name = shard.name.as_str();
+    let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
+    // Counted as busy on its standby while the session stays there.
+    let mut _reading: Option<Reading> = None;
+    let mut stayed = 0;
+    let end = loop {
+        let movable = (matches!(client.stream, Stream::Plain(_))
+            && matches!(server.conn.stream, Stream::Plain(_)))
+        .then_some((&ctx.outbox, stayed));
+        let leave = match &standby {
+            Some(s) => Leave::Standby(Box::pin(s.leaving())),
+            None => Leave::Never,
+        };
+        let end = run(
+            &mut client,
+            &mut server.conn,
+            name,
+            shutdown.clone(),
+            leave,
+            &login.client,
+            &ctx.meters,
+            movable,
+        )
+        .await;
+        match end {
+            End::HandOver => {
+                let attempt = ctx.outbox.attempt();
+                if super::moved::hand_over(ctx, &client, &server, name, login, &registration, true)
+                    .await
+                {
+                    tracing::debug!("session on a standby handed over to the successor");
+                    return;
+                }
+                stayed = attempt;
+            }
+            End::Revoked => {
+                let from = standby.as_ref().map(|s| s.host.clone());
+                match move_on(ctx, shard, login, &mut server, from.as_ref()).await {
+                    Ok((reading, next)) => {
+                        server = next;
+                        registration.set_server(Some(super::server_key(&server)));
+                        standby = Some(Arc::clone(reading.standby()));
+                        tracing::info!(shard = name, from = ?from.map(|h| h.to_string()), to = %reading.host(), "session moved to another standby");
+                        _reading = Some(reading);
+                    }
+                    Err(err) => {
+                        send_error(&mut client.stream, &err).await;
+                        break End::ServerGone;
+                    }
+                }
+            }
+            end => break end,
+        }
+    };
+    if let (End::ServerGone, Some(s)) = (&end, &standby) {
         shard
             .replicas
-            .set_down(reading.host(), "a session's connection to it was lost");
+            .set_down(&s.host, "a session's connection to it was lost");
     }
     tracing::debug!(?end, "session on a standby ended");
+}
+
+/// Moves a session off a standby that is leaving: its state is read, another standby
+/// is chosen and logged in to, and the state re-created there.
+async fn move_on(
+    ctx: &Ctx,
+    shard: &Shard,
+    login: &ServerLogin,
+    server: &mut ServerConn,
+    from: Option<&HostPort>,
+) -> Result<(Reading, ServerConn), ProxyError> {
+    let name = shard.name.as_str();
+    let cannot = |why: String| {
+        ProxyError::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            format!("terminating connection: the standby this session read from in shard \"{name}\" is being promoted and {why}"),
+        )
+    };
+    let state = session_move::capture(&mut server.conn)
+        .await
+        .map_err(|e| cannot(format!("the session's state could not be read: {e}")))?;
+    if !state.blockers.is_empty() {
+        return Err(cannot(format!(
+            "this session holds state that cannot move to another standby ({})",
+            state.blockers.join(", ")
+        )));
+    }
+    let (reading, mut next) =
+        match pick_and_connect(ctx, shard, login, Target::Replica, from.cloned()).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(cannot("no other standby is in the read rotation".into())),
+            Err(err) => return Err(err.to_client_fatal(name)),
+        };
+    session_move::restore(&mut next.conn, &state)
+        .await
+        .map_err(|e| {
+            cannot(format!(
+                "the session could not be re-created on another standby: {e}"
+            ))
+        })?;
+    Ok((reading, next))
 }
 
 /// A standby and a login on it; `Ok(None)` for `@any` when no standby is in the
@@ -85,9 +232,9 @@ async fn pick_and_connect(
     shard: &Shard,
     login: &ServerLogin,
     target: Target,
+    mut except: Option<HostPort>,
 ) -> Result<Option<(Reading, crate::backend::login::ServerConn)>, AttachError> {
     let replicas = &shard.replicas;
-    let mut except: Option<HostPort> = None;
     loop {
         let picked = match replicas.pick(except.as_ref()) {
             Some(r) => r,

@@ -70,7 +70,7 @@ async fn setup() -> Setup {
             &mut server,
             "main",
             signal,
-            Some(&gen),
+            super::Leave::Primary(&gen),
             &info,
             &meters,
             None,
