@@ -7,7 +7,9 @@
 //! - `idle`: handoff's memory with many idle clients;
 //! - `takeover`: handoff replaced by a takeover under load, beside PgBouncer's `-R`;
 //! - `reads`: reads through `@replica` over two standbys beside direct and PgBouncer,
-//!   then reads and writes through a switchover.
+//!   then reads and writes through a switchover;
+//! - `chaos`: the long fault campaign through three proxies, checked over its whole
+//!   history.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,6 +20,7 @@ use handoff_tests::{start_proxy, Cluster};
 use run::workload::Workload;
 use run::RunArgs;
 
+mod chaos;
 mod compare;
 mod idle;
 mod patroni;
@@ -50,6 +53,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                               [--targets handoff,handoff-session,pgbouncer]
        handoff-bench reads [--clients 32] [--duration 10s] [--pool-size 20]
                            [--switchover-duration 12s] [--at 4s] [--no-switchover]
+       handoff-bench chaos [--seed 1] [--switchovers 100] [--crashes 20] [--partitions 10]
+                           [--proxy-kills 10] [--takeovers 10] [--etcd-restarts 10] [--settle 1]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 
@@ -69,6 +74,11 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
           the same on a real two-node pg_auto_failover formation: asked of handoff,
           pg_autoctl held by the draining goal state, pg_autoctl with handoff's pg_ctl,
           PgBouncer paused around it, direct; with the monitor's own write gap
+  chaos   a seeded schedule of switchovers, primary crashes, silent partitions (network
+          namespaces; needs root), proxy kills and takeovers, etcd restarts through three
+          proxies over etcd, then checks over the whole history: nothing acknowledged lost
+          or doubled, errors only where a fault allows them, no wait past the buffer's
+          window, serving again within bounds, flat resources; prints a Markdown report
   repmgr  the same on a real two-node repmgr cluster: asked of handoff, repmgr standby
           switchover stopping the primary through handoff's pg_ctl, PgBouncer paused
           around it, direct; with repmgr's own write gap
@@ -320,6 +330,15 @@ async fn main() -> ExitCode {
                     .chain(args),
             ) {
                 Ok(a) => switchover::run(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("chaos") => {
+            use clap::Parser;
+            match chaos::Args::try_parse_from(
+                std::iter::once("handoff-bench chaos".to_string()).chain(args),
+            ) {
+                Ok(a) => chaos::run(a).await,
                 Err(e) => return clap_exit(e),
             }
         }

@@ -8,8 +8,8 @@ use crate::Node;
 /// A connection string for `node` as the `postgres` superuser, database `postgres`.
 pub fn server(node: &Node) -> String {
     format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        node.port
+        "host={} port={} user=postgres dbname=postgres",
+        node.host, node.port
     )
 }
 

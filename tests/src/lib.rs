@@ -11,9 +11,11 @@
 
 pub mod admin;
 pub mod bypass;
+pub mod chaos;
 pub mod door;
 pub mod etcd;
 pub mod load;
+pub mod netns;
 pub mod paf;
 pub mod patroni;
 pub mod pg;

@@ -253,10 +253,7 @@ pub fn pgbench_done(who: &str, child: std::process::Child) -> u64 {
 
 /// Rows in pgbench's history table on `node`'s server: one per committed transaction.
 pub async fn history(node: &crate::Node) -> u64 {
-    let url = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        node.port
-    );
+    let url = crate::admin::server(node);
     let (c, conn) = tokio_postgres::connect(&url, NoTls)
         .await
         .expect("the server answers");

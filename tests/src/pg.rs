@@ -119,6 +119,18 @@ impl PgBin {
         c
     }
 
+    /// [`PgBin::server_cmd`] inside the network namespace `ns` when given (the
+    /// namespace is entered as root, then the user is switched).
+    fn server_cmd_in(&self, name: &str, cwd: &Path, ns: Option<&str>) -> Command {
+        let Some(ns) = ns else {
+            return self.server_cmd(name, cwd);
+        };
+        let program = self.bin(name);
+        let mut c = crate::netns::Net::command_in(ns, self.run_as, &program.to_string_lossy());
+        c.current_dir(cwd).env("HOME", cwd).env_remove("PGDATA");
+        c
+    }
+
     fn chown(&self, path: &Path) -> Result<()> {
         if let Some((uid, gid)) = self.run_as {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))
@@ -187,6 +199,10 @@ fn check(out: Output, what: &str) -> Result<Output> {
 #[derive(Debug)]
 pub struct Node {
     pub name: String,
+    /// The address it listens on: `127.0.0.1`, or its own in a network namespace.
+    pub host: String,
+    /// Its network namespace's host, for a cluster started with [`Cluster::start_in`].
+    pub net_host: Option<crate::netns::Host>,
     pub port: u16,
     pub data: PathBuf,
     pub log: PathBuf,
@@ -196,20 +212,21 @@ pub struct Node {
 }
 
 impl Node {
-    /// `127.0.0.1:port`.
+    /// `host:port` (`127.0.0.1:port` unless in a network namespace).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn socket_addr(&self) -> std::net::SocketAddr {
-        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+        self.addr().parse().expect("a node's host is an IP address")
     }
 
     /// Starts the server and waits until it accepts connections.
     pub fn start(&mut self) -> Result<()> {
+        let ns = self.net_host.as_ref().map(|h| h.ns.as_str());
         let out = self
             .bin
-            .server_cmd("pg_ctl", &self.root)
+            .server_cmd_in("pg_ctl", &self.root, ns)
             .arg("-D")
             .arg(&self.data)
             .arg("-l")
@@ -386,7 +403,7 @@ impl Node {
     /// psql running `sql` as `user` in `db`, stopping at the first error.
     fn psql_as(&self, user: &str, db: &str, sql: &str) -> Command {
         let mut c = Command::new(self.bin.bin("psql"));
-        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", &self.host])
             .args([
                 "-p",
                 &self.port.to_string(),
@@ -416,6 +433,8 @@ pub struct Cluster {
     pub primary: Node,
     pub standbys: Vec<Node>,
     pub bin: PgBin,
+    /// The network the nodes live in, for [`Cluster::start_in`] (dropped after them).
+    pub net: Option<crate::netns::Net>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -432,13 +451,33 @@ impl Cluster {
     /// Starts a primary with `standbys` streaming standbys and waits until every standby
     /// is streaming.
     pub fn start(standbys: usize) -> Result<Self> {
+        Self::start_with(standbys, None)
+    }
+
+    /// [`Cluster::start`] with each server in a network namespace of its own on `net`
+    /// (`net.cut(…)` then partitions one silently). Every server has
+    /// `synchronous_standby_names = '*'` in its configuration, so whichever is primary
+    /// waits for a standby's flush before it acknowledges a commit.
+    pub fn start_in(standbys: usize, net: crate::netns::Net) -> Result<Self> {
+        Self::start_with(standbys, Some(net))
+    }
+
+    fn start_with(standbys: usize, mut net: Option<crate::netns::Net>) -> Result<Self> {
         let bin = PgBin::find()?;
         let dir = tempfile::Builder::new().prefix("handoff-pg-").tempdir()?;
         let root = dir.path().to_path_buf();
         bin.chown(&root)?;
-        let node = |name: &str| -> Result<Node> {
+        let mut node = |name: &str| -> Result<Node> {
+            let net_host = match net.as_mut() {
+                Some(net) => Some(net.host(name)?),
+                None => None,
+            };
             Ok(Node {
                 name: name.to_string(),
+                host: net_host
+                    .as_ref()
+                    .map_or_else(|| "127.0.0.1".to_string(), |h| h.addr.to_string()),
+                net_host,
                 port: free_port()?,
                 data: root.join(name),
                 log: root.join(format!("{name}.log")),
@@ -448,6 +487,21 @@ impl Cluster {
             })
         };
         let primary = node("primary")?;
+        let mut pending = (0..standbys)
+            .map(|i| node(&format!("standby{}", i + 1)))
+            .collect::<Result<Vec<_>>>()?;
+        pending.reverse();
+        // Servers in namespaces: reached over the bridge, commits synchronous, each
+        // server named so pg_stat_replication tells them apart after any rejoin.
+        let in_net = net.as_ref().map(|n| {
+            (
+                format!(
+                    "host replication all {0} trust\nhost all all {0} trust\n",
+                    n.cidr()
+                ),
+                "synchronous_standby_names = '*'\n".to_string(),
+            )
+        });
         let out = bin
             .server_cmd("initdb", &root)
             .arg("-D")
@@ -464,29 +518,34 @@ impl Cluster {
             ])
             .output()?;
         check(out, "initdb")?;
-        std::fs::write(primary.data.join("pg_hba.conf"), HBA)?;
+        let (hba_net, sync) = in_net.unwrap_or_default();
+        std::fs::write(primary.data.join("pg_hba.conf"), format!("{HBA}{hba_net}"))?;
         primary.append_conf(&format!(
-            "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
+            "\nlisten_addresses = '{}'\nport = {}\nunix_socket_directories = '{}'\n\
              fsync = off\nwal_level = replica\nmax_wal_senders = 10\nhot_standby = on\n\
              max_connections = 100\nshared_buffers = 32MB\nwal_keep_size = 128MB\nwal_log_hints = on\n\
-             log_line_prefix = '%m [%p] %q%u@%d '\n",
+             log_line_prefix = '%m [%p] %q%u@%d '\n{sync}",
+            primary.host,
             primary.port,
             root.display()
         ))?;
+        if primary.net_host.is_some() {
+            primary.append_conf("cluster_name = 'primary'\n")?;
+        }
         let mut cluster = Cluster {
             primary,
             standbys: Vec::new(),
             bin: bin.clone(),
+            net,
             dir: Some(dir),
         };
         cluster.primary.start()?;
-        for i in 0..standbys {
-            let mut s = node(&format!("standby{}", i + 1))?;
+        while let Some(mut s) = pending.pop() {
             let out = bin
                 .server_cmd("pg_basebackup", &root)
                 .args([
                     "-h",
-                    "127.0.0.1",
+                    &cluster.primary.host,
                     "-p",
                     &cluster.primary.port.to_string(),
                     "-U",
@@ -500,8 +559,8 @@ impl Cluster {
             // Each standby streams under its own name (as Patroni's and repmgr's do),
             // so the primary can tell them apart in pg_stat_replication.
             s.append_conf(&format!(
-                "\nport = {}\ncluster_name = '{}'\n",
-                s.port, s.name
+                "\nport = {}\ncluster_name = '{}'\nlisten_addresses = '{}'\n",
+                s.port, s.name, s.host
             ))?;
             s.start()?;
             cluster.standbys.push(s);
@@ -567,8 +626,8 @@ impl Cluster {
     /// streams.
     pub fn rejoin(&mut self, i: usize) -> Result<()> {
         let source = format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            self.primary.port
+            "host={} port={} user=postgres dbname=postgres",
+            self.primary.host, self.primary.port
         );
         // A just-promoted server's control file names its new timeline only after a
         // checkpoint, and pg_rewind reads the timeline from there.
@@ -584,9 +643,20 @@ impl Cluster {
             .args(["-R", "--no-sync"])
             .output()?;
         check(out, &format!("pg_rewind ({})", node.name))?;
-        // pg_rewind copies the source's configuration files: restore this node's port.
-        node.append_conf(&format!("\nport = {}\n", node.port))?;
+        // pg_rewind copies the source's configuration files: restore this node's own.
+        node.append_conf(&format!(
+            "\nport = {}\nlisten_addresses = '{}'\n",
+            node.port, node.host
+        ))?;
+        if node.net_host.is_some() {
+            node.append_conf(&format!("cluster_name = '{}'\n", node.name))?;
+        }
         node.start()?;
+        if self.standbys[i].net_host.is_some() {
+            // Servers in namespaces are named: wait for this one only (another may be
+            // on its way back too).
+            return self.wait_streaming(i, std::time::Duration::from_secs(30));
+        }
         let want = self.standbys.len().to_string();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while self
@@ -600,6 +670,61 @@ impl Cluster {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Waits until `standbys[i]` streams from the primary (by its `cluster_name`: servers
+    /// started with [`Cluster::start_in`]).
+    pub fn wait_streaming(&self, i: usize, within: std::time::Duration) -> Result<()> {
+        let sql = format!(
+            "select count(*) from pg_stat_replication where state = 'streaming' and application_name = '{}'",
+            self.standbys[i].name
+        );
+        let deadline = std::time::Instant::now() + within;
+        while self.primary.psql(&sql)? != "1" {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} did not stream from {} within {within:?}",
+                    self.standbys[i].name,
+                    self.primary.name
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Points `standbys[i]` at the current primary after a promotion it did not take
+    /// part in (`primary_conninfo` and a reload; it follows the new timeline), and waits
+    /// until it streams; one that cannot follow (it received WAL past the promotion
+    /// point) is rewound instead ([`Cluster::rejoin`]).
+    pub fn follow(&mut self, i: usize) -> Result<()> {
+        let conninfo = format!(
+            "host={} port={} user=postgres application_name={}",
+            self.primary.host, self.primary.port, self.standbys[i].name
+        );
+        let node = &self.standbys[i];
+        let repointed = node
+            .psql(&format!("ALTER SYSTEM SET primary_conninfo = '{conninfo}'"))
+            .and_then(|_| node.psql("SELECT pg_reload_conf()"));
+        if repointed.is_ok()
+            && self
+                .wait_streaming(i, std::time::Duration::from_secs(5))
+                .is_ok()
+        {
+            return Ok(());
+        }
+        self.rejoin(i)
+    }
+
+    /// The index of the standby the primary waits for (`sync_state = 'sync'`).
+    pub fn sync_standby(&self) -> Result<usize> {
+        let name = self.primary.psql(
+            "select application_name from pg_stat_replication where sync_state = 'sync' limit 1",
+        )?;
+        self.standbys
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| anyhow!("no synchronous standby (pg_stat_replication names {name:?})"))
     }
 
     /// Creates pgbench's tables on the primary (`pgbench -i -s scale`).

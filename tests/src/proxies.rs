@@ -31,6 +31,8 @@ pub fn log_dir() -> Result<tempfile::TempDir> {
 #[derive(Debug)]
 pub struct ProxyProcess {
     child: Option<Child>,
+    /// The environment it was started with (a successor gets the same).
+    env: Vec<(String, String)>,
     pub id: String,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
@@ -68,23 +70,34 @@ impl ProxyProcess {
     ) -> Result<Self> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = log_dir.join(format!("{id}.log"));
-        let file = std::fs::File::create(&log)?;
-        let mut cmd = crate::handoff_command();
-        cmd.env("HANDOFF_LISTEN", listen.to_string())
-            .env("HANDOFF_ADMIN_LISTEN", admin.to_string())
-            .env("HANDOFF_SHARDS", shards)
-            .env("HANDOFF_PROXY_ID", id)
-            .env("HANDOFF_SHUTDOWN_TIMEOUT", "5s")
-            .env("HANDOFF_LOG", "info");
+        // Appended to: a proxy restarted under the same id keeps its predecessor's log.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut env: Vec<(String, String)> = [
+            ("HANDOFF_LISTEN", listen.to_string()),
+            ("HANDOFF_ADMIN_LISTEN", admin.to_string()),
+            ("HANDOFF_SHARDS", shards.to_string()),
+            ("HANDOFF_PROXY_ID", id.to_string()),
+            ("HANDOFF_SHUTDOWN_TIMEOUT", "5s".to_string()),
+            ("HANDOFF_LOG", "info".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
         for (k, v) in vars {
-            cmd.env(k, v);
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_string(), v.to_string()));
         }
-        let child = cmd
+        let child = crate::handoff_command()
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .spawn()?;
         let mut p = Self {
             child: Some(child),
+            env,
             id: id.to_string(),
             listen,
             admin,
@@ -103,6 +116,60 @@ impl ProxyProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The running process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Replaces the process with a new one started with `--takeover` and the same
+    /// environment (it needs `HANDOFF_TAKEOVER_SOCKET`): returns once the old one has
+    /// exited, having handed its sockets and clients over, and the new one still runs.
+    pub async fn take_over(&mut self) -> Result<Duration> {
+        let started = std::time::Instant::now();
+        let Some(mut old) = self.child.take() else {
+            bail!("proxy {} is not running", self.id);
+        };
+        let file = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let mut new = crate::handoff_command()
+            .arg("--takeover")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()?;
+        let deadline = started + Duration::from_secs(40);
+        let status = loop {
+            if let Some(status) = old.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = old.kill();
+                let _ = new.kill();
+                bail!(
+                    "proxy {}: the old process did not exit within 40s of the takeover:\n{}",
+                    self.id,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if let Some(exited) = new.try_wait()? {
+            bail!(
+                "proxy {}: the successor exited ({exited}):\n{}",
+                self.id,
+                self.log_tail()
+            );
+        }
+        self.child = Some(new);
+        if !status.success() {
+            bail!(
+                "proxy {}: the old process ended badly after the takeover ({status}):\n{}",
+                self.id,
+                self.log_tail()
+            );
+        }
+        Ok(started.elapsed())
     }
 
     pub fn log_tail(&self) -> String {
