@@ -339,10 +339,7 @@ impl Coord {
     /// on another host), once the host checks out as writable on the recorded timeline
     /// or a later one.
     async fn follow_primary(&self, shard: &Arc<Shard>, rec: &Primary) {
-        let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
-        let newer = rec.epoch > snap.epoch;
-        let other_host = rec.epoch == snap.epoch && rec.primary != snap.primary;
-        if !newer && !other_host {
+        if !self.behind(shard, rec) {
             return;
         }
         // Not while this proxy runs an operation of its own on the shard.
@@ -368,6 +365,13 @@ impl Coord {
                 return;
             }
         }
+        // This proxy's own discovery may have established the same primary at the
+        // same epoch while the probe ran: then there is nothing to follow (revoking it
+        // to establish it again would put what runs there through lameduck for
+        // nothing).
+        if !self.behind(shard, rec) {
+            return;
+        }
         match self.apply_primary(shard, rec).await {
             Ok(e) => {
                 metrics::counter!(crate::metrics::COORD_FOLLOWED, "shard" => shard.name.clone(), "what" => "primary").increment(1);
@@ -377,6 +381,13 @@ impl Coord {
                 tracing::info!(shard = %shard.name, error = %e, "the cluster's primary was not established here")
             }
         }
+    }
+
+    /// Whether the cluster's record is ahead of what this proxy serves: a newer epoch,
+    /// or another host at the same one.
+    fn behind(&self, shard: &Shard, rec: &Primary) -> bool {
+        let snap = shard.snapshot(self.ctx.buffer_idle(&shard.name));
+        rec.epoch > snap.epoch || (rec.epoch == snap.epoch && rec.primary != snap.primary)
     }
 
     /// Makes `rec` this proxy's primary for the shard: the current one (if serving) is

@@ -215,7 +215,10 @@ pub(crate) async fn establish_at(
         None => shard.establish(epoch, primary)?,
     };
     ctx.buffer.stop(&shard.name, cycle, StopReason::NewPrimary);
-    if old.id != gen.id && old.supersede() {
+    // Another host: what still waits on the lost one ends now. The same host back
+    // (restarted in place, or reachable again after this proxy was cut off): what
+    // runs there may still finish, within lameduck.
+    if old.primary != gen.primary && old.supersede() {
         tracing::warn!(
             shard = %shard.name,
             cancelled = old.inflight(),
@@ -322,6 +325,21 @@ mod tests {
         // Not after HANDOFF_DRAIN_TIMEOUT: at the establishment.
         drain.await.unwrap();
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_primary_found_again_keeps_what_runs_on_it() {
+        let ctx = ctx();
+        let shard = Shard::new("main", vec![hp(1), hp(2)]);
+        let mut gen = shard.current();
+        let running = admit(&ctx, &shard, &mut gen, 10).await.unwrap();
+        let revoked = revoke(&ctx, &shard, Some(1), "test").unwrap();
+        revoked.gen.mark_lost("unreachable for a while");
+        // The same host comes back (this proxy was the one cut off).
+        establish(&ctx, &shard, Some(1), hp(1)).await.unwrap();
+        assert!(!revoked.gen.superseded());
+        assert_eq!(revoked.gen.inflight(), 1, "it may still finish there");
+        drop(running);
     }
 
     #[tokio::test(start_paused = true)]
