@@ -1,6 +1,6 @@
 //! `handoff-bench chaos`: the long fault campaign — by default the goal's 100 planned
-//! switchovers, 20 primary crashes, 10 silent partitions, 10 proxy kills, 10 takeovers
-//! and 10 etcd restarts, shuffled by `--seed`, through three proxies over etcd in front
+//! switchovers, 20 primary crashes, 10 silent partitions of the primary, 5 of a proxy
+//! from everything, 10 proxy kills, 10 takeovers and 10 etcd restarts, shuffled by `--seed`, through three proxies over etcd in front
 //! of a synchronous primary with two standbys in network namespaces — then every
 //! checker over the whole history (`handoff_tests::chaos`). Prints the report as
 //! Markdown (the form BENCHMARKS.md quotes) and fails if any check did.
@@ -23,6 +23,9 @@ pub struct Args {
     pub crashes: usize,
     #[arg(long, default_value_t = 10)]
     pub partitions: usize,
+    /// p1 cut off from clients, servers and etcd for 5 s.
+    #[arg(long, default_value_t = 5)]
+    pub proxy_partitions: usize,
     #[arg(long, default_value_t = 10)]
     pub proxy_kills: usize,
     #[arg(long, default_value_t = 10)]
@@ -49,6 +52,7 @@ pub async fn run(a: Args) -> Result<()> {
         switchovers: a.switchovers,
         crashes: a.crashes,
         partitions: a.partitions,
+        proxy_partitions: a.proxy_partitions,
         proxy_kills: a.proxy_kills,
         takeovers: a.takeovers,
         etcd_restarts: a.etcd_restarts,

@@ -54,7 +54,8 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
        handoff-bench reads [--clients 32] [--duration 10s] [--pool-size 20]
                            [--switchover-duration 12s] [--at 4s] [--no-switchover]
        handoff-bench chaos [--seed 1] [--switchovers 100] [--crashes 20] [--partitions 10]
-                           [--proxy-kills 10] [--takeovers 10] [--etcd-restarts 10] [--settle 1]
+                           [--proxy-partitions 5] [--proxy-kills 10] [--takeovers 10]
+                           [--etcd-restarts 10] [--settle 1]
        handoff-bench run --target name=postgres://... [--workload select|tpcb|prepared|mixed]
                          [--clients N] [--duration 10s] [--rate TPS] [--event 5s:'cmd'] [--out DIR]
 

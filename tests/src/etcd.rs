@@ -19,11 +19,19 @@ pub struct Etcd {
     peer_port: u16,
     /// Serving clients over TLS with this certificate and key (files in `dir`).
     tls: bool,
+    /// The address clients are told to use (it listens on loopback as well).
+    host: std::net::IpAddr,
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Result<Self> {
+        Self::start_at(std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Starts etcd serving clients on `host` as well as loopback (a bridge's address,
+    /// for proxies in network namespaces), and waits until it answers.
+    pub fn start_at(host: std::net::IpAddr) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("handoff-etcd-").tempdir()?;
         let mut e = Self {
             child: None,
@@ -31,6 +39,7 @@ impl Etcd {
             client_port: free_port()?,
             peer_port: free_port()?,
             tls: false,
+            host,
         };
         e.run()?;
         Ok(e)
@@ -48,6 +57,7 @@ impl Etcd {
             client_port: free_port()?,
             peer_port: free_port()?,
             tls: true,
+            host: std::net::Ipv4Addr::LOCALHOST.into(),
         };
         e.run()?;
         Ok(e)
@@ -55,6 +65,11 @@ impl Etcd {
 
     fn run(&mut self) -> Result<()> {
         let client = self.endpoint();
+        let mut listen = client.clone();
+        if !self.host.is_loopback() {
+            let scheme = if self.tls { "https" } else { "http" };
+            listen = format!("{listen},{scheme}://127.0.0.1:{}", self.client_port);
+        }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -72,7 +87,7 @@ impl Etcd {
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &client])
+            .args(["--listen-client-urls", &listen])
             .args(["--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
@@ -125,10 +140,10 @@ impl Etcd {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
-    /// `http(s)://127.0.0.1:port`, for `HANDOFF_ETCD_ENDPOINTS`.
+    /// `http(s)://host:port`, for `HANDOFF_ETCD_ENDPOINTS`.
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.host, self.client_port)
     }
 
     /// Stops etcd (SIGKILL: an outage, not a shutdown).

@@ -90,11 +90,14 @@ pub async fn start_proxy(cluster: &Cluster, extra: &[(&str, &str)]) -> Result<ha
 pub fn handoff_binary() -> std::path::PathBuf {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("the test binary's path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("handoff");
+    // A test binary lives in target/<profile>/deps, a bench binary (handoff-bench)
+    // beside handoff in target/<profile>.
+    let dir = exe.parent().expect("the test binary's directory");
+    let dir = match dir.file_name() {
+        Some(name) if name == "deps" => dir.parent().expect("target/<profile>"),
+        _ => dir,
+    };
+    let bin = dir.join("handoff");
     BUILT.get_or_init(|| {
         let under_cargo = std::env::var_os("CARGO").is_some();
         if !bin.is_file() || (under_cargo && older_than_its_sources(&bin)) {
@@ -149,7 +152,19 @@ fn older_than_its_sources(bin: &std::path::Path) -> bool {
 /// variables (the harness's own `HANDOFF_TEST_*` among them: handoff refuses unknown
 /// ones), so that only what the test sets applies.
 pub fn handoff_command() -> std::process::Command {
-    let mut cmd = std::process::Command::new(handoff_binary());
+    handoff_command_in(None)
+}
+
+/// [`handoff_command`] inside the network namespace `ns` (`ip netns exec`) when given.
+pub fn handoff_command_in(ns: Option<&str>) -> std::process::Command {
+    let mut cmd = match ns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(handoff_binary());
+            c
+        }
+        None => std::process::Command::new(handoff_binary()),
+    };
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("HANDOFF_") {
             cmd.env_remove(k);

@@ -33,6 +33,8 @@ pub struct ProxyProcess {
     child: Option<Child>,
     /// The environment it was started with (a successor gets the same).
     env: Vec<(String, String)>,
+    /// The network namespace it runs in, if not the test's.
+    ns: Option<String>,
     pub id: String,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
@@ -48,16 +50,44 @@ impl ProxyProcess {
         vars: &[(&str, &str)],
         log_dir: &std::path::Path,
     ) -> Result<Self> {
-        let shards = format!(
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        Self::start_with(&Self::shards(cluster), admin, id, vars, log_dir).await
+    }
+
+    /// [`ProxyProcess::start`] on a test host of its own (`host`, a network namespace):
+    /// it listens for clients and the admin API on the host's address, and cutting the
+    /// host's link cuts it off from everything.
+    pub async fn start_in(
+        cluster: &Cluster,
+        id: &str,
+        vars: &[(&str, &str)],
+        log_dir: &std::path::Path,
+        host: &crate::netns::Host,
+    ) -> Result<Self> {
+        let listen: SocketAddr = format!("{}:{}", host.addr, free_port()?).parse()?;
+        let admin: SocketAddr = format!("{}:{}", host.addr, free_port()?).parse()?;
+        let shards = Self::shards(cluster);
+        Self::launch(
+            &shards,
+            listen,
+            admin,
+            id,
+            vars,
+            log_dir,
+            Some(host.ns.clone()),
+        )
+        .await
+    }
+
+    fn shards(cluster: &Cluster) -> String {
+        format!(
             "main={}",
             std::iter::once(&cluster.primary)
                 .chain(&cluster.standbys)
                 .map(|n| n.addr())
                 .collect::<Vec<_>>()
                 .join(",")
-        );
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        Self::start_with(&shards, admin, id, vars, log_dir).await
+        )
     }
 
     /// [`ProxyProcess::start`] with `HANDOFF_SHARDS` given, and the admin API on `admin`.
@@ -69,6 +99,18 @@ impl ProxyProcess {
         log_dir: &std::path::Path,
     ) -> Result<Self> {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        Self::launch(shards, listen, admin, id, vars, log_dir, None).await
+    }
+
+    async fn launch(
+        shards: &str,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        id: &str,
+        vars: &[(&str, &str)],
+        log_dir: &std::path::Path,
+        ns: Option<String>,
+    ) -> Result<Self> {
         let log = log_dir.join(format!("{id}.log"));
         // Appended to: a proxy restarted under the same id keeps its predecessor's log.
         let file = std::fs::OpenOptions::new()
@@ -90,7 +132,7 @@ impl ProxyProcess {
             env.retain(|(name, _)| name != k);
             env.push((k.to_string(), v.to_string()));
         }
-        let child = crate::handoff_command()
+        let child = crate::handoff_command_in(ns.as_deref())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
@@ -98,6 +140,7 @@ impl ProxyProcess {
         let mut p = Self {
             child: Some(child),
             env,
+            ns,
             id: id.to_string(),
             listen,
             admin,
@@ -118,6 +161,14 @@ impl ProxyProcess {
         }
     }
 
+    /// `HANDOFF_ADMIN_TOKEN`, if it was started with one (the admin API then wants it).
+    pub fn token(&self) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "HANDOFF_ADMIN_TOKEN")
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The running process's pid.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -132,7 +183,7 @@ impl ProxyProcess {
             bail!("proxy {} is not running", self.id);
         };
         let file = std::fs::OpenOptions::new().append(true).open(&self.log)?;
-        let mut new = crate::handoff_command()
+        let mut new = crate::handoff_command_in(self.ns.as_deref())
             .arg("--takeover")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(file.try_clone()?))
@@ -205,7 +256,7 @@ impl ProxyProcess {
 
     /// A GET on the admin API: status and JSON.
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
-        let (status, body) = http(self.admin, "GET", path, None).await?;
+        let (status, body) = http(self.admin, "GET", path, self.token()).await?;
         Ok((
             status,
             serde_json::from_str(&body).unwrap_or(Value::String(body)),
@@ -214,7 +265,7 @@ impl ProxyProcess {
 
     /// A POST with a JSON body on the admin API: status and JSON.
     pub async fn post(&self, path: &str, body: &str) -> Result<(u16, Value)> {
-        let (status, text) = http_body(self.admin, "POST", path, None, body).await?;
+        let (status, text) = http_body(self.admin, "POST", path, self.token(), body).await?;
         Ok((
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
@@ -242,7 +293,7 @@ impl ProxyProcess {
 
     /// The sum of a metric's series whose labels include each of `labels`.
     pub async fn metric(&self, name: &str, labels: &[&str]) -> Result<f64> {
-        let (_, body) = http(self.admin, "GET", "/metrics", None).await?;
+        let (_, body) = http(self.admin, "GET", "/metrics", self.token()).await?;
         Ok(body
             .lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))

@@ -5,15 +5,17 @@
 //! The topology: a primary and two standbys, each in a network namespace of its own
 //! ([`crate::netns`]) with synchronous replication (whichever server is primary waits
 //! for a standby's flush, so a crash loses nothing acknowledged); etcd; three proxies
-//! coordinated through it — p1 and p2 in transaction mode, p3 in session mode. The
+//! coordinated through it — p1 and p2 in transaction mode, p3 in session mode; p1 on a
+//! test host of its own, the others in the test's namespace. The
 //! harness plays the HA manager for unplanned faults: it promotes the synchronous
 //! standby a moment after the primary dies or is cut off, points the other standby at
 //! it, and rewinds the old primary into a standby.
 //!
 //! The faults ([`FaultKind`]): planned switchovers through a random proxy's API; `kill
 //! -9` of the primary; a silent partition of the primary (its link down: no reset, its
-//! connections hang); `kill -9` of a proxy and its restart; a takeover of a proxy by a
-//! new process; etcd stopped and started. The schedule is shuffled by the seed, so a
+//! connections hang); a silent partition of p1 from everything (clients, servers,
+//! etcd) for 5 s; `kill -9` of a proxy and its restart; a takeover of a proxy by a new
+//! process; etcd stopped and started. The schedule is shuffled by the seed, so a
 //! seed names one campaign.
 
 pub mod check;
@@ -43,6 +45,8 @@ pub struct Plan {
     pub switchovers: usize,
     pub crashes: usize,
     pub partitions: usize,
+    /// p1 (on a test host of its own) cut off from everything for a while.
+    pub proxy_partitions: usize,
     pub proxy_kills: usize,
     pub takeovers: usize,
     pub etcd_restarts: usize,
@@ -63,6 +67,7 @@ impl Plan {
             switchovers: 6,
             crashes: 2,
             partitions: 2,
+            proxy_partitions: 1,
             proxy_kills: 2,
             takeovers: 2,
             etcd_restarts: 2,
@@ -86,6 +91,7 @@ impl Plan {
             switchovers: 100,
             crashes: 20,
             partitions: 10,
+            proxy_partitions: 5,
             proxy_kills: 10,
             takeovers: 10,
             etcd_restarts: 10,
@@ -100,6 +106,7 @@ impl Plan {
             (FaultKind::Switchover, self.switchovers),
             (FaultKind::Crash, self.crashes),
             (FaultKind::Partition, self.partitions),
+            (FaultKind::ProxyPartition, self.proxy_partitions),
             (FaultKind::ProxyKill, self.proxy_kills),
             (FaultKind::Takeover, self.takeovers),
             (FaultKind::EtcdRestart, self.etcd_restarts),
@@ -118,6 +125,7 @@ pub enum FaultKind {
     Switchover,
     Crash,
     Partition,
+    ProxyPartition,
     ProxyKill,
     Takeover,
     EtcdRestart,
@@ -129,6 +137,7 @@ impl FaultKind {
             FaultKind::Switchover => "switchover",
             FaultKind::Crash => "primary crash",
             FaultKind::Partition => "primary partition",
+            FaultKind::ProxyPartition => "proxy partition",
             FaultKind::ProxyKill => "proxy kill",
             FaultKind::Takeover => "proxy takeover",
             FaultKind::EtcdRestart => "etcd restart",
@@ -160,6 +169,8 @@ pub struct Fault {
     pub promoted: Option<(i32, Duration)>,
     /// When every proxy served the new primary again (primary faults).
     pub served: Option<Duration>,
+    /// Each proxy's RSS (kB) once it had been dealt with.
+    pub rss_kb: Vec<u64>,
 }
 
 /// A proxy's resource use at one moment.
@@ -184,6 +195,8 @@ pub struct Sample {
 /// and its network last).
 struct Topology {
     proxies: Vec<ProxyProcess>,
+    /// p1's test host.
+    p1_host: crate::netns::Host,
     mix: Mix,
     targets: workload::Targets,
     vars: Vec<Vec<(String, String)>>,
@@ -191,6 +204,12 @@ struct Topology {
     cluster: Cluster,
     logs: tempfile::TempDir,
 }
+
+/// The proxy in session mode (p3).
+pub const SESSION_PROXY: usize = 2;
+
+/// Every proxy's `HANDOFF_ADMIN_TOKEN`.
+const ADMIN_TOKEN: &str = "chaos-admin";
 
 /// Each proxy's `HANDOFF_POOL_SIZE`.
 const POOL_SIZE: usize = 8;
@@ -203,6 +222,10 @@ fn proxy_vars(etcd: &Etcd, logs: &std::path::Path, i: usize) -> Vec<(String, Str
         ("HANDOFF_ETCD_TIMEOUT", "1s".into()),
         ("HANDOFF_POOL_SIZE", POOL_SIZE.to_string()),
         ("HANDOFF_LOG", "info,handoff=debug".into()),
+        // p1 listens on its test host's address, not loopback: clients log in with a
+        // password and the admin API wants a token (the same for all three).
+        ("HANDOFF_USERS", format!("postgres={}", workload::PASSWORD)),
+        ("HANDOFF_ADMIN_TOKEN", ADMIN_TOKEN.into()),
         (
             "HANDOFF_TAKEOVER_SOCKET",
             logs.join(format!("p{}.takeover", i + 1))
@@ -213,7 +236,7 @@ fn proxy_vars(etcd: &Etcd, logs: &std::path::Path, i: usize) -> Vec<(String, Str
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    if i == 2 {
+    if i == SESSION_PROXY {
         v.push(("HANDOFF_POOL_MODE".into(), "session".into()));
     }
     v
@@ -222,21 +245,26 @@ fn proxy_vars(etcd: &Etcd, logs: &std::path::Path, i: usize) -> Vec<(String, Str
 impl Topology {
     fn start(rt: &tokio::runtime::Runtime, mix: Mix) -> Result<Self> {
         let net = Net::new()?;
-        let cluster = Cluster::start_in(2, net)?;
+        let mut cluster = Cluster::start_in(2, net)?;
         rt.block_on(workload::prepare(&server(&cluster.primary)))?;
-        let etcd = Etcd::start()?;
+        let net = cluster.net.as_mut().context("no network")?;
+        let p1_host = net.host("proxy1")?;
+        // On the bridge's address too: p1 reaches it from its own namespace.
+        let etcd = Etcd::start_at(net.gateway().into())?;
         let logs = crate::proxies::log_dir()?;
         let mut proxies = Vec::new();
         let mut vars = Vec::new();
         for i in 0..3 {
             let v = proxy_vars(&etcd, logs.path(), i);
-            let p = rt.block_on(start_proxy(&cluster, i, &v, logs.path()))?;
+            let host = (i == 0).then_some(&p1_host);
+            let p = rt.block_on(start_proxy(&cluster, i, &v, logs.path(), host))?;
             proxies.push(p);
             vars.push(v);
         }
         let targets = Arc::new(RwLock::new(proxies.iter().map(|p| p.listen).collect()));
         let t = Self {
             proxies,
+            p1_host,
             mix,
             targets,
             vars,
@@ -281,16 +309,11 @@ impl Topology {
     fn sample(&self, rt: &tokio::runtime::Runtime, i: usize) -> Result<Sample> {
         let p = &self.proxies[i];
         let pid = p.pid().ok_or_else(|| anyhow!("{} is not running", p.id))?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        let rss_kb = rss_kb(pid);
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
         let server_connections = rt.block_on(p.metric("handoff_server_connections", &[]))?;
         let tasks = rt.block_on(p.metric("handoff_tasks", &[]))?;
-        let (_, metrics) = rt.block_on(crate::raw::http(p.admin, "GET", "/metrics", None))?;
+        let (_, metrics) = rt.block_on(crate::raw::http(p.admin, "GET", "/metrics", p.token()))?;
         let pools = metrics
             .lines()
             .filter(|l| l.starts_with("handoff_pool_idle_connections{"))
@@ -320,9 +343,14 @@ async fn start_proxy(
     i: usize,
     vars: &[(String, String)],
     logs: &std::path::Path,
+    host: Option<&crate::netns::Host>,
 ) -> Result<ProxyProcess> {
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    ProxyProcess::start(cluster, &format!("p{}", i + 1), &vars, logs).await
+    let id = format!("p{}", i + 1);
+    match host {
+        Some(h) => ProxyProcess::start_in(cluster, &id, &vars, logs, h).await,
+        None => ProxyProcess::start(cluster, &id, &vars, logs).await,
+    }
 }
 
 /// The timeline `node` writes on now.
@@ -352,11 +380,27 @@ pub fn run(plan: &Plan) -> Result<Report> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed ^ 0x5eed);
     let started = std::time::Instant::now();
     let result = (|| -> Result<()> {
-        std::thread::sleep(plan.warmup);
+        // Warm-up: load, then one switchover (checked like any other) so that every
+        // pool the run will use exists and a new primary's pool has been pre-warmed
+        // to its size; the baseline is taken after it.
+        std::thread::sleep(plan.warmup / 2);
+        let mut first = strike(
+            &rt,
+            &mut top,
+            plan,
+            &mut rng,
+            0,
+            FaultKind::Switchover,
+            epoch,
+        )
+        .with_context(|| format!("the warm-up switchover, seed {}", plan.seed))?;
+        first.detail = format!("warm-up: {}", first.detail);
+        faults.push(first);
+        std::thread::sleep(plan.warmup / 2);
         for (i, b) in baseline.iter_mut().enumerate() {
             *b = Some(top.sample(&rt, i)?);
         }
-        for (n, kind) in plan.schedule().into_iter().enumerate() {
+        for (n, kind) in (1..).zip(plan.schedule()) {
             let fault = strike(&rt, &mut top, plan, &mut rng, n, kind, epoch)
                 .with_context(|| format!("fault {n} ({}), seed {}", kind.as_str(), plan.seed))?;
             eprintln!(
@@ -416,7 +460,9 @@ pub fn run(plan: &Plan) -> Result<Report> {
         let kept = top.logs.path().to_path_buf();
         // Each proxy's metrics at the end, beside its log.
         for p in &top.proxies {
-            if let Ok((_, text)) = rt.block_on(crate::raw::http(p.admin, "GET", "/metrics", None)) {
+            if let Ok((_, text)) =
+                rt.block_on(crate::raw::http(p.admin, "GET", "/metrics", p.token()))
+            {
                 let _ = std::fs::write(kept.join(format!("{}.metrics", p.id)), text);
             }
         }
@@ -450,6 +496,7 @@ fn strike(
         proxy: None,
         promoted: None,
         served: None,
+        rss_kb: Vec::new(),
     };
     match kind {
         FaultKind::Switchover => {
@@ -511,10 +558,28 @@ fn strike(
             f.start = epoch.elapsed();
             top.proxies[p].kill();
             std::thread::sleep(Duration::from_secs(1));
-            let new = rt.block_on(start_proxy(&top.cluster, p, &top.vars[p], top.logs.path()))?;
+            let host = (p == 0).then_some(&top.p1_host);
+            let new = rt.block_on(start_proxy(
+                &top.cluster,
+                p,
+                &top.vars[p],
+                top.logs.path(),
+                host,
+            ))?;
             top.targets.write().expect("targets")[p] = new.listen;
             top.proxies[p] = new;
             rt.block_on(top.wait_members(3))?;
+        }
+        FaultKind::ProxyPartition => {
+            f.proxy = Some(0);
+            f.detail = "p1 cut off from clients, servers and etcd for 5 s".into();
+            let net = top.cluster.net.as_ref().context("no network")?;
+            f.start = epoch.elapsed();
+            net.cut(&top.p1_host)?;
+            std::thread::sleep(Duration::from_secs(5));
+            net.heal(&top.p1_host)?;
+            rt.block_on(top.wait_members(3))?;
+            f.served = Some(rt.block_on(top.wait_served(epoch, Duration::from_secs(30)))?);
         }
         FaultKind::Takeover => {
             let p = rng.random_range(0..3);
@@ -533,5 +598,22 @@ fn strike(
         }
     }
     f.end = epoch.elapsed();
+    f.rss_kb = top
+        .proxies
+        .iter()
+        .map(|p| p.pid().map_or(0, rss_kb))
+        .collect();
     Ok(f)
+}
+
+/// A process's resident memory (kB), 0 if it cannot be read.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -22,6 +22,9 @@ use anyhow::Result;
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
+/// The clients' password (`HANDOFF_USERS`).
+pub const PASSWORD: &str = "chaos-password";
+
 /// Accounts the writers update.
 pub const ACCOUNTS: i32 = 100;
 
@@ -230,7 +233,7 @@ impl Client {
             "postgres"
         };
         let url = format!(
-            "host={} port={} user=postgres dbname={db} connect_timeout=10",
+            "host={} port={} user=postgres password={PASSWORD} dbname={db} connect_timeout=10",
             addr.ip(),
             addr.port()
         );
