@@ -88,7 +88,7 @@ pub struct Config {
     pub buffer: handoff_buffer::BufferConfig,
     pub connect_timeout: Duration,
     /// TCP options on server sockets (`HANDOFF_SERVER_TCP_*`).
-    pub server_tcp: crate::net::keepalive::ServerTcp,
+    pub server_tcp: ServerTcp,
     pub client_login_timeout: Duration,
     pub shutdown_timeout: Duration,
     /// Planned switchovers and lameduck.
@@ -202,7 +202,7 @@ impl Config {
             replicas,
             buffer,
             connect_timeout: vars.positive_duration("HANDOFF_CONNECT_TIMEOUT")?,
-            server_tcp: crate::net::keepalive::ServerTcp {
+            server_tcp: ServerTcp {
                 user_timeout: vars.optional_duration("HANDOFF_SERVER_TCP_USER_TIMEOUT")?,
                 keepalive: vars.optional_duration("HANDOFF_SERVER_TCP_KEEPALIVE")?,
             },
@@ -296,6 +296,33 @@ fn managed_shards(
         }
     }
     Ok(())
+}
+
+/// TCP options on every socket to a PostgreSQL server (`HANDOFF_SERVER_TCP_*`); `None`
+/// leaves the kernel's default. Applied by `net::keepalive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerTcp {
+    pub user_timeout: Option<Duration>,
+    pub keepalive: Option<Duration>,
+}
+
+impl Default for ServerTcp {
+    /// The defaults of `HANDOFF_SERVER_TCP_USER_TIMEOUT` and
+    /// `HANDOFF_SERVER_TCP_KEEPALIVE`.
+    fn default() -> Self {
+        Self {
+            user_timeout: Some(Duration::from_secs(10)),
+            keepalive: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl ServerTcp {
+    /// No options: the kernel's defaults (unit tests, embedders).
+    pub const NONE: ServerTcp = ServerTcp {
+        user_timeout: None,
+        keepalive: None,
+    };
 }
 
 #[cfg(test)]

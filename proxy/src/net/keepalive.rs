@@ -24,34 +24,12 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::config::ServerTcp;
+
 /// Probes sent before an idle connection is given up.
 const KEEPALIVE_PROBES: u32 = 3;
 
-/// TCP options for server sockets; `None` leaves the kernel's default.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerTcp {
-    pub user_timeout: Option<Duration>,
-    pub keepalive: Option<Duration>,
-}
-
-impl Default for ServerTcp {
-    /// The defaults of `HANDOFF_SERVER_TCP_USER_TIMEOUT` and
-    /// `HANDOFF_SERVER_TCP_KEEPALIVE`.
-    fn default() -> Self {
-        Self {
-            user_timeout: Some(Duration::from_secs(10)),
-            keepalive: Some(Duration::from_secs(10)),
-        }
-    }
-}
-
 impl ServerTcp {
-    /// No options: the kernel's defaults (unit tests).
-    pub const NONE: ServerTcp = ServerTcp {
-        user_timeout: None,
-        keepalive: None,
-    };
-
     /// Time between keepalive probes: a third of the idle time, at least a second.
     fn interval(idle: Duration) -> Duration {
         (idle / 3).max(Duration::from_secs(1))

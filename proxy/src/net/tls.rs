@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::{ClientTlsMode, ServerTlsMode};
-use crate::net::keepalive::ServerTcp;
+use crate::config::{ClientTlsMode, ServerTcp, ServerTlsMode};
+
 use crate::net::stream::Stream;
 use crate::sync::ReadWrite;
 

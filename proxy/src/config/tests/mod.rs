@@ -189,7 +189,6 @@ fn open_listeners_need_credentials() {
 
 #[test]
 fn server_tcp_options() {
-    use crate::net::keepalive::ServerTcp;
     assert_eq!(cfg(&[]).unwrap().server_tcp, ServerTcp::default());
     let c = cfg(&[
         ("HANDOFF_SERVER_TCP_USER_TIMEOUT", "3s"),
