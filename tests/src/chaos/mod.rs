@@ -21,6 +21,7 @@
 pub mod check;
 pub mod workload;
 
+use std::fmt::Write as _;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -515,6 +516,11 @@ fn strike(
             if status != 200 || report["outcome"] != "completed" {
                 bail!("the switchover was not completed ({status}): {report:#}");
             }
+            let _ = write!(
+                f.detail,
+                " (handoff: {:.0} ms)",
+                report["total_ms"].as_f64().unwrap_or_default()
+            );
             top.cluster.swap(target);
             f.promoted = Some((timeline(&top.cluster.primary)?, epoch.elapsed()));
             f.served = Some(rt.block_on(top.wait_served(epoch, Duration::from_secs(30)))?);
