@@ -63,7 +63,10 @@ pub(crate) async fn serve(
         return;
     };
     tracing::debug!(shard = name, standby = %reading.host(), "session relaying on a standby");
-    let standby = Some(Arc::clone(reading.standby()));
+    let on = On {
+        standby: Some(Arc::clone(reading.standby())),
+        _reading: Some(reading),
+    };
     relay(
         client,
         ctx,
@@ -71,11 +74,18 @@ pub(crate) async fn serve(
         &login,
         server,
         registration,
-        standby,
+        on,
         shutdown,
     )
     .await;
-    drop(reading);
+}
+
+/// The standby a session relays on: the rotation's entry (none for a session adopted
+/// from a standby the rotation does not list) and, for one this process chose, the
+/// pick that counts the session as busy there.
+struct On {
+    standby: Option<Arc<Standby>>,
+    _reading: Option<Reading>,
 }
 
 /// Takes over a session on a standby that another process handed over: the relay goes
@@ -90,7 +100,10 @@ pub(crate) async fn adopt(
     shutdown: Signal,
 ) {
     let registration = super::moved::adopt_cancel_key(ctx, &server, cancel, login.minor);
-    let standby = shard.replicas.find_addr(&server.peer);
+    let on = On {
+        standby: shard.replicas.find_addr(&server.peer),
+        _reading: None,
+    };
     tracing::debug!(shard = %shard.name, standby = %server.peer, "adopted a session on a standby");
     relay(
         client,
@@ -99,7 +112,7 @@ pub(crate) async fn adopt(
         &login,
         server,
         registration,
-        standby,
+        on,
         shutdown,
     )
     .await;
@@ -119,19 +132,17 @@ async fn relay(
     login: &ServerLogin,
     mut server: ServerConn,
     registration: Registration,
-    mut standby: Option<Arc<Standby>>,
+    mut on: On,
     shutdown: Signal,
 ) {
     let name = shard.name.as_str();
     let _server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-    // Counted as busy on its standby while the session stays there.
-    let mut _reading: Option<Reading> = None;
     let mut stayed = 0;
     let end = loop {
         let movable = (matches!(client.stream, Stream::Plain(_))
             && matches!(server.conn.stream, Stream::Plain(_)))
         .then_some((&ctx.outbox, stayed));
-        let leave = match &standby {
+        let leave = match &on.standby {
             Some(s) => Leave::Standby(Box::pin(s.leaving())),
             None => Leave::Never,
         };
@@ -158,25 +169,30 @@ async fn relay(
                 stayed = attempt;
             }
             End::Revoked => {
-                let from = standby.as_ref().map(|s| s.host.clone());
+                let from = on.standby.as_ref().map(|s| s.host.clone());
                 match move_on(ctx, shard, login, &mut server, from.as_ref()).await {
                     Ok((reading, next)) => {
                         server = next;
                         registration.set_server(Some(super::server_key(&server)));
-                        standby = Some(Arc::clone(reading.standby()));
                         tracing::info!(shard = name, from = ?from.map(|h| h.to_string()), to = %reading.host(), "session moved to another standby");
-                        _reading = Some(reading);
+                        on = On {
+                            standby: Some(Arc::clone(reading.standby())),
+                            _reading: Some(reading),
+                        };
                     }
                     Err(err) => {
+                        // Its standby is fine, only leaving: it stays in the rotation
+                        // as its checks find it.
                         send_error(&mut client.stream, &err).await;
-                        break End::ServerGone;
+                        tracing::debug!("session on a standby ended: it could not move");
+                        return;
                     }
                 }
             }
             end => break end,
         }
     };
-    if let (End::ServerGone, Some(s)) = (&end, &standby) {
+    if let (End::ServerGone, Some(s)) = (&end, &on.standby) {
         shard
             .replicas
             .set_down(&s.host, "a session's connection to it was lost");
