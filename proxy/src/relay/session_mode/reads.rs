@@ -63,10 +63,6 @@ pub(crate) async fn serve(
         return;
     };
     tracing::debug!(shard = name, standby = %reading.host(), "session relaying on a standby");
-    let on = On {
-        standby: Some(Arc::clone(reading.standby())),
-        _reading: Some(reading),
-    };
     relay(
         client,
         ctx,
@@ -74,7 +70,7 @@ pub(crate) async fn serve(
         &login,
         server,
         registration,
-        on,
+        On::picked(reading),
         shutdown,
     )
     .await;
@@ -86,6 +82,16 @@ pub(crate) async fn serve(
 struct On {
     standby: Option<Arc<Standby>>,
     _reading: Option<Reading>,
+}
+
+impl On {
+    /// A standby this process picked from the rotation.
+    fn picked(reading: Reading) -> Self {
+        Self {
+            standby: Some(Arc::clone(reading.standby())),
+            _reading: Some(reading),
+        }
+    }
 }
 
 /// Takes over a session on a standby that another process handed over: the relay goes
@@ -175,10 +181,7 @@ async fn relay(
                         server = next;
                         registration.set_server(Some(super::server_key(&server)));
                         tracing::info!(shard = name, from = ?from.map(|h| h.to_string()), to = %reading.host(), "session moved to another standby");
-                        on = On {
-                            standby: Some(Arc::clone(reading.standby())),
-                            _reading: Some(reading),
-                        };
+                        on = On::picked(reading);
                     }
                     Err(err) => {
                         // Its standby is fine, only leaving: it stays in the rotation
