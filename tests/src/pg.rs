@@ -696,8 +696,9 @@ impl Cluster {
     /// Points `standbys[i]` at the current primary after a promotion it did not take
     /// part in (`primary_conninfo` and a reload; it follows the new timeline), and waits
     /// until it streams; one that cannot follow (it received WAL past the promotion
-    /// point) is rewound instead ([`Cluster::rejoin`]).
-    pub fn follow(&mut self, i: usize) -> Result<()> {
+    /// point) is rewound instead ([`Cluster::rejoin`]), which restarts it and so ends
+    /// every session on it: `Ok(Some(when))` says when the restart began.
+    pub fn follow(&mut self, i: usize) -> Result<Option<std::time::Instant>> {
         let conninfo = format!(
             "host={} port={} user=postgres application_name={}",
             self.primary.host, self.primary.port, self.standbys[i].name
@@ -711,9 +712,10 @@ impl Cluster {
                 .wait_streaming(i, std::time::Duration::from_secs(5))
                 .is_ok()
         {
-            return Ok(());
+            return Ok(None);
         }
-        self.rejoin(i)
+        let restarting = std::time::Instant::now();
+        self.rejoin(i).map(|()| Some(restarting))
     }
 
     /// The index of the standby the primary waits for (`sync_state = 'sync'`).

@@ -15,6 +15,8 @@
 //!    and none later than the new primary's establishment; for a proxy kill, only the
 //!    killed proxy's clients (what they had in flight, and logins while it was down);
 //!    for a proxy cut off from everything, only that proxy's clients;
+//!    a session-mode reader's next request after the harness restarted its standby
+//!    (one that could not follow the new primary is rewound);
 //!    at most one error per client per fault, logins aside.
 //! 4. **No request waited longer than the buffer's window** (`HANDOFF_BUFFER_WINDOW`).
 //! 5. **The system serves again within a bound** after every fault.
@@ -270,6 +272,15 @@ impl Report {
             }
             let allowed = match f.kind {
                 _ if f.kind.planned() => Err("a planned fault".to_string()),
+                // A session-mode reader's session is its backend on a standby: when the
+                // harness restarts that standby to follow the new primary, the session
+                // ends, and the next request hears of it.
+                _ if o.proxy == super::SESSION_PROXY
+                    && o.kind == Kind::ReplicaRead
+                    && f.standby_restarted.is_some_and(|at| o.end >= at) =>
+                {
+                    Ok(())
+                }
                 FaultKind::Crash => {
                     if o.start <= f.start + STRIKE_SLACK {
                         Ok(())

@@ -170,6 +170,10 @@ pub struct Fault {
     pub promoted: Option<(i32, Duration)>,
     /// When every proxy served the new primary again (primary faults).
     pub served: Option<Duration>,
+    /// When the harness began restarting a standby that could not follow the new
+    /// primary (it is rewound): the sessions on it end, as they do when an HA manager
+    /// does the same.
+    pub standby_restarted: Option<Duration>,
     /// Each proxy's RSS (kB) once it had been dealt with.
     pub rss_kb: Vec<u64>,
 }
@@ -497,6 +501,7 @@ fn strike(
         proxy: None,
         promoted: None,
         served: None,
+        standby_restarted: None,
         rss_kb: Vec::new(),
     };
     match kind {
@@ -545,7 +550,10 @@ fn strike(
             f.detail = format!("{old} lost, {} promoted", top.cluster.primary.name);
             // The synchronous primary waits for a standby: point the other one at it
             // first, then bring the old primary back as a standby.
-            top.cluster.follow(other)?;
+            if let Some(at) = top.cluster.follow(other)? {
+                f.standby_restarted = Some(at.duration_since(epoch.into_std()));
+                let _ = write!(f.detail, ", {} rewound", top.cluster.standbys[other].name);
+            }
             f.served = Some(rt.block_on(top.wait_served(epoch, Duration::from_secs(30)))?);
             if kind == FaultKind::Partition {
                 let net = top.cluster.net.as_ref().context("no network")?;
