@@ -100,17 +100,20 @@ pub fn start_pgbouncer(cluster: &Cluster, bin: &Path, port: u16, pool_size: usiz
             pool_size,
             admin: false,
             max_clients: 2000,
+            scram: None,
         },
     )
 }
 
-/// PgBouncer's pool size, whether user `postgres` may use its console, and its client
-/// limit.
+/// PgBouncer's pool size, whether user `postgres` may use its console, its client
+/// limit, and how clients log in: trust, or SCRAM-SHA-256 for one user against its
+/// verifier (`scram`: user, `SCRAM-SHA-256$…`).
 #[derive(Debug, Clone, Copy)]
-pub struct PgBouncerOpts {
+pub struct PgBouncerOpts<'a> {
     pub pool_size: usize,
     pub admin: bool,
     pub max_clients: usize,
+    pub scram: Option<(&'a str, &'a str)>,
 }
 
 /// PgBouncer on `port` in front of the server on `server_port`, its files in `dir`
@@ -122,21 +125,26 @@ pub fn start_pgbouncer_at(
     server_port: u16,
     bin: &Path,
     port: u16,
-    opts: PgBouncerOpts,
+    opts: PgBouncerOpts<'_>,
 ) -> Result<Kill> {
     let PgBouncerOpts {
         pool_size,
         admin,
         max_clients,
+        scram,
     } = opts;
     let ini = dir.join("pgbouncer.ini");
     let users = dir.join("pgbouncer-users.txt");
-    std::fs::write(&users, "\"postgres\" \"\"\n")?;
+    let (auth_type, userlist) = match scram {
+        Some((user, verifier)) => ("scram-sha-256", format!("\"{user}\" \"{verifier}\"\n")),
+        None => ("trust", "\"postgres\" \"\"\n".to_string()),
+    };
+    std::fs::write(&users, userlist)?;
     std::fs::write(
         &ini,
         format!(
             "[databases]\n* = host=127.0.0.1 port={server_port}\n[pgbouncer]\n{}listen_addr = 127.0.0.1\n\
-             listen_port = {port}\nauth_type = trust\nauth_file = {}\npool_mode = transaction\n\
+             listen_port = {port}\nauth_type = {auth_type}\nauth_file = {}\npool_mode = transaction\n\
              max_client_conn = {max_clients}\ndefault_pool_size = {pool_size}\nunix_socket_dir =\n\
              logfile = {}\n",
             if admin { "admin_users = postgres\n" } else { "" },

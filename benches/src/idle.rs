@@ -103,6 +103,7 @@ pub async fn run(args: IdleArgs) -> Result<()> {
                         pool_size: 20,
                         admin: false,
                         max_clients: args.clients + 10,
+                        scram: None,
                     },
                 )?
             }

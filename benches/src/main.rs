@@ -5,6 +5,10 @@
 //! - `demo`: the README's main job: a local primary + standby, handoff in front, the
 //!   harness run direct and through handoff;
 //! - `idle`: handoff's memory with many idle clients;
+//! - `crowd`: 10,000 clients on an open-loop schedule: latency percentiles, fairness
+//!   and CPU, handoff beside PgBouncer;
+//! - `storm`: 10,000 clients logging in at once (SCRAM and trust), handoff beside
+//!   PgBouncer;
 //! - `takeover`: handoff replaced by a takeover under load, beside PgBouncer's `-R`;
 //! - `reads`: reads through `@replica` over two standbys beside direct and PgBouncer,
 //!   then reads and writes through a switchover;
@@ -22,6 +26,7 @@ use run::RunArgs;
 
 mod chaos;
 mod compare;
+mod crowd;
 mod idle;
 mod patroni;
 mod pg_auto_failover;
@@ -36,6 +41,10 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                           [--pool-mode transaction|session]
        handoff-bench idle [--clients N] [--concurrency N] [--settle 5s]
                           [--targets handoff,pgbouncer] [--pool-mode transaction|session]
+       handoff-bench crowd [--clients 10000] [--rate 4000] [--duration 30s] [--pool-size 20]
+                           [--rounds 1] [--targets handoff,pgbouncer]
+       handoff-bench storm [--clients 10000] [--auth scram,trust] [--pool-size 20]
+                           [--rounds 1] [--targets handoff,pgbouncer] [--timeout 120s]
        handoff-bench compare [--workload select|tpcb|prepared|mixed] [--clients 64] [--duration 10s]
                              [--pool-size 20] [--tls]
        handoff-bench switchover [--workload tpcb] [--clients 64] [--duration 12s] [--at 4s]
@@ -68,6 +77,12 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
           through PgBouncer, logging in --concurrency at a time; prints each proxy's
           resident memory per client right after the logins and after --settle idle.
           Defaults: --clients 10000 --concurrency 200 --settle 5s --pool-mode transaction
+  crowd   N connected clients, each sending a point select on its own schedule (open
+          loop, --rate in all), through handoff and PgBouncer in one run: latency
+          percentiles from when each request was due, per-client fairness, proxy CPU
+  storm   N clients logging in at the same moment (SCRAM-SHA-256 and trust), each
+          running SELECT 1: time until all are served, login percentiles, errors,
+          proxy CPU per login, handoff beside PgBouncer
   patroni one switchover on a real two-member Patroni cluster per target: asked of
           handoff, patronictl with handoff's before_stop hook, PgBouncer paused around
           it, direct multi-host clients; prints each with Patroni's own write gap
@@ -340,6 +355,24 @@ async fn main() -> ExitCode {
                 std::iter::once("handoff-bench chaos".to_string()).chain(args),
             ) {
                 Ok(a) => chaos::run(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("crowd") => {
+            use clap::Parser;
+            match crowd::CrowdArgs::try_parse_from(
+                std::iter::once("handoff-bench crowd".to_string()).chain(args),
+            ) {
+                Ok(a) => crowd::crowd(a).await,
+                Err(e) => return clap_exit(e),
+            }
+        }
+        Some("storm") => {
+            use clap::Parser;
+            match crowd::StormArgs::try_parse_from(
+                std::iter::once("handoff-bench storm".to_string()).chain(args),
+            ) {
+                Ok(a) => crowd::storm(a).await,
                 Err(e) => return clap_exit(e),
             }
         }

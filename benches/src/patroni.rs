@@ -223,6 +223,7 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
                     pool_size: args.pool_size,
                     admin: true,
                     max_clients: 2000,
+                    scram: None,
                 },
             )?);
             wait_listening(port, "pgbouncer").await?;
@@ -343,6 +344,7 @@ pub(crate) async fn pgbouncer_paused(
             pool_size,
             admin: true,
             max_clients: 2000,
+            scram: None,
         },
     )?;
     wait_listening(port, "pgbouncer").await?;

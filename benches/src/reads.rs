@@ -167,6 +167,7 @@ pub async fn run(a: Args) -> Result<()> {
                     pool_size: a.pool_size,
                     admin: false,
                     max_clients: 2000,
+                    scram: None,
                 },
             )?;
             wait_listening(pgb_port, "pgbouncer").await?;
