@@ -45,6 +45,7 @@ pub struct CrowdArgs {
     /// Runs per target, alternating between them.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`.
     #[arg(long, value_delimiter = ',', default_value = "handoff,pgbouncer")]
     pub targets: Vec<String>,
 }
@@ -65,6 +66,7 @@ pub struct StormArgs {
     /// Runs per target and authentication, alternating between the targets.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`.
     #[arg(long, value_delimiter = ',', default_value = "handoff,pgbouncer")]
     pub targets: Vec<String>,
     /// How long a client may take to be served before it counts as an error.
@@ -87,7 +89,7 @@ enum Auth<'a> {
 /// Raises this process's open-file limit for `clients` sockets (the proxies started
 /// from here inherit it).
 fn raise_nofile(clients: usize) -> Result<()> {
-    let need = clients as u64 * 2 + 500;
+    let need = clients as u64 + 500;
     if rlimit::getrlimit(rlimit::Resource::NOFILE)?.1 < need {
         let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, need, need);
     }
@@ -111,7 +113,7 @@ async fn start_target(
 ) -> Result<(Kill, u16)> {
     let port = handoff_tests::pg::free_port()?;
     let proxy = match target {
-        "handoff" => {
+        "handoff" | "handoff-1thread" => {
             let admin = handoff_tests::pg::free_port()?;
             let bin = std::env::current_exe()?.with_file_name("handoff");
             if !bin.is_file() {
@@ -128,6 +130,9 @@ async fn start_target(
                 .env("HANDOFF_MAX_CLIENT_CONN", (clients + 10).to_string())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(cluster.dir().join("handoff.log"))?);
+            if target == "handoff-1thread" {
+                cmd.env("HANDOFF_WORKER_THREADS", "1");
+            }
             if let Auth::Scram(verifier) = auth {
                 cmd.env("HANDOFF_USERS", format!("{SCRAM_USER}={verifier}"));
             }
@@ -155,7 +160,7 @@ async fn start_target(
                 },
             )?
         }
-        other => bail!("unknown target '{other}' (handoff, pgbouncer)"),
+        other => bail!("unknown target '{other}' (handoff, handoff-1thread, pgbouncer)"),
     };
     wait_listening(port, target).await?;
     Ok((proxy, port))
@@ -297,30 +302,32 @@ pub async fn crowd(args: CrowdArgs) -> Result<()> {
     Ok(())
 }
 
-/// handoff / PgBouncer of `f`, per round (runs in the order they were made).
+/// Each handoff build's `f` over PgBouncer's, per round (runs in the order they were
+/// made).
 fn ratios<R>(results: &[R], f: impl Fn(&R) -> f64, what: &str)
 where
     R: Named,
 {
-    let h: Vec<f64> = results
-        .iter()
-        .filter(|r| r.name() == "handoff")
-        .map(&f)
-        .collect();
-    let p: Vec<f64> = results
-        .iter()
-        .filter(|r| r.name() == "pgbouncer")
-        .map(&f)
-        .collect();
-    if h.is_empty() || p.is_empty() {
-        return;
+    let of = |name: &str| -> Vec<f64> {
+        results
+            .iter()
+            .filter(|r| r.name() == name)
+            .map(&f)
+            .collect()
+    };
+    let p = of("pgbouncer");
+    for name in ["handoff", "handoff-1thread"] {
+        let h = of(name);
+        if h.is_empty() || p.is_empty() {
+            continue;
+        }
+        let each: Vec<String> = h
+            .iter()
+            .zip(&p)
+            .map(|(h, p)| format!("{:.2}", h / p))
+            .collect();
+        println!("{name} / PgBouncer, {what}: {}", each.join(" / "));
     }
-    let each: Vec<String> = h
-        .iter()
-        .zip(&p)
-        .map(|(h, p)| format!("{:.2}", h / p))
-        .collect();
-    println!("handoff / PgBouncer, {what}: {}", each.join(" / "));
 }
 
 trait Named {

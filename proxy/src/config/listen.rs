@@ -78,6 +78,13 @@ pub(super) const VARIABLES: &[Variable] = &[
         applies: Applies::Takeover,
         help: "log filter in `tracing` EnvFilter syntax, e.g. `info,handoff=debug`",
     },
+    Variable {
+        name: "HANDOFF_WORKER_THREADS",
+        topic: Topic::Listen,
+        default: "0",
+        applies: Applies::Takeover,
+        help: "threads that run the sessions (`0`: one per CPU); `1` spends less CPU per transaction while the proxy is far from busy (no wake-ups between threads) but can use only one core",
+    },
 ];
 
 /// TLS towards clients.

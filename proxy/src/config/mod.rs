@@ -123,6 +123,8 @@ pub struct Config {
     /// How long a hold (`POST /v1/shards/{s}/hold`) waits for a new primary only.
     pub hold_timeout: Duration,
     pub log: String,
+    /// `HANDOFF_WORKER_THREADS` (`0`: one per CPU, the runtime's default).
+    pub worker_threads: usize,
 }
 
 impl Config {
@@ -218,6 +220,7 @@ impl Config {
             repmgr,
             hold_timeout: vars.positive_duration("HANDOFF_HOLD_TIMEOUT")?,
             log: vars.get("HANDOFF_LOG").unwrap_or_default().to_string(),
+            worker_threads: vars.count("HANDOFF_WORKER_THREADS", 0)?,
         })
     }
 

@@ -208,6 +208,25 @@ fn server_tcp_options() {
 }
 
 #[test]
+fn worker_threads() {
+    assert_eq!(
+        cfg(&[]).unwrap().worker_threads,
+        0,
+        "one per CPU by default"
+    );
+    assert_eq!(
+        cfg(&[("HANDOFF_WORKER_THREADS", "1")])
+            .unwrap()
+            .worker_threads,
+        1
+    );
+    assert_eq!(
+        err_var(&[("HANDOFF_WORKER_THREADS", "two")]),
+        "HANDOFF_WORKER_THREADS"
+    );
+}
+
+#[test]
 fn durations() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
