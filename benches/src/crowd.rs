@@ -45,9 +45,13 @@ pub struct CrowdArgs {
     /// Runs per target, alternating between them.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
-    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`.
+    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`, and
+    /// `baseline` (the `--baseline` binary: an earlier build, for alternating runs).
     #[arg(long, value_delimiter = ',', default_value = "handoff,pgbouncer")]
     pub targets: Vec<String>,
+    /// Another handoff binary, run as target `baseline`.
+    #[arg(long)]
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 /// Options of `handoff-bench storm`.
@@ -110,12 +114,17 @@ async fn start_target(
     clients: usize,
     pool_size: usize,
     auth: Auth<'_>,
+    baseline: Option<&std::path::Path>,
 ) -> Result<(Kill, u16)> {
     let port = handoff_tests::pg::free_port()?;
     let proxy = match target {
-        "handoff" | "handoff-1thread" => {
+        "handoff" | "handoff-1thread" | "baseline" => {
             let admin = handoff_tests::pg::free_port()?;
-            let bin = std::env::current_exe()?.with_file_name("handoff");
+            let bin = match (target, baseline) {
+                ("baseline", Some(b)) => b.to_path_buf(),
+                ("baseline", None) => bail!("target baseline needs --baseline <handoff binary>"),
+                _ => std::env::current_exe()?.with_file_name("handoff"),
+            };
             if !bin.is_file() {
                 bail!(
                     "{} not found: build it first (cargo build --release -p handoff -p handoff-bench)",
@@ -160,7 +169,7 @@ async fn start_target(
                 },
             )?
         }
-        other => bail!("unknown target '{other}' (handoff, handoff-1thread, pgbouncer)"),
+        other => bail!("unknown target '{other}' (handoff, handoff-1thread, baseline, pgbouncer)"),
     };
     wait_listening(port, target).await?;
     Ok((proxy, port))
@@ -316,7 +325,7 @@ where
             .collect()
     };
     let p = of("pgbouncer");
-    for name in ["handoff", "handoff-1thread"] {
+    for name in ["handoff", "handoff-1thread", "baseline"] {
         let h = of(name);
         if h.is_empty() || p.is_empty() {
             continue;
@@ -347,8 +356,15 @@ async fn crowd_once(
     period: Duration,
     run_no: usize,
 ) -> Result<CrowdResult> {
-    let (proxy, port) =
-        start_target(cluster, target, args.clients, args.pool_size, Auth::Trust).await?;
+    let (proxy, port) = start_target(
+        cluster,
+        target,
+        args.clients,
+        args.pool_size,
+        Auth::Trust,
+        args.baseline.as_deref(),
+    )
+    .await?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Log everyone in, 200 at a time, before the schedule starts.
     let mut clients = Vec::with_capacity(args.clients);
@@ -615,7 +631,8 @@ async fn storm_once(
     args: &StormArgs,
     run_no: usize,
 ) -> Result<StormResult> {
-    let (proxy, port) = start_target(cluster, target, args.clients, args.pool_size, auth).await?;
+    let (proxy, port) =
+        start_target(cluster, target, args.clients, args.pool_size, auth, None).await?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // One client first, so the pool's server connection is there before the storm.
     let first = RawClient::login_trust(addr, "postgres", "postgres").await;

@@ -173,7 +173,8 @@ async fn a_sessions_log_lines_name_its_client_user_and_database() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let line =
         line.unwrap_or_else(|| panic!("no idle-timeout line with the session's context:\n{text}"));
-    assert!(line.contains("client{client.addr=127.0.0.1:"), "{line}");
+    // At info the relay runs without a span: its own lines carry the client's fields.
+    assert!(line.contains("client.addr=127.0.0.1:"), "{line}");
     assert!(
         refused.is_some(),
         "no login-failure line with its context:\n{text}"

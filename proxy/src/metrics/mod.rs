@@ -354,6 +354,8 @@ pub struct RelayMeters {
     pub transaction: metrics::Histogram,
     pub up_total: metrics::Counter,
     pub down_total: metrics::Counter,
+    /// `handoff_clients_parked`, moved at every park and wake-up of a quiet client.
+    pub parked: metrics::Gauge,
 }
 
 impl RelayMeters {
@@ -363,6 +365,7 @@ impl RelayMeters {
             transaction: metrics::histogram!(TRANSACTION_DURATION),
             up_total: metrics::counter!(BYTES_TOTAL, "direction" => "client_to_server"),
             down_total: metrics::counter!(BYTES_TOTAL, "direction" => "server_to_client"),
+            parked: metrics::gauge!(CLIENTS_PARKED),
         }
     }
 }
@@ -386,6 +389,23 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         metrics::gauge!(self.0).decrement(1.0);
+    }
+}
+
+/// Keeps a shared gauge handle up while alive: [`GaugeGuard`] without the lookup by
+/// name, for paths that run per transaction.
+pub(crate) struct HeldUp<'a>(&'a metrics::Gauge);
+
+impl<'a> HeldUp<'a> {
+    pub fn new(gauge: &'a metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for HeldUp<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

@@ -198,4 +198,9 @@ impl Meter {
     pub fn client(&self) -> &Arc<ClientInfo> {
         &self.client
     }
+
+    /// The metric handles the relay shares with every other session.
+    pub fn series(&self) -> &RelayMeters {
+        &self.series
+    }
 }

@@ -245,11 +245,11 @@ async fn not_attached(
 ) -> Result<(), End> {
     let err = e.to_client(txn.shard);
     if e.is_refusal() {
-        tracing::info!(shard = txn.shard, error = %err, "request refused");
+        client_log!(info, txn.meter.client(), shard = txn.shard, error = %err, "request refused");
         txn.local = Local::Refuse(Box::new(err));
         return Ok(());
     }
-    tracing::warn!(error = %err, "no server connection for client");
+    client_log!(warn, txn.meter.client(), error = %err, "no server connection for client");
     write_client(client, answers).await?;
     send_error(&mut client.stream, &err).await;
     Err(End::ServerGone)

@@ -240,7 +240,12 @@ impl Txn<'_> {
             )
             .hint("the transaction was rolled back; retry it"),
         };
-        tracing::info!(shard = self.shard, "lameduck cancelled a transaction");
+        client_log!(
+            info,
+            self.meter.client(),
+            shard = self.shard,
+            "lameduck cancelled a transaction"
+        );
         self.abandon(client, err, true, server_clean, client_clean)
             .await
     }
@@ -273,7 +278,7 @@ impl Txn<'_> {
                 ),
             )
             .hint("the session goes on: its next transaction goes to another standby");
-            tracing::info!(shard = self.shard, standby = %host, "standby connection lost under a request");
+            client_log!(info, self.meter.client(), shard = self.shard, standby = %host, "standby connection lost under a request");
             return self
                 .abandon(client, err, false, server_clean, client_clean)
                 .await;
@@ -294,13 +299,13 @@ impl Txn<'_> {
                 )
             });
             let code = sqlstate::known(&code).unwrap_or(sqlstate::CONNECTION_FAILURE);
-            tracing::info!(shard = self.shard, %message, "a server backend ended while the primary serves: ending the client's session");
+            client_log!(info, self.meter.client(), shard = self.shard, %message, "a server backend ended while the primary serves: ending the client's session");
             let err = ProxyError::error(code, message);
             // Sent as FATAL, and the session ends.
             return self.abandon(client, err, false, server_clean, false).await;
         }
         let err = self.lost_error();
-        tracing::info!(shard = self.shard, error = %err.message, "server connection lost under a request");
+        client_log!(info, self.meter.client(), shard = self.shard, error = %err.message, "server connection lost under a request");
         self.abandon(client, err, false, server_clean, client_clean)
             .await
     }

@@ -195,7 +195,7 @@ impl Txn<'_> {
                 );
             } else {
                 reason.count(self.shard);
-                tracing::info!(shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
+                client_log!(info, self.meter.client(), shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
             }
             let (mut again, defined) = self.probe.take_request();
             for name in defined {

@@ -17,7 +17,7 @@ use super::local::Local;
 use super::server::server_bytes;
 use super::{Txn, MAX_INSPECT};
 use crate::error::send_error;
-use crate::metrics::{self as m, GaugeGuard};
+use crate::metrics::{self as m, HeldUp};
 use crate::net::buffers;
 use crate::net::stream::Conn;
 use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
@@ -45,11 +45,18 @@ pub(crate) fn relay<'a>(
 ) -> BoxFuture<'a, ()> {
     Box::pin(async move {
         let end = loop {
-            // The log context, made for each stretch of work (a parked client keeps none).
-            let span = txn.meter.client().span();
+            // The log context, made for each stretch of work (a parked client keeps
+            // none), and only when debug lines are on (see `client_span_on`).
+            let span = if super::client_span_on() {
+                txn.meter.client().span()
+            } else {
+                tracing::Span::none()
+            };
             match Box::pin(run(&mut client, &mut txn, shutdown.clone()).instrument(span)).await {
                 End::Parked => {
-                    let _parked = GaugeGuard::new(m::CLIENTS_PARKED);
+                    // The shared handle, not a lookup by name: this runs at every
+                    // wake-up of a quiet client.
+                    let _parked = HeldUp::new(&txn.meter.series().parked);
                     parked(&client, &shutdown).await;
                 }
                 End::HandOver => {
@@ -354,7 +361,7 @@ async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
             _ = expire(limit) => {
                 let kind = limit.expect("a limit expired").1;
                 metrics::counter!(m::CLIENT_TIMEOUTS_TOTAL, "kind" => kind.as_str()).increment(1);
-                tracing::info!(kind = kind.as_str(), "client idle timeout");
+                client_log!(info, txn.meter.client(), kind = kind.as_str(), "client idle timeout");
                 send_error(&mut client.stream, &limits.error(kind)).await;
                 break End::Timeout;
             }

@@ -51,7 +51,7 @@ pub(super) async fn server_bytes(
         let step = match scan.step(&buf[pos..], inspect_server) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "protocol error from server");
+                client_log!(warn, txn.meter.client(), error = %e, "protocol error from server");
                 let err = crate::error::server_protocol_error(&e);
                 send_error(&mut client.stream, &err).await;
                 txn.ex.server_said_fatal(None);
