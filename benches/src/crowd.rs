@@ -14,7 +14,7 @@
 //!   served, the spread of the login times, errors, and the proxy's CPU per login; with
 //!   SCRAM-SHA-256 (both proxies given the same verifier) and with trust.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -24,7 +24,26 @@ use handoff_tests::Cluster;
 use tokio::time::Instant;
 
 use crate::compare::{pgbouncer_binary, start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+use crate::idle::source;
 use crate::run::cpu_time;
+
+/// What both subcommands run: the targets, their pools, how many rounds.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Sides {
+    /// Server connections per pool, for both poolers.
+    #[arg(long, default_value_t = 20)]
+    pub pool_size: usize,
+    /// Runs per target, alternating between the targets.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`, and
+    /// `baseline` (the `--baseline` binary: an earlier build, for alternating runs).
+    #[arg(long, value_delimiter = ',', default_value = "handoff,pgbouncer")]
+    pub targets: Vec<String>,
+    /// Another handoff binary, run as target `baseline`.
+    #[arg(long)]
+    pub baseline: Option<std::path::PathBuf>,
+}
 
 /// Options of `handoff-bench crowd`.
 #[derive(Debug, Clone, clap::Parser)]
@@ -39,19 +58,8 @@ pub struct CrowdArgs {
     /// How long the schedule runs once every client is logged in.
     #[arg(long, default_value = "30s", value_parser = crate::run::events::parse_duration)]
     pub duration: Duration,
-    /// Server connections per pool, for both poolers.
-    #[arg(long, default_value_t = 20)]
-    pub pool_size: usize,
-    /// Runs per target, alternating between them.
-    #[arg(long, default_value_t = 1)]
-    pub rounds: usize,
-    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`, and
-    /// `baseline` (the `--baseline` binary: an earlier build, for alternating runs).
-    #[arg(long, value_delimiter = ',', default_value = "handoff,pgbouncer")]
-    pub targets: Vec<String>,
-    /// Another handoff binary, run as target `baseline`.
-    #[arg(long)]
-    pub baseline: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub sides: Sides,
 }
 
 /// Options of `handoff-bench storm`.
@@ -61,21 +69,14 @@ pub struct StormArgs {
     /// Clients that log in at the same moment.
     #[arg(long, default_value_t = 10_000)]
     pub clients: usize,
-    /// `scram`, `trust`.
+    /// `scram`, `trust` (each run for every target).
     #[arg(long, value_delimiter = ',', default_value = "scram,trust")]
     pub auth: Vec<String>,
-    /// Server connections per pool, for both poolers.
-    #[arg(long, default_value_t = 20)]
-    pub pool_size: usize,
-    /// Runs per target and authentication, alternating between the targets.
-    #[arg(long, default_value_t = 1)]
-    pub rounds: usize,
-    /// `handoff`, `handoff-1thread` (`HANDOFF_WORKER_THREADS=1`), `pgbouncer`.
-    #[arg(long, value_delimiter = ',', default_value = "handoff,pgbouncer")]
-    pub targets: Vec<String>,
     /// How long a client may take to be served before it counts as an error.
     #[arg(long, default_value = "120s", value_parser = crate::run::events::parse_duration)]
     pub timeout: Duration,
+    #[command(flatten)]
+    pub sides: Sides,
 }
 
 /// The user both proxies' SCRAM logins use, and its password.
@@ -112,16 +113,16 @@ async fn start_target(
     cluster: &Cluster,
     target: &str,
     clients: usize,
-    pool_size: usize,
+    sides: &Sides,
     auth: Auth<'_>,
-    baseline: Option<&std::path::Path>,
 ) -> Result<(Kill, u16)> {
+    let pool_size = sides.pool_size;
     let port = handoff_tests::pg::free_port()?;
     let proxy = match target {
         "handoff" | "handoff-1thread" | "baseline" => {
             let admin = handoff_tests::pg::free_port()?;
-            let bin = match (target, baseline) {
-                ("baseline", Some(b)) => b.to_path_buf(),
+            let bin = match (target, &sides.baseline) {
+                ("baseline", Some(b)) => b.clone(),
                 ("baseline", None) => bail!("target baseline needs --baseline <handoff binary>"),
                 _ => std::env::current_exe()?.with_file_name("handoff"),
             };
@@ -175,18 +176,6 @@ async fn start_target(
     Ok((proxy, port))
 }
 
-/// The loopback address the `n`th client of run `run` connects from: 10,000 clients
-/// per address (one address has ~28,000 ports towards one server), and addresses of
-/// its own per run (the last run's ports wait in TIME_WAIT for a minute).
-fn source(run: usize, n: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        20 + (run % 200) as u8,
-        (n / 10_000) as u8,
-        1,
-    ))
-}
-
 /// A simple-protocol Query message.
 fn query_message(sql: &str) -> Vec<u8> {
     let mut m = Vec::with_capacity(sql.len() + 6);
@@ -208,7 +197,7 @@ fn pct<T: Copy + Default>(v: &[T], p: f64) -> T {
 /// One client's record in a crowd run.
 #[derive(Debug, Default)]
 struct ClientLog {
-    /// Latencies (µs) of the requests that completed inside the window.
+    /// Latencies (µs) of the requests due inside the window that were answered.
     latencies: Vec<u32>,
     errors: u32,
     first_error: Option<String>,
@@ -251,13 +240,14 @@ pub async fn crowd(args: CrowdArgs) -> Result<()> {
         args.rate,
         period.as_secs_f64(),
         args.duration,
-        args.pool_size
+        args.sides.pool_size
     );
     let mut results = Vec::new();
-    let mut run_no = 0;
-    for _ in 0..args.rounds {
-        for target in &args.targets {
-            run_no += 1;
+    // Source addresses 127.20-99.x.1 (idle's runs use 127.1-2).
+    let mut run_no: u8 = 19;
+    for _ in 0..args.sides.rounds {
+        for target in &args.sides.targets {
+            run_no = if run_no >= 99 { 20 } else { run_no + 1 };
             let r = crowd_once(&cluster, target, &args, period, run_no).await?;
             println!(
                 "{:<10} served {:.0} tps; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.1} ms; {} errors; {}",
@@ -354,36 +344,14 @@ async fn crowd_once(
     target: &str,
     args: &CrowdArgs,
     period: Duration,
-    run_no: usize,
+    run_no: u8,
 ) -> Result<CrowdResult> {
-    let (proxy, port) = start_target(
-        cluster,
-        target,
-        args.clients,
-        args.pool_size,
-        Auth::Trust,
-        args.baseline.as_deref(),
-    )
-    .await?;
+    let (proxy, port) =
+        start_target(cluster, target, args.clients, &args.sides, Auth::Trust).await?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Log everyone in, 200 at a time, before the schedule starts.
     let mut clients = Vec::with_capacity(args.clients);
-    while clients.len() < args.clients {
-        let batch = (args.clients - clients.len()).min(200);
-        let mut logins = Vec::with_capacity(batch);
-        for i in 0..batch {
-            let from = source(run_no, clients.len() + i);
-            logins.push(tokio::spawn(RawClient::login_trust_from(
-                addr, from, "postgres", "postgres",
-            )));
-        }
-        for l in logins {
-            clients.push(
-                l.await?
-                    .with_context(|| format!("a login through {target}"))?,
-            );
-        }
-    }
+    crate::idle::log_in(&mut clients, args.clients, 200, addr, target, run_no).await?;
     // Quiet for a moment: what follows is the crowd, not the logins.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_before = cpu_time(proxy.pid());
@@ -498,12 +466,10 @@ async fn crowd_client(
         .await;
         let done = Instant::now();
         match r {
-            Ok((_, TransactionStatus::Idle)) => {
-                if done <= end + Duration::from_secs(1) {
-                    log.latencies
-                        .push(done.duration_since(from).as_micros().min(u32::MAX as u128) as u32);
-                }
-            }
+            // Every request due inside the window counts, however late its answer.
+            Ok((_, TransactionStatus::Idle)) => log
+                .latencies
+                .push(done.duration_since(from).as_micros().min(u32::MAX as u128) as u32),
             Ok((_, status)) => {
                 log.errors += 1;
                 log.first_error
@@ -558,16 +524,17 @@ pub async fn storm(args: StormArgs) -> Result<()> {
         bail!("PostgreSQL made no SCRAM verifier: {verifier:?}");
     }
     let mut results = Vec::new();
-    let mut run_no = 100;
+    // Source addresses 127.100-250.x.1.
+    let mut run_no: u8 = 99;
     for auth in &args.auth {
         let (mode, label) = match auth.as_str() {
             "scram" => (Auth::Scram(&verifier), "scram"),
             "trust" => (Auth::Trust, "trust"),
             other => bail!("--auth: unknown '{other}' (scram, trust)"),
         };
-        for _ in 0..args.rounds {
-            for target in &args.targets {
-                run_no += 1;
+        for _ in 0..args.sides.rounds {
+            for target in &args.sides.targets {
+                run_no = if run_no >= 250 { 100 } else { run_no + 1 };
                 let r = storm_once(&cluster, target, mode, label, &args, run_no).await?;
                 println!(
                     "{:<10} {:<6} {} of {} served in {:.2} s (p50 {:.0} ms, p99 {:.0} ms); {} errors; {}",
@@ -629,10 +596,9 @@ async fn storm_once(
     auth: Auth<'_>,
     label: &'static str,
     args: &StormArgs,
-    run_no: usize,
+    run_no: u8,
 ) -> Result<StormResult> {
-    let (proxy, port) =
-        start_target(cluster, target, args.clients, args.pool_size, auth, None).await?;
+    let (proxy, port) = start_target(cluster, target, args.clients, &args.sides, auth).await?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // One client first, so the pool's server connection is there before the storm.
     let first = RawClient::login_trust(addr, "postgres", "postgres").await;

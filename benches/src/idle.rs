@@ -177,7 +177,44 @@ fn start_handoff(cluster: &Cluster, port: u16, args: &IdleArgs) -> Result<Kill> 
     Ok(Kill::new(child))
 }
 
-/// `source_net`: the third byte of the loopback addresses the clients connect from.
+/// The loopback address the `n`th client of run `run` connects from: 10,000 clients
+/// per address (one address has ~28,000 ports towards one server), and addresses of
+/// its own for each run (the last run's closed connections keep their ports in
+/// TIME_WAIT for a minute).
+pub fn source(run: u8, n: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, run, (n / 10_000) as u8, 1).into()
+}
+
+/// Logs trust clients in through `target` at `addr` until `held` has `clients`,
+/// `concurrency` at a time, from run `run`'s source addresses ([`source`]).
+pub async fn log_in(
+    held: &mut Vec<RawClient>,
+    clients: usize,
+    concurrency: usize,
+    addr: std::net::SocketAddr,
+    target: &str,
+    run: u8,
+) -> Result<()> {
+    while held.len() < clients {
+        let batch = (clients - held.len()).min(concurrency);
+        let mut tasks = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let from = source(run, held.len() + i);
+            tasks.push(tokio::spawn(RawClient::login_trust_from(
+                addr, from, "postgres", "postgres",
+            )));
+        }
+        for t in tasks {
+            held.push(
+                t.await?
+                    .with_context(|| format!("a login through {target}"))?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `source_net`: the run's source addresses ([`source`]).
 async fn measure(
     target: &str,
     proxy: Kill,
@@ -193,27 +230,15 @@ async fn measure(
     let base_kib = rss_kib(pid)?;
     let started = Instant::now();
     let mut held = vec![first];
-    while held.len() < args.clients {
-        let batch = (args.clients - held.len()).min(args.concurrency);
-        let mut tasks = Vec::with_capacity(batch);
-        for i in 0..batch {
-            // Each source address has ~28,000 ports: 10,000 clients per address, and
-            // addresses of its own for each target (the previous target's closed
-            // connections keep their ports in TIME_WAIT for a minute).
-            let n = held.len() + i;
-            let source = std::net::Ipv4Addr::new(127, 0, source_net, 1 + (n / 10_000) as u8);
-            let source = source.into();
-            tasks.push(tokio::spawn(RawClient::login_trust_from(
-                addr, source, "postgres", "postgres",
-            )));
-        }
-        for t in tasks {
-            held.push(
-                t.await?
-                    .with_context(|| format!("a login through {target}"))?,
-            );
-        }
-    }
+    log_in(
+        &mut held,
+        args.clients,
+        args.concurrency,
+        addr,
+        target,
+        source_net,
+    )
+    .await?;
     let storm_secs = started.elapsed().as_secs_f64();
     let after_kib = rss_kib(pid)?;
     tokio::time::sleep(args.settle).await;

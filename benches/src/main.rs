@@ -292,6 +292,13 @@ fn clap_exit(e: clap::Error) -> ExitCode {
     ExitCode::from(e.exit_code().clamp(0, 255) as u8)
 }
 
+/// A subcommand's options from the rest of the command line, or the exit status after
+/// clap printed its help or the mistake.
+fn parsed<A: clap::Parser>(name: &str, args: impl Iterator<Item = String>) -> Result<A, ExitCode> {
+    A::try_parse_from(std::iter::once(format!("handoff-bench {name}")).chain(args))
+        .map_err(clap_exit)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -310,31 +317,18 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Some("run") => {
-            use clap::Parser;
-            match run::RunArgs::try_parse_from(
-                std::iter::once("handoff-bench run".to_string()).chain(args),
-            ) {
-                Ok(a) => run::run(a).await.map(|_| ()),
-                Err(e) => return clap_exit(e),
-            }
-        }
-        Some("compare") => {
-            use clap::Parser;
-            match compare::CompareArgs::try_parse_from(
-                std::iter::once("handoff-bench compare".to_string()).chain(args),
-            ) {
-                Ok(a) => compare::compare(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
+        Some("run") => match parsed::<run::RunArgs>("run", args) {
+            Ok(a) => run::run(a).await.map(|_| ()),
+            Err(code) => return code,
+        },
+        Some("compare") => match parsed::<compare::CompareArgs>("compare", args) {
+            Ok(a) => compare::compare(a).await,
+            Err(code) => return code,
+        },
         Some("pgbouncer-switchover") => {
-            use clap::Parser;
-            match compare::SwitchoverArgs::try_parse_from(
-                std::iter::once("handoff-bench pgbouncer-switchover".to_string()).chain(args),
-            ) {
+            match parsed::<compare::SwitchoverArgs>("pgbouncer-switchover", args) {
                 Ok(a) => compare::pgbouncer_switchover(a).await,
-                Err(e) => return clap_exit(e),
+                Err(code) => return code,
             }
         }
         Some(cmd @ ("switchover" | "failover")) => {
@@ -349,78 +343,40 @@ async fn main() -> ExitCode {
                 Err(e) => return clap_exit(e),
             }
         }
-        Some("chaos") => {
-            use clap::Parser;
-            match chaos::Args::try_parse_from(
-                std::iter::once("handoff-bench chaos".to_string()).chain(args),
-            ) {
-                Ok(a) => chaos::run(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
-        Some("crowd") => {
-            use clap::Parser;
-            match crowd::CrowdArgs::try_parse_from(
-                std::iter::once("handoff-bench crowd".to_string()).chain(args),
-            ) {
-                Ok(a) => crowd::crowd(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
-        Some("storm") => {
-            use clap::Parser;
-            match crowd::StormArgs::try_parse_from(
-                std::iter::once("handoff-bench storm".to_string()).chain(args),
-            ) {
-                Ok(a) => crowd::storm(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
-        Some("takeover") => {
-            use clap::Parser;
-            match takeover::Args::try_parse_from(
-                std::iter::once("handoff-bench takeover".to_string()).chain(args),
-            ) {
-                Ok(a) => takeover::run(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
-        Some("reads") => {
-            use clap::Parser;
-            match reads::Args::try_parse_from(
-                std::iter::once("handoff-bench reads".to_string()).chain(args),
-            ) {
-                Ok(a) => reads::run(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
-        Some("patroni") => {
-            use clap::Parser;
-            match patroni::Args::try_parse_from(
-                std::iter::once("handoff-bench patroni".to_string()).chain(args),
-            ) {
-                Ok(a) => patroni::run(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
+        Some("chaos") => match parsed::<chaos::Args>("chaos", args) {
+            Ok(a) => chaos::run(a).await,
+            Err(code) => return code,
+        },
+        Some("crowd") => match parsed::<crowd::CrowdArgs>("crowd", args) {
+            Ok(a) => crowd::crowd(a).await,
+            Err(code) => return code,
+        },
+        Some("storm") => match parsed::<crowd::StormArgs>("storm", args) {
+            Ok(a) => crowd::storm(a).await,
+            Err(code) => return code,
+        },
+        Some("takeover") => match parsed::<takeover::Args>("takeover", args) {
+            Ok(a) => takeover::run(a).await,
+            Err(code) => return code,
+        },
+        Some("reads") => match parsed::<reads::Args>("reads", args) {
+            Ok(a) => reads::run(a).await,
+            Err(code) => return code,
+        },
+        Some("patroni") => match parsed::<patroni::Args>("patroni", args) {
+            Ok(a) => patroni::run(a).await,
+            Err(code) => return code,
+        },
         Some("pg-auto-failover") => {
-            use clap::Parser;
-            match pg_auto_failover::Args::try_parse_from(
-                std::iter::once("handoff-bench pg-auto-failover".to_string()).chain(args),
-            ) {
+            match parsed::<pg_auto_failover::Args>("pg-auto-failover", args) {
                 Ok(a) => pg_auto_failover::run(a).await,
-                Err(e) => return clap_exit(e),
+                Err(code) => return code,
             }
         }
-        Some("repmgr") => {
-            use clap::Parser;
-            match repmgr::Args::try_parse_from(
-                std::iter::once("handoff-bench repmgr".to_string()).chain(args),
-            ) {
-                Ok(a) => repmgr::run(a).await,
-                Err(e) => return clap_exit(e),
-            }
-        }
+        Some("repmgr") => match parsed::<repmgr::Args>("repmgr", args) {
+            Ok(a) => repmgr::run(a).await,
+            Err(code) => return code,
+        },
         Some("idle") => {
             let mut a = idle::IdleArgs {
                 clients: 10_000,

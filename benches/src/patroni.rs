@@ -273,6 +273,89 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
     measured
 }
 
+/// The load and pool options the two-node managers' benches share
+/// (`pg-auto-failover`, `repmgr`); each adds its own `--targets`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TwoNodeLoad {
+    #[arg(long, value_enum, default_value = "tpcb")]
+    pub workload: Workload,
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    #[arg(long, default_value = "16s", value_parser = run::events::parse_duration)]
+    pub duration: Duration,
+    /// When the switchover starts.
+    #[arg(long, default_value = "5s", value_parser = run::events::parse_duration)]
+    pub at: Duration,
+    #[arg(long, default_value_t = 20)]
+    pub pool_size: usize,
+    #[arg(long, default_value = "handoff-bench-results")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A two-node cluster's old and new primary: address (`host:port`), port, and the old
+/// one's connection string (for the manager's own write gap).
+pub(crate) struct TwoNodes {
+    pub(crate) old: (String, u16),
+    pub(crate) new: (String, u16),
+    pub(crate) old_conn: String,
+}
+
+/// The targets every two-node manager's bench shares, after its own (handoff and its
+/// variants): `pgbouncer`, paused around the manager's switchover `ctl`, and `direct`
+/// (multi-host clients), then the measurement. `own`: the URL and the command of the
+/// bench's own target, with what must stay alive while it runs.
+pub(crate) async fn measure_two_nodes(
+    load: &TwoNodeLoad,
+    name: &str,
+    (bin, dir): (&PgBin, &std::path::Path),
+    nodes: TwoNodes,
+    port: u16,
+    ctl: String,
+    own: Option<(Kill, String)>,
+) -> Result<Measured> {
+    let mut keep = Vec::new();
+    let through_port = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let (url, command) = match (name, own) {
+        (_, Some((kill, command))) => {
+            keep.push(kill);
+            (through_port, command)
+        }
+        ("pgbouncer", None) => {
+            let (kill, command) = pgbouncer_paused(
+                bin,
+                dir,
+                (nodes.old.1, nodes.new.1, port),
+                load.pool_size,
+                &ctl,
+            )
+            .await?;
+            keep.push(kill);
+            (through_port, command)
+        }
+        (_, None) => (
+            format!(
+                "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
+                nodes.old.0, nodes.new.0
+            ),
+            ctl,
+        ),
+    };
+    let prober = Prober::inserting(&nodes.old_conn, &[nodes.old.1, nodes.new.1]).await?;
+    let load = Load {
+        workload: load.workload,
+        clients: load.clients,
+        duration: load.duration,
+        at: load.at,
+        out: &load.out,
+        quiet: load.quiet,
+    };
+    let measured = measure(&load, name, url, command, prober).await;
+    drop(keep);
+    measured
+}
+
 /// The load of one switchover run.
 pub(crate) struct Load<'a> {
     pub(crate) workload: Workload,

@@ -20,31 +20,17 @@
 //! read-only (`stop_replication`) until the monitor assigns it `wait_primary`, so
 //! leaving recovery is not yet taking writes.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use anyhow::{bail, Context, Result};
 use handoff_tests::paf::{AutoFailoverCluster, Hold, Options};
 use handoff_tests::pg::{free_port, PgBin};
 
 use crate::compare::{wait_listening, Kill};
-use crate::patroni::{Measured, Prober};
-use crate::run;
-use crate::run::workload::Workload;
+use crate::patroni::{measure_two_nodes, Measured, TwoNodes};
 
 /// Options of `handoff-bench pg-auto-failover`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "handoff-bench pg-auto-failover")]
 pub struct Args {
-    #[arg(long, value_enum, default_value = "tpcb")]
-    pub workload: Workload,
-    #[arg(long, default_value_t = 32)]
-    pub clients: usize,
-    #[arg(long, default_value = "16s", value_parser = run::events::parse_duration)]
-    pub duration: Duration,
-    /// When the switchover starts.
-    #[arg(long, default_value = "5s", value_parser = run::events::parse_duration)]
-    pub at: Duration,
     /// Which of handoff, pg_autoctl, pg_autoctl-pgctl, pgbouncer, direct to run (comma
     /// separated).
     #[arg(
@@ -52,12 +38,8 @@ pub struct Args {
         default_value = "handoff,pg_autoctl,pg_autoctl-pgctl,pgbouncer,direct"
     )]
     pub targets: String,
-    #[arg(long, default_value_t = 20)]
-    pub pool_size: usize,
-    #[arg(long, default_value = "handoff-bench-results")]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub load: crate::patroni::TwoNodeLoad,
 }
 
 const TARGETS: [&str; 5] = [
@@ -128,58 +110,28 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
         crate::compare::as_server_user(),
         cluster.ctl_monitor_shell("perform switchover")
     );
-    let mut keep = Vec::new();
-    let (url, command) = match name {
+    let own = match name {
         "handoff" | "pg_autoctl" | "pg_autoctl-pgctl" => {
-            keep.push(start_handoff(&cluster, port, admin, args.pool_size)?);
+            let kill = start_handoff(&cluster, port, admin, args.load.pool_size)?;
             wait_listening(port, "handoff").await?;
             let command = if name == "handoff" {
                 format!(
                     "POST http://127.0.0.1:{admin}/v1/shards/main/switchover {{\"to\": \"node_2\"}}"
                 )
             } else {
-                ctl
+                ctl.clone()
             };
-            (
-                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-                command,
-            )
+            Some((kill, command))
         }
-        "pgbouncer" => {
-            let (kill, command) = crate::patroni::pgbouncer_paused(
-                &bin,
-                dir.path(),
-                (old.pg_port, new.pg_port, port),
-                args.pool_size,
-                &ctl,
-            )
-            .await?;
-            keep.push(kill);
-            (
-                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-                command,
-            )
-        }
-        _ => (
-            format!(
-                "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
-                old.addr(),
-                new.addr()
-            ),
-            ctl,
-        ),
+        _ => None,
     };
-    let prober = Prober::inserting(&old.conn(), &[old.pg_port, new.pg_port]).await?;
-    let load = crate::patroni::Load {
-        workload: args.workload,
-        clients: args.clients,
-        duration: args.duration,
-        at: args.at,
-        out: &args.out,
-        quiet: args.quiet,
+    let nodes = TwoNodes {
+        old: (old.addr(), old.pg_port),
+        new: (new.addr(), new.pg_port),
+        old_conn: old.conn(),
     };
-    let measured = crate::patroni::measure(&load, name, url, command, prober).await;
-    drop(keep);
+    let measured =
+        measure_two_nodes(&args.load, name, (&bin, dir.path()), nodes, port, ctl, own).await;
     drop(cluster);
     measured
 }

@@ -17,32 +17,18 @@
 //! `INSERT` on each node directly every 10 ms: the old primary's last accepted write to
 //! the new one's first).
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use anyhow::{bail, Context, Result};
 use handoff_tests::paf::Hold;
 use handoff_tests::pg::{free_port, PgBin};
 use handoff_tests::repmgr::{Options, RepmgrCluster};
 
 use crate::compare::{wait_listening, Kill};
-use crate::patroni::{Measured, Prober};
-use crate::run;
-use crate::run::workload::Workload;
+use crate::patroni::{measure_two_nodes, Measured, TwoNodes};
 
 /// Options of `handoff-bench repmgr`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "handoff-bench repmgr")]
 pub struct Args {
-    #[arg(long, value_enum, default_value = "tpcb")]
-    pub workload: Workload,
-    #[arg(long, default_value_t = 32)]
-    pub clients: usize,
-    #[arg(long, default_value = "16s", value_parser = run::events::parse_duration)]
-    pub duration: Duration,
-    /// When the switchover starts.
-    #[arg(long, default_value = "5s", value_parser = run::events::parse_duration)]
-    pub at: Duration,
     /// Which of handoff, handoff-hook, repmgr-pgctl, pgbouncer, direct to run (comma
     /// separated).
     #[arg(
@@ -50,12 +36,8 @@ pub struct Args {
         default_value = "handoff,handoff-hook,repmgr-pgctl,pgbouncer,direct"
     )]
     pub targets: String,
-    #[arg(long, default_value_t = 20)]
-    pub pool_size: usize,
-    #[arg(long, default_value = "handoff-bench-results")]
-    pub out: PathBuf,
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub load: crate::patroni::TwoNodeLoad,
 }
 
 const TARGETS: [&str; 5] = [
@@ -129,59 +111,29 @@ async fn one(args: &Args, name: &str) -> Result<Measured> {
     let cluster = tokio::task::block_in_place(|| RepmgrCluster::start(2, opts))?;
     let (old, new) = (&cluster.nodes[0], &cluster.nodes[1]);
     let ctl = cluster.switchover_command().replace("%i", "2");
-    let mut keep = Vec::new();
-    let (url, command) = match name {
+    let own = match name {
         "handoff" | "handoff-hook" | "repmgr-pgctl" => {
             let hook = name == "handoff-hook";
-            keep.push(start_handoff(&cluster, port, admin, args.pool_size, hook)?);
+            let kill = start_handoff(&cluster, port, admin, args.load.pool_size, hook)?;
             wait_listening(port, "handoff").await?;
             let command = if name.starts_with("handoff") {
                 format!(
                     "POST http://127.0.0.1:{admin}/v1/shards/main/switchover {{\"to\": \"node2\"}}"
                 )
             } else {
-                ctl
+                ctl.clone()
             };
-            (
-                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-                command,
-            )
+            Some((kill, command))
         }
-        "pgbouncer" => {
-            let (kill, command) = crate::patroni::pgbouncer_paused(
-                &bin,
-                dir.path(),
-                (old.port, new.port, port),
-                args.pool_size,
-                &ctl,
-            )
-            .await?;
-            keep.push(kill);
-            (
-                format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-                command,
-            )
-        }
-        _ => (
-            format!(
-                "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
-                old.addr(),
-                new.addr()
-            ),
-            ctl,
-        ),
+        _ => None,
     };
-    let prober = Prober::inserting(&old.conn(), &[old.port, new.port]).await?;
-    let load = crate::patroni::Load {
-        workload: args.workload,
-        clients: args.clients,
-        duration: args.duration,
-        at: args.at,
-        out: &args.out,
-        quiet: args.quiet,
+    let nodes = TwoNodes {
+        old: (old.addr(), old.port),
+        new: (new.addr(), new.port),
+        old_conn: old.conn(),
     };
-    let measured = crate::patroni::measure(&load, name, url, command, prober).await;
-    drop(keep);
+    let measured =
+        measure_two_nodes(&args.load, name, (&bin, dir.path()), nodes, port, ctl, own).await;
     drop(cluster);
     measured
 }
