@@ -85,7 +85,7 @@ const SCRAM_PASSWORD: &str = "storm-password";
 
 /// How clients log in to a proxy under test.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     Trust,
     /// The SCRAM-SHA-256 verifier PostgreSQL made for [`SCRAM_USER`].
     Scram(&'a str),
@@ -107,14 +107,16 @@ fn raise_nofile(clients: usize) -> Result<()> {
     Ok(())
 }
 
-/// Starts `target` in front of the cluster's primary on a new port, in transaction
-/// mode with `pool_size` server connections, taking `clients` clients.
-async fn start_target(
+/// Starts `target` in front of the cluster's primary on a new port, with
+/// `sides.pool_size` server connections, taking `clients` clients; handoff in
+/// `pool_mode` at its default log level (PgBouncer in transaction mode).
+pub(crate) async fn start_target(
     cluster: &Cluster,
     target: &str,
     clients: usize,
     sides: &Sides,
     auth: Auth<'_>,
+    pool_mode: &str,
 ) -> Result<(Kill, u16)> {
     let pool_size = sides.pool_size;
     let port = handoff_tests::pg::free_port()?;
@@ -138,6 +140,7 @@ async fn start_target(
                 .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
                 .env("HANDOFF_POOL_SIZE", pool_size.to_string())
                 .env("HANDOFF_MAX_CLIENT_CONN", (clients + 10).to_string())
+                .env("HANDOFF_POOL_MODE", pool_mode)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(cluster.dir().join("handoff.log"))?);
             if target == "handoff-1thread" {
@@ -172,7 +175,13 @@ async fn start_target(
         }
         other => bail!("unknown target '{other}' (handoff, handoff-1thread, baseline, pgbouncer)"),
     };
-    wait_listening(port, target).await?;
+    if let Err(e) = wait_listening(port, target).await {
+        let log = std::fs::read_to_string(cluster.dir().join("handoff.log")).unwrap_or_default();
+        bail!(
+            "{e}\n{}",
+            log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        );
+    }
     Ok((proxy, port))
 }
 
@@ -346,8 +355,15 @@ async fn crowd_once(
     period: Duration,
     run_no: u8,
 ) -> Result<CrowdResult> {
-    let (proxy, port) =
-        start_target(cluster, target, args.clients, &args.sides, Auth::Trust).await?;
+    let (proxy, port) = start_target(
+        cluster,
+        target,
+        args.clients,
+        &args.sides,
+        Auth::Trust,
+        "transaction",
+    )
+    .await?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Log everyone in, 200 at a time, before the schedule starts.
     let mut clients = Vec::with_capacity(args.clients);
@@ -598,21 +614,29 @@ async fn storm_once(
     args: &StormArgs,
     run_no: u8,
 ) -> Result<StormResult> {
-    let (proxy, port) = start_target(cluster, target, args.clients, &args.sides, auth).await?;
+    let (proxy, port) = start_target(
+        cluster,
+        target,
+        args.clients,
+        &args.sides,
+        auth,
+        "transaction",
+    )
+    .await?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    // One client first, so the pool's server connection is there before the storm.
-    let first = RawClient::login_trust(addr, "postgres", "postgres").await;
-    let _first = match (auth, first) {
-        (Auth::Trust, r) => Some(r?),
-        (Auth::Scram(_), _) => None,
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut config = tokio_postgres::Config::new();
     config.dbname("postgres").connect_timeout(args.timeout);
     match auth {
         Auth::Scram(_) => config.user(SCRAM_USER).password(SCRAM_PASSWORD),
         Auth::Trust => config.user("postgres"),
     };
+    // One client first, logged in as the storm's are and kept through it, so the
+    // pool's server connection is there before the storm.
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (first, conn) = config.connect_raw(stream, tokio_postgres::NoTls).await?;
+    let _first_conn = tokio::spawn(conn);
+    first.simple_query("SELECT 1").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu_before = cpu_time(proxy.pid());
     let started = Instant::now();
     // Each client reports its outcome, then stays connected until the last is served,

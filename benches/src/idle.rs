@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use handoff_tests::raw::RawClient;
 use handoff_tests::Cluster;
 
-use crate::compare::{pgbouncer_binary, start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
+use crate::compare::{pgbouncer_binary, Kill};
 
 /// Options of `handoff-bench idle`.
 #[derive(Debug, Clone)]
@@ -36,19 +36,6 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS")
-}
-
-/// The release `handoff` binary next to this one.
-fn handoff_binary() -> Result<std::path::PathBuf> {
-    let me = std::env::current_exe()?;
-    let bin = me.with_file_name("handoff");
-    if !bin.is_file() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p handoff)",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 /// One proxy's figures.
@@ -84,39 +71,32 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     }
     let cluster = tokio::task::block_in_place(|| Cluster::start(0))?;
     let mut results = Vec::new();
+    // handoff's pool size is its default, PgBouncer's the same 20.
+    let sides = crate::crowd::Sides {
+        pool_size: 20,
+        rounds: 1,
+        targets: Vec::new(),
+        baseline: None,
+    };
     for target in &args.targets {
-        let port = handoff_tests::pg::free_port()?;
-        let proxy = match target.as_str() {
-            "handoff" => start_handoff(&cluster, port, &args)?,
-            "pgbouncer" => {
-                let Some(bin) = pgbouncer_binary() else {
-                    eprintln!("pgbouncer is not installed: measuring handoff only (apt-get install pgbouncer)");
-                    continue;
-                };
-                start_pgbouncer_at(
-                    &cluster.bin,
-                    cluster.dir(),
-                    cluster.primary.port,
-                    &bin,
-                    port,
-                    PgBouncerOpts {
-                        pool_size: 20,
-                        admin: false,
-                        max_clients: args.clients + 10,
-                        scram: None,
-                    },
-                )?
-            }
-            other => bail!("unknown target '{other}' (handoff, pgbouncer)"),
-        };
-        if let Err(e) = wait_listening(port, target).await {
-            let log =
-                std::fs::read_to_string(cluster.dir().join("handoff.log")).unwrap_or_default();
-            bail!(
-                "{e}\n{}",
-                log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+        if target == "pgbouncer" && pgbouncer_binary().is_none() {
+            eprintln!(
+                "pgbouncer is not installed: measuring handoff only (apt-get install pgbouncer)"
             );
+            continue;
         }
+        if target != "handoff" && target != "pgbouncer" {
+            bail!("unknown target '{target}' (handoff, pgbouncer)");
+        }
+        let (proxy, port) = crate::crowd::start_target(
+            &cluster,
+            target,
+            args.clients,
+            &sides,
+            crate::crowd::Auth::Trust,
+            &args.pool_mode,
+        )
+        .await?;
         let m = measure(target, proxy, port, &args, 1 + results.len() as u8).await?;
         println!(
             "{:<10} {} clients in {:.1} s; RSS {:.1} MiB after the storm ({:.0} B per client), {:.1} MiB after {:?} idle ({:.0} B per client)",
@@ -158,23 +138,6 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn start_handoff(cluster: &Cluster, port: u16, args: &IdleArgs) -> Result<Kill> {
-    let admin = handoff_tests::pg::free_port()?;
-    let child = crate::compare::handoff_command(&handoff_binary()?)
-        .env("HANDOFF_SHARDS", format!("main={}", cluster.primary.addr()))
-        .env("HANDOFF_LISTEN", format!("127.0.0.1:{port}"))
-        .env("HANDOFF_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("HANDOFF_MAX_CLIENT_CONN", (args.clients + 10).to_string())
-        .env("HANDOFF_POOL_MODE", &args.pool_mode)
-        // The default log level: per-client spans exist, as in production.
-        .env("HANDOFF_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(cluster.dir().join("handoff.log"))?)
-        .spawn()
-        .context("starting handoff")?;
-    Ok(Kill::new(child))
 }
 
 /// The loopback address the `n`th client of run `run` connects from: 10,000 clients
