@@ -140,10 +140,9 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
         ["metrics"] => {
             // Read at the scrape: the runtime's tasks alive now (sessions, pools, probes,
             // timers), so a leak shows as a number that keeps growing.
-            let tasks = tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks();
-            metrics::gauge!(crate::metrics::TASKS).set(tasks as f64);
+            let runtime = tokio::runtime::Handle::current().metrics();
+            metrics::gauge!(crate::metrics::TASKS).set(runtime.num_alive_tasks() as f64);
+            metrics::gauge!(crate::metrics::WORKER_THREADS).set(runtime.num_workers() as f64);
             let mut r = Response::new(Full::new(Bytes::from(state.prometheus.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,

@@ -180,3 +180,51 @@ async fn a_sessions_log_lines_name_its_client_user_and_database() {
         "no login-failure line with its context:\n{text}"
     );
 }
+
+/// `HANDOFF_WORKER_THREADS` sets the runtime's worker threads, as `/metrics` reports
+/// them (`handoff_worker_threads`); unset, one per CPU.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_threads_are_what_the_variable_says() {
+    // A shard nobody listens on: the proxy starts all the same.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    for (set, expected) in [(Some("1"), 1), (Some("3"), 3), (None, cpus)] {
+        let admin = handoff_tests::pg::free_port().unwrap();
+        let admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+        let mut cmd = handoff_command();
+        cmd.env("HANDOFF_SHARDS", format!("main={closed}"))
+            .env("HANDOFF_LISTEN", "127.0.0.1:0")
+            .env("HANDOFF_ADMIN_LISTEN", admin.to_string())
+            .env("HANDOFF_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(n) = set {
+            cmd.env("HANDOFF_WORKER_THREADS", n);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let workers = loop {
+            if let Ok((200, body)) = handoff_tests::raw::http(admin, "GET", "/metrics", None).await
+            {
+                break body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("handoff_worker_threads "))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = handoff_tests::signal(child.id(), "TERM");
+        let _ = child.wait();
+        assert_eq!(
+            workers,
+            Some(expected as f64),
+            "HANDOFF_WORKER_THREADS={set:?}"
+        );
+    }
+}

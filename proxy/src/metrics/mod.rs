@@ -22,6 +22,7 @@ pub const TLS_HANDSHAKE_FAILURES_TOTAL: &str = "handoff_tls_handshake_failures_t
 pub const MESSAGES_TOO_LARGE_TOTAL: &str = "handoff_messages_too_large_total";
 pub const SERVER_CONNECTIONS: &str = "handoff_server_connections";
 pub const TASKS: &str = "handoff_tasks";
+pub const WORKER_THREADS: &str = "handoff_worker_threads";
 pub const SERVER_CONNECT_ERRORS_TOTAL: &str = "handoff_server_connect_errors_total";
 pub const BYTES_TOTAL: &str = "handoff_bytes_total";
 pub const QUERY_DURATION: &str = "handoff_query_duration_seconds";

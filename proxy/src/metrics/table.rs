@@ -90,6 +90,12 @@ pub const METRICS: &[Def] = &[
         help: "Tokio tasks alive in the process when `/metrics` was scraped (sessions, pools, probes, timers)",
     },
     Def {
+        name: WORKER_THREADS,
+        kind: Gauge,
+        labels: &[],
+        help: "The runtime's worker threads (`HANDOFF_WORKER_THREADS`, or one per CPU)",
+    },
+    Def {
         name: SERVER_CONNECT_ERRORS_TOTAL,
         kind: Counter,
         labels: &[],
