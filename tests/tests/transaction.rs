@@ -890,12 +890,19 @@ async fn sql_level_prepared_statements_are_each_clients_own() {
         "an unknown name is the server's 26000"
     );
 
-    // A statement survives its server connection: the next one is given it.
+    // A statement survives its server connection: the next one is given it. The
+    // backend is terminated while idle in the pool, and the test waits (the timeout
+    // argument) until it has exited, so its FATAL is on the pooled socket before the
+    // next request: without the wait the request can reach the backend before it acts
+    // on the signal, and then it is that request the backend ends under — the client's
+    // session ends, as on PostgreSQL (a request the backend is terminated under is not
+    // retried: whatever it was doing may have had effects).
     proxy_backends(&cluster).into_iter().for_each(|pid| {
-        cluster
+        let out = cluster
             .primary
-            .psql(&format!("SELECT pg_terminate_backend({pid})"))
+            .psql(&format!("SELECT pg_terminate_backend({pid}, 10000)"))
             .unwrap();
+        assert_eq!(out.trim(), "t", "backend {pid} did not exit");
     });
     eventually(
         Duration::from_secs(10),
