@@ -72,8 +72,10 @@ pub(crate) struct ClientInfo {
 /// Who a logged-in client is.
 #[derive(Debug)]
 pub(crate) struct LoginInfo {
-    pub user: String,
-    pub database: String,
+    /// The user and the client database, as the connection limits keep them (one
+    /// string shared by every client of the same name).
+    pub user: Arc<str>,
+    pub database: Arc<str>,
     /// The shard it is routed to and the server database; `None` for the console.
     pub route: Option<(usize, String)>,
     pub application_name: String,

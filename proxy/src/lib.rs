@@ -283,6 +283,7 @@ impl Proxy {
             server_tls: server_tls.clone(),
             cancels: Arc::clone(&cancels),
             outbox: Default::default(),
+            shared: Default::default(),
         });
         let actions = Arc::new(actions::Ctx {
             shards: shards.clone(),

@@ -2,37 +2,59 @@
 //! `HANDOFF_MAX_DB_CLIENT_CONN`). A logged-in client holds a [`Slot`] for its whole
 //! session; the counts go down when it is dropped.
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
 use handoff_protocol::error::ProxyError;
 use handoff_protocol::sqlstate;
 
 use crate::metrics as m;
 
-/// Client connections by user and by client database.
+/// Client connections by user and by client database. The names are kept once, shared
+/// by every client counted under them (each client's [`Slot`] and its `SHOW CLIENTS`
+/// entry hold the same string).
 #[derive(Debug, Default)]
 pub struct Limits {
-    users: DashMap<String, usize>,
-    databases: DashMap<String, usize>,
+    users: DashMap<Arc<str>, usize>,
+    databases: DashMap<Arc<str>, usize>,
 }
 
 /// One client's place in the counts.
 #[derive(Debug)]
 pub struct Slot<'a> {
     limits: &'a Limits,
-    user: String,
-    database: String,
+    user: Arc<str>,
+    database: Arc<str>,
 }
 
-fn take(map: &DashMap<String, usize>, key: &str, max: usize) -> bool {
-    let mut n = map.entry(key.to_string()).or_insert(0);
+impl Slot<'_> {
+    /// The user's name, as the counts keep it.
+    pub fn user(&self) -> Arc<str> {
+        Arc::clone(&self.user)
+    }
+
+    /// The client database's name, as the counts keep it.
+    pub fn database(&self) -> Arc<str> {
+        Arc::clone(&self.database)
+    }
+}
+
+/// Counts one more under `key` unless `max` (0: none) is reached; the name as the map
+/// keeps it.
+fn take(map: &DashMap<Arc<str>, usize>, key: &str, max: usize) -> Option<Arc<str>> {
+    // Counted already: no new string.
+    let mut n = match map.get_mut(key) {
+        Some(n) => n,
+        None => map.entry(Arc::from(key)).or_insert(0),
+    };
     if max > 0 && *n >= max {
-        return false;
+        return None;
     }
     *n += 1;
-    true
+    Some(Arc::clone(n.key()))
 }
 
-fn give_back(map: &DashMap<String, usize>, key: &str) {
+fn give_back(map: &DashMap<Arc<str>, usize>, key: &str) {
     map.remove_if_mut(key, |_, n| {
         *n = n.saturating_sub(1);
         *n == 0
@@ -48,7 +70,7 @@ impl Limits {
         max_user: usize,
         max_db: usize,
     ) -> Result<Slot<'_>, ProxyError> {
-        if !take(&self.users, user, max_user) {
+        let Some(user_key) = take(&self.users, user, max_user) else {
             metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_user_client_conn")
                 .increment(1);
             return Err(ProxyError::fatal(
@@ -57,8 +79,8 @@ impl Limits {
                     "too many connections for role \"{user}\" (HANDOFF_MAX_USER_CLIENT_CONN is {max_user})"
                 ),
             ));
-        }
-        if !take(&self.databases, database, max_db) {
+        };
+        let Some(database_key) = take(&self.databases, database, max_db) else {
             give_back(&self.users, user);
             metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_db_client_conn")
                 .increment(1);
@@ -68,11 +90,11 @@ impl Limits {
                     "too many connections for database \"{database}\" (HANDOFF_MAX_DB_CLIENT_CONN is {max_db})"
                 ),
             ));
-        }
+        };
         Ok(Slot {
             limits: self,
-            user: user.to_string(),
-            database: database.to_string(),
+            user: user_key,
+            database: database_key,
         })
     }
 

@@ -119,6 +119,13 @@ impl Signal {
         Phase::from_u8(self.0.phase.load(Ordering::Acquire))
     }
 
+    /// The next move of the phase (or the trigger's end), for a wait that keeps less
+    /// state than [`Signal::reached`]: enable it, then check [`Signal::phase`], then
+    /// await it — a move between the check and the wait still wakes it.
+    pub fn next_move(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.moved.notified()
+    }
+
     /// Resolves when the phase reaches at least `phase`, or when the trigger is gone
     /// (which only happens once the proxy is torn down: read as the final phase).
     ///

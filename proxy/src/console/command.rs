@@ -172,7 +172,7 @@ async fn execute(ctx: &Ctx, cmd: Command, out: &mut Out) -> Result<bool, ProxyEr
             let mut killed = 0;
             for c in ctx.clients.list() {
                 let Some(l) = c.login() else { continue };
-                if l.route.is_some() && l.database == db && c.kill() {
+                if l.route.is_some() && *l.database == *db && c.kill() {
                     killed += 1;
                 }
             }

@@ -17,7 +17,7 @@ use crate::backend::login::ServerConn;
 use crate::clients::LoginInfo;
 use crate::config::PoolMode;
 use crate::frontend::Ctx;
-use crate::metrics::{self as m, GaugeGuard};
+use crate::metrics::ClientConnected;
 use crate::net::stream::Conn;
 use crate::relay::handover::credentials_in;
 use crate::relay::{session_mode, txn};
@@ -106,8 +106,8 @@ pub(crate) fn spawn(
         .clients
         .register_since(moved.addr, moved.local, connected);
     info.logged_in(LoginInfo {
-        user: moved.user.clone(),
-        database: moved.database.clone(),
+        user: moved.user.as_str().into(),
+        database: moved.database.as_str().into(),
         route: Some((shard, server_db.clone())),
         application_name: moved.application_name.clone(),
         tls: false,
@@ -121,7 +121,7 @@ pub(crate) fn spawn(
         if go.await.is_err() {
             return;
         }
-        let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
+        let _gauge = ClientConnected::new();
         // Its limits are counted here too, though a moved client is never refused.
         let _slot = ctx.limits.admit(&moved.user, &moved.database, 0, 0);
         let span = entry.span();
@@ -163,7 +163,7 @@ pub(crate) fn spawn(
                 },
                 _,
             ) => {
-                let target = txn::PoolTarget {
+                let target = ctx.relay.shared.targets.share(txn::PoolTarget {
                     user: moved.user,
                     database: server_db,
                     credentials,
@@ -171,7 +171,7 @@ pub(crate) fn spawn(
                     target: crate::config::Target::split(&moved.database)
                         .map(|(_, t)| t)
                         .unwrap_or(crate::config::Target::Primary),
-                };
+                });
                 let key = Bytes::from(moved.cancel_key);
                 let registration = match ctx.relay.cancels.adopt(moved.cancel_pid, key, None) {
                     Some(r) => r,
@@ -185,7 +185,7 @@ pub(crate) fn spawn(
                     state,
                     target,
                     registration,
-                    Default::default(),
+                    crate::relay::shared::no_params(),
                     entry,
                 ));
                 if !session.restore(&desired, &startup, &statements, &sql_statements) {

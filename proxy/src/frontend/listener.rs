@@ -96,11 +96,11 @@ pub(crate) async fn run(
                 let signal = shutdown.clone();
                 let tracker = tracker.clone();
                 let entry = Arc::clone(&info);
-                let task = tokio::spawn(async move {
-                    session::run(stream, ctx, signal, entry).await;
-                    drop(permit);
-                    drop(tracker);
-                });
+                // The permit and the tracker go into the session's own future (one
+                // future per task, kept for the session's whole life: no wrapper
+                // around it).
+                let task =
+                    tokio::spawn(session::run(stream, ctx, signal, entry, (permit, tracker)));
                 // For the admin console's KILL (a session that already ended is no
                 // longer listed).
                 info.set_abort(task.abort_handle());

@@ -21,7 +21,7 @@ use crate::config::{Config, PoolMode, Target};
 use crate::error::send_error;
 use crate::error::ConnError;
 use crate::frontend::Ctx;
-use crate::metrics::{self as m, GaugeGuard};
+use crate::metrics::{self as m, ClientConnected};
 use crate::net::stream::Conn;
 use crate::relay::common::hello;
 use crate::relay::session_mode;
@@ -43,26 +43,44 @@ struct Startup {
 /// A logged-in session's relay, run until the session ends.
 type Relay<'a> = BoxFuture<'a, ()>;
 
-/// Runs a client session to its end.
+/// Runs a client session to its end; `held` (the listener's connection permit and
+/// drain tracker) is dropped when it ends.
 ///
 /// Logging in needs far more state than relaying, and an idle client keeps its task
 /// for as long as it stays connected: the login runs in a box of its own, freed once
 /// it hands over the relay (a box of its own too), so the task keeps two pointers.
-pub(crate) async fn run(stream: TcpStream, ctx: Arc<Ctx>, shutdown: Signal, info: Arc<ClientInfo>) {
-    let _gauge = GaugeGuard::new(m::CLIENT_CONNECTIONS);
-    let _listed = ctx.clients.guard(&info);
-    metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
-    // The login's log context (its user and database are recorded once known); the
-    // session and console relays keep it, the transaction-mode relay makes its own
-    // while the client is busy.
-    let span = info.span();
-    let Some((_slot, relay)) = Box::pin(start(stream, &ctx, shutdown, info))
-        .instrument(span)
-        .await
-    else {
-        return;
-    };
-    relay.await;
+/// A plain function returning the session's future, not an `async fn`: an `async fn`
+/// keeps each argument twice (as its argument and as the local it is moved into), and
+/// the task keeps the future for the session's whole life. For the same reason the
+/// socket comes in a box: the future keeps room for what it captured even after the
+/// login has taken it, and a pointer is a quarter of a socket.
+pub(crate) fn run<H: Send + 'static>(
+    stream: TcpStream,
+    ctx: Arc<Ctx>,
+    shutdown: Signal,
+    info: Arc<ClientInfo>,
+    held: H,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let stream = Box::new(stream);
+    async move {
+        // Captured, not bound (a binding would be a second copy in the future): dropped
+        // with the future's other captures once the session has ended.
+        let _ = &held;
+        let _gauge = ClientConnected::new();
+        let _listed = ctx.clients.guard(&info);
+        metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
+        // The login's log context (its user and database are recorded once known); the
+        // session and console relays keep it, the transaction-mode relay makes its own
+        // while the client is busy.
+        let span = info.span();
+        let Some((_slot, relay)) = Box::pin(start(*stream, &ctx, shutdown, info))
+            .instrument(span)
+            .await
+        else {
+            return;
+        };
+        relay.await;
+    }
 }
 
 /// Startup, authentication, the client's admission and, in transaction mode, the first
@@ -129,8 +147,8 @@ async fn start(
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     info.logged_in(LoginInfo {
-        user: startup.user.clone(),
-        database: startup.database.clone(),
+        user: slot.user(),
+        database: slot.database(),
         route: match &dest {
             Destination::Console => None,
             Destination::Shard(r) => Some((r.shard, r.server_db.clone())),
@@ -213,12 +231,15 @@ async fn transaction_mode<'a>(
             .entry("default_transaction_read_only".to_string())
             .or_insert_with(|| "on".to_string());
     }
-    let target = txn::PoolTarget {
+    // One copy of each for every client with the same (see `relay::shared`).
+    let shared = &ctx.relay.shared;
+    let target = shared.targets.share(txn::PoolTarget {
         user: startup.user.clone(),
         database: routed.server_db,
         credentials,
         target: routed.target,
-    };
+    });
+    let desired = shared.params(desired);
     let state = &ctx.shards[routed.shard];
     let registration = ctx
         .relay

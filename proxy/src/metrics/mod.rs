@@ -393,6 +393,23 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// `handoff_client_connections` one higher while alive: a [`GaugeGuard`] for that one
+/// gauge that holds nothing (zero-sized: every client's task keeps one).
+pub(crate) struct ClientConnected(());
+
+impl ClientConnected {
+    pub fn new() -> Self {
+        metrics::gauge!(CLIENT_CONNECTIONS).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for ClientConnected {
+    fn drop(&mut self) {
+        metrics::gauge!(CLIENT_CONNECTIONS).decrement(1.0);
+    }
+}
+
 /// Keeps a shared gauge handle up while alive: [`GaugeGuard`] without the lookup by
 /// name, for paths that run per transaction.
 pub(crate) struct HeldUp<'a>(&'a metrics::Gauge);

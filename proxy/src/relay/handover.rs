@@ -96,8 +96,8 @@ pub(crate) fn client_part(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        user: login.user.clone(),
-        database: login.database.clone(),
+        user: login.user.to_string(),
+        database: login.database.to_string(),
         application_name: login.application_name.clone(),
         minor,
         cancel_pid: cancel.0,

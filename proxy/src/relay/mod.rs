@@ -17,6 +17,7 @@ pub(crate) mod common;
 pub(crate) mod handover;
 pub(crate) mod session_mode;
 pub(crate) mod session_move;
+pub(crate) mod shared;
 pub(crate) mod txn;
 
 /// The settings a relay reads (from `HANDOFF_*`).
@@ -59,4 +60,6 @@ pub(crate) struct Ctx {
     pub cancels: Arc<cancel::Registry>,
     /// Where sessions go during a takeover.
     pub outbox: handover::Outbox,
+    /// Pool targets and startup parameters, one copy for every session with equal ones.
+    pub shared: shared::Shared,
 }

@@ -32,8 +32,10 @@ pub struct Backend {
     pub peer: std::net::SocketAddr,
     /// ParameterStatus values as the server last reported them.
     pub params: HashMap<String, String>,
-    /// Startup parameters the proxy SET on this connection (None: at the server default).
-    pub applied: HashMap<String, String>,
+    /// Startup parameters the proxy SET on this connection (None: at the server default):
+    /// the very set a client session holds when the connection last served one with
+    /// those parameters, so the next check for that session is a pointer comparison.
+    pub applied: Arc<HashMap<String, String>>,
     /// Server-side names of the prepared statements this connection holds.
     pub prepared: LruCache<Bytes, ()>,
     /// Statements the connection holds but must not use again (evicted from the cache
@@ -102,7 +104,7 @@ impl Backend {
             key: s.key,
             peer: s.peer,
             params: s.params.into_iter().collect(),
-            applied: HashMap::new(),
+            applied: Arc::default(),
             prepared: LruCache::new(NonZeroUsize::new(max_prepared.max(1)).expect("at least 1")),
             to_close: Vec::new(),
             created: Instant::now(),

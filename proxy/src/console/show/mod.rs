@@ -202,7 +202,7 @@ fn pools(ctx: &Ctx, out: &mut Out) {
                             let reader = crate::config::Target::split(&l.database)
                                 .is_ok_and(|(_, t)| t != crate::config::Target::Primary);
                             reader == p.reads
-                                && l.user == p.user
+                                && *l.user == *p.user
                                 && l.route.as_ref().is_some_and(|(i, db)| {
                                     Some(*i) == shard_index && *db == p.database
                                 })
@@ -280,8 +280,8 @@ fn clients(ctx: &Ctx, out: &mut Out) {
                 .map(|(i, _)| ctx.actions.shards[*i].name.clone());
             vec![
                 s("C"),
-                login.map(|l| l.user.clone()),
-                login.map(|l| l.database.clone()),
+                login.map(|l| l.user.to_string()),
+                login.map(|l| l.database.to_string()),
                 s(state.as_str()),
                 s(c.addr.ip()),
                 s(c.addr.port()),

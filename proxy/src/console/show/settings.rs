@@ -127,7 +127,7 @@ pub(super) fn lists(ctx: &Ctx, out: &mut Out) {
     let pools = live_pools(ctx);
     let mut users: Vec<&str> = clients
         .iter()
-        .filter_map(|c| c.login().map(|l| l.user.as_str()))
+        .filter_map(|c| c.login().map(|l| &*l.user))
         .collect();
     users.sort_unstable();
     users.dedup();

@@ -31,7 +31,7 @@ macro_rules! client_log {
             let c: &$crate::clients::ClientInfo = $client;
             let (user, database) = c
                 .login()
-                .map_or(("", ""), |l| (l.user.as_str(), l.database.as_str()));
+                .map_or(("", ""), |l| (&*l.user, &*l.database));
             tracing::$level!(client.addr = %c.addr, user = %user, database = %database, $($rest)+)
         }
     }};
@@ -60,6 +60,7 @@ use crate::clients::ClientInfo;
 use crate::config::{HostPort, Target};
 use crate::error::{AttachError, PoolError};
 use crate::relay::common::Meter;
+use crate::relay::shared::Params;
 use crate::relay::Ctx;
 use crate::shard::control::{self, Admitted};
 use crate::shard::failure::{Report, RetryReason};
@@ -79,7 +80,9 @@ pub(crate) use run::relay;
 const MAX_INSPECT: usize = 64 * 1024;
 
 /// Which pool a client's transactions use: the user and server database are fixed,
-/// the address follows the shard's primary.
+/// the address follows the shard's primary. One copy for every session with an equal
+/// one (see [`crate::relay::shared`]).
+#[derive(PartialEq)]
 pub(crate) struct PoolTarget {
     pub user: String,
     pub database: String,
@@ -95,7 +98,7 @@ pub(crate) struct Txn<'a> {
     pub pool: Arc<Pool>,
     pub shard: &'a str,
     state: &'a Arc<Shard>,
-    target: PoolTarget,
+    target: Arc<PoolTarget>,
     /// The generation `pool` belongs to; a transaction is registered on it while attached.
     gen: Arc<Generation>,
     /// The running transaction's pass through the gate: its registration on `gen`,
@@ -104,10 +107,11 @@ pub(crate) struct Txn<'a> {
     local: Local,
     pub registration: Registration,
     /// Startup parameters the client asked for (absent: the server default); applied
-    /// with SET to whichever server connection serves it.
-    pub desired: HashMap<String, String>,
+    /// with SET to whichever server connection serves it. Shared with the sessions
+    /// that asked for the same, copied when the client's own SET changes it.
+    pub desired: Params,
     /// What the client asked for at startup: `desired` again after `DISCARD ALL`.
-    startup: HashMap<String, String>,
+    startup: Params,
     /// The client's named statements, made when it first names one.
     named: Option<Box<Named>>,
     /// A database this segment drops or renames: forgotten when the server confirms.
@@ -184,9 +188,9 @@ impl<'a> Txn<'a> {
     pub fn new(
         ctx: &'a Ctx,
         state: &'a Arc<Shard>,
-        target: PoolTarget,
+        target: Arc<PoolTarget>,
         registration: Registration,
-        desired: HashMap<String, String>,
+        desired: Params,
         client: Arc<ClientInfo>,
     ) -> Self {
         let gen = state.current();
@@ -201,7 +205,7 @@ impl<'a> Txn<'a> {
             admitted: None,
             local: Local::None,
             registration,
-            startup: desired.clone(),
+            startup: Arc::clone(&desired),
             desired,
             named: None,
             discarded: false,
@@ -239,10 +243,10 @@ impl<'a> Txn<'a> {
         if self.target.target != Target::Primary {
             return self.attach_read_now();
         }
-        let Some(b) = self.checkout_now() else {
+        let Some(mut b) = self.checkout_now() else {
             return Now::Wait;
         };
-        if params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
+        if params::in_sync(&mut b, &self.desired, &self.named().sql_stmts) {
             self.install(b);
             return Now::Attached;
         }
@@ -259,7 +263,7 @@ impl<'a> Txn<'a> {
             Now::Sync(b) => b,
             Now::Wait => self.checkout_waiting(bytes).await?,
         };
-        if !params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
+        if !params::in_sync(&mut b, &self.desired, &self.named().sql_stmts) {
             let sql_stmts = &self.named().sql_stmts;
             if let Err(e) = sync_params(&mut b, &self.desired, sql_stmts).await {
                 self.pool.discard(b);
@@ -352,13 +356,13 @@ impl<'a> Txn<'a> {
             return Now::Wait;
         };
         let pool = self.read_pool(picked.host());
-        let Some(b) = pool.try_checkout() else {
+        let Some(mut b) = pool.try_checkout() else {
             return Now::Wait;
         };
         picked.served();
         self.pool = pool;
         self.reading = Some(picked);
-        if params::in_sync(&b, &self.desired, &self.named().sql_stmts) {
+        if params::in_sync(&mut b, &self.desired, &self.named().sql_stmts) {
             self.install(b);
             return Now::Attached;
         }

@@ -43,8 +43,9 @@ impl Txn<'_> {
         statements: &[Statement],
         sql_statements: &[Statement],
     ) -> bool {
-        self.desired = desired.iter().cloned().collect();
-        self.startup = startup.iter().cloned().collect();
+        let shared = &self.ctx.shared;
+        self.desired = shared.params(desired.iter().cloned().collect());
+        self.startup = shared.params(startup.iter().cloned().collect());
         for s in statements {
             let def = StmtDef::new(Bytes::from(s.sql.clone()), s.param_types.clone());
             self.named_mut()

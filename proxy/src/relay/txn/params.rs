@@ -4,6 +4,7 @@
 //! prepared statements the connection does not hold yet.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::BackendMessage;
@@ -15,6 +16,7 @@ use super::prepared::StmtDef;
 use crate::backend::pool::Backend;
 use crate::error::AttachError;
 use crate::net::stream::MAX_STARTUP_MESSAGE;
+use crate::relay::shared::Params;
 
 /// Parameters the server reports with ParameterStatus: a client's own SET of one of
 /// these is remembered and follows the client to its next server connection.
@@ -39,16 +41,22 @@ pub fn valid_param_name(name: &str) -> bool {
 
 /// True when the connection already has the client's parameters and SQL-level
 /// statements: nothing for [`sync_params`] to do (checked without allocating, on every
-/// transaction).
+/// transaction). Parameters equal to the client's but held in another copy are
+/// replaced by the client's own, so that the next check is a pointer comparison.
 pub(super) fn in_sync(
-    b: &Backend,
-    desired: &HashMap<String, String>,
+    b: &mut Backend,
+    desired: &Params,
     statements: &HashMap<String, StmtDef>,
 ) -> bool {
-    *desired == b.applied
-        && statements
-            .values()
-            .all(|d| b.prepared.contains(&d.server_name))
+    if !Arc::ptr_eq(desired, &b.applied) {
+        if **desired != *b.applied {
+            return false;
+        }
+        b.applied = Arc::clone(desired);
+    }
+    statements
+        .values()
+        .all(|d| b.prepared.contains(&d.server_name))
 }
 
 /// Runs SET/RESET so the connection's startup parameters match the client's, and
@@ -57,7 +65,7 @@ pub(super) fn in_sync(
 /// and its EXECUTE fails as it would on a direct connection).
 pub(super) async fn sync_params(
     b: &mut Backend,
-    desired: &HashMap<String, String>,
+    desired: &Params,
     statements: &HashMap<String, StmtDef>,
 ) -> Result<(), AttachError> {
     let missing: Vec<&StmtDef> = statements
@@ -96,7 +104,7 @@ pub(super) async fn sync_params(
     if let Some(f) = answer(b).await? {
         return Err(AttachError::Rejected(f));
     }
-    b.applied = desired.clone();
+    b.applied = Arc::clone(desired);
     Ok(())
 }
 

@@ -108,17 +108,21 @@ async fn hand_over(client: &mut Conn, txn: &mut Txn<'_>) -> bool {
 /// socket ends) or the proxy begins to drain. The relay then runs again and sees which.
 ///
 /// Kept small, as every parked client holds it: the socket's readiness is polled in
-/// place (no waiter of its own) and the shutdown is a notification.
+/// place (no waiter of its own), and the shutdown is one notification of the phase's
+/// next move (any move wakes it; the relay then sees which phase it is in).
 async fn parked(client: &Conn, shutdown: &Signal) {
     let crate::net::stream::Stream::Plain(socket) = &client.stream else {
         return;
     };
-    let draining = shutdown.reached(Phase::HandingOver);
-    tokio::pin!(draining);
+    let mut moved = std::pin::pin!(shutdown.next_move());
+    moved.as_mut().enable();
+    if shutdown.phase() >= Phase::HandingOver {
+        return;
+    }
     std::future::poll_fn(|cx| {
         // Ready, or failed: either way the relay's next read finds out which.
         if socket.poll_read_ready(cx).is_ready()
-            || std::future::Future::poll(draining.as_mut(), cx).is_ready()
+            || std::future::Future::poll(moved.as_mut(), cx).is_ready()
         {
             std::task::Poll::Ready(())
         } else {

@@ -3,6 +3,8 @@
 //! ReadyForQuery, errors and parameter changes, and holding answers back while a first
 //! request is on probation.
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
 use handoff_protocol::backend::tag as btag;
 use handoff_protocol::backend::BackendMessage;
@@ -213,9 +215,14 @@ impl Txn<'_> {
     /// tracked parameter, which sticks to the client.
     fn on_parameter(&mut self, name: &str, value: &str) {
         if TRACKED_PARAMS.contains(&name) && !self.discarded {
-            self.desired.insert(name.to_string(), value.to_string());
+            // Copied first if shared (with other sessions, or with the connection).
+            if self.desired.get(name).map(String::as_str) != Some(value) {
+                Arc::make_mut(&mut self.desired).insert(name.to_string(), value.to_string());
+            }
             if let Some(bk) = self.backend.as_mut() {
-                bk.applied.insert(name.to_string(), value.to_string());
+                if bk.applied.get(name).map(String::as_str) != Some(value) {
+                    Arc::make_mut(&mut bk.applied).insert(name.to_string(), value.to_string());
+                }
             }
         }
         if let Some(bk) = self.backend.as_mut() {
@@ -229,9 +236,9 @@ impl Txn<'_> {
     /// become what it asked for at startup, applied again at its next transaction.
     fn discard_params(&mut self) {
         self.discarded = true;
-        self.desired = self.startup.clone();
+        self.desired = Arc::clone(&self.startup);
         if let Some(b) = self.backend.as_mut() {
-            b.applied.clear();
+            b.applied = Arc::default();
         }
     }
 }
