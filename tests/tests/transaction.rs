@@ -557,6 +557,48 @@ async fn startup_parameters_follow_each_client() {
     proxy.shutdown().await;
 }
 
+/// Clients that log in with the same startup parameters share one copy of them in the
+/// proxy: one client's own SET must change only its own, not the others' nor what the
+/// next client with those parameters gets.
+#[tokio::test]
+async fn a_set_changes_only_its_own_clients_shared_startup_parameters() {
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(&cluster, &[("HANDOFF_POOL_SIZE", "1")])
+        .await
+        .unwrap();
+    let params = "application_name=same";
+    let a = connect_with(&proxy, params).await.unwrap();
+    let b = connect_with(&proxy, params).await.unwrap();
+    let default_zone = settings(&b).await.1;
+    assert_ne!(default_zone, "Asia/Tokyo");
+    a.batch_execute("set timezone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    let c = connect_with(&proxy, params).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(settings(&a).await, ("same".into(), "Asia/Tokyo".into()));
+        assert_eq!(
+            settings(&b).await,
+            ("same".into(), default_zone.clone()),
+            "another client's SET leaked into a client with the same startup parameters"
+        );
+        assert_eq!(settings(&c).await, ("same".into(), default_zone.clone()));
+    }
+    proxy.shutdown().await;
+}
+
+/// The client's application_name and TimeZone, as its server connection has them.
+async fn settings(c: &tokio_postgres::Client) -> (String, String) {
+    let row = c
+        .query_one(
+            "select current_setting('application_name'), current_setting('TimeZone')",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 #[tokio::test]
 async fn flush_without_sync_keeps_the_connection() {
     let cluster = Cluster::start(0).unwrap();
