@@ -367,7 +367,7 @@ async fn crowd_once(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Log everyone in, 200 at a time, before the schedule starts.
     let mut clients = Vec::with_capacity(args.clients);
-    crate::idle::log_in(&mut clients, args.clients, 200, addr, target, run_no).await?;
+    crate::idle::log_in(&mut clients, args.clients, 200, addr, target, run_no, &[]).await?;
     // Quiet for a moment: what follows is the crowd, not the logins.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_before = cpu_time(proxy.pid());

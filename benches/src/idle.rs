@@ -26,6 +26,34 @@ pub struct IdleArgs {
     pub targets: Vec<String>,
     /// How long the clients stay idle before the second reading.
     pub settle: Duration,
+    /// Startup parameters each client sends besides its user and database (none by
+    /// default; `--params jdbc` sends what pgJDBC sends).
+    pub params: Vec<(String, String)>,
+}
+
+/// What pgJDBC 42 puts in its StartupMessage besides the user and database.
+const JDBC_PARAMS: &[(&str, &str)] = &[
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "2"),
+    ("application_name", "PostgreSQL JDBC Driver"),
+];
+
+/// `--params`: `jdbc`, or `name=value` pairs separated by commas.
+pub fn startup_params(v: &str) -> Result<Vec<(String, String)>, String> {
+    if v == "jdbc" {
+        return Ok(JDBC_PARAMS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect());
+    }
+    v.split(',')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("--params: '{pair}' is not name=value")),
+        })
+        .collect()
 }
 
 /// Resident set size of a process, in KiB.
@@ -112,6 +140,10 @@ pub async fn run(args: IdleArgs) -> Result<()> {
         results.push(m);
     }
     println!();
+    if !args.params.is_empty() {
+        let names: Vec<&str> = args.params.iter().map(|(k, _)| k.as_str()).collect();
+        println!("each client sent {}", names.join(", "));
+    }
     println!("| target | clients | logins at once | baseline | storm took | RSS after the storm | per client | RSS after {:?} idle | per client |", args.settle);
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in &results {
@@ -157,14 +189,19 @@ pub async fn log_in(
     addr: std::net::SocketAddr,
     target: &str,
     run: u8,
+    params: &[(String, String)],
 ) -> Result<()> {
     while held.len() < clients {
         let batch = (clients - held.len()).min(concurrency);
         let mut tasks = Vec::with_capacity(batch);
         for i in 0..batch {
             let from = source(run, held.len() + i);
-            tasks.push(tokio::spawn(RawClient::login_trust_from(
-                addr, from, "postgres", "postgres",
+            tasks.push(tokio::spawn(RawClient::login_trust_with(
+                addr,
+                from,
+                "postgres",
+                "postgres",
+                params.to_vec(),
             )));
         }
         for t in tasks {
@@ -200,6 +237,7 @@ async fn measure(
         addr,
         target,
         source_net,
+        &args.params,
     )
     .await?;
     let storm_secs = started.elapsed().as_secs_f64();

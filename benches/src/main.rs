@@ -41,6 +41,7 @@ Usage: handoff-bench demo [--seconds N] [--clients N] [--scale N] [--mode select
                           [--pool-mode transaction|session]
        handoff-bench idle [--clients N] [--concurrency N] [--settle 5s]
                           [--targets handoff,pgbouncer] [--pool-mode transaction|session]
+                          [--params name=value,...|jdbc]
        handoff-bench crowd [--clients 10000] [--rate 4000] [--duration 30s] [--pool-size 20]
                            [--rounds 1] [--targets handoff,pgbouncer]
        handoff-bench storm [--clients 10000] [--auth scram,trust] [--pool-size 20]
@@ -384,6 +385,7 @@ async fn main() -> ExitCode {
                 pool_mode: "transaction".to_string(),
                 targets: vec!["handoff".into(), "pgbouncer".into()],
                 settle: Duration::from_secs(5),
+                params: Vec::new(),
             };
             let rest: Vec<String> = args.collect();
             let mut it = rest.iter();
@@ -412,6 +414,7 @@ async fn main() -> ExitCode {
                         a.targets = v.split(',').map(str::to_string).collect();
                         Ok(())
                     }
+                    ("--params", Some(v)) => idle::startup_params(v).map(|p| a.params = p),
                     _ => Err(format!("bad option '{flag}'\n\n{USAGE}")),
                 };
                 if let Err(e) = r {

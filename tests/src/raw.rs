@@ -51,25 +51,34 @@ impl RawClient {
         c.login_as(user, db).await
     }
 
-    /// [`RawClient::login_trust`] from `source` ([`RawClient::connect_from`]).
-    pub async fn login_trust_from(
+    /// [`RawClient::login_trust`] from `source` ([`RawClient::connect_from`]), sending
+    /// `params` too (as drivers send `client_encoding`, `application_name`, …).
+    pub async fn login_trust_with(
         addr: SocketAddr,
         source: std::net::IpAddr,
         user: &str,
         db: &str,
+        params: Vec<(String, String)>,
     ) -> Result<Self> {
         let c = Self::connect_from(addr, source).await?;
-        c.login_as(user, db).await
+        c.login_with(user, db, params).await
     }
 
-    async fn login_as(mut self, user: &str, db: &str) -> Result<Self> {
+    async fn login_as(self, user: &str, db: &str) -> Result<Self> {
+        self.login_with(user, db, Vec::new()).await
+    }
+
+    async fn login_with(
+        mut self,
+        user: &str,
+        db: &str,
+        extra: Vec<(String, String)>,
+    ) -> Result<Self> {
         let c = &mut self;
         let mut out = BytesMut::new();
-        StartupPacket::Startup {
-            minor: 0,
-            params: vec![("user".into(), user.into()), ("database".into(), db.into())],
-        }
-        .encode(&mut out);
+        let mut params = vec![("user".into(), user.into()), ("database".into(), db.into())];
+        params.extend(extra);
+        StartupPacket::Startup { minor: 0, params }.encode(&mut out);
         c.stream.write_all(&out).await?;
         loop {
             match c.read_message().await? {
