@@ -143,6 +143,11 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
             let runtime = tokio::runtime::Handle::current().metrics();
             metrics::gauge!(crate::metrics::TASKS).set(runtime.num_alive_tasks() as f64);
             metrics::gauge!(crate::metrics::WORKER_THREADS).set(runtime.num_workers() as f64);
+            // The pools' gauges too (see `Pool::publish_now`).
+            let shard = &state.actions.shard;
+            for pool in shard.pools.list().iter().chain(&shard.read_pools.list()) {
+                pool.publish_now();
+            }
             let mut r = Response::new(Full::new(Bytes::from(state.prometheus.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,

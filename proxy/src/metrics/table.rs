@@ -159,7 +159,7 @@ pub const METRICS: &[Def] = &[
         name: POOL_ACTIVE,
         kind: Gauge,
         labels: &["pool"],
-        help: "Server connections in use by clients, per `pool` (`user@database/shard`)",
+        help: "Server connections in use by clients, per `pool` (`user@database/shard`); the pool gauges are read at the scrape",
     },
     Def {
         name: POOL_IDLE,

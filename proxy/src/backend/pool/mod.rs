@@ -239,7 +239,6 @@ impl Pool {
                     Err(rx)
                 }
             };
-            self.publish(&st);
             r
         };
         let grant = match wait {
@@ -287,7 +286,6 @@ impl Pool {
         let mut st = self.lock();
         let got = Self::pop_idle(&mut st);
         if got.is_some() {
-            self.publish(&st);
             drop(st);
             if let Some(g) = self.gauges.get() {
                 g.wait.record(Duration::ZERO);
@@ -329,10 +327,7 @@ impl Pool {
         let mut grant = Grant::Conn(backend);
         while let Some((_, w)) = st.waiters.pop_front() {
             match w.send(grant) {
-                Ok(()) => {
-                    self.publish(&st);
-                    return;
-                }
+                Ok(()) => return,
                 Err(g) => grant = g,
             }
         }
@@ -349,7 +344,14 @@ impl Pool {
                 since: Instant::now(),
             });
         }
-        self.publish(&st);
+    }
+
+    /// Sets the pool's gauges (active, idle, waiting) to what it holds now. Read at the
+    /// scrape and where connections are opened or closed, not at every checkout and
+    /// checkin: those run per transaction, on every worker thread, and each gauge update
+    /// is a write to a cache line all of them share.
+    pub fn publish_now(&self) {
+        self.publish(&self.lock());
     }
 
     /// What `SHOW POOLS` and `SHOW SERVERS` show of the pool now.
