@@ -118,7 +118,8 @@ pub struct PgBouncerOpts<'a> {
 
 /// PgBouncer on `port` in front of the server on `server_port`, its files in `dir`
 /// (`pgbouncer.ini`, `pgbouncer-users.txt`, `pgbouncer.log`); with `admin`, user
-/// `postgres` may use its console; up to `max_clients` clients.
+/// `postgres` may use its console; up to `max_clients` clients. It ignores
+/// `extra_float_digits`, as PgBouncer is set up for pgJDBC clients (which send it).
 pub fn start_pgbouncer_at(
     pg: &handoff_tests::PgBin,
     dir: &Path,
@@ -146,7 +147,7 @@ pub fn start_pgbouncer_at(
             "[databases]\n* = host=127.0.0.1 port={server_port}\n[pgbouncer]\n{}listen_addr = 127.0.0.1\n\
              listen_port = {port}\nauth_type = {auth_type}\nauth_file = {}\npool_mode = transaction\n\
              max_client_conn = {max_clients}\ndefault_pool_size = {pool_size}\nunix_socket_dir =\n\
-             logfile = {}\n",
+             ignore_startup_parameters = extra_float_digits\nlogfile = {}\n",
             if admin { "admin_users = postgres\n" } else { "" },
             users.display(),
             dir.join("pgbouncer.log").display()
