@@ -7,7 +7,9 @@
 #
 # Usage: benches/compare-pgbouncer.sh [seconds] [rounds]
 # Environment: POOL_MODE (transaction|session, default transaction), CLIENTS (64),
-#              QUERY_MODES ("simple extended prepared"), POOL_SIZE (20)
+#              QUERY_MODES ("simple extended prepared"), POOL_SIZE (20),
+#              BASELINE (another handoff binary, e.g. an earlier build: measured as a
+#              fourth target, "baseline", in the same rounds)
 set -euo pipefail
 secs=${1:-10}
 rounds=${2:-1}
@@ -15,6 +17,7 @@ pool_mode=${POOL_MODE:-transaction}
 clients=${CLIENTS:-64}
 query_modes=${QUERY_MODES:-simple extended prepared}
 pool_size=${POOL_SIZE:-20}
+baseline=${BASELINE:-}
 top=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(dirname "$(readlink -f "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | tail -1)")")
 if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
@@ -27,6 +30,7 @@ as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; 
 [ "$(id -u)" -eq 0 ] && chown postgres "$work"
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pg_port=$(port); pgb_port=$(port); ho_port=$(port); admin_port=$(port)
+base_port=$(port); base_admin_port=$(port)
 
 cargo build --release -q -p handoff --manifest-path "$top/Cargo.toml"
 as_pg "$bin/initdb" -D "$work/data" -U postgres -A trust --no-sync >/dev/null
@@ -41,7 +45,7 @@ CONF
 as_pg "$bin/pg_ctl" -D "$work/data" -l "$work/pg.log" -w start >/dev/null
 cleanup() {
     # runuser does not pass the signal on: PgBouncer itself is killed too.
-    kill "${pgb_cpu_pid:-}" "${pgb_pid:-}" "${ho_pid:-}" 2>/dev/null || true
+    kill "${pgb_cpu_pid:-}" "${pgb_pid:-}" "${ho_pid:-}" "${base_pid:-}" 2>/dev/null || true
     as_pg "$bin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null || true
     rm -rf "$work"
 }
@@ -75,8 +79,19 @@ env "${unset_handoff[@]}" HANDOFF_SHARDS="main=127.0.0.1:$pg_port" HANDOFF_LISTE
     HANDOFF_ADMIN_LISTEN="127.0.0.1:$admin_port" HANDOFF_POOL_MODE="$pool_mode" \
     HANDOFF_POOL_SIZE="$pool_size" HANDOFF_LOG=warn "$top/target/release/handoff" &
 ho_pid=$!
+targets=()
+if [ -n "$baseline" ]; then
+    env "${unset_handoff[@]}" HANDOFF_SHARDS="main=127.0.0.1:$pg_port" HANDOFF_LISTEN="127.0.0.1:$base_port" \
+        HANDOFF_ADMIN_LISTEN="127.0.0.1:$base_admin_port" HANDOFF_POOL_MODE="$pool_mode" \
+        HANDOFF_POOL_SIZE="$pool_size" HANDOFF_LOG=warn "$baseline" &
+    base_pid=$!
+    targets=("baseline:$base_port:$base_pid")
+fi
 sleep 1
 kill -0 "$ho_pid" 2>/dev/null || { echo "compare-pgbouncer: handoff exited at startup" >&2; exit 1; }
+if [ -n "$baseline" ] && ! kill -0 "$base_pid" 2>/dev/null; then
+    echo "compare-pgbouncer: the baseline ($baseline) exited at startup" >&2; exit 1
+fi
 # runuser stays as PgBouncer's parent: its own pid is the newest pgbouncer process.
 pgb_cpu_pid=$(pgrep -n -x pgbouncer || echo "$pgb_pid")
 tck=$(getconf CLK_TCK)
@@ -86,7 +101,7 @@ echo "pgbench -S -c $clients -j 2 -T $secs, pool mode $pool_mode, pool size $poo
 printf '%-6s %-9s %-10s %12s %8s %8s %12s %12s\n' round mode target tps failed aborted 'cpu us/txn' 'of it sys'
 for r in $(seq "$rounds"); do
     for qm in $query_modes; do
-        for t in "direct:$pg_port:" "pgbouncer:$pgb_port:$pgb_cpu_pid" "handoff:$ho_port:$ho_pid"; do
+        for t in "direct:$pg_port:" "pgbouncer:$pgb_port:$pgb_cpu_pid" "handoff:$ho_port:$ho_pid" "${targets[@]}"; do
             IFS=: read -r name tport tpid <<<"$t"
             before=0; sys_before=0
             [ -n "$tpid" ] && before=$(cpu_ticks "$tpid") && sys_before=$(sys_ticks "$tpid")
