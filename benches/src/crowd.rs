@@ -24,7 +24,6 @@ use handoff_tests::Cluster;
 use tokio::time::Instant;
 
 use crate::compare::{pgbouncer_binary, start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
-use crate::idle::source;
 use crate::run::cpu_time;
 
 /// What both subcommands run: the targets, their pools, how many rounds.
@@ -367,7 +366,7 @@ async fn crowd_once(
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // Log everyone in, 200 at a time, before the schedule starts.
     let mut clients = Vec::with_capacity(args.clients);
-    crate::idle::log_in(&mut clients, args.clients, 200, addr, target, run_no, &[]).await?;
+    log_in(&mut clients, args.clients, 200, addr, target, run_no, &[]).await?;
     // Quiet for a moment: what follows is the crowd, not the logins.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu_before = cpu_time(proxy.pid());
@@ -713,4 +712,46 @@ async fn storm_once(
             _ => None,
         },
     })
+}
+
+/// The loopback address the `n`th client of run `run` connects from: 10,000 clients
+/// per address (one address has ~28,000 ports towards one server), and addresses of
+/// its own for each run (the last run's closed connections keep their ports in
+/// TIME_WAIT for a minute).
+pub fn source(run: u8, n: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, run, (n / 10_000) as u8, 1).into()
+}
+
+/// Logs trust clients in through `target` at `addr` until `held` has `clients`,
+/// `concurrency` at a time, from run `run`'s source addresses ([`source`]).
+pub async fn log_in(
+    held: &mut Vec<RawClient>,
+    clients: usize,
+    concurrency: usize,
+    addr: std::net::SocketAddr,
+    target: &str,
+    run: u8,
+    params: &[(String, String)],
+) -> Result<()> {
+    while held.len() < clients {
+        let batch = (clients - held.len()).min(concurrency);
+        let mut tasks = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let from = source(run, held.len() + i);
+            tasks.push(tokio::spawn(RawClient::login_trust_with(
+                addr,
+                from,
+                "postgres",
+                "postgres",
+                params.to_vec(),
+            )));
+        }
+        for t in tasks {
+            held.push(
+                t.await?
+                    .with_context(|| format!("a login through {target}"))?,
+            );
+        }
+    }
+    Ok(())
 }

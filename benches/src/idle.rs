@@ -172,48 +172,6 @@ pub async fn run(args: IdleArgs) -> Result<()> {
     Ok(())
 }
 
-/// The loopback address the `n`th client of run `run` connects from: 10,000 clients
-/// per address (one address has ~28,000 ports towards one server), and addresses of
-/// its own for each run (the last run's closed connections keep their ports in
-/// TIME_WAIT for a minute).
-pub fn source(run: u8, n: usize) -> std::net::IpAddr {
-    std::net::Ipv4Addr::new(127, run, (n / 10_000) as u8, 1).into()
-}
-
-/// Logs trust clients in through `target` at `addr` until `held` has `clients`,
-/// `concurrency` at a time, from run `run`'s source addresses ([`source`]).
-pub async fn log_in(
-    held: &mut Vec<RawClient>,
-    clients: usize,
-    concurrency: usize,
-    addr: std::net::SocketAddr,
-    target: &str,
-    run: u8,
-    params: &[(String, String)],
-) -> Result<()> {
-    while held.len() < clients {
-        let batch = (clients - held.len()).min(concurrency);
-        let mut tasks = Vec::with_capacity(batch);
-        for i in 0..batch {
-            let from = source(run, held.len() + i);
-            tasks.push(tokio::spawn(RawClient::login_trust_with(
-                addr,
-                from,
-                "postgres",
-                "postgres",
-                params.to_vec(),
-            )));
-        }
-        for t in tasks {
-            held.push(
-                t.await?
-                    .with_context(|| format!("a login through {target}"))?,
-            );
-        }
-    }
-    Ok(())
-}
-
 /// `source_net`: the run's source addresses ([`source`]).
 async fn measure(
     target: &str,
@@ -230,7 +188,7 @@ async fn measure(
     let base_kib = rss_kib(pid)?;
     let started = Instant::now();
     let mut held = vec![first];
-    log_in(
+    crate::crowd::log_in(
         &mut held,
         args.clients,
         args.concurrency,

@@ -78,11 +78,24 @@ impl<T: PartialEq> Interner<T> {
     }
 }
 
+/// Which pool a client's transactions use: the user and server database are fixed,
+/// the address follows the shard's primary. One copy for every session with an equal
+/// one (see the module's note).
+#[derive(PartialEq)]
+pub(crate) struct PoolTarget {
+    pub user: String,
+    pub database: String,
+    /// What the pool's connections log in with.
+    pub credentials: crate::backend::login::Credentials,
+    /// The primary, a standby (`@replica`), or either (`@any`).
+    pub target: crate::config::Target,
+}
+
 /// What the relays share between sessions.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// Pool targets: the user, server database and credentials of a client's pools.
-    pub targets: Interner<super::txn::PoolTarget>,
+    pub targets: Interner<PoolTarget>,
     /// Startup parameters.
     pub params: Interner<HashMap<String, String>>,
 }

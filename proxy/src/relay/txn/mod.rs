@@ -73,24 +73,12 @@ use params::sync_params;
 use prepared::{Reply, StmtDef};
 use probation::{Probation, MAX_RETRIES};
 
+pub(crate) use crate::relay::shared::PoolTarget;
 pub(crate) use params::valid_param_name;
 pub(crate) use run::relay;
 
 /// Largest server message buffered whole for inspection.
 const MAX_INSPECT: usize = 64 * 1024;
-
-/// Which pool a client's transactions use: the user and server database are fixed,
-/// the address follows the shard's primary. One copy for every session with an equal
-/// one (see [`crate::relay::shared`]).
-#[derive(PartialEq)]
-pub(crate) struct PoolTarget {
-    pub user: String,
-    pub database: String,
-    /// What the pool's connections log in with.
-    pub credentials: crate::backend::login::Credentials,
-    /// The primary, a standby (`@replica`), or either (`@any`).
-    pub target: Target,
-}
 
 /// The client's side of a transaction-mode session.
 pub(crate) struct Txn<'a> {
