@@ -226,8 +226,7 @@ impl Pool {
         let started = Instant::now();
         let wait = {
             let mut st = self.lock();
-            let got = Self::pop_idle(&mut st).map(Grant::Conn);
-            let r = match got {
+            match Self::pop_idle(&mut st).map(Grant::Conn) {
                 Some(g) => Ok(g),
                 None if st.total < self.settings.size => {
                     st.total += 1;
@@ -238,8 +237,7 @@ impl Pool {
                     st.waiters.push_back((Instant::now(), tx));
                     Err(rx)
                 }
-            };
-            r
+            }
         };
         let grant = match wait {
             Ok(g) => g,
