@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::sync::Locked;
@@ -66,7 +66,30 @@ pub(crate) struct ClientInfo {
     state: AtomicU8,
     /// Unix time in milliseconds of the last change of state.
     changed_ms: AtomicU64,
-    abort: OnceLock<tokio::task::AbortHandle>,
+    /// Where `KILL` finds the session: its task, or its place in the lot of quiet
+    /// clients (see [`Evict`]).
+    abort: Mutex<Abort>,
+}
+
+/// Where a session is, for `KILL`.
+#[derive(Debug, Default)]
+enum Abort {
+    /// Not started yet.
+    #[default]
+    None,
+    /// Its task runs it.
+    Task(tokio::task::AbortHandle),
+    /// It has no task: it waits, set aside, under this key of the table that holds it.
+    SetAside(Weak<dyn Evict>, u64),
+    /// Killed: a task started for it later is ended at once.
+    Killed,
+}
+
+/// A table of sessions set aside without a task (the transaction-mode relay's lot of
+/// quiet clients): `KILL` takes a session out of it, which ends the session.
+pub(crate) trait Evict: Send + Sync + std::fmt::Debug {
+    /// Drops the session kept under `key`, if it is still there.
+    fn evict(&self, key: u64);
 }
 
 /// Who a logged-in client is.
@@ -143,21 +166,52 @@ impl ClientInfo {
         self.set_state(ClientState::Active);
     }
 
-    /// The session's task, so that `KILL` can end it.
+    /// The session's task (each time one takes the session up), so that `KILL` can end
+    /// it; a session killed before it started is ended at once.
     pub fn set_abort(&self, h: tokio::task::AbortHandle) {
-        let _ = self.abort.set(h);
+        let mut a = self.abort.locked();
+        if matches!(*a, Abort::Killed) {
+            h.abort();
+        } else {
+            *a = Abort::Task(h);
+        }
     }
 
-    /// Ends the session now: its task is dropped, which closes the client's socket and
-    /// any server connection it holds (a transaction in progress is rolled back by the
-    /// server).
+    /// The session waits without a task under `key` in `table`. False if it was
+    /// killed: the caller drops it.
+    pub fn set_aside(&self, table: Weak<dyn Evict>, key: u64) -> bool {
+        let mut a = self.abort.locked();
+        if matches!(*a, Abort::Killed) {
+            return false;
+        }
+        *a = Abort::SetAside(table, key);
+        true
+    }
+
+    /// Ends the session now: its task is dropped (or it is taken out of the table it
+    /// waits in), which closes the client's socket and any server connection it holds
+    /// (a transaction in progress is rolled back by the server).
     pub fn kill(&self) -> bool {
-        match self.abort.get() {
-            Some(h) => {
+        let mut a = self.abort.locked();
+        match std::mem::replace(&mut *a, Abort::Killed) {
+            Abort::Task(h) => {
                 h.abort();
                 true
             }
-            None => false,
+            Abort::SetAside(table, key) => {
+                // Not under the lock: the table takes its own, and takes this one
+                // while it sets a session aside.
+                drop(a);
+                if let Some(t) = table.upgrade() {
+                    t.evict(key);
+                }
+                true
+            }
+            Abort::None => {
+                *a = Abort::None;
+                false
+            }
+            Abort::Killed => false,
         }
     }
 
@@ -269,12 +323,12 @@ impl Drop for Waiting<'_> {
 
 /// Removes a client's entry when its session ends.
 #[derive(Debug)]
-pub(crate) struct Registered<'a> {
-    clients: &'a Clients,
+pub(crate) struct Registered {
+    clients: Arc<Clients>,
     id: u64,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.clients.map.remove(&self.id);
     }
@@ -303,16 +357,16 @@ impl Clients {
             login: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
             changed_ms: AtomicU64::new(now_ms()),
-            abort: OnceLock::new(),
+            abort: Mutex::default(),
         });
         self.map.insert(id, Arc::clone(&info));
         info
     }
 
     /// The guard that removes `info` when the session ends.
-    pub fn guard(&self, info: &ClientInfo) -> Registered<'_> {
+    pub fn guard(self: &Arc<Self>, info: &ClientInfo) -> Registered {
         Registered {
-            clients: self,
+            clients: Arc::clone(self),
             id: info.id,
         }
     }
@@ -400,7 +454,7 @@ mod tests {
 
     #[test]
     fn entries_leave_with_their_session_and_periods_average() {
-        let clients = Clients::default();
+        let clients = Arc::new(Clients::default());
         let a = clients.register("127.0.0.1:1".parse().unwrap(), None);
         {
             let _g = clients.guard(&a);

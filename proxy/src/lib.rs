@@ -275,15 +275,18 @@ impl Proxy {
         // Each layer's handle, from the bottom up.
         let config = Arc::new(config);
         let cancels = Arc::new(backend::cancel::Registry::default());
+        let meters = Arc::new(metrics::RelayMeters::new());
+        let lot = relay::lot::Lot::new(signal.clone(), meters.parked.clone(), relay::txn::resume);
         let relay = Arc::new(relay::Ctx {
             settings: relay::Settings::from_config(&config),
             shard: Arc::clone(&ctx),
-            meters: Arc::new(metrics::RelayMeters::new()),
+            meters,
             prepared: metrics::PreparedCounters::new(),
             server_tls: server_tls.clone(),
             cancels: Arc::clone(&cancels),
             outbox: Default::default(),
             shared: Default::default(),
+            lot,
         });
         let actions = Arc::new(actions::Ctx {
             shards: shards.clone(),
@@ -302,7 +305,7 @@ impl Proxy {
         let frontend = Arc::new(frontend::Ctx {
             users: frontend::users::Users::new(&config, server_tls)?,
             decoy: ScramVerifier::from_password("")?,
-            limits: limits::Limits::default(),
+            limits: Default::default(),
             clients: Arc::clone(&clients),
             client_tls,
             shards,

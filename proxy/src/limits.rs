@@ -21,13 +21,13 @@ pub struct Limits {
 
 /// One client's place in the counts.
 #[derive(Debug)]
-pub struct Slot<'a> {
-    limits: &'a Limits,
+pub struct Slot {
+    limits: Arc<Limits>,
     user: Arc<str>,
     database: Arc<str>,
 }
 
-impl Slot<'_> {
+impl Slot {
     /// The user's name, as the counts keep it.
     pub fn user(&self) -> Arc<str> {
         Arc::clone(&self.user)
@@ -64,12 +64,12 @@ fn give_back(map: &DashMap<Arc<str>, usize>, key: &str) {
 impl Limits {
     /// Counts a client of `user` on `database`, or refuses it (53300 naming the limit).
     pub fn admit(
-        &self,
+        self: &Arc<Self>,
         user: &str,
         database: &str,
         max_user: usize,
         max_db: usize,
-    ) -> Result<Slot<'_>, ProxyError> {
+    ) -> Result<Slot, ProxyError> {
         let Some(user_key) = take(&self.users, user, max_user) else {
             metrics::counter!(m::CLIENT_REJECTED_TOTAL, "reason" => "max_user_client_conn")
                 .increment(1);
@@ -92,7 +92,7 @@ impl Limits {
             ));
         };
         Ok(Slot {
-            limits: self,
+            limits: Arc::clone(self),
             user: user_key,
             database: database_key,
         })
@@ -105,7 +105,7 @@ impl Limits {
     }
 }
 
-impl Drop for Slot<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         give_back(&self.limits.users, &self.user);
         give_back(&self.limits.databases, &self.database);
@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn limits_count_per_user_and_database_and_free_on_drop() {
-        let l = Limits::default();
+        let l = Arc::new(Limits::default());
         let a = l.admit("app", "db1", 2, 0).unwrap();
         let b = l.admit("app", "db2", 2, 0).unwrap();
         let e = l.admit("app", "db1", 2, 0).unwrap_err();

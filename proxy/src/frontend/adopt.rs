@@ -117,13 +117,13 @@ pub(crate) fn spawn(
     let ctx = Arc::clone(ctx);
     let entry = Arc::clone(&info);
     let task = tokio::spawn(async move {
-        let _listed = ctx.clients.guard(&entry);
+        let listed = ctx.clients.guard(&entry);
         if go.await.is_err() {
             return;
         }
-        let _gauge = ClientConnected::new();
+        let gauge = ClientConnected::new();
         // Its limits are counted here too, though a moved client is never refused.
-        let _slot = ctx.limits.admit(&moved.user, &moved.database, 0, 0);
+        let slot = ctx.limits.admit(&moved.user, &moved.database, 0, 0);
         let span = entry.span();
         let state = &ctx.shards[shard];
         match (moved.mode, server) {
@@ -153,6 +153,7 @@ pub(crate) fn spawn(
                         .instrument(span)
                         .await;
                 }
+                drop((slot, gauge, listed, permit, tracker));
             }
             (
                 Mode::Transaction {
@@ -193,12 +194,12 @@ pub(crate) fn spawn(
                         "a moved client's SQL-level statement name is not text: dropped"
                     );
                 }
+                // What the task held, the session holds: it may outlive the task.
+                session.keep(Box::new((slot, gauge, listed, permit, tracker)));
                 txn::relay(client, session, shutdown).await;
             }
-            (Mode::Session { .. }, None) => {}
+            (Mode::Session { .. }, None) => drop((slot, gauge, listed, permit, tracker)),
         }
-        drop(permit);
-        drop(tracker);
     });
     info.set_abort(task.abort_handle());
     Ok(())

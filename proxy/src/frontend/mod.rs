@@ -28,7 +28,7 @@ pub(crate) struct Ctx {
     /// Verifier used for unknown users so they fail exactly like wrong passwords.
     pub decoy: ScramVerifier,
     /// Client connections per user and database.
-    pub limits: Limits,
+    pub limits: Arc<Limits>,
     /// Every client connected now, and the statistics per client database.
     pub clients: Arc<Clients>,
     /// TLS towards clients (reloadable).

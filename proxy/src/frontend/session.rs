@@ -43,6 +43,15 @@ struct Startup {
 /// A logged-in session's relay, run until the session ends.
 type Relay<'a> = BoxFuture<'a, ()>;
 
+/// What a login leads to: a relay that runs in the session's task until the session
+/// ends (the console, session mode), or a transaction-mode session, which owns what
+/// it works with and keeps what the task held, as it may outlive the task (see
+/// [`crate::relay::lot`]).
+enum Started<'a> {
+    Relay(crate::limits::Slot, Relay<'a>),
+    Txn(crate::limits::Slot, Conn, Box<txn::Txn>, Signal),
+}
+
 /// Runs a client session to its end; `held` (the listener's connection permit and
 /// drain tracker) is dropped when it ends.
 ///
@@ -54,7 +63,7 @@ type Relay<'a> = BoxFuture<'a, ()>;
 /// the task keeps the future for the session's whole life. For the same reason the
 /// socket comes in a box: the future keeps room for what it captured even after the
 /// login has taken it, and a pointer is a quarter of a socket.
-pub(crate) fn run<H: Send + 'static>(
+pub(crate) fn run<H: Send + Sync + 'static>(
     stream: TcpStream,
     ctx: Arc<Ctx>,
     shutdown: Signal,
@@ -66,20 +75,24 @@ pub(crate) fn run<H: Send + 'static>(
         // Captured, not bound (a binding would be a second copy in the future): dropped
         // with the future's other captures once the session has ended.
         let _ = &held;
-        let _gauge = ClientConnected::new();
-        let _listed = ctx.clients.guard(&info);
+        let gauge = ClientConnected::new();
+        let listed = ctx.clients.guard(&info);
         metrics::counter!(m::CLIENT_CONNECTIONS_TOTAL).increment(1);
         // The login's log context (its user and database are recorded once known); the
         // session and console relays keep it, the transaction-mode relay makes its own
         // while the client is busy.
         let span = info.span();
-        let Some((_slot, relay)) = Box::pin(start(*stream, &ctx, shutdown, info))
+        match Box::pin(start(*stream, &ctx, shutdown, info))
             .instrument(span)
             .await
-        else {
-            return;
-        };
-        relay.await;
+        {
+            None => {}
+            Some(Started::Relay(_slot, relay)) => relay.await,
+            Some(Started::Txn(slot, client, mut session, shutdown)) => {
+                session.keep(Box::new((slot, listed, gauge, held)));
+                txn::relay(client, session, shutdown).await;
+            }
+        }
     }
 }
 
@@ -90,7 +103,7 @@ async fn start(
     ctx: &Ctx,
     shutdown: Signal,
     info: Arc<ClientInfo>,
-) -> Option<(crate::limits::Slot<'_>, Relay<'_>)> {
+) -> Option<Started<'_>> {
     let _ = stream.set_nodelay(true);
     let mut client = Conn::new(stream);
     let cfg = &ctx.config;
@@ -163,7 +176,7 @@ async fn start(
                 crate::console::serve(client, &ctx.console, startup.user, startup.minor, shutdown)
                     .instrument(tracing::Span::current()),
             );
-            return Some((slot, relay));
+            return Some(Started::Relay(slot, relay));
         }
         Destination::Shard(routed) => routed,
     };
@@ -188,26 +201,24 @@ async fn start(
                         .instrument(tracing::Span::current()),
                 ),
             };
-            Some((slot, relay))
+            Some(Started::Relay(slot, relay))
         }
-        PoolMode::Transaction => {
-            transaction_mode(client, ctx, startup, routed, credentials, shutdown, info)
-                .await
-                .map(|relay| (slot, relay))
-        }
+        PoolMode::Transaction => transaction_mode(client, ctx, startup, routed, credentials, info)
+            .await
+            .map(|(client, session)| Started::Txn(slot, client, session, shutdown)),
     }
 }
 
-/// Transaction mode: a pooled server connection per transaction.
-async fn transaction_mode<'a>(
+/// Transaction mode: a pooled server connection per transaction. The session, logged
+/// in on a server and greeted, for its relay.
+async fn transaction_mode(
     mut client: Conn,
-    ctx: &'a Ctx,
+    ctx: &Ctx,
     startup: Startup,
     routed: Routed,
     credentials: Credentials,
-    shutdown: Signal,
     info: Arc<ClientInfo>,
-) -> Option<Relay<'a>> {
+) -> Option<(Conn, Box<txn::Txn>)> {
     let shard = &ctx.config.shards[routed.shard];
     let mut desired = HashMap::new();
     for (k, v) in &startup.params {
@@ -270,7 +281,7 @@ async fn transaction_mode<'a>(
     if client.send_raw(&hello).await.is_err() {
         return None;
     }
-    Some(txn::relay(client, session, shutdown))
+    Some((client, session))
 }
 
 /// Startup and authentication. `Ok(None)`: the connection ended normally (a cancel

@@ -206,6 +206,15 @@ impl Conn {
         }
     }
 
+    /// The plain socket of a connection that holds no unread bytes (to keep it without
+    /// this wrapper while it is quiet); the connection back otherwise.
+    pub fn into_plain(self) -> Result<TcpStream, Self> {
+        match self.stream {
+            Stream::Plain(s) if self.rbuf.is_empty() => Ok(s),
+            stream => Err(Self { stream, ..self }),
+        }
+    }
+
     /// Frees both buffers if they hold nothing (an idle client costs almost nothing).
     pub fn release_buffers(&mut self) {
         if self.rbuf.is_empty() {

@@ -15,6 +15,7 @@ use crate::net::tls::ServerTls;
 
 pub(crate) mod common;
 pub(crate) mod handover;
+pub(crate) mod lot;
 pub(crate) mod session_mode;
 pub(crate) mod session_move;
 pub(crate) mod shared;
@@ -62,4 +63,6 @@ pub(crate) struct Ctx {
     pub outbox: handover::Outbox,
     /// Pool targets and startup parameters, one copy for every session with equal ones.
     pub shared: shared::Shared,
+    /// Quiet transaction-mode sessions, kept without a task of their own.
+    pub lot: lot::Lot,
 }

@@ -67,7 +67,7 @@ async fn read_now(
 pub(super) async fn client_bytes(
     client: &mut Conn,
     scan: &mut Scanner,
-    txn: &mut Txn<'_>,
+    txn: &mut Txn,
 ) -> Result<bool, End> {
     let now = Instant::now();
     let mut pos = 0;
@@ -201,7 +201,7 @@ fn refused_here(tag: u8, body: &[u8]) -> Option<ProxyError> {
 
 /// A message the proxy must parse whole is over `HANDOFF_MAX_MESSAGE_SIZE`: the stream
 /// cannot be followed past it, so the session ends.
-async fn too_large(client: &mut Conn, txn: &Txn<'_>, tag: u8) -> End {
+async fn too_large(client: &mut Conn, txn: &Txn, tag: u8) -> End {
     metrics::counter!(m::MESSAGES_TOO_LARGE_TOTAL).increment(1);
     let max = txn.ctx.settings.max_message_size;
     let err = ProxyError::fatal(
@@ -218,7 +218,7 @@ async fn too_large(client: &mut Conn, txn: &Txn<'_>, tag: u8) -> End {
 /// The first message of a transaction: through the shard's gate to a server connection.
 /// A refusal (the buffer gave up, no primary) is answered locally; any other failure
 /// ends the session (the answers owed so far go first).
-async fn gate(client: &mut Conn, txn: &mut Txn<'_>, answers: &[u8], pos: usize) -> Result<(), End> {
+async fn gate(client: &mut Conn, txn: &mut Txn, answers: &[u8], pos: usize) -> Result<(), End> {
     let attached = match txn.attach_now() {
         super::Now::Attached => Ok(()),
         now => Box::pin(txn.attach_waiting(client.rbuf.len() - pos, now)).await,
@@ -239,13 +239,13 @@ async fn gate(client: &mut Conn, txn: &mut Txn<'_>, answers: &[u8], pos: usize) 
 /// session.
 async fn not_attached(
     client: &mut Conn,
-    txn: &mut Txn<'_>,
+    txn: &mut Txn,
     answers: &[u8],
     e: AttachError,
 ) -> Result<(), End> {
-    let err = e.to_client(txn.shard);
+    let err = e.to_client(txn.shard());
     if e.is_refusal() {
-        client_log!(info, txn.meter.client(), shard = txn.shard, error = %err, "request refused");
+        client_log!(info, txn.meter.client(), shard = txn.shard(), error = %err, "request refused");
         txn.local = Local::Refuse(Box::new(err));
         return Ok(());
     }
@@ -255,7 +255,7 @@ async fn not_attached(
     Err(End::ServerGone)
 }
 
-impl Txn<'_> {
+impl Txn {
     /// While the first request is on probation its bytes are kept; a message that ends
     /// it completes the request, one that cannot be re-sent (Flush, COPY data) ends the
     /// probation and lets the held answers go (into `answers`).
@@ -297,7 +297,7 @@ impl Txn<'_> {
         }
     }
 }
-pub(super) async fn flush_to_server(txn: &mut Txn<'_>) -> Result<(), End> {
+pub(super) async fn flush_to_server(txn: &mut Txn) -> Result<(), End> {
     if txn.out.is_empty() {
         return Ok(());
     }

@@ -83,7 +83,7 @@ pub(super) fn encode_ready(out: &mut BytesMut, status: TransactionStatus) {
     BackendMessage::ReadyForQuery(status).encode(out);
 }
 
-impl Txn<'_> {
+impl Txn {
     /// Answers one client message while the proxy speaks for the server ([`Local`]).
     /// `body` is the whole message for a Query, Parse or Bind, empty otherwise.
     pub(super) fn answer_locally(&mut self, tag: u8, body: &[u8], out: &mut BytesMut) {
@@ -211,7 +211,7 @@ impl Txn<'_> {
         server_clean: bool,
         client_clean: bool,
     ) -> Result<(), End> {
-        metrics::counter!(crate::metrics::LAMEDUCK_CANCELLED, "shard" => self.shard.to_string())
+        metrics::counter!(crate::metrics::LAMEDUCK_CANCELLED, "shard" => self.shard().to_string())
             .increment(1);
         let timeout = self.ctx.settings.drain_timeout;
         let err = match self.gen.lost() {
@@ -219,7 +219,7 @@ impl Txn<'_> {
                 sqlstate::CONNECTION_FAILURE,
                 format!(
                     "lost the primary of shard \"{}\" ({why}) and another primary was established while the transaction waited on it; it may or may not have taken effect",
-                    self.shard
+                    self.shard()
                 ),
             )
             .hint("check whether it took effect before running it again"),
@@ -227,7 +227,7 @@ impl Txn<'_> {
                 sqlstate::CONNECTION_FAILURE,
                 format!(
                     "lost the primary of shard \"{}\" ({why}) and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({timeout:?}); it may or may not have taken effect",
-                    self.shard
+                    self.shard()
                 ),
             )
             .hint("check whether it took effect before running it again"),
@@ -235,7 +235,7 @@ impl Txn<'_> {
                 sqlstate::ADMIN_SHUTDOWN,
                 format!(
                     "transaction cancelled: the primary of shard \"{}\" is being replaced and the transaction did not finish within HANDOFF_DRAIN_TIMEOUT ({timeout:?})",
-                    self.shard
+                    self.shard()
                 ),
             )
             .hint("the transaction was rolled back; retry it"),
@@ -243,7 +243,7 @@ impl Txn<'_> {
         client_log!(
             info,
             self.meter.client(),
-            shard = self.shard,
+            shard = self.shard(),
             "lameduck cancelled a transaction"
         );
         self.abandon(client, err, true, server_clean, client_clean)
@@ -274,11 +274,11 @@ impl Txn<'_> {
                 code,
                 format!(
                     "lost the connection to standby {host} of shard \"{}\" while a read ran",
-                    self.shard
+                    self.shard()
                 ),
             )
             .hint("the session goes on: its next transaction goes to another standby");
-            client_log!(info, self.meter.client(), shard = self.shard, standby = %host, "standby connection lost under a request");
+            client_log!(info, self.meter.client(), shard = self.shard(), standby = %host, "standby connection lost under a request");
             return self
                 .abandon(client, err, false, server_clean, client_clean)
                 .await;
@@ -290,7 +290,7 @@ impl Txn<'_> {
             Report::ConnectionLost
         };
         let gen = std::sync::Arc::clone(&self.gen);
-        let primary_gone = health::suspect(&self.ctx.shard, self.state, &gen, what).await;
+        let primary_gone = health::suspect(&self.ctx.shard, &self.state, &gen, what).await;
         if !primary_gone {
             let (code, message) = fatal.unwrap_or_else(|| {
                 (
@@ -299,13 +299,13 @@ impl Txn<'_> {
                 )
             });
             let code = sqlstate::known(&code).unwrap_or(sqlstate::CONNECTION_FAILURE);
-            client_log!(info, self.meter.client(), shard = self.shard, %message, "a server backend ended while the primary serves: ending the client's session");
+            client_log!(info, self.meter.client(), shard = self.shard(), %message, "a server backend ended while the primary serves: ending the client's session");
             let err = ProxyError::error(code, message);
             // Sent as FATAL, and the session ends.
             return self.abandon(client, err, false, server_clean, false).await;
         }
         let err = self.lost_error();
-        client_log!(info, self.meter.client(), shard = self.shard, error = %err.message, "server connection lost under a request");
+        client_log!(info, self.meter.client(), shard = self.shard(), error = %err.message, "server connection lost under a request");
         self.abandon(client, err, false, server_clean, client_clean)
             .await
     }
@@ -318,16 +318,16 @@ impl Txn<'_> {
                 code,
                 format!(
                     "the primary of shard \"{}\" ended the connection while a request ran ({msg})",
-                    self.shard
+                    self.shard()
                 ),
             ),
             None => {
-                health::report(self.state, Report::ConnectionLost);
+                health::report(&self.state, Report::ConnectionLost);
                 (
                     sqlstate::CONNECTION_FAILURE.to_string(),
                     format!(
                         "lost the connection to the primary of shard \"{}\" while a request ran",
-                        self.shard
+                        self.shard()
                     ),
                 )
             }

@@ -75,17 +75,20 @@ use probation::{Probation, MAX_RETRIES};
 
 pub(crate) use crate::relay::shared::PoolTarget;
 pub(crate) use params::valid_param_name;
-pub(crate) use run::relay;
+pub(crate) use run::{relay, resume};
 
 /// Largest server message buffered whole for inspection.
 const MAX_INSPECT: usize = 64 * 1024;
 
 /// The client's side of a transaction-mode session.
-pub(crate) struct Txn<'a> {
-    pub ctx: &'a Ctx,
+///
+/// It owns what it works with (no borrow of the session's task), so a quiet client's
+/// state can be set aside in the [`lot`] and taken up again by a new task.
+pub(crate) struct Txn {
+    pub ctx: Arc<Ctx>,
     pub pool: Arc<Pool>,
-    pub shard: &'a str,
-    state: &'a Arc<Shard>,
+    /// The shard the client's database routes to (its name: [`Txn::shard`]).
+    state: Arc<Shard>,
     target: Arc<PoolTarget>,
     /// The generation `pool` belongs to; a transaction is registered on it while attached.
     gen: Arc<Generation>,
@@ -127,7 +130,14 @@ pub(crate) struct Txn<'a> {
     reading: Option<Reading>,
     /// A reader's pools, by standby: looked up once per standby, not per transaction.
     read_pools: Vec<(HostPort, Arc<Pool>)>,
+    /// What the session holds until it ends (its connection permit, its registry entry,
+    /// its place in the connection limits): kept with the state, so that a session set
+    /// aside in the lot keeps them without a task. Dropped last.
+    keep: Option<Keep>,
 }
+
+/// See [`Txn::keep`].
+pub(crate) type Keep = Box<dyn Send + Sync>;
 
 /// A client's named statements and their progress through the server connection it
 /// holds. Made on first use: most clients never name a statement, and an idle client
@@ -162,7 +172,12 @@ pub(crate) enum Now {
 /// What [`Txn::named`] lends a client that has named nothing.
 static NO_NAMES: std::sync::LazyLock<Named> = std::sync::LazyLock::new(Named::default);
 
-impl<'a> Txn<'a> {
+impl Txn {
+    /// The name of the client's shard.
+    pub fn shard(&self) -> &str {
+        &self.state.name
+    }
+
     /// The client's named statements (none yet: an empty set, without allocating).
     fn named(&self) -> &Named {
         self.named.as_deref().unwrap_or(&NO_NAMES)
@@ -174,8 +189,8 @@ impl<'a> Txn<'a> {
     }
 
     pub fn new(
-        ctx: &'a Ctx,
-        state: &'a Arc<Shard>,
+        ctx: &Arc<Ctx>,
+        state: &Arc<Shard>,
         target: Arc<PoolTarget>,
         registration: Registration,
         desired: Params,
@@ -184,10 +199,9 @@ impl<'a> Txn<'a> {
         let gen = state.current();
         let pool = pool_for(ctx, &target, &gen, &state.name);
         Self {
-            ctx,
+            ctx: Arc::clone(ctx),
             pool,
-            shard: &state.name,
-            state,
+            state: Arc::clone(state),
             target,
             gen,
             admitted: None,
@@ -208,7 +222,13 @@ impl<'a> Txn<'a> {
             stayed: 0,
             reading: None,
             read_pools: Vec::new(),
+            keep: None,
         }
+    }
+
+    /// Holds `keep` until the session ends (see the field).
+    pub fn keep(&mut self, keep: Keep) {
+        self.keep = Some(keep);
     }
 
     /// Passes the shard's gate (waiting in the failover buffer while the primary
@@ -266,7 +286,7 @@ impl<'a> Txn<'a> {
 
     /// The gate and a free idle connection, if both are there now.
     fn checkout_now(&mut self) -> Option<Box<Backend>> {
-        self.admitted = Some(control::try_admit(&self.ctx.shard, self.state, &self.gen)?);
+        self.admitted = Some(control::try_admit(&self.ctx.shard, &self.state, &self.gen)?);
         match self.pool.try_checkout() {
             Some(b) if self.state.is_serving(&self.gen) => Some(b),
             other => {
@@ -289,7 +309,7 @@ impl<'a> Txn<'a> {
                 return Ok(b);
             }
             // `@any` with no standby in the rotation: the primary serves it.
-            self.pool = pool_for(self.ctx, &self.target, &self.gen, self.shard);
+            self.pool = pool_for(&self.ctx, &self.target, &self.gen, self.shard());
         }
         loop {
             self.enter(bytes).await?;
@@ -300,10 +320,10 @@ impl<'a> Txn<'a> {
                     // Nothing was sent: if the primary is indeed gone, wait in the
                     // buffer for the next one instead of failing the request.
                     let gen = Arc::clone(&self.gen);
-                    if health::suspect(&self.ctx.shard, self.state, &gen, Report::ConnectFailed)
+                    if health::suspect(&self.ctx.shard, &self.state, &gen, Report::ConnectFailed)
                         .await
                     {
-                        RetryReason::ConnectFailed.count(self.shard);
+                        RetryReason::ConnectFailed.count(self.shard());
                         continue;
                     }
                     return Err(AttachError::Pool(PoolError::Connect(e)));
@@ -362,7 +382,7 @@ impl<'a> Txn<'a> {
         if let Some((_, p)) = self.read_pools.iter().find(|(h, _)| h == host) {
             return Arc::clone(p);
         }
-        let p = read_pool_for(self.ctx, &self.target, host, self.shard);
+        let p = read_pool_for(&self.ctx, &self.target, host, self.shard());
         self.read_pools.push((host.clone(), Arc::clone(&p)));
         p
     }
@@ -372,7 +392,7 @@ impl<'a> Txn<'a> {
     /// none in the rotation `@replica` waits up to the buffer's window for one, and
     /// `@any` gets `None` (the primary serves it).
     async fn checkout_read(&mut self) -> Result<Option<Box<Backend>>, AttachError> {
-        let state = self.state;
+        let state = Arc::clone(&self.state);
         let replicas = &state.replicas;
         let mut except: Option<HostPort> = None;
         loop {
@@ -397,7 +417,7 @@ impl<'a> Txn<'a> {
                 }
                 Err(PoolError::Connect(e)) if e.standby_unusable() => {
                     replicas.set_down(picked.host(), &e.to_string());
-                    RetryReason::ConnectFailed.count(self.shard);
+                    RetryReason::ConnectFailed.count(self.shard());
                     except = Some(picked.host().clone());
                 }
                 Err(e) => return Err(AttachError::Pool(e)),
@@ -433,9 +453,9 @@ impl<'a> Txn<'a> {
     async fn enter(&mut self, bytes: usize) -> Result<(), AttachError> {
         let before = self.gen.id;
         self.admitted =
-            Some(control::admit(&self.ctx.shard, self.state, &mut self.gen, bytes).await?);
+            Some(control::admit(&self.ctx.shard, &self.state, &mut self.gen, bytes).await?);
         if self.gen.id != before {
-            self.pool = pool_for(self.ctx, &self.target, &self.gen, self.shard);
+            self.pool = pool_for(&self.ctx, &self.target, &self.gen, self.shard());
         }
         Ok(())
     }
@@ -521,7 +541,7 @@ impl<'a> Txn<'a> {
 /// A session that ends with a server connection still attached — its task aborted by
 /// the console's `KILL`, say — closes it and gives its slot back to the pool (the
 /// server rolls back whatever was in progress).
-impl Drop for Txn<'_> {
+impl Drop for Txn {
     fn drop(&mut self) {
         if let Some(b) = self.backend.take() {
             self.leave();

@@ -7,7 +7,7 @@ use super::prepared::StmtDef;
 use super::Txn;
 use crate::api::takeover::{Mode, Statement};
 
-impl Txn<'_> {
+impl Txn {
     /// What moves of this session (it holds no server connection: between transactions).
     pub(crate) fn moved_mode(&self) -> Mode {
         let sorted = |m: &std::collections::HashMap<String, String>| {

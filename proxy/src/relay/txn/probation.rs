@@ -155,7 +155,7 @@ pub(super) fn shows_execution(tag: u8) -> bool {
     )
 }
 
-impl Txn<'_> {
+impl Txn {
     /// The first statement of the transaction's first request was refused with
     /// `25006`/`57P03` and nothing of it ran. If the primary is indeed being replaced,
     /// the request goes again, through the buffer, to the next primary; otherwise the
@@ -182,20 +182,20 @@ impl Txn<'_> {
             going
         } else {
             let gen = Arc::clone(&self.gen);
-            health::suspect(&self.ctx.shard, self.state, &gen, reason.report()).await
+            health::suspect(&self.ctx.shard, &self.state, &gen, reason.report()).await
         };
         if again && self.clean() && stream_clean && self.retries_left > 0 {
             self.retries_left -= 1;
             if stale {
-                metrics::counter!(crate::metrics::RETRIES, "shard" => self.shard.to_string(), "reason" => "stale_statement")
+                metrics::counter!(crate::metrics::RETRIES, "shard" => self.shard().to_string(), "reason" => "stale_statement")
                     .increment(1);
                 tracing::debug!(
-                    shard = self.shard,
+                    shard = self.shard(),
                     "a cached statement was stale: prepared afresh, the request goes again"
                 );
             } else {
-                reason.count(self.shard);
-                client_log!(info, self.meter.client(), shard = self.shard, reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
+                reason.count(self.shard());
+                client_log!(info, self.meter.client(), shard = self.shard(), reason = reason.as_str(), "first statement refused by a primary being replaced: sending the request to the next one");
             }
             let (mut again, defined) = self.probe.take_request();
             for name in defined {

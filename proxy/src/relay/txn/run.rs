@@ -2,6 +2,7 @@
 //! waiting on the client, the server connection while a transaction holds one,
 //! shutdown, lameduck's cancellation and the idle limits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -10,6 +11,7 @@ use handoff_protocol::error::ProxyError;
 use handoff_protocol::scan::Scanner;
 use handoff_protocol::sqlstate;
 use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use super::client::{client_bytes, client_read};
@@ -21,6 +23,7 @@ use crate::metrics::{self as m, HeldUp};
 use crate::net::buffers;
 use crate::net::stream::Conn;
 use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
+use crate::relay::lot::Payload;
 use crate::shutdown::{Phase, Signal};
 
 /// How long a client stays quiet, holding nothing, before its relay is parked.
@@ -34,16 +37,15 @@ use crate::shutdown::{Phase, Signal};
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
-/// client is busy, [`parked`] while it is quiet. The client and the transaction state
-/// are captured once and lent to `run` (an `async fn` taking them by value would keep
-/// each twice: as its argument and as the local it is moved into), and the state stays
-/// in its own box.
-pub(crate) fn relay<'a>(
-    mut client: Conn,
-    mut txn: Box<Txn<'a>>,
-    shutdown: Signal,
-) -> BoxFuture<'a, ()> {
+/// client is busy; once it is quiet, the session is set aside in the lot (see
+/// [`crate::relay::lot`]) and this task ends — [`resume`] gives it a new one when the
+/// client sends again — or, where the lot does not take it, [`parked`] in this task.
+/// The client and the transaction state are captured once and lent to `run` (an
+/// `async fn` taking them by value would keep each twice: as its argument and as the
+/// local it is moved into), and the state stays in its own box.
+pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<'static, ()> {
     Box::pin(async move {
+        let (mut client, mut txn) = (client, txn);
         let end = loop {
             // The log context, made for each stretch of work (a parked client keeps
             // none), and only when debug lines are on (see `client_span_on`).
@@ -54,6 +56,10 @@ pub(crate) fn relay<'a>(
             };
             match Box::pin(run(&mut client, &mut txn, shutdown.clone()).instrument(span)).await {
                 End::Parked => {
+                    (client, txn) = match set_aside(client, txn) {
+                        None => return,
+                        Some(kept) => kept,
+                    };
                     // The shared handle, not a lookup by name: this runs at every
                     // wake-up of a quiet client.
                     let _parked = HeldUp::new(&txn.meter.series().parked);
@@ -71,10 +77,43 @@ pub(crate) fn relay<'a>(
     })
 }
 
+/// Hands a quiet session to the lot: `None` once the lot has it (or it ended there,
+/// killed), the session back if the lot does not take it.
+fn set_aside(client: Conn, txn: Box<Txn>) -> Option<(Conn, Box<Txn>)> {
+    let socket = match client.into_plain() {
+        Ok(s) => s,
+        Err(client) => return Some((client, txn)),
+    };
+    let ctx = Arc::clone(&txn.ctx);
+    let info = Arc::clone(txn.meter.client());
+    match ctx.lot.park(socket, txn, &info) {
+        Ok(()) => None,
+        Err((socket, state)) => {
+            let txn = state
+                .downcast::<Txn>()
+                .expect("the lot gives back what it was given");
+            Some((Conn::new(socket), txn))
+        }
+    }
+}
+
+/// A session taken out of the lot (its client sent something, closed, or the proxy's
+/// phase moved): its relay runs again in a task of its own.
+pub(crate) fn resume(socket: TcpStream, state: Payload) {
+    let Ok(txn) = state.downcast::<Txn>() else {
+        return;
+    };
+    let shutdown = txn.ctx.lot.signal().clone();
+    let info = Arc::clone(txn.meter.client());
+    let task = tokio::spawn(relay(Conn::new(socket), txn, shutdown));
+    // For `KILL`: this is the session's task now.
+    info.set_abort(task.abort_handle());
+}
+
 /// Gives the session to the successor of a takeover: true once it has taken it (the
 /// session ends here, silently). Otherwise the session stays, and is not tried again
 /// in this takeover.
-async fn hand_over(client: &mut Conn, txn: &mut Txn<'_>) -> bool {
+async fn hand_over(client: &mut Conn, txn: &mut Txn) -> bool {
     let outbox = &txn.ctx.outbox;
     let attempt = outbox.attempt();
     let moved = crate::relay::handover::dup(client).and_then(|fd| {
@@ -236,7 +275,7 @@ async fn on_server_read(
     server: &mut ServerSide,
     client: &mut Conn,
     cscan: &Scanner,
-    txn: &mut Txn<'_>,
+    txn: &mut Txn,
 ) -> Result<(), End> {
     match r {
         Ok(0) | Err(_) if txn.ex.server_fatal() && txn.ex.fatal().is_none() => {
@@ -266,7 +305,7 @@ async fn on_server_read(
 }
 
 /// Relays a logged-in transaction-mode client until it leaves.
-async fn run(client: &mut Conn, txn: &mut Txn<'_>, shutdown: Signal) -> End {
+async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
     client.release_buffers();
     let mut cscan = Scanner::new(txn.ctx.settings.max_message_size, MAX_CLIENT_MESSAGE);
     let limits = IdleLimits {

@@ -45,7 +45,7 @@ pub(super) async fn server_bytes(
     buf: &mut BytesMut,
     scan: &mut Scanner,
     client: &mut Conn,
-    txn: &mut Txn<'_>,
+    txn: &mut Txn,
 ) -> Result<(), End> {
     let mut pos = 0;
     let mut run = 0;
@@ -164,7 +164,7 @@ pub(super) async fn server_bytes(
     Ok(())
 }
 
-impl Txn<'_> {
+impl Txn {
     /// A server message while the first request is on probation: a retriable refusal
     /// of its first statement is noted; anything that shows the request ran (or an
     /// error, or ReadyForQuery) ends the probation. True when it ends now.
@@ -195,7 +195,7 @@ impl Txn<'_> {
             if self.standby().is_some() {
                 self.standby_failed("it ended a session (FATAL)");
             } else {
-                health::report(self.state, Report::ServerFatal);
+                health::report(&self.state, Report::ServerFatal);
             }
             if sqlstate::is_operator_intervention(code) {
                 self.ex.server_said_fatal(Some((
@@ -206,7 +206,7 @@ impl Txn<'_> {
             }
             self.ex.server_said_fatal(None);
         } else if let Some(r) = refusal.filter(|_| !self.probe.active && self.standby().is_none()) {
-            health::report(self.state, r.report());
+            health::report(&self.state, r.report());
         }
         false
     }
@@ -231,7 +231,7 @@ impl Txn<'_> {
     }
 }
 
-impl Txn<'_> {
+impl Txn {
     /// `DISCARD ALL` reset the connection's parameters to its defaults: the client's
     /// become what it asked for at startup, applied again at its next transaction.
     fn discard_params(&mut self) {
@@ -245,7 +245,7 @@ impl Txn<'_> {
 
 /// Server bytes on their way to the client: held back while the first request's outcome
 /// is unknown.
-async fn emit(client: &mut Conn, txn: &mut Txn<'_>, bytes: &[u8]) -> Result<(), End> {
+async fn emit(client: &mut Conn, txn: &mut Txn, bytes: &[u8]) -> Result<(), End> {
     if txn.probe.active {
         txn.probe.hold(bytes);
         return Ok(());

@@ -142,7 +142,7 @@ pub(super) fn query(sql: &str) -> BytesMut {
     out
 }
 
-impl Txn<'_> {
+impl Txn {
     fn ensure_prepared(&mut self, def: &StmtDef) {
         let b = self.backend.as_mut().expect("attached");
         if b.prepared.get(&def.server_name).is_some() {

@@ -7,7 +7,7 @@ use handoff_protocol::backend::tag as btag;
 use super::Reply;
 use crate::relay::txn::Txn;
 
-impl Txn<'_> {
+impl Txn {
     /// After an ErrorResponse the server skips to the next Sync: the replies promised
     /// for the skipped messages will never come.
     pub(in crate::relay::txn) fn on_error(&mut self) {

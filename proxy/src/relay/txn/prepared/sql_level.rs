@@ -9,7 +9,7 @@ use handoff_protocol::{sql, sqlstate};
 use super::{query, raise, Reply, StmtDef};
 use crate::relay::txn::Txn;
 
-impl Txn<'_> {
+impl Txn {
     /// `EXECUTE name …` of a statement the client prepared (either level), rewritten to
     /// run the statement's server name; `None` to send the SQL as it is.
     pub(super) fn execute_by_server_name(&self, sql: &[u8]) -> Option<Bytes> {

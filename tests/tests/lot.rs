@@ -1,0 +1,133 @@
+//! The lot: quiet transaction-mode clients kept without a task of their own, woken by
+//! what they send, by their closing, and ended by the console's `KILL`. (Its own
+//! binary: the parked gauge and the task count are process-wide.)
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use handoff_protocol::backend::TransactionStatus;
+use handoff_tests::raw::{http, RawClient};
+use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
+use tokio_postgres::NoTls;
+
+async fn until_parked(admin: SocketAddr, n: f64, what: &str) {
+    eventually(Duration::from_secs(10), what, || async move {
+        Ok(metric(admin, "handoff_clients_parked").await? == n)
+    })
+    .await
+    .unwrap();
+}
+
+/// An unlabelled series from /metrics.
+async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let (status, text) = http(admin, "GET", "/metrics", None).await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}");
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics"))?
+        .trim()
+        .parse()
+        .map_err(Into::into)
+}
+
+/// A simple Query message.
+fn query(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}
+
+/// Quiet clients wait in the lot: no task each, woken by what they send, by their
+/// closing, and ended by the console's `KILL`. (Raw clients, so that the test itself
+/// runs no task per client either.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_are_killed() {
+    const N: usize = 30;
+    let cluster = Cluster::start(0).unwrap();
+    let proxy = start_proxy(
+        &cluster,
+        &[
+            ("HANDOFF_POOL_MODE", "transaction"),
+            ("HANDOFF_ADMIN_USERS", "postgres"),
+        ],
+    )
+    .await
+    .unwrap();
+    let admin = proxy.admin_addr();
+    let addr = proxy.listen_addr();
+    let login = || RawClient::login_trust(addr, "postgres", "postgres");
+
+    // One client first: the pool and whatever else the first one starts.
+    let mut clients = vec![login().await.unwrap()];
+    clients[0].send(&query("select 1")).await.unwrap();
+    clients[0].drain_until_ready().await.unwrap();
+    until_parked(admin, 1.0, "the first client to be parked").await;
+    let tasks_before = metric(admin, "handoff_tasks").await.unwrap();
+    for _ in 1..N {
+        let mut c = login().await.unwrap();
+        c.send(&query("select 1")).await.unwrap();
+        c.drain_until_ready().await.unwrap();
+        clients.push(c);
+    }
+    until_parked(admin, N as f64, "every client to be parked").await;
+    let tasks = metric(admin, "handoff_tasks").await.unwrap();
+    assert!(
+        tasks - tasks_before < (N / 3) as f64,
+        "{} more quiet clients added {} tasks ({tasks_before} → {tasks})",
+        N - 1,
+        tasks - tasks_before
+    );
+
+    // Each is woken by its request, answered, and set aside again.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&query(&format!("select {i}"))).await.unwrap();
+        let (bytes, status) = c.drain_until_ready().await.unwrap();
+        assert!(bytes > 0, "client {i} got no row");
+        assert_eq!(status, TransactionStatus::Idle);
+    }
+    until_parked(admin, N as f64, "every client to be parked again").await;
+
+    // A parked client that closes leaves: its session ends without a request.
+    clients.truncate(N - 10);
+    until_parked(
+        admin,
+        (N - 10) as f64,
+        "the closed clients to leave the lot",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the closed sessions to end",
+        || async move { Ok(metric(admin, "handoff_client_connections").await? == (N - 10) as f64) },
+    )
+    .await
+    .unwrap();
+
+    // KILL ends the parked sessions of the database: their sockets close.
+    let console_url = conn_str(&addr, "postgres", "handoff", None);
+    let (console, conn) = tokio_postgres::connect(&console_url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    console.simple_query("KILL postgres").await.unwrap();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let r = tokio::time::timeout(Duration::from_secs(10), c.read_message()).await;
+        assert!(
+            matches!(r, Ok(Ok(None)) | Ok(Err(_))),
+            "client {i} was not closed by KILL: {r:?}"
+        );
+    }
+    until_parked(admin, 0.0, "the killed clients to leave the lot").await;
+    eventually(
+        Duration::from_secs(10),
+        "only the console to be left",
+        || async move { Ok(metric(admin, "handoff_client_connections").await? == 1.0) },
+    )
+    .await
+    .unwrap();
+    // The proxy goes on: a new client is served.
+    let mut c = login().await.unwrap();
+    c.send(&query("select 1")).await.unwrap();
+    c.drain_until_ready().await.unwrap();
+}
