@@ -277,6 +277,21 @@ async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() 
     let plus = c.prepare("SELECT $1::int + 1").await.unwrap();
     // A client in the middle of a transaction while the takeover starts.
     let mut mid = connect(&url).await;
+    // `c` is quiet: parked (kept without a task, in the lot) when the first takeover
+    // starts, and moved from there.
+    eventually(
+        Duration::from_secs(10),
+        "the quiet clients to be parked",
+        || async {
+            let (_, text) = http(d.admin, "GET", "/metrics", None).await?;
+            Ok(text
+                .lines()
+                .find_map(|l| l.strip_prefix("handoff_clients_parked "))
+                .is_some_and(|n| n.trim().parse::<f64>().is_ok_and(|n| n >= 2.0)))
+        },
+    )
+    .await
+    .unwrap();
 
     let mut longest = Duration::ZERO;
     for round in 0..10i32 {

@@ -26,14 +26,14 @@ use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
 use crate::relay::lot::Payload;
 use crate::shutdown::{Phase, Signal};
 
-/// How long a client stays quiet, holding nothing, before its relay is parked.
+/// How long a client stays quiet, holding nothing, before its session is parked.
 ///
 /// A client between transactions needs only its socket and its session's state. The
-/// loop's own state (scanners, the select over client, server, timers and signals;
-/// about a kilobyte) is kept while the client is busy, so a client that sends again
-/// within this time costs no allocation, and is set aside once it has been quiet this
-/// long: the next request then makes it again (one allocation, after a pause of at
-/// least this long).
+/// task, the loop's own state (scanners, the select over client, server, timers and
+/// signals) and the socket's registration with the runtime are kept while the client
+/// is busy, so a client that sends again within this time costs nothing more; once it
+/// has been quiet this long the session goes to the lot, and the next request makes
+/// them again (a task, a box, two `epoll_ctl`; after a pause of at least this long).
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
