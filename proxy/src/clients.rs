@@ -61,7 +61,8 @@ pub(crate) struct ClientInfo {
     pub id: u64,
     pub addr: SocketAddr,
     pub local: Option<SocketAddr>,
-    pub connected: SystemTime,
+    /// When it connected, in milliseconds since the Unix epoch ([`ClientInfo::connected`]).
+    connected_ms: u64,
     login: OnceLock<LoginInfo>,
     state: AtomicU8,
     /// Unix time in milliseconds of the last change of state.
@@ -100,13 +101,18 @@ pub(crate) struct LoginInfo {
     pub user: Arc<str>,
     pub database: Arc<str>,
     /// The shard it is routed to and the server database; `None` for the console.
-    pub route: Option<(usize, String)>,
-    pub application_name: String,
+    pub route: Option<(usize, Box<str>)>,
+    pub application_name: Box<str>,
     pub tls: bool,
     pub stats: Arc<DbStats>,
 }
 
 impl ClientInfo {
+    /// When the client connected.
+    pub fn connected(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.connected_ms)
+    }
+
     pub fn login(&self) -> Option<&LoginInfo> {
         self.login.get()
     }
@@ -353,7 +359,9 @@ impl Clients {
             id,
             addr,
             local,
-            connected,
+            connected_ms: connected
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
             login: OnceLock::new(),
             state: AtomicU8::new(ClientState::Login as u8),
             changed_ms: AtomicU64::new(now_ms()),
@@ -464,7 +472,7 @@ mod tests {
                 user: "u".into(),
                 database: "d".into(),
                 route: Some((0, "d".into())),
-                application_name: String::new(),
+                application_name: "".into(),
                 tls: false,
                 stats: clients.stats_for("d"),
             });

@@ -85,7 +85,7 @@ impl Drop for Sending {
 /// The server connection serving a client now, if any (transaction mode attaches and
 /// detaches per transaction). Shared between the session and the registry so that the
 /// session updates it with an uncontended lock instead of a map write.
-type Slot = Arc<std::sync::Mutex<Option<ServerKey>>>;
+type Slot = Arc<std::sync::Mutex<Option<Arc<ServerKey>>>>;
 
 /// Where a client's cancel request must go.
 #[derive(Debug, Clone)]
@@ -119,7 +119,7 @@ impl Registration {
     /// Points the session's cancel requests at another server connection (or at none).
     /// Once it returns, every request forwarded to the previous one is counted in that
     /// connection's [`InFlight`].
-    pub fn set_server(&self, server: Option<ServerKey>) {
+    pub fn set_server(&self, server: Option<Arc<ServerKey>>) {
         *self.server.locked() = server;
     }
 }
@@ -211,7 +211,7 @@ impl Registry {
         server: Option<ServerKey>,
         key: impl FnOnce(&[Target]) -> Option<Bytes>,
     ) -> Option<Registration> {
-        let server = Arc::new(std::sync::Mutex::new(server));
+        let server = Arc::new(std::sync::Mutex::new(server.map(Arc::new)));
         let mut list = self.map.entry(pid).or_default();
         let key = key(&list)?;
         // Nearly every pid has one target (session mode may see a backend pid reused
@@ -273,11 +273,11 @@ impl Registry {
             .server
             .locked()
             .as_ref()
-            .map(|s| (s.clone(), s.in_flight.start()))
+            .map(|s| (Arc::clone(s), s.in_flight.start()))
         else {
             return false;
         };
-        cancel_server(server, timeout).await
+        cancel_server(ServerKey::clone(&server), timeout).await
     }
 }
 

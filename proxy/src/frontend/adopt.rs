@@ -108,8 +108,8 @@ pub(crate) fn spawn(
     info.logged_in(LoginInfo {
         user: moved.user.as_str().into(),
         database: moved.database.as_str().into(),
-        route: Some((shard, server_db.clone())),
-        application_name: moved.application_name.clone(),
+        route: Some((shard, server_db.as_str().into())),
+        application_name: moved.application_name.as_str().into(),
         tls: false,
         stats: ctx.clients.stats_for(&moved.database),
     });

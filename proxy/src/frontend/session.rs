@@ -157,14 +157,14 @@ async fn start(
         .params
         .iter()
         .find(|(k, _)| k == "application_name")
-        .map(|(_, v)| v.clone())
+        .map(|(_, v)| v.as_str().into())
         .unwrap_or_default();
     info.logged_in(LoginInfo {
         user: slot.user(),
         database: slot.database(),
         route: match &dest {
             Destination::Console => None,
-            Destination::Shard(r) => Some((r.shard, r.server_db.clone())),
+            Destination::Shard(r) => Some((r.shard, r.server_db.as_str().into())),
         },
         application_name,
         tls: client.stream.is_tls(),

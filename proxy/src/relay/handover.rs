@@ -92,13 +92,13 @@ pub(crate) fn client_part(
         addr: info.addr,
         local: info.local,
         connected_ms: info
-            .connected
+            .connected()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         user: login.user.to_string(),
         database: login.database.to_string(),
-        application_name: login.application_name.clone(),
+        application_name: login.application_name.to_string(),
         minor,
         cancel_pid: cancel.0,
         cancel_key: cancel.1.to_vec(),

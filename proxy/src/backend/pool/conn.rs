@@ -45,6 +45,9 @@ pub struct Backend {
     /// Cancel requests forwarded to it and not yet delivered: it is not handed out
     /// again until they are (see [`Pool::give_back`](super::Pool::give_back)).
     pub in_flight: Arc<InFlight>,
+    /// Its cancel data, made once: a client's cancel entry points at it while the
+    /// connection serves the client (a pointer set per transaction, not a copy).
+    pub cancel: Arc<crate::backend::cancel::ServerKey>,
     /// The pool's reconnect generation when it was opened: `RECONNECT` closes the
     /// connections of older generations as they come back.
     pub(super) generation: u64,
@@ -96,9 +99,17 @@ impl Backend {
             list: Arc::clone(list),
             pid: s.pid,
         };
+        let in_flight: Arc<InFlight> = Arc::default();
+        let cancel = Arc::new(crate::backend::cancel::ServerKey {
+            addr: s.peer,
+            pid: s.pid,
+            key: s.key.clone(),
+            in_flight: Arc::clone(&in_flight),
+        });
         Self {
             generation,
             _listed: listed,
+            cancel,
             conn: s.conn,
             pid: s.pid,
             key: s.key,
@@ -108,7 +119,7 @@ impl Backend {
             prepared: LruCache::new(NonZeroUsize::new(max_prepared.max(1)).expect("at least 1")),
             to_close: Vec::new(),
             created: Instant::now(),
-            in_flight: Arc::default(),
+            in_flight,
         }
     }
 

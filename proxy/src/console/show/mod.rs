@@ -204,7 +204,7 @@ fn pools(ctx: &Ctx, out: &mut Out) {
                             reader == p.reads
                                 && *l.user == *p.user
                                 && l.route.as_ref().is_some_and(|(i, db)| {
-                                    Some(*i) == shard_index && *db == p.database
+                                    Some(*i) == shard_index && **db == *p.database
                                 })
                         })
                     })
@@ -287,7 +287,7 @@ fn clients(ctx: &Ctx, out: &mut Out) {
                 s(c.addr.port()),
                 c.local.map(|a| a.ip().to_string()),
                 c.local.map(|a| a.port().to_string()),
-                s(fmt_time(c.connected)),
+                s(fmt_time(c.connected())),
                 s(fmt_time(c.changed())),
                 s(waited.as_secs()),
                 s(waited.subsec_micros()),
@@ -296,7 +296,7 @@ fn clients(ctx: &Ctx, out: &mut Out) {
                 None,
                 s(0),
                 login.and_then(|l| l.tls.then(|| "TLS".to_string())),
-                login.map(|l| l.application_name.clone()),
+                login.map(|l| l.application_name.to_string()),
                 shard,
             ]
         })

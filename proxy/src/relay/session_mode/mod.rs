@@ -174,7 +174,7 @@ pub(crate) async fn relay(
             }
         };
         server_gauge = GaugeGuard::new(m::SERVER_CONNECTIONS);
-        registration.set_server(Some(server_key(&server)));
+        registration.set_server(Some(std::sync::Arc::new(server_key(&server))));
         tracing::info!(shard = name, server = %server.peer, "session moved to the new primary");
     }
 }

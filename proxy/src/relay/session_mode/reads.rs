@@ -179,7 +179,8 @@ async fn relay(
                 match move_on(ctx, shard, login, &mut server, from.as_ref()).await {
                     Ok((reading, next)) => {
                         server = next;
-                        registration.set_server(Some(super::server_key(&server)));
+                        registration
+                            .set_server(Some(std::sync::Arc::new(super::server_key(&server))));
                         tracing::info!(shard = name, from = ?from.map(|h| h.to_string()), to = %reading.host(), "session moved to another standby");
                         on = On::picked(reading);
                     }

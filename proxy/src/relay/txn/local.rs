@@ -356,12 +356,7 @@ impl Txn {
         let server_clean = server_clean || self.probe.active;
         if let Some(b) = self.backend.take() {
             if cancel {
-                let key = ServerKey {
-                    addr: b.peer,
-                    pid: b.pid,
-                    key: b.key.clone(),
-                    in_flight: std::sync::Arc::clone(&b.in_flight),
-                };
+                let key = ServerKey::clone(&b.cancel);
                 let timeout = self.ctx.settings.connect_timeout;
                 tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));
             }

@@ -54,7 +54,7 @@ use bytes::{Bytes, BytesMut};
 use handoff_protocol::backend::TransactionStatus;
 use tokio::time::Instant;
 
-use crate::backend::cancel::{Registration, ServerKey};
+use crate::backend::cancel::Registration;
 use crate::backend::pool::{Backend, Pool, PoolKey};
 use crate::clients::ClientInfo;
 use crate::config::{HostPort, Target};
@@ -106,7 +106,7 @@ pub(crate) struct Txn {
     /// The client's named statements, made when it first names one.
     named: Option<Box<Named>>,
     /// A database this segment drops or renames: forgotten when the server confirms.
-    dropping: Option<String>,
+    dropping: Option<Box<str>>,
     /// `DISCARD ALL` ran in this segment: the parameters the server reports next are its
     /// defaults, not the client's choice.
     discarded: bool,
@@ -129,7 +129,7 @@ pub(crate) struct Txn {
     /// The standby serving the transaction, while a read holds a connection to one.
     reading: Option<Reading>,
     /// A reader's pools, by standby: looked up once per standby, not per transaction.
-    read_pools: Vec<(HostPort, Arc<Pool>)>,
+    read_pools: Option<Box<Vec<(HostPort, Arc<Pool>)>>>,
     /// What the session holds until it ends (its connection permit, its registry entry,
     /// its place in the connection limits): kept with the state, so that a session set
     /// aside in the lot keeps them without a task. Dropped last.
@@ -221,7 +221,7 @@ impl Txn {
             meter: Meter::new(Arc::clone(&ctx.meters), client),
             stayed: 0,
             reading: None,
-            read_pools: Vec::new(),
+            read_pools: None,
             keep: None,
         }
     }
@@ -379,11 +379,14 @@ impl Txn {
 
     /// The client's read pool on standby `host`.
     fn read_pool(&mut self, host: &HostPort) -> Arc<Pool> {
-        if let Some((_, p)) = self.read_pools.iter().find(|(h, _)| h == host) {
+        let pools = self.read_pools.get_or_insert_with(Box::default);
+        if let Some((_, p)) = pools.iter().find(|(h, _)| h == host) {
             return Arc::clone(p);
         }
         let p = read_pool_for(&self.ctx, &self.target, host, self.shard());
-        self.read_pools.push((host.clone(), Arc::clone(&p)));
+        self.read_pools
+            .get_or_insert_with(Box::default)
+            .push((host.clone(), Arc::clone(&p)));
         p
     }
 
@@ -440,12 +443,7 @@ impl Txn {
 
     /// The connection serves this client's transaction from now on.
     fn install(&mut self, b: Box<Backend>) {
-        self.registration.set_server(Some(ServerKey {
-            addr: b.peer,
-            pid: b.pid,
-            key: b.key.clone(),
-            in_flight: Arc::clone(&b.in_flight),
-        }));
+        self.registration.set_server(Some(Arc::clone(&b.cancel)));
         self.backend = Some(b);
     }
 

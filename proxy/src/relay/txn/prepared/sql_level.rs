@@ -112,7 +112,7 @@ impl Txn {
         let closed = pools.close_idle(&self.gen.primary, &db.name);
         tracing::debug!(database = %db.name, closed, "closed idle server connections to a database about to be dropped, renamed or copied");
         if db.gone {
-            self.dropping = Some(db.name);
+            self.dropping = Some(db.name.into_boxed_str());
         }
     }
 
