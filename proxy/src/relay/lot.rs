@@ -15,9 +15,11 @@
 //! names it (it is dropped: the socket closes). Nothing is set aside while the proxy is
 //! not simply running; a session the lot cannot take stays with its task.
 //!
-//! What it costs a client that wakes: taking its socket out of one epoll set and into
-//! the runtime's (two `epoll_ctl`), a new task, and the lot's own wake-up, which serves
-//! every socket that became readable together.
+//! What it costs: parking takes the socket out of the runtime's poller and arms it in
+//! the lot's set (two `epoll_ctl`; the socket stays in the lot's set, disarmed, while
+//! its session is busy); waking puts it back with the runtime (one `epoll_ctl`) and
+//! spawns a task, after the lot's own wake-up, which serves every socket that became
+//! readable together.
 
 use std::any::Any;
 use std::os::fd::{AsFd, OwnedFd};
@@ -189,13 +191,14 @@ impl Lot {
         }
         let key = entries.insert((socket, state));
         let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP | epoll::EventFlags::ONESHOT;
-        // The slot was just filled: `take` finds it.
-        let registered = epoll::add(
-            table.epoll.get_ref(),
-            fd_of(&entries, key),
-            epoll::EventData::new_u64(key),
-            flags,
-        );
+        // A socket parked before is still in the set, disarmed (see `Table::resume`):
+        // re-armed under its new key, one call; `add` the first time.
+        let fd = fd_of(&entries, key);
+        let data = epoll::EventData::new_u64(key);
+        let registered = match epoll::modify(table.epoll.get_ref(), fd, data, flags) {
+            Err(rustix::io::Errno::NOENT) => epoll::add(table.epoll.get_ref(), fd, data, flags),
+            r => r,
+        };
         if let Err(e) = registered {
             let (socket, state) = entries.take(key).expect("just inserted");
             drop(entries);
@@ -269,9 +272,11 @@ impl Table {
         }
     }
 
+    /// The socket stays in the lot's set, disarmed (its event was one-shot, or the
+    /// phase moved and it is ignored by key), so parking it again is one `epoll_ctl`;
+    /// the kernel drops the entry when the socket closes.
     fn resume(&self, (socket, state): (std::net::TcpStream, Payload)) {
         self.parked.decrement(1.0);
-        let _ = epoll::delete(self.epoll.get_ref(), &socket);
         match TcpStream::from_std(socket) {
             Ok(s) => (self.resume)(s, state),
             Err(e) => {

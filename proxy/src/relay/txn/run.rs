@@ -33,7 +33,7 @@ use crate::shutdown::{Phase, Signal};
 /// signals) and the socket's registration with the runtime are kept while the client
 /// is busy, so a client that sends again within this time costs nothing more; once it
 /// has been quiet this long the session goes to the lot, and the next request makes
-/// them again (a task, a box, two `epoll_ctl`; after a pause of at least this long).
+/// them again (a task, a box, one `epoll_ctl`; after a pause of at least this long).
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
