@@ -10,6 +10,19 @@ use handoff_tests::raw::{http, RawClient};
 use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
 use tokio_postgres::NoTls;
 
+/// Waits until the proxy's tasks are at most `max` (10 s at most).
+async fn until_tasks_at_most(admin: SocketAddr, max: f64, what: &str) {
+    let mut tasks = 0.0;
+    for _ in 0..50 {
+        tasks = metric(admin, "handoff_tasks").await.unwrap();
+        if tasks <= max {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}: {tasks} tasks, at most {max} expected");
+}
+
 async fn until_parked(admin: SocketAddr, n: f64, what: &str) {
     eventually(Duration::from_secs(10), what, || async move {
         Ok(metric(admin, "handoff_clients_parked").await? == n)
@@ -73,12 +86,13 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         clients.push(c);
     }
     until_parked(admin, N as f64, "every client to be parked").await;
-    let tasks = metric(admin, "handoff_tasks").await.unwrap();
-    assert!(
-        tasks - tasks_before < (N / 3) as f64,
-        "{} more quiet clients added {} tasks ({tasks_before} → {tasks})",
-        N - 1,
-        tasks - tasks_before
+    // Parked in their tasks first; in the lot, with no task, once quiet for 3 s.
+    let few = tasks_before + (N / 3) as f64;
+    until_tasks_at_most(admin, few, "the quiet clients to leave their tasks").await;
+    assert_eq!(
+        metric(admin, "handoff_clients_parked").await.unwrap(),
+        N as f64,
+        "the lot's clients count as parked"
     );
 
     // Each is woken by its request, answered, and set aside again.
@@ -106,7 +120,8 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     .await
     .unwrap();
 
-    // KILL ends the parked sessions of the database: their sockets close.
+    // KILL ends the parked sessions of the database, in the lot: their sockets close.
+    until_tasks_at_most(admin, few, "the rest to be in the lot again").await;
     let console_url = conn_str(&addr, "postgres", "handoff", None);
     let (console, conn) = tokio_postgres::connect(&console_url, NoTls).await.unwrap();
     tokio::spawn(conn);

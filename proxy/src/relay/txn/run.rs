@@ -26,15 +26,22 @@ use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
 use crate::relay::lot::Payload;
 use crate::shutdown::{Phase, Signal};
 
-/// How long a client stays quiet, holding nothing, before its session is parked.
+/// How long a client stays quiet, holding nothing, before its relay is parked.
 ///
 /// A client between transactions needs only its socket and its session's state. The
-/// task, the loop's own state (scanners, the select over client, server, timers and
-/// signals) and the socket's registration with the runtime are kept while the client
-/// is busy, so a client that sends again within this time costs nothing more; once it
-/// has been quiet this long the session goes to the lot, and the next request makes
-/// them again (a task, a box, one `epoll_ctl`; after a pause of at least this long).
+/// loop's own state (scanners, the select over client, server, timers and signals) is
+/// kept while the client is busy, so a client that sends again within this time costs
+/// no allocation; once it has been quiet this long the loop is freed and the task
+/// waits on the socket alone (the next request makes the loop again: one box), and
+/// after [`LOT_AFTER`] more the session leaves its task for the lot.
 const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// How much longer a parked client stays quiet (3 s in all) before its session goes
+/// to the lot. A client that sends every second or two is woken as a busy one is (the
+/// lot's park and wake cost a few system calls and a task each time: 10 µs a
+/// transaction in a crowd of clients that each send every 2.5 s); one quiet for longer
+/// costs little more than its socket while it waits.
+const LOT_AFTER: Duration = Duration::from_millis(2500);
 
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
 /// client is busy; once it is quiet, the session is set aside in the lot (see
@@ -56,14 +63,21 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
             };
             match Box::pin(run(&mut client, &mut txn, shutdown.clone()).instrument(span)).await {
                 End::Parked => {
+                    // The shared handle, not a lookup by name: this runs at every
+                    // wake-up of a quiet client.
+                    let held_up = HeldUp::new(&txn.meter.series().parked);
+                    // In this task first: a client that sends again within `LOT_AFTER`
+                    // is woken as a busy one is; one quiet that long goes to the lot.
+                    if !parked(&client, &shutdown, Some(LOT_AFTER)).await {
+                        continue;
+                    }
+                    drop(held_up);
                     (client, txn) = match set_aside(client, txn) {
                         None => return,
                         Some(kept) => kept,
                     };
-                    // The shared handle, not a lookup by name: this runs at every
-                    // wake-up of a quiet client.
                     let _parked = HeldUp::new(&txn.meter.series().parked);
-                    parked(&client, &shutdown).await;
+                    parked(&client, &shutdown, None).await;
                 }
                 End::HandOver => {
                     if Box::pin(hand_over(&mut client, &mut txn)).await {
@@ -149,21 +163,29 @@ async fn hand_over(client: &mut Conn, txn: &mut Txn) -> bool {
 /// Kept small, as every parked client holds it: the socket's readiness is polled in
 /// place (no waiter of its own), and the shutdown is one notification of the phase's
 /// next move (any move wakes it; the relay then sees which phase it is in).
-async fn parked(client: &Conn, shutdown: &Signal) {
+async fn parked(client: &Conn, shutdown: &Signal, at_most: Option<Duration>) -> bool {
     let crate::net::stream::Stream::Plain(socket) = &client.stream else {
-        return;
+        return false;
     };
     let mut moved = std::pin::pin!(shutdown.next_move());
     moved.as_mut().enable();
     if shutdown.phase() >= Phase::HandingOver {
-        return;
+        return false;
     }
+    // Boxed: only while the wait runs, not in every relay's future.
+    let mut expired = at_most.map(|d| Box::pin(tokio::time::sleep(d)));
     std::future::poll_fn(|cx| {
         // Ready, or failed: either way the relay's next read finds out which.
         if socket.poll_read_ready(cx).is_ready()
             || std::future::Future::poll(moved.as_mut(), cx).is_ready()
         {
-            std::task::Poll::Ready(())
+            return std::task::Poll::Ready(false);
+        }
+        let timed_out = expired
+            .as_mut()
+            .is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready());
+        if timed_out {
+            std::task::Poll::Ready(true)
         } else {
             std::task::Poll::Pending
         }
