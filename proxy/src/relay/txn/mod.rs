@@ -129,12 +129,15 @@ pub(crate) struct Txn {
     /// The standby serving the transaction, while a read holds a connection to one.
     reading: Option<Reading>,
     /// A reader's pools, by standby: looked up once per standby, not per transaction.
-    read_pools: Option<Box<Vec<(HostPort, Arc<Pool>)>>>,
+    read_pools: Option<Box<ReadPools>>,
     /// What the session holds until it ends (its connection permit, its registry entry,
     /// its place in the connection limits): kept with the state, so that a session set
     /// aside in the lot keeps them without a task. Dropped last.
     keep: Option<Keep>,
 }
+
+/// A reader's pools, by standby.
+type ReadPools = Vec<(HostPort, Arc<Pool>)>;
 
 /// See [`Txn::keep`].
 pub(crate) type Keep = Box<dyn Send + Sync>;
