@@ -297,6 +297,13 @@ impl Txn {
         }
     }
 }
+/// Sends what the client's bytes made for the server. A write that fails does not end
+/// the session here: the server connection is gone (reset, closed — a backend that
+/// died, a standby killed), and its read, next in the relay's loop, finds that out and
+/// handles it as a connection lost under a request (an error for the request, the
+/// session going on where it can; the retry rules where the primary is gone), as when
+/// the read side notices first. Ending the session here closed the client's socket
+/// without a word.
 pub(super) async fn flush_to_server(txn: &mut Txn) -> Result<(), End> {
     if txn.out.is_empty() {
         return Ok(());
@@ -308,5 +315,8 @@ pub(super) async fn flush_to_server(txn: &mut Txn) -> Result<(), End> {
     let r = b.conn.stream.write_all(&txn.out).await;
     txn.meter.add(txn.out.len() as u64, 0);
     txn.out.clear();
-    r.map_err(|_| End::ServerGone)
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "a write to the server connection failed: its read will say how");
+    }
+    Ok(())
 }
