@@ -2,19 +2,19 @@
 //! what they send, by their closing, and ended by the console's `KILL`. (Its own
 //! binary: the parked gauge and the task count are process-wide.)
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use handoff_protocol::backend::TransactionStatus;
-use handoff_tests::raw::{http, RawClient};
+use handoff_tests::admin::metric;
+use handoff_tests::raw::RawClient;
 use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
 use tokio_postgres::NoTls;
 
 /// Waits until the proxy's tasks are at most `max` (10 s at most).
-async fn until_tasks_at_most(admin: SocketAddr, max: f64, what: &str) {
+async fn until_tasks_at_most(proxy: &handoff::Proxy, max: f64, what: &str) {
     let mut tasks = 0.0;
     for _ in 0..50 {
-        tasks = metric(admin, "handoff_tasks").await.unwrap();
+        tasks = metric(proxy, "handoff_tasks", &[]).await;
         if tasks <= max {
             return;
         }
@@ -23,25 +23,12 @@ async fn until_tasks_at_most(admin: SocketAddr, max: f64, what: &str) {
     panic!("timed out waiting for {what}: {tasks} tasks, at most {max} expected");
 }
 
-async fn until_parked(admin: SocketAddr, n: f64, what: &str) {
+async fn until_parked(proxy: &handoff::Proxy, n: f64, what: &str) {
     eventually(Duration::from_secs(10), what, || async move {
-        Ok(metric(admin, "handoff_clients_parked").await? == n)
+        Ok(metric(proxy, "handoff_clients_parked", &[]).await == n)
     })
     .await
     .unwrap();
-}
-
-/// An unlabelled series from /metrics.
-async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
-    let (status, text) = http(admin, "GET", "/metrics", None).await?;
-    anyhow::ensure!(status == 200, "/metrics answered {status}");
-    let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics"))?
-        .trim()
-        .parse()
-        .map_err(Into::into)
 }
 
 /// A simple Query message.
@@ -69,7 +56,6 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     )
     .await
     .unwrap();
-    let admin = proxy.admin_addr();
     let addr = proxy.listen_addr();
     let login = || RawClient::login_trust(addr, "postgres", "postgres");
 
@@ -77,20 +63,21 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     let mut clients = vec![login().await.unwrap()];
     clients[0].send(&query("select 1")).await.unwrap();
     clients[0].drain_until_ready().await.unwrap();
-    until_parked(admin, 1.0, "the first client to be parked").await;
-    let tasks_before = metric(admin, "handoff_tasks").await.unwrap();
+    until_parked(&proxy, 1.0, "the first client to be parked").await;
+    let tasks_before = metric(&proxy, "handoff_tasks", &[]).await;
+    assert!(tasks_before > 0.0, "no handoff_tasks in /metrics");
     for _ in 1..N {
         let mut c = login().await.unwrap();
         c.send(&query("select 1")).await.unwrap();
         c.drain_until_ready().await.unwrap();
         clients.push(c);
     }
-    until_parked(admin, N as f64, "every client to be parked").await;
+    until_parked(&proxy, N as f64, "every client to be parked").await;
     // Parked in their tasks first; in the lot, with no task, once quiet for 3 s.
     let few = tasks_before + (N / 3) as f64;
-    until_tasks_at_most(admin, few, "the quiet clients to leave their tasks").await;
+    until_tasks_at_most(&proxy, few, "the quiet clients to leave their tasks").await;
     assert_eq!(
-        metric(admin, "handoff_clients_parked").await.unwrap(),
+        metric(&proxy, "handoff_clients_parked", &[]).await,
         N as f64,
         "the lot's clients count as parked"
     );
@@ -102,12 +89,13 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         assert!(bytes > 0, "client {i} got no row");
         assert_eq!(status, TransactionStatus::Idle);
     }
-    until_parked(admin, N as f64, "every client to be parked again").await;
+    until_parked(&proxy, N as f64, "every client to be parked again").await;
 
     // A parked client that closes leaves: its session ends without a request.
+    let p = &proxy;
     clients.truncate(N - 10);
     until_parked(
-        admin,
+        &proxy,
         (N - 10) as f64,
         "the closed clients to leave the lot",
     )
@@ -115,13 +103,13 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     eventually(
         Duration::from_secs(10),
         "the closed sessions to end",
-        || async move { Ok(metric(admin, "handoff_client_connections").await? == (N - 10) as f64) },
+        || async move { Ok(metric(p, "handoff_client_connections", &[]).await == (N - 10) as f64) },
     )
     .await
     .unwrap();
 
     // KILL ends the parked sessions of the database, in the lot: their sockets close.
-    until_tasks_at_most(admin, few, "the rest to be in the lot again").await;
+    until_tasks_at_most(&proxy, few, "the rest to be in the lot again").await;
     let console_url = conn_str(&addr, "postgres", "handoff", None);
     let (console, conn) = tokio_postgres::connect(&console_url, NoTls).await.unwrap();
     tokio::spawn(conn);
@@ -133,11 +121,11 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
             "client {i} was not closed by KILL: {r:?}"
         );
     }
-    until_parked(admin, 0.0, "the killed clients to leave the lot").await;
+    until_parked(&proxy, 0.0, "the killed clients to leave the lot").await;
     eventually(
         Duration::from_secs(10),
         "only the console to be left",
-        || async move { Ok(metric(admin, "handoff_client_connections").await? == 1.0) },
+        || async move { Ok(metric(p, "handoff_client_connections", &[]).await == 1.0) },
     )
     .await
     .unwrap();
