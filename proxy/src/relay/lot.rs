@@ -78,6 +78,8 @@ impl std::fmt::Debug for Table {
 struct Entries {
     slots: Vec<Slot>,
     free: Vec<u32>,
+    /// The lot's task has ended: nothing more is taken.
+    closed: bool,
 }
 
 struct Slot {
@@ -185,7 +187,7 @@ impl Lot {
         let mut entries = table.entries.locked();
         // Under the lock, so a move of the phase either finds this session in the
         // table (and takes it out) or comes before it (and it is refused here).
-        if self.shutdown.phase() != Phase::Running {
+        if self.shutdown.phase() != Phase::Running || entries.closed {
             drop(entries);
             return back_to_runtime(socket, state);
         }
@@ -285,9 +287,14 @@ impl Table {
         }
     }
 
-    /// Every session out, each to its own task (the phase moved).
-    fn wake_all(&self) {
-        let all = self.entries.locked().take_all();
+    /// Every session out, each to its own task (the phase moved); with `close`, the
+    /// lot takes no more (its task ends).
+    fn wake_all(&self, close: bool) {
+        let all = {
+            let mut entries = self.entries.locked();
+            entries.closed |= close;
+            entries.take_all()
+        };
         for held in all {
             self.resume(held);
         }
@@ -316,7 +323,7 @@ async fn serve(table: Arc<Table>, shutdown: Signal) {
         moved.as_mut().enable();
         let phase = shutdown.phase();
         if phase != Phase::Running {
-            table.wake_all();
+            table.wake_all(phase == Phase::Closing);
             if phase == Phase::Closing {
                 return;
             }
@@ -326,8 +333,8 @@ async fn serve(table: Arc<Table>, shutdown: Signal) {
                 let mut guard = match ready {
                     Ok(g) => g,
                     Err(e) => {
-                        tracing::warn!(error = %e, "the lot's epoll set failed: waking every quiet client");
-                        table.wake_all();
+                        tracing::warn!(error = %e, "the lot's epoll set failed: waking every quiet client, and none goes there again");
+                        table.wake_all(true);
                         return;
                     }
                 };
@@ -384,6 +391,49 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let s = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         (s, Box::new(()))
+    }
+
+    #[tokio::test]
+    async fn a_parked_session_is_resumed_by_its_request_and_a_closed_lot_takes_no_more() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static RESUMED: AtomicUsize = AtomicUsize::new(0);
+        fn resume(_: TcpStream, _: Payload) {
+            RESUMED.fetch_add(1, Ordering::SeqCst);
+        }
+        let (_trigger, signal) = crate::shutdown::channel();
+        let lot = Lot::new(signal, metrics::gauge!("test_lot_parked"), resume);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients = Arc::new(crate::clients::Clients::default());
+        let info = clients.register(addr, None);
+        let pair = || async {
+            let ours = TcpStream::connect(addr).await.unwrap();
+            let (theirs, _) = listener.accept().await.unwrap();
+            (ours, theirs)
+        };
+        let (ours, theirs) = pair().await;
+        assert!(lot.park(ours, Box::new(()), &info).is_ok());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(RESUMED.load(Ordering::SeqCst), 0, "resumed while quiet");
+        // Its peer sends: the lot's task gives it back.
+        tokio::io::AsyncWriteExt::write_all(&mut { theirs }, b"x")
+            .await
+            .unwrap();
+        for _ in 0..100 {
+            if RESUMED.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            RESUMED.load(Ordering::SeqCst),
+            1,
+            "not resumed by its request"
+        );
+        // Closed (its task ended): a session is refused and stays with its caller.
+        lot.table().expect("started").wake_all(true);
+        let (ours, _theirs) = pair().await;
+        assert!(lot.park(ours, Box::new(()), &info).is_err());
     }
 
     #[test]
