@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use handoff_protocol::backend::TransactionStatus;
+use handoff_protocol::backend::{BackendMessage, TransactionStatus};
 use handoff_tests::admin::metric;
 use handoff_tests::raw::RawClient;
 use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
@@ -12,15 +12,29 @@ use tokio_postgres::NoTls;
 
 /// Waits until the proxy's tasks are at most `max` (10 s at most).
 async fn until_tasks_at_most(proxy: &handoff::Proxy, max: f64, what: &str) {
-    let mut tasks = 0.0;
-    for _ in 0..50 {
-        tasks = metric(proxy, "handoff_tasks", &[]).await;
-        if tasks <= max {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    if let Err(tasks) = tasks_at_most_within(proxy, max, Duration::from_secs(10)).await {
+        panic!("timed out waiting for {what}: {tasks} tasks, at most {max} expected");
     }
-    panic!("timed out waiting for {what}: {tasks} tasks, at most {max} expected");
+}
+
+/// Whether the proxy's tasks come down to at most `max` within `limit` (the count
+/// last seen if not).
+async fn tasks_at_most_within(
+    proxy: &handoff::Proxy,
+    max: f64,
+    limit: Duration,
+) -> Result<(), f64> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let tasks = metric(proxy, "handoff_tasks", &[]).await;
+        if tasks <= max {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(tasks);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn until_parked(proxy: &handoff::Proxy, n: f64, what: &str) {
@@ -38,6 +52,25 @@ fn query(sql: &str) -> Vec<u8> {
     m.extend_from_slice(sql.as_bytes());
     m.push(0);
     m
+}
+
+/// The first column of each row a simple query returns, as text, up to ReadyForQuery.
+async fn rows(c: &mut RawClient, sql: &str) -> Vec<String> {
+    c.send(&query(sql)).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        match c.read_message().await.unwrap() {
+            Some(BackendMessage::ReadyForQuery(_)) => return out,
+            Some(BackendMessage::ErrorResponse(f)) => panic!("{sql}: {:?}", f.message()),
+            Some(BackendMessage::Other(f)) if f.tag == b'D' => {
+                // Column count (2 bytes), then the first column's length and bytes.
+                let len = i32::from_be_bytes(f.body[2..6].try_into().unwrap()) as usize;
+                out.push(String::from_utf8_lossy(&f.body[6..6 + len]).into_owned());
+            }
+            Some(_) => {}
+            None => panic!("{sql}: closed"),
+        }
+    }
 }
 
 /// Quiet clients wait in the lot: no task each, woken by what they send, by their
@@ -59,10 +92,12 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     let addr = proxy.listen_addr();
     let login = || RawClient::login_trust(addr, "postgres", "postgres");
 
-    // One client first: the pool and whatever else the first one starts.
+    // One client first: the pool and whatever else the first one starts. It sets a
+    // parameter and prepares a statement of its own, which must outlive its stays in
+    // the lot (the lot keeps the session without its transaction's parts).
     let mut clients = vec![login().await.unwrap()];
-    clients[0].send(&query("select 1")).await.unwrap();
-    clients[0].drain_until_ready().await.unwrap();
+    rows(&mut clients[0], "set datestyle = 'SQL, DMY'").await;
+    rows(&mut clients[0], "prepare mine as select 'kept'::text").await;
     until_parked(&proxy, 1.0, "the first client to be parked").await;
     let tasks_before = metric(&proxy, "handoff_tasks", &[]).await;
     assert!(tasks_before > 0.0, "no handoff_tasks in /metrics");
@@ -72,17 +107,27 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         c.drain_until_ready().await.unwrap();
         clients.push(c);
     }
-    until_parked(&proxy, N as f64, "every client to be parked").await;
-    // Parked in their tasks first; in the lot, with no task, once quiet for 3 s.
+    // Clients just logged in have had no quiet spell yet: they go to the lot, with no
+    // task, as soon as they are parked (0.5 s), not after the 3 s a client that sends
+    // every second or two waits in its task.
     let few = tasks_before + (N / 3) as f64;
-    until_tasks_at_most(&proxy, few, "the quiet clients to leave their tasks").await;
+    if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(2200)).await {
+        panic!("new quiet clients still held {tasks} tasks 2.2 s after their last request (at most {few} expected): not sent to the lot when parked");
+    }
+    until_parked(&proxy, N as f64, "every client to be parked").await;
     assert_eq!(
         metric(&proxy, "handoff_clients_parked", &[]).await,
         N as f64,
         "the lot's clients count as parked"
     );
 
-    // Each is woken by its request, answered, and set aside again.
+    // The first client's parameter and statement came through the lot with it.
+    assert_eq!(rows(&mut clients[0], "show datestyle").await, ["SQL, DMY"]);
+    assert_eq!(rows(&mut clients[0], "execute mine").await, ["kept"]);
+
+    // Each is woken by its request, answered, and parked again. Back within 3 s of
+    // being set aside, they count as clients that send often: they wait in their own
+    // tasks first (woken there as a busy client is), and go to the lot once quiet 3 s.
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(&query(&format!("select {i}"))).await.unwrap();
         let (bytes, status) = c.drain_until_ready().await.unwrap();
@@ -90,6 +135,13 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         assert_eq!(status, TransactionStatus::Idle);
     }
     until_parked(&proxy, N as f64, "every client to be parked again").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tasks = metric(&proxy, "handoff_tasks", &[]).await;
+    assert!(
+        tasks >= tasks_before + (N / 2) as f64,
+        "clients that sent again soon went straight back to the lot: {tasks} tasks, {tasks_before} before the clients"
+    );
+    until_tasks_at_most(&proxy, few, "the clients quiet for 3 s to go to the lot").await;
 
     // A parked client that closes leaves: its session ends without a request.
     let p = &proxy;

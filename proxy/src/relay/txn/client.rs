@@ -118,7 +118,7 @@ pub(super) async fn client_bytes(
             keep_going = false;
             break;
         }
-        if tag.is_some() && txn.backend.is_none() && matches!(txn.local, Local::None) {
+        if tag.is_some() && txn.link.backend.is_none() && matches!(txn.local, Local::None) {
             let body = &client.rbuf[pos + HEADER_LEN.min(len)..pos + len];
             match tag.filter(|_| whole).and_then(|t| refused_here(t, body)) {
                 Some(err) => txn.local = Local::Refuse(Box::new(err)),
@@ -308,7 +308,7 @@ pub(super) async fn flush_to_server(txn: &mut Txn) -> Result<(), End> {
     if txn.out.is_empty() {
         return Ok(());
     }
-    let Some(b) = txn.backend.as_mut() else {
+    let Some(b) = txn.link.backend.as_mut() else {
         txn.out.clear();
         return Ok(());
     };

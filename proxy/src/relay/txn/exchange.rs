@@ -127,6 +127,17 @@ impl Exchange {
         owed
     }
 
+    /// As a new exchange is: nothing owed, nothing kept (the lot keeps a quiet session
+    /// without its exchange, and makes a new one when it wakes).
+    pub fn at_rest(&self) -> bool {
+        self.replies.is_empty()
+            && self.pending == 0
+            && !self.in_extended
+            && self.status == TransactionStatus::Idle
+            && !self.server_fatal
+            && self.fatal.is_none()
+    }
+
     /// Frees the reply queue's memory (the client is parked with nothing held).
     pub fn release(&mut self) {
         debug_assert!(self.replies.is_empty());

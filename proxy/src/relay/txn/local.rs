@@ -354,13 +354,13 @@ impl Txn {
     ) -> Result<(), End> {
         // Nothing of a held-back answer reached the client.
         let server_clean = server_clean || self.probe.active;
-        if let Some(b) = self.backend.take() {
+        if let Some(b) = self.link.backend.take() {
             if cancel {
                 let key = ServerKey::clone(&b.cancel);
                 let timeout = self.ctx.settings.connect_timeout;
                 tokio::spawn(crate::backend::cancel::cancel_server(key, timeout));
             }
-            self.pool.discard(b);
+            self.link.pool.discard(b);
             self.leave();
         }
         self.reading = None;

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use super::client::{client_bytes, client_read};
 use super::local::Local;
 use super::server::server_bytes;
-use super::{Txn, MAX_INSPECT};
+use super::{Quiet, Txn, MAX_INSPECT};
 use crate::error::send_error;
 use crate::metrics::{self as m, HeldUp};
 use crate::net::buffers;
@@ -31,16 +31,22 @@ use crate::shutdown::{Phase, Signal};
 /// A client between transactions needs only its socket and its session's state. The
 /// loop's own state (scanners, the select over client, server, timers and signals) is
 /// kept while the client is busy, so a client that sends again within this time costs
-/// no allocation; once it has been quiet this long the loop is freed and the task
-/// waits on the socket alone (the next request makes the loop again: one box), and
-/// after [`LOT_AFTER`] more the session leaves its task for the lot.
+/// no allocation; once it has been quiet this long the loop is freed, and the session
+/// either goes to the lot or waits in its task on the socket alone (see [`LOT_AFTER`]).
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
-/// How much longer a parked client stays quiet (3 s in all) before its session goes
-/// to the lot. A client that sends every second or two is woken as a busy one is (the
-/// lot's park and wake cost a few system calls and a task each time: 10 µs a
-/// transaction in a crowd of clients that each send every 2.5 s); one quiet for longer
-/// costs little more than its socket while it waits.
+/// How much longer a parked client may wait in its own task (3 s of quiet in all)
+/// before its session goes to the lot.
+///
+/// Which clients wait there is learnt from each one's last quiet spell. A client whose
+/// last spell was short (it sent again within 3 s) waits in its task, where its next
+/// request wakes it as a busy client's does: the lot's park and wake cost a few system
+/// calls and a task each time, 10 µs a transaction in a crowd of clients that each send
+/// every 2.5 s. A client whose last spell was long — and a client just logged in, which
+/// has had none — goes to the lot as soon as it is parked: a thousand clients logging in
+/// then sitting idle would otherwise hold a task, a relay and a socket registration each
+/// (about 1.5 KiB) for 3 s, and what a storm of logins peaks at stays in the process's
+/// memory after them.
 const LOT_AFTER: Duration = Duration::from_millis(2500);
 
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
@@ -66,16 +72,24 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
                     // The shared handle, not a lookup by name: this runs at every
                     // wake-up of a quiet client.
                     let held_up = HeldUp::new(&txn.meter.series().parked);
-                    // In this task first: a client that sends again within `LOT_AFTER`
-                    // is woken as a busy one is; one quiet that long goes to the lot.
-                    if !parked(&client, &shutdown, Some(LOT_AFTER)).await {
-                        continue;
+                    if txn.lot_soon {
+                        // Its last quiet spell was long: to the lot now.
+                        txn.set_aside_at = Some(tokio::time::Instant::now());
+                    } else {
+                        // In this task first: a client that sends again within
+                        // `LOT_AFTER` is woken as a busy one is; one quiet that long
+                        // goes to the lot, and its next quiet spell goes there at once.
+                        if !parked(&client, &shutdown, Some(LOT_AFTER)).await {
+                            continue;
+                        }
+                        txn.lot_soon = true;
                     }
                     drop(held_up);
                     (client, txn) = match set_aside(client, txn) {
                         None => return,
                         Some(kept) => kept,
                     };
+                    txn.set_aside_at = None;
                     let _parked = HeldUp::new(&txn.meter.series().parked);
                     parked(&client, &shutdown, None).await;
                 }
@@ -94,19 +108,23 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
 /// Hands a quiet session to the lot: `None` once the lot has it (or it ended there,
 /// killed), the session back if the lot does not take it.
 fn set_aside(client: Conn, txn: Box<Txn>) -> Option<(Conn, Box<Txn>)> {
+    let quiet = match txn.into_quiet() {
+        Ok(q) => q,
+        Err(txn) => return Some((client, txn)),
+    };
     let socket = match client.into_plain() {
         Ok(s) => s,
-        Err(client) => return Some((client, txn)),
+        Err(client) => return Some((client, Txn::from_quiet(quiet))),
     };
-    let ctx = Arc::clone(&txn.ctx);
-    let info = Arc::clone(txn.meter.client());
-    match ctx.lot.park(socket, txn, &info) {
+    let ctx = Arc::clone(quiet.ctx());
+    let info = Arc::clone(quiet.client());
+    match ctx.lot.park(socket, quiet, &info) {
         Ok(()) => None,
         Err((socket, state)) => {
-            let txn = state
-                .downcast::<Txn>()
+            let quiet = state
+                .downcast::<Quiet>()
                 .expect("the lot gives back what it was given");
-            Some((Conn::new(socket), txn))
+            Some((Conn::new(socket), Txn::from_quiet(quiet)))
         }
     }
 }
@@ -114,9 +132,15 @@ fn set_aside(client: Conn, txn: Box<Txn>) -> Option<(Conn, Box<Txn>)> {
 /// A session taken out of the lot (its client sent something, closed, or the proxy's
 /// phase moved): its relay runs again in a task of its own.
 pub(crate) fn resume(socket: TcpStream, state: Payload) {
-    let Ok(txn) = state.downcast::<Txn>() else {
+    let Ok(quiet) = state.downcast::<Quiet>() else {
         return;
     };
+    let mut txn = Txn::from_quiet(quiet);
+    // Sent to the lot as soon as it was parked: back within `LOT_AFTER`, it is a client
+    // that sends every second or two, and its next quiet spell waits in its task.
+    if let Some(at) = txn.set_aside_at.take() {
+        txn.lot_soon = at.elapsed() >= LOT_AFTER;
+    }
     let shutdown = txn.ctx.lot.signal().clone();
     let info = Arc::clone(txn.meter.client());
     let task = tokio::spawn(relay(Conn::new(socket), txn, shutdown));
@@ -352,7 +376,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
             }
         }
         let phase = shutdown.phase();
-        let idle = txn.backend.is_none() && cscan.at_boundary() && client.rbuf.is_empty();
+        let idle = txn.link.backend.is_none() && cscan.at_boundary() && client.rbuf.is_empty();
         if phase == Phase::Closing || (phase == Phase::Draining && idle) {
             send_error(&mut client.stream, &crate::error::shutting_down()).await;
             break End::Shutdown;
@@ -368,7 +392,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
         {
             break End::HandOver;
         }
-        let attached = txn.backend.is_some();
+        let attached = txn.link.backend.is_some();
         if attached {
             buffers::ready(&mut server.buf);
             if killed.as_ref().map(|k| k.0) != Some(txn.gen.id) {
@@ -383,7 +407,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
         let reading = !txn.probe.waiting(cscan.at_boundary());
         let quiet = cscan.at_boundary() && client.rbuf.is_empty();
         let in_txn_idle = quiet
-            && match txn.backend {
+            && match txn.link.backend {
                 Some(_) => txn.ex.idle_in_transaction(),
                 None => matches!(txn.local, Local::Aborted(_)),
             };
@@ -408,7 +432,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
                 Some(Ok(_)) | None => {}
             },
             r = async {
-                let b = txn.backend.as_mut().expect("guarded by `attached`");
+                let b = txn.link.backend.as_mut().expect("guarded by `attached`");
                 b.conn.stream.read_buf(&mut server.buf).await
             }, if attached => {
                 if let Err(end) = on_server_read(r, &mut server, client, &cscan, txn).await {

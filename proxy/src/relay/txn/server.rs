@@ -219,13 +219,13 @@ impl Txn {
             if self.desired.get(name).map(String::as_str) != Some(value) {
                 Arc::make_mut(&mut self.desired).insert(name.to_string(), value.to_string());
             }
-            if let Some(bk) = self.backend.as_mut() {
+            if let Some(bk) = self.link.backend.as_mut() {
                 if bk.applied.get(name).map(String::as_str) != Some(value) {
                     Arc::make_mut(&mut bk.applied).insert(name.to_string(), value.to_string());
                 }
             }
         }
-        if let Some(bk) = self.backend.as_mut() {
+        if let Some(bk) = self.link.backend.as_mut() {
             bk.params.insert(name.to_string(), value.to_string());
         }
     }
@@ -237,7 +237,7 @@ impl Txn {
     fn discard_params(&mut self) {
         self.discarded = true;
         self.desired = Arc::clone(&self.startup);
-        if let Some(b) = self.backend.as_mut() {
+        if let Some(b) = self.link.backend.as_mut() {
             b.applied = Arc::default();
         }
     }

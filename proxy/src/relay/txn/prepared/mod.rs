@@ -144,7 +144,7 @@ pub(super) fn query(sql: &str) -> BytesMut {
 
 impl Txn {
     fn ensure_prepared(&mut self, def: &StmtDef) {
-        let b = self.backend.as_mut().expect("attached");
+        let b = self.link.backend.as_mut().expect("attached");
         if b.prepared.get(&def.server_name).is_some() {
             self.ctx.prepared.hit.increment(1);
             return;
@@ -178,7 +178,7 @@ impl Txn {
     /// Makes room in the connection's statement cache for one more statement, and
     /// closes the statements the connection holds but must not use again.
     fn evict_for_one(&mut self) {
-        let b = self.backend.as_mut().expect("attached");
+        let b = self.link.backend.as_mut().expect("attached");
         let cap = b.prepared.cap().get();
         let preparing = self.named.as_ref().map_or(0, |n| n.preparing.len());
         while b.prepared.len() + preparing >= cap {
@@ -213,7 +213,7 @@ impl Txn {
                 }
                 let sql = self.execute_by_server_name(&sql).unwrap_or(sql);
                 let def = StmtDef::new(sql, param_types);
-                let b = self.backend.as_mut().expect("attached");
+                let b = self.link.backend.as_mut().expect("attached");
                 if b.prepared.pop(&def.server_name).is_some() {
                     // The client asks for a fresh statement: the connection's copy may
                     // predate a change of the tables or types it uses (its plan would
@@ -383,14 +383,19 @@ impl Txn {
         });
         // Closed once the segment is over (the server skips anything sent before the
         // client's Sync).
-        self.backend.as_mut().expect("attached").prepared.pop(&name);
+        self.link
+            .backend
+            .as_mut()
+            .expect("attached")
+            .prepared
+            .pop(&name);
         self.ex.replies.push_back(Reply::CloseAfter(name));
     }
 
     /// Closes what the connection holds but must not use again, ahead of what the
     /// client sent next.
     fn close_unused(&mut self) {
-        let Some(b) = self.backend.as_mut() else {
+        let Some(b) = self.link.backend.as_mut() else {
             return;
         };
         for name in std::mem::take(&mut b.to_close) {

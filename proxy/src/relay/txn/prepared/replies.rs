@@ -66,13 +66,13 @@ impl Txn {
     /// A segment ended: what it did takes effect.
     pub(in crate::relay::txn) fn settle(&mut self, reply: Reply) {
         if let Reply::CloseAfter(name) = reply {
-            if let Some(b) = self.backend.as_mut() {
+            if let Some(b) = self.link.backend.as_mut() {
                 b.to_close.push(name);
             }
             return;
         }
         if let Reply::Prepared { name, def } = reply {
-            if let Some(b) = self.backend.as_mut() {
+            if let Some(b) = self.link.backend.as_mut() {
                 b.keep_prepared(def.server_name.clone());
             }
             self.named_mut().sql_stmts.insert(name, def);
@@ -102,7 +102,7 @@ impl Txn {
                     names.preparing.remove(&n);
                 }
                 if tag == btag::PARSE_COMPLETE {
-                    if let Some(b) = this.backend.as_mut() {
+                    if let Some(b) = this.link.backend.as_mut() {
                         b.prepared.put(n, ());
                     }
                 }

@@ -35,7 +35,7 @@ impl Txn {
             return Some(def.server_name.clone());
         }
         let def = self.lookup(&Bytes::copy_from_slice(name.as_bytes()))?;
-        let b = self.backend.as_ref()?;
+        let b = self.link.backend.as_ref()?;
         b.prepared
             .contains(&def.server_name)
             .then_some(def.server_name)
@@ -63,7 +63,7 @@ impl Txn {
                     );
                 }
                 let def = StmtDef::prepare_sql(rest);
-                let b = self.backend.as_mut().expect("attached");
+                let b = self.link.backend.as_mut().expect("attached");
                 if b.prepared.get(&def.server_name).is_some() {
                     self.ctx.prepared.hit.increment(1);
                     self.named_mut().sql_stmts.insert(name, def);
@@ -131,7 +131,7 @@ impl Txn {
     /// `DISCARD ALL` ran, however it was sent): the connection's cache empties, and so
     /// do the client's names, as they would on a direct connection.
     pub(in crate::relay::txn) fn statements_dropped(&mut self) {
-        if let Some(b) = self.backend.as_mut() {
+        if let Some(b) = self.link.backend.as_mut() {
             b.prepared.clear();
             b.to_close.clear();
         }
@@ -150,7 +150,7 @@ impl Txn {
             Some(n) => std::mem::take(&mut n.used),
             None => return false,
         };
-        let Some(b) = self.backend.as_mut() else {
+        let Some(b) = self.link.backend.as_mut() else {
             return false;
         };
         let mut any = false;
