@@ -82,25 +82,73 @@ impl Drop for Sending {
     }
 }
 
-/// The server connection serving a client now, if any (transaction mode attaches and
-/// detaches per transaction). Shared between the session and the registry so that the
-/// session updates it with an uncontended lock instead of a map write.
-type Slot = Arc<std::sync::Mutex<Option<Arc<ServerKey>>>>;
+/// The longest secret key handed to a client: 32 bytes, as PostgreSQL 18 hands out in
+/// protocol 3.2 (4 before).
+pub const MAX_KEY: usize = 32;
 
-/// Where a client's cancel request must go.
-#[derive(Debug, Clone)]
-struct Target {
-    /// The secret key handed to the client (4 bytes in protocol 3.0, 32 in 3.2).
-    key: Bytes,
-    server: Slot,
+/// A secret key handed to a client, kept inline: no allocation of its own.
+#[derive(Clone, Copy)]
+pub struct SecretKey {
+    len: u8,
+    bytes: [u8; MAX_KEY],
 }
 
-/// Every live session's key data, by the process id the client was given. Session mode
-/// hands out the server backend's real process id, so two sessions on different servers
-/// may share one: each id keeps a short list, told apart by the secret key.
+impl SecretKey {
+    /// `None` if longer than [`MAX_KEY`].
+    pub fn new(key: &[u8]) -> Option<Self> {
+        let mut bytes = [0u8; MAX_KEY];
+        bytes.get_mut(..key.len())?.copy_from_slice(key);
+        Some(Self {
+            len: key.len() as u8,
+            bytes,
+        })
+    }
+
+    fn random(len: usize) -> Self {
+        let mut bytes = [0u8; MAX_KEY];
+        let len = len.min(MAX_KEY);
+        // getrandom only fails when the OS has no entropy source at all.
+        getrandom::getrandom(&mut bytes[..len]).expect("OS randomness is available");
+        Self {
+            len: len as u8,
+            bytes,
+        }
+    }
+}
+
+impl std::ops::Deref for SecretKey {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// Not shown: it is a secret.
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretKey({} bytes)", self.len)
+    }
+}
+
+/// One session's cancel entry: its secret key and the server connection serving it now,
+/// if any (transaction mode attaches and detaches per transaction). One allocation,
+/// shared between the registry and the session, which updates the server with an
+/// uncontended lock instead of a map write.
+#[derive(Debug)]
+struct Target {
+    key: SecretKey,
+    server: std::sync::Mutex<Option<Arc<ServerKey>>>,
+}
+
+/// The sessions given one process id: nearly always one (session mode hands out the
+/// server backend's real process id, which two servers may share), kept inline.
+type Targets = smallvec::SmallVec<[Arc<Target>; 1]>;
+
+/// Every live session's key data, by the process id the client was given, told apart by
+/// the secret key where an id is shared.
 #[derive(Debug, Default)]
 pub struct Registry {
-    map: DashMap<i32, Vec<Target>>,
+    map: DashMap<i32, Targets>,
     /// While a takeover moves clients here, the process they come from: a key this
     /// registry does not know may be one of the clients it still serves.
     elsewhere: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(i32, Bytes)>>>,
@@ -110,24 +158,33 @@ pub struct Registry {
 #[derive(Debug)]
 pub struct Registration {
     registry: Arc<Registry>,
-    server: Slot,
+    target: Arc<Target>,
     pub pid: i32,
-    pub key: Bytes,
 }
 
 impl Registration {
+    /// The secret key the client was given.
+    pub fn key(&self) -> &[u8] {
+        &self.target.key
+    }
+
+    /// The same, as a value to keep.
+    pub fn key_data(&self) -> &SecretKey {
+        &self.target.key
+    }
+
     /// Points the session's cancel requests at another server connection (or at none).
     /// Once it returns, every request forwarded to the previous one is counted in that
     /// connection's [`InFlight`].
     pub fn set_server(&self, server: Option<Arc<ServerKey>>) {
-        *self.server.locked() = server;
+        *self.target.server.locked() = server;
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Entry::Occupied(mut e) = self.registry.map.entry(self.pid) {
-            e.get_mut().retain(|t| t.key != self.key);
+            e.get_mut().retain(|t| !Arc::ptr_eq(t, &self.target));
             if e.get().is_empty() {
                 e.remove();
             }
@@ -136,21 +193,17 @@ impl Drop for Registration {
 }
 
 fn random_i32() -> i32 {
-    i32::from_be_bytes(random_bytes(4)[..].try_into().expect("4 bytes"))
-}
-
-fn random_bytes(n: usize) -> Bytes {
-    let mut b = vec![0u8; n];
+    let mut b = [0u8; 4];
     // getrandom only fails when the OS has no entropy source at all.
     getrandom::getrandom(&mut b).expect("OS randomness is available");
-    Bytes::from(b)
+    i32::from_be_bytes(b)
 }
 
 /// The secret key's length for a client speaking protocol 3.`minor`: 32 bytes from 3.2
 /// on (as PostgreSQL 18 hands out), 4 before.
 pub fn key_len(minor: u16) -> usize {
     if minor >= 2 {
-        32
+        MAX_KEY
     } else {
         4
     }
@@ -179,9 +232,9 @@ impl Registry {
         server: Option<ServerKey>,
         key_len: usize,
     ) -> Registration {
-        let fresh = |list: &[Target]| loop {
-            let key = random_bytes(key_len);
-            if !list.iter().any(|t| t.key == key) {
+        let fresh = |list: &[Arc<Target>]| loop {
+            let key = SecretKey::random(key_len);
+            if !list.iter().any(|t| *t.key == *key) {
                 break Some(key);
             }
         };
@@ -191,15 +244,17 @@ impl Registry {
 
     /// Registers key data a client was given by another process (a takeover moved the
     /// client here): its cancel requests keep working. `None` if the pair is taken
-    /// (nearly impossible: both processes draw random keys).
+    /// (nearly impossible: both processes draw random keys) or the key is longer than
+    /// handoff hands out.
     pub fn adopt(
         self: &Arc<Self>,
         pid: i32,
-        key: Bytes,
+        key: &[u8],
         server: Option<ServerKey>,
     ) -> Option<Registration> {
+        let key = SecretKey::new(key)?;
         self.insert(pid, server, |list| {
-            (!list.iter().any(|t| t.key == key)).then(|| key.clone())
+            (!list.iter().any(|t| *t.key == *key)).then_some(key)
         })
     }
 
@@ -209,24 +264,20 @@ impl Registry {
         self: &Arc<Self>,
         pid: i32,
         server: Option<ServerKey>,
-        key: impl FnOnce(&[Target]) -> Option<Bytes>,
+        key: impl FnOnce(&[Arc<Target>]) -> Option<SecretKey>,
     ) -> Option<Registration> {
-        let server = Arc::new(std::sync::Mutex::new(server.map(Arc::new)));
         let mut list = self.map.entry(pid).or_default();
         let key = key(&list)?;
-        // Nearly every pid has one target (session mode may see a backend pid reused
-        // on another server): room for exactly one, not the four a first push makes.
-        list.reserve_exact(1);
-        list.push(Target {
-            key: key.clone(),
-            server: Arc::clone(&server),
+        let target = Arc::new(Target {
+            key,
+            server: std::sync::Mutex::new(server.map(Arc::new)),
         });
+        list.push(Arc::clone(&target));
         drop(list);
         Some(Registration {
             registry: Arc::clone(self),
-            server,
+            target,
             pid,
-            key,
         })
     }
 
@@ -255,7 +306,7 @@ impl Registry {
             let mut found = None;
             for t in list.iter() {
                 if secrets_equal(&t.key, key) {
-                    found = Some(t.clone());
+                    found = Some(Arc::clone(t));
                 }
             }
             found
@@ -375,19 +426,22 @@ mod tests {
         // ... served by a protocol 3.2 server, whose key is longer too.
         let b = reg.register(key(333, &[44u8; 32]), 32);
         let c = reg.register(None, 4);
-        assert_eq!((a.key.len(), b.key.len()), (4, 32));
+        assert_eq!((a.key().len(), b.key().len()), (4, 32));
         assert_ne!(a.pid, b.pid);
         assert!(a.pid > 0);
         assert_eq!(reg.len(), 3);
         let t = Duration::from_secs(5);
-        assert!(!reg.forward(c.pid, &c.key, t).await, "no server attached");
+        assert!(!reg.forward(c.pid, c.key(), t).await, "no server attached");
         drop(c);
-        assert!(!reg.forward(a.pid, &flip(&a.key), t).await, "wrong key");
-        assert!(!reg.forward(b.pid, &b.key[..4], t).await, "a key cut short");
+        assert!(!reg.forward(a.pid, &flip(a.key()), t).await, "wrong key");
+        assert!(
+            !reg.forward(b.pid, &b.key()[..4], t).await,
+            "a key cut short"
+        );
         let unknown = (1..).find(|p| *p != a.pid && *p != b.pid).unwrap();
-        assert!(!reg.forward(unknown, &a.key, t).await, "unknown pid");
+        assert!(!reg.forward(unknown, a.key(), t).await, "unknown pid");
         let got = accept_one(server);
-        assert!(reg.forward(b.pid, &b.key, t).await);
+        assert!(reg.forward(b.pid, b.key(), t).await);
         let got = got.await.unwrap();
         let mut want = BytesMut::new();
         StartupPacket::Cancel {
@@ -398,6 +452,30 @@ mod tests {
         assert_eq!(got, want.to_vec(), "the server's own key data is sent");
         drop(a);
         assert_eq!(reg.len(), 1);
+        drop(b);
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn adopted_keys_keep_their_bytes_and_one_longer_than_handed_out_is_refused() {
+        let reg = Arc::new(Registry::default());
+        let a = reg.adopt(77, &[9u8; 32], None).expect("a 32-byte key");
+        assert_eq!(a.key(), &[9u8; 32]);
+        assert!(
+            reg.adopt(77, &[9u8; 32], None).is_none(),
+            "the pair is taken"
+        );
+        assert!(
+            reg.adopt(78, &[1u8; MAX_KEY + 1], None).is_none(),
+            "longer than handoff hands out"
+        );
+        let b = reg
+            .adopt(77, &[1, 2, 3, 4], None)
+            .expect("another key, same pid");
+        assert_eq!(reg.len(), 2);
+        drop(a);
+        assert_eq!(reg.len(), 1);
+        assert_eq!(b.key(), &[1, 2, 3, 4]);
         drop(b);
         assert!(reg.is_empty());
     }
@@ -420,16 +498,16 @@ mod tests {
         );
         let b = reg.register_as(4242, None, 4);
         assert_eq!((a.pid, b.pid), (4242, 4242));
-        assert_ne!(a.key, b.key);
+        assert_ne!(a.key(), b.key());
         assert_eq!(reg.len(), 2);
         let t = Duration::from_secs(5);
         assert!(
-            !reg.forward(4242, &b.key, t).await,
+            !reg.forward(4242, b.key(), t).await,
             "b has no server attached"
         );
         let got = accept_one(server);
         assert!(
-            reg.forward(4242, &a.key, t).await,
+            reg.forward(4242, a.key(), t).await,
             "a's key reaches a's server"
         );
         let got = got.await.unwrap();
@@ -442,7 +520,7 @@ mod tests {
         assert_eq!(got, want.to_vec());
         drop(a);
         assert_eq!(reg.len(), 1);
-        assert!(!reg.forward(4242, &flip(&b.key), t).await);
+        assert!(!reg.forward(4242, &flip(b.key()), t).await);
         drop(b);
         assert!(reg.is_empty());
     }
@@ -463,7 +541,7 @@ mod tests {
         );
         assert!(!in_flight.any());
         let forwarding = {
-            let (reg, pid, key) = (Arc::clone(&reg), client.pid, client.key.clone());
+            let (reg, pid, key) = (Arc::clone(&reg), client.pid, *client.key_data());
             tokio::spawn(async move { reg.forward(pid, &key, Duration::from_secs(10)).await })
         };
         tokio::time::timeout(Duration::from_secs(5), async {

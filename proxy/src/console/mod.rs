@@ -122,7 +122,7 @@ pub(crate) async fn serve(mut client: Conn, ctx: &Ctx, user: String, minor: u16,
         ("application_name", "handoff console".into()),
     ]
     .map(|(k, v)| (k.to_string(), v));
-    let greeting = hello(params, registration.pid, &registration.key);
+    let greeting = hello(params, registration.pid, registration.key());
     if client.send_raw(&greeting).await.is_err() {
         return;
     }

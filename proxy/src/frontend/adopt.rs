@@ -173,14 +173,18 @@ pub(crate) fn spawn(
                         .map(|(_, t)| t)
                         .unwrap_or(crate::config::Target::Primary),
                 });
-                let key = Bytes::from(moved.cancel_key);
-                let registration = match ctx.relay.cancels.adopt(moved.cancel_pid, key, None) {
-                    Some(r) => r,
-                    None => ctx
+                let registration =
+                    match ctx
                         .relay
                         .cancels
-                        .register(None, crate::backend::cancel::key_len(moved.minor)),
-                };
+                        .adopt(moved.cancel_pid, &moved.cancel_key, None)
+                    {
+                        Some(r) => r,
+                        None => ctx
+                            .relay
+                            .cancels
+                            .register(None, crate::backend::cancel::key_len(moved.minor)),
+                    };
                 let mut session = Box::new(txn::Txn::new(
                     &ctx.relay,
                     state,

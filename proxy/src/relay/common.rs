@@ -75,7 +75,7 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
 pub(crate) fn hello(
     params: impl IntoIterator<Item = (String, String)>,
     pid: i32,
-    key: &bytes::Bytes,
+    key: &[u8],
 ) -> BytesMut {
     let mut hello = BytesMut::with_capacity(512);
     BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
@@ -84,7 +84,7 @@ pub(crate) fn hello(
     }
     BackendMessage::BackendKeyData {
         pid,
-        key: key.clone(),
+        key: bytes::Bytes::copy_from_slice(key),
     }
     .encode(&mut hello);
     BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);

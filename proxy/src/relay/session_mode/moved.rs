@@ -45,7 +45,7 @@ pub(super) async fn hand_over(
     let Some(moved) = client_part(
         &login.client,
         login.minor,
-        (registration.pid, &registration.key),
+        (registration.pid, registration.key()),
         &login.credentials,
         &client.rbuf,
         mode,
@@ -93,7 +93,7 @@ pub(super) fn adopt_cancel_key(
     minor: u16,
 ) -> Registration {
     let key = server_key(server);
-    match ctx.cancels.adopt(cancel.0, cancel.1, Some(key.clone())) {
+    match ctx.cancels.adopt(cancel.0, &cancel.1, Some(key.clone())) {
         Some(r) => r,
         None => ctx
             .cancels

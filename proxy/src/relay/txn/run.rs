@@ -155,7 +155,7 @@ async fn hand_over(client: &mut Conn, txn: &mut Txn) -> bool {
     let outbox = &txn.ctx.outbox;
     let attempt = outbox.attempt();
     let moved = crate::relay::handover::dup(client).and_then(|fd| {
-        let minor = if txn.registration.key.len() >= 32 {
+        let minor = if txn.registration.key().len() >= 32 {
             2
         } else {
             0
@@ -163,7 +163,7 @@ async fn hand_over(client: &mut Conn, txn: &mut Txn) -> bool {
         let c = crate::relay::handover::client_part(
             txn.meter.client(),
             minor,
-            (txn.registration.pid, &txn.registration.key),
+            (txn.registration.pid, txn.registration.key()),
             &txn.target.credentials,
             &client.rbuf,
             txn.moved_mode(),
