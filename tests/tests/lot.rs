@@ -101,16 +101,24 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     until_parked(&proxy, 1.0, "the first client to be parked").await;
     let tasks_before = metric(&proxy, "handoff_tasks", &[]).await;
     assert!(tasks_before > 0.0, "no handoff_tasks in /metrics");
+    // A session just logged in goes to the lot at once: no task each even before the
+    // first request (well within the 0.5 s after which a quiet client is parked).
     for _ in 1..N {
-        let mut c = login().await.unwrap();
+        clients.push(login().await.unwrap());
+    }
+    let few = tasks_before + (N / 3) as f64;
+    if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(300)).await {
+        panic!("clients just logged in held {tasks} tasks 0.3 s after the last login (at most {few} expected): not sent to the lot");
+    }
+    // Each is woken by its first request.
+    for c in &mut clients[1..] {
         c.send(&query("select 1")).await.unwrap();
         c.drain_until_ready().await.unwrap();
-        clients.push(c);
     }
-    // Clients just logged in have had no quiet spell yet: they go to the lot, with no
-    // task, as soon as they are parked (0.5 s), not after the 3 s a client that sends
-    // every second or two waits in its task.
-    let few = tasks_before + (N / 3) as f64;
+    // Their first quiet spell after a request: straight to the lot, with no task, as
+    // soon as they are parked (0.5 s), not after the 3 s a client that sends every
+    // second or two waits in its task (their stay in the lot since the login counts
+    // for nothing: it was not a quiet spell of theirs).
     if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(2200)).await {
         panic!("new quiet clients still held {tasks} tasks 2.2 s after their last request (at most {few} expected): not sent to the lot when parked");
     }

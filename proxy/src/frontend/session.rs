@@ -90,7 +90,7 @@ pub(crate) fn run<H: Send + Sync + 'static>(
             Some(Started::Relay(_slot, relay)) => relay.await,
             Some(Started::Txn(slot, client, mut session, shutdown)) => {
                 session.keep(Box::new((slot, listed, gauge, held)));
-                txn::relay(client, session, shutdown).await;
+                txn::start(client, session, shutdown).await;
             }
         }
     }

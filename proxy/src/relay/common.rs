@@ -194,6 +194,18 @@ impl Meter {
         }
     }
 
+    /// No request or transaction being timed: nothing but the handles to keep.
+    pub fn at_rest(&self) -> bool {
+        self.request_started.is_none() && self.txn_started.is_none()
+    }
+
+    /// The handles a meter at rest is made of, its byte counts added to the metrics
+    /// ([`Meter::new`] makes it again).
+    pub fn into_parts(mut self) -> (Arc<RelayMeters>, Arc<ClientInfo>) {
+        self.flush_bytes();
+        (self.series, self.client)
+    }
+
     /// The client's entry.
     pub fn client(&self) -> &Arc<ClientInfo> {
         &self.client

@@ -105,6 +105,26 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
     })
 }
 
+/// A session just logged in, greeted and holding nothing: to the lot at once, where its
+/// first request wakes it as any other, so that its login's task and all it held are
+/// freed — in a storm of logins most clients then wait, and a task each for half a
+/// second added up to 2 KiB per client of memory kept after the storm. It runs here
+/// where the lot does not take it (a TLS session, a proxy not simply running).
+///
+/// This is no quiet spell of the client's: its first one after a request goes to the
+/// lot as soon as it is parked, whatever this one lasted (see [`LOT_AFTER`]).
+pub(crate) async fn start(client: Conn, txn: Box<Txn>, shutdown: Signal) {
+    let (client, txn) = if shutdown.phase() == Phase::Running {
+        match set_aside(client, txn) {
+            None => return,
+            Some(kept) => kept,
+        }
+    } else {
+        (client, txn)
+    };
+    relay(client, txn, shutdown).await
+}
+
 /// Hands a quiet session to the lot: `None` once the lot has it (or it ended there,
 /// killed), the session back if the lot does not take it.
 fn set_aside(client: Conn, txn: Box<Txn>) -> Option<(Conn, Box<Txn>)> {
