@@ -670,7 +670,7 @@ impl Txn {
     }
 
     /// The session again, from the state the lot kept.
-    pub(crate) fn from_quiet(q: Box<Quiet>) -> Box<Self> {
+    pub(crate) fn from_quiet(q: Quiet) -> Box<Self> {
         let Quiet {
             ctx,
             pool,
@@ -688,7 +688,7 @@ impl Txn {
             lot_soon,
             set_aside_at,
             keep,
-        } = *q;
+        } = q;
         Box::new(Txn {
             ctx,
             link: Link {

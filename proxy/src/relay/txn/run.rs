@@ -134,7 +134,7 @@ fn set_aside(client: Conn, txn: Box<Txn>) -> Option<(Conn, Box<Txn>)> {
     };
     let socket = match client.into_plain() {
         Ok(s) => s,
-        Err(client) => return Some((client, Txn::from_quiet(quiet))),
+        Err(client) => return Some((client, Txn::from_quiet(*quiet))),
     };
     let ctx = Arc::clone(quiet.ctx());
     let info = Arc::clone(quiet.client());
@@ -144,7 +144,7 @@ fn set_aside(client: Conn, txn: Box<Txn>) -> Option<(Conn, Box<Txn>)> {
             let quiet = state
                 .downcast::<Quiet>()
                 .expect("the lot gives back what it was given");
-            Some((Conn::new(socket), Txn::from_quiet(quiet)))
+            Some((Conn::new(socket), Txn::from_quiet(*quiet)))
         }
     }
 }
@@ -155,7 +155,7 @@ pub(crate) fn resume(socket: TcpStream, state: Payload) {
     let Ok(quiet) = state.downcast::<Quiet>() else {
         return;
     };
-    let mut txn = Txn::from_quiet(quiet);
+    let mut txn = Txn::from_quiet(*quiet);
     // Sent to the lot as soon as it was parked: back within `LOT_AFTER`, it is a client
     // that sends every second or two, and its next quiet spell waits in its task.
     if let Some(at) = txn.set_aside_at.take() {
