@@ -4,8 +4,9 @@
 //! session's state, yet a session kept as a task keeps the task (its header and future),
 //! the relay's own state and the socket's registration with the runtime: about 700 bytes
 //! per client, most of what an idle client cost. Once the relay has found a client
-//! quiet for a while (3 s; see `relay::txn`), it hands the socket and the state here: the socket leaves
-//! the runtime's poller for the lot's own epoll set (the kernel keeps that entry, not
+//! quiet (0.5 s, or 3 s for one that sent again soon last time; and right after its
+//! login: see `relay::txn::run`), it hands the socket and the state here: the socket
+//! leaves the runtime's poller for the lot's own epoll set (the kernel keeps that entry, not
 //! the process), the state goes into one table, and the session's task ends. One task
 //! serves the whole lot: when a socket becomes readable (a request, or the client
 //! closing) its session is taken out and given a new task, which reads what came.
