@@ -110,19 +110,22 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(300)).await {
         panic!("clients just logged in held {tasks} tasks 0.3 s after the last login (at most {few} expected): not sent to the lot");
     }
-    // Each is woken by its first request.
+    // Each is woken by its first request, and parked after it in its own task: a
+    // client's first quiet spell waits there, as a client that sends every second or
+    // two does (the stay in the lot since its login was no quiet spell of the client's).
     for c in &mut clients[1..] {
         c.send(&query("select 1")).await.unwrap();
         c.drain_until_ready().await.unwrap();
     }
-    // Their first quiet spell after a request: straight to the lot, with no task, as
-    // soon as they are parked (0.5 s), not after the 3 s a client that sends every
-    // second or two waits in its task (their stay in the lot since the login counts
-    // for nothing: it was not a quiet spell of theirs).
-    if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(2200)).await {
-        panic!("new quiet clients still held {tasks} tasks 2.2 s after their last request (at most {few} expected): not sent to the lot when parked");
-    }
     until_parked(&proxy, N as f64, "every client to be parked").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tasks = metric(&proxy, "handoff_tasks", &[]).await;
+    assert!(
+        tasks >= tasks_before + (N / 2) as f64,
+        "clients' first quiet spell went straight to the lot: {tasks} tasks, {tasks_before} before the clients"
+    );
+    // Quiet for 3 s: in the lot, with no task.
+    until_tasks_at_most(&proxy, few, "the clients quiet for 3 s to go to the lot").await;
     assert_eq!(
         metric(&proxy, "handoff_clients_parked", &[]).await,
         N as f64,
@@ -133,14 +136,23 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     assert_eq!(rows(&mut clients[0], "show datestyle").await, ["SQL, DMY"]);
     assert_eq!(rows(&mut clients[0], "execute mine").await, ["kept"]);
 
-    // Each is woken by its request, answered, and parked again. Back within 3 s of
-    // being set aside, they count as clients that send often: they wait in their own
-    // tasks first (woken there as a busy client is), and go to the lot once quiet 3 s.
+    // Each is woken by its request after that long quiet spell, and goes straight back
+    // to the lot once parked (0.5 s), not after 3 s in its task.
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(&query(&format!("select {i}"))).await.unwrap();
         let (bytes, status) = c.drain_until_ready().await.unwrap();
         assert!(bytes > 0, "client {i} got no row");
         assert_eq!(status, TransactionStatus::Idle);
+    }
+    if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(2200)).await {
+        panic!("clients quiet for long last time still held {tasks} tasks 2.2 s after their request (at most {few} expected): not sent to the lot when parked");
+    }
+
+    // Woken again within 3 s of being set aside, they count as clients that send
+    // often: they wait in their own tasks first, and go to the lot once quiet 3 s.
+    for c in clients.iter_mut() {
+        c.send(&query("select 2")).await.unwrap();
+        c.drain_until_ready().await.unwrap();
     }
     until_parked(&proxy, N as f64, "every client to be parked again").await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -132,8 +132,8 @@ pub(crate) struct Txn {
     reading: Option<Reading>,
     /// A reader's pools, by standby: looked up once per standby, not per transaction.
     read_pools: Option<Box<ReadPools>>,
-    /// The session's last quiet spell was a long one (or it has had none since its
-    /// login): its next goes to the lot as soon as it is parked (see `run::LOT_AFTER`).
+    /// The session's last quiet spell was a long one: its next goes to the lot as soon
+    /// as it is parked (see `run::LOT_AFTER`).
     pub(super) lot_soon: bool,
     /// When the session went to the lot straight from being parked: on its way out, how
     /// long it stayed there tells whether that spell was a long one.
@@ -278,7 +278,7 @@ impl Txn {
             stayed: 0,
             reading: None,
             read_pools: None,
-            lot_soon: true,
+            lot_soon: false,
             set_aside_at: None,
             keep: None,
         }

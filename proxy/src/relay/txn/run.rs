@@ -39,14 +39,13 @@ const PARK_AFTER: Duration = Duration::from_millis(500);
 /// before its session goes to the lot.
 ///
 /// Which clients wait there is learnt from each one's last quiet spell. A client whose
-/// last spell was short (it sent again within 3 s) waits in its task, where its next
-/// request wakes it as a busy client's does: the lot's park and wake cost a few system
-/// calls and a task each time, 10 µs a transaction in a crowd of clients that each send
-/// every 2.5 s. A client whose last spell was long — and a client just logged in, which
-/// has had none — goes to the lot as soon as it is parked: a thousand clients logging in
-/// then sitting idle would otherwise hold a task, a relay and a socket registration each
-/// (about 1.5 KiB) for 3 s, and what a storm of logins peaks at stays in the process's
-/// memory after them.
+/// last spell was short (it sent again within 3 s), and one that has had none since its
+/// first request, waits in its task, where its next request wakes it as a busy client's
+/// does: the lot's park and wake cost a few system calls, a task and an extra hop each
+/// time (10 µs a transaction, and the latency's tail, in a crowd of clients that each
+/// send every 2.5 s). A client whose last spell was long goes to the lot as soon as it is
+/// parked. (A client just logged in goes there before its first request: see
+/// [`start`].)
 const LOT_AFTER: Duration = Duration::from_millis(2500);
 
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
@@ -111,8 +110,8 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
 /// second added up to 2 KiB per client of memory kept after the storm. It runs here
 /// where the lot does not take it (a TLS session, a proxy not simply running).
 ///
-/// This is no quiet spell of the client's: its first one after a request goes to the
-/// lot as soon as it is parked, whatever this one lasted (see [`LOT_AFTER`]).
+/// This is no quiet spell of the client's: its first one after a request waits in its
+/// task first, whatever this one lasted (see [`LOT_AFTER`]).
 pub(crate) async fn start(client: Conn, txn: Box<Txn>, shutdown: Signal) {
     let (client, txn) = if shutdown.phase() == Phase::Running {
         match set_aside(client, txn) {
