@@ -10,6 +10,9 @@ use handoff_tests::raw::RawClient;
 use handoff_tests::{conn_str, eventually, start_proxy, Cluster};
 use tokio_postgres::NoTls;
 
+/// The test's clients.
+const N: usize = 30;
+
 /// Waits until the proxy's tasks are at most `max` (10 s at most).
 async fn until_tasks_at_most(proxy: &handoff::Proxy, max: f64, what: &str) {
     if let Err(tasks) = tasks_at_most_within(proxy, max, Duration::from_secs(10)).await {
@@ -45,6 +48,18 @@ async fn until_parked(proxy: &handoff::Proxy, n: f64, what: &str) {
     .unwrap();
 }
 
+/// Every client parked, and most of them (0.5 s after being parked) still in a task of
+/// their own rather than in the lot: `spell` says which quiet spell of theirs it is.
+async fn waiting_in_tasks(proxy: &handoff::Proxy, tasks_before: f64, spell: &str) {
+    until_parked(proxy, N as f64, "every client to be parked").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tasks = metric(proxy, "handoff_tasks", &[]).await;
+    assert!(
+        tasks >= tasks_before + (N / 2) as f64,
+        "{spell} went straight to the lot: {tasks} tasks, {tasks_before} before the clients"
+    );
+}
+
 /// A simple Query message.
 fn query(sql: &str) -> Vec<u8> {
     let mut m = vec![b'Q'];
@@ -78,7 +93,6 @@ async fn rows(c: &mut RawClient, sql: &str) -> Vec<String> {
 /// runs no task per client either.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_are_killed() {
-    const N: usize = 30;
     let cluster = Cluster::start(0).unwrap();
     let proxy = start_proxy(
         &cluster,
@@ -117,13 +131,7 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         c.send(&query("select 1")).await.unwrap();
         c.drain_until_ready().await.unwrap();
     }
-    until_parked(&proxy, N as f64, "every client to be parked").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let tasks = metric(&proxy, "handoff_tasks", &[]).await;
-    assert!(
-        tasks >= tasks_before + (N / 2) as f64,
-        "clients' first quiet spell went straight to the lot: {tasks} tasks, {tasks_before} before the clients"
-    );
+    waiting_in_tasks(&proxy, tasks_before, "their first quiet spell").await;
     // Quiet for 3 s: in the lot, with no task.
     until_tasks_at_most(&proxy, few, "the clients quiet for 3 s to go to the lot").await;
     assert_eq!(
@@ -154,13 +162,7 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         c.send(&query("select 2")).await.unwrap();
         c.drain_until_ready().await.unwrap();
     }
-    until_parked(&proxy, N as f64, "every client to be parked again").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let tasks = metric(&proxy, "handoff_tasks", &[]).await;
-    assert!(
-        tasks >= tasks_before + (N / 2) as f64,
-        "clients that sent again soon went straight back to the lot: {tasks} tasks, {tasks_before} before the clients"
-    );
+    waiting_in_tasks(&proxy, tasks_before, "a quiet spell after a short one").await;
     until_tasks_at_most(&proxy, few, "the clients quiet for 3 s to go to the lot").await;
 
     // A parked client that closes leaves: its session ends without a request.

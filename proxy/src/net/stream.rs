@@ -206,11 +206,11 @@ impl Conn {
         }
     }
 
-    /// The plain socket of a connection that holds no unread bytes (to keep it without
-    /// this wrapper while it is quiet); the connection back otherwise.
+    /// The plain socket of a connection that holds no unread or unsent bytes (to keep it
+    /// without this wrapper while it is quiet); the connection back otherwise.
     pub fn into_plain(self) -> Result<TcpStream, Self> {
         match self.stream {
-            Stream::Plain(s) if self.rbuf.is_empty() => Ok(s),
+            Stream::Plain(s) if self.rbuf.is_empty() && self.wbuf.is_empty() => Ok(s),
             stream => Err(Self { stream, ..self }),
         }
     }

@@ -108,12 +108,15 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
 /// first request wakes it as any other, so that its login's task and all it held are
 /// freed — in a storm of logins most clients then wait, and a task each for half a
 /// second added up to 2 KiB per client of memory kept after the storm. It runs here
-/// where the lot does not take it (a TLS session, a proxy not simply running).
+/// where the lot does not take it (a TLS session, a proxy not simply running) and
+/// where `HANDOFF_CLIENT_IDLE_TIMEOUT` is set (the limit runs in the relay's loop: a
+/// client under an idle limit is never parked).
 ///
 /// This is no quiet spell of the client's: its first one after a request waits in its
 /// task first, whatever this one lasted (see [`LOT_AFTER`]).
 pub(crate) async fn start(client: Conn, txn: Box<Txn>, shutdown: Signal) {
-    let (client, txn) = if shutdown.phase() == Phase::Running {
+    let idle_limit = !txn.ctx.settings.client_idle_timeout.is_zero();
+    let (client, txn) = if !idle_limit && shutdown.phase() == Phase::Running {
         match set_aside(client, txn) {
             None => return,
             Some(kept) => kept,
