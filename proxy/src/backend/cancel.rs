@@ -163,13 +163,8 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// The secret key the client was given.
-    pub fn key(&self) -> &[u8] {
-        &self.target.key
-    }
-
-    /// The same, as a value to keep.
-    pub fn key_data(&self) -> &SecretKey {
+    /// The secret key the client was given (its bytes: `&key[..]`).
+    pub fn key(&self) -> &SecretKey {
         &self.target.key
     }
 
@@ -460,7 +455,7 @@ mod tests {
     fn adopted_keys_keep_their_bytes_and_one_longer_than_handed_out_is_refused() {
         let reg = Arc::new(Registry::default());
         let a = reg.adopt(77, &[9u8; 32], None).expect("a 32-byte key");
-        assert_eq!(a.key(), &[9u8; 32]);
+        assert_eq!(a.key()[..], [9u8; 32]);
         assert!(
             reg.adopt(77, &[9u8; 32], None).is_none(),
             "the pair is taken"
@@ -475,7 +470,7 @@ mod tests {
         assert_eq!(reg.len(), 2);
         drop(a);
         assert_eq!(reg.len(), 1);
-        assert_eq!(b.key(), &[1, 2, 3, 4]);
+        assert_eq!(b.key()[..], [1, 2, 3, 4]);
         drop(b);
         assert!(reg.is_empty());
     }
@@ -498,7 +493,7 @@ mod tests {
         );
         let b = reg.register_as(4242, None, 4);
         assert_eq!((a.pid, b.pid), (4242, 4242));
-        assert_ne!(a.key(), b.key());
+        assert_ne!(a.key()[..], b.key()[..]);
         assert_eq!(reg.len(), 2);
         let t = Duration::from_secs(5);
         assert!(
@@ -541,7 +536,7 @@ mod tests {
         );
         assert!(!in_flight.any());
         let forwarding = {
-            let (reg, pid, key) = (Arc::clone(&reg), client.pid, *client.key_data());
+            let (reg, pid, key) = (Arc::clone(&reg), client.pid, *client.key());
             tokio::spawn(async move { reg.forward(pid, &key, Duration::from_secs(10)).await })
         };
         tokio::time::timeout(Duration::from_secs(5), async {

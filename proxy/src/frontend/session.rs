@@ -256,7 +256,7 @@ async fn transaction_mode(
         .relay
         .cancels
         .register(None, crate::backend::cancel::key_len(startup.minor));
-    let (pid, key) = (registration.pid, *registration.key_data());
+    let (pid, key) = (registration.pid, *registration.key());
     // Boxed, as is the relay below (built in a plain function): an async fn keeps room
     // for every local it ever held, and an idle client keeps this future alive.
     let mut session = Box::new(txn::Txn::new(

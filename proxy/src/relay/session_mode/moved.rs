@@ -45,7 +45,7 @@ pub(super) async fn hand_over(
     let Some(moved) = client_part(
         &login.client,
         login.minor,
-        (registration.pid, registration.key()),
+        (registration.pid, &registration.key()[..]),
         &login.credentials,
         &client.rbuf,
         mode,

@@ -115,8 +115,9 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
 /// This is no quiet spell of the client's: its first one after a request waits in its
 /// task first, whatever this one lasted (see [`LOT_AFTER`]).
 pub(crate) async fn start(client: Conn, txn: Box<Txn>, shutdown: Signal) {
-    let idle_limit = !txn.ctx.settings.client_idle_timeout.is_zero();
-    let (client, txn) = if !idle_limit && shutdown.phase() == Phase::Running {
+    // Quiet outside a transaction: the relay's loop parks it only without a limit.
+    let limited = IdleLimits::of(&txn).pick(true, false).is_some();
+    let (client, txn) = if !limited && shutdown.phase() == Phase::Running {
         match set_aside(client, txn) {
             None => return,
             Some(kept) => kept,
@@ -185,7 +186,7 @@ async fn hand_over(client: &mut Conn, txn: &mut Txn) -> bool {
         let c = crate::relay::handover::client_part(
             txn.meter.client(),
             minor,
-            (txn.registration.pid, txn.registration.key()),
+            (txn.registration.pid, &txn.registration.key()[..]),
             &txn.target.credentials,
             &client.rbuf,
             txn.moved_mode(),
@@ -257,6 +258,14 @@ pub(super) struct IdleLimits {
 }
 
 impl IdleLimits {
+    /// The limits the proxy is configured with.
+    fn of(txn: &Txn) -> Self {
+        IdleLimits {
+            client: txn.ctx.settings.client_idle_timeout,
+            transaction: txn.ctx.settings.idle_transaction_timeout,
+        }
+    }
+
     /// The limit for a client that is quiet outside a transaction (`outside`) or inside
     /// one (`inside`), if any.
     pub fn pick(&self, outside: bool, inside: bool) -> Option<(Duration, IdleKind)> {
@@ -376,10 +385,7 @@ async fn on_server_read(
 async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
     client.release_buffers();
     let mut cscan = Scanner::new(txn.ctx.settings.max_message_size, MAX_CLIENT_MESSAGE);
-    let limits = IdleLimits {
-        client: txn.ctx.settings.client_idle_timeout,
-        transaction: txn.ctx.settings.idle_transaction_timeout,
-    };
+    let limits = IdleLimits::of(txn);
     let mut server = ServerSide::new();
     let mut watched = shutdown.phase().next();
     let mut phase_change = Box::pin(reach(shutdown.clone(), watched));
