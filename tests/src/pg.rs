@@ -212,6 +212,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// The timeline this primary writes on now (its control file names a new one only
+    /// after a checkpoint; the name of its current WAL file at once).
+    pub fn timeline(&self) -> Result<i32> {
+        Ok(self
+            .psql("select ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int")?
+            .parse()?)
+    }
+
     /// `host:port` (`127.0.0.1:port` unless in a network namespace).
     pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
@@ -693,10 +701,38 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until `standbys[i]` receives the primary's current timeline and has replayed
+    /// what the primary had written when the wait began. Streaming alone does not say
+    /// it follows: a standby that received WAL past the promotion point still connects
+    /// (it asks for the old timeline from the start of a segment, which the new primary
+    /// has and sends up to the switch), shows as `streaming`, and then replays nothing
+    /// of the new timeline.
+    pub fn wait_following(&self, i: usize, within: std::time::Duration) -> Result<()> {
+        let tli = self.primary.timeline()?;
+        let lsn = self.primary.psql("select pg_current_wal_lsn()")?;
+        let sql = format!(
+            "select coalesce((select received_tli from pg_stat_wal_receiver where status = 'streaming'), 0) = {tli} \
+                and coalesce(pg_last_wal_replay_lsn() >= '{lsn}', false)"
+        );
+        let node = &self.standbys[i];
+        let deadline = std::time::Instant::now() + within;
+        while node.psql(&sql)? != "t" {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "{} did not follow {} (timeline {tli}, up to {lsn}) within {within:?}",
+                    node.name,
+                    self.primary.name
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Points `standbys[i]` at the current primary after a promotion it did not take
     /// part in (`primary_conninfo` and a reload; it follows the new timeline), and waits
-    /// until it streams; one that cannot follow (it received WAL past the promotion
-    /// point) is rewound instead ([`Cluster::rejoin`]), which restarts it and so ends
+    /// until it replays the new timeline ([`Cluster::wait_following`]); one that cannot
+    /// follow (it received WAL past the promotion point) is rewound instead ([`Cluster::rejoin`]), which restarts it and so ends
     /// every session on it: `Ok(Some(when))` says when the restart began.
     pub fn follow(&mut self, i: usize) -> Result<Option<std::time::Instant>> {
         let conninfo = format!(
@@ -709,7 +745,7 @@ impl Cluster {
             .and_then(|_| node.psql("SELECT pg_reload_conf()"));
         if repointed.is_ok()
             && self
-                .wait_streaming(i, std::time::Duration::from_secs(5))
+                .wait_following(i, std::time::Duration::from_secs(5))
                 .is_ok()
         {
             return Ok(None);
@@ -755,11 +791,12 @@ impl Cluster {
         self.primary.root.as_path()
     }
 
-    fn logs(&self) -> String {
+    /// The last `lines` lines of every server's log, each under its name.
+    pub fn log_tails(&self, lines: usize) -> String {
         let mut s = String::new();
         for n in std::iter::once(&self.primary).chain(&self.standbys) {
             let log = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
             let _ = writeln!(
                 s,
                 "--- {} ({}) log, last lines ---",
@@ -789,7 +826,7 @@ impl Drop for Cluster {
                 eprintln!(
                     "test failed: PostgreSQL files kept in {}\n{}",
                     kept.display(),
-                    self.logs()
+                    self.log_tails(60)
                 );
             }
         }

@@ -358,13 +358,6 @@ async fn start_proxy(
     }
 }
 
-/// The timeline `node` writes on now.
-fn timeline(node: &crate::Node) -> Result<i32> {
-    Ok(node
-        .psql("select ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int")?
-        .parse()?)
-}
-
 /// Runs the campaign `plan` describes and checks its history. `Err`: the harness itself
 /// could not go on (a server that would not start, say); a check that failed is in the
 /// report (`Report::violations`).
@@ -436,16 +429,18 @@ pub fn run(plan: &Plan) -> Result<Report> {
     })();
     let history: Vec<Op> = rt.block_on(workload.stop());
     let took = started.elapsed();
+    // The servers' logs say why a server did not do what the harness waited for.
     result.map_err(|e| {
         anyhow!(
-            "{e:#}\n--- last requests ---\n{}",
+            "{e:#}\n--- last requests ---\n{}\n{}",
             history
                 .iter()
                 .rev()
-                .take(20)
+                .take(10)
                 .map(Op::describe)
                 .collect::<Vec<_>>()
-                .join("\n")
+                .join("\n"),
+            top.cluster.log_tails(20)
         )
     })?;
     let final_rows = rt.block_on(check::final_rows(&server(&top.cluster.primary)))?;
@@ -516,6 +511,11 @@ fn strike(
                 top.cluster.primary.name,
                 top.cluster.standbys[target].name
             );
+            // As an HA manager does, only to a standby that follows the primary and
+            // has caught up (one rewound after a crash may still be on its way).
+            top.cluster
+                .wait_following(target, Duration::from_secs(30))
+                .context("the switchover's target")?;
             f.start = epoch.elapsed();
             let (status, report) = rt.block_on(top.proxies[p].switchover(&to))?;
             if status != 200 || report["outcome"] != "completed" {
@@ -527,7 +527,7 @@ fn strike(
                 report["total_ms"].as_f64().unwrap_or_default()
             );
             top.cluster.swap(target);
-            f.promoted = Some((timeline(&top.cluster.primary)?, epoch.elapsed()));
+            f.promoted = Some((top.cluster.primary.timeline()?, epoch.elapsed()));
             f.served = Some(rt.block_on(top.wait_served(epoch, Duration::from_secs(30)))?);
             top.cluster.rejoin(target)?;
         }
@@ -546,7 +546,7 @@ fn strike(
             std::thread::sleep(plan.promote_after);
             top.cluster.promote(sync)?;
             top.cluster.swap(sync);
-            f.promoted = Some((timeline(&top.cluster.primary)?, epoch.elapsed()));
+            f.promoted = Some((top.cluster.primary.timeline()?, epoch.elapsed()));
             f.detail = format!("{old} lost, {} promoted", top.cluster.primary.name);
             // The synchronous primary waits for a standby: point the other one at it
             // first, then bring the old primary back as a standby.
