@@ -10,6 +10,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use md5::Md5;
 use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
 use subtle::ConstantTimeEq;
 
 /// The only SASL mechanism the proxy offers and uses.
@@ -53,9 +54,17 @@ fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
 }
 
 fn random_nonce() -> Result<String, AuthError> {
+    let mut nonce = String::with_capacity(24);
+    push_random_nonce(&mut nonce)?;
+    Ok(nonce)
+}
+
+/// Appends 18 random bytes in base64 (24 characters) to `out`.
+fn push_random_nonce(out: &mut String) -> Result<(), AuthError> {
     let mut raw = [0u8; 18];
     getrandom::getrandom(&mut raw).map_err(|_| AuthError::Random)?;
-    Ok(B64.encode(raw))
+    B64.encode_string(raw, out);
+    Ok(())
 }
 
 fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
@@ -67,19 +76,19 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 }
 
 /// Splits `k=value` attributes of a SCRAM message, checking their order.
-fn attrs<'a>(msg: &'a str, keys: &[char]) -> Result<Vec<&'a str>, AuthError> {
-    let parts: Vec<&str> = msg.split(',').collect();
-    if parts.len() < keys.len() {
-        return Err(AuthError::Malformed("missing attributes"));
+fn attrs<'a, const N: usize>(msg: &'a str, keys: [char; N]) -> Result<[&'a str; N], AuthError> {
+    let mut values = [""; N];
+    let mut parts = msg.split(',');
+    for (k, value) in keys.into_iter().zip(&mut values) {
+        let p = parts
+            .next()
+            .ok_or(AuthError::Malformed("missing attributes"))?;
+        *value = p
+            .strip_prefix(k)
+            .and_then(|r| r.strip_prefix('='))
+            .ok_or(AuthError::Malformed("unexpected attribute"))?;
     }
-    keys.iter()
-        .zip(&parts)
-        .map(|(k, p)| {
-            p.strip_prefix(*k)
-                .and_then(|r| r.strip_prefix('='))
-                .ok_or(AuthError::Malformed("unexpected attribute"))
-        })
-        .collect()
+    Ok(values)
 }
 
 /// A stored SCRAM-SHA-256 secret: what a server keeps instead of the password.
@@ -238,7 +247,7 @@ impl ScramClient {
     pub fn handle_server_first(&mut self, data: &[u8]) -> Result<Vec<u8>, AuthError> {
         let server_first =
             std::str::from_utf8(data).map_err(|_| AuthError::Malformed("not UTF-8"))?;
-        let a = attrs(server_first, &['r', 's', 'i'])?;
+        let a = attrs(server_first, ['r', 's', 'i'])?;
         let (nonce, salt, iter) = (a[0], a[1], a[2]);
         if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
             return Err(AuthError::NonceMismatch);
@@ -348,20 +357,29 @@ impl ScramServer {
                 "authorization identity is not supported",
             ));
         }
-        let a = attrs(bare, &['n', 'r'])?;
+        let a = attrs(bare, ['n', 'r'])?;
         let client_nonce = a[1];
         if client_nonce.is_empty() || client_nonce.contains(',') {
             return Err(AuthError::Malformed("bad client nonce"));
         }
         self.gs2_header = format!("{cb},{authzid},");
-        self.nonce = format!("{client_nonce}{}", random_nonce()?);
-        let server_first = format!(
-            "r={},s={},i={}",
-            self.nonce,
-            B64.encode(&self.verifier.salt),
-            self.verifier.iterations
-        );
-        self.transcript = Some(format!("{bare},{server_first}"));
+        // Each string made at its final size: a login does this once per client.
+        let mut nonce = String::with_capacity(client_nonce.len() + 24);
+        nonce.push_str(client_nonce);
+        push_random_nonce(&mut nonce)?;
+        self.nonce = nonce;
+        let salt_len = self.verifier.salt.len().div_ceil(3) * 4;
+        let mut server_first = String::with_capacity(self.nonce.len() + salt_len + 20);
+        server_first.push_str("r=");
+        server_first.push_str(&self.nonce);
+        server_first.push_str(",s=");
+        B64.encode_string(&self.verifier.salt, &mut server_first);
+        let _ = write!(server_first, ",i={}", self.verifier.iterations);
+        let mut transcript = String::with_capacity(bare.len() + 1 + server_first.len());
+        transcript.push_str(bare);
+        transcript.push(',');
+        transcript.push_str(&server_first);
+        self.transcript = Some(transcript);
         Ok(server_first.into_bytes())
     }
 
@@ -375,7 +393,7 @@ impl ScramServer {
         let (without_proof, proof) = s
             .rsplit_once(",p=")
             .ok_or(AuthError::Malformed("missing proof"))?;
-        let a = attrs(without_proof, &['c', 'r'])?;
+        let a = attrs(without_proof, ['c', 'r'])?;
         let binding = B64
             .decode(a[0])
             .map_err(|_| AuthError::Malformed("channel binding is not base64"))?;
@@ -390,7 +408,10 @@ impl ScramServer {
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or(AuthError::Malformed("proof must be 32 bytes of base64"))?;
-        let auth_message = format!("{transcript},{without_proof}");
+        let mut auth_message = String::with_capacity(transcript.len() + 1 + without_proof.len());
+        auth_message.push_str(transcript);
+        auth_message.push(',');
+        auth_message.push_str(without_proof);
         let signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let client_key = xor(&proof, &signature);
         let stored: [u8; 32] = Sha256::digest(client_key).into();
@@ -399,7 +420,10 @@ impl ScramServer {
         }
         self.client_key = Some(client_key);
         let server_sig = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_sig)).into_bytes())
+        let mut server_final = String::with_capacity(46);
+        server_final.push_str("v=");
+        B64.encode_string(server_sig, &mut server_final);
+        Ok(server_final.into_bytes())
     }
 }
 

@@ -183,14 +183,8 @@ impl BackendMessage {
     pub fn encode(&self, buf: &mut BytesMut) {
         match self {
             Self::Authentication(a) => put_tagged(buf, tag::AUTHENTICATION, |b| encode_auth(a, b)),
-            Self::ParameterStatus { name, value } => put_tagged(buf, tag::PARAMETER_STATUS, |b| {
-                put_cstr(b, name.as_bytes());
-                put_cstr(b, value.as_bytes());
-            }),
-            Self::BackendKeyData { pid, key } => put_tagged(buf, tag::BACKEND_KEY_DATA, |b| {
-                b.put_i32(*pid);
-                b.put_slice(key);
-            }),
+            Self::ParameterStatus { name, value } => encode_parameter_status(name, value, buf),
+            Self::BackendKeyData { pid, key } => encode_backend_key_data(*pid, key, buf),
             Self::ReadyForQuery(s) => {
                 put_tagged(buf, tag::READY_FOR_QUERY, |b| b.put_u8(s.as_byte()))
             }
@@ -339,6 +333,23 @@ impl ColumnType {
 }
 
 /// Appends a RowDescription of `columns` (names and types, every one in text format).
+/// Appends a ParameterStatus message: what [`BackendMessage::ParameterStatus`] encodes,
+/// from borrowed text (a greeting writes a dozen of them).
+pub fn encode_parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
+    put_tagged(buf, tag::PARAMETER_STATUS, |b| {
+        put_cstr(b, name.as_bytes());
+        put_cstr(b, value.as_bytes());
+    })
+}
+
+/// Appends a BackendKeyData message from a borrowed key.
+pub fn encode_backend_key_data(pid: i32, key: &[u8], buf: &mut BytesMut) {
+    put_tagged(buf, tag::BACKEND_KEY_DATA, |b| {
+        b.put_i32(pid);
+        b.put_slice(key);
+    })
+}
+
 pub fn encode_row_description(columns: &[(&str, ColumnType)], buf: &mut BytesMut) {
     put_tagged(buf, tag::ROW_DESCRIPTION, |b| {
         b.put_i16(columns.len() as i16);

@@ -112,16 +112,15 @@ pub(crate) async fn serve(mut client: Conn, ctx: &Ctx, user: String, minor: u16,
     let params = [
         (
             "server_version",
-            format!("{}/handoff", env!("CARGO_PKG_VERSION")),
+            concat!(env!("CARGO_PKG_VERSION"), "/handoff"),
         ),
-        ("server_encoding", "UTF8".into()),
-        ("client_encoding", "UTF8".into()),
-        ("DateStyle", "ISO".into()),
-        ("integer_datetimes", "on".into()),
-        ("standard_conforming_strings", "on".into()),
-        ("application_name", "handoff console".into()),
-    ]
-    .map(|(k, v)| (k.to_string(), v));
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", "handoff console"),
+    ];
     let greeting = hello(params, registration.pid, registration.key());
     if client.send_raw(&greeting).await.is_err() {
         return;

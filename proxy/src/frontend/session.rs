@@ -214,19 +214,19 @@ async fn start(
 async fn transaction_mode(
     mut client: Conn,
     ctx: &Ctx,
-    startup: Startup,
+    mut startup: Startup,
     routed: Routed,
     credentials: Credentials,
     info: Arc<ClientInfo>,
 ) -> Option<(Conn, Box<txn::Txn>)> {
     let shard = &ctx.config.shards[routed.shard];
     let mut desired = HashMap::new();
-    for (k, v) in &startup.params {
+    for (k, v) in std::mem::take(&mut startup.params) {
         if k == "options" {
             tracing::debug!("startup parameter 'options' is ignored in transaction mode");
             continue;
         }
-        if !txn::valid_param_name(k) {
+        if !txn::valid_param_name(&k) {
             let err = ProxyError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 format!("invalid startup parameter name \"{k}\""),
@@ -234,7 +234,7 @@ async fn transaction_mode(
             send_error(&mut client.stream, &err).await;
             return None;
         }
-        desired.insert(k.clone(), v.clone());
+        desired.insert(k, v);
     }
     if routed.target != Target::Primary {
         // A reader stays one even on a standby promoted before the check saw it.

@@ -2,7 +2,10 @@
 //! the limits on the messages relayed, writing to the client, and the session's metering.
 
 use bytes::BytesMut;
-use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatus};
+use handoff_protocol::backend::{
+    encode_backend_key_data, encode_parameter_status, Authentication, BackendMessage,
+    TransactionStatus,
+};
 use handoff_protocol::FrameError;
 
 use tokio::io::AsyncWriteExt;
@@ -70,23 +73,24 @@ pub(crate) async fn protocol_error<W: tokio::io::AsyncWrite + Unpin>(
     crate::error::send_error(client, &err).await;
 }
 
-/// What a client receives once logged in: AuthenticationOk, the server's parameters,
-/// the key data handoff registered for it, ReadyForQuery.
-pub(crate) fn hello(
-    params: impl IntoIterator<Item = (String, String)>,
+/// What a client receives once logged in: AuthenticationOk, the server's parameters
+/// (sorted by name, whatever order the map holding them has), the key data handoff
+/// registered for it, ReadyForQuery. Written from borrowed text: one allocation, the
+/// message itself, at every login.
+pub(crate) fn hello<'a>(
+    params: impl IntoIterator<Item = (&'a str, &'a str)>,
     pid: i32,
     key: &[u8],
 ) -> BytesMut {
+    // A server reports about 14 parameters: on the stack.
+    let mut params: smallvec::SmallVec<[(&str, &str); 16]> = params.into_iter().collect();
+    params.sort_unstable();
     let mut hello = BytesMut::with_capacity(512);
     BackendMessage::Authentication(Authentication::Ok).encode(&mut hello);
     for (name, value) in params {
-        BackendMessage::ParameterStatus { name, value }.encode(&mut hello);
+        encode_parameter_status(name, value, &mut hello);
     }
-    BackendMessage::BackendKeyData {
-        pid,
-        key: bytes::Bytes::copy_from_slice(key),
-    }
-    .encode(&mut hello);
+    encode_backend_key_data(pid, key, &mut hello);
     BackendMessage::ReadyForQuery(TransactionStatus::Idle).encode(&mut hello);
     hello
 }
@@ -214,5 +218,45 @@ impl Meter {
     /// The metric handles the relay shares with every other session.
     pub fn series(&self) -> &RelayMeters {
         &self.series
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use handoff_protocol::backend::{Authentication, BackendMessage, TransactionStatus};
+    use handoff_protocol::framing::decode_frame;
+
+    #[test]
+    fn the_greeting_carries_the_parameters_sorted_then_the_key_then_ready() {
+        // In a map's order, not sorted.
+        let params = [
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO, MDY"),
+            ("application_name", ""),
+        ];
+        let mut buf = super::hello(params, 4242, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut got = Vec::new();
+        while let Some(frame) = decode_frame(&mut buf, 1 << 20).unwrap() {
+            got.push(BackendMessage::parse(frame).unwrap());
+        }
+        assert!(buf.is_empty());
+        let status = |name: &str, value: &str| BackendMessage::ParameterStatus {
+            name: name.into(),
+            value: value.into(),
+        };
+        assert_eq!(
+            got,
+            vec![
+                BackendMessage::Authentication(Authentication::Ok),
+                status("DateStyle", "ISO, MDY"),
+                status("TimeZone", "UTC"),
+                status("application_name", ""),
+                BackendMessage::BackendKeyData {
+                    pid: 4242,
+                    key: bytes::Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8]),
+                },
+                BackendMessage::ReadyForQuery(TransactionStatus::Idle),
+            ]
+        );
     }
 }

@@ -193,7 +193,11 @@ async fn greet(
     let registration =
         ctx.cancels
             .register_as(key.pid, Some(key), crate::backend::cancel::key_len(minor));
-    let greeting = hello(server.params.clone(), registration.pid, registration.key());
+    let greeting = hello(
+        server.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        registration.pid,
+        registration.key(),
+    );
     client.send_raw(&greeting).await.ok()?;
     Some(registration)
 }

@@ -528,21 +528,13 @@ impl Txn {
         self.probe.release()
     }
 
-    /// The server's parameters as the client should see them at startup.
-    pub fn startup_params(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = self
-            .link
+    /// The server's parameters as the client should see them at startup (in the map's
+    /// order: the greeting sorts them).
+    pub fn startup_params(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.link
             .backend
-            .as_ref()
-            .map(|b| {
-                b.params
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+            .iter()
+            .flat_map(|b| b.params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
     }
 
     fn clean(&self) -> bool {
