@@ -76,7 +76,7 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
 }
 
 /// Splits `k=value` attributes of a SCRAM message, checking their order.
-fn attrs<'a, const N: usize>(msg: &'a str, keys: [char; N]) -> Result<[&'a str; N], AuthError> {
+fn attrs<const N: usize>(msg: &str, keys: [char; N]) -> Result<[&str; N], AuthError> {
     let mut values = [""; N];
     let mut parts = msg.split(',');
     for (k, value) in keys.into_iter().zip(&mut values) {
