@@ -238,8 +238,22 @@ async fn switchovers_through_handoff_and_pg_autoctl_under_load_lose_nothing() {
             )
             .await
     };
+    // Every result, for the message of a failure (`not_primary`: the stop of a server
+    // handoff no longer served as primary; `refused`: a hold that could not be made).
+    let results = || async {
+        let mut v = Vec::new();
+        for r in ["held", "already_held", "not_primary", "refused"] {
+            let q = format!("result=\"{r}\"");
+            v.push((
+                r,
+                metric(s.proxy(), "handoff_holds_total", &[q.as_str()]).await,
+            ));
+        }
+        v
+    };
     for to in [0, 1] {
         let before = holds().await;
+        let results_before = results().await;
         let ctl = s.paf.spawn_ctl_monitor(&["perform", "switchover"]).unwrap();
         let ctl = tokio::task::spawn_blocking(move || ctl.wait_with_output().unwrap());
         let out = ctl.await.unwrap();
@@ -252,7 +266,13 @@ async fn switchovers_through_handoff_and_pg_autoctl_under_load_lose_nothing() {
         serves(&s, to).await;
         // Two holds asked for each: the goal state's and the keeper's pg_ctl's.
         let asked = holds().await - before;
-        assert!(asked >= 2.0, "{asked} holds for pg_autoctl's switchover");
+        assert!(
+            asked >= 2.0,
+            "{asked} holds for pg_autoctl's switchover to node {to} (by result, before and after: {:?} {:?}); the monitor's view: {}",
+            results_before,
+            results().await,
+            shard_state(s.proxy()).await["manager"]
+        );
         s.healthy();
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
