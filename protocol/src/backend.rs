@@ -332,7 +332,6 @@ impl ColumnType {
     }
 }
 
-/// Appends a RowDescription of `columns` (names and types, every one in text format).
 /// Appends a ParameterStatus message: what [`BackendMessage::ParameterStatus`] encodes,
 /// from borrowed text (a greeting writes a dozen of them).
 pub fn encode_parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
@@ -350,6 +349,7 @@ pub fn encode_backend_key_data(pid: i32, key: &[u8], buf: &mut BytesMut) {
     })
 }
 
+/// Appends a RowDescription of `columns` (names and types, every one in text format).
 pub fn encode_row_description(columns: &[(&str, ColumnType)], buf: &mut BytesMut) {
     put_tagged(buf, tag::ROW_DESCRIPTION, |b| {
         b.put_i16(columns.len() as i16);
