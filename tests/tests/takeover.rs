@@ -674,14 +674,25 @@ async fn a_successor_that_fails_before_taking_a_client_leaves_everything_served(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     // (Read up to its own line: the new process it leaves running logs to the same
-    // output, and keeps it open.)
+    // output, and keeps it open; the rest is copied to a file, for a failure's message,
+    // until that process ends.)
+    let successor_log = d.dir.path().join("successor.log");
+    let copy_to = successor_log.clone();
     let (status, said) = tokio::task::spawn_blocking(move || {
         let mut child = cli.spawn().unwrap();
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let line = std::io::BufRead::lines(stdout)
-            .map_while(Result::ok)
+        let mut lines = std::io::BufRead::lines(stdout).map_while(Result::ok);
+        let line = lines
             .find(|l| l.starts_with("handoff: "))
             .unwrap_or_default();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::File::create(copy_to) {
+                for l in lines {
+                    let _ = writeln!(f, "{l}");
+                }
+            }
+        });
         (child.wait().unwrap(), line)
     })
     .await
@@ -693,7 +704,13 @@ async fn a_successor_that_fails_before_taking_a_client_leaves_everything_served(
         .unwrap_or_else(|| panic!("the new process's id: {said}"));
     d.pids.push(pid);
     let mut buf = [0u8; 128];
-    let n = notify.recv(&mut buf).unwrap();
+    let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no word from the new process {pid} on NOTIFY_SOCKET within 30 s ({e}): {}\n--- the new process ---\n{}",
+            d.logs(),
+            read(&successor_log)
+        )
+    });
     assert_eq!(
         std::str::from_utf8(&buf[..n]).unwrap(),
         format!("READY=1\nMAINPID={pid}\n")
