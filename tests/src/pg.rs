@@ -171,12 +171,16 @@ pub fn free_port() -> Result<u16> {
 /// A free loopback port below Linux's ephemeral range (32768–60999), for a port that
 /// must be chosen long before it is bound: the outgoing connections made meanwhile
 /// (to PostgreSQL, etcd, Patroni) take their local ports from that range, so they
-/// cannot take this one. Falls back to [`free_port`].
+/// cannot take this one. A port is handed out once per test process (two servers
+/// chosen before either binds get two ports). Falls back to [`free_port`].
 pub fn free_port_outside_ephemeral() -> Result<u16> {
-    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let start = (std::process::id() % 10_000) as u16;
     for i in 0..2_000u16 {
-        let port = 20_000 + (start - 20_000 + i * 7) % 12_000;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let port = 20_000 + (start + i * 7) % 12_000;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }
@@ -486,7 +490,8 @@ impl Cluster {
                     .as_ref()
                     .map_or_else(|| "127.0.0.1".to_string(), |h| h.addr.to_string()),
                 net_host,
-                port: free_port()?,
+                // Bound only once the server starts, seconds later for a standby.
+                port: free_port_outside_ephemeral()?,
                 data: root.join(name),
                 log: root.join(format!("{name}.log")),
                 bin: bin.clone(),
