@@ -2,6 +2,11 @@
 //! primary): bounded size, FIFO-fair waiting with a timeout, idle connections checked so
 //! that any byte or EOF from the server evicts them, idle timeout, lifetime, min idle.
 //!
+//! A waiting client keeps no timer of its own: the pool's one expiry task sleeps until
+//! the oldest waiter's deadline (the queue is in arrival order and every waiter has the
+//! same timeout, so the oldest is always the first due) and ends the waits that are
+//! due. A wait that is served in time costs no timer at all.
+//!
 //! `conn.rs` holds one pooled connection, `registry.rs` every pool of the process.
 
 use std::collections::VecDeque;
@@ -46,7 +51,6 @@ struct State {
     idle: Vec<Idle>,
     /// Connections open or being opened, idle or not.
     total: usize,
-    /// Clients waiting, oldest first.
     /// Clients waiting, oldest first, with when each began to wait.
     waiters: VecDeque<(Instant, oneshot::Sender<Grant>)>,
     /// No idle connections are opened to keep `HANDOFF_POOL_MIN_IDLE` before this: a
@@ -114,9 +118,64 @@ pub struct Pool {
     missing_database: std::sync::atomic::AtomicBool,
     /// A read pool: its server is a standby.
     reads: bool,
+    /// Wakes the expiry task (see [`expire_waits`]) when the first client begins to
+    /// wait in an empty queue, and when the pool is dropped.
+    waits_begun: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // The expiry task sees the pool gone and ends.
+        self.waits_begun.notify_one();
+    }
+}
+
+/// Ends the waits of `pool` that reach `HANDOFF_QUERY_WAIT_TIMEOUT`, for as long as the
+/// pool lives: one timer for the pool, set to the oldest waiter's deadline, instead of
+/// one for each waiting client.
+async fn expire_waits(pool: std::sync::Weak<Pool>, begun: Arc<tokio::sync::Notify>) {
+    loop {
+        let next = match pool.upgrade() {
+            Some(p) => p.end_due_waits(Instant::now()),
+            None => return,
+        };
+        match next {
+            Some(due) => {
+                // A wait that begins meanwhile is due later than this one.
+                tokio::time::sleep_until(due).await;
+            }
+            None => begun.notified().await,
+        }
+    }
 }
 
 impl Pool {
+    /// A pool and its expiry task (see [`expire_waits`]); called within the runtime.
+    fn start(
+        key: PoolKey,
+        credentials: Credentials,
+        settings: PoolSettings,
+        connect_timeout: Duration,
+        tls: crate::net::tls::ServerTls,
+        shard: &str,
+        reads: bool,
+    ) -> Arc<Self> {
+        let pool = Arc::new(Self::new(
+            key,
+            credentials,
+            settings,
+            connect_timeout,
+            tls,
+            shard,
+            reads,
+        ));
+        tokio::spawn(expire_waits(
+            Arc::downgrade(&pool),
+            Arc::clone(&pool.waits_begun),
+        ));
+        pool
+    }
+
     fn new(
         key: PoolKey,
         credentials: Credentials,
@@ -147,7 +206,28 @@ impl Pool {
             retired: std::sync::atomic::AtomicBool::new(false),
             missing_database: std::sync::atomic::AtomicBool::new(false),
             reads,
+            waits_begun: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Drops the waiters whose wait reached the timeout at `now` (their checkout fails
+    /// with [`PoolError::WaitTimeout`]) and those that gave up; returns when the oldest
+    /// remaining one is due.
+    fn end_due_waits(&self, now: Instant) -> Option<Instant> {
+        let timeout = self.settings.query_wait_timeout;
+        let mut st = self.lock();
+        let before = st.waiters.len();
+        while let Some((since, w)) = st.waiters.front() {
+            if *since + timeout > now && !w.is_closed() {
+                break;
+            }
+            // Dropping the sender ends the wait.
+            st.waiters.pop_front();
+        }
+        if st.waiters.len() != before {
+            self.publish(&st);
+        }
+        st.waiters.front().map(|(since, _)| *since + timeout)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -234,28 +314,28 @@ impl Pool {
                 }
                 None => {
                     let (tx, rx) = oneshot::channel();
-                    st.waiters.push_back((Instant::now(), tx));
+                    if st.waiters.is_empty() {
+                        // The expiry task sleeps with no waiter to time.
+                        self.waits_begun.notify_one();
+                    }
+                    st.waiters.push_back((started, tx));
                     Err(rx)
                 }
             }
         };
         let grant = match wait {
             Ok(g) => g,
-            // Boxed: only the waiting path pays for the timer's state.
-            Err(rx) => {
-                match Box::pin(tokio::time::timeout(self.settings.query_wait_timeout, rx)).await {
-                    Ok(Ok(g)) => g,
-                    // Timed out (or the pool is gone): our sender is dropped from the queue by
-                    // the next hand-over, which skips closed waiters.
-                    _ => {
-                        self.prune_waiters();
-                        return Err(PoolError::WaitTimeout(
-                            self.settings.query_wait_timeout,
-                            self.settings.size,
-                        ));
-                    }
+            Err(rx) => match rx.await {
+                Ok(g) => g,
+                // The expiry task dropped our sender: the wait reached the timeout (or
+                // the pool is gone).
+                Err(_) => {
+                    return Err(PoolError::WaitTimeout(
+                        self.settings.query_wait_timeout,
+                        self.settings.size,
+                    ));
                 }
-            }
+            },
         };
         let backend = match grant {
             Grant::Conn(b) => b,
@@ -303,12 +383,6 @@ impl Pool {
             drop_backend(idle.backend);
         }
         None
-    }
-
-    fn prune_waiters(&self) {
-        let mut st = self.lock();
-        st.waiters.retain(|(_, w)| !w.is_closed());
-        self.publish(&st);
     }
 
     /// Returns a clean connection (ReadyForQuery `I`, nothing owed) to the pool.

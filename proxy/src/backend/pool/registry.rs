@@ -61,7 +61,7 @@ impl Pools {
             return Arc::clone(&p);
         }
         let entry = self.map.entry(key.clone()).or_insert_with(|| {
-            let pool = Arc::new(Pool::new(
+            let pool = Pool::start(
                 key.clone(),
                 credentials.clone(),
                 self.settings.clone(),
@@ -69,7 +69,7 @@ impl Pools {
                 self.tls.clone(),
                 shard,
                 self.reads,
-            ));
+            );
             tokio::spawn(maintain_forever(Arc::downgrade(&pool)));
             pool
         });

@@ -6,7 +6,7 @@ use crate::net::tls::ServerTls;
 use crate::testing::{Answer, StandIn};
 
 fn pool(addr: &HostPort, size: usize, wait: Duration) -> Arc<Pool> {
-    Arc::new(Pool::new(
+    Pool::start(
         PoolKey {
             user: "app".into(),
             database: "app".into(),
@@ -25,7 +25,7 @@ fn pool(addr: &HostPort, size: usize, wait: Duration) -> Arc<Pool> {
         ServerTls::default(),
         "main",
         false,
-    ))
+    )
 }
 
 #[tokio::test]
@@ -57,6 +57,52 @@ async fn waiters_are_served_in_order_and_give_up_after_the_wait_timeout() {
     assert_eq!(got.pid, pid, "the same connection, handed over");
     p.checkin(got);
     assert_eq!(w2.await.unwrap().expect("then the second").pid, pid);
+}
+
+#[tokio::test]
+async fn each_wait_ends_at_its_own_deadline_with_one_timer_for_the_pool() {
+    let server = StandIn::start(Answer::Ok).await;
+    let p = pool(&server.addr, 1, Duration::from_secs(5));
+    let held = p.checkout().await.unwrap();
+    tokio::time::pause();
+    let started = Instant::now();
+    let waiter = |p: &Arc<Pool>| {
+        let p = Arc::clone(p);
+        tokio::spawn(async move {
+            let r = p.checkout().await;
+            (r.map(|b| b.pid), Instant::now())
+        })
+    };
+    // Three waits begun 0, 1 and 2 s in; the second gives up by itself at 1.5 s.
+    let a = waiter(&p);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let b = waiter(&p);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = waiter(&p);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.abort();
+    let (ra, at) = a.await.unwrap();
+    assert!(matches!(ra, Err(PoolError::WaitTimeout(..))), "{ra:?}");
+    let waited = at - started;
+    assert!(
+        waited >= Duration::from_secs(5) && waited <= Duration::from_millis(5002),
+        "the first wait ended after {waited:?}"
+    );
+    // The third is served before its deadline (7 s): the connection comes back at 6 s.
+    tokio::time::sleep_until(started + Duration::from_secs(6)).await;
+    assert_eq!(p.snapshot().waiting, 1, "only the third still waits");
+    let pid = held.pid;
+    p.checkin(held);
+    let (rc, _) = c.await.unwrap();
+    assert_eq!(rc.unwrap(), pid, "served, not timed out");
+    // Nothing left to time: the expiry task sleeps, and ends with the pool.
+    let task = Arc::downgrade(&p);
+    drop(p);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        task.upgrade().is_none(),
+        "the expiry task keeps no pool alive"
+    );
 }
 
 #[tokio::test]
