@@ -25,6 +25,7 @@ use crate::net::stream::Conn;
 use crate::relay::common::{reach, End, MAX_CLIENT_MESSAGE};
 use crate::relay::lot::Payload;
 use crate::shutdown::{Phase, Signal};
+use crate::sync::OnWake;
 
 /// How long a client stays quiet, holding nothing, before its relay is parked.
 ///
@@ -388,10 +389,12 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
     let limits = IdleLimits::of(txn);
     let mut server = ServerSide::new();
     let mut watched = shutdown.phase().next();
-    let mut phase_change = Box::pin(reach(shutdown.clone(), watched));
+    // Both signals are shared by every session: polled only when they wake the task
+    // (see `OnWake`), not at every wake-up for the client or the server.
+    let mut phase_change = OnWake::new(Box::pin(reach(shutdown.clone(), watched)));
     // Lameduck's cancellation of the generation this session's transaction runs on;
     // made again only when the session moves to another generation.
-    let mut killed: Option<(u64, KillFuture)> = None;
+    let mut killed: Option<(u64, OnWake<KillFuture>)> = None;
     // Set to `PARK_AFTER` from now each time the client becomes quiet (pushing a
     // registered timer later is an atomic update, not a new timer).
     let mut park = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
@@ -424,7 +427,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
         if attached {
             buffers::ready(&mut server.buf);
             if killed.as_ref().map(|k| k.0) != Some(txn.gen.id) {
-                killed = Some((txn.gen.id, Box::pin(txn.gen.killed())));
+                killed = Some((txn.gen.id, OnWake::new(Box::pin(txn.gen.killed()))));
             }
         } else {
             // An idle client holds no buffers: they come from the pool when bytes arrive.
@@ -473,7 +476,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
             }
             _ = &mut phase_change, if phase < watched => {
                 watched = shutdown.phase().next();
-                phase_change = Box::pin(reach(shutdown.clone(), watched));
+                phase_change = OnWake::new(Box::pin(reach(shutdown.clone(), watched)));
             }
             _ = expire(limit) => {
                 let kind = limit.expect("a limit expired").1;
@@ -482,7 +485,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
                 send_error(&mut client.stream, &limits.error(kind)).await;
                 break End::Timeout;
             }
-            _ = async { killed.as_mut().expect("set when attached").1.as_mut().await }, if attached && txn.standby().is_none() => {
+            _ = async { (&mut killed.as_mut().expect("set when attached").1).await }, if attached && txn.standby().is_none() => {
                 let server_clean = server.reset();
                 let cancelled = txn.cancelled_by_lameduck(client, server_clean, cscan.at_boundary());
                 if let Err(end) = Box::pin(cancelled).await {
