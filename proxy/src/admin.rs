@@ -148,7 +148,9 @@ pub(crate) async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Re
             for pool in shard.pools.list().iter().chain(&shard.read_pools.list()) {
                 pool.publish_now();
             }
-            let mut r = Response::new(Full::new(Bytes::from(state.prometheus.render())));
+            let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render(
+                &state.prometheus,
+            ))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -4,7 +4,7 @@
 //! direction, SQLSTATE class, reason, source.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -81,8 +81,18 @@ pub const MANAGER_HOLDS: &str = "handoff_manager_holds_total";
 pub const PRIMARY_SOURCE: &str = "handoff_primary_source";
 pub const HOLDS: &str = "handoff_holds_total";
 
+mod counted;
 mod table;
+pub use counted::Counted;
 pub use table::{all, reference_markdown, Def, Kind, METRICS};
+
+/// The text of `GET /metrics`: the recorder's series, then the histograms the relay
+/// counts itself (see [`Counted`]).
+pub fn render(handle: &PrometheusHandle) -> String {
+    let mut text = handle.render();
+    counted::render(&mut text);
+    text
+}
 
 /// The replay lag a replica check of `host` measured (what it could).
 pub fn replica_lag(
@@ -351,8 +361,8 @@ impl Default for PreparedCounters {
 /// stays connected).
 #[derive(Debug)]
 pub struct RelayMeters {
-    pub query: metrics::Histogram,
-    pub transaction: metrics::Histogram,
+    pub query: Arc<Counted>,
+    pub transaction: Arc<Counted>,
     pub up_total: metrics::Counter,
     pub down_total: metrics::Counter,
     /// `handoff_clients_parked`, moved at every park and wake-up of a quiet client.
@@ -362,8 +372,8 @@ pub struct RelayMeters {
 impl RelayMeters {
     pub fn new() -> Self {
         Self {
-            query: metrics::histogram!(QUERY_DURATION),
-            transaction: metrics::histogram!(TRANSACTION_DURATION),
+            query: Counted::series(QUERY_DURATION, &[]),
+            transaction: Counted::series(TRANSACTION_DURATION, &[]),
             up_total: metrics::counter!(BYTES_TOTAL, "direction" => "client_to_server"),
             down_total: metrics::counter!(BYTES_TOTAL, "direction" => "server_to_client"),
             parked: metrics::gauge!(CLIENTS_PARKED),
@@ -435,7 +445,7 @@ mod tests {
     fn histogram_samples_are_folded_in_without_a_scrape() {
         let handle = install();
         let start = upkeeps();
-        let h = metrics::histogram!(QUERY_DURATION);
+        let h = metrics::histogram!(TAKEOVER_SECONDS);
         for _ in 0..1000 {
             h.record(0.002);
         }
@@ -450,14 +460,14 @@ mod tests {
         let text = handle.render();
         let count = text
             .lines()
-            .find(|l| l.starts_with("handoff_query_duration_seconds_count"))
+            .find(|l| l.starts_with("handoff_takeover_duration_seconds_count"))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<u64>().ok())
             .expect("the histogram is rendered");
         assert!(count >= 1000, "{count}");
         let le_2_5ms = text
             .lines()
-            .find(|l| l.starts_with("handoff_query_duration_seconds_bucket{le=\"0.0025\"}"))
+            .find(|l| l.starts_with("handoff_takeover_duration_seconds_bucket{le=\"0.0025\"}"))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<u64>().ok())
             .expect("the 2.5 ms bucket is rendered");

@@ -64,7 +64,7 @@ struct Gauges {
     active: metrics::Gauge,
     idle: metrics::Gauge,
     waiting: metrics::Gauge,
-    wait: metrics::Histogram,
+    wait: Arc<m::Counted>,
 }
 
 /// A pool as the admin console shows it.
@@ -251,7 +251,7 @@ impl Pool {
                 active: metrics::gauge!(m::POOL_ACTIVE, "pool" => label.clone()),
                 idle: metrics::gauge!(m::POOL_IDLE, "pool" => label.clone()),
                 waiting: metrics::gauge!(m::POOL_WAITING, "pool" => label.clone()),
-                wait: metrics::histogram!(m::POOL_WAIT, "pool" => label),
+                wait: m::Counted::series(m::POOL_WAIT, &[("pool", &label)]),
             }
         })
     }
