@@ -156,14 +156,18 @@ impl ClientInfo {
         self.changed_ms.store(now_ms(), Relaxed);
     }
 
+    /// [`ClientInfo::set_state`] at a time the caller has read anyway.
+    fn set_state_at(&self, s: ClientState, at: std::time::Instant) {
+        self.state.store(s as u8, Relaxed);
+        self.changed_ms.store(wall_ms(at), Relaxed);
+    }
+
     /// Marks the client waiting for a server until the guard is dropped; the time
     /// counts in its database's `wait_time`.
     pub fn waiting(&self) -> Waiting<'_> {
-        self.set_state(ClientState::Waiting);
-        Waiting {
-            info: self,
-            since: tokio::time::Instant::now(),
-        }
+        let since = tokio::time::Instant::now();
+        self.set_state_at(ClientState::Waiting, since.into_std());
+        Waiting { info: self, since }
     }
 
     /// Records the login and makes the client active.
@@ -232,6 +236,19 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The wall clock's milliseconds at the monotonic instant `at`, from one reading of both
+/// clocks taken once per process: a client's state changes at every transaction that
+/// waits, and the relay has the monotonic time already. (A wall clock stepped since the
+/// process started shows in `SHOW CLIENTS`' times of these changes only.)
+fn wall_ms(at: std::time::Instant) -> u64 {
+    static ANCHOR: OnceLock<(std::time::Instant, u64)> = OnceLock::new();
+    let (then, then_ms) = *ANCHOR.get_or_init(|| (std::time::Instant::now(), now_ms()));
+    match at.checked_duration_since(then) {
+        Some(d) => then_ms + d.as_millis() as u64,
+        None => then_ms.saturating_sub(then.duration_since(at).as_millis() as u64),
+    }
 }
 
 /// Counters of one client database, as PgBouncer's `SHOW STATS` has them.
@@ -320,10 +337,12 @@ pub(crate) struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        // One clock read for both: this runs for every transaction that waited.
+        let now = tokio::time::Instant::now();
         if let Some(s) = self.info.stats() {
-            s.add_wait(self.since.elapsed());
+            s.add_wait(now.saturating_duration_since(self.since));
         }
-        self.info.set_state(ClientState::Active);
+        self.info.set_state_at(ClientState::Active, now.into_std());
     }
 }
 
@@ -459,6 +478,33 @@ impl Clients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_state_change_reads_the_wall_clock_through_the_monotonic_one() {
+        let before = now_ms();
+        let at = std::time::Instant::now();
+        let after = now_ms();
+        let ms = wall_ms(at);
+        // The anchor's two readings are apart by less than a few ms.
+        assert!(ms + 5 >= before && ms <= after + 5, "{before} {ms} {after}");
+        // Whole milliseconds of each: 3 s apart, to the millisecond.
+        let later = wall_ms(at + Duration::from_secs(3));
+        assert!((2999..=3001).contains(&(later - ms)), "{}", later - ms);
+        let earlier = wall_ms(at - Duration::from_secs(3));
+        assert!((2999..=3001).contains(&(ms - earlier)), "{}", ms - earlier);
+        let c = Clients::default();
+        let a = c.register("127.0.0.1:1".parse().unwrap(), None);
+        let w = a.waiting();
+        assert_eq!(a.state(), ClientState::Waiting);
+        let changed = a.changed();
+        let wall = SystemTime::now();
+        let off = wall
+            .duration_since(changed)
+            .unwrap_or_else(|e| e.duration());
+        assert!(off < Duration::from_millis(50), "{off:?}");
+        drop(w);
+        assert_eq!(a.state(), ClientState::Active);
+    }
 
     #[test]
     fn entries_leave_with_their_session_and_periods_average() {
