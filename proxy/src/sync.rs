@@ -44,14 +44,16 @@ impl<T: ?Sized> ReadWrite<T> for RwLock<T> {
 }
 
 /// A future polled only at its first poll and after its own waker was called: the
-/// poll of a task woken for something else returns `Pending` at the cost of one atomic
-/// swap and the task's waker kept up to date, without touching what the future waits on.
+/// poll of a task woken for something else returns `Pending` at the cost of a waker
+/// comparison and one atomic load, without touching what the future waits on.
 pub(crate) struct OnWake<F> {
     fut: F,
     wake: Arc<Woken>,
     /// The waker the future is polled with: it marks `wake` and wakes the task.
     waker: Waker,
-    polled: bool,
+    /// The task's waker as last given to `wake`: given again only when the task's
+    /// differs (a task's waker does not change between its polls).
+    task: Option<Waker>,
 }
 
 /// Whether the future's waker was called since its last poll, and the task to wake.
@@ -79,7 +81,7 @@ impl<F: Future + Unpin> OnWake<F> {
             fut,
             waker: Waker::from(Arc::clone(&wake)),
             wake,
-            polled: false,
+            task: None,
         }
     }
 }
@@ -89,12 +91,23 @@ impl<F: Future + Unpin> Future for OnWake<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        // Before the check: a wake from here on reaches the task that polls now.
-        this.wake.task.register(cx.waker());
-        if this.polled && !this.wake.woken.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
+        match &this.task {
+            // Not polled since its first poll unless woken.
+            Some(task) if task.will_wake(cx.waker()) => {
+                if !this.wake.woken.load(Ordering::Acquire)
+                    || !this.wake.woken.swap(false, Ordering::AcqRel)
+                {
+                    return Poll::Pending;
+                }
+            }
+            // The first poll, or another task: given the new waker before the future is
+            // polled, so a wake from here on reaches the task that polls now.
+            _ => {
+                this.wake.task.register(cx.waker());
+                this.task = Some(cx.waker().clone());
+                this.wake.woken.store(false, Ordering::Release);
+            }
         }
-        this.polled = true;
         Pin::new(&mut this.fut).poll(&mut Context::from_waker(&this.waker))
     }
 }
@@ -156,6 +169,24 @@ mod tests {
         assert!(task_woken.load(Ordering::SeqCst), "the task was woken");
         assert!(Pin::new(&mut f).poll(&mut cx).is_ready());
         assert_eq!(polls.load(Ordering::SeqCst), 2);
+        // Moved to another task: polled at once there, and that task is the one woken.
+        go.store(false, Ordering::SeqCst);
+        let mut g = OnWake::new(Probe {
+            polls: Arc::clone(&polls),
+            go: Arc::clone(&go),
+            waker: Arc::clone(&waker),
+        });
+        assert!(Pin::new(&mut g).poll(&mut cx).is_pending());
+        let other_woken = Arc::new(AtomicBool::new(false));
+        let other = Waker::from(Arc::new(Flag(Arc::clone(&other_woken))));
+        assert!(Pin::new(&mut g)
+            .poll(&mut Context::from_waker(&other))
+            .is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 4, "the new task's first poll");
+        task_woken.store(false, Ordering::SeqCst);
+        waker.locked().take().expect("it kept its waker").wake();
+        assert!(other_woken.load(Ordering::SeqCst), "the new task was woken");
+        assert!(!task_woken.load(Ordering::SeqCst), "not the old one");
     }
 
     #[tokio::test]
