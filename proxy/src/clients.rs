@@ -157,7 +157,7 @@ impl ClientInfo {
     }
 
     /// [`ClientInfo::set_state`] at a time the caller has read anyway.
-    fn set_state_at(&self, s: ClientState, at: std::time::Instant) {
+    fn set_state_at(&self, s: ClientState, at: tokio::time::Instant) {
         self.state.store(s as u8, Relaxed);
         self.changed_ms.store(wall_ms(at), Relaxed);
     }
@@ -166,7 +166,7 @@ impl ClientInfo {
     /// counts in its database's `wait_time`.
     pub fn waiting(&self) -> Waiting<'_> {
         let since = tokio::time::Instant::now();
-        self.set_state_at(ClientState::Waiting, since.into_std());
+        self.set_state_at(ClientState::Waiting, since);
         Waiting { info: self, since }
     }
 
@@ -242,9 +242,9 @@ fn now_ms() -> u64 {
 /// clocks taken once per process: a client's state changes at every transaction that
 /// waits, and the relay has the monotonic time already. (A wall clock stepped since the
 /// process started shows in `SHOW CLIENTS`' times of these changes only.)
-fn wall_ms(at: std::time::Instant) -> u64 {
-    static ANCHOR: OnceLock<(std::time::Instant, u64)> = OnceLock::new();
-    let (then, then_ms) = *ANCHOR.get_or_init(|| (std::time::Instant::now(), now_ms()));
+fn wall_ms(at: tokio::time::Instant) -> u64 {
+    static ANCHOR: OnceLock<(tokio::time::Instant, u64)> = OnceLock::new();
+    let (then, then_ms) = *ANCHOR.get_or_init(|| (tokio::time::Instant::now(), now_ms()));
     match at.checked_duration_since(then) {
         Some(d) => then_ms + d.as_millis() as u64,
         None => then_ms.saturating_sub(then.duration_since(at).as_millis() as u64),
@@ -342,7 +342,7 @@ impl Drop for Waiting<'_> {
         if let Some(s) = self.info.stats() {
             s.add_wait(now.saturating_duration_since(self.since));
         }
-        self.info.set_state_at(ClientState::Active, now.into_std());
+        self.info.set_state_at(ClientState::Active, now);
     }
 }
 
@@ -482,7 +482,7 @@ mod tests {
     #[test]
     fn a_state_change_reads_the_wall_clock_through_the_monotonic_one() {
         let before = now_ms();
-        let at = std::time::Instant::now();
+        let at = tokio::time::Instant::now();
         let after = now_ms();
         let ms = wall_ms(at);
         // The anchor's two readings are apart by less than a few ms.
