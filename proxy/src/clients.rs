@@ -251,16 +251,24 @@ fn wall_ms(at: tokio::time::Instant) -> u64 {
     }
 }
 
-/// Counters of one client database, as PgBouncer's `SHOW STATS` has them.
+/// Counters of one client database, as PgBouncer's `SHOW STATS` has them: in stripes,
+/// one per thread that counts (see [`crate::sync::STRIPES`]), summed when read.
 #[derive(Debug, Default)]
 pub(crate) struct DbStats {
-    pub xacts: AtomicU64,
-    pub queries: AtomicU64,
-    pub received: AtomicU64,
-    pub sent: AtomicU64,
-    pub xact_us: AtomicU64,
-    pub query_us: AtomicU64,
-    pub wait_us: AtomicU64,
+    stripes: [Stripe; crate::sync::STRIPES],
+}
+
+/// One thread's counts, on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Stripe {
+    xacts: AtomicU64,
+    queries: AtomicU64,
+    received: AtomicU64,
+    sent: AtomicU64,
+    xact_us: AtomicU64,
+    query_us: AtomicU64,
+    wait_us: AtomicU64,
 }
 
 /// A snapshot of [`DbStats`] (the type the hand-over format carries them in).
@@ -281,20 +289,63 @@ impl Totals {
 }
 
 impl DbStats {
+    fn mine(&self) -> &Stripe {
+        &self.stripes[crate::sync::stripe()]
+    }
+
     pub fn totals(&self) -> Totals {
-        Totals {
-            xacts: self.xacts.load(Relaxed),
-            queries: self.queries.load(Relaxed),
-            received: self.received.load(Relaxed),
-            sent: self.sent.load(Relaxed),
-            xact_us: self.xact_us.load(Relaxed),
-            query_us: self.query_us.load(Relaxed),
-            wait_us: self.wait_us.load(Relaxed),
+        let mut t = Totals::default();
+        for s in &self.stripes {
+            t.xacts += s.xacts.load(Relaxed);
+            t.queries += s.queries.load(Relaxed);
+            t.received += s.received.load(Relaxed);
+            t.sent += s.sent.load(Relaxed);
+            t.xact_us += s.xact_us.load(Relaxed);
+            t.query_us += s.query_us.load(Relaxed);
+            t.wait_us += s.wait_us.load(Relaxed);
+        }
+        t
+    }
+
+    /// Adds `t` (a takeover's predecessor's counts, or a test's).
+    pub fn add(&self, t: Totals) {
+        let s = self.mine();
+        s.xacts.fetch_add(t.xacts, Relaxed);
+        s.queries.fetch_add(t.queries, Relaxed);
+        s.received.fetch_add(t.received, Relaxed);
+        s.sent.fetch_add(t.sent, Relaxed);
+        s.xact_us.fetch_add(t.xact_us, Relaxed);
+        s.query_us.fetch_add(t.query_us, Relaxed);
+        s.wait_us.fetch_add(t.wait_us, Relaxed);
+    }
+
+    /// A query answered after `d`.
+    pub fn add_query(&self, d: Duration) {
+        let s = self.mine();
+        s.queries.fetch_add(1, Relaxed);
+        s.query_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// A transaction ended after `d`.
+    pub fn add_xact(&self, d: Duration) {
+        let s = self.mine();
+        s.xacts.fetch_add(1, Relaxed);
+        s.xact_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// Bytes received from clients and sent to them.
+    pub fn add_bytes(&self, received: u64, sent: u64) {
+        let s = self.mine();
+        if received > 0 {
+            s.received.fetch_add(received, Relaxed);
+        }
+        if sent > 0 {
+            s.sent.fetch_add(sent, Relaxed);
         }
     }
 
     pub fn add_wait(&self, d: Duration) {
-        self.wait_us.fetch_add(d.as_micros() as u64, Relaxed);
+        self.mine().wait_us.fetch_add(d.as_micros() as u64, Relaxed);
     }
 }
 
@@ -406,14 +457,7 @@ impl Clients {
     /// Adds another process's counters of client database `db` to this one's (a
     /// takeover's predecessor's, so `SHOW STATS` goes on from where it was).
     pub fn add_totals(&self, db: &str, t: Totals) {
-        let s = self.stats_for(db);
-        s.xacts.fetch_add(t.xacts, Relaxed);
-        s.queries.fetch_add(t.queries, Relaxed);
-        s.received.fetch_add(t.received, Relaxed);
-        s.sent.fetch_add(t.sent, Relaxed);
-        s.xact_us.fetch_add(t.xact_us, Relaxed);
-        s.query_us.fetch_add(t.query_us, Relaxed);
-        s.wait_us.fetch_add(t.wait_us, Relaxed);
+        self.stats_for(db).add(t);
     }
 
     /// Every client now, oldest first.
@@ -480,6 +524,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counts_added_on_several_threads_are_summed() {
+        let s = Arc::new(DbStats::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        s.add_query(Duration::from_micros(3));
+                        s.add_xact(Duration::from_micros(5));
+                        s.add_bytes(10, 20);
+                        s.add_wait(Duration::from_micros(1));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let t = s.totals();
+        assert_eq!((t.queries, t.query_us), (4000, 12_000));
+        assert_eq!((t.xacts, t.xact_us), (4000, 20_000));
+        assert_eq!((t.received, t.sent, t.wait_us), (40_000, 80_000, 4000));
+    }
+
+    #[test]
     fn a_state_change_reads_the_wall_clock_through_the_monotonic_one() {
         let before = now_ms();
         let at = tokio::time::Instant::now();
@@ -528,10 +597,13 @@ mod tests {
 
         clients.end_period();
         let s = clients.stats_for("d");
-        s.xacts.fetch_add(10, Relaxed);
-        s.xact_us.fetch_add(5_000, Relaxed);
-        s.queries.fetch_add(20, Relaxed);
-        s.query_us.fetch_add(4_000, Relaxed);
+        s.add(Totals {
+            xacts: 10,
+            xact_us: 5_000,
+            queries: 20,
+            query_us: 4_000,
+            ..Totals::default()
+        });
         clients.end_period();
         let avg = clients.averages("d");
         assert_eq!((avg.xact_time, avg.query_time), (500, 200));

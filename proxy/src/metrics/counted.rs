@@ -6,7 +6,8 @@
 //! shared list until its upkeep folds the samples into buckets: a clock read, an epoch
 //! guard and a list append for every sample, three samples a transaction. Here a sample
 //! is two relaxed atomic additions — its bucket's count and the sum — and `/metrics`
-//! reads the counts as they are. Same buckets as the recorder's other `_seconds`
+//! reads the counts as they are, summed over the stripes each thread adds to (see
+//! [`crate::sync::STRIPES`]). Same buckets as the recorder's other `_seconds`
 //! histograms ([`super::LATENCY_BUCKETS`]), same exposition.
 
 use std::fmt::Write;
@@ -25,11 +26,27 @@ pub struct Counted {
     family: &'static str,
     /// `name="value"` pairs, comma-separated; empty for none.
     labels: String,
+    stripes: [Stripe; crate::sync::STRIPES],
+    /// The bounds in nanoseconds, for the record path.
+    bounds_ns: [u64; BUCKETS],
+}
+
+/// One thread's counts, on cache lines of their own.
+#[derive(Debug)]
+#[repr(align(128))]
+struct Stripe {
     /// Per bucket (not cumulative), and above the last bound.
     counts: [AtomicU64; BUCKETS + 1],
     sum_ns: AtomicU64,
-    /// The bounds in nanoseconds, for the record path.
-    bounds_ns: [u64; BUCKETS],
+}
+
+impl Stripe {
+    fn new() -> Self {
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Every series made, for `/metrics`: kept for the process's life, as the recorder keeps
@@ -57,8 +74,7 @@ impl Counted {
         let s = Arc::new(Counted {
             family,
             labels: rendered,
-            counts: std::array::from_fn(|_| AtomicU64::new(0)),
-            sum_ns: AtomicU64::new(0),
+            stripes: std::array::from_fn(|_| Stripe::new()),
             bounds_ns: std::array::from_fn(|i| (LATENCY_BUCKETS[i] * 1e9).round() as u64),
         });
         all.push(Arc::clone(&s));
@@ -69,27 +85,33 @@ impl Counted {
     pub fn record(&self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let i = self.bounds_ns.partition_point(|&b| b < ns);
-        self.counts[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(ns, Relaxed);
+        let s = &self.stripes[crate::sync::stripe()];
+        s.counts[i].fetch_add(1, Relaxed);
+        s.sum_ns.fetch_add(ns, Relaxed);
     }
 
     /// Samples counted so far.
     pub fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+        (0..=BUCKETS).map(|i| self.bucket(i)).sum()
+    }
+
+    /// Samples in bucket `i` (not cumulative), over all stripes.
+    fn bucket(&self, i: usize) -> u64 {
+        self.stripes.iter().map(|s| s.counts[i].load(Relaxed)).sum()
     }
 
     fn render(&self, out: &mut String) {
         let sep = if self.labels.is_empty() { "" } else { "," };
         let mut cumulative = 0;
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Relaxed);
+            cumulative += self.bucket(i);
             let _ = writeln!(
                 out,
                 "{}_bucket{{{}{sep}le=\"{bound}\"}} {cumulative}",
                 self.family, self.labels
             );
         }
-        cumulative += self.counts[BUCKETS].load(Relaxed);
+        cumulative += self.bucket(BUCKETS);
         let _ = writeln!(
             out,
             "{}_bucket{{{}{sep}le=\"+Inf\"}} {cumulative}",
@@ -100,7 +122,8 @@ impl Counted {
         } else {
             format!("{{{}}}", self.labels)
         };
-        let sum = self.sum_ns.load(Relaxed) as f64 / 1e9;
+        let sum_ns: u64 = self.stripes.iter().map(|s| s.sum_ns.load(Relaxed)).sum();
+        let sum = sum_ns as f64 / 1e9;
         let _ = writeln!(out, "{}_sum{braces} {sum}", self.family);
         let _ = writeln!(out, "{}_count{braces} {cumulative}", self.family);
     }
@@ -147,7 +170,11 @@ mod tests {
         s.record(Duration::from_micros(100)); // on the first bound: in it
         s.record(Duration::from_micros(101)); // just above: the next
         s.record(Duration::from_millis(3));
-        s.record(Duration::from_secs(60)); // above the last bound
+        // From another thread: another stripe, the same series.
+        let other = Arc::clone(&s);
+        std::thread::spawn(move || other.record(Duration::from_secs(60))) // above the last bound
+            .join()
+            .unwrap();
         assert_eq!(s.count() - before, 4);
         let mut text = String::new();
         render(&mut text);

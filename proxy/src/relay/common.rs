@@ -10,7 +10,6 @@ use handoff_protocol::FrameError;
 
 use tokio::io::AsyncWriteExt;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -156,8 +155,7 @@ impl Meter {
             if let Some(t) = self.request_started.take() {
                 self.series.query.record(now - t);
                 if let Some(s) = stats {
-                    s.queries.fetch_add(1, Relaxed);
-                    s.query_us.fetch_add((now - t).as_micros() as u64, Relaxed);
+                    s.add_query(now - t);
                 }
             }
         }
@@ -165,8 +163,7 @@ impl Meter {
             if let Some(t) = self.txn_started.take() {
                 self.series.transaction.record(now - t);
                 if let Some(s) = stats {
-                    s.xacts.fetch_add(1, Relaxed);
-                    s.xact_us.fetch_add((now - t).as_micros() as u64, Relaxed);
+                    s.add_xact(now - t);
                 }
             }
         }
@@ -181,17 +178,13 @@ impl Meter {
 
     /// Adds the bytes counted so far to the metrics.
     pub fn flush_bytes(&mut self) {
-        let stats = self.client.stats();
+        if let Some(s) = self.client.stats() {
+            s.add_bytes(self.up, self.down);
+        }
         if self.up > 0 {
-            if let Some(s) = stats {
-                s.received.fetch_add(self.up, Relaxed);
-            }
             self.series.up_total.increment(std::mem::take(&mut self.up));
         }
         if self.down > 0 {
-            if let Some(s) = stats {
-                s.sent.fetch_add(self.down, Relaxed);
-            }
             self.series
                 .down_total
                 .increment(std::mem::take(&mut self.down));
