@@ -160,38 +160,12 @@ impl Pool {
         shard: &str,
         reads: bool,
     ) -> Arc<Self> {
-        let pool = Arc::new(Self::new(
-            key,
-            credentials,
-            settings,
-            connect_timeout,
-            tls,
-            shard,
-            reads,
-        ));
-        tokio::spawn(expire_waits(
-            Arc::downgrade(&pool),
-            Arc::clone(&pool.waits_begun),
-        ));
-        pool
-    }
-
-    fn new(
-        key: PoolKey,
-        credentials: Credentials,
-        settings: PoolSettings,
-        connect_timeout: Duration,
-        tls: crate::net::tls::ServerTls,
-        shard: &str,
-        reads: bool,
-    ) -> Self {
         let mut label = format!("{}@{}/{}", key.user, key.database, shard);
         if reads {
             // One read pool per standby: told apart by the standby.
             label = format!("{label} standby {}", key.addr);
         }
-
-        Self {
+        let pool = Arc::new(Self {
             key,
             credentials: Mutex::new(credentials),
             settings,
@@ -207,7 +181,12 @@ impl Pool {
             missing_database: std::sync::atomic::AtomicBool::new(false),
             reads,
             waits_begun: Arc::new(tokio::sync::Notify::new()),
-        }
+        });
+        tokio::spawn(expire_waits(
+            Arc::downgrade(&pool),
+            Arc::clone(&pool.waits_begun),
+        ));
+        pool
     }
 
     /// Drops the waiters whose wait reached the timeout at `now` (their checkout fails
