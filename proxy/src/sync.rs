@@ -209,10 +209,9 @@ mod tests {
     #[tokio::test]
     async fn a_shutdown_move_reaches_a_session_waiting_on_wake() {
         let (trigger, signal) = crate::shutdown::channel();
-        let mut f = OnWake::new(Box::pin(crate::relay::common::reach(
-            signal.clone(),
-            crate::shutdown::Phase::Draining,
-        )));
+        let mut f = OnWake::new(Box::pin(async move {
+            signal.reached(crate::shutdown::Phase::Draining).await
+        }));
         let waited = tokio::spawn(async move {
             (&mut f).await;
         });
