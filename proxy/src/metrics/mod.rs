@@ -167,10 +167,12 @@ static UPKEEPS: AtomicU64 = AtomicU64::new(0);
 
 /// Folds the histograms' recorded samples into their buckets every [`UPKEEP_EVERY`].
 ///
-/// The recorder keeps every sample (8 bytes, three per transaction) until it is folded
-/// in, which otherwise happens only when `/metrics` is scraped: a proxy nobody scraped
-/// grew by ~50 bytes per transaction, for ever. A thread of its own, so it runs whether
-/// or not a runtime is there, and never competes with the relay's tasks.
+/// The recorder keeps every sample (8 bytes) until it is folded in, which otherwise
+/// happens only when `/metrics` is scraped: a proxy nobody scraped grew by ~50 bytes per
+/// transaction, for ever, when the relay's per-request histograms were the recorder's
+/// (they are [`Counted`] now; the switchover's, the buffer's and the others still are).
+/// A thread of its own, so it runs whether or not a runtime is there, and never
+/// competes with the relay's tasks.
 fn start_upkeep(handle: PrometheusHandle) {
     let spawned = std::thread::Builder::new()
         .name("handoff-metrics".into())
