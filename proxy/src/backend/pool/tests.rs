@@ -81,7 +81,11 @@ async fn each_wait_ends_at_its_own_deadline_with_one_timer_for_the_pool() {
     let c = waiter(&p);
     tokio::time::sleep(Duration::from_millis(500)).await;
     b.abort();
-    let (ra, at) = a.await.unwrap();
+    // Bounded, so that a wait nothing ends fails the test instead of hanging it.
+    let (ra, at) = tokio::time::timeout(Duration::from_secs(60), a)
+        .await
+        .expect("the first wait ended")
+        .unwrap();
     assert!(matches!(ra, Err(PoolError::WaitTimeout(..))), "{ra:?}");
     let waited = at - started;
     assert!(
@@ -93,7 +97,10 @@ async fn each_wait_ends_at_its_own_deadline_with_one_timer_for_the_pool() {
     assert_eq!(p.snapshot().waiting, 1, "only the third still waits");
     let pid = held.pid;
     p.checkin(held);
-    let (rc, _) = c.await.unwrap();
+    let (rc, _) = tokio::time::timeout(Duration::from_secs(60), c)
+        .await
+        .expect("the third wait ended")
+        .unwrap();
     assert_eq!(rc.unwrap(), pid, "served, not timed out");
     // Nothing left to time: the expiry task sleeps, and ends with the pool.
     let task = Arc::downgrade(&p);
