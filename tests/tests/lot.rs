@@ -48,15 +48,16 @@ async fn until_parked(proxy: &handoff::Proxy, n: f64, what: &str) {
     .unwrap();
 }
 
-/// Every client parked, and most of them (0.5 s after being parked) still in a task of
-/// their own rather than in the lot: `spell` says which quiet spell of theirs it is.
-async fn waiting_in_tasks(proxy: &handoff::Proxy, tasks_before: f64, spell: &str) {
-    until_parked(proxy, N as f64, "every client to be parked").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+/// A second after their last requests, most clients are neither parked nor in the lot:
+/// in a quiet spell that follows a short one (or their first), a client keeps its task
+/// and its relay's loop for 3 s. `spell` says which quiet spell of theirs it is.
+async fn kept_in_tasks(proxy: &handoff::Proxy, tasks_before: f64, spell: &str) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let tasks = metric(proxy, "handoff_tasks", &[]).await;
+    let parked = metric(proxy, "handoff_clients_parked", &[]).await;
     assert!(
-        tasks >= tasks_before + (N / 2) as f64,
-        "{spell} went straight to the lot: {tasks} tasks, {tasks_before} before the clients"
+        tasks >= tasks_before + (N / 2) as f64 && parked <= (N / 2) as f64,
+        "{spell} went straight to the lot: {tasks} tasks ({tasks_before} before the clients), {parked} parked"
     );
 }
 
@@ -116,7 +117,7 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     let tasks_before = metric(&proxy, "handoff_tasks", &[]).await;
     assert!(tasks_before > 0.0, "no handoff_tasks in /metrics");
     // A session just logged in goes to the lot at once: no task each even before the
-    // first request (well within the 0.5 s after which a quiet client is parked).
+    // first request.
     for _ in 1..N {
         clients.push(login().await.unwrap());
     }
@@ -124,14 +125,14 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(300)).await {
         panic!("clients just logged in held {tasks} tasks 0.3 s after the last login (at most {few} expected): not sent to the lot");
     }
-    // Each is woken by its first request, and parked after it in its own task: a
-    // client's first quiet spell waits there, as a client that sends every second or
-    // two does (the stay in the lot since its login was no quiet spell of the client's).
+    // Each is woken by its first request, and keeps its task after it: a client's first
+    // quiet spell waits there, as a client that sends every second or two does (the
+    // stay in the lot since its login was no quiet spell of the client's).
     for c in &mut clients[1..] {
         c.send(&query("select 1")).await.unwrap();
         c.drain_until_ready().await.unwrap();
     }
-    waiting_in_tasks(&proxy, tasks_before, "their first quiet spell").await;
+    kept_in_tasks(&proxy, tasks_before, "their first quiet spell").await;
     // Quiet for 3 s: in the lot, with no task.
     until_tasks_at_most(&proxy, few, "the clients quiet for 3 s to go to the lot").await;
     assert_eq!(
@@ -144,8 +145,8 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
     assert_eq!(rows(&mut clients[0], "show datestyle").await, ["SQL, DMY"]);
     assert_eq!(rows(&mut clients[0], "execute mine").await, ["kept"]);
 
-    // Each is woken by its request after that long quiet spell, and goes straight back
-    // to the lot once parked (0.5 s), not after 3 s in its task.
+    // Each is woken by its request after that long quiet spell, and goes back to the lot
+    // after 0.5 s of quiet, not after 3 s in its task.
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(&query(&format!("select {i}"))).await.unwrap();
         let (bytes, status) = c.drain_until_ready().await.unwrap();
@@ -153,16 +154,16 @@ async fn parked_clients_hold_no_task_and_leave_the_lot_when_they_send_close_or_a
         assert_eq!(status, TransactionStatus::Idle);
     }
     if let Err(tasks) = tasks_at_most_within(&proxy, few, Duration::from_millis(2200)).await {
-        panic!("clients quiet for long last time still held {tasks} tasks 2.2 s after their request (at most {few} expected): not sent to the lot when parked");
+        panic!("clients quiet for long last time still held {tasks} tasks 2.2 s after their request (at most {few} expected): not sent to the lot after 0.5 s");
     }
 
-    // Woken again within 3 s of being set aside, they count as clients that send
-    // often: they wait in their own tasks first, and go to the lot once quiet 3 s.
+    // Woken again within 3 s of their last request, they count as clients that send
+    // often: they keep their tasks, and go to the lot once quiet 3 s.
     for c in clients.iter_mut() {
         c.send(&query("select 2")).await.unwrap();
         c.drain_until_ready().await.unwrap();
     }
-    waiting_in_tasks(&proxy, tasks_before, "a quiet spell after a short one").await;
+    kept_in_tasks(&proxy, tasks_before, "a quiet spell after a short one").await;
     until_tasks_at_most(&proxy, few, "the clients quiet for 3 s to go to the lot").await;
 
     // A parked client that closes leaves: its session ends without a request.

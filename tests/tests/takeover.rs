@@ -277,8 +277,8 @@ async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() 
     let plus = c.prepare("SELECT $1::int + 1").await.unwrap();
     // A client in the middle of a transaction while the takeover starts.
     let mut mid = connect(&url).await;
-    // `c` and `mid` are quiet: parked, and 3 s later in the lot (kept without a task),
-    // when the first takeover starts; they are moved from there.
+    // `c` and `mid` are quiet: after 3 s they are parked in the lot (kept without a
+    // task) when the first takeover starts; they are moved from there.
     eventually(
         Duration::from_secs(10),
         "the quiet clients to be parked",
@@ -292,7 +292,6 @@ async fn transaction_mode_clients_move_through_ten_takeovers_without_an_error() 
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
 
     let mut longest = Duration::ZERO;
     for round in 0..10i32 {

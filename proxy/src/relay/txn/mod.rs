@@ -132,10 +132,10 @@ pub(crate) struct Txn {
     reading: Option<Reading>,
     /// A reader's pools, by standby: looked up once per standby, not per transaction.
     read_pools: Option<Box<ReadPools>>,
-    /// The session's last quiet spell was a long one: its next goes to the lot as soon
-    /// as it is parked (see `run::LOT_AFTER`).
+    /// The session's last quiet spell was a long one: its next goes to the lot after a
+    /// short one (see `run::PARK_AFTER`), not after `run::KEEP_FOR`.
     pub(super) lot_soon: bool,
-    /// When the session went to the lot straight from being parked: on its way out, how
+    /// When the session went to the lot after `run::PARK_AFTER`: on its way out, how
     /// long it stayed there tells whether that spell was a long one.
     pub(super) set_aside_at: Option<Instant>,
     /// What the session holds until it ends (its connection permit, its registry entry,

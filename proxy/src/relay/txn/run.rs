@@ -27,32 +27,33 @@ use crate::relay::lot::Payload;
 use crate::shutdown::{Phase, Signal};
 use crate::sync::OnWake;
 
-/// How long a client stays quiet, holding nothing, before its relay is parked.
+/// How long a client that sends often stays quiet, holding nothing, before its session
+/// goes to the lot.
 ///
-/// A client between transactions needs only its socket and its session's state. The
-/// loop's own state (scanners, the select over client, server, timers and signals) is
-/// kept while the client is busy, so a client that sends again within this time costs
-/// no allocation; once it has been quiet this long the loop is freed, and the session
-/// either goes to the lot or waits in its task on the socket alone (see [`LOT_AFTER`]).
+/// A client between transactions needs only its socket and its session's state; the
+/// relay's loop (scanners, the select over client, server, timers and signals) is kept
+/// while the client is busy, so that its next request costs no allocation. A client
+/// that has shown it sends again within this time (its last quiet spell was shorter, or
+/// it has had none since its first request) keeps the loop for this long: in a crowd of
+/// clients that each send every second or two, each request is then woken as a busy
+/// client's is, with no timer firing and nothing rebuilt between two requests (the
+/// lot's park and wake cost a few system calls, a task and an extra hop each time: 10 µs
+/// a transaction, and the latency's tail). A quiet spell this long marks the client as
+/// one that sends seldom (see [`PARK_AFTER`]). A client just logged in goes to the lot
+/// before its first request: see [`start`].
+const KEEP_FOR: Duration = Duration::from_secs(3);
+
+/// How long a client whose last quiet spell was long (at least [`KEEP_FOR`]) stays
+/// quiet before its session goes to the lot: what it held is freed soon, as it is
+/// likely to stay quiet again. If it comes back within `KEEP_FOR` of its last request,
+/// it counts as one that sends often again.
 const PARK_AFTER: Duration = Duration::from_millis(500);
 
-/// How much longer a parked client may wait in its own task (3 s of quiet in all)
-/// before its session goes to the lot.
-///
-/// Which clients wait there is learnt from each one's last quiet spell. A client whose
-/// last spell was short (it sent again within 3 s), and one that has had none since its
-/// first request, waits in its task, where its next request wakes it as a busy client's
-/// does: the lot's park and wake cost a few system calls, a task and an extra hop each
-/// time (10 µs a transaction, and the latency's tail, in a crowd of clients that each
-/// send every 2.5 s). A client whose last spell was long goes to the lot as soon as it is
-/// parked. (A client just logged in goes there before its first request: see
-/// [`start`].)
-const LOT_AFTER: Duration = Duration::from_millis(2500);
-
 /// The session's relay, for its task to await: [`run`] in a box of its own while the
-/// client is busy; once it is quiet, the session is set aside in the lot (see
-/// [`crate::relay::lot`]) and this task ends — [`resume`] gives it a new one when the
-/// client sends again — or, where the lot does not take it, [`parked`] in this task.
+/// client is busy or has been quiet only a short while; once it has been quiet for long
+/// enough, the session is set aside in the lot (see [`crate::relay::lot`]) and this task
+/// ends — [`resume`] gives it a new one when the client sends again — or, where the lot
+/// does not take it, it waits [`parked`] in this task.
 /// The client and the transaction state are captured once and lent to `run` (an
 /// `async fn` taking them by value would keep each twice: as its argument and as the
 /// local it is moved into), and the state stays in its own box.
@@ -69,29 +70,24 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
             };
             match Box::pin(run(&mut client, &mut txn, shutdown.clone()).instrument(span)).await {
                 End::Parked => {
-                    // The shared handle, not a lookup by name: this runs at every
-                    // wake-up of a quiet client.
-                    let held_up = HeldUp::new(&txn.meter.series().parked);
                     if txn.lot_soon {
-                        // Its last quiet spell was long: to the lot now.
+                        // Quiet for `PARK_AFTER` after a long spell: how long it stays
+                        // in the lot tells whether this spell is a long one too.
                         txn.set_aside_at = Some(tokio::time::Instant::now());
                     } else {
-                        // In this task first: a client that sends again within
-                        // `LOT_AFTER` is woken as a busy one is; one quiet that long
-                        // goes to the lot, and its next quiet spell goes there at once.
-                        if !parked(&client, &shutdown, Some(LOT_AFTER)).await {
-                            continue;
-                        }
+                        // Quiet for `KEEP_FOR`: a long spell; its next quiet spell goes
+                        // to the lot sooner.
                         txn.lot_soon = true;
                     }
-                    drop(held_up);
                     (client, txn) = match set_aside(client, txn) {
                         None => return,
                         Some(kept) => kept,
                     };
+                    // The lot did not take it: it waits here on its socket alone.
                     txn.set_aside_at = None;
+                    // The shared handle, not a lookup by name.
                     let _parked = HeldUp::new(&txn.meter.series().parked);
-                    parked(&client, &shutdown, None).await;
+                    parked(&client, &shutdown).await;
                 }
                 End::HandOver => {
                     if Box::pin(hand_over(&mut client, &mut txn)).await {
@@ -113,8 +109,8 @@ pub(crate) fn relay(client: Conn, txn: Box<Txn>, shutdown: Signal) -> BoxFuture<
 /// where `HANDOFF_CLIENT_IDLE_TIMEOUT` is set (the limit runs in the relay's loop: a
 /// client under an idle limit is never parked).
 ///
-/// This is no quiet spell of the client's: its first one after a request waits in its
-/// task first, whatever this one lasted (see [`LOT_AFTER`]).
+/// This is no quiet spell of the client's: its first one after a request keeps its
+/// relay's loop for [`KEEP_FOR`], whatever this one lasted.
 pub(crate) async fn start(client: Conn, txn: Box<Txn>, shutdown: Signal) {
     // Quiet outside a transaction: the relay's loop parks it only without a limit.
     let limited = IdleLimits::of(&txn).pick(true, false).is_some();
@@ -160,10 +156,11 @@ pub(crate) fn resume(socket: TcpStream, state: Payload) {
         return;
     };
     let mut txn = Txn::from_quiet(*quiet);
-    // Sent to the lot as soon as it was parked: back within `LOT_AFTER`, it is a client
-    // that sends every second or two, and its next quiet spell waits in its task.
+    // Sent to the lot after `PARK_AFTER`: back within `KEEP_FOR` of its last request,
+    // it is a client that sends every second or two, and its next quiet spell keeps its
+    // relay's loop.
     if let Some(at) = txn.set_aside_at.take() {
-        txn.lot_soon = at.elapsed() >= LOT_AFTER;
+        txn.lot_soon = at.elapsed() + PARK_AFTER >= KEEP_FOR;
     }
     let shutdown = txn.ctx.lot.signal().clone();
     let info = Arc::clone(txn.meter.client());
@@ -205,35 +202,27 @@ async fn hand_over(client: &mut Conn, txn: &mut Txn) -> bool {
     taken
 }
 
-/// A parked client's wait, holding only its socket: until it sends something (or its
-/// socket ends) or the proxy begins to drain. The relay then runs again and sees which.
+/// A parked client's wait in its own task (where the lot does not take it: the proxy is
+/// not simply running), holding only its socket: until it sends something (or its
+/// socket ends) or the proxy's phase moves. The relay then runs again and sees which.
 ///
-/// Kept small, as every parked client holds it: the socket's readiness is polled in
-/// place (no waiter of its own), and the shutdown is one notification of the phase's
-/// next move (any move wakes it; the relay then sees which phase it is in).
-async fn parked(client: &Conn, shutdown: &Signal, at_most: Option<Duration>) -> bool {
+/// Kept small: the socket's readiness is polled in place (no waiter of its own), and
+/// the shutdown is one notification of the phase's next move.
+async fn parked(client: &Conn, shutdown: &Signal) {
     let crate::net::stream::Stream::Plain(socket) = &client.stream else {
-        return false;
+        return;
     };
     let mut moved = std::pin::pin!(shutdown.next_move());
     moved.as_mut().enable();
     if shutdown.phase() >= Phase::HandingOver {
-        return false;
+        return;
     }
-    // Boxed: only while the wait runs, not in every relay's future.
-    let mut expired = at_most.map(|d| Box::pin(tokio::time::sleep(d)));
     std::future::poll_fn(|cx| {
         // Ready, or failed: either way the relay's next read finds out which.
         if socket.poll_read_ready(cx).is_ready()
             || std::future::Future::poll(moved.as_mut(), cx).is_ready()
         {
-            return std::task::Poll::Ready(false);
-        }
-        let timed_out = expired
-            .as_mut()
-            .is_some_and(|t| std::future::Future::poll(t.as_mut(), cx).is_ready());
-        if timed_out {
-            std::task::Poll::Ready(true)
+            std::task::Poll::Ready(())
         } else {
             std::task::Poll::Pending
         }
@@ -395,9 +384,11 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
     // Lameduck's cancellation of the generation this session's transaction runs on;
     // made again only when the session moves to another generation.
     let mut killed: Option<(u64, OnWake<KillFuture>)> = None;
-    // Set to `PARK_AFTER` from now each time the client becomes quiet (pushing a
-    // registered timer later is an atomic update, not a new timer).
-    let mut park = std::pin::pin!(tokio::time::sleep(PARK_AFTER));
+    // Set to `KEEP_FOR` (or `PARK_AFTER`) from now each time the client becomes quiet:
+    // pushing a registered timer later is an atomic update, not a new timer, so a
+    // client that sends again before it is due costs no timer operation.
+    let quiet_for = if txn.lot_soon { PARK_AFTER } else { KEEP_FOR };
+    let mut park = std::pin::pin!(tokio::time::sleep(quiet_for));
     let end = loop {
         if !client.rbuf.is_empty() && !txn.probe.waiting(cscan.at_boundary()) {
             match client_bytes(client, &mut cscan, txn).await {
@@ -452,8 +443,7 @@ async fn run(client: &mut Conn, txn: &mut Txn, shutdown: Signal) -> End {
             && limit.is_none()
             && matches!(client.stream, crate::net::stream::Stream::Plain(_));
         if parkable {
-            park.as_mut()
-                .reset(tokio::time::Instant::now() + PARK_AFTER);
+            park.as_mut().reset(tokio::time::Instant::now() + quiet_for);
         }
         // `readable()`, `read_buf`, timers and signals are cancel-safe: a branch that
         // loses the race has consumed nothing.
