@@ -164,8 +164,21 @@ async fn a_sessions_log_lines_name_its_client_user_and_database() {
             &log,
             &[
                 "server login failed",
+                "client.addr=127.0.0.1:",
                 "user=postgres database=no_such_database",
             ],
+        )
+    });
+    // A login refused before it reaches a server: at info the login runs without a
+    // span, and its line names the client itself.
+    let unknown = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres@nowhere");
+    assert!(tokio_postgres::connect(&unknown, tokio_postgres::NoTls)
+        .await
+        .is_err());
+    let early = tokio::task::block_in_place(|| {
+        log_line(
+            &log,
+            &["client login refused", "3D000", "client.addr=127.0.0.1:"],
         )
     });
     let _ = handoff_tests::signal(child.id(), "TERM");
@@ -173,6 +186,10 @@ async fn a_sessions_log_lines_name_its_client_user_and_database() {
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let line =
         line.unwrap_or_else(|| panic!("no idle-timeout line with the session's context:\n{text}"));
+    assert!(
+        early.is_some(),
+        "no refused-login line naming the client:\n{text}"
+    );
     // At info the relay runs without a span: its own lines carry the client's fields.
     assert!(line.contains("client.addr=127.0.0.1:"), "{line}");
     assert!(

@@ -1,6 +1,6 @@
 //! The client listener: a permit per connection (`HANDOFF_MAX_CLIENT_CONN`), back-off on
-//! accept errors; each session logs in a tracing span carrying `client.addr` (see
-//! [`crate::clients::ClientInfo::span`]).
+//! accept errors; each session's log lines name its client (`client.addr`), from a
+//! tracing span when it runs in one (see [`crate::clients::ClientInfo::span`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

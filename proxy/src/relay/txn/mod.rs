@@ -15,8 +15,9 @@
 /// debug lines are on. A span is formatted and allocated each time it is made, and a
 /// quiet client makes one each time it wakes up — a fifth of the proxy's own CPU per
 /// transaction in a crowd of clients that each send now and then. The relay's own info
-/// lines and warnings name the client themselves otherwise ([`client_log!`]).
-fn client_span_on() -> bool {
+/// lines and warnings name the client themselves otherwise ([`client_log!`]). The same
+/// holds for a transaction-mode login (see `frontend::session::run`).
+pub(crate) fn client_span_on() -> bool {
     tracing::enabled!(tracing::Level::DEBUG)
 }
 
@@ -36,6 +37,7 @@ macro_rules! client_log {
         }
     }};
 }
+pub(crate) use client_log;
 
 mod client;
 mod exchange;
@@ -601,6 +603,11 @@ impl Quiet {
 }
 
 impl Txn {
+    /// The client's entry (`SHOW CLIENTS`, `KILL`, the log's fields).
+    pub(crate) fn client(&self) -> &Arc<ClientInfo> {
+        self.meter.client()
+    }
+
     /// The session's state for the lot, if it holds nothing but the session (no server
     /// connection, no pass through the gate, nothing owed or kept for a retry, no local
     /// answer pending: as a parked session is); otherwise the state as it was.
