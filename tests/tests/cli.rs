@@ -113,6 +113,24 @@ fn log_line(log: &std::path::Path, needles: &[&str]) -> Option<String> {
     }
 }
 
+/// Logs in to `dbname` through the proxy on `port`, which must refuse it, and waits for
+/// the log line holding every one of `needles`.
+async fn refused_login_line(
+    port: u16,
+    dbname: &str,
+    log: &std::path::Path,
+    needles: &[&str],
+) -> Option<String> {
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname={dbname}");
+    assert!(
+        tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .is_err(),
+        "a login to {dbname} was accepted"
+    );
+    tokio::task::block_in_place(|| log_line(log, needles))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sessions_log_lines_name_its_client_user_and_database() {
     let cluster = handoff_tests::Cluster::start(0).unwrap();
@@ -154,33 +172,27 @@ async fn a_sessions_log_lines_name_its_client_user_and_database() {
         )
     });
     let _ = conn.await;
-    // A login that fails is logged in the login's context, written as the relay's.
-    let bad = format!("host=127.0.0.1 port={port} user=postgres dbname=no_such_database");
-    assert!(tokio_postgres::connect(&bad, tokio_postgres::NoTls)
-        .await
-        .is_err());
-    let refused = tokio::task::block_in_place(|| {
-        log_line(
-            &log,
-            &[
-                "server login failed",
-                "client.addr=127.0.0.1:",
-                "user=postgres database=no_such_database",
-            ],
-        )
-    });
-    // A login refused before it reaches a server: at info the login runs without a
-    // span, and its line names the client itself.
-    let unknown = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres@nowhere");
-    assert!(tokio_postgres::connect(&unknown, tokio_postgres::NoTls)
-        .await
-        .is_err());
-    let early = tokio::task::block_in_place(|| {
-        log_line(
-            &log,
-            &["client login refused", "3D000", "client.addr=127.0.0.1:"],
-        )
-    });
+    // A login that fails is logged in the login's context, written as the relay's: at
+    // info the login runs without a span, and its lines name the client themselves.
+    let refused = refused_login_line(
+        port,
+        "no_such_database",
+        &log,
+        &[
+            "server login failed",
+            "client.addr=127.0.0.1:",
+            "user=postgres database=no_such_database",
+        ],
+    )
+    .await;
+    // A login refused before it reaches a server.
+    let early = refused_login_line(
+        port,
+        "postgres@nowhere",
+        &log,
+        &["client login refused", "3D000", "client.addr=127.0.0.1:"],
+    )
+    .await;
     let _ = handoff_tests::signal(child.id(), "TERM");
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
