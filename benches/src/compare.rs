@@ -167,7 +167,7 @@ pub fn start_pgbouncer_at(
 
 /// A command running handoff's `bin` with none of the environment's `HANDOFF_*`
 /// variables (the harness's own `HANDOFF_TEST_*` are not handoff's, which refuses
-/// unknown ones): only what the caller sets applies.
+/// unknown ones) and no takeover socket: only what the caller sets applies.
 pub fn handoff_command(bin: &Path) -> Command {
     let mut cmd = Command::new(bin);
     for (k, _) in std::env::vars_os() {
@@ -175,6 +175,9 @@ pub fn handoff_command(bin: &Path) -> Command {
             cmd.env_remove(k);
         }
     }
+    // No takeover socket unless the bench gives one (in its own directory): by
+    // default it is a file in /tmp, which a killed process leaves behind.
+    cmd.env("HANDOFF_TAKEOVER_SOCKET", "off");
     cmd
 }
 

@@ -150,7 +150,7 @@ fn older_than_its_sources(bin: &std::path::Path) -> bool {
 
 /// A command running the handoff binary with none of the environment's `HANDOFF_*`
 /// variables (the harness's own `HANDOFF_TEST_*` among them: handoff refuses unknown
-/// ones), so that only what the test sets applies.
+/// ones) and no takeover socket, so that only what the test sets applies.
 pub fn handoff_command() -> std::process::Command {
     handoff_command_in(None)
 }
@@ -170,6 +170,9 @@ pub fn handoff_command_in(ns: Option<&str>) -> std::process::Command {
             cmd.env_remove(k);
         }
     }
+    // No takeover socket unless the test gives one (in its own directory): by default
+    // it is a file in /tmp, which a process ended by SIGKILL leaves behind.
+    cmd.env("HANDOFF_TAKEOVER_SOCKET", "off");
     cmd
 }
 
