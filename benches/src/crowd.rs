@@ -717,9 +717,19 @@ async fn storm_once(
 /// The loopback address the `n`th client of run `run` connects from: 10,000 clients
 /// per address (one address has ~28,000 ports towards one server), and addresses of
 /// its own for each run (the last run's closed connections keep their ports in
-/// TIME_WAIT for a minute).
+/// TIME_WAIT for a minute). The last octet changes with the second the bench started:
+/// two invocations a few seconds apart would otherwise share run 0's addresses, and a
+/// third one's logins found no free port.
 pub fn source(run: u8, n: usize) -> std::net::IpAddr {
-    std::net::Ipv4Addr::new(127, run, (n / 10_000) as u8, 1).into()
+    static INVOCATION: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    let last = *INVOCATION.get_or_init(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // 1..=250: a minute's worth of invocations (TIME_WAIT's length) apart.
+        (secs % 250) as u8 + 1
+    });
+    std::net::Ipv4Addr::new(127, run, (n / 10_000) as u8, last).into()
 }
 
 /// Logs trust clients in through `target` at `addr` until `held` has `clients`,
