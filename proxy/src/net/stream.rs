@@ -223,9 +223,24 @@ impl Conn {
         self.wbuf = BytesMut::new();
     }
 
+    /// Reads more bytes into `rbuf`. A plain socket is waited on without a buffer and
+    /// read through one on the stack, `rbuf` growing by what came: between its login
+    /// messages a client (working out its SCRAM proof, say) holds no buffer, and in a
+    /// storm of logins 4 KiB of room each added up to 40 MB per 10,000 clients.
     async fn fill(&mut self) -> Result<(), ConnError> {
-        self.rbuf.reserve(4096);
-        if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+        let n = match &mut self.stream {
+            Stream::Plain(tcp) => loop {
+                tcp.readable().await?;
+                if let Some(n) = read_now(tcp, &mut self.rbuf)? {
+                    break n;
+                }
+            },
+            other => {
+                self.rbuf.reserve(4096);
+                other.read_buf(&mut self.rbuf).await?
+            }
+        };
+        if n == 0 {
             return Err(ConnError::Eof);
         }
         Ok(())
@@ -264,6 +279,24 @@ impl Conn {
     /// Writes raw bytes.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes).await
+    }
+}
+
+/// Appends what `tcp` has now (up to 4 KiB) to `rbuf`: `None` if it had nothing after
+/// all. Through `poll_read`, which marks the socket drained after a short read, so the
+/// next wait does not begin with a read that finds nothing. A plain function: the
+/// buffer on its stack is never part of a future.
+fn read_now(tcp: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<Option<usize>> {
+    let mut chunk = [0u8; 4096];
+    let mut read = ReadBuf::new(&mut chunk);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match Pin::new(tcp).poll_read(&mut cx, &mut read) {
+        Poll::Ready(Ok(())) => {
+            rbuf.extend_from_slice(read.filled());
+            Ok(Some(read.filled().len()))
+        }
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(None),
     }
 }
 
