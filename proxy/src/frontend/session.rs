@@ -231,9 +231,18 @@ async fn start(
             };
             Some(Started::Relay(slot, relay))
         }
-        PoolMode::Transaction => transaction_mode(client, ctx, startup, routed, credentials, info)
-            .await
-            .map(|(client, session)| Started::Txn(slot, client, session, shutdown)),
+        // Boxed: the greeting's state (a first server login, if the pool has no
+        // connection yet) is not held while the client authenticates.
+        PoolMode::Transaction => Box::pin(transaction_mode(
+            client,
+            ctx,
+            startup,
+            routed,
+            credentials,
+            info,
+        ))
+        .await
+        .map(|(client, session)| Started::Txn(slot, client, session, shutdown)),
     }
 }
 
@@ -394,7 +403,9 @@ async fn read_startup(
 ) -> Result<Option<Startup>, Failure> {
     let mut negotiated = false;
     if client.starts_with_tls().await.map_err(ConnError::from)? {
-        direct_tls(client, ctx, addr).await?;
+        // Boxed, as the other rare paths below: TLS and a cancel's forwarding are
+        // futures of kilobytes that every plain login would otherwise carry.
+        Box::pin(direct_tls(client, ctx, addr)).await?;
         negotiated = true;
     }
     loop {
@@ -424,7 +435,7 @@ async fn read_startup(
                             .send_raw(&[ENCRYPTION_ACCEPTED])
                             .await
                             .map_err(ConnError::from)?;
-                        if let Err(e) = client.accept_tls(acceptor).await {
+                        if let Err(e) = Box::pin(client.accept_tls(acceptor)).await {
                             metrics::counter!(m::TLS_HANDSHAKE_FAILURES_TOTAL).increment(1);
                             login_log!(info, addr, error = %e, "client TLS handshake failed");
                             return Err(Failure::Gone);
@@ -437,11 +448,12 @@ async fn read_startup(
                 }
             }
             StartupPacket::Cancel { pid, key } => {
-                let forwarded = ctx
-                    .relay
-                    .cancels
-                    .forward(pid, &key, ctx.config.connect_timeout)
-                    .await;
+                let forwarded = Box::pin(ctx.relay.cancels.forward(
+                    pid,
+                    &key,
+                    ctx.config.connect_timeout,
+                ))
+                .await;
                 let result = if forwarded { "forwarded" } else { "unknown" };
                 metrics::counter!(m::CANCEL_REQUESTS_TOTAL, "result" => result).increment(1);
                 return Ok(None);

@@ -268,9 +268,9 @@ impl Users {
                 return Ok(Some(s.clone()));
             }
         }
-        let found = lookup
-            .run(ctx, connect_timeout, shard, database, user)
-            .await?;
+        // Boxed: a lookup is a server login and a query, a future of kilobytes that
+        // a listed user's login would otherwise carry through its whole exchange.
+        let found = Box::pin(lookup.run(ctx, connect_timeout, shard, database, user)).await?;
         if let Some(s) = &found {
             self.cache
                 .locked()
