@@ -74,8 +74,6 @@ pub(super) async fn client_bytes(
     let mut keep_going = true;
     let mut answers = BytesMut::new();
     txn.out.clear();
-    // From the thread's pool, and back to it when the client is idle again.
-    buffers::ready(&mut txn.out);
     loop {
         // The transaction's first request is complete and may yet be re-sent: what the
         // client sends next waits until its outcome is known.
@@ -137,6 +135,12 @@ pub(super) async fn client_bytes(
             }
             pos += len;
             continue;
+        }
+        if txn.out.capacity() == 0 {
+            // From the thread's pool, and back to it when the client is idle again;
+            // taken only now, past the gate, so a client waiting there for a server
+            // connection holds no output buffer.
+            buffers::ready(&mut txn.out);
         }
         txn.on_probation(tag, &client.rbuf[pos..pos + len], &mut answers);
         // Before the Query's ReadyForQuery is owed: what the rewrite expects comes first.
