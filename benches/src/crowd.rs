@@ -24,7 +24,7 @@ use handoff_tests::Cluster;
 use tokio::time::Instant;
 
 use crate::compare::{pgbouncer_binary, start_pgbouncer_at, wait_listening, Kill, PgBouncerOpts};
-use crate::run::cpu_time;
+use crate::run::{cpu_time, peak_rss_mib};
 
 /// What both subcommands run: the targets, their pools, how many rounds.
 #[derive(Debug, Clone, clap::Args)]
@@ -194,6 +194,11 @@ fn query_message(sql: &str) -> Vec<u8> {
     m
 }
 
+/// A peak RSS for the report: MiB with one decimal, `?` when unknown.
+fn mib(v: Option<f64>) -> String {
+    v.map_or("?".into(), |m| format!("{m:.1} MiB"))
+}
+
 /// Percentile `p` (0..=1) of sorted `v`.
 fn pct<T: Copy + Default>(v: &[T], p: f64) -> T {
     if v.is_empty() {
@@ -223,6 +228,8 @@ struct CrowdResult {
     max: f64,
     errors: u64,
     cpu_us: Option<f64>,
+    /// The proxy's peak resident set over the run (logins included), MiB.
+    peak_rss_mib: Option<f64>,
     /// Per-client mean latency (ms): median, p99, max over the clients.
     mean_spread: (f64, f64, f64),
     /// Per-client completed requests: min, median, max.
@@ -258,7 +265,7 @@ pub async fn crowd(args: CrowdArgs) -> Result<()> {
             run_no = if run_no >= 99 { 20 } else { run_no + 1 };
             let r = crowd_once(&cluster, target, &args, period, run_no).await?;
             println!(
-                "{:<10} served {:.0} tps; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.1} ms; {} errors; {}",
+                "{:<10} served {:.0} tps; p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.1} ms; {} errors; {}; peak RSS {}",
                 r.target,
                 r.served_tps,
                 r.p50,
@@ -267,16 +274,17 @@ pub async fn crowd(args: CrowdArgs) -> Result<()> {
                 r.max,
                 r.errors,
                 r.cpu_us.map_or("cpu ?".into(), |c| format!("{c:.1} µs CPU per txn")),
+                mib(r.peak_rss_mib),
             );
             results.push(r);
         }
     }
     println!();
-    println!("| target | offered tps | served tps | p50 ms | p99 ms | p99.9 ms | max ms | errors | proxy CPU µs/txn | per-client mean latency ms: median / p99 / max | per-client txns: min / median / max | Jain's index |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
+    println!("| target | offered tps | served tps | p50 ms | p99 ms | p99.9 ms | max ms | errors | proxy CPU µs/txn | proxy peak RSS | per-client mean latency ms: median / p99 / max | per-client txns: min / median / max | Jain's index |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|");
     for r in &results {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {:.2} / {:.2} / {:.2} | {} / {} / {} | {:.4} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {} / {} / {} | {:.4} |",
             r.target,
             r.offered,
             r.served_tps,
@@ -286,6 +294,7 @@ pub async fn crowd(args: CrowdArgs) -> Result<()> {
             r.max,
             r.errors,
             r.cpu_us.map_or("?".into(), |c| format!("{c:.1}")),
+            mib(r.peak_rss_mib),
             r.mean_spread.0,
             r.mean_spread.1,
             r.mean_spread.2,
@@ -389,6 +398,7 @@ async fn crowd_once(
         logs.push(t.await?);
     }
     let cpu_after = cpu_time(proxy.pid());
+    let peak_rss_mib = peak_rss_mib(proxy.pid());
     drop(proxy);
     let mut all: Vec<u32> = logs
         .iter()
@@ -424,6 +434,7 @@ async fn crowd_once(
         p999: ms(pct(&all, 0.999)),
         max: ms(all.last().copied().unwrap_or_default()),
         errors,
+        peak_rss_mib,
         cpu_us: match (cpu_before, cpu_after) {
             (Some(b), Some(a)) if !all.is_empty() => {
                 Some((a - b).as_secs_f64() * 1e6 / all.len() as f64)
@@ -514,6 +525,8 @@ struct StormResult {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_login: Option<f64>,
+    /// The proxy's peak resident set over the run, MiB.
+    peak_rss_mib: Option<f64>,
 }
 
 impl Named for &StormResult {
@@ -552,7 +565,7 @@ pub async fn storm(args: StormArgs) -> Result<()> {
                 run_no = if run_no >= 250 { 100 } else { run_no + 1 };
                 let r = storm_once(&cluster, target, mode, label, &args, run_no).await?;
                 println!(
-                    "{:<10} {:<6} {} of {} served in {:.2} s (p50 {:.0} ms, p99 {:.0} ms); {} errors; {}",
+                    "{:<10} {:<6} {} of {} served in {:.2} s (p50 {:.0} ms, p99 {:.0} ms); {} errors; {}; peak RSS {}",
                     r.target,
                     r.auth,
                     r.served,
@@ -563,17 +576,18 @@ pub async fn storm(args: StormArgs) -> Result<()> {
                     r.errors,
                     r.cpu_us_per_login
                         .map_or("cpu ?".into(), |c| format!("{c:.0} µs proxy CPU per login")),
+                    mib(r.peak_rss_mib),
                 );
                 results.push(r);
             }
         }
     }
     println!();
-    println!("| target | auth | clients | served | errors | all served after | login p50 ms | login p99 ms | proxy CPU µs per login |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| target | auth | clients | served | errors | all served after | login p50 ms | login p99 ms | proxy CPU µs per login | proxy peak RSS |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &results {
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} s | {:.0} | {:.0} | {} | {} |",
             r.target,
             r.auth,
             r.clients,
@@ -583,6 +597,7 @@ pub async fn storm(args: StormArgs) -> Result<()> {
             r.p50_ms,
             r.p99_ms,
             r.cpu_us_per_login.map_or("?".into(), |c| format!("{c:.0}")),
+            mib(r.peak_rss_mib),
         );
     }
     for label in ["scram", "trust"] {
@@ -687,6 +702,8 @@ async fn storm_once(
     for t in tasks {
         t.await?;
     }
+    // The high-water mark: the storm's, however much was freed since.
+    let peak_rss_mib = peak_rss_mib(proxy.pid());
     drop(proxy);
     if let Some(e) = errors.first() {
         eprintln!(
@@ -711,6 +728,7 @@ async fn storm_once(
             }
             _ => None,
         },
+        peak_rss_mib,
     })
 }
 

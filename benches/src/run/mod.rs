@@ -366,6 +366,20 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     ))
 }
 
+/// The most memory a process has held so far (`VmHWM`: its peak resident set), in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib as f64 / 1024.0)
+}
+
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux), asked once.
 fn clock_ticks() -> Option<u64> {
     static HZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
