@@ -223,18 +223,16 @@ impl Conn {
         self.wbuf = BytesMut::new();
     }
 
-    /// Reads more bytes into `rbuf`. A plain socket is waited on without a buffer and
-    /// read through one on the stack, `rbuf` growing by what came: between its login
-    /// messages a client (working out its SCRAM proof, say) holds no buffer, and in a
-    /// storm of logins 4 KiB of room each added up to 40 MB per 10,000 clients.
+    /// Reads more bytes into `rbuf`. A plain socket is read through a buffer on the
+    /// stack of each poll, `rbuf` growing by what came: between its login messages a
+    /// client (working out its SCRAM proof, say) holds no buffer, and in a storm of
+    /// logins 4 KiB of room each added up to 40 MB per 10,000 clients.
     async fn fill(&mut self) -> Result<(), ConnError> {
         let n = match &mut self.stream {
-            Stream::Plain(tcp) => loop {
-                tcp.readable().await?;
-                if let Some(n) = read_now(tcp, &mut self.rbuf)? {
-                    break n;
-                }
-            },
+            Stream::Plain(tcp) => {
+                let rbuf = &mut self.rbuf;
+                std::future::poll_fn(|cx| read_small(tcp, rbuf, cx)).await?
+            }
             other => {
                 self.rbuf.reserve(4096);
                 other.read_buf(&mut self.rbuf).await?
@@ -282,22 +280,21 @@ impl Conn {
     }
 }
 
-/// Appends what `tcp` has now (up to 4 KiB) to `rbuf`: `None` if it had nothing after
-/// all. Through `poll_read`, which marks the socket drained after a short read, so the
-/// next wait does not begin with a read that finds nothing. A plain function: the
-/// buffer on its stack is never part of a future.
-fn read_now(tcp: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<Option<usize>> {
+/// Polls `tcp` for what it has (up to 4 KiB) and appends it to `rbuf`. A plain
+/// function called at each poll: the buffer on its stack is never part of a future.
+/// It is polled with the task's own context, whose waker a `Pending` needs: the
+/// runtime's cooperative budget hands the task's turn back through it (a waker that
+/// did nothing lost that, and the read spun: see the test below).
+fn read_small(
+    tcp: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
     let mut chunk = [0u8; 4096];
     let mut read = ReadBuf::new(&mut chunk);
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    match Pin::new(tcp).poll_read(&mut cx, &mut read) {
-        Poll::Ready(Ok(())) => {
-            rbuf.extend_from_slice(read.filled());
-            Ok(Some(read.filled().len()))
-        }
-        Poll::Ready(Err(e)) => Err(e),
-        Poll::Pending => Ok(None),
-    }
+    std::task::ready!(Pin::new(tcp).poll_read(cx, &mut read))?;
+    rbuf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 #[cfg(test)]
@@ -305,6 +302,57 @@ mod tests {
     use super::*;
     use crate::testing::socket_pair;
     use handoff_protocol::FrameError;
+
+    /// A task that has spent its cooperative budget (tokio's: 128 operations per turn)
+    /// and then reads: the read must hand the turn back and finish when polled again.
+    /// A read polled with a waker that does nothing lost the wake-up that gives the turn
+    /// back, found the socket readable again at once and spun: a login that never ended,
+    /// on a worker thread held at 100 % CPU.
+    #[test]
+    fn a_read_with_the_task_budget_spent_waits_its_turn() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let outcome = rt.block_on(async {
+            let (ours, mut theirs) = socket_pair().await;
+            let mut bytes = BytesMut::new();
+            StartupPacket::Startup {
+                minor: 0,
+                params: vec![("user".into(), "u".into())],
+            }
+            .encode(&mut bytes);
+            theirs.write_all(&bytes).await.expect("the client's write");
+            let reader = tokio::spawn(async move {
+                // The runtime has seen the bytes come: a wait for them is over at once.
+                ours.readable().await.expect("readable");
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                for i in 0..1000 {
+                    tx.send(i).expect("the channel is open");
+                }
+                // Each message received at once spends one unit; no turn is handed
+                // back while they are there.
+                let mut spent = 0;
+                while tokio::task::coop::has_budget_remaining() {
+                    rx.recv().await;
+                    spent += 1;
+                }
+                let mut c = Conn::new(ours);
+                (spent, c.read_startup().await.map(|p| p.is_some()))
+            });
+            tokio::time::timeout(std::time::Duration::from_secs(10), reader).await
+        });
+        // A spinning task would keep its worker: leave it behind rather than wait.
+        rt.shutdown_background();
+        match outcome {
+            Ok(Ok((spent, read))) => {
+                assert!(spent > 0 && spent < 1000, "the budget was spent: {spent}");
+                assert!(matches!(read, Ok(true)), "{read:?}");
+            }
+            other => panic!("the read never finished: {other:?}"),
+        }
+    }
 
     #[tokio::test]
     async fn a_peer_that_closes_before_a_byte_is_no_error() {
