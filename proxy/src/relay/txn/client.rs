@@ -46,6 +46,11 @@ pub(super) async fn client_read(client: &mut Conn) -> Option<std::io::Result<usi
 /// Reads what the socket has now without waiting: `None` if nothing is there after all.
 /// Unlike `try_read_buf` this goes through `poll_read`, which marks the socket drained
 /// after a short read, so the next wait does not start with a read that finds nothing.
+///
+/// A task out of the runtime's cooperative budget waits for its next turn instead: the
+/// read then says `Pending` with the socket still readable, and reporting that as
+/// nothing read sent the relay's loop back to a wait that is over at once (`readable`
+/// does not count against the budget), round and round without handing the turn back.
 async fn read_now(
     stream: &mut tokio::net::TcpStream,
     buf: &mut BytesMut,
@@ -56,6 +61,8 @@ async fn read_now(
         let read = std::pin::pin!(stream.read_buf(buf));
         match read.poll(cx) {
             Poll::Ready(r) => Poll::Ready(Some(r)),
+            // The read woke the task for its next turn before saying `Pending`.
+            Poll::Pending if !tokio::task::coop::has_budget_remaining() => Poll::Pending,
             Poll::Pending => Poll::Ready(None),
         }
     })
@@ -323,4 +330,46 @@ pub(super) async fn flush_to_server(txn: &mut Txn) -> Result<(), End> {
         tracing::debug!(error = %e, "a write to the server connection failed: its read will say how");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client's bytes read by a task that has spent its cooperative budget come in its
+    /// next turn; `None` (nothing there) would send the relay's loop round again without
+    /// handing its turn back, for ever.
+    #[tokio::test]
+    async fn bytes_read_with_the_budget_spent_are_read_in_the_next_turn() {
+        let (ours, mut theirs) = crate::testing::socket_pair().await;
+        theirs
+            .write_all(b"Q\0\0\0\rSELECT 1\0")
+            .await
+            .expect("the client's write");
+        let mut client = Conn::new(ours);
+        let read = tokio::spawn(async move {
+            // The runtime has seen the bytes come: the wait below is over at once.
+            if let crate::net::stream::Stream::Plain(s) = &client.stream {
+                s.readable().await.expect("readable");
+            }
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for i in 0..1000 {
+                tx.send(i).expect("the channel is open");
+            }
+            let mut spent = 0;
+            while tokio::task::coop::has_budget_remaining() {
+                rx.recv().await;
+                spent += 1;
+            }
+            let r = client_read(&mut client).await;
+            (spent, r.map(|r| r.map_err(|e| e.kind())), client.rbuf.len())
+        });
+        let (spent, r, held) = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("the read finished")
+            .expect("the task");
+        assert!(spent > 0 && spent < 1000, "the budget was spent: {spent}");
+        assert_eq!(r, Some(Ok(14)));
+        assert_eq!(held, 14);
+    }
 }
