@@ -108,6 +108,23 @@ pub(crate) async fn socket_pair() -> (TcpStream, TcpStream) {
     (a.expect("connect"), b.expect("accept").0)
 }
 
+/// Spends the running task's cooperative budget (tokio's operations per turn) without
+/// handing its turn back: messages received at once, one unit each, until none is left.
+/// Returns how many it took.
+pub(crate) async fn spend_budget() -> usize {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..1000 {
+        tx.send(i).expect("the channel is open");
+    }
+    let mut spent = 0;
+    while tokio::task::coop::has_budget_remaining() {
+        rx.recv().await;
+        spent += 1;
+    }
+    assert!(spent > 0 && spent < 1000, "the budget was spent: {spent}");
+    spent
+}
+
 /// `127.0.0.1:port`, as the unit tests name their servers.
 pub fn hp(port: u16) -> crate::config::HostPort {
     crate::config::HostPort {
