@@ -58,12 +58,7 @@ pub fn startup_params(v: &str) -> Result<Vec<(String, String)>, String> {
 
 /// Resident set size of a process, in KiB.
 fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
+    crate::run::status_kib(pid, "VmRSS").context("no VmRSS")
 }
 
 /// One proxy's figures.

@@ -117,11 +117,7 @@ impl Target for PgBouncer {
 
 /// The resident memory of process `pid` (kB), while it runs.
 fn rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    crate::run::status_kib(pid, "VmRSS")
 }
 
 /// Whether process `pid` has exited (or is a zombie waiting to be reaped).

@@ -366,18 +366,23 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     ))
 }
 
-/// The most memory a process has held so far (`VmHWM`: its peak resident set), in MiB.
-pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+/// A size line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, …), in KiB: `None` once the
+/// process is gone.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status
+    status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .trim()
         .trim_end_matches("kB")
         .trim()
         .parse()
-        .ok()?;
-    Some(kib as f64 / 1024.0)
+        .ok()
+}
+
+/// The most memory a process has held so far (`VmHWM`: its peak resident set), in MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmHWM").map(|kib| kib as f64 / 1024.0)
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux), asked once.
